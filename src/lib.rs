@@ -7,6 +7,8 @@
 //! # Layout
 //!
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
+//! - [`serve`]: accepting connections; [`serve::guard`] refuses ambiguous HTTP/1 request framing.
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod serve;

@@ -1,0 +1,1657 @@
+//! The framing guard: re-validates every HTTP/1 request head and tracks body framing between the
+//! TCP socket and hyper's server connection.
+//!
+//! hyper tolerates framing that a proxy must refuse (Content-Length next to Transfer-Encoding,
+//! repeated Content-Length, bare LF line endings). [`Guarded`] wraps the socket, inspects the bytes
+//! each inner read put into the caller's buffer (no copy in the common case) and:
+//!
+//! - passes valid request heads and bodies through unchanged;
+//! - on a bad head of request `k`, records a [`Rejection`] for `k` in [`Verdicts`], withholds the
+//!   bad bytes and hands hyper [`SYNTHETIC_REQUEST`] instead, then EOF, so the service answers
+//!   request `k` with the rejection and closes the connection;
+//! - on a framing error inside the body of request `k`, records the rejection and fails the read
+//!   with [`io::ErrorKind::InvalidData`], then EOF.
+//!
+//! Only the bytes of a head that spans reads are held back (at most `max_head + 1` bytes), so hyper
+//! never sees a head the guard has not validated.
+
+use std::cmp::min;
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+
+use http::StatusCode;
+use memchr::memchr;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What hyper reads in place of a refused request head: the service answers it with the
+/// recorded [`Rejection`].
+pub const SYNTHETIC_REQUEST: &[u8] =
+    b"GET / HTTP/1.1\r\nhost: skyline.invalid\r\nconnection: close\r\n\r\n";
+
+/// Header slots kept on the stack for the one httparse pass; larger heads (only possible when
+/// `max_headers` is raised above this) use a heap vector.
+const STACK_HEADERS: usize = 128;
+
+/// Trailer names longer than this cannot be one of the forbidden names, so only this many bytes
+/// of a trailer name are kept for the comparison.
+const TRAILER_NAME_KEEP: usize = 20;
+
+/// Trailer fields that would change framing or routing if merged into the head downstream.
+const FORBIDDEN_TRAILERS: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
+
+/// Size limits of the guard. hyper's own limits must be looser so the guard always speaks first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest request line in bytes, CRLF excluded (default 8 KiB); longer → 414.
+    pub max_request_line: usize,
+    /// Largest request head in bytes, request line and final CRLFCRLF included (default
+    /// 64 KiB); larger → 431. Also bounds the bytes held back while a head spans reads.
+    pub max_head: usize,
+    /// Most header fields in one head (default 100); more → 431.
+    pub max_headers: usize,
+    /// Longest chunk-size line in bytes: size digits plus extensions, CRLF excluded (default
+    /// 4 KiB); longer → 400.
+    pub max_chunk_line: usize,
+    /// Largest trailer section in bytes, final CRLF included (default 16 KiB); larger → 400.
+    pub max_trailers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_line: 8 * 1024,
+            max_head: 64 * 1024,
+            max_headers: 100,
+            max_chunk_line: 4 * 1024,
+            max_trailers: 16 * 1024,
+        }
+    }
+}
+
+/// Why the guard refused a request, and the status to answer it with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// 400, 414 (request line too long) or 431 (head too large / too many headers).
+    pub status: StatusCode,
+    /// Short lowercase reason, e.g. "content-length with transfer-encoding".
+    pub reason: &'static str,
+}
+
+// === impl Rejection ===
+
+impl Rejection {
+    fn bad(reason: &'static str) -> Self {
+        Rejection {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+        }
+    }
+
+    fn uri_too_long() -> Self {
+        Rejection {
+            status: StatusCode::URI_TOO_LONG,
+            reason: "request line too long",
+        }
+    }
+
+    fn head_too_large(reason: &'static str) -> Self {
+        Rejection {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            reason,
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// At most one rejection per connection: the guard stops at the first.
+    rejection: OnceLock<(u64, Rejection)>,
+    /// Set by the service once it accepted a protocol upgrade: stop inspecting.
+    tunnel: AtomicBool,
+}
+
+/// The guard's findings on one connection, shared with the hyper service.
+#[derive(Debug, Clone, Default)]
+pub struct Verdicts {
+    shared: Arc<Shared>,
+}
+
+// === impl Verdicts ===
+
+impl Verdicts {
+    /// The rejection of request number `index` (0-based, in order on this connection), if the
+    /// guard refused it.
+    pub fn rejection_for(&self, index: u64) -> Option<Rejection> {
+        match self.shared.rejection.get() {
+            Some((i, r)) if *i == index => Some(*r),
+            _ => None,
+        }
+    }
+
+    /// The refused request's index and the rejection, if the guard refused one.
+    pub fn rejection(&self) -> Option<(u64, Rejection)> {
+        self.shared.rejection.get().copied()
+    }
+
+    /// Tells the guard that the service accepted a protocol upgrade (101, or 2xx to CONNECT):
+    /// every later byte is passed through uninspected. Call it before the response is sent.
+    pub fn upgraded(&self) {
+        self.shared.tunnel.store(true, Ordering::Release);
+    }
+
+    fn record(&self, index: u64, rejection: Rejection) {
+        // The guard stops at its first rejection, so this is never called twice.
+        let _ = self.shared.rejection.set((index, rejection));
+    }
+
+    fn is_tunnel(&self) -> bool {
+        self.shared.tunnel.load(Ordering::Acquire)
+    }
+}
+
+pin_project! {
+    /// A socket whose reads are checked for request framing; writes pass straight through.
+    #[derive(Debug)]
+    pub struct Guarded<S> {
+        #[pin]
+        io: S,
+        verdicts: Verdicts,
+        scanner: Scanner,
+        mode: Mode,
+        // Bytes held back: `hold[sent..ok]` is validated and waiting for the reader,
+        // `hold[ok..]` is the start of a head that is not complete yet.
+        hold: Vec<u8>,
+        ok: usize,
+        sent: usize,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Inspecting requests.
+    Inspect,
+    /// A head was refused: feed the synthetic request from this offset, then EOF.
+    Rejected { sent: usize },
+    /// A body was refused: the next read fails with this, later reads see EOF.
+    Failed(Rejection),
+    /// EOF forever.
+    Closed,
+    /// The service accepted an upgrade: pass bytes through.
+    Tunnel,
+}
+
+// === impl Guarded ===
+
+impl<S> Guarded<S> {
+    /// Wraps `io`; the returned [`Verdicts`] goes to the hyper service of this connection.
+    pub fn new(io: S, limits: Limits) -> (Self, Verdicts) {
+        let verdicts = Verdicts::default();
+        let guarded = Guarded {
+            io,
+            verdicts: verdicts.clone(),
+            scanner: Scanner::new(limits),
+            mode: Mode::Inspect,
+            hold: Vec::new(),
+            ok: 0,
+            sent: 0,
+        };
+        (guarded, verdicts)
+    }
+
+    /// The wrapped socket.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Guarded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Validated bytes held back from an earlier read go first.
+            if *this.sent < *this.ok {
+                let n = min(*this.ok - *this.sent, buf.remaining());
+                buf.put_slice(&this.hold[*this.sent..*this.sent + n]);
+                *this.sent += n;
+                if *this.sent == *this.ok {
+                    this.hold.drain(..*this.ok);
+                    *this.ok = 0;
+                    *this.sent = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match *this.mode {
+                Mode::Inspect => {}
+                Mode::Rejected { sent } => {
+                    let rest = SYNTHETIC_REQUEST.get(sent..).unwrap_or_default();
+                    let n = min(rest.len(), buf.remaining());
+                    buf.put_slice(&rest[..n]);
+                    *this.mode = Mode::Rejected { sent: sent + n };
+                    return Poll::Ready(Ok(()));
+                }
+                Mode::Failed(rejection) => {
+                    *this.mode = Mode::Closed;
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, rejection)));
+                }
+                Mode::Closed => return Poll::Ready(Ok(())),
+                Mode::Tunnel => {
+                    if this.hold.is_empty() {
+                        return this.io.as_mut().poll_read(cx, buf);
+                    }
+                    // Release a head prefix that was held back: it is not HTTP any more.
+                    *this.ok = this.hold.len();
+                    continue;
+                }
+            }
+            if this.verdicts.is_tunnel() {
+                *this.mode = Mode::Tunnel;
+                continue;
+            }
+
+            if !this.hold.is_empty() {
+                // A head spans reads: read into the hold, bounded by the head limit.
+                let held = this.hold.len();
+                let want = (this.scanner.limits.max_head + 1)
+                    .saturating_sub(held)
+                    .clamp(1, 16 * 1024);
+                this.hold.resize(held + want, 0);
+                let mut rb = ReadBuf::new(&mut this.hold[held..]);
+                let polled = this.io.as_mut().poll_read(cx, &mut rb);
+                let n = rb.filled().len();
+                this.hold.truncate(held + n);
+                ready!(polled)?;
+                if n == 0 {
+                    // EOF inside a head: hyper never sees the unvalidated part.
+                    this.hold.clear();
+                    *this.mode = Mode::Closed;
+                    continue;
+                }
+                match this.scanner.scan(this.hold) {
+                    Scan::Done => *this.ok = this.hold.len(),
+                    Scan::Partial { head_start } => *this.ok = head_start,
+                    Scan::RejectHead {
+                        head_start,
+                        index,
+                        rejection,
+                    } => {
+                        this.verdicts.record(index, rejection);
+                        this.hold.truncate(head_start);
+                        *this.ok = head_start;
+                        *this.mode = Mode::Rejected { sent: 0 };
+                    }
+                    Scan::BodyError {
+                        at,
+                        index,
+                        rejection,
+                    } => {
+                        this.verdicts.record(index, rejection);
+                        this.hold.truncate(at);
+                        *this.ok = at;
+                        *this.mode = Mode::Failed(rejection);
+                    }
+                }
+                continue;
+            }
+
+            // The common case: inspect the bytes in place.
+            let before = buf.filled().len();
+            ready!(this.io.as_mut().poll_read(cx, buf))?;
+            let new = &buf.filled()[before..];
+            if new.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let keep = match this.scanner.scan(new) {
+                Scan::Done => return Poll::Ready(Ok(())),
+                Scan::Partial { head_start } => {
+                    this.hold.extend_from_slice(&new[head_start..]);
+                    head_start
+                }
+                Scan::RejectHead {
+                    head_start,
+                    index,
+                    rejection,
+                } => {
+                    this.verdicts.record(index, rejection);
+                    *this.mode = Mode::Rejected { sent: 0 };
+                    head_start
+                }
+                Scan::BodyError {
+                    at,
+                    index,
+                    rejection,
+                } => {
+                    this.verdicts.record(index, rejection);
+                    *this.mode = Mode::Failed(rejection);
+                    at
+                }
+            };
+            buf.set_filled(before + keep);
+            if keep > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Nothing for the reader yet (all held back, or a rejection to report): go again
+            // rather than return an empty read, which would mean EOF.
+        }
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// The outcome of scanning one slice of the request stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Every byte is valid and accounted for.
+    Done,
+    /// Bytes from `head_start` on are an incomplete head (valid so far).
+    Partial { head_start: usize },
+    /// Bytes before `head_start` are valid; the head starting there is refused.
+    RejectHead {
+        head_start: usize,
+        index: u64,
+        rejection: Rejection,
+    },
+    /// Bytes before `at` are valid; the body of request `index` is broken at `at`.
+    BodyError {
+        at: usize,
+        index: u64,
+        rejection: Rejection,
+    },
+}
+
+/// Where the scanner is in the request stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Head,
+    Fixed { remaining: u64 },
+    Chunked(Chunk),
+}
+
+/// Position inside a chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading the hex size: `digits` so far.
+    Size {
+        digits: u8,
+    },
+    /// Whitespace after the size, before `;` or CR.
+    SizeWs,
+    /// Inside chunk extensions.
+    Ext,
+    /// CR of the size line seen, LF expected.
+    SizeLf,
+    Data {
+        remaining: u64,
+    },
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    TrailerName,
+    TrailerValue,
+    TrailerValueLf,
+    TrailerEndLf,
+}
+
+/// Progress through a head, relative to the head's first byte, kept while it spans reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct HeadScan {
+    /// Next byte to search for LF.
+    cursor: usize,
+    /// First byte of the current line.
+    line_start: usize,
+    /// Non-empty lines seen: the request line and header lines.
+    lines: usize,
+}
+
+enum HeadStep {
+    Incomplete,
+    Complete { len: usize, framing: Framing },
+    Reject(Rejection),
+}
+
+#[derive(Debug)]
+struct Scanner {
+    limits: Limits,
+    framing: Framing,
+    head: HeadScan,
+    /// Heads accepted so far: the index of the request being read.
+    requests: u64,
+    // Chunked-body bookkeeping.
+    chunk_size: u64,
+    chunk_line: usize,
+    trailer_bytes: usize,
+    trailer_name: [u8; TRAILER_NAME_KEEP],
+    trailer_name_len: usize,
+}
+
+// === impl Scanner ===
+
+impl Scanner {
+    fn new(limits: Limits) -> Self {
+        Scanner {
+            limits,
+            framing: Framing::Head,
+            head: HeadScan::default(),
+            requests: 0,
+            chunk_size: 0,
+            chunk_line: 0,
+            trailer_bytes: 0,
+            trailer_name: [0; TRAILER_NAME_KEEP],
+            trailer_name_len: 0,
+        }
+    }
+
+    /// Scans `data`, the next bytes of the stream. A head carried over from an earlier call
+    /// (see [`Scan::Partial`]) must start at `data[0]`.
+    fn scan(&mut self, data: &[u8]) -> Scan {
+        let mut pos = 0;
+        loop {
+            match self.framing {
+                Framing::Head => {
+                    if pos >= data.len() && self.head == HeadScan::default() {
+                        return Scan::Done;
+                    }
+                    let head = data.get(pos..).unwrap_or_default();
+                    match self.scan_head(head) {
+                        HeadStep::Incomplete => return Scan::Partial { head_start: pos },
+                        HeadStep::Reject(rejection) => {
+                            return Scan::RejectHead {
+                                head_start: pos,
+                                index: self.requests,
+                                rejection,
+                            };
+                        }
+                        HeadStep::Complete { len, framing } => {
+                            self.requests += 1;
+                            self.head = HeadScan::default();
+                            self.framing = framing;
+                            pos += len;
+                        }
+                    }
+                }
+                Framing::Fixed { remaining } => {
+                    let avail = data.len().saturating_sub(pos);
+                    let take = min(remaining, avail as u64);
+                    pos += take as usize;
+                    let remaining = remaining - take;
+                    if remaining > 0 {
+                        self.framing = Framing::Fixed { remaining };
+                        return Scan::Done;
+                    }
+                    self.framing = Framing::Head;
+                }
+                Framing::Chunked(chunk) => match self.scan_chunked(chunk, data, &mut pos) {
+                    Ok(true) => self.framing = Framing::Head,
+                    Ok(false) => return Scan::Done,
+                    Err(rejection) => {
+                        return Scan::BodyError {
+                            at: pos,
+                            index: self.requests.saturating_sub(1),
+                            rejection,
+                        };
+                    }
+                },
+            }
+        }
+    }
+
+    /// Finds the end of the head starting at `head[0]`, enforcing the limits line by line.
+    fn scan_head(&mut self, head: &[u8]) -> HeadStep {
+        let limits = self.limits;
+        let hs = &mut self.head;
+        while let Some(i) = head.get(hs.cursor..).and_then(|rest| memchr(b'\n', rest)) {
+            let nl = hs.cursor + i;
+            // Length checks come first so that a split head is refused the same way.
+            if hs.lines == 0 && nl - hs.line_start > limits.max_request_line + 1 {
+                return HeadStep::Reject(Rejection::uri_too_long());
+            }
+            if nl >= limits.max_head {
+                return HeadStep::Reject(Rejection::head_too_large("request head too large"));
+            }
+            if nl == 0 || head[nl - 1] != b'\r' {
+                return HeadStep::Reject(Rejection::bad("bare lf in head"));
+            }
+            let line_len = (nl - 1).saturating_sub(hs.line_start);
+            if line_len == 0 {
+                if hs.lines > 0 {
+                    let len = nl + 1;
+                    return self.check_head(&head[..len], len);
+                }
+                // Empty lines before the request line are tolerated (RFC 9112 §2.2).
+            } else if hs.lines == 0 {
+                hs.lines = 1;
+            } else {
+                if matches!(head[hs.line_start], b' ' | b'\t') {
+                    return HeadStep::Reject(Rejection::bad("obs-fold in head"));
+                }
+                hs.lines += 1;
+                if hs.lines - 1 > limits.max_headers {
+                    return HeadStep::Reject(Rejection::head_too_large("too many headers"));
+                }
+            }
+            hs.cursor = nl + 1;
+            hs.line_start = nl + 1;
+        }
+        hs.cursor = head.len();
+        if hs.lines == 0 && head.len() - hs.line_start > limits.max_request_line + 1 {
+            return HeadStep::Reject(Rejection::uri_too_long());
+        }
+        if head.len() > limits.max_head {
+            return HeadStep::Reject(Rejection::head_too_large("request head too large"));
+        }
+        HeadStep::Incomplete
+    }
+
+    /// Validates a complete head (`head` ends with CRLFCRLF; every LF has its CR) and decides
+    /// the body framing.
+    fn check_head(&self, head: &[u8], len: usize) -> HeadStep {
+        if memchr(0, head).is_some() {
+            return HeadStep::Reject(Rejection::bad("nul in head"));
+        }
+        // Every LF is preceded by a CR, so as many CRs as LFs means no bare CR.
+        if memchr::memchr_iter(b'\r', head).count() != memchr::memchr_iter(b'\n', head).count() {
+            return HeadStep::Reject(Rejection::bad("bare cr in head"));
+        }
+        let count = self.head.lines.saturating_sub(1);
+        let mut on_stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        let mut on_heap;
+        let headers = if count <= STACK_HEADERS {
+            &mut on_stack[..count]
+        } else {
+            on_heap = vec![httparse::EMPTY_HEADER; count];
+            &mut on_heap[..]
+        };
+        let mut req = httparse::Request::new(headers);
+        match req.parse(head) {
+            Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+            Ok(_) => return HeadStep::Reject(Rejection::bad("malformed head")),
+            Err(e) => return HeadStep::Reject(Rejection::bad(parse_error_reason(e))),
+        }
+        let version = req.version.unwrap_or(0);
+        if !target_is_valid(req.path.unwrap_or_default()) {
+            return HeadStep::Reject(Rejection::bad("invalid request target"));
+        }
+
+        let mut te_count = 0;
+        let mut te_chunked = false;
+        let mut cl_count = 0;
+        let mut cl = None;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te_count += 1;
+                te_chunked = trim_ows(h.value).eq_ignore_ascii_case(b"chunked");
+            } else if h.name.eq_ignore_ascii_case("content-length") {
+                cl_count += 1;
+                cl = parse_content_length(h.value);
+            }
+        }
+        let framing = if te_count > 0 {
+            if cl_count > 0 {
+                return HeadStep::Reject(Rejection::bad("content-length with transfer-encoding"));
+            }
+            if te_count > 1 {
+                return HeadStep::Reject(Rejection::bad("repeated transfer-encoding"));
+            }
+            if version != 1 {
+                return HeadStep::Reject(Rejection::bad("transfer-encoding on http/1.0"));
+            }
+            if !te_chunked {
+                return HeadStep::Reject(Rejection::bad("unsupported transfer-encoding"));
+            }
+            Framing::Chunked(Chunk::Size { digits: 0 })
+        } else if cl_count > 0 {
+            if cl_count > 1 {
+                return HeadStep::Reject(Rejection::bad("repeated content-length"));
+            }
+            match cl {
+                Some(0) => Framing::Head,
+                Some(n) => Framing::Fixed { remaining: n },
+                None => return HeadStep::Reject(Rejection::bad("invalid content-length")),
+            }
+        } else {
+            Framing::Head
+        };
+        HeadStep::Complete { len, framing }
+    }
+
+    /// Advances through a chunked body from `data[*pos]`. `Ok(true)` when the body ended (at
+    /// `*pos`), `Ok(false)` when `data` ran out; on error `*pos` is the offending byte.
+    fn scan_chunked(
+        &mut self,
+        mut chunk: Chunk,
+        data: &[u8],
+        pos: &mut usize,
+    ) -> Result<bool, Rejection> {
+        let limits = self.limits;
+        while *pos < data.len() {
+            if let Chunk::Data { remaining } = chunk {
+                // Chunk data is skipped in bulk.
+                let take = min(remaining, (data.len() - *pos) as u64);
+                *pos += take as usize;
+                chunk = if remaining == take {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data {
+                        remaining: remaining - take,
+                    }
+                };
+                continue;
+            }
+            let b = data[*pos];
+            match chunk {
+                Chunk::Size { .. } | Chunk::SizeWs | Chunk::Ext if b != b'\r' => {
+                    self.chunk_line += 1;
+                    if self.chunk_line > limits.max_chunk_line {
+                        return Err(Rejection::bad("chunk size line too long"));
+                    }
+                }
+                Chunk::TrailerStart
+                | Chunk::TrailerName
+                | Chunk::TrailerValue
+                | Chunk::TrailerValueLf
+                | Chunk::TrailerEndLf => {
+                    self.trailer_bytes += 1;
+                    if self.trailer_bytes > limits.max_trailers {
+                        return Err(Rejection::bad("trailers too large"));
+                    }
+                }
+                _ => {}
+            }
+            let next = match chunk {
+                Chunk::Size { digits } => {
+                    if let Some(v) = hex_value(b) {
+                        if digits == 16 {
+                            return Err(Rejection::bad("chunk size overflow"));
+                        }
+                        self.chunk_size = (self.chunk_size << 4) | u64::from(v);
+                        Chunk::Size { digits: digits + 1 }
+                    } else if digits == 0 {
+                        return Err(Rejection::bad("invalid chunk size"));
+                    } else {
+                        match b {
+                            b'\r' => Chunk::SizeLf,
+                            b';' => Chunk::Ext,
+                            b' ' | b'\t' => Chunk::SizeWs,
+                            _ => return Err(Rejection::bad("invalid chunk size")),
+                        }
+                    }
+                }
+                Chunk::SizeWs => match b {
+                    b' ' | b'\t' => Chunk::SizeWs,
+                    b';' => Chunk::Ext,
+                    b'\r' => Chunk::SizeLf,
+                    _ => return Err(Rejection::bad("invalid chunk size")),
+                },
+                Chunk::Ext => match b {
+                    b'\r' => Chunk::SizeLf,
+                    b'\n' => return Err(Rejection::bad("bare lf in chunk extension")),
+                    b'\t' | 0x20..=0x7e | 0x80..=0xff => Chunk::Ext,
+                    _ => return Err(Rejection::bad("invalid byte in chunk extension")),
+                },
+                Chunk::SizeLf => {
+                    if b != b'\n' {
+                        return Err(Rejection::bad("bare cr in chunk size line"));
+                    }
+                    let size = self.chunk_size;
+                    self.chunk_size = 0;
+                    self.chunk_line = 0;
+                    if size == 0 {
+                        self.trailer_bytes = 0;
+                        Chunk::TrailerStart
+                    } else {
+                        Chunk::Data { remaining: size }
+                    }
+                }
+                Chunk::Data { .. } => chunk,
+                Chunk::DataCr => {
+                    if b != b'\r' {
+                        return Err(Rejection::bad("missing crlf after chunk data"));
+                    }
+                    Chunk::DataLf
+                }
+                Chunk::DataLf => {
+                    if b != b'\n' {
+                        return Err(Rejection::bad("missing crlf after chunk data"));
+                    }
+                    Chunk::Size { digits: 0 }
+                }
+                Chunk::TrailerStart => {
+                    if b == b'\r' {
+                        Chunk::TrailerEndLf
+                    } else if is_tchar(b) {
+                        self.trailer_name[0] = b.to_ascii_lowercase();
+                        self.trailer_name_len = 1;
+                        Chunk::TrailerName
+                    } else if matches!(b, b' ' | b'\t') {
+                        return Err(Rejection::bad("obs-fold in trailers"));
+                    } else {
+                        return Err(Rejection::bad("invalid trailer"));
+                    }
+                }
+                Chunk::TrailerName => {
+                    if is_tchar(b) {
+                        if let Some(slot) = self.trailer_name.get_mut(self.trailer_name_len) {
+                            *slot = b.to_ascii_lowercase();
+                        }
+                        self.trailer_name_len = self.trailer_name_len.saturating_add(1);
+                        Chunk::TrailerName
+                    } else if b == b':' {
+                        let name = self.trailer_name.get(..self.trailer_name_len);
+                        if name.is_some_and(|n| FORBIDDEN_TRAILERS.contains(&n)) {
+                            return Err(Rejection::bad("forbidden trailer"));
+                        }
+                        Chunk::TrailerValue
+                    } else {
+                        return Err(Rejection::bad("invalid trailer name"));
+                    }
+                }
+                Chunk::TrailerValue => match b {
+                    b'\r' => Chunk::TrailerValueLf,
+                    b'\t' | 0x20..=0x7e | 0x80..=0xff => Chunk::TrailerValue,
+                    _ => return Err(Rejection::bad("invalid trailer value")),
+                },
+                Chunk::TrailerValueLf => {
+                    if b != b'\n' {
+                        return Err(Rejection::bad("bare cr in trailers"));
+                    }
+                    Chunk::TrailerStart
+                }
+                Chunk::TrailerEndLf => {
+                    if b != b'\n' {
+                        return Err(Rejection::bad("bare cr in trailers"));
+                    }
+                    *pos += 1;
+                    return Ok(true);
+                }
+            };
+            *pos += 1;
+            chunk = next;
+        }
+        self.framing = Framing::Chunked(chunk);
+        Ok(false)
+    }
+}
+
+fn parse_error_reason(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid header name",
+        httparse::Error::HeaderValue => "invalid header value",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Token => "invalid method",
+        httparse::Error::Version => "unsupported http version",
+        httparse::Error::TooManyHeaders => "too many headers",
+        httparse::Error::Status => "malformed head",
+    }
+}
+
+/// Whether `http::Uri` accepts the request target. Origin-form targets made of bytes that
+/// `http` accepts in both path and query are checked here without allocating.
+fn target_is_valid(target: &str) -> bool {
+    const MAX_URI: usize = u16::MAX as usize - 1;
+    let bytes = target.as_bytes();
+    let fast = bytes.first() == Some(&b'/')
+        && bytes.len() <= MAX_URI
+        && bytes
+            .iter()
+            .all(|&b| matches!(b, 0x21 | 0x24..=0x3b | 0x3d | 0x3f..=0x5f | 0x61..=0x7e));
+    fast || http::Uri::try_from(target).is_ok()
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// `1*DIGIT` that fits in a u64, surrounded by optional whitespace; nothing else.
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    let v = trim_ows(v);
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::task::Waker;
+
+    /// An in-memory socket that returns at most `max` bytes per read and never blocks.
+    struct Feed {
+        data: Vec<u8>,
+        pos: usize,
+        max: usize,
+    }
+
+    impl AsyncRead for Feed {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = min(min(self.max, self.data.len() - self.pos), buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.data[start..start + n]);
+            self.pos += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Debug)]
+    struct Outcome {
+        output: Vec<u8>,
+        error: Option<io::Error>,
+        verdict: Option<(u64, Rejection)>,
+    }
+
+    /// Reads everything through a guard: `max_read` bytes at most per inner read, into a reader
+    /// buffer of `buf_size` bytes.
+    fn run_with(input: &[u8], limits: Limits, max_read: usize, buf_size: usize) -> Outcome {
+        let feed = Feed {
+            data: input.to_vec(),
+            pos: 0,
+            max: max_read,
+        };
+        let (mut guarded, verdicts) = Guarded::new(feed, limits);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut output = Vec::new();
+        let mut error = None;
+        let mut space = vec![0; buf_size];
+        // Every read makes progress, so this bound is never reached by a correct guard.
+        for _ in 0..(input.len() + SYNTHETIC_REQUEST.len()) * 2 + 10 {
+            let mut rb = ReadBuf::new(&mut space);
+            match Pin::new(&mut guarded).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Outcome {
+                        output,
+                        error,
+                        verdict: verdicts.rejection(),
+                    };
+                }
+                Poll::Ready(Ok(())) => output.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => {
+                    assert!(error.is_none(), "a second error after {error:?}: {e}");
+                    error = Some(e);
+                }
+                Poll::Pending => panic!("the feed never blocks"),
+            }
+        }
+        panic!("guard did not reach EOF");
+    }
+
+    fn run(input: &[u8]) -> Outcome {
+        run_with(input, Limits::default(), usize::MAX, 1 << 20)
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Expect {
+        /// The head is refused with this status; the reader sees the synthetic request.
+        Head(u16),
+        /// The body is refused: the reader gets a prefix of the input, then InvalidData.
+        Body,
+        /// Passes byte for byte.
+        Pass,
+    }
+
+    fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
+        use Expect::*;
+        let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+        let big_head = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            (0..10)
+                .map(|i| format!("X-{i}: {}\r\n", "v".repeat(7000)))
+                .collect::<String>()
+        );
+        let many_headers = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            (0..101)
+                .map(|i| format!("X-{i}: v\r\n"))
+                .collect::<String>()
+        );
+        let max_headers = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            (0..100)
+                .map(|i| format!("X-{i}: v\r\n"))
+                .collect::<String>()
+        );
+        let post = |headers: &str, body: &str| {
+            format!("POST /upload HTTP/1.1\r\nHost: a\r\n{headers}\r\n{body}").into_bytes()
+        };
+        let chunked = |body: &str| post("Transfer-Encoding: chunked\r\n", body);
+        vec![
+            // Content-Length and Transfer-Encoding together.
+            (
+                "cl then te",
+                post(
+                    "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                    "0\r\n\r\n",
+                ),
+                Head(400),
+            ),
+            (
+                "te then cl",
+                post(
+                    "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+                    "0\r\n\r\n",
+                ),
+                Head(400),
+            ),
+            (
+                "te with cl 0, lowercase",
+                post(
+                    "transfer-encoding: chunked\r\ncontent-length: 0\r\n",
+                    "0\r\n\r\n",
+                ),
+                Head(400),
+            ),
+            // Content-Length variants.
+            (
+                "duplicate equal cl",
+                post("Content-Length: 5\r\nContent-Length: 5\r\n", "hello"),
+                Head(400),
+            ),
+            (
+                "duplicate different cl",
+                post("Content-Length: 5\r\nContent-Length: 6\r\n", "hello!"),
+                Head(400),
+            ),
+            (
+                "cl list 5, 6",
+                post("Content-Length: 5, 6\r\n", "hello!"),
+                Head(400),
+            ),
+            (
+                "cl list 5,5",
+                post("Content-Length: 5,5\r\n", "hello"),
+                Head(400),
+            ),
+            (
+                "cl plus sign",
+                post("Content-Length: +5\r\n", "hello"),
+                Head(400),
+            ),
+            ("cl negative", post("Content-Length: -1\r\n", ""), Head(400)),
+            ("cl empty", post("Content-Length: \r\n", ""), Head(400)),
+            (
+                "cl hex",
+                post("Content-Length: 0x5\r\n", "hello"),
+                Head(400),
+            ),
+            (
+                "cl overflow",
+                post("Content-Length: 18446744073709551616\r\n", ""),
+                Head(400),
+            ),
+            // Obfuscated Transfer-Encoding.
+            (
+                "te xchunked",
+                post("Transfer-Encoding: xchunked\r\n", "0\r\n\r\n"),
+                Head(400),
+            ),
+            (
+                "te chunked, identity",
+                post("Transfer-Encoding: chunked, identity\r\n", "0\r\n\r\n"),
+                Head(400),
+            ),
+            (
+                "te identity",
+                post("Transfer-Encoding: identity\r\n", ""),
+                Head(400),
+            ),
+            (
+                "te twice",
+                post(
+                    "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                    "0\r\n\r\n",
+                ),
+                Head(400),
+            ),
+            (
+                "te on http/1.0",
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "te space before colon",
+                post("Transfer-Encoding : chunked\r\n", "0\r\n\r\n"),
+                Head(400),
+            ),
+            (
+                "te value folded",
+                post("Transfer-Encoding:\r\n chunked\r\n", "0\r\n\r\n"),
+                Head(400),
+            ),
+            (
+                "te vertical tab",
+                post("Transfer-Encoding: chunked\x0b\r\n", "0\r\n\r\n"),
+                Head(400),
+            ),
+            // Line endings and control bytes.
+            (
+                "bare lf after request line",
+                b"GET / HTTP/1.1\nHost: a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "bare lf after header",
+                b"GET / HTTP/1.1\r\nHost: a\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "all bare lf",
+                b"GET / HTTP/1.1\nHost: a\n\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "bare cr in value",
+                b"GET / HTTP/1.1\r\nX: a\rb\r\nHost: a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "bare cr line end",
+                b"GET / HTTP/1.1\rHost: a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "nul in value",
+                b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "nul in target",
+                b"GET /a\0b HTTP/1.1\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "obs-fold",
+                b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "obs-fold tab",
+                b"GET / HTTP/1.1\r\nX: a\r\n\tb\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "space before colon",
+                b"GET / HTTP/1.1\r\nHost : a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "space in header name",
+                b"GET / HTTP/1.1\r\nX Y: a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "empty header name",
+                b"GET / HTTP/1.1\r\n: a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            // Request line.
+            (
+                "invalid method",
+                b"G(T / HTTP/1.1\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            ("http/1.2", b"GET / HTTP/1.2\r\n\r\n".to_vec(), Head(400)),
+            ("http/0.9 style", b"GET /\r\n\r\n".to_vec(), Head(400)),
+            (
+                "target http::Uri refuses",
+                b"GET /a<b HTTP/1.1\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "h2 prior knowledge preface",
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            // Limits.
+            ("request line too long", long_target.into_bytes(), Head(414)),
+            ("head too large", big_head.into_bytes(), Head(431)),
+            ("too many headers", many_headers.into_bytes(), Head(431)),
+            // Chunked bodies.
+            (
+                "chunk size overflow",
+                chunked("FFFFFFFFFFFFFFFFF\r\n"),
+                Body,
+            ),
+            (
+                "chunk ext bare lf",
+                chunked("5;a\nb\r\nhello\r\n0\r\n\r\n"),
+                Body,
+            ),
+            (
+                "chunk ext nul",
+                chunked("5;a\0\r\nhello\r\n0\r\n\r\n"),
+                Body,
+            ),
+            ("chunk size bare cr", chunked("5\rhello\r\n0\r\n\r\n"), Body),
+            ("chunk size not hex", chunked("g\r\n"), Body),
+            ("chunk size empty", chunked("\r\nhello\r\n0\r\n\r\n"), Body),
+            ("chunk size bare lf", chunked("5\nhello\r\n0\r\n\r\n"), Body),
+            (
+                "missing crlf after chunk data",
+                chunked("5\r\nhelloX\r\n0\r\n\r\n"),
+                Body,
+            ),
+            (
+                "chunk data too long",
+                chunked("3\r\nhello\r\n0\r\n\r\n"),
+                Body,
+            ),
+            (
+                "trailer injection content-length",
+                chunked("0\r\nContent-Length: 5\r\n\r\n"),
+                Body,
+            ),
+            (
+                "trailer injection transfer-encoding",
+                chunked("0\r\ntransfer-encoding: chunked\r\n\r\n"),
+                Body,
+            ),
+            ("trailer obs-fold", chunked("0\r\nX: a\r\n b\r\n\r\n"), Body),
+            ("trailer bare lf", chunked("0\r\nX: a\n\r\n"), Body),
+            (
+                "trailer space before colon",
+                chunked("0\r\nX : a\r\n\r\n"),
+                Body,
+            ),
+            ("missing final crlf", chunked("0\r\n\rX"), Body),
+            // Valid requests.
+            (
+                "get",
+                b"GET /a/b?c=d&e HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n".to_vec(),
+                Pass,
+            ),
+            (
+                "post with content-length",
+                post("Content-Length: 5\r\n", "hello"),
+                Pass,
+            ),
+            (
+                "chunked with extensions and trailers",
+                chunked(
+                    "5;name=val;x\r\nhello\r\nA\r\n0123456789\r\n0;last\r\nX-Sum: 1\r\nEtag: \"a\"\r\n\r\n",
+                ),
+                Pass,
+            ),
+            (
+                "te ows and case",
+                post("Transfer-Encoding: \tChunked \r\n", "0\r\n\r\n"),
+                Pass,
+            ),
+            (
+                "chunk size whitespace",
+                chunked("5 ;a\r\nhello\r\n0\r\n\r\n"),
+                Pass,
+            ),
+            ("http/1.0", b"GET / HTTP/1.0\r\n\r\n".to_vec(), Pass),
+            (
+                "absolute form",
+                b"GET http://a.example/b?c HTTP/1.1\r\nHost: a.example\r\n\r\n".to_vec(),
+                Pass,
+            ),
+            (
+                "target with quote",
+                b"GET /a\"b HTTP/1.1\r\n\r\n".to_vec(),
+                Pass,
+            ),
+            (
+                "options star",
+                b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+                Pass,
+            ),
+            (
+                "leading empty line",
+                b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+                Pass,
+            ),
+            ("exactly max headers", max_headers.into_bytes(), Pass),
+            (
+                "pipelined three",
+                [
+                    &b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+                    &post("Content-Length: 3\r\n", "abc"),
+                    &chunked("3\r\nabc\r\n0\r\n\r\n"),
+                ]
+                .concat(),
+                Pass,
+            ),
+        ]
+    }
+
+    fn check(name: &str, input: &[u8], expect: Expect, got: &Outcome) {
+        match expect {
+            Expect::Head(status) => {
+                assert_eq!(
+                    got.output, SYNTHETIC_REQUEST,
+                    "{name}: reader must see the synthetic request"
+                );
+                assert!(got.error.is_none(), "{name}: {:?}", got.error);
+                let (index, rejection) =
+                    got.verdict.unwrap_or_else(|| panic!("{name}: no verdict"));
+                assert_eq!(index, 0, "{name}");
+                assert_eq!(rejection.status.as_u16(), status, "{name}: {rejection:?}");
+            }
+            Expect::Body => {
+                assert!(
+                    input.starts_with(&got.output),
+                    "{name}: output must be a prefix"
+                );
+                let error = got
+                    .error
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}: no error"));
+                assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{name}");
+                let (index, rejection) =
+                    got.verdict.unwrap_or_else(|| panic!("{name}: no verdict"));
+                assert_eq!(index, 0, "{name}");
+                assert_eq!(rejection.status, StatusCode::BAD_REQUEST, "{name}");
+                assert_eq!(error.to_string(), rejection.reason, "{name}");
+            }
+            Expect::Pass => {
+                assert_eq!(got.output, input, "{name}: must pass unchanged");
+                assert!(got.error.is_none(), "{name}: {:?}", got.error);
+                assert_eq!(got.verdict, None, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_requests_are_refused_and_valid_ones_pass_unchanged() {
+        for (name, input, expect) in cases() {
+            check(name, &input, expect, &run(&input));
+        }
+    }
+
+    #[test]
+    fn verdicts_do_not_depend_on_how_reads_are_split() {
+        for (name, input, expect) in cases() {
+            let whole = run(&input);
+            for (max_read, buf_size) in [
+                (1, 1),
+                (1, 8192),
+                (3, 5),
+                (7, 64),
+                (4096, 100),
+                (usize::MAX, 17),
+            ] {
+                let split = run_with(&input, Limits::default(), max_read, buf_size);
+                check(name, &input, expect, &split);
+                assert_eq!(
+                    split.output, whole.output,
+                    "{name} ({max_read}, {buf_size})"
+                );
+                assert_eq!(
+                    split.verdict, whole.verdict,
+                    "{name} ({max_read}, {buf_size})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn valid_requests_before_a_bad_one_pass_and_only_the_bad_one_is_refused() {
+        let good = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc".to_vec();
+        let bad = b"GET /b HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        let input = [&good[..], &bad[..]].concat();
+        for (max_read, buf_size) in [(usize::MAX, 1 << 16), (1, 1), (10, 7)] {
+            let got = run_with(&input, Limits::default(), max_read, buf_size);
+            assert_eq!(got.output, [&good[..], SYNTHETIC_REQUEST].concat());
+            assert!(got.error.is_none());
+            assert_eq!(
+                got.verdict.map(|(i, r)| (i, r.reason)),
+                Some((1, "repeated content-length"))
+            );
+        }
+        let (_, verdicts) = Guarded::new(
+            Feed {
+                data: input,
+                pos: 0,
+                max: 1,
+            },
+            Limits::default(),
+        );
+        assert_eq!(verdicts.rejection_for(0), None);
+    }
+
+    #[test]
+    fn a_broken_body_after_a_valid_request_is_charged_to_its_own_request() {
+        let good = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n";
+        let bad = b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n";
+        let input = [&good[..], &bad[..]].concat();
+        let got = run(&input);
+        assert!(input.starts_with(&got.output));
+        assert!(got.output.len() >= good.len() + 50);
+        assert_eq!(
+            got.error.map(|e| e.kind()),
+            Some(io::ErrorKind::InvalidData)
+        );
+        assert_eq!(
+            got.verdict.map(|(i, r)| (i, r.reason)),
+            Some((1, "missing crlf after chunk data"))
+        );
+    }
+
+    #[test]
+    fn rejection_for_answers_only_the_refused_index() {
+        let input = b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\nGET /\n\r\n".to_vec();
+        let (mut guarded, verdicts) = Guarded::new(
+            Feed {
+                data: input,
+                pos: 0,
+                max: 1 << 16,
+            },
+            Limits::default(),
+        );
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut space = [0u8; 1024];
+        while {
+            let mut rb = ReadBuf::new(&mut space);
+            matches!(
+                Pin::new(&mut guarded).poll_read(&mut cx, &mut rb),
+                Poll::Ready(Ok(()))
+            ) && !rb.filled().is_empty()
+        } {}
+        assert_eq!(verdicts.rejection_for(0), None);
+        assert_eq!(verdicts.rejection_for(1), None);
+        assert_eq!(
+            verdicts.rejection_for(2).map(|r| r.status),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(verdicts.rejection_for(3), None);
+    }
+
+    #[test]
+    fn an_accepted_upgrade_passes_later_bytes_uninspected() {
+        let head =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let frames = b"\x81\x05hello\nnot http\0";
+        let input = [&head[..], &frames[..]].concat();
+        let feed = Feed {
+            data: input.clone(),
+            pos: 0,
+            max: head.len(),
+        };
+        let (mut guarded, verdicts) = Guarded::new(feed, Limits::default());
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut space = [0u8; 4096];
+        let mut rb = ReadBuf::new(&mut space);
+        assert!(matches!(
+            Pin::new(&mut guarded).poll_read(&mut cx, &mut rb),
+            Poll::Ready(Ok(()))
+        ));
+        let mut output = rb.filled().to_vec();
+        verdicts.upgraded();
+        loop {
+            let mut rb = ReadBuf::new(&mut space);
+            assert!(matches!(
+                Pin::new(&mut guarded).poll_read(&mut cx, &mut rb),
+                Poll::Ready(Ok(()))
+            ));
+            if rb.filled().is_empty() {
+                break;
+            }
+            output.extend_from_slice(rb.filled());
+        }
+        assert_eq!(output, input);
+        assert_eq!(verdicts.rejection(), None);
+    }
+
+    #[test]
+    fn eof_inside_a_head_hands_the_reader_nothing_of_it() {
+        let got = run_with(
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Len",
+            Limits::default(),
+            5,
+            64,
+        );
+        assert!(got.output.is_empty());
+        assert!(got.error.is_none());
+        assert_eq!(got.verdict, None);
+    }
+
+    #[tokio::test]
+    async fn works_over_a_real_duplex_stream() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64);
+        let (mut guarded, verdicts) = Guarded::new(server, Limits::default());
+        let writer = tokio::spawn(async move {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await?;
+            client
+                .write_all(
+                    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                )
+                .await?;
+            client.shutdown().await
+        });
+        let mut output = Vec::new();
+        guarded.read_to_end(&mut output).await.unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(
+            output,
+            [&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..], SYNTHETIC_REQUEST].concat()
+        );
+        assert_eq!(
+            verdicts.rejection_for(1).map(|r| r.reason),
+            Some("content-length with transfer-encoding")
+        );
+    }
+
+    fn request(kind: u8, body: &[u8], chunks: &[usize], ext: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        match kind % 3 {
+            0 => out.extend_from_slice(b"GET /x?y=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            1 => {
+                out.extend_from_slice(
+                    format!("PUT /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                );
+                out.extend_from_slice(body);
+            }
+            _ => {
+                out.extend_from_slice(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let mut rest = body;
+                for &size in chunks {
+                    let n = min(size, rest.len());
+                    if n == 0 {
+                        break;
+                    }
+                    let ext = if ext { ";e=1" } else { "" };
+                    out.extend_from_slice(format!("{n:x}{ext}\r\n").as_bytes());
+                    out.extend_from_slice(&rest[..n]);
+                    out.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                }
+                if !rest.is_empty() {
+                    out.extend_from_slice(format!("{:X}\r\n", rest.len()).as_bytes());
+                    out.extend_from_slice(rest);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(if ext {
+                    &b"0\r\nX-T: v\r\n\r\n"[..]
+                } else {
+                    b"0\r\n\r\n"
+                });
+            }
+        }
+        out
+    }
+
+    fn small_limits() -> Limits {
+        Limits {
+            max_request_line: 40,
+            max_head: 200,
+            max_headers: 6,
+            max_chunk_line: 24,
+            max_trailers: 48,
+        }
+    }
+
+    /// Pieces of HTTP, good and bad, so that random streams reach deep into the state machine.
+    const PIECES: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\n",
+        b"POST /p HTTP/1.1\r\n",
+        b"GET / HTTP/1.0\r\n",
+        b"Host: a\r\n",
+        b"Content-Length: 3\r\n",
+        b"Content-Length: 0\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"X: ",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"\0",
+        b" ",
+        b":",
+        b"abc",
+        b"3\r\n",
+        b"0\r\n",
+        b";ext",
+        b"FFFFFFFFFFFFFFFFF",
+        b"PRI * HTTP/2.0\r\n",
+    ];
+
+    proptest! {
+        #[test]
+        fn valid_streams_pass_unchanged_however_reads_are_split(
+            requests in prop::collection::vec(
+                (any::<u8>(), prop::collection::vec(any::<u8>(), 0..60), prop::collection::vec(1usize..25, 0..4), any::<bool>()),
+                1..6,
+            ),
+            max_read in 1usize..80,
+            buf_size in 1usize..200,
+        ) {
+            let input: Vec<u8> = requests.iter().flat_map(|(k, b, c, e)| request(*k, b, c, *e)).collect();
+            let whole = run(&input);
+            prop_assert_eq!(&whole.output, &input);
+            prop_assert!(whole.error.is_none());
+            prop_assert_eq!(whole.verdict, None);
+            let split = run_with(&input, Limits::default(), max_read, buf_size);
+            prop_assert_eq!(&split.output, &input);
+            prop_assert!(split.error.is_none());
+            prop_assert_eq!(split.verdict, None);
+        }
+
+        #[test]
+        fn random_bytes_never_panic_and_output_is_bounded(
+            input in prop::collection::vec(any::<u8>(), 0..2048),
+            max_read in 1usize..300,
+            buf_size in 1usize..300,
+        ) {
+            for limits in [Limits::default(), small_limits()] {
+                let got = run_with(&input, limits, max_read, buf_size);
+                prop_assert!(got.output.len() <= input.len() + SYNTHETIC_REQUEST.len());
+            }
+        }
+
+        #[test]
+        fn random_http_pieces_get_the_same_verdict_however_reads_are_split(
+            picks in prop::collection::vec(0usize..PIECES.len(), 0..60),
+            max_read in 1usize..40,
+            buf_size in 1usize..64,
+        ) {
+            let input: Vec<u8> = picks.iter().flat_map(|&i| PIECES[i].iter().copied()).collect();
+            for limits in [Limits::default(), small_limits()] {
+                let whole = run_with(&input, limits, usize::MAX, 1 << 16);
+                let split = run_with(&input, limits, max_read, buf_size);
+                prop_assert!(whole.output.len() <= input.len() + SYNTHETIC_REQUEST.len());
+                prop_assert_eq!(&split.output, &whole.output);
+                prop_assert_eq!(split.verdict, whole.verdict);
+                prop_assert_eq!(split.error.map(|e| e.kind()), whole.error.map(|e| e.kind()));
+            }
+        }
+    }
+}
