@@ -7,8 +7,9 @@
 //!
 //! - passes valid request heads and bodies through unchanged;
 //! - on a bad head of request `k`, records a [`Rejection`] for `k` in [`Verdicts`], withholds the
-//!   bad bytes and hands hyper [`SYNTHETIC_REQUEST`] instead, then EOF, so the service answers
-//!   request `k` with the rejection and closes the connection;
+//!   bad bytes and hands hyper [`SYNTHETIC_REQUEST`] instead (it says `connection: close`), so
+//!   the service answers request `k` with the rejection and hyper closes the connection; later
+//!   client bytes are discarded and EOF is reported once the client's side ends;
 //! - on a framing error inside the body of request `k`, records the rejection and fails the read
 //!   with [`io::ErrorKind::InvalidData`], then EOF.
 //!
@@ -18,6 +19,7 @@
 use std::cmp::min;
 use std::fmt;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -36,6 +38,9 @@ pub const SYNTHETIC_REQUEST: &[u8] =
 /// Header slots kept on the stack for the one httparse pass; larger heads (only possible when
 /// `max_headers` is raised above this) use a heap vector.
 const STACK_HEADERS: usize = 128;
+
+/// Reads discarded in one call after a rejection before yielding to the scheduler.
+const DISCARD_ROUNDS: usize = 8;
 
 /// Trailer names longer than this cannot be one of the forbidden names, so only this many bytes
 /// of a trailer name are kept for the comparison.
@@ -183,7 +188,8 @@ pin_project! {
 enum Mode {
     /// Inspecting requests.
     Inspect,
-    /// A head was refused: feed the synthetic request from this offset, then EOF.
+    /// A head was refused: feed the synthetic request from this offset, then discard input
+    /// until the client's EOF.
     Rejected { sent: usize },
     /// A body was refused: the next read fails with this, later reads see EOF.
     Failed(Rejection),
@@ -242,12 +248,30 @@ impl<S: AsyncRead> AsyncRead for Guarded<S> {
             }
             match *this.mode {
                 Mode::Inspect => {}
-                Mode::Rejected { sent } => {
-                    let rest = SYNTHETIC_REQUEST.get(sent..).unwrap_or_default();
+                Mode::Rejected { sent } if sent < SYNTHETIC_REQUEST.len() => {
+                    let rest = &SYNTHETIC_REQUEST[sent..];
                     let n = min(rest.len(), buf.remaining());
                     buf.put_slice(&rest[..n]);
                     *this.mode = Mode::Rejected { sent: sent + n };
                     return Poll::Ready(Ok(()));
+                }
+                Mode::Rejected { .. } => {
+                    // EOF only when the client's side ends: hyper (without `half_close`) drops
+                    // a connection whose read side ends while the service is still answering
+                    // the synthetic request. What the client sends meanwhile is discarded,
+                    // using the reader's buffer as scratch space.
+                    for _ in 0..DISCARD_ROUNDS {
+                        let before = buf.filled().len();
+                        ready!(this.io.as_mut().poll_read(cx, buf))?;
+                        let read = buf.filled().len() - before;
+                        buf.set_filled(before);
+                        if read == 0 {
+                            *this.mode = Mode::Closed;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 Mode::Failed(rejection) => {
                     *this.mode = Mode::Closed;
@@ -449,6 +473,8 @@ struct HeadScan {
     line_start: usize,
     /// Non-empty lines seen: the request line and header lines.
     lines: usize,
+    /// LFs seen, each checked to follow a CR.
+    newlines: usize,
 }
 
 enum HeadStep {
@@ -559,6 +585,7 @@ impl Scanner {
             if nl == 0 || head[nl - 1] != b'\r' {
                 return HeadStep::Reject(Rejection::bad("bare lf in head"));
             }
+            hs.newlines += 1;
             let line_len = (nl - 1).saturating_sub(hs.line_start);
             if line_len == 0 {
                 if hs.lines > 0 {
@@ -597,20 +624,23 @@ impl Scanner {
             return HeadStep::Reject(Rejection::bad("nul in head"));
         }
         // Every LF is preceded by a CR, so as many CRs as LFs means no bare CR.
-        if memchr::memchr_iter(b'\r', head).count() != memchr::memchr_iter(b'\n', head).count() {
+        if memchr::memchr_iter(b'\r', head).count() != self.head.newlines {
             return HeadStep::Reject(Rejection::bad("bare cr in head"));
         }
         let count = self.head.lines.saturating_sub(1);
-        let mut on_stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
-        let mut on_heap;
+        // Uninitialised slots: nothing to clear per request.
+        let mut on_stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+        let mut on_heap: Vec<MaybeUninit<httparse::Header<'_>>>;
         let headers = if count <= STACK_HEADERS {
             &mut on_stack[..count]
         } else {
-            on_heap = vec![httparse::EMPTY_HEADER; count];
+            on_heap = std::iter::repeat_with(MaybeUninit::uninit)
+                .take(count)
+                .collect();
             &mut on_heap[..]
         };
-        let mut req = httparse::Request::new(headers);
-        match req.parse(head) {
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(head, headers) {
             Ok(httparse::Status::Complete(n)) if n == head.len() => {}
             Ok(_) => return HeadStep::Reject(Rejection::bad("malformed head")),
             Err(e) => return HeadStep::Reject(Rejection::bad(parse_error_reason(e))),
@@ -964,7 +994,8 @@ mod tests {
                     assert!(error.is_none(), "a second error after {error:?}: {e}");
                     error = Some(e);
                 }
-                Poll::Pending => panic!("the feed never blocks"),
+                // The feed never blocks: only the guard's discard loop yields.
+                Poll::Pending => {}
             }
         }
         panic!("guard did not reach EOF");
@@ -1529,6 +1560,96 @@ mod tests {
             verdicts.rejection_for(1).map(|r| r.reason),
             Some("content-length with transfer-encoding")
         );
+    }
+
+    #[tokio::test]
+    async fn after_a_rejection_input_is_discarded_until_the_client_closes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::time::{Duration, timeout};
+        let (mut client, server) = tokio::io::duplex(256);
+        let (mut guarded, verdicts) = Guarded::new(server, Limits::default());
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut synthetic = vec![0; SYNTHETIC_REQUEST.len()];
+        guarded.read_exact(&mut synthetic).await.unwrap();
+        assert_eq!(synthetic, SYNTHETIC_REQUEST);
+        assert_eq!(
+            verdicts.rejection_for(0).map(|r| r.reason),
+            Some("nul in head")
+        );
+        let mut rest = [0u8; 64];
+        // The client is still there: no EOF yet, and what it sends is never handed on.
+        assert!(
+            timeout(Duration::from_millis(20), guarded.read(&mut rest))
+                .await
+                .is_err()
+        );
+        client.write_all(&[b'x'; 200]).await.unwrap();
+        assert!(
+            timeout(Duration::from_millis(20), guarded.read(&mut rest))
+                .await
+                .is_err()
+        );
+        drop(client);
+        assert_eq!(guarded.read(&mut rest).await.unwrap(), 0);
+        assert_eq!(guarded.read(&mut rest).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn chunk_line_and_trailer_limits_are_enforced() {
+        let limits = small_limits();
+        let head = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let long_ext = format!("{head}1;{}\r\na\r\n0\r\n\r\n", "e".repeat(30));
+        let long_trailers = format!("{head}0\r\nX-A: {}\r\n\r\n", "v".repeat(60));
+        let fits = format!(
+            "{head}1;{}\r\na\r\n0\r\nX-A: {}\r\n\r\n",
+            "e".repeat(20),
+            "v".repeat(30)
+        );
+        for (input, reason) in [
+            (long_ext, Some("chunk size line too long")),
+            (long_trailers, Some("trailers too large")),
+            (fits, None),
+        ] {
+            for max_read in [1, 5, usize::MAX] {
+                let got = run_with(input.as_bytes(), limits, max_read, 64);
+                assert_eq!(got.verdict.map(|(_, r)| r.reason), reason, "{input:?}");
+                assert_eq!(got.error.is_some(), reason.is_some(), "{input:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_body_is_skipped_without_holding_it() {
+        let body = vec![b'z'; 1 << 20];
+        let mut input =
+            format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let feed = Feed {
+            data: input.clone(),
+            pos: 0,
+            max: 8192,
+        };
+        let (mut guarded, _verdicts) = Guarded::new(feed, Limits::default());
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut space = vec![0; 8192];
+        let mut output = Vec::new();
+        loop {
+            let mut rb = ReadBuf::new(&mut space);
+            assert!(matches!(
+                Pin::new(&mut guarded).poll_read(&mut cx, &mut rb),
+                Poll::Ready(Ok(()))
+            ));
+            if rb.filled().is_empty() {
+                break;
+            }
+            output.extend_from_slice(rb.filled());
+            assert!(guarded.hold.capacity() <= Limits::default().max_head + 1);
+        }
+        assert_eq!(output, input);
     }
 
     fn request(kind: u8, body: &[u8], chunks: &[usize], ext: bool) -> Vec<u8> {
