@@ -295,7 +295,11 @@ impl<S: AsyncRead> AsyncRead for Guarded<S> {
             if !this.hold.is_empty() {
                 // A head spans reads: read into the hold, bounded by the head limit.
                 let held = this.hold.len();
-                let want = (this.scanner.limits.max_head + 1)
+                let want = this
+                    .scanner
+                    .limits
+                    .max_head
+                    .saturating_add(1)
                     .saturating_sub(held)
                     .clamp(1, 16 * 1024);
                 this.hold.resize(held + want, 0);
@@ -576,7 +580,7 @@ impl Scanner {
         while let Some(i) = head.get(hs.cursor..).and_then(|rest| memchr(b'\n', rest)) {
             let nl = hs.cursor + i;
             // Length checks come first so that a split head is refused the same way.
-            if hs.lines == 0 && nl - hs.line_start > limits.max_request_line + 1 {
+            if hs.lines == 0 && nl - hs.line_start > limits.max_request_line.saturating_add(1) {
                 return HeadStep::Reject(Rejection::uri_too_long());
             }
             if nl >= limits.max_head {
@@ -608,7 +612,7 @@ impl Scanner {
             hs.line_start = nl + 1;
         }
         hs.cursor = head.len();
-        if hs.lines == 0 && head.len() - hs.line_start > limits.max_request_line + 1 {
+        if hs.lines == 0 && head.len() - hs.line_start > limits.max_request_line.saturating_add(1) {
             return HeadStep::Reject(Rejection::uri_too_long());
         }
         if head.len() > limits.max_head {
@@ -650,6 +654,7 @@ impl Scanner {
             return HeadStep::Reject(Rejection::bad("invalid request target"));
         }
 
+        let mut host_count = 0;
         let mut te_count = 0;
         let mut te_chunked = false;
         let mut cl_count = 0;
@@ -661,7 +666,13 @@ impl Scanner {
             } else if h.name.eq_ignore_ascii_case("content-length") {
                 cl_count += 1;
                 cl = parse_content_length(h.value);
+            } else if h.name.eq_ignore_ascii_case("host") {
+                host_count += 1;
             }
+        }
+        // RFC 9112 §3.2: two Host lines make the routing target ambiguous.
+        if host_count > 1 {
+            return HeadStep::Reject(Rejection::bad("repeated host"));
         }
         let framing = if te_count > 0 {
             if cl_count > 0 {
@@ -718,7 +729,7 @@ impl Scanner {
             let b = data[*pos];
             match chunk {
                 Chunk::Size { .. } | Chunk::SizeWs | Chunk::Ext if b != b'\r' => {
-                    self.chunk_line += 1;
+                    self.chunk_line = self.chunk_line.saturating_add(1);
                     if self.chunk_line > limits.max_chunk_line {
                         return Err(Rejection::bad("chunk size line too long"));
                     }
@@ -728,7 +739,7 @@ impl Scanner {
                 | Chunk::TrailerValue
                 | Chunk::TrailerValueLf
                 | Chunk::TrailerEndLf => {
-                    self.trailer_bytes += 1;
+                    self.trailer_bytes = self.trailer_bytes.saturating_add(1);
                     if self.trailer_bytes > limits.max_trailers {
                         return Err(Rejection::bad("trailers too large"));
                     }
@@ -1202,6 +1213,11 @@ mod tests {
             (
                 "space in header name",
                 b"GET / HTTP/1.1\r\nX Y: a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "duplicate host",
+                b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
