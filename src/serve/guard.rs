@@ -15,6 +15,22 @@
 //!
 //! Only the bytes of a head that spans reads are held back (at most `max_head + 1` bytes), so hyper
 //! never sees a head the guard has not validated.
+//!
+//! # Wiring it to hyper
+//!
+//! - `let (io, verdicts) = Guarded::new(socket, limits);` then
+//!   `http1::Builder::new().serve_connection(TokioIo::new(io), service)`.
+//! - The service numbers the requests of its connection from 0 (hyper's HTTP/1 server calls it
+//!   once per request, in order) and first checks `verdicts.rejection_for(index)`: when it is
+//!   `Some`, answer `rejection.status` with `connection: close` and forward nothing.
+//! - When a request body fails, check `rejection_for(index)` too: `Some` means the guard refused
+//!   the body framing (answer 400); `None` means the client went away or hyper refused it.
+//! - hyper's own limits must be looser than the guard's so the guard always speaks first:
+//!   `max_headers` ≥ `Limits::max_headers` (hyper's default is 100, equal to ours) and
+//!   `max_buf_size` comfortably above `Limits::max_head` (hyper's default ~400 KiB is).
+//! - After accepting an upgrade (101, or 2xx to CONNECT), call [`Verdicts::upgraded`] before the
+//!   response is sent so the tunnelled bytes are not parsed as HTTP.
+//! - Only HTTP/1: an HTTP/2 prior-knowledge preface is refused like any bad head.
 
 use std::cmp::min;
 use std::fmt;
@@ -1767,8 +1783,23 @@ mod tests {
             input in prop::collection::vec(any::<u8>(), 0..2048),
             max_read in 1usize..300,
             buf_size in 1usize..300,
+            odd in (0usize..50, 0usize..200, 0usize..5, 0usize..30, 0usize..50),
         ) {
-            for limits in [Limits::default(), small_limits()] {
+            let odd = Limits {
+                max_request_line: odd.0,
+                max_head: odd.1,
+                max_headers: odd.2,
+                max_chunk_line: odd.3,
+                max_trailers: odd.4,
+            };
+            let unbounded = Limits {
+                max_request_line: usize::MAX,
+                max_head: usize::MAX,
+                max_headers: usize::MAX,
+                max_chunk_line: usize::MAX,
+                max_trailers: usize::MAX,
+            };
+            for limits in [Limits::default(), small_limits(), odd, unbounded] {
                 let got = run_with(&input, limits, max_read, buf_size);
                 prop_assert!(got.output.len() <= input.len() + SYNTHETIC_REQUEST.len());
             }
