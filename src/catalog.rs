@@ -4,6 +4,8 @@
 //! A backend owns a task and publishes *whole* snapshots through a [`Publisher`]; the request path
 //! never awaits a backend, it only reads the latest route table built from the latest snapshot.
 
+pub mod file;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -71,6 +73,12 @@ impl fmt::Debug for ServiceName {
 impl std::borrow::Borrow<str> for ServiceName {
     fn borrow(&self) -> &str {
         &self.0
+    }
+}
+
+impl serde::Serialize for ServiceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

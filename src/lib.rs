@@ -6,9 +6,25 @@
 //!
 //! # Layout
 //!
+//! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table.
+//! - [`admin`]: `/healthz`, `/readyz`, `/routes` on the admin listener.
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
-//! - [`serve`]: accepting connections; [`serve::guard`] refuses ambiguous HTTP/1 request framing.
+//!   [`catalog::file`] is the first backend: a TOML file, hot-reloaded.
+//! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
+//! - [`demo`]: the `hello` and `echo` demo applications.
+//! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
+//! - [`routing`]: the route table, built from a snapshot and swapped atomically.
+//! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain; [`serve::guard`] refuses
+//!   ambiguous HTTP/1 request framing before hyper sees it.
+//! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod agent;
 pub mod catalog;
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod routing;
 pub mod serve;
+pub mod up;

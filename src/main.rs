@@ -1,1 +1,122 @@
-fn main() {}
+//! The `skyline` binary: arguments → settings → tracing → the role's `run`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use skyline::config::AgentArgs;
+use skyline::up::UpArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "skyline",
+    version,
+    about = "A service mesh in one small binary"
+)]
+struct Cli {
+    /// Log format: human on a terminal, json for machines
+    #[arg(
+        long,
+        global = true,
+        env = "SKYLINE_LOG_FORMAT",
+        default_value = "human"
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the per-node proxy: outbound (:5040) and inbound (:5041)
+    Agent(AgentArgs),
+    /// Start a whole mesh on this machine with two demo services, hello and echo
+    Up(UpArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let workers = match &cli.command {
+        Command::Agent(args) => match args.clone().resolve() {
+            Ok(settings) => settings.workers,
+            Err(e) => return fail(&e),
+        },
+        Command::Up(_) => 1,
+    };
+    // One worker: a current-thread runtime, like an NGINX worker, with no cross-thread wake-ups.
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&e),
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        match cli.command {
+            Command::Agent(args) => {
+                let settings = args.resolve()?;
+                let agent = skyline::agent::spawn(settings, shutdown).await?;
+                agent.join().await;
+            }
+            Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&*e),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("skyline: {error:#}");
+    ExitCode::from(2)
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM; in-flight requests then drain.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    shutdown.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SKYLINE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,4 +1,10 @@
-//! Skyline's one integration-test binary: real servers on `127.0.0.1:0`, driven from outside.
+//! Skyline's integration tests: one binary, real sockets, real processes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod catalog_changes;
 mod guard;
+mod hostile_input;
+mod pool;
+mod processes;
+mod support;
+mod two_hops;

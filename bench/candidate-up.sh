@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Starts Skyline as mesh-bench's candidate (see ../shared/bench/README.md, "Candidate contract"):
+# two agent processes, one per "node", so the outbound → inbound hop is a real TCP hop.
+#   outbound agent (node "client"): 127.0.0.1:$BENCH_OUT_PORT, inbound off
+#   inbound agent  (node "server"): 127.0.0.1:$BENCH_IN_PORT,  outbound off → $BENCH_BACKEND
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bin="${SKYLINE_BIN:-$root/target/release/skyline}"
+: "${BENCH_DIR:?}" "${BENCH_BACKEND:?}" "${BENCH_OUT_PORT:=5040}" "${BENCH_IN_PORT:=5041}"
+workers="${BENCH_WORKERS:-1}"
+
+cat >"$BENCH_DIR/catalog.toml" <<CATALOG
+[[node]]
+name = "server"
+address = "127.0.0.1"
+inbound_port = $BENCH_IN_PORT
+
+[[service]]
+name = "bench"
+node = "server"
+address = "${BENCH_BACKEND%:*}"
+port = ${BENCH_BACKEND##*:}
+CATALOG
+
+common=(--admin off --catalog-file "$BENCH_DIR/catalog.toml" --workers "$workers")
+SKYLINE_LOG=warn "$bin" agent --node-name client --outbound "127.0.0.1:$BENCH_OUT_PORT" --inbound off \
+  "${common[@]}" >"$BENCH_DIR/skyline-outbound.log" 2>&1 &
+echo $! >>"$BENCH_DIR/candidate.pids"
+SKYLINE_LOG=warn "$bin" agent --node-name server --outbound off --inbound "127.0.0.1:$BENCH_IN_PORT" \
+  "${common[@]}" >"$BENCH_DIR/skyline-inbound.log" 2>&1 &
+echo $! >>"$BENCH_DIR/candidate.pids"

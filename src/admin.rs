@@ -1,0 +1,84 @@
+//! The admin listener (:5050): `/healthz`, `/readyz` (is a catalog in force, and how old is it),
+//! and `/routes` (the live route table as JSON).
+
+use std::sync::Arc;
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::catalog::Subscriber;
+use crate::proxy::{Body, full};
+use crate::routing::Routes;
+use crate::serve::{Conn, Handler};
+
+#[derive(Clone)]
+pub struct Admin {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: Arc<Routes>,
+    catalog: Subscriber,
+    source: String,
+}
+
+impl Admin {
+    pub fn new(routes: Arc<Routes>, catalog: Subscriber, source: String) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                routes,
+                catalog,
+                source,
+            }),
+        }
+    }
+
+    /// The readiness report: ready once a catalog is in force, even a stale one (routing goes
+    /// on from the last good snapshot); `error` says why it may be stale.
+    fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        let state = self.inner.catalog.borrow().clone();
+        let ready = state.snapshot.is_some();
+        let body = serde_json::json!({
+            "ready": ready,
+            "catalog": self.inner.source,
+            "catalog_age_seconds": state.updated.map(|t| t.elapsed().as_secs_f64()),
+            "catalog_error": state.error,
+            "services": state.snapshot.as_ref().map(|s| s.services.len()),
+        });
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, body)
+    }
+}
+
+impl Handler for Admin {
+    type Body = Body;
+
+    async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        let (status, body) = match req.uri().path() {
+            "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
+            "/readyz" => self.readiness(),
+            "/routes" => {
+                let table = self.inner.routes.load_full();
+                (
+                    StatusCode::OK,
+                    serde_json::to_value(&*table).unwrap_or_default(),
+                )
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes"]}),
+            ),
+        };
+        let mut response = Response::new(full(format!("{body}\n")));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}

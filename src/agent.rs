@@ -1,0 +1,219 @@
+//! The per-node agent: outbound proxy, inbound proxy and admin listener over one route table that
+//! follows the catalog.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::catalog::file::FileDiscovery;
+use crate::catalog::{self, Discovery, Subscriber};
+use crate::proxy::Forwarder;
+use crate::proxy::inbound::Inbound;
+use crate::proxy::outbound::Outbound;
+use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
+use crate::serve;
+
+/// How long the agent waits at start for the catalog's first answer.
+pub const FIRST_CATALOG_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Validated agent settings (see `config::AgentArgs` for what users write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub node_name: String,
+    pub node_address: IpAddr,
+    /// `None`: the listener is off.
+    pub outbound: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub catalog: CatalogSource,
+    pub catch_all: Vec<SocketAddr>,
+    pub policy: Policy,
+    pub workers: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CatalogSource {
+    File(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {addr} ({listener})")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("catalog {source_name}: {error}")]
+    Catalog { source_name: String, error: String },
+}
+
+/// The agent's listeners, bound before anything else starts so a port conflict fails fast.
+pub struct Listeners {
+    pub outbound: Option<TcpListener>,
+    pub inbound: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub fn bind(settings: &Settings) -> Result<Self, AgentError> {
+        let bind = |listener: &'static str, addr: Option<SocketAddr>| {
+            addr.map(|addr| {
+                serve::bind(addr).map_err(|source| AgentError::Bind {
+                    listener,
+                    addr,
+                    source,
+                })
+            })
+            .transpose()
+        };
+        Ok(Self {
+            outbound: bind("outbound", settings.outbound)?,
+            inbound: bind("inbound", settings.inbound)?,
+            admin: bind("admin", settings.admin)?,
+        })
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    pub outbound: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub routes: Arc<Routes>,
+    pub catalog: Subscriber,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl AgentHandle {
+    /// Stops accepting, drains in-flight requests, and stops following the catalog.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until every task of the agent has finished.
+    pub async fn join(mut self) {
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(e) = result {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+    }
+}
+
+/// Binds the listeners and starts the agent; see [`start`].
+pub async fn spawn(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<AgentHandle, AgentError> {
+    let listeners = Listeners::bind(&settings)?;
+    start(settings, listeners, shutdown).await
+}
+
+/// Starts following the catalog, waits for its first snapshot, then serves the listeners.
+/// A catalog that cannot be read at start is an error; later failures keep the last good one.
+pub async fn start(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<AgentHandle, AgentError> {
+    let mut tasks = JoinSet::new();
+    let (publisher, mut subscriber) = catalog::channel();
+    let source_name = match &settings.catalog {
+        CatalogSource::File(path) => {
+            let discovery = FileDiscovery::new(path);
+            let name = discovery.describe();
+            tasks.spawn(discovery.run(publisher, shutdown.clone()));
+            name
+        }
+    };
+    let snapshot = match tokio::time::timeout(
+        FIRST_CATALOG_TIMEOUT,
+        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
+    )
+    .await
+    {
+        Ok(Ok(state)) => state
+            .snapshot
+            .clone()
+            .ok_or_else(|| state.error.clone().unwrap_or_default()),
+        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
+        Err(_) => Err("no answer from the catalog source".to_owned()),
+    };
+    let snapshot = match snapshot {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            shutdown.cancel();
+            return Err(AgentError::Catalog { source_name, error });
+        }
+    };
+
+    let routes = Arc::new(Routes::new(Table::build(
+        &snapshot,
+        &settings.node_name,
+        settings.policy,
+    )));
+    tasks.spawn(routing::follow(
+        subscriber.clone(),
+        routes.clone(),
+        settings.node_name.clone(),
+        settings.policy,
+    ));
+
+    let forwarder = Forwarder::new();
+    let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (outbound, inbound, admin) = (
+        addr(&listeners.outbound),
+        addr(&listeners.inbound),
+        addr(&listeners.admin),
+    );
+    if let Some(listener) = listeners.outbound {
+        let catch_all = (!settings.catch_all.is_empty()).then(|| {
+            Route::new(
+                settings
+                    .catch_all
+                    .iter()
+                    .map(|&a| Endpoint::new(a, 1))
+                    .collect(),
+            )
+        });
+        let handler = Outbound::new(routes.clone(), forwarder.clone(), catch_all);
+        tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+    }
+    if let Some(listener) = listeners.inbound {
+        let handler = Inbound::new(routes.clone(), forwarder.clone());
+        tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+    }
+    if let Some(listener) = listeners.admin {
+        let handler = Admin::new(routes.clone(), subscriber.clone(), source_name.clone());
+        tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+    }
+    let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(
+        node = %settings.node_name,
+        outbound = %show(outbound),
+        inbound = %show(inbound),
+        admin = %show(admin),
+        catalog = %source_name,
+        "agent started"
+    );
+    Ok(AgentHandle {
+        outbound,
+        inbound,
+        admin,
+        routes,
+        catalog: subscriber,
+        shutdown,
+        tasks,
+    })
+}

@@ -1,0 +1,461 @@
+//! Configuration: command-line flags, `SKYLINE_*` environment variables and a TOML file, in that
+//! order of precedence, validated into the runtime [`agent::Settings`].
+//!
+//! ```toml
+//! [node]
+//! name = "mesos-1"              # default "local"
+//! address = "10.0.0.11"         # default 127.0.0.1
+//!
+//! [listen]
+//! outbound = "127.0.0.1:5040"   # or "off"
+//! inbound = "10.0.0.11:5041"    # default <node address>:5041, or "off"
+//! admin = "127.0.0.1:5050"      # or "off"
+//!
+//! [catalog]
+//! source = "file"
+//! file = "catalog.toml"         # relative to this file
+//!
+//! [proxy]
+//! catch_all = ["10.0.0.50:5041"]
+//! route_warning = false
+//! workers = 1
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::agent::{CatalogSource, Settings};
+use crate::catalog::DEFAULT_INBOUND_PORT;
+use crate::routing::Policy;
+
+pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5040);
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5050);
+pub const DEFAULT_CATALOG_FILE: &str = "/etc/skyline/catalog.toml";
+
+/// A listener address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+impl Listen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::At(addr) => Some(addr),
+        }
+    }
+}
+
+impl FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Listen::Off);
+        }
+        s.parse()
+            .map(Listen::At)
+            .map_err(|_| format!("{s:?} is neither an address like 127.0.0.1:5040 nor \"off\""))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CatalogKind {
+    /// A TOML catalog file, hot-reloaded on change.
+    File,
+}
+
+/// Settings of `skyline agent`. Each flag can also come from its `SKYLINE_*` variable or from
+/// the config file; a flag wins over a variable, which wins over the file.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AgentArgs {
+    /// TOML config file; flags and SKYLINE_* variables override its values
+    #[arg(long, env = "SKYLINE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// This node's name in the catalog [default: local]
+    #[arg(long, env = "SKYLINE_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// This node's address, where other nodes reach its inbound proxy [default: 127.0.0.1]
+    #[arg(long, env = "SKYLINE_NODE_ADDRESS", value_name = "IP")]
+    pub node_address: Option<IpAddr>,
+
+    /// Outbound listener for local applications, or "off" [default: 127.0.0.1:5040]
+    #[arg(long, env = "SKYLINE_OUTBOUND", value_name = "ADDR|off")]
+    pub outbound: Option<Listen>,
+
+    /// Inbound listener for other nodes' proxies, or "off" [default: <node address>:5041]
+    #[arg(long, env = "SKYLINE_INBOUND", value_name = "ADDR|off")]
+    pub inbound: Option<Listen>,
+
+    /// Admin listener (/healthz, /readyz, /routes), or "off" [default: 127.0.0.1:5050]
+    #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
+    pub admin: Option<Listen>,
+
+    /// Where the catalog comes from [default: file]
+    #[arg(long, env = "SKYLINE_CATALOG", value_name = "SOURCE")]
+    pub catalog: Option<CatalogKind>,
+
+    /// The catalog file, for --catalog file [default: /etc/skyline/catalog.toml]
+    #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
+    pub catalog_file: Option<PathBuf>,
+
+    /// Upstreams for services the catalog does not route (the gateway pool), comma-separated
+    /// [default: none, such requests get 404 unknown-service]
+    #[arg(
+        long,
+        env = "SKYLINE_CATCH_ALL",
+        value_name = "ADDR,...",
+        value_delimiter = ','
+    )]
+    pub catch_all: Option<Vec<SocketAddr>>,
+
+    /// Route to instances whose health is "warning" as well as "passing" [default: false]
+    #[arg(long, env = "SKYLINE_ROUTE_WARNING", value_name = "BOOL")]
+    pub route_warning: Option<bool>,
+
+    /// Worker threads serving connections [default: 1]
+    #[arg(long, env = "SKYLINE_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+}
+
+/// A refused configuration: which file, where, which key, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{}{}: {reason}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default() + &key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+// What users write in the file. Every field optional: flags and variables may supply it.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    node: NodeSection,
+    #[serde(default)]
+    listen: ListenSection,
+    #[serde(default)]
+    catalog: CatalogSection,
+    #[serde(default)]
+    proxy: ProxySection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    name: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListenSection {
+    outbound: Option<Spanned<String>>,
+    inbound: Option<Spanned<String>>,
+    admin: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CatalogSection {
+    source: Option<Spanned<String>>,
+    file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ProxySection {
+    catch_all: Option<Vec<Spanned<String>>>,
+    route_warning: Option<bool>,
+    workers: Option<Spanned<usize>>,
+}
+
+/// Reads the config file and turns spans into line numbers for errors.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn error(
+        &self,
+        offset: Option<usize>,
+        key: Option<&str>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        let line = offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1);
+        ConfigError {
+            file: self.path.clone(),
+            line,
+            key: key.map(str::to_owned),
+            reason: reason.into(),
+        }
+    }
+
+    /// Parses an optional spanned string field into `T`.
+    fn parse<T: FromStr>(
+        &self,
+        key: &str,
+        field: &Option<Spanned<String>>,
+    ) -> Result<Option<T>, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let Some(field) = field else { return Ok(None) };
+        field
+            .get_ref()
+            .parse()
+            .map(Some)
+            .map_err(|e| self.error(Some(field.span().start), Some(key), format!("{e}")))
+    }
+}
+
+impl AgentArgs {
+    /// Merges flags, variables and the config file into validated settings.
+    pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let (file, source) = match &self.config {
+            None => (FileConfig::default(), None),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    file: path.clone(),
+                    line: None,
+                    key: None,
+                    reason: format!("cannot read: {e}"),
+                })?;
+                let source = Source {
+                    path: path.clone(),
+                    text,
+                };
+                let file: FileConfig = toml::from_str(&source.text).map_err(|e| {
+                    source.error(e.span().map(|s| s.start), None, e.message().trim())
+                })?;
+                (file, Some(source))
+            }
+        };
+        let empty = Source {
+            path: PathBuf::from("<flags>"),
+            text: String::new(),
+        };
+        let src = source.as_ref().unwrap_or(&empty);
+
+        let node_name = match (self.node_name, file.node.name) {
+            (Some(n), _) => n,
+            (None, Some(n)) => n.into_inner(),
+            (None, None) => "local".to_owned(),
+        };
+        if node_name.is_empty() {
+            return Err(src.error(None, Some("node.name"), "must not be empty"));
+        }
+        let node_address = match self.node_address {
+            Some(a) => a,
+            None => src
+                .parse::<IpAddr>("node.address", &file.node.address)?
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        };
+        let listen = |flag: Option<Listen>,
+                      key: &str,
+                      field: &Option<Spanned<String>>,
+                      default: SocketAddr| {
+            Ok::<_, ConfigError>(match flag {
+                Some(l) => l,
+                None => src
+                    .parse::<Listen>(key, field)?
+                    .unwrap_or(Listen::At(default)),
+            })
+        };
+        let outbound = listen(
+            self.outbound,
+            "listen.outbound",
+            &file.listen.outbound,
+            DEFAULT_OUTBOUND,
+        )?;
+        let inbound_default = SocketAddr::new(node_address, DEFAULT_INBOUND_PORT);
+        let inbound = listen(
+            self.inbound,
+            "listen.inbound",
+            &file.listen.inbound,
+            inbound_default,
+        )?;
+        let admin = listen(
+            self.admin,
+            "listen.admin",
+            &file.listen.admin,
+            DEFAULT_ADMIN,
+        )?;
+
+        let kind = match self.catalog {
+            Some(kind) => kind,
+            None => match &file.catalog.source {
+                None => CatalogKind::File,
+                Some(s) => {
+                    <CatalogKind as clap::ValueEnum>::from_str(s.get_ref(), true).map_err(|_| {
+                        src.error(
+                            Some(s.span().start),
+                            Some("catalog.source"),
+                            format!("unknown source {:?}; expected \"file\"", s.get_ref()),
+                        )
+                    })?
+                }
+            },
+        };
+        let catalog = match kind {
+            CatalogKind::File => {
+                let path = match (self.catalog_file, file.catalog.file) {
+                    (Some(p), _) => p,
+                    (None, Some(p)) => relative_to(src, p.into_inner()),
+                    (None, None) => PathBuf::from(DEFAULT_CATALOG_FILE),
+                };
+                CatalogSource::File(path)
+            }
+        };
+
+        let catch_all = match (self.catch_all, file.proxy.catch_all) {
+            (Some(list), _) => list,
+            (None, None) => Vec::new(),
+            (None, Some(list)) => list
+                .iter()
+                .map(|a| {
+                    a.get_ref().parse().map_err(|_| {
+                        src.error(
+                            Some(a.span().start),
+                            Some("proxy.catch_all"),
+                            format!("{:?} is not an address like 10.0.0.50:5041", a.get_ref()),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let workers = match (self.workers, &file.proxy.workers) {
+            (Some(w), _) => (w, None),
+            (None, Some(w)) => (*w.get_ref(), Some(w.span().start)),
+            (None, None) => (1, None),
+        };
+        if !(1..=256).contains(&workers.0) {
+            return Err(src.error(
+                workers.1,
+                Some("proxy.workers"),
+                "must be between 1 and 256",
+            ));
+        }
+        let route_warning = self
+            .route_warning
+            .or(file.proxy.route_warning)
+            .unwrap_or(false);
+
+        Ok(Settings {
+            node_name,
+            node_address,
+            outbound: outbound.addr(),
+            inbound: inbound.addr(),
+            admin: admin.addr(),
+            catalog,
+            catch_all,
+            policy: Policy {
+                include_warning: route_warning,
+            },
+            workers: workers.0,
+        })
+    }
+}
+
+/// A path in the config file is relative to the file's folder.
+fn relative_to(src: &Source, path: PathBuf) -> PathBuf {
+    match src.path.parent() {
+        Some(dir) if path.is_relative() && src.path != Path::new("<flags>") => dir.join(path),
+        _ => path,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(text: &str) -> (tempfile::TempDir, AgentArgs) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("skyline.toml");
+        std::fs::write(&path, text).unwrap();
+        let args = AgentArgs {
+            config: Some(path),
+            ..AgentArgs::default()
+        };
+        (dir, args)
+    }
+
+    #[test]
+    fn defaults_are_the_seeds_ports() {
+        let s = AgentArgs::default().resolve().unwrap();
+        assert_eq!(s.outbound, Some(DEFAULT_OUTBOUND));
+        assert_eq!(s.inbound, Some("127.0.0.1:5041".parse().unwrap()));
+        assert_eq!(s.admin, Some(DEFAULT_ADMIN));
+        assert_eq!(s.node_name, "local");
+        assert_eq!(s.catalog, CatalogSource::File(DEFAULT_CATALOG_FILE.into()));
+        assert_eq!(s.workers, 1);
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_out_and_flags_win() {
+        let (dir, mut args) = with_file(
+            "[node]\nname = \"m1\"\naddress = \"127.0.0.2\"\n[listen]\noutbound = \"off\"\n[catalog]\nfile = \"cat.toml\"\n[proxy]\ncatch_all = [\"127.0.0.9:5041\"]\nworkers = 2\n",
+        );
+        args.node_name = Some("flag".into());
+        let s = args.resolve().unwrap();
+        assert_eq!(s.node_name, "flag");
+        assert_eq!(s.node_address, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            s.inbound,
+            Some("127.0.0.2:5041".parse().unwrap()),
+            "inbound follows the node address"
+        );
+        assert_eq!(s.outbound, None);
+        assert_eq!(s.catalog, CatalogSource::File(dir.path().join("cat.toml")));
+        assert_eq!(
+            s.catch_all,
+            vec!["127.0.0.9:5041".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(s.workers, 2);
+    }
+
+    #[test]
+    fn bad_values_name_file_line_and_key() {
+        let (dir, args) = with_file("[node]\nname = \"x\"\n\n[listen]\ninbound = \"nowhere\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.line, Some(5));
+        assert_eq!(e.key.as_deref(), Some("listen.inbound"));
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}:5: key `listen.inbound`: ",
+                dir.path().join("skyline.toml").display()
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_sources_are_refused() {
+        let (_d, args) = with_file("[proxy]\nworkerz = 3\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.reason.contains("workerz"), "{e}");
+
+        let (_d, args) = with_file("[catalog]\nsource = \"zookeeper\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("catalog.source"));
+
+        let (_d, args) = with_file("[proxy]\nworkers = 0\n");
+        assert_eq!(
+            args.resolve().unwrap_err().key.as_deref(),
+            Some("proxy.workers")
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! The forwarder shared by every role: keep-alive pools to upstreams, the header rules of the
+//! contract (hop-by-hop headers dropped, `x-request-id`, `x-forwarded-for`), and the one place
+//! where mesh errors become responses.
+
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::routing::Endpoint;
+use crate::serve::Conn;
+use pool::{Pool, PooledBody, SendError};
+
+/// Every response body the mesh sends: an upstream's, streamed, or one the mesh wrote itself.
+pub type Body = Either<PooledBody, Full<Bytes>>;
+
+/// A body-less or small response written by the mesh itself.
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Either::Right(Full::new(body.into()))
+}
+
+/// How long to wait for an upstream connection before trying no more.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to wait for an upstream's response head. Bodies may stream for longer.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle upstream connection is kept in the pool: below the idle timeouts of common
+/// servers (Node.js closes after 5 s, our own inbound after 10 s), so the pool rarely reuses a
+/// connection the upstream is about to close.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+pub static X_SKYLINE_ERROR: HeaderName = HeaderName::from_static("x-skyline-error");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+// === MeshError ===
+
+/// An error the mesh itself answers for, as opposed to a response of the peer application.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The request is malformed; `status` is 400, 414 or 431.
+    #[error("bad request: {detail}")]
+    BadRequest {
+        status: StatusCode,
+        detail: &'static str,
+    },
+    #[error("unknown service")]
+    UnknownService,
+    #[error("no healthy endpoint")]
+    NoHealthyEndpoint,
+    #[error("upstream connection failed")]
+    UpstreamConnect(#[source] SendError),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+}
+
+impl MeshError {
+    pub fn bad_request(detail: &'static str) -> Self {
+        MeshError::BadRequest {
+            status: StatusCode::BAD_REQUEST,
+            detail,
+        }
+    }
+
+    /// The contract's error code, sent in `x-skyline-error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            MeshError::BadRequest { .. } => "bad-request",
+            MeshError::UnknownService => "unknown-service",
+            MeshError::NoHealthyEndpoint => "no-healthy-endpoint",
+            MeshError::UpstreamConnect(_) => "upstream-connect",
+            MeshError::UpstreamTimeout => "upstream-timeout",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            MeshError::BadRequest { status, .. } => *status,
+            MeshError::UnknownService => StatusCode::NOT_FOUND,
+            MeshError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            MeshError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// What the client is told; never internals (those go to the log).
+    fn detail(&self) -> &'static str {
+        match self {
+            MeshError::BadRequest { detail, .. } => detail,
+            MeshError::UnknownService => "no such service in the catalog and no catch-all",
+            MeshError::NoHealthyEndpoint => "the service has no healthy instance",
+            MeshError::UpstreamConnect(_) => "could not get a response from the upstream",
+            MeshError::UpstreamTimeout => "the upstream did not answer in time",
+        }
+    }
+
+    /// The response the mesh sends for this error: `x-skyline-error` and a small JSON body.
+    /// A bad request also closes the connection, so nothing pipelined behind it is read.
+    pub fn into_response(self, service: &str) -> Response<Body> {
+        match &self {
+            MeshError::UpstreamConnect(cause) => {
+                tracing::warn!(%service, error = %self, cause = %error_chain(cause), "mesh error")
+            }
+            _ => tracing::debug!(%service, error = %self, "mesh error"),
+        }
+        let body = serde_json::json!({
+            "error": self.code(),
+            "service": service,
+            "detail": self.detail(),
+        });
+        let mut response = Response::new(full(format!("{body}\n")));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(&X_SKYLINE_ERROR, HeaderValue::from_static(self.code()));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if matches!(self, MeshError::BadRequest { .. }) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// `error: cause: cause` for logs.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+// === Forwarder ===
+
+/// How the `Host` header is set on the forwarded request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// Keep the client's `Host` (mesh hops, so the far side sees what the caller asked for).
+    Keep,
+    /// Set it to the upstream's address and keep the original in `x-forwarded-host` (last hop).
+    Upstream,
+}
+
+/// Sends requests to upstreams over pooled keep-alive HTTP/1.1 connections.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    pool: Pool,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Forwarder {
+    pub fn new() -> Self {
+        Self {
+            pool: Pool::new(CONNECT_TIMEOUT, POOL_IDLE_TIMEOUT),
+        }
+    }
+
+    /// Forwards `req` to `endpoint` with the request target `target`, applying the header rules
+    /// of the contract, and returns the upstream's response with its body streaming.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        endpoint: &Endpoint,
+        target: PathAndQuery,
+        host: Host,
+        conn: &Conn,
+    ) -> Result<Response<Body>, MeshError> {
+        let original_host = req.headers().get(header::HOST).cloned();
+        *req.uri_mut() = Uri::from(target);
+        *req.version_mut() = Version::HTTP_11;
+
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if !headers.contains_key(&X_REQUEST_ID) {
+            headers.insert(&X_REQUEST_ID, request_id());
+        }
+        append_forwarded_for(headers, conn.peer.ip());
+        match (host, original_host) {
+            (Host::Keep, Some(h)) => {
+                headers.insert(header::HOST, h);
+            }
+            (Host::Keep, None) | (Host::Upstream, None) => {
+                headers.insert(header::HOST, endpoint.host.clone());
+            }
+            (Host::Upstream, Some(h)) => {
+                headers.insert(header::HOST, endpoint.host.clone());
+                if !headers.contains_key(&X_FORWARDED_HOST) {
+                    headers.insert(&X_FORWARDED_HOST, h);
+                }
+            }
+        }
+
+        let sent = tokio::time::timeout(RESPONSE_TIMEOUT, self.pool.send(endpoint.addr, req)).await;
+        match sent {
+            Err(_) => Err(MeshError::UpstreamTimeout),
+            Ok(Err(e)) => {
+                if conn.rejected() {
+                    // The guard refused the request body's framing while it was streaming.
+                    return Err(MeshError::bad_request("malformed request body"));
+                }
+                Err(MeshError::UpstreamConnect(e))
+            }
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, Either::Left(body)))
+            }
+        }
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes the hop-by-hop headers and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        connection.remove();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP[1..] {
+        headers.remove(*name);
+    }
+}
+
+/// Appends the previous hop's address to `x-forwarded-for`, folding earlier values into one.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+    let mut value = String::new();
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(text) = earlier.to_str() {
+            value.push_str(text);
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&peer.to_string());
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+}
+
+/// A random 128-bit id in hex. Unique, not secret: a fast thread-local generator suffices.
+fn request_id() -> HeaderValue {
+    let id = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "close"),
+            ("x-end-to-end", "kept"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["traceparent", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        append_forwarded_for(&mut h, "127.0.0.3".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.3");
+    }
+
+    #[test]
+    fn error_responses_carry_code_header_and_json() {
+        let r = MeshError::NoHealthyEndpoint.into_response("giphy");
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[&X_SKYLINE_ERROR], "no-healthy-endpoint");
+        let r = MeshError::bad_request("x").into_response("");
+        assert_eq!(r.headers()[header::CONNECTION], "close");
+    }
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (request_id(), request_id());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+}

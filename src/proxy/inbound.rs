@@ -1,0 +1,140 @@
+//! The inbound proxy (:5041): `/service/<name>/<rest>?<query>` → a local instance of `<name>`
+//! as `/<rest>?<query>` (`/service/x` and `/service/x/` both become `/`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::outbound::split_service_path;
+use super::{Body, Forwarder, Host, MeshError};
+use crate::routing::{Endpoint, Lookup, Routes};
+use crate::serve::{Conn, Handler};
+
+#[derive(Clone)]
+pub struct Inbound {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: Arc<Routes>,
+    forwarder: Forwarder,
+}
+
+impl Inbound {
+    pub fn new(routes: Arc<Routes>, forwarder: Forwarder) -> Self {
+        Self {
+            inner: Arc::new(Inner { routes, forwarder }),
+        }
+    }
+}
+
+impl Handler for Inbound {
+    type Body = Body;
+
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let uri = req.uri();
+        let (name, target) = match split_service_path(uri.path()) {
+            Ok((name, rest)) => (name, strip_prefix(rest, uri.query())),
+            Err(e) => return e.into_response(""),
+        };
+        let target = match target {
+            Ok(target) => target,
+            Err(e) => return e.into_response(name),
+        };
+        let endpoint = match self.local_endpoint(name) {
+            Ok(endpoint) => endpoint,
+            Err(_) => match self.local_endpoint_after_catch_up(name).await {
+                Ok(endpoint) => endpoint,
+                Err(e) => return e.into_response(name),
+            },
+        };
+        // The name borrows from the request, which the forwarder consumes.
+        let name = name.to_owned();
+        let forwarded = self
+            .inner
+            .forwarder
+            .forward(req, &endpoint, target, Host::Upstream, &conn)
+            .await;
+        forwarded.unwrap_or_else(|e| e.into_response(&name))
+    }
+}
+
+/// How long the inbound side waits for its catalog to catch up with a caller's.
+///
+/// Agents learn of a change at slightly different moments. When another node's outbound proxy
+/// already routes a service here but this node has not heard yet (a new instance, scale-up
+/// fallback), answering 404 would fail a request the mesh can serve a few milliseconds later.
+/// Waiting costs nothing on the hit path: only requests this node cannot route yet wait.
+pub const CATALOG_SKEW: Duration = Duration::from_millis(250);
+
+impl Inbound {
+    fn local_endpoint(&self, name: &str) -> Result<Endpoint, MeshError> {
+        match self.inner.routes.load().inbound(name) {
+            Lookup::Route(route) => route.pick().cloned().ok_or(MeshError::NoHealthyEndpoint),
+            Lookup::NoHealthy => Err(MeshError::NoHealthyEndpoint),
+            Lookup::Unknown => Err(MeshError::UnknownService),
+        }
+    }
+
+    /// Looks again after each route-table swap, for at most [`CATALOG_SKEW`].
+    async fn local_endpoint_after_catch_up(&self, name: &str) -> Result<Endpoint, MeshError> {
+        let mut swaps = self.inner.routes.subscribe();
+        let deadline = tokio::time::Instant::now() + CATALOG_SKEW;
+        loop {
+            let found = self.local_endpoint(name);
+            if found.is_ok() {
+                return found;
+            }
+            match tokio::time::timeout_at(deadline, swaps.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return found,
+            }
+        }
+    }
+}
+
+/// The instance's request target: the rest of the path (at least `/`) and the query, unchanged.
+pub fn strip_prefix(rest: &str, query: Option<&str>) -> Result<PathAndQuery, MeshError> {
+    let path = if rest.is_empty() { "/" } else { rest };
+    let mut target = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    target.push_str(path);
+    if let Some(q) = query {
+        target.push('?');
+        target.push_str(q);
+    }
+    PathAndQuery::from_maybe_shared(Bytes::from(target))
+        .map_err(|_| MeshError::bad_request("invalid request target"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn strips_the_prefix_and_keeps_the_query() {
+        assert_eq!(strip_prefix("", None).unwrap(), "/");
+        assert_eq!(strip_prefix("/", None).unwrap(), "/");
+        assert_eq!(strip_prefix("", Some("a=1")).unwrap(), "/?a=1");
+        assert_eq!(
+            strip_prefix("/media/x", Some("q=%20&b")).unwrap(),
+            "/media/x?q=%20&b"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn a_rewritten_target_keeps_its_query(
+            rest in "(/[a-z0-9%._-]{0,8}){0,3}",
+            query in proptest::option::of("[a-z0-9=&%]{0,16}"),
+        ) {
+            let target = strip_prefix(&rest, query.as_deref()).unwrap();
+            prop_assert_eq!(target.query(), query.as_deref());
+            prop_assert!(target.path().starts_with('/'));
+        }
+    }
+}

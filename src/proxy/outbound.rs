@@ -1,0 +1,131 @@
+//! The outbound proxy (:5040): `/service/<name>/<rest>` → the inbound proxy of a node that runs a
+//! healthy instance of `<name>`, full path kept; unknown services → the catch-all.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::{Body, Forwarder, Host, MeshError};
+use crate::catalog::ServiceName;
+use crate::routing::{Lookup, Route, Routes};
+use crate::serve::{Conn, Handler};
+
+#[derive(Clone)]
+pub struct Outbound {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: Arc<Routes>,
+    forwarder: Forwarder,
+    /// Where requests for services the catalog does not route go (the gateway pool).
+    catch_all: Option<Route>,
+}
+
+impl Outbound {
+    pub fn new(routes: Arc<Routes>, forwarder: Forwarder, catch_all: Option<Route>) -> Self {
+        let catch_all = catch_all.filter(|r| !r.is_empty());
+        Self {
+            inner: Arc::new(Inner {
+                routes,
+                forwarder,
+                catch_all,
+            }),
+        }
+    }
+}
+
+impl Handler for Outbound {
+    type Body = Body;
+
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let Some(target) = req.uri().path_and_query().cloned() else {
+            return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
+        };
+        let name = match service_of(target.path()) {
+            Ok(name) => name,
+            Err(e) => return e.into_response(""),
+        };
+        let inner = &self.inner;
+        let endpoint = {
+            let table = inner.routes.load();
+            let route = match table.outbound(name) {
+                Lookup::Route(route) => Ok(route),
+                // As consul-template did for the seed: a service with nothing healthy here is
+                // treated like an unknown one, so the gateway can fall back to another platform.
+                Lookup::NoHealthy => inner.catch_all.as_ref().ok_or(MeshError::NoHealthyEndpoint),
+                Lookup::Unknown => inner.catch_all.as_ref().ok_or(MeshError::UnknownService),
+            };
+            route.map(|r| r.pick().cloned())
+        };
+        let endpoint = match endpoint {
+            Ok(Some(endpoint)) => endpoint,
+            Ok(None) => return MeshError::NoHealthyEndpoint.into_response(name),
+            Err(e) => return e.into_response(name),
+        };
+        let forwarded = inner
+            .forwarder
+            .forward(req, &endpoint, target.clone(), Host::Keep, &conn)
+            .await;
+        forwarded.unwrap_or_else(|e| e.into_response(service_of(target.path()).unwrap_or("")))
+    }
+}
+
+/// The service name of a Skyline path `/service/<name>[/<rest>]`, validated.
+pub fn service_of(path: &str) -> Result<&str, MeshError> {
+    let (name, _) = split_service_path(path)?;
+    Ok(name)
+}
+
+/// Splits `/service/<name>[/<rest>]` into the validated name and `/<rest>` (possibly empty).
+pub fn split_service_path(path: &str) -> Result<(&str, &str), MeshError> {
+    let Some(after) = path.strip_prefix("/service/") else {
+        return Err(MeshError::bad_request("expected /service/<name>/<path>"));
+    };
+    let (name, rest) = after.split_at(after.find('/').unwrap_or(after.len()));
+    if !ServiceName::is_valid(name) {
+        return Err(MeshError::bad_request("invalid service name"));
+    }
+    Ok((name, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn splits_skyline_paths() {
+        assert_eq!(split_service_path("/service/x").unwrap(), ("x", ""));
+        assert_eq!(split_service_path("/service/x/").unwrap(), ("x", "/"));
+        assert_eq!(
+            split_service_path("/service/a.b/c/d").unwrap(),
+            ("a.b", "/c/d")
+        );
+        for bad in [
+            "/",
+            "/services/x",
+            "/service/",
+            "/service//x",
+            "/service/X/",
+            "/service/%61/",
+            "/service/../x",
+        ] {
+            assert!(split_service_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn name_and_rest_rebuild_the_path(
+            name in "[a-z0-9]([a-z0-9._-]{0,20}[a-z0-9])?",
+            rest in "(/[a-zA-Z0-9._~%-]{0,10}){0,4}",
+        ) {
+            let path = format!("/service/{name}{rest}");
+            let (n, r) = split_service_path(&path).unwrap();
+            prop_assert_eq!(n, name.as_str());
+            prop_assert_eq!(r, rest.as_str());
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The route table: an immutable value built from one catalog snapshot, published by an atomic
+//! pointer swap.
+//!
+//! Readers call [`Routes::load`] and get the table in force without taking any lock a writer
+//! holds; a request that started with one table keeps it (its endpoint is already chosen) while
+//! the next request sees the new one. Building is O(instances); lookup is one hash probe.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
+
+/// Which instances count as routable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Route to instances whose health is `warning` as well as `passing`.
+    pub include_warning: bool,
+}
+
+impl Policy {
+    fn routable(self, health: Health) -> bool {
+        health == Health::Passing || (self.include_warning && health == Health::Warning)
+    }
+}
+
+// === Endpoint ===
+
+/// One place a request can be sent, with its traffic weight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `addr` as a `Host` header value, built once here rather than per request.
+    #[serde(skip)]
+    pub host: HeaderValue,
+    pub weight: u32,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, weight: u32) -> Self {
+        // A `SocketAddr`'s text is always a valid header value.
+        let host = HeaderValue::try_from(addr.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+        Self { addr, host, weight }
+    }
+}
+
+// === Route ===
+
+/// The endpoints of one service, balanced by weighted round robin.
+#[derive(Debug, Serialize)]
+pub struct Route {
+    pub endpoints: Box<[Endpoint]>,
+    /// Indices into `endpoints`, each repeated by its (reduced) weight; empty when all weights
+    /// are equal, in which case plain round robin over `endpoints` is used.
+    #[serde(skip)]
+    schedule: Box<[u32]>,
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+/// The largest repeat count a weight is reduced to, to keep schedules small.
+const MAX_SCHEDULE_WEIGHT: u32 = 100;
+
+impl Route {
+    pub fn new(endpoints: Vec<Endpoint>) -> Self {
+        let schedule = schedule(&endpoints);
+        Self {
+            endpoints: endpoints.into_boxed_slice(),
+            schedule,
+            next: AtomicUsize::new(fastrand::usize(..1024)),
+        }
+    }
+
+    /// The next endpoint in turn, or `None` when the route has none.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.schedule.is_empty() {
+            let len = self.endpoints.len();
+            (len > 0).then(|| &self.endpoints[n % len])
+        } else {
+            let slot = self.schedule[n % self.schedule.len()];
+            self.endpoints.get(slot as usize)
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+}
+
+fn schedule(endpoints: &[Endpoint]) -> Box<[u32]> {
+    let Some(first) = endpoints.first() else {
+        return Box::new([]);
+    };
+    if endpoints.iter().all(|e| e.weight == first.weight) {
+        return Box::new([]);
+    }
+    let gcd = endpoints.iter().fold(0, |g, e| gcd(g, e.weight.max(1)));
+    let max = endpoints
+        .iter()
+        .map(|e| e.weight.max(1) / gcd)
+        .max()
+        .unwrap_or(1);
+    let scale = |w: u32| {
+        let w = w.max(1) / gcd;
+        if max <= MAX_SCHEDULE_WEIGHT {
+            w
+        } else {
+            (u64::from(w) * u64::from(MAX_SCHEDULE_WEIGHT) / u64::from(max)).max(1) as u32
+        }
+    };
+    // Interleave rather than group, so consecutive picks spread over endpoints: round r takes
+    // every endpoint whose scaled weight is above r.
+    let weights: Vec<u32> = endpoints.iter().map(|e| scale(e.weight)).collect();
+    let rounds = weights.iter().copied().max().unwrap_or(1);
+    let mut out = Vec::with_capacity(weights.iter().map(|&w| w as usize).sum());
+    for round in 0..rounds {
+        for (i, &w) in weights.iter().enumerate() {
+            if w > round {
+                out.push(i as u32);
+            }
+        }
+    }
+    out.into_boxed_slice()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+// === Table ===
+
+/// The answer to "where does a request for this service go?".
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// The service has routable endpoints.
+    Route(&'a Route),
+    /// The catalog knows the service but none of its instances is routable.
+    NoHealthy,
+    /// The catalog does not know the service.
+    Unknown,
+}
+
+/// How long the inbound side keeps serving a local route after it left the catalog.
+///
+/// Agents apply a catalog change at slightly different moments: for a little while other nodes'
+/// outbound proxies still send here. Serving those requests (the instance is usually still up,
+/// draining) instead of answering 404 is what keeps a cutover free of failed requests.
+pub const INBOUND_DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Every route of one node, built from one snapshot.
+#[derive(Debug, Default, Serialize)]
+pub struct Table {
+    /// Outbound: per service, the inbound proxies of nodes that run a routable instance,
+    /// weighted by the instances' summed weights on that node.
+    pub outbound: HashMap<ServiceName, Route>,
+    /// Inbound: per service, the routable instances on this node.
+    pub inbound: HashMap<ServiceName, Route>,
+    /// Inbound routes that left the catalog recently, served until their grace ends.
+    pub retired: HashMap<ServiceName, Retired>,
+}
+
+/// A local route that left the catalog, still served for requests already on their way.
+#[derive(Debug, Serialize)]
+pub struct Retired {
+    pub route: Route,
+    #[serde(skip)]
+    pub until: Instant,
+}
+
+impl Table {
+    /// Builds the routes of node `node` from `snapshot`.
+    pub fn build(snapshot: &Snapshot, node: &str, policy: Policy) -> Self {
+        let mut outbound = HashMap::with_capacity(snapshot.services.len());
+        let mut inbound = HashMap::new();
+        for (service, instances) in &snapshot.services {
+            // Per node: the summed weight of its routable instances (BTreeMap: stable order).
+            let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+            let mut local = Vec::new();
+            for instance in instances.iter().filter(|i| policy.routable(i.health)) {
+                if !snapshot.nodes.contains_key(&instance.node) {
+                    continue;
+                }
+                let w = per_node.entry(instance.node.as_str()).or_default();
+                *w = w.saturating_add(instance.weight);
+                if instance.node == node {
+                    local.push(Endpoint::new(instance.addr(), instance.weight));
+                }
+            }
+            let remote = per_node
+                .into_iter()
+                .filter_map(|(name, weight)| {
+                    let n = snapshot.nodes.get(name)?;
+                    Some(Endpoint::new(n.inbound_addr(), weight))
+                })
+                .collect();
+            outbound.insert(service.clone(), Route::new(remote));
+            if instances.iter().any(|i| i.node == node) {
+                inbound.insert(service.clone(), Route::new(local));
+            }
+        }
+        Self {
+            outbound,
+            inbound,
+            retired: HashMap::new(),
+        }
+    }
+
+    /// Builds the next table, retiring the local routes that `previous` served and `snapshot`
+    /// no longer does (see [`INBOUND_DRAIN_GRACE`]).
+    pub fn build_after(
+        previous: &Table,
+        snapshot: &Snapshot,
+        node: &str,
+        policy: Policy,
+        now: Instant,
+    ) -> Self {
+        let mut table = Self::build(snapshot, node, policy);
+        let live = |t: &Table, s: &ServiceName| t.inbound.get(s).is_some_and(|r| !r.is_empty());
+        for (service, old) in &previous.retired {
+            if old.until > now && !live(&table, service) {
+                let route = Route::new(old.route.endpoints.to_vec());
+                table.retired.insert(
+                    service.clone(),
+                    Retired {
+                        route,
+                        until: old.until,
+                    },
+                );
+            }
+        }
+        for (service, route) in &previous.inbound {
+            if !route.is_empty() && !live(&table, service) {
+                let route = Route::new(route.endpoints.to_vec());
+                let until = now + INBOUND_DRAIN_GRACE;
+                table
+                    .retired
+                    .insert(service.clone(), Retired { route, until });
+            }
+        }
+        table
+    }
+
+    pub fn outbound(&self, service: &str) -> Lookup<'_> {
+        classify(self.outbound.get(service))
+    }
+
+    pub fn inbound(&self, service: &str) -> Lookup<'_> {
+        match classify(self.inbound.get(service)) {
+            Lookup::Route(route) => Lookup::Route(route),
+            missing => match self.retired.get(service) {
+                Some(retired) if retired.until > Instant::now() => Lookup::Route(&retired.route),
+                _ => missing,
+            },
+        }
+    }
+}
+
+fn classify(route: Option<&Route>) -> Lookup<'_> {
+    match route {
+        None => Lookup::Unknown,
+        Some(r) if r.is_empty() => Lookup::NoHealthy,
+        Some(r) => Lookup::Route(r),
+    }
+}
+
+// === Routes ===
+
+/// The table in force, shared by every connection of a node.
+#[derive(Debug)]
+pub struct Routes {
+    table: ArcSwap<Table>,
+    /// Counts swaps, for the rare reader that waits for the next table.
+    version: watch::Sender<u64>,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self::new(Table::default())
+    }
+}
+
+impl Routes {
+    pub fn new(table: Table) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(table),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    /// Notified on every swap; subscribe before looking up, so no swap is missed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// The table in force; cheap, lock-free, and never blocked by a writer.
+    pub fn load_full(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.table.load()
+    }
+
+    pub fn store(&self, table: Table) {
+        self.table.store(Arc::new(table));
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// Rebuilds and swaps the table of node `node` on every catalog change, until the catalog
+/// publisher goes away.
+pub async fn follow(mut catalog: Subscriber, routes: Arc<Routes>, node: String, policy: Policy) {
+    loop {
+        let snapshot = catalog.borrow_and_update().snapshot.clone();
+        if let Some(snapshot) = snapshot {
+            let started = Instant::now();
+            let previous = routes.load_full();
+            routes.store(Table::build_after(
+                &previous, &snapshot, &node, policy, started,
+            ));
+            tracing::debug!(
+                services = snapshot.services.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "routes rebuilt"
+            );
+        }
+        if catalog.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::file;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    fn snapshot(text: &str) -> Snapshot {
+        file::parse(text, Path::new("t.toml")).unwrap()
+    }
+
+    const MESH: &str = r#"
+[[node]]
+name = "a"
+address = "127.0.0.2"
+[[node]]
+name = "b"
+address = "127.0.0.3"
+inbound_port = 7041
+[[service]]
+name = "web"
+node = "a"
+port = 8000
+[[service]]
+name = "web"
+node = "a"
+port = 8001
+[[service]]
+name = "web"
+node = "b"
+port = 8000
+[[service]]
+name = "down"
+node = "b"
+port = 9000
+health = "critical"
+[[service]]
+name = "shaky"
+node = "a"
+port = 9100
+health = "warning"
+"#;
+
+    #[test]
+    fn outbound_routes_go_to_nodes_inbound_weighted_by_instances() {
+        let table = Table::build(&snapshot(MESH), "b", Policy::default());
+        let Lookup::Route(route) = table.outbound("web") else {
+            panic!("web must be routable")
+        };
+        let addrs: Vec<String> = route.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.2:5041", "127.0.0.3:7041"]);
+        assert_eq!(route.endpoints[0].weight, 2, "node a runs two instances");
+        let mut hits = HashMap::new();
+        for _ in 0..300 {
+            *hits.entry(route.pick().unwrap().addr).or_insert(0) += 1;
+        }
+        assert_eq!(hits[&route.endpoints[0].addr], 200);
+        assert_eq!(hits[&route.endpoints[1].addr], 100);
+    }
+
+    #[test]
+    fn inbound_routes_are_this_nodes_instances_only() {
+        let table = Table::build(&snapshot(MESH), "a", Policy::default());
+        let Lookup::Route(route) = table.inbound("web") else {
+            panic!()
+        };
+        let ports: Vec<u16> = route.endpoints.iter().map(|e| e.addr.port()).collect();
+        assert_eq!(ports, [8000, 8001]);
+        assert!(matches!(table.inbound("down"), Lookup::Unknown));
+    }
+
+    #[test]
+    fn unhealthy_and_unknown_services_are_told_apart() {
+        let table = Table::build(&snapshot(MESH), "a", Policy::default());
+        assert!(matches!(table.outbound("down"), Lookup::NoHealthy));
+        assert!(matches!(table.outbound("shaky"), Lookup::NoHealthy));
+        assert!(matches!(table.outbound("nope"), Lookup::Unknown));
+        let lenient = Table::build(
+            &snapshot(MESH),
+            "a",
+            Policy {
+                include_warning: true,
+            },
+        );
+        assert!(matches!(lenient.outbound("shaky"), Lookup::Route(_)));
+    }
+
+    #[test]
+    fn a_swap_leaves_loaded_tables_untouched() {
+        let routes = Routes::new(Table::build(&snapshot(MESH), "a", Policy::default()));
+        let before = routes.load_full();
+        routes.store(Table::default());
+        assert!(matches!(before.outbound("web"), Lookup::Route(_)));
+        assert!(matches!(routes.load().outbound("web"), Lookup::Unknown));
+    }
+
+    #[test]
+    fn a_local_route_that_left_the_catalog_is_served_during_its_grace_only() {
+        let snap = snapshot(MESH);
+        let now = Instant::now();
+        let before = Table::build(&snap, "a", Policy::default());
+        let mut moved = snap.clone();
+        moved.services.retain(|s, _| s.as_str() != "web");
+        let after = Table::build_after(&before, &moved, "a", Policy::default(), now);
+        assert!(
+            matches!(after.outbound("web"), Lookup::Unknown),
+            "outbound forgets at once"
+        );
+        let Lookup::Route(route) = after.inbound("web") else {
+            panic!("inbound still serves requests already on their way")
+        };
+        assert_eq!(route.endpoints.len(), 2);
+        // Carried over by later rebuilds until the grace ends, then gone.
+        let later = Table::build_after(&after, &moved, "a", Policy::default(), now);
+        assert!(matches!(later.inbound("web"), Lookup::Route(_)));
+        let expired = Table::build_after(
+            &later,
+            &moved,
+            "a",
+            Policy::default(),
+            now + INBOUND_DRAIN_GRACE,
+        );
+        assert!(matches!(expired.inbound("web"), Lookup::Unknown));
+        // A service that comes back is live again, not retired.
+        let back = Table::build_after(&later, &snap, "a", Policy::default(), now);
+        assert!(back.retired.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn weighted_schedule_gives_each_endpoint_its_share(weights in prop::collection::vec(1u32..50, 1..8)) {
+            let endpoints: Vec<Endpoint> = weights.iter().enumerate()
+                .map(|(i, &w)| Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)), w))
+                .collect();
+            let route = Route::new(endpoints);
+            let total: u32 = weights.iter().sum();
+            let gcd = weights.iter().fold(0, |g, &w| gcd(g, w));
+            let rounds = (total / gcd) as usize;
+            let mut hits = vec![0u32; weights.len()];
+            for _ in 0..rounds {
+                hits[(route.pick().unwrap().addr.port() - 1000) as usize] += 1;
+            }
+            for (i, &w) in weights.iter().enumerate() {
+                prop_assert_eq!(hits[i], w / gcd);
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! The `skyline` binary as a user runs it: real processes, real signals.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::*;
+
+const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
+
+fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A `skyline agent` process for node `local` at 127.0.0.1, with its addresses read from its
+/// JSON log. Its stderr keeps being drained so it never blocks on a full pipe.
+struct AgentProcess {
+    child: Child,
+    outbound: String,
+    inbound: String,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl AgentProcess {
+    async fn start(catalog: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(SKYLINE)
+            .args([
+                "agent",
+                "--log-format",
+                "json",
+                "--outbound",
+                "127.0.0.1:0",
+                "--inbound",
+                "127.0.0.1:0",
+                "--admin",
+                "off",
+            ])
+            .arg("--catalog-file")
+            .arg(catalog)
+            .args(extra)
+            .env("SKYLINE_LOG", "info")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let mut agent = Self {
+            child,
+            outbound: String::new(),
+            inbound: String::new(),
+            log: rx,
+        };
+        let started = agent.wait_for_log("agent started").await;
+        agent.outbound = started["fields"]["outbound"].as_str().unwrap().to_owned();
+        agent.inbound = started["fields"]["inbound"].as_str().unwrap().to_owned();
+        agent
+    }
+
+    async fn wait_for_log(&mut self, message: &str) -> serde_json::Value {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = self.log.recv().await {
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if json["fields"]["message"] == message {
+                        return Some(json);
+                    }
+                }
+            }
+            None
+        });
+        found
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no log line {message:?}"))
+    }
+}
+
+/// A catalog with service `app` on node `local` (127.0.0.1) whose inbound port is `inbound`.
+fn catalog_text(inbound: &str, app: std::net::SocketAddr) -> String {
+    let port = inbound.rsplit(':').next().unwrap();
+    format!(
+        "[[node]]\nname = \"local\"\naddress = \"127.0.0.1\"\ninbound_port = {port}\n\n\
+         [[service]]\nname = \"app\"\nnode = \"local\"\nport = {}\n",
+        app.port()
+    )
+}
+
+/// Starts an agent process routing `app` (hot-reloading the catalog once its port is known).
+async fn agent_for(app: &TestApp, dir: &Path) -> AgentProcess {
+    let catalog = dir.join("catalog.toml");
+    std::fs::write(&catalog, catalog_text("127.0.0.1:1", app.addr)).unwrap();
+    let agent = AgentProcess::start(&catalog, &[]).await;
+    write_atomically(&catalog, &catalog_text(&agent.inbound, app.addr));
+    let client = Client::new();
+    for _ in 0..200 {
+        if client
+            .get(&format!("http://{}/service/app/", agent.outbound))
+            .await
+            .status
+            == 200
+        {
+            return agent;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the agent never routed to the app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skyline_up_serves_the_demo_services_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(SKYLINE)
+        .args([
+            "up",
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = lines.next_line().await.unwrap().unwrap();
+            if line.starts_with("Skyline is up") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let outbound = banner
+        .split("outbound ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    let client = Client::new();
+    let hello = client
+        .get(&format!("http://{outbound}/service/hello/"))
+        .await;
+    assert_eq!(hello.status, 200);
+    assert!(
+        hello.body.starts_with("hello from skyline"),
+        "{}",
+        hello.body
+    );
+    let req = Request::post(format!("http://{outbound}/service/echo/a/b?x=1"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"ping",
+        )))
+        .unwrap();
+    let echo = client.send(req).await.unwrap().json();
+    assert_eq!(
+        (
+            echo["method"].as_str(),
+            echo["path"].as_str(),
+            echo["query"].as_str()
+        ),
+        (Some("POST"), Some("/a/b"), Some("x=1"))
+    );
+    assert_eq!(echo["body"], "ping");
+    assert!(dir.path().join("catalog.toml").exists());
+
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_a_bad_config_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("skyline.toml");
+    std::fs::write(
+        &config,
+        "[node]\nname = \"n\"\n[listen]\noutbound = \"127.0.0.1:99999\"\n",
+    )
+    .unwrap();
+    let out = Command::new(SKYLINE)
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:4: key `listen.outbound`", config.display())),
+        "{stderr}"
+    );
+
+    let out = Command::new(SKYLINE)
+        .args([
+            "agent",
+            "--admin",
+            "off",
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--catalog-file",
+        ])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("missing.toml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_help_documents_every_setting_with_its_default_and_variable() {
+    let out = Command::new(SKYLINE)
+        .args(["agent", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, env, default) in [
+        ("--node-name", "SKYLINE_NODE_NAME", "[default: local]"),
+        (
+            "--node-address",
+            "SKYLINE_NODE_ADDRESS",
+            "[default: 127.0.0.1]",
+        ),
+        (
+            "--outbound",
+            "SKYLINE_OUTBOUND",
+            "[default: 127.0.0.1:5040]",
+        ),
+        (
+            "--inbound",
+            "SKYLINE_INBOUND",
+            "[default: <node address>:5041]",
+        ),
+        ("--admin", "SKYLINE_ADMIN", "[default: 127.0.0.1:5050]"),
+        ("--catalog", "SKYLINE_CATALOG", "[default: file]"),
+        (
+            "--catalog-file",
+            "SKYLINE_CATALOG_FILE",
+            "[default: /etc/skyline/catalog.toml]",
+        ),
+        ("--catch-all", "SKYLINE_CATCH_ALL", "[default: none"),
+        ("--config", "SKYLINE_CONFIG", ""),
+    ] {
+        assert!(
+            help.contains(flag) && help.contains(env) && help.contains(default),
+            "{flag} {env} {default}:\n{help}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_skyline_variables_and_flags_win() {
+    let app = TestApp::spawn("app", ip("127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(&catalog, catalog_text("127.0.0.1:1", app.addr)).unwrap();
+    let mut child = Command::new(SKYLINE)
+        .args(["agent", "--log-format", "json", "--outbound", "127.0.0.1:0"])
+        .env("SKYLINE_LOG", "info")
+        .env("SKYLINE_OUTBOUND", "127.0.0.1:1") // the flag wins
+        .env("SKYLINE_INBOUND", "127.0.0.1:0")
+        .env("SKYLINE_ADMIN", "off")
+        .env("SKYLINE_NODE_NAME", "from-env")
+        .env("SKYLINE_CATALOG_FILE", &catalog)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = lines.next_line().await.unwrap().unwrap();
+            if line.contains("agent started") {
+                return serde_json::from_str::<serde_json::Value>(&line).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let fields = &started["fields"];
+    assert_eq!(fields["node"], "from-env");
+    assert_eq!(fields["admin"], "off");
+    assert_ne!(fields["outbound"], "127.0.0.1:1");
+    assert!(
+        fields["catalog"]
+            .as_str()
+            .unwrap()
+            .ends_with("catalog.toml")
+    );
+    child.kill().await.unwrap();
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let app = TestApp::spawn("app", ip("127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = agent_for(&app, dir.path()).await;
+    let url = format!("http://{}/service/app/slow/1500", agent.outbound);
+    let in_flight = tokio::spawn(async move { Client::new().get(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&agent.child);
+    let reply = in_flight.await.unwrap();
+    assert_eq!(
+        reply.status, 200,
+        "the in-flight request finished: {reply:?}"
+    );
+    assert_eq!(reply.body, "app /slow/1500");
+    let status = tokio::time::timeout(Duration::from_secs(15), agent.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        tokio::net::TcpStream::connect(&agent.outbound)
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gibibyte_streams_up_and_down_through_both_hops_in_bounded_memory() {
+    const GIB: u64 = 1 << 30;
+    let app = TestApp::spawn("app", ip("127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent_for(&app, dir.path()).await;
+    let pid = agent.child.id().unwrap();
+
+    let stream = tokio::net::TcpStream::connect(&agent.outbound)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    // Upload: the application counts what arrives.
+    let req = Request::post("/service/app/sink")
+        .header("host", "x")
+        .body(Zeros { left: GIB })
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, GIB.to_string().as_bytes());
+
+    // Download: counted frame by frame, never held.
+    sender.ready().await.unwrap();
+    let req = Request::get(format!("/service/app/bytes/{GIB}"))
+        .header("host", "x")
+        .body(Zeros { left: 0 })
+        .unwrap();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(received, GIB);
+
+    let peak = peak_rss_kib(pid);
+    eprintln!("agent peak RSS after 1 GiB each way: {} KiB", peak);
+    assert!(
+        peak < 64 * 1024,
+        "peak RSS {peak} KiB: bodies must stream, not buffer"
+    );
+    app.stop().await;
+}

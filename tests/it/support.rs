@@ -1,0 +1,443 @@
+//! The integration-test harness: real applications and real agents on real loopback sockets.
+//!
+//! - [`TestApp`]: an HTTP application that says who it is and records what it received.
+//! - [`TestMesh`]: agents on loopback "nodes" (127.0.0.2, 127.0.0.3, ...) sharing one catalog
+//!   file, which a test rewrites atomically to move services around.
+//! - [`Client`] and [`raw`]: a real HTTP client, and a raw TCP one for malformed input.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use skyline::agent::{self, AgentHandle, CatalogSource, Listeners, Settings};
+use skyline::catalog::{Health, Instance, Node, ServiceName, Snapshot, file};
+use skyline::routing::Policy;
+use skyline::serve::{self, Conn, Handler};
+
+pub fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+// === TestApp ===
+
+/// What an application received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, as the application received them.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+}
+
+/// A real HTTP application. It answers `<name> <path-and-query>` with status 200, and:
+/// - `/bytes/<n>`: streams `n` bytes (for download tests);
+/// - `/sink`: reads the whole body, frame by frame, and answers its length (upload tests);
+/// - `/slow/<ms>`: answers after that many milliseconds.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    hits: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct AppHandler {
+    name: Arc<str>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    hits: Arc<AtomicU64>,
+}
+
+impl Handler for AppHandler {
+    type Body = Either<Zeros, Full<Bytes>>;
+
+    async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Self::Body> {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let (parts, mut body) = req.into_parts();
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/".into(), |pq| pq.to_string());
+        let mut body_len = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            body_len += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        self.seen.lock().unwrap().push(Seen {
+            method: parts.method.to_string(),
+            target: target.clone(),
+            headers: parts.headers.clone(),
+            body_len,
+        });
+        let path = parts.uri.path();
+        if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse().ok()) {
+            return Response::new(Either::Left(Zeros { left: n }));
+        }
+        if let Some(ms) = path.strip_prefix("/slow/").and_then(|n| n.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let text = if path == "/sink" {
+            body_len.to_string()
+        } else {
+            format!("{} {target}", self.name)
+        };
+        Response::new(Either::Right(Full::new(Bytes::from(text))))
+    }
+}
+
+/// A streamed body of zero bytes, produced 64 KiB at a time.
+pub struct Zeros {
+    pub left: u64,
+}
+
+static CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl http_body::Body for Zeros {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(CHUNK.len() as u64);
+        self.left -= n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            &CHUNK[..n as usize],
+        )))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
+impl TestApp {
+    /// Starts an application named `name` on `ip`, port chosen by the kernel.
+    pub fn spawn(name: &str, ip: IpAddr) -> Self {
+        let listener = serve::bind(SocketAddr::new(ip, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hits = Arc::new(AtomicU64::new(0));
+        let handler = AppHandler {
+            name: name.into(),
+            seen: seen.clone(),
+            hits: hits.clone(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve::serve(listener, handler, shutdown.clone()));
+        Self {
+            addr,
+            seen,
+            hits,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+// === TestMesh ===
+
+/// One instance in the catalog: service `service` served by `app` on node `node`.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub service: &'static str,
+    pub node: &'static str,
+    pub addr: SocketAddr,
+    pub health: Health,
+}
+
+pub fn place(service: &'static str, node: &'static str, app: &TestApp) -> Placement {
+    Placement {
+        service,
+        node,
+        addr: app.addr,
+        health: Health::Passing,
+    }
+}
+
+/// Agents on loopback nodes, sharing one catalog file.
+pub struct TestMesh {
+    pub dir: tempfile::TempDir,
+    pub agents: BTreeMap<&'static str, AgentHandle>,
+    nodes: BTreeMap<&'static str, Node>,
+}
+
+pub struct TestMeshBuilder {
+    nodes: Vec<(&'static str, IpAddr)>,
+    placements: Vec<Placement>,
+    catch_all: Vec<SocketAddr>,
+}
+
+impl TestMesh {
+    pub fn builder() -> TestMeshBuilder {
+        TestMeshBuilder {
+            nodes: Vec::new(),
+            placements: Vec::new(),
+            catch_all: Vec::new(),
+        }
+    }
+
+    pub fn catalog_path(&self) -> PathBuf {
+        self.dir.path().join("catalog.toml")
+    }
+
+    /// Rewrites the catalog atomically (write + rename, as configuration tools do).
+    pub fn set_catalog(&self, placements: &[Placement]) {
+        write_atomically(
+            &self.catalog_path(),
+            &file::render(&self.snapshot(placements)),
+        );
+    }
+
+    /// Rewrites the catalog and waits until every agent routes with it.
+    pub async fn set_catalog_and_wait(&self, placements: &[Placement]) {
+        let expected = self.snapshot(placements);
+        self.set_catalog(placements);
+        for agent in self.agents.values() {
+            let mut rx = agent.catalog.clone();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|s| s.snapshot.as_deref() == Some(&expected)),
+            )
+            .await
+            .expect("agents pick up the catalog")
+            .unwrap();
+        }
+        // The route table follows the catalog in the same task turn; give it one.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    fn snapshot(&self, placements: &[Placement]) -> Snapshot {
+        let mut snapshot = Snapshot {
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            ..Snapshot::default()
+        };
+        for (i, p) in placements.iter().enumerate() {
+            let service = ServiceName::parse(p.service).unwrap();
+            snapshot
+                .services
+                .entry(service.clone())
+                .or_default()
+                .push(Instance {
+                    id: format!("{}-{i}", p.service),
+                    service,
+                    node: p.node.to_owned(),
+                    address: p.addr.ip(),
+                    port: p.addr.port(),
+                    tags: Vec::new(),
+                    meta: BTreeMap::new(),
+                    health: p.health,
+                    weight: 1,
+                });
+        }
+        snapshot
+    }
+
+    /// The outbound address of node `name`'s agent: where its applications send requests.
+    pub fn outbound(&self, name: &str) -> SocketAddr {
+        self.agents[name].outbound.unwrap()
+    }
+
+    pub fn inbound(&self, name: &str) -> SocketAddr {
+        self.agents[name].inbound.unwrap()
+    }
+
+    pub async fn stop(self) {
+        for agent in self.agents.into_values() {
+            agent.shutdown();
+            agent.join().await;
+        }
+    }
+}
+
+impl TestMeshBuilder {
+    /// A node with an agent whose listeners bind `ip`.
+    pub fn node(mut self, name: &'static str, ip: &str) -> Self {
+        self.nodes.push((name, self::ip(ip)));
+        self
+    }
+
+    pub fn place(mut self, placement: Placement) -> Self {
+        self.placements.push(placement);
+        self
+    }
+
+    pub fn catch_all(mut self, addr: SocketAddr) -> Self {
+        self.catch_all.push(addr);
+        self
+    }
+
+    pub async fn spawn(self) -> TestMesh {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = dir.path().join("catalog.toml");
+        let mut bound = Vec::new();
+        let mut nodes = BTreeMap::new();
+        for (name, ip) in &self.nodes {
+            let settings = Settings {
+                node_name: (*name).to_owned(),
+                node_address: *ip,
+                outbound: Some(SocketAddr::new(*ip, 0)),
+                inbound: Some(SocketAddr::new(*ip, 0)),
+                admin: Some(SocketAddr::new(*ip, 0)),
+                catalog: CatalogSource::File(catalog.clone()),
+                catch_all: self.catch_all.clone(),
+                policy: Policy::default(),
+                workers: 1,
+            };
+            let listeners = Listeners::bind(&settings).unwrap();
+            let port = listeners
+                .inbound
+                .as_ref()
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            nodes.insert(
+                *name,
+                Node {
+                    name: (*name).to_owned(),
+                    address: *ip,
+                    inbound_port: port,
+                    meta: BTreeMap::new(),
+                },
+            );
+            bound.push((*name, settings, listeners));
+        }
+        let mut mesh = TestMesh {
+            dir,
+            agents: BTreeMap::new(),
+            nodes,
+        };
+        mesh.set_catalog(&self.placements);
+        for (name, settings, listeners) in bound {
+            let agent = agent::start(settings, listeners, CancellationToken::new())
+                .await
+                .unwrap();
+            mesh.agents.insert(name, agent);
+        }
+        mesh
+    }
+}
+
+pub fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+// === Client ===
+
+/// A real HTTP/1.1 client with a keep-alive pool, as an application would use.
+#[derive(Clone)]
+pub struct Client {
+    inner: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    pub fn mesh_error(&self) -> Option<&str> {
+        self.headers
+            .get("x-skyline-error")
+            .map(|v| v.to_str().unwrap())
+    }
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    pub fn new() -> Self {
+        Self {
+            inner: HyperClient::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let response = tokio::time::timeout(Duration::from_secs(30), self.inner.request(req))
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| format!("{e:?}"))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    pub async fn get(&self, url: &str) -> Reply {
+        let req = Request::get(url).body(Full::default()).unwrap();
+        self.send(req).await.unwrap()
+    }
+}
+
+// === raw ===
+
+/// Sends `bytes` over a fresh TCP connection and returns everything the server sent back until
+/// it closed the connection (or 5 s passed).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
