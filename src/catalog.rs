@@ -4,7 +4,7 @@
 //! A backend owns a task and publishes *whole* snapshots through a [`Publisher`]; the request path
 //! never awaits a backend, it only reads the latest route table built from the latest snapshot.
 
-
+pub mod consul;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,7 +25,9 @@ pub const DEFAULT_INBOUND_PORT: u16 = 5041;
 pub struct ServiceName(Arc<str>);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid service name {0:?}: expected 1-63 of [a-z0-9._-], starting and ending with [a-z0-9]")]
+#[error(
+    "invalid service name {0:?}: expected 1-63 of [a-z0-9._-], starting and ending with [a-z0-9]"
+)]
 pub struct InvalidServiceName(pub String);
 
 impl ServiceName {
@@ -100,7 +102,9 @@ impl Node {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Passing,
@@ -245,14 +249,32 @@ mod tests {
 
     #[test]
     fn accepts_names_of_the_contract() {
-        for ok in ["a", "giphy", "my-svc.v2", "a_b", "0", "x".repeat(63).as_str()] {
+        for ok in [
+            "a",
+            "giphy",
+            "my-svc.v2",
+            "a_b",
+            "0",
+            "x".repeat(63).as_str(),
+        ] {
             assert!(ServiceName::is_valid(ok), "{ok:?}");
         }
     }
 
     #[test]
     fn refuses_names_outside_the_contract() {
-        for bad in ["", "-a", "a-", "A", "a/b", "a%20", "a b", ".a", "x".repeat(64).as_str(), "é"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a/b",
+            "a%20",
+            "a b",
+            ".a",
+            "x".repeat(64).as_str(),
+            "é",
+        ] {
             assert!(!ServiceName::is_valid(bad), "{bad:?}");
         }
     }

@@ -7,6 +7,9 @@
 //! # Layout
 //!
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
+//!   [`catalog::consul`] is the Consul backend (blocking queries over HTTP).
+//! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod registry;

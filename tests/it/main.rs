@@ -1,0 +1,2 @@
+mod consul_backend;
+mod registry;
