@@ -22,7 +22,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -43,6 +43,8 @@ pub const MAX_BODY: usize = 512 * 1024;
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
 /// The longest a blocking query waits, whatever the client asks.
 pub const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
+/// Bodies up to this size are read (and dropped) before a "too large" answer.
+const DRAIN_LIMIT: usize = 4 * MAX_BODY;
 const MAX_META_PAIRS: usize = 64;
 const MAX_META_KEY: usize = 128;
 const MAX_META_VALUE: usize = 512;
@@ -310,17 +312,33 @@ where
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| ApiError::bad_request("Invalid Content-Length"))?;
-        if len > MAX_BODY as u64 {
+        if len > DRAIN_LIMIT as u64 {
             return Err(too_large());
         }
     }
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(ApiError::bad_request(format!(
-            "Request body read failed: {error}"
-        ))),
+    // A body somewhat over the limit is read to its end and dropped, so the client, still
+    // sending, gets the 400 instead of a connection reset.
+    let mut body = std::pin::pin!(req.into_body());
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+            ApiError::bad_request(format!("Request body read failed: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= MAX_BODY {
+                buf.extend_from_slice(&data);
+            } else if seen > DRAIN_LIMIT {
+                return Err(too_large());
+            }
+        }
     }
+    if seen > MAX_BODY {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
