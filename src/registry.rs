@@ -135,7 +135,7 @@ pub async fn spawn(
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (result_tx, result_rx) = mpsc::unbounded_channel();
     let mut checks = Checks::new(result_tx);
-    checks.reset_all(&state, Instant::now());
+    let _ = checks.reset_all(&state, Instant::now());
 
     let core_stop = CancellationToken::new();
     let core = Core {
@@ -272,17 +272,17 @@ impl Core {
                 ops.extend(due);
                 next_tick = next;
             }
-            if self.commit(ops, batch, now).await {
-                // New or changed checks may be due at once.
-                next_tick = next_tick.min(now);
+            // New or changed checks may be due before the next planned tick.
+            if let Some(due) = self.commit(ops, batch, now).await {
+                next_tick = next_tick.min(due);
             }
         }
         tracing::debug!("registry core stopped");
     }
 
     /// Applies internal ops and commands, makes them durable, publishes, answers.
-    /// Returns whether any check was touched.
-    async fn commit(&mut self, ops: Vec<Op>, batch: Vec<Command>, now: Instant) -> bool {
+    /// Returns when a check it touched is next due.
+    async fn commit(&mut self, ops: Vec<Op>, batch: Vec<Command>, now: Instant) -> Option<Instant> {
         let mut framed = Vec::new();
         let mut touched = Vec::new();
         let mut replies = Vec::with_capacity(batch.len());
@@ -299,16 +299,17 @@ impl Core {
             replies.push((cmd.reply, outcome));
         }
         let mut failed = false;
+        let mut due = None;
         if !framed.is_empty() {
             if let Err(error) = self.persist(framed).await {
                 tracing::error!(error = %error_chain(&error), "registry write failed; batch rolled back");
                 failed = true;
                 self.working = (**self.state_tx.borrow()).clone();
-                self.checks.reset_all(&self.working, now);
+                due = self.checks.reset_all(&self.working, now);
             } else {
                 let published = Arc::new(self.working.clone());
                 self.state_tx.send_replace(published.clone());
-                self.checks.touched(&self.working, &touched, now);
+                due = self.checks.touched(&self.working, &touched, now);
                 self.maybe_compact(published).await;
             }
         }
@@ -321,7 +322,7 @@ impl Core {
             };
             let _ = reply.send(outcome);
         }
-        !touched.is_empty() && !failed
+        due
     }
 
     fn write(
@@ -403,8 +404,9 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 // === Snapshots for in-process consumers ===
 
-/// Rebuilds the catalog snapshot whenever the catalog part of the state moves; never more than
-/// once per 20 ms, so a registration storm does not rebuild it per write.
+/// Rebuilds the catalog snapshot whenever the catalog part of the state moves. After each
+/// rebuild it pauses 20 ms, or as long as the rebuild took if longer, so a registration storm
+/// on a large catalog spends at most half a core on it.
 async fn publish_snapshots(
     mut state: watch::Receiver<Arc<State>>,
     tx: watch::Sender<Arc<catalog::Snapshot>>,
@@ -416,6 +418,7 @@ async fn publish_snapshots(
             continue;
         }
         last = current.catalog_index;
+        let started = Instant::now();
         let snapshot = to_snapshot(&current);
         tx.send_if_modified(|old| {
             if **old == snapshot {
@@ -425,7 +428,7 @@ async fn publish_snapshots(
                 true
             }
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(started.elapsed().max(Duration::from_millis(20))).await;
     }
 }
 

@@ -104,7 +104,7 @@ impl Checks {
     }
 
     /// Rebuilds the runtime of every check from `state` (at start, after a failed write).
-    pub fn reset_all(&mut self, state: &State, now: Instant) {
+    pub fn reset_all(&mut self, state: &State, now: Instant) -> Option<Instant> {
         self.entries.clear();
         let keys: Vec<CheckKey> = state
             .nodes
@@ -115,11 +115,13 @@ impl Checks {
                     .map(|c| (n.info.name.clone(), c.clone()))
             })
             .collect();
-        self.touched(state, &keys, now);
+        self.touched(state, &keys, now)
     }
 
-    /// Brings the runtime of the given checks in line with `state` after a write.
-    pub fn touched(&mut self, state: &State, keys: &[CheckKey], now: Instant) {
+    /// Brings the runtime of the given checks in line with `state` after a write; returns when
+    /// the earliest of them is next due, so the caller can tick then.
+    pub fn touched(&mut self, state: &State, keys: &[CheckKey], now: Instant) -> Option<Instant> {
+        let mut due: Option<Instant> = None;
         for key in keys {
             let Some(check) = state.check(&key.0, &key.1) else {
                 self.entries.remove(key);
@@ -145,6 +147,7 @@ impl Checks {
             if let (true, Some(rt)) = (same_definition, self.entries.get_mut(key)) {
                 rt.deregister_after = def.deregister_critical_after;
                 Self::set_status(rt, check.status, now);
+                due = earliest(due, next_due(rt));
                 continue;
             }
             self.generation += 1;
@@ -181,8 +184,10 @@ impl Checks {
             if rt.status == Health::Critical {
                 rt.critical_since = Some(now);
             }
+            due = earliest(due, next_due(&rt));
             self.entries.insert(key.clone(), rt);
         }
+        due
     }
 
     fn set_status(rt: &mut Runtime, status: Health, now: Instant) {
@@ -292,6 +297,27 @@ impl Checks {
             }
         }
         (ops, next.max(now + MIN_TICK))
+    }
+}
+
+/// When a check next needs the ticker: its TTL deadline, next probe, or deregistration time.
+fn next_due(rt: &Runtime) -> Option<Instant> {
+    let own = match &rt.kind {
+        Kind::Ttl { deadline, .. } if rt.status != Health::Critical => Some(*deadline),
+        Kind::Probe(p) if !p.in_flight => Some(p.next),
+        _ => None,
+    };
+    let dereg = match (rt.critical_since, rt.deregister_after) {
+        (Some(since), Some(after)) if !rt.service_id.is_empty() => Some(since + after),
+        _ => None,
+    };
+    earliest(own, dereg)
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -413,7 +439,7 @@ mod tests {
         );
         let mut checks = checks();
         let start = Instant::now();
-        checks.touched(&state, &touched, start);
+        assert_eq!(checks.touched(&state, &touched, start), Some(start + ttl));
         let (ops, next) = checks.tick(start + Duration::from_secs(4));
         assert!(ops.is_empty());
         assert_eq!(next, start + ttl);

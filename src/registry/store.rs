@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Health;
@@ -89,14 +90,14 @@ fn io_err<'a>(
 pub struct State {
     /// The index of the last write; starts at 1 and never goes backwards.
     pub index: u64,
-    pub nodes: BTreeMap<String, Arc<NodeEntry>>,
-    pub kv: BTreeMap<String, Arc<KvEntry>>,
+    pub nodes: OrdMap<String, Arc<NodeEntry>>,
+    pub kv: OrdMap<String, Arc<KvEntry>>,
     /// When each deleted key went away, so a blocking read on a deleted key wakes and the index
     /// of a prefix never goes backwards.
-    pub kv_tombstones: BTreeMap<String, u64>,
+    pub kv_tombstones: OrdMap<String, u64>,
     /// Per service name: the index of the last change to its instances, their checks or nodes.
     /// Kept after the last instance is gone, so the index never goes backwards.
-    pub service_index: BTreeMap<String, u64>,
+    pub service_index: OrdMap<String, u64>,
     /// The last change to the set of service names or their tags (`/v1/catalog/services`).
     pub services_index: u64,
     /// The last change to the set of nodes (`/v1/catalog/nodes`).
@@ -104,21 +105,21 @@ pub struct State {
     /// The last change to anything but the KV store.
     pub catalog_index: u64,
     /// Derived: service name -> (node, service id) of its instances.
-    pub by_name: BTreeMap<String, Arc<BTreeSet<(String, String)>>>,
+    pub by_name: OrdMap<String, OrdSet<(String, String)>>,
 }
 
 impl Default for State {
     fn default() -> Self {
         Self {
             index: 1,
-            nodes: BTreeMap::new(),
-            kv: BTreeMap::new(),
-            kv_tombstones: BTreeMap::new(),
-            service_index: BTreeMap::new(),
+            nodes: OrdMap::new(),
+            kv: OrdMap::new(),
+            kv_tombstones: OrdMap::new(),
+            service_index: OrdMap::new(),
             services_index: 1,
             nodes_index: 1,
             catalog_index: 1,
-            by_name: BTreeMap::new(),
+            by_name: OrdMap::new(),
         }
     }
 }
@@ -135,11 +136,11 @@ pub struct NodeInfo {
 #[derive(Clone, Debug)]
 pub struct NodeEntry {
     pub info: NodeInfo,
-    pub services: BTreeMap<String, Arc<ServiceEntry>>,
+    pub services: OrdMap<String, Arc<ServiceEntry>>,
     /// Keyed by (service id, check id); node-level checks have an empty service id.
-    pub checks: BTreeMap<(String, String), Arc<CheckEntry>>,
+    pub checks: OrdMap<(String, String), Arc<CheckEntry>>,
     /// Check id -> service id.
-    pub check_owner: BTreeMap<String, String>,
+    pub check_owner: OrdMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,13 +377,20 @@ impl State {
     }
 
     fn link(&mut self, name: &str, node: &str, id: &str) {
-        let set = self.by_name.entry(name.to_owned()).or_default();
-        Arc::make_mut(set).insert((node.to_owned(), id.to_owned()));
+        let pair = (node.to_owned(), id.to_owned());
+        match self.by_name.get_mut(name) {
+            Some(set) => {
+                set.insert(pair);
+            }
+            None => {
+                self.by_name.insert(name.to_owned(), OrdSet::unit(pair));
+            }
+        }
     }
 
     fn unlink(&mut self, name: &str, node: &str, id: &str) {
         if let Some(set) = self.by_name.get_mut(name) {
-            Arc::make_mut(set).remove(&(node.to_owned(), id.to_owned()));
+            set.remove(&(node.to_owned(), id.to_owned()));
             if set.is_empty() {
                 self.by_name.remove(name);
             }
@@ -471,9 +479,9 @@ impl State {
                     create_index: index,
                     modify_index: index,
                 },
-                services: BTreeMap::new(),
-                checks: BTreeMap::new(),
-                check_owner: BTreeMap::new(),
+                services: OrdMap::new(),
+                checks: OrdMap::new(),
+                check_owner: OrdMap::new(),
             })
         });
         let address_changed = node.info.address != reg.address;
@@ -707,16 +715,16 @@ impl State {
 
 /// The entries whose key starts with `prefix`.
 pub fn prefix_range<'a, V>(
-    map: &'a BTreeMap<String, V>,
+    map: &'a OrdMap<String, V>,
     prefix: &'a str,
 ) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
-    map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+    map.range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
         .take_while(move |(k, _)| k.starts_with(prefix))
 }
 
 /// The checks of one service id (or, with `""`, the node-level checks).
 fn range_of<'a>(
-    checks: &'a BTreeMap<(String, String), Arc<CheckEntry>>,
+    checks: &'a OrdMap<(String, String), Arc<CheckEntry>>,
     service_id: &'a str,
 ) -> impl Iterator<Item = (&'a (String, String), &'a Arc<CheckEntry>)> + 'a {
     let start = (service_id.to_owned(), String::new());
@@ -734,8 +742,8 @@ struct ImageOut<'a> {
     services: Vec<(&'a str, &'a ServiceEntry)>,
     checks: Vec<(&'a str, &'a CheckEntry)>,
     kv: Vec<(&'a str, &'a KvEntry)>,
-    kv_tombstones: &'a BTreeMap<String, u64>,
-    service_index: &'a BTreeMap<String, u64>,
+    kv_tombstones: Vec<(&'a str, u64)>,
+    service_index: Vec<(&'a str, u64)>,
     services_index: u64,
     nodes_index: u64,
     catalog_index: u64,
@@ -748,8 +756,8 @@ struct ImageIn {
     services: Vec<(String, ServiceEntry)>,
     checks: Vec<(String, CheckEntry)>,
     kv: Vec<(String, KvEntry)>,
-    kv_tombstones: BTreeMap<String, u64>,
-    service_index: BTreeMap<String, u64>,
+    kv_tombstones: Vec<(String, u64)>,
+    service_index: Vec<(String, u64)>,
     services_index: u64,
     nodes_index: u64,
     catalog_index: u64,
@@ -771,8 +779,16 @@ impl State {
                 .flat_map(|n| n.checks.values().map(|c| (n.info.name.as_str(), &**c)))
                 .collect(),
             kv: self.kv.iter().map(|(k, v)| (k.as_str(), &**v)).collect(),
-            kv_tombstones: &self.kv_tombstones,
-            service_index: &self.service_index,
+            kv_tombstones: self
+                .kv_tombstones
+                .iter()
+                .map(|(k, i)| (k.as_str(), *i))
+                .collect(),
+            service_index: self
+                .service_index
+                .iter()
+                .map(|(k, i)| (k.as_str(), *i))
+                .collect(),
             services_index: self.services_index,
             nodes_index: self.nodes_index,
             catalog_index: self.catalog_index,
@@ -787,8 +803,8 @@ impl State {
                 .into_iter()
                 .map(|(k, v)| (k, Arc::new(v)))
                 .collect(),
-            kv_tombstones: image.kv_tombstones,
-            service_index: image.service_index,
+            kv_tombstones: image.kv_tombstones.into_iter().collect(),
+            service_index: image.service_index.into_iter().collect(),
             services_index: image.services_index.max(1),
             nodes_index: image.nodes_index.max(1),
             catalog_index: image.catalog_index.max(1),
@@ -800,19 +816,16 @@ impl State {
             .map(|info| {
                 let entry = NodeEntry {
                     info,
-                    services: BTreeMap::new(),
-                    checks: BTreeMap::new(),
-                    check_owner: BTreeMap::new(),
+                    services: OrdMap::new(),
+                    checks: OrdMap::new(),
+                    check_owner: OrdMap::new(),
                 };
                 (entry.info.name.clone(), entry)
             })
             .collect();
         for (node, svc) in image.services {
             if let Some(n) = nodes.get_mut(&node) {
-                state.by_name.entry(svc.name.clone()).or_default();
-                if let Some(set) = state.by_name.get_mut(&svc.name) {
-                    Arc::make_mut(set).insert((node.clone(), svc.id.clone()));
-                }
+                state.link(&svc.name, &node, &svc.id);
                 n.services.insert(svc.id.clone(), Arc::new(svc));
             }
         }

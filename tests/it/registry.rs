@@ -977,3 +977,41 @@ async fn a_torn_log_tail_is_dropped_at_start_and_earlier_records_survive() {
     assert_eq!(keys.as_array().unwrap().len(), 6);
     child.kill();
 }
+
+// === Scale ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_thirty_thousand_instances_registered_by_concurrent_agents() {
+    const NODES: usize = 30;
+    const PER_NODE: usize = 1000;
+    let reg = TestRegistry::start().await;
+    let addr = reg.addr();
+    let start = Instant::now();
+    let mut agents = Vec::new();
+    for n in 0..NODES {
+        agents.push(tokio::spawn(async move {
+            for i in 0..PER_NODE {
+                let r = put_json(
+                    addr,
+                    "/v1/catalog/register",
+                    json!({"Node": format!("node-{n}"), "Address": format!("10.0.{n}.1"),
+                           "Service": {"ID": format!("svc-{i}-{n}"), "Service": format!("svc-{}", i % 100), "Port": 8000},
+                           "Check": {"CheckID": format!("svc-{i}-{n}-ttl"), "ServiceID": format!("svc-{i}-{n}"),
+                                     "Status": "passing", "Definition": {"TTL": "10m"}}}),
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::OK);
+            }
+        }));
+    }
+    for a in agents {
+        a.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let snapshot = snapshot_where(&reg.handle, |s| s.instance_count() == NODES * PER_NODE).await;
+    assert_eq!(snapshot.services.len(), 100);
+    let one = get(addr, "/v1/health/service/svc-7?passing").await.json();
+    assert_eq!(one.as_array().unwrap().len(), NODES * PER_NODE / 100);
+    eprintln!("30000 registrations in {elapsed:?}");
+    reg.stop().await;
+}
