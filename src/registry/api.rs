@@ -69,35 +69,33 @@ type Resp = Response<Full<Bytes>>;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// The `Allow` header of a 405.
+    pub allow: Option<String>,
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
+            allow: None,
         }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-        }
+        Self::new(StatusCode::NOT_FOUND, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: message.into(),
-        }
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
     pub fn internal() -> Self {
-        Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: "internal error".to_owned(),
-        }
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
 
     fn decode(error: impl fmt::Display) -> Self {
@@ -105,20 +103,27 @@ impl ApiError {
     }
 
     fn method(method: &Method, allowed: &[Method]) -> Self {
-        let _ = allowed;
+        let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
         Self {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            message: format!("method {method} not allowed"),
+            allow: Some(allow.join(", ")),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} not allowed"),
+            )
         }
     }
 
     fn into_response(self) -> Resp {
         let mut resp = Response::new(Full::new(Bytes::from(self.message)));
         *resp.status_mut() = self.status;
-        resp.headers_mut().insert(
+        let headers = resp.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let Some(allow) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            headers.insert(header::ALLOW, allow);
+        }
         resp
     }
 }
@@ -139,14 +144,7 @@ where
             if error.status.is_server_error() {
                 tracing::warn!(%method, %path, status = %error.status, %error, "registry request failed");
             }
-            if error.status == StatusCode::METHOD_NOT_ALLOWED {
-                let mut resp = error.into_response();
-                resp.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("GET, PUT, DELETE"));
-                resp
-            } else {
-                error.into_response()
-            }
+            error.into_response()
         }
     };
     Ok(resp)
@@ -1120,7 +1118,7 @@ async fn catalog_register(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError
         checks,
         replace_service_checks: false,
     };
-    submit(shared, move |state, _| {
+    submit(shared, move |state, checks| {
         for c in &registration.checks {
             if c.service_id.is_empty() {
                 continue;
@@ -1139,6 +1137,10 @@ async fn catalog_register(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError
                     c.service_id, c.id
                 )));
             }
+        }
+        // Re-registering a check with a status refreshes its TTL, as a `pass` would.
+        for c in registration.checks.iter().filter(|c| c.status.is_some()) {
+            checks.refresh_ttl(&(registration.node.clone(), c.id.clone()), Instant::now());
         }
         Ok(Some(Op::Register(registration)))
     })
