@@ -969,7 +969,14 @@ async fn agent_register(shared: &Shared, _query: &Query, body: &[u8]) -> Result<
         checks,
         replace_service_checks: true,
     };
-    submit(shared, move |_, _| Ok(Some(Op::Register(registration)))).await?;
+    submit(shared, move |_, checks| {
+        // Registering a check with a status restarts its TTL, as a `pass` would.
+        for c in registration.checks.iter().filter(|c| c.status.is_some()) {
+            checks.refresh_ttl(&(registration.node.clone(), c.id.clone()), Instant::now());
+        }
+        Ok(Some(Op::Register(registration)))
+    })
+    .await?;
     Ok(plain(StatusCode::OK, ""))
 }
 
@@ -1478,6 +1485,15 @@ async fn kv_delete(shared: &Shared, query: &Query, key: String) -> Result<Resp, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn a_go_duration_reads_back_as_written(h in 0u64..1000, m in 0u64..60, sec in 0u64..60, ms in 0u64..1000) {
+            let text = format!("{h}h{m}m{sec}s{ms}ms");
+            let want = Duration::from_secs(h * 3600 + m * 60 + sec) + Duration::from_millis(ms);
+            proptest::prop_assert_eq!(parse_go_duration(&text), Ok(want));
+        }
+    }
 
     #[test]
     fn parses_go_durations() {

@@ -1328,4 +1328,72 @@ mod tests {
         // A node check moves the index of every service on the node.
         assert_eq!(state.index_of_service("web"), 3);
     }
+
+    #[test]
+    fn renaming_a_service_moves_its_instance_and_both_indexes() {
+        let mut state = State::default();
+        state.apply(&register(2, "n1", "x-1", "old"));
+        state.apply(&register(3, "n1", "x-1", "new"));
+        assert_eq!(state.instances("old").count(), 0);
+        assert_eq!(state.instances("new").count(), 1);
+        assert_eq!(state.index_of_service("old"), 3);
+        assert_eq!(state.index_of_service("new"), 3);
+        assert_eq!(
+            state.check("n1", "service:x-1").unwrap().service_name,
+            "new"
+        );
+        assert!(!state.by_name.contains_key("old"));
+    }
+
+    #[test]
+    fn deregistering_a_node_removes_its_services_and_checks() {
+        let mut state = State::default();
+        state.apply(&register(2, "n1", "a-1", "a"));
+        state.apply(&register(3, "n2", "a-2", "a"));
+        let touched = state.apply(&Record {
+            index: 4,
+            op: Op::Deregister {
+                node: "n1".into(),
+                service_id: None,
+                check_id: None,
+            },
+        });
+        assert_eq!(touched, [("n1".to_owned(), "service:a-1".to_owned())]);
+        assert_eq!(state.instances("a").count(), 1);
+        assert_eq!(state.nodes_index, 4);
+        assert_eq!(state.index_of_service("a"), 4);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Whatever byte a crash cuts the log at, reopening yields exactly the records that
+        /// were wholly written, in order.
+        #[test]
+        fn a_log_cut_at_any_byte_replays_the_whole_records_before_the_cut(
+            values in proptest::collection::vec("[a-z]{0,40}", 1..12),
+            cut_permille in 0u64..=1000,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut buf = Vec::new();
+            let mut ends = Vec::new();
+            for (i, v) in values.iter().enumerate() {
+                encode(&put(i as u64 + 2, &format!("k{i}"), v), &mut buf).unwrap();
+                ends.push(buf.len() as u64);
+            }
+            let cut = buf.len() as u64 * cut_permille / 1000;
+            {
+                let (mut store, _) = Store::open(dir.path()).unwrap();
+                store.append(&buf[..cut as usize]).unwrap();
+            }
+            let (store, state) = Store::open(dir.path()).unwrap();
+            let whole = ends.iter().filter(|e| **e <= cut).count();
+            proptest::prop_assert_eq!(state.kv.len(), whole);
+            proptest::prop_assert_eq!(state.index, whole as u64 + 1);
+            proptest::prop_assert_eq!(store.log_len(), if whole == 0 { 0 } else { ends[whole - 1] });
+            for (i, v) in values.iter().take(whole).enumerate() {
+                proptest::prop_assert_eq!(&state.kv[&format!("k{i}")].value, v.as_bytes());
+            }
+        }
+    }
 }
