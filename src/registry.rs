@@ -11,7 +11,8 @@
 //! queries) see published, hence durable, state only.
 //!
 //! In-process consumers skip HTTP: [`RegistryHandle::subscribe`] yields a
-//! [`catalog::Snapshot`] on every catalog or health change.
+//! [`catalog::Snapshot`] on every catalog or health change, and
+//! [`RegistryHandle::discovery`] wraps it as a [`Discovery`] source.
 
 pub mod api;
 pub mod checks;
@@ -31,8 +32,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::catalog::{self, Instance, Node, ServiceName};
+use crate::catalog::{self, Discovery, Instance, Node, Publisher, ServiceName};
 use api::ApiError;
 use checks::{Checks, ProbeResult};
 use store::{Op, Record, State, Store, StoreError};
@@ -90,9 +92,18 @@ impl RegistryHandle {
     }
 
     /// The catalog as a [`catalog::Snapshot`], republished on every catalog or health change
-    /// (not on KV writes).
+    /// (not on KV writes). Rebuilds are coalesced: a snapshot follows its write by ~20 ms at
+    /// most on a small catalog.
     pub fn subscribe(&self) -> watch::Receiver<Arc<catalog::Snapshot>> {
         self.snapshots.clone()
+    }
+
+    /// This registry as a [`Discovery`] source, for an agent in the same process.
+    pub fn discovery(&self) -> EmbeddedDiscovery {
+        EmbeddedDiscovery {
+            addr: self.addr,
+            snapshots: self.snapshots.clone(),
+        }
     }
 
     /// The catalog as it is now.
@@ -110,6 +121,37 @@ impl RegistryHandle {
         for task in self.tasks {
             if let Err(error) = task.await {
                 tracing::error!(%error, "registry task failed");
+            }
+        }
+    }
+}
+
+/// The embedded registry's snapshots fed to a [`Publisher`], without HTTP.
+#[derive(Debug)]
+pub struct EmbeddedDiscovery {
+    addr: SocketAddr,
+    snapshots: watch::Receiver<Arc<catalog::Snapshot>>,
+}
+
+impl Discovery for EmbeddedDiscovery {
+    fn describe(&self) -> String {
+        format!("embedded:{}", self.addr)
+    }
+
+    async fn run(mut self, publisher: Publisher, shutdown: CancellationToken) {
+        loop {
+            let snapshot = (**self.snapshots.borrow_and_update()).clone();
+            publisher.publish(snapshot);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        // The registry stopped: keep the last snapshot, say so, wait for shutdown.
+                        publisher.fail("the embedded registry has stopped");
+                        shutdown.cancelled().await;
+                        return;
+                    }
+                }
             }
         }
     }
@@ -192,11 +234,15 @@ async fn serve(
             .max_buf_size(64 * 1024)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%peer, %error, "registry connection ended with an error");
+        let span = tracing::debug_span!("registry connection", %peer);
+        tokio::spawn(
+            async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     drop(listener);
     tokio::select! {

@@ -821,6 +821,53 @@ async fn catalog_register_adds_other_nodes_and_a_node_deregistration_removes_the
     reg.stop().await;
 }
 
+#[tokio::test]
+async fn embedded_discovery_feeds_a_publisher_without_http() {
+    use skyline::catalog::Discovery as _;
+    let reg = TestRegistry::start().await;
+    let addr = reg.addr();
+    let (publisher, mut rx) = skyline::catalog::channel();
+    let token = CancellationToken::new();
+    let discovery = reg.handle.discovery();
+    assert_eq!(discovery.describe(), format!("embedded:{addr}"));
+    let task = tokio::spawn(discovery.run(publisher, token.clone()));
+    register(addr, json!({"ID": "e-1", "Name": "embedded", "Port": 7, "Check": {"CheckID": "e", "TTL": "60s", "Status": "passing"}})).await;
+    let state = tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|s| s.snapshot.as_ref().is_some_and(|s| s.instance_count() == 1)),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert!(state.error.is_none());
+    put(addr, "/v1/agent/check/warn/e", "").await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|s| {
+            s.snapshot
+                .as_ref()
+                .is_some_and(|s| s.services["embedded"][0].health == Health::Warning)
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    reg.stop().await;
+    let stopped = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.error.is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        stopped.snapshot.unwrap().instance_count(),
+        1,
+        "last snapshot kept"
+    );
+    token.cancel();
+    task.await.unwrap();
+}
+
 // === Durability across a real crash ===
 
 const CHILD_ENV: &str = "SKYLINE_TEST_CHILD";
