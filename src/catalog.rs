@@ -4,6 +4,7 @@
 //! A backend owns a task and publishes *whole* snapshots through a [`Publisher`]; the request path
 //! never awaits a backend, it only reads the latest route table built from the latest snapshot.
 
+pub mod consul;
 pub mod file;
 
 use std::collections::BTreeMap;

@@ -9,10 +9,12 @@
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table.
 //! - [`admin`]: `/healthz`, `/readyz`, `/routes` on the admin listener.
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
-//!   [`catalog::file`] is the first backend: a TOML file, hot-reloaded.
+//!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
+//!   (blocking queries over HTTP), which also follows our own registry.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //! - [`demo`]: the `hello` and `echo` demo applications.
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
+//! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
 //! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain; [`serve::guard`] refuses
 //!   ambiguous HTTP/1 request framing before hyper sees it.
@@ -25,6 +27,7 @@ pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod proxy;
+pub mod registry;
 pub mod routing;
 pub mod serve;
 pub mod up;

@@ -2,9 +2,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod catalog_changes;
+mod consul_backend;
 mod guard;
 mod hostile_input;
 mod pool;
 mod processes;
+mod registry;
 mod support;
 mod two_hops;

@@ -1,0 +1,662 @@
+//! The Consul backend: watches a Consul agent (or our embedded registry, which speaks the same
+//! API) with blocking queries and publishes whole snapshots.
+//!
+//! One task watches `/v1/catalog/services`; one task per service watches
+//! `/v1/health/service/<name>` (all statuses: an instance's health is its worst check). The
+//! aggregating loop publishes only once every watched service has answered, so a snapshot is
+//! never partial. Each watch follows Consul's client rules for blocking queries: an index that
+//! goes backwards is reset to 0 (a fresh, non-blocking read); an index of 0 from the server is
+//! clamped to 1; requests of one watch are at least [`MIN_INTERVAL`] apart; errors back off
+//! exponentially with jitter, from [`BACKOFF_START`] to [`BACKOFF_MAX`]. While Consul is
+//! unreachable the last good snapshot stays in force and the error is reported through
+//! [`Publisher::fail`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName, Snapshot,
+};
+
+/// The blocking wait asked of Consul when none is configured.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+/// The least time between two requests of one watch (Consul's rule: rate-limit the loop).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
+/// The first delay after an error.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest delay between retries after errors.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The largest response body read.
+const MAX_RESPONSE: usize = 256 << 20;
+const INBOUND_PORT_META: &str = "skyline-inbound-port";
+
+/// Where to find Consul and how long to block.
+#[derive(Clone, Debug)]
+pub struct ConsulDiscovery {
+    /// The Consul agent's (or our registry's) HTTP address, such as 127.0.0.1:8500.
+    pub address: SocketAddr,
+    /// How long one blocking query waits for a change; default 60 s. Consul caps it at 10 min.
+    pub wait: Duration,
+}
+
+impl ConsulDiscovery {
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            wait: DEFAULT_WAIT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("GET {path} failed")]
+    Request {
+        path: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("GET {path} did not answer within {timeout:?}")]
+    Timeout { path: String, timeout: Duration },
+    #[error("GET {path} answered {status}: {body}")]
+    Status {
+        path: String,
+        status: http::StatusCode,
+        body: String,
+    },
+    #[error("reading the answer to GET {path} failed: {reason}")]
+    Body { path: String, reason: String },
+    #[error("cannot decode the answer to GET {path}")]
+    Decode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot build a request for {path}")]
+    Build {
+        path: String,
+        #[source]
+        source: http::Error,
+    },
+}
+
+/// `error: cause: cause`, for logs and `/readyz`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
+}
+
+impl Discovery for ConsulDiscovery {
+    fn describe(&self) -> String {
+        format!("consul:{}", self.address)
+    }
+
+    async fn run(self, publisher: Publisher, shutdown: CancellationToken) {
+        Aggregator::new(self, publisher).run(shutdown).await;
+    }
+}
+
+// === Cursor: Consul's index rules ===
+
+/// The index a watch sends next.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    index: u64,
+}
+
+impl Cursor {
+    /// The `?index=` to send; `None` for a non-blocking read (first call, or after a reset).
+    pub fn query_index(&self) -> Option<u64> {
+        (self.index > 0).then_some(self.index)
+    }
+
+    /// Takes in the `X-Consul-Index` of an answer.
+    pub fn advance(&mut self, new: u64) {
+        self.index = if new == 0 {
+            // A server bug; sending 0 again would busy-loop.
+            1
+        } else if new < self.index {
+            // Restored snapshot or new leader: start over with a fresh read.
+            0
+        } else {
+            new
+        };
+    }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from `[d/2, d]`, `d` doubling up to the max.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self {
+            next: BACKOFF_START,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_START;
+    }
+
+    fn delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let half = d / 2;
+        half + Duration::from_nanos(fastrand::u64(
+            0..=u64::try_from(half.as_nanos()).unwrap_or(0),
+        ))
+    }
+}
+
+// === Wire types ===
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthEntry {
+    node: NodeJson,
+    service: ServiceJson,
+    #[serde(default)]
+    checks: Option<Vec<CheckJson>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NodeJson {
+    node: String,
+    address: String,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ServiceJson {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    weights: Option<WeightsJson>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct WeightsJson {
+    #[serde(default)]
+    passing: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CheckJson {
+    status: String,
+}
+
+/// One service's instances with the nodes they run on.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+struct ServiceView {
+    nodes: Vec<Node>,
+    instances: Vec<Instance>,
+}
+
+fn parse_health(name: &ServiceName, body: &[u8], path: &str) -> Result<ServiceView, ConsulError> {
+    let entries: Vec<HealthEntry> =
+        serde_json::from_slice(body).map_err(|source| ConsulError::Decode {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut view = ServiceView::default();
+    for entry in entries {
+        let Ok(node_addr) = entry.node.address.parse::<IpAddr>() else {
+            tracing::warn!(node = %entry.node.node, address = %entry.node.address, "node address is not an IP; instance left out");
+            continue;
+        };
+        let node_meta = entry.node.meta.unwrap_or_default();
+        let svc = entry.service;
+        let address = if svc.address.is_empty() {
+            node_addr
+        } else if let Ok(ip) = svc.address.parse() {
+            ip
+        } else {
+            tracing::warn!(service = %name, id = %svc.id, address = %svc.address, "service address is not an IP; instance left out");
+            continue;
+        };
+        let health = entry
+            .checks
+            .unwrap_or_default()
+            .iter()
+            .map(|c| match c.status.as_str() {
+                "passing" => Health::Passing,
+                "warning" => Health::Warning,
+                _ => Health::Critical,
+            })
+            .max()
+            .unwrap_or(Health::Passing);
+        view.nodes.push(Node {
+            name: entry.node.node.clone(),
+            address: node_addr,
+            inbound_port: node_meta
+                .get(INBOUND_PORT_META)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(DEFAULT_INBOUND_PORT),
+            meta: node_meta,
+        });
+        view.instances.push(Instance {
+            id: svc.id,
+            service: name.clone(),
+            node: entry.node.node,
+            address,
+            port: svc.port,
+            tags: svc.tags.unwrap_or_default(),
+            meta: svc.meta.unwrap_or_default(),
+            health,
+            weight: svc.weights.map_or(1, |w| w.passing.max(1)),
+        });
+    }
+    view.instances
+        .sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
+    Ok(view)
+}
+
+fn parse_services(body: &[u8], path: &str) -> Result<BTreeSet<ServiceName>, ConsulError> {
+    let map: BTreeMap<String, Option<Vec<String>>> =
+        serde_json::from_slice(body).map_err(|source| ConsulError::Decode {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(map
+        .into_keys()
+        .filter_map(|name| match ServiceName::parse(&name) {
+            Ok(n) => Some(n),
+            Err(error) => {
+                tracing::debug!(%error, "service name outside the mesh contract; not watched");
+                None
+            }
+        })
+        .collect())
+}
+
+// === HTTP ===
+
+#[derive(Clone)]
+struct Http {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    address: SocketAddr,
+    wait: Duration,
+}
+
+impl Http {
+    fn new(address: SocketAddr, wait: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_nodelay(true);
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            address,
+            wait,
+        }
+    }
+
+    /// One (blocking) GET: the answer's `X-Consul-Index` and body.
+    async fn get(&self, path: &str, index: Option<u64>) -> Result<(u64, Bytes), ConsulError> {
+        let uri = match index {
+            Some(i) => format!(
+                "http://{}{path}?index={i}&wait={}ms",
+                self.address,
+                self.wait.as_millis()
+            ),
+            None => format!("http://{}{path}", self.address),
+        };
+        let req = http::Request::get(uri)
+            .body(Empty::new())
+            .map_err(|source| ConsulError::Build {
+                path: path.to_owned(),
+                source,
+            })?;
+        let timeout = self.wait + self.wait / 16 + Duration::from_secs(5);
+        let fetch = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|source| ConsulError::Request {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            let status = resp.status();
+            let index = resp
+                .headers()
+                .get("x-consul-index")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ConsulError::Body {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            if !status.is_success() {
+                let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                return Err(ConsulError::Status {
+                    path: path.to_owned(),
+                    status,
+                    body,
+                });
+            }
+            Ok((index, body))
+        };
+        match tokio::time::timeout(timeout, fetch).await {
+            Ok(r) => r,
+            Err(_) => Err(ConsulError::Timeout {
+                path: path.to_owned(),
+                timeout,
+            }),
+        }
+    }
+}
+
+// === Watches ===
+
+#[derive(Debug)]
+enum Event {
+    Services(Result<BTreeSet<ServiceName>, String>),
+    Service(ServiceName, Result<ServiceView, String>),
+}
+
+/// Runs one blocking-query loop until `stop`, sending each answer (or error) to the aggregator.
+async fn watch<T>(
+    http: Http,
+    path: String,
+    parse: impl Fn(&[u8], &str) -> Result<T, ConsulError>,
+    wrap: impl Fn(Result<T, String>) -> Event,
+    tx: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) {
+    let mut cursor = Cursor::default();
+    let mut backoff = Backoff::new();
+    let mut last_start: Option<Instant> = None;
+    loop {
+        if let Some(start) = last_start {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep_until(start + MIN_INTERVAL) => {}
+            }
+        }
+        last_start = Some(Instant::now());
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            r = http.get(&path, cursor.query_index()) => r,
+        };
+        let result = result.and_then(|(index, body)| Ok((index, parse(&body, &path)?)));
+        match result {
+            Ok((index, value)) => {
+                cursor.advance(index);
+                backoff.reset();
+                if tx.send(wrap(Ok(value))).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                let error = chain(&error);
+                tracing::debug!(%error, "consul watch failed");
+                if tx.send(wrap(Err(error))).await.is_err() {
+                    return;
+                }
+                let delay = backoff.delay();
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+struct Aggregator {
+    config: ConsulDiscovery,
+    http: Http,
+    publisher: Publisher,
+    /// `None` until `/v1/catalog/services` first answered.
+    wanted: Option<BTreeSet<ServiceName>>,
+    views: BTreeMap<ServiceName, ServiceView>,
+    watches: HashMap<ServiceName, CancellationToken>,
+    /// Current errors by source ("catalog" or a service name).
+    errors: BTreeMap<String, String>,
+    last: Option<Snapshot>,
+}
+
+impl Aggregator {
+    fn new(config: ConsulDiscovery, publisher: Publisher) -> Self {
+        let http = Http::new(config.address, config.wait);
+        Self {
+            config,
+            http,
+            publisher,
+            wanted: None,
+            views: BTreeMap::new(),
+            watches: HashMap::new(),
+            errors: BTreeMap::new(),
+            last: None,
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
+        let (tx, mut rx) = mpsc::channel(256);
+        let stop = shutdown.child_token();
+        tokio::spawn(watch(
+            self.http.clone(),
+            "/v1/catalog/services".to_owned(),
+            parse_services,
+            Event::Services,
+            tx.clone(),
+            stop.clone(),
+        ));
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = rx.recv() => match event {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            match event {
+                Event::Services(Ok(names)) => {
+                    self.errors.remove("catalog");
+                    self.set_services(names, &tx, &stop);
+                    self.publish();
+                }
+                Event::Services(Err(error)) => {
+                    self.errors.insert("catalog".to_owned(), error);
+                    self.publish();
+                }
+                Event::Service(name, result) => {
+                    if !self.watches.contains_key(&name) {
+                        continue; // a late answer for a service no longer watched
+                    }
+                    match result {
+                        Ok(view) => {
+                            let had_error = self.errors.remove(name.as_str()).is_some();
+                            let first = !self.views.contains_key(&name);
+                            if !first && !had_error && self.views.get(&name) == Some(&view) {
+                                continue; // a blocking query that timed out: nothing new
+                            }
+                            self.views.insert(name, view);
+                        }
+                        Err(error) => {
+                            self.errors.insert(name.to_string(), error);
+                        }
+                    }
+                    self.publish();
+                }
+            }
+        }
+        stop.cancel();
+    }
+
+    fn set_services(
+        &mut self,
+        names: BTreeSet<ServiceName>,
+        tx: &mpsc::Sender<Event>,
+        stop: &CancellationToken,
+    ) {
+        self.watches.retain(|name, token| {
+            let keep = names.contains(name);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        self.views.retain(|name, _| names.contains(name));
+        self.errors
+            .retain(|source, _| source == "catalog" || names.contains(source.as_str()));
+        for name in &names {
+            if self.watches.contains_key(name) {
+                continue;
+            }
+            let token = stop.child_token();
+            let for_wrap = name.clone();
+            let for_parse = name.clone();
+            tokio::spawn(watch(
+                self.http.clone(),
+                format!("/v1/health/service/{name}"),
+                move |body, path| parse_health(&for_parse, body, path),
+                move |result| Event::Service(for_wrap.clone(), result),
+                tx.clone(),
+                token.clone(),
+            ));
+            self.watches.insert(name.clone(), token);
+        }
+        self.wanted = Some(names);
+    }
+
+    /// Publishes the whole snapshot once every watched service has answered; reports errors.
+    fn publish(&mut self) {
+        let complete = self
+            .wanted
+            .as_ref()
+            .is_some_and(|w| w.iter().all(|n| self.views.contains_key(n)));
+        if complete {
+            let snapshot = self.build();
+            let changed = self.last.as_ref() != Some(&snapshot);
+            if changed || self.errors.is_empty() {
+                self.publisher.publish(snapshot.clone());
+                self.last = Some(snapshot);
+            }
+        }
+        if let Some((source, error)) = self.errors.iter().next() {
+            let more = self.errors.len() - 1;
+            let suffix = if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            };
+            self.publisher.fail(format!(
+                "{} ({source}): {error}{suffix}",
+                self.config.describe()
+            ));
+        }
+    }
+
+    fn build(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for (name, view) in &self.views {
+            for node in &view.nodes {
+                snapshot
+                    .nodes
+                    .entry(node.name.clone())
+                    .or_insert_with(|| node.clone());
+            }
+            if !view.instances.is_empty() {
+                snapshot
+                    .services
+                    .insert(name.clone(), view.instances.clone());
+            }
+        }
+        snapshot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_that_goes_backwards_resets_to_a_fresh_read() {
+        let mut c = Cursor::default();
+        assert_eq!(c.query_index(), None);
+        c.advance(42);
+        assert_eq!(c.query_index(), Some(42));
+        c.advance(7);
+        assert_eq!(c.query_index(), None);
+        c.advance(7);
+        assert_eq!(c.query_index(), Some(7));
+    }
+
+    #[test]
+    fn an_index_of_zero_is_clamped_to_one() {
+        let mut c = Cursor::default();
+        c.advance(0);
+        assert_eq!(c.query_index(), Some(1));
+        c.advance(0);
+        assert_eq!(c.query_index(), Some(1));
+    }
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_with_jitter() {
+        let mut b = Backoff::new();
+        let first = b.delay();
+        assert!(first >= BACKOFF_START / 2 && first <= BACKOFF_START);
+        let mut last = first;
+        for _ in 0..20 {
+            last = b.delay();
+        }
+        assert!(last >= BACKOFF_MAX / 2 && last <= BACKOFF_MAX);
+        b.reset();
+        assert!(b.delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn parses_a_health_answer_with_worst_check_and_defaults() {
+        let body = br#"[{"Node":{"Node":"n1","Address":"10.0.0.1","Meta":{"skyline-inbound-port":"6000"}},
+            "Service":{"ID":"web-1","Service":"web","Tags":null,"Address":"","Meta":null,"Port":80},
+            "Checks":[{"Status":"passing"},{"Status":"warning"}]},
+            {"Node":{"Node":"n2","Address":"not-an-ip"},"Service":{"ID":"web-2","Service":"web","Port":81},"Checks":[]}]"#;
+        let name = ServiceName::parse("web").unwrap();
+        let view = parse_health(&name, body, "/v1/health/service/web").unwrap();
+        assert_eq!(view.instances.len(), 1);
+        let i = &view.instances[0];
+        assert_eq!(i.health, Health::Warning);
+        assert_eq!(i.address, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(i.weight, 1);
+        assert_eq!(view.nodes[0].inbound_port, 6000);
+    }
+}

@@ -1,0 +1,542 @@
+//! The embedded registry: a subset of Consul's HTTP API (agent, catalog, health, KV, status) on
+//! hyper 1, with TTL/HTTP/TCP checks, blocking queries and crash-safe state.
+//!
+//! - [`api`]: HTTP routing, Consul's JSON shapes and status codes, blocking queries.
+//! - [`store`]: the state, the ops that change it, and the append-only log that makes them durable.
+//! - [`checks`]: TTL deadlines, HTTP/TCP probes and `DeregisterCriticalServiceAfter`.
+//!
+//! One task (the *core*) owns the state and the log. Writes arrive as commands; the core
+//! validates each against the current state, applies it, group-commits the batch with one
+//! `fdatasync`, and only then publishes the new state and answers. Readers (and blocking
+//! queries) see published, hence durable, state only.
+//!
+//! In-process consumers skip HTTP: [`RegistryHandle::subscribe`] yields a
+//! [`catalog::Snapshot`] on every catalog or health change, and
+//! [`RegistryHandle::discovery`] wraps it as a [`Discovery`] source.
+
+pub mod api;
+pub mod checks;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::catalog::{self, Discovery, Instance, Node, Publisher, ServiceName};
+use api::ApiError;
+use checks::{Checks, ProbeResult};
+use store::{Op, Record, State, Store, StoreError};
+
+/// The node meta key that gives a node's inbound proxy port.
+pub const INBOUND_PORT_META: &str = "skyline-inbound-port";
+
+/// How the embedded registry runs.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Where the log, the snapshot and the `FORMAT` file live. Created when missing.
+    pub data_dir: PathBuf,
+    /// The registry's own node: the `/v1/agent/*` endpoints register services on it.
+    /// Default `local`.
+    pub node_name: String,
+    /// The address of the registry's own node, as reported in the catalog. Default 127.0.0.1.
+    pub node_address: IpAddr,
+}
+
+impl RegistryConfig {
+    /// A config with the defaults for everything but the data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            node_name: "local".to_owned(),
+            node_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot open the registry's data directory")]
+    Store(#[from] StoreError),
+    #[error("cannot read the listener's address")]
+    Listener(#[source] std::io::Error),
+    #[error("the registry's startup task failed")]
+    Startup(#[source] tokio::task::JoinError),
+}
+
+/// A running registry.
+#[derive(Debug)]
+pub struct RegistryHandle {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    snapshots: watch::Receiver<Arc<catalog::Snapshot>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+// === impl RegistryHandle ===
+
+impl RegistryHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The catalog as a [`catalog::Snapshot`], republished on every catalog or health change
+    /// (not on KV writes). Rebuilds are coalesced: a snapshot follows its write by ~20 ms at
+    /// most on a small catalog.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<catalog::Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// This registry as a [`Discovery`] source, for an agent in the same process.
+    pub fn discovery(&self) -> EmbeddedDiscovery {
+        EmbeddedDiscovery {
+            addr: self.addr,
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
+    /// The catalog as it is now.
+    pub fn snapshot(&self) -> Arc<catalog::Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// Starts a graceful shutdown (same as cancelling the token given to [`spawn`]).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for the server, its connections and the core to finish after shutdown.
+    pub async fn join(self) {
+        for task in self.tasks {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "registry task failed");
+            }
+        }
+    }
+}
+
+/// The embedded registry's snapshots fed to a [`Publisher`], without HTTP.
+#[derive(Debug)]
+pub struct EmbeddedDiscovery {
+    addr: SocketAddr,
+    snapshots: watch::Receiver<Arc<catalog::Snapshot>>,
+}
+
+impl Discovery for EmbeddedDiscovery {
+    fn describe(&self) -> String {
+        format!("embedded:{}", self.addr)
+    }
+
+    async fn run(mut self, publisher: Publisher, shutdown: CancellationToken) {
+        loop {
+            let snapshot = (**self.snapshots.borrow_and_update()).clone();
+            publisher.publish(snapshot);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        // The registry stopped: keep the last snapshot, say so, wait for shutdown.
+                        publisher.fail("the embedded registry has stopped");
+                        shutdown.cancelled().await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens the data directory, replays it, and serves the Consul API on `listener` until
+/// `shutdown` is cancelled.
+pub async fn spawn(
+    listener: tokio::net::TcpListener,
+    config: RegistryConfig,
+    shutdown: CancellationToken,
+) -> Result<RegistryHandle, RegistryError> {
+    let addr = listener.local_addr().map_err(RegistryError::Listener)?;
+    let dir = config.data_dir.clone();
+    let (store, state) = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(RegistryError::Startup)??;
+    tracing::info!(%addr, dir = %config.data_dir.display(), index = state.index, "registry started");
+
+    let state = Arc::new(state);
+    let (state_tx, state_rx) = watch::channel(state.clone());
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(to_snapshot(&state)));
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (result_tx, result_rx) = mpsc::unbounded_channel();
+    let mut checks = Checks::new(result_tx);
+    let _ = checks.reset_all(&state, Instant::now());
+
+    let core_stop = CancellationToken::new();
+    let core = Core {
+        working: (*state).clone(),
+        store: Some(store),
+        checks,
+        state_tx,
+    };
+    let core_task = tokio::spawn(core.run(cmd_rx, result_rx, core_stop.clone()));
+    let snap_task = tokio::spawn(publish_snapshots(state_rx.clone(), snap_tx));
+
+    let shared = Arc::new(api::Shared {
+        cmds: cmd_tx,
+        state: state_rx,
+        node_name: config.node_name.clone(),
+        node_address: config.node_address,
+        shutdown: shutdown.clone(),
+    });
+    let server_task = tokio::spawn(serve(listener, shared, shutdown.clone(), core_stop));
+    Ok(RegistryHandle {
+        addr,
+        shutdown,
+        snapshots: snap_rx,
+        tasks: vec![server_task, core_task, snap_task],
+    })
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<api::Shared>,
+    shutdown: CancellationToken,
+    core_stop: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "registry accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let service = service_fn(move |req| api::handle(shared.clone(), req));
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        let span = tracing::debug_span!("registry connection", %peer);
+        tokio::spawn(
+            async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(5)) => {
+            tracing::warn!("registry connections still open after 5s; closing anyway");
+        }
+    }
+    core_stop.cancel();
+}
+
+// === Core ===
+
+/// A write request: validated against the current state by the core, then logged.
+pub(crate) struct Command {
+    /// Decides on the current state: an op to write, nothing to write, or a client error.
+    pub prepare: Prepare,
+    /// The index the write got, `None` when nothing was written.
+    pub reply: oneshot::Sender<Result<Option<u64>, ApiError>>,
+}
+
+pub(crate) type Prepare =
+    Box<dyn FnOnce(&State, &mut Checks) -> Result<Option<Op>, ApiError> + Send>;
+
+struct Core {
+    /// The state with this batch's writes; equals the published state between batches.
+    working: State,
+    /// `None` once the log failed beyond repair: every write is refused from then on.
+    store: Option<Store>,
+    checks: Checks,
+    state_tx: watch::Sender<Arc<State>>,
+}
+
+const MAX_BATCH: usize = 256;
+
+impl Core {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        mut results: mpsc::UnboundedReceiver<ProbeResult>,
+        stop: CancellationToken,
+    ) {
+        let mut next_tick = Instant::now();
+        loop {
+            let mut batch = Vec::new();
+            let mut probes = Vec::new();
+            let mut tick = false;
+            tokio::select! {
+                () = stop.cancelled() => break,
+                Some(cmd) = cmds.recv() => batch.push(cmd),
+                Some(result) = results.recv() => probes.push(result),
+                () = tokio::time::sleep_until(next_tick) => tick = true,
+            }
+            while batch.len() < MAX_BATCH {
+                match cmds.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            while probes.len() < MAX_BATCH {
+                match results.try_recv() {
+                    Ok(result) => probes.push(result),
+                    Err(_) => break,
+                }
+            }
+            let now = Instant::now();
+            let mut ops = Vec::new();
+            for result in probes {
+                ops.extend(self.checks.on_result(&self.working, result));
+            }
+            if tick {
+                let (due, next) = self.checks.tick(now);
+                ops.extend(due);
+                next_tick = next;
+            }
+            // New or changed checks may be due before the next planned tick.
+            if let Some(due) = self.commit(ops, batch, now).await {
+                next_tick = next_tick.min(due);
+            }
+        }
+        tracing::debug!("registry core stopped");
+    }
+
+    /// Applies internal ops and commands, makes them durable, publishes, answers.
+    /// Returns when a check it touched is next due.
+    async fn commit(&mut self, ops: Vec<Op>, batch: Vec<Command>, now: Instant) -> Option<Instant> {
+        let mut framed = Vec::new();
+        let mut touched = Vec::new();
+        let mut replies = Vec::with_capacity(batch.len());
+        for op in ops {
+            // Internal ops were computed on this state; an encode failure just skips one.
+            let _ = self.write(op, &mut framed, &mut touched);
+        }
+        for cmd in batch {
+            let outcome = match (cmd.prepare)(&self.working, &mut self.checks) {
+                Ok(Some(op)) => self.write(op, &mut framed, &mut touched).map(Some),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            replies.push((cmd.reply, outcome));
+        }
+        let mut failed = false;
+        let mut due = None;
+        if !framed.is_empty() {
+            if let Err(error) = self.persist(framed).await {
+                tracing::error!(error = %error_chain(&error), "registry write failed; batch rolled back");
+                failed = true;
+                self.working = (**self.state_tx.borrow()).clone();
+                due = self.checks.reset_all(&self.working, now);
+            } else {
+                let published = Arc::new(self.working.clone());
+                self.state_tx.send_replace(published.clone());
+                due = self.checks.touched(&self.working, &touched, now);
+                self.maybe_compact(published).await;
+            }
+        }
+        for (reply, outcome) in replies {
+            let outcome = match outcome {
+                Ok(_) if failed => {
+                    Err(ApiError::unavailable("the write could not be made durable"))
+                }
+                other => other,
+            };
+            let _ = reply.send(outcome);
+        }
+        due
+    }
+
+    fn write(
+        &mut self,
+        op: Op,
+        framed: &mut Vec<u8>,
+        touched: &mut Vec<store::CheckKey>,
+    ) -> Result<u64, ApiError> {
+        let record = Record {
+            index: self.working.index + 1,
+            op,
+        };
+        store::encode(&record, framed).map_err(|error| {
+            tracing::error!(error = %error_chain(&error), "cannot encode a registry record");
+            ApiError::internal()
+        })?;
+        touched.extend(self.working.apply(&record));
+        Ok(record.index)
+    }
+
+    async fn persist(&mut self, framed: Vec<u8>) -> Result<(), StoreError> {
+        let Some(mut store) = self.store.take() else {
+            return Err(StoreError::Io {
+                action: "write to",
+                path: PathBuf::from("<failed store>"),
+                source: std::io::Error::other("the store failed earlier"),
+            });
+        };
+        match tokio::task::spawn_blocking(move || {
+            let res = store.append(&framed);
+            (store, res)
+        })
+        .await
+        {
+            Ok((store, res)) => {
+                self.store = Some(store);
+                res
+            }
+            Err(join) => Err(StoreError::Io {
+                action: "write to",
+                path: PathBuf::from("<log>"),
+                source: std::io::Error::other(join.to_string()),
+            }),
+        }
+    }
+
+    async fn maybe_compact(&mut self, state: Arc<State>) {
+        let Some(mut store) = self.store.take_if(|s| s.wants_compaction()) else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || {
+            let res = store.compact(&state);
+            (store, res)
+        })
+        .await
+        {
+            Ok((store, res)) => {
+                if let Err(error) = res {
+                    // The log still holds everything; try again after the next write.
+                    tracing::warn!(error = %error_chain(&error), "registry compaction failed");
+                }
+                self.store = Some(store);
+            }
+            Err(error) => tracing::error!(%error, "registry compaction task failed"),
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
+}
+
+// === Snapshots for in-process consumers ===
+
+/// Rebuilds the catalog snapshot whenever the catalog part of the state moves. After each
+/// rebuild it pauses 20 ms, or as long as the rebuild took if longer, so a registration storm
+/// on a large catalog spends at most half a core on it.
+async fn publish_snapshots(
+    mut state: watch::Receiver<Arc<State>>,
+    tx: watch::Sender<Arc<catalog::Snapshot>>,
+) {
+    let mut last = state.borrow().catalog_index;
+    while state.changed().await.is_ok() {
+        let current = state.borrow_and_update().clone();
+        if current.catalog_index == last {
+            continue;
+        }
+        last = current.catalog_index;
+        let started = Instant::now();
+        let snapshot = to_snapshot(&current);
+        tx.send_if_modified(|old| {
+            if **old == snapshot {
+                false
+            } else {
+                *old = Arc::new(snapshot);
+                true
+            }
+        });
+        tokio::time::sleep(started.elapsed().max(Duration::from_millis(20))).await;
+    }
+}
+
+/// Maps the registry's state onto the mesh's catalog model.
+pub fn to_snapshot(state: &State) -> catalog::Snapshot {
+    let mut nodes = BTreeMap::new();
+    for entry in state.nodes.values() {
+        let info = &entry.info;
+        let Ok(address) = info.address.parse::<IpAddr>() else {
+            tracing::warn!(node = %info.name, address = %info.address, "node address is not an IP; its instances are left out");
+            continue;
+        };
+        nodes.insert(
+            info.name.clone(),
+            Node {
+                name: info.name.clone(),
+                address,
+                inbound_port: inbound_port(&info.meta),
+                meta: info.meta.clone(),
+            },
+        );
+    }
+    let mut services = BTreeMap::new();
+    for name in state.by_name.keys() {
+        let Ok(service) = ServiceName::parse(name) else {
+            continue;
+        };
+        let mut instances = Vec::new();
+        for (node, svc) in state.instances(name) {
+            let Some(n) = nodes.get(&node.info.name) else {
+                continue;
+            };
+            let address = if svc.address.is_empty() {
+                n.address
+            } else if let Ok(ip) = svc.address.parse() {
+                ip
+            } else {
+                tracing::warn!(service = %name, id = %svc.id, address = %svc.address, "service address is not an IP; instance left out");
+                continue;
+            };
+            instances.push(Instance {
+                id: svc.id.clone(),
+                service: service.clone(),
+                node: node.info.name.clone(),
+                address,
+                port: svc.port,
+                tags: svc.tags.clone(),
+                meta: svc.meta.clone(),
+                health: State::instance_health(node, &svc.id),
+                weight: svc.weights.passing.max(1),
+            });
+        }
+        if !instances.is_empty() {
+            services.insert(service, instances);
+        }
+    }
+    catalog::Snapshot { nodes, services }
+}
+
+/// The inbound port in a node's meta, or the default.
+pub fn inbound_port(meta: &BTreeMap<String, String>) -> u16 {
+    meta.get(INBOUND_PORT_META)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(catalog::DEFAULT_INBOUND_PORT)
+}
