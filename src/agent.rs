@@ -11,11 +11,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
+use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
 use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
 use crate::serve;
 
@@ -39,7 +41,15 @@ pub struct Settings {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CatalogSource {
+    /// A TOML file, hot-reloaded.
     File(PathBuf),
+    /// A Consul agent or a Skyline registry elsewhere, over HTTP.
+    Consul(SocketAddr),
+    /// A registry in this process, serving its API on `listen` for other nodes and tools.
+    Embedded {
+        listen: SocketAddr,
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +63,8 @@ pub enum AgentError {
     },
     #[error("catalog {source_name}: {error}")]
     Catalog { source_name: String, error: String },
+    #[error("the embedded registry cannot start")]
+    Registry(#[from] RegistryError),
 }
 
 /// The agent's listeners, bound before anything else starts so a port conflict fails fast.
@@ -60,6 +72,8 @@ pub struct Listeners {
     pub outbound: Option<TcpListener>,
     pub inbound: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// The embedded registry's API, with `--catalog embedded`.
+    pub registry: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -74,10 +88,15 @@ impl Listeners {
             })
             .transpose()
         };
+        let registry = match &settings.catalog {
+            CatalogSource::Embedded { listen, .. } => Some(*listen),
+            _ => None,
+        };
         Ok(Self {
             outbound: bind("outbound", settings.outbound)?,
             inbound: bind("inbound", settings.inbound)?,
             admin: bind("admin", settings.admin)?,
+            registry: bind("registry", registry)?,
         })
     }
 }
@@ -89,6 +108,9 @@ pub struct AgentHandle {
     pub admin: Option<SocketAddr>,
     pub routes: Arc<Routes>,
     pub catalog: Subscriber,
+    /// The embedded registry, with `--catalog embedded`.
+    pub registry: Option<SocketAddr>,
+    registry_handle: Option<RegistryHandle>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -101,6 +123,9 @@ impl AgentHandle {
 
     /// Waits until every task of the agent has finished.
     pub async fn join(mut self) {
+        if let Some(registry) = self.registry_handle.take() {
+            registry.join().await;
+        }
         while let Some(result) = self.tasks.join_next().await {
             if let Err(e) = result {
                 if e.is_panic() {
@@ -109,6 +134,18 @@ impl AgentHandle {
             }
         }
     }
+}
+
+/// Starts a discovery backend's task; returns its name for logs and `/readyz`.
+fn follow<D: Discovery>(
+    tasks: &mut JoinSet<()>,
+    discovery: D,
+    publisher: catalog::Publisher,
+    shutdown: &CancellationToken,
+) -> String {
+    let name = discovery.describe();
+    tasks.spawn(discovery.run(publisher, shutdown.clone()));
+    name
 }
 
 /// Binds the listeners and starts the agent; see [`start`].
@@ -124,19 +161,41 @@ pub async fn spawn(
 /// A catalog that cannot be read at start is an error; later failures keep the last good one.
 pub async fn start(
     settings: Settings,
-    listeners: Listeners,
+    mut listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<AgentHandle, AgentError> {
     let mut tasks = JoinSet::new();
     let (publisher, mut subscriber) = catalog::channel();
+    let mut registry_handle = None;
     let source_name = match &settings.catalog {
         CatalogSource::File(path) => {
-            let discovery = FileDiscovery::new(path);
-            let name = discovery.describe();
-            tasks.spawn(discovery.run(publisher, shutdown.clone()));
+            follow(&mut tasks, FileDiscovery::new(path), publisher, &shutdown)
+        }
+        CatalogSource::Consul(addr) => follow(
+            &mut tasks,
+            ConsulDiscovery::new(*addr),
+            publisher,
+            &shutdown,
+        ),
+        CatalogSource::Embedded { data_dir, .. } => {
+            let Some(listener) = listeners.registry.take() else {
+                return Err(AgentError::Catalog {
+                    source_name: "embedded".into(),
+                    error: "no registry listener was bound".into(),
+                });
+            };
+            let config = RegistryConfig {
+                data_dir: data_dir.clone(),
+                node_name: settings.node_name.clone(),
+                node_address: settings.node_address,
+            };
+            let handle = registry::spawn(listener, config, shutdown.clone()).await?;
+            let name = follow(&mut tasks, handle.discovery(), publisher, &shutdown);
+            registry_handle = Some(handle);
             name
         }
     };
+    let registry = registry_handle.as_ref().map(RegistryHandle::addr);
     let snapshot = match tokio::time::timeout(
         FIRST_CATALOG_TIMEOUT,
         subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
@@ -213,6 +272,8 @@ pub async fn start(
         admin,
         routes,
         catalog: subscriber,
+        registry,
+        registry_handle,
         shutdown,
         tasks,
     })

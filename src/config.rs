@@ -12,8 +12,11 @@
 //! admin = "127.0.0.1:5050"      # or "off"
 //!
 //! [catalog]
-//! source = "file"
-//! file = "catalog.toml"         # relative to this file
+//! source = "embedded"           # embedded | consul | file
+//! data_dir = "/var/lib/skyline" # embedded: the registry's data
+//! registry = "127.0.0.1:8500"   # embedded: where its Consul-compatible API listens
+//! consul = "127.0.0.1:8500"     # consul: the Consul agent (or a Skyline registry) to follow
+//! file = "catalog.toml"         # file: relative to this file
 //!
 //! [proxy]
 //! catch_all = ["10.0.0.50:5041"]
@@ -35,6 +38,8 @@ use crate::routing::Policy;
 pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5040);
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5050);
 pub const DEFAULT_CATALOG_FILE: &str = "/etc/skyline/catalog.toml";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/skyline";
+pub const DEFAULT_REGISTRY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
 
 /// A listener address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +71,10 @@ impl FromStr for Listen {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CatalogKind {
+    /// The registry in this process: Consul's HTTP API, durable, no other server needed.
+    Embedded,
+    /// A Consul agent, or a Skyline registry on another node, followed with blocking queries.
+    Consul,
     /// A TOML catalog file, hot-reloaded on change.
     File,
 }
@@ -98,9 +107,23 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
     pub admin: Option<Listen>,
 
-    /// Where the catalog comes from [default: file]
+    /// Where the catalog comes from [default: embedded]
     #[arg(long, env = "SKYLINE_CATALOG", value_name = "SOURCE")]
     pub catalog: Option<CatalogKind>,
+
+    /// The embedded registry's data folder, for --catalog embedded [default: /var/lib/skyline]
+    #[arg(long, env = "SKYLINE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Where the embedded registry serves its Consul-compatible API, for --catalog embedded
+    /// [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_REGISTRY", value_name = "ADDR")]
+    pub registry: Option<SocketAddr>,
+
+    /// The Consul agent or Skyline registry to follow, for --catalog consul
+    /// [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
+    pub consul: Option<SocketAddr>,
 
     /// The catalog file, for --catalog file [default: /etc/skyline/catalog.toml]
     #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
@@ -123,6 +146,36 @@ pub struct AgentArgs {
     /// Worker threads serving connections [default: 1]
     #[arg(long, env = "SKYLINE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+}
+
+/// Settings of `skyline registry`, the Consul-compatible catalog for one node or a small site.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RegistryArgs {
+    /// Where the Consul-compatible HTTP API listens
+    #[arg(long, env = "SKYLINE_REGISTRY", value_name = "ADDR", default_value_t = DEFAULT_REGISTRY)]
+    pub listen: SocketAddr,
+
+    /// The data folder: every acknowledged write is on disk here before it is answered
+    #[arg(long, env = "SKYLINE_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// The registry's own node, where /v1/agent/service/register puts services
+    #[arg(
+        long,
+        env = "SKYLINE_NODE_NAME",
+        value_name = "NAME",
+        default_value = "local"
+    )]
+    pub node_name: String,
+
+    /// The address of the registry's own node
+    #[arg(
+        long,
+        env = "SKYLINE_NODE_ADDRESS",
+        value_name = "IP",
+        default_value = "127.0.0.1"
+    )]
+    pub node_address: IpAddr,
 }
 
 /// A refused configuration: which file, where, which key, and why.
@@ -170,6 +223,9 @@ struct ListenSection {
 struct CatalogSection {
     source: Option<Spanned<String>>,
     file: Option<Spanned<PathBuf>>,
+    data_dir: Option<Spanned<PathBuf>>,
+    registry: Option<Spanned<String>>,
+    consul: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -296,13 +352,16 @@ impl AgentArgs {
         let kind = match self.catalog {
             Some(kind) => kind,
             None => match &file.catalog.source {
-                None => CatalogKind::File,
+                None => CatalogKind::Embedded,
                 Some(s) => {
                     <CatalogKind as clap::ValueEnum>::from_str(s.get_ref(), true).map_err(|_| {
                         src.error(
                             Some(s.span().start),
                             Some("catalog.source"),
-                            format!("unknown source {:?}; expected \"file\"", s.get_ref()),
+                            format!(
+                                "unknown source {:?}; expected embedded, consul or file",
+                                s.get_ref()
+                            ),
                         )
                     })?
                 }
@@ -316,6 +375,29 @@ impl AgentArgs {
                     (None, None) => PathBuf::from(DEFAULT_CATALOG_FILE),
                 };
                 CatalogSource::File(path)
+            }
+            CatalogKind::Embedded => {
+                let data_dir = match (self.data_dir, file.catalog.data_dir) {
+                    (Some(p), _) => p,
+                    (None, Some(p)) => relative_to(src, p.into_inner()),
+                    (None, None) => PathBuf::from(DEFAULT_DATA_DIR),
+                };
+                let listen = match self.registry {
+                    Some(a) => a,
+                    None => src
+                        .parse("catalog.registry", &file.catalog.registry)?
+                        .unwrap_or(DEFAULT_REGISTRY),
+                };
+                CatalogSource::Embedded { listen, data_dir }
+            }
+            CatalogKind::Consul => {
+                let addr = match self.consul {
+                    Some(a) => a,
+                    None => src
+                        .parse("catalog.consul", &file.catalog.consul)?
+                        .unwrap_or(DEFAULT_REGISTRY),
+                };
+                CatalogSource::Consul(addr)
             }
         };
 
@@ -398,14 +480,20 @@ mod tests {
         assert_eq!(s.inbound, Some("127.0.0.1:5041".parse().unwrap()));
         assert_eq!(s.admin, Some(DEFAULT_ADMIN));
         assert_eq!(s.node_name, "local");
-        assert_eq!(s.catalog, CatalogSource::File(DEFAULT_CATALOG_FILE.into()));
+        assert_eq!(
+            s.catalog,
+            CatalogSource::Embedded {
+                listen: DEFAULT_REGISTRY,
+                data_dir: DEFAULT_DATA_DIR.into()
+            }
+        );
         assert_eq!(s.workers, 1);
     }
 
     #[test]
     fn the_file_fills_what_flags_leave_out_and_flags_win() {
         let (dir, mut args) = with_file(
-            "[node]\nname = \"m1\"\naddress = \"127.0.0.2\"\n[listen]\noutbound = \"off\"\n[catalog]\nfile = \"cat.toml\"\n[proxy]\ncatch_all = [\"127.0.0.9:5041\"]\nworkers = 2\n",
+            "[node]\nname = \"m1\"\naddress = \"127.0.0.2\"\n[listen]\noutbound = \"off\"\n[catalog]\nsource = \"file\"\nfile = \"cat.toml\"\n[proxy]\ncatch_all = [\"127.0.0.9:5041\"]\nworkers = 2\n",
         );
         args.node_name = Some("flag".into());
         let s = args.resolve().unwrap();
@@ -423,6 +511,34 @@ mod tests {
             vec!["127.0.0.9:5041".parse::<SocketAddr>().unwrap()]
         );
         assert_eq!(s.workers, 2);
+    }
+
+    #[test]
+    fn consul_and_embedded_sources_take_their_addresses() {
+        let (dir, args) = with_file(
+            "[catalog]\nsource = \"embedded\"\ndata_dir = \"state\"\nregistry = \"127.0.0.1:18500\"\n",
+        );
+        let s = args.resolve().unwrap();
+        let listen = "127.0.0.1:18500".parse().unwrap();
+        assert_eq!(
+            s.catalog,
+            CatalogSource::Embedded {
+                listen,
+                data_dir: dir.path().join("state")
+            }
+        );
+
+        let (_d, args) = with_file("[catalog]\nsource = \"consul\"\nconsul = \"10.0.0.5:8500\"\n");
+        assert_eq!(
+            args.resolve().unwrap().catalog,
+            CatalogSource::Consul("10.0.0.5:8500".parse().unwrap())
+        );
+
+        let (_d, args) = with_file("[catalog]\nsource = \"consul\"\nconsul = \"nowhere\"\n");
+        assert_eq!(
+            args.resolve().unwrap_err().key.as_deref(),
+            Some("catalog.consul")
+        );
     }
 
     #[test]

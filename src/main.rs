@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use skyline::config::AgentArgs;
+use skyline::config::{AgentArgs, RegistryArgs};
 use skyline::up::UpArgs;
 
 #[derive(Parser)]
@@ -38,6 +38,8 @@ enum LogFormat {
 enum Command {
     /// Run the per-node proxy: outbound (:5040) and inbound (:5041)
     Agent(AgentArgs),
+    /// Run the embedded, Consul-compatible registry on its own (:8500)
+    Registry(RegistryArgs),
     /// Start a whole mesh on this machine with two demo services, hello and echo
     Up(UpArgs),
 }
@@ -50,7 +52,7 @@ fn main() -> ExitCode {
             Ok(settings) => settings.workers,
             Err(e) => return fail(&e),
         },
-        Command::Up(_) => 1,
+        Command::Up(_) | Command::Registry(_) => 1,
     };
     // One worker: a current-thread runtime, like an NGINX worker, with no cross-thread wake-ups.
     let runtime = if workers == 1 {
@@ -77,6 +79,17 @@ fn main() -> ExitCode {
                 agent.join().await;
             }
             Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,
+            Command::Registry(args) => {
+                let listener = skyline::serve::bind(args.listen)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+                let config = skyline::registry::RegistryConfig {
+                    data_dir: args.data_dir,
+                    node_name: args.node_name,
+                    node_address: args.node_address,
+                };
+                let registry = skyline::registry::spawn(listener, config, shutdown).await?;
+                registry.join().await;
+            }
         }
         Ok::<_, anyhow::Error>(())
     });

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod checks;
+pub mod client;
 pub mod store;
 
 use std::collections::BTreeMap;

@@ -8,5 +8,6 @@ mod hostile_input;
 mod pool;
 mod processes;
 mod registry;
+mod registry_mesh;
 mod support;
 mod two_hops;
