@@ -6,7 +6,6 @@ pub mod inbound;
 pub mod outbound;
 pub mod pool;
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -193,7 +192,7 @@ impl Forwarder {
         if !headers.contains_key(&X_REQUEST_ID) {
             headers.insert(&X_REQUEST_ID, request_id());
         }
-        append_forwarded_for(headers, conn.peer.ip());
+        append_forwarded_for(headers, &conn.peer_ip);
         match (host, original_host) {
             (Host::Keep, Some(h)) => {
                 headers.insert(header::HOST, h);
@@ -229,18 +228,24 @@ impl Forwarder {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
+///
+/// Most messages carry none: one pass over their few headers decides, instead of a hashed
+/// removal per hop-by-hop name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
         let named: Vec<HeaderName> = connection
             .iter()
@@ -254,21 +259,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     for name in &HOP_BY_HOP[1..] {
-        headers.remove(*name);
+        headers.remove(name);
     }
 }
 
-/// Appends the previous hop's address to `x-forwarded-for`, folding earlier values into one.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
-    let mut value = String::new();
-    for earlier in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(text) = earlier.to_str() {
-            value.push_str(text);
-            value.push_str(", ");
-        }
+/// Appends the previous hop's address (`peer`, already a header value) to `x-forwarded-for`,
+/// folding earlier values into one.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(&X_FORWARDED_FOR, peer.clone());
+        return;
     }
-    value.push_str(&peer.to_string());
-    if let Ok(v) = HeaderValue::try_from(value) {
+    let mut value = Vec::new();
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        value.extend_from_slice(earlier.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(peer.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&value) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
 }
@@ -308,11 +316,18 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_for_starts_with_the_peer() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.3"));
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.3");
+    }
+
+    #[test]
     fn forwarded_for_appends_the_peer() {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        append_forwarded_for(&mut h, "127.0.0.3".parse().unwrap());
+        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.3"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.3");
     }
 

@@ -107,7 +107,8 @@ impl Pool {
         loop {
             let (mut sender, reused) = match self.take(addr) {
                 Some(sender) => (sender, true),
-                None => (self.connect(addr).await?, false),
+                // Boxed: the rare connect path would otherwise size every request's future.
+                None => (Box::pin(self.connect(addr)).await?, false),
             };
             if reused && sender.ready().await.is_err() {
                 continue;
