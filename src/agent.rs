@@ -1,5 +1,7 @@
 //! The per-node agent: outbound proxy, inbound proxy and admin listener over one route table that
-//! follows the catalog.
+//! follows the catalog; [`registration`] registers the node's own services.
+
+pub mod registration;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -37,6 +39,8 @@ pub struct Settings {
     pub catch_all: Vec<SocketAddr>,
     pub policy: Policy,
     pub workers: usize,
+    /// Services of this node, registered in the catalog while the agent runs.
+    pub services: Vec<registration::Declared>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,6 +140,10 @@ impl AgentHandle {
     }
 }
 
+fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
+    listener.as_ref().and_then(|l| l.local_addr().ok())
+}
+
 /// Starts a discovery backend's task; returns its name for logs and `/readyz`.
 fn follow<D: Discovery>(
     tasks: &mut JoinSet<()>,
@@ -228,6 +236,27 @@ pub async fn start(
         settings.node_name.clone(),
         settings.policy,
     ));
+
+    let registry_for_services = match &settings.catalog {
+        CatalogSource::Consul(addr) => Some(*addr),
+        CatalogSource::Embedded { .. } => registry,
+        CatalogSource::File(_) => None,
+    };
+    if let (Some(addr), false) = (registry_for_services, settings.services.is_empty()) {
+        let node = registration::NodeEntry {
+            name: settings.node_name.clone(),
+            address: settings.node_address,
+            inbound_port: addr_of(&listeners.inbound)
+                .map_or(crate::catalog::DEFAULT_INBOUND_PORT, |a| a.port()),
+        };
+        let client = crate::registry::client::RegistryClient::new(addr);
+        tasks.spawn(registration::run(
+            client,
+            node,
+            settings.services.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     let forwarder = Forwarder::new();
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());

@@ -22,17 +22,28 @@
 //! catch_all = ["10.0.0.50:5041"]
 //! route_warning = false
 //! workers = 1
+//!
+//! # Services on this node, registered in the catalog (embedded or consul) while the agent runs.
+//! [[service]]
+//! name = "giphy"
+//! port = 31000
+//! meta = { platform = "mesos" }
+//! check = { http = "/health", interval = "5s", timeout = "2s" }   # or { ttl = "10s" } (default)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::agent::registration::{Check, Declared};
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
+use crate::catalog::ServiceName;
+use crate::registry::api::parse_go_duration;
 use crate::routing::Policy;
 
 pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5040);
@@ -201,7 +212,35 @@ struct FileConfig {
     catalog: CatalogSection,
     #[serde(default)]
     proxy: ProxySection,
+    #[serde(default)]
+    service: Vec<ServiceSection>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    name: Spanned<String>,
+    id: Option<String>,
+    address: Option<Spanned<String>>,
+    port: Spanned<u16>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: std::collections::BTreeMap<String, String>,
+    check: Option<CheckSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CheckSection {
+    ttl: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// The TTL of a declared service's check when the config gives none.
+pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -433,6 +472,18 @@ impl AgentArgs {
             .route_warning
             .or(file.proxy.route_warning)
             .unwrap_or(false);
+        let services = file
+            .service
+            .iter()
+            .map(|svc| declared(src, svc, &node_name))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let (Some(first), CatalogSource::File(_)) = (file.service.first(), &catalog) {
+            return Err(src.error(
+                Some(first.name.span().start),
+                Some("service"),
+                "declared services need a registry: use catalog.source = \"embedded\" or \"consul\"",
+            ));
+        }
 
         Ok(Settings {
             node_name,
@@ -446,8 +497,74 @@ impl AgentArgs {
                 include_warning: route_warning,
             },
             workers: workers.0,
+            services,
         })
     }
+}
+
+/// Validates one `[[service]]` entry of the config file.
+fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, ConfigError> {
+    let at = |span: std::ops::Range<usize>| Some(span.start);
+    let name = ServiceName::parse(svc.name.get_ref())
+        .map_err(|e| src.error(at(svc.name.span()), Some("service.name"), e.to_string()))?;
+    let port = *svc.port.get_ref();
+    if port == 0 {
+        return Err(src.error(at(svc.port.span()), Some("service.port"), "must be 1-65535"));
+    }
+    let address = src.parse::<IpAddr>("service.address", &svc.address)?;
+    let duration = |key: &str, field: &Option<Spanned<String>>, default: Duration| match field {
+        None => Ok(default),
+        Some(f) => parse_go_duration(f.get_ref())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                src.error(
+                    at(f.span()),
+                    Some(key),
+                    format!("{:?} is not a duration like 10s", f.get_ref()),
+                )
+            }),
+    };
+    let check = svc.check.as_ref();
+    let check = match check.and_then(|c| c.http.as_ref()) {
+        Some(path) if !path.get_ref().starts_with('/') => {
+            return Err(src.error(
+                at(path.span()),
+                Some("service.check.http"),
+                "must be a path starting with /",
+            ));
+        }
+        Some(path) => Check::Http {
+            path: path.get_ref().clone(),
+            interval: duration(
+                "service.check.interval",
+                &check.and_then(|c| c.interval.clone()),
+                Duration::from_secs(5),
+            )?,
+            timeout: duration(
+                "service.check.timeout",
+                &check.and_then(|c| c.timeout.clone()),
+                Duration::from_secs(2),
+            )?,
+        },
+        None => Check::Ttl(duration(
+            "service.check.ttl",
+            &check.and_then(|c| c.ttl.clone()),
+            DEFAULT_CHECK_TTL,
+        )?),
+    };
+    Ok(Declared {
+        id: svc
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{name}-{node}-{port}")),
+        name,
+        address,
+        port,
+        tags: svc.tags.clone(),
+        meta: svc.meta.clone(),
+        check,
+    })
 }
 
 /// A path in the config file is relative to the file's folder.
@@ -539,6 +656,35 @@ mod tests {
             args.resolve().unwrap_err().key.as_deref(),
             Some("catalog.consul")
         );
+    }
+
+    #[test]
+    fn declared_services_get_defaults_and_are_validated() {
+        let (_d, args) = with_file(
+            "[node]\nname = \"m1\"\n[[service]]\nname = \"giphy\"\nport = 31000\n\n[[service]]\nname = \"org\"\nport = 8080\ncheck = { http = \"/health\", interval = \"2s\" }\n",
+        );
+        let s = args.resolve().unwrap();
+        assert_eq!(s.services[0].id, "giphy-m1-31000");
+        assert_eq!(s.services[0].check, Check::Ttl(DEFAULT_CHECK_TTL));
+        let http = Check::Http {
+            path: "/health".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+        };
+        assert_eq!(s.services[1].check, http);
+
+        let (_d, args) = with_file("[[service]]\nname = \"Bad\"\nport = 1\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("service.name")));
+        let (_d, args) =
+            with_file("[[service]]\nname = \"a\"\nport = 1\ncheck = { ttl = \"soon\" }\n");
+        assert_eq!(
+            args.resolve().unwrap_err().key.as_deref(),
+            Some("service.check.ttl")
+        );
+        let (_d, args) =
+            with_file("[catalog]\nsource = \"file\"\n[[service]]\nname = \"a\"\nport = 1\n");
+        assert_eq!(args.resolve().unwrap_err().key.as_deref(), Some("service"));
     }
 
     #[test]

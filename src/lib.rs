@@ -11,6 +11,7 @@
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
 //!   (blocking queries over HTTP), which also follows our own registry.
+//! - [`cli`]: `skyline services`, `register`, `deregister` against a registry.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //! - [`demo`]: the `hello` and `echo` demo applications.
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod agent;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod proxy;

@@ -42,6 +42,12 @@ enum Command {
     Registry(RegistryArgs),
     /// Start a whole mesh on this machine with two demo services, hello and echo
     Up(UpArgs),
+    /// List services, their instances and health
+    Services(skyline::cli::ServicesArgs),
+    /// Register a service instance in the registry
+    Register(skyline::cli::RegisterArgs),
+    /// Remove a service instance from the registry
+    Deregister(skyline::cli::DeregisterArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,7 +58,7 @@ fn main() -> ExitCode {
             Ok(settings) => settings.workers,
             Err(e) => return fail(&e),
         },
-        Command::Up(_) | Command::Registry(_) => 1,
+        _ => 1,
     };
     // One worker: a current-thread runtime, like an NGINX worker, with no cross-thread wake-ups.
     let runtime = if workers == 1 {
@@ -79,6 +85,11 @@ fn main() -> ExitCode {
                 agent.join().await;
             }
             Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,
+            Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
+            Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
+            Command::Deregister(args) => {
+                skyline::cli::deregister(args, &mut std::io::stdout()).await?
+            }
             Command::Registry(args) => {
                 let listener = skyline::serve::bind(args.listen)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

@@ -132,7 +132,7 @@ impl MeshError {
 }
 
 /// `error: cause: cause` for logs.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

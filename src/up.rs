@@ -118,6 +118,7 @@ pub async fn run(
         catch_all: Vec::new(),
         policy: Policy::default(),
         workers: 1,
+        services: Vec::new(),
     };
     let agent = agent::spawn(settings, shutdown.clone()).await?;
     let (Some(registry), Some(inbound)) = (agent.registry, agent.inbound) else {

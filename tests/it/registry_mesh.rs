@@ -23,6 +23,7 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         catch_all: Vec::new(),
         policy: Policy::default(),
         workers: 1,
+        services: Vec::new(),
     }
 }
 
@@ -117,4 +118,146 @@ async fn services_registered_in_the_registry_are_routed_by_every_agent() {
     stop(b).await;
     stop(a).await;
     web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registers_its_services_keeps_them_alive_and_deregisters_on_shutdown() {
+    use skyline::agent::registration::{Check, Declared};
+    use skyline::catalog::ServiceName;
+
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = CatalogSource::Embedded {
+        listen: "127.0.0.2:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+    };
+    let a = agent::spawn(
+        settings("a", "127.0.0.2", embedded),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let web = TestApp::spawn("web@b", ip("127.0.0.3"));
+    let mut b_settings = settings("b", "127.0.0.3", CatalogSource::Consul(a.registry.unwrap()));
+    b_settings.services = vec![Declared {
+        name: ServiceName::parse("web").unwrap(),
+        id: "web-b".into(),
+        address: None,
+        port: web.addr.port(),
+        tags: vec![],
+        meta: Default::default(),
+        check: Check::Ttl(Duration::from_millis(600)),
+    }];
+    let b = agent::spawn(b_settings, CancellationToken::new())
+        .await
+        .unwrap();
+
+    let http = Client::new();
+    let url = format!("http://{}/service/web/", a.outbound.unwrap());
+    assert_eq!(eventually(&http, &url, 200).await.body, "web@b /");
+
+    // The instance stops accepting connections: the agent fails its TTL check.
+    web.stop().await;
+    let reply = eventually(&http, &url, 503).await;
+    assert_eq!(reply.mesh_error(), Some("no-healthy-endpoint"));
+
+    // A graceful shutdown of b deregisters the service.
+    stop(b).await;
+    let reply = eventually(&http, &url, 404).await;
+    assert_eq!(reply.mesh_error(), Some("unknown-service"));
+    stop(a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_registers_lists_and_deregisters_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = skyline::serve::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config = skyline::registry::RegistryConfig::new(dir.path());
+    let registry = skyline::registry::spawn(listener, config, CancellationToken::new())
+        .await
+        .unwrap();
+    let addr = registry.addr().to_string();
+    let skyline = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skyline"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+
+    let (ok, text) = skyline(&[
+        "register",
+        "--registry",
+        &addr,
+        "--name",
+        "giphy",
+        "--port",
+        "31000",
+        "--node",
+        "mesos-1",
+        "--node-address",
+        "10.0.0.11",
+        "--meta",
+        "platform=mesos",
+        "--ttl",
+        "30s",
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = skyline(&[
+        "register",
+        "--registry",
+        &addr,
+        "--name",
+        "org",
+        "--port",
+        "8080",
+    ]);
+    assert!(ok, "{text}");
+
+    let (ok, json) = skyline(&["services", "--registry", &addr, "--json"]);
+    assert!(ok, "{json}");
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let giphy = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "giphy")
+        .unwrap();
+    assert_eq!(giphy["node"], "mesos-1");
+    assert_eq!(giphy["address"], "10.0.0.11:31000");
+    assert_eq!(giphy["health"], "passing");
+    let (ok, table) = skyline(&["services", "--registry", &addr]);
+    assert!(ok);
+    assert!(
+        table.starts_with("SERVICE")
+            && table.contains("org")
+            && table.contains("giphy-mesos-1-31000"),
+        "{table}"
+    );
+
+    let (ok, text) = skyline(&[
+        "deregister",
+        "--registry",
+        &addr,
+        "--node",
+        "mesos-1",
+        "giphy-mesos-1-31000",
+    ]);
+    assert!(ok, "{text}");
+    let (_, json) = skyline(&["services", "--registry", &addr, "--json"]);
+    assert!(!json.contains("giphy"), "{json}");
+
+    let (ok, text) = skyline(&[
+        "register",
+        "--registry",
+        &addr,
+        "--name",
+        "Bad!",
+        "--port",
+        "1",
+    ]);
+    assert!(!ok && text.contains("invalid service name"), "{text}");
+    registry.shutdown();
+    registry.join().await;
 }
