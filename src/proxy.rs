@@ -6,6 +6,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod pool;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use hyper::body::Incoming;
 
 use crate::routing::Endpoint;
 use crate::serve::Conn;
-use pool::{Pool, PooledBody, SendError};
+use pool::{Pool, PooledBody, SendError, SendFailure};
 
 /// Every response body the mesh sends: an upstream's, streamed, or one the mesh wrote itself.
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -31,6 +32,9 @@ pub fn full(body: impl Into<Bytes>) -> Body {
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for an upstream's response head. Bodies may stream for longer.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many endpoints one request may be sent to when connections are refused. A refused
+/// connection means the request never left, so trying another endpoint is always safe.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 /// How long an idle upstream connection is kept in the pool: below the idle timeouts of common
 /// servers (Node.js closes after 5 s, our own inbound after 10 s), so the pool rarely reuses a
 /// connection the upstream is about to close.
@@ -175,10 +179,14 @@ impl Forwarder {
 
     /// Forwards `req` to `endpoint` with the request target `target`, applying the header rules
     /// of the contract, and returns the upstream's response with its body streaming.
+    ///
+    /// When the connection to an endpoint is refused (the request never left), `next` is asked
+    /// for another endpoint, given those tried so far, up to [`MAX_CONNECT_ATTEMPTS`] in all.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
-        endpoint: &Endpoint,
+        endpoint: Endpoint,
+        next: impl FnMut(&[SocketAddr]) -> Option<Endpoint>,
         target: PathAndQuery,
         host: Host,
         conn: &Conn,
@@ -186,7 +194,6 @@ impl Forwarder {
         let original_host = req.headers().get(header::HOST).cloned();
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
-
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         if !headers.contains_key(&X_REQUEST_ID) {
@@ -197,32 +204,66 @@ impl Forwarder {
             (Host::Keep, Some(h)) => {
                 headers.insert(header::HOST, h);
             }
-            (Host::Keep, None) | (Host::Upstream, None) => {
+            (Host::Keep, None) => {
                 headers.insert(header::HOST, endpoint.host.clone());
             }
-            (Host::Upstream, Some(h)) => {
-                headers.insert(header::HOST, endpoint.host.clone());
-                if !headers.contains_key(&X_FORWARDED_HOST) {
+            (Host::Upstream, original) => {
+                if let Some(h) = original.filter(|_| !headers.contains_key(&X_FORWARDED_HOST)) {
                     headers.insert(&X_FORWARDED_HOST, h);
                 }
             }
         }
-
-        let sent = tokio::time::timeout(RESPONSE_TIMEOUT, self.pool.send(endpoint.addr, req)).await;
-        match sent {
+        let attempts = self.attempts(req.map(Either::Left), endpoint, next, host);
+        match tokio::time::timeout(RESPONSE_TIMEOUT, attempts).await {
             Err(_) => Err(MeshError::UpstreamTimeout),
-            Ok(Err(e)) => {
+            Ok(Err(error)) => {
                 if conn.rejected() {
                     // The guard refused the request body's framing while it was streaming.
                     return Err(MeshError::bad_request("malformed request body"));
                 }
-                Err(MeshError::UpstreamConnect(e))
+                Err(MeshError::UpstreamConnect(error))
             }
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, Either::Left(body)))
             }
+        }
+    }
+
+    async fn attempts(
+        &self,
+        mut req: Request<pool::RequestBody>,
+        mut endpoint: Endpoint,
+        mut next: impl FnMut(&[SocketAddr]) -> Option<Endpoint>,
+        host: Host,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let mut tried = Vec::new();
+        loop {
+            if host == Host::Upstream {
+                req.headers_mut()
+                    .insert(header::HOST, endpoint.host.clone());
+            }
+            let failure = match self.pool.send(endpoint.addr, req).await {
+                Ok(response) => return Ok(response),
+                Err(failure) => failure,
+            };
+            let SendFailure {
+                error,
+                unsent: Some(unsent),
+            } = failure
+            else {
+                return Err(failure.error);
+            };
+            tried.push(endpoint.addr);
+            let another = (tried.len() < MAX_CONNECT_ATTEMPTS)
+                .then(|| next(&tried))
+                .flatten();
+            let Some(another) = another else {
+                return Err(error);
+            };
+            tracing::debug!(failed = %endpoint.addr, next = %another.addr, %error, "trying another endpoint");
+            (req, endpoint) = (unsent, another);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The outbound proxy (:5040): `/service/<name>/<rest>` → the inbound proxy of a node that runs a
 //! healthy instance of `<name>`, full path kept; unknown services → the catch-all.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -8,7 +9,7 @@ use hyper::body::Incoming;
 
 use super::{Body, Forwarder, Host, MeshError};
 use crate::catalog::ServiceName;
-use crate::routing::{Lookup, Route, Routes};
+use crate::routing::{Endpoint, Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
 #[derive(Clone)]
@@ -48,27 +49,36 @@ impl Handler for Outbound {
             Err(e) => return e.into_response(""),
         };
         let inner = &self.inner;
-        let endpoint = {
-            let table = inner.routes.load();
-            let route = match table.outbound(name) {
-                Lookup::Route(route) => Ok(route),
-                // As consul-template did for the seed: a service with nothing healthy here is
-                // treated like an unknown one, so the gateway can fall back to another platform.
-                Lookup::NoHealthy => inner.catch_all.as_ref().ok_or(MeshError::NoHealthyEndpoint),
-                Lookup::Unknown => inner.catch_all.as_ref().ok_or(MeshError::UnknownService),
-            };
-            route.map(|r| r.pick().cloned())
-        };
-        let endpoint = match endpoint {
-            Ok(Some(endpoint)) => endpoint,
-            Ok(None) => return MeshError::NoHealthyEndpoint.into_response(name),
+        let endpoint = match inner.endpoint(name, &[]) {
+            Ok(endpoint) => endpoint,
             Err(e) => return e.into_response(name),
         };
+        let next = |tried: &[SocketAddr]| inner.endpoint(name, tried).ok();
         let forwarded = inner
             .forwarder
-            .forward(req, &endpoint, target.clone(), Host::Keep, &conn)
+            .forward(req, endpoint, next, target.clone(), Host::Keep, &conn)
             .await;
-        forwarded.unwrap_or_else(|e| e.into_response(service_of(target.path()).unwrap_or("")))
+        forwarded.unwrap_or_else(|e| e.into_response(name))
+    }
+}
+
+impl Inner {
+    /// An endpoint for `name` not in `tried`: the service's own, or the catch-all's.
+    fn endpoint(&self, name: &str, tried: &[SocketAddr]) -> Result<Endpoint, MeshError> {
+        let table = self.routes.load();
+        let route = match table.outbound(name) {
+            Lookup::Route(route) => route,
+            // As consul-template did for the seed: a service with nothing healthy here is
+            // treated like an unknown one, so the gateway can fall back to another platform.
+            Lookup::NoHealthy => self
+                .catch_all
+                .as_ref()
+                .ok_or(MeshError::NoHealthyEndpoint)?,
+            Lookup::Unknown => self.catch_all.as_ref().ok_or(MeshError::UnknownService)?,
+        };
+        route
+            .pick_excluding(tried)
+            .ok_or(MeshError::NoHealthyEndpoint)
     }
 }
 
