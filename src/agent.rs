@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::catalog::etcd::EtcdDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
 use crate::proxy::Forwarder;
@@ -40,6 +41,11 @@ pub struct Settings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CatalogSource {
     File(PathBuf),
+    /// An etcd v3 cluster: its members' client URLs and the key prefix of the catalog.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +138,15 @@ pub async fn start(
     let source_name = match &settings.catalog {
         CatalogSource::File(path) => {
             let discovery = FileDiscovery::new(path);
+            let name = discovery.describe();
+            tasks.spawn(discovery.run(publisher, shutdown.clone()));
+            name
+        }
+        CatalogSource::Etcd { endpoints, prefix } => {
+            let discovery = EtcdDiscovery {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+            };
             let name = discovery.describe();
             tasks.spawn(discovery.run(publisher, shutdown.clone()));
             name
