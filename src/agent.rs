@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::catalog::consul::ConsulDiscovery;
+use crate::catalog::etcd::EtcdDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
 use crate::proxy::Forwarder;
@@ -53,6 +54,11 @@ pub enum CatalogSource {
     Embedded {
         listen: SocketAddr,
         data_dir: PathBuf,
+    },
+    /// An etcd v3 cluster: its members' client URLs and the key prefix of the catalog.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
     },
 }
 
@@ -202,6 +208,13 @@ pub async fn start(
             registry_handle = Some(handle);
             name
         }
+        CatalogSource::Etcd { endpoints, prefix } => {
+            let discovery = EtcdDiscovery {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+            };
+            follow(&mut tasks, discovery, publisher, &shutdown)
+        }
     };
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
     let snapshot = match tokio::time::timeout(
@@ -240,7 +253,7 @@ pub async fn start(
     let registry_for_services = match &settings.catalog {
         CatalogSource::Consul(addr) => Some(*addr),
         CatalogSource::Embedded { .. } => registry,
-        CatalogSource::File(_) => None,
+        CatalogSource::File(_) | CatalogSource::Etcd { .. } => None,
     };
     if let (Some(addr), false) = (registry_for_services, settings.services.is_empty()) {
         let node = registration::NodeEntry {

@@ -5,6 +5,7 @@
 //! never awaits a backend, it only reads the latest route table built from the latest snapshot.
 
 pub mod consul;
+pub mod etcd;
 pub mod file;
 
 use std::collections::BTreeMap;

@@ -17,6 +17,11 @@
 //! registry = "127.0.0.1:8500"   # embedded: where its Consul-compatible API listens
 //! consul = "127.0.0.1:8500"     # consul: the Consul agent (or a Skyline registry) to follow
 //! file = "catalog.toml"         # file: relative to this file
+//! source = "file"
+//! file = "catalog.toml"         # relative to this file
+//! # source = "etcd"
+//! # etcd_endpoints = ["http://10.0.0.5:2379", "http://10.0.0.6:2379", "http://10.0.0.7:2379"]
+//! # etcd_prefix = "skyline/"
 //!
 //! [proxy]
 //! catch_all = ["10.0.0.50:5041"]
@@ -43,6 +48,7 @@ use crate::agent::registration::{Check, Declared};
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
 use crate::catalog::ServiceName;
+use crate::catalog::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX};
 use crate::registry::api::parse_go_duration;
 use crate::routing::Policy;
 
@@ -88,6 +94,8 @@ pub enum CatalogKind {
     Consul,
     /// A TOML catalog file, hot-reloaded on change.
     File,
+    /// An etcd v3 cluster: keys under a prefix, watched.
+    Etcd,
 }
 
 /// Settings of `skyline agent`. Each flag can also come from its `SKYLINE_*` variable or from
@@ -139,6 +147,20 @@ pub struct AgentArgs {
     /// The catalog file, for --catalog file [default: /etc/skyline/catalog.toml]
     #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
     pub catalog_file: Option<PathBuf>,
+
+    /// etcd members' client URLs, comma-separated, for --catalog etcd
+    /// [default: http://127.0.0.1:2379]
+    #[arg(
+        long,
+        env = "SKYLINE_ETCD_ENDPOINTS",
+        value_name = "URL,...",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Option<Vec<String>>,
+
+    /// The key prefix of the catalog in etcd, for --catalog etcd [default: skyline/]
+    #[arg(long, env = "SKYLINE_ETCD_PREFIX", value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
 
     /// Upstreams for services the catalog does not route (the gateway pool), comma-separated
     /// [default: none, such requests get 404 unknown-service]
@@ -265,6 +287,8 @@ struct CatalogSection {
     data_dir: Option<Spanned<PathBuf>>,
     registry: Option<Spanned<String>>,
     consul: Option<Spanned<String>>,
+    etcd_endpoints: Option<Vec<Spanned<String>>>,
+    etcd_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -398,7 +422,7 @@ impl AgentArgs {
                             Some(s.span().start),
                             Some("catalog.source"),
                             format!(
-                                "unknown source {:?}; expected embedded, consul or file",
+                                "unknown source {:?}; expected embedded, consul, etcd or file",
                                 s.get_ref()
                             ),
                         )
@@ -438,6 +462,13 @@ impl AgentArgs {
                 };
                 CatalogSource::Consul(addr)
             }
+            CatalogKind::Etcd => etcd_source(
+                src,
+                self.etcd_endpoints,
+                self.etcd_prefix,
+                file.catalog.etcd_endpoints,
+                file.catalog.etcd_prefix,
+            )?,
         };
 
         let catch_all = match (self.catch_all, file.proxy.catch_all) {
@@ -565,6 +596,76 @@ fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, 
         meta: svc.meta.clone(),
         check,
     })
+}
+
+/// The etcd endpoints and prefix, from flags or the file, validated.
+fn etcd_source(
+    src: &Source,
+    flag_endpoints: Option<Vec<String>>,
+    flag_prefix: Option<String>,
+    file_endpoints: Option<Vec<Spanned<String>>>,
+    file_prefix: Option<Spanned<String>>,
+) -> Result<CatalogSource, ConfigError> {
+    const KEY: &str = "catalog.etcd_endpoints";
+    let endpoints = match (flag_endpoints, file_endpoints) {
+        (Some(list), _) => list
+            .iter()
+            .map(|e| etcd_endpoint(e).map_err(|r| src.error(None, Some(KEY), r)))
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, Some(list)) => list
+            .iter()
+            .map(|e| {
+                etcd_endpoint(e.get_ref())
+                    .map_err(|r| src.error(Some(e.span().start), Some(KEY), r))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, None) => vec![DEFAULT_ENDPOINT.to_owned()],
+    };
+    if endpoints.is_empty() {
+        return Err(src.error(None, Some(KEY), "must list at least one etcd member"));
+    }
+    let (prefix, span) = match (flag_prefix, file_prefix) {
+        (Some(p), _) => (p, None),
+        (None, Some(p)) => (p.get_ref().clone(), Some(p.span().start)),
+        (None, None) => (DEFAULT_PREFIX.to_owned(), None),
+    };
+    if prefix.is_empty() || prefix.chars().any(char::is_control) {
+        return Err(src.error(
+            span,
+            Some("catalog.etcd_prefix"),
+            "must be a non-empty key prefix such as \"skyline/\"",
+        ));
+    }
+    let prefix = if prefix.ends_with('/') {
+        prefix
+    } else {
+        format!("{prefix}/")
+    };
+    Ok(CatalogSource::Etcd { endpoints, prefix })
+}
+
+/// `host:port` or `http://host:port`, as `http://host:port`.
+fn etcd_endpoint(text: &str) -> Result<String, String> {
+    let url = if text.contains("://") {
+        text.to_owned()
+    } else {
+        format!("http://{text}")
+    };
+    let bad = || format!("{text:?} is not an etcd client URL like http://10.0.0.5:2379");
+    let uri: http::Uri = url.parse().map_err(|_| bad())?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{text:?}: only http:// etcd endpoints are supported"
+        ));
+    }
+    let authority = uri.authority().ok_or_else(bad)?;
+    if authority.port_u16().is_none() || authority.host().is_empty() {
+        return Err(bad());
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad());
+    }
+    Ok(format!("http://{authority}"))
 }
 
 /// A path in the config file is relative to the file's folder.
@@ -700,6 +801,65 @@ mod tests {
                 dir.path().join("skyline.toml").display()
             )),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn etcd_is_chosen_with_its_endpoints_and_prefix() {
+        let (_d, args) = with_file(
+            "[catalog]\nsource = \"etcd\"\netcd_endpoints = [\"10.0.0.5:2379\", \"http://10.0.0.6:2379\"]\netcd_prefix = \"mesh\"\n",
+        );
+        let s = args.resolve().unwrap();
+        assert_eq!(
+            s.catalog,
+            CatalogSource::Etcd {
+                endpoints: vec!["http://10.0.0.5:2379".into(), "http://10.0.0.6:2379".into()],
+                prefix: "mesh/".into(),
+            }
+        );
+        let args = AgentArgs {
+            catalog: Some(CatalogKind::Etcd),
+            ..AgentArgs::default()
+        };
+        assert_eq!(
+            args.resolve().unwrap().catalog,
+            CatalogSource::Etcd {
+                endpoints: vec![DEFAULT_ENDPOINT.into()],
+                prefix: DEFAULT_PREFIX.into(),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_etcd_settings_name_file_line_and_key() {
+        let (_d, args) = with_file(
+            "[catalog]\nsource = \"etcd\"\netcd_endpoints = [\n  \"10.0.0.5:2379\",\n  \"https://x:1\",\n]\n",
+        );
+        let e = args.resolve().unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(5), Some("catalog.etcd_endpoints")),
+            "{e}"
+        );
+        let (_d, args) =
+            with_file("[catalog]\nsource = \"etcd\"\netcd_endpoints = [\"no-port\"]\n");
+        assert!(args.resolve().is_err());
+        let (_d, args) = with_file("[catalog]\nsource = \"etcd\"\netcd_endpoints = []\n");
+        assert!(args.resolve().is_err());
+        let (_d, args) = with_file("[catalog]\nsource = \"etcd\"\n\netcd_prefix = \"\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(4), Some("catalog.etcd_prefix"))
+        );
+        let args = AgentArgs {
+            catalog: Some(CatalogKind::Etcd),
+            etcd_endpoints: Some(vec!["127.0.0.1:2379/v3".into()]),
+            ..AgentArgs::default()
+        };
+        assert_eq!(
+            args.resolve().unwrap_err().key.as_deref(),
+            Some("catalog.etcd_endpoints")
         );
     }
 

@@ -10,7 +10,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/routes` on the admin listener.
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
-//!   (blocking queries over HTTP), which also follows our own registry.
+//!   (blocking queries over HTTP), which also follows our own registry; [`catalog::etcd`] lists
+//!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //! - [`demo`]: the `hello` and `echo` demo applications.

@@ -3,6 +3,7 @@
 
 mod catalog_changes;
 mod consul_backend;
+mod etcd;
 mod guard;
 mod hostile_input;
 mod pool;

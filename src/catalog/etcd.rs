@@ -1,0 +1,643 @@
+//! The etcd v3 backend: the catalog as keys under a prefix, each bound to its agent's lease,
+//! listed once and then watched by prefix.
+//!
+//! ```text
+//! skyline/nodes/<node>                → {"address","inbound_port","meta"}
+//! skyline/instances/<service>/<id>    → {"node","address","port","tags","meta","health","weight"}
+//! ```
+//!
+//! [`EtcdDiscovery`] reads the whole prefix (`Get`), publishes it as one snapshot, then watches
+//! the prefix from the listed revision + 1. Each watch answer carries whole revisions; its
+//! events are applied to an in-memory copy and published after at most [`COALESCE`], so a burst
+//! of changes costs one snapshot and no snapshot is ever half a batch. When the stream breaks it
+//! resumes at the last seen revision + 1, so no event is missed; if that revision was compacted
+//! the watch is cancelled with a `compact_revision` and the backend lists the prefix again.
+//! While etcd is unreachable the last good snapshot stays in force, [`Publisher::fail`] says
+//! why, and retries back off with jitter from [`BACKOFF_START`] to [`BACKOFF_MAX`].
+//!
+//! An instance whose node key is missing is not routable: it is left out of the snapshot.
+//! [`register::EtcdRegistrar`] writes the keys of one node and keeps its lease alive.
+
+pub mod register;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName, Snapshot,
+};
+
+/// The key prefix when none is configured.
+pub const DEFAULT_PREFIX: &str = "skyline/";
+/// The etcd client URL when none is configured.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+/// How long changes are gathered before one snapshot is published.
+pub const COALESCE: Duration = Duration::from_millis(5);
+/// The first delay after an error.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest delay between retries after errors.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest wait for one call to etcd (connect, get, put, grant, watch creation).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest gRPC message read (a full list of 30,000 instances is ~8 MiB).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// Where to find etcd and under which prefix the catalog lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdDiscovery {
+    /// Client URLs of the cluster's members, such as `http://10.0.0.5:2379`.
+    pub endpoints: Vec<String>,
+    /// The key prefix, ending with `/`; default `skyline/`.
+    pub prefix: String,
+}
+
+impl EtcdDiscovery {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd call {call} failed")]
+    Call {
+        call: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd call {call} did not answer within {CALL_TIMEOUT:?}")]
+    Timeout { call: &'static str },
+    #[error("the watch stream ended")]
+    WatchClosed,
+    #[error("the watch was cancelled: {reason}")]
+    WatchCancelled { reason: String },
+    #[error("the watch start revision was compacted (compact revision {revision})")]
+    Compacted { revision: i64 },
+    #[error("an answer from etcd had no header")]
+    NoHeader,
+    #[error("lease {lease:x} was lost")]
+    LeaseLost { lease: i64 },
+    #[error("cannot encode the value of {key}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// `error: cause: cause`, for logs and `/readyz`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
+}
+
+/// Runs one etcd call with [`CALL_TIMEOUT`].
+async fn call<T>(
+    name: &'static str,
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(EtcdError::Call { call: name, source }),
+        Err(_) => Err(EtcdError::Timeout { call: name }),
+    }
+}
+
+/// A fresh client for one session. A new one per session: the balanced channel of a client
+/// drops endpoints that failed, and a restarted cluster must be found again.
+async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+        .with_keep_alive_while_idle(true)
+        // A member cut off from its leader closes our streams instead of going quiet.
+        .with_require_leader(true);
+    call("connect", Client::connect(endpoints, Some(options))).await
+}
+
+// === Backoff ===
+
+/// Exponential backoff with jitter: each delay is drawn from `[d/2, d]`, `d` doubling up to the max.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self {
+            next: BACKOFF_START,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = BACKOFF_START;
+    }
+
+    pub(crate) fn delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let half = d / 2;
+        half + Duration::from_nanos(fastrand::u64(
+            0..=u64::try_from(half.as_nanos()).unwrap_or(0),
+        ))
+    }
+}
+
+// === Keys and values ===
+
+/// The key layout under one prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// What a key under the prefix names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Key {
+    Node(String),
+    Instance(ServiceName, String),
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn node(&self, name: &str) -> String {
+        format!("{}nodes/{name}", self.prefix)
+    }
+
+    pub fn instance(&self, service: &ServiceName, id: &str) -> String {
+        format!("{}instances/{service}/{id}", self.prefix)
+    }
+
+    /// Names a key; `None` for keys outside the layout (left alone).
+    pub fn parse(&self, key: &[u8]) -> Option<Key> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        if let Some(node) = rest.strip_prefix("nodes/") {
+            return (!node.is_empty()).then(|| Key::Node(node.to_owned()));
+        }
+        let (service, id) = rest.strip_prefix("instances/")?.split_once('/')?;
+        let service = ServiceName::parse(service).ok()?;
+        (!id.is_empty()).then(|| Key::Instance(service, id.to_owned()))
+    }
+}
+
+/// The value of `<prefix>nodes/<node>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeValue {
+    pub address: IpAddr,
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+}
+
+/// The value of `<prefix>instances/<service>/<id>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceValue {
+    pub node: String,
+    /// Where the instance listens; the node's address when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    pub port: u16,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    #[serde(default = "passing")]
+    pub health: Health,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn default_inbound_port() -> u16 {
+    DEFAULT_INBOUND_PORT
+}
+
+fn passing() -> Health {
+    Health::Passing
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl NodeValue {
+    pub fn of(node: &Node) -> Self {
+        Self {
+            address: node.address,
+            inbound_port: node.inbound_port,
+            meta: node.meta.clone(),
+        }
+    }
+}
+
+impl InstanceValue {
+    pub fn of(instance: &Instance, node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            address: Some(instance.address),
+            port: instance.port,
+            tags: instance.tags.clone(),
+            meta: instance.meta.clone(),
+            health: instance.health,
+            weight: instance.weight,
+        }
+    }
+}
+
+// === Catalog: the in-memory copy of the prefix ===
+
+/// The catalog as last read from etcd, and the revision it reflects.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    nodes: BTreeMap<String, Node>,
+    instances: BTreeMap<ServiceName, BTreeMap<String, InstanceValue>>,
+    /// The etcd revision this copy includes every change up to.
+    pub revision: i64,
+}
+
+impl Catalog {
+    /// Applies a put; `true` if the catalog changed. Bad values are logged and read as absent.
+    pub fn put(&mut self, keys: &Keys, key: &[u8], value: &[u8]) -> bool {
+        match keys.parse(key) {
+            None => false,
+            Some(Key::Node(name)) => match serde_json::from_slice::<NodeValue>(value) {
+                Ok(v) => {
+                    let node = Node {
+                        name: name.clone(),
+                        address: v.address,
+                        inbound_port: v.inbound_port,
+                        meta: v.meta,
+                    };
+                    self.nodes.insert(name, node.clone()) != Some(node)
+                }
+                Err(error) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(key), %error, "node value ignored");
+                    self.nodes.remove(&name).is_some()
+                }
+            },
+            Some(Key::Instance(service, id)) => {
+                match serde_json::from_slice::<InstanceValue>(value) {
+                    Ok(v) => {
+                        let map = self.instances.entry(service).or_default();
+                        map.insert(id, v.clone()) != Some(v)
+                    }
+                    Err(error) => {
+                        tracing::warn!(key = %String::from_utf8_lossy(key), %error, "instance value ignored");
+                        self.remove_instance(&service, &id)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a delete; `true` if the catalog changed.
+    pub fn delete(&mut self, keys: &Keys, key: &[u8]) -> bool {
+        match keys.parse(key) {
+            None => false,
+            Some(Key::Node(name)) => self.nodes.remove(&name).is_some(),
+            Some(Key::Instance(service, id)) => self.remove_instance(&service, &id),
+        }
+    }
+
+    fn remove_instance(&mut self, service: &ServiceName, id: &str) -> bool {
+        let Some(map) = self.instances.get_mut(service) else {
+            return false;
+        };
+        let removed = map.remove(id).is_some();
+        if map.is_empty() {
+            self.instances.remove(service);
+        }
+        removed
+    }
+
+    /// The whole catalog as a snapshot; instances on unknown nodes are left out.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut services = BTreeMap::new();
+        for (service, map) in &self.instances {
+            let instances: Vec<Instance> = map
+                .iter()
+                .filter_map(|(id, v)| {
+                    let node = self.nodes.get(&v.node)?;
+                    Some(Instance {
+                        id: id.clone(),
+                        service: service.clone(),
+                        node: v.node.clone(),
+                        address: v.address.unwrap_or(node.address),
+                        port: v.port,
+                        tags: v.tags.clone(),
+                        meta: v.meta.clone(),
+                        health: v.health,
+                        weight: v.weight.max(1),
+                    })
+                })
+                .collect();
+            if !instances.is_empty() {
+                services.insert(service.clone(), instances);
+            }
+        }
+        Snapshot {
+            nodes: self.nodes.clone(),
+            services,
+        }
+    }
+}
+
+// === Discovery ===
+
+impl Discovery for EtcdDiscovery {
+    fn describe(&self) -> String {
+        format!("etcd:{}", self.endpoints.join(","))
+    }
+
+    async fn run(self, publisher: Publisher, shutdown: CancellationToken) {
+        let mut watcher = Watcher {
+            keys: Keys::new(&self.prefix),
+            config: self,
+            catalog: Catalog::default(),
+            need_list: true,
+            established: false,
+        };
+        let mut backoff = Backoff::new();
+        loop {
+            watcher.established = false;
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = watcher.session(&publisher) => r,
+            };
+            let Err(error) = result;
+            if let EtcdError::Compacted { revision } = error {
+                tracing::info!(
+                    revision,
+                    "watch revision compacted; listing the catalog again"
+                );
+                continue;
+            }
+            let error = chain(&error);
+            if watcher.established {
+                // A stream that worked broke (member killed, leader lost): resume at once.
+                tracing::info!(%error, revision = watcher.catalog.revision, "etcd watch interrupted; resuming");
+                backoff.reset();
+                continue;
+            }
+            tracing::warn!(%error, "etcd unreachable; keeping the last good catalog");
+            publisher.fail(format!("{}: {error}", watcher.config.describe()));
+            let delay = backoff.delay();
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+struct Watcher {
+    config: EtcdDiscovery,
+    keys: Keys,
+    catalog: Catalog,
+    /// Set at start and after a compaction: the next session lists before watching.
+    need_list: bool,
+    /// Whether the current session got as far as a live watch.
+    established: bool,
+}
+
+impl Watcher {
+    /// Lists if needed, then watches until the stream fails. Never returns `Ok`.
+    async fn session(&mut self, publisher: &Publisher) -> Result<Infallible, EtcdError> {
+        let client = connect(&self.config.endpoints).await?;
+        let mut listed = false;
+        if self.need_list {
+            let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+            let options = GetOptions::new().with_prefix();
+            let mut answer = call("get", kv.get(self.keys.prefix(), Some(options))).await?;
+            let revision = answer.header().ok_or(EtcdError::NoHeader)?.revision();
+            let mut fresh = Catalog {
+                revision,
+                ..Catalog::default()
+            };
+            for kv in answer.take_kvs() {
+                fresh.put(&self.keys, kv.key(), kv.value());
+            }
+            tracing::debug!(
+                revision,
+                instances = fresh.instances.values().map(BTreeMap::len).sum::<usize>(),
+                "etcd catalog listed"
+            );
+            self.catalog = fresh;
+            self.need_list = false;
+            publisher.publish(self.catalog.snapshot());
+            listed = true;
+        }
+
+        let mut watch_client = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.catalog.revision + 1)
+            .with_progress_notify();
+        let mut stream = call(
+            "watch",
+            watch_client.watch(self.keys.prefix().to_owned(), Some(options)),
+        )
+        .await?;
+        let mut pending: Option<Instant> = None;
+        let mut created = false;
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                () = sleep_until(pending) => {
+                    publisher.publish(self.catalog.snapshot());
+                    pending = None;
+                    continue;
+                }
+                () = tokio::time::sleep(CALL_TIMEOUT), if !created => {
+                    return Err(EtcdError::Timeout { call: "watch" });
+                }
+            };
+            let message = message
+                .map_err(|source| EtcdError::Call {
+                    call: "watch",
+                    source,
+                })?
+                .ok_or(EtcdError::WatchClosed)?;
+            if message.canceled() {
+                if message.compact_revision() > 0 {
+                    self.need_list = true;
+                    return Err(EtcdError::Compacted {
+                        revision: message.compact_revision(),
+                    });
+                }
+                // Listing again is the safe answer to any cancellation we did not ask for.
+                self.need_list = true;
+                return Err(EtcdError::WatchCancelled {
+                    reason: message.cancel_reason().to_owned(),
+                });
+            }
+            if message.created() && !created {
+                created = true;
+                self.established = true;
+                // A resumed session: republish in case a batch was held or an error shown.
+                if !listed {
+                    pending.get_or_insert_with(Instant::now);
+                }
+            }
+            let events = message.events();
+            if events.is_empty() {
+                if !message.created() {
+                    // A progress notification: everything up to its revision was sent.
+                    if let Some(header) = message.header() {
+                        self.catalog.revision = self.catalog.revision.max(header.revision());
+                    }
+                }
+                continue;
+            }
+            let mut changed = false;
+            for event in events {
+                let Some(kv) = event.kv() else { continue };
+                changed |= match event.event_type() {
+                    EventType::Put => self.catalog.put(&self.keys, kv.key(), kv.value()),
+                    EventType::Delete => self.catalog.delete(&self.keys, kv.key()),
+                };
+                self.catalog.revision = self.catalog.revision.max(kv.mod_revision());
+            }
+            if changed {
+                pending.get_or_insert_with(|| Instant::now() + COALESCE);
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::new(DEFAULT_PREFIX)
+    }
+
+    #[test]
+    fn keys_name_nodes_and_instances_and_ignore_the_rest() {
+        let k = keys();
+        let web = ServiceName::parse("web").unwrap();
+        assert_eq!(k.node("n1"), "skyline/nodes/n1");
+        assert_eq!(k.instance(&web, "web/1"), "skyline/instances/web/web/1");
+        assert_eq!(k.parse(b"skyline/nodes/n1"), Some(Key::Node("n1".into())));
+        assert_eq!(
+            k.parse(b"skyline/instances/web/web/1"),
+            Some(Key::Instance(web, "web/1".into()))
+        );
+        for other in [
+            &b"skyline/routes/web"[..],
+            b"skyline/nodes/",
+            b"skyline/instances/web",
+            b"skyline/instances/web/",
+            b"skyline/instances/Web/1",
+            b"other/nodes/n1",
+            b"\xff",
+        ] {
+            assert_eq!(k.parse(other), None, "{}", String::from_utf8_lossy(other));
+        }
+    }
+
+    #[test]
+    fn instances_without_their_node_are_left_out_until_it_appears() {
+        let k = keys();
+        let mut c = Catalog::default();
+        assert!(c.put(
+            &k,
+            b"skyline/instances/web/w1",
+            br#"{"node":"n1","port":8080,"health":"warning"}"#
+        ));
+        assert!(c.snapshot().services.is_empty());
+        assert!(c.put(
+            &k,
+            b"skyline/nodes/n1",
+            br#"{"address":"10.0.0.1","inbound_port":6041}"#
+        ));
+        let s = c.snapshot();
+        let i = &s.services["web"][0];
+        assert_eq!(i.address, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!((i.port, i.health, i.weight), (8080, Health::Warning, 1));
+        assert_eq!(s.nodes["n1"].inbound_port, 6041);
+        assert!(c.delete(&k, b"skyline/nodes/n1"));
+        assert!(c.snapshot().services.is_empty());
+        assert!(!c.delete(&k, b"skyline/nodes/n1"), "already gone");
+    }
+
+    #[test]
+    fn an_unchanged_put_is_not_a_change_and_a_bad_value_reads_as_absent() {
+        let k = keys();
+        let mut c = Catalog::default();
+        let v = br#"{"node":"n1","port":1}"#;
+        assert!(c.put(&k, b"skyline/instances/web/w1", v));
+        assert!(!c.put(&k, b"skyline/instances/web/w1", v));
+        assert!(c.put(&k, b"skyline/instances/web/w1", b"not json"));
+        assert!(c.instances.is_empty());
+        assert!(!c.put(&k, b"unrelated", v));
+    }
+
+    #[test]
+    fn values_round_trip_through_json() {
+        let v = InstanceValue {
+            node: "n1".into(),
+            address: Some("10.0.0.2".parse().unwrap()),
+            port: 9,
+            tags: vec!["a".into()],
+            meta: BTreeMap::from([("platform".into(), "mesos".into())]),
+            health: Health::Critical,
+            weight: 3,
+        };
+        let text = serde_json::to_string(&v).unwrap();
+        assert_eq!(serde_json::from_str::<InstanceValue>(&text).unwrap(), v);
+        let n: NodeValue = serde_json::from_str(r#"{"address":"::1"}"#).unwrap();
+        assert_eq!(n.inbound_port, DEFAULT_INBOUND_PORT);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_with_jitter() {
+        let mut b = Backoff::new();
+        let first = b.delay();
+        assert!(first >= BACKOFF_START / 2 && first <= BACKOFF_START);
+        let mut last = first;
+        for _ in 0..20 {
+            last = b.delay();
+        }
+        assert!(last >= BACKOFF_MAX / 2 && last <= BACKOFF_MAX);
+        b.reset();
+        assert!(b.delay() <= BACKOFF_START);
+    }
+}

@@ -1,0 +1,877 @@
+//! The etcd backend against a real three-member etcd cluster (Debian's `/usr/bin/etcd`), started
+//! by each test on loopback and killed at its end, even on panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client as EtcdClient, ConnectOptions, GetOptions};
+use skyline::agent::{self, AgentHandle, CatalogSource, Listeners, Settings};
+use skyline::catalog::etcd::register::{EtcdRegistrar, Registration};
+use skyline::catalog::etcd::{DEFAULT_PREFIX, EtcdDiscovery, InstanceValue, Keys, NodeValue};
+use skyline::catalog::{self, Discovery, Health, Instance, Node, ServiceName, Subscriber};
+use skyline::routing::{Lookup, Policy};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{Client, TestApp, ip};
+
+/// Where the tests look for etcd; `SKYLINE_TEST_ETCD` overrides.
+const ETCD: &str = "/usr/bin/etcd";
+
+/// One cluster at a time: three etcd members per test are plenty for a 2-core machine.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// === EtcdCluster ===
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A real etcd cluster on 127.0.0.1. Dropping it kills every member.
+struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    let listener = StdListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn etcd_binary() -> PathBuf {
+    let path =
+        std::env::var_os("SKYLINE_TEST_ETCD").map_or_else(|| PathBuf::from(ETCD), PathBuf::from);
+    assert!(
+        path.exists(),
+        "etcd is required by the etcd tests and was not found at {}: install Debian's \
+         `etcd-server` (scripts/install-deps tests) or set SKYLINE_TEST_ETCD",
+        path.display()
+    );
+    path
+}
+
+impl EtcdCluster {
+    async fn start(size: usize) -> Self {
+        let binary = etcd_binary();
+        // tmpfs when there is one: etcd fsyncs every write.
+        let dir = if Path::new("/dev/shm").is_dir() {
+            tempfile::tempdir_in("/dev/shm").unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data_dir: dir.path().join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            members,
+            initial_cluster,
+            token: format!("skyline-test-{}", fastrand::u64(..)),
+            _dir: dir,
+        };
+        assert!(binary.exists());
+        for i in 0..size {
+            cluster.start_member(i);
+        }
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "member {} already runs", m.name);
+        std::fs::create_dir_all(&m.data_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.data_dir.with_extension("log"))
+            .unwrap();
+        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(etcd_binary())
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &self.token])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", ETCD));
+        m.child = Some(child);
+    }
+
+    /// Kills member `i` with SIGKILL and waits for it to exit.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+
+    fn restart_all(&mut self) {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                self.start_member(i);
+            }
+        }
+    }
+
+    fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_some())
+            .collect()
+    }
+
+    /// Each live member's view: (its id, the leader's id), or `None` if it does not answer.
+    async fn status(&self, i: usize) -> Option<(u64, u64)> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2));
+        let mut client = EtcdClient::connect([self.endpoint(i)], Some(options))
+            .await
+            .ok()?;
+        let status = tokio::time::timeout(Duration::from_secs(3), client.status())
+            .await
+            .ok()?
+            .ok()?;
+        let me = status.header()?.member_id();
+        (status.leader() != 0).then_some((me, status.leader()))
+    }
+
+    /// Waits until every live member answers and they agree on a leader, and a write works.
+    async fn wait_healthy(&self) {
+        let started = Instant::now();
+        loop {
+            let mut leaders = Vec::new();
+            for i in self.live() {
+                leaders.push(self.status(i).await.map(|(_, l)| l));
+            }
+            let agreed = leaders.iter().all(|l| l.is_some() && *l == leaders[0]);
+            if agreed && self.put_raw("skyline-test/health", "ok").await.is_ok() {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "etcd cluster not healthy after 90 s: {leaders:?}; logs in {}",
+                self._dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The index of the current leader among the live members.
+    async fn leader(&self) -> usize {
+        let mut ids = BTreeMap::new();
+        let mut leader = None;
+        for i in self.live() {
+            if let Some((me, l)) = self.status(i).await {
+                ids.insert(me, i);
+                leader = Some(l);
+            }
+        }
+        ids[&leader.expect("a leader")]
+    }
+
+    async fn client(&self) -> EtcdClient {
+        let live: Vec<String> = self.live().into_iter().map(|i| self.endpoint(i)).collect();
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(10));
+        EtcdClient::connect(live, Some(options)).await.unwrap()
+    }
+
+    async fn put_raw(&self, key: &str, value: &str) -> Result<i64, etcd_client::Error> {
+        let mut client = self.client().await;
+        let r = client.put(key, value, None).await?;
+        Ok(r.header().map_or(0, |h| h.revision()))
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+// === Helpers ===
+
+async fn start_agent(name: &str, ip_text: &str, endpoints: Vec<String>) -> AgentHandle {
+    let ip = ip(ip_text);
+    let settings = Settings {
+        node_name: name.to_owned(),
+        node_address: ip,
+        outbound: Some(SocketAddr::new(ip, 0)),
+        inbound: Some(SocketAddr::new(ip, 0)),
+        admin: Some(SocketAddr::new(ip, 0)),
+        catalog: CatalogSource::Etcd {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_owned(),
+        },
+        catch_all: Vec::new(),
+        policy: Policy::default(),
+        workers: 1,
+        services: Vec::new(),
+    };
+    let listeners = Listeners::bind(&settings).unwrap();
+    agent::start(settings, listeners, CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+fn node(name: &str, address: IpAddr, inbound_port: u16) -> Node {
+    Node {
+        name: name.to_owned(),
+        address,
+        inbound_port,
+        meta: BTreeMap::new(),
+    }
+}
+
+fn instance(service: &str, id: &str, node: &str, addr: SocketAddr) -> Instance {
+    Instance {
+        id: id.to_owned(),
+        service: ServiceName::parse(service).unwrap(),
+        node: node.to_owned(),
+        address: addr.ip(),
+        port: addr.port(),
+        tags: Vec::new(),
+        meta: BTreeMap::new(),
+        health: Health::Passing,
+        weight: 1,
+    }
+}
+
+/// Registers `instances` of node `b` (served by `agent_b`) with a lease of `ttl`.
+async fn register(
+    cluster: &EtcdCluster,
+    agent_b: &AgentHandle,
+    ttl: Duration,
+    instances: Vec<Instance>,
+) -> Registration {
+    let mut registrar = EtcdRegistrar::new(
+        cluster.endpoints(),
+        node("b", ip("127.0.0.3"), agent_b.inbound.unwrap().port()),
+    );
+    registrar.ttl = ttl;
+    registrar.instances = instances;
+    let registration = registrar.spawn();
+    registration
+        .registered(Duration::from_secs(30))
+        .await
+        .unwrap();
+    registration
+}
+
+/// Polls `f` every 20 ms until it holds; panics with `what` after `limit`.
+async fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !f() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn routes_to(agent: &AgentHandle, service: &str) -> bool {
+    matches!(agent.routes.load().outbound(service), Lookup::Route(_))
+}
+
+fn knows(agent: &AgentHandle, service: &str) -> bool {
+    !matches!(agent.routes.load().outbound(service), Lookup::Unknown)
+}
+
+async fn readyz(client: &Client, agent: &AgentHandle) -> serde_json::Value {
+    client
+        .get(&format!("http://{}/readyz", agent.admin.unwrap()))
+        .await
+        .json()
+}
+
+/// Requests sent by a few concurrent clients until stopped (or a bound is reached).
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(url: String, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let stop = stop.clone();
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let client = Client::new();
+                    let started = Instant::now();
+                    let (mut ok, mut failed) = (0u64, Vec::new());
+                    while !stop.load(Ordering::Relaxed)
+                        && ok < 50_000
+                        && started.elapsed() < Duration::from_secs(120)
+                    {
+                        let req = http::Request::get(url.as_str())
+                            .body(Default::default())
+                            .unwrap();
+                        match client.send(req).await {
+                            Ok(r) if r.status == 200 => ok += 1,
+                            Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
+                            Err(e) => failed.push(e),
+                        }
+                        // A steady trickle, not a flood: the machine also runs etcd.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for task in self.tasks {
+            let (o, f) = task.await.unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
+}
+
+/// A TCP forwarder to one etcd member that the test can cut and restore, to disconnect a
+/// watcher while the cluster itself keeps running.
+struct Cut {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl Cut {
+    async fn to(target: String) -> Self {
+        let target: SocketAddr = target.trim_start_matches("http://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (o, g) = (open.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let mut cut = g.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            open,
+            generation,
+            task,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every forwarded connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn start_discovery(endpoints: Vec<String>) -> (Subscriber, CancellationToken) {
+    let (publisher, subscriber) = catalog::channel();
+    let token = CancellationToken::new();
+    let discovery = EtcdDiscovery::new(endpoints);
+    tokio::spawn(discovery.run(publisher, token.clone()));
+    (subscriber, token)
+}
+
+async fn wait_catalog(rx: &mut Subscriber, what: &str, f: impl Fn(&catalog::CatalogState) -> bool) {
+    let limit = Duration::from_secs(60);
+    if tokio::time::timeout(limit, rx.wait_for(|s| f(s)))
+        .await
+        .is_err()
+    {
+        panic!(
+            "{what}: not within {limit:?}; last state: {:?}",
+            *rx.borrow()
+        );
+    }
+}
+
+fn has(state: &catalog::CatalogState, service: &str) -> bool {
+    state
+        .snapshot
+        .as_ref()
+        .is_some_and(|s| s.services.contains_key(service))
+}
+
+async fn put_instance(cluster: &EtcdCluster, service: &str, id: &str, node: &str, port: u16) {
+    let keys = Keys::new(DEFAULT_PREFIX);
+    let value = InstanceValue {
+        node: node.to_owned(),
+        address: None,
+        port,
+        tags: Vec::new(),
+        meta: BTreeMap::new(),
+        health: Health::Passing,
+        weight: 1,
+    };
+    let key = keys.instance(&ServiceName::parse(service).unwrap(), id);
+    let mut client = cluster.client().await;
+    client
+        .put(key, serde_json::to_vec(&value).unwrap(), None)
+        .await
+        .unwrap();
+}
+
+// === Tests ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_routes_through_both_hops_to_an_instance_registered_in_etcd() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = EtcdCluster::start(3).await;
+    let app = TestApp::spawn("web", ip("127.0.0.3"));
+    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
+    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
+    // A long TTL: the instance can only vanish quickly below if the lease is revoked.
+    let registration = register(
+        &cluster,
+        &b,
+        Duration::from_secs(60),
+        vec![instance("web", "web-1", "b", app.addr)],
+    )
+    .await;
+    eventually(Duration::from_secs(30), "agent a routes web", || {
+        routes_to(&a, "web")
+    })
+    .await;
+    eventually(Duration::from_secs(30), "agent b serves web", || {
+        matches!(b.routes.load().inbound("web"), Lookup::Route(_))
+    })
+    .await;
+
+    let client = Client::new();
+    let reply = client
+        .get(&format!(
+            "http://{}/service/web/hello?x=1",
+            a.outbound.unwrap()
+        ))
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, "web /hello?x=1");
+    let ready = readyz(&client, &a).await;
+    assert_eq!(ready["catalog_error"], serde_json::Value::Null, "{ready}");
+    assert!(
+        ready["catalog"].as_str().unwrap().starts_with("etcd:"),
+        "{ready}"
+    );
+
+    // A health change written by the registrar reaches the other agent's routes.
+    registration.set_health("web-1", Health::Critical);
+    eventually(
+        Duration::from_secs(30),
+        "critical web is not routed",
+        || matches!(a.routes.load().outbound("web"), Lookup::NoHealthy),
+    )
+    .await;
+    registration.set_health("web-1", Health::Passing);
+    eventually(Duration::from_secs(30), "web routed again", || {
+        routes_to(&a, "web")
+    })
+    .await;
+
+    // A graceful shutdown revokes the lease: the instance is gone long before its 60 s TTL.
+    registration.shutdown().await;
+    eventually(Duration::from_secs(20), "web vanishes after revoke", || {
+        !knows(&a, "web")
+    })
+    .await;
+    let reply = client
+        .get(&format!("http://{}/service/web/hello", a.outbound.unwrap()))
+        .await;
+    assert_eq!(reply.mesh_error(), Some("unknown-service"), "{reply:?}");
+    for agent in [a, b] {
+        agent.shutdown();
+        agent.join().await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_follower_then_the_leader_under_load_fails_no_request_and_changes_no_route() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = EtcdCluster::start(3).await;
+    let app = TestApp::spawn("web", ip("127.0.0.3"));
+    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
+    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
+    let registration = register(
+        &cluster,
+        &b,
+        Duration::from_secs(10),
+        vec![instance("web", "web-1", "b", app.addr)],
+    )
+    .await;
+    eventually(Duration::from_secs(30), "agent a routes web", || {
+        routes_to(&a, "web")
+    })
+    .await;
+    let catalog_before = a.catalog.borrow().snapshot.clone().unwrap();
+    let routes_before = serde_json::to_value(&*a.routes.load_full()).unwrap();
+    let url = format!("http://{}/service/web/x", a.outbound.unwrap());
+
+    for victim in ["follower", "leader"] {
+        let load = Load::start(url.clone(), 4);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let leader = cluster.leader().await;
+        let i = if victim == "leader" {
+            leader
+        } else {
+            (leader + 1) % 3
+        };
+        cluster.kill(i);
+        // The two survivors elect (or keep) a leader; the mesh goes on meanwhile.
+        cluster.wait_healthy().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (ok, failed) = load.finish().await;
+        assert!(ok > 0, "the load ran");
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed after killing the {victim}: {:?}",
+            failed.len(),
+            ok + failed.len() as u64,
+            &failed[..failed.len().min(5)]
+        );
+        let catalog_now = a.catalog.borrow().snapshot.clone().unwrap();
+        assert_eq!(*catalog_now, *catalog_before, "after killing the {victim}");
+        assert_eq!(
+            serde_json::to_value(&*a.routes.load_full()).unwrap(),
+            routes_before,
+            "after killing the {victim}"
+        );
+        // The lease outlived the failover.
+        assert!(
+            registration.lease().is_some() || {
+                registration
+                    .registered(Duration::from_secs(30))
+                    .await
+                    .is_ok()
+            }
+        );
+        cluster.start_member(i);
+        cluster.wait_healthy().await;
+    }
+    assert_eq!(
+        registration.subscribe().borrow().grants,
+        1,
+        "the first lease was kept through both failovers"
+    );
+    registration.shutdown().await;
+    for agent in [a, b] {
+        agent.shutdown();
+        agent.join().await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_goes_on_while_etcd_is_down_and_catches_up_after_a_restart() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = EtcdCluster::start(3).await;
+    let web = TestApp::spawn("web", ip("127.0.0.3"));
+    let late = TestApp::spawn("late", ip("127.0.0.3"));
+    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
+    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
+    let registration = register(
+        &cluster,
+        &b,
+        Duration::from_secs(10),
+        vec![instance("web", "web-1", "b", web.addr)],
+    )
+    .await;
+    eventually(Duration::from_secs(30), "agent a routes web", || {
+        routes_to(&a, "web")
+    })
+    .await;
+    let client = Client::new();
+    let url = format!("http://{}/service/web/x", a.outbound.unwrap());
+
+    cluster.kill_all();
+    let mut rx = a.catalog.clone();
+    wait_catalog(&mut rx, "the outage is reported", |s| s.error.is_some()).await;
+    let ready = readyz(&client, &a).await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert!(
+        ready["catalog_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("etcd")),
+        "{ready}"
+    );
+    for _ in 0..20 {
+        let reply = client.get(&url).await;
+        assert_eq!(
+            reply.status, 200,
+            "routing from the last good catalog: {reply:?}"
+        );
+    }
+
+    cluster.restart_all();
+    cluster.wait_healthy().await;
+    // A change made after the restart reaches the agent.
+    let later = register(
+        &cluster,
+        &b,
+        Duration::from_secs(10),
+        vec![instance("late", "late-1", "b", late.addr)],
+    )
+    .await;
+    eventually(Duration::from_secs(60), "agent a routes late", || {
+        routes_to(&a, "late")
+    })
+    .await;
+    let reply = client
+        .get(&format!("http://{}/service/late/y", a.outbound.unwrap()))
+        .await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "late /y"));
+    assert_eq!(
+        client.get(&url).await.status,
+        200,
+        "web survived the outage"
+    );
+    wait_catalog(&mut rx, "the error clears", |s| s.error.is_none()).await;
+    assert_eq!(
+        readyz(&client, &a).await["catalog_error"],
+        serde_json::Value::Null
+    );
+
+    later.shutdown().await;
+    registration.shutdown().await;
+    for agent in [a, b] {
+        agent.shutdown();
+        agent.join().await;
+    }
+    web.stop().await;
+    late.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_an_agent_that_dies_without_revoking_vanish_when_its_lease_expires() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = EtcdCluster::start(3).await;
+    let app = TestApp::spawn("web", ip("127.0.0.3"));
+    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
+    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
+    let registration = register(
+        &cluster,
+        &b,
+        Duration::from_secs(2),
+        vec![instance("web", "web-1", "b", app.addr)],
+    )
+    .await;
+    eventually(Duration::from_secs(30), "agent a routes web", || {
+        routes_to(&a, "web")
+    })
+    .await;
+    // Kept alive well past its TTL while the registrar lives.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(routes_to(&a, "web"), "a live lease is kept alive");
+
+    let lease = registration.lease().unwrap();
+    registration.abandon();
+    let died = Instant::now();
+    eventually(
+        Duration::from_secs(60),
+        "web vanishes after the lease TTL",
+        || !knows(&a, "web"),
+    )
+    .await;
+    let mut client = cluster.client().await;
+    let keys = client
+        .get(DEFAULT_PREFIX, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(
+        keys.kvs().is_empty(),
+        "every key of lease {lease:x} is gone"
+    );
+    assert!(
+        died.elapsed() >= Duration::from_secs(1),
+        "the keys outlived the agent by about the TTL, not revoked"
+    );
+    for agent in [a, b] {
+        agent.shutdown();
+        agent.join().await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_resumes_without_missing_events_and_lists_again_after_a_compaction() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = EtcdCluster::start(3).await;
+    let keys = Keys::new(DEFAULT_PREFIX);
+    let mut client = cluster.client().await;
+    let node_value = NodeValue {
+        address: ip("127.0.0.3"),
+        inbound_port: 7041,
+        meta: BTreeMap::new(),
+    };
+    client
+        .put(
+            keys.node("b"),
+            serde_json::to_vec(&node_value).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    put_instance(&cluster, "one", "one-1", "b", 9001).await;
+
+    let cut = Cut::to(cluster.endpoint(0)).await;
+    let (mut rx, token) = start_discovery(vec![cut.endpoint()]);
+    wait_catalog(&mut rx, "the first list", |s| has(s, "one")).await;
+
+    // Disconnected, events happen; the watch resumes at last + 1 and sees every one of them.
+    cut.cut();
+    wait_catalog(&mut rx, "the cut is noticed", |s| s.error.is_some()).await;
+    put_instance(&cluster, "two", "two-1", "b", 9002).await;
+    put_instance(&cluster, "three", "three-1", "b", 9003).await;
+    client
+        .delete(
+            keys.instance(&ServiceName::parse("one").unwrap(), "one-1"),
+            None,
+        )
+        .await
+        .unwrap();
+    cut.restore();
+    wait_catalog(&mut rx, "resumed with every event", |s| {
+        s.error.is_none() && has(s, "two") && has(s, "three") && !has(s, "one")
+    })
+    .await;
+
+    // Disconnected again; this time the history it would resume from is compacted away.
+    cut.cut();
+    wait_catalog(&mut rx, "the second cut is noticed", |s| s.error.is_some()).await;
+    put_instance(&cluster, "four", "four-1", "b", 9004).await;
+    client
+        .delete(
+            keys.instance(&ServiceName::parse("two").unwrap(), "two-1"),
+            None,
+        )
+        .await
+        .unwrap();
+    let revision = cluster.put_raw("skyline-test/bump", "1").await.unwrap();
+    client.compact(revision, None).await.unwrap();
+    cut.restore();
+    wait_catalog(&mut rx, "listed again after the compaction", |s| {
+        s.error.is_none() && has(s, "four") && has(s, "three") && !has(s, "two")
+    })
+    .await;
+    let snapshot = rx.borrow().snapshot.clone().unwrap();
+    assert_eq!(snapshot.instance_count(), 2);
+    assert_eq!(snapshot.services["four"][0].port, 9004);
+    assert_eq!(
+        snapshot.services["four"][0].address,
+        ip("127.0.0.3"),
+        "an instance without an address listens on its node's"
+    );
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_whose_node_key_is_missing_are_not_routed() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = EtcdCluster::start(3).await;
+    put_instance(&cluster, "orphan", "orphan-1", "nowhere", 9001).await;
+    let (mut rx, token) = start_discovery(cluster.endpoints());
+    wait_catalog(&mut rx, "the first list", |s| s.snapshot.is_some()).await;
+    assert!(!has(&rx.borrow(), "orphan"));
+    let keys = Keys::new(DEFAULT_PREFIX);
+    let value = NodeValue {
+        address: ip("127.0.0.9"),
+        inbound_port: 5041,
+        meta: BTreeMap::new(),
+    };
+    let mut client = cluster.client().await;
+    client
+        .put(
+            keys.node("nowhere"),
+            serde_json::to_vec(&value).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    wait_catalog(&mut rx, "the node appears", |s| has(s, "orphan")).await;
+    client.delete(keys.node("nowhere"), None).await.unwrap();
+    wait_catalog(&mut rx, "the node leaves", |s| !has(s, "orphan")).await;
+    token.cancel();
+}
