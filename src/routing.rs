@@ -16,7 +16,7 @@ use http::HeaderValue;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
+use crate::catalog::{Health, Instance, ServiceName, Snapshot, Subscriber};
 
 /// Which instances count as routable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,89 +165,125 @@ pub enum Lookup<'a> {
 pub const INBOUND_DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Every route of one node, built from one snapshot.
+///
+/// Routes are shared (`Arc`) between successive tables: a catalog change rebuilds only the
+/// services whose instances changed, and the others keep their route, round-robin position
+/// included.
 #[derive(Debug, Default, Serialize)]
 pub struct Table {
     /// Outbound: per service, the inbound proxies of nodes that run a routable instance,
     /// weighted by the instances' summed weights on that node.
-    pub outbound: HashMap<ServiceName, Route>,
+    pub outbound: HashMap<ServiceName, Arc<Route>>,
     /// Inbound: per service, the routable instances on this node.
-    pub inbound: HashMap<ServiceName, Route>,
+    pub inbound: HashMap<ServiceName, Arc<Route>>,
     /// Inbound routes that left the catalog recently, served until their grace ends.
     pub retired: HashMap<ServiceName, Retired>,
+    /// The snapshot this table was built from, to tell what the next one changed.
+    #[serde(skip)]
+    source: Option<Arc<Snapshot>>,
 }
 
 /// A local route that left the catalog, still served for requests already on their way.
 #[derive(Debug, Serialize)]
 pub struct Retired {
-    pub route: Route,
+    pub route: Arc<Route>,
     #[serde(skip)]
     pub until: Instant,
 }
 
 impl Table {
-    /// Builds the routes of node `node` from `snapshot`.
+    /// Builds the routes of node `node` from `snapshot`, every service anew.
     pub fn build(snapshot: &Snapshot, node: &str, policy: Policy) -> Self {
-        let mut outbound = HashMap::with_capacity(snapshot.services.len());
-        let mut inbound = HashMap::new();
+        let mut table = Self::default();
         for (service, instances) in &snapshot.services {
-            // Per node: the summed weight of its routable instances (BTreeMap: stable order).
-            let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
-            let mut local = Vec::new();
-            for instance in instances.iter().filter(|i| policy.routable(i.health)) {
-                if !snapshot.nodes.contains_key(&instance.node) {
-                    continue;
-                }
-                let w = per_node.entry(instance.node.as_str()).or_default();
-                *w = w.saturating_add(instance.weight);
-                if instance.node == node {
-                    local.push(Endpoint::new(instance.addr(), instance.weight));
-                }
+            table.add(service, instances, snapshot, node, policy);
+        }
+        table
+    }
+
+    /// The routes of one service: outbound always, inbound when this node runs an instance.
+    fn add(
+        &mut self,
+        service: &ServiceName,
+        instances: &[Instance],
+        snapshot: &Snapshot,
+        node: &str,
+        policy: Policy,
+    ) {
+        // Per node: the summed weight of its routable instances (BTreeMap: stable order).
+        let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut local = Vec::new();
+        for instance in instances.iter().filter(|i| policy.routable(i.health)) {
+            if !snapshot.nodes.contains_key(&instance.node) {
+                continue;
             }
-            let remote = per_node
-                .into_iter()
-                .filter_map(|(name, weight)| {
-                    let n = snapshot.nodes.get(name)?;
-                    Some(Endpoint::new(n.inbound_addr(), weight))
-                })
-                .collect();
-            outbound.insert(service.clone(), Route::new(remote));
-            if instances.iter().any(|i| i.node == node) {
-                inbound.insert(service.clone(), Route::new(local));
+            let w = per_node.entry(instance.node.as_str()).or_default();
+            *w = w.saturating_add(instance.weight);
+            if instance.node == node {
+                local.push(Endpoint::new(instance.addr(), instance.weight));
             }
         }
-        Self {
-            outbound,
-            inbound,
-            retired: HashMap::new(),
+        let remote = per_node
+            .into_iter()
+            .filter_map(|(name, weight)| {
+                let n = snapshot.nodes.get(name)?;
+                Some(Endpoint::new(n.inbound_addr(), weight))
+            })
+            .collect();
+        self.outbound
+            .insert(service.clone(), Arc::new(Route::new(remote)));
+        if instances.iter().any(|i| i.node == node) {
+            self.inbound
+                .insert(service.clone(), Arc::new(Route::new(local)));
         }
     }
 
-    /// Builds the next table, retiring the local routes that `previous` served and `snapshot`
-    /// no longer does (see [`INBOUND_DRAIN_GRACE`]).
+    /// Builds the next table from `previous`: services whose instances did not change keep
+    /// their routes (a full rebuild only when the nodes changed), and local routes that
+    /// `snapshot` no longer serves are retired (see [`INBOUND_DRAIN_GRACE`]).
     pub fn build_after(
         previous: &Table,
-        snapshot: &Snapshot,
+        snapshot: &Arc<Snapshot>,
         node: &str,
         policy: Policy,
         now: Instant,
     ) -> Self {
-        let mut table = Self::build(snapshot, node, policy);
+        let mut table = Self {
+            outbound: HashMap::with_capacity(snapshot.services.len()),
+            source: Some(snapshot.clone()),
+            ..Self::default()
+        };
+        let old = previous
+            .source
+            .as_deref()
+            .filter(|old| old.nodes == snapshot.nodes);
+        for (service, instances) in &snapshot.services {
+            let unchanged = old
+                .and_then(|old| old.services.get(service))
+                .is_some_and(|was| was == instances);
+            match previous.outbound.get(service) {
+                Some(route) if unchanged => {
+                    table.outbound.insert(service.clone(), route.clone());
+                    if let Some(route) = previous.inbound.get(service) {
+                        table.inbound.insert(service.clone(), route.clone());
+                    }
+                }
+                _ => table.add(service, instances, snapshot, node, policy),
+            }
+        }
         let live = |t: &Table, s: &ServiceName| t.inbound.get(s).is_some_and(|r| !r.is_empty());
         for (service, old) in &previous.retired {
             if old.until > now && !live(&table, service) {
-                let route = Route::new(old.route.endpoints.to_vec());
-                table.retired.insert(
-                    service.clone(),
-                    Retired {
-                        route,
-                        until: old.until,
-                    },
-                );
+                let retired = Retired {
+                    route: old.route.clone(),
+                    until: old.until,
+                };
+                table.retired.insert(service.clone(), retired);
             }
         }
         for (service, route) in &previous.inbound {
             if !route.is_empty() && !live(&table, service) {
-                let route = Route::new(route.endpoints.to_vec());
+                let route = route.clone();
                 let until = now + INBOUND_DRAIN_GRACE;
                 table
                     .retired
@@ -258,11 +294,11 @@ impl Table {
     }
 
     pub fn outbound(&self, service: &str) -> Lookup<'_> {
-        classify(self.outbound.get(service))
+        classify(self.outbound.get(service).map(|r| &**r))
     }
 
     pub fn inbound(&self, service: &str) -> Lookup<'_> {
-        match classify(self.inbound.get(service)) {
+        match classify(self.inbound.get(service).map(|r| &**r)) {
             Lookup::Route(route) => Lookup::Route(route),
             missing => match self.retired.get(service) {
                 Some(retired) if retired.until > Instant::now() => Lookup::Route(&retired.route),
@@ -450,6 +486,7 @@ health = "warning"
         let before = Table::build(&snap, "a", Policy::default());
         let mut moved = snap.clone();
         moved.services.retain(|s, _| s.as_str() != "web");
+        let moved = Arc::new(moved);
         let after = Table::build_after(&before, &moved, "a", Policy::default(), now);
         assert!(
             matches!(after.outbound("web"), Lookup::Unknown),
@@ -471,8 +508,35 @@ health = "warning"
         );
         assert!(matches!(expired.inbound("web"), Lookup::Unknown));
         // A service that comes back is live again, not retired.
-        let back = Table::build_after(&later, &snap, "a", Policy::default(), now);
+        let back = Table::build_after(&later, &Arc::new(snap), "a", Policy::default(), now);
         assert!(back.retired.is_empty());
+    }
+
+    #[test]
+    fn a_change_rebuilds_only_the_services_it_touched() {
+        let snap = Arc::new(snapshot(MESH));
+        let now = Instant::now();
+        let first = Table::build_after(&Table::default(), &snap, "a", Policy::default(), now);
+        let mut changed = (*snap).clone();
+        let down = ServiceName::parse("down").unwrap();
+        changed.services.get_mut(&down).unwrap()[0].health = crate::catalog::Health::Passing;
+        let second = Table::build_after(&first, &Arc::new(changed), "a", Policy::default(), now);
+        let web = |t: &Table| t.outbound.get("web").unwrap().clone();
+        assert!(
+            Arc::ptr_eq(&web(&first), &web(&second)),
+            "web did not change: same route"
+        );
+        assert!(
+            matches!(second.outbound("down"), Lookup::Route(_)),
+            "down was rebuilt"
+        );
+        assert!(matches!(first.outbound("down"), Lookup::NoHealthy));
+        // A node change (here: an inbound port) rebuilds everything.
+        let mut moved = (*snap).clone();
+        moved.nodes.get_mut("b").unwrap().inbound_port = 9999;
+        let third = Table::build_after(&second, &Arc::new(moved), "a", Policy::default(), now);
+        assert!(!Arc::ptr_eq(&web(&second), &web(&third)));
+        assert_eq!(web(&third).endpoints[1].addr.port(), 9999);
     }
 
     proptest! {
