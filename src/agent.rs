@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
 use crate::proxy::Forwarder;
@@ -40,6 +41,8 @@ pub struct Settings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CatalogSource {
     File(PathBuf),
+    /// A Consul agent or a `skyline registry`, at this HTTP address.
+    Consul(SocketAddr),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,49 @@ impl AgentHandle {
     }
 }
 
+/// Starts the discovery task of `source` in `tasks`; returns its name and a subscriber.
+pub fn follow_catalog(
+    source: &CatalogSource,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> (String, Subscriber) {
+    let (publisher, subscriber) = catalog::channel();
+    let name = match source {
+        CatalogSource::File(path) => {
+            let discovery = FileDiscovery::new(path);
+            let name = discovery.describe();
+            tasks.spawn(discovery.run(publisher, shutdown.clone()));
+            name
+        }
+        CatalogSource::Consul(address) => {
+            let discovery = ConsulDiscovery::new(*address);
+            let name = discovery.describe();
+            tasks.spawn(discovery.run(publisher, shutdown.clone()));
+            name
+        }
+    };
+    (name, subscriber)
+}
+
+/// Waits at most [`FIRST_CATALOG_TIMEOUT`] for the catalog's first good snapshot.
+pub async fn first_snapshot(
+    mut subscriber: Subscriber,
+) -> Result<Arc<crate::catalog::Snapshot>, String> {
+    let waited = tokio::time::timeout(
+        FIRST_CATALOG_TIMEOUT,
+        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
+    )
+    .await;
+    match waited {
+        Ok(Ok(state)) => state
+            .snapshot
+            .clone()
+            .ok_or_else(|| state.error.clone().unwrap_or_default()),
+        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
+        Err(_) => Err("no answer from the catalog source".to_owned()),
+    }
+}
+
 /// Binds the listeners and starts the agent; see [`start`].
 pub async fn spawn(
     settings: Settings,
@@ -128,29 +174,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<AgentHandle, AgentError> {
     let mut tasks = JoinSet::new();
-    let (publisher, mut subscriber) = catalog::channel();
-    let source_name = match &settings.catalog {
-        CatalogSource::File(path) => {
-            let discovery = FileDiscovery::new(path);
-            let name = discovery.describe();
-            tasks.spawn(discovery.run(publisher, shutdown.clone()));
-            name
-        }
-    };
-    let snapshot = match tokio::time::timeout(
-        FIRST_CATALOG_TIMEOUT,
-        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
-    )
-    .await
-    {
-        Ok(Ok(state)) => state
-            .snapshot
-            .clone()
-            .ok_or_else(|| state.error.clone().unwrap_or_default()),
-        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
-        Err(_) => Err("no answer from the catalog source".to_owned()),
-    };
-    let snapshot = match snapshot {
+    let (source_name, subscriber) = follow_catalog(&settings.catalog, &mut tasks, &shutdown);
+    let snapshot = match first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
         Err(error) => {
             shutdown.cancel();

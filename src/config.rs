@@ -12,8 +12,9 @@
 //! admin = "127.0.0.1:5050"      # or "off"
 //!
 //! [catalog]
-//! source = "file"
+//! source = "file"               # or "consul"
 //! file = "catalog.toml"         # relative to this file
+//! consul_address = "127.0.0.1:8500"   # for source = "consul" (Consul or `skyline registry`)
 //!
 //! [proxy]
 //! catch_all = ["10.0.0.50:5041"]
@@ -68,7 +69,13 @@ impl FromStr for Listen {
 pub enum CatalogKind {
     /// A TOML catalog file, hot-reloaded on change.
     File,
+    /// A Consul agent or a `skyline registry`, followed with blocking queries.
+    Consul,
 }
+
+/// The Consul (or `skyline registry`) address used when none is given.
+pub const DEFAULT_CONSUL_ADDRESS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
 
 /// Settings of `skyline agent`. Each flag can also come from its `SKYLINE_*` variable or from
 /// the config file; a flag wins over a variable, which wins over the file.
@@ -106,8 +113,12 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
     pub catalog_file: Option<PathBuf>,
 
+    /// The Consul agent or `skyline registry`, for --catalog consul [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_CONSUL_ADDRESS", value_name = "ADDR")]
+    pub consul_address: Option<SocketAddr>,
+
     /// Upstreams for services the catalog does not route (the gateway pool), comma-separated
-    /// [default: none, such requests get 404 unknown-service]
+    /// [default: the instances of catalog service `skyline-gateway`; none: 404 unknown-service]
     #[arg(
         long,
         env = "SKYLINE_CATCH_ALL",
@@ -170,6 +181,7 @@ struct ListenSection {
 struct CatalogSection {
     source: Option<Spanned<String>>,
     file: Option<Spanned<PathBuf>>,
+    consul_address: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -302,7 +314,10 @@ impl AgentArgs {
                         src.error(
                             Some(s.span().start),
                             Some("catalog.source"),
-                            format!("unknown source {:?}; expected \"file\"", s.get_ref()),
+                            format!(
+                                "unknown source {:?}; expected \"file\" or \"consul\"",
+                                s.get_ref()
+                            ),
                         )
                     })?
                 }
@@ -317,6 +332,12 @@ impl AgentArgs {
                 };
                 CatalogSource::File(path)
             }
+            CatalogKind::Consul => CatalogSource::Consul(match self.consul_address {
+                Some(a) => a,
+                None => src
+                    .parse("catalog.consul_address", &file.catalog.consul_address)?
+                    .unwrap_or(DEFAULT_CONSUL_ADDRESS),
+            }),
         };
 
         let catch_all = match (self.catch_all, file.proxy.catch_all) {
@@ -438,6 +459,25 @@ mod tests {
                 dir.path().join("skyline.toml").display()
             )),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_consul_source_takes_its_address_from_flag_or_file() {
+        let (_d, args) =
+            with_file("[catalog]\nsource = \"consul\"\nconsul_address = \"10.0.0.5:8500\"\n");
+        let s = args.resolve().unwrap();
+        assert_eq!(
+            s.catalog,
+            CatalogSource::Consul("10.0.0.5:8500".parse().unwrap())
+        );
+        let args = AgentArgs {
+            catalog: Some(CatalogKind::Consul),
+            ..AgentArgs::default()
+        };
+        assert_eq!(
+            args.resolve().unwrap().catalog,
+            CatalogSource::Consul(DEFAULT_CONSUL_ADDRESS)
         );
     }
 

@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use skyline::bridge::config::BridgeArgs;
 use skyline::config::AgentArgs;
+use skyline::demo::migration::DemoArgs;
+use skyline::gateway::config::GatewayArgs;
+use skyline::registry::cli::RegistryArgs;
 use skyline::up::UpArgs;
 
 #[derive(Parser)]
@@ -40,6 +44,14 @@ enum Command {
     Agent(AgentArgs),
     /// Start a whole mesh on this machine with two demo services, hello and echo
     Up(UpArgs),
+    /// Run the service discovery bridge (SDB): per-service tiers, Mesos first, then Kubernetes
+    Gateway(GatewayArgs),
+    /// Run on a Kubernetes node: Skyline URLs <-> cluster DNS names
+    Bridge(BridgeArgs),
+    /// Run the embedded Consul-compatible registry
+    Registry(RegistryArgs),
+    /// Demonstrations; `skyline demo migration` moves a service from Mesos to Kubernetes and back
+    Demo(DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,7 +62,8 @@ fn main() -> ExitCode {
             Ok(settings) => settings.workers,
             Err(e) => return fail(&e),
         },
-        Command::Up(_) => 1,
+        Command::Up(_) | Command::Demo(_) => 1,
+        Command::Gateway(_) | Command::Bridge(_) | Command::Registry(_) => 2,
     };
     // One worker: a current-thread runtime, like an NGINX worker, with no cross-thread wake-ups.
     let runtime = if workers == 1 {
@@ -77,6 +90,18 @@ fn main() -> ExitCode {
                 agent.join().await;
             }
             Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,
+            Command::Gateway(args) => {
+                let gateway = skyline::gateway::spawn(args.resolve()?, shutdown).await?;
+                gateway.join().await;
+            }
+            Command::Bridge(args) => {
+                let bridge = skyline::bridge::spawn(args.resolve()?, shutdown).await?;
+                bridge.join().await;
+            }
+            Command::Registry(args) => skyline::registry::cli::run(args, shutdown).await?,
+            Command::Demo(args) => {
+                skyline::demo::migration::run(args, shutdown, &mut std::io::stdout()).await?
+            }
         }
         Ok::<_, anyhow::Error>(())
     });

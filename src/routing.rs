@@ -55,7 +55,7 @@ impl Endpoint {
 // === Route ===
 
 /// The endpoints of one service, balanced by weighted round robin.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Route {
     pub endpoints: Box<[Endpoint]>,
     /// Indices into `endpoints`, each repeated by its (reduced) weight; empty when all weights
@@ -166,7 +166,13 @@ pub struct Table {
     pub inbound: HashMap<ServiceName, Route>,
     /// Inbound routes that left the catalog recently, served until their grace ends.
     pub retired: HashMap<ServiceName, Retired>,
+    /// The passing instances of catalog service [`GATEWAY_SERVICE`], addressed directly: the
+    /// catch-all when none is configured.
+    pub gateways: Route,
 }
+
+/// The catalog service of the gateway pool.
+pub const GATEWAY_SERVICE: &str = "skyline-gateway";
 
 /// A local route that left the catalog, still served for requests already on their way.
 #[derive(Debug, Serialize)]
@@ -207,10 +213,19 @@ impl Table {
                 inbound.insert(service.clone(), Route::new(local));
             }
         }
+        let gateways = snapshot
+            .services
+            .get(GATEWAY_SERVICE)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter(|i| policy.routable(i.health))
+            .map(|i| Endpoint::new(i.addr(), i.weight))
+            .collect();
         Self {
             outbound,
             inbound,
             retired: HashMap::new(),
+            gateways: Route::new(gateways),
         }
     }
 

@@ -1,12 +1,16 @@
 //! The outbound proxy (:5040): `/service/<name>/<rest>` → the inbound proxy of a node that runs a
-//! healthy instance of `<name>`, full path kept; unknown services → the catch-all.
+//! healthy instance of `<name>`, full path kept; unknown services → the catch-all (configured, or
+//! the catalog's `skyline-gateway` instances). A cluster-DNS-style request
+//! (`Host: <name>.<ns>.svc.cluster.local`, path `/<rest>`) is taken as `/service/<name>/<rest>`,
+//! so an application uses the same URL on every platform.
 
 use std::sync::Arc;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use super::{Body, Forwarder, Host, MeshError};
+use super::{Body, DEFAULT_MAX_HOPS, Forwarder, Host, MeshError, count_hop};
+use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::routing::{Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
@@ -39,23 +43,39 @@ impl Outbound {
 impl Handler for Outbound {
     type Body = Body;
 
-    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
+        };
+        let target = match cluster_name(&req) {
+            Some(name) if !target.path().starts_with("/service/") => {
+                match skyline_target(&name, Some(&target)) {
+                    Ok(target) => target,
+                    Err(e) => return e.into_response(&name),
+                }
+            }
+            _ => target,
         };
         let name = match service_of(target.path()) {
             Ok(name) => name,
             Err(e) => return e.into_response(""),
         };
+        if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
+            return e.into_response(name);
+        }
         let inner = &self.inner;
         let endpoint = {
             let table = inner.routes.load();
+            let catch_all = inner
+                .catch_all
+                .as_ref()
+                .or((!table.gateways.is_empty()).then_some(&table.gateways));
             let route = match table.outbound(name) {
                 Lookup::Route(route) => Ok(route),
                 // As consul-template did for the seed: a service with nothing healthy here is
                 // treated like an unknown one, so the gateway can fall back to another platform.
-                Lookup::NoHealthy => inner.catch_all.as_ref().ok_or(MeshError::NoHealthyEndpoint),
-                Lookup::Unknown => inner.catch_all.as_ref().ok_or(MeshError::UnknownService),
+                Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint),
+                Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService),
             };
             route.map(|r| r.pick().cloned())
         };
@@ -70,6 +90,12 @@ impl Handler for Outbound {
             .await;
         forwarded.unwrap_or_else(|e| e.into_response(service_of(target.path()).unwrap_or("")))
     }
+}
+
+/// The service name of a cluster-DNS `Host` header, if the request has one.
+fn cluster_name(req: &Request<Incoming>) -> Option<String> {
+    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    cluster_service(host, DEFAULT_CLUSTER_DOMAIN).map(str::to_owned)
 }
 
 /// The service name of a Skyline path `/service/<name>[/<rest>]`, validated.

@@ -283,7 +283,16 @@ async fn agent_help_documents_every_setting_with_its_default_and_variable() {
             "SKYLINE_CATALOG_FILE",
             "[default: /etc/skyline/catalog.toml]",
         ),
-        ("--catch-all", "SKYLINE_CATCH_ALL", "[default: none"),
+        (
+            "--catch-all",
+            "SKYLINE_CATCH_ALL",
+            "[default: the instances of catalog service `skyline-gateway`",
+        ),
+        (
+            "--consul-address",
+            "SKYLINE_CONSUL_ADDRESS",
+            "[default: 127.0.0.1:8500]",
+        ),
         ("--config", "SKYLINE_CONFIG", ""),
     ] {
         assert!(
