@@ -5,6 +5,7 @@ mod catalog_changes;
 mod consul_backend;
 mod guard;
 mod hostile_input;
+mod migration;
 mod pool;
 mod processes;
 mod registry;
