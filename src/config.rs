@@ -20,6 +20,7 @@
 //! catch_all = ["10.0.0.50:5041"]
 //! route_warning = false
 //! workers = 1
+//! fallback_hold = "3s"          # a service routable again goes via the gateway this long
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -31,6 +32,7 @@ use toml::Spanned;
 
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
+use crate::gateway::policy::{DEFAULT_HOLD, parse_duration};
 use crate::routing::Policy;
 
 pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5040);
@@ -131,6 +133,11 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYLINE_ROUTE_WARNING", value_name = "BOOL")]
     pub route_warning: Option<bool>,
 
+    /// How long a service that becomes routable again still goes to the catch-all (the
+    /// gateway, which holds fail-back as long), such as 3s or 0s [default: 3s]
+    #[arg(long, env = "SKYLINE_FALLBACK_HOLD", value_name = "DURATION")]
+    pub fallback_hold: Option<String>,
+
     /// Worker threads serving connections [default: 1]
     #[arg(long, env = "SKYLINE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
@@ -190,6 +197,8 @@ struct ProxySection {
     catch_all: Option<Vec<Spanned<String>>>,
     route_warning: Option<bool>,
     workers: Option<Spanned<usize>>,
+    /// Warm-up of a service routable again before direct routing [default: "3s"].
+    fallback_hold: Option<Spanned<String>>,
 }
 
 /// Reads the config file and turns spans into line numbers for errors.
@@ -368,6 +377,14 @@ impl AgentArgs {
                 "must be between 1 and 256",
             ));
         }
+        let fallback_hold = match (&self.fallback_hold, &file.proxy.fallback_hold) {
+            (Some(text), _) => {
+                parse_duration(text).map_err(|e| src.error(None, Some("proxy.fallback_hold"), e))?
+            }
+            (None, Some(text)) => parse_duration(text.get_ref())
+                .map_err(|e| src.error(Some(text.span().start), Some("proxy.fallback_hold"), e))?,
+            (None, None) => DEFAULT_HOLD,
+        };
         let route_warning = self
             .route_warning
             .or(file.proxy.route_warning)
@@ -383,6 +400,7 @@ impl AgentArgs {
             catch_all,
             policy: Policy {
                 include_warning: route_warning,
+                fallback_hold,
             },
             workers: workers.0,
         })

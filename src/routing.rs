@@ -23,6 +23,10 @@ use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 pub struct Policy {
     /// Route to instances whose health is `warning` as well as `passing`.
     pub include_warning: bool,
+    /// How long a service that becomes routable again keeps going to the catch-all (the
+    /// gateway) before the outbound proxy routes it directly: the agent's side of the
+    /// gateway's fail-back hold, so a flapping instance does not flap traffic. Zero: at once.
+    pub fallback_hold: Duration,
 }
 
 impl Policy {
@@ -166,6 +170,10 @@ pub struct Table {
     pub inbound: HashMap<ServiceName, Route>,
     /// Inbound routes that left the catalog recently, served until their grace ends.
     pub retired: HashMap<ServiceName, Retired>,
+    /// Outbound routes that became routable recently, and until when they count as warming up
+    /// (see [`Policy::fallback_hold`]).
+    #[serde(skip)]
+    pub warming: HashMap<ServiceName, Instant>,
     /// The passing instances of catalog service [`GATEWAY_SERVICE`], addressed directly: the
     /// catch-all when none is configured.
     pub gateways: Route,
@@ -225,6 +233,7 @@ impl Table {
             outbound,
             inbound,
             retired: HashMap::new(),
+            warming: HashMap::new(),
             gateways: Route::new(gateways),
         }
     }
@@ -252,6 +261,22 @@ impl Table {
                 );
             }
         }
+        if !policy.fallback_hold.is_zero() {
+            let routable =
+                |t: &Table, s: &ServiceName| t.outbound.get(s).is_some_and(|r| !r.is_empty());
+            for service in table.outbound.keys() {
+                if !routable(&table, service) {
+                    continue;
+                }
+                let until = match previous.warming.get(service) {
+                    Some(&until) if until > now => until,
+                    Some(_) => continue,
+                    None if routable(previous, service) => continue,
+                    None => now + policy.fallback_hold,
+                };
+                table.warming.insert(service.clone(), until);
+            }
+        }
         for (service, route) in &previous.inbound {
             if !route.is_empty() && !live(&table, service) {
                 let route = Route::new(route.endpoints.to_vec());
@@ -266,6 +291,13 @@ impl Table {
 
     pub fn outbound(&self, service: &str) -> Lookup<'_> {
         classify(self.outbound.get(service))
+    }
+
+    /// Whether `service` became routable less than [`Policy::fallback_hold`] ago.
+    pub fn warming(&self, service: &str) -> bool {
+        self.warming
+            .get(service)
+            .is_some_and(|&until| until > Instant::now())
     }
 
     pub fn inbound(&self, service: &str) -> Lookup<'_> {
@@ -436,6 +468,7 @@ health = "warning"
             "a",
             Policy {
                 include_warning: true,
+                ..Policy::default()
             },
         );
         assert!(matches!(lenient.outbound("shaky"), Lookup::Route(_)));
@@ -480,6 +513,34 @@ health = "warning"
         // A service that comes back is live again, not retired.
         let back = Table::build_after(&later, &snap, "a", Policy::default(), now);
         assert!(back.retired.is_empty());
+    }
+
+    #[test]
+    fn a_service_routable_again_warms_up_for_the_fallback_hold() {
+        let snap = snapshot(MESH);
+        let policy = Policy {
+            fallback_hold: Duration::from_secs(3),
+            ..Policy::default()
+        };
+        let now = Instant::now();
+        let first = Table::build(&snap, "a", policy);
+        assert!(!first.warming("web"), "routable at start: no warm-up");
+        let mut gone = snap.clone();
+        gone.services.retain(|s, _| s.as_str() != "web");
+        let without = Table::build_after(&first, &gone, "a", policy, now);
+        let back = Table::build_after(&without, &snap, "a", policy, now);
+        assert!(back.warming("web"));
+        assert_eq!(back.warming["web"], now + Duration::from_secs(3));
+        let later = Table::build_after(&back, &snap, "a", policy, now + Duration::from_secs(1));
+        assert_eq!(
+            later.warming["web"],
+            now + Duration::from_secs(3),
+            "the hold is not restarted"
+        );
+        let done = Table::build_after(&later, &snap, "a", policy, now + Duration::from_secs(4));
+        assert!(done.warming.is_empty());
+        let zero = Table::build_after(&without, &snap, "a", Policy::default(), now);
+        assert!(!zero.warming("web"));
     }
 
     proptest! {

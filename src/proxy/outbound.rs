@@ -71,7 +71,11 @@ impl Handler for Outbound {
                 .as_ref()
                 .or((!table.gateways.is_empty()).then_some(&table.gateways));
             let route = match table.outbound(name) {
-                Lookup::Route(route) => Ok(route),
+                // Routable again only recently: the gateway decides until the hold passes.
+                Lookup::Route(route) => match catch_all {
+                    Some(gateway) if table.warming(name) => Ok(gateway),
+                    _ => Ok(route),
+                },
                 // As consul-template did for the seed: a service with nothing healthy here is
                 // treated like an unknown one, so the gateway can fall back to another platform.
                 Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint),

@@ -643,7 +643,7 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     let back = load.wait_for(c, Duration::from_secs(20), |a| a.what == "mesos");
     let back = back.expect("traffic never fell back to mesos");
     switches.push(("c. kubernetes -> mesos after scale up", back - c));
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(4));
     let c_end = load.now_ms();
     steps.push(("c. scaled up on mesos", c, c_end));
 
@@ -760,6 +760,11 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
         settled.keys().collect::<Vec<_>>(),
         ["200 kubernetes"],
         "{settled:?}"
+    );
+    let (_, c_switch) = switches[1];
+    assert!(
+        (2500..10_000).contains(&c_switch),
+        "fall-back to mesos waits for the {HOLD} hold: {c_switch} ms"
     );
     let settled = load.counts(back + 500, c_end);
     assert_eq!(
