@@ -3,6 +3,7 @@
 
 mod catalog_changes;
 mod consul_backend;
+mod gateway;
 mod guard;
 mod hostile_input;
 mod migration;
