@@ -22,7 +22,7 @@ address = "${BENCH_BACKEND%:*}"
 port = ${BENCH_BACKEND##*:}
 CATALOG
 
-common=(--admin off --catalog-file "$BENCH_DIR/catalog.toml" --workers "$workers")
+common=(--admin off --catalog file --catalog-file "$BENCH_DIR/catalog.toml" --workers "$workers")
 SKYLINE_LOG=warn "$bin" agent --node-name client --outbound "127.0.0.1:$BENCH_OUT_PORT" --inbound off \
   "${common[@]}" >"$BENCH_DIR/skyline-outbound.log" 2>&1 &
 echo $! >>"$BENCH_DIR/candidate.pids"

@@ -1,5 +1,7 @@
 //! The per-node agent: outbound proxy, inbound proxy and admin listener over one route table that
-//! follows the catalog.
+//! follows the catalog; [`registration`] registers the node's own services.
+
+pub mod registration;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -17,6 +19,7 @@ use crate::catalog::{self, Discovery, Subscriber};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
+use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
 use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
 use crate::serve;
 
@@ -36,13 +39,21 @@ pub struct Settings {
     pub catch_all: Vec<SocketAddr>,
     pub policy: Policy,
     pub workers: usize,
+    /// Services of this node, registered in the catalog while the agent runs.
+    pub services: Vec<registration::Declared>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CatalogSource {
+    /// A TOML file, hot-reloaded.
     File(PathBuf),
-    /// A Consul agent or a `skyline registry`, at this HTTP address.
+    /// A Consul agent or a Skyline registry elsewhere, over HTTP.
     Consul(SocketAddr),
+    /// A registry in this process, serving its API on `listen` for other nodes and tools.
+    Embedded {
+        listen: SocketAddr,
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +67,8 @@ pub enum AgentError {
     },
     #[error("catalog {source_name}: {error}")]
     Catalog { source_name: String, error: String },
+    #[error("the embedded registry cannot start")]
+    Registry(#[from] RegistryError),
 }
 
 /// The agent's listeners, bound before anything else starts so a port conflict fails fast.
@@ -63,6 +76,8 @@ pub struct Listeners {
     pub outbound: Option<TcpListener>,
     pub inbound: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// The embedded registry's API, with `--catalog embedded`.
+    pub registry: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -77,10 +92,15 @@ impl Listeners {
             })
             .transpose()
         };
+        let registry = match &settings.catalog {
+            CatalogSource::Embedded { listen, .. } => Some(*listen),
+            _ => None,
+        };
         Ok(Self {
             outbound: bind("outbound", settings.outbound)?,
             inbound: bind("inbound", settings.inbound)?,
             admin: bind("admin", settings.admin)?,
+            registry: bind("registry", registry)?,
         })
     }
 }
@@ -92,6 +112,9 @@ pub struct AgentHandle {
     pub admin: Option<SocketAddr>,
     pub routes: Arc<Routes>,
     pub catalog: Subscriber,
+    /// The embedded registry, with `--catalog embedded`.
+    pub registry: Option<SocketAddr>,
+    registry_handle: Option<RegistryHandle>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -104,6 +127,9 @@ impl AgentHandle {
 
     /// Waits until every task of the agent has finished.
     pub async fn join(mut self) {
+        if let Some(registry) = self.registry_handle.take() {
+            registry.join().await;
+        }
         while let Some(result) = self.tasks.join_next().await {
             if let Err(e) = result {
                 if e.is_panic() {
@@ -114,7 +140,13 @@ impl AgentHandle {
     }
 }
 
-/// Starts the discovery task of `source` in `tasks`; returns its name and a subscriber.
+fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
+    listener.as_ref().and_then(|l| l.local_addr().ok())
+}
+
+/// Starts the discovery task of a file or Consul `source` in `tasks` (for the gateway and the
+/// bridge; an `Embedded` source is followed over HTTP at its `listen` address); returns its
+/// name and a subscriber.
 pub fn follow_catalog(
     source: &CatalogSource,
     tasks: &mut JoinSet<()>,
@@ -122,17 +154,9 @@ pub fn follow_catalog(
 ) -> (String, Subscriber) {
     let (publisher, subscriber) = catalog::channel();
     let name = match source {
-        CatalogSource::File(path) => {
-            let discovery = FileDiscovery::new(path);
-            let name = discovery.describe();
-            tasks.spawn(discovery.run(publisher, shutdown.clone()));
-            name
-        }
-        CatalogSource::Consul(address) => {
-            let discovery = ConsulDiscovery::new(*address);
-            let name = discovery.describe();
-            tasks.spawn(discovery.run(publisher, shutdown.clone()));
-            name
+        CatalogSource::File(path) => follow(tasks, FileDiscovery::new(path), publisher, shutdown),
+        CatalogSource::Consul(addr) | CatalogSource::Embedded { listen: addr, .. } => {
+            follow(tasks, ConsulDiscovery::new(*addr), publisher, shutdown)
         }
     };
     (name, subscriber)
@@ -157,6 +181,18 @@ pub async fn first_snapshot(
     }
 }
 
+/// Starts a discovery backend's task; returns its name for logs and `/readyz`.
+fn follow<D: Discovery>(
+    tasks: &mut JoinSet<()>,
+    discovery: D,
+    publisher: catalog::Publisher,
+    shutdown: &CancellationToken,
+) -> String {
+    let name = discovery.describe();
+    tasks.spawn(discovery.run(publisher, shutdown.clone()));
+    name
+}
+
 /// Binds the listeners and starts the agent; see [`start`].
 pub async fn spawn(
     settings: Settings,
@@ -170,12 +206,55 @@ pub async fn spawn(
 /// A catalog that cannot be read at start is an error; later failures keep the last good one.
 pub async fn start(
     settings: Settings,
-    listeners: Listeners,
+    mut listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<AgentHandle, AgentError> {
     let mut tasks = JoinSet::new();
-    let (source_name, subscriber) = follow_catalog(&settings.catalog, &mut tasks, &shutdown);
-    let snapshot = match first_snapshot(subscriber.clone()).await {
+    let (publisher, mut subscriber) = catalog::channel();
+    let mut registry_handle = None;
+    let source_name = match &settings.catalog {
+        CatalogSource::File(path) => {
+            follow(&mut tasks, FileDiscovery::new(path), publisher, &shutdown)
+        }
+        CatalogSource::Consul(addr) => follow(
+            &mut tasks,
+            ConsulDiscovery::new(*addr),
+            publisher,
+            &shutdown,
+        ),
+        CatalogSource::Embedded { data_dir, .. } => {
+            let Some(listener) = listeners.registry.take() else {
+                return Err(AgentError::Catalog {
+                    source_name: "embedded".into(),
+                    error: "no registry listener was bound".into(),
+                });
+            };
+            let config = RegistryConfig {
+                data_dir: data_dir.clone(),
+                node_name: settings.node_name.clone(),
+                node_address: settings.node_address,
+            };
+            let handle = registry::spawn(listener, config, shutdown.clone()).await?;
+            let name = follow(&mut tasks, handle.discovery(), publisher, &shutdown);
+            registry_handle = Some(handle);
+            name
+        }
+    };
+    let registry = registry_handle.as_ref().map(RegistryHandle::addr);
+    let snapshot = match tokio::time::timeout(
+        FIRST_CATALOG_TIMEOUT,
+        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
+    )
+    .await
+    {
+        Ok(Ok(state)) => state
+            .snapshot
+            .clone()
+            .ok_or_else(|| state.error.clone().unwrap_or_default()),
+        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
+        Err(_) => Err("no answer from the catalog source".to_owned()),
+    };
+    let snapshot = match snapshot {
         Ok(snapshot) => snapshot,
         Err(error) => {
             shutdown.cancel();
@@ -194,6 +273,27 @@ pub async fn start(
         settings.node_name.clone(),
         settings.policy,
     ));
+
+    let registry_for_services = match &settings.catalog {
+        CatalogSource::Consul(addr) => Some(*addr),
+        CatalogSource::Embedded { .. } => registry,
+        CatalogSource::File(_) => None,
+    };
+    if let (Some(addr), false) = (registry_for_services, settings.services.is_empty()) {
+        let node = registration::NodeEntry {
+            name: settings.node_name.clone(),
+            address: settings.node_address,
+            inbound_port: addr_of(&listeners.inbound)
+                .map_or(crate::catalog::DEFAULT_INBOUND_PORT, |a| a.port()),
+        };
+        let client = crate::registry::client::RegistryClient::new(addr);
+        tasks.spawn(registration::run(
+            client,
+            node,
+            settings.services.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     let forwarder = Forwarder::new();
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
@@ -238,6 +338,8 @@ pub async fn start(
         admin,
         routes,
         catalog: subscriber,
+        registry,
+        registry_handle,
         shutdown,
         tasks,
     })

@@ -230,7 +230,14 @@ impl Bridge {
             .insert(&X_SKYLINE_ORIGIN, HeaderValue::from_static("bridge"));
         self.inner
             .forwarder
-            .forward(req, &gateway, target, Host::Keep, &conn)
+            .forward(
+                req,
+                gateway,
+                |tried: &[SocketAddr]| self.gateway().filter(|g| !tried.contains(&g.addr)),
+                target,
+                Host::Keep,
+                &conn,
+            )
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }
@@ -268,7 +275,19 @@ impl Bridge {
         let name = name.to_owned();
         self.inner
             .forwarder
-            .forward(req, &endpoint, target, Host::Keep, &conn)
+            .forward(
+                req,
+                endpoint,
+                |tried: &[SocketAddr]| {
+                    ips.iter()
+                        .map(|&ip| SocketAddr::new(ip, port))
+                        .find(|a| !tried.contains(a))
+                        .map(|a| Endpoint::new(a, 1))
+                },
+                target,
+                Host::Keep,
+                &conn,
+            )
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }

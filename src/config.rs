@@ -12,32 +12,47 @@
 //! admin = "127.0.0.1:5050"      # or "off"
 //!
 //! [catalog]
-//! source = "file"               # or "consul"
-//! file = "catalog.toml"         # relative to this file
-//! consul_address = "127.0.0.1:8500"   # for source = "consul" (Consul or `skyline registry`)
+//! source = "embedded"           # embedded | consul | file
+//! data_dir = "/var/lib/skyline" # embedded: the registry's data
+//! registry = "127.0.0.1:8500"   # embedded: where its Consul-compatible API listens
+//! consul = "127.0.0.1:8500"     # consul: the Consul agent (or a Skyline registry) to follow
+//! file = "catalog.toml"         # file: relative to this file
 //!
 //! [proxy]
 //! catch_all = ["10.0.0.50:5041"]
 //! route_warning = false
-//! workers = 1
 //! fallback_hold = "3s"          # a service routable again goes via the gateway this long
+//! workers = 1
+//!
+//! # Services on this node, registered in the catalog (embedded or consul) while the agent runs.
+//! [[service]]
+//! name = "giphy"
+//! port = 31000
+//! meta = { platform = "mesos" }
+//! check = { http = "/health", interval = "5s", timeout = "2s" }   # or { ttl = "10s" } (default)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::agent::registration::{Check, Declared};
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
+use crate::catalog::ServiceName;
 use crate::gateway::policy::{DEFAULT_HOLD, parse_duration};
+use crate::registry::api::parse_go_duration;
 use crate::routing::Policy;
 
 pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5040);
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5050);
 pub const DEFAULT_CATALOG_FILE: &str = "/etc/skyline/catalog.toml";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/skyline";
+pub const DEFAULT_REGISTRY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
 
 /// A listener address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,15 +84,13 @@ impl FromStr for Listen {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CatalogKind {
+    /// The registry in this process: Consul's HTTP API, durable, no other server needed.
+    Embedded,
+    /// A Consul agent, or a Skyline registry on another node, followed with blocking queries.
+    Consul,
     /// A TOML catalog file, hot-reloaded on change.
     File,
-    /// A Consul agent or a `skyline registry`, followed with blocking queries.
-    Consul,
 }
-
-/// The Consul (or `skyline registry`) address used when none is given.
-pub const DEFAULT_CONSUL_ADDRESS: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
 
 /// Settings of `skyline agent`. Each flag can also come from its `SKYLINE_*` variable or from
 /// the config file; a flag wins over a variable, which wins over the file.
@@ -107,17 +120,27 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
     pub admin: Option<Listen>,
 
-    /// Where the catalog comes from [default: file]
+    /// Where the catalog comes from [default: embedded]
     #[arg(long, env = "SKYLINE_CATALOG", value_name = "SOURCE")]
     pub catalog: Option<CatalogKind>,
+
+    /// The embedded registry's data folder, for --catalog embedded [default: /var/lib/skyline]
+    #[arg(long, env = "SKYLINE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Where the embedded registry serves its Consul-compatible API, for --catalog embedded
+    /// [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_REGISTRY", value_name = "ADDR")]
+    pub registry: Option<SocketAddr>,
+
+    /// The Consul agent or Skyline registry to follow, for --catalog consul
+    /// [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
+    pub consul: Option<SocketAddr>,
 
     /// The catalog file, for --catalog file [default: /etc/skyline/catalog.toml]
     #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
     pub catalog_file: Option<PathBuf>,
-
-    /// The Consul agent or `skyline registry`, for --catalog consul [default: 127.0.0.1:8500]
-    #[arg(long, env = "SKYLINE_CONSUL_ADDRESS", value_name = "ADDR")]
-    pub consul_address: Option<SocketAddr>,
 
     /// Upstreams for services the catalog does not route (the gateway pool), comma-separated
     /// [default: the instances of catalog service `skyline-gateway`; none: 404 unknown-service]
@@ -143,6 +166,36 @@ pub struct AgentArgs {
     pub workers: Option<usize>,
 }
 
+/// Settings of `skyline registry`, the Consul-compatible catalog for one node or a small site.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RegistryArgs {
+    /// Where the Consul-compatible HTTP API listens
+    #[arg(long, env = "SKYLINE_REGISTRY", value_name = "ADDR", default_value_t = DEFAULT_REGISTRY)]
+    pub listen: SocketAddr,
+
+    /// The data folder: every acknowledged write is on disk here before it is answered
+    #[arg(long, env = "SKYLINE_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// The registry's own node, where /v1/agent/service/register puts services
+    #[arg(
+        long,
+        env = "SKYLINE_NODE_NAME",
+        value_name = "NAME",
+        default_value = "local"
+    )]
+    pub node_name: String,
+
+    /// The address of the registry's own node
+    #[arg(
+        long,
+        env = "SKYLINE_NODE_ADDRESS",
+        value_name = "IP",
+        default_value = "127.0.0.1"
+    )]
+    pub node_address: IpAddr,
+}
+
 /// A refused configuration: which file, where, which key, and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{}{}: {reason}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default() + &key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
@@ -166,7 +219,35 @@ struct FileConfig {
     catalog: CatalogSection,
     #[serde(default)]
     proxy: ProxySection,
+    #[serde(default)]
+    service: Vec<ServiceSection>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    name: Spanned<String>,
+    id: Option<String>,
+    address: Option<Spanned<String>>,
+    port: Spanned<u16>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: std::collections::BTreeMap<String, String>,
+    check: Option<CheckSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CheckSection {
+    ttl: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// The TTL of a declared service's check when the config gives none.
+pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -188,7 +269,9 @@ struct ListenSection {
 struct CatalogSection {
     source: Option<Spanned<String>>,
     file: Option<Spanned<PathBuf>>,
-    consul_address: Option<Spanned<String>>,
+    data_dir: Option<Spanned<PathBuf>>,
+    registry: Option<Spanned<String>>,
+    consul: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -317,14 +400,14 @@ impl AgentArgs {
         let kind = match self.catalog {
             Some(kind) => kind,
             None => match &file.catalog.source {
-                None => CatalogKind::File,
+                None => CatalogKind::Embedded,
                 Some(s) => {
                     <CatalogKind as clap::ValueEnum>::from_str(s.get_ref(), true).map_err(|_| {
                         src.error(
                             Some(s.span().start),
                             Some("catalog.source"),
                             format!(
-                                "unknown source {:?}; expected \"file\" or \"consul\"",
+                                "unknown source {:?}; expected embedded, consul or file",
                                 s.get_ref()
                             ),
                         )
@@ -341,12 +424,29 @@ impl AgentArgs {
                 };
                 CatalogSource::File(path)
             }
-            CatalogKind::Consul => CatalogSource::Consul(match self.consul_address {
-                Some(a) => a,
-                None => src
-                    .parse("catalog.consul_address", &file.catalog.consul_address)?
-                    .unwrap_or(DEFAULT_CONSUL_ADDRESS),
-            }),
+            CatalogKind::Embedded => {
+                let data_dir = match (self.data_dir, file.catalog.data_dir) {
+                    (Some(p), _) => p,
+                    (None, Some(p)) => relative_to(src, p.into_inner()),
+                    (None, None) => PathBuf::from(DEFAULT_DATA_DIR),
+                };
+                let listen = match self.registry {
+                    Some(a) => a,
+                    None => src
+                        .parse("catalog.registry", &file.catalog.registry)?
+                        .unwrap_or(DEFAULT_REGISTRY),
+                };
+                CatalogSource::Embedded { listen, data_dir }
+            }
+            CatalogKind::Consul => {
+                let addr = match self.consul {
+                    Some(a) => a,
+                    None => src
+                        .parse("catalog.consul", &file.catalog.consul)?
+                        .unwrap_or(DEFAULT_REGISTRY),
+                };
+                CatalogSource::Consul(addr)
+            }
         };
 
         let catch_all = match (self.catch_all, file.proxy.catch_all) {
@@ -389,6 +489,18 @@ impl AgentArgs {
             .route_warning
             .or(file.proxy.route_warning)
             .unwrap_or(false);
+        let services = file
+            .service
+            .iter()
+            .map(|svc| declared(src, svc, &node_name))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let (Some(first), CatalogSource::File(_)) = (file.service.first(), &catalog) {
+            return Err(src.error(
+                Some(first.name.span().start),
+                Some("service"),
+                "declared services need a registry: use catalog.source = \"embedded\" or \"consul\"",
+            ));
+        }
 
         Ok(Settings {
             node_name,
@@ -403,8 +515,74 @@ impl AgentArgs {
                 fallback_hold,
             },
             workers: workers.0,
+            services,
         })
     }
+}
+
+/// Validates one `[[service]]` entry of the config file.
+fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, ConfigError> {
+    let at = |span: std::ops::Range<usize>| Some(span.start);
+    let name = ServiceName::parse(svc.name.get_ref())
+        .map_err(|e| src.error(at(svc.name.span()), Some("service.name"), e.to_string()))?;
+    let port = *svc.port.get_ref();
+    if port == 0 {
+        return Err(src.error(at(svc.port.span()), Some("service.port"), "must be 1-65535"));
+    }
+    let address = src.parse::<IpAddr>("service.address", &svc.address)?;
+    let duration = |key: &str, field: &Option<Spanned<String>>, default: Duration| match field {
+        None => Ok(default),
+        Some(f) => parse_go_duration(f.get_ref())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                src.error(
+                    at(f.span()),
+                    Some(key),
+                    format!("{:?} is not a duration like 10s", f.get_ref()),
+                )
+            }),
+    };
+    let check = svc.check.as_ref();
+    let check = match check.and_then(|c| c.http.as_ref()) {
+        Some(path) if !path.get_ref().starts_with('/') => {
+            return Err(src.error(
+                at(path.span()),
+                Some("service.check.http"),
+                "must be a path starting with /",
+            ));
+        }
+        Some(path) => Check::Http {
+            path: path.get_ref().clone(),
+            interval: duration(
+                "service.check.interval",
+                &check.and_then(|c| c.interval.clone()),
+                Duration::from_secs(5),
+            )?,
+            timeout: duration(
+                "service.check.timeout",
+                &check.and_then(|c| c.timeout.clone()),
+                Duration::from_secs(2),
+            )?,
+        },
+        None => Check::Ttl(duration(
+            "service.check.ttl",
+            &check.and_then(|c| c.ttl.clone()),
+            DEFAULT_CHECK_TTL,
+        )?),
+    };
+    Ok(Declared {
+        id: svc
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{name}-{node}-{port}")),
+        name,
+        address,
+        port,
+        tags: svc.tags.clone(),
+        meta: svc.meta.clone(),
+        check,
+    })
 }
 
 /// A path in the config file is relative to the file's folder.
@@ -437,14 +615,20 @@ mod tests {
         assert_eq!(s.inbound, Some("127.0.0.1:5041".parse().unwrap()));
         assert_eq!(s.admin, Some(DEFAULT_ADMIN));
         assert_eq!(s.node_name, "local");
-        assert_eq!(s.catalog, CatalogSource::File(DEFAULT_CATALOG_FILE.into()));
+        assert_eq!(
+            s.catalog,
+            CatalogSource::Embedded {
+                listen: DEFAULT_REGISTRY,
+                data_dir: DEFAULT_DATA_DIR.into()
+            }
+        );
         assert_eq!(s.workers, 1);
     }
 
     #[test]
     fn the_file_fills_what_flags_leave_out_and_flags_win() {
         let (dir, mut args) = with_file(
-            "[node]\nname = \"m1\"\naddress = \"127.0.0.2\"\n[listen]\noutbound = \"off\"\n[catalog]\nfile = \"cat.toml\"\n[proxy]\ncatch_all = [\"127.0.0.9:5041\"]\nworkers = 2\n",
+            "[node]\nname = \"m1\"\naddress = \"127.0.0.2\"\n[listen]\noutbound = \"off\"\n[catalog]\nsource = \"file\"\nfile = \"cat.toml\"\n[proxy]\ncatch_all = [\"127.0.0.9:5041\"]\nworkers = 2\n",
         );
         args.node_name = Some("flag".into());
         let s = args.resolve().unwrap();
@@ -465,6 +649,63 @@ mod tests {
     }
 
     #[test]
+    fn consul_and_embedded_sources_take_their_addresses() {
+        let (dir, args) = with_file(
+            "[catalog]\nsource = \"embedded\"\ndata_dir = \"state\"\nregistry = \"127.0.0.1:18500\"\n",
+        );
+        let s = args.resolve().unwrap();
+        let listen = "127.0.0.1:18500".parse().unwrap();
+        assert_eq!(
+            s.catalog,
+            CatalogSource::Embedded {
+                listen,
+                data_dir: dir.path().join("state")
+            }
+        );
+
+        let (_d, args) = with_file("[catalog]\nsource = \"consul\"\nconsul = \"10.0.0.5:8500\"\n");
+        assert_eq!(
+            args.resolve().unwrap().catalog,
+            CatalogSource::Consul("10.0.0.5:8500".parse().unwrap())
+        );
+
+        let (_d, args) = with_file("[catalog]\nsource = \"consul\"\nconsul = \"nowhere\"\n");
+        assert_eq!(
+            args.resolve().unwrap_err().key.as_deref(),
+            Some("catalog.consul")
+        );
+    }
+
+    #[test]
+    fn declared_services_get_defaults_and_are_validated() {
+        let (_d, args) = with_file(
+            "[node]\nname = \"m1\"\n[[service]]\nname = \"giphy\"\nport = 31000\n\n[[service]]\nname = \"org\"\nport = 8080\ncheck = { http = \"/health\", interval = \"2s\" }\n",
+        );
+        let s = args.resolve().unwrap();
+        assert_eq!(s.services[0].id, "giphy-m1-31000");
+        assert_eq!(s.services[0].check, Check::Ttl(DEFAULT_CHECK_TTL));
+        let http = Check::Http {
+            path: "/health".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+        };
+        assert_eq!(s.services[1].check, http);
+
+        let (_d, args) = with_file("[[service]]\nname = \"Bad\"\nport = 1\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("service.name")));
+        let (_d, args) =
+            with_file("[[service]]\nname = \"a\"\nport = 1\ncheck = { ttl = \"soon\" }\n");
+        assert_eq!(
+            args.resolve().unwrap_err().key.as_deref(),
+            Some("service.check.ttl")
+        );
+        let (_d, args) =
+            with_file("[catalog]\nsource = \"file\"\n[[service]]\nname = \"a\"\nport = 1\n");
+        assert_eq!(args.resolve().unwrap_err().key.as_deref(), Some("service"));
+    }
+
+    #[test]
     fn bad_values_name_file_line_and_key() {
         let (dir, args) = with_file("[node]\nname = \"x\"\n\n[listen]\ninbound = \"nowhere\"\n");
         let e = args.resolve().unwrap_err();
@@ -477,25 +718,6 @@ mod tests {
                 dir.path().join("skyline.toml").display()
             )),
             "{text}"
-        );
-    }
-
-    #[test]
-    fn the_consul_source_takes_its_address_from_flag_or_file() {
-        let (_d, args) =
-            with_file("[catalog]\nsource = \"consul\"\nconsul_address = \"10.0.0.5:8500\"\n");
-        let s = args.resolve().unwrap();
-        assert_eq!(
-            s.catalog,
-            CatalogSource::Consul("10.0.0.5:8500".parse().unwrap())
-        );
-        let args = AgentArgs {
-            catalog: Some(CatalogKind::Consul),
-            ..AgentArgs::default()
-        };
-        assert_eq!(
-            args.resolve().unwrap().catalog,
-            CatalogSource::Consul(DEFAULT_CONSUL_ADDRESS)
         );
     }
 

@@ -471,10 +471,12 @@ impl Handler for GatewayHandler {
         tracing::debug!(service = %name, tier = %tier.name, upstream = %endpoint.addr, "gateway route");
         let header = tier.header.clone();
         let name = name.to_owned();
+        // A refused connection tries another endpoint of the same tier.
+        let next = |tried: &[SocketAddr]| tier.route.pick_excluding(tried);
         match self
             .gateway
             .forwarder
-            .forward(req, &endpoint, target, Host::Keep, &conn)
+            .forward(req, endpoint, next, target, Host::Keep, &conn)
             .await
         {
             Ok(mut response) => {

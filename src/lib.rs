@@ -12,14 +12,14 @@
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
 //!   (blocking queries over HTTP), which also follows our own registry.
+//! - [`cli`]: `skyline services`, `register`, `deregister` against a registry.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //! - [`demo`]: the `hello` and `echo` demo applications; [`demo::migration`] is
 //!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine.
 //! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
 //!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
-//! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks);
-//!   [`registry::cli`] is `skyline registry`.
+//! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
 //! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain; [`serve::guard`] refuses
 //!   ambiguous HTTP/1 request framing before hyper sees it.
@@ -30,6 +30,7 @@ pub mod admin;
 pub mod agent;
 pub mod bridge;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;

@@ -6,10 +6,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use skyline::bridge::config::BridgeArgs;
-use skyline::config::AgentArgs;
+use skyline::config::{AgentArgs, RegistryArgs};
 use skyline::demo::migration::DemoArgs;
 use skyline::gateway::config::GatewayArgs;
-use skyline::registry::cli::RegistryArgs;
 use skyline::up::UpArgs;
 
 #[derive(Parser)]
@@ -42,16 +41,22 @@ enum LogFormat {
 enum Command {
     /// Run the per-node proxy: outbound (:5040) and inbound (:5041)
     Agent(AgentArgs),
+    /// Run the embedded, Consul-compatible registry on its own (:8500)
+    Registry(RegistryArgs),
     /// Start a whole mesh on this machine with two demo services, hello and echo
     Up(UpArgs),
     /// Run the service discovery bridge (SDB): per-service tiers, Mesos first, then Kubernetes
     Gateway(GatewayArgs),
     /// Run on a Kubernetes node: Skyline URLs <-> cluster DNS names
     Bridge(BridgeArgs),
-    /// Run the embedded Consul-compatible registry
-    Registry(RegistryArgs),
     /// Demonstrations; `skyline demo migration` moves a service from Mesos to Kubernetes and back
     Demo(DemoArgs),
+    /// List services, their instances and health
+    Services(skyline::cli::ServicesArgs),
+    /// Register a service instance in the registry
+    Register(skyline::cli::RegisterArgs),
+    /// Remove a service instance from the registry
+    Deregister(skyline::cli::DeregisterArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,8 +67,7 @@ fn main() -> ExitCode {
             Ok(settings) => settings.workers,
             Err(e) => return fail(&e),
         },
-        Command::Up(_) | Command::Demo(_) => 1,
-        Command::Gateway(_) | Command::Bridge(_) | Command::Registry(_) => 2,
+        _ => 1,
     };
     // One worker: a current-thread runtime, like an NGINX worker, with no cross-thread wake-ups.
     let runtime = if workers == 1 {
@@ -98,9 +102,24 @@ fn main() -> ExitCode {
                 let bridge = skyline::bridge::spawn(args.resolve()?, shutdown).await?;
                 bridge.join().await;
             }
-            Command::Registry(args) => skyline::registry::cli::run(args, shutdown).await?,
             Command::Demo(args) => {
                 skyline::demo::migration::run(args, shutdown, &mut std::io::stdout()).await?
+            }
+            Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
+            Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
+            Command::Deregister(args) => {
+                skyline::cli::deregister(args, &mut std::io::stdout()).await?
+            }
+            Command::Registry(args) => {
+                let listener = skyline::serve::bind(args.listen)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+                let config = skyline::registry::RegistryConfig {
+                    data_dir: args.data_dir,
+                    node_name: args.node_name,
+                    node_address: args.node_address,
+                };
+                let registry = skyline::registry::spawn(listener, config, shutdown).await?;
+                registry.join().await;
             }
         }
         Ok::<_, anyhow::Error>(())

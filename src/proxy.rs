@@ -6,7 +6,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod pool;
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 
 use crate::routing::Endpoint;
 use crate::serve::Conn;
-use pool::{Pool, PooledBody, SendError};
+use pool::{Pool, PooledBody, SendError, SendFailure};
 
 /// Every response body the mesh sends: an upstream's, streamed, or one the mesh wrote itself.
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -32,6 +32,9 @@ pub fn full(body: impl Into<Bytes>) -> Body {
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for an upstream's response head. Bodies may stream for longer.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many endpoints one request may be sent to when connections are refused. A refused
+/// connection means the request never left, so trying another endpoint is always safe.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 /// How long an idle upstream connection is kept in the pool: below the idle timeouts of common
 /// servers (Node.js closes after 5 s, our own inbound after 10 s), so the pool rarely reuses a
 /// connection the upstream is about to close.
@@ -160,7 +163,7 @@ pub fn count_hop(headers: &mut HeaderMap, max: u32) -> Result<u32, MeshError> {
 }
 
 /// `error: cause: cause` for logs.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -203,10 +206,14 @@ impl Forwarder {
 
     /// Forwards `req` to `endpoint` with the request target `target`, applying the header rules
     /// of the contract, and returns the upstream's response with its body streaming.
+    ///
+    /// When the connection to an endpoint is refused (the request never left), `next` is asked
+    /// for another endpoint, given those tried so far, up to [`MAX_CONNECT_ATTEMPTS`] in all.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
-        endpoint: &Endpoint,
+        endpoint: Endpoint,
+        next: impl FnMut(&[SocketAddr]) -> Option<Endpoint>,
         target: PathAndQuery,
         host: Host,
         conn: &Conn,
@@ -214,37 +221,34 @@ impl Forwarder {
         let original_host = req.headers().get(header::HOST).cloned();
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
-
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         if !headers.contains_key(&X_REQUEST_ID) {
             headers.insert(&X_REQUEST_ID, request_id());
         }
-        append_forwarded_for(headers, conn.peer.ip());
+        append_forwarded_for(headers, &conn.peer_ip);
         match (host, original_host) {
             (Host::Keep, Some(h)) => {
                 headers.insert(header::HOST, h);
             }
-            (Host::Keep, None) | (Host::Upstream, None) => {
+            (Host::Keep, None) => {
                 headers.insert(header::HOST, endpoint.host.clone());
             }
-            (Host::Upstream, Some(h)) => {
-                headers.insert(header::HOST, endpoint.host.clone());
-                if !headers.contains_key(&X_FORWARDED_HOST) {
+            (Host::Upstream, original) => {
+                if let Some(h) = original.filter(|_| !headers.contains_key(&X_FORWARDED_HOST)) {
                     headers.insert(&X_FORWARDED_HOST, h);
                 }
             }
         }
-
-        let sent = tokio::time::timeout(RESPONSE_TIMEOUT, self.pool.send(endpoint.addr, req)).await;
-        match sent {
+        let attempts = self.attempts(req.map(Either::Left), endpoint, next, host);
+        match tokio::time::timeout(RESPONSE_TIMEOUT, attempts).await {
             Err(_) => Err(MeshError::UpstreamTimeout),
-            Ok(Err(e)) => {
+            Ok(Err(error)) => {
                 if conn.rejected() {
                     // The guard refused the request body's framing while it was streaming.
                     return Err(MeshError::bad_request("malformed request body"));
                 }
-                Err(MeshError::UpstreamConnect(e))
+                Err(MeshError::UpstreamConnect(error))
             }
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
@@ -253,21 +257,63 @@ impl Forwarder {
             }
         }
     }
+
+    async fn attempts(
+        &self,
+        mut req: Request<pool::RequestBody>,
+        mut endpoint: Endpoint,
+        mut next: impl FnMut(&[SocketAddr]) -> Option<Endpoint>,
+        host: Host,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let mut tried = Vec::new();
+        loop {
+            if host == Host::Upstream {
+                req.headers_mut()
+                    .insert(header::HOST, endpoint.host.clone());
+            }
+            let failure = match self.pool.send(endpoint.addr, req).await {
+                Ok(response) => return Ok(response),
+                Err(failure) => failure,
+            };
+            let SendFailure {
+                error,
+                unsent: Some(unsent),
+            } = failure
+            else {
+                return Err(failure.error);
+            };
+            tried.push(endpoint.addr);
+            let another = (tried.len() < MAX_CONNECT_ATTEMPTS)
+                .then(|| next(&tried))
+                .flatten();
+            let Some(another) = another else {
+                return Err(error);
+            };
+            tracing::debug!(failed = %endpoint.addr, next = %another.addr, %error, "trying another endpoint");
+            (req, endpoint) = (unsent, another);
+        }
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
+///
+/// Most messages carry none: one pass over their few headers decides, instead of a hashed
+/// removal per hop-by-hop name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
         let named: Vec<HeaderName> = connection
             .iter()
@@ -281,21 +327,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     for name in &HOP_BY_HOP[1..] {
-        headers.remove(*name);
+        headers.remove(name);
     }
 }
 
-/// Appends the previous hop's address to `x-forwarded-for`, folding earlier values into one.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
-    let mut value = String::new();
-    for earlier in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(text) = earlier.to_str() {
-            value.push_str(text);
-            value.push_str(", ");
-        }
+/// Appends the previous hop's address (`peer`, already a header value) to `x-forwarded-for`,
+/// folding earlier values into one.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(&X_FORWARDED_FOR, peer.clone());
+        return;
     }
-    value.push_str(&peer.to_string());
-    if let Ok(v) = HeaderValue::try_from(value) {
+    let mut value = Vec::new();
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        value.extend_from_slice(earlier.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(peer.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&value) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
 }
@@ -335,11 +384,18 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_for_starts_with_the_peer() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.3"));
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.3");
+    }
+
+    #[test]
     fn forwarded_for_appends_the_peer() {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        append_forwarded_for(&mut h, "127.0.0.3".parse().unwrap());
+        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.3"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.3");
     }
 

@@ -16,7 +16,7 @@
 
 pub mod api;
 pub mod checks;
-pub mod cli;
+pub mod client;
 pub mod store;
 
 use std::collections::BTreeMap;

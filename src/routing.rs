@@ -98,6 +98,14 @@ impl Route {
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
+
+    /// The next endpoint in turn that is not in `tried`.
+    pub fn pick_excluding(&self, tried: &[SocketAddr]) -> Option<Endpoint> {
+        (0..self.endpoints.len())
+            .filter_map(|_| self.pick())
+            .find(|e| !tried.contains(&e.addr))
+            .cloned()
+    }
 }
 
 fn schedule(endpoints: &[Endpoint]) -> Box<[u32]> {

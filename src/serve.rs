@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -46,6 +46,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone)]
 pub struct Conn {
     pub peer: SocketAddr,
+    /// The peer's IP as a header value, built once per connection (for `x-forwarded-for`).
+    pub peer_ip: HeaderValue,
     /// The request's position on its connection (0-based).
     pub index: u64,
     verdicts: Verdicts,
@@ -88,9 +90,12 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: Canc
         let (io, verdicts) = Guarded::new(stream, limits);
         let handler = handler.clone();
         let next_index = AtomicU64::new(0);
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let service = service_fn(move |req| {
             let conn = Conn {
                 peer,
+                peer_ip: peer_ip.clone(),
                 index: next_index.fetch_add(1, Ordering::Relaxed),
                 verdicts: verdicts.clone(),
             };

@@ -1,18 +1,21 @@
 //! `skyline up`: a whole mesh on this machine for a first try — an agent on one node, `local`,
-//! and two demo services, `hello` and `echo`, in a catalog file that can be edited live.
+//! with the embedded registry, and two demo services, `hello` and `echo`, registered in it with
+//! HTTP health checks. Anything else registered there (`skyline register`, any Consul client)
+//! is routed at once.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{self, AgentError, CatalogSource, Listeners, Settings};
-use crate::catalog::{Health, Instance, Node, ServiceName, Snapshot, file};
-use crate::config::{DEFAULT_ADMIN, DEFAULT_OUTBOUND, Listen};
+use crate::agent::{self, AgentError, CatalogSource, Settings};
+use crate::config::{DEFAULT_ADMIN, DEFAULT_OUTBOUND, DEFAULT_REGISTRY, Listen};
 use crate::demo::{Echo, Hello};
+use crate::registry::INBOUND_PORT_META;
+use crate::registry::client::{ClientError, RegistryClient};
 use crate::routing::Policy;
 use crate::serve;
 
@@ -20,7 +23,8 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct UpArgs {
-    /// Folder for the mesh's catalog file [default: a new folder under the system temp dir]
+    /// Folder for the registry's data [default: a new folder under the system temp dir, removed
+    /// on exit]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
 
@@ -35,6 +39,10 @@ pub struct UpArgs {
     /// Admin listener, or "off"
     #[arg(long, value_name = "ADDR|off", default_value_t = Listen::At(DEFAULT_ADMIN))]
     pub admin: Listen,
+
+    /// Where the registry's Consul-compatible API listens
+    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_REGISTRY)]
+    pub registry: SocketAddr,
 }
 
 impl std::fmt::Display for Listen {
@@ -58,6 +66,10 @@ pub enum UpError {
     Demo(#[source] std::io::Error),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error("cannot register the demo services")]
+    Register(#[from] ClientError),
+    #[error("the demo services did not show up in the catalog")]
+    NotRouted,
 }
 
 /// Runs the mesh until `shutdown`, printing what to try to `out`.
@@ -99,33 +111,51 @@ pub async fn run(
         outbound: Some(args.outbound),
         inbound: Some(args.inbound),
         admin: args.admin.addr(),
-        catalog: CatalogSource::File(dir.join("catalog.toml")),
+        catalog: CatalogSource::Embedded {
+            listen: args.registry,
+            data_dir: dir.join("registry"),
+        },
         catch_all: Vec::new(),
         policy: Policy::default(),
         workers: 1,
+        services: Vec::new(),
     };
-    let listeners = Listeners::bind(&settings)?;
-    let inbound = listeners.inbound.as_ref().and_then(|l| l.local_addr().ok());
-    let catalog_path = dir.join("catalog.toml");
-    let snapshot = demo_catalog(inbound.map_or(5041, |a| a.port()), &instances);
-    std::fs::write(&catalog_path, file::render(&snapshot)).map_err(|source| UpError::Dir {
-        path: catalog_path.clone(),
-        source,
-    })?;
+    let agent = agent::spawn(settings, shutdown.clone()).await?;
+    let (Some(registry), Some(inbound)) = (agent.registry, agent.inbound) else {
+        return Err(UpError::NotRouted);
+    };
+    let client = RegistryClient::new(registry);
+    for (name, addr) in &instances {
+        let registration = demo_registration(name, *addr, inbound.port());
+        client
+            .put_json("/v1/catalog/register", &registration)
+            .await?;
+    }
+    let mut catalog = agent.catalog.clone();
+    let routed = catalog.wait_for(|state| {
+        state.snapshot.as_ref().is_some_and(|snapshot| {
+            let known = |name: &str| snapshot.services.keys().any(|s| s.as_str() == name);
+            instances.iter().all(|(name, _)| known(name))
+        })
+    });
+    if tokio::time::timeout(Duration::from_secs(10), routed)
+        .await
+        .is_err()
+    {
+        return Err(UpError::NotRouted);
+    }
 
-    let agent = agent::start(settings, listeners, shutdown.clone()).await?;
     let outbound = agent.outbound.map_or_else(String::new, |a| a.to_string());
     let admin = agent.admin.map_or_else(|| "off".into(), |a| a.to_string());
     let _ = writeln!(
         out,
-        "\nSkyline is up: outbound {outbound}, inbound {}, admin {admin}\n\n\
+        "\nSkyline is up: outbound {outbound}, inbound {inbound}, admin {admin}, registry {registry}\n\n\
          Try:\n  curl http://{outbound}/service/hello/\n  \
          curl -d 'hi there' 'http://{outbound}/service/echo/any/path?x=1'\n  \
-         curl http://{admin}/routes\n\n\
-         The catalog is {}: edit it and routing follows within 50 ms.\n\
+         curl http://{admin}/routes\n  \
+         curl http://{registry}/v1/health/service/hello\n\n\
+         The registry speaks Consul's HTTP API: services registered there are routed at once.\n\
          Ctrl-C stops everything.\n",
-        agent.inbound.map_or_else(String::new, |a| a.to_string()),
-        catalog_path.display(),
     );
     let _ = out.flush();
 
@@ -138,31 +168,25 @@ pub async fn run(
     Ok(())
 }
 
-fn demo_catalog(inbound_port: u16, instances: &[(&str, SocketAddr)]) -> Snapshot {
-    let node = Node {
-        name: "local".into(),
-        address: LOCALHOST,
-        inbound_port,
-        meta: BTreeMap::new(),
-    };
-    let mut snapshot = Snapshot::default();
-    snapshot.nodes.insert(node.name.clone(), node);
-    for (name, addr) in instances {
-        let Ok(service) = ServiceName::parse(name) else {
-            continue;
-        };
-        let instance = Instance {
-            id: format!("{name}-1"),
-            service: service.clone(),
-            node: "local".into(),
-            address: addr.ip(),
-            port: addr.port(),
-            tags: Vec::new(),
-            meta: BTreeMap::from([("platform".to_owned(), "local".to_owned())]),
-            health: Health::Passing,
-            weight: 1,
-        };
-        snapshot.services.entry(service).or_default().push(instance);
-    }
-    snapshot
+/// A Consul catalog registration of one demo instance on node `local`, with an HTTP check.
+fn demo_registration(name: &str, addr: SocketAddr, inbound_port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "Node": "local",
+        "Address": LOCALHOST.to_string(),
+        "NodeMeta": { INBOUND_PORT_META: inbound_port.to_string() },
+        "Service": {
+            "ID": format!("{name}-1"),
+            "Service": name,
+            "Address": addr.ip().to_string(),
+            "Port": addr.port(),
+            "Meta": { "platform": "local" },
+        },
+        "Check": {
+            "CheckID": format!("{name}-1-http"),
+            "Name": format!("{name} answers HTTP"),
+            "ServiceID": format!("{name}-1"),
+            "Status": "passing",
+            "Definition": { "HTTP": format!("http://{addr}/"), "Interval": "5s", "Timeout": "2s" },
+        },
+    })
 }

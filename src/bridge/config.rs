@@ -8,7 +8,7 @@
 //! namespace = "default"
 //! port = 8080
 //! gateways = ["10.0.0.50:5041"]              # [default: catalog service skyline-gateway]
-//! consul_address = "10.0.0.5:8500"           # the catalog, to find the gateways
+//! consul = "10.0.0.5:8500"                   # the catalog, to find the gateways
 //! max_hops = 8
 //!
 //! [services.giphy]                           # per-service overrides
@@ -76,9 +76,9 @@ pub struct BridgeArgs {
     )]
     pub gateways: Option<Vec<SocketAddr>>,
 
-    /// The Consul agent or `skyline registry`, to find the gateways [default: 127.0.0.1:8500]
-    #[arg(long, env = "SKYLINE_CONSUL_ADDRESS", value_name = "ADDR")]
-    pub consul_address: Option<SocketAddr>,
+    /// The Consul agent or Skyline registry, to find the gateways [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
+    pub consul: Option<SocketAddr>,
 
     /// Requests that already took this many Skyline hops get 508 [default: 8]
     #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
@@ -106,7 +106,7 @@ struct BridgeSection {
     /// The cluster domain of Service names [default: cluster.local].
     cluster_domain: Option<String>,
     gateways: Option<Vec<SocketAddr>>,
-    consul_address: Option<SocketAddr>,
+    consul: Option<SocketAddr>,
     max_hops: Option<u32>,
 }
 
@@ -173,10 +173,10 @@ impl BridgeArgs {
             overrides,
         };
         let gateways = self.gateways.or(b.gateways).unwrap_or_default();
-        let consul = self.consul_address.or(b.consul_address);
-        let catalog = gateways.is_empty().then(|| {
-            CatalogSource::Consul(consul.unwrap_or(crate::config::DEFAULT_CONSUL_ADDRESS))
-        });
+        let consul = self.consul.or(b.consul);
+        let catalog = gateways
+            .is_empty()
+            .then(|| CatalogSource::Consul(consul.unwrap_or(crate::config::DEFAULT_REGISTRY)));
         let max_hops = self.max_hops.or(b.max_hops).unwrap_or(DEFAULT_MAX_HOPS);
         if max_hops == 0 {
             return Err(error("bridge.max_hops", "must be at least 1".into()));

@@ -317,6 +317,7 @@ async fn scenario(
                 fallback_hold: HOLD,
             },
             workers: 1,
+            services: Vec::new(),
         };
         let listeners =
             Listeners::bind(&settings).map_err(|e| fail("start an agent")(e.to_string()))?;

@@ -7,7 +7,7 @@
 //!
 //! [catalog]
 //! source = "consul"                 # or "file"
-//! consul_address = "127.0.0.1:8500" # also where `skyline/routes/<service>` is watched
+//! consul = "127.0.0.1:8500"        # also where `skyline/routes/<service>` is watched
 //!
 //! [gateway]
 //! max_hops = 8
@@ -33,7 +33,7 @@ use toml::Spanned;
 use super::Settings;
 use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
 use crate::agent::CatalogSource;
-use crate::config::{ConfigError, DEFAULT_ADMIN, DEFAULT_CONSUL_ADDRESS, Listen};
+use crate::config::{ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen};
 use crate::proxy::DEFAULT_MAX_HOPS;
 
 pub const DEFAULT_GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 5041);
@@ -57,9 +57,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
     pub catalog_file: Option<PathBuf>,
 
-    /// The Consul agent or `skyline registry` [default: 127.0.0.1:8500]
-    #[arg(long, env = "SKYLINE_CONSUL_ADDRESS", value_name = "ADDR")]
-    pub consul_address: Option<SocketAddr>,
+    /// The Consul agent or Skyline registry to follow (and to watch skyline/routes/ in)
+    /// [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
+    pub consul: Option<SocketAddr>,
 
     /// Fixed addresses of the Kubernetes bridges, comma-separated [default: the instances of
     /// catalog service `skyline-bridge`]
@@ -107,7 +108,7 @@ struct ListenSection {
 struct CatalogSection {
     source: Option<Spanned<String>>,
     file: Option<PathBuf>,
-    consul_address: Option<Spanned<String>>,
+    consul: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -197,17 +198,17 @@ impl GatewayArgs {
                 parse_addr("listen.admin", &file.listen.admin)?.unwrap_or(Listen::At(DEFAULT_ADMIN))
             }
         };
-        let consul = match self.consul_address {
+        let consul = match self.consul {
             Some(a) => a,
-            None => match &file.catalog.consul_address {
+            None => match &file.catalog.consul {
                 Some(f) => f.get_ref().parse().map_err(|_| {
                     src.error(
                         Some(f.span().start),
-                        "catalog.consul_address",
+                        "catalog.consul",
                         "not an address like 127.0.0.1:8500",
                     )
                 })?,
-                None => DEFAULT_CONSUL_ADDRESS,
+                None => DEFAULT_REGISTRY,
             },
         };
         let file_source = file.catalog.source.as_ref().map(|s| s.get_ref().as_str());
@@ -319,8 +320,8 @@ mod tests {
         assert_eq!(s.routes["*"].hold, Duration::from_secs(1));
         assert_eq!(s.routes["giphy"].split, Some(vec![90, 10]));
         assert_eq!(s.routes["giphy"].hold, DEFAULT_HOLD);
-        assert_eq!(s.catalog, CatalogSource::Consul(DEFAULT_CONSUL_ADDRESS));
-        assert_eq!(s.kv, Some(DEFAULT_CONSUL_ADDRESS));
+        assert_eq!(s.catalog, CatalogSource::Consul(DEFAULT_REGISTRY));
+        assert_eq!(s.kv, Some(DEFAULT_REGISTRY));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The inbound proxy (:5041): `/service/<name>/<rest>?<query>` → a local instance of `<name>`
 //! as `/<rest>?<query>` (`/service/x` and `/service/x/` both become `/`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ impl Handler for Inbound {
             Ok(target) => target,
             Err(e) => return e.into_response(name),
         };
-        let endpoint = match self.local_endpoint(name) {
+        let endpoint = match self.local_endpoint(name, &[]) {
             Ok(endpoint) => endpoint,
             Err(_) => match self.local_endpoint_after_catch_up(name).await {
                 Ok(endpoint) => endpoint,
@@ -54,10 +55,11 @@ impl Handler for Inbound {
         };
         // The name borrows from the request, which the forwarder consumes.
         let name = name.to_owned();
+        let next = |tried: &[SocketAddr]| self.local_endpoint(&name, tried).ok();
         let forwarded = self
             .inner
             .forwarder
-            .forward(req, &endpoint, target, Host::Upstream, &conn)
+            .forward(req, endpoint, next, target, Host::Upstream, &conn)
             .await;
         forwarded.unwrap_or_else(|e| e.into_response(&name))
     }
@@ -72,9 +74,11 @@ impl Handler for Inbound {
 pub const CATALOG_SKEW: Duration = Duration::from_millis(250);
 
 impl Inbound {
-    fn local_endpoint(&self, name: &str) -> Result<Endpoint, MeshError> {
+    fn local_endpoint(&self, name: &str, tried: &[SocketAddr]) -> Result<Endpoint, MeshError> {
         match self.inner.routes.load().inbound(name) {
-            Lookup::Route(route) => route.pick().cloned().ok_or(MeshError::NoHealthyEndpoint),
+            Lookup::Route(route) => route
+                .pick_excluding(tried)
+                .ok_or(MeshError::NoHealthyEndpoint),
             Lookup::NoHealthy => Err(MeshError::NoHealthyEndpoint),
             Lookup::Unknown => Err(MeshError::UnknownService),
         }
@@ -85,7 +89,7 @@ impl Inbound {
         let mut swaps = self.inner.routes.subscribe();
         let deadline = tokio::time::Instant::now() + CATALOG_SKEW;
         loop {
-            let found = self.local_endpoint(name);
+            let found = self.local_endpoint(name, &[]);
             if found.is_ok() {
                 return found;
             }

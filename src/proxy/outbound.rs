@@ -4,6 +4,7 @@
 //! (`Host: <name>.<ns>.svc.cluster.local`, path `/<rest>`) is taken as `/service/<name>/<rest>`,
 //! so an application uses the same URL on every platform.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -12,7 +13,7 @@ use hyper::body::Incoming;
 use super::{Body, DEFAULT_MAX_HOPS, Forwarder, Host, MeshError, count_hop};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
-use crate::routing::{Lookup, Route, Routes};
+use crate::routing::{Endpoint, Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
 #[derive(Clone)]
@@ -64,35 +65,41 @@ impl Handler for Outbound {
             return e.into_response(name);
         }
         let inner = &self.inner;
-        let endpoint = {
-            let table = inner.routes.load();
-            let catch_all = inner
-                .catch_all
-                .as_ref()
-                .or((!table.gateways.is_empty()).then_some(&table.gateways));
-            let route = match table.outbound(name) {
-                // Routable again only recently: the gateway decides until the hold passes.
-                Lookup::Route(route) => match catch_all {
-                    Some(gateway) if table.warming(name) => Ok(gateway),
-                    _ => Ok(route),
-                },
-                // As consul-template did for the seed: a service with nothing healthy here is
-                // treated like an unknown one, so the gateway can fall back to another platform.
-                Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint),
-                Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService),
-            };
-            route.map(|r| r.pick().cloned())
-        };
-        let endpoint = match endpoint {
-            Ok(Some(endpoint)) => endpoint,
-            Ok(None) => return MeshError::NoHealthyEndpoint.into_response(name),
+        let endpoint = match inner.endpoint(name, &[]) {
+            Ok(endpoint) => endpoint,
             Err(e) => return e.into_response(name),
         };
+        let next = |tried: &[SocketAddr]| inner.endpoint(name, tried).ok();
         let forwarded = inner
             .forwarder
-            .forward(req, &endpoint, target.clone(), Host::Keep, &conn)
+            .forward(req, endpoint, next, target.clone(), Host::Keep, &conn)
             .await;
-        forwarded.unwrap_or_else(|e| e.into_response(service_of(target.path()).unwrap_or("")))
+        forwarded.unwrap_or_else(|e| e.into_response(name))
+    }
+}
+
+impl Inner {
+    /// An endpoint for `name` not in `tried`: the service's own, or the catch-all's.
+    fn endpoint(&self, name: &str, tried: &[SocketAddr]) -> Result<Endpoint, MeshError> {
+        let table = self.routes.load();
+        let catch_all = self
+            .catch_all
+            .as_ref()
+            .or((!table.gateways.is_empty()).then_some(&table.gateways));
+        let route = match table.outbound(name) {
+            // Routable again only recently: the gateway decides until the hold passes.
+            Lookup::Route(route) => match catch_all {
+                Some(gateway) if table.warming(name) => gateway,
+                _ => route,
+            },
+            // As consul-template did for the seed: a service with nothing healthy here is
+            // treated like an unknown one, so the gateway can fall back to another platform.
+            Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint)?,
+            Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService)?,
+        };
+        route
+            .pick_excluding(tried)
+            .ok_or(MeshError::NoHealthyEndpoint)
     }
 }
 

@@ -51,14 +51,12 @@ pub enum SendError {
     },
 }
 
-impl SendError {
-    /// Whether the request certainly never reached the upstream (safe to send elsewhere).
-    pub fn never_sent(&self) -> bool {
-        matches!(
-            self,
-            SendError::ConnectTimeout { .. } | SendError::Connect { .. }
-        )
-    }
+/// A request that got no response; `unsent` gives it back when it certainly never reached the
+/// upstream (so it is safe to send elsewhere, whatever its method or body).
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: SendError,
+    pub unsent: Option<Request<RequestBody>>,
 }
 
 /// Idle connections by endpoint. Cheap to clone: one shared map.
@@ -100,14 +98,22 @@ impl Pool {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        req: Request<Incoming>,
-    ) -> Result<Response<PooledBody>, SendError> {
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<PooledBody>, SendFailure> {
         let replayable = is_idempotent(req.method()) && req.body().is_end_stream();
-        let mut req = req.map(Either::Left);
         loop {
             let (mut sender, reused) = match self.take(addr) {
                 Some(sender) => (sender, true),
-                None => (self.connect(addr).await?, false),
+                // Boxed: the rare connect path would otherwise size every request's future.
+                None => match Box::pin(self.connect(addr)).await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => {
+                        return Err(SendFailure {
+                            error,
+                            unsent: Some(req),
+                        });
+                    }
+                },
             };
             if reused && sender.ready().await.is_err() {
                 continue;
@@ -128,9 +134,12 @@ impl Pool {
                         tracing::debug!(%addr, "pooled connection closed under the request; replaying");
                         req = copy;
                     }
-                    _ => {
-                        let source = e.into_error();
-                        return Err(SendError::Upstream { addr, source });
+                    (unsent, _) => {
+                        let error = SendError::Upstream {
+                            addr,
+                            source: e.into_error(),
+                        };
+                        return Err(SendFailure { error, unsent });
                     }
                 },
             }

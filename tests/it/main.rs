@@ -10,5 +10,6 @@ mod migration;
 mod pool;
 mod processes;
 mod registry;
+mod registry_mesh;
 mod support;
 mod two_hops;

@@ -52,6 +52,8 @@ impl AgentProcess {
                 "127.0.0.1:0",
                 "--admin",
                 "off",
+                "--catalog",
+                "file",
             ])
             .arg("--catalog-file")
             .arg(catalog)
@@ -142,6 +144,8 @@ async fn skyline_up_serves_the_demo_services_and_stops_on_sigterm() {
             "127.0.0.1:0",
             "--admin",
             "off",
+            "--registry",
+            "127.0.0.1:0",
             "--dir",
         ])
         .arg(dir.path())
@@ -195,7 +199,16 @@ async fn skyline_up_serves_the_demo_services_and_stops_on_sigterm() {
         (Some("POST"), Some("/a/b"), Some("x=1"))
     );
     assert_eq!(echo["body"], "ping");
-    assert!(dir.path().join("catalog.toml").exists());
+    // The demo services are in the embedded registry, passing, behind its Consul API.
+    let registry = banner.split("registry ").nth(1).unwrap().trim();
+    let health = client
+        .get(&format!(
+            "http://{registry}/v1/health/service/hello?passing"
+        ))
+        .await
+        .json();
+    assert_eq!(health[0]["Service"]["Service"], "hello");
+    assert!(dir.path().join("registry").join("FORMAT").exists());
 
     sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
@@ -237,6 +250,8 @@ async fn the_agent_refuses_a_bad_config_naming_file_line_and_key() {
             "127.0.0.1:0",
             "--inbound",
             "127.0.0.1:0",
+            "--catalog",
+            "file",
             "--catalog-file",
         ])
         .arg(dir.path().join("missing.toml"))
@@ -277,7 +292,18 @@ async fn agent_help_documents_every_setting_with_its_default_and_variable() {
             "[default: <node address>:5041]",
         ),
         ("--admin", "SKYLINE_ADMIN", "[default: 127.0.0.1:5050]"),
-        ("--catalog", "SKYLINE_CATALOG", "[default: file]"),
+        ("--catalog", "SKYLINE_CATALOG", "[default: embedded]"),
+        (
+            "--data-dir",
+            "SKYLINE_DATA_DIR",
+            "[default: /var/lib/skyline]",
+        ),
+        (
+            "--registry",
+            "SKYLINE_REGISTRY",
+            "[default: 127.0.0.1:8500]",
+        ),
+        ("--consul", "SKYLINE_CONSUL", "[default: 127.0.0.1:8500]"),
         (
             "--catalog-file",
             "SKYLINE_CATALOG_FILE",
@@ -287,11 +313,6 @@ async fn agent_help_documents_every_setting_with_its_default_and_variable() {
             "--catch-all",
             "SKYLINE_CATCH_ALL",
             "[default: the instances of catalog service `skyline-gateway`",
-        ),
-        (
-            "--consul-address",
-            "SKYLINE_CONSUL_ADDRESS",
-            "[default: 127.0.0.1:8500]",
         ),
         ("--config", "SKYLINE_CONFIG", ""),
     ] {
@@ -315,6 +336,7 @@ async fn settings_come_from_skyline_variables_and_flags_win() {
         .env("SKYLINE_INBOUND", "127.0.0.1:0")
         .env("SKYLINE_ADMIN", "off")
         .env("SKYLINE_NODE_NAME", "from-env")
+        .env("SKYLINE_CATALOG", "file")
         .env("SKYLINE_CATALOG_FILE", &catalog)
         .stderr(Stdio::piped())
         .kill_on_drop(true)

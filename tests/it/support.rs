@@ -323,6 +323,7 @@ impl TestMeshBuilder {
                 catch_all: self.catch_all.clone(),
                 policy: Policy::default(),
                 workers: 1,
+                services: Vec::new(),
             };
             let listeners = Listeners::bind(&settings).unwrap();
             let port = listeners

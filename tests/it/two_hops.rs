@@ -247,3 +247,44 @@ async fn the_admin_listener_reports_readiness_and_routes() {
     mesh.stop().await;
     web.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_or_a_dead_node_costs_no_request() {
+    let web_b = TestApp::spawn("web@b", ip("127.0.0.3"));
+    let dead = TestApp::spawn("dead", ip("127.0.0.3"));
+    let mut dead_instance = place("web", "b", &dead);
+    dead_instance.addr = dead.addr;
+    dead.stop().await; // its port now refuses connections
+    let web_c = TestApp::spawn("web@c", ip("127.0.0.4"));
+    let mut mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(place("web", "b", &web_b))
+        .place(dead_instance)
+        .place(place("web", "c", &web_c))
+        .spawn()
+        .await;
+    // Node c's agent goes away: its inbound refuses connections, the catalog still lists it.
+    let c = mesh.agents.remove("c").unwrap();
+    c.shutdown();
+    c.join().await;
+
+    let client = Client::new();
+    for i in 0..30 {
+        // A POST with a body too: a refused connection means it never left.
+        let req = Request::post(format!("http://{}/service/web/{i}", mesh.outbound("a")))
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        let reply = client.send(req).await.unwrap();
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, format!("web@b /{i}").as_str())
+        );
+    }
+    assert_eq!(web_b.hits(), 30);
+    assert!(web_b.seen().iter().all(|s| s.body_len == 7));
+    mesh.stop().await;
+    web_b.stop().await;
+    web_c.stop().await;
+}

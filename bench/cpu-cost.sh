@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# CPU time per request of the two proxy hops, NGINX vs Skyline, on the same two-hop setup as
+# mesh-bench.sh (backend nginx on :19000, outbound :5040 → inbound :5041 → backend).
+#
+# Throughput needs a quiet machine; CPU time per request (utime+stime of the proxy processes /
+# requests served) is much less sensitive to other load, so it can guide work on a busy one.
+# Usage: bench/cpu-cost.sh [seconds per run, default 6] [repeats, default 3]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+secs="${1:-6}"; repeats="${2:-3}"
+work="$(mktemp -d)"; pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; sleep 0.3; pkill -f "$work" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+hz=$(getconf CLK_TCK)
+
+common() { printf 'worker_processes 1; daemon off; pid %s/%s.pid; error_log stderr error;\nevents { worker_connections 8192; }\n' "$work" "$1"; }
+temps() { printf 'client_body_temp_path %s/cb-%s; proxy_temp_path %s/pt-%s; fastcgi_temp_path %s/ft-%s; uwsgi_temp_path %s/ut-%s; scgi_temp_path %s/st-%s;\n' "$work" "$1" "$work" "$1" "$work" "$1" "$work" "$1" "$work" "$1"; }
+{ common backend; echo "http { access_log off; keepalive_requests 10000000; $(temps b)"
+  echo "server { listen 127.0.0.1:19000; location / { return 200 \"$(head -c 64 /dev/zero | tr '\0' x)\"; } } }"; } >"$work/backend.conf"
+hop() { # name port upstream slash
+  { common "$1"; echo "http { access_log off; keepalive_requests 10000000; $(temps "$1")"
+    echo "upstream up { server $3; keepalive 1024; keepalive_requests 10000000; }"
+    echo "server { listen 127.0.0.1:$2 reuseport; location /service/bench/ { proxy_pass http://up$4; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host \$host; } } }"
+  } >"$work/$1.conf"; }
+hop out 5040 127.0.0.1:5041 ""; hop in 5041 127.0.0.1:19000 "/"
+
+taskset -c 0 nginx -e stderr -p "$work/" -c "$work/backend.conf" 2>/dev/null & pids+=($!)
+sleep 0.3
+
+ticks() { local t=0 p; for p in "$@"; do for q in $p $(pgrep -P "$p"); do
+  t=$((t + $(awk '{print $14+$15}' "/proc/$q/stat" 2>/dev/null || echo 0))); done; done; echo $t; }
+
+ports_free() { for _ in $(seq 100); do
+  ss -ltn | grep -qE '127\.0\.0\.1:504[01] ' || return 0; sleep 0.1; done
+  echo "ports 5040/5041 still busy" >&2; return 1; }
+
+run() { # mode → prints "mode µs/request rps"
+  local mode=$1 mp=()
+  ports_free
+  rm -f "$work/candidate.pids"
+  if [ "$mode" = nginx ]; then
+    taskset -c 0 nginx -e stderr -p "$work/" -c "$work/in.conf" 2>/dev/null & mp+=($!)
+    taskset -c 0 nginx -e stderr -p "$work/" -c "$work/out.conf" 2>/dev/null & mp+=($!)
+  else
+    BENCH_DIR="$work" BENCH_BACKEND=127.0.0.1:19000 BENCH_OUT_PORT=5040 BENCH_IN_PORT=5041 \
+      taskset -c 0 bash "$root/bench/candidate-up.sh"
+    mapfile -t mp <"$work/candidate.pids"
+  fi
+  for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:5040/service/bench/ && break; sleep 0.1; done
+  local p; for p in "${mp[@]}"; do [ -e "/proc/$p" ] || { echo "$mode: process $p is not running" >&2; exit 1; }; done
+  taskset -c 1 wrk -t1 -c64 -d1s http://127.0.0.1:5040/service/bench/ >/dev/null
+  local before; before=$(ticks "${mp[@]}")
+  local out; out=$(taskset -c 1 timeout $((secs + 20)) wrk -t1 -c64 -d"${secs}s" http://127.0.0.1:5040/service/bench/)
+  local after; after=$(ticks "${mp[@]}")
+  local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  echo "$mode $(( (after - before) * 1000000 / hz / reqs )) $rps"
+  kill "${mp[@]}" 2>/dev/null || true; wait "${mp[@]}" 2>/dev/null || true
+}
+echo "mode cpu_us_per_request rps"
+for _ in $(seq "$repeats"); do for mode in ${MODES:-nginx candidate}; do run "$mode"; done; done

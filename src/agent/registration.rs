@@ -1,0 +1,213 @@
+//! The agent registers the services its config declares for its node, keeps their checks alive,
+//! and deregisters them on graceful shutdown.
+//!
+//! Registration goes through the Consul catalog API (`/v1/catalog/register`) of the registry the
+//! agent follows, as the node's own entry: node name, node address, and the node meta
+//! `skyline-inbound-port` that tells other agents where this node's inbound proxy listens.
+//!
+//! Checks: `http` is run by the registry at its interval. `ttl` is kept alive by the agent, which
+//! first connects to the instance's port: a TTL check says "the instance accepts connections",
+//! not merely "the agent is alive".
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::ServiceName;
+use crate::registry::INBOUND_PORT_META;
+use crate::registry::client::{ClientError, RegistryClient};
+
+/// How long a probe of the instance's port may take before the check fails.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest wait between registration attempts while the registry is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A service instance declared in the agent's config (`[[service]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declared {
+    pub name: ServiceName,
+    /// Default `<name>-<node>-<port>`.
+    pub id: String,
+    /// Where the instance listens; default the node's address.
+    pub address: Option<IpAddr>,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub check: Check,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Refreshed by the agent every `ttl / 3` after a successful TCP connect to the instance.
+    Ttl(Duration),
+    /// `GET http://<address>:<port><path>` run by the registry.
+    Http {
+        path: String,
+        interval: Duration,
+        timeout: Duration,
+    },
+}
+
+/// The node the services are registered on.
+#[derive(Clone, Debug)]
+pub struct NodeEntry {
+    pub name: String,
+    pub address: IpAddr,
+    pub inbound_port: u16,
+}
+
+/// Registers `services`, keeps their TTL checks alive until `shutdown`, then deregisters them.
+/// Registry failures are retried with backoff; a registry that lost the registrations (a
+/// restart on an empty data folder) gets them again.
+pub async fn run(
+    client: RegistryClient,
+    node: NodeEntry,
+    services: Vec<Declared>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let tick = services
+        .iter()
+        .filter_map(|s| match s.check {
+            Check::Ttl(ttl) => Some(ttl / 3),
+            Check::Http { .. } => None,
+        })
+        .min()
+        .unwrap_or(Duration::from_secs(30))
+        .max(Duration::from_millis(100));
+    let mut registered = false;
+    loop {
+        let outcome = if registered {
+            refresh(&client, &node, &services).await
+        } else {
+            match register(&client, &node, &services).await {
+                Ok(()) => refresh(&client, &node, &services).await,
+                Err(e) => Err(e),
+            }
+        };
+        let wait = match outcome {
+            Ok(()) => {
+                if !registered {
+                    tracing::info!(registry = %client.addr(), services = services.len(), "services registered");
+                }
+                registered = true;
+                backoff = Duration::from_millis(100);
+                tick
+            }
+            Err(error) => {
+                tracing::warn!(registry = %client.addr(), error = %crate::proxy::error_chain(&error), "registration failed; retrying");
+                // A check the registry no longer knows means the registration is gone.
+                registered = registered
+                    && !matches!(&error, ClientError::Refused { status, .. } if status.as_u16() == 404);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    if registered {
+        deregister(&client, &node, &services).await;
+    }
+}
+
+async fn register(
+    client: &RegistryClient,
+    node: &NodeEntry,
+    services: &[Declared],
+) -> Result<(), ClientError> {
+    for service in services {
+        client
+            .put_json("/v1/catalog/register", &registration(node, service))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Passes or fails each TTL check after probing its instance.
+async fn refresh(
+    client: &RegistryClient,
+    node: &NodeEntry,
+    services: &[Declared],
+) -> Result<(), ClientError> {
+    for service in services.iter().filter(|s| matches!(s.check, Check::Ttl(_))) {
+        let addr = SocketAddr::new(service.address.unwrap_or(node.address), service.port);
+        let up = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+        let verdict = if up { "pass" } else { "fail" };
+        let path = format!(
+            "/v1/agent/check/{verdict}/{}?node={}",
+            check_id(service),
+            node.name
+        );
+        client.put_json(&path, &serde_json::Value::Null).await?;
+    }
+    Ok(())
+}
+
+async fn deregister(client: &RegistryClient, node: &NodeEntry, services: &[Declared]) {
+    for service in services {
+        let body = serde_json::json!({ "Node": node.name, "ServiceID": service.id });
+        let done = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.put_json("/v1/catalog/deregister", &body),
+        )
+        .await;
+        match done {
+            Ok(Ok(_)) => {
+                tracing::info!(service = %service.name, id = %service.id, "service deregistered")
+            }
+            _ => tracing::warn!(service = %service.name, id = %service.id, "could not deregister"),
+        }
+    }
+}
+
+fn check_id(service: &Declared) -> String {
+    format!("{}-check", service.id)
+}
+
+/// The `/v1/catalog/register` body for one declared service on `node`.
+pub fn registration(node: &NodeEntry, service: &Declared) -> serde_json::Value {
+    let address = service.address.unwrap_or(node.address);
+    let definition = match &service.check {
+        Check::Ttl(ttl) => serde_json::json!({ "TTL": go_duration(*ttl) }),
+        Check::Http {
+            path,
+            interval,
+            timeout,
+        } => serde_json::json!({
+            "HTTP": format!("http://{}{path}", SocketAddr::new(address, service.port)),
+            "Interval": go_duration(*interval),
+            "Timeout": go_duration(*timeout),
+        }),
+    };
+    serde_json::json!({
+        "Node": node.name,
+        "Address": node.address.to_string(),
+        "NodeMeta": { INBOUND_PORT_META: node.inbound_port.to_string() },
+        "Service": {
+            "ID": service.id,
+            "Service": service.name.as_str(),
+            "Address": address.to_string(),
+            "Port": service.port,
+            "Tags": service.tags,
+            "Meta": service.meta,
+        },
+        "Check": {
+            "CheckID": check_id(service),
+            "Name": format!("{} on {}", service.name, node.name),
+            "ServiceID": service.id,
+            "Definition": definition,
+        },
+    })
+}
+
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}

@@ -1,0 +1,103 @@
+//! A small client for the registry's (or Consul's) HTTP API, for writes and one-shot reads:
+//! `skyline up` registering its demo services, the `skyline services|register|deregister`
+//! commands, and agents registering their node's services.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// How long one call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the registry at {addr}")]
+    Unreachable {
+        addr: SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("the registry at {addr} did not answer in time")]
+    Timeout { addr: SocketAddr },
+    #[error("the registry refused {path}: {status} {message}")]
+    Refused {
+        path: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("the registry's answer to {path} could not be read")]
+    Body { path: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct RegistryClient {
+    addr: SocketAddr,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl RegistryClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `GET path`, the body of a 2xx answer.
+    pub async fn get(&self, path: &str) -> Result<Bytes, ClientError> {
+        self.call(Method::GET, path, Bytes::new()).await
+    }
+
+    /// `PUT path` with a JSON body, the body of a 2xx answer.
+    pub async fn put_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Bytes, ClientError> {
+        self.call(Method::PUT, path, Bytes::from(body.to_string()))
+            .await
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
+        let addr = self.addr;
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|_| ClientError::Body {
+                path: path.to_owned(),
+            })?;
+        let response = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
+            .await
+            .map_err(|_| ClientError::Timeout { addr })?
+            .map_err(|source| ClientError::Unreachable { addr, source })?;
+        let status = response.status();
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, response.into_body().collect())
+            .await
+            .map_err(|_| ClientError::Timeout { addr })?
+            .map_err(|_| ClientError::Body {
+                path: path.to_owned(),
+            })?
+            .to_bytes();
+        if !status.is_success() {
+            let message = String::from_utf8_lossy(&bytes).trim().to_owned();
+            return Err(ClientError::Refused {
+                path: path.to_owned(),
+                status,
+                message,
+            });
+        }
+        Ok(bytes)
+    }
+}
