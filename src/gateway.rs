@@ -384,13 +384,15 @@ impl Gateway {
         names.sort();
         for name in names {
             let tiers = &table.services[name];
-            let state = selectors
-                .as_ref()
-                .and_then(|s| s.get(name))
-                .map(|e| e.selector.view(now));
-            let chosen = state
-                .as_ref()
-                .and_then(|s| s.active)
+            // The choice a request would get now (without changing the state).
+            let eligible: Vec<bool> = tiers.tiers.iter().map(|t| t.eligible).collect();
+            let probe = selectors.as_ref().and_then(|s| s.get(name)).map(|e| {
+                let mut probe = e.selector.clone();
+                let choice = probe.observe(&eligible, now, tiers.hold());
+                (probe.view(now), choice)
+            });
+            let (state, choice) = probe.map_or((None, None), |(v, c)| (Some(v), c));
+            let chosen = choice
                 .and_then(|a| tiers.tiers.get(a))
                 .map(|t| t.name.as_str());
             let decision = Decision {
