@@ -150,6 +150,50 @@ fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
     listener.as_ref().and_then(|l| l.local_addr().ok())
 }
 
+/// Starts the discovery task of `source` in `tasks`; returns its name and a subscriber. An
+/// `Embedded` source is followed over HTTP at its `listen` address (the gateway and the bridge
+/// follow a registry that another process runs; the agent runs its own, see [`start`]).
+pub fn follow_catalog(
+    source: &CatalogSource,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> (String, Subscriber) {
+    let (publisher, subscriber) = catalog::channel();
+    let name = match source {
+        CatalogSource::File(path) => follow(tasks, FileDiscovery::new(path), publisher, shutdown),
+        CatalogSource::Consul(addr) | CatalogSource::Embedded { listen: addr, .. } => {
+            follow(tasks, ConsulDiscovery::new(*addr), publisher, shutdown)
+        }
+        CatalogSource::Etcd { endpoints, prefix } => {
+            let discovery = EtcdDiscovery {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+            };
+            follow(tasks, discovery, publisher, shutdown)
+        }
+    };
+    (name, subscriber)
+}
+
+/// Waits at most [`FIRST_CATALOG_TIMEOUT`] for the catalog's first good snapshot.
+pub async fn first_snapshot(
+    mut subscriber: Subscriber,
+) -> Result<Arc<crate::catalog::Snapshot>, String> {
+    let waited = tokio::time::timeout(
+        FIRST_CATALOG_TIMEOUT,
+        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
+    )
+    .await;
+    match waited {
+        Ok(Ok(state)) => state
+            .snapshot
+            .clone()
+            .ok_or_else(|| state.error.clone().unwrap_or_default()),
+        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
+        Err(_) => Err("no answer from the catalog source".to_owned()),
+    }
+}
+
 /// Starts a discovery backend's task; returns its name for logs and `/readyz`.
 fn follow<D: Discovery>(
     tasks: &mut JoinSet<()>,
@@ -179,18 +223,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<AgentHandle, AgentError> {
     let mut tasks = JoinSet::new();
-    let (publisher, mut subscriber) = catalog::channel();
     let mut registry_handle = None;
-    let source_name = match &settings.catalog {
-        CatalogSource::File(path) => {
-            follow(&mut tasks, FileDiscovery::new(path), publisher, &shutdown)
-        }
-        CatalogSource::Consul(addr) => follow(
-            &mut tasks,
-            ConsulDiscovery::new(*addr),
-            publisher,
-            &shutdown,
-        ),
+    let (source_name, subscriber) = match &settings.catalog {
         CatalogSource::Embedded { data_dir, .. } => {
             let Some(listener) = listeners.registry.take() else {
                 return Err(AgentError::Catalog {
@@ -204,33 +238,15 @@ pub async fn start(
                 node_address: settings.node_address,
             };
             let handle = registry::spawn(listener, config, shutdown.clone()).await?;
+            let (publisher, subscriber) = catalog::channel();
             let name = follow(&mut tasks, handle.discovery(), publisher, &shutdown);
             registry_handle = Some(handle);
-            name
+            (name, subscriber)
         }
-        CatalogSource::Etcd { endpoints, prefix } => {
-            let discovery = EtcdDiscovery {
-                endpoints: endpoints.clone(),
-                prefix: prefix.clone(),
-            };
-            follow(&mut tasks, discovery, publisher, &shutdown)
-        }
+        other => follow_catalog(other, &mut tasks, &shutdown),
     };
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
-    let snapshot = match tokio::time::timeout(
-        FIRST_CATALOG_TIMEOUT,
-        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
-    )
-    .await
-    {
-        Ok(Ok(state)) => state
-            .snapshot
-            .clone()
-            .ok_or_else(|| state.error.clone().unwrap_or_default()),
-        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
-        Err(_) => Err("no answer from the catalog source".to_owned()),
-    };
-    let snapshot = match snapshot {
+    let snapshot = match first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
         Err(error) => {
             shutdown.cancel();
@@ -238,10 +254,12 @@ pub async fn start(
         }
     };
 
-    let routes = Arc::new(Routes::new(Table::build(
+    let routes = Arc::new(Routes::new(Table::build_after(
+        &Table::default(),
         &snapshot,
         &settings.node_name,
         settings.policy,
+        std::time::Instant::now(),
     )));
     tasks.spawn(routing::follow(
         subscriber.clone(),

@@ -26,6 +26,7 @@
 //! [proxy]
 //! catch_all = ["10.0.0.50:5041"]
 //! route_warning = false
+//! fallback_hold = "3s"          # a service routable again goes via the gateway this long
 //! workers = 1
 //!
 //! # Services on this node, registered in the catalog (embedded or consul) while the agent runs.
@@ -49,6 +50,7 @@ use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
 use crate::catalog::ServiceName;
 use crate::catalog::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX};
+use crate::gateway::policy::{DEFAULT_HOLD, parse_duration};
 use crate::registry::api::parse_go_duration;
 use crate::routing::Policy;
 
@@ -163,7 +165,7 @@ pub struct AgentArgs {
     pub etcd_prefix: Option<String>,
 
     /// Upstreams for services the catalog does not route (the gateway pool), comma-separated
-    /// [default: none, such requests get 404 unknown-service]
+    /// [default: the instances of catalog service `skyline-gateway`; none: 404 unknown-service]
     #[arg(
         long,
         env = "SKYLINE_CATCH_ALL",
@@ -175,6 +177,11 @@ pub struct AgentArgs {
     /// Route to instances whose health is "warning" as well as "passing" [default: false]
     #[arg(long, env = "SKYLINE_ROUTE_WARNING", value_name = "BOOL")]
     pub route_warning: Option<bool>,
+
+    /// How long a service that becomes routable again still goes to the catch-all (the
+    /// gateway, which holds fail-back as long), such as 3s or 0s [default: 3s]
+    #[arg(long, env = "SKYLINE_FALLBACK_HOLD", value_name = "DURATION")]
+    pub fallback_hold: Option<String>,
 
     /// Worker threads serving connections [default: 1]
     #[arg(long, env = "SKYLINE_WORKERS", value_name = "N")]
@@ -297,6 +304,8 @@ struct ProxySection {
     catch_all: Option<Vec<Spanned<String>>>,
     route_warning: Option<bool>,
     workers: Option<Spanned<usize>>,
+    /// Warm-up of a service routable again before direct routing [default: "3s"].
+    fallback_hold: Option<Spanned<String>>,
 }
 
 /// Reads the config file and turns spans into line numbers for errors.
@@ -499,6 +508,14 @@ impl AgentArgs {
                 "must be between 1 and 256",
             ));
         }
+        let fallback_hold = match (&self.fallback_hold, &file.proxy.fallback_hold) {
+            (Some(text), _) => {
+                parse_duration(text).map_err(|e| src.error(None, Some("proxy.fallback_hold"), e))?
+            }
+            (None, Some(text)) => parse_duration(text.get_ref())
+                .map_err(|e| src.error(Some(text.span().start), Some("proxy.fallback_hold"), e))?,
+            (None, None) => DEFAULT_HOLD,
+        };
         let route_warning = self
             .route_warning
             .or(file.proxy.route_warning)
@@ -526,6 +543,7 @@ impl AgentArgs {
             catch_all,
             policy: Policy {
                 include_warning: route_warning,
+                fallback_hold,
             },
             workers: workers.0,
             services,

@@ -9,6 +9,8 @@ use hyper::body::Incoming;
 use crate::proxy::{Body, full};
 use crate::serve::{Conn, Handler};
 
+pub mod migration;
+
 /// The largest body `echo` reads back.
 pub const ECHO_MAX_BODY: usize = 1024 * 1024;
 

@@ -7,6 +7,7 @@
 //! # Layout
 //!
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table.
+//! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names.
 //! - [`admin`]: `/healthz`, `/readyz`, `/routes` on the admin listener.
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
@@ -14,7 +15,10 @@
 //!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
-//! - [`demo`]: the `hello` and `echo` demo applications.
+//! - [`demo`]: the `hello` and `echo` demo applications; [`demo::migration`] is
+//!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine.
+//! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
+//!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
 //! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
@@ -25,10 +29,12 @@
 
 pub mod admin;
 pub mod agent;
+pub mod bridge;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod gateway;
 pub mod proxy;
 pub mod registry;
 pub mod routing;

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use skyline::bridge::config::BridgeArgs;
 use skyline::config::{AgentArgs, RegistryArgs};
+use skyline::demo::migration::DemoArgs;
+use skyline::gateway::config::GatewayArgs;
 use skyline::up::UpArgs;
 
 #[derive(Parser)]
@@ -42,6 +45,12 @@ enum Command {
     Registry(RegistryArgs),
     /// Start a whole mesh on this machine with two demo services, hello and echo
     Up(UpArgs),
+    /// Run the service discovery bridge (SDB): per-service tiers, Mesos first, then Kubernetes
+    Gateway(GatewayArgs),
+    /// Run on a Kubernetes node: Skyline URLs <-> cluster DNS names
+    Bridge(BridgeArgs),
+    /// Demonstrations; `skyline demo migration` moves a service from Mesos to Kubernetes and back
+    Demo(DemoArgs),
     /// List services, their instances and health
     Services(skyline::cli::ServicesArgs),
     /// Register a service instance in the registry
@@ -85,6 +94,17 @@ fn main() -> ExitCode {
                 agent.join().await;
             }
             Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,
+            Command::Gateway(args) => {
+                let gateway = skyline::gateway::spawn(args.resolve()?, shutdown).await?;
+                gateway.join().await;
+            }
+            Command::Bridge(args) => {
+                let bridge = skyline::bridge::spawn(args.resolve()?, shutdown).await?;
+                bridge.join().await;
+            }
+            Command::Demo(args) => {
+                skyline::demo::migration::run(args, shutdown, &mut std::io::stdout()).await?
+            }
             Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
             Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
             Command::Deregister(args) => {

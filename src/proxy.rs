@@ -44,6 +44,11 @@ pub static X_SKYLINE_ERROR: HeaderName = HeaderName::from_static("x-skyline-erro
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// How many Skyline hops (agent outbound, gateway, bridge) forwarded a request so far.
+pub static X_SKYLINE_HOPS: HeaderName = HeaderName::from_static("x-skyline-hops");
+
+/// The most Skyline hops a request may take before the mesh calls it a loop.
+pub const DEFAULT_MAX_HOPS: u32 = 8;
 
 // === MeshError ===
 
@@ -64,6 +69,9 @@ pub enum MeshError {
     UpstreamConnect(#[source] SendError),
     #[error("upstream did not answer in time")]
     UpstreamTimeout,
+    /// The request went through more Skyline hops than allowed: a routing loop.
+    #[error("routing loop detected")]
+    LoopDetected,
 }
 
 impl MeshError {
@@ -82,6 +90,7 @@ impl MeshError {
             MeshError::NoHealthyEndpoint => "no-healthy-endpoint",
             MeshError::UpstreamConnect(_) => "upstream-connect",
             MeshError::UpstreamTimeout => "upstream-timeout",
+            MeshError::LoopDetected => "loop-detected",
         }
     }
 
@@ -92,6 +101,7 @@ impl MeshError {
             MeshError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -103,6 +113,7 @@ impl MeshError {
             MeshError::NoHealthyEndpoint => "the service has no healthy instance",
             MeshError::UpstreamConnect(_) => "could not get a response from the upstream",
             MeshError::UpstreamTimeout => "the upstream did not answer in time",
+            MeshError::LoopDetected => "the request went through too many mesh hops",
         }
     }
 
@@ -133,6 +144,22 @@ impl MeshError {
         }
         response
     }
+}
+
+/// Counts this hop in `x-skyline-hops`, or refuses the request when it already took `max` hops.
+/// A missing or unreadable header counts as zero hops.
+pub fn count_hop(headers: &mut HeaderMap, max: u32) -> Result<u32, MeshError> {
+    let hops = headers
+        .get(&X_SKYLINE_HOPS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    if hops >= max {
+        return Err(MeshError::LoopDetected);
+    }
+    let hops = hops + 1;
+    headers.insert(&X_SKYLINE_HOPS, HeaderValue::from(hops));
+    Ok(hops)
 }
 
 /// `error: cause: cause` for logs.
@@ -379,6 +406,18 @@ mod tests {
         assert_eq!(r.headers()[&X_SKYLINE_ERROR], "no-healthy-endpoint");
         let r = MeshError::bad_request("x").into_response("");
         assert_eq!(r.headers()[header::CONNECTION], "close");
+    }
+
+    #[test]
+    fn each_hop_is_counted_and_a_request_past_the_limit_is_a_loop() {
+        let mut h = HeaderMap::new();
+        assert_eq!(count_hop(&mut h, 2).unwrap(), 1);
+        assert_eq!(count_hop(&mut h, 2).unwrap(), 2);
+        let e = count_hop(&mut h, 2).unwrap_err();
+        assert_eq!(e.code(), "loop-detected");
+        assert_eq!(e.status(), 508);
+        h.insert(&X_SKYLINE_HOPS, HeaderValue::from_static("garbage"));
+        assert_eq!(count_hop(&mut h, 2).unwrap(), 1);
     }
 
     #[test]

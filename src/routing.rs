@@ -23,6 +23,10 @@ use crate::catalog::{Health, Instance, ServiceName, Snapshot, Subscriber};
 pub struct Policy {
     /// Route to instances whose health is `warning` as well as `passing`.
     pub include_warning: bool,
+    /// How long a service that becomes routable again keeps going to the catch-all (the
+    /// gateway) before the outbound proxy routes it directly: the agent's side of the
+    /// gateway's fail-back hold, so a flapping instance does not flap traffic. Zero: at once.
+    pub fallback_hold: Duration,
 }
 
 impl Policy {
@@ -55,7 +59,7 @@ impl Endpoint {
 // === Route ===
 
 /// The endpoints of one service, balanced by weighted round robin.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Route {
     pub endpoints: Box<[Endpoint]>,
     /// Indices into `endpoints`, each repeated by its (reduced) weight; empty when all weights
@@ -181,7 +185,17 @@ pub struct Table {
     /// The snapshot this table was built from, to tell what the next one changed.
     #[serde(skip)]
     source: Option<Arc<Snapshot>>,
+    /// Outbound routes that became routable recently, and until when they count as warming up
+    /// (see [`Policy::fallback_hold`]).
+    #[serde(skip)]
+    pub warming: HashMap<ServiceName, Instant>,
+    /// The passing instances of catalog service [`GATEWAY_SERVICE`], addressed directly: the
+    /// catch-all when none is configured.
+    pub gateways: Route,
 }
+
+/// The catalog service of the gateway pool.
+pub const GATEWAY_SERVICE: &str = "skyline-gateway";
 
 /// A local route that left the catalog, still served for requests already on their way.
 #[derive(Debug, Serialize)]
@@ -194,7 +208,10 @@ pub struct Retired {
 impl Table {
     /// Builds the routes of node `node` from `snapshot`, every service anew.
     pub fn build(snapshot: &Snapshot, node: &str, policy: Policy) -> Self {
-        let mut table = Self::default();
+        let mut table = Self {
+            gateways: gateways(snapshot, policy),
+            ..Self::default()
+        };
         for (service, instances) in &snapshot.services {
             table.add(service, instances, snapshot, node, policy);
         }
@@ -251,6 +268,7 @@ impl Table {
         let mut table = Self {
             outbound: HashMap::with_capacity(snapshot.services.len()),
             source: Some(snapshot.clone()),
+            gateways: gateways(snapshot, policy),
             ..Self::default()
         };
         let old = previous
@@ -281,6 +299,22 @@ impl Table {
                 table.retired.insert(service.clone(), retired);
             }
         }
+        if !policy.fallback_hold.is_zero() {
+            let routable =
+                |t: &Table, s: &ServiceName| t.outbound.get(s).is_some_and(|r| !r.is_empty());
+            for service in table.outbound.keys() {
+                if !routable(&table, service) {
+                    continue;
+                }
+                let until = match previous.warming.get(service) {
+                    Some(&until) if until > now => until,
+                    Some(_) => continue,
+                    None if routable(previous, service) => continue,
+                    None => now + policy.fallback_hold,
+                };
+                table.warming.insert(service.clone(), until);
+            }
+        }
         for (service, route) in &previous.inbound {
             if !route.is_empty() && !live(&table, service) {
                 let route = route.clone();
@@ -297,6 +331,13 @@ impl Table {
         classify(self.outbound.get(service).map(|r| &**r))
     }
 
+    /// Whether `service` became routable less than [`Policy::fallback_hold`] ago.
+    pub fn warming(&self, service: &str) -> bool {
+        self.warming
+            .get(service)
+            .is_some_and(|&until| until > Instant::now())
+    }
+
     pub fn inbound(&self, service: &str) -> Lookup<'_> {
         match classify(self.inbound.get(service).map(|r| &**r)) {
             Lookup::Route(route) => Lookup::Route(route),
@@ -306,6 +347,19 @@ impl Table {
             },
         }
     }
+}
+
+/// The gateway pool: the routable instances of [`GATEWAY_SERVICE`], addressed directly.
+fn gateways(snapshot: &Snapshot, policy: Policy) -> Route {
+    let endpoints = snapshot
+        .services
+        .get(GATEWAY_SERVICE)
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .filter(|i| policy.routable(i.health))
+        .map(|i| Endpoint::new(i.addr(), i.weight))
+        .collect();
+    Route::new(endpoints)
 }
 
 fn classify(route: Option<&Route>) -> Lookup<'_> {
@@ -465,6 +519,7 @@ health = "warning"
             "a",
             Policy {
                 include_warning: true,
+                ..Policy::default()
             },
         );
         assert!(matches!(lenient.outbound("shaky"), Lookup::Route(_)));
@@ -537,6 +592,35 @@ health = "warning"
         let third = Table::build_after(&second, &Arc::new(moved), "a", Policy::default(), now);
         assert!(!Arc::ptr_eq(&web(&second), &web(&third)));
         assert_eq!(web(&third).endpoints[1].addr.port(), 9999);
+    }
+
+    #[test]
+    fn a_service_routable_again_warms_up_for_the_fallback_hold() {
+        let snap = snapshot(MESH);
+        let policy = Policy {
+            fallback_hold: Duration::from_secs(3),
+            ..Policy::default()
+        };
+        let now = Instant::now();
+        let first = Table::build(&snap, "a", policy);
+        assert!(!first.warming("web"), "routable at start: no warm-up");
+        let mut gone = snap.clone();
+        gone.services.retain(|s, _| s.as_str() != "web");
+        let (gone, snap) = (Arc::new(gone), Arc::new(snap));
+        let without = Table::build_after(&first, &gone, "a", policy, now);
+        let back = Table::build_after(&without, &snap, "a", policy, now);
+        assert!(back.warming("web"));
+        assert_eq!(back.warming["web"], now + Duration::from_secs(3));
+        let later = Table::build_after(&back, &snap, "a", policy, now + Duration::from_secs(1));
+        assert_eq!(
+            later.warming["web"],
+            now + Duration::from_secs(3),
+            "the hold is not restarted"
+        );
+        let done = Table::build_after(&later, &snap, "a", policy, now + Duration::from_secs(4));
+        assert!(done.warming.is_empty());
+        let zero = Table::build_after(&without, &snap, "a", Policy::default(), now);
+        assert!(!zero.warming("web"));
     }
 
     proptest! {

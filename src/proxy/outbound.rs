@@ -1,5 +1,8 @@
 //! The outbound proxy (:5040): `/service/<name>/<rest>` → the inbound proxy of a node that runs a
-//! healthy instance of `<name>`, full path kept; unknown services → the catch-all.
+//! healthy instance of `<name>`, full path kept; unknown services → the catch-all (configured, or
+//! the catalog's `skyline-gateway` instances). A cluster-DNS-style request
+//! (`Host: <name>.<ns>.svc.cluster.local`, path `/<rest>`) is taken as `/service/<name>/<rest>`,
+//! so an application uses the same URL on every platform.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +10,8 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use super::{Body, Forwarder, Host, MeshError};
+use super::{Body, DEFAULT_MAX_HOPS, Forwarder, Host, MeshError, count_hop};
+use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::routing::{Endpoint, Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
@@ -40,14 +44,26 @@ impl Outbound {
 impl Handler for Outbound {
     type Body = Body;
 
-    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
+        };
+        let target = match cluster_name(&req) {
+            Some(name) if !target.path().starts_with("/service/") => {
+                match skyline_target(&name, Some(&target)) {
+                    Ok(target) => target,
+                    Err(e) => return e.into_response(&name),
+                }
+            }
+            _ => target,
         };
         let name = match service_of(target.path()) {
             Ok(name) => name,
             Err(e) => return e.into_response(""),
         };
+        if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
+            return e.into_response(name);
+        }
         let inner = &self.inner;
         let endpoint = match inner.endpoint(name, &[]) {
             Ok(endpoint) => endpoint,
@@ -66,20 +82,31 @@ impl Inner {
     /// An endpoint for `name` not in `tried`: the service's own, or the catch-all's.
     fn endpoint(&self, name: &str, tried: &[SocketAddr]) -> Result<Endpoint, MeshError> {
         let table = self.routes.load();
+        let catch_all = self
+            .catch_all
+            .as_ref()
+            .or((!table.gateways.is_empty()).then_some(&table.gateways));
         let route = match table.outbound(name) {
-            Lookup::Route(route) => route,
+            // Routable again only recently: the gateway decides until the hold passes.
+            Lookup::Route(route) => match catch_all {
+                Some(gateway) if table.warming(name) => gateway,
+                _ => route,
+            },
             // As consul-template did for the seed: a service with nothing healthy here is
             // treated like an unknown one, so the gateway can fall back to another platform.
-            Lookup::NoHealthy => self
-                .catch_all
-                .as_ref()
-                .ok_or(MeshError::NoHealthyEndpoint)?,
-            Lookup::Unknown => self.catch_all.as_ref().ok_or(MeshError::UnknownService)?,
+            Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint)?,
+            Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService)?,
         };
         route
             .pick_excluding(tried)
             .ok_or(MeshError::NoHealthyEndpoint)
     }
+}
+
+/// The service name of a cluster-DNS `Host` header, if the request has one.
+fn cluster_name(req: &Request<Incoming>) -> Option<String> {
+    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    cluster_service(host, DEFAULT_CLUSTER_DOMAIN).map(str::to_owned)
 }
 
 /// The service name of a Skyline path `/service/<name>[/<rest>]`, validated.

@@ -4,8 +4,10 @@
 mod catalog_changes;
 mod consul_backend;
 mod etcd;
+mod gateway;
 mod guard;
 mod hostile_input;
+mod migration;
 mod pool;
 mod processes;
 mod registry;

@@ -309,7 +309,11 @@ async fn agent_help_documents_every_setting_with_its_default_and_variable() {
             "SKYLINE_CATALOG_FILE",
             "[default: /etc/skyline/catalog.toml]",
         ),
-        ("--catch-all", "SKYLINE_CATCH_ALL", "[default: none"),
+        (
+            "--catch-all",
+            "SKYLINE_CATCH_ALL",
+            "[default: the instances of catalog service `skyline-gateway`",
+        ),
         ("--config", "SKYLINE_CONFIG", ""),
     ] {
         assert!(

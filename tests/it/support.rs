@@ -5,6 +5,8 @@
 //!   file, which a test rewrites atomically to move services around.
 //! - [`Client`] and [`raw`]: a real HTTP client, and a raw TCP one for malformed input.
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

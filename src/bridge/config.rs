@@ -1,0 +1,201 @@
+//! `skyline bridge` settings: flags, `SKYLINE_*` variables and a TOML file, in that order.
+//!
+//! ```toml
+//! [bridge]
+//! listen = ["0.0.0.0:5041", "0.0.0.0:8080"]  # host port, and Service ports that target us
+//! dns = "10.96.0.10:53"                      # the cluster DNS [default: /etc/resolv.conf]
+//! template = "{name}.{namespace}.svc.cluster.local"
+//! namespace = "default"
+//! port = 8080
+//! gateways = ["10.0.0.50:5041"]              # [default: catalog service skyline-gateway]
+//! consul = "10.0.0.5:8500"                   # the catalog, to find the gateways
+//! max_hops = 8
+//!
+//! [services.giphy]                           # per-service overrides
+//! name = "giphy-v2"
+//! namespace = "media"
+//! port = 80
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{Names, Override, Settings};
+use crate::agent::CatalogSource;
+use crate::config::{ConfigError, DEFAULT_ADMIN, Listen};
+use crate::gateway::config::read_file;
+use crate::proxy::DEFAULT_MAX_HOPS;
+
+/// Settings of `skyline bridge`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct BridgeArgs {
+    /// TOML config file; flags and SKYLINE_* variables override its values
+    #[arg(long, env = "SKYLINE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Listeners, comma-separated: the host port and any Service port that targets the
+    /// bridge pods [default: 0.0.0.0:5041]
+    #[arg(
+        long,
+        env = "SKYLINE_BRIDGE_LISTEN",
+        value_name = "ADDR,...",
+        value_delimiter = ','
+    )]
+    pub listen: Option<Vec<SocketAddr>>,
+
+    /// Admin listener (/healthz), or "off" [default: 127.0.0.1:5050]
+    #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
+    pub admin: Option<Listen>,
+
+    /// The cluster DNS server, such as 10.96.0.10:53 [default: the first nameserver of
+    /// /etc/resolv.conf, port 53]
+    #[arg(long, env = "SKYLINE_DNS", value_name = "ADDR")]
+    pub dns: Option<SocketAddr>,
+
+    /// The Kubernetes name of a service [default: {name}.{namespace}.svc.cluster.local]
+    #[arg(long, env = "SKYLINE_TEMPLATE", value_name = "TEMPLATE")]
+    pub template: Option<String>,
+
+    /// The Kubernetes namespace of services [default: default]
+    #[arg(long, env = "SKYLINE_NAMESPACE", value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// The port of Kubernetes services [default: 8080]
+    #[arg(long, env = "SKYLINE_SERVICE_PORT", value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// The gateway pool, comma-separated [default: catalog service skyline-gateway]
+    #[arg(
+        long,
+        env = "SKYLINE_GATEWAYS",
+        value_name = "ADDR,...",
+        value_delimiter = ','
+    )]
+    pub gateways: Option<Vec<SocketAddr>>,
+
+    /// The Consul agent or Skyline registry, to find the gateways [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
+    pub consul: Option<SocketAddr>,
+
+    /// Requests that already took this many Skyline hops get 508 [default: 8]
+    #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
+    pub max_hops: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    bridge: BridgeSection,
+    #[serde(default)]
+    services: BTreeMap<String, ServiceSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BridgeSection {
+    listen: Option<Vec<SocketAddr>>,
+    admin: Option<String>,
+    dns: Option<SocketAddr>,
+    template: Option<String>,
+    namespace: Option<String>,
+    port: Option<u16>,
+    /// The cluster domain of Service names [default: cluster.local].
+    cluster_domain: Option<String>,
+    gateways: Option<Vec<SocketAddr>>,
+    consul: Option<SocketAddr>,
+    max_hops: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    /// The Kubernetes Service name, when it differs from the Skyline one.
+    name: Option<String>,
+    /// The namespace of this service [default: the bridge's].
+    namespace: Option<String>,
+    /// The port of this service [default: the bridge's].
+    port: Option<u16>,
+}
+
+/// The first `nameserver` of /etc/resolv.conf, port 53; 127.0.0.1:53 when there is none.
+pub fn system_dns() -> SocketAddr {
+    let ip = std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("nameserver"))
+                .find_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        })
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    SocketAddr::new(ip, 53)
+}
+
+impl BridgeArgs {
+    pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let (file, path, _text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
+        let error = |key: &str, reason: String| ConfigError {
+            file: path.clone(),
+            line: None,
+            key: Some(key.to_owned()),
+            reason,
+        };
+        let b = file.bridge;
+        let admin = match (self.admin, b.admin) {
+            (Some(l), _) => l,
+            (None, Some(text)) => text.parse().map_err(|e| error("bridge.admin", e))?,
+            (None, None) => Listen::At(DEFAULT_ADMIN),
+        };
+        let defaults = Names::default();
+        let template = self.template.or(b.template).unwrap_or(defaults.template);
+        if !template.contains("{name}") {
+            return Err(error("bridge.template", "must contain {name}".into()));
+        }
+        let mut overrides = BTreeMap::new();
+        for (service, o) in file.services {
+            overrides.insert(
+                service,
+                Override {
+                    name: o.name,
+                    namespace: o.namespace,
+                    port: o.port,
+                },
+            );
+        }
+        let names = Names {
+            template,
+            namespace: self.namespace.or(b.namespace).unwrap_or(defaults.namespace),
+            port: self.port.or(b.port).unwrap_or(defaults.port),
+            cluster_domain: b.cluster_domain.unwrap_or(defaults.cluster_domain),
+            overrides,
+        };
+        let gateways = self.gateways.or(b.gateways).unwrap_or_default();
+        let consul = self.consul.or(b.consul);
+        let catalog = gateways
+            .is_empty()
+            .then(|| CatalogSource::Consul(consul.unwrap_or(crate::config::DEFAULT_REGISTRY)));
+        let max_hops = self.max_hops.or(b.max_hops).unwrap_or(DEFAULT_MAX_HOPS);
+        if max_hops == 0 {
+            return Err(error("bridge.max_hops", "must be at least 1".into()));
+        }
+        let listen = self
+            .listen
+            .or(b.listen)
+            .unwrap_or_else(|| vec![crate::gateway::config::DEFAULT_GATEWAY]);
+        if listen.is_empty() {
+            return Err(error("bridge.listen", "needs at least one address".into()));
+        }
+        Ok(Settings {
+            listen,
+            admin: admin.addr(),
+            dns: self.dns.or(b.dns).unwrap_or_else(system_dns),
+            names,
+            gateways,
+            catalog,
+            max_hops,
+        })
+    }
+}

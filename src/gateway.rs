@@ -1,0 +1,803 @@
+//! `skyline gateway`, the seed's service discovery bridge (SDB): `/service/<name>/<rest>` goes,
+//! full path kept, to the first eligible tier of the service's route policy — by default the
+//! nodes with a passing `platform=mesos` instance, then the Kubernetes bridges.
+//!
+//! - [`policy`]: route policies (TOML file and registry KV), validated.
+//! - [`tiers`]: the tier choice, a state machine with fail-back hysteresis.
+//! - [`config`]: `skyline gateway` flags, variables and file.
+//!
+//! The table of tiers is rebuilt on every catalog or policy change and swapped atomically; the
+//! tier state of each service (since when each tier is eligible, which one is in use) lives
+//! next to it and survives swaps.
+
+pub mod config;
+pub mod policy;
+pub mod tiers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentError, CatalogSource};
+use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
+use crate::proxy::outbound::split_service_path;
+use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop, full};
+use crate::routing::{Endpoint, Route};
+use crate::serve::{self, Conn, Handler};
+use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
+use tiers::{Selector, SelectorView};
+
+/// The tier that served a response, for observability.
+pub static X_SKYLINE_TIER: HeaderName = HeaderName::from_static("x-skyline-tier");
+/// Set by a bridge on requests it sends to the gateway: such a request never goes back to a
+/// bridge tier.
+pub static X_SKYLINE_ORIGIN: HeaderName = HeaderName::from_static("x-skyline-origin");
+/// The KV prefix of route policies: `skyline/routes/<service>` or `skyline/routes/*`.
+pub const KV_ROUTES_PREFIX: &str = "skyline/routes/";
+/// Tier state of services that left the catalog is kept this long (their fail-back hold must
+/// survive a scale to zero).
+pub const SELECTOR_RETENTION: Duration = Duration::from_secs(600);
+
+/// Validated gateway settings (see [`config::GatewayArgs`] for what users write).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// `None`: no admin listener.
+    pub admin: Option<SocketAddr>,
+    pub catalog: CatalogSource,
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Policies from the file, by service name or `*`.
+    pub routes: BTreeMap<String, RoutePolicy>,
+    /// The hold of policies that do not give one.
+    pub default_hold: Duration,
+    /// Requests that already took this many Skyline hops get 508 loop-detected.
+    pub max_hops: u32,
+    /// Where to watch `skyline/routes/` (the registry or Consul); `None`: file policies only.
+    pub kv: Option<SocketAddr>,
+    /// Route to instances whose health is `warning` as well.
+    pub include_warning: bool,
+}
+
+// === Table ===
+
+/// Every service's tiers, built from one snapshot and the policies in force.
+#[derive(Debug, Default, Serialize)]
+pub struct Table {
+    pub services: HashMap<ServiceName, Tiers>,
+    /// The tiers of services the catalog does not know (selector tiers are empty).
+    pub unknown: Tiers,
+}
+
+/// The tiers of one service, best first.
+#[derive(Debug, Default, Serialize)]
+pub struct Tiers {
+    pub policy: Option<Arc<RoutePolicy>>,
+    pub tiers: Vec<TierRoute>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TierRoute {
+    pub name: TierName,
+    pub route: Route,
+    pub passing: usize,
+    pub total: usize,
+    pub eligible: bool,
+    /// A Kubernetes bridge pool: never used for requests that came from a bridge.
+    pub bridge: bool,
+    #[serde(skip)]
+    pub header: HeaderValue,
+}
+
+impl Tiers {
+    pub fn tiers(&self) -> &[TierRoute] {
+        &self.tiers
+    }
+
+    fn hold(&self) -> Duration {
+        self.policy.as_ref().map_or(Duration::ZERO, |p| p.hold)
+    }
+}
+
+/// The policies in force: the file's, overridden per key by the KV's.
+#[derive(Clone, Debug, Default)]
+pub struct Policies {
+    pub file: BTreeMap<String, RoutePolicy>,
+    pub kv: BTreeMap<String, RoutePolicy>,
+    pub default_hold: Duration,
+}
+
+impl Policies {
+    /// `kv[name]`, `file[name]`, `kv["*"]`, `file["*"]`, then the seed's policy.
+    pub fn for_service(&self, name: &str) -> RoutePolicy {
+        [
+            self.kv.get(name),
+            self.file.get(name),
+            self.kv.get("*"),
+            self.file.get("*"),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        .cloned()
+        .unwrap_or_else(|| RoutePolicy::seed(self.default_hold))
+    }
+}
+
+impl Table {
+    pub fn build(
+        snapshot: &Snapshot,
+        policies: &Policies,
+        upstreams: &BTreeMap<String, Upstream>,
+        include_warning: bool,
+    ) -> Self {
+        let routable =
+            |h: Health| h == Health::Passing || (include_warning && h == Health::Warning);
+        // The upstream pools, shared by every service.
+        let pools: BTreeMap<&str, (Vec<Endpoint>, usize, bool)> = upstreams
+            .iter()
+            .map(|(name, upstream)| {
+                let (endpoints, total) = match &upstream.pool {
+                    Pool::Addresses(addrs) => (
+                        addrs.iter().map(|&a| Endpoint::new(a, 1)).collect(),
+                        addrs.len(),
+                    ),
+                    Pool::Service(service) => {
+                        let instances = snapshot.services.get(service.as_str());
+                        let all = instances.map_or(&[][..], Vec::as_slice);
+                        let up = all
+                            .iter()
+                            .filter(|i| routable(i.health))
+                            .map(|i| Endpoint::new(i.addr(), i.weight))
+                            .collect();
+                        (up, all.len())
+                    }
+                };
+                (name.as_str(), (endpoints, total, upstream.bridge))
+            })
+            .collect();
+        let tiers_of = |service: Option<&ServiceName>, policy: RoutePolicy| {
+            let tiers = policy
+                .tiers
+                .iter()
+                .map(|tier| {
+                    let (endpoints, total, bridge) = match &tier.source {
+                        TierSource::Select { key, value } => {
+                            let instances = service
+                                .and_then(|s| snapshot.services.get(s))
+                                .map_or(&[][..], Vec::as_slice);
+                            let matching: Vec<_> = instances
+                                .iter()
+                                .filter(|i| i.meta.get(key) == Some(value))
+                                .collect();
+                            // Per node, the summed weight of its routable instances.
+                            let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+                            for i in matching.iter().filter(|i| routable(i.health)) {
+                                let w = per_node.entry(i.node.as_str()).or_default();
+                                *w = w.saturating_add(i.weight);
+                            }
+                            let endpoints = per_node
+                                .into_iter()
+                                .filter_map(|(node, weight)| {
+                                    let n = snapshot.nodes.get(node)?;
+                                    Some(Endpoint::new(n.inbound_addr(), weight))
+                                })
+                                .collect::<Vec<_>>();
+                            let passing = matching.iter().filter(|i| routable(i.health)).count();
+                            // Eligibility counts instances; the route balances over nodes.
+                            (endpoints, (passing, matching.len()), false)
+                        }
+                        TierSource::Upstream(name) => match pools.get(name.as_str()) {
+                            Some((endpoints, total, bridge)) => {
+                                (endpoints.clone(), (endpoints.len(), *total), *bridge)
+                            }
+                            None => (Vec::new(), (0, 0), false),
+                        },
+                    };
+                    let (passing, total) = total;
+                    let eligible =
+                        !endpoints.is_empty() && tier.min_healthy.eligible(passing, total);
+                    TierRoute {
+                        header: HeaderValue::from_str(tier.name.as_str())
+                            .unwrap_or_else(|_| HeaderValue::from_static("tier")),
+                        name: tier.name.clone(),
+                        route: Route::new(endpoints),
+                        passing,
+                        total,
+                        eligible,
+                        bridge,
+                    }
+                })
+                .collect();
+            Tiers {
+                policy: Some(Arc::new(policy)),
+                tiers,
+            }
+        };
+        let mut services = HashMap::with_capacity(snapshot.services.len());
+        let named = policies.file.keys().chain(policies.kv.keys());
+        let names = snapshot
+            .services
+            .keys()
+            .cloned()
+            .chain(named.filter_map(|k| ServiceName::parse(k).ok()));
+        for service in names {
+            if services.contains_key(&service) {
+                continue;
+            }
+            let tiers = tiers_of(Some(&service), policies.for_service(service.as_str()));
+            services.insert(service, tiers);
+        }
+        let unknown = tiers_of(None, policies.for_service("*"));
+        Self { services, unknown }
+    }
+
+    pub fn tiers(&self, service: &str) -> (&Tiers, bool) {
+        match self.services.get(service) {
+            Some(tiers) => (tiers, true),
+            None => (&self.unknown, false),
+        }
+    }
+}
+
+// === Gateway ===
+
+/// The gateway's shared state: the table in force and the tier state per service.
+#[derive(Debug)]
+pub struct Gateway {
+    table: ArcSwap<Table>,
+    selectors: Mutex<HashMap<ServiceName, Entry>>,
+    forwarder: Forwarder,
+    max_hops: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    selector: Selector,
+    seen: Instant,
+}
+
+/// One tier decision, for `/routes`.
+#[derive(Debug, Serialize)]
+struct Decision<'a> {
+    tiers: &'a Tiers,
+    state: Option<SelectorView>,
+    chosen: Option<&'a str>,
+}
+
+impl Gateway {
+    pub fn new(table: Table, max_hops: u32) -> Arc<Self> {
+        let gateway = Arc::new(Self {
+            table: ArcSwap::from_pointee(Table::default()),
+            selectors: Mutex::new(HashMap::new()),
+            forwarder: Forwarder::new(),
+            max_hops,
+        });
+        gateway.store(table);
+        gateway
+    }
+
+    /// Swaps the table and records every known service's tier eligibility at once, so a
+    /// fail-back hold starts when the catalog changed, not at the next request.
+    pub fn store(&self, table: Table) {
+        let now = Instant::now();
+        if let Ok(mut selectors) = self.selectors.lock() {
+            for (service, tiers) in &table.services {
+                let eligible: Vec<bool> = tiers.tiers.iter().map(|t| t.eligible).collect();
+                let entry = selectors.entry(service.clone()).or_insert_with(|| Entry {
+                    selector: Selector::new(&eligible, now, tiers.hold()),
+                    seen: now,
+                });
+                entry.seen = now;
+                entry.selector.observe(&eligible, now, tiers.hold());
+            }
+            // Services gone from the catalog keep their state a while (scale to zero and back),
+            // seeing the tiers of an unknown service meanwhile.
+            let unknown: Vec<bool> = table.unknown.tiers.iter().map(|t| t.eligible).collect();
+            for (service, entry) in selectors.iter_mut() {
+                if !table.services.contains_key(service) {
+                    let hold = table.unknown.hold();
+                    if entry.selector.tier_count() == unknown.len() {
+                        entry.selector.observe(&unknown, now, hold);
+                    } else {
+                        let none = vec![false; entry.selector.tier_count()];
+                        entry.selector.observe(&none, now, hold);
+                    }
+                }
+            }
+            selectors.retain(|service, entry| {
+                table.services.contains_key(service)
+                    || now.saturating_duration_since(entry.seen) < SELECTOR_RETENTION
+            });
+        }
+        self.table.store(Arc::new(table));
+    }
+
+    pub fn load(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Chooses the tier for one request to `service`: the index into its tiers.
+    fn choose(
+        &self,
+        service: &str,
+        tiers: &Tiers,
+        known: bool,
+        from_bridge: bool,
+    ) -> Option<usize> {
+        let eligible: Vec<bool> = tiers
+            .tiers
+            .iter()
+            .map(|t| t.eligible && !(from_bridge && t.bridge))
+            .collect();
+        let now = Instant::now();
+        let split = tiers.policy.as_ref().and_then(|p| p.split.as_deref());
+        let stateful = known.then(|| self.selectors.lock().ok()).flatten();
+        match stateful {
+            Some(mut selectors) => {
+                let entry = selectors.get_mut(service)?;
+                // A request from a bridge sees a different eligibility: decide without state.
+                if from_bridge {
+                    let mut probe = entry.selector.clone();
+                    return probe.observe(&eligible, now, tiers.hold());
+                }
+                match split {
+                    Some(weights) => entry.selector.observe_split(
+                        &eligible,
+                        now,
+                        tiers.hold(),
+                        weights,
+                        fastrand::u64(..),
+                    ),
+                    None => entry.selector.observe(&eligible, now, tiers.hold()),
+                }
+            }
+            // Unknown services have no state to keep: the best eligible tier.
+            None => eligible.iter().position(|&e| e),
+        }
+    }
+
+    /// `/routes`: every service's tiers, tier state and current choice.
+    fn describe(&self) -> serde_json::Value {
+        let table = self.load();
+        let now = Instant::now();
+        let selectors = self.selectors.lock().ok();
+        let mut services = serde_json::Map::new();
+        let mut names: Vec<&ServiceName> = table.services.keys().collect();
+        names.sort();
+        for name in names {
+            let tiers = &table.services[name];
+            // The choice a request would get now (without changing the state).
+            let eligible: Vec<bool> = tiers.tiers.iter().map(|t| t.eligible).collect();
+            let probe = selectors.as_ref().and_then(|s| s.get(name)).map(|e| {
+                let mut probe = e.selector.clone();
+                let choice = probe.observe(&eligible, now, tiers.hold());
+                (probe.view(now), choice)
+            });
+            let (state, choice) = probe.map_or((None, None), |(v, c)| (Some(v), c));
+            let chosen = choice
+                .and_then(|a| tiers.tiers.get(a))
+                .map(|t| t.name.as_str());
+            let decision = Decision {
+                tiers,
+                state,
+                chosen,
+            };
+            services.insert(
+                name.to_string(),
+                serde_json::to_value(&decision).unwrap_or_default(),
+            );
+        }
+        serde_json::json!({
+            "services": services,
+            "unknown": serde_json::to_value(&table.unknown).unwrap_or_default(),
+        })
+    }
+}
+
+// === Handler ===
+
+/// The gateway listener's handler.
+#[derive(Clone, Debug)]
+pub struct GatewayHandler {
+    gateway: Arc<Gateway>,
+}
+
+impl GatewayHandler {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+impl Handler for GatewayHandler {
+    type Body = Body;
+
+    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let Some(target) = req.uri().path_and_query().cloned() else {
+            return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
+        };
+        let name = match split_service_path(target.path()) {
+            Ok((name, _)) => name,
+            Err(e) => return e.into_response(""),
+        };
+        if let Err(e) = count_hop(req.headers_mut(), self.gateway.max_hops) {
+            return e.into_response(name);
+        }
+        let from_bridge = req
+            .headers_mut()
+            .remove(&X_SKYLINE_ORIGIN)
+            .is_some_and(|v| v.as_bytes() == b"bridge");
+        let table = self.gateway.load();
+        let (route, known) = table.tiers(name);
+        let chosen = self.gateway.choose(name, route, known, from_bridge);
+        // Priority fallback: from the chosen tier down, the first with an endpoint.
+        let mut picked = None;
+        for (i, tier) in route.tiers().iter().enumerate() {
+            if chosen.is_none_or(|c| i < c) || (from_bridge && tier.bridge) {
+                continue;
+            }
+            if let Some(endpoint) = tier.route.pick() {
+                picked = Some((tier, endpoint.clone()));
+                break;
+            }
+        }
+        let Some((tier, endpoint)) = picked else {
+            let usable = route
+                .tiers()
+                .iter()
+                .any(|t| !(from_bridge && t.bridge) && t.total > 0);
+            let error = if known || usable {
+                MeshError::NoHealthyEndpoint
+            } else {
+                MeshError::UnknownService
+            };
+            return error.into_response(name);
+        };
+        tracing::debug!(service = %name, tier = %tier.name, upstream = %endpoint.addr, "gateway route");
+        let header = tier.header.clone();
+        let name = name.to_owned();
+        // A refused connection tries another endpoint of the same tier.
+        let next = |tried: &[SocketAddr]| tier.route.pick_excluding(tried);
+        match self
+            .gateway
+            .forwarder
+            .forward(req, endpoint, next, target, Host::Keep, &conn)
+            .await
+        {
+            Ok(mut response) => {
+                response.headers_mut().insert(&X_SKYLINE_TIER, header);
+                response
+            }
+            Err(e) => e.into_response(&name),
+        }
+    }
+}
+
+/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`.
+#[derive(Clone, Debug)]
+pub struct GatewayAdmin {
+    gateway: Arc<Gateway>,
+    catalog: Subscriber,
+}
+
+impl Handler for GatewayAdmin {
+    type Body = Body;
+
+    async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        let (status, body) = match req.uri().path() {
+            "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
+            "/readyz" => {
+                let state = self.catalog.borrow().clone();
+                let ready = state.snapshot.is_some();
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (
+                    status,
+                    serde_json::json!({"ready": ready, "catalog_error": state.error}),
+                )
+            }
+            "/routes" => (StatusCode::OK, self.gateway.describe()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes"]}),
+            ),
+        };
+        let mut response = Response::new(full(format!("{body}\n")));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
+// === Running ===
+
+/// A running gateway.
+pub struct GatewayHandle {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl GatewayHandle {
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub async fn join(mut self) {
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(e) = result {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+    }
+}
+
+/// Binds the listeners, follows the catalog (and the KV policies), and serves.
+pub async fn spawn(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<GatewayHandle, AgentError> {
+    let bind = |listener: &'static str, addr: SocketAddr| {
+        serve::bind(addr).map_err(|source| AgentError::Bind {
+            listener,
+            addr,
+            source,
+        })
+    };
+    let listener: TcpListener = bind("gateway", settings.listen)?;
+    let admin = settings.admin.map(|a| bind("admin", a)).transpose()?;
+    let mut tasks = JoinSet::new();
+    let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);
+    let snapshot = match agent::first_snapshot(subscriber.clone()).await {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            shutdown.cancel();
+            return Err(AgentError::Catalog { source_name, error });
+        }
+    };
+    let (kv_tx, kv_rx) = watch::channel(BTreeMap::new());
+    if let Some(kv) = settings.kv {
+        tasks.spawn(watch_kv_routes(
+            kv,
+            settings.upstreams.clone(),
+            settings.default_hold,
+            kv_tx,
+            shutdown.clone(),
+        ));
+    }
+    let policies = Policies {
+        file: settings.routes.clone(),
+        kv: BTreeMap::new(),
+        default_hold: settings.default_hold,
+    };
+    let table = Table::build(
+        &snapshot,
+        &policies,
+        &settings.upstreams,
+        settings.include_warning,
+    );
+    let gateway = Gateway::new(table, settings.max_hops);
+    tasks.spawn(follow(
+        subscriber.clone(),
+        kv_rx,
+        gateway.clone(),
+        policies,
+        settings.upstreams.clone(),
+        settings.include_warning,
+    ));
+    let addr = listener.local_addr().unwrap_or(settings.listen);
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    tasks.spawn(serve::serve(
+        listener,
+        GatewayHandler::new(gateway.clone()),
+        shutdown.clone(),
+    ));
+    if let Some(admin) = admin {
+        let handler = GatewayAdmin {
+            gateway: gateway.clone(),
+            catalog: subscriber,
+        };
+        tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
+    }
+    tracing::info!(
+        gateway = %addr,
+        admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        catalog = %source_name,
+        "gateway started"
+    );
+    Ok(GatewayHandle {
+        addr,
+        admin: admin_addr,
+        gateway,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Rebuilds the table on every catalog or KV policy change.
+pub async fn follow(
+    mut catalog: Subscriber,
+    mut kv: watch::Receiver<BTreeMap<String, RoutePolicy>>,
+    gateway: Arc<Gateway>,
+    mut policies: Policies,
+    upstreams: BTreeMap<String, Upstream>,
+    include_warning: bool,
+) {
+    loop {
+        policies.kv = kv.borrow_and_update().clone();
+        let snapshot = catalog.borrow_and_update().snapshot.clone();
+        if let Some(snapshot) = snapshot {
+            gateway.store(Table::build(
+                &snapshot,
+                &policies,
+                &upstreams,
+                include_warning,
+            ));
+        }
+        tokio::select! {
+            changed = catalog.changed() => if changed.is_err() { return },
+            changed = kv.changed() => if changed.is_err() {
+                // No KV watch: follow the catalog alone.
+                while catalog.changed().await.is_ok() {
+                    let snapshot = catalog.borrow_and_update().snapshot.clone();
+                    if let Some(snapshot) = snapshot {
+                        gateway.store(Table::build(&snapshot, &policies, &upstreams, include_warning));
+                    }
+                }
+                return;
+            },
+        }
+    }
+}
+
+/// Watches `skyline/routes/` in the KV with blocking queries. Each key's value is validated;
+/// an invalid one is logged and the key's previous policy kept.
+pub async fn watch_kv_routes(
+    address: SocketAddr,
+    upstreams: BTreeMap<String, Upstream>,
+    default_hold: Duration,
+    tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
+    shutdown: CancellationToken,
+) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut index = 0u64;
+    let mut current: BTreeMap<String, RoutePolicy> = BTreeMap::new();
+    let mut raw: BTreeMap<String, String> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let uri =
+            format!("http://{address}/v1/kv/{KV_ROUTES_PREFIX}?recurse&index={index}&wait=30s");
+        let answer = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = tokio::time::timeout(Duration::from_secs(40), kv_get(&client, &uri)) => a,
+        };
+        let (new_index, entries) = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) => {
+                tracing::warn!(%address, %error, "cannot read route policies from the KV");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(%address, "reading route policies from the KV timed out");
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        index = if new_index < index {
+            0
+        } else {
+            new_index.max(1)
+        };
+        let mut next = BTreeMap::new();
+        for (key, value) in &entries {
+            let Some(service) = key.strip_prefix(KV_ROUTES_PREFIX) else {
+                continue;
+            };
+            if service != "*" && !ServiceName::is_valid(service) {
+                tracing::error!(%key, "route policy rejected: not a service name or *");
+                continue;
+            }
+            if raw.get(key) == Some(value) {
+                if let Some(p) = current.get(service) {
+                    next.insert(service.to_owned(), p.clone());
+                }
+                continue;
+            }
+            match RoutePolicy::parse_text(value, &upstreams, default_hold) {
+                Ok(policy) => {
+                    tracing::info!(%key, "route policy loaded");
+                    next.insert(service.to_owned(), policy);
+                }
+                Err(error) => {
+                    tracing::error!(%key, %error, "route policy rejected; keeping the previous one");
+                    if let Some(p) = current.get(service) {
+                        next.insert(service.to_owned(), p.clone());
+                    }
+                }
+            }
+        }
+        raw = entries;
+        if next != current {
+            current = next.clone();
+            tx.send_replace(next);
+        }
+        // Consul's rule: do not loop faster than this.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One KV read: the index and the keys with their decoded values (404: none).
+async fn kv_get(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    uri: &str,
+) -> Result<(u64, BTreeMap<String, String>), String> {
+    let req = Request::get(uri)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let index = resp
+        .headers()
+        .get("x-consul-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let body = Limited::new(resp.into_body(), 4 << 20)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status == StatusCode::NOT_FOUND {
+        return Ok((index, BTreeMap::new()));
+    }
+    if !status.is_success() {
+        return Err(format!("status {status}"));
+    }
+    #[derive(serde::Deserialize)]
+    struct KvEntry {
+        #[serde(rename = "Key")]
+        key: String,
+        #[serde(rename = "Value")]
+        value: Option<String>,
+    }
+    let entries: Vec<KvEntry> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let value = e
+            .value
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        out.insert(e.key, value);
+    }
+    Ok((index, out))
+}

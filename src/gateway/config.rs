@@ -1,0 +1,336 @@
+//! `skyline gateway` settings: flags, `SKYLINE_*` variables and a TOML file, in that order.
+//!
+//! ```toml
+//! [listen]
+//! gateway = "0.0.0.0:5041"
+//! admin = "127.0.0.1:5050"          # or "off"
+//!
+//! [catalog]
+//! source = "consul"                 # or "file"
+//! consul = "127.0.0.1:8500"        # also where `skyline/routes/<service>` is watched
+//!
+//! [gateway]
+//! max_hops = 8
+//! kv_routes = true                  # watch skyline/routes/ (consul source only)
+//! hold = "3s"                       # the hold of policies that give none
+//!
+//! [upstreams.kubernetes]
+//! service = "skyline-bridge"        # or addresses = ["10.0.0.21:5041"]
+//!
+//! [routes.giphy]
+//! tiers = [{ select = "platform=mesos", min_healthy = "50%" }, { upstream = "kubernetes" }]
+//! hold = "3s"
+//! split = [90, 10]
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::Settings;
+use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
+use crate::agent::CatalogSource;
+use crate::config::{ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen};
+use crate::proxy::DEFAULT_MAX_HOPS;
+
+pub const DEFAULT_GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 5041);
+
+/// Settings of `skyline gateway`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct GatewayArgs {
+    /// TOML config file; flags and SKYLINE_* variables override its values
+    #[arg(long, env = "SKYLINE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Where requests arrive [default: 0.0.0.0:5041]
+    #[arg(long, env = "SKYLINE_GATEWAY_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Admin listener (/healthz, /readyz, /routes), or "off" [default: 127.0.0.1:5050]
+    #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
+    pub admin: Option<Listen>,
+
+    /// The catalog file, instead of Consul
+    #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
+    pub catalog_file: Option<PathBuf>,
+
+    /// The Consul agent or Skyline registry to follow (and to watch skyline/routes/ in)
+    /// [default: 127.0.0.1:8500]
+    #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
+    pub consul: Option<SocketAddr>,
+
+    /// Fixed addresses of the Kubernetes bridges, comma-separated [default: the instances of
+    /// catalog service `skyline-bridge`]
+    #[arg(
+        long,
+        env = "SKYLINE_BRIDGES",
+        value_name = "ADDR,...",
+        value_delimiter = ','
+    )]
+    pub bridges: Option<Vec<SocketAddr>>,
+
+    /// The fail-back hold of policies that give none, such as 3s or 500ms [default: 3s]
+    #[arg(long, env = "SKYLINE_HOLD", value_name = "DURATION")]
+    pub hold: Option<String>,
+
+    /// Requests that already took this many Skyline hops get 508 [default: 8]
+    #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
+    pub max_hops: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listen: ListenSection,
+    #[serde(default)]
+    catalog: CatalogSection,
+    #[serde(default)]
+    gateway: GatewaySection,
+    #[serde(default)]
+    upstreams: BTreeMap<String, Spanned<UpstreamConfig>>,
+    #[serde(default)]
+    routes: BTreeMap<String, Spanned<RoutePolicyConfig>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListenSection {
+    gateway: Option<Spanned<String>>,
+    admin: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CatalogSection {
+    source: Option<Spanned<String>>,
+    file: Option<PathBuf>,
+    consul: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GatewaySection {
+    /// Requests that already took this many hops get 508 [default: 8].
+    max_hops: Option<u32>,
+    /// Watch `skyline/routes/` in the registry's KV [default: true with a consul source].
+    kv_routes: Option<bool>,
+    /// The hold of policies that give none [default: "3s"].
+    hold: Option<Spanned<String>>,
+}
+
+/// The file's text, for line numbers in errors.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn error(&self, offset: Option<usize>, key: &str, reason: impl Into<String>) -> ConfigError {
+        let line = offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1);
+        ConfigError {
+            file: self.path.clone(),
+            line,
+            key: Some(key.to_owned()),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads and parses a TOML config file into `T`, errors with file and line.
+pub(crate) fn read_file<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&PathBuf>,
+) -> Result<(T, PathBuf, String), ConfigError> {
+    let Some(path) = path else {
+        return Ok((T::default(), PathBuf::from("<flags>"), String::new()));
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.clone(),
+        line: None,
+        key: None,
+        reason: format!("cannot read: {e}"),
+    })?;
+    let parsed = toml::from_str(&text).map_err(|e| ConfigError {
+        file: path.clone(),
+        line: e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
+        key: None,
+        reason: e.message().trim().to_owned(),
+    })?;
+    Ok((parsed, path.clone(), text))
+}
+
+impl GatewayArgs {
+    pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let (file, path, text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
+        let src = Source { path, text };
+        let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
+            field
+                .as_ref()
+                .map(|f| {
+                    f.get_ref()
+                        .parse::<Listen>()
+                        .map_err(|e| src.error(Some(f.span().start), key, e))
+                })
+                .transpose()
+        };
+        let listen = match self.listen {
+            Some(a) => a,
+            None => match parse_addr("listen.gateway", &file.listen.gateway)? {
+                Some(Listen::At(a)) => a,
+                Some(Listen::Off) => {
+                    return Err(src.error(
+                        None,
+                        "listen.gateway",
+                        "the gateway listener cannot be off",
+                    ));
+                }
+                None => DEFAULT_GATEWAY,
+            },
+        };
+        let admin = match self.admin {
+            Some(l) => l,
+            None => {
+                parse_addr("listen.admin", &file.listen.admin)?.unwrap_or(Listen::At(DEFAULT_ADMIN))
+            }
+        };
+        let consul = match self.consul {
+            Some(a) => a,
+            None => match &file.catalog.consul {
+                Some(f) => f.get_ref().parse().map_err(|_| {
+                    src.error(
+                        Some(f.span().start),
+                        "catalog.consul",
+                        "not an address like 127.0.0.1:8500",
+                    )
+                })?,
+                None => DEFAULT_REGISTRY,
+            },
+        };
+        let file_source = file.catalog.source.as_ref().map(|s| s.get_ref().as_str());
+        let catalog = match (self.catalog_file, file_source, file.catalog.file) {
+            (Some(p), _, _) => CatalogSource::File(p),
+            (None, Some("file") | None, Some(p)) => CatalogSource::File(p),
+            (None, Some("consul") | None, None) => CatalogSource::Consul(consul),
+            (None, Some("file"), None) => {
+                return Err(src.error(None, "catalog.file", "source \"file\" needs a file"));
+            }
+            (None, Some(other), _) => {
+                let offset = file.catalog.source.as_ref().map(|s| s.span().start);
+                return Err(src.error(
+                    offset,
+                    "catalog.source",
+                    format!("unknown source {other:?}; expected \"file\" or \"consul\""),
+                ));
+            }
+        };
+        let default_hold = match (&self.hold, &file.gateway.hold) {
+            (Some(h), _) => policy::parse_duration(h).map_err(|e| src.error(None, "hold", e))?,
+            (None, Some(h)) => policy::parse_duration(h.get_ref())
+                .map_err(|e| src.error(Some(h.span().start), "gateway.hold", e))?,
+            (None, None) => DEFAULT_HOLD,
+        };
+        let max_hops = self
+            .max_hops
+            .or(file.gateway.max_hops)
+            .unwrap_or(DEFAULT_MAX_HOPS);
+        if max_hops == 0 {
+            return Err(src.error(None, "gateway.max_hops", "must be at least 1"));
+        }
+        let mut upstreams = policy::default_upstreams();
+        for (name, config) in file.upstreams {
+            let offset = config.span().start;
+            let upstream = config
+                .into_inner()
+                .validate(&name)
+                .map_err(|e| src.error(Some(offset), &e.key, e.reason))?;
+            upstreams.insert(name, upstream);
+        }
+        if let Some(bridges) = self.bridges {
+            upstreams.insert(
+                policy::KUBERNETES.to_owned(),
+                policy::Upstream {
+                    pool: policy::Pool::Addresses(bridges),
+                    bridge: true,
+                },
+            );
+        }
+        let mut routes = BTreeMap::new();
+        for (name, config) in file.routes {
+            let offset = config.span().start;
+            if name != "*" && !crate::catalog::ServiceName::is_valid(&name) {
+                return Err(src.error(
+                    Some(offset),
+                    &format!("routes.{name}"),
+                    "not a service name or \"*\"",
+                ));
+            }
+            let policy = config
+                .into_inner()
+                .validate(&upstreams, default_hold)
+                .map_err(|e| {
+                    src.error(Some(offset), &format!("routes.{name}.{}", e.key), e.reason)
+                })?;
+            routes.insert(name, policy);
+        }
+        let kv = match (&catalog, file.gateway.kv_routes) {
+            (CatalogSource::Consul(addr), None | Some(true)) => Some(*addr),
+            _ => None,
+        };
+        Ok(Settings {
+            listen,
+            admin: admin.addr(),
+            catalog,
+            upstreams,
+            routes,
+            default_hold,
+            max_hops,
+            kv,
+            include_warning: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn with_file(text: &str) -> (tempfile::TempDir, GatewayArgs) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        let args = GatewayArgs {
+            config: Some(path),
+            ..GatewayArgs::default()
+        };
+        (dir, args)
+    }
+
+    #[test]
+    fn route_policies_come_from_the_file() {
+        let (_d, args) = with_file(
+            "[routes.\"*\"]\nhold = \"1s\"\n\n[routes.giphy]\ntiers = [{ select = \"platform=mesos\", min_healthy = \"50%\" }, { upstream = \"kubernetes\" }]\nsplit = [90, 10]\n",
+        );
+        let s = args.resolve().unwrap();
+        assert_eq!(s.routes["*"].hold, Duration::from_secs(1));
+        assert_eq!(s.routes["giphy"].split, Some(vec![90, 10]));
+        assert_eq!(s.routes["giphy"].hold, DEFAULT_HOLD);
+        assert_eq!(s.catalog, CatalogSource::Consul(DEFAULT_REGISTRY));
+        assert_eq!(s.kv, Some(DEFAULT_REGISTRY));
+    }
+
+    #[test]
+    fn an_invalid_route_policy_names_file_line_and_key() {
+        let (_d, args) = with_file(
+            "[gateway]\nmax_hops = 4\n\n[routes.giphy]\ntiers = [{ upstream = \"vms\" }]\n",
+        );
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("routes.giphy.tiers[0].upstream"));
+        assert_eq!(e.line, Some(4), "the line of the policy's table");
+    }
+}

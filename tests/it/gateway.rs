@@ -1,0 +1,302 @@
+//! The gateway in process, over our registry: tiers, fail-over and fail-back, KV policies,
+//! loop protection; and the outbound proxy's cluster-DNS-style requests.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+use skyline::agent::CatalogSource;
+use skyline::gateway::policy::{self, Pool, RoutePolicy, Upstream};
+use skyline::gateway::{self, GatewayHandle, Settings};
+use skyline::registry::{self, RegistryConfig, RegistryHandle};
+
+const HOLD: Duration = Duration::from_millis(600);
+
+struct Setup {
+    registry: RegistryHandle,
+    gateway: GatewayHandle,
+    mesos: TestApp,
+    kubernetes: TestApp,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A registry with `giphy` on Mesos node m1 (its "inbound" is the `mesos` app), and a
+    /// gateway whose Kubernetes upstream is the `kubernetes` app.
+    async fn start(routes: BTreeMap<String, RoutePolicy>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = skyline::serve::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let registry = registry::spawn(
+            listener,
+            RegistryConfig::new(dir.path().join("registry")),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let mesos = TestApp::spawn("mesos", ip("127.0.0.1"));
+        let kubernetes = TestApp::spawn("kubernetes", ip("127.0.0.1"));
+        let setup_client = Client::new();
+        let s = Self {
+            gateway: gateway::spawn(
+                Settings {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    admin: Some("127.0.0.1:0".parse().unwrap()),
+                    catalog: CatalogSource::Consul(registry.addr()),
+                    upstreams: BTreeMap::from([(
+                        policy::KUBERNETES.to_owned(),
+                        Upstream {
+                            pool: Pool::Addresses(vec![kubernetes.addr]),
+                            bridge: true,
+                        },
+                    )]),
+                    routes,
+                    default_hold: HOLD,
+                    max_hops: 8,
+                    kv: Some(registry.addr()),
+                    include_warning: false,
+                },
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap(),
+            registry,
+            mesos,
+            kubernetes,
+            client: setup_client,
+            _dir: dir,
+        };
+        s.register_giphy().await;
+        s
+    }
+
+    async fn put(&self, path: &str, body: String) -> Reply {
+        let req = Request::put(format!("http://{}{path}", self.registry.addr()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        self.client.send(req).await.unwrap()
+    }
+
+    async fn register_giphy(&self) {
+        let body = serde_json::json!({
+            "Node": "m1", "Address": "127.0.0.1",
+            "NodeMeta": {"skyline-inbound-port": self.mesos.addr.port().to_string()},
+            "Service": {"ID": "giphy-m1", "Service": "giphy", "Port": 9, "Meta": {"platform": "mesos"}},
+        });
+        assert_eq!(
+            self.put("/v1/catalog/register", body.to_string())
+                .await
+                .body
+                .trim(),
+            "true"
+        );
+        self.wait_tier("mesos").await;
+    }
+
+    async fn deregister_giphy(&self) {
+        let body = serde_json::json!({"Node": "m1", "ServiceID": "giphy-m1"});
+        self.put("/v1/catalog/deregister", body.to_string()).await;
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.client
+            .get(&format!("http://{}{path}", self.gateway.addr))
+            .await
+    }
+
+    fn tier(reply: &Reply) -> &str {
+        reply
+            .headers
+            .get("x-skyline-tier")
+            .map_or("", |v| v.to_str().unwrap())
+    }
+
+    /// Waits (at most 10 s) until giphy is served by `tier`; returns how long it took.
+    async fn wait_tier(&self, tier: &str) -> Duration {
+        let start = tokio::time::Instant::now();
+        for _ in 0..1000 {
+            let reply = self.get("/service/giphy/media").await;
+            if Self::tier(&reply) == tier {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("giphy never went to {tier}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesos_first_then_kubernetes_at_once_and_back_after_the_hold() {
+    let s = Setup::start(BTreeMap::new()).await;
+    let reply = s.get("/service/giphy/media?q=1").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.body, "mesos /service/giphy/media?q=1",
+        "full path kept"
+    );
+    assert_eq!(Setup::tier(&reply), "mesos");
+
+    s.deregister_giphy().await;
+    let over = s.wait_tier("kubernetes").await;
+    assert!(
+        over < Duration::from_millis(500),
+        "fail-over is immediate: {over:?}"
+    );
+    let reply = s.get("/service/giphy/media").await;
+    assert_eq!(reply.body, "kubernetes /service/giphy/media");
+
+    s.register_giphy().await;
+    // `register_giphy` waited for mesos; check the hold was respected on the way.
+    let routes = s
+        .client
+        .get(&format!("http://{}/routes", s.gateway.admin.unwrap()))
+        .await
+        .json();
+    assert_eq!(routes["services"]["giphy"]["chosen"], "mesos");
+    assert!(s.kubernetes.hits() > 0 && s.mesos.hits() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_back_waits_for_the_hold() {
+    let s = Setup::start(BTreeMap::new()).await;
+    s.deregister_giphy().await;
+    s.wait_tier("kubernetes").await;
+    let body = serde_json::json!({
+        "Node": "m1", "Address": "127.0.0.1",
+        "NodeMeta": {"skyline-inbound-port": s.mesos.addr.port().to_string()},
+        "Service": {"ID": "giphy-m1", "Service": "giphy", "Port": 9, "Meta": {"platform": "mesos"}},
+    });
+    s.put("/v1/catalog/register", body.to_string()).await;
+    let back = s.wait_tier("mesos").await;
+    assert!(
+        back >= HOLD - Duration::from_millis(100),
+        "fell back after {back:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_policy_in_the_kv_is_hot_reloaded_and_an_invalid_one_is_rejected() {
+    let s = Setup::start(BTreeMap::new()).await;
+    let kubernetes_only = r#"{"tiers": [{"upstream": "kubernetes"}]}"#;
+    s.put("/v1/kv/skyline/routes/giphy", kubernetes_only.into())
+        .await;
+    s.wait_tier("kubernetes").await;
+    // An invalid policy is refused and the previous one kept.
+    s.put(
+        "/v1/kv/skyline/routes/giphy",
+        "tiers = [{ upstream = \"vms\" }]".into(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        assert_eq!(
+            Setup::tier(&s.get("/service/giphy/media").await),
+            "kubernetes"
+        );
+    }
+    // A TOML policy works as well.
+    s.put(
+        "/v1/kv/skyline/routes/giphy",
+        "tiers = [{ select = \"platform=mesos\" }]\nhold = \"0s\"".into(),
+    )
+    .await;
+    s.wait_tier("mesos").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_sends_each_tier_its_share() {
+    let split =
+        RoutePolicy::parse_text("split = [50, 50]", &policy::default_upstreams(), HOLD).unwrap();
+    let s = Setup::start(BTreeMap::from([("giphy".to_owned(), split)])).await;
+    let mut tiers = BTreeMap::new();
+    for _ in 0..200 {
+        let reply = s.get("/service/giphy/").await;
+        *tiers.entry(Setup::tier(&reply).to_owned()).or_insert(0) += 1;
+    }
+    assert!(tiers["mesos"] > 60 && tiers["kubernetes"] > 60, "{tiers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_from_a_bridge_never_goes_back_to_a_bridge() {
+    let s = Setup::start(BTreeMap::new()).await;
+    let from_bridge = |path: &str| {
+        Request::get(format!("http://{}{path}", s.gateway.addr))
+            .header("x-skyline-origin", "bridge")
+            .body(Full::default())
+            .unwrap()
+    };
+    let reply = s
+        .client
+        .send(from_bridge("/service/ghost/x"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.mesh_error(), Some("unknown-service"));
+    let reply = s
+        .client
+        .send(from_bridge("/service/giphy/x"))
+        .await
+        .unwrap();
+    assert_eq!(reply.body, "mesos /service/giphy/x");
+    s.deregister_giphy().await;
+    s.wait_tier("kubernetes").await;
+    let reply = s
+        .client
+        .send(from_bridge("/service/giphy/x"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(reply.mesh_error(), Some("unknown-service"));
+    // Without the mark, the same request goes to Kubernetes.
+    assert_eq!(
+        s.get("/service/ghost/x").await.body,
+        "kubernetes /service/ghost/x"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_hop_limit_is_a_loop() {
+    let s = Setup::start(BTreeMap::new()).await;
+    let req = Request::get(format!("http://{}/service/giphy/x", s.gateway.addr))
+        .header("x-skyline-hops", "8")
+        .body(Full::default())
+        .unwrap();
+    let reply = s.client.send(req).await.unwrap();
+    assert_eq!(reply.status, 508);
+    assert_eq!(reply.mesh_error(), Some("loop-detected"));
+    let req = Request::get(format!("http://{}/service/giphy/x", s.gateway.addr))
+        .header("x-skyline-hops", "3")
+        .body(Full::default())
+        .unwrap();
+    s.client.send(req).await.unwrap();
+    let seen = s.mesos.seen();
+    assert_eq!(seen.last().unwrap().headers["x-skyline-hops"], "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_proxy_takes_cluster_dns_style_requests() {
+    let web = TestApp::spawn("web", ip("127.0.0.3"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .place(place("web", "b", &web))
+        .spawn()
+        .await;
+    let outbound: SocketAddr = mesh.outbound("a");
+    let req = Request::get(format!("http://{outbound}/media/x?q=1"))
+        .header("host", "web.default.svc.cluster.local:8080")
+        .body(Full::default())
+        .unwrap();
+    let reply = Client::new().send(req).await.unwrap();
+    assert_eq!(reply.body, "web /media/x?q=1");
+    let seen = web.seen();
+    assert_eq!(seen[0].headers["x-skyline-hops"], "1");
+    mesh.stop().await;
+    web.stop().await;
+}

@@ -1,0 +1,782 @@
+//! The seed's migration, end to end, in network namespaces: two Mesos nodes with agents, two
+//! Kubernetes nodes with bridges, a gateway node with the registry, a real DNS server (dnsmasq)
+//! as the cluster DNS, and applications as real processes — under constant load from a Mesos
+//! node calling `localhost:5040/service/giphy/media`.
+//!
+//! Applications, the load generator and the cluster-DNS caller are this test binary run again
+//! inside a namespace (`ip netns exec <ns> <this exe> --exact migration::netns_child`), with
+//! the role in `SKYLINE_IT_CHILD`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::netns::{Lab, ProcId};
+use skyline::serve::{self, Conn, Handler};
+
+const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
+const CHILD_ROLE: &str = "SKYLINE_IT_CHILD";
+/// The load: requests per second, for the whole scenario.
+const RATE: u64 = 200;
+/// The load generator stops by itself after this long, whatever happens.
+const LOAD_MAX: Duration = Duration::from_secs(150);
+/// The gateway's fail-back hold in this scenario.
+const HOLD: &str = "3s";
+
+// Hosts on the lab subnet.
+const GW: u8 = 10;
+const M1: u8 = 11;
+const M2: u8 = 12;
+const K1: u8 = 21;
+const K2: u8 = 22;
+const POD_GIPHY: u8 = 31;
+const POD_CALLER: u8 = 32;
+const DNS: u8 = 53;
+
+// === The children ===
+
+/// Runs as an application, a load generator or a one-shot caller when re-executed in a
+/// namespace; does nothing in a normal test run.
+#[test]
+fn netns_child() {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        match role.as_str() {
+            "app" => run_app().await,
+            "load" => run_load().await,
+            "call" => run_call().await,
+            other => panic!("unknown child role {other}"),
+        }
+    });
+}
+
+fn env(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| panic!("{key} is not set"))
+}
+
+/// An application that says which platform served it: `<platform> <name> <path>`, status 200,
+/// or 500 when `APP_BROKEN` is set. Drains and exits on SIGTERM.
+#[derive(Clone)]
+struct App {
+    platform: String,
+    name: String,
+    broken: bool,
+}
+
+impl Handler for App {
+    type Body = Full<Bytes>;
+
+    async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Full<Bytes>> {
+        let text = format!("{} {} {}", self.platform, self.name, req.uri().path());
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        if self.broken {
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        response
+    }
+}
+
+async fn run_app() {
+    let listen: SocketAddr = env("APP_LISTEN").parse().unwrap();
+    let app = App {
+        platform: env("APP_PLATFORM"),
+        name: env("APP_NAME"),
+        broken: std::env::var("APP_BROKEN").is_ok(),
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        term.recv().await;
+        stop.cancel();
+    });
+    let listener = serve::bind(listen).unwrap();
+    println!("READY");
+    serve::serve(listener, app, shutdown).await;
+}
+
+/// `RATE` requests a second to `LOAD_URL` until stdin closes or `LOAD_MAX` passes; one line
+/// per answer: `LOAD <ms since start> <status> <first word of the body or the mesh error>`.
+async fn run_load() {
+    let url = env("LOAD_URL");
+    let client = crate::support::Client::new();
+    let start = Instant::now();
+    println!("LOAD-START");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+        let _ = stop_tx.send(true);
+    });
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let max = LOAD_MAX.as_secs() * RATE;
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    for _ in 0..max {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop_rx.changed() => break,
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let req = Request::get(&url).body(Full::default()).unwrap();
+            let line = match client.send(req).await {
+                Ok(reply) => {
+                    let what = reply
+                        .mesh_error()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| reply.body.split(' ').next().unwrap_or("").to_owned());
+                    format!("{} {what}", reply.status)
+                }
+                Err(e) => format!("0 client-error:{}", e.replace(' ', "_")),
+            };
+            println!("LOAD {} {line}", start.elapsed().as_millis());
+            drop(permit);
+        });
+    }
+    // Let the last requests finish (bounded).
+    let _ = tokio::time::timeout(Duration::from_secs(10), in_flight.acquire_many(256)).await;
+    println!("LOAD-END");
+}
+
+/// `CALL_COUNT` GETs of `CALL_URL`, its host resolved through the DNS at `CALL_DNS` (as a pod
+/// would); one line per answer: `CALL <status> <body>`.
+async fn run_call() {
+    let url: http::Uri = env("CALL_URL").parse().unwrap();
+    let count: usize = env("CALL_COUNT").parse().unwrap();
+    let dns: SocketAddr = env("CALL_DNS").parse().unwrap();
+    let resolver = skyline::bridge::resolver(dns).unwrap();
+    let host = url.host().unwrap().to_owned();
+    let port = url.port_u16().unwrap_or(80);
+    let client = crate::support::Client::new();
+    for _ in 0..count {
+        let ip = resolver
+            .lookup_ip(format!("{host}.").as_str())
+            .await
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap();
+        let direct = format!("http://{ip}:{port}{}", url.path());
+        let req = Request::get(direct)
+            .header("host", format!("{host}:{port}"))
+            .body(Full::default())
+            .unwrap();
+        match client.send(req).await {
+            Ok(reply) => println!("CALL {} {}", reply.status, reply.body.trim()),
+            Err(e) => println!("CALL 0 {e}"),
+        }
+    }
+}
+
+// === The scenario ===
+
+/// One answer seen by the load generator.
+#[derive(Clone, Debug)]
+struct Answer {
+    at_ms: u64,
+    status: u16,
+    what: String,
+}
+
+/// The load generator's answers as they arrive.
+struct Load {
+    id: ProcId,
+    lines: mpsc::Receiver<String>,
+    answers: Vec<Answer>,
+    started: Instant,
+}
+
+impl Load {
+    /// Reads what arrived so far.
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            let mut parts = line.splitn(4, ' ');
+            if parts.next() != Some("LOAD") {
+                continue;
+            }
+            let (Some(ms), Some(status), Some(what)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            self.answers.push(Answer {
+                at_ms: ms.parse().unwrap_or(0),
+                status: status.parse().unwrap_or(0),
+                what: what.to_owned(),
+            });
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Waits (at most `timeout`) until an answer after `since_ms` satisfies `f`; its time.
+    fn wait_for(
+        &mut self,
+        since_ms: u64,
+        timeout: Duration,
+        f: impl Fn(&Answer) -> bool,
+    ) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            self.drain();
+            if let Some(a) = self.answers.iter().find(|a| a.at_ms >= since_ms && f(a)) {
+                return Some(a.at_ms);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Answers per (status, what) in `[from, to)` ms.
+    fn counts(&self, from: u64, to: u64) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for a in self
+            .answers
+            .iter()
+            .filter(|a| a.at_ms >= from && a.at_ms < to)
+        {
+            *counts
+                .entry(format!("{} {}", a.status, a.what))
+                .or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+struct Mesh {
+    lab: Lab,
+    exe: String,
+}
+
+impl Mesh {
+    fn curl(&self, node: &str, method: &str, url: &str, body: &str) -> String {
+        self.lab.output(
+            node,
+            "curl",
+            &["-s", "-m", "5", "-X", method, "--data", body, url],
+            Duration::from_secs(8),
+        )
+    }
+
+    fn registry(&self) -> String {
+        format!("http://{}:8500", self.lab.ip(GW))
+    }
+
+    /// Registers `service` on node `node` (host `host`) in the registry.
+    fn register(&self, node: &str, host: u8, id: &str, service: &str, port: u16, platform: &str) {
+        let body = serde_json::json!({
+            "Node": node,
+            "Address": self.lab.ip(host).to_string(),
+            "NodeMeta": {"skyline-inbound-port": "5041"},
+            "Service": {"ID": id, "Service": service, "Port": port, "Meta": {"platform": platform}},
+        });
+        let out = self.curl(
+            "gw",
+            "PUT",
+            &format!("{}/v1/catalog/register", self.registry()),
+            &body.to_string(),
+        );
+        assert_eq!(out.trim(), "true", "registering {id}: {out}");
+    }
+
+    fn deregister(&self, node: &str, id: &str) {
+        let body = serde_json::json!({"Node": node, "ServiceID": id});
+        let out = self.curl(
+            "gw",
+            "PUT",
+            &format!("{}/v1/catalog/deregister", self.registry()),
+            &body.to_string(),
+        );
+        assert_eq!(out.trim(), "true", "deregistering {id}: {out}");
+    }
+
+    /// Starts an application in `node` and waits until it says it is ready.
+    fn app(
+        &self,
+        name: &str,
+        node: &str,
+        host: u8,
+        port: u16,
+        platform: &str,
+        broken: bool,
+    ) -> ProcId {
+        let mut envs = vec![
+            (CHILD_ROLE, "app".to_owned()),
+            ("APP_LISTEN", format!("{}:{port}", self.lab.ip(host))),
+            ("APP_PLATFORM", platform.to_owned()),
+            ("APP_NAME", name.to_owned()),
+        ];
+        if broken {
+            envs.push(("APP_BROKEN", "1".to_owned()));
+        }
+        let log = format!("app-{name}-{platform}-{}", fastrand::u32(..));
+        let (id, lines) = self.lab.spawn(&log, node, &self.exe, &child_args(), &envs);
+        let ready = (0..200).any(|_| {
+            lines
+                .recv_timeout(Duration::from_millis(50))
+                .is_ok_and(|l| l == "READY")
+        });
+        assert!(
+            ready,
+            "{name} on {node} did not start: {}",
+            self.lab.log(&log)
+        );
+        id
+    }
+
+    /// Waits until `url` answers 200 from `node` (a started server is listening).
+    fn wait_http(&self, node: &str, url: &str, what: &str) {
+        for _ in 0..100 {
+            let out = self.lab.output(
+                node,
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-m",
+                    "2",
+                    url,
+                ],
+                Duration::from_secs(4),
+            );
+            if out.trim() == "200" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{what} never answered {url}");
+    }
+}
+
+fn child_args() -> Vec<&'static str> {
+    vec![
+        "--exact",
+        "migration::netns_child",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ]
+}
+
+#[test]
+fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
+    let lab = Lab::new().unwrap_or_else(|e| {
+        panic!("this test needs network namespaces (run as root with `ip` available): {e}")
+    });
+    for (name, host) in [
+        ("gw", GW),
+        ("m1", M1),
+        ("m2", M2),
+        ("k1", K1),
+        ("k2", K2),
+        ("kp1", POD_GIPHY),
+        ("kp2", POD_CALLER),
+        ("dns", DNS),
+    ] {
+        lab.node(name, host)
+            .unwrap_or_else(|e| panic!("this test needs network namespaces: {e}"));
+    }
+    let mesh = Mesh {
+        exe: std::env::current_exe()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+        lab,
+    };
+    let lab = &mesh.lab;
+    let ip = |h: u8| lab.ip(h).to_string();
+
+    // The cluster DNS: giphy is a pod, organization and phantom are Services on the bridges.
+    let dns_pid = lab.dir.path().join("dnsmasq.pid");
+    lab.spawn(
+        "dnsmasq",
+        "dns",
+        "/usr/sbin/dnsmasq",
+        &[
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--port=53",
+            "--bind-interfaces",
+            &format!("--listen-address={}", ip(DNS)),
+            &format!("--pid-file={}", dns_pid.display()),
+            "--local=/cluster.local/",
+            &format!(
+                "--address=/giphy.default.svc.cluster.local/{}",
+                ip(POD_GIPHY)
+            ),
+            &format!(
+                "--address=/organization.default.svc.cluster.local/{}",
+                ip(K1)
+            ),
+            &format!("--address=/phantom.default.svc.cluster.local/{}", ip(K2)),
+        ],
+        &[],
+    );
+
+    // The registry and the gateway on the gateway node.
+    let data = lab.dir.path().join("registry");
+    let registry_listen = format!("{}:8500", ip(GW));
+    lab.spawn(
+        "registry",
+        "gw",
+        SKYLINE,
+        &[
+            "registry",
+            "--listen",
+            &registry_listen,
+            "--data-dir",
+            &data.to_string_lossy(),
+        ],
+        &[],
+    );
+    mesh.wait_http(
+        "gw",
+        &format!("{}/v1/catalog/services", mesh.registry()),
+        "the registry",
+    );
+    mesh.register(
+        "gw",
+        GW,
+        "skyline-gateway-gw",
+        "skyline-gateway",
+        5041,
+        "gateway",
+    );
+    mesh.register(
+        "k1",
+        K1,
+        "skyline-bridge-k1",
+        "skyline-bridge",
+        5041,
+        "kubernetes",
+    );
+    mesh.register(
+        "k2",
+        K2,
+        "skyline-bridge-k2",
+        "skyline-bridge",
+        5041,
+        "kubernetes",
+    );
+    mesh.register("m1", M1, "organization-m1", "organization", 9002, "mesos");
+    mesh.register("m2", M2, "giphy-m2", "giphy", 9001, "mesos");
+    let mut giphy_mesos = mesh.app("giphy", "m2", M2, 9001, "mesos", false);
+    let _organization = mesh.app("organization", "m1", M1, 9002, "mesos", false);
+
+    let log_env = [("SKYLINE_LOG", "info".to_owned())];
+    lab.spawn(
+        "gateway",
+        "gw",
+        SKYLINE,
+        &[
+            "gateway",
+            "--listen",
+            &format!("{}:5041", ip(GW)),
+            "--admin",
+            &format!("{}:5050", ip(GW)),
+            "--consul",
+            &registry_listen,
+            "--hold",
+            HOLD,
+        ],
+        &log_env,
+    );
+    for (node, host) in [("k1", K1), ("k2", K2)] {
+        lab.spawn(
+            &format!("bridge-{node}"),
+            node,
+            SKYLINE,
+            &[
+                "bridge",
+                "--listen",
+                &format!("{0}:5041,{0}:8080", ip(host)),
+                "--admin",
+                "127.0.0.1:5050",
+                "--dns",
+                &format!("{}:53", ip(DNS)),
+                "--consul",
+                &registry_listen,
+            ],
+            &log_env,
+        );
+    }
+    for (node, host) in [("m1", M1), ("m2", M2)] {
+        lab.spawn(
+            &format!("agent-{node}"),
+            node,
+            SKYLINE,
+            &[
+                "agent",
+                "--node-name",
+                node,
+                "--node-address",
+                &ip(host),
+                "--outbound",
+                "127.0.0.1:5040",
+                "--inbound",
+                &format!("{}:5041", ip(host)),
+                "--admin",
+                "127.0.0.1:5050",
+                "--catalog",
+                "consul",
+                "--consul",
+                &registry_listen,
+            ],
+            &log_env,
+        );
+    }
+    mesh.wait_http(
+        "gw",
+        &format!("http://{}:5050/readyz", ip(GW)),
+        "the gateway",
+    );
+    mesh.wait_http("k1", "http://127.0.0.1:5050/healthz", "bridge k1");
+    mesh.wait_http("k2", "http://127.0.0.1:5050/healthz", "bridge k2");
+    mesh.wait_http("m1", "http://127.0.0.1:5050/readyz", "agent m1");
+    mesh.wait_http("m2", "http://127.0.0.1:5050/readyz", "agent m2");
+    mesh.wait_http(
+        "m1",
+        "http://127.0.0.1:5040/service/giphy/media",
+        "giphy through agent m1",
+    );
+
+    // Loop protection: a service neither platform has ends in 404, never bounces.
+    for service in ["ghost", "phantom"] {
+        let out = lab.output(
+            "m1",
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                "-D",
+                "-",
+                &format!("http://127.0.0.1:5040/service/{service}/x"),
+            ],
+            Duration::from_secs(8),
+        );
+        assert!(out.starts_with("HTTP/1.1 404"), "{service}: {out}");
+        assert!(
+            out.contains("x-skyline-error: unknown-service"),
+            "{service}: {out}"
+        );
+    }
+
+    // The load, from a Mesos node, for the whole scenario.
+    let (load_id, lines) = lab.spawn(
+        "load",
+        "m1",
+        &mesh.exe,
+        &child_args(),
+        &[
+            (CHILD_ROLE, "load".to_owned()),
+            (
+                "LOAD_URL",
+                "http://127.0.0.1:5040/service/giphy/media".to_owned(),
+            ),
+        ],
+    );
+    let started = (0..100).find_map(|_| {
+        lines
+            .recv_timeout(Duration::from_millis(100))
+            .ok()
+            .filter(|l| l == "LOAD-START")
+            .map(|_| Instant::now())
+    });
+    let mut load = Load {
+        id: load_id,
+        lines,
+        answers: Vec::new(),
+        started: started.expect("the load generator did not start"),
+    };
+    let mut steps: Vec<(&str, u64, u64)> = Vec::new();
+    let mut switches: Vec<(&str, u64)> = Vec::new();
+
+    // a. giphy only on Mesos.
+    let a = load.now_ms();
+    std::thread::sleep(Duration::from_secs(4));
+    let a_end = load.now_ms();
+    steps.push(("a. giphy on mesos only", a, a_end));
+
+    // b. giphy started on Kubernetes; Mesos scaled to zero: deregistered, then stopped.
+    let giphy_k8s = mesh.app("giphy", "kp1", POD_GIPHY, 8080, "kubernetes", false);
+    let b = load.now_ms();
+    mesh.deregister("m2", "giphy-m2");
+    let moved = load.wait_for(b, Duration::from_secs(15), |a| a.what == "kubernetes");
+    let moved = moved.expect("traffic never moved to kubernetes");
+    switches.push(("b. mesos -> kubernetes after scale to zero", moved - b));
+    // Every catalog has caught up well before the instance stops (it drains in-flight requests).
+    std::thread::sleep(Duration::from_secs(2));
+    lab.stop(giphy_mesos);
+    std::thread::sleep(Duration::from_secs(3));
+    let b_end = load.now_ms();
+    steps.push(("b. scaled to zero on mesos", b, b_end));
+
+    // c. Mesos scaled up again: traffic falls back after the hold.
+    giphy_mesos = mesh.app("giphy", "m2", M2, 9001, "mesos", false);
+    let c = load.now_ms();
+    mesh.register("m2", M2, "giphy-m2", "giphy", 9001, "mesos");
+    let back = load.wait_for(c, Duration::from_secs(20), |a| a.what == "mesos");
+    let back = back.expect("traffic never fell back to mesos");
+    switches.push(("c. kubernetes -> mesos after scale up", back - c));
+    std::thread::sleep(Duration::from_secs(4));
+    let c_end = load.now_ms();
+    steps.push(("c. scaled up on mesos", c, c_end));
+
+    // d. A Kubernetes app calls the Mesos organization service by its cluster DNS name.
+    let d = load.now_ms();
+    let (call, call_lines) = lab.spawn(
+        "call",
+        "kp2",
+        &mesh.exe,
+        &child_args(),
+        &[
+            (CHILD_ROLE, "call".to_owned()),
+            (
+                "CALL_URL",
+                "http://organization.default.svc.cluster.local:8080/members".to_owned(),
+            ),
+            ("CALL_COUNT", "20".to_owned()),
+            ("CALL_DNS", format!("{}:53", ip(DNS))),
+        ],
+    );
+    assert!(
+        lab.wait(call, Duration::from_secs(30)),
+        "the kubernetes caller did not finish"
+    );
+    let calls: Vec<String> = call_lines
+        .try_iter()
+        .filter(|l| l.starts_with("CALL "))
+        .collect();
+    assert_eq!(calls.len(), 20, "{calls:?}\n{}", lab.log("call"));
+    for call in &calls {
+        assert_eq!(call, "CALL 200 mesos organization /members");
+    }
+    let d_end = load.now_ms();
+    steps.push(("d. kubernetes calls organization on mesos", d, d_end));
+    load.drain();
+    let failed_a_to_d: Vec<Answer> = load
+        .answers
+        .iter()
+        .filter(|x| x.at_ms < d_end && x.status != 200)
+        .cloned()
+        .collect();
+
+    // e. A broken Kubernetes version while Mesos is scaled to zero, then Mesos back.
+    let e = load.now_ms();
+    mesh.deregister("m2", "giphy-m2");
+    std::thread::sleep(Duration::from_secs(2));
+    lab.stop(giphy_mesos);
+    lab.stop(giphy_k8s);
+    let _broken = mesh.app("giphy", "kp1", POD_GIPHY, 8080, "kubernetes", true);
+    let broke = load.wait_for(e, Duration::from_secs(10), |a| a.status == 500);
+    let broke = broke.expect("the broken kubernetes version never answered");
+    std::thread::sleep(Duration::from_secs(2));
+    let _giphy_mesos = mesh.app("giphy", "m2", M2, 9001, "mesos", false);
+    let restore = load.now_ms();
+    mesh.register("m2", M2, "giphy-m2", "giphy", 9001, "mesos");
+    let restored = load.wait_for(restore, Duration::from_secs(20), |a| a.what == "mesos");
+    let restored = restored.expect("scaling mesos up did not restore success");
+    switches.push((
+        "e. broken kubernetes -> mesos after scale up",
+        restored - restore,
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    let e_end = load.now_ms();
+    steps.push(("e. broken kubernetes version, then mesos back", e, e_end));
+    lab.close_stdin(load.id);
+    assert!(
+        lab.wait(load.id, Duration::from_secs(20)),
+        "the load generator did not stop"
+    );
+    load.drain();
+
+    // The report.
+    println!(
+        "\nmigration scenario, {} answers at ~{RATE}/s:",
+        load.answers.len()
+    );
+    for (name, from, to) in &steps {
+        println!(
+            "  {name:<48} {:>6} ms  {:?}",
+            to - from,
+            load.counts(*from, *to)
+        );
+    }
+    for (name, ms) in &switches {
+        println!("  switch {name:<48} {ms:>6} ms");
+    }
+    let gateway_routes = mesh.curl("gw", "GET", &format!("http://{}:5050/routes", ip(GW)), "");
+    let routes: serde_json::Value = serde_json::from_str(&gateway_routes).unwrap_or_default();
+    println!(
+        "  gateway /routes giphy: {}",
+        routes["services"]["giphy"]["state"]
+    );
+
+    // Zero failed requests across a–d; every step answered by the expected platform.
+    assert!(
+        failed_a_to_d.is_empty(),
+        "{} failed requests in a-d, first {:?}\ngateway log: {}",
+        failed_a_to_d.len(),
+        &failed_a_to_d[..failed_a_to_d.len().min(5)],
+        lab.log("gateway")
+    );
+    let a_counts = load.counts(a, a_end);
+    assert_eq!(
+        a_counts.keys().collect::<Vec<_>>(),
+        ["200 mesos"],
+        "{a_counts:?}"
+    );
+    assert!(
+        a_counts["200 mesos"] > 4 * RATE as usize / 2,
+        "the load kept its rate: {a_counts:?}"
+    );
+    let settled = load.counts(moved + 500, b_end);
+    assert_eq!(
+        settled.keys().collect::<Vec<_>>(),
+        ["200 kubernetes"],
+        "{settled:?}"
+    );
+    let (_, c_switch) = switches[1];
+    assert!(
+        (2500..10_000).contains(&c_switch),
+        "fall-back to mesos waits for the {HOLD} hold: {c_switch} ms"
+    );
+    let settled = load.counts(back + 500, c_end);
+    assert_eq!(
+        settled.keys().collect::<Vec<_>>(),
+        ["200 mesos"],
+        "{settled:?}"
+    );
+    let broken = load.counts(broke, restore);
+    assert!(
+        broken.get("500 kubernetes").is_some_and(|&n| n > 0),
+        "{broken:?}"
+    );
+    let after = load.counts(restored + 500, e_end);
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["200 mesos"], "{after:?}");
+}
