@@ -74,11 +74,16 @@ impl Handler for Admin {
                 serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes"]}),
             ),
         };
-        let mut response = Response::new(full(format!("{body}\n")));
-        *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response
+        json_response(status, &body)
     }
+}
+
+/// A JSON response, as every admin listener answers.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(full(format!("{body}\n")));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }

@@ -136,13 +136,7 @@ impl AgentHandle {
         if let Some(registry) = self.registry_handle.take() {
             registry.join().await;
         }
-        while let Some(result) = self.tasks.join_next().await {
-            if let Err(e) = result {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-            }
-        }
+        crate::serve::join_all(&mut self.tasks).await;
     }
 }
 

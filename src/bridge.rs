@@ -350,13 +350,7 @@ impl BridgeHandle {
     }
 
     pub async fn join(mut self) {
-        while let Some(result) = self.tasks.join_next().await {
-            if let Err(e) = result {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-            }
-        }
+        crate::serve::join_all(&mut self.tasks).await;
     }
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -167,6 +167,39 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn instance_count(&self) -> usize {
         self.services.values().map(Vec::len).sum()
+    }
+}
+
+// === Backoff ===
+
+/// Exponential backoff with jitter, for a backend that cannot reach its source: each delay is
+/// the current step less up to half of it at random; steps double from `start` up to `max`.
+#[derive(Debug)]
+pub struct Backoff {
+    start: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(start: Duration, max: Duration) -> Self {
+        Self {
+            start,
+            max,
+            next: start,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.start;
+    }
+
+    pub fn delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = step / 2;
+        let jitter = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        half + Duration::from_nanos(fastrand::u64(0..=jitter))
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::proxy::outbound::split_service_path;
-use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop, full};
+use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
 use crate::serve::{self, Conn, Handler};
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
@@ -522,12 +522,7 @@ impl Handler for GatewayAdmin {
                 serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes"]}),
             ),
         };
-        let mut response = Response::new(full(format!("{body}\n")));
-        *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response
+        crate::admin::json_response(status, &body)
     }
 }
 
@@ -548,13 +543,7 @@ impl GatewayHandle {
     }
 
     pub async fn join(mut self) {
-        while let Some(result) = self.tasks.join_next().await {
-            if let Err(e) = result {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-            }
-        }
+        crate::serve::join_all(&mut self.tasks).await;
     }
 }
 

@@ -40,3 +40,15 @@ pub mod registry;
 pub mod routing;
 pub mod serve;
 pub mod up;
+
+/// An error and its causes on one line, `error: cause: cause`, for logs and `/readyz`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

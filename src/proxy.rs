@@ -122,7 +122,7 @@ impl MeshError {
     pub fn into_response(self, service: &str) -> Response<Body> {
         match &self {
             MeshError::UpstreamConnect(cause) => {
-                tracing::warn!(%service, error = %self, cause = %error_chain(cause), "mesh error")
+                tracing::warn!(%service, error = %self, cause = %crate::error_chain(cause), "mesh error")
             }
             _ => tracing::debug!(%service, error = %self, "mesh error"),
         }
@@ -160,18 +160,6 @@ pub fn count_hop(headers: &mut HeaderMap, max: u32) -> Result<u32, MeshError> {
     let hops = hops + 1;
     headers.insert(&X_SKYLINE_HOPS, HeaderValue::from(hops));
     Ok(hops)
-}
-
-/// `error: cause: cause` for logs.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 // === Forwarder ===

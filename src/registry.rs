@@ -349,7 +349,7 @@ impl Core {
         let mut due = None;
         if !framed.is_empty() {
             if let Err(error) = self.persist(framed).await {
-                tracing::error!(error = %error_chain(&error), "registry write failed; batch rolled back");
+                tracing::error!(error = %crate::error_chain(&error), "registry write failed; batch rolled back");
                 failed = true;
                 self.working = (**self.state_tx.borrow()).clone();
                 due = self.checks.reset_all(&self.working, now);
@@ -383,7 +383,7 @@ impl Core {
             op,
         };
         store::encode(&record, framed).map_err(|error| {
-            tracing::error!(error = %error_chain(&error), "cannot encode a registry record");
+            tracing::error!(error = %crate::error_chain(&error), "cannot encode a registry record");
             ApiError::internal()
         })?;
         touched.extend(self.working.apply(&record));
@@ -429,24 +429,13 @@ impl Core {
             Ok((store, res)) => {
                 if let Err(error) = res {
                     // The log still holds everything; try again after the next write.
-                    tracing::warn!(error = %error_chain(&error), "registry compaction failed");
+                    tracing::warn!(error = %crate::error_chain(&error), "registry compaction failed");
                 }
                 self.store = Some(store);
             }
             Err(error) => tracing::error!(%error, "registry compaction task failed"),
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
 }
 
 // === Snapshots for in-process consumers ===

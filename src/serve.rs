@@ -132,6 +132,17 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: Canc
     }
 }
 
+/// Waits for every task in `tasks`, re-raising a panic of any of them (so a test sees it).
+pub async fn join_all(tasks: &mut tokio::task::JoinSet<()>) {
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = result {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+}
+
 /// Binds a TCP listener with `SO_REUSEADDR`, so a restarted process can bind at once.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {

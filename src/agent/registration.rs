@@ -97,7 +97,7 @@ pub async fn run(
                 tick
             }
             Err(error) => {
-                tracing::warn!(registry = %client.addr(), error = %crate::proxy::error_chain(&error), "registration failed; retrying");
+                tracing::warn!(registry = %client.addr(), error = %crate::error_chain(&error), "registration failed; retrying");
                 // A check the registry no longer knows means the registration is gone.
                 registered = registered
                     && !matches!(&error, ClientError::Refused { status, .. } if status.as_u16() == 404);

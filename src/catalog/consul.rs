@@ -26,7 +26,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName, Snapshot,
+    Backoff, DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName,
+    Snapshot,
 };
 
 /// The blocking wait asked of Consul when none is configured.
@@ -91,18 +92,6 @@ pub enum ConsulError {
     },
 }
 
-/// `error: cause: cause`, for logs and `/readyz`.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
-}
-
 impl Discovery for ConsulDiscovery {
     fn describe(&self) -> String {
         format!("consul:{}", self.address)
@@ -138,33 +127,6 @@ impl Cursor {
         } else {
             new
         };
-    }
-}
-
-/// Exponential backoff with jitter: each delay is drawn from `[d/2, d]`, `d` doubling up to the max.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self {
-            next: BACKOFF_START,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_START;
-    }
-
-    fn delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        let half = d / 2;
-        half + Duration::from_nanos(fastrand::u64(
-            0..=u64::try_from(half.as_nanos()).unwrap_or(0),
-        ))
     }
 }
 
@@ -402,7 +364,7 @@ async fn watch<T>(
     stop: CancellationToken,
 ) {
     let mut cursor = Cursor::default();
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
     let mut last_start: Option<Instant> = None;
     loop {
         if let Some(start) = last_start {
@@ -426,7 +388,7 @@ async fn watch<T>(
                 }
             }
             Err(error) => {
-                let error = chain(&error);
+                let error = crate::error_chain(&error);
                 tracing::debug!(%error, "consul watch failed");
                 if tx.send(wrap(Err(error))).await.is_err() {
                     return;
@@ -632,7 +594,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_to_its_ceiling_with_jitter() {
-        let mut b = Backoff::new();
+        let mut b = Backoff::new(BACKOFF_START, BACKOFF_MAX);
         let first = b.delay();
         assert!(first >= BACKOFF_START / 2 && first <= BACKOFF_START);
         let mut last = first;

@@ -31,7 +31,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName, Snapshot,
+    Backoff, DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName,
+    Snapshot,
 };
 
 /// The key prefix when none is configured.
@@ -95,18 +96,6 @@ pub enum EtcdError {
     },
 }
 
-/// `error: cause: cause`, for logs and `/readyz`.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
-}
-
 /// Runs one etcd call with [`CALL_TIMEOUT`].
 async fn call<T>(
     name: &'static str,
@@ -129,35 +118,6 @@ async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
         // A member cut off from its leader closes our streams instead of going quiet.
         .with_require_leader(true);
     call("connect", Client::connect(endpoints, Some(options))).await
-}
-
-// === Backoff ===
-
-/// Exponential backoff with jitter: each delay is drawn from `[d/2, d]`, `d` doubling up to the max.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Self {
-        Self {
-            next: BACKOFF_START,
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = BACKOFF_START;
-    }
-
-    pub(crate) fn delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        let half = d / 2;
-        half + Duration::from_nanos(fastrand::u64(
-            0..=u64::try_from(half.as_nanos()).unwrap_or(0),
-        ))
-    }
 }
 
 // === Keys and values ===
@@ -385,7 +345,7 @@ impl Discovery for EtcdDiscovery {
             need_list: true,
             established: false,
         };
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
         loop {
             watcher.established = false;
             let result = tokio::select! {
@@ -400,7 +360,7 @@ impl Discovery for EtcdDiscovery {
                 );
                 continue;
             }
-            let error = chain(&error);
+            let error = crate::error_chain(&error);
             if watcher.established {
                 // A stream that worked broke (member killed, leader lost): resume at once.
                 tracing::info!(%error, revision = watcher.catalog.revision, "etcd watch interrupted; resuming");
@@ -629,7 +589,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_to_its_ceiling_with_jitter() {
-        let mut b = Backoff::new();
+        let mut b = Backoff::new(BACKOFF_START, BACKOFF_MAX);
         let first = b.delay();
         assert!(first >= BACKOFF_START / 2 && first <= BACKOFF_START);
         let mut last = first;

@@ -17,9 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Backoff, DEFAULT_PREFIX, EtcdError, InstanceValue, Keys, NodeValue, call, chain, connect,
-};
+use super::{Backoff, DEFAULT_PREFIX, EtcdError, InstanceValue, Keys, NodeValue, call, connect};
 use crate::catalog::{Health, Instance, Node};
 
 /// The lease TTL when none is configured.
@@ -105,7 +103,7 @@ impl EtcdRegistrar {
     ) {
         let keys = Keys::new(&self.prefix);
         let mut lease: Option<i64> = None;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(super::BACKOFF_START, super::BACKOFF_MAX);
         loop {
             let mut alive = false;
             let result = tokio::select! {
@@ -113,7 +111,7 @@ impl EtcdRegistrar {
                 r = self.session(&keys, &mut lease, &mut commands, &state, &mut alive) => r,
             };
             let Err(error) = result;
-            let error = chain(&error);
+            let error = crate::error_chain(&error);
             tracing::warn!(%error, lease = ?lease, node = %self.node.name, "etcd registration interrupted");
             state.send_modify(|s| {
                 s.id = lease;
@@ -140,7 +138,7 @@ impl EtcdRegistrar {
             match revoked.await {
                 Ok(_) => tracing::info!(lease = id, node = %self.node.name, "etcd lease revoked"),
                 Err(error) => {
-                    tracing::warn!(error = %chain(&error), lease = id, "cannot revoke the etcd lease; it expires after its TTL")
+                    tracing::warn!(error = %crate::error_chain(&error), lease = id, "cannot revoke the etcd lease; it expires after its TTL")
                 }
             }
         }
