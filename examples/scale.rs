@@ -30,7 +30,13 @@ use skyline::registry::{self, RegistryConfig};
 use skyline::routing::{Lookup, Policy, Routes, Table};
 use tokio_util::sync::CancellationToken;
 
-const SERVICES: usize = 10_000;
+/// Services in the catalog: `SCALE_SERVICES` (default 10,000; issue 3's propagation figure uses 1,000).
+fn services() -> usize {
+    std::env::var("SCALE_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
 const PER_SERVICE: usize = 3;
 const NODES: usize = 1_000;
 const BUILD_RUNS: usize = 20;
@@ -91,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
     load_etcd(&endpoint, &snapshot).await?;
     println!(
         "etcd: loaded {} keys in {:?}",
-        NODES + SERVICES * PER_SERVICE,
+        NODES + services() * PER_SERVICE,
         t.elapsed()
     );
     let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
@@ -179,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
         let first = first_snapshot(EtcdDiscovery::new(vec![endpoint.clone()])).await?;
         let table = Table::build(&first, "node-7", Policy::default());
         resyncs.push(t.elapsed());
-        anyhow::ensure!(table.outbound.len() >= SERVICES, "incomplete resync");
+        anyhow::ensure!(table.outbound.len() >= services(), "incomplete resync");
     }
     println!(
         "etcd: full resync (list + snapshot + table): {}",
@@ -202,12 +208,12 @@ async fn main() -> anyhow::Result<()> {
     let mut snapshots = reg.subscribe();
     tokio::time::timeout(
         Duration::from_secs(120),
-        snapshots.wait_for(|s| s.instance_count() >= SERVICES * PER_SERVICE),
+        snapshots.wait_for(|s| s.instance_count() >= services() * PER_SERVICE),
     )
     .await??;
     println!(
         "registry: registered {} instances in {:?}",
-        SERVICES * PER_SERVICE,
+        services() * PER_SERVICE,
         t.elapsed()
     );
 
@@ -286,7 +292,7 @@ fn synthetic() -> Snapshot {
             },
         );
     }
-    for s in 0..SERVICES {
+    for s in 0..services() {
         let service = ServiceName::parse(&format!("svc-{s}")).unwrap();
         let instances = (0..PER_SERVICE)
             .map(|k| {
@@ -389,7 +395,7 @@ async fn agent_rss(skyline: &Path, http: &Http, args: &[&str]) -> anyhow::Result
     let started = Instant::now();
     loop {
         let ready = get_json(http, admin, "/readyz").await.ok();
-        if ready.as_ref().and_then(|r| r["services"].as_u64()) == Some(SERVICES as u64) {
+        if ready.as_ref().and_then(|r| r["services"].as_u64()) == Some(services() as u64) {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) {
