@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
     let token = CancellationToken::new();
     let listeners = Listeners::bind(&settings)?;
     let agent = agent::start(settings, listeners, token.clone()).await?;
-    wait_routes(&agent.routes, "svc-9999").await?;
+    wait_routes(&agent.routes, &format!("svc-{}", services() - 1)).await?;
     let mut client = EtcdClient::connect([endpoint.as_str()], None).await?;
     let keys = Keys::new(DEFAULT_PREFIX);
     let mut latencies = Vec::new();
@@ -227,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
         "node-7".to_owned(),
         Policy::default(),
     ));
-    wait_routes(&routes, "svc-9999").await?;
+    wait_routes(&routes, &format!("svc-{}", services() - 1)).await?;
     let mut latencies = Vec::new();
     for k in 0..CHANGES {
         let service = format!("new-reg-{k}");

@@ -261,3 +261,79 @@ async fn the_cli_registers_lists_and_deregisters_services() {
     registry.shutdown();
     registry.join().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_routing_while_the_registry_is_down_and_catches_up_when_it_returns() {
+    use skyline::registry::{RegistryConfig, spawn as spawn_registry};
+
+    let dir = tempfile::tempdir().unwrap();
+    let start_registry = |addr: SocketAddr| {
+        let listener = skyline::serve::bind(addr).unwrap();
+        spawn_registry(
+            listener,
+            RegistryConfig::new(dir.path()),
+            CancellationToken::new(),
+        )
+    };
+    let registry = start_registry("127.0.0.5:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = registry.addr();
+    let agent = agent::spawn(
+        settings("a", "127.0.0.2", CatalogSource::Consul(addr)),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let web = TestApp::spawn("web", ip("127.0.0.2"));
+    let org = TestApp::spawn("org", ip("127.0.0.2"));
+    let register = |name: &str, port: u16| {
+        serde_json::json!({
+            "Node": "a", "Address": "127.0.0.2",
+            "NodeMeta": { "skyline-inbound-port": agent.inbound.unwrap().port().to_string() },
+            "Service": { "ID": format!("{name}-1"), "Service": name, "Port": port },
+        })
+    };
+    RegistryClient::new(addr)
+        .put_json("/v1/catalog/register", &register("web", web.addr.port()))
+        .await
+        .unwrap();
+    let http = Client::new();
+    let web_url = format!("http://{}/service/web/", agent.outbound.unwrap());
+    eventually(&http, &web_url, 200).await;
+
+    // The registry goes away: routing goes on from the last good catalog, and says so.
+    registry.shutdown();
+    registry.join().await;
+    let mut catalog = agent.catalog.clone();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        catalog.wait_for(|s| s.error.is_some()),
+    )
+    .await
+    .expect("the agent notices the registry is gone")
+    .unwrap();
+    for _ in 0..20 {
+        assert_eq!(http.get(&web_url).await.body, "web /");
+    }
+
+    // Back on the same data folder and address: the agent catches up with a change made since.
+    let registry = start_registry(addr).await.unwrap();
+    RegistryClient::new(addr)
+        .put_json("/v1/catalog/register", &register("org", org.addr.port()))
+        .await
+        .unwrap();
+    let org_url = format!("http://{}/service/org/", agent.outbound.unwrap());
+    assert_eq!(eventually(&http, &org_url, 200).await.body, "org /");
+    assert_eq!(
+        http.get(&web_url).await.body,
+        "web /",
+        "the registration survived the restart"
+    );
+
+    stop(agent).await;
+    registry.shutdown();
+    registry.join().await;
+    web.stop().await;
+    org.stop().await;
+}
