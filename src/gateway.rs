@@ -74,6 +74,9 @@ pub struct Settings {
     pub kv: Option<SocketAddr>,
     /// Route to instances whose health is `warning` as well.
     pub include_warning: bool,
+    /// How to read the config file again when it changes, for its `[routes]` (flags and
+    /// variables still win); `None` when there is no config file.
+    pub reload: Option<config::GatewayArgs>,
 }
 
 // === Table ===
@@ -571,14 +574,40 @@ pub async fn spawn(
         }
     };
     let (kv_tx, kv_rx) = watch::channel(BTreeMap::new());
-    if let Some(kv) = settings.kv {
-        tasks.spawn(watch_kv_routes(
-            kv,
-            settings.upstreams.clone(),
-            settings.default_hold,
-            kv_tx,
-            shutdown.clone(),
-        ));
+    let kv_tx = match settings.kv {
+        Some(kv) => {
+            tasks.spawn(watch_kv_routes(
+                kv,
+                settings.upstreams.clone(),
+                settings.default_hold,
+                kv_tx,
+                shutdown.clone(),
+            ));
+            None
+        }
+        None => Some(kv_tx),
+    };
+    let (file_tx, file_rx) = watch::channel(settings.routes.clone());
+    match settings.reload.clone() {
+        Some(args) => {
+            tasks.spawn(watch_file_routes(args, file_tx, shutdown.clone()));
+        }
+        None => {
+            // Nothing to watch: keep the channel open for the follower until shutdown.
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                drop(file_tx);
+            });
+        }
+    }
+    if let Some(kv_tx) = kv_tx {
+        // No KV watch: keep the channel open for the follower until shutdown.
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            drop(kv_tx);
+        });
     }
     let policies = Policies {
         file: settings.routes.clone(),
@@ -595,6 +624,7 @@ pub async fn spawn(
     tasks.spawn(follow(
         subscriber.clone(),
         kv_rx,
+        file_rx,
         gateway.clone(),
         policies,
         settings.upstreams.clone(),
@@ -629,10 +659,11 @@ pub async fn spawn(
     })
 }
 
-/// Rebuilds the table on every catalog or KV policy change.
+/// Rebuilds the table on every catalog, KV policy or policy file change.
 pub async fn follow(
     mut catalog: Subscriber,
     mut kv: watch::Receiver<BTreeMap<String, RoutePolicy>>,
+    mut file: watch::Receiver<BTreeMap<String, RoutePolicy>>,
     gateway: Arc<Gateway>,
     mut policies: Policies,
     upstreams: BTreeMap<String, Upstream>,
@@ -640,6 +671,7 @@ pub async fn follow(
 ) {
     loop {
         policies.kv = kv.borrow_and_update().clone();
+        policies.file = file.borrow_and_update().clone();
         let snapshot = catalog.borrow_and_update().snapshot.clone();
         if let Some(snapshot) = snapshot {
             gateway.store(Table::build(
@@ -649,18 +681,49 @@ pub async fn follow(
                 include_warning,
             ));
         }
+        let changed = tokio::select! {
+            changed = catalog.changed() => changed,
+            changed = kv.changed() => changed,
+            changed = file.changed() => changed,
+        };
+        if changed.is_err() {
+            return;
+        }
+    }
+}
+
+/// How often the gateway's config file is checked for a change to its `[routes]`.
+pub const FILE_ROUTES_POLL: Duration = Duration::from_millis(250);
+
+/// Re-reads the config file when it changes and publishes its `[routes]`. A file that does not
+/// validate is refused with file, line, key and reason, and the policies in force are kept.
+pub async fn watch_file_routes(
+    args: config::GatewayArgs,
+    tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
+    shutdown: CancellationToken,
+) {
+    let Some(path) = args.config.clone() else {
+        return;
+    };
+    let mut seen = crate::catalog::file::stamp(&path).ok();
+    loop {
         tokio::select! {
-            changed = catalog.changed() => if changed.is_err() { return },
-            changed = kv.changed() => if changed.is_err() {
-                // No KV watch: follow the catalog alone.
-                while catalog.changed().await.is_ok() {
-                    let snapshot = catalog.borrow_and_update().snapshot.clone();
-                    if let Some(snapshot) = snapshot {
-                        gateway.store(Table::build(&snapshot, &policies, &upstreams, include_warning));
-                    }
-                }
-                return;
-            },
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(FILE_ROUTES_POLL) => {}
+        }
+        let now = crate::catalog::file::stamp(&path).ok();
+        if now.is_none() || now == seen {
+            continue;
+        }
+        seen = now;
+        match args.clone().resolve() {
+            Ok(settings) => {
+                tracing::info!(path = %path.display(), policies = settings.routes.len(), "route policies reloaded");
+                tx.send_replace(settings.routes);
+            }
+            Err(error) => {
+                tracing::error!(%error, "route policies refused; keeping those in force");
+            }
         }
     }
 }

@@ -249,14 +249,14 @@ impl FileDiscovery {
 }
 
 /// What identifies one version of the file without reading it.
-#[derive(PartialEq, Eq, Clone, Copy)]
-struct Stamp {
+#[derive(PartialEq, Eq, Clone, Copy, Debug)]
+pub(crate) struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
 }
 
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
+pub(crate) fn stamp(path: &Path) -> std::io::Result<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
     Ok(Stamp {

@@ -427,6 +427,7 @@ async fn scenario(
             max_hops: DEFAULT_MAX_HOPS,
             kv: Some(reg),
             include_warning: false,
+            reload: None,
         },
         stop.clone(),
     )

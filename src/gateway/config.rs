@@ -166,6 +166,7 @@ pub(crate) fn read_file<T: serde::de::DeserializeOwned + Default>(
 
 impl GatewayArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let reload = self.config.is_some().then(|| self.clone());
         let (file, path, text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
         let src = Source { path, text };
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
@@ -291,6 +292,7 @@ impl GatewayArgs {
             max_hops,
             kv,
             include_warning: false,
+            reload,
         })
     }
 }

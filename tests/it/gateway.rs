@@ -61,6 +61,7 @@ impl Setup {
                     max_hops: 8,
                     kv: Some(registry.addr()),
                     include_warning: false,
+                    reload: None,
                 },
                 CancellationToken::new(),
             )
@@ -299,4 +300,56 @@ async fn the_outbound_proxy_takes_cluster_dns_style_requests() {
     assert_eq!(seen[0].headers["x-skyline-hops"], "1");
     mesh.stop().await;
     web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_policies_in_the_config_file_are_hot_reloaded_and_an_invalid_file_is_refused() {
+    let s = Setup::start(BTreeMap::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let file = |routes: &str| {
+        format!(
+            "[listen]\ngateway = \"127.0.0.1:0\"\nadmin = \"off\"\n\n[catalog]\nconsul = \"{}\"\n\n\
+             [gateway]\nkv_routes = false\n\n\
+             [upstreams.kubernetes]\naddresses = [\"{}\"]\nbridge = true\n\n{routes}",
+            s.registry.addr(),
+            s.kubernetes.addr
+        )
+    };
+    let mesos_first = "[routes.giphy]\ntiers = [{ select = \"platform=mesos\" }, { upstream = \"kubernetes\" }]\nhold = \"0s\"\n";
+    let kubernetes_only = "[routes.giphy]\ntiers = [{ upstream = \"kubernetes\" }]\n";
+    std::fs::write(&path, file(mesos_first)).unwrap();
+    let args = skyline::gateway::config::GatewayArgs {
+        config: Some(path.clone()),
+        ..Default::default()
+    };
+    let gw = gateway::spawn(args.resolve().unwrap(), CancellationToken::new())
+        .await
+        .unwrap();
+    let url = format!("http://{}/service/giphy/media", gw.addr);
+    let tier_of = |reply: &Reply| reply.headers["x-skyline-tier"].to_str().unwrap().to_owned();
+    assert_eq!(tier_of(&s.client.get(&url).await), "mesos");
+
+    write_atomically(&path, &file(kubernetes_only));
+    let mut switched = false;
+    for _ in 0..200 {
+        if tier_of(&s.client.get(&url).await) == "kubernetes" {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(switched, "the edited file took effect");
+
+    // An invalid policy file is refused; the policies in force stay.
+    write_atomically(
+        &path,
+        &file("[routes.giphy]\ntiers = [{ upstream = \"vms\" }]\n"),
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..10 {
+        assert_eq!(tier_of(&s.client.get(&url).await), "kubernetes");
+    }
+    gw.shutdown();
+    gw.join().await;
 }
