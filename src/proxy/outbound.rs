@@ -48,14 +48,16 @@ impl Handler for Outbound {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
         };
-        let target = match cluster_name(&req) {
-            Some(name) if !target.path().starts_with("/service/") => {
-                match skyline_target(&name, Some(&target)) {
-                    Ok(target) => target,
-                    Err(e) => return e.into_response(&name),
-                }
-            }
-            _ => target,
+        // Only a request that is not already a Skyline path can be a cluster-DNS-style one.
+        let cluster = (!target.path().starts_with("/service/"))
+            .then(|| cluster_name(&req))
+            .flatten();
+        let target = match cluster {
+            Some(name) => match skyline_target(&name, Some(&target)) {
+                Ok(target) => target,
+                Err(e) => return e.into_response(&name),
+            },
+            None => target,
         };
         let name = match service_of(target.path()) {
             Ok(name) => name,
