@@ -11,10 +11,11 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::registration::{self, Check, Declared, NodeEntry};
 use crate::agent::{self, AgentError, CatalogSource, Settings};
+use crate::catalog::ServiceName;
 use crate::config::{DEFAULT_ADMIN, DEFAULT_OUTBOUND, DEFAULT_REGISTRY, Listen};
 use crate::demo::{Echo, Hello};
-use crate::registry::INBOUND_PORT_META;
 use crate::registry::client::{ClientError, RegistryClient};
 use crate::routing::Policy;
 use crate::serve;
@@ -126,7 +127,10 @@ pub async fn run(
     };
     let client = RegistryClient::new(registry);
     for (name, addr) in &instances {
-        let registration = demo_registration(name, *addr, inbound.port());
+        let Ok(service) = ServiceName::parse(name) else {
+            continue;
+        };
+        let registration = demo_registration(service, *addr, inbound.port());
         client
             .put_json("/v1/catalog/register", &registration)
             .await?;
@@ -168,25 +172,31 @@ pub async fn run(
     Ok(())
 }
 
-/// A Consul catalog registration of one demo instance on node `local`, with an HTTP check.
-fn demo_registration(name: &str, addr: SocketAddr, inbound_port: u16) -> serde_json::Value {
-    serde_json::json!({
-        "Node": "local",
-        "Address": LOCALHOST.to_string(),
-        "NodeMeta": { INBOUND_PORT_META: inbound_port.to_string() },
-        "Service": {
-            "ID": format!("{name}-1"),
-            "Service": name,
-            "Address": addr.ip().to_string(),
-            "Port": addr.port(),
-            "Meta": { "platform": "local" },
+/// A Consul catalog registration of one demo instance on node `local`, with an HTTP check:
+/// the same registration an agent makes for the services its config declares.
+fn demo_registration(name: ServiceName, addr: SocketAddr, inbound_port: u16) -> serde_json::Value {
+    let node = NodeEntry {
+        name: "local".into(),
+        address: LOCALHOST,
+        inbound_port,
+    };
+    let mut registration = registration::registration(
+        &node,
+        &Declared {
+            id: format!("{name}-1"),
+            name,
+            address: Some(addr.ip()),
+            port: addr.port(),
+            tags: Vec::new(),
+            meta: [("platform".to_owned(), "local".to_owned())].into(),
+            check: Check::Http {
+                path: "/".into(),
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+            },
         },
-        "Check": {
-            "CheckID": format!("{name}-1-http"),
-            "Name": format!("{name} answers HTTP"),
-            "ServiceID": format!("{name}-1"),
-            "Status": "passing",
-            "Definition": { "HTTP": format!("http://{addr}/"), "Interval": "5s", "Timeout": "2s" },
-        },
-    })
+    );
+    // Routable at once rather than after the first check.
+    registration["Check"]["Status"] = "passing".into();
+    registration
 }
