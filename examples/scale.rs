@@ -139,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         catch_all: Vec::new(),
         policy: Policy::default(),
         workers: 1,
+        resilience: Default::default(),
         services: Vec::new(),
     };
     let token = CancellationToken::new();

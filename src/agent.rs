@@ -2,6 +2,7 @@
 //! follows the catalog; [`registration`] registers the node's own services.
 
 pub mod registration;
+pub mod reload;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use crate::catalog::{self, Discovery, Subscriber};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
+use crate::proxy::resilience::{self, Policies, SharedPolicies};
 use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
 use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
 use crate::serve;
@@ -40,6 +42,8 @@ pub struct Settings {
     pub catch_all: Vec<SocketAddr>,
     pub policy: Policy,
     pub workers: usize,
+    /// Timeouts, retries, balancing and ejection: defaults and per service. Reloadable.
+    pub resilience: Policies,
     /// Services of this node, registered in the catalog while the agent runs.
     pub services: Vec<registration::Declared>,
 }
@@ -118,6 +122,8 @@ pub struct AgentHandle {
     pub admin: Option<SocketAddr>,
     pub routes: Arc<Routes>,
     pub catalog: Subscriber,
+    /// The resilience policies in force; storing new ones applies them to the next requests.
+    pub policies: SharedPolicies,
     /// The embedded registry, with `--catalog embedded`.
     pub registry: Option<SocketAddr>,
     registry_handle: Option<RegistryHandle>,
@@ -284,6 +290,7 @@ pub async fn start(
     }
 
     let forwarder = Forwarder::new();
+    let policies = resilience::shared(settings.resilience.clone());
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (outbound, inbound, admin) = (
         addr(&listeners.outbound),
@@ -300,11 +307,16 @@ pub async fn start(
                     .collect(),
             )
         });
-        let handler = Outbound::new(routes.clone(), forwarder.clone(), catch_all);
+        let handler = Outbound::new(
+            routes.clone(),
+            forwarder.clone(),
+            policies.clone(),
+            catch_all,
+        );
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
     if let Some(listener) = listeners.inbound {
-        let handler = Inbound::new(routes.clone(), forwarder.clone());
+        let handler = Inbound::new(routes.clone(), forwarder.clone(), policies.clone());
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
     if let Some(listener) = listeners.admin {
@@ -326,6 +338,7 @@ pub async fn start(
         admin,
         routes,
         catalog: subscriber,
+        policies,
         registry,
         registry_handle,
         shutdown,

@@ -11,8 +11,7 @@ pub mod config;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,11 +26,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentError, CatalogSource};
-use crate::catalog::{Health, ServiceName, Subscriber};
+use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::gateway::X_SKYLINE_ORIGIN;
 use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::split_service_path;
-use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop};
+use crate::proxy::resilience::Resilience;
+use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
 use crate::serve::{self, Conn, Handler};
 
@@ -144,11 +144,14 @@ pub struct Bridge {
 struct Inner {
     resolver: TokioResolver,
     names: Names,
-    gateways: Option<Route>,
+    /// The configured gateways, if any.
+    gateways: Option<Arc<Route>>,
     catalog: Option<Subscriber>,
+    /// The route to the catalog's gateways, and the snapshot it was built from.
+    catalog_gateways: Mutex<Option<(Arc<Snapshot>, Arc<Route>)>>,
     forwarder: Forwarder,
+    resilience: Arc<Resilience>,
     max_hops: u32,
-    next: AtomicUsize,
 }
 
 /// A resolver that asks only `dns`, with hickory's per-TTL cache.
@@ -178,38 +181,57 @@ impl Bridge {
         catalog: Option<Subscriber>,
         max_hops: u32,
     ) -> Self {
-        let gateways = (!gateways.is_empty())
-            .then(|| Route::new(gateways.iter().map(|&a| Endpoint::new(a, 1)).collect()));
+        let gateways = (!gateways.is_empty()).then(|| {
+            Arc::new(Route::new(
+                gateways.iter().map(|&a| Endpoint::new(a, 1)).collect(),
+            ))
+        });
         Self {
             inner: Arc::new(Inner {
                 resolver,
                 names,
                 gateways,
                 catalog,
+                catalog_gateways: Mutex::new(None),
                 forwarder: Forwarder::new(),
+                resilience: Arc::default(),
                 max_hops,
-                next: AtomicUsize::new(0),
             }),
         }
     }
 
-    /// A gateway: a fixed one, or a passing `skyline-gateway` instance of the catalog.
-    fn gateway(&self) -> Option<Endpoint> {
+    /// The gateways: the fixed ones, or the passing `skyline-gateway` instances of the catalog
+    /// (rebuilt when the catalog changed, keeping what was learnt about each gateway).
+    fn gateways(&self) -> Option<Arc<Route>> {
         if let Some(route) = &self.inner.gateways {
-            return route.pick().cloned();
+            return Some(route.clone());
         }
-        let state = self.inner.catalog.as_ref()?.borrow().clone();
-        let snapshot = state.snapshot?;
-        let instances = snapshot.services.get(GATEWAY_SERVICE)?;
-        let up: Vec<_> = instances
+        let snapshot = self.inner.catalog.as_ref()?.borrow().snapshot.clone()?;
+        let mut cached = self
+            .inner
+            .catalog_gateways
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, route)) = cached.as_ref() {
+            if Arc::ptr_eq(seen, &snapshot) {
+                return Some(route.clone());
+            }
+        }
+        let up = snapshot
+            .services
+            .get(GATEWAY_SERVICE)
+            .map_or(&[][..], |i| &i[..])
             .iter()
             .filter(|i| i.health == Health::Passing)
+            .map(|i| Endpoint::new(i.addr(), 1))
             .collect();
-        if up.is_empty() {
-            return None;
+        let mut route = Route::new(up);
+        if let Some((_, old)) = cached.as_ref() {
+            route = route.inherit(old);
         }
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % up.len();
-        Some(Endpoint::new(up[i].addr(), 1))
+        let route = Arc::new(route);
+        *cached = Some((snapshot, route.clone()));
+        Some(route)
     }
 
     /// Kubernetes → Skyline: to the gateway pool, marked as coming from a bridge.
@@ -223,21 +245,21 @@ impl Bridge {
             Ok(t) => t,
             Err(e) => return e.into_response(&name),
         };
-        let Some(gateway) = self.gateway() else {
+        let Some(gateways) = self.gateways().filter(|r| !r.is_empty()) else {
             return MeshError::NoHealthyEndpoint.into_response(&name);
         };
         req.headers_mut()
             .insert(&X_SKYLINE_ORIGIN, HeaderValue::from_static("bridge"));
+        // A Kubernetes application's request enters the mesh here: this hop retries.
+        let upstream = Destination {
+            service: &name,
+            route: &gateways,
+            policy: &self.inner.resilience,
+            first_hop: true,
+        };
         self.inner
             .forwarder
-            .forward(
-                req,
-                gateway,
-                |tried: &[SocketAddr]| self.gateway().filter(|g| !tried.contains(&g.addr)),
-                target,
-                Host::Keep,
-                &conn,
-            )
+            .forward(req, upstream, target, Host::Keep, &conn)
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }
@@ -267,27 +289,25 @@ impl Bridge {
             tracing::debug!(service = %name, %host, "no such kubernetes service");
             return MeshError::UnknownService.into_response(name);
         }
-        let ip = ips[self.inner.next.fetch_add(1, Ordering::Relaxed) % ips.len()];
-        let endpoint = Endpoint::new(SocketAddr::new(ip, port), 1);
+        // Usually one address (the Service's cluster IP; kube-proxy balances behind it).
+        let route = Route::new(
+            ips.iter()
+                .map(|&ip| Endpoint::new(SocketAddr::new(ip, port), 1))
+                .collect(),
+        );
         if let Ok(value) = HeaderValue::try_from(format!("{host}:{port}")) {
             req.headers_mut().insert(header::HOST, value);
         }
         let name = name.to_owned();
+        let upstream = Destination {
+            service: &name,
+            route: &route,
+            policy: &self.inner.resilience,
+            first_hop: false,
+        };
         self.inner
             .forwarder
-            .forward(
-                req,
-                endpoint,
-                |tried: &[SocketAddr]| {
-                    ips.iter()
-                        .map(|&ip| SocketAddr::new(ip, port))
-                        .find(|a| !tried.contains(a))
-                        .map(|a| Endpoint::new(a, 1))
-                },
-                target,
-                Host::Keep,
-                &conn,
-            )
+            .forward(req, upstream, target, Host::Keep, &conn)
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }

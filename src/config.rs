@@ -29,6 +29,21 @@
 //! fallback_hold = "3s"          # a service routable again goes via the gateway this long
 //! workers = 1
 //!
+//! # How calls to services behave (defaults shown); reloaded on SIGHUP.
+//! [resilience]
+//! connect_timeout = "2s"
+//! request_timeout = "60s"       # until the response head, retries included
+//! attempt_timeout = "60s"       # each attempt's own limit (default: the request's)
+//! idle_timeout = "5m"           # the longest a response body may stall
+//! retries = 2                   # 502/503/504, timeouts, resets: idempotent requests, first hop
+//! balance = "p2c"               # or "round_robin"
+//! outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejection = "5m", max_ejected_percent = 50 }
+//! # probe = { path = "/health", interval = "5s", timeout = "1s", unhealthy = 2, healthy = 1 }
+//!
+//! [routes.giphy]                # the same keys, for one service
+//! attempt_timeout = "500ms"
+//! probe = { path = "/health" }
+//!
 //! # Services on this node, registered in the catalog (embedded or consul) while the agent runs.
 //! [[service]]
 //! name = "giphy"
@@ -51,8 +66,10 @@ use crate::catalog::DEFAULT_INBOUND_PORT;
 use crate::catalog::ServiceName;
 use crate::catalog::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX};
 use crate::gateway::policy::{DEFAULT_HOLD, parse_duration};
+use crate::proxy::resilience::{Policies, Resilience};
 use crate::registry::api::parse_go_duration;
 use crate::routing::Policy;
+use crate::routing::balance::Balance;
 
 pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5040);
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5050);
@@ -243,6 +260,44 @@ struct FileConfig {
     proxy: ProxySection,
     #[serde(default)]
     service: Vec<ServiceSection>,
+    #[serde(default)]
+    resilience: ResilienceSection,
+    #[serde(default)]
+    routes: std::collections::BTreeMap<Spanned<String>, ResilienceSection>,
+}
+
+/// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
+/// route, over `[resilience]`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResilienceSection {
+    connect_timeout: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    attempt_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    retries: Option<Spanned<u32>>,
+    balance: Option<Spanned<String>>,
+    outlier: Option<OutlierSection>,
+    probe: Option<ProbeSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutlierSection {
+    consecutive_failures: Option<u32>,
+    base_ejection: Option<Spanned<String>>,
+    max_ejection: Option<Spanned<String>>,
+    max_ejected_percent: Option<Spanned<u8>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeSection {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    unhealthy: Option<Spanned<u32>>,
+    healthy: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -375,6 +430,7 @@ impl AgentArgs {
             text: String::new(),
         };
         let src = source.as_ref().unwrap_or(&empty);
+        let resilience = policies(src, &file)?;
 
         let node_name = match (self.node_name, file.node.name) {
             (Some(n), _) => n,
@@ -546,9 +602,130 @@ impl AgentArgs {
                 fallback_hold,
             },
             workers: workers.0,
+            resilience,
             services,
         })
     }
+}
+
+/// The `[resilience]` defaults and the `[routes.<service>]` overrides.
+fn policies(src: &Source, file: &FileConfig) -> Result<Policies, ConfigError> {
+    let default = resilience(src, &Resilience::default(), &file.resilience, "resilience")?;
+    let mut services = std::collections::HashMap::new();
+    for (name, section) in &file.routes {
+        let key = format!("routes.{}", name.get_ref());
+        let service = ServiceName::parse(name.get_ref())
+            .map_err(|e| src.error(Some(name.span().start), Some(&key), e.to_string()))?;
+        let policy = resilience(src, &default, section, &key)?;
+        services.insert(service, std::sync::Arc::new(policy));
+    }
+    Ok(Policies {
+        default: std::sync::Arc::new(default),
+        services,
+    })
+}
+
+/// `base` with the keys `section` gives, each validated; `prefix` names the section in errors.
+fn resilience(
+    src: &Source,
+    base: &Resilience,
+    section: &ResilienceSection,
+    prefix: &str,
+) -> Result<Resilience, ConfigError> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let duration = |k: &str, field: &Option<Spanned<String>>, min: Duration| {
+        let Some(field) = field else { return Ok(None) };
+        let at = Some(field.span().start);
+        let d = parse_duration(field.get_ref()).map_err(|e| src.error(at, Some(&key(k)), e))?;
+        if d < min {
+            return Err(src.error(at, Some(&key(k)), format!("must be at least {min:?}")));
+        }
+        Ok(Some(d))
+    };
+    let ms = Duration::from_millis(1);
+    let mut r = base.clone();
+    if let Some(d) = duration("connect_timeout", &section.connect_timeout, ms)? {
+        r.connect_timeout = d;
+    }
+    if let Some(d) = duration("request_timeout", &section.request_timeout, ms)? {
+        r.request_timeout = d;
+    }
+    if let Some(d) = duration("attempt_timeout", &section.attempt_timeout, ms)? {
+        r.attempt_timeout = Some(d);
+    }
+    if let Some(d) = duration("idle_timeout", &section.idle_timeout, ms)? {
+        r.idle_timeout = d;
+    }
+    if let Some(n) = &section.retries {
+        if *n.get_ref() > 10 {
+            let at = Some(n.span().start);
+            return Err(src.error(at, Some(&key("retries")), "must be at most 10"));
+        }
+        r.retries = *n.get_ref();
+    }
+    if let Some(b) = &section.balance {
+        r.balance = match b.get_ref().as_str() {
+            "p2c" => Balance::P2c,
+            "round_robin" => Balance::RoundRobin,
+            other => {
+                return Err(src.error(
+                    Some(b.span().start),
+                    Some(&key("balance")),
+                    format!("unknown balance {other:?}; expected p2c or round_robin"),
+                ));
+            }
+        };
+    }
+    if let Some(o) = &section.outlier {
+        if let Some(n) = o.consecutive_failures {
+            r.outlier.consecutive_failures = n;
+        }
+        if let Some(d) = duration("outlier.base_ejection", &o.base_ejection, ms)? {
+            r.outlier.base_ejection = d;
+        }
+        if let Some(d) = duration("outlier.max_ejection", &o.max_ejection, ms)? {
+            r.outlier.max_ejection = d;
+        }
+        if let Some(p) = &o.max_ejected_percent {
+            if *p.get_ref() > 100 {
+                let at = Some(p.span().start);
+                let k = key("outlier.max_ejected_percent");
+                return Err(src.error(at, Some(&k), "must be at most 100"));
+            }
+            r.outlier.max_ejected_percent = *p.get_ref();
+        }
+    }
+    if let Some(p) = &section.probe {
+        let mut probe = r.probe.clone().unwrap_or_default();
+        if let Some(path) = &p.path {
+            if !path.get_ref().starts_with('/') || path.get_ref().parse::<http::Uri>().is_err() {
+                let at = Some(path.span().start);
+                let k = key("probe.path");
+                return Err(src.error(at, Some(&k), "must be a path such as \"/health\""));
+            }
+            probe.path = path.get_ref().clone();
+        }
+        if let Some(d) = duration("probe.interval", &p.interval, Duration::from_millis(100))? {
+            probe.interval = d;
+        }
+        if let Some(d) = duration("probe.timeout", &p.timeout, ms)? {
+            probe.timeout = d;
+        }
+        for (name, field, slot) in [
+            ("probe.unhealthy", &p.unhealthy, &mut probe.unhealthy),
+            ("probe.healthy", &p.healthy, &mut probe.healthy),
+        ] {
+            if let Some(n) = field {
+                if *n.get_ref() == 0 {
+                    let at = Some(n.span().start);
+                    return Err(src.error(at, Some(&key(name)), "must be at least 1"));
+                }
+                *slot = *n.get_ref();
+            }
+        }
+        r.probe = Some(probe);
+    }
+    Ok(r)
 }
 
 /// Validates one `[[service]]` entry of the config file.
@@ -820,6 +997,77 @@ mod tests {
             )),
             "{text}"
         );
+    }
+
+    #[test]
+    fn resilience_defaults_are_overridden_by_the_file_and_per_route() {
+        let (_dir, args) = with_file(
+            "[catalog]\nsource = \"file\"\n\n[resilience]\nrequest_timeout = \"10s\"\n\
+             retries = 1\noutlier = { max_ejected_percent = 30 }\n\n\
+             [routes.giphy]\nattempt_timeout = \"500ms\"\nbalance = \"round_robin\"\n\
+             probe = { path = \"/health\", interval = \"2s\" }\n",
+        );
+        let policies = args.resolve().unwrap().resilience;
+        let default = &policies.default;
+        assert_eq!(default.request_timeout, Duration::from_secs(10));
+        assert_eq!(default.retries, 1);
+        assert_eq!(default.outlier.max_ejected_percent, 30);
+        assert_eq!(
+            default.outlier.consecutive_failures, 5,
+            "untouched keys keep defaults"
+        );
+        assert_eq!(default.attempt_timeout, None);
+        let giphy = policies.for_service("giphy");
+        assert_eq!(
+            giphy.request_timeout,
+            Duration::from_secs(10),
+            "from [resilience]"
+        );
+        assert_eq!(giphy.attempt_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(giphy.balance, Balance::RoundRobin);
+        let probe = giphy.probe.as_ref().unwrap();
+        assert_eq!(
+            (probe.path.as_str(), probe.interval),
+            ("/health", Duration::from_secs(2))
+        );
+        assert_eq!(probe.unhealthy, 2);
+        assert!(policies.for_service("other").probe.is_none());
+    }
+
+    #[test]
+    fn bad_resilience_values_name_line_and_key() {
+        for (text, line, key) in [
+            ("[resilience]\nretries = 11\n", 2, "resilience.retries"),
+            (
+                "[resilience]\n\nbalance = \"random\"\n",
+                3,
+                "resilience.balance",
+            ),
+            (
+                "[resilience]\nrequest_timeout = \"soon\"\n",
+                2,
+                "resilience.request_timeout",
+            ),
+            (
+                "[routes.giphy]\nprobe = { path = \"health\" }\n",
+                2,
+                "routes.giphy.probe.path",
+            ),
+            ("[routes.\"Bad Name\"]\nretries = 1\n", 1, "routes.Bad Name"),
+            (
+                "[routes.x]\noutlier = { max_ejected_percent = 101 }\n",
+                2,
+                "routes.x.outlier.max_ejected_percent",
+            ),
+        ] {
+            let (_dir, args) = with_file(text);
+            let e = args.resolve().unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_deref()),
+                (Some(line), Some(key)),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -39,7 +39,8 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::proxy::outbound::split_service_path;
-use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop};
+use crate::proxy::resilience::Resilience;
+use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
 use crate::serve::{self, Conn, Handler};
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
@@ -112,6 +113,15 @@ pub struct TierRoute {
 impl Tiers {
     pub fn tiers(&self) -> &[TierRoute] {
         &self.tiers
+    }
+
+    /// Takes over the endpoint states and retry budgets of the same tiers in `previous`.
+    fn inherit(&mut self, previous: &Tiers) {
+        for tier in &mut self.tiers {
+            if let Some(old) = previous.tiers.iter().find(|t| t.name == tier.name) {
+                tier.route = std::mem::take(&mut tier.route).inherit(&old.route);
+            }
+        }
     }
 
     fn hold(&self) -> Duration {
@@ -252,6 +262,16 @@ impl Table {
         Self { services, unknown }
     }
 
+    /// Keeps what was learnt about endpoints (latency, ejections) across a rebuild.
+    fn inherit(&mut self, previous: &Table) {
+        for (service, tiers) in &mut self.services {
+            if let Some(old) = previous.services.get(service) {
+                tiers.inherit(old);
+            }
+        }
+        self.unknown.inherit(&previous.unknown);
+    }
+
     pub fn tiers(&self, service: &str) -> (&Tiers, bool) {
         match self.services.get(service) {
             Some(tiers) => (tiers, true),
@@ -268,6 +288,7 @@ pub struct Gateway {
     table: ArcSwap<Table>,
     selectors: Mutex<HashMap<ServiceName, Entry>>,
     forwarder: Forwarder,
+    resilience: Arc<Resilience>,
     max_hops: u32,
 }
 
@@ -291,6 +312,7 @@ impl Gateway {
             table: ArcSwap::from_pointee(Table::default()),
             selectors: Mutex::new(HashMap::new()),
             forwarder: Forwarder::new(),
+            resilience: Arc::default(),
             max_hops,
         });
         gateway.store(table);
@@ -299,8 +321,9 @@ impl Gateway {
 
     /// Swaps the table and records every known service's tier eligibility at once, so a
     /// fail-back hold starts when the catalog changed, not at the next request.
-    pub fn store(&self, table: Table) {
+    pub fn store(&self, mut table: Table) {
         let now = Instant::now();
+        table.inherit(&self.table.load());
         if let Ok(mut selectors) = self.selectors.lock() {
             for (service, tiers) in &table.services {
                 let eligible: Vec<bool> = tiers.tiers.iter().map(|t| t.eligible).collect();
@@ -456,12 +479,12 @@ impl Handler for GatewayHandler {
             if chosen.is_none_or(|c| i < c) || (from_bridge && tier.bridge) {
                 continue;
             }
-            if let Some(endpoint) = tier.route.pick() {
-                picked = Some((tier, endpoint.clone()));
+            if !tier.route.is_empty() {
+                picked = Some(tier);
                 break;
             }
         }
-        let Some((tier, endpoint)) = picked else {
+        let Some(tier) = picked else {
             let usable = route
                 .tiers()
                 .iter()
@@ -473,15 +496,20 @@ impl Handler for GatewayHandler {
             };
             return error.into_response(name);
         };
-        tracing::debug!(service = %name, tier = %tier.name, upstream = %endpoint.addr, "gateway route");
+        tracing::debug!(service = %name, tier = %tier.name, "gateway route");
         let header = tier.header.clone();
         let name = name.to_owned();
-        // A refused connection tries another endpoint of the same tier.
-        let next = |tried: &[SocketAddr]| tier.route.pick_excluding(tried);
+        // Retries stay within the chosen tier.
+        let upstream = Destination {
+            service: &name,
+            route: &tier.route,
+            policy: &self.gateway.resilience,
+            first_hop: false,
+        };
         match self
             .gateway
             .forwarder
-            .forward(req, endpoint, next, target, Host::Keep, &conn)
+            .forward(req, upstream, target, Host::Keep, &conn)
             .await
         {
             Ok(mut response) => {

@@ -89,8 +89,15 @@ fn main() -> ExitCode {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         match cli.command {
             Command::Agent(args) => {
-                let settings = args.resolve()?;
-                let agent = skyline::agent::spawn(settings, shutdown).await?;
+                let settings = args.clone().resolve()?;
+                let agent = skyline::agent::spawn(settings.clone(), shutdown.clone()).await?;
+                let reload = skyline::agent::reload::on_sighup(
+                    args,
+                    settings,
+                    agent.policies.clone(),
+                    shutdown,
+                );
+                tokio::spawn(reload);
                 agent.join().await;
             }
             Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,

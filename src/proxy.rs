@@ -2,23 +2,29 @@
 //! contract (hop-by-hop headers dropped, `x-request-id`, `x-forwarded-for`), and the one place
 //! where mesh errors become responses.
 
+pub mod budget;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod resilience;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use tokio::time::Instant;
 
-use crate::routing::Endpoint;
+use crate::routing::Route;
+use crate::routing::balance::{Choice, Outcome, now_ns};
 use crate::serve::Conn;
-use pool::{Pool, PooledBody, SendError, SendFailure};
+use pool::{Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
+use resilience::{RETRY_BODY_LIMIT, Resilience};
 
 /// Every response body the mesh sends: an upstream's, streamed, or one the mesh wrote itself.
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -28,10 +34,6 @@ pub fn full(body: impl Into<Bytes>) -> Body {
     Either::Right(Full::new(body.into()))
 }
 
-/// How long to wait for an upstream connection before trying no more.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long to wait for an upstream's response head. Bodies may stream for longer.
-pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many endpoints one request may be sent to when connections are refused. A refused
 /// connection means the request never left, so trying another endpoint is always safe.
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -46,6 +48,12 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// How many Skyline hops (agent outbound, gateway, bridge) forwarded a request so far.
 pub static X_SKYLINE_HOPS: HeaderName = HeaderName::from_static("x-skyline-hops");
+/// The remaining time of the request, in milliseconds, so the next hop does not outlive its
+/// caller. An application may set it on its own request too.
+pub static X_SKYLINE_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-skyline-timeout-ms");
+/// The attempt number of a request, set by the one hop that retries (the first). A hop that
+/// sees it leaves retries to that hop, so attempts do not multiply along the path.
+pub static X_SKYLINE_ATTEMPT: HeaderName = HeaderName::from_static("x-skyline-attempt");
 
 /// The most Skyline hops a request may take before the mesh calls it a loop.
 pub const DEFAULT_MAX_HOPS: u32 = 8;
@@ -173,6 +181,42 @@ pub enum Host {
     Upstream,
 }
 
+/// Where one request goes: a service's route and the policy of calls to it.
+#[derive(Clone, Copy, Debug)]
+pub struct Destination<'a> {
+    /// The service, for logs.
+    pub service: &'a str,
+    pub route: &'a Route,
+    pub policy: &'a Resilience,
+    /// This hop is the first Skyline hop of the request (an outbound proxy, or a bridge taking
+    /// a Kubernetes request into the mesh): it owns retries, whatever the request says.
+    pub first_hop: bool,
+}
+
+/// Why a request is sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// The connection was refused: the request never left. Always safe, never budgeted.
+    Connect,
+    /// The connection broke after the request was sent.
+    Reset,
+    /// The endpoint answered 502, 503 or 504.
+    Status,
+    /// The attempt took longer than its timeout.
+    Timeout,
+}
+
+impl Retry {
+    fn as_str(self) -> &'static str {
+        match self {
+            Retry::Connect => "connect",
+            Retry::Reset => "reset",
+            Retry::Status => "status",
+            Retry::Timeout => "timeout",
+        }
+    }
+}
+
 /// Sends requests to upstreams over pooled keep-alive HTTP/1.1 connections.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
@@ -188,24 +232,28 @@ impl Default for Forwarder {
 impl Forwarder {
     pub fn new() -> Self {
         Self {
-            pool: Pool::new(CONNECT_TIMEOUT, POOL_IDLE_TIMEOUT),
+            pool: Pool::new(POOL_IDLE_TIMEOUT),
         }
     }
 
-    /// Forwards `req` to `endpoint` with the request target `target`, applying the header rules
-    /// of the contract, and returns the upstream's response with its body streaming.
+    /// Forwards `req` to an endpoint of `upstream` with the request target `target`, applying
+    /// the header rules of the contract and the upstream's policy, and returns the response with
+    /// its body streaming.
     ///
-    /// When the connection to an endpoint is refused (the request never left), `next` is asked
-    /// for another endpoint, given those tried so far, up to [`MAX_CONNECT_ATTEMPTS`] in all.
+    /// Retries, each to an endpoint not tried yet when there is one:
+    /// - a refused connection (the request never left): always, up to [`MAX_CONNECT_ATTEMPTS`];
+    /// - a 502/503/504 answer, a timed-out attempt or a connection broken after sending: only
+    ///   at the first hop, for an idempotent request whose body is empty or small enough to
+    ///   buffer, up to the policy's retries and within the route's retry budget.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
-        endpoint: Endpoint,
-        next: impl FnMut(&[SocketAddr]) -> Option<Endpoint>,
+        upstream: Destination<'_>,
         target: PathAndQuery,
         host: Host,
         conn: &Conn,
     ) -> Result<Response<Body>, MeshError> {
+        let started = Instant::now();
         let original_host = req.headers().get(header::HOST).cloned();
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
@@ -219,26 +267,45 @@ impl Forwarder {
             (Host::Keep, Some(h)) => {
                 headers.insert(header::HOST, h);
             }
-            (Host::Keep, None) => {
-                headers.insert(header::HOST, endpoint.host.clone());
-            }
+            (Host::Keep, None) => {}
             (Host::Upstream, original) => {
                 if let Some(h) = original.filter(|_| !headers.contains_key(&X_FORWARDED_HOST)) {
                     headers.insert(&X_FORWARDED_HOST, h);
                 }
             }
         }
-        let attempts = self.attempts(req.map(Either::Left), endpoint, next, host);
-        match tokio::time::timeout(RESPONSE_TIMEOUT, attempts).await {
-            Err(_) => Err(MeshError::UpstreamTimeout),
-            Ok(Err(error)) => {
+        let policy = upstream.policy;
+        let deadline = started + caller_deadline(headers, policy.request_timeout);
+        if upstream.first_hop {
+            headers.remove(&X_SKYLINE_ATTEMPT);
+        }
+        let owns_retries = !headers.contains_key(&X_SKYLINE_ATTEMPT) && policy.retries > 0;
+        let (req, replay) = match replayable(req, owns_retries, deadline).await {
+            Ok(prepared) => prepared,
+            Err(e) if conn.rejected() => {
+                tracing::debug!(error = %e, "request body refused by the framing guard");
+                return Err(MeshError::bad_request("malformed request body"));
+            }
+            Err(e) => return Err(e),
+        };
+        if owns_retries {
+            upstream.route.budget.deposit();
+        }
+        let attempt = Attempt {
+            upstream,
+            host,
+            owns_retries,
+            deadline,
+        };
+        match self.attempts(req, replay, attempt).await {
+            Err(error) => {
                 if conn.rejected() {
                     // The guard refused the request body's framing while it was streaming.
                     return Err(MeshError::bad_request("malformed request body"));
                 }
-                Err(MeshError::UpstreamConnect(error))
+                Err(error)
             }
-            Ok(Ok(response)) => {
+            Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, Either::Left(body)))
@@ -248,38 +315,235 @@ impl Forwarder {
 
     async fn attempts(
         &self,
-        mut req: Request<pool::RequestBody>,
-        mut endpoint: Endpoint,
-        mut next: impl FnMut(&[SocketAddr]) -> Option<Endpoint>,
-        host: Host,
-    ) -> Result<Response<PooledBody>, SendError> {
-        let mut tried = Vec::new();
+        first: Request<RequestBody>,
+        replay: Option<Replay>,
+        at: Attempt<'_>,
+    ) -> Result<Response<PooledBody>, MeshError> {
+        let Attempt {
+            upstream,
+            host,
+            owns_retries,
+            deadline,
+        } = at;
+        let policy = upstream.policy;
+        let limits = Limits {
+            connect: policy.connect_timeout,
+            idle: policy.idle_timeout,
+        };
+        let mut next = Some(first);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let (mut refused, mut retries) = (0, 0);
+        let mut last: Option<(Retry, Option<MeshError>)> = None;
         loop {
-            if host == Host::Upstream {
-                req.headers_mut()
-                    .insert(header::HOST, endpoint.host.clone());
+            let again = last.as_ref().is_some_and(|(why, _)| *why != Retry::Connect);
+            let Some(choice) = self.choose(&upstream, &tried, again) else {
+                return Err(last
+                    .and_then(|(_, e)| e)
+                    .unwrap_or(MeshError::NoHealthyEndpoint));
+            };
+            let endpoint = choice.endpoint;
+            let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+                return Err(last
+                    .and_then(|(_, e)| e)
+                    .unwrap_or(MeshError::NoHealthyEndpoint));
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MeshError::UpstreamTimeout);
             }
-            let failure = match self.pool.send(endpoint.addr, req).await {
-                Ok(response) => return Ok(response),
-                Err(failure) => failure,
+            let attempt_deadline = policy
+                .attempt_timeout
+                .map_or(deadline, |t| deadline.min(now + t));
+            let headers = req.headers_mut();
+            if host == Host::Upstream || !headers.contains_key(header::HOST) {
+                headers.insert(header::HOST, endpoint.host.clone());
+            }
+            headers.insert(&X_SKYLINE_TIMEOUT_MS, millis(attempt_deadline - now));
+            if owns_retries {
+                headers.insert(&X_SKYLINE_ATTEMPT, attempt_number(tried.len()));
+            }
+            let flight = endpoint.state.start();
+            let sent = self.pool.send(endpoint.addr, req, replay.as_ref(), limits);
+            let (retry, error) = match tokio::time::timeout_at(attempt_deadline, sent).await {
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    let failed = status.is_server_error();
+                    flight.finish(if failed {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    });
+                    if !matches!(status.as_u16(), 502..=504) {
+                        return Ok(response);
+                    }
+                    if !self.may_retry(&at, replay.is_some(), retries, Retry::Status) {
+                        return Ok(response);
+                    }
+                    // The answer is dropped unread, which closes its connection.
+                    (Retry::Status, None)
+                }
+                Ok(Err(SendFailure {
+                    error,
+                    unsent: Some(unsent),
+                })) => {
+                    flight.finish(Outcome::Failure);
+                    refused += 1;
+                    if refused >= MAX_CONNECT_ATTEMPTS {
+                        return Err(MeshError::UpstreamConnect(error));
+                    }
+                    next = Some(unsent);
+                    (Retry::Connect, Some(MeshError::UpstreamConnect(error)))
+                }
+                Ok(Err(SendFailure {
+                    error,
+                    unsent: None,
+                })) => {
+                    flight.finish(Outcome::Failure);
+                    if !self.may_retry(&at, replay.is_some(), retries, Retry::Reset) {
+                        return Err(MeshError::UpstreamConnect(error));
+                    }
+                    (Retry::Reset, Some(MeshError::UpstreamConnect(error)))
+                }
+                Err(_elapsed) => {
+                    flight.finish(Outcome::Failure);
+                    let time_left = deadline > Instant::now();
+                    if !time_left || !self.may_retry(&at, replay.is_some(), retries, Retry::Timeout)
+                    {
+                        return Err(MeshError::UpstreamTimeout);
+                    }
+                    (Retry::Timeout, Some(MeshError::UpstreamTimeout))
+                }
             };
-            let SendFailure {
-                error,
-                unsent: Some(unsent),
-            } = failure
-            else {
-                return Err(failure.error);
-            };
+            if retry != Retry::Connect {
+                retries += 1;
+            }
+            tracing::debug!(
+                service = upstream.service,
+                failed = %endpoint.addr,
+                reason = retry.as_str(),
+                "retrying"
+            );
+            if tried.contains(&endpoint.addr) {
+                // The same endpoint again (it is the only one): give it a moment.
+                let step = 25u64 << retries.min(4);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=step))).await;
+            }
             tried.push(endpoint.addr);
-            let another = (tried.len() < MAX_CONNECT_ATTEMPTS)
-                .then(|| next(&tried))
-                .flatten();
-            let Some(another) = another else {
-                return Err(error);
-            };
-            tracing::debug!(failed = %endpoint.addr, next = %another.addr, %error, "trying another endpoint");
-            (req, endpoint) = (unsent, another);
+            last = Some((retry, error));
         }
+    }
+
+    /// An endpoint for the next attempt: one not tried yet, or when `again` (a retry that is
+    /// not about a refused connection), the same one again when there is no other.
+    fn choose(&self, up: &Destination<'_>, tried: &[SocketAddr], again: bool) -> Option<Choice> {
+        let (balance, outlier) = (up.policy.balance, &up.policy.outlier);
+        let choice = up
+            .route
+            .choose(tried, balance, outlier)
+            .or_else(|| again.then(|| up.route.choose(&[], balance, outlier))?)?;
+        if let Some((addr, time)) = choice.ejected {
+            tracing::warn!(service = up.service, endpoint = %addr, ejected_for = ?time, "endpoint ejected after consecutive failures");
+        }
+        if choice.panic {
+            panic_warning(up.service);
+        }
+        Some(choice)
+    }
+
+    /// Whether a failed attempt may be retried: only by the hop that owns retries, for a
+    /// request that can be sent again, within the policy's count and the route's budget.
+    fn may_retry(&self, at: &Attempt<'_>, replayable: bool, retries: u32, why: Retry) -> bool {
+        if !at.owns_retries || !replayable || retries >= at.upstream.policy.retries {
+            return false;
+        }
+        if !at.upstream.route.budget.try_withdraw() {
+            tracing::debug!(
+                service = at.upstream.service,
+                reason = why.as_str(),
+                "retry budget spent"
+            );
+            return false;
+        }
+        true
+    }
+}
+
+/// The fixed part of every attempt of one request.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    upstream: Destination<'a>,
+    host: Host,
+    owns_retries: bool,
+    deadline: Instant,
+}
+
+/// Turns the client's request into one the forwarder can send, and a [`Replay`] of it when it
+/// may be sent again: an idempotent request with no body, or with a body of at most
+/// [`RETRY_BODY_LIMIT`] bytes that is buffered first (only when this hop owns retries).
+async fn replayable(
+    req: Request<Incoming>,
+    owns_retries: bool,
+    deadline: Instant,
+) -> Result<(Request<RequestBody>, Option<Replay>), MeshError> {
+    let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        let req = Request::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+        let replay = Replay::of(&req, Bytes::new());
+        return Ok((req, replay));
+    }
+    let small = body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= RETRY_BODY_LIMIT as u64);
+    let idempotent = pool::is_idempotent(&parts.method);
+    if !(owns_retries && small && idempotent) {
+        return Ok((Request::from_parts(parts, Either::Left(body)), None));
+    }
+    let collected =
+        tokio::time::timeout_at(deadline, Limited::new(body, RETRY_BODY_LIMIT).collect())
+            .await
+            .map_err(|_| MeshError::UpstreamTimeout)?
+            .map_err(|_| MeshError::bad_request("incomplete request body"))?
+            .to_bytes();
+    let req = Request::from_parts(parts, Either::Right(Full::new(collected.clone())));
+    let replay = Replay::of(&req, collected);
+    Ok((req, replay))
+}
+
+/// The time the request may take: the policy's, or less when the caller's
+/// `x-skyline-timeout-ms` says so (a value that does not parse is ignored).
+fn caller_deadline(headers: &HeaderMap, policy: Duration) -> Duration {
+    headers
+        .get(&X_SKYLINE_TIMEOUT_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(policy, |ms| policy.min(Duration::from_millis(ms)))
+}
+
+fn millis(d: Duration) -> HeaderValue {
+    HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn attempt_number(tried: usize) -> HeaderValue {
+    match tried {
+        0 => HeaderValue::from_static("1"),
+        1 => HeaderValue::from_static("2"),
+        2 => HeaderValue::from_static("3"),
+        n => HeaderValue::from(n + 1),
+    }
+}
+
+/// Logs panic routing at most once a second for the whole process: loud, not a flood.
+fn panic_warning(service: &str) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ns();
+    let last = LAST.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1_000_000_000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(%service, "panic routing: no endpoint is healthy, using all of them");
     }
 }
 

@@ -5,18 +5,18 @@
 //! holds; a request that started with one table keeps it (its endpoint is already chosen) while
 //! the next request sees the new one. Building is O(instances); lookup is one hash probe.
 
+pub mod balance;
+
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::catalog::{Health, Instance, ServiceName, Snapshot, Subscriber};
+pub use balance::{Endpoint, Route};
 
 /// Which instances count as routable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,126 +35,13 @@ impl Policy {
     }
 }
 
-// === Endpoint ===
-
-/// One place a request can be sent, with its traffic weight.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    /// `addr` as a `Host` header value, built once here rather than per request.
-    #[serde(skip)]
-    pub host: HeaderValue,
-    pub weight: u32,
-}
-
-impl Endpoint {
-    pub fn new(addr: SocketAddr, weight: u32) -> Self {
-        // A `SocketAddr`'s text is always a valid header value.
-        let host = HeaderValue::try_from(addr.to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
-        Self { addr, host, weight }
-    }
-}
-
-// === Route ===
-
-/// The endpoints of one service, balanced by weighted round robin.
-#[derive(Debug, Default, Serialize)]
-pub struct Route {
-    pub endpoints: Box<[Endpoint]>,
-    /// Indices into `endpoints`, each repeated by its (reduced) weight; empty when all weights
-    /// are equal, in which case plain round robin over `endpoints` is used.
-    #[serde(skip)]
-    schedule: Box<[u32]>,
-    #[serde(skip)]
-    next: AtomicUsize,
-}
-
-/// The largest repeat count a weight is reduced to, to keep schedules small.
-const MAX_SCHEDULE_WEIGHT: u32 = 100;
-
-impl Route {
-    pub fn new(endpoints: Vec<Endpoint>) -> Self {
-        let schedule = schedule(&endpoints);
-        Self {
-            endpoints: endpoints.into_boxed_slice(),
-            schedule,
-            next: AtomicUsize::new(fastrand::usize(..1024)),
-        }
-    }
-
-    /// The next endpoint in turn, or `None` when the route has none.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        if self.schedule.is_empty() {
-            let len = self.endpoints.len();
-            (len > 0).then(|| &self.endpoints[n % len])
-        } else {
-            let slot = self.schedule[n % self.schedule.len()];
-            self.endpoints.get(slot as usize)
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
-    }
-
-    /// The next endpoint in turn that is not in `tried`.
-    pub fn pick_excluding(&self, tried: &[SocketAddr]) -> Option<Endpoint> {
-        (0..self.endpoints.len())
-            .filter_map(|_| self.pick())
-            .find(|e| !tried.contains(&e.addr))
-            .cloned()
-    }
-}
-
-fn schedule(endpoints: &[Endpoint]) -> Box<[u32]> {
-    let Some(first) = endpoints.first() else {
-        return Box::new([]);
-    };
-    if endpoints.iter().all(|e| e.weight == first.weight) {
-        return Box::new([]);
-    }
-    let gcd = endpoints.iter().fold(0, |g, e| gcd(g, e.weight.max(1)));
-    let max = endpoints
-        .iter()
-        .map(|e| e.weight.max(1) / gcd)
-        .max()
-        .unwrap_or(1);
-    let scale = |w: u32| {
-        let w = w.max(1) / gcd;
-        if max <= MAX_SCHEDULE_WEIGHT {
-            w
-        } else {
-            (u64::from(w) * u64::from(MAX_SCHEDULE_WEIGHT) / u64::from(max)).max(1) as u32
-        }
-    };
-    // Interleave rather than group, so consecutive picks spread over endpoints: round r takes
-    // every endpoint whose scaled weight is above r.
-    let weights: Vec<u32> = endpoints.iter().map(|e| scale(e.weight)).collect();
-    let rounds = weights.iter().copied().max().unwrap_or(1);
-    let mut out = Vec::with_capacity(weights.iter().map(|&w| w as usize).sum());
-    for round in 0..rounds {
-        for (i, &w) in weights.iter().enumerate() {
-            if w > round {
-                out.push(i as u32);
-            }
-        }
-    }
-    out.into_boxed_slice()
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
 // === Table ===
 
 /// The answer to "where does a request for this service go?".
 #[derive(Debug)]
 pub enum Lookup<'a> {
     /// The service has routable endpoints.
-    Route(&'a Route),
+    Route(&'a Arc<Route>),
     /// The catalog knows the service but none of its instances is routable.
     NoHealthy,
     /// The catalog does not know the service.
@@ -191,7 +78,7 @@ pub struct Table {
     pub warming: HashMap<ServiceName, Instant>,
     /// The passing instances of catalog service [`GATEWAY_SERVICE`], addressed directly: the
     /// catch-all when none is configured.
-    pub gateways: Route,
+    pub gateways: Arc<Route>,
 }
 
 /// The catalog service of the gateway pool.
@@ -209,11 +96,11 @@ impl Table {
     /// Builds the routes of node `node` from `snapshot`, every service anew.
     pub fn build(snapshot: &Snapshot, node: &str, policy: Policy) -> Self {
         let mut table = Self {
-            gateways: gateways(snapshot, policy),
+            gateways: Arc::new(gateways(snapshot, policy)),
             ..Self::default()
         };
         for (service, instances) in &snapshot.services {
-            table.add(service, instances, snapshot, node, policy);
+            table.add(service, instances, snapshot, node, policy, None);
         }
         table
     }
@@ -226,6 +113,7 @@ impl Table {
         snapshot: &Snapshot,
         node: &str,
         policy: Policy,
+        previous: Option<&Table>,
     ) {
         // Per node: the summed weight of its routable instances (BTreeMap: stable order).
         let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
@@ -247,11 +135,22 @@ impl Table {
                 Some(Endpoint::new(n.inbound_addr(), weight))
             })
             .collect();
-        self.outbound
-            .insert(service.clone(), Arc::new(Route::new(remote)));
+        // Endpoint states (latency, ejections) and the retry budget carry over.
+        let inherit = |route: Route, old: Option<&Arc<Route>>| match old {
+            Some(old) => route.inherit(old),
+            None => route,
+        };
+        let old = |map: fn(&Table) -> &HashMap<ServiceName, Arc<Route>>| {
+            previous.and_then(|t| map(t).get(service))
+        };
+        let outbound = inherit(Route::new(remote), old(|t| &t.outbound));
+        self.outbound.insert(service.clone(), Arc::new(outbound));
         if instances.iter().any(|i| i.node == node) {
-            self.inbound
-                .insert(service.clone(), Arc::new(Route::new(local)));
+            let retired = previous
+                .and_then(|t| t.retired.get(service))
+                .map(|r| &r.route);
+            let inbound = inherit(Route::new(local), old(|t| &t.inbound).or(retired));
+            self.inbound.insert(service.clone(), Arc::new(inbound));
         }
     }
 
@@ -268,7 +167,7 @@ impl Table {
         let mut table = Self {
             outbound: HashMap::with_capacity(snapshot.services.len()),
             source: Some(snapshot.clone()),
-            gateways: gateways(snapshot, policy),
+            gateways: Arc::new(gateways(snapshot, policy).inherit(&previous.gateways)),
             ..Self::default()
         };
         let old = previous
@@ -286,7 +185,7 @@ impl Table {
                         table.inbound.insert(service.clone(), route.clone());
                     }
                 }
-                _ => table.add(service, instances, snapshot, node, policy),
+                _ => table.add(service, instances, snapshot, node, policy, Some(previous)),
             }
         }
         let live = |t: &Table, s: &ServiceName| t.inbound.get(s).is_some_and(|r| !r.is_empty());
@@ -328,7 +227,7 @@ impl Table {
     }
 
     pub fn outbound(&self, service: &str) -> Lookup<'_> {
-        classify(self.outbound.get(service).map(|r| &**r))
+        classify(self.outbound.get(service))
     }
 
     /// Whether `service` became routable less than [`Policy::fallback_hold`] ago.
@@ -339,7 +238,7 @@ impl Table {
     }
 
     pub fn inbound(&self, service: &str) -> Lookup<'_> {
-        match classify(self.inbound.get(service).map(|r| &**r)) {
+        match classify(self.inbound.get(service)) {
             Lookup::Route(route) => Lookup::Route(route),
             missing => match self.retired.get(service) {
                 Some(retired) if retired.until > Instant::now() => Lookup::Route(&retired.route),
@@ -362,7 +261,7 @@ fn gateways(snapshot: &Snapshot, policy: Policy) -> Route {
     Route::new(endpoints)
 }
 
-fn classify(route: Option<&Route>) -> Lookup<'_> {
+fn classify(route: Option<&Arc<Route>>) -> Lookup<'_> {
     match route {
         None => Lookup::Unknown,
         Some(r) if r.is_empty() => Lookup::NoHealthy,
@@ -441,7 +340,9 @@ pub async fn follow(mut catalog: Subscriber, routes: Arc<Routes>, node: String, 
 mod tests {
     use super::*;
     use crate::catalog::file;
+    use balance::gcd;
     use proptest::prelude::*;
+    use std::net::SocketAddr;
     use std::path::Path;
 
     fn snapshot(text: &str) -> Snapshot {

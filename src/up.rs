@@ -119,6 +119,7 @@ pub async fn run(
         catch_all: Vec::new(),
         policy: Policy::default(),
         workers: 1,
+        resilience: Default::default(),
         services: Vec::new(),
     };
     let agent = agent::spawn(settings, shutdown.clone()).await?;

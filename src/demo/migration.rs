@@ -317,6 +317,7 @@ async fn scenario(
                 fallback_hold: HOLD,
             },
             workers: 1,
+            resilience: Default::default(),
             services: Vec::new(),
         };
         let listeners =

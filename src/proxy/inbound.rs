@@ -1,7 +1,6 @@
 //! The inbound proxy (:5041): `/service/<name>/<rest>?<query>` → a local instance of `<name>`
 //! as `/<rest>?<query>` (`/service/x` and `/service/x/` both become `/`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +10,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::outbound::split_service_path;
-use super::{Body, Forwarder, Host, MeshError};
-use crate::routing::{Endpoint, Lookup, Routes};
+use super::resilience::SharedPolicies;
+use super::{Body, Destination, Forwarder, Host, MeshError};
+use crate::routing::{Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
 #[derive(Clone)]
@@ -23,12 +23,17 @@ pub struct Inbound {
 struct Inner {
     routes: Arc<Routes>,
     forwarder: Forwarder,
+    policies: SharedPolicies,
 }
 
 impl Inbound {
-    pub fn new(routes: Arc<Routes>, forwarder: Forwarder) -> Self {
+    pub fn new(routes: Arc<Routes>, forwarder: Forwarder, policies: SharedPolicies) -> Self {
         Self {
-            inner: Arc::new(Inner { routes, forwarder }),
+            inner: Arc::new(Inner {
+                routes,
+                forwarder,
+                policies,
+            }),
         }
     }
 }
@@ -46,20 +51,26 @@ impl Handler for Inbound {
             Ok(target) => target,
             Err(e) => return e.into_response(name),
         };
-        let endpoint = match self.local_endpoint(name, &[]) {
-            Ok(endpoint) => endpoint,
-            Err(_) => match self.local_endpoint_after_catch_up(name).await {
-                Ok(endpoint) => endpoint,
+        let route = match self.local_route(name) {
+            Ok(route) => route,
+            Err(_) => match self.local_route_after_catch_up(name).await {
+                Ok(route) => route,
                 Err(e) => return e.into_response(name),
             },
         };
         // The name borrows from the request, which the forwarder consumes.
         let name = name.to_owned();
-        let next = |tried: &[SocketAddr]| self.local_endpoint(&name, tried).ok();
+        let policy = self.inner.policies.load().for_service(&name).clone();
+        let upstream = Destination {
+            service: &name,
+            route: &route,
+            policy: &policy,
+            first_hop: false,
+        };
         let forwarded = self
             .inner
             .forwarder
-            .forward(req, endpoint, next, target, Host::Upstream, &conn)
+            .forward(req, upstream, target, Host::Upstream, &conn)
             .await;
         forwarded.unwrap_or_else(|e| e.into_response(&name))
     }
@@ -74,22 +85,20 @@ impl Handler for Inbound {
 pub const CATALOG_SKEW: Duration = Duration::from_millis(250);
 
 impl Inbound {
-    fn local_endpoint(&self, name: &str, tried: &[SocketAddr]) -> Result<Endpoint, MeshError> {
+    fn local_route(&self, name: &str) -> Result<Arc<Route>, MeshError> {
         match self.inner.routes.load().inbound(name) {
-            Lookup::Route(route) => route
-                .pick_excluding(tried)
-                .ok_or(MeshError::NoHealthyEndpoint),
+            Lookup::Route(route) => Ok(route.clone()),
             Lookup::NoHealthy => Err(MeshError::NoHealthyEndpoint),
             Lookup::Unknown => Err(MeshError::UnknownService),
         }
     }
 
     /// Looks again after each route-table swap, for at most [`CATALOG_SKEW`].
-    async fn local_endpoint_after_catch_up(&self, name: &str) -> Result<Endpoint, MeshError> {
+    async fn local_route_after_catch_up(&self, name: &str) -> Result<Arc<Route>, MeshError> {
         let mut swaps = self.inner.routes.subscribe();
         let deadline = tokio::time::Instant::now() + CATALOG_SKEW;
         loop {
-            let found = self.local_endpoint(name, &[]);
+            let found = self.local_route(name);
             if found.is_ok() {
                 return found;
             }

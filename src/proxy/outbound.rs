@@ -4,16 +4,16 @@
 //! (`Host: <name>.<ns>.svc.cluster.local`, path `/<rest>`) is taken as `/service/<name>/<rest>`,
 //! so an application uses the same URL on every platform.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use super::{Body, DEFAULT_MAX_HOPS, Forwarder, Host, MeshError, count_hop};
+use super::resilience::SharedPolicies;
+use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
-use crate::routing::{Endpoint, Lookup, Route, Routes};
+use crate::routing::{Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
 #[derive(Clone)]
@@ -24,17 +24,24 @@ pub struct Outbound {
 struct Inner {
     routes: Arc<Routes>,
     forwarder: Forwarder,
+    policies: SharedPolicies,
     /// Where requests for services the catalog does not route go (the gateway pool).
-    catch_all: Option<Route>,
+    catch_all: Option<Arc<Route>>,
 }
 
 impl Outbound {
-    pub fn new(routes: Arc<Routes>, forwarder: Forwarder, catch_all: Option<Route>) -> Self {
-        let catch_all = catch_all.filter(|r| !r.is_empty());
+    pub fn new(
+        routes: Arc<Routes>,
+        forwarder: Forwarder,
+        policies: SharedPolicies,
+        catch_all: Option<Route>,
+    ) -> Self {
+        let catch_all = catch_all.filter(|r| !r.is_empty()).map(Arc::new);
         Self {
             inner: Arc::new(Inner {
                 routes,
                 forwarder,
+                policies,
                 catch_all,
             }),
         }
@@ -67,22 +74,28 @@ impl Handler for Outbound {
             return e.into_response(name);
         }
         let inner = &self.inner;
-        let endpoint = match inner.endpoint(name, &[]) {
-            Ok(endpoint) => endpoint,
+        let route = match inner.route(name) {
+            Ok(route) => route,
             Err(e) => return e.into_response(name),
         };
-        let next = |tried: &[SocketAddr]| inner.endpoint(name, tried).ok();
+        let policy = inner.policies.load().for_service(name).clone();
+        let upstream = Destination {
+            service: name,
+            route: &route,
+            policy: &policy,
+            first_hop: true,
+        };
         let forwarded = inner
             .forwarder
-            .forward(req, endpoint, next, target.clone(), Host::Keep, &conn)
+            .forward(req, upstream, target.clone(), Host::Keep, &conn)
             .await;
         forwarded.unwrap_or_else(|e| e.into_response(name))
     }
 }
 
 impl Inner {
-    /// An endpoint for `name` not in `tried`: the service's own, or the catch-all's.
-    fn endpoint(&self, name: &str, tried: &[SocketAddr]) -> Result<Endpoint, MeshError> {
+    /// The route of a request for `name`: the service's own, or the catch-all.
+    fn route(&self, name: &str) -> Result<Arc<Route>, MeshError> {
         let table = self.routes.load();
         let catch_all = self
             .catch_all
@@ -99,9 +112,7 @@ impl Inner {
             Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint)?,
             Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService)?,
         };
-        route
-            .pick_excluding(tried)
-            .ok_or(MeshError::NoHealthyEndpoint)
+        Ok(route.clone())
     }
 }
 

@@ -8,8 +8,9 @@
 //!
 //! A pooled connection can be closed by the upstream just as a request goes out on it (its idle
 //! timeout fired). hyper hands back a request it had not started to write; one it wrote but got
-//! no response for (EOF or a reset) is replayed on another connection when that is safe: an
-//! idempotent method and an empty body, as Go's HTTP transport does for reused connections.
+//! no response for (EOF or a reset) is replayed on another connection when the caller gave a
+//! [`Replay`] (an idempotent method with an empty or buffered body), as Go's HTTP transport does
+//! for reused connections.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,17 +20,53 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
-use http_body_util::{Either, Empty};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::time::Sleep;
 
 /// The most idle connections kept per endpoint.
 pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
-/// A forwarded request's body: the client's, streamed, or none (a replayed request).
-pub type RequestBody = Either<Incoming, Empty<Bytes>>;
+/// A forwarded request's body: the client's, streamed, or one held in memory (a body-less or
+/// buffered request, which can be sent again).
+pub type RequestBody = Either<Incoming, Full<Bytes>>;
+
+/// A request kept so it can be sent again: its head and its whole (small) body.
+#[derive(Debug)]
+pub struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Replay {
+    /// Keeps `req`'s head and `body`, when resending is safe: an idempotent method
+    /// (RFC 9110 §9.2.2).
+    pub fn of(req: &Request<RequestBody>, body: Bytes) -> Option<Self> {
+        is_idempotent(req.method()).then(|| Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body,
+        })
+    }
+
+    /// The request again.
+    pub fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(Either::Right(Full::new(self.body.clone())));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +105,6 @@ pub struct Pool {
 #[derive(Debug)]
 struct Inner {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    connect_timeout: Duration,
     idle_timeout: Duration,
 }
 
@@ -79,11 +115,11 @@ struct Idle {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    /// A pool keeping idle connections for `idle_timeout`.
+    pub fn new(idle_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 idle: Mutex::new(HashMap::new()),
-                connect_timeout,
                 idle_timeout,
             }),
         }
@@ -94,18 +130,20 @@ impl Pool {
     ///
     /// A pooled connection that turns out to be closed is dropped and the request goes on the
     /// next one (see the module docs for when that is safe); every attempt uses up a pooled
-    /// connection, and at most one fresh connection is made.
+    /// connection, and at most one fresh connection is made. The response body gives up when
+    /// it stalls for `limits.idle`.
     pub async fn send(
         &self,
         addr: SocketAddr,
         mut req: Request<RequestBody>,
+        replay: Option<&Replay>,
+        limits: Limits,
     ) -> Result<Response<PooledBody>, SendFailure> {
-        let replayable = is_idempotent(req.method()) && req.body().is_end_stream();
         loop {
             let (mut sender, reused) = match self.take(addr) {
                 Some(sender) => (sender, true),
                 // Boxed: the rare connect path would otherwise size every request's future.
-                None => match Box::pin(self.connect(addr)).await {
+                None => match Box::pin(self.connect(addr, limits.connect)).await {
                     Ok(sender) => (sender, false),
                     Err(error) => {
                         return Err(SendFailure {
@@ -118,7 +156,6 @@ impl Pool {
             if reused && sender.ready().await.is_err() {
                 continue;
             }
-            let replay = (reused && replayable).then(|| head_copy(&req));
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     let pool = self.clone();
@@ -126,13 +163,15 @@ impl Pool {
                         body,
                         done: false,
                         home: Some((pool, addr, sender)),
+                        idle: limits.idle,
+                        stalled: None,
                     }));
                 }
-                Err(mut e) => match (e.take_message(), replay) {
+                Err(mut e) => match (e.take_message(), replay.filter(|_| reused)) {
                     (Some(unsent), _) if reused => req = unsent,
-                    (_, Some(copy)) => {
+                    (_, Some(replay)) => {
                         tracing::debug!(%addr, "pooled connection closed under the request; replaying");
-                        req = copy;
+                        req = replay.request();
                     }
                     (unsent, _) => {
                         let error = SendError::Upstream {
@@ -174,14 +213,15 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<RequestBody>, SendError> {
-        let stream = tokio::time::timeout(
-            self.inner.connect_timeout,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| SendError::ConnectTimeout { addr })?
-        .map_err(|source| SendError::Connect { addr, source })?;
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<SendRequest<RequestBody>, SendError> {
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| SendError::ConnectTimeout { addr })?
+            .map_err(|source| SendError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -202,45 +242,76 @@ impl Pool {
     }
 }
 
+/// The time limits of one send.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// To open a new connection.
+    pub connect: Duration,
+    /// The longest the response body may stall.
+    pub idle: Duration,
+}
+
 /// An upstream's response body. Read to its end, it returns its connection to the pool;
 /// dropped early, the connection is closed (HTTP/1.1 cannot reuse it mid-response).
 pub struct PooledBody {
     body: Incoming,
     done: bool,
     home: Option<(Pool, SocketAddr, SendRequest<RequestBody>)>,
+    idle: Duration,
+    /// Armed when the body first waits for the upstream, reset by each frame; a body that
+    /// arrives whole never allocates one.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why a response body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("upstream body failed")]
+    Upstream(#[from] hyper::Error),
+    #[error("upstream body stalled for {0:?}")]
+    Stalled(Duration),
 }
 
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
 }
 
-/// The request again, for a replay: same head, empty body (only bodyless requests replay).
-fn head_copy(req: &Request<RequestBody>) -> Request<RequestBody> {
-    let mut copy = Request::new(Either::Right(Empty::new()));
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
-}
-
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.done = true;
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                if polled.is_none() {
+                    this.done = true;
+                }
+                if let Some(timer) = &mut this.stalled {
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.idle);
+                }
+                Poll::Ready(polled.map(|frame| frame.map_err(BodyError::from)))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(idle)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -12,5 +12,6 @@ mod pool;
 mod processes;
 mod registry;
 mod registry_mesh;
+mod resilience;
 mod support;
 mod two_hops;

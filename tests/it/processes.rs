@@ -442,3 +442,88 @@ async fn a_gibibyte_streams_up_and_down_through_both_hops_in_bounded_memory() {
     );
     app.stop().await;
 }
+
+fn sighup(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_policies_under_load_and_refuses_a_bad_file() {
+    let app = TestApp::spawn("app", ip("127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("skyline.toml");
+    std::fs::write(&config, "[resilience]\nretries = 2\n").unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(&catalog, catalog_text("127.0.0.1:1", app.addr)).unwrap();
+    let config_arg = config.to_str().unwrap();
+    let mut agent = AgentProcess::start(&catalog, &["--config", config_arg]).await;
+    write_atomically(&catalog, &catalog_text(&agent.inbound, app.addr));
+    let client = Client::new();
+    let base = format!("http://{}/service/app", agent.outbound);
+    for _ in 0..200 {
+        if client.get(&format!("{base}/")).await.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // A reload every 100 ms under load drops nothing.
+    let url = format!("{base}/x");
+    let running = tokio::spawn(async move {
+        load(&url, 4, Duration::from_secs(3), Duration::from_millis(10)).await
+    });
+    let mut reloads = 0;
+    for i in 0..25 {
+        let text = if i % 2 == 0 {
+            "[resilience]\nretries = 1\nbalance = \"round_robin\"\n"
+        } else {
+            "[resilience]\nretries = 2\n"
+        };
+        write_atomically(&config, text);
+        sighup(&agent.child);
+        agent.wait_for_log("configuration reloaded").await;
+        reloads += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = running.await.unwrap();
+    println!(
+        "{reloads} reloads under load: {} requests, {} failed, statuses {:?}",
+        report.sent,
+        report.failed(),
+        report.statuses
+    );
+    assert_eq!(report.failed(), 0);
+
+    // A route's timeout, reloaded, is in force for the next request.
+    assert_eq!(client.get(&format!("{base}/slow/600")).await.status, 200);
+    write_atomically(&config, "[routes.app]\nrequest_timeout = \"200ms\"\n");
+    sighup(&agent.child);
+    agent.wait_for_log("configuration reloaded").await;
+    let reply = client.get(&format!("{base}/slow/600")).await;
+    assert_eq!(reply.mesh_error(), Some("upstream-timeout"));
+
+    // A bad file is refused with its key, and the running policies stay.
+    write_atomically(&config, "[routes.app]\nrequest_timeout = \"soon\"\n");
+    sighup(&agent.child);
+    let refused = agent
+        .wait_for_log("configuration reload refused; the running configuration stays")
+        .await;
+    let error = refused["fields"]["error"].as_str().unwrap();
+    assert!(error.contains("routes.app.request_timeout"), "{error}");
+    let reply = client.get(&format!("{base}/slow/600")).await;
+    assert_eq!(reply.mesh_error(), Some("upstream-timeout"));
+    assert_eq!(client.get(&format!("{base}/")).await.status, 200);
+
+    sigterm(&agent.child);
+    let status = tokio::time::timeout(Duration::from_secs(15), agent.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    app.stop().await;
+}

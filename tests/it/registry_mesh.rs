@@ -23,6 +23,7 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         catch_all: Vec::new(),
         policy: Policy::default(),
         workers: 1,
+        resilience: Default::default(),
         services: Vec::new(),
     }
 }

@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use skyline::agent::{self, AgentHandle, CatalogSource, Listeners, Settings};
 use skyline::catalog::{Health, Instance, Node, ServiceName, Snapshot, file};
+use skyline::proxy::resilience::{Policies, Resilience};
 use skyline::routing::Policy;
+use skyline::routing::balance::Balance;
 use skyline::serve::{self, Conn, Handler};
 
 pub fn ip(text: &str) -> IpAddr {
@@ -53,6 +55,8 @@ pub struct Seen {
 /// - `/bytes/<n>`: streams `n` bytes (for download tests);
 /// - `/sink`: reads the whole body, frame by frame, and answers its length (upload tests);
 /// - `/slow/<ms>`: answers after that many milliseconds.
+///
+/// A [`Behaviour`] makes it slow or failing, for fault tests.
 pub struct TestApp {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -61,18 +65,40 @@ pub struct TestApp {
     task: JoinHandle<()>,
 }
 
+/// How a [`TestApp`] misbehaves.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Behaviour {
+    #[default]
+    Healthy,
+    /// Every answer takes this long.
+    Slow(Duration),
+    /// Every n-th request (1: every one) gets 503.
+    Fail503Every(u64),
+}
+
 #[derive(Clone)]
 struct AppHandler {
     name: Arc<str>,
     seen: Arc<Mutex<Vec<Seen>>>,
     hits: Arc<AtomicU64>,
+    behaviour: Behaviour,
 }
 
 impl Handler for AppHandler {
     type Body = Either<Zeros, Full<Bytes>>;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Self::Body> {
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        let n = self.hits.fetch_add(1, Ordering::Relaxed) + 1;
+        match self.behaviour {
+            Behaviour::Healthy => {}
+            Behaviour::Slow(time) => tokio::time::sleep(time).await,
+            Behaviour::Fail503Every(k) if n % k.max(1) == 0 => {
+                let mut response = Response::new(Either::Right(Full::new(Bytes::from("down"))));
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                return response;
+            }
+            Behaviour::Fail503Every(_) => {}
+        }
         let (parts, mut body) = req.into_parts();
         let target = parts
             .uri
@@ -137,6 +163,10 @@ impl http_body::Body for Zeros {
 impl TestApp {
     /// Starts an application named `name` on `ip`, port chosen by the kernel.
     pub fn spawn(name: &str, ip: IpAddr) -> Self {
+        Self::spawn_with(name, ip, Behaviour::Healthy)
+    }
+
+    pub fn spawn_with(name: &str, ip: IpAddr, behaviour: Behaviour) -> Self {
         let listener = serve::bind(SocketAddr::new(ip, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -145,6 +175,7 @@ impl TestApp {
             name: name.into(),
             seen: seen.clone(),
             hits: hits.clone(),
+            behaviour,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve::serve(listener, handler, shutdown.clone()));
@@ -202,6 +233,7 @@ pub struct TestMeshBuilder {
     nodes: Vec<(&'static str, IpAddr)>,
     placements: Vec<Placement>,
     catch_all: Vec<SocketAddr>,
+    resilience: Policies,
 }
 
 impl TestMesh {
@@ -210,6 +242,7 @@ impl TestMesh {
             nodes: Vec::new(),
             placements: Vec::new(),
             catch_all: Vec::new(),
+            resilience: Policies::default(),
         }
     }
 
@@ -307,6 +340,12 @@ impl TestMeshBuilder {
         self
     }
 
+    /// The agents' timeouts, retries, balancing and ejection.
+    pub fn resilience(mut self, policies: Policies) -> Self {
+        self.resilience = policies;
+        self
+    }
+
     pub async fn spawn(self) -> TestMesh {
         let dir = tempfile::tempdir().unwrap();
         let catalog = dir.path().join("catalog.toml");
@@ -323,6 +362,7 @@ impl TestMeshBuilder {
                 catch_all: self.catch_all.clone(),
                 policy: Policy::default(),
                 workers: 1,
+                resilience: self.resilience.clone(),
                 services: Vec::new(),
             };
             let listeners = Listeners::bind(&settings).unwrap();
@@ -358,6 +398,21 @@ impl TestMeshBuilder {
         }
         mesh
     }
+}
+
+/// Policies with `change` applied to the defaults, for every service.
+pub fn policies(change: impl FnOnce(&mut Resilience)) -> Policies {
+    let mut default = Resilience::default();
+    change(&mut default);
+    Policies {
+        default: std::sync::Arc::new(default),
+        ..Policies::default()
+    }
+}
+
+/// Plain weighted round robin, for tests that count exact shares.
+pub fn round_robin() -> Policies {
+    policies(|r| r.balance = Balance::RoundRobin)
 }
 
 pub fn write_atomically(path: &std::path::Path, text: &str) {
@@ -443,4 +498,72 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+// === Load ===
+
+/// What a run of [`load`] saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub sent: u64,
+    /// Answers by status.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests without an answer, with the first few reasons.
+    pub errors: u64,
+    pub reasons: Vec<String>,
+}
+
+impl LoadReport {
+    /// Requests that did not get a 2xx answer.
+    pub fn failed(&self) -> u64 {
+        self.errors
+            + self
+                .statuses
+                .iter()
+                .filter(|(s, _)| !(200..300).contains(*s))
+                .map(|(_, n)| n)
+                .sum::<u64>()
+    }
+}
+
+/// GETs `url` from `workers` keep-alive clients for `time`, each pausing `pause` between
+/// requests. Bounded in time and in count (10,000 per worker).
+pub async fn load(url: &str, workers: usize, time: Duration, pause: Duration) -> LoadReport {
+    let deadline = tokio::time::Instant::now() + time;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url) = (Client::new(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut report = LoadReport::default();
+            for _ in 0..10_000 {
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                report.sent += 1;
+                let req = Request::get(&url).body(Full::default()).unwrap();
+                match client.send(req).await {
+                    Ok(reply) => *report.statuses.entry(reply.status).or_default() += 1,
+                    Err(e) => {
+                        report.errors += 1;
+                        if report.reasons.len() < 5 {
+                            report.reasons.push(e);
+                        }
+                    }
+                }
+                tokio::time::sleep(pause).await;
+            }
+            report
+        }));
+    }
+    let mut total = LoadReport::default();
+    for task in tasks {
+        let r = task.await.unwrap();
+        total.sent += r.sent;
+        total.errors += r.errors;
+        total.reasons.extend(r.reasons);
+        for (s, n) in r.statuses {
+            *total.statuses.entry(s).or_default() += n;
+        }
+    }
+    total
 }

@@ -208,6 +208,7 @@ async fn requests_spread_over_every_node_with_an_instance() {
         .node("c", "127.0.0.4")
         .place(place("web", "b", &b))
         .place(place("web", "c", &c))
+        .resilience(round_robin())
         .spawn()
         .await;
     let client = Client::new();

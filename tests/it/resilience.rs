@@ -1,0 +1,424 @@
+//! Fault tests of the forwarder's resilience, on real sockets with bounded load: a killed
+//! instance, a black hole, a slow instance, failing instances and the retry budget, one hop
+//! retrying, deadlines, and drain-aware removal. Each prints its counts.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Request;
+use http_body_util::Full;
+use skyline::catalog::ServiceName;
+use skyline::proxy::resilience::Resilience;
+
+use crate::support::*;
+
+/// Not a test of its own: the application process of the `kill -9` test. That test starts a
+/// copy of this test binary running only this function, with `SKYLINE_TEST_APP_IP` set; without
+/// it, this returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn app_process() {
+    let Ok(ip) = std::env::var("SKYLINE_TEST_APP_IP") else {
+        return;
+    };
+    let app = TestApp::spawn("process", ip.parse().unwrap());
+    println!("listening {}", app.addr);
+    // Until killed; bounded all the same.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+/// Starts [`app_process`] in its own process on `ip`; returns the child and its address.
+fn app_in_process(ip: &str) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["resilience::app_process", "--exact", "--nocapture"])
+        .env("SKYLINE_TEST_APP_IP", ip)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines().take(50) {
+        let line = line.unwrap();
+        if let Some(addr) = line.strip_prefix("listening ") {
+            return (child, addr.trim().parse().unwrap());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the application process did not start");
+}
+
+fn routes_of(reply: &Reply, service: &str) -> Vec<serde_json::Value> {
+    reply.json()["outbound"][service]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_with_sigkill_under_load_fails_no_idempotent_request() {
+    let (mut child, addr) = app_in_process("127.0.0.3");
+    let c = TestApp::spawn("c", ip("127.0.0.4"));
+    let doomed = Placement {
+        service: "web",
+        node: "b",
+        addr,
+        health: skyline::catalog::Health::Passing,
+    };
+    // Round robin, so the doomed instance certainly has traffic when it dies.
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(doomed)
+        .place(place("web", "c", &c))
+        .resilience(round_robin())
+        .spawn()
+        .await;
+    let url = format!("http://{}/service/web/x", mesh.outbound("a"));
+    let load = tokio::spawn(async move {
+        load(&url, 4, Duration::from_secs(4), Duration::from_millis(10)).await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let report = load.await.unwrap();
+    println!(
+        "kill -9: {} requests, {} failed, statuses {:?}, errors {:?}",
+        report.sent,
+        report.failed(),
+        report.statuses,
+        report.reasons
+    );
+    assert_eq!(report.failed(), 0, "no idempotent request fails");
+    assert!(
+        c.hits() + 50 < report.sent,
+        "the killed instance served its share before: {} of {} at c",
+        c.hits(),
+        report.sent
+    );
+    // The dead node is ejected from a's route for web.
+    let routes = Client::new()
+        .get(&format!(
+            "http://{}/routes",
+            mesh.agents["a"].admin.unwrap()
+        ))
+        .await;
+    let ejected: Vec<_> = routes_of(&routes, "web")
+        .into_iter()
+        .filter(|e| e["state"]["ejected"] == true)
+        .collect();
+    assert_eq!(ejected.len(), 1, "{:?}", routes.body);
+    assert_eq!(ejected[0]["addr"], mesh.inbound("b").to_string());
+    mesh.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_instance_times_out_then_is_ejected() {
+    // Accepts connections and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let c = TestApp::spawn("c", ip("127.0.0.4"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(Placement {
+            service: "web",
+            node: "b",
+            addr: hole_addr,
+            health: skyline::catalog::Health::Passing,
+        })
+        .place(place("web", "c", &c))
+        .resilience(policies(|r| {
+            r.balance = skyline::routing::balance::Balance::RoundRobin;
+            r.attempt_timeout = Some(Duration::from_millis(300));
+            r.request_timeout = Duration::from_secs(5);
+        }))
+        .spawn()
+        .await;
+    let url = format!("http://{}/service/web/x", mesh.outbound("a"));
+    let workers = 4;
+    let report = load(
+        &url,
+        workers,
+        Duration::from_secs(3),
+        Duration::from_millis(10),
+    )
+    .await;
+    println!(
+        "black hole: {} requests, {} failed, statuses {:?}, errors {:?}",
+        report.sent,
+        report.failed(),
+        report.statuses,
+        report.reasons
+    );
+    assert!(
+        report.failed() <= workers as u64,
+        "failures are bounded by the requests in flight"
+    );
+    assert!(c.hits() >= report.sent - report.failed());
+    let routes = Client::new()
+        .get(&format!(
+            "http://{}/routes",
+            mesh.agents["a"].admin.unwrap()
+        ))
+        .await;
+    let b = routes_of(&routes, "web")
+        .into_iter()
+        .find(|e| e["addr"] == mesh.inbound("b").to_string())
+        .unwrap();
+    assert_eq!(b["state"]["ejected"], true, "{b}");
+    mesh.stop().await;
+    c.stop().await;
+    holder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_instance_gets_less_than_a_tenth_of_the_traffic() {
+    let slow = TestApp::spawn_with(
+        "slow",
+        ip("127.0.0.3"),
+        Behaviour::Slow(Duration::from_millis(500)),
+    );
+    let c = TestApp::spawn("c", ip("127.0.0.4"));
+    let d = TestApp::spawn("d", ip("127.0.0.5"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .node("d", "127.0.0.5")
+        .place(place("web", "b", &slow))
+        .place(place("web", "c", &c))
+        .place(place("web", "d", &d))
+        .spawn()
+        .await;
+    let url = format!("http://{}/service/web/x", mesh.outbound("a"));
+    let report = load(&url, 8, Duration::from_secs(4), Duration::from_millis(5)).await;
+    let total = slow.hits() + c.hits() + d.hits();
+    let share = slow.hits() as f64 / total as f64;
+    println!(
+        "slow instance: {} requests, {} failed; hits slow {} c {} d {} (slow share {:.1}%)",
+        report.sent,
+        report.failed(),
+        slow.hits(),
+        c.hits(),
+        d.hits(),
+        share * 100.0
+    );
+    assert_eq!(report.failed(), 0);
+    assert!(share < 0.10, "slow share {share}");
+    assert!(slow.hits() > 0, "the slow instance was tried");
+    mesh.stop().await;
+    for app in [slow, c, d] {
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_absorb_an_instance_failing_half_its_requests() {
+    let flaky = TestApp::spawn_with("flaky", ip("127.0.0.3"), Behaviour::Fail503Every(2));
+    let c = TestApp::spawn("c", ip("127.0.0.4"));
+    let d = TestApp::spawn("d", ip("127.0.0.5"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .node("d", "127.0.0.5")
+        .place(place("web", "b", &flaky))
+        .place(place("web", "c", &c))
+        .place(place("web", "d", &d))
+        .resilience(round_robin())
+        .spawn()
+        .await;
+    let url = format!("http://{}/service/web/x", mesh.outbound("a"));
+    let report = load(&url, 4, Duration::from_secs(3), Duration::from_millis(10)).await;
+    let hits = flaky.hits() + c.hits() + d.hits();
+    println!(
+        "503 on half of one instance's requests: {} requests, {} failed, {} attempts, statuses {:?}",
+        report.sent,
+        report.failed(),
+        hits,
+        report.statuses
+    );
+    assert_eq!(report.failed(), 0, "every 503 was retried elsewhere");
+    assert!(flaky.hits() > 20, "the flaky instance kept its share");
+    mesh.stop().await;
+    for app in [flaky, c, d] {
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_instance_fails_retries_stay_within_the_budget() {
+    let apps: Vec<TestApp> = ["127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|a| TestApp::spawn_with("down", ip(a), Behaviour::Fail503Every(1)))
+        .collect();
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(place("web", "b", &apps[0]))
+        .place(place("web", "c", &apps[1]))
+        .spawn()
+        .await;
+    let url = format!("http://{}/service/web/x", mesh.outbound("a"));
+    let started = Instant::now();
+    let report = load(&url, 4, Duration::from_secs(3), Duration::from_millis(5)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let attempts: u64 = apps.iter().map(TestApp::hits).sum();
+    let retries = attempts - report.sent;
+    // Linkerd's budget: 20% of requests plus 10/s, over a 10 s window (so the floor is 100
+    // retries for any run shorter than the window).
+    let allowed = 0.2 * report.sent as f64 + 100.0;
+    println!(
+        "every instance fails: {} requests in {elapsed:.1} s, {retries} retries (budget {allowed:.0}, \
+         without one {}), statuses {:?}",
+        report.sent,
+        2 * report.sent,
+        report.statuses
+    );
+    assert_eq!(
+        report.statuses.get(&503),
+        Some(&report.sent),
+        "the 503s reach the caller"
+    );
+    assert!(retries > 0, "retries were tried");
+    assert!(
+        retries as f64 <= allowed + 4.0,
+        "{retries} retries for {} requests",
+        report.sent
+    );
+    mesh.stop().await;
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_first_hop_retries() {
+    let down = TestApp::spawn_with("down", ip("127.0.0.3"), Behaviour::Fail503Every(1));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .place(place("web", "b", &down))
+        .spawn()
+        .await;
+    let reply = Client::new()
+        .get(&format!("http://{}/service/web/", mesh.outbound("a")))
+        .await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.mesh_error(), None, "the application's own 503");
+    // The outbound proxy tries 1 + 2 times; the inbound proxy, seeing x-skyline-attempt, does
+    // not multiply them (it would make 9).
+    assert_eq!(down.hits(), 3);
+    mesh.stop().await;
+    down.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_come_from_the_route_or_the_caller_and_travel_to_the_next_hop() {
+    let app = TestApp::spawn("b", ip("127.0.0.3"));
+    let short = Resilience {
+        request_timeout: Duration::from_millis(300),
+        ..Resilience::default()
+    };
+    let mut policies = skyline::proxy::resilience::Policies::default();
+    policies
+        .services
+        .insert(ServiceName::parse("hurried").unwrap(), Arc::new(short));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .place(place("web", "b", &app))
+        .place(place("hurried", "b", &app))
+        .resilience(policies)
+        .spawn()
+        .await;
+    let client = Client::new();
+    let outbound = mesh.outbound("a");
+
+    // The route's timeout: 300 ms for `hurried`, the default for `web`.
+    let started = Instant::now();
+    let reply = client
+        .get(&format!("http://{outbound}/service/hurried/slow/3000"))
+        .await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.mesh_error(), Some("upstream-timeout"));
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    let reply = client
+        .get(&format!("http://{outbound}/service/web/slow/400"))
+        .await;
+    assert_eq!(reply.status, 200);
+
+    // The caller's deadline, shorter than the route's, is kept and passed on.
+    let req = Request::get(format!("http://{outbound}/service/web/slow/3000"))
+        .header("x-skyline-timeout-ms", "250")
+        .body(Full::default())
+        .unwrap();
+    let started = Instant::now();
+    let reply = client.send(req).await.unwrap();
+    assert_eq!(reply.status, 504);
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    let seen = app.seen();
+    let last = seen
+        .iter()
+        .rev()
+        .find(|s| s.target == "/slow/3000")
+        .unwrap();
+    let left: u64 = last.headers["x-skyline-timeout-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left <= 250 && left > 0, "the instance saw {left} ms left");
+    assert_eq!(last.headers["x-skyline-attempt"], "1");
+    mesh.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_leaving_the_catalog_finishes_its_in_flight_requests() {
+    let b = TestApp::spawn("b", ip("127.0.0.3"));
+    let c = TestApp::spawn("c", ip("127.0.0.4"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(place("web", "b", &b))
+        .spawn()
+        .await;
+    let client = Client::new();
+    let url = format!("http://{}/service/web/slow/1500", mesh.outbound("a"));
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mesh.set_catalog_and_wait(&[place("web", "c", &c)]).await;
+    let now = client
+        .get(&format!("http://{}/service/web/", mesh.outbound("a")))
+        .await;
+    assert_eq!(
+        now.body, "c /",
+        "new requests go to the remaining endpoint at once"
+    );
+    let finished = in_flight.await.unwrap();
+    assert_eq!(finished.status, 200);
+    assert_eq!(
+        finished.body, "b /slow/1500",
+        "the in-flight request finished"
+    );
+    mesh.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
