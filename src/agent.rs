@@ -291,6 +291,11 @@ pub async fn start(
 
     let forwarder = Forwarder::new();
     let policies = resilience::shared(settings.resilience.clone());
+    tasks.spawn(crate::proxy::probe::run(
+        routes.clone(),
+        policies.clone(),
+        shutdown.clone(),
+    ));
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (outbound, inbound, admin) = (
         addr(&listeners.outbound),

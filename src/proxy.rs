@@ -6,6 +6,7 @@ pub mod budget;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod probe;
 pub mod resilience;
 
 use std::net::SocketAddr;

@@ -102,6 +102,8 @@ pub struct EndpointState {
     ejected_until_ns: AtomicU64,
     /// Set while the active health probe finds it down.
     probe_down: AtomicBool,
+    /// The active probe's results in a row: passes (> 0) or failures (< 0).
+    probe_streak: std::sync::atomic::AtomicI32,
 }
 
 /// The result of one attempt, for the endpoint's state.
@@ -161,6 +163,31 @@ impl EndpointState {
     /// Records an active probe's verdict.
     pub fn set_probe_down(&self, down: bool) {
         self.probe_down.store(down, Ordering::Relaxed);
+    }
+
+    /// Records one active probe: `unhealthy` failures in a row take the endpoint out,
+    /// `healthy` passes in a row bring it back. Returns the change, if any (`Some(true)`: now
+    /// down).
+    pub fn record_probe(&self, passed: bool, unhealthy: u32, healthy: u32) -> Option<bool> {
+        let streak = self.probe_streak.load(Ordering::Relaxed);
+        let streak = match (passed, streak) {
+            (true, s) if s > 0 => s.saturating_add(1),
+            (true, _) => 1,
+            (false, s) if s < 0 => s.saturating_sub(1),
+            (false, _) => -1,
+        };
+        self.probe_streak.store(streak, Ordering::Relaxed);
+        let down = self.is_probe_down();
+        let limit = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        if !down && streak <= -limit(unhealthy) {
+            self.set_probe_down(true);
+            return Some(true);
+        }
+        if down && streak >= limit(healthy) {
+            self.set_probe_down(false);
+            return Some(false);
+        }
+        None
     }
 
     pub fn is_probe_down(&self) -> bool {
@@ -621,6 +648,24 @@ mod tests {
             .unwrap();
         assert!(!c.panic);
         assert_eq!(c.endpoint.addr.port(), 1001);
+    }
+
+    #[test]
+    fn probes_take_an_endpoint_out_and_back_after_their_streaks() {
+        let state = EndpointState::default();
+        assert_eq!(state.record_probe(false, 2, 2), None);
+        assert_eq!(
+            state.record_probe(true, 2, 2),
+            None,
+            "a pass breaks the streak"
+        );
+        assert_eq!(state.record_probe(false, 2, 2), None);
+        assert_eq!(state.record_probe(false, 2, 2), Some(true));
+        assert!(state.is_probe_down());
+        assert_eq!(state.record_probe(false, 2, 2), None);
+        assert_eq!(state.record_probe(true, 2, 2), None);
+        assert_eq!(state.record_probe(true, 2, 2), Some(false));
+        assert!(!state.is_probe_down());
     }
 
     #[test]

@@ -422,3 +422,58 @@ async fn an_endpoint_leaving_the_catalog_finishes_its_in_flight_requests() {
     b.stop().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_probe_takes_a_failing_endpoint_out_of_rotation() {
+    let sick = TestApp::spawn_with("sick", ip("127.0.0.3"), Behaviour::Fail503Every(1));
+    let c = TestApp::spawn("c", ip("127.0.0.4"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(place("web", "b", &sick))
+        .place(place("web", "c", &c))
+        .resilience(policies(|r| {
+            r.balance = skyline::routing::balance::Balance::RoundRobin;
+            // No retries: a request sent to the sick instance would fail visibly.
+            r.retries = 0;
+            r.probe = Some(skyline::proxy::resilience::Probe {
+                path: "/health".into(),
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(500),
+                unhealthy: 2,
+                healthy: 1,
+            });
+        }))
+        .spawn()
+        .await;
+    let client = Client::new();
+    let admin = format!("http://{}/routes", mesh.agents["a"].admin.unwrap());
+    let state_of = |routes: &Reply, node: &str| {
+        routes_of(routes, "web")
+            .into_iter()
+            .find(|e| e["addr"] == mesh.inbound(node).to_string())
+            .unwrap()["state"]
+            .clone()
+    };
+    let mut down = false;
+    for _ in 0..100 {
+        let routes = client.get(&admin).await;
+        if state_of(&routes, "b")["probe_down"] == true {
+            assert_eq!(state_of(&routes, "c")["probe_down"], false);
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(down, "the probe took b out");
+    let url = format!("http://{}/service/web/data", mesh.outbound("a"));
+    for _ in 0..40 {
+        let reply = client.get(&url).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(reply.body.starts_with("c "));
+    }
+    mesh.stop().await;
+    sick.stop().await;
+    c.stop().await;
+}
