@@ -16,9 +16,12 @@
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //! - [`demo`]: the `hello` and `echo` demo applications; [`demo::migration`] is
-//!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine.
+//!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine (in network
+//!   namespaces when root, else on loopback addresses).
 //! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
 //!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
+//! - [`netns`]: a lab of Linux network namespaces (a bridge, a namespace per node, processes
+//!   inside), torn down on drop; the demo's nodes and the namespace integration tests.
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
 //! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
@@ -35,6 +38,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod netns;
 pub mod proxy;
 pub mod registry;
 pub mod routing;

@@ -3,6 +3,7 @@
 
 mod catalog_changes;
 mod consul_backend;
+mod demo;
 mod etcd;
 mod gateway;
 mod guard;

@@ -269,12 +269,14 @@ struct Mesh {
 
 impl Mesh {
     fn curl(&self, node: &str, method: &str, url: &str, body: &str) -> String {
-        self.lab.output(
-            node,
-            "curl",
-            &["-s", "-m", "5", "-X", method, "--data", body, url],
-            Duration::from_secs(8),
-        )
+        self.lab
+            .output(
+                node,
+                "curl",
+                &["-s", "-m", "5", "-X", method, "--data", body, url],
+                Duration::from_secs(8),
+            )
+            .unwrap()
     }
 
     fn registry(&self) -> String {
@@ -329,7 +331,10 @@ impl Mesh {
             envs.push(("APP_BROKEN", "1".to_owned()));
         }
         let log = format!("app-{name}-{platform}-{}", fastrand::u32(..));
-        let (id, lines) = self.lab.spawn(&log, node, &self.exe, &child_args(), &envs);
+        let (id, lines) = self
+            .lab
+            .spawn(&log, node, &self.exe, &child_args(), &envs)
+            .unwrap();
         let ready = (0..200).any(|_| {
             lines
                 .recv_timeout(Duration::from_millis(50))
@@ -346,21 +351,24 @@ impl Mesh {
     /// Waits until `url` answers 200 from `node` (a started server is listening).
     fn wait_http(&self, node: &str, url: &str, what: &str) {
         for _ in 0..100 {
-            let out = self.lab.output(
-                node,
-                "curl",
-                &[
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-m",
-                    "2",
-                    url,
-                ],
-                Duration::from_secs(4),
-            );
+            let out = self
+                .lab
+                .output(
+                    node,
+                    "curl",
+                    &[
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-m",
+                        "2",
+                        url,
+                    ],
+                    Duration::from_secs(4),
+                )
+                .unwrap();
             if out.trim() == "200" {
                 return;
             }
@@ -409,7 +417,7 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     let ip = |h: u8| lab.ip(h).to_string();
 
     // The cluster DNS: giphy is a pod, organization and phantom are Services on the bridges.
-    let dns_pid = lab.dir.path().join("dnsmasq.pid");
+    let dns_pid = lab.dir().join("dnsmasq.pid");
     lab.spawn(
         "dnsmasq",
         "dns",
@@ -435,10 +443,11 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
             &format!("--address=/phantom.default.svc.cluster.local/{}", ip(K2)),
         ],
         &[],
-    );
+    )
+    .unwrap();
 
     // The registry and the gateway on the gateway node.
-    let data = lab.dir.path().join("registry");
+    let data = lab.dir().join("registry");
     let registry_listen = format!("{}:8500", ip(GW));
     lab.spawn(
         "registry",
@@ -452,7 +461,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
             &data.to_string_lossy(),
         ],
         &[],
-    );
+    )
+    .unwrap();
     mesh.wait_http(
         "gw",
         &format!("{}/v1/catalog/services", mesh.registry()),
@@ -504,7 +514,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
             HOLD,
         ],
         &log_env,
-    );
+    )
+    .unwrap();
     for (node, host) in [("k1", K1), ("k2", K2)] {
         lab.spawn(
             &format!("bridge-{node}"),
@@ -522,7 +533,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
                 &registry_listen,
             ],
             &log_env,
-        );
+        )
+        .unwrap();
     }
     for (node, host) in [("m1", M1), ("m2", M2)] {
         lab.spawn(
@@ -547,7 +559,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
                 &registry_listen,
             ],
             &log_env,
-        );
+        )
+        .unwrap();
     }
     mesh.wait_http(
         "gw",
@@ -566,19 +579,21 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
 
     // Loop protection: a service neither platform has ends in 404, never bounces.
     for service in ["ghost", "phantom"] {
-        let out = lab.output(
-            "m1",
-            "curl",
-            &[
-                "-s",
-                "-m",
-                "5",
-                "-D",
-                "-",
-                &format!("http://127.0.0.1:5040/service/{service}/x"),
-            ],
-            Duration::from_secs(8),
-        );
+        let out = lab
+            .output(
+                "m1",
+                "curl",
+                &[
+                    "-s",
+                    "-m",
+                    "5",
+                    "-D",
+                    "-",
+                    &format!("http://127.0.0.1:5040/service/{service}/x"),
+                ],
+                Duration::from_secs(8),
+            )
+            .unwrap();
         assert!(out.starts_with("HTTP/1.1 404"), "{service}: {out}");
         assert!(
             out.contains("x-skyline-error: unknown-service"),
@@ -587,19 +602,21 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     }
 
     // The load, from a Mesos node, for the whole scenario.
-    let (load_id, lines) = lab.spawn(
-        "load",
-        "m1",
-        &mesh.exe,
-        &child_args(),
-        &[
-            (CHILD_ROLE, "load".to_owned()),
-            (
-                "LOAD_URL",
-                "http://127.0.0.1:5040/service/giphy/media".to_owned(),
-            ),
-        ],
-    );
+    let (load_id, lines) = lab
+        .spawn(
+            "load",
+            "m1",
+            &mesh.exe,
+            &child_args(),
+            &[
+                (CHILD_ROLE, "load".to_owned()),
+                (
+                    "LOAD_URL",
+                    "http://127.0.0.1:5040/service/giphy/media".to_owned(),
+                ),
+            ],
+        )
+        .unwrap();
     let started = (0..100).find_map(|_| {
         lines
             .recv_timeout(Duration::from_millis(100))
@@ -631,7 +648,7 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     switches.push(("b. mesos -> kubernetes after scale to zero", moved - b));
     // Every catalog has caught up well before the instance stops (it drains in-flight requests).
     std::thread::sleep(Duration::from_secs(2));
-    lab.stop(giphy_mesos);
+    lab.stop(giphy_mesos).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let b_end = load.now_ms();
     steps.push(("b. scaled to zero on mesos", b, b_end));
@@ -649,21 +666,23 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
 
     // d. A Kubernetes app calls the Mesos organization service by its cluster DNS name.
     let d = load.now_ms();
-    let (call, call_lines) = lab.spawn(
-        "call",
-        "kp2",
-        &mesh.exe,
-        &child_args(),
-        &[
-            (CHILD_ROLE, "call".to_owned()),
-            (
-                "CALL_URL",
-                "http://organization.default.svc.cluster.local:8080/members".to_owned(),
-            ),
-            ("CALL_COUNT", "20".to_owned()),
-            ("CALL_DNS", format!("{}:53", ip(DNS))),
-        ],
-    );
+    let (call, call_lines) = lab
+        .spawn(
+            "call",
+            "kp2",
+            &mesh.exe,
+            &child_args(),
+            &[
+                (CHILD_ROLE, "call".to_owned()),
+                (
+                    "CALL_URL",
+                    "http://organization.default.svc.cluster.local:8080/members".to_owned(),
+                ),
+                ("CALL_COUNT", "20".to_owned()),
+                ("CALL_DNS", format!("{}:53", ip(DNS))),
+            ],
+        )
+        .unwrap();
     assert!(
         lab.wait(call, Duration::from_secs(30)),
         "the kubernetes caller did not finish"
@@ -690,8 +709,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     let e = load.now_ms();
     mesh.deregister("m2", "giphy-m2");
     std::thread::sleep(Duration::from_secs(2));
-    lab.stop(giphy_mesos);
-    lab.stop(giphy_k8s);
+    lab.stop(giphy_mesos).unwrap();
+    lab.stop(giphy_k8s).unwrap();
     let _broken = mesh.app("giphy", "kp1", POD_GIPHY, 8080, "kubernetes", true);
     let broke = load.wait_for(e, Duration::from_secs(10), |a| a.status == 500);
     let broke = broke.expect("the broken kubernetes version never answered");

@@ -5,7 +5,8 @@
 //!   file, which a test rewrites atomically to move services around.
 //! - [`Client`] and [`raw`]: a real HTTP client, and a raw TCP one for malformed input.
 
-pub mod netns;
+/// The network-namespace lab is the library's, shared with `skyline demo migration`.
+pub use skyline::netns;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
