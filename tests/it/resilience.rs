@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use http::Request;
 use http_body_util::Full;
 use skyline::catalog::ServiceName;
-use skyline::proxy::resilience::Resilience;
+use skyline::proxy::resilience::{Policies, Resilience};
 
 use crate::support::*;
 
@@ -49,6 +49,46 @@ fn app_in_process(ip: &str) -> (std::process::Child, std::net::SocketAddr) {
     panic!("the application process did not start");
 }
 
+/// The nodes that run `web` in these tests; the caller is node `a` at 127.0.0.2.
+const NODES: [(&str, &str); 3] = [("b", "127.0.0.3"), ("c", "127.0.0.4"), ("d", "127.0.0.5")];
+
+/// One application per behaviour, the i-th on the i-th of [`NODES`].
+fn apps(behaviours: &[Behaviour]) -> Vec<TestApp> {
+    behaviours
+        .iter()
+        .zip(NODES)
+        .map(|(&b, (node, addr))| TestApp::spawn_with(node, ip(addr), b))
+        .collect()
+}
+
+/// A mesh where node `a` calls `web`, whose i-th instance (at `instances[i]`) runs on the i-th
+/// of [`NODES`].
+async fn web_mesh(instances: &[std::net::SocketAddr], policies: Policies) -> TestMesh {
+    let mut mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .resilience(policies);
+    for (&addr, (node, ip)) in instances.iter().zip(NODES) {
+        mesh = mesh.node(node, ip).place(Placement {
+            service: "web",
+            node,
+            addr,
+            health: skyline::catalog::Health::Passing,
+        });
+    }
+    mesh.spawn().await
+}
+
+fn addrs(apps: &[TestApp]) -> Vec<std::net::SocketAddr> {
+    apps.iter().map(|a| a.addr).collect()
+}
+
+async fn stop_all(mesh: TestMesh, apps: Vec<TestApp>) {
+    mesh.stop().await;
+    for app in apps {
+        app.stop().await;
+    }
+}
+
 fn routes_of(reply: &Reply, service: &str) -> Vec<serde_json::Value> {
     reply.json()["outbound"][service]["endpoints"]
         .as_array()
@@ -60,22 +100,8 @@ fn routes_of(reply: &Reply, service: &str) -> Vec<serde_json::Value> {
 async fn an_instance_killed_with_sigkill_under_load_fails_no_idempotent_request() {
     let (mut child, addr) = app_in_process("127.0.0.3");
     let c = TestApp::spawn("c", ip("127.0.0.4"));
-    let doomed = Placement {
-        service: "web",
-        node: "b",
-        addr,
-        health: skyline::catalog::Health::Passing,
-    };
     // Round robin, so the doomed instance certainly has traffic when it dies.
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .place(doomed)
-        .place(place("web", "c", &c))
-        .resilience(round_robin())
-        .spawn()
-        .await;
+    let mesh = web_mesh(&[addr, c.addr], round_robin()).await;
     let url = format!("http://{}/service/web/x", mesh.outbound("a"));
     let load = tokio::spawn(async move {
         load(&url, 4, Duration::from_secs(4), Duration::from_millis(10)).await
@@ -111,8 +137,7 @@ async fn an_instance_killed_with_sigkill_under_load_fails_no_idempotent_request(
         .collect();
     assert_eq!(ejected.len(), 1, "{:?}", routes.body);
     assert_eq!(ejected[0]["addr"], mesh.inbound("b").to_string());
-    mesh.stop().await;
-    c.stop().await;
+    stop_all(mesh, vec![c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,24 +152,12 @@ async fn a_black_hole_instance_times_out_then_is_ejected() {
         }
     });
     let c = TestApp::spawn("c", ip("127.0.0.4"));
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .place(Placement {
-            service: "web",
-            node: "b",
-            addr: hole_addr,
-            health: skyline::catalog::Health::Passing,
-        })
-        .place(place("web", "c", &c))
-        .resilience(policies(|r| {
-            r.balance = skyline::routing::balance::Balance::RoundRobin;
-            r.attempt_timeout = Some(Duration::from_millis(300));
-            r.request_timeout = Duration::from_secs(5);
-        }))
-        .spawn()
-        .await;
+    let timeouts = policies(|r| {
+        r.balance = skyline::routing::balance::Balance::RoundRobin;
+        r.attempt_timeout = Some(Duration::from_millis(300));
+        r.request_timeout = Duration::from_secs(5);
+    });
+    let mesh = web_mesh(&[hole_addr, c.addr], timeouts).await;
     let url = format!("http://{}/service/web/x", mesh.outbound("a"));
     let workers = 4;
     let report = load(
@@ -177,71 +190,42 @@ async fn a_black_hole_instance_times_out_then_is_ejected() {
         .find(|e| e["addr"] == mesh.inbound("b").to_string())
         .unwrap();
     assert_eq!(b["state"]["ejected"], true, "{b}");
-    mesh.stop().await;
-    c.stop().await;
+    stop_all(mesh, vec![c]).await;
     holder.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_instance_gets_less_than_a_tenth_of_the_traffic() {
-    let slow = TestApp::spawn_with(
-        "slow",
-        ip("127.0.0.3"),
-        Behaviour::Slow(Duration::from_millis(500)),
-    );
-    let c = TestApp::spawn("c", ip("127.0.0.4"));
-    let d = TestApp::spawn("d", ip("127.0.0.5"));
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .node("d", "127.0.0.5")
-        .place(place("web", "b", &slow))
-        .place(place("web", "c", &c))
-        .place(place("web", "d", &d))
-        .spawn()
-        .await;
+    let slow = Behaviour::Slow(Duration::from_millis(500));
+    let apps = apps(&[slow, Behaviour::Healthy, Behaviour::Healthy]);
+    let mesh = web_mesh(&addrs(&apps), Policies::default()).await;
     let url = format!("http://{}/service/web/x", mesh.outbound("a"));
     let report = load(&url, 8, Duration::from_secs(4), Duration::from_millis(5)).await;
-    let total = slow.hits() + c.hits() + d.hits();
-    let share = slow.hits() as f64 / total as f64;
+    let hits: Vec<u64> = apps.iter().map(TestApp::hits).collect();
+    let share = hits[0] as f64 / hits.iter().sum::<u64>() as f64;
     println!(
-        "slow instance: {} requests, {} failed; hits slow {} c {} d {} (slow share {:.1}%)",
+        "slow instance: {} requests, {} failed; hits slow/fast/fast {hits:?} (slow share {:.1}%)",
         report.sent,
         report.failed(),
-        slow.hits(),
-        c.hits(),
-        d.hits(),
         share * 100.0
     );
     assert_eq!(report.failed(), 0);
     assert!(share < 0.10, "slow share {share}");
-    assert!(slow.hits() > 0, "the slow instance was tried");
-    mesh.stop().await;
-    for app in [slow, c, d] {
-        app.stop().await;
-    }
+    assert!(hits[0] > 0, "the slow instance was tried");
+    stop_all(mesh, apps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_absorb_an_instance_failing_half_its_requests() {
-    let flaky = TestApp::spawn_with("flaky", ip("127.0.0.3"), Behaviour::Fail503Every(2));
-    let c = TestApp::spawn("c", ip("127.0.0.4"));
-    let d = TestApp::spawn("d", ip("127.0.0.5"));
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .node("d", "127.0.0.5")
-        .place(place("web", "b", &flaky))
-        .place(place("web", "c", &c))
-        .place(place("web", "d", &d))
-        .resilience(round_robin())
-        .spawn()
-        .await;
+    let apps = apps(&[
+        Behaviour::Fail503Every(2),
+        Behaviour::Healthy,
+        Behaviour::Healthy,
+    ]);
+    let mesh = web_mesh(&addrs(&apps), round_robin()).await;
     let url = format!("http://{}/service/web/x", mesh.outbound("a"));
     let report = load(&url, 4, Duration::from_secs(3), Duration::from_millis(10)).await;
-    let hits = flaky.hits() + c.hits() + d.hits();
+    let hits: u64 = apps.iter().map(TestApp::hits).sum();
     println!(
         "503 on half of one instance's requests: {} requests, {} failed, {} attempts, statuses {:?}",
         report.sent,
@@ -250,27 +234,14 @@ async fn retries_absorb_an_instance_failing_half_its_requests() {
         report.statuses
     );
     assert_eq!(report.failed(), 0, "every 503 was retried elsewhere");
-    assert!(flaky.hits() > 20, "the flaky instance kept its share");
-    mesh.stop().await;
-    for app in [flaky, c, d] {
-        app.stop().await;
-    }
+    assert!(apps[0].hits() > 20, "the flaky instance kept its share");
+    stop_all(mesh, apps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_instance_fails_retries_stay_within_the_budget() {
-    let apps: Vec<TestApp> = ["127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|a| TestApp::spawn_with("down", ip(a), Behaviour::Fail503Every(1)))
-        .collect();
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .place(place("web", "b", &apps[0]))
-        .place(place("web", "c", &apps[1]))
-        .spawn()
-        .await;
+    let apps = apps(&[Behaviour::Fail503Every(1); 2]);
+    let mesh = web_mesh(&addrs(&apps), Policies::default()).await;
     let url = format!("http://{}/service/web/x", mesh.outbound("a"));
     let started = Instant::now();
     let report = load(&url, 4, Duration::from_secs(3), Duration::from_millis(5)).await;
@@ -298,21 +269,13 @@ async fn when_every_instance_fails_retries_stay_within_the_budget() {
         "{retries} retries for {} requests",
         report.sent
     );
-    mesh.stop().await;
-    for app in apps {
-        app.stop().await;
-    }
+    stop_all(mesh, apps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_first_hop_retries() {
-    let down = TestApp::spawn_with("down", ip("127.0.0.3"), Behaviour::Fail503Every(1));
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .place(place("web", "b", &down))
-        .spawn()
-        .await;
+    let apps = apps(&[Behaviour::Fail503Every(1)]);
+    let mesh = web_mesh(&addrs(&apps), Policies::default()).await;
     let reply = Client::new()
         .get(&format!("http://{}/service/web/", mesh.outbound("a")))
         .await;
@@ -320,9 +283,8 @@ async fn only_the_first_hop_retries() {
     assert_eq!(reply.mesh_error(), None, "the application's own 503");
     // The outbound proxy tries 1 + 2 times; the inbound proxy, seeing x-skyline-attempt, does
     // not multiply them (it would make 9).
-    assert_eq!(down.hits(), 3);
-    mesh.stop().await;
-    down.stop().await;
+    assert_eq!(apps[0].hits(), 3);
+    stop_all(mesh, apps).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +294,7 @@ async fn deadlines_come_from_the_route_or_the_caller_and_travel_to_the_next_hop(
         request_timeout: Duration::from_millis(300),
         ..Resilience::default()
     };
-    let mut policies = skyline::proxy::resilience::Policies::default();
+    let mut policies = Policies::default();
     policies
         .services
         .insert(ServiceName::parse("hurried").unwrap(), Arc::new(short));
@@ -425,28 +387,20 @@ async fn an_endpoint_leaving_the_catalog_finishes_its_in_flight_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_active_probe_takes_a_failing_endpoint_out_of_rotation() {
-    let sick = TestApp::spawn_with("sick", ip("127.0.0.3"), Behaviour::Fail503Every(1));
-    let c = TestApp::spawn("c", ip("127.0.0.4"));
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .place(place("web", "b", &sick))
-        .place(place("web", "c", &c))
-        .resilience(policies(|r| {
-            r.balance = skyline::routing::balance::Balance::RoundRobin;
-            // No retries: a request sent to the sick instance would fail visibly.
-            r.retries = 0;
-            r.probe = Some(skyline::proxy::resilience::Probe {
-                path: "/health".into(),
-                interval: Duration::from_millis(100),
-                timeout: Duration::from_millis(500),
-                unhealthy: 2,
-                healthy: 1,
-            });
-        }))
-        .spawn()
-        .await;
+    let apps = apps(&[Behaviour::Fail503Every(1), Behaviour::Healthy]);
+    let probing = policies(|r| {
+        r.balance = skyline::routing::balance::Balance::RoundRobin;
+        // No retries: a request sent to the sick instance would fail visibly.
+        r.retries = 0;
+        r.probe = Some(skyline::proxy::resilience::Probe {
+            path: "/health".into(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(500),
+            unhealthy: 2,
+            healthy: 1,
+        });
+    });
+    let mesh = web_mesh(&addrs(&apps), probing).await;
     let client = Client::new();
     let admin = format!("http://{}/routes", mesh.agents["a"].admin.unwrap());
     let state_of = |routes: &Reply, node: &str| {
@@ -473,7 +427,5 @@ async fn an_active_probe_takes_a_failing_endpoint_out_of_rotation() {
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert!(reply.body.starts_with("c "));
     }
-    mesh.stop().await;
-    sick.stop().await;
-    c.stop().await;
+    stop_all(mesh, apps).await;
 }
