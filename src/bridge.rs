@@ -54,6 +54,8 @@ pub struct Settings {
     /// Where the catalog comes from, to find the gateways; `None` with fixed gateways.
     pub catalog: Option<CatalogSource>,
     pub max_hops: u32,
+    /// Timeouts, retries, balancing and ejection of the bridge's calls.
+    pub resilience: Resilience,
 }
 
 /// How a Skyline service name becomes a Kubernetes Service name and port.
@@ -180,6 +182,7 @@ impl Bridge {
         gateways: Vec<SocketAddr>,
         catalog: Option<Subscriber>,
         max_hops: u32,
+        resilience: Resilience,
     ) -> Self {
         let gateways = (!gateways.is_empty()).then(|| {
             Arc::new(Route::new(
@@ -194,7 +197,7 @@ impl Bridge {
                 catalog,
                 catalog_gateways: Mutex::new(None),
                 forwarder: Forwarder::new(),
-                resilience: Arc::default(),
+                resilience: Arc::new(resilience),
                 max_hops,
             }),
         }
@@ -424,6 +427,7 @@ pub async fn spawn(
         settings.gateways.clone(),
         catalog,
         settings.max_hops,
+        settings.resilience.clone(),
     );
     let addrs: Vec<SocketAddr> = listeners
         .iter()

@@ -270,7 +270,7 @@ struct FileConfig {
 /// route, over `[resilience]`).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct ResilienceSection {
+pub(crate) struct ResilienceSection {
     connect_timeout: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
     attempt_timeout: Option<Spanned<String>>,
@@ -363,13 +363,23 @@ struct ProxySection {
     fallback_hold: Option<Spanned<String>>,
 }
 
-/// Reads the config file and turns spans into line numbers for errors.
-struct Source {
-    path: PathBuf,
-    text: String,
+/// A config file's path and text, to turn spans into line numbers for errors.
+pub(crate) struct Source {
+    pub(crate) path: PathBuf,
+    pub(crate) text: String,
 }
 
 impl Source {
+    /// An error about `key`, at the line of byte `offset` when known.
+    pub(crate) fn at(
+        &self,
+        offset: Option<usize>,
+        key: &str,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        self.error(offset, Some(key), reason)
+    }
+
     fn error(
         &self,
         offset: Option<usize>,
@@ -626,7 +636,7 @@ fn policies(src: &Source, file: &FileConfig) -> Result<Policies, ConfigError> {
 }
 
 /// `base` with the keys `section` gives, each validated; `prefix` names the section in errors.
-fn resilience(
+pub(crate) fn resilience(
     src: &Source,
     base: &Resilience,
     section: &ResilienceSection,

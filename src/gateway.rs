@@ -75,9 +75,11 @@ pub struct Settings {
     pub kv: Option<SocketAddr>,
     /// Route to instances whose health is `warning` as well.
     pub include_warning: bool,
-    /// How to read the config file again when it changes, for its `[routes]` (flags and
-    /// variables still win); `None` when there is no config file.
+    /// How to read the config file again when it changes, for its `[routes]` and
+    /// `[resilience]` (flags and variables still win); `None` when there is no config file.
     pub reload: Option<config::GatewayArgs>,
+    /// Timeouts, retries, balancing and ejection of the gateway's calls.
+    pub resilience: Resilience,
 }
 
 // === Table ===
@@ -288,7 +290,7 @@ pub struct Gateway {
     table: ArcSwap<Table>,
     selectors: Mutex<HashMap<ServiceName, Entry>>,
     forwarder: Forwarder,
-    resilience: Arc<Resilience>,
+    resilience: ArcSwap<Resilience>,
     max_hops: u32,
 }
 
@@ -307,12 +309,12 @@ struct Decision<'a> {
 }
 
 impl Gateway {
-    pub fn new(table: Table, max_hops: u32) -> Arc<Self> {
+    pub fn new(table: Table, max_hops: u32, resilience: Resilience) -> Arc<Self> {
         let gateway = Arc::new(Self {
             table: ArcSwap::from_pointee(Table::default()),
             selectors: Mutex::new(HashMap::new()),
             forwarder: Forwarder::new(),
-            resilience: Arc::default(),
+            resilience: ArcSwap::from_pointee(resilience),
             max_hops,
         });
         gateway.store(table);
@@ -500,10 +502,11 @@ impl Handler for GatewayHandler {
         let header = tier.header.clone();
         let name = name.to_owned();
         // Retries stay within the chosen tier.
+        let policy = self.gateway.resilience.load_full();
         let upstream = Destination {
             service: &name,
             route: &tier.route,
-            policy: &self.gateway.resilience,
+            policy: &policy,
             first_hop: false,
         };
         match self
@@ -616,9 +619,22 @@ pub async fn spawn(
         None => Some(kv_tx),
     };
     let (file_tx, file_rx) = watch::channel(settings.routes.clone());
+    let policies = Policies {
+        file: settings.routes.clone(),
+        kv: BTreeMap::new(),
+        default_hold: settings.default_hold,
+    };
+    let table = Table::build(
+        &snapshot,
+        &policies,
+        &settings.upstreams,
+        settings.include_warning,
+    );
+    let gateway = Gateway::new(table, settings.max_hops, settings.resilience.clone());
     match settings.reload.clone() {
         Some(args) => {
-            tasks.spawn(watch_file_routes(args, file_tx, shutdown.clone()));
+            let watch = watch_file_routes(args, file_tx, gateway.clone(), shutdown.clone());
+            tasks.spawn(watch);
         }
         None => {
             // Nothing to watch: keep the channel open for the follower until shutdown.
@@ -637,18 +653,6 @@ pub async fn spawn(
             drop(kv_tx);
         });
     }
-    let policies = Policies {
-        file: settings.routes.clone(),
-        kv: BTreeMap::new(),
-        default_hold: settings.default_hold,
-    };
-    let table = Table::build(
-        &snapshot,
-        &policies,
-        &settings.upstreams,
-        settings.include_warning,
-    );
-    let gateway = Gateway::new(table, settings.max_hops);
     tasks.spawn(follow(
         subscriber.clone(),
         kv_rx,
@@ -723,11 +727,13 @@ pub async fn follow(
 /// How often the gateway's config file is checked for a change to its `[routes]`.
 pub const FILE_ROUTES_POLL: Duration = Duration::from_millis(250);
 
-/// Re-reads the config file when it changes and publishes its `[routes]`. A file that does not
-/// validate is refused with file, line, key and reason, and the policies in force are kept.
+/// Re-reads the config file when it changes, publishes its `[routes]` and applies its
+/// `[resilience]`. A file that does not validate is refused with file, line, key and reason,
+/// and the policies in force are kept.
 pub async fn watch_file_routes(
     args: config::GatewayArgs,
     tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
+    gateway: Arc<Gateway>,
     shutdown: CancellationToken,
 ) {
     let Some(path) = args.config.clone() else {
@@ -748,6 +754,7 @@ pub async fn watch_file_routes(
             Ok(settings) => {
                 tracing::info!(path = %path.display(), policies = settings.routes.len(), "route policies reloaded");
                 tx.send_replace(settings.routes);
+                gateway.resilience.store(Arc::new(settings.resilience));
             }
             Err(error) => {
                 tracing::error!(%error, "route policies refused; keeping those in force");

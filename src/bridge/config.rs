@@ -25,9 +25,10 @@ use serde::Deserialize;
 
 use super::{Names, Override, Settings};
 use crate::agent::CatalogSource;
-use crate::config::{ConfigError, DEFAULT_ADMIN, Listen};
+use crate::config::{ConfigError, DEFAULT_ADMIN, Listen, ResilienceSection, Source, resilience};
 use crate::gateway::config::read_file;
 use crate::proxy::DEFAULT_MAX_HOPS;
+use crate::proxy::resilience::Resilience;
 
 /// Settings of `skyline bridge`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -92,6 +93,9 @@ struct FileConfig {
     bridge: BridgeSection,
     #[serde(default)]
     services: BTreeMap<String, ServiceSection>,
+    /// Timeouts, retries, balancing and ejection of the bridge's calls (the agent's keys).
+    #[serde(default)]
+    resilience: ResilienceSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -136,7 +140,12 @@ pub fn system_dns() -> SocketAddr {
 
 impl BridgeArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        let (file, path, _text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
+        let (file, path, text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
+        let src = Source {
+            path: path.clone(),
+            text,
+        };
+        let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let error = |key: &str, reason: String| ConfigError {
             file: path.clone(),
             line: None,
@@ -196,6 +205,7 @@ impl BridgeArgs {
             gateways,
             catalog,
             max_hops,
+            resilience,
         })
     }
 }

@@ -17,6 +17,9 @@
 //! [upstreams.kubernetes]
 //! service = "skyline-bridge"        # or addresses = ["10.0.0.21:5041"]
 //!
+//! [resilience]                    # as the agent's: timeouts, retries, balancing, ejection
+//! attempt_timeout = "1s"
+//!
 //! [routes.giphy]
 //! tiers = [{ select = "platform=mesos", min_healthy = "50%" }, { upstream = "kubernetes" }]
 //! hold = "3s"
@@ -33,8 +36,11 @@ use toml::Spanned;
 use super::Settings;
 use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
 use crate::agent::CatalogSource;
-use crate::config::{ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen};
+use crate::config::{
+    ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, ResilienceSection, Source, resilience,
+};
 use crate::proxy::DEFAULT_MAX_HOPS;
+use crate::proxy::resilience::Resilience;
 
 pub const DEFAULT_GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 5041);
 
@@ -94,6 +100,9 @@ struct FileConfig {
     upstreams: BTreeMap<String, Spanned<UpstreamConfig>>,
     #[serde(default)]
     routes: BTreeMap<String, Spanned<RoutePolicyConfig>>,
+    /// Timeouts, retries, balancing and ejection of the gateway's calls (the agent's keys).
+    #[serde(default)]
+    resilience: ResilienceSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -120,24 +129,6 @@ struct GatewaySection {
     kv_routes: Option<bool>,
     /// The hold of policies that give none [default: "3s"].
     hold: Option<Spanned<String>>,
-}
-
-/// The file's text, for line numbers in errors.
-struct Source {
-    path: PathBuf,
-    text: String,
-}
-
-impl Source {
-    fn error(&self, offset: Option<usize>, key: &str, reason: impl Into<String>) -> ConfigError {
-        let line = offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1);
-        ConfigError {
-            file: self.path.clone(),
-            line,
-            key: Some(key.to_owned()),
-            reason: reason.into(),
-        }
-    }
 }
 
 /// Reads and parses a TOML config file into `T`, errors with file and line.
@@ -169,13 +160,14 @@ impl GatewayArgs {
         let reload = self.config.is_some().then(|| self.clone());
         let (file, path, text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
         let src = Source { path, text };
+        let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field
                 .as_ref()
                 .map(|f| {
                     f.get_ref()
                         .parse::<Listen>()
-                        .map_err(|e| src.error(Some(f.span().start), key, e))
+                        .map_err(|e| src.at(Some(f.span().start), key, e))
                 })
                 .transpose()
         };
@@ -184,7 +176,7 @@ impl GatewayArgs {
             None => match parse_addr("listen.gateway", &file.listen.gateway)? {
                 Some(Listen::At(a)) => a,
                 Some(Listen::Off) => {
-                    return Err(src.error(
+                    return Err(src.at(
                         None,
                         "listen.gateway",
                         "the gateway listener cannot be off",
@@ -203,7 +195,7 @@ impl GatewayArgs {
             Some(a) => a,
             None => match &file.catalog.consul {
                 Some(f) => f.get_ref().parse().map_err(|_| {
-                    src.error(
+                    src.at(
                         Some(f.span().start),
                         "catalog.consul",
                         "not an address like 127.0.0.1:8500",
@@ -218,11 +210,11 @@ impl GatewayArgs {
             (None, Some("file") | None, Some(p)) => CatalogSource::File(p),
             (None, Some("consul") | None, None) => CatalogSource::Consul(consul),
             (None, Some("file"), None) => {
-                return Err(src.error(None, "catalog.file", "source \"file\" needs a file"));
+                return Err(src.at(None, "catalog.file", "source \"file\" needs a file"));
             }
             (None, Some(other), _) => {
                 let offset = file.catalog.source.as_ref().map(|s| s.span().start);
-                return Err(src.error(
+                return Err(src.at(
                     offset,
                     "catalog.source",
                     format!("unknown source {other:?}; expected \"file\" or \"consul\""),
@@ -230,9 +222,9 @@ impl GatewayArgs {
             }
         };
         let default_hold = match (&self.hold, &file.gateway.hold) {
-            (Some(h), _) => policy::parse_duration(h).map_err(|e| src.error(None, "hold", e))?,
+            (Some(h), _) => policy::parse_duration(h).map_err(|e| src.at(None, "hold", e))?,
             (None, Some(h)) => policy::parse_duration(h.get_ref())
-                .map_err(|e| src.error(Some(h.span().start), "gateway.hold", e))?,
+                .map_err(|e| src.at(Some(h.span().start), "gateway.hold", e))?,
             (None, None) => DEFAULT_HOLD,
         };
         let max_hops = self
@@ -240,7 +232,7 @@ impl GatewayArgs {
             .or(file.gateway.max_hops)
             .unwrap_or(DEFAULT_MAX_HOPS);
         if max_hops == 0 {
-            return Err(src.error(None, "gateway.max_hops", "must be at least 1"));
+            return Err(src.at(None, "gateway.max_hops", "must be at least 1"));
         }
         let mut upstreams = policy::default_upstreams();
         for (name, config) in file.upstreams {
@@ -248,7 +240,7 @@ impl GatewayArgs {
             let upstream = config
                 .into_inner()
                 .validate(&name)
-                .map_err(|e| src.error(Some(offset), &e.key, e.reason))?;
+                .map_err(|e| src.at(Some(offset), &e.key, e.reason))?;
             upstreams.insert(name, upstream);
         }
         if let Some(bridges) = self.bridges {
@@ -264,7 +256,7 @@ impl GatewayArgs {
         for (name, config) in file.routes {
             let offset = config.span().start;
             if name != "*" && !crate::catalog::ServiceName::is_valid(&name) {
-                return Err(src.error(
+                return Err(src.at(
                     Some(offset),
                     &format!("routes.{name}"),
                     "not a service name or \"*\"",
@@ -273,9 +265,7 @@ impl GatewayArgs {
             let policy = config
                 .into_inner()
                 .validate(&upstreams, default_hold)
-                .map_err(|e| {
-                    src.error(Some(offset), &format!("routes.{name}.{}", e.key), e.reason)
-                })?;
+                .map_err(|e| src.at(Some(offset), &format!("routes.{name}.{}", e.key), e.reason))?;
             routes.insert(name, policy);
         }
         let kv = match (&catalog, file.gateway.kv_routes) {
@@ -283,6 +273,7 @@ impl GatewayArgs {
             _ => None,
         };
         Ok(Settings {
+            resilience,
             listen,
             admin: admin.addr(),
             catalog,
@@ -324,6 +315,20 @@ mod tests {
         assert_eq!(s.routes["giphy"].hold, DEFAULT_HOLD);
         assert_eq!(s.catalog, CatalogSource::Consul(DEFAULT_REGISTRY));
         assert_eq!(s.kv, Some(DEFAULT_REGISTRY));
+    }
+
+    #[test]
+    fn the_gateway_takes_resilience_policies_like_the_agent() {
+        let (_d, args) = with_file("[resilience]\nattempt_timeout = \"1s\"\nretries = 1\n");
+        let s = args.resolve().unwrap();
+        assert_eq!(s.resilience.attempt_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(s.resilience.retries, 1);
+        let (_d, args) = with_file("[resilience]\n\nbalance = \"best\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(3), Some("resilience.balance"))
+        );
     }
 
     #[test]

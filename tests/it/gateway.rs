@@ -62,6 +62,7 @@ impl Setup {
                     kv: Some(registry.addr()),
                     include_warning: false,
                     reload: None,
+                    resilience: Default::default(),
                 },
                 CancellationToken::new(),
             )

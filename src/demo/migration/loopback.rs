@@ -170,6 +170,7 @@ impl Loopback {
                 gateways: vec![gateway_addr],
                 catalog: None,
                 max_hops: DEFAULT_MAX_HOPS,
+                resilience: Default::default(),
             },
             stop.clone(),
         )
@@ -213,6 +214,7 @@ impl Loopback {
                 kv: Some(reg),
                 include_warning: false,
                 reload: None,
+                resilience: Default::default(),
             },
             stop.clone(),
         )
