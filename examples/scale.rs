@@ -25,7 +25,9 @@ use hyper_util::rt::TokioExecutor;
 use skyline::agent::{self, CatalogSource, Listeners, Settings};
 use skyline::catalog::consul::ConsulDiscovery;
 use skyline::catalog::etcd::{DEFAULT_PREFIX, EtcdDiscovery, InstanceValue, Keys, NodeValue};
-use skyline::catalog::{self, Discovery, Health, Instance, Node, ServiceName, Snapshot, file};
+use skyline::catalog::{
+    self, Discovery, Health, Instance, Interner, Node, Nodes, ServiceName, Snapshot, file,
+};
 use skyline::registry::{self, RegistryConfig};
 use skyline::routing::{Lookup, Policy, Routes, Table};
 use tokio_util::sync::CancellationToken;
@@ -64,13 +66,23 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tempfile::tempdir()?
     };
+    let before = own_rss_kib();
     let snapshot = synthetic();
+    let with_snapshot = own_rss_kib();
     println!(
         "catalog: {} services, {} instances, {} nodes",
         snapshot.services.len(),
         snapshot.instance_count(),
         snapshot.nodes.len()
     );
+    let table = Table::build(&snapshot, "node-7", Policy::default());
+    let with_table = own_rss_kib();
+    println!(
+        "memory (RSS growth of this process): snapshot {:.1} MiB, route table {:.1} MiB",
+        mib(with_snapshot.saturating_sub(before)),
+        mib(with_table.saturating_sub(with_snapshot))
+    );
+    drop(table);
 
     // --- Route table build ---
     let mut builds = Vec::new();
@@ -279,20 +291,26 @@ fn node_ip(n: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, (n / 250) as u8, (n % 250) as u8 + 1, 1))
 }
 
+/// The catalog as a backend builds it: node names, meta and tags shared through an interner.
 fn synthetic() -> Snapshot {
-    let mut snapshot = Snapshot::default();
+    let mut interner = Interner::default();
+    let mut nodes = Nodes::new();
     for n in 0..NODES {
-        let name = format!("node-{n}");
-        snapshot.nodes.insert(
+        let name = interner.node(&format!("node-{n}"));
+        nodes.insert(
             name.clone(),
             Node {
                 name,
                 address: node_ip(n),
                 inbound_port: 5041,
-                meta: BTreeMap::new(),
+                meta: interner.meta(BTreeMap::new()),
             },
         );
     }
+    let mut snapshot = Snapshot {
+        nodes: Arc::new(nodes),
+        ..Snapshot::default()
+    };
     for s in 0..services() {
         let service = ServiceName::parse(&format!("svc-{s}")).unwrap();
         let instances = (0..PER_SERVICE)
@@ -301,11 +319,14 @@ fn synthetic() -> Snapshot {
                 Instance {
                     id: format!("svc-{s}-{k}"),
                     service: service.clone(),
-                    node: format!("node-{n}"),
+                    node: interner.node(&format!("node-{n}")),
                     address: node_ip(n),
                     port: 10_000 + (s % 50_000) as u16,
-                    tags: Vec::new(),
-                    meta: BTreeMap::from([("platform".to_owned(), "mesos".to_owned())]),
+                    tags: interner.tags(Vec::new()),
+                    meta: interner.meta(BTreeMap::from([(
+                        "platform".to_owned(),
+                        "mesos".to_owned(),
+                    )])),
                     health: Health::Passing,
                     weight: 1,
                 }
@@ -332,6 +353,18 @@ fn summary(samples: &mut [Duration]) -> String {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// This process's resident set, in KiB.
+fn own_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -450,7 +483,7 @@ async fn load_registry(http: &Http, addr: SocketAddr, snapshot: &Snapshot) -> an
     let bodies: Vec<serde_json::Value> = snapshot
         .services
         .values()
-        .flatten()
+        .flat_map(|i| i.iter())
         .map(|i| {
             serde_json::json!({
                 "Node": i.node,
@@ -560,7 +593,7 @@ async fn load_etcd(endpoint: &str, snapshot: &Snapshot) -> anyhow::Result<()> {
             lease,
         ));
     }
-    for i in snapshot.services.values().flatten() {
+    for i in snapshot.services.values().flat_map(|i| i.iter()) {
         entries.push((
             keys.instance(&i.service, &i.id),
             serde_json::to_vec(&InstanceValue::of(i, &i.node))?,

@@ -176,7 +176,7 @@ impl Table {
                     ),
                     Pool::Service(service) => {
                         let instances = snapshot.services.get(service.as_str());
-                        let all = instances.map_or(&[][..], Vec::as_slice);
+                        let all = instances.map_or(&[][..], |i| &i[..]);
                         let up = all
                             .iter()
                             .filter(|i| routable(i.health))
@@ -197,7 +197,7 @@ impl Table {
                         TierSource::Select { key, value } => {
                             let instances = service
                                 .and_then(|s| snapshot.services.get(s))
-                                .map_or(&[][..], Vec::as_slice);
+                                .map_or(&[][..], |i| &i[..]);
                             let matching: Vec<_> = instances
                                 .iter()
                                 .filter(|i| i.meta.get(key) == Some(value))

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::catalog::{self, Discovery, Instance, Node, Publisher, ServiceName};
+use crate::catalog::{self, Discovery, Instance, Interner, Node, Nodes, Publisher, ServiceName};
 use api::ApiError;
 use checks::{Checks, ProbeResult};
 use store::{Op, Record, State, Store, StoreError};
@@ -141,7 +141,7 @@ impl Discovery for EmbeddedDiscovery {
 
     async fn run(mut self, publisher: Publisher, shutdown: CancellationToken) {
         loop {
-            let snapshot = (**self.snapshots.borrow_and_update()).clone();
+            let snapshot = self.snapshots.borrow_and_update().clone();
             publisher.publish(snapshot);
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -174,7 +174,8 @@ pub async fn spawn(
 
     let state = Arc::new(state);
     let (state_tx, state_rx) = watch::channel(state.clone());
-    let (snap_tx, snap_rx) = watch::channel(Arc::new(to_snapshot(&state)));
+    let snapshots = Snapshots::new(state.clone());
+    let (snap_tx, snap_rx) = watch::channel(snapshots.current());
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (result_tx, result_rx) = mpsc::unbounded_channel();
     let mut checks = Checks::new(result_tx);
@@ -188,7 +189,7 @@ pub async fn spawn(
         state_tx,
     };
     let core_task = tokio::spawn(core.run(cmd_rx, result_rx, core_stop.clone()));
-    let snap_task = tokio::spawn(publish_snapshots(state_rx.clone(), snap_tx));
+    let snap_task = tokio::spawn(publish_snapshots(state_rx.clone(), snapshots, snap_tx));
 
     let shared = Arc::new(api::Shared {
         cmds: cmd_tx,
@@ -445,83 +446,161 @@ impl Core {
 /// on a large catalog spends at most half a core on it.
 async fn publish_snapshots(
     mut state: watch::Receiver<Arc<State>>,
+    mut snapshots: Snapshots,
     tx: watch::Sender<Arc<catalog::Snapshot>>,
 ) {
-    let mut last = state.borrow().catalog_index;
     while state.changed().await.is_ok() {
         let current = state.borrow_and_update().clone();
-        if current.catalog_index == last {
-            continue;
-        }
-        last = current.catalog_index;
         let started = Instant::now();
-        let snapshot = to_snapshot(&current);
-        tx.send_if_modified(|old| {
-            if **old == snapshot {
-                false
-            } else {
-                *old = Arc::new(snapshot);
-                true
-            }
-        });
+        if snapshots.advance(current) {
+            tx.send_replace(snapshots.current());
+        }
         tokio::time::sleep(started.elapsed().max(Duration::from_millis(20))).await;
     }
 }
 
-/// Maps the registry's state onto the mesh's catalog model.
+/// The registry's state as catalog snapshots, each built from the previous one and what
+/// changed: the services whose index moved (a node change moves the index of every service on
+/// it), and the node map when the node index moved. Unchanged services keep their `Arc`.
+#[derive(Debug)]
+pub struct Snapshots {
+    state: Arc<State>,
+    snapshot: Arc<catalog::Snapshot>,
+    interner: Interner,
+}
+
+impl Snapshots {
+    /// Starts from a full build of `state`.
+    pub fn new(state: Arc<State>) -> Self {
+        let mut interner = Interner::default();
+        let nodes = Arc::new(nodes_of(&state, &mut interner));
+        let services = state
+            .by_name
+            .keys()
+            .filter_map(|name| {
+                let service = ServiceName::parse(name).ok()?;
+                let instances = instances_of(&state, &nodes, &service, &mut interner)?;
+                Some((service, instances))
+            })
+            .collect();
+        let snapshot = Arc::new(catalog::Snapshot { nodes, services });
+        Self {
+            state,
+            snapshot,
+            interner,
+        }
+    }
+
+    /// The snapshot of the state last seen.
+    pub fn current(&self) -> Arc<catalog::Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// Moves to `state`; `true` if the snapshot changed.
+    pub fn advance(&mut self, state: Arc<State>) -> bool {
+        let previous = std::mem::replace(&mut self.state, state);
+        if previous.catalog_index == self.state.catalog_index {
+            return false;
+        }
+        let state = &self.state;
+        let mut next = (*self.snapshot).clone();
+        if previous.nodes_index != state.nodes_index {
+            let nodes = nodes_of(state, &mut self.interner);
+            if *next.nodes != nodes {
+                next.nodes = Arc::new(nodes);
+            }
+        }
+        for change in previous.service_index.diff(&state.service_index) {
+            let name = match change {
+                imbl::ordmap::DiffItem::Add(name, _) => name,
+                imbl::ordmap::DiffItem::Update { new: (name, _), .. } => name,
+                imbl::ordmap::DiffItem::Remove(name, _) => name,
+            };
+            let Ok(service) = ServiceName::parse(name) else {
+                continue;
+            };
+            match instances_of(state, &next.nodes, &service, &mut self.interner) {
+                None => {
+                    next.services.remove(&service);
+                }
+                Some(fresh) => match next.services.get(&service) {
+                    Some(was) if **was == *fresh => {}
+                    _ => {
+                        next.services.insert(service, fresh);
+                    }
+                },
+            }
+        }
+        if next == *self.snapshot {
+            return false;
+        }
+        self.snapshot = Arc::new(next);
+        true
+    }
+}
+
+/// Maps the registry's state onto the mesh's catalog model, in one full build.
 pub fn to_snapshot(state: &State) -> catalog::Snapshot {
-    let mut nodes = BTreeMap::new();
+    Arc::unwrap_or_clone(Snapshots::new(Arc::new(state.clone())).snapshot)
+}
+
+/// The nodes whose address is an IP (the others cannot be routed to, nor their instances).
+fn nodes_of(state: &State, interner: &mut Interner) -> Nodes {
+    let mut nodes = Nodes::new();
     for entry in state.nodes.values() {
         let info = &entry.info;
         let Ok(address) = info.address.parse::<IpAddr>() else {
             tracing::warn!(node = %info.name, address = %info.address, "node address is not an IP; its instances are left out");
             continue;
         };
+        let name = interner.node(&info.name);
         nodes.insert(
-            info.name.clone(),
+            name.clone(),
             Node {
-                name: info.name.clone(),
+                name,
                 address,
                 inbound_port: inbound_port(&info.meta),
-                meta: info.meta.clone(),
+                meta: interner.meta(info.meta.clone()),
             },
         );
     }
-    let mut services = BTreeMap::new();
-    for name in state.by_name.keys() {
-        let Ok(service) = ServiceName::parse(name) else {
+    nodes
+}
+
+/// The instances of `service` on the nodes of `nodes`; `None` when there are none.
+fn instances_of(
+    state: &State,
+    nodes: &Nodes,
+    service: &ServiceName,
+    interner: &mut Interner,
+) -> Option<Arc<[Instance]>> {
+    let name = service.as_str();
+    let mut instances = Vec::new();
+    for (node, svc) in state.instances(name) {
+        let Some(n) = nodes.get(node.info.name.as_str()) else {
             continue;
         };
-        let mut instances = Vec::new();
-        for (node, svc) in state.instances(name) {
-            let Some(n) = nodes.get(&node.info.name) else {
-                continue;
-            };
-            let address = if svc.address.is_empty() {
-                n.address
-            } else if let Ok(ip) = svc.address.parse() {
-                ip
-            } else {
-                tracing::warn!(service = %name, id = %svc.id, address = %svc.address, "service address is not an IP; instance left out");
-                continue;
-            };
-            instances.push(Instance {
-                id: svc.id.clone(),
-                service: service.clone(),
-                node: node.info.name.clone(),
-                address,
-                port: svc.port,
-                tags: svc.tags.clone(),
-                meta: svc.meta.clone(),
-                health: State::instance_health(node, &svc.id),
-                weight: svc.weights.passing.max(1),
-            });
-        }
-        if !instances.is_empty() {
-            services.insert(service, instances);
-        }
+        let address = if svc.address.is_empty() {
+            n.address
+        } else if let Ok(ip) = svc.address.parse() {
+            ip
+        } else {
+            tracing::warn!(service = %name, id = %svc.id, address = %svc.address, "service address is not an IP; instance left out");
+            continue;
+        };
+        instances.push(Instance {
+            id: svc.id.clone(),
+            service: service.clone(),
+            node: n.name.clone(),
+            address,
+            port: svc.port,
+            tags: interner.tags(svc.tags.clone()),
+            meta: interner.meta(svc.meta.clone()),
+            health: State::instance_health(node, &svc.id),
+            weight: svc.weights.passing.max(1),
+        });
     }
-    catalog::Snapshot { nodes, services }
+    (!instances.is_empty()).then(|| instances.into())
 }
 
 /// The inbound port in a node's meta, or the default.
@@ -529,4 +608,231 @@ pub fn inbound_port(meta: &BTreeMap<String, String>) -> u16 {
     meta.get(INBOUND_PORT_META)
         .and_then(|p| p.parse().ok())
         .unwrap_or(catalog::DEFAULT_INBOUND_PORT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Health;
+    use proptest::prelude::*;
+    use store::{CheckDef, CheckDefinition, Registration, ServiceDef, Weights};
+
+    const NODES: [&str; 3] = ["n0", "n1", "n2"];
+    const NAMES: [&str; 3] = ["web", "db", "Not_A_Mesh_Name"];
+
+    /// One write to the catalog, as the API would log it.
+    #[derive(Clone, Debug)]
+    enum Change {
+        Register {
+            node: usize,
+            id: usize,
+            name: usize,
+            port: u16,
+            health: Health,
+        },
+        NodeAddress {
+            node: usize,
+            address: &'static str,
+        },
+        NodeCheck {
+            node: usize,
+            health: Health,
+        },
+        Check {
+            node: usize,
+            id: usize,
+            health: Health,
+        },
+        DeregisterService {
+            node: usize,
+            id: usize,
+        },
+        DeregisterNode {
+            node: usize,
+        },
+    }
+
+    fn health() -> impl Strategy<Value = Health> {
+        prop_oneof![
+            Just(Health::Passing),
+            Just(Health::Warning),
+            Just(Health::Critical)
+        ]
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            4 => (0..3usize, 0..6usize, 0..3usize, 1..4u16, health()).prop_map(
+                |(node, id, name, port, health)| Change::Register { node, id, name, port, health }
+            ),
+            1 => (0..3usize, prop_oneof![Just("10.0.0.1"), Just("10.0.0.9"), Just("host.example")])
+                .prop_map(|(node, address)| Change::NodeAddress { node, address }),
+            1 => (0..3usize, health()).prop_map(|(node, health)| Change::NodeCheck { node, health }),
+            2 => (0..3usize, 0..6usize, health())
+                .prop_map(|(node, id, health)| Change::Check { node, id, health }),
+            1 => (0..3usize, 0..6usize).prop_map(|(node, id)| Change::DeregisterService { node, id }),
+            1 => (0..3usize).prop_map(|node| Change::DeregisterNode { node }),
+        ]
+    }
+
+    fn registration(node: usize, address: &str) -> Registration {
+        Registration {
+            node: NODES[node].into(),
+            address: address.into(),
+            node_meta: None,
+            service: None,
+            checks: Vec::new(),
+            replace_service_checks: false,
+        }
+    }
+
+    fn check(id: String, service_id: String, health: Health) -> CheckDef {
+        CheckDef {
+            id,
+            name: "c".into(),
+            service_id,
+            status: Some(health),
+            output: String::new(),
+            notes: String::new(),
+            definition: CheckDefinition::default(),
+        }
+    }
+
+    /// The op of `change` on `state`, with the node's current address kept.
+    fn op(state: &State, change: &Change) -> Op {
+        let address = |node: usize| {
+            state
+                .nodes
+                .get(NODES[node])
+                .map_or_else(|| "10.0.0.1".to_owned(), |n| n.info.address.clone())
+        };
+        match *change {
+            Change::Register {
+                node,
+                id,
+                name,
+                port,
+                health,
+            } => {
+                let id = format!("i{id}");
+                Op::Register(Registration {
+                    service: Some(ServiceDef {
+                        id: id.clone(),
+                        name: NAMES[name].into(),
+                        tags: vec!["v1".into()],
+                        address: String::new(),
+                        port,
+                        meta: BTreeMap::from([("platform".into(), "mesos".into())]),
+                        weights: Weights::default(),
+                    }),
+                    checks: vec![check(format!("service:{id}"), id, health)],
+                    replace_service_checks: true,
+                    ..registration(node, &address(node))
+                })
+            }
+            Change::NodeAddress { node, address } => Op::Register(registration(node, address)),
+            Change::NodeCheck { node, health } => Op::Register(Registration {
+                checks: vec![check("serfHealth".into(), String::new(), health)],
+                ..registration(node, &address(node))
+            }),
+            Change::Check { node, id, health } => Op::CheckStatus {
+                node: NODES[node].into(),
+                check_id: format!("service:i{id}"),
+                status: health,
+                output: String::new(),
+            },
+            Change::DeregisterService { node, id } => Op::Deregister {
+                node: NODES[node].into(),
+                service_id: Some(format!("i{id}")),
+                check_id: None,
+            },
+            Change::DeregisterNode { node } => Op::Deregister {
+                node: NODES[node].into(),
+                service_id: None,
+                check_id: None,
+            },
+        }
+    }
+
+    fn apply(state: &State, change: &Change) -> Arc<State> {
+        let mut next = state.clone();
+        let op = op(state, change);
+        next.apply(&Record {
+            index: state.index + 1,
+            op,
+        });
+        Arc::new(next)
+    }
+
+    fn web(port: u16) -> Change {
+        Change::Register {
+            node: 0,
+            id: 0,
+            name: 0,
+            port,
+            health: Health::Passing,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_service_keeps_its_instances_and_a_changed_one_does_not() {
+        let db = Change::Register {
+            node: 1,
+            id: 1,
+            name: 1,
+            port: 5432,
+            health: Health::Passing,
+        };
+        let state = apply(&apply(&State::default(), &web(80)), &db);
+        let mut snapshots = Snapshots::new(state.clone());
+        let before = snapshots.current();
+
+        assert!(snapshots.advance(apply(&state, &web(81))));
+        let after = snapshots.current();
+        assert!(Arc::ptr_eq(&before.services["db"], &after.services["db"]));
+        assert!(Arc::ptr_eq(&before.nodes, &after.nodes));
+        assert!(!Arc::ptr_eq(
+            &before.services["web"],
+            &after.services["web"]
+        ));
+        assert_eq!(after.services["web"][0].port, 81);
+
+        // Registering the same thing again moves the indexes but not the snapshot.
+        let state = snapshots.state.clone();
+        assert!(!snapshots.advance(apply(&state, &web(81))));
+        assert!(Arc::ptr_eq(&after, &snapshots.current()));
+    }
+
+    #[test]
+    fn instances_share_their_node_name_and_meta() {
+        let two = Change::Register {
+            node: 0,
+            id: 1,
+            name: 1,
+            port: 90,
+            health: Health::Passing,
+        };
+        let state = apply(&apply(&State::default(), &web(80)), &two);
+        let snapshot = Snapshots::new(state).current();
+        let (a, b) = (&snapshot.services["web"][0], &snapshot.services["db"][0]);
+        assert!(Arc::ptr_eq(&a.meta, &b.meta));
+        assert!(Arc::ptr_eq(&a.tags, &b.tags));
+        assert_eq!(a.node, b.node);
+        assert_eq!(a.node.as_str().as_ptr(), b.node.as_str().as_ptr());
+    }
+
+    proptest! {
+        #[test]
+        fn an_incremental_snapshot_equals_a_full_build(
+            changes in prop::collection::vec(change(), 1..40)
+        ) {
+            let mut state = Arc::new(State::default());
+            let mut snapshots = Snapshots::new(state.clone());
+            for change in &changes {
+                state = apply(&state, change);
+                snapshots.advance(state.clone());
+                prop_assert_eq!(&*snapshots.current(), &to_snapshot(&state), "after {:?}", change);
+            }
+        }
+    }
 }

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::catalog::{Health, Instance, ServiceName, Snapshot, Subscriber};
+use crate::catalog::{self, Health, Instance, ServiceName, Snapshot, Subscriber};
 pub use balance::{Endpoint, Route};
 
 /// Which instances count as routable.
@@ -173,11 +173,11 @@ impl Table {
         let old = previous
             .source
             .as_deref()
-            .filter(|old| old.nodes == snapshot.nodes);
+            .filter(|old| catalog::same_nodes(&old.nodes, &snapshot.nodes));
         for (service, instances) in &snapshot.services {
             let unchanged = old
                 .and_then(|old| old.services.get(service))
-                .is_some_and(|was| was == instances);
+                .is_some_and(|was| catalog::same_instances(was, instances));
             match previous.outbound.get(service) {
                 Some(route) if unchanged => {
                     table.outbound.insert(service.clone(), route.clone());
@@ -253,7 +253,7 @@ fn gateways(snapshot: &Snapshot, policy: Policy) -> Route {
     let endpoints = snapshot
         .services
         .get(GATEWAY_SERVICE)
-        .map_or(&[][..], Vec::as_slice)
+        .map_or(&[][..], |i| &i[..])
         .iter()
         .filter(|i| policy.routable(i.health))
         .map(|i| Endpoint::new(i.addr(), i.weight))
@@ -475,7 +475,9 @@ health = "warning"
         let first = Table::build_after(&Table::default(), &snap, "a", Policy::default(), now);
         let mut changed = (*snap).clone();
         let down = ServiceName::parse("down").unwrap();
-        changed.services.get_mut(&down).unwrap()[0].health = crate::catalog::Health::Passing;
+        let mut instances = changed.services[&down].to_vec();
+        instances[0].health = crate::catalog::Health::Passing;
+        changed.services.insert(down, instances.into());
         let second = Table::build_after(&first, &Arc::new(changed), "a", Policy::default(), now);
         let web = |t: &Table| t.outbound.get("web").unwrap().clone();
         assert!(
@@ -489,7 +491,10 @@ health = "warning"
         assert!(matches!(first.outbound("down"), Lookup::NoHealthy));
         // A node change (here: an inbound port) rebuilds everything.
         let mut moved = (*snap).clone();
-        moved.nodes.get_mut("b").unwrap().inbound_port = 9999;
+        Arc::make_mut(&mut moved.nodes)
+            .get_mut("b")
+            .unwrap()
+            .inbound_port = 9999;
         let third = Table::build_after(&second, &Arc::new(moved), "a", Policy::default(), now);
         assert!(!Arc::ptr_eq(&web(&second), &web(&third)));
         assert_eq!(web(&third).endpoints[1].addr.port(), 9999);

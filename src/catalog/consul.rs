@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,8 +27,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backoff, DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName,
-    Snapshot,
+    Backoff, DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Interner, Node, NodeName, Nodes,
+    Publisher, ServiceName, Snapshot,
 };
 
 /// The blocking wait asked of Consul when none is configured.
@@ -180,11 +181,47 @@ struct CheckJson {
     status: String,
 }
 
-/// One service's instances with the nodes they run on.
+/// One service's instances with the nodes they run on, as one answer gave them.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 struct ServiceView {
     nodes: Vec<Node>,
     instances: Vec<Instance>,
+}
+
+impl ServiceView {
+    /// Shares node names, meta and tags with every other view (see [`Interner`]), and the
+    /// instance list with `previous` when it did not change.
+    fn share(self, interner: &mut Interner, previous: Option<&SharedView>) -> SharedView {
+        let mut node = |n: Node| Node {
+            name: interner.node(&n.name),
+            meta: interner.meta((*n.meta).clone()),
+            ..n
+        };
+        let nodes: Vec<Node> = self.nodes.into_iter().map(&mut node).collect();
+        let instances: Vec<Instance> = self
+            .instances
+            .into_iter()
+            .map(|i| Instance {
+                node: interner.node(&i.node),
+                tags: interner.tags(i.tags.to_vec()),
+                meta: interner.meta((*i.meta).clone()),
+                ..i
+            })
+            .collect();
+        let instances = match previous {
+            Some(was) if *was.instances == *instances => was.instances.clone(),
+            _ => instances.into(),
+        };
+        SharedView { nodes, instances }
+    }
+}
+
+/// A [`ServiceView`] as kept between answers: shared strings, and an instance list that goes
+/// into snapshots as is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SharedView {
+    nodes: Vec<Node>,
+    instances: Arc<[Instance]>,
 }
 
 fn parse_health(name: &ServiceName, body: &[u8], path: &str) -> Result<ServiceView, ConsulError> {
@@ -220,23 +257,26 @@ fn parse_health(name: &ServiceName, body: &[u8], path: &str) -> Result<ServiceVi
             })
             .max()
             .unwrap_or(Health::Passing);
-        view.nodes.push(Node {
-            name: entry.node.node.clone(),
-            address: node_addr,
-            inbound_port: node_meta
-                .get(INBOUND_PORT_META)
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(DEFAULT_INBOUND_PORT),
-            meta: node_meta,
-        });
+        let node = NodeName::from(entry.node.node);
+        if !view.nodes.iter().any(|n| n.name == node) {
+            view.nodes.push(Node {
+                name: node.clone(),
+                address: node_addr,
+                inbound_port: node_meta
+                    .get(INBOUND_PORT_META)
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(DEFAULT_INBOUND_PORT),
+                meta: node_meta.into(),
+            });
+        }
         view.instances.push(Instance {
             id: svc.id,
             service: name.clone(),
-            node: entry.node.node,
+            node,
             address,
             port: svc.port,
-            tags: svc.tags.unwrap_or_default(),
-            meta: svc.meta.unwrap_or_default(),
+            tags: svc.tags.unwrap_or_default().into(),
+            meta: svc.meta.unwrap_or_default().into(),
             health,
             weight: svc.weights.map_or(1, |w| w.passing.max(1)),
         });
@@ -409,11 +449,12 @@ struct Aggregator {
     publisher: Publisher,
     /// `None` until `/v1/catalog/services` first answered.
     wanted: Option<BTreeSet<ServiceName>>,
-    views: BTreeMap<ServiceName, ServiceView>,
+    views: BTreeMap<ServiceName, SharedView>,
+    interner: Interner,
     watches: HashMap<ServiceName, CancellationToken>,
     /// Current errors by source ("catalog" or a service name).
     errors: BTreeMap<String, String>,
-    last: Option<Snapshot>,
+    last: Option<Arc<Snapshot>>,
 }
 
 impl Aggregator {
@@ -425,6 +466,7 @@ impl Aggregator {
             publisher,
             wanted: None,
             views: BTreeMap::new(),
+            interner: Interner::default(),
             watches: HashMap::new(),
             errors: BTreeMap::new(),
             last: None,
@@ -467,8 +509,9 @@ impl Aggregator {
                     match result {
                         Ok(view) => {
                             let had_error = self.errors.remove(name.as_str()).is_some();
-                            let first = !self.views.contains_key(&name);
-                            if !first && !had_error && self.views.get(&name) == Some(&view) {
+                            let previous = self.views.get(&name);
+                            let view = view.share(&mut self.interner, previous);
+                            if !had_error && previous == Some(&view) {
                                 continue; // a blocking query that timed out: nothing new
                             }
                             self.views.insert(name, view);
@@ -528,8 +571,9 @@ impl Aggregator {
             .is_some_and(|w| w.iter().all(|n| self.views.contains_key(n)));
         if complete {
             let snapshot = self.build();
-            let changed = self.last.as_ref() != Some(&snapshot);
+            let changed = self.last.as_deref() != Some(&snapshot);
             if changed || self.errors.is_empty() {
+                let snapshot = Arc::new(snapshot);
                 self.publisher.publish(snapshot.clone());
                 self.last = Some(snapshot);
             }
@@ -548,22 +592,26 @@ impl Aggregator {
         }
     }
 
+    /// The snapshot of every view: instance lists as the views hold them, and the node map of
+    /// the last snapshot when the nodes did not change.
     fn build(&self) -> Snapshot {
-        let mut snapshot = Snapshot::default();
+        let mut nodes = Nodes::new();
+        let mut services = BTreeMap::new();
         for (name, view) in &self.views {
             for node in &view.nodes {
-                snapshot
-                    .nodes
+                nodes
                     .entry(node.name.clone())
                     .or_insert_with(|| node.clone());
             }
             if !view.instances.is_empty() {
-                snapshot
-                    .services
-                    .insert(name.clone(), view.instances.clone());
+                services.insert(name.clone(), view.instances.clone());
             }
         }
-        snapshot
+        let nodes = match &self.last {
+            Some(last) if *last.nodes == nodes => last.nodes.clone(),
+            _ => Arc::new(nodes),
+        };
+        Snapshot { nodes, services }
     }
 }
 
@@ -604,6 +652,38 @@ mod tests {
         assert!(last >= BACKOFF_MAX / 2 && last <= BACKOFF_MAX);
         b.reset();
         assert!(b.delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn an_unchanged_answer_keeps_its_instances_and_shares_strings_with_other_services() {
+        let answer = |port: u16| {
+            format!(
+                r#"[{{"Node":{{"Node":"n1","Address":"10.0.0.1"}},
+                "Service":{{"ID":"i1","Service":"s","Meta":{{"platform":"mesos"}},"Port":{port}}},
+                "Checks":[]}}]"#
+            )
+        };
+        let (web, db) = (
+            ServiceName::parse("web").unwrap(),
+            ServiceName::parse("db").unwrap(),
+        );
+        let parse =
+            |name: &ServiceName, port| parse_health(name, answer(port).as_bytes(), "/x").unwrap();
+        let mut interner = Interner::default();
+        let first = parse(&web, 80).share(&mut interner, None);
+        let again = parse(&web, 80).share(&mut interner, Some(&first));
+        assert!(Arc::ptr_eq(&first.instances, &again.instances));
+        let moved = parse(&web, 81).share(&mut interner, Some(&first));
+        assert!(!Arc::ptr_eq(&first.instances, &moved.instances));
+        let other = parse(&db, 80).share(&mut interner, None);
+        assert!(Arc::ptr_eq(
+            &first.instances[0].meta,
+            &other.instances[0].meta
+        ));
+        assert_eq!(
+            first.instances[0].node.as_str().as_ptr(),
+            other.nodes[0].name.as_str().as_ptr()
+        );
     }
 
     #[test]

@@ -20,9 +20,10 @@
 
 pub mod register;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
@@ -31,8 +32,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backoff, DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName,
-    Snapshot,
+    Backoff, DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Interner, Meta, Node, NodeName,
+    Nodes, Publisher, ServiceName, Snapshot, Tags,
 };
 
 /// The key prefix when none is configured.
@@ -213,7 +214,7 @@ impl NodeValue {
         Self {
             address: node.address,
             inbound_port: node.inbound_port,
-            meta: node.meta.clone(),
+            meta: (*node.meta).clone(),
         }
     }
 }
@@ -224,8 +225,8 @@ impl InstanceValue {
             node: node.to_owned(),
             address: Some(instance.address),
             port: instance.port,
-            tags: instance.tags.clone(),
-            meta: instance.meta.clone(),
+            tags: instance.tags.to_vec(),
+            meta: (*instance.meta).clone(),
             health: instance.health,
             weight: instance.weight,
         }
@@ -235,39 +236,93 @@ impl InstanceValue {
 // === Catalog: the in-memory copy of the prefix ===
 
 /// The catalog as last read from etcd, and the revision it reflects.
-#[derive(Clone, Debug, Default)]
+///
+/// It keeps each value once, with shared strings, and the instance lists of the last snapshot:
+/// [`Catalog::snapshot`] rebuilds only the services whose keys changed since (every service when
+/// a node changed) and hands the others over as the same `Arc`s.
+#[derive(Debug, Default)]
 pub struct Catalog {
-    nodes: BTreeMap<String, Node>,
-    instances: BTreeMap<ServiceName, BTreeMap<String, InstanceValue>>,
+    nodes: Arc<Nodes>,
+    instances: BTreeMap<ServiceName, BTreeMap<String, Stored>>,
+    /// The instance lists of the last snapshot.
+    built: BTreeMap<ServiceName, Arc<[Instance]>>,
+    /// Services whose keys changed since the last snapshot.
+    dirty: BTreeSet<ServiceName>,
+    /// Whether a node changed since the last snapshot.
+    nodes_dirty: bool,
+    interner: Interner,
     /// The etcd revision this copy includes every change up to.
     pub revision: i64,
 }
 
+/// An instance value as kept between snapshots: [`InstanceValue`] with shared strings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stored {
+    node: NodeName,
+    address: Option<IpAddr>,
+    port: u16,
+    tags: Tags,
+    meta: Meta,
+    health: Health,
+    weight: u32,
+}
+
 impl Catalog {
+    /// An empty catalog at `revision` that will reuse `previous`'s instance lists and shared
+    /// strings for whatever the next listing finds unchanged.
+    fn relist(previous: &mut Catalog, revision: i64) -> Self {
+        Self {
+            built: std::mem::take(&mut previous.built),
+            interner: std::mem::take(&mut previous.interner),
+            nodes_dirty: true,
+            revision,
+            ..Self::default()
+        }
+    }
+
     /// Applies a put; `true` if the catalog changed. Bad values are logged and read as absent.
     pub fn put(&mut self, keys: &Keys, key: &[u8], value: &[u8]) -> bool {
         match keys.parse(key) {
             None => false,
             Some(Key::Node(name)) => match serde_json::from_slice::<NodeValue>(value) {
                 Ok(v) => {
+                    let name = self.interner.node(&name);
                     let node = Node {
                         name: name.clone(),
                         address: v.address,
                         inbound_port: v.inbound_port,
-                        meta: v.meta,
+                        meta: self.interner.meta(v.meta),
                     };
-                    self.nodes.insert(name, node.clone()) != Some(node)
+                    if self.nodes.get(&name) == Some(&node) {
+                        return false;
+                    }
+                    Arc::make_mut(&mut self.nodes).insert(name, node);
+                    self.nodes_dirty = true;
+                    true
                 }
                 Err(error) => {
                     tracing::warn!(key = %String::from_utf8_lossy(key), %error, "node value ignored");
-                    self.nodes.remove(&name).is_some()
+                    self.remove_node(&name)
                 }
             },
             Some(Key::Instance(service, id)) => {
                 match serde_json::from_slice::<InstanceValue>(value) {
                     Ok(v) => {
-                        let map = self.instances.entry(service).or_default();
-                        map.insert(id, v.clone()) != Some(v)
+                        let stored = Stored {
+                            node: self.interner.node(&v.node),
+                            address: v.address,
+                            port: v.port,
+                            tags: self.interner.tags(v.tags),
+                            meta: self.interner.meta(v.meta),
+                            health: v.health,
+                            weight: v.weight,
+                        };
+                        let map = self.instances.entry(service.clone()).or_default();
+                        let changed = map.insert(id, stored.clone()) != Some(stored);
+                        if changed {
+                            self.dirty.insert(service);
+                        }
+                        changed
                     }
                     Err(error) => {
                         tracing::warn!(key = %String::from_utf8_lossy(key), %error, "instance value ignored");
@@ -282,9 +337,18 @@ impl Catalog {
     pub fn delete(&mut self, keys: &Keys, key: &[u8]) -> bool {
         match keys.parse(key) {
             None => false,
-            Some(Key::Node(name)) => self.nodes.remove(&name).is_some(),
+            Some(Key::Node(name)) => self.remove_node(&name),
             Some(Key::Instance(service, id)) => self.remove_instance(&service, &id),
         }
+    }
+
+    fn remove_node(&mut self, name: &str) -> bool {
+        if !self.nodes.contains_key(name) {
+            return false;
+        }
+        Arc::make_mut(&mut self.nodes).remove(name);
+        self.nodes_dirty = true;
+        true
     }
 
     fn remove_instance(&mut self, service: &ServiceName, id: &str) -> bool {
@@ -295,38 +359,57 @@ impl Catalog {
         if map.is_empty() {
             self.instances.remove(service);
         }
+        if removed {
+            self.dirty.insert(service.clone());
+        }
         removed
     }
 
     /// The whole catalog as a snapshot; instances on unknown nodes are left out.
-    pub fn snapshot(&self) -> Snapshot {
-        let mut services = BTreeMap::new();
-        for (service, map) in &self.instances {
-            let instances: Vec<Instance> = map
-                .iter()
-                .filter_map(|(id, v)| {
-                    let node = self.nodes.get(&v.node)?;
-                    Some(Instance {
-                        id: id.clone(),
-                        service: service.clone(),
-                        node: v.node.clone(),
-                        address: v.address.unwrap_or(node.address),
-                        port: v.port,
-                        tags: v.tags.clone(),
-                        meta: v.meta.clone(),
-                        health: v.health,
-                        weight: v.weight.max(1),
-                    })
-                })
-                .collect();
-            if !instances.is_empty() {
-                services.insert(service.clone(), instances);
+    pub fn snapshot(&mut self) -> Snapshot {
+        let dirty = std::mem::take(&mut self.dirty);
+        let rebuild: Vec<ServiceName> = if std::mem::take(&mut self.nodes_dirty) {
+            let all: BTreeSet<&ServiceName> =
+                self.instances.keys().chain(self.built.keys()).collect();
+            all.into_iter().cloned().collect()
+        } else {
+            dirty.into_iter().collect()
+        };
+        for service in rebuild {
+            let fresh = self.instances_of(&service);
+            if fresh.is_empty() {
+                self.built.remove(&service);
+            } else if self.built.get(&service).is_none_or(|was| **was != *fresh) {
+                self.built.insert(service, fresh.into());
             }
         }
         Snapshot {
             nodes: self.nodes.clone(),
-            services,
+            services: self.built.clone(),
         }
+    }
+
+    /// The instances of `service` whose node is known, by id.
+    fn instances_of(&self, service: &ServiceName) -> Vec<Instance> {
+        let Some(map) = self.instances.get(service) else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter_map(|(id, v)| {
+                let node = self.nodes.get(&v.node)?;
+                Some(Instance {
+                    id: id.clone(),
+                    service: service.clone(),
+                    node: node.name.clone(),
+                    address: v.address.unwrap_or(node.address),
+                    port: v.port,
+                    tags: v.tags.clone(),
+                    meta: v.meta.clone(),
+                    health: v.health,
+                    weight: v.weight.max(1),
+                })
+            })
+            .collect()
     }
 }
 
@@ -398,10 +481,7 @@ impl Watcher {
             let options = GetOptions::new().with_prefix();
             let mut answer = call("get", kv.get(self.keys.prefix(), Some(options))).await?;
             let revision = answer.header().ok_or(EtcdError::NoHeader)?.revision();
-            let mut fresh = Catalog {
-                revision,
-                ..Catalog::default()
-            };
+            let mut fresh = Catalog::relist(&mut self.catalog, revision);
             for kv in answer.take_kvs() {
                 fresh.put(&self.keys, kv.key(), kv.value());
             }
@@ -568,6 +648,71 @@ mod tests {
         assert!(c.put(&k, b"skyline/instances/web/w1", b"not json"));
         assert!(c.instances.is_empty());
         assert!(!c.put(&k, b"unrelated", v));
+    }
+
+    #[test]
+    fn an_update_keeps_the_instances_of_every_service_it_did_not_touch() {
+        let k = keys();
+        let mut c = Catalog::default();
+        c.put(&k, b"skyline/nodes/n1", br#"{"address":"10.0.0.1"}"#);
+        c.put(
+            &k,
+            b"skyline/instances/web/w1",
+            br#"{"node":"n1","port":1}"#,
+        );
+        c.put(&k, b"skyline/instances/db/d1", br#"{"node":"n1","port":2}"#);
+        let first = c.snapshot();
+        c.put(
+            &k,
+            b"skyline/instances/web/w1",
+            br#"{"node":"n1","port":3}"#,
+        );
+        let second = c.snapshot();
+        assert!(Arc::ptr_eq(&first.services["db"], &second.services["db"]));
+        assert!(Arc::ptr_eq(&first.nodes, &second.nodes));
+        assert!(!Arc::ptr_eq(
+            &first.services["web"],
+            &second.services["web"]
+        ));
+        assert_eq!(second.services["web"][0].port, 3);
+
+        // A new node rebuilds every service, yet the unchanged ones keep their allocation.
+        c.put(&k, b"skyline/nodes/n2", br#"{"address":"10.0.0.2"}"#);
+        let third = c.snapshot();
+        assert!(!Arc::ptr_eq(&second.nodes, &third.nodes));
+        assert!(Arc::ptr_eq(&second.services["db"], &third.services["db"]));
+        assert!(Arc::ptr_eq(&second.services["web"], &third.services["web"]));
+        // And the node names of instances are the node's own.
+        let w1 = &third.services["web"][0];
+        assert_eq!(
+            w1.node.as_str().as_ptr(),
+            third.nodes["n1"].name.as_str().as_ptr()
+        );
+    }
+
+    #[test]
+    fn a_new_listing_reuses_the_instances_it_finds_unchanged() {
+        let k = keys();
+        let mut c = Catalog::default();
+        c.put(&k, b"skyline/nodes/n1", br#"{"address":"10.0.0.1"}"#);
+        c.put(
+            &k,
+            b"skyline/instances/web/w1",
+            br#"{"node":"n1","port":1}"#,
+        );
+        c.put(&k, b"skyline/instances/db/d1", br#"{"node":"n1","port":2}"#);
+        let before = c.snapshot();
+        let mut listed = Catalog::relist(&mut c, 7);
+        listed.put(&k, b"skyline/nodes/n1", br#"{"address":"10.0.0.1"}"#);
+        listed.put(
+            &k,
+            b"skyline/instances/web/w1",
+            br#"{"node":"n1","port":1}"#,
+        );
+        let after = listed.snapshot();
+        assert!(Arc::ptr_eq(&before.services["web"], &after.services["web"]));
+        assert!(!after.services.contains_key("db"), "gone from the listing");
+        assert_eq!(listed.revision, 7);
     }
 
     #[test]

@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use toml::Spanned;
 
 use super::{
-    DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Node, Publisher, ServiceName, Snapshot,
+    DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Interner, Node, Nodes, Publisher,
+    ServiceName, Snapshot,
 };
 
 /// How often the file's metadata is checked for a change. A `stat` costs microseconds.
@@ -107,7 +108,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Snapshot, CatalogFileError> {
     let file: CatalogFile = toml::from_str(text)
         .map_err(|e| err(e.span().map(|s| s.start), e.message().trim().to_owned()))?;
 
-    let mut snapshot = Snapshot::default();
+    let mut interner = Interner::default();
+    let mut nodes = Nodes::new();
     for node in file.node {
         let address = node.address.get_ref().parse::<IpAddr>().map_err(|_| {
             err(
@@ -118,7 +120,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Snapshot, CatalogFileError> {
                 ),
             )
         })?;
-        let name = node.name.get_ref().clone();
+        let name = interner.node(node.name.get_ref());
         if name.is_empty() {
             return Err(err(Some(node.name.span().start), "node.name: empty".into()));
         }
@@ -126,9 +128,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Snapshot, CatalogFileError> {
             name: name.clone(),
             address,
             inbound_port: node.inbound_port.unwrap_or(DEFAULT_INBOUND_PORT),
-            meta: node.meta,
+            meta: interner.meta(node.meta),
         };
-        if snapshot.nodes.insert(name.clone(), entry).is_some() {
+        if nodes.insert(name.clone(), entry).is_some() {
             return Err(err(
                 Some(node.name.span().start),
                 format!("node.name: {name:?} is listed twice"),
@@ -137,11 +139,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Snapshot, CatalogFileError> {
     }
 
     let mut ids = HashSet::new();
+    let mut services: BTreeMap<ServiceName, Vec<Instance>> = BTreeMap::new();
     for svc in file.service {
         let at = Some(svc.name.span().start);
         let service = ServiceName::parse(svc.name.get_ref())
             .map_err(|e| err(at, format!("service.name: {e}")))?;
-        let Some(node) = snapshot.nodes.get(svc.node.get_ref()) else {
+        let Some(node) = nodes.get(svc.node.get_ref().as_str()) else {
             return Err(err(
                 Some(svc.node.span().start),
                 format!("service.node: no [[node]] named {:?}", svc.node.get_ref()),
@@ -183,14 +186,20 @@ pub fn parse(text: &str, path: &Path) -> Result<Snapshot, CatalogFileError> {
             node: node.name.clone(),
             address,
             port: svc.port,
-            tags: svc.tags,
-            meta: svc.meta,
+            tags: interner.tags(svc.tags),
+            meta: interner.meta(svc.meta),
             health: svc.health,
             weight,
         };
-        snapshot.services.entry(service).or_default().push(instance);
+        services.entry(service).or_default().push(instance);
     }
-    Ok(snapshot)
+    Ok(Snapshot {
+        nodes: nodes.into(),
+        services: services
+            .into_iter()
+            .map(|(service, instances)| (service, instances.into()))
+            .collect(),
+    })
 }
 
 /// Renders a snapshot back into the file format (used by `skyline up` and tests).
@@ -204,7 +213,7 @@ pub fn render(snapshot: &Snapshot) -> String {
             node.name, node.address, node.inbound_port
         );
     }
-    for i in snapshot.services.values().flatten() {
+    for i in snapshot.services.values().flat_map(|i| i.iter()) {
         let _ = writeln!(
             out,
             "[[service]]\nname = \"{}\"\nnode = {:?}\nid = {:?}\naddress = \"{}\"\nport = {}\nhealth = \"{}\"\nweight = {}",
@@ -319,6 +328,7 @@ fn report(publisher: &Publisher, last: &mut Option<String>, error: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     const GOOD: &str = r#"
 [[node]]
@@ -412,6 +422,49 @@ weight = 3
         let svc = "[[service]]\nname = \"s\"\nnode = \"a\"\nport = 1\n";
         let e = parse_err(&format!("{NODE_A}{svc}{svc}"));
         assert!(e.reason.contains("service.id"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_instances_of_services_it_did_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.toml");
+        let other = "[[service]]\nname = \"db\"\nnode = \"n1\"\nport = 5432\n";
+        std::fs::write(&path, format!("{GOOD}{other}")).unwrap();
+        let (publisher, mut rx) = super::super::channel();
+        let shutdown = CancellationToken::new();
+        let discovery = FileDiscovery {
+            path: path.clone(),
+            poll: Duration::from_millis(5),
+        };
+        let task = tokio::spawn(discovery.run(publisher, shutdown.clone()));
+        let first = rx
+            .wait_for(|s| s.snapshot.is_some())
+            .await
+            .unwrap()
+            .snapshot
+            .clone()
+            .unwrap();
+        let changed = GOOD.replace("port = 8081", "port = 8082");
+        std::fs::write(&path, format!("{changed}{other}")).unwrap();
+        let second = rx
+            .wait_for(|s| {
+                s.snapshot
+                    .as_ref()
+                    .is_some_and(|s| s.services["giphy"][1].port == 8082)
+            })
+            .await
+            .unwrap()
+            .snapshot
+            .clone()
+            .unwrap();
+        assert!(Arc::ptr_eq(&first.services["db"], &second.services["db"]));
+        assert!(Arc::ptr_eq(&first.nodes, &second.nodes));
+        assert!(!Arc::ptr_eq(
+            &first.services["giphy"],
+            &second.services["giphy"]
+        ));
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]

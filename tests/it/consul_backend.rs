@@ -432,7 +432,7 @@ async fn understands_the_answers_of_consuls_documentation() {
     assert_eq!(redis.addr(), "10.1.10.12:8000".parse().unwrap());
     assert_eq!(redis.weight, 10);
     assert_eq!(redis.health, Health::Passing);
-    assert_eq!(redis.tags, ["primary"]);
+    assert_eq!(*redis.tags, ["primary"]);
     assert_eq!(redis.meta["redis_version"], "4.0");
     let node = &snapshot.nodes["foobar"];
     assert_eq!(node.inbound_port, catalog::DEFAULT_INBOUND_PORT);

@@ -266,10 +266,10 @@ async fn start_agent(name: &str, ip_text: &str, endpoints: Vec<String>) -> Agent
 
 fn node(name: &str, address: IpAddr, inbound_port: u16) -> Node {
     Node {
-        name: name.to_owned(),
+        name: name.into(),
         address,
         inbound_port,
-        meta: BTreeMap::new(),
+        meta: Default::default(),
     }
 }
 
@@ -277,11 +277,11 @@ fn instance(service: &str, id: &str, node: &str, addr: SocketAddr) -> Instance {
     Instance {
         id: id.to_owned(),
         service: ServiceName::parse(service).unwrap(),
-        node: node.to_owned(),
+        node: node.into(),
         address: addr.ip(),
         port: addr.port(),
-        tags: Vec::new(),
-        meta: BTreeMap::new(),
+        tags: Vec::new().into(),
+        meta: Default::default(),
         health: Health::Passing,
         weight: 1,
     }

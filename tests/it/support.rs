@@ -278,33 +278,30 @@ impl TestMesh {
     }
 
     fn snapshot(&self, placements: &[Placement]) -> Snapshot {
-        let mut snapshot = Snapshot {
-            nodes: self
-                .nodes
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            ..Snapshot::default()
-        };
+        let mut services: BTreeMap<ServiceName, Vec<Instance>> = BTreeMap::new();
         for (i, p) in placements.iter().enumerate() {
             let service = ServiceName::parse(p.service).unwrap();
-            snapshot
-                .services
-                .entry(service.clone())
-                .or_default()
-                .push(Instance {
-                    id: format!("{}-{i}", p.service),
-                    service,
-                    node: p.node.to_owned(),
-                    address: p.addr.ip(),
-                    port: p.addr.port(),
-                    tags: Vec::new(),
-                    meta: BTreeMap::new(),
-                    health: p.health,
-                    weight: 1,
-                });
+            services.entry(service.clone()).or_default().push(Instance {
+                id: format!("{}-{i}", p.service),
+                service,
+                node: p.node.into(),
+                address: p.addr.ip(),
+                port: p.addr.port(),
+                tags: Vec::new().into(),
+                meta: Default::default(),
+                health: p.health,
+                weight: 1,
+            });
         }
-        snapshot
+        Snapshot {
+            nodes: Arc::new(
+                self.nodes
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), v.clone()))
+                    .collect(),
+            ),
+            services: services.into_iter().map(|(s, i)| (s, i.into())).collect(),
+        }
     }
 
     /// The outbound address of node `name`'s agent: where its applications send requests.
@@ -377,10 +374,10 @@ impl TestMeshBuilder {
             nodes.insert(
                 *name,
                 Node {
-                    name: (*name).to_owned(),
+                    name: (*name).into(),
                     address: *ip,
                     inbound_port: port,
-                    meta: BTreeMap::new(),
+                    meta: Default::default(),
                 },
             );
             bound.push((*name, settings, listeners));
