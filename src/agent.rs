@@ -17,12 +17,13 @@ use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::etcd::EtcdDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
+use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
 use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
 use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
-use crate::serve;
+use crate::serve::{self, Recorder};
 
 /// How long the agent waits at start for the catalog's first answer.
 pub const FIRST_CATALOG_TIMEOUT: Duration = Duration::from_secs(15);
@@ -118,6 +119,8 @@ pub struct AgentHandle {
     pub admin: Option<SocketAddr>,
     pub routes: Arc<Routes>,
     pub catalog: Subscriber,
+    /// What the outbound and inbound listeners record, served at the admin's `/metrics`.
+    pub metrics: Arc<Metrics>,
     /// The embedded registry, with `--catalog embedded`.
     pub registry: Option<SocketAddr>,
     registry_handle: Option<RegistryHandle>,
@@ -284,6 +287,7 @@ pub async fn start(
     }
 
     let forwarder = Forwarder::new();
+    let metrics = Metrics::new();
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (outbound, inbound, admin) = (
         addr(&listeners.outbound),
@@ -301,14 +305,31 @@ pub async fn start(
             )
         });
         let handler = Outbound::new(routes.clone(), forwarder.clone(), catch_all);
-        tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+        let recorder = Recorder::new(Role::Outbound, metrics.clone());
+        tasks.spawn(serve::serve_recorded(
+            listener,
+            handler,
+            recorder,
+            shutdown.clone(),
+        ));
     }
     if let Some(listener) = listeners.inbound {
         let handler = Inbound::new(routes.clone(), forwarder.clone());
-        tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+        let recorder = Recorder::new(Role::Inbound, metrics.clone());
+        tasks.spawn(serve::serve_recorded(
+            listener,
+            handler,
+            recorder,
+            shutdown.clone(),
+        ));
     }
     if let Some(listener) = listeners.admin {
-        let handler = Admin::new(routes.clone(), subscriber.clone(), source_name.clone());
+        let handler = Admin::new(
+            routes.clone(),
+            subscriber.clone(),
+            source_name.clone(),
+            metrics.clone(),
+        );
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
@@ -326,6 +347,7 @@ pub async fn start(
         admin,
         routes,
         catalog: subscriber,
+        metrics,
         registry,
         registry_handle,
         shutdown,

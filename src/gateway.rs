@@ -38,10 +38,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
+use crate::metrics::{Metrics, Role, labelled};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
-use crate::serve::{self, Conn, Handler};
+use crate::serve::{self, Conn, Handler, Recorder};
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
 use tiers::{Selector, SelectorView};
 
@@ -432,7 +433,22 @@ impl GatewayHandler {
 impl Handler for GatewayHandler {
     type Body = Body;
 
-    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let mut label = None;
+        let response = self.proxy(req, conn, &mut label).await;
+        labelled(response, label)
+    }
+}
+
+impl GatewayHandler {
+    /// Chooses the tier and forwards one request; `label` is set to the service once the
+    /// table knows it, for the metrics.
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceName>,
+    ) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
         };
@@ -448,6 +464,7 @@ impl Handler for GatewayHandler {
             .remove(&X_SKYLINE_ORIGIN)
             .is_some_and(|v| v.as_bytes() == b"bridge");
         let table = self.gateway.load();
+        *label = table.services.get_key_value(name).map(|(k, _)| k.clone());
         let (route, known) = table.tiers(name);
         let chosen = self.gateway.choose(name, route, known, from_bridge);
         // Priority fallback: from the chosen tier down, the first with an endpoint.
@@ -493,11 +510,12 @@ impl Handler for GatewayHandler {
     }
 }
 
-/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`.
+/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/metrics`.
 #[derive(Clone, Debug)]
 pub struct GatewayAdmin {
     gateway: Arc<Gateway>,
     catalog: Subscriber,
+    metrics: Arc<Metrics>,
 }
 
 impl Handler for GatewayAdmin {
@@ -520,9 +538,13 @@ impl Handler for GatewayAdmin {
                 )
             }
             "/routes" => (StatusCode::OK, self.gateway.describe()),
+            "/metrics" => {
+                let catalog = self.catalog.borrow().clone();
+                return crate::admin::metrics_response(&self.metrics, Some(&catalog));
+            }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics"]}),
             ),
         };
         crate::admin::json_response(status, &body)
@@ -536,6 +558,8 @@ pub struct GatewayHandle {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
+    /// What the gateway listener records, served at the admin's `/metrics`.
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -565,6 +589,7 @@ pub async fn spawn(
     let listener: TcpListener = bind("gateway", settings.listen)?;
     let admin = settings.admin.map(|a| bind("admin", a)).transpose()?;
     let mut tasks = JoinSet::new();
+    let metrics = Metrics::new();
     let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);
     let snapshot = match agent::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
@@ -581,6 +606,7 @@ pub async fn spawn(
                 settings.upstreams.clone(),
                 settings.default_hold,
                 kv_tx,
+                metrics.clone(),
                 shutdown.clone(),
             ));
             None
@@ -590,7 +616,12 @@ pub async fn spawn(
     let (file_tx, file_rx) = watch::channel(settings.routes.clone());
     match settings.reload.clone() {
         Some(args) => {
-            tasks.spawn(watch_file_routes(args, file_tx, shutdown.clone()));
+            tasks.spawn(watch_file_routes(
+                args,
+                file_tx,
+                metrics.clone(),
+                shutdown.clone(),
+            ));
         }
         None => {
             // Nothing to watch: keep the channel open for the follower until shutdown.
@@ -632,15 +663,17 @@ pub async fn spawn(
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    tasks.spawn(serve::serve(
+    tasks.spawn(serve::serve_recorded(
         listener,
         GatewayHandler::new(gateway.clone()),
+        Recorder::new(Role::Gateway, metrics.clone()),
         shutdown.clone(),
     ));
     if let Some(admin) = admin {
         let handler = GatewayAdmin {
             gateway: gateway.clone(),
             catalog: subscriber,
+            metrics: metrics.clone(),
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }
@@ -654,6 +687,7 @@ pub async fn spawn(
         addr,
         admin: admin_addr,
         gateway,
+        metrics,
         shutdown,
         tasks,
     })
@@ -697,9 +731,11 @@ pub const FILE_ROUTES_POLL: Duration = Duration::from_millis(250);
 
 /// Re-reads the config file when it changes and publishes its `[routes]`. A file that does not
 /// validate is refused with file, line, key and reason, and the policies in force are kept.
+/// Each reload counts in `metrics` as accepted or refused.
 pub async fn watch_file_routes(
     args: config::GatewayArgs,
     tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let Some(path) = args.config.clone() else {
@@ -719,22 +755,26 @@ pub async fn watch_file_routes(
         match args.clone().resolve() {
             Ok(settings) => {
                 tracing::info!(path = %path.display(), policies = settings.routes.len(), "route policies reloaded");
+                metrics.config_reload(true);
                 tx.send_replace(settings.routes);
             }
             Err(error) => {
                 tracing::error!(%error, "route policies refused; keeping those in force");
+                metrics.config_reload(false);
             }
         }
     }
 }
 
 /// Watches `skyline/routes/` in the KV with blocking queries. Each key's value is validated;
-/// an invalid one is logged and the key's previous policy kept.
+/// an invalid one is logged and the key's previous policy kept. A changed key counts in
+/// `metrics` as a reload, accepted or refused (the policies found at start do not).
 pub async fn watch_kv_routes(
     address: SocketAddr,
     upstreams: BTreeMap<String, Upstream>,
     default_hold: Duration,
     tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let client: Client<HttpConnector, Empty<Bytes>> =
@@ -743,6 +783,7 @@ pub async fn watch_kv_routes(
     let mut current: BTreeMap<String, RoutePolicy> = BTreeMap::new();
     let mut raw: BTreeMap<String, String> = BTreeMap::new();
     let mut backoff = Duration::from_millis(100);
+    let mut started = false;
     loop {
         let uri =
             format!("http://{address}/v1/kv/{KV_ROUTES_PREFIX}?recurse&index={index}&wait=30s");
@@ -784,7 +825,11 @@ pub async fn watch_kv_routes(
                 }
                 continue;
             }
-            match RoutePolicy::parse_text(value, &upstreams, default_hold) {
+            let parsed = RoutePolicy::parse_text(value, &upstreams, default_hold);
+            if started {
+                metrics.config_reload(parsed.is_ok());
+            }
+            match parsed {
                 Ok(policy) => {
                     tracing::info!(%key, "route policy loaded");
                     next.insert(service.to_owned(), policy);
@@ -798,6 +843,7 @@ pub async fn watch_kv_routes(
             }
         }
         raw = entries;
+        started = true;
         if next != current {
             current = next.clone();
             tx.send_replace(next);

@@ -12,6 +12,8 @@ use hyper::body::Incoming;
 
 use super::outbound::split_service_path;
 use super::{Body, Forwarder, Host, MeshError};
+use crate::catalog::ServiceName;
+use crate::metrics::{known_service, labelled};
 use crate::routing::{Endpoint, Lookup, Routes};
 use crate::serve::{Conn, Handler};
 
@@ -37,6 +39,21 @@ impl Handler for Inbound {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let mut label = None;
+        let response = self.proxy(req, conn, &mut label).await;
+        labelled(response, label)
+    }
+}
+
+impl Inbound {
+    /// Hands one request to a local instance; `label` is set to the service once it is known
+    /// to the catalog, for the metrics.
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceName>,
+    ) -> Response<Body> {
         let uri = req.uri();
         let (name, target) = match split_service_path(uri.path()) {
             Ok((name, rest)) => (name, strip_prefix(rest, uri.query())),
@@ -50,9 +67,13 @@ impl Handler for Inbound {
             Ok(endpoint) => endpoint,
             Err(_) => match self.local_endpoint_after_catch_up(name).await {
                 Ok(endpoint) => endpoint,
-                Err(e) => return e.into_response(name),
+                Err(e) => {
+                    *label = known_service(&self.inner.routes.load(), name);
+                    return e.into_response(name);
+                }
             },
         };
+        *label = known_service(&self.inner.routes.load(), name);
         // The name borrows from the request, which the forwarder consumes.
         let name = name.to_owned();
         let next = |tried: &[SocketAddr]| self.local_endpoint(&name, tried).ok();

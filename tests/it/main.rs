@@ -7,6 +7,7 @@ mod etcd;
 mod gateway;
 mod guard;
 mod hostile_input;
+mod metrics;
 mod migration;
 mod pool;
 mod processes;
