@@ -720,6 +720,32 @@ mod tests {
         assert!(hashbrown::Equivalent::equivalent(&key, &labels));
     }
 
+    /// The whole per-response cost of the serve layer's recording, as `Recorder::record` pays
+    /// it: the handler's label in the extensions, the clock, the header, the record. Run by
+    /// hand like the one below.
+    #[test]
+    #[ignore]
+    fn cost_of_labelling_and_recording_a_response() {
+        let metrics = Metrics::new();
+        let name = ServiceName::parse("web").unwrap();
+        let rounds = 1_000_000u32;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            let clock = Instant::now();
+            let mut response = labelled(Response::new(()), Some(name.clone()));
+            let label = response.extensions_mut().remove::<ServiceLabel>();
+            let service = label.as_ref().map_or("", |l| l.0.as_str());
+            let error = response
+                .headers()
+                .get(&crate::proxy::X_SKYLINE_ERROR)
+                .and_then(|v| v.to_str().ok());
+            let status = response.status().as_u16();
+            metrics.request(Role::Inbound, service, status, error, clock.elapsed());
+        }
+        let per_response = started.elapsed() / rounds;
+        println!("labelling and recording a response: {per_response:?}");
+    }
+
     /// The cost of recording one request on an existing series. Not a test of speed (a loaded
     /// machine may be slow at any moment): run it by hand,
     /// `cargo test --lib metrics::tests::cost -- --ignored --nocapture` (optimised build).

@@ -309,7 +309,8 @@ async fn scenario(
             node_address: ip,
             outbound: Some(SocketAddr::new(ip, 0)),
             inbound: Some(SocketAddr::new(ip, 0)),
-            admin: None,
+            // m1's admin listener, to watch its metrics while the demo runs.
+            admin: (node == "m1").then(|| SocketAddr::new(ip, 0)),
             catalog: CatalogSource::Consul(reg),
             catch_all: Vec::new(),
             policy: Policy {
@@ -419,7 +420,7 @@ async fn scenario(
     let gateway = gateway::spawn(
         gateway::Settings {
             listen: gateway_addr,
-            admin: None,
+            admin: Some(SocketAddr::new(lo(10), 0)),
             catalog: CatalogSource::Consul(reg),
             upstreams: policy::default_upstreams(),
             routes: BTreeMap::new(),
@@ -434,24 +435,33 @@ async fn scenario(
     .await
     .map_err(|e| fail("start the gateway")(e.to_string()))?;
     let mut outbound = None;
+    let mut m1_admin = None;
     for (node, _, settings, listeners) in agents {
         let handle = agent::start(settings, listeners, stop.clone())
             .await
             .map_err(|e| fail("start an agent")(e.to_string()))?;
         if node == "m1" {
             outbound = handle.outbound;
+            m1_admin = handle.admin;
         }
         tasks.spawn(handle.join());
     }
+    let gateway_admin = gateway.admin;
     tasks.spawn(gateway.join());
     tasks.spawn(bridge.join());
     let outbound = outbound.ok_or_else(|| fail("start agent m1")("no outbound listener".into()))?;
+    let metrics_url = |admin: Option<SocketAddr>| {
+        admin.map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics"))
+    };
 
     say(
         out,
         &format!(
             "Skyline migration demo: registry {reg}, gateway {gateway_addr}, bridge {bridge_addr}, cluster DNS {dns}.\n\
-         Mesos node m1 ({m1_ip}) calls http://{outbound}/service/giphy/media {RATE} times a second."
+         Mesos node m1 ({m1_ip}) calls http://{outbound}/service/giphy/media {RATE} times a second.\n\
+         Metrics while it runs: m1 {}, gateway {}.",
+            metrics_url(m1_admin),
+            metrics_url(gateway_admin)
         ),
     );
 
