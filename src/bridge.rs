@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Subscriber};
 use crate::gateway::X_SKYLINE_ORIGIN;
-use crate::metrics::{Metrics, Role, labelled};
+use crate::metrics::{self, Metrics, Role, ServiceLabel, labelled};
 use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop};
@@ -224,9 +224,12 @@ impl Bridge {
     }
 
     /// Kubernetes → Skyline: to the gateway pool, marked as coming from a bridge. Labelled for
-    /// the metrics when the bridge's catalog knows the service.
+    /// the metrics as known when the bridge's catalog knows the service.
     async fn to_gateway(&self, req: Request<Incoming>, name: String, conn: Conn) -> Response<Body> {
-        let label = self.known_service(&name);
+        let label = match self.known_service(&name) {
+            Some(service) => Some(ServiceLabel::known(service)),
+            None => metrics::unverified(&name),
+        };
         labelled(self.to_gateway_unlabelled(req, name, conn).await, label)
     }
 
@@ -271,7 +274,7 @@ impl Bridge {
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceName>,
+        label: &mut Option<ServiceLabel>,
     ) -> Response<Body> {
         let uri = req.uri().clone();
         let (name, target) = match split_service_path(uri.path()) {
@@ -296,7 +299,7 @@ impl Bridge {
             tracing::debug!(service = %name, %host, "no such kubernetes service");
             return MeshError::UnknownService.into_response(name);
         }
-        *label = ServiceName::parse(name).ok();
+        *label = ServiceName::parse(name).ok().map(ServiceLabel::known);
         let ip = ips[self.inner.next.fetch_add(1, Ordering::Relaxed) % ips.len()];
         let endpoint = Endpoint::new(SocketAddr::new(ip, port), 1);
         if let Ok(value) = HeaderValue::try_from(format!("{host}:{port}")) {

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
-use crate::metrics::{Metrics, Role, labelled};
+use crate::metrics::{self, Metrics, Role, ServiceLabel, labelled};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::{Body, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
@@ -441,13 +441,13 @@ impl Handler for GatewayHandler {
 }
 
 impl GatewayHandler {
-    /// Chooses the tier and forwards one request; `label` is set to the service once the
-    /// table knows it, for the metrics.
+    /// Chooses the tier and forwards one request; `label` is set to the service once it is
+    /// parsed, for the metrics.
     async fn proxy(
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceName>,
+        label: &mut Option<ServiceLabel>,
     ) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
@@ -464,7 +464,10 @@ impl GatewayHandler {
             .remove(&X_SKYLINE_ORIGIN)
             .is_some_and(|v| v.as_bytes() == b"bridge");
         let table = self.gateway.load();
-        *label = table.services.get_key_value(name).map(|(k, _)| k.clone());
+        *label = match table.services.get_key_value(name) {
+            Some((service, _)) => Some(ServiceLabel::known(service.clone())),
+            None => metrics::unverified(name),
+        };
         let (route, known) = table.tiers(name);
         let chosen = self.gateway.choose(name, route, known, from_bridge);
         // Priority fallback: from the chosen tier down, the first with an endpoint.

@@ -6,10 +6,10 @@
 //! response by putting a [`ServiceLabel`] in its extensions. The resilience counters (retries,
 //! ejections, panic routing) are for the forwarder to call.
 //!
-//! Label cardinality is bounded by construction: a service label is a name the catalog knows
-//! (handlers set [`ServiceLabel`] only for those) or `""`, at most [`MAX_SERVICE_LABELS`]
-//! distinct ones; the error label is one of the contract's codes or `other`; the status is
-//! whatever three-digit code hyper accepted.
+//! Label cardinality is bounded by construction: a service label is a name the catalog (or the
+//! cluster DNS) knows, a valid name an application answered for (see [`ServiceLabel`]), or `""`,
+//! at most [`MAX_SERVICE_LABELS`] distinct ones; the error label is one of the contract's codes
+//! or `other`; the status is whatever three-digit code hyper accepted.
 //!
 //! Recording a request costs one hash lookup under a read lock (the series cache below), one
 //! counter increment and one histogram observation; nothing is allocated once a series exists.
@@ -85,21 +85,56 @@ impl EncodeLabelValue for Role {
 // === ServiceLabel ===
 
 /// The service a response belongs to, put in the response's extensions by a role's handler so
-/// that the serve layer labels its metrics. Set it only for a name the catalog knows (see
-/// [`known_service`]): a name taken from a request could be anything.
+/// that the serve layer labels its metrics.
+///
+/// A name taken from a request could be anything, so only two kinds become labels: a name the
+/// catalog (or, for the bridge, the cluster DNS) knows, and a valid name the catalog does not
+/// know, such as one sent to the catch-all during a migration, when an application answered
+/// for it. A name only the mesh answered for (`x-skyline-error`, for example unknown-service
+/// from the far end) is counted under `""`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceLabel(pub ServiceName);
+pub struct ServiceLabel {
+    service: ServiceName,
+    known: bool,
+}
+
+impl ServiceLabel {
+    /// A service the catalog or the cluster DNS knows: always its own label.
+    pub fn known(service: ServiceName) -> Self {
+        Self {
+            service,
+            known: true,
+        }
+    }
+
+    /// A valid name the catalog does not know: its own label only if an application answered.
+    pub fn unverified(service: ServiceName) -> Self {
+        Self {
+            service,
+            known: false,
+        }
+    }
+
+    /// The label value of a response that carries mesh error `error` (if any).
+    pub fn value(&self, error: Option<&str>) -> &str {
+        if self.known || error.is_none() {
+            self.service.as_str()
+        } else {
+            ""
+        }
+    }
+}
 
 /// `response` with its service label, if there is one.
-pub fn labelled<B>(mut response: Response<B>, service: Option<ServiceName>) -> Response<B> {
-    if let Some(service) = service {
-        response.extensions_mut().insert(ServiceLabel(service));
+pub fn labelled<B>(mut response: Response<B>, label: Option<ServiceLabel>) -> Response<B> {
+    if let Some(label) = label {
+        response.extensions_mut().insert(label);
     }
     response
 }
 
 /// The catalog's own name for `name`, if the route table knows the service (routable or not,
-/// or recently retired from this node): the only names that become labels.
+/// or recently retired from this node).
 pub fn known_service(table: &Table, name: &str) -> Option<ServiceName> {
     let known = table
         .outbound
@@ -108,6 +143,19 @@ pub fn known_service(table: &Table, name: &str) -> Option<ServiceName> {
         .or_else(|| table.inbound.get_key_value(name).map(|(k, _)| k))
         .or_else(|| table.retired.get_key_value(name).map(|(k, _)| k));
     known.cloned()
+}
+
+/// The label of a request for `name`: known to `table`, or unverified if merely valid.
+pub fn service_label(table: &Table, name: &str) -> Option<ServiceLabel> {
+    match known_service(table, name) {
+        Some(service) => Some(ServiceLabel::known(service)),
+        None => unverified(name),
+    }
+}
+
+/// An unverified label for `name`, if it is a valid service name.
+pub fn unverified(name: &str) -> Option<ServiceLabel> {
+    ServiceName::parse(name).ok().map(ServiceLabel::unverified)
 }
 
 // === Labels ===
@@ -695,6 +743,36 @@ mod tests {
         assert_eq!(sample(&text, "skyline_catalog_services", ""), Some(2.0));
     }
 
+    #[test]
+    fn an_unverified_name_is_a_label_only_when_an_application_answered() {
+        let web = || ServiceName::parse("web").unwrap();
+        assert_eq!(ServiceLabel::known(web()).value(None), "web");
+        assert_eq!(
+            ServiceLabel::known(web()).value(Some("upstream-timeout")),
+            "web"
+        );
+        assert_eq!(ServiceLabel::unverified(web()).value(None), "web");
+        assert_eq!(
+            ServiceLabel::unverified(web()).value(Some("unknown-service")),
+            ""
+        );
+        assert_eq!(unverified("Not/A/Name"), None);
+        let mut table = Table::default();
+        table
+            .outbound
+            .insert(web(), Arc::new(crate::routing::Route::new(Vec::new())));
+        assert_eq!(
+            service_label(&table, "web"),
+            Some(ServiceLabel::known(web()))
+        );
+        assert_eq!(
+            service_label(&table, "ghost"),
+            Some(ServiceLabel::unverified(
+                ServiceName::parse("ghost").unwrap()
+            ))
+        );
+    }
+
     fn hash_of(value: &impl Hash) -> u64 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         value.hash(&mut hasher);
@@ -732,13 +810,14 @@ mod tests {
         let started = Instant::now();
         for _ in 0..rounds {
             let clock = Instant::now();
-            let mut response = labelled(Response::new(()), Some(name.clone()));
+            let label = Some(ServiceLabel::known(name.clone()));
+            let mut response = labelled(Response::new(()), label);
             let label = response.extensions_mut().remove::<ServiceLabel>();
-            let service = label.as_ref().map_or("", |l| l.0.as_str());
             let error = response
                 .headers()
                 .get(&crate::proxy::X_SKYLINE_ERROR)
                 .and_then(|v| v.to_str().ok());
+            let service = label.as_ref().map_or("", |l| l.value(error));
             let status = response.status().as_u16();
             metrics.request(Role::Inbound, service, status, error, clock.elapsed());
         }

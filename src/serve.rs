@@ -80,11 +80,11 @@ impl Recorder {
     /// since the request arrived.
     fn record<B>(&self, response: &mut Response<B>, started: Instant) {
         let label = response.extensions_mut().remove::<ServiceLabel>();
-        let service = label.as_ref().map_or("", |l| l.0.as_str());
         let error = response
             .headers()
             .get(&X_SKYLINE_ERROR)
             .and_then(|v| v.to_str().ok());
+        let service = label.as_ref().map_or("", |l| l.value(error));
         let status = response.status().as_u16();
         self.metrics
             .request(self.role, service, status, error, started.elapsed());

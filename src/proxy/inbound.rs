@@ -12,8 +12,7 @@ use hyper::body::Incoming;
 
 use super::outbound::split_service_path;
 use super::{Body, Forwarder, Host, MeshError};
-use crate::catalog::ServiceName;
-use crate::metrics::{known_service, labelled};
+use crate::metrics::{ServiceLabel, labelled, service_label};
 use crate::routing::{Endpoint, Lookup, Routes};
 use crate::serve::{Conn, Handler};
 
@@ -52,7 +51,7 @@ impl Inbound {
         &self,
         req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceName>,
+        label: &mut Option<ServiceLabel>,
     ) -> Response<Body> {
         let uri = req.uri();
         let (name, target) = match split_service_path(uri.path()) {
@@ -68,12 +67,12 @@ impl Inbound {
             Err(_) => match self.local_endpoint_after_catch_up(name).await {
                 Ok(endpoint) => endpoint,
                 Err(e) => {
-                    *label = known_service(&self.inner.routes.load(), name);
+                    *label = service_label(&self.inner.routes.load(), name);
                     return e.into_response(name);
                 }
             },
         };
-        *label = known_service(&self.inner.routes.load(), name);
+        *label = service_label(&self.inner.routes.load(), name);
         // The name borrows from the request, which the forwarder consumes.
         let name = name.to_owned();
         let next = |tried: &[SocketAddr]| self.local_endpoint(&name, tried).ok();

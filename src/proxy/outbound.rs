@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use super::{Body, DEFAULT_MAX_HOPS, Forwarder, Host, MeshError, count_hop};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
-use crate::metrics::{known_service, labelled};
+use crate::metrics::{ServiceLabel, labelled, service_label};
 use crate::routing::{Endpoint, Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
@@ -53,13 +53,13 @@ impl Handler for Outbound {
 }
 
 impl Outbound {
-    /// Routes and forwards one request; `label` is set to the service once it is known to the
-    /// catalog, for the metrics.
+    /// Routes and forwards one request; `label` is set to the service once it is parsed, for
+    /// the metrics.
     async fn proxy(
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceName>,
+        label: &mut Option<ServiceLabel>,
     ) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
@@ -79,7 +79,7 @@ impl Outbound {
             Ok(name) => name,
             Err(e) => return e.into_response(""),
         };
-        *label = known_service(&self.inner.routes.load(), name);
+        *label = service_label(&self.inner.routes.load(), name);
         if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
             return e.into_response(name);
         }

@@ -155,3 +155,41 @@ async fn catalog_gauges_show_its_size_age_and_staleness() {
     mesh.stop().await;
     web.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_only_the_catch_all_serves_is_labelled_when_an_application_answers() {
+    // Stands in for the gateway pool: answers for any service, as it does during a migration.
+    let gateway = TestApp::spawn("gateway", ip("127.0.0.4"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .catch_all(gateway.addr)
+        .spawn()
+        .await;
+    let client = Client::new();
+    let out = mesh.outbound("a");
+    for _ in 0..3 {
+        let reply = client.get(&format!("http://{out}/service/moved/x")).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body, "gateway /service/moved/x");
+    }
+    // With the catch-all gone, only the mesh answers: such a name never becomes a label.
+    gateway.stop().await;
+    let reply = client.get(&format!("http://{out}/service/vanished/")).await;
+    assert_eq!(reply.mesh_error(), Some("upstream-connect"), "{reply:?}");
+
+    let a = scrape(mesh.admin("a")).await;
+    assert_eq!(
+        a.count(&requests("outbound", "moved", 200, "")),
+        3.0,
+        "{}",
+        a.text
+    );
+    assert_eq!(
+        a.count(&requests("outbound", "", 502, "upstream-connect")),
+        1.0,
+        "{}",
+        a.text
+    );
+    assert!(!a.text.contains("vanished"), "{}", a.text);
+    mesh.stop().await;
+}
