@@ -1,5 +1,6 @@
 //! The admin listener (:5050): `/healthz`, `/readyz` (is a catalog in force, and how old is it),
-//! and `/routes` (the live route table as JSON).
+//! `/routes` (the live route table as JSON) and `/metrics` (Prometheus text, see
+//! [`crate::metrics`]).
 
 use std::sync::Arc;
 
@@ -7,7 +8,8 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::catalog::Subscriber;
+use crate::catalog::{CatalogState, Subscriber};
+use crate::metrics::{self, Metrics};
 use crate::proxy::{Body, full};
 use crate::routing::Routes;
 use crate::serve::{Conn, Handler};
@@ -21,15 +23,22 @@ struct Inner {
     routes: Arc<Routes>,
     catalog: Subscriber,
     source: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Admin {
-    pub fn new(routes: Arc<Routes>, catalog: Subscriber, source: String) -> Self {
+    pub fn new(
+        routes: Arc<Routes>,
+        catalog: Subscriber,
+        source: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 routes,
                 catalog,
                 source,
+                metrics,
             }),
         }
     }
@@ -62,6 +71,10 @@ impl Handler for Admin {
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
+            "/metrics" => {
+                let catalog = self.inner.catalog.borrow().clone();
+                return metrics_response(&self.inner.metrics, Some(&catalog));
+            }
             "/routes" => {
                 let table = self.inner.routes.load_full();
                 (
@@ -71,7 +84,7 @@ impl Handler for Admin {
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics"]}),
             ),
         };
         json_response(status, &body)
@@ -85,5 +98,16 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<B
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// `/metrics`, as every admin listener answers it: the Prometheus text exposition of `metrics`,
+/// with the catalog gauges of `catalog` when the role follows one.
+pub fn metrics_response(metrics: &Metrics, catalog: Option<&CatalogState>) -> Response<Body> {
+    let mut response = Response::new(full(metrics.encode(catalog)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
     response
 }

@@ -18,13 +18,14 @@ use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::etcd::EtcdDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
+use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
 use crate::proxy::resilience::{self, Policies, SharedPolicies};
 use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
 use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
-use crate::serve;
+use crate::serve::{self, Recorder};
 
 /// How long the agent waits at start for the catalog's first answer.
 pub const FIRST_CATALOG_TIMEOUT: Duration = Duration::from_secs(15);
@@ -124,6 +125,8 @@ pub struct AgentHandle {
     pub catalog: Subscriber,
     /// The resilience policies in force; storing new ones applies them to the next requests.
     pub policies: SharedPolicies,
+    /// What the outbound and inbound listeners record, served at the admin's `/metrics`.
+    pub metrics: Arc<Metrics>,
     /// The embedded registry, with `--catalog embedded`.
     pub registry: Option<SocketAddr>,
     registry_handle: Option<RegistryHandle>,
@@ -289,7 +292,8 @@ pub async fn start(
         ));
     }
 
-    let forwarder = Forwarder::new();
+    let metrics = Metrics::new();
+    let forwarder = Forwarder::new(metrics.clone());
     let policies = resilience::shared(settings.resilience.clone());
     tasks.spawn(crate::proxy::probe::run(
         routes.clone(),
@@ -318,14 +322,31 @@ pub async fn start(
             policies.clone(),
             catch_all,
         );
-        tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+        let recorder = Recorder::new(Role::Outbound, metrics.clone());
+        tasks.spawn(serve::serve_recorded(
+            listener,
+            handler,
+            recorder,
+            shutdown.clone(),
+        ));
     }
     if let Some(listener) = listeners.inbound {
         let handler = Inbound::new(routes.clone(), forwarder.clone(), policies.clone());
-        tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+        let recorder = Recorder::new(Role::Inbound, metrics.clone());
+        tasks.spawn(serve::serve_recorded(
+            listener,
+            handler,
+            recorder,
+            shutdown.clone(),
+        ));
     }
     if let Some(listener) = listeners.admin {
-        let handler = Admin::new(routes.clone(), subscriber.clone(), source_name.clone());
+        let handler = Admin::new(
+            routes.clone(),
+            subscriber.clone(),
+            source_name.clone(),
+            metrics.clone(),
+        );
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
@@ -344,6 +365,7 @@ pub async fn start(
         routes,
         catalog: subscriber,
         policies,
+        metrics,
         registry,
         registry_handle,
         shutdown,

@@ -20,7 +20,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -28,12 +28,13 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::gateway::X_SKYLINE_ORIGIN;
+use crate::metrics::{self, Metrics, Role, ServiceLabel, labelled};
 use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
-use crate::serve::{self, Conn, Handler};
+use crate::serve::{self, Conn, Handler, Recorder};
 
 /// The catalog service of the gateway pool.
 pub const GATEWAY_SERVICE: &str = "skyline-gateway";
@@ -183,6 +184,7 @@ impl Bridge {
         catalog: Option<Subscriber>,
         max_hops: u32,
         resilience: Resilience,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let gateways = (!gateways.is_empty()).then(|| {
             Arc::new(Route::new(
@@ -196,7 +198,7 @@ impl Bridge {
                 gateways,
                 catalog,
                 catalog_gateways: Mutex::new(None),
-                forwarder: Forwarder::new(),
+                forwarder: Forwarder::new(metrics),
                 resilience: Arc::new(resilience),
                 max_hops,
             }),
@@ -237,8 +239,27 @@ impl Bridge {
         Some(route)
     }
 
-    /// Kubernetes → Skyline: to the gateway pool, marked as coming from a bridge.
-    async fn to_gateway(
+    /// The catalog's name for `name`, when the bridge follows a catalog that knows it.
+    fn known_service(&self, name: &str) -> Option<ServiceName> {
+        let catalog = self.inner.catalog.as_ref()?.borrow();
+        let snapshot = catalog.snapshot.as_ref()?;
+        snapshot
+            .services
+            .get_key_value(name)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// Kubernetes → Skyline: to the gateway pool, marked as coming from a bridge. Labelled for
+    /// the metrics as known when the bridge's catalog knows the service.
+    async fn to_gateway(&self, req: Request<Incoming>, name: String, conn: Conn) -> Response<Body> {
+        let label = match self.known_service(&name) {
+            Some(service) => Some(ServiceLabel::known(service)),
+            None => metrics::unverified(&name),
+        };
+        labelled(self.to_gateway_unlabelled(req, name, conn).await, label)
+    }
+
+    async fn to_gateway_unlabelled(
         &self,
         mut req: Request<Incoming>,
         name: String,
@@ -267,8 +288,20 @@ impl Bridge {
             .unwrap_or_else(|e| e.into_response(&name))
     }
 
-    /// Skyline → Kubernetes: through the cluster DNS to the Service.
-    async fn to_cluster(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    /// Skyline → Kubernetes: through the cluster DNS to the Service. Labelled for the metrics
+    /// when the cluster DNS knows the Service.
+    async fn to_cluster(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let mut label = None;
+        let response = self.to_cluster_unlabelled(req, conn, &mut label).await;
+        labelled(response, label)
+    }
+
+    async fn to_cluster_unlabelled(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Response<Body> {
         let uri = req.uri().clone();
         let (name, target) = match split_service_path(uri.path()) {
             Ok((name, rest)) => (name, strip_prefix(rest, uri.query())),
@@ -292,6 +325,7 @@ impl Bridge {
             tracing::debug!(service = %name, %host, "no such kubernetes service");
             return MeshError::UnknownService.into_response(name);
         }
+        *label = ServiceName::parse(name).ok().map(ServiceLabel::known);
         // Usually one address (the Service's cluster IP; kube-proxy balances behind it).
         let route = Route::new(
             ips.iter()
@@ -338,24 +372,30 @@ impl Handler for Bridge {
     }
 }
 
-/// The bridge's admin listener: `/healthz`.
-#[derive(Clone, Copy, Debug)]
-pub struct BridgeAdmin;
+/// The bridge's admin listener: `/healthz`, `/metrics` (with the catalog gauges when the
+/// bridge follows a catalog to find the gateways).
+#[derive(Clone, Debug)]
+pub struct BridgeAdmin {
+    metrics: Arc<Metrics>,
+    catalog: Option<Subscriber>,
+}
 
 impl Handler for BridgeAdmin {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
-        let found = req.uri().path() == "/healthz";
-        let mut response = Response::new(crate::proxy::full(if found {
-            "{\"ok\":true}\n"
-        } else {
-            "{\"error\":\"not-found\",\"paths\":[\"/healthz\"]}\n"
-        }));
-        if !found {
-            *response.status_mut() = http::StatusCode::NOT_FOUND;
-        }
-        response
+        let (status, body) = match req.uri().path() {
+            "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
+            "/metrics" => {
+                let catalog = self.catalog.as_ref().map(|c| c.borrow().clone());
+                return crate::admin::metrics_response(&self.metrics, catalog.as_ref());
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/metrics"]}),
+            ),
+        };
+        crate::admin::json_response(status, &body)
     }
 }
 
@@ -363,6 +403,9 @@ impl Handler for BridgeAdmin {
 
 pub struct BridgeHandle {
     pub addrs: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    /// What the bridge listeners record, served at the admin's `/metrics`.
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -421,28 +464,43 @@ pub async fn spawn(
         _ => None,
     };
     let resolver = resolver(settings.dns).map_err(BridgeError::Resolver)?;
+    let metrics = Metrics::new();
     let bridge = Bridge::new(
         resolver,
         settings.names.clone(),
         settings.gateways.clone(),
-        catalog,
+        catalog.clone(),
         settings.max_hops,
         settings.resilience.clone(),
+        metrics.clone(),
     );
     let addrs: Vec<SocketAddr> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
     for listener in listeners {
-        tasks.spawn(serve::serve(listener, bridge.clone(), shutdown.clone()));
+        let recorder = Recorder::new(Role::Bridge, metrics.clone());
+        tasks.spawn(serve::serve_recorded(
+            listener,
+            bridge.clone(),
+            recorder,
+            shutdown.clone(),
+        ));
     }
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(admin) = admin {
-        tasks.spawn(serve::serve(admin, BridgeAdmin, shutdown.clone()));
+        let handler = BridgeAdmin {
+            metrics: metrics.clone(),
+            catalog,
+        };
+        tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }
     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     tracing::info!(listen = %shown.join(","), dns = %settings.dns, "bridge started");
     Ok(BridgeHandle {
         addrs,
+        admin: admin_addr,
+        metrics,
         shutdown,
         tasks,
     })

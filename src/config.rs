@@ -141,7 +141,7 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYLINE_INBOUND", value_name = "ADDR|off")]
     pub inbound: Option<Listen>,
 
-    /// Admin listener (/healthz, /readyz, /routes), or "off" [default: 127.0.0.1:5050]
+    /// Admin listener (/healthz, /readyz, /routes, /metrics), or "off" [default: 127.0.0.1:5050]
     #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
     pub admin: Option<Listen>,
 

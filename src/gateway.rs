@@ -38,11 +38,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
+use crate::metrics::{self, Metrics, Role, ServiceLabel, labelled};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
-use crate::serve::{self, Conn, Handler};
+use crate::serve::{self, Conn, Handler, Recorder};
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
 use tiers::{Selector, SelectorView};
 
@@ -309,11 +310,16 @@ struct Decision<'a> {
 }
 
 impl Gateway {
-    pub fn new(table: Table, max_hops: u32, resilience: Resilience) -> Arc<Self> {
+    pub fn new(
+        table: Table,
+        max_hops: u32,
+        resilience: Resilience,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let gateway = Arc::new(Self {
             table: ArcSwap::from_pointee(Table::default()),
             selectors: Mutex::new(HashMap::new()),
-            forwarder: Forwarder::new(),
+            forwarder: Forwarder::new(metrics),
             resilience: ArcSwap::from_pointee(resilience),
             max_hops,
         });
@@ -457,7 +463,22 @@ impl GatewayHandler {
 impl Handler for GatewayHandler {
     type Body = Body;
 
-    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let mut label = None;
+        let response = self.proxy(req, conn, &mut label).await;
+        labelled(response, label)
+    }
+}
+
+impl GatewayHandler {
+    /// Chooses the tier and forwards one request; `label` is set to the service once it is
+    /// parsed, for the metrics.
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
         };
@@ -473,6 +494,10 @@ impl Handler for GatewayHandler {
             .remove(&X_SKYLINE_ORIGIN)
             .is_some_and(|v| v.as_bytes() == b"bridge");
         let table = self.gateway.load();
+        *label = match table.services.get_key_value(name) {
+            Some((service, _)) => Some(ServiceLabel::known(service.clone())),
+            None => metrics::unverified(name),
+        };
         let (route, known) = table.tiers(name);
         let chosen = self.gateway.choose(name, route, known, from_bridge);
         // Priority fallback: from the chosen tier down, the first with an endpoint.
@@ -524,11 +549,12 @@ impl Handler for GatewayHandler {
     }
 }
 
-/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`.
+/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/metrics`.
 #[derive(Clone, Debug)]
 pub struct GatewayAdmin {
     gateway: Arc<Gateway>,
     catalog: Subscriber,
+    metrics: Arc<Metrics>,
 }
 
 impl Handler for GatewayAdmin {
@@ -551,9 +577,13 @@ impl Handler for GatewayAdmin {
                 )
             }
             "/routes" => (StatusCode::OK, self.gateway.describe()),
+            "/metrics" => {
+                let catalog = self.catalog.borrow().clone();
+                return crate::admin::metrics_response(&self.metrics, Some(&catalog));
+            }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics"]}),
             ),
         };
         crate::admin::json_response(status, &body)
@@ -567,6 +597,8 @@ pub struct GatewayHandle {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
+    /// What the gateway listener records, served at the admin's `/metrics`.
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -596,6 +628,7 @@ pub async fn spawn(
     let listener: TcpListener = bind("gateway", settings.listen)?;
     let admin = settings.admin.map(|a| bind("admin", a)).transpose()?;
     let mut tasks = JoinSet::new();
+    let metrics = Metrics::new();
     let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);
     let snapshot = match agent::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
@@ -612,6 +645,7 @@ pub async fn spawn(
                 settings.upstreams.clone(),
                 settings.default_hold,
                 kv_tx,
+                metrics.clone(),
                 shutdown.clone(),
             ));
             None
@@ -630,10 +664,21 @@ pub async fn spawn(
         &settings.upstreams,
         settings.include_warning,
     );
-    let gateway = Gateway::new(table, settings.max_hops, settings.resilience.clone());
+    let gateway = Gateway::new(
+        table,
+        settings.max_hops,
+        settings.resilience.clone(),
+        metrics.clone(),
+    );
     match settings.reload.clone() {
         Some(args) => {
-            let watch = watch_file_routes(args, file_tx, gateway.clone(), shutdown.clone());
+            let watch = watch_file_routes(
+                args,
+                file_tx,
+                gateway.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
             tasks.spawn(watch);
         }
         None => {
@@ -664,15 +709,17 @@ pub async fn spawn(
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    tasks.spawn(serve::serve(
+    tasks.spawn(serve::serve_recorded(
         listener,
         GatewayHandler::new(gateway.clone()),
+        Recorder::new(Role::Gateway, metrics.clone()),
         shutdown.clone(),
     ));
     if let Some(admin) = admin {
         let handler = GatewayAdmin {
             gateway: gateway.clone(),
             catalog: subscriber,
+            metrics: metrics.clone(),
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }
@@ -686,6 +733,7 @@ pub async fn spawn(
         addr,
         admin: admin_addr,
         gateway,
+        metrics,
         shutdown,
         tasks,
     })
@@ -729,11 +777,12 @@ pub const FILE_ROUTES_POLL: Duration = Duration::from_millis(250);
 
 /// Re-reads the config file when it changes, publishes its `[routes]` and applies its
 /// `[resilience]`. A file that does not validate is refused with file, line, key and reason,
-/// and the policies in force are kept.
+/// and the policies in force are kept. Each reload counts in `metrics` as accepted or refused.
 pub async fn watch_file_routes(
     args: config::GatewayArgs,
     tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
     gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let Some(path) = args.config.clone() else {
@@ -753,23 +802,27 @@ pub async fn watch_file_routes(
         match args.clone().resolve() {
             Ok(settings) => {
                 tracing::info!(path = %path.display(), policies = settings.routes.len(), "route policies reloaded");
+                metrics.config_reload(true);
                 tx.send_replace(settings.routes);
                 gateway.resilience.store(Arc::new(settings.resilience));
             }
             Err(error) => {
                 tracing::error!(%error, "route policies refused; keeping those in force");
+                metrics.config_reload(false);
             }
         }
     }
 }
 
 /// Watches `skyline/routes/` in the KV with blocking queries. Each key's value is validated;
-/// an invalid one is logged and the key's previous policy kept.
+/// an invalid one is logged and the key's previous policy kept. A changed key counts in
+/// `metrics` as a reload, accepted or refused (the policies found at start do not).
 pub async fn watch_kv_routes(
     address: SocketAddr,
     upstreams: BTreeMap<String, Upstream>,
     default_hold: Duration,
     tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let client: Client<HttpConnector, Empty<Bytes>> =
@@ -778,6 +831,7 @@ pub async fn watch_kv_routes(
     let mut current: BTreeMap<String, RoutePolicy> = BTreeMap::new();
     let mut raw: BTreeMap<String, String> = BTreeMap::new();
     let mut backoff = Duration::from_millis(100);
+    let mut started = false;
     loop {
         let uri =
             format!("http://{address}/v1/kv/{KV_ROUTES_PREFIX}?recurse&index={index}&wait=30s");
@@ -819,7 +873,11 @@ pub async fn watch_kv_routes(
                 }
                 continue;
             }
-            match RoutePolicy::parse_text(value, &upstreams, default_hold) {
+            let parsed = RoutePolicy::parse_text(value, &upstreams, default_hold);
+            if started {
+                metrics.config_reload(parsed.is_ok());
+            }
+            match parsed {
                 Ok(policy) => {
                     tracing::info!(%key, "route policy loaded");
                     next.insert(service.to_owned(), policy);
@@ -833,6 +891,7 @@ pub async fn watch_kv_routes(
             }
         }
         raw = entries;
+        started = true;
         if next != current {
             current = next.clone();
             tx.send_replace(next);

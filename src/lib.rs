@@ -8,7 +8,7 @@
 //!
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table.
 //! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names.
-//! - [`admin`]: `/healthz`, `/readyz`, `/routes` on the admin listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics` on the admin listener.
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
 //!   (blocking queries over HTTP), which also follows our own registry; [`catalog::etcd`] lists
@@ -22,6 +22,8 @@
 //!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
 //! - [`netns`]: a lab of Linux network namespaces (a bridge, a namespace per node, processes
 //!   inside), torn down on drop; the demo's nodes and the namespace integration tests.
+//! - [`metrics`]: Prometheus metrics of every role (`/metrics` on the admin listener); requests
+//!   are recorded by [`serve::serve_recorded`], labelled by the handlers' [`metrics::ServiceLabel`].
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
 //! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
@@ -38,6 +40,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod registry;

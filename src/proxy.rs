@@ -10,6 +10,7 @@ pub mod probe;
 pub mod resilience;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::routing::Route;
 use crate::routing::balance::{Choice, Outcome, now_ns};
 use crate::serve::Conn;
@@ -222,18 +224,21 @@ impl Retry {
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     pool: Pool,
+    /// Where retries, spent budgets, ejections and panic routing are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Default for Forwarder {
     fn default() -> Self {
-        Self::new()
+        Self::new(Metrics::new())
     }
 }
 
 impl Forwarder {
-    pub fn new() -> Self {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             pool: Pool::new(POOL_IDLE_TIMEOUT),
+            metrics,
         }
     }
 
@@ -418,6 +423,7 @@ impl Forwarder {
             if retry != Retry::Connect {
                 retries += 1;
             }
+            self.metrics.retry(upstream.service, retry.as_str());
             tracing::debug!(
                 service = upstream.service,
                 failed = %endpoint.addr,
@@ -444,9 +450,11 @@ impl Forwarder {
             .or_else(|| again.then(|| up.route.choose(&[], balance, outlier))?)?;
         if let Some((addr, time)) = choice.ejected {
             tracing::warn!(service = up.service, endpoint = %addr, ejected_for = ?time, "endpoint ejected after consecutive failures");
+            self.metrics.ejection(up.service);
         }
         if choice.panic {
             panic_warning(up.service);
+            self.metrics.panic_routing(up.service);
         }
         Some(choice)
     }
@@ -458,6 +466,7 @@ impl Forwarder {
             return false;
         }
         if !at.upstream.route.budget.try_withdraw() {
+            self.metrics.retry_budget_exhausted(at.upstream.service);
             tracing::debug!(
                 service = at.upstream.service,
                 reason = why.as_str(),

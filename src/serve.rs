@@ -1,13 +1,15 @@
 //! Accepting connections: the accept loop, HTTP/1.1 settings, the framing guard in front of
-//! hyper, and graceful drain on shutdown.
+//! hyper, graceful drain on shutdown, and (for a role's proxy listeners) one metrics record per
+//! response.
 
 pub mod guard;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
@@ -20,7 +22,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::MeshError;
+use crate::metrics::{Metrics, Role, ServiceLabel};
+use crate::proxy::{MeshError, X_SKYLINE_ERROR};
 use guard::{Guarded, Limits, Verdicts};
 
 /// How long a client may take to send a request head (slowloris protection).
@@ -60,9 +63,56 @@ impl Conn {
     }
 }
 
+/// Where a proxy listener records its responses: the role it plays and the process's metrics.
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    pub role: Role,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Recorder {
+    pub fn new(role: Role, metrics: Arc<Metrics>) -> Self {
+        Self { role, metrics }
+    }
+
+    /// Records one response: its status, the mesh error it carries, the service its handler
+    /// labelled it with (the label is taken out: it is not for the client), and the time
+    /// since the request arrived.
+    fn record<B>(&self, response: &mut Response<B>, started: Instant) {
+        let label = response.extensions_mut().remove::<ServiceLabel>();
+        let error = response
+            .headers()
+            .get(&X_SKYLINE_ERROR)
+            .and_then(|v| v.to_str().ok());
+        let service = label.as_ref().map_or("", |l| l.value(error));
+        let status = response.status().as_u16();
+        self.metrics
+            .request(self.role, service, status, error, started.elapsed());
+    }
+}
+
 /// Serves `listener` with `handler` until `shutdown`, then drains in-flight requests for at
 /// most [`DRAIN_TIMEOUT`].
 pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: CancellationToken) {
+    serve_with(listener, handler, None, shutdown).await;
+}
+
+/// [`serve`], recording every response (refusals of the framing guard included) in `recorder`.
+pub async fn serve_recorded<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    recorder: Recorder,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, handler, Some(recorder), shutdown).await;
+}
+
+async fn serve_with<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    recorder: Option<Recorder>,
+    shutdown: CancellationToken,
+) {
     let limits = Limits::default();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -92,7 +142,9 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: Canc
         let next_index = AtomicU64::new(0);
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let recorder = recorder.clone();
         let service = service_fn(move |req| {
+            let started = recorder.is_some().then(Instant::now);
             let conn = Conn {
                 peer,
                 peer_ip: peer_ip.clone(),
@@ -100,20 +152,13 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: Canc
                 verdicts: verdicts.clone(),
             };
             let handler = handler.clone();
+            let recorder = recorder.clone();
             async move {
-                if let Some(rejection) = conn.verdicts.rejection_for(conn.index) {
-                    tracing::debug!(%peer, reason = rejection.reason, "request refused");
-                    let error = MeshError::BadRequest {
-                        status: rejection.status,
-                        detail: rejection.reason,
-                    };
-                    let response = error.into_response("").map(|body| match body {
-                        Either::Left(_) => Either::Right(Full::default()),
-                        Either::Right(full) => Either::Right(full),
-                    });
-                    return Ok::<_, Infallible>(response);
+                let mut response = respond(&handler, req, conn).await;
+                if let (Some(recorder), Some(started)) = (recorder, started) {
+                    recorder.record(&mut response, started);
                 }
-                Ok(handler.handle(req, conn).await.map(Either::Left))
+                Ok::<_, Infallible>(response)
             }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(io), service));
@@ -130,6 +175,26 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: Canc
     {
         tracing::warn!("drain timed out; closing the remaining connections");
     }
+}
+
+/// The handler's response, or the framing guard's refusal of the request.
+async fn respond<H: Handler>(
+    handler: &H,
+    req: Request<Incoming>,
+    conn: Conn,
+) -> Response<Either<H::Body, Full<Bytes>>> {
+    if let Some(rejection) = conn.verdicts.rejection_for(conn.index) {
+        tracing::debug!(peer = %conn.peer, reason = rejection.reason, "request refused");
+        let error = MeshError::BadRequest {
+            status: rejection.status,
+            detail: rejection.reason,
+        };
+        return error.into_response("").map(|body| match body {
+            Either::Left(_) => Either::Right(Full::default()),
+            Either::Right(full) => Either::Right(full),
+        });
+    }
+    handler.handle(req, conn).await.map(Either::Left)
 }
 
 /// Waits for every task in `tasks`, re-raising a panic of any of them (so a test sees it).

@@ -55,7 +55,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "SKYLINE_GATEWAY_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
-    /// Admin listener (/healthz, /readyz, /routes), or "off" [default: 127.0.0.1:5050]
+    /// Admin listener (/healthz, /readyz, /routes, /metrics), or "off" [default: 127.0.0.1:5050]
     #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
     pub admin: Option<Listen>,
 

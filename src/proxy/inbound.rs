@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use super::outbound::split_service_path;
 use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError};
+use crate::metrics::{ServiceLabel, labelled, service_label};
 use crate::routing::{Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
@@ -42,6 +43,21 @@ impl Handler for Inbound {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let mut label = None;
+        let response = self.proxy(req, conn, &mut label).await;
+        labelled(response, label)
+    }
+}
+
+impl Inbound {
+    /// Hands one request to a local instance; `label` is set to the service once it is known
+    /// to the catalog, for the metrics.
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Response<Body> {
         let uri = req.uri();
         let (name, target) = match split_service_path(uri.path()) {
             Ok((name, rest)) => (name, strip_prefix(rest, uri.query())),
@@ -55,9 +71,13 @@ impl Handler for Inbound {
             Ok(route) => route,
             Err(_) => match self.local_route_after_catch_up(name).await {
                 Ok(route) => route,
-                Err(e) => return e.into_response(name),
+                Err(e) => {
+                    *label = service_label(&self.inner.routes.load(), name);
+                    return e.into_response(name);
+                }
             },
         };
+        *label = service_label(&self.inner.routes.load(), name);
         // The name borrows from the request, which the forwarder consumes.
         let name = name.to_owned();
         let policy = self.inner.policies.load().for_service(&name).clone();

@@ -13,6 +13,7 @@ use super::resilience::SharedPolicies;
 use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
+use crate::metrics::{ServiceLabel, labelled, service_label};
 use crate::routing::{Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
@@ -51,7 +52,22 @@ impl Outbound {
 impl Handler for Outbound {
     type Body = Body;
 
-    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let mut label = None;
+        let response = self.proxy(req, conn, &mut label).await;
+        labelled(response, label)
+    }
+}
+
+impl Outbound {
+    /// Routes and forwards one request; `label` is set to the service once it is parsed, for
+    /// the metrics.
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
         };
@@ -70,6 +86,7 @@ impl Handler for Outbound {
             Ok(name) => name,
             Err(e) => return e.into_response(""),
         };
+        *label = service_label(&self.inner.routes.load(), name);
         if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
             return e.into_response(name);
         }

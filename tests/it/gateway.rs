@@ -354,3 +354,58 @@ async fn route_policies_in_the_config_file_are_hot_reloaded_and_an_invalid_file_
     gw.shutdown();
     gw.join().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_counts_its_requests_and_refused_policy_reloads_in_metrics() {
+    let s = Setup::start(BTreeMap::new()).await;
+    let admin = s.gateway.admin.unwrap();
+    let before = scrape(admin).await;
+    let ok = r#"skyline_requests_total{role="gateway",service="giphy",code="200",error=""}"#;
+    let served = before.count(ok);
+    assert!(served >= 1.0, "setup routed giphy: {}", before.text);
+    for _ in 0..4 {
+        assert_eq!(s.get("/service/giphy/media").await.status, 200);
+    }
+    let loop_detected = Request::get(format!("http://{}/service/giphy/", s.gateway.addr))
+        .header("x-skyline-hops", "8")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(s.client.send(loop_detected).await.unwrap().status, 508);
+
+    let after = scrape(admin).await;
+    assert_eq!(after.count(ok), served + 4.0, "{}", after.text);
+    assert_eq!(
+        after.count(
+            r#"skyline_requests_total{role="gateway",service="",code="508",error="loop-detected"}"#
+        ),
+        1.0,
+        "{}",
+        after.text
+    );
+    assert_eq!(after.value("skyline_catalog_stale"), Some(0.0));
+    assert!(after.value("skyline_catalog_age_seconds").is_some());
+
+    // A policy change in the KV is a reload: an invalid one is refused and counted.
+    let refused = r#"skyline_config_reloads_total{result="refused"}"#;
+    assert_eq!(after.value(refused), Some(0.0));
+    s.put(
+        "/v1/kv/skyline/routes/giphy",
+        "tiers = [{ upstream = \"vms\" }]".into(),
+    )
+    .await;
+    let mut counted = false;
+    for _ in 0..200 {
+        if scrape(admin).await.count(refused) == 1.0 {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(counted, "the refused policy is counted within 10 s");
+    assert_eq!(
+        scrape(admin)
+            .await
+            .count(r#"skyline_config_reloads_total{result="accepted"}"#),
+        0.0
+    );
+}

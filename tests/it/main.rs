@@ -8,6 +8,7 @@ mod etcd;
 mod gateway;
 mod guard;
 mod hostile_input;
+mod metrics;
 mod migration;
 mod pool;
 mod processes;

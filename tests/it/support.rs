@@ -4,6 +4,7 @@
 //! - [`TestMesh`]: agents on loopback "nodes" (127.0.0.2, 127.0.0.3, ...) sharing one catalog
 //!   file, which a test rewrites atomically to move services around.
 //! - [`Client`] and [`raw`]: a real HTTP client, and a raw TCP one for malformed input.
+//! - [`scrape`]: an admin listener's `/metrics`, read over HTTP.
 
 /// The network-namespace lab is the library's, shared with `skyline demo migration`.
 pub use skyline::netns;
@@ -313,6 +314,10 @@ impl TestMesh {
         self.agents[name].inbound.unwrap()
     }
 
+    pub fn admin(&self, name: &str) -> SocketAddr {
+        self.agents[name].admin.unwrap()
+    }
+
     pub async fn stop(self) {
         for agent in self.agents.into_values() {
             agent.shutdown();
@@ -564,4 +569,38 @@ pub async fn load(url: &str, workers: usize, time: Duration, pause: Duration) ->
         }
     }
     total
+}
+
+// === scrape ===
+
+/// One scrape of an admin listener's `/metrics`.
+pub struct Scrape {
+    pub text: String,
+}
+
+impl Scrape {
+    /// The value of the sample `series` (name and labels exactly as exposed, such as
+    /// `skyline_requests_total{role="outbound",service="web",code="200",error=""}`).
+    pub fn value(&self, series: &str) -> Option<f64> {
+        self.text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// [`Scrape::value`], 0 when the series does not exist (yet).
+    pub fn count(&self, series: &str) -> f64 {
+        self.value(series).unwrap_or(0.0)
+    }
+}
+
+/// `GET /metrics` on the admin listener `admin`; checks the Prometheus text content type.
+pub async fn scrape(admin: SocketAddr) -> Scrape {
+    let reply = Client::new().get(&format!("http://{admin}/metrics")).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    Scrape { text: reply.body }
 }
