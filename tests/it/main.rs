@@ -4,6 +4,7 @@
 mod catalog_changes;
 mod consul_backend;
 mod etcd;
+mod faults;
 mod gateway;
 mod guard;
 mod hostile_input;
