@@ -353,6 +353,31 @@ async fn an_agent_restarted_on_inherited_sockets_under_load_fails_no_request() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_named_for_no_listener_of_the_role_is_refused_at_start() {
+    let socket = supervised_socket("127.0.0.1");
+    let mut agent = Skyline::start(&["agent", "--admin", "off"], &[("gateway", &socket)]);
+    let status = tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
+        .await
+        .expect("the agent refuses to start")
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+    let mut stderr = String::new();
+    let read_all = async {
+        while let Some(line) = agent.log.recv().await {
+            stderr.push_str(&line);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_all)
+        .await
+        .unwrap();
+    assert!(
+        stderr.contains("inherited socket \"gateway\" is not a listener of this role")
+            && stderr.contains("outbound, inbound, admin, registry"),
+        "{stderr}"
+    );
+}
+
 // === The registry down for 30 s ===
 
 /// An address on `ip` that nothing listens on now, to start a process on (and restart it on).
