@@ -1,6 +1,6 @@
 //! The admin listener (:5050): `/healthz`, `/readyz` (is a catalog in force, and how old is it),
-//! `/routes` (the live route table as JSON) and `/metrics` (Prometheus text, see
-//! [`crate::metrics`]).
+//! `/routes` (the live route table as JSON, with its `version`: how many tables the agent
+//! swapped in since it started) and `/metrics` (Prometheus text, see [`crate::metrics`]).
 
 use std::sync::Arc;
 
@@ -62,6 +62,17 @@ impl Admin {
         };
         (status, body)
     }
+
+    /// The table in force, and its version (how many tables were swapped in before it).
+    fn routes(&self) -> serde_json::Value {
+        let version = self.inner.routes.version();
+        let table = self.inner.routes.load_full();
+        let mut body = serde_json::to_value(&*table).unwrap_or_default();
+        if let Some(fields) = body.as_object_mut() {
+            fields.insert("version".to_owned(), version.into());
+        }
+        body
+    }
 }
 
 impl Handler for Admin {
@@ -75,13 +86,7 @@ impl Handler for Admin {
                 let catalog = self.inner.catalog.borrow().clone();
                 return metrics_response(&self.inner.metrics, Some(&catalog));
             }
-            "/routes" => {
-                let table = self.inner.routes.load_full();
-                (
-                    StatusCode::OK,
-                    serde_json::to_value(&*table).unwrap_or_default(),
-                )
-            }
+            "/routes" => (StatusCode::OK, self.routes()),
             _ => (
                 StatusCode::NOT_FOUND,
                 serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics"]}),

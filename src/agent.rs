@@ -25,6 +25,7 @@ use crate::proxy::outbound::Outbound;
 use crate::proxy::resilience::{self, Policies, SharedPolicies};
 use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
 use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
+use crate::serve::activation::Inherited;
 use crate::serve::{self, Recorder};
 
 /// How long the agent waits at start for the catalog's first answer.
@@ -76,6 +77,14 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve on the inherited socket {listener:?}")]
+    Inherited {
+        listener: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Activation(#[from] crate::serve::activation::ActivationError),
     #[error("catalog {source_name}: {error}")]
     Catalog { source_name: String, error: String },
     #[error("the embedded registry cannot start")]
@@ -91,29 +100,80 @@ pub struct Listeners {
     pub registry: Option<TcpListener>,
 }
 
+/// The names of the agent's listeners, as inherited sockets are named (see
+/// [`serve::activation`]).
+pub const LISTENER_NAMES: [&str; 4] = ["outbound", "inbound", "admin", "registry"];
+
 impl Listeners {
+    /// Binds every listener the settings turn on.
     pub fn bind(settings: &Settings) -> Result<Self, AgentError> {
-        let bind = |listener: &'static str, addr: Option<SocketAddr>| {
-            addr.map(|addr| {
-                serve::bind(addr).map_err(|source| AgentError::Bind {
-                    listener,
-                    addr,
-                    source,
-                })
-            })
-            .transpose()
-        };
+        Self::open(settings, &mut Inherited::none())
+    }
+
+    /// Takes each listener from `inherited` when the supervisor passed a socket of its name,
+    /// and binds the others. The embedded registry's is only taken with `--catalog embedded`.
+    pub fn open(settings: &Settings, inherited: &mut Inherited) -> Result<Self, AgentError> {
         let registry = match &settings.catalog {
             CatalogSource::Embedded { listen, .. } => Some(*listen),
             _ => None,
         };
+        let mut open =
+            |listener: &'static str, addr: Option<SocketAddr>| listen(inherited, listener, addr);
         Ok(Self {
-            outbound: bind("outbound", settings.outbound)?,
-            inbound: bind("inbound", settings.inbound)?,
-            admin: bind("admin", settings.admin)?,
-            registry: bind("registry", registry)?,
+            outbound: open("outbound", settings.outbound)?,
+            inbound: open("inbound", settings.inbound)?,
+            admin: open("admin", settings.admin)?,
+            registry: match registry {
+                Some(addr) => open("registry", Some(addr))?,
+                None => None,
+            },
         })
     }
+}
+
+/// Listener `name` of a role: the socket the supervisor passed under that name if there is one
+/// (see [`serve::activation`]), else a new one bound to `addr`; `None` when neither (off).
+pub fn listen(
+    inherited: &mut Inherited,
+    name: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, AgentError> {
+    match (inherited.take(name), addr) {
+        (Some(socket), _) => adopt(name, socket).map(Some),
+        (None, Some(addr)) => bind(name, addr).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// [`listen`] for a listener that is always on.
+pub fn listen_at(
+    inherited: &mut Inherited,
+    name: &'static str,
+    addr: SocketAddr,
+) -> Result<TcpListener, AgentError> {
+    match inherited.take(name) {
+        Some(socket) => adopt(name, socket),
+        None => bind(name, addr),
+    }
+}
+
+/// Serves `socket`, passed by the supervisor as listener `name`.
+pub fn adopt(name: &'static str, socket: std::net::TcpListener) -> Result<TcpListener, AgentError> {
+    let listener = serve::adopt(socket).map_err(|source| AgentError::Inherited {
+        listener: name,
+        source,
+    })?;
+    tracing::info!(listener = name, addr = ?listener.local_addr().ok(), "serving on an inherited socket");
+    Ok(listener)
+}
+
+/// Binds listener `name` to `addr`.
+pub fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    serve::bind(addr).map_err(|source| AgentError::Bind {
+        listener: name,
+        addr,
+        source,
+    })
 }
 
 /// A running agent.

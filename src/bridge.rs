@@ -34,6 +34,7 @@ use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
+use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Recorder};
 
 /// The catalog service of the gateway pool.
@@ -428,29 +429,38 @@ pub enum BridgeError {
     Resolver(String),
 }
 
+/// The names of the bridge's listeners, as inherited sockets are named (see
+/// [`serve::activation`]). Sockets named `bridge`, if any, replace every `--listen` address.
+pub const LISTENER_NAMES: [&str; 2] = ["bridge", "admin"];
+
 pub async fn spawn(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<BridgeHandle, BridgeError> {
+    spawn_on(settings, Inherited::none(), shutdown).await
+}
+
+/// [`spawn`], serving on the sockets a supervisor passed where it passed some.
+pub async fn spawn_on(
+    settings: Settings,
+    mut inherited: Inherited,
+    shutdown: CancellationToken,
+) -> Result<BridgeHandle, BridgeError> {
     let mut listeners = Vec::new();
-    for &addr in &settings.listen {
-        let l = serve::bind(addr).map_err(|source| AgentError::Bind {
-            listener: "bridge",
-            addr,
-            source,
-        })?;
-        listeners.push(l);
+    let passed = inherited.take_all("bridge");
+    if passed.is_empty() {
+        for &addr in &settings.listen {
+            listeners.push(agent::bind("bridge", addr)?);
+        }
+    } else {
+        for socket in passed {
+            listeners.push(agent::adopt("bridge", socket)?);
+        }
     }
-    let admin = settings
-        .admin
-        .map(|addr| {
-            serve::bind(addr).map_err(|source| AgentError::Bind {
-                listener: "admin",
-                addr,
-                source,
-            })
-        })
-        .transpose()?;
+    let admin = agent::listen(&mut inherited, "admin", settings.admin)?;
+    inherited
+        .finish(&LISTENER_NAMES)
+        .map_err(AgentError::from)?;
     let mut tasks = JoinSet::new();
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {

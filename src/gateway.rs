@@ -30,7 +30,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -43,6 +42,7 @@ use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
+use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Recorder};
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
 use tiers::{Selector, SelectorView};
@@ -613,20 +613,27 @@ impl GatewayHandle {
     }
 }
 
+/// The names of the gateway's listeners, as inherited sockets are named (see
+/// [`serve::activation`]).
+pub const LISTENER_NAMES: [&str; 2] = ["gateway", "admin"];
+
 /// Binds the listeners, follows the catalog (and the KV policies), and serves.
 pub async fn spawn(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<GatewayHandle, AgentError> {
-    let bind = |listener: &'static str, addr: SocketAddr| {
-        serve::bind(addr).map_err(|source| AgentError::Bind {
-            listener,
-            addr,
-            source,
-        })
-    };
-    let listener: TcpListener = bind("gateway", settings.listen)?;
-    let admin = settings.admin.map(|a| bind("admin", a)).transpose()?;
+    spawn_on(settings, Inherited::none(), shutdown).await
+}
+
+/// [`spawn`], serving on the sockets a supervisor passed where it passed one.
+pub async fn spawn_on(
+    settings: Settings,
+    mut inherited: Inherited,
+    shutdown: CancellationToken,
+) -> Result<GatewayHandle, AgentError> {
+    let listener = agent::listen_at(&mut inherited, "gateway", settings.listen)?;
+    let admin = agent::listen(&mut inherited, "admin", settings.admin)?;
+    inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
     let metrics = Metrics::new();
     let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);

@@ -28,7 +28,8 @@
 //! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
 //! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain; [`serve::guard`] refuses
-//!   ambiguous HTTP/1 request framing before hyper sees it.
+//!   ambiguous HTTP/1 request framing before hyper sees it; [`serve::activation`] takes the
+//!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
 #![forbid(unsafe_code)]
 

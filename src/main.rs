@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use skyline::agent::Listeners;
 use skyline::bridge::config::BridgeArgs;
 use skyline::config::{AgentArgs, RegistryArgs};
 use skyline::demo::migration::DemoArgs;
 use skyline::gateway::config::GatewayArgs;
+use skyline::serve::activation::Inherited;
 use skyline::up::UpArgs;
 
 #[derive(Parser)]
@@ -62,6 +64,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    // Before any thread starts: taking the sockets edits the environment.
+    let inherited = match Inherited::from_env() {
+        Ok(inherited) => inherited,
+        Err(e) => return fail(&e),
+    };
     let workers = match &cli.command {
         Command::Agent(args) => match args.clone().resolve() {
             Ok(settings) => settings.workers,
@@ -90,7 +97,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Agent(args) => {
                 let settings = args.clone().resolve()?;
-                let agent = skyline::agent::spawn(settings.clone(), shutdown.clone()).await?;
+                let mut inherited = inherited;
+                let listeners = Listeners::open(&settings, &mut inherited)?;
+                inherited.finish(&skyline::agent::LISTENER_NAMES)?;
+                let agent =
+                    skyline::agent::start(settings.clone(), listeners, shutdown.clone()).await?;
                 let reload = skyline::agent::reload::on_sighup(
                     args,
                     settings,
@@ -100,26 +111,20 @@ fn main() -> ExitCode {
                 tokio::spawn(reload);
                 agent.join().await;
             }
-            Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,
             Command::Gateway(args) => {
-                let gateway = skyline::gateway::spawn(args.resolve()?, shutdown).await?;
+                let gateway =
+                    skyline::gateway::spawn_on(args.resolve()?, inherited, shutdown).await?;
                 gateway.join().await;
             }
             Command::Bridge(args) => {
-                let bridge = skyline::bridge::spawn(args.resolve()?, shutdown).await?;
+                let bridge =
+                    skyline::bridge::spawn_on(args.resolve()?, inherited, shutdown).await?;
                 bridge.join().await;
             }
-            Command::Demo(args) => {
-                skyline::demo::migration::run(args, shutdown, &mut std::io::stdout()).await?
-            }
-            Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
-            Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
-            Command::Deregister(args) => {
-                skyline::cli::deregister(args, &mut std::io::stdout()).await?
-            }
             Command::Registry(args) => {
-                let listener = skyline::serve::bind(args.listen)
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+                let mut inherited = inherited;
+                let listener = skyline::agent::listen_at(&mut inherited, "registry", args.listen)?;
+                inherited.finish(&["registry"])?;
                 let config = skyline::registry::RegistryConfig {
                     data_dir: args.data_dir,
                     node_name: args.node_name,
@@ -128,6 +133,11 @@ fn main() -> ExitCode {
                 let registry = skyline::registry::spawn(listener, config, shutdown).await?;
                 registry.join().await;
             }
+            // The other commands take no inherited sockets: passing some is a mistake.
+            other => {
+                inherited.finish(&[])?;
+                run_tool(other, shutdown).await?;
+            }
         }
         Ok::<_, anyhow::Error>(())
     });
@@ -135,6 +145,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&*e),
     }
+}
+
+/// The commands that are not long-running roles behind a supervisor.
+async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match command {
+        Command::Up(args) => skyline::up::run(args, shutdown, &mut std::io::stdout()).await?,
+        Command::Demo(args) => {
+            skyline::demo::migration::run(args, shutdown, &mut std::io::stdout()).await?
+        }
+        Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
+        Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
+        Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
+        Command::Agent(_) | Command::Gateway(_) | Command::Bridge(_) | Command::Registry(_) => {}
+    }
+    Ok(())
 }
 
 fn fail(error: &dyn std::fmt::Display) -> ExitCode {

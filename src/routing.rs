@@ -298,6 +298,11 @@ impl Routes {
         self.version.subscribe()
     }
 
+    /// How many tables were swapped in since the first: the route-table version.
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
     /// The table in force; cheap, lock-free, and never blocked by a writer.
     pub fn load_full(&self) -> Arc<Table> {
         self.table.load_full()
@@ -430,7 +435,9 @@ health = "warning"
     fn a_swap_leaves_loaded_tables_untouched() {
         let routes = Routes::new(Table::build(&snapshot(MESH), "a", Policy::default()));
         let before = routes.load_full();
+        assert_eq!(routes.version(), 0);
         routes.store(Table::default());
+        assert_eq!(routes.version(), 1);
         assert!(matches!(before.outbound("web"), Lookup::Route(_)));
         assert!(matches!(routes.load().outbound("web"), Lookup::Unknown));
     }

@@ -1,7 +1,20 @@
 //! Accepting connections: the accept loop, HTTP/1.1 settings, the framing guard in front of
 //! hyper, graceful drain on shutdown, and (for a role's proxy listeners) one metrics record per
-//! response.
+//! response; [`activation`] serves on sockets a supervisor passed.
+//!
+//! # Drain
+//!
+//! On shutdown the listener stops accepting at once. Each open connection then finishes what it
+//! is doing: a request in flight gets its response, and every response from then on carries
+//! `Connection: close`, so a keep-alive client opens its next connection elsewhere (on the new
+//! process, after a restart on inherited sockets). A connection that stays idle is closed after
+//! [`DRAIN_IDLE_GRACE`], not at once: closing an idle keep-alive connection races with a client
+//! that is sending its next request on it (the request is lost), and a busy client's next
+//! request, answered with `Connection: close`, ends the connection cleanly well within the
+//! grace. This is what Envoy's drain does for HTTP/1.1; the whole drain is bounded by
+//! [`DRAIN_TIMEOUT`].
 
+pub mod activation;
 pub mod guard;
 
 use std::convert::Infallible;
@@ -18,8 +31,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, Role, ServiceLabel};
@@ -30,6 +43,10 @@ use guard::{Guarded, Limits, Verdicts};
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may take to finish after shutdown starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle keep-alive connection stays open after shutdown starts, so that a client
+/// sending its next request on it gets an answer (with `Connection: close`) rather than a
+/// closed connection. See the module docs.
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(500);
 
 /// What a listener does with each request. Errors are already responses here.
 pub trait Handler: Clone + Send + Sync + 'static {
@@ -121,7 +138,8 @@ async fn serve_with<H: Handler>(
         // always speaks first.
         .max_buf_size(limits.max_head * 2)
         .max_headers(limits.max_headers * 2);
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender; the drain ends when the last one is dropped.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -139,6 +157,7 @@ async fn serve_with<H: Handler>(
         let _ = stream.set_nodelay(true);
         let (io, verdicts) = Guarded::new(stream, limits);
         let handler = handler.clone();
+        let draining = shutdown.clone();
         let next_index = AtomicU64::new(0);
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -153,23 +172,46 @@ async fn serve_with<H: Handler>(
             };
             let handler = handler.clone();
             let recorder = recorder.clone();
+            let draining = draining.clone();
             async move {
                 let mut response = respond(&handler, req, conn).await;
                 if let (Some(recorder), Some(started)) = (recorder, started) {
                     recorder.record(&mut response, started);
                 }
+                if draining.is_cancelled() {
+                    close_after(&mut response);
+                }
                 Ok::<_, Infallible>(response)
             }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(io), service));
+        let connection = http.serve_connection(TokioIo::new(io), service);
+        let draining = shutdown.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let _open = open;
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = draining.cancelled() => {
+                    // Draining: answers now say `Connection: close`; give an idle connection
+                    // its grace, then close it (after the response in flight, if any).
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        () = tokio::time::sleep(DRAIN_IDLE_GRACE) => {
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
+                    }
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    drop(open);
+    if tokio::time::timeout(DRAIN_TIMEOUT, all_closed.recv())
         .await
         .is_err()
     {
@@ -197,6 +239,16 @@ async fn respond<H: Handler>(
     handler.handle(req, conn).await.map(Either::Left)
 }
 
+/// Marks a response sent while draining as the connection's last (hyper closes the connection
+/// once it is written). A protocol switch keeps its connection: that is what it asked for.
+fn close_after<B>(response: &mut Response<B>) {
+    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 /// Waits for every task in `tasks`, re-raising a panic of any of them (so a test sees it).
 pub async fn join_all(tasks: &mut tokio::task::JoinSet<()>) {
     while let Some(result) = tasks.join_next().await {
@@ -206,6 +258,13 @@ pub async fn join_all(tasks: &mut tokio::task::JoinSet<()>) {
             }
         }
     }
+}
+
+/// Serves a listening socket a supervisor passed (see [`activation`]) with tokio. Needs a
+/// running tokio runtime.
+pub fn adopt(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 /// Binds a TCP listener with `SO_REUSEADDR`, so a restarted process can bind at once.

@@ -7,9 +7,9 @@
 //! never partial. Each watch follows Consul's client rules for blocking queries: an index that
 //! goes backwards is reset to 0 (a fresh, non-blocking read); an index of 0 from the server is
 //! clamped to 1; requests of one watch are at least [`MIN_INTERVAL`] apart; errors back off
-//! exponentially with jitter, from [`BACKOFF_START`] to [`BACKOFF_MAX`]. While Consul is
-//! unreachable the last good snapshot stays in force and the error is reported through
-//! [`Publisher::fail`].
+//! exponentially with jitter, from [`BACKOFF_START`] to [`BACKOFF_MAX`], and the request after
+//! an error does not block, so a recovery is seen at once. While Consul is unreachable the last
+//! good snapshot stays in force and the error is reported through [`Publisher::fail`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -428,6 +428,9 @@ async fn watch<T>(
                 }
             }
             Err(error) => {
+                // The next request is a plain read: a blocking one would wait up to `wait`
+                // on a server that came back unchanged, and the error would stand that long.
+                cursor = Cursor::default();
                 let error = crate::error_chain(&error);
                 tracing::debug!(%error, "consul watch failed");
                 if tx.send(wrap(Err(error))).await.is_err() {

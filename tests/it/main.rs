@@ -5,6 +5,7 @@ mod catalog_changes;
 mod consul_backend;
 mod demo;
 mod etcd;
+mod faults;
 mod gateway;
 mod guard;
 mod hostile_input;

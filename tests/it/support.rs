@@ -465,6 +465,16 @@ impl Client {
         }
     }
 
+    /// A client that drops a pooled connection once it has been idle for `idle`.
+    pub fn with_idle_timeout(idle: Duration) -> Self {
+        Self {
+            inner: HyperClient::builder(TokioExecutor::new())
+                .pool_idle_timeout(idle)
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build_http(),
+        }
+    }
+
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
         let response = tokio::time::timeout(Duration::from_secs(30), self.inner.request(req))
             .await
