@@ -276,8 +276,10 @@ impl Bridge {
         req.headers_mut()
             .insert(&X_SKYLINE_ORIGIN, HeaderValue::from_static("bridge"));
         // A Kubernetes application's request enters the mesh here: this hop retries.
+        let known = self.known_service(&name).is_some();
         let upstream = Destination {
             service: &name,
+            label: if known { &name } else { "" },
             route: &gateways,
             policy: &self.inner.resilience,
             first_hop: true,
@@ -339,6 +341,7 @@ impl Bridge {
         let name = name.to_owned();
         let upstream = Destination {
             service: &name,
+            label: &name,
             route: &route,
             policy: &self.inner.resilience,
             first_hop: false,

@@ -530,6 +530,7 @@ impl GatewayHandler {
         let policy = self.gateway.resilience.load_full();
         let upstream = Destination {
             service: &name,
+            label: if known { &name } else { "" },
             route: &tier.route,
             policy: &policy,
             first_hop: false,

@@ -189,6 +189,9 @@ pub enum Host {
 pub struct Destination<'a> {
     /// The service, for logs.
     pub service: &'a str,
+    /// The service as a metrics label: its name when the catalog knows it, else "" (a name
+    /// from a request must not create a series of its own).
+    pub label: &'a str,
     pub route: &'a Route,
     pub policy: &'a Resilience,
     /// This hop is the first Skyline hop of the request (an outbound proxy, or a bridge taking
@@ -347,6 +350,9 @@ impl Forwarder {
                     .and_then(|(_, e)| e)
                     .unwrap_or(MeshError::NoHealthyEndpoint));
             };
+            if let Some((why, _)) = &last {
+                self.metrics.retry(upstream.label, why.as_str());
+            }
             let endpoint = choice.endpoint;
             let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
                 return Err(last
@@ -423,7 +429,6 @@ impl Forwarder {
             if retry != Retry::Connect {
                 retries += 1;
             }
-            self.metrics.retry(upstream.service, retry.as_str());
             tracing::debug!(
                 service = upstream.service,
                 failed = %endpoint.addr,
@@ -450,11 +455,11 @@ impl Forwarder {
             .or_else(|| again.then(|| up.route.choose(&[], balance, outlier))?)?;
         if let Some((addr, time)) = choice.ejected {
             tracing::warn!(service = up.service, endpoint = %addr, ejected_for = ?time, "endpoint ejected after consecutive failures");
-            self.metrics.ejection(up.service);
+            self.metrics.ejection(up.label);
         }
         if choice.panic {
             panic_warning(up.service);
-            self.metrics.panic_routing(up.service);
+            self.metrics.panic_routing(up.label);
         }
         Some(choice)
     }
@@ -466,7 +471,7 @@ impl Forwarder {
             return false;
         }
         if !at.upstream.route.budget.try_withdraw() {
-            self.metrics.retry_budget_exhausted(at.upstream.service);
+            self.metrics.retry_budget_exhausted(at.upstream.label);
             tracing::debug!(
                 service = at.upstream.service,
                 reason = why.as_str(),

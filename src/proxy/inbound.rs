@@ -83,6 +83,7 @@ impl Inbound {
         let policy = self.inner.policies.load().for_service(&name).clone();
         let upstream = Destination {
             service: &name,
+            label: &name,
             route: &route,
             policy: &policy,
             first_hop: false,

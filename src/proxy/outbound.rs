@@ -98,6 +98,7 @@ impl Outbound {
         let policy = inner.policies.load().for_service(name).clone();
         let upstream = Destination {
             service: name,
+            label: if label.is_some() { name } else { "" },
             route: &route,
             policy: &policy,
             first_hop: true,

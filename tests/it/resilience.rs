@@ -137,6 +137,12 @@ async fn an_instance_killed_with_sigkill_under_load_fails_no_idempotent_request(
         .collect();
     assert_eq!(ejected.len(), 1, "{:?}", routes.body);
     assert_eq!(ejected[0]["addr"], mesh.inbound("b").to_string());
+    let metrics = scrape(mesh.admin("a")).await;
+    assert_eq!(
+        metrics.count(r#"skyline_ejections_total{service="web"}"#),
+        1.0
+    );
+    assert!(metrics.count(r#"skyline_retries_total{service="web",reason="status"}"#) >= 1.0);
     stop_all(mesh, vec![c]).await;
 }
 
@@ -264,6 +270,13 @@ async fn when_every_instance_fails_retries_stay_within_the_budget() {
         "the 503s reach the caller"
     );
     assert!(retries > 0, "retries were tried");
+    let metrics = scrape(mesh.admin("a")).await;
+    assert_eq!(
+        metrics.count(r#"skyline_retries_total{service="web",reason="status"}"#),
+        retries as f64,
+        "every retry counted"
+    );
+    assert!(metrics.count(r#"skyline_retry_budget_exhausted_total{service="web"}"#) > 0.0);
     assert!(
         retries as f64 <= allowed + 4.0,
         "{retries} retries for {} requests",
