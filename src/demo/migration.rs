@@ -6,7 +6,8 @@
 //! - [`netns`]: a network namespace per node, on a private subnet, when running as root with
 //!   `ip` and dnsmasq at hand. Every part is a real process: `skyline registry|gateway|bridge|
 //!   agent`, the applications and the load as `skyline demo app|load|call` ([`child`]), dnsmasq
-//!   as the cluster DNS. Everything is torn down at the end, on Ctrl-C and on panics.
+//!   as the cluster DNS. Everything is torn down at the end, on Ctrl-C and on panics. The mesh's
+//!   parts are started by [`mesh`], which the end-to-end migration test uses too.
 //! - [`loopback`]: everything in this process on loopback addresses (127.0.0.x), with a tiny
 //!   cluster DNS; for everyone else.
 //!
@@ -19,6 +20,7 @@
 
 pub mod child;
 mod loopback;
+pub mod mesh;
 mod netns;
 
 use std::io::Write;
@@ -210,27 +212,29 @@ enum Platform {
     Kubernetes,
 }
 
-/// A service instance on a node, as the demo registers it in the catalog.
+/// A service instance on a node, as the demo (and the migration test) registers it in the
+/// catalog.
 #[derive(Clone, Debug)]
-struct Placement {
-    node: &'static str,
-    node_ip: IpAddr,
+pub struct Placement {
+    pub node: &'static str,
+    pub node_ip: IpAddr,
     /// Where the node's inbound proxy (or the bridge, or the gateway) listens.
-    inbound_port: u16,
-    service: &'static str,
-    addr: SocketAddr,
+    pub inbound_port: u16,
+    pub service: &'static str,
+    pub addr: SocketAddr,
     /// `mesos`, `kubernetes` or `gateway`: the instance's `platform` meta.
-    platform: &'static str,
+    pub platform: &'static str,
 }
 
 // === impl Placement ===
 
 impl Placement {
-    fn id(&self) -> String {
+    /// `<service>-<node>`: one instance of a service per node.
+    pub fn id(&self) -> String {
         format!("{}-{}", self.service, self.node)
     }
 
-    async fn register(&self, registry: &RegistryClient) -> Result<(), DemoError> {
+    pub async fn register(&self, registry: &RegistryClient) -> Result<(), DemoError> {
         let body = serde_json::json!({
             "Node": self.node,
             "Address": self.node_ip.to_string(),
@@ -248,7 +252,7 @@ impl Placement {
             .map_err(|e| fail("register")(crate::error_chain(&e)))
     }
 
-    async fn deregister(&self, registry: &RegistryClient) -> Result<(), DemoError> {
+    pub async fn deregister(&self, registry: &RegistryClient) -> Result<(), DemoError> {
         let body = serde_json::json!({"Node": self.node, "ServiceID": self.id()});
         registry
             .put_json("/v1/catalog/deregister", &body)

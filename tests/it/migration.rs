@@ -19,6 +19,12 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::netns::{Lab, ProcId};
+use skyline::demo::migration::Placement;
+use skyline::demo::migration::mesh::{
+    self, DNS, GIPHY_PORT, GW, INBOUND_PORT, K1, M1, M2, Mesh, MeshError, Node, ORGANIZATION_PORT,
+    POD_CALLER, POD_GIPHY, SERVICE_PORT,
+};
+use skyline::registry::client::RegistryClient;
 use skyline::serve::{self, Conn, Handler};
 
 const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
@@ -27,18 +33,11 @@ const CHILD_ROLE: &str = "SKYLINE_IT_CHILD";
 const RATE: u64 = 200;
 /// The load generator stops by itself after this long, whatever happens.
 const LOAD_MAX: Duration = Duration::from_secs(150);
-/// The gateway's fail-back hold in this scenario.
-const HOLD: &str = "3s";
-
-// Hosts on the lab subnet.
-const GW: u8 = 10;
-const M1: u8 = 11;
-const M2: u8 = 12;
-const K1: u8 = 21;
-const K2: u8 = 22;
-const POD_GIPHY: u8 = 31;
-const POD_CALLER: u8 = 32;
-const DNS: u8 = 53;
+/// The gateway's (and the agents') fail-back hold in this scenario.
+const HOLD: Duration = Duration::from_secs(3);
+/// A second Kubernetes node with a bridge, which the demo does not have: the `phantom`
+/// Service targets it.
+const K2: Node = Node::new("k2", 22);
 
 // === The children ===
 
@@ -262,16 +261,61 @@ impl Load {
     }
 }
 
-struct Mesh {
+/// The test's side of the scenario: the lab, this test binary for the children, and a
+/// runtime for the library's steps, which are async.
+struct Scenario {
     lab: Lab,
     exe: String,
+    runtime: tokio::runtime::Runtime,
+    registry: RegistryClient,
+    /// Every skyline process logs at info (the logs explain a failure).
+    skyline_env: Vec<(&'static str, String)>,
 }
 
-impl Mesh {
-    fn curl(&self, node: &str, method: &str, url: &str, body: &str) -> String {
+impl Scenario {
+    fn new(lab: Lab) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let registry = Mesh {
+            lab: &lab,
+            exe: SKYLINE,
+            env: &[],
+        }
+        .registry();
+        Self {
+            lab,
+            exe: std::env::current_exe()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+            runtime,
+            registry: RegistryClient::new(registry),
+            skyline_env: vec![("SKYLINE_LOG", "info".to_owned())],
+        }
+    }
+
+    fn mesh(&self) -> Mesh<'_> {
+        Mesh {
+            lab: &self.lab,
+            exe: SKYLINE,
+            env: &self.skyline_env,
+        }
+    }
+
+    /// Runs a step of the library's mesh to its end; panics with its error and log.
+    fn must<T>(&self, step: impl Future<Output = Result<T, MeshError>>) -> T {
+        self.runtime
+            .block_on(step)
+            .unwrap_or_else(|e| panic!("{}", skyline::error_chain(&e)))
+    }
+
+    fn curl(&self, node: Node, method: &str, url: &str, body: &str) -> String {
         self.lab
             .output(
-                node,
+                node.name,
                 "curl",
                 &["-s", "-m", "5", "-X", method, "--data", body, url],
                 Duration::from_secs(8),
@@ -279,51 +323,26 @@ impl Mesh {
             .unwrap()
     }
 
-    fn registry(&self) -> String {
-        format!("http://{}:8500", self.lab.ip(GW))
+    fn register(&self, placement: &Placement) {
+        self.runtime
+            .block_on(placement.register(&self.registry))
+            .unwrap_or_else(|e| panic!("registering {}: {e}", placement.id()));
     }
 
-    /// Registers `service` on node `node` (host `host`) in the registry.
-    fn register(&self, node: &str, host: u8, id: &str, service: &str, port: u16, platform: &str) {
-        let body = serde_json::json!({
-            "Node": node,
-            "Address": self.lab.ip(host).to_string(),
-            "NodeMeta": {"skyline-inbound-port": "5041"},
-            "Service": {"ID": id, "Service": service, "Port": port, "Meta": {"platform": platform}},
-        });
-        let out = self.curl(
-            "gw",
-            "PUT",
-            &format!("{}/v1/catalog/register", self.registry()),
-            &body.to_string(),
-        );
-        assert_eq!(out.trim(), "true", "registering {id}: {out}");
-    }
-
-    fn deregister(&self, node: &str, id: &str) {
-        let body = serde_json::json!({"Node": node, "ServiceID": id});
-        let out = self.curl(
-            "gw",
-            "PUT",
-            &format!("{}/v1/catalog/deregister", self.registry()),
-            &body.to_string(),
-        );
-        assert_eq!(out.trim(), "true", "deregistering {id}: {out}");
+    fn deregister(&self, placement: &Placement) {
+        self.runtime
+            .block_on(placement.deregister(&self.registry))
+            .unwrap_or_else(|e| panic!("deregistering {}: {e}", placement.id()));
     }
 
     /// Starts an application in `node` and waits until it says it is ready.
-    fn app(
-        &self,
-        name: &str,
-        node: &str,
-        host: u8,
-        port: u16,
-        platform: &str,
-        broken: bool,
-    ) -> ProcId {
+    fn app(&self, name: &str, node: Node, port: u16, platform: &str, broken: bool) -> ProcId {
         let mut envs = vec![
             (CHILD_ROLE, "app".to_owned()),
-            ("APP_LISTEN", format!("{}:{port}", self.lab.ip(host))),
+            (
+                "APP_LISTEN",
+                SocketAddr::new(self.mesh().ip(node), port).to_string(),
+            ),
             ("APP_PLATFORM", platform.to_owned()),
             ("APP_NAME", name.to_owned()),
         ];
@@ -333,28 +352,24 @@ impl Mesh {
         let log = format!("app-{name}-{platform}-{}", fastrand::u32(..));
         let (id, lines) = self
             .lab
-            .spawn(&log, node, &self.exe, &child_args(), &envs)
+            .spawn(&log, node.name, &self.exe, &child_args(), &envs)
             .unwrap();
-        let ready = (0..200).any(|_| {
-            lines
-                .recv_timeout(Duration::from_millis(50))
-                .is_ok_and(|l| l == "READY")
-        });
         assert!(
-            ready,
-            "{name} on {node} did not start: {}",
+            mesh::wait_for_line(&lines, "READY", Duration::from_secs(10)),
+            "{name} on {} did not start: {}",
+            node.name,
             self.lab.log(&log)
         );
         id
     }
 
-    /// Waits until `url` answers 200 from `node` (a started server is listening).
-    fn wait_http(&self, node: &str, url: &str, what: &str) {
+    /// Waits until `url` answers 200 from `node`.
+    fn wait_http(&self, node: Node, url: &str, what: &str) {
         for _ in 0..100 {
             let out = self
                 .lab
                 .output(
-                    node,
+                    node.name,
                     "curl",
                     &[
                         "-s",
@@ -393,186 +408,50 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     let lab = Lab::new().unwrap_or_else(|e| {
         panic!("this test needs network namespaces (run as root with `ip` available): {e}")
     });
-    for (name, host) in [
-        ("gw", GW),
-        ("m1", M1),
-        ("m2", M2),
-        ("k1", K1),
-        ("k2", K2),
-        ("kp1", POD_GIPHY),
-        ("kp2", POD_CALLER),
-        ("dns", DNS),
-    ] {
-        lab.node(name, host)
-            .unwrap_or_else(|e| panic!("this test needs network namespaces: {e}"));
-    }
-    let mesh = Mesh {
-        exe: std::env::current_exe()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned(),
-        lab,
-    };
-    let lab = &mesh.lab;
-    let ip = |h: u8| lab.ip(h).to_string();
+    let nodes = [GW, M1, M2, K1, K2, POD_GIPHY, POD_CALLER, DNS];
+    mesh::create_nodes(&lab, &nodes)
+        .unwrap_or_else(|e| panic!("this test needs network namespaces: {e}"));
+    let scenario = Scenario::new(lab);
+    let mesh = scenario.mesh();
+    let lab = &scenario.lab;
 
     // The cluster DNS: giphy is a pod, organization and phantom are Services on the bridges.
-    let dns_pid = lab.dir().join("dnsmasq.pid");
-    lab.spawn(
-        "dnsmasq",
-        "dns",
-        "/usr/sbin/dnsmasq",
-        &[
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--port=53",
-            "--bind-interfaces",
-            &format!("--listen-address={}", ip(DNS)),
-            &format!("--pid-file={}", dns_pid.display()),
-            "--local=/cluster.local/",
-            &format!(
-                "--address=/giphy.default.svc.cluster.local/{}",
-                ip(POD_GIPHY)
-            ),
-            &format!(
-                "--address=/organization.default.svc.cluster.local/{}",
-                ip(K1)
-            ),
-            &format!("--address=/phantom.default.svc.cluster.local/{}", ip(K2)),
-        ],
-        &[],
-    )
-    .unwrap();
+    let names = [
+        ("giphy.default.svc.cluster.local", POD_GIPHY),
+        ("organization.default.svc.cluster.local", K1),
+        ("phantom.default.svc.cluster.local", K2),
+    ];
+    mesh.start_cluster_dns(DNS, &names)
+        .unwrap_or_else(|e| panic!("{}", skyline::error_chain(&e)));
 
-    // The registry and the gateway on the gateway node.
-    let data = lab.dir().join("registry");
-    let registry_listen = format!("{}:8500", ip(GW));
-    lab.spawn(
-        "registry",
-        "gw",
-        SKYLINE,
-        &[
-            "registry",
-            "--listen",
-            &registry_listen,
-            "--data-dir",
-            &data.to_string_lossy(),
-        ],
-        &[],
-    )
-    .unwrap();
-    mesh.wait_http(
-        "gw",
-        &format!("{}/v1/catalog/services", mesh.registry()),
-        "the registry",
-    );
-    mesh.register(
-        "gw",
-        GW,
-        "skyline-gateway-gw",
-        "skyline-gateway",
-        5041,
-        "gateway",
-    );
-    mesh.register(
-        "k1",
-        K1,
-        "skyline-bridge-k1",
-        "skyline-bridge",
-        5041,
-        "kubernetes",
-    );
-    mesh.register(
-        "k2",
-        K2,
-        "skyline-bridge-k2",
-        "skyline-bridge",
-        5041,
-        "kubernetes",
-    );
-    mesh.register("m1", M1, "organization-m1", "organization", 9002, "mesos");
-    mesh.register("m2", M2, "giphy-m2", "giphy", 9001, "mesos");
-    let mut giphy_mesos = mesh.app("giphy", "m2", M2, 9001, "mesos", false);
-    let _organization = mesh.app("organization", "m1", M1, 9002, "mesos", false);
+    // The registry, with the gateway, the bridges and the Mesos instances in it.
+    scenario.must(mesh.start_registry());
+    let giphy_m2 = mesh.placement(M2, "giphy", GIPHY_PORT, "mesos");
+    for placement in [
+        mesh.placement(GW, "skyline-gateway", INBOUND_PORT, "gateway"),
+        mesh.placement(K1, "skyline-bridge", INBOUND_PORT, "kubernetes"),
+        mesh.placement(K2, "skyline-bridge", INBOUND_PORT, "kubernetes"),
+        mesh.placement(M1, "organization", ORGANIZATION_PORT, "mesos"),
+        giphy_m2.clone(),
+    ] {
+        scenario.register(&placement);
+    }
+    let mut giphy_mesos = scenario.app("giphy", M2, GIPHY_PORT, "mesos", false);
+    let _organization = scenario.app("organization", M1, ORGANIZATION_PORT, "mesos", false);
 
-    let log_env = [("SKYLINE_LOG", "info".to_owned())];
-    lab.spawn(
-        "gateway",
-        "gw",
-        SKYLINE,
-        &[
-            "gateway",
-            "--listen",
-            &format!("{}:5041", ip(GW)),
-            "--admin",
-            &format!("{}:5050", ip(GW)),
-            "--consul",
-            &registry_listen,
-            "--hold",
-            HOLD,
-        ],
-        &log_env,
-    )
-    .unwrap();
-    for (node, host) in [("k1", K1), ("k2", K2)] {
-        lab.spawn(
-            &format!("bridge-{node}"),
-            node,
-            SKYLINE,
-            &[
-                "bridge",
-                "--listen",
-                &format!("{0}:5041,{0}:8080", ip(host)),
-                "--admin",
-                "127.0.0.1:5050",
-                "--dns",
-                &format!("{}:53", ip(DNS)),
-                "--consul",
-                &registry_listen,
-            ],
-            &log_env,
-        )
-        .unwrap();
-    }
-    for (node, host) in [("m1", M1), ("m2", M2)] {
-        lab.spawn(
-            &format!("agent-{node}"),
-            node,
-            SKYLINE,
-            &[
-                "agent",
-                "--node-name",
-                node,
-                "--node-address",
-                &ip(host),
-                "--outbound",
-                "127.0.0.1:5040",
-                "--inbound",
-                &format!("{}:5041", ip(host)),
-                "--admin",
-                "127.0.0.1:5050",
-                "--catalog",
-                "consul",
-                "--consul",
-                &registry_listen,
-            ],
-            &log_env,
-        )
-        .unwrap();
-    }
-    mesh.wait_http(
-        "gw",
-        &format!("http://{}:5050/readyz", ip(GW)),
-        "the gateway",
-    );
-    mesh.wait_http("k1", "http://127.0.0.1:5050/healthz", "bridge k1");
-    mesh.wait_http("k2", "http://127.0.0.1:5050/healthz", "bridge k2");
-    mesh.wait_http("m1", "http://127.0.0.1:5050/readyz", "agent m1");
-    mesh.wait_http("m2", "http://127.0.0.1:5050/readyz", "agent m2");
-    mesh.wait_http(
-        "m1",
+    // The gateway, the bridges and the agents, each ready.
+    scenario.must(async {
+        mesh.start_gateway(GW, HOLD).await?;
+        for node in [K1, K2] {
+            mesh.start_bridge(node, DNS).await?;
+        }
+        for node in [M1, M2] {
+            mesh.start_agent(node, HOLD).await?;
+        }
+        Ok(())
+    });
+    scenario.wait_http(
+        M1,
         "http://127.0.0.1:5040/service/giphy/media",
         "giphy through agent m1",
     );
@@ -581,7 +460,7 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     for service in ["ghost", "phantom"] {
         let out = lab
             .output(
-                "m1",
+                M1.name,
                 "curl",
                 &[
                     "-s",
@@ -605,8 +484,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     let (load_id, lines) = lab
         .spawn(
             "load",
-            "m1",
-            &mesh.exe,
+            M1.name,
+            &scenario.exe,
             &child_args(),
             &[
                 (CHILD_ROLE, "load".to_owned()),
@@ -640,9 +519,9 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     steps.push(("a. giphy on mesos only", a, a_end));
 
     // b. giphy started on Kubernetes; Mesos scaled to zero: deregistered, then stopped.
-    let giphy_k8s = mesh.app("giphy", "kp1", POD_GIPHY, 8080, "kubernetes", false);
+    let giphy_k8s = scenario.app("giphy", POD_GIPHY, SERVICE_PORT, "kubernetes", false);
     let b = load.now_ms();
-    mesh.deregister("m2", "giphy-m2");
+    scenario.deregister(&giphy_m2);
     let moved = load.wait_for(b, Duration::from_secs(15), |a| a.what == "kubernetes");
     let moved = moved.expect("traffic never moved to kubernetes");
     switches.push(("b. mesos -> kubernetes after scale to zero", moved - b));
@@ -654,9 +533,9 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     steps.push(("b. scaled to zero on mesos", b, b_end));
 
     // c. Mesos scaled up again: traffic falls back after the hold.
-    giphy_mesos = mesh.app("giphy", "m2", M2, 9001, "mesos", false);
+    giphy_mesos = scenario.app("giphy", M2, GIPHY_PORT, "mesos", false);
     let c = load.now_ms();
-    mesh.register("m2", M2, "giphy-m2", "giphy", 9001, "mesos");
+    scenario.register(&giphy_m2);
     let back = load.wait_for(c, Duration::from_secs(20), |a| a.what == "mesos");
     let back = back.expect("traffic never fell back to mesos");
     switches.push(("c. kubernetes -> mesos after scale up", back - c));
@@ -669,8 +548,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     let (call, call_lines) = lab
         .spawn(
             "call",
-            "kp2",
-            &mesh.exe,
+            POD_CALLER.name,
+            &scenario.exe,
             &child_args(),
             &[
                 (CHILD_ROLE, "call".to_owned()),
@@ -679,7 +558,7 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
                     "http://organization.default.svc.cluster.local:8080/members".to_owned(),
                 ),
                 ("CALL_COUNT", "20".to_owned()),
-                ("CALL_DNS", format!("{}:53", ip(DNS))),
+                ("CALL_DNS", mesh.dns(DNS).to_string()),
             ],
         )
         .unwrap();
@@ -707,17 +586,17 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
 
     // e. A broken Kubernetes version while Mesos is scaled to zero, then Mesos back.
     let e = load.now_ms();
-    mesh.deregister("m2", "giphy-m2");
+    scenario.deregister(&giphy_m2);
     std::thread::sleep(Duration::from_secs(2));
     lab.stop(giphy_mesos).unwrap();
     lab.stop(giphy_k8s).unwrap();
-    let _broken = mesh.app("giphy", "kp1", POD_GIPHY, 8080, "kubernetes", true);
+    let _broken = scenario.app("giphy", POD_GIPHY, SERVICE_PORT, "kubernetes", true);
     let broke = load.wait_for(e, Duration::from_secs(10), |a| a.status == 500);
     let broke = broke.expect("the broken kubernetes version never answered");
     std::thread::sleep(Duration::from_secs(2));
-    let _giphy_mesos = mesh.app("giphy", "m2", M2, 9001, "mesos", false);
+    let _giphy_mesos = scenario.app("giphy", M2, GIPHY_PORT, "mesos", false);
     let restore = load.now_ms();
-    mesh.register("m2", M2, "giphy-m2", "giphy", 9001, "mesos");
+    scenario.register(&giphy_m2);
     let restored = load.wait_for(restore, Duration::from_secs(20), |a| a.what == "mesos");
     let restored = restored.expect("scaling mesos up did not restore success");
     switches.push((
@@ -749,7 +628,8 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     for (name, ms) in &switches {
         println!("  switch {name:<48} {ms:>6} ms");
     }
-    let gateway_routes = mesh.curl("gw", "GET", &format!("http://{}:5050/routes", ip(GW)), "");
+    let routes_url = format!("http://{}/routes", mesh.admin(GW));
+    let gateway_routes = scenario.curl(GW, "GET", &routes_url, "");
     let routes: serde_json::Value = serde_json::from_str(&gateway_routes).unwrap_or_default();
     println!(
         "  gateway /routes giphy: {}",
@@ -783,7 +663,7 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     let (_, c_switch) = switches[1];
     assert!(
         (2500..10_000).contains(&c_switch),
-        "fall-back to mesos waits for the {HOLD} hold: {c_switch} ms"
+        "fall-back to mesos waits for the {HOLD:?} hold: {c_switch} ms"
     );
     let settled = load.counts(back + 500, c_end);
     assert_eq!(

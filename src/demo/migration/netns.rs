@@ -1,74 +1,31 @@
 //! The demo's nodes in network namespaces ([`crate::netns::Lab`]), one per node on a private
-//! subnet, each part a real process: this binary as `skyline registry`, `gateway`, `bridge`,
-//! `agent` and `demo app|load|call`, and dnsmasq as the cluster DNS. This process gets an
-//! address on the lab's bridge, so it registers and checks readiness directly.
-//!
-//! | node | host | runs |
-//! |---|---|---|
-//! | gw | .10 | registry (:8500), gateway (:5041, admin :5050) |
-//! | m1 | .11 | agent (outbound 127.0.0.1:5040), organization (:9002), the load |
-//! | m2 | .12 | agent, giphy on Mesos (:9001) |
-//! | k1 | .21 | bridge (:5041 and the Services' port :8080) |
-//! | kp1 | .31 | giphy's pod (:8080) |
-//! | kp2 | .32 | the pod that calls organization |
-//! | dns | .53 | dnsmasq |
+//! subnet, each part a real process: the mesh as [`super::mesh`] starts it (dnsmasq as the
+//! cluster DNS, this binary as `skyline registry`, `gateway`, `bridge` and `agent`), and the
+//! applications and the load as `skyline demo app|load|call`. The nodes and their addresses
+//! are in [`super::mesh`].
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-
+use super::mesh::{
+    self, DNS, GIPHY_PORT, GW, INBOUND_PORT, K1, M1, M2, Mesh, MeshError, Node, ORGANIZATION_PORT,
+    POD_CALLER, POD_GIPHY, SERVICE_PORT, START_TIMEOUT, tail,
+};
 use super::{
-    Counts, DemoError, HOLD, HttpClient, ORGANIZATION_TEXT, Outcome, Placement, Platform, RATE,
-    Site, child, fail, giphy_text,
+    Counts, DemoError, HOLD, ORGANIZATION_TEXT, Outcome, Placement, Platform, RATE, Site, child,
+    fail, giphy_text,
 };
 use crate::netns::{Lab, LabError, ProcId};
 use crate::registry::client::RegistryClient;
 
-// Hosts on the lab's subnet.
-/// This process, on the lab's bridge.
-const HOST: u8 = 1;
-const GW: u8 = 10;
-const M1: u8 = 11;
-const M2: u8 = 12;
-const K1: u8 = 21;
-const POD_GIPHY: u8 = 31;
-const POD_CALLER: u8 = 32;
-const DNS: u8 = 53;
-const NODES: [(&str, u8); 7] = [
-    ("gw", GW),
-    ("m1", M1),
-    ("m2", M2),
-    ("k1", K1),
-    ("kp1", POD_GIPHY),
-    ("kp2", POD_CALLER),
-    ("dns", DNS),
-];
-
-const REGISTRY_PORT: u16 = 8500;
-const INBOUND_PORT: u16 = 5041;
-const ADMIN_PORT: u16 = 5050;
-/// The port of the Kubernetes Services (on the bridge) and of giphy's pod.
-const SERVICE_PORT: u16 = 8080;
-const GIPHY_PORT: u16 = 9001;
-const ORGANIZATION_PORT: u16 = 9002;
-
-/// How long a part may take to start listening or become ready.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A lab ready for the demo, and the dnsmasq to run in it.
-pub(super) struct Prepared {
-    lab: Lab,
-    dnsmasq: PathBuf,
-}
+const NODES: [Node; 7] = [GW, M1, M2, K1, POD_GIPHY, POD_CALLER, DNS];
 
 /// Whether namespaces can be used here: root, `ip` that works, dnsmasq, and a lab (a bridge)
 /// actually made. The reason when not.
-pub(super) fn prepare() -> Result<Prepared, String> {
+pub(super) fn prepare() -> Result<Lab, String> {
     match effective_uid() {
         Some(0) => {}
         Some(uid) => return Err(format!("they need root, and this runs as uid {uid}")),
@@ -84,11 +41,10 @@ pub(super) fn prepare() -> Result<Prepared, String> {
         }
         Err(e) => return Err(format!("they need iproute2's `ip` ({e})")),
     }
-    let dnsmasq = find_program("dnsmasq").ok_or_else(|| {
-        "they need dnsmasq as the cluster DNS (apt-get install dnsmasq)".to_owned()
-    })?;
-    let lab = Lab::new().map_err(|e| crate::error_chain(&e))?;
-    Ok(Prepared { lab, dnsmasq })
+    if mesh::dnsmasq().is_none() {
+        return Err("they need dnsmasq as the cluster DNS (apt-get install dnsmasq)".to_owned());
+    }
+    Lab::new().map_err(|e| crate::error_chain(&e))
 }
 
 /// The effective uid, from `/proc/self/status` (`Uid: real effective saved fs`).
@@ -102,21 +58,11 @@ fn parse_effective_uid(status: &str) -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// `program` on `PATH`, or in the sbin folders a user's `PATH` often lacks.
-fn find_program(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-}
-
 /// The demo's nodes in a lab.
 pub(super) struct Namespaces {
     lab: Arc<Lab>,
     exe: String,
     registry: RegistryClient,
-    http: HttpClient,
     banner: String,
     giphy_on_mesos: Placement,
     giphy: BTreeMap<Platform, ProcId>,
@@ -138,30 +84,18 @@ fn lab_error(e: LabError) -> String {
     crate::error_chain(&e)
 }
 
-/// The last lines of a log, for an error message.
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    let from = lines.len().saturating_sub(10);
-    let tail = lines[from..].join("\n     ");
-    if tail.is_empty() {
-        "(empty log)".into()
-    } else {
-        tail
-    }
+fn mesh_error(e: MeshError) -> String {
+    crate::error_chain(&e)
 }
 
 // === impl Namespaces ===
 
 impl Namespaces {
     /// Creates the nodes, starts every part in its node and waits until each is ready.
-    pub(super) async fn start(prepared: Prepared) -> Result<Self, DemoError> {
-        let Prepared { lab, dnsmasq } = prepared;
+    pub(super) async fn start(lab: Lab) -> Result<Self, DemoError> {
         let lab = Arc::new(lab);
         on_lab(&lab, |lab| {
-            for (name, host) in NODES {
-                lab.node(name, host).map_err(lab_error)?;
-            }
-            lab.attach_host(HOST).map_err(lab_error)
+            mesh::create_nodes(lab, &NODES).map_err(lab_error)
         })
         .await
         .map_err(fail("create the network namespaces"))?;
@@ -169,256 +103,112 @@ impl Namespaces {
             .map_err(|e| fail("find its own executable")(e.to_string()))?
             .to_string_lossy()
             .into_owned();
-        let registry_addr = SocketAddr::new(lab.ip(GW), REGISTRY_PORT);
-        let mut site = Self {
-            registry: RegistryClient::new(registry_addr),
-            http: super::http_client(),
-            banner: String::new(),
-            giphy_on_mesos: Placement {
-                node: "m2",
-                node_ip: lab.ip(M2),
-                inbound_port: INBOUND_PORT,
-                service: "giphy",
-                addr: SocketAddr::new(lab.ip(M2), GIPHY_PORT),
-                platform: "mesos",
-            },
+        let mut site = Self::new(lab, exe);
+        site.start_mesh().await?;
+        Ok(site)
+    }
+
+    fn new(lab: Arc<Lab>, exe: String) -> Self {
+        let mesh = Mesh {
+            lab: &lab,
+            exe: &exe,
+            env: &[],
+        };
+        let registry = RegistryClient::new(mesh.registry());
+        let giphy_on_mesos = mesh.placement(M2, "giphy", GIPHY_PORT, "mesos");
+        let banner = banner(&mesh);
+        Self {
+            registry,
+            banner,
+            giphy_on_mesos,
             giphy: BTreeMap::new(),
             load: None,
             lab,
             exe,
+        }
+    }
+
+    fn mesh(&self) -> Mesh<'_> {
+        Mesh {
+            lab: &self.lab,
+            exe: &self.exe,
+            env: &[],
+        }
+    }
+
+    /// The cluster DNS; the registry with the gateway, the bridge and the Mesos instances in
+    /// it; the applications on Mesos; the gateway, the bridge and the agents. Each is ready,
+    /// and giphy routable from m1, when this returns.
+    async fn start_mesh(&mut self) -> Result<(), DemoError> {
+        let organization = self
+            .mesh()
+            .placement(M1, "organization", ORGANIZATION_PORT, "mesos");
+        self.start_catalog(&organization).await?;
+        self.start_giphy(Platform::Mesos, false).await?;
+        self.start_app(
+            "organization",
+            M1,
+            organization.addr,
+            ORGANIZATION_TEXT,
+            false,
+        )
+        .await?;
+        let mesh = self.mesh();
+        let proxies = async {
+            mesh.start_gateway(GW, HOLD).await?;
+            mesh.start_bridge(K1, DNS).await?;
+            for node in [M1, M2] {
+                mesh.start_agent(node, HOLD).await?;
+            }
+            mesh.wait_routed(M1, "giphy").await
         };
-        site.start_dns(&dnsmasq)?;
-        site.start_registry().await?;
-        site.register_all().await?;
-        site.start_giphy(Platform::Mesos, false).await?;
-        let ip = |host| site.ip(host);
-        let organization = SocketAddr::new(ip(M1), ORGANIZATION_PORT);
-        site.start_app("organization", "m1", organization, ORGANIZATION_TEXT, false)
-            .await?;
-        site.start_mesh().await?;
-        let gateway = SocketAddr::new(ip(GW), INBOUND_PORT);
-        let bridge = SocketAddr::new(ip(K1), INBOUND_PORT);
-        let banner = format!(
-            "Skyline migration demo in network namespaces, one per node on {}/24, each part a process: registry {registry_addr}, gateway {gateway}, bridge {bridge}, cluster DNS (dnsmasq) {}:53.\n\
-             Mesos node m1 ({}) calls http://localhost:5040/service/giphy/media {RATE} times a second.\n\
-             Look on while it runs: curl http://{}:{ADMIN_PORT}/routes (the gateway's choice per service).",
-            ip(0),
-            ip(DNS),
-            ip(M1),
-            ip(GW),
-        );
-        site.banner = banner;
-        Ok(site)
+        proxies
+            .await
+            .map_err(|e| fail("start the mesh")(mesh_error(e)))
     }
 
-    fn ip(&self, host: u8) -> IpAddr {
-        self.lab.ip(host)
-    }
-
-    /// Starts `args` in `node` as process `name` (its log: `<lab>/<name>.log`).
-    fn spawn(
-        &self,
-        name: &str,
-        node: &str,
-        program: &str,
-        args: &[&str],
-    ) -> Result<(ProcId, std::sync::mpsc::Receiver<String>), DemoError> {
-        self.lab
-            .spawn(name, node, program, args, &[])
-            .map_err(|e| fail("start a process in a namespace")(lab_error(e)))
-    }
-
-    fn start_dns(&self, dnsmasq: &Path) -> Result<(), DemoError> {
-        let ip = |host| self.ip(host).to_string();
-        let pid_file = self.lab.dir().join("dnsmasq.pid");
-        self.spawn(
-            "dnsmasq",
-            "dns",
-            &dnsmasq.to_string_lossy(),
-            &[
-                "--no-daemon",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--port=53",
-                "--bind-interfaces",
-                &format!("--listen-address={}", ip(DNS)),
-                &format!("--pid-file={}", pid_file.display()),
-                "--local=/cluster.local/",
-                &format!(
-                    "--address=/giphy.default.svc.cluster.local/{}",
-                    ip(POD_GIPHY)
-                ),
-                &format!(
-                    "--address=/organization.default.svc.cluster.local/{}",
-                    ip(K1)
-                ),
-            ],
-        )?;
-        Ok(())
-    }
-
-    async fn start_registry(&self) -> Result<(), DemoError> {
-        let data = self.lab.dir().join("registry");
-        let listen = self.registry.addr().to_string();
-        self.spawn(
-            "registry",
-            "gw",
-            &self.exe,
-            &[
-                "registry",
-                "--listen",
-                &listen,
-                "--data-dir",
-                &data.to_string_lossy(),
-            ],
-        )?;
-        let url = format!("http://{listen}/v1/catalog/services");
-        self.ready("registry", &url, |_| true).await
-    }
-
-    /// The gateway, the bridge, and the Mesos instances in the catalog.
-    async fn register_all(&self) -> Result<(), DemoError> {
-        let on = |node, host, service, port, platform| Placement {
-            node,
-            node_ip: self.ip(host),
-            inbound_port: INBOUND_PORT,
-            service,
-            addr: SocketAddr::new(self.ip(host), port),
-            platform,
-        };
+    /// The cluster DNS, and the registry with the gateway, the bridge, organization and giphy
+    /// on Mesos in it.
+    async fn start_catalog(&self, organization: &Placement) -> Result<(), DemoError> {
+        let mesh = self.mesh();
+        let names = [
+            ("giphy.default.svc.cluster.local", POD_GIPHY),
+            ("organization.default.svc.cluster.local", K1),
+        ];
+        mesh.start_cluster_dns(DNS, &names)
+            .map_err(|e| fail("start the cluster dns")(mesh_error(e)))?;
+        mesh.start_registry()
+            .await
+            .map_err(|e| fail("start the registry")(mesh_error(e)))?;
         for placement in [
-            on("gw", GW, "skyline-gateway", INBOUND_PORT, "gateway"),
-            on("k1", K1, "skyline-bridge", INBOUND_PORT, "kubernetes"),
-            on("m1", M1, "organization", ORGANIZATION_PORT, "mesos"),
-            self.giphy_on_mesos.clone(),
+            &mesh.placement(GW, "skyline-gateway", INBOUND_PORT, "gateway"),
+            &mesh.placement(K1, "skyline-bridge", INBOUND_PORT, "kubernetes"),
+            organization,
+            &self.giphy_on_mesos,
         ] {
             placement.register(&self.registry).await?;
         }
         Ok(())
     }
 
-    /// The gateway, the bridge and the agents, each ready, and giphy routable from m1.
-    async fn start_mesh(&self) -> Result<(), DemoError> {
-        let ip = |host| self.ip(host).to_string();
-        let consul = self.registry.addr().to_string();
-        let hold = format!("{}s", HOLD.as_secs());
-        let gateway_admin = format!("{}:{ADMIN_PORT}", ip(GW));
-        self.spawn(
-            "gateway",
-            "gw",
-            &self.exe,
-            &[
-                "gateway",
-                "--listen",
-                &format!("{}:{INBOUND_PORT}", ip(GW)),
-                "--admin",
-                &gateway_admin,
-                "--consul",
-                &consul,
-                "--hold",
-                &hold,
-            ],
-        )?;
-        let bridge_admin = format!("{}:{ADMIN_PORT}", ip(K1));
-        self.spawn(
-            "bridge",
-            "k1",
-            &self.exe,
-            &[
-                "bridge",
-                "--listen",
-                &format!("{0}:{INBOUND_PORT},{0}:{SERVICE_PORT}", ip(K1)),
-                "--admin",
-                &bridge_admin,
-                "--dns",
-                &format!("{}:53", ip(DNS)),
-                "--consul",
-                &consul,
-            ],
-        )?;
-        for (node, host) in [("m1", M1), ("m2", M2)] {
-            self.spawn(
-                &format!("agent-{node}"),
-                node,
-                &self.exe,
-                &[
-                    "agent",
-                    "--node-name",
-                    node,
-                    "--node-address",
-                    &ip(host),
-                    "--outbound",
-                    "127.0.0.1:5040",
-                    "--inbound",
-                    &format!("{}:{INBOUND_PORT}", ip(host)),
-                    "--admin",
-                    &format!("{}:{ADMIN_PORT}", ip(host)),
-                    "--catalog",
-                    "consul",
-                    "--consul",
-                    &consul,
-                    "--fallback-hold",
-                    &hold,
-                ],
-            )?;
-        }
-        let giphy_routed = |routes: &serde_json::Value| !routes["outbound"]["giphy"].is_null();
-        for (what, url) in [
-            ("gateway", format!("http://{gateway_admin}/readyz")),
-            ("bridge", format!("http://{bridge_admin}/healthz")),
-            ("agent-m2", format!("http://{}:{ADMIN_PORT}/readyz", ip(M2))),
-        ] {
-            self.ready(what, &url, |_| true).await?;
-        }
-        let m1_routes = format!("http://{}:{ADMIN_PORT}/routes", ip(M1));
-        self.ready("agent-m1", &m1_routes, giphy_routed).await
-    }
-
-    /// Waits (at most [`START_TIMEOUT`]) until `url` answers 200 with JSON that `check`
-    /// accepts; else an error with the end of `what`'s log.
-    async fn ready(
+    /// Starts `args` of this binary in `node` as process `name` (its log: `<lab>/<name>.log`);
+    /// its stdout line by line.
+    fn spawn(
         &self,
-        what: &'static str,
-        url: &str,
-        check: impl Fn(&serde_json::Value) -> bool,
-    ) -> Result<(), DemoError> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Some(json) = self.get_json(url).await {
-                if check(&json) {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(fail("start the mesh")(format!(
-            "{what} was not ready at {url} after {}s; its log:\n     {}",
-            START_TIMEOUT.as_secs(),
-            tail(&self.lab.log(what))
-        )))
-    }
-
-    /// The JSON body of a 200 answer to `GET url`, if any within two seconds.
-    async fn get_json(&self, url: &str) -> Option<serde_json::Value> {
-        let req = http::Request::get(url).body(Full::default()).ok()?;
-        let body = tokio::time::timeout(Duration::from_secs(2), async {
-            let resp = self.http.request(req).await.ok()?;
-            if resp.status() != http::StatusCode::OK {
-                return None;
-            }
-            Some(resp.into_body().collect().await.ok()?.to_bytes())
-        })
-        .await
-        .ok()??;
-        serde_json::from_slice(&body).ok()
+        name: &str,
+        node: Node,
+        args: &[&str],
+    ) -> Result<(ProcId, mpsc::Receiver<String>), DemoError> {
+        self.lab
+            .spawn(name, node.name, &self.exe, args, &[])
+            .map_err(|e| fail("start a process in a namespace")(lab_error(e)))
     }
 
     /// Starts an application in `node` and waits until it listens.
     async fn start_app(
         &self,
         name: &str,
-        node: &str,
+        node: Node,
         listen: SocketAddr,
         text: &str,
         broken: bool,
@@ -428,17 +218,9 @@ impl Namespaces {
         if broken {
             args.push("--broken");
         }
-        let (id, lines) = self.spawn(name, node, &self.exe, &args)?;
-        let deadline = Instant::now() + START_TIMEOUT;
+        let (id, lines) = self.spawn(name, node, &args)?;
         let listening = tokio::task::spawn_blocking(move || {
-            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                match lines.recv_timeout(left) {
-                    Ok(line) if line == child::READY => return true,
-                    Ok(_) => {}
-                    Err(_) => return false,
-                }
-            }
-            false
+            mesh::wait_for_line(&lines, child::READY, START_TIMEOUT)
         })
         .await
         .unwrap_or(false);
@@ -446,11 +228,28 @@ impl Namespaces {
             Ok(id)
         } else {
             Err(fail("start an application")(format!(
-                "{name} on {node} did not listen at {listen}; its log:\n     {}",
+                "{name} on {} did not listen at {listen}; its log:\n     {}",
+                node.name,
                 tail(&self.lab.log(name))
             )))
         }
     }
+}
+
+/// Where everything runs and what calls what, for the opening lines.
+fn banner(mesh: &Mesh<'_>) -> String {
+    format!(
+        "Skyline migration demo in network namespaces, one per node on {}/24, each part a process: registry {}, gateway {}, bridge {}, cluster DNS (dnsmasq) {}.\n\
+         Mesos node m1 ({}) calls http://localhost:5040/service/giphy/media {RATE} times a second.\n\
+         Look on while it runs: curl http://{}/routes (the gateway's choice per service).",
+        mesh.lab.ip(0),
+        mesh.registry(),
+        mesh.inbound(GW),
+        mesh.inbound(K1),
+        mesh.dns(DNS),
+        mesh.ip(M1),
+        mesh.admin(GW),
+    )
 }
 
 impl Site for Namespaces {
@@ -470,8 +269,7 @@ impl Site for Namespaces {
         let rate = RATE.to_string();
         let (id, lines) = self.spawn(
             "load",
-            "m1",
-            &self.exe,
+            M1,
             &[
                 "demo",
                 "load",
@@ -493,8 +291,11 @@ impl Site for Namespaces {
 
     async fn start_giphy(&mut self, platform: Platform, broken: bool) -> Result<(), DemoError> {
         let (node, listen) = match platform {
-            Platform::Mesos => ("m2", self.giphy_on_mesos.addr),
-            Platform::Kubernetes => ("kp1", SocketAddr::new(self.ip(POD_GIPHY), SERVICE_PORT)),
+            Platform::Mesos => (M2, self.giphy_on_mesos.addr),
+            Platform::Kubernetes => (
+                POD_GIPHY,
+                SocketAddr::new(self.mesh().ip(POD_GIPHY), SERVICE_PORT),
+            ),
         };
         let name = match (platform, broken) {
             (Platform::Mesos, _) => "giphy-mesos",
@@ -523,10 +324,10 @@ impl Site for Namespaces {
 
     async fn call_organization(&mut self) -> Result<String, DemoError> {
         let exe = self.exe.clone();
-        let dns = format!("{}:53", self.ip(DNS));
+        let dns = self.mesh().dns(DNS).to_string();
         let out = on_lab(&self.lab, move |lab| {
             lab.output(
-                "kp2",
+                POD_CALLER.name,
                 &exe,
                 &[
                     "demo",
