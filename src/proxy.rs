@@ -304,6 +304,7 @@ impl Forwarder {
             upstream,
             host,
             owns_retries,
+            started,
             deadline,
         };
         match self.attempts(req, replay, attempt).await {
@@ -332,6 +333,7 @@ impl Forwarder {
             upstream,
             host,
             owns_retries,
+            started,
             deadline,
         } = at;
         let policy = upstream.policy;
@@ -359,7 +361,12 @@ impl Forwarder {
                     .and_then(|(_, e)| e)
                     .unwrap_or(MeshError::NoHealthyEndpoint));
             };
-            let now = Instant::now();
+            // The first attempt starts when the request did (one clock read less).
+            let now = if last.is_none() {
+                started
+            } else {
+                Instant::now()
+            };
             if now >= deadline {
                 return Err(MeshError::UpstreamTimeout);
             }
@@ -489,6 +496,7 @@ struct Attempt<'a> {
     upstream: Destination<'a>,
     host: Host,
     owns_retries: bool,
+    started: Instant,
     deadline: Instant,
 }
 

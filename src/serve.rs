@@ -140,6 +140,9 @@ async fn serve_with<H: Handler>(
         .max_headers(limits.max_headers * 2);
     // Every connection task holds a sender; the drain ends when the last one is dropped.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
+    // Set when the drain starts; read by every response (an atomic load, where asking the
+    // cancellation token would take its lock).
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -157,7 +160,7 @@ async fn serve_with<H: Handler>(
         let _ = stream.set_nodelay(true);
         let (io, verdicts) = Guarded::new(stream, limits);
         let handler = handler.clone();
-        let draining = shutdown.clone();
+        let draining = draining.clone();
         let next_index = AtomicU64::new(0);
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -178,21 +181,21 @@ async fn serve_with<H: Handler>(
                 if let (Some(recorder), Some(started)) = (recorder, started) {
                     recorder.record(&mut response, started);
                 }
-                if draining.is_cancelled() {
+                if draining.load(Ordering::Relaxed) {
                     close_after(&mut response);
                 }
                 Ok::<_, Infallible>(response)
             }
         });
         let connection = http.serve_connection(TokioIo::new(io), service);
-        let draining = shutdown.clone();
+        let cancelled = shutdown.clone();
         let open = open.clone();
         tokio::spawn(async move {
             let _open = open;
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
-                () = draining.cancelled() => {
+                () = cancelled.cancelled() => {
                     // Draining: answers now say `Connection: close`; give an idle connection
                     // its grace, then close it (after the response in flight, if any).
                     tokio::select! {
@@ -209,6 +212,7 @@ async fn serve_with<H: Handler>(
             }
         });
     }
+    draining.store(true, Ordering::Relaxed);
     drop(listener);
     drop(open);
     if tokio::time::timeout(DRAIN_TIMEOUT, all_closed.recv())

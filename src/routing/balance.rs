@@ -464,8 +464,19 @@ impl Route {
     /// landing on unusable ones.
     fn two_choices(&self, usable: &mut impl FnMut(usize) -> bool, now: u64) -> Option<usize> {
         let n = self.endpoints.len();
-        if n == 0 {
-            return None;
+        match n {
+            0 => return None,
+            1 => return usable(0).then_some(0),
+            // Two of equal weight: compare both (draws would often land twice on one).
+            2 if self.schedule.is_empty() => {
+                return match (usable(0), usable(1)) {
+                    (true, true) => Some(self.cheaper(0, 1, now)),
+                    (true, false) => Some(0),
+                    (false, true) => Some(1),
+                    (false, false) => None,
+                };
+            }
+            _ => {}
         }
         let draw = || self.slot(fastrand::usize(..self.schedule.len().max(n)));
         let mut first = None;
@@ -479,13 +490,12 @@ impl Route {
                 Some(a) => return Some(self.cheaper(a, i, now)),
             }
         }
-        if n <= 2 || first.is_none() {
-            // Few endpoints, or unlucky draws: look at each once.
+        if first.is_none() {
+            // Unlucky draws: look at each once (rare; allocates).
             let all: Vec<usize> = (0..n).filter(|&i| usable(i)).collect();
             return match all.as_slice() {
                 [] => None,
                 [only] => Some(*only),
-                [a, b, ..] if n <= 2 => Some(self.cheaper(*a, *b, now)),
                 many => Some(self.cheaper(many[0], many[fastrand::usize(1..many.len())], now)),
             };
         }
