@@ -289,6 +289,10 @@ impl Forwarder {
             headers.remove(&X_SKYLINE_ATTEMPT);
         }
         let owns_retries = !headers.contains_key(&X_SKYLINE_ATTEMPT) && policy.retries > 0;
+        if upstream.first_hop && !owns_retries {
+            // No retries at all for this route: later hops must not start their own.
+            headers.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from_static("1"));
+        }
         let (req, replay) = match replayable(req, owns_retries, deadline).await {
             Ok(prepared) => prepared,
             Err(e) if conn.rejected() => {

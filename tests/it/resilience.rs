@@ -442,3 +442,23 @@ async fn an_active_probe_takes_a_failing_endpoint_out_of_rotation() {
     }
     stop_all(mesh, apps).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_without_retries_is_not_retried_by_a_later_hop_either() {
+    let apps = apps(&[Behaviour::Fail503Every(1)]);
+    let mesh = web_mesh(&addrs(&apps), policies(|r| r.retries = 0)).await;
+    // The inbound side (node b) would retry by default.
+    mesh.agents["b"]
+        .policies
+        .store(Arc::new(Policies::default()));
+    let reply = Client::new()
+        .get(&format!("http://{}/service/web/", mesh.outbound("a")))
+        .await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(
+        apps[0].hits(),
+        1,
+        "the inbound proxy did not retry on its own"
+    );
+    stop_all(mesh, apps).await;
+}
