@@ -8,7 +8,7 @@
 //! goes backwards is reset to 0 (a fresh, non-blocking read); an index of 0 from the server is
 //! clamped to 1; requests of one watch are at least [`MIN_INTERVAL`] apart; errors back off
 //! exponentially with jitter, from [`BACKOFF_START`] to [`BACKOFF_MAX`], and the request after
-//! an error does not block, so a recovery is seen at once. While Consul is unreachable the last
+//! an error blocks for at most [`RECOVERY_WAIT`], so a recovery is seen within a second. While Consul is unreachable the last
 //! good snapshot stays in force and the error is reported through [`Publisher::fail`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -326,12 +326,24 @@ impl Http {
     }
 
     /// One (blocking) GET: the answer's `X-Consul-Index` and body.
-    async fn get(&self, path: &str, index: Option<u64>) -> Result<(u64, Bytes), ConsulError> {
+    /// A read of `path`: blocking at `index` (for at most the configured wait, or
+    /// [`RECOVERY_WAIT`] when `recovering`), or plain without one.
+    async fn get(
+        &self,
+        path: &str,
+        index: Option<u64>,
+        recovering: bool,
+    ) -> Result<(u64, Bytes), ConsulError> {
+        let wait = if recovering {
+            RECOVERY_WAIT.min(self.wait)
+        } else {
+            self.wait
+        };
         let uri = match index {
             Some(i) => format!(
                 "http://{}{path}?index={i}&wait={}ms",
                 self.address,
-                self.wait.as_millis()
+                wait.as_millis()
             ),
             None => format!("http://{}{path}", self.address),
         };
@@ -341,7 +353,7 @@ impl Http {
                 path: path.to_owned(),
                 source,
             })?;
-        let timeout = self.wait + self.wait / 16 + Duration::from_secs(5);
+        let timeout = wait + wait / 16 + Duration::from_secs(5);
         let fetch = async {
             let resp = self
                 .client
@@ -386,6 +398,9 @@ impl Http {
     }
 }
 
+/// The longest a watch's first request after an error blocks.
+pub const RECOVERY_WAIT: Duration = Duration::from_secs(1);
+
 // === Watches ===
 
 #[derive(Debug)]
@@ -404,6 +419,7 @@ async fn watch<T>(
     stop: CancellationToken,
 ) {
     let mut cursor = Cursor::default();
+    let mut recovering = false;
     let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
     let mut last_start: Option<Instant> = None;
     loop {
@@ -416,21 +432,24 @@ async fn watch<T>(
         last_start = Some(Instant::now());
         let result = tokio::select! {
             () = stop.cancelled() => return,
-            r = http.get(&path, cursor.query_index()) => r,
+            r = http.get(&path, cursor.query_index(), recovering) => r,
         };
         let result = result.and_then(|(index, body)| Ok((index, parse(&body, &path)?)));
         match result {
             Ok((index, value)) => {
                 cursor.advance(index);
+                recovering = false;
                 backoff.reset();
                 if tx.send(wrap(Ok(value))).await.is_err() {
                     return;
                 }
             }
             Err(error) => {
-                // The next request is a plain read: a blocking one would wait up to `wait`
-                // on a server that came back unchanged, and the error would stand that long.
-                cursor = Cursor::default();
+                // The next request blocks only briefly: a full wait on a server that came back
+                // unchanged would keep the error standing that long. (Not a plain read: with
+                // thousands of watches, plain reads after a burst of errors made a full resync
+                // ten times slower.)
+                recovering = true;
                 let error = crate::error_chain(&error);
                 tracing::debug!(%error, "consul watch failed");
                 if tx.send(wrap(Err(error))).await.is_err() {
