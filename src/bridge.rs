@@ -253,17 +253,24 @@ impl Bridge {
     /// Kubernetes → Skyline: to the gateway pool, marked as coming from a bridge. Labelled for
     /// the metrics as known when the bridge's catalog knows the service.
     async fn to_gateway(&self, req: Request<Incoming>, name: String, conn: Conn) -> Response<Body> {
-        let label = match self.known_service(&name) {
+        let known = self.known_service(&name);
+        let counted = known.is_some();
+        let label = match known {
             Some(service) => Some(ServiceLabel::known(service)),
             None => metrics::unverified(&name),
         };
-        labelled(self.to_gateway_unlabelled(req, name, conn).await, label)
+        labelled(
+            self.to_gateway_unlabelled(req, name, counted, conn).await,
+            label,
+        )
     }
 
+    /// `known`: the bridge's catalog knows the service (its name may label metrics).
     async fn to_gateway_unlabelled(
         &self,
         mut req: Request<Incoming>,
         name: String,
+        known: bool,
         conn: Conn,
     ) -> Response<Body> {
         let target = match skyline_target(&name, req.uri().path_and_query()) {
@@ -276,7 +283,6 @@ impl Bridge {
         req.headers_mut()
             .insert(&X_SKYLINE_ORIGIN, HeaderValue::from_static("bridge"));
         // A Kubernetes application's request enters the mesh here: this hop retries.
-        let known = self.known_service(&name).is_some();
         let upstream = Destination {
             service: &name,
             label: if known { &name } else { "" },

@@ -345,10 +345,18 @@ pub async fn follow(mut catalog: Subscriber, routes: Arc<Routes>, node: String, 
 mod tests {
     use super::*;
     use crate::catalog::file;
-    use balance::gcd;
+    use balance::{Balance, Outlier, gcd};
     use proptest::prelude::*;
     use std::net::SocketAddr;
     use std::path::Path;
+
+    /// The next endpoint in weighted round-robin order.
+    fn rr(route: &Route) -> Endpoint {
+        route
+            .choose(&[], Balance::RoundRobin, &Outlier::default())
+            .unwrap()
+            .endpoint
+    }
 
     fn snapshot(text: &str) -> Snapshot {
         file::parse(text, Path::new("t.toml")).unwrap()
@@ -397,7 +405,7 @@ health = "warning"
         assert_eq!(route.endpoints[0].weight, 2, "node a runs two instances");
         let mut hits = HashMap::new();
         for _ in 0..300 {
-            *hits.entry(route.pick().unwrap().addr).or_insert(0) += 1;
+            *hits.entry(rr(route).addr).or_insert(0) += 1;
         }
         assert_eq!(hits[&route.endpoints[0].addr], 200);
         assert_eq!(hits[&route.endpoints[1].addr], 100);
@@ -548,7 +556,7 @@ health = "warning"
             let rounds = (total / gcd) as usize;
             let mut hits = vec![0u32; weights.len()];
             for _ in 0..rounds {
-                hits[(route.pick().unwrap().addr.port() - 1000) as usize] += 1;
+                hits[(rr(&route).addr.port() - 1000) as usize] += 1;
             }
             for (i, &w) in weights.iter().enumerate() {
                 prop_assert_eq!(hits[i], w / gcd);

@@ -14,7 +14,7 @@ use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, cou
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, labelled, service_label};
-use crate::routing::{Lookup, Route, Routes};
+use crate::routing::{Lookup, Route, Routes, Table};
 use crate::serve::{Conn, Handler};
 
 #[derive(Clone)]
@@ -86,12 +86,16 @@ impl Outbound {
             Ok(name) => name,
             Err(e) => return e.into_response(""),
         };
-        *label = service_label(&self.inner.routes.load(), name);
+        let inner = &self.inner;
+        // One table for the metrics label and the route.
+        let table = inner.routes.load();
+        *label = service_label(&table, name);
         if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
             return e.into_response(name);
         }
-        let inner = &self.inner;
-        let route = match inner.route(name) {
+        let route = inner.route(&table, name);
+        drop(table);
+        let route = match route {
             Ok(route) => route,
             Err(e) => return e.into_response(name),
         };
@@ -112,9 +116,8 @@ impl Outbound {
 }
 
 impl Inner {
-    /// The route of a request for `name`: the service's own, or the catch-all.
-    fn route(&self, name: &str) -> Result<Arc<Route>, MeshError> {
-        let table = self.routes.load();
+    /// The route of a request for `name` in `table`: the service's own, or the catch-all.
+    fn route(&self, table: &Table, name: &str) -> Result<Arc<Route>, MeshError> {
         let catch_all = self
             .catch_all
             .as_ref()

@@ -127,20 +127,24 @@ impl EndpointState {
 
     /// The latency estimate at `now`, decayed towards zero for the time without samples.
     fn rtt_at(&self, now: u64) -> f64 {
+        self.estimate(now).0
+    }
+
+    /// The decayed estimate at `now`, and the decay factor `w` applied since the last sample.
+    fn estimate(&self, now: u64) -> (f64, f64) {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let stamp = self.stamp_ns.load(Ordering::Relaxed);
         let idle = now.saturating_sub(stamp) as f64;
-        rtt * (-idle / DECAY.as_nanos() as f64).exp()
+        let w = (-idle / DECAY.as_nanos() as f64).exp();
+        (rtt * w, w)
     }
 
     fn observe(&self, rtt: f64, now: u64) {
-        let current = self.rtt_at(now);
+        let (current, w) = self.estimate(now);
         // Peak-sensitive: a slower answer counts at once, faster ones pull it down over time.
         let next = if rtt > current {
             rtt
         } else {
-            let stamp = self.stamp_ns.load(Ordering::Relaxed);
-            let w = (-(now.saturating_sub(stamp) as f64) / DECAY.as_nanos() as f64).exp();
             current * w + rtt * (1.0 - w)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
@@ -370,13 +374,6 @@ impl Route {
 
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
-    }
-
-    /// The next endpoint in weighted round-robin order, whatever its state (for callers that
-    /// keep no state, such as tests and the gateway's view).
-    pub fn pick(&self) -> Option<&Endpoint> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.slot(n).map(|i| &self.endpoints[i])
     }
 
     /// The index the `n`-th weighted draw lands on.
