@@ -287,6 +287,23 @@ fn instance(service: &str, id: &str, node: &str, addr: SocketAddr) -> Instance {
     }
 }
 
+/// Agents `a` (127.0.0.2) and `b` (127.0.0.3) on `cluster`, instance `web-1` of `web` at `web`
+/// registered on node b with a lease of `ttl`, and agent a already routing it.
+async fn web_on_b(
+    cluster: &EtcdCluster,
+    web: SocketAddr,
+    ttl: Duration,
+) -> (AgentHandle, AgentHandle, Registration) {
+    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
+    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
+    let registration = register(cluster, &b, ttl, vec![instance("web", "web-1", "b", web)]).await;
+    eventually(Duration::from_secs(30), "agent a routes web", || {
+        routes_to(&a, "web")
+    })
+    .await;
+    (a, b, registration)
+}
+
 /// Registers `instances` of node `b` (served by `agent_b`) with a lease of `ttl`.
 async fn register(
     cluster: &EtcdCluster,
@@ -503,20 +520,8 @@ async fn an_agent_routes_through_both_hops_to_an_instance_registered_in_etcd() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = EtcdCluster::start(3).await;
     let app = TestApp::spawn("web", ip("127.0.0.3"));
-    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
-    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
     // A long TTL: the instance can only vanish quickly below if the lease is revoked.
-    let registration = register(
-        &cluster,
-        &b,
-        Duration::from_secs(60),
-        vec![instance("web", "web-1", "b", app.addr)],
-    )
-    .await;
-    eventually(Duration::from_secs(30), "agent a routes web", || {
-        routes_to(&a, "web")
-    })
-    .await;
+    let (a, b, registration) = web_on_b(&cluster, app.addr, Duration::from_secs(60)).await;
     eventually(Duration::from_secs(30), "agent b serves web", || {
         matches!(b.routes.load().inbound("web"), Lookup::Route(_))
     })
@@ -574,19 +579,7 @@ async fn killing_a_follower_then_the_leader_under_load_fails_no_request_and_chan
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = EtcdCluster::start(3).await;
     let app = TestApp::spawn("web", ip("127.0.0.3"));
-    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
-    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
-    let registration = register(
-        &cluster,
-        &b,
-        Duration::from_secs(10),
-        vec![instance("web", "web-1", "b", app.addr)],
-    )
-    .await;
-    eventually(Duration::from_secs(30), "agent a routes web", || {
-        routes_to(&a, "web")
-    })
-    .await;
+    let (a, b, registration) = web_on_b(&cluster, app.addr, Duration::from_secs(10)).await;
     let catalog_before = a.catalog.borrow().snapshot.clone().unwrap();
     let routes_before = routing_view(&a);
     let url = format!("http://{}/service/web/x", a.outbound.unwrap());
@@ -651,19 +644,7 @@ async fn routing_goes_on_while_etcd_is_down_and_catches_up_after_a_restart() {
     let mut cluster = EtcdCluster::start(3).await;
     let web = TestApp::spawn("web", ip("127.0.0.3"));
     let late = TestApp::spawn("late", ip("127.0.0.3"));
-    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
-    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
-    let registration = register(
-        &cluster,
-        &b,
-        Duration::from_secs(10),
-        vec![instance("web", "web-1", "b", web.addr)],
-    )
-    .await;
-    eventually(Duration::from_secs(30), "agent a routes web", || {
-        routes_to(&a, "web")
-    })
-    .await;
+    let (a, b, registration) = web_on_b(&cluster, web.addr, Duration::from_secs(10)).await;
     let client = Client::new();
     let url = format!("http://{}/service/web/x", a.outbound.unwrap());
 
@@ -730,19 +711,7 @@ async fn instances_of_an_agent_that_dies_without_revoking_vanish_when_its_lease_
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = EtcdCluster::start(3).await;
     let app = TestApp::spawn("web", ip("127.0.0.3"));
-    let a = start_agent("a", "127.0.0.2", cluster.endpoints()).await;
-    let b = start_agent("b", "127.0.0.3", cluster.endpoints()).await;
-    let registration = register(
-        &cluster,
-        &b,
-        Duration::from_secs(2),
-        vec![instance("web", "web-1", "b", app.addr)],
-    )
-    .await;
-    eventually(Duration::from_secs(30), "agent a routes web", || {
-        routes_to(&a, "web")
-    })
-    .await;
+    let (a, b, registration) = web_on_b(&cluster, app.addr, Duration::from_secs(2)).await;
     // Kept alive well past its TTL while the registrar lives.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(routes_to(&a, "web"), "a live lease is kept alive");
