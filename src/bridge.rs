@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::gateway::X_SKYLINE_ORIGIN;
-use crate::metrics::{self, Metrics, Role, ServiceLabel, labelled};
+use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
@@ -252,17 +252,15 @@ impl Bridge {
 
     /// Kubernetes → Skyline: to the gateway pool, marked as coming from a bridge. Labelled for
     /// the metrics as known when the bridge's catalog knows the service.
-    async fn to_gateway(&self, req: Request<Incoming>, name: String, conn: Conn) -> Response<Body> {
+    async fn to_gateway(&self, req: Request<Incoming>, name: String, conn: Conn) -> Labelled {
         let known = self.known_service(&name);
         let counted = known.is_some();
         let label = match known {
             Some(service) => Some(ServiceLabel::known(service)),
             None => metrics::unverified(&name),
         };
-        labelled(
-            self.to_gateway_unlabelled(req, name, counted, conn).await,
-            label,
-        )
+        let response = self.to_gateway_unlabelled(req, name, counted, conn).await;
+        (response, label)
     }
 
     /// `known`: the bridge's catalog knows the service (its name may label metrics).
@@ -299,10 +297,10 @@ impl Bridge {
 
     /// Skyline → Kubernetes: through the cluster DNS to the Service. Labelled for the metrics
     /// when the cluster DNS knows the Service.
-    async fn to_cluster(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    async fn to_cluster(&self, req: Request<Incoming>, conn: Conn) -> Labelled {
         let mut label = None;
         let response = self.to_cluster_unlabelled(req, conn, &mut label).await;
-        labelled(response, label)
+        (response, label)
     }
 
     async fn to_cluster_unlabelled(
@@ -360,10 +358,17 @@ impl Bridge {
     }
 }
 
+/// A response and the service it was for, as a metrics label.
+type Labelled = (Response<Body>, Option<ServiceLabel>);
+
 impl Handler for Bridge {
     type Body = Body;
 
-    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        self.handle_labelled(req, conn).await.0
+    }
+
+    async fn handle_labelled(&self, mut req: Request<Incoming>, conn: Conn) -> Labelled {
         let skyline_path = req.uri().path().starts_with("/service/");
         let host = req
             .headers()
@@ -373,7 +378,7 @@ impl Handler for Bridge {
         let cluster = cluster_service(host, &self.inner.names.cluster_domain).map(str::to_owned);
         let name = cluster.clone().unwrap_or_default();
         if let Err(e) = count_hop(req.headers_mut(), self.inner.max_hops) {
-            return e.into_response(&name);
+            return (e.into_response(&name), None);
         }
         match cluster {
             Some(name) if !skyline_path => self.to_gateway(req, name, conn).await,

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
-use crate::metrics::{self, Metrics, Role, ServiceLabel, labelled};
+use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
@@ -464,9 +464,17 @@ impl Handler for GatewayHandler {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        self.handle_labelled(req, conn).await.0
+    }
+
+    async fn handle_labelled(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+    ) -> (Response<Body>, Option<ServiceLabel>) {
         let mut label = None;
         let response = self.proxy(req, conn, &mut label).await;
-        labelled(response, label)
+        (response, label)
     }
 }
 

@@ -3,7 +3,7 @@
 //! One [`Metrics`] per role process, created at start and passed to what records into it (no
 //! global statics, so tests do not interfere). Requests are recorded where connections are
 //! served ([`crate::serve::serve_recorded`]): each role's handler only names the service of a
-//! response by putting a [`ServiceLabel`] in its extensions. The resilience counters (retries,
+//! response by returning a [`ServiceLabel`] beside it. The resilience counters (retries,
 //! ejections, panic routing) are for the forwarder to call.
 //!
 //! Label cardinality is bounded by construction: a service label is a name the catalog (or the
@@ -18,7 +18,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use http::Response;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -84,8 +83,8 @@ impl EncodeLabelValue for Role {
 
 // === ServiceLabel ===
 
-/// The service a response belongs to, put in the response's extensions by a role's handler so
-/// that the serve layer labels its metrics.
+/// The service a response belongs to, returned beside it by a role's handler
+/// ([`crate::serve::Handler::handle_labelled`]) so that the serve layer labels its metrics.
 ///
 /// A name taken from a request could be anything, so only two kinds become labels: a name the
 /// catalog (or, for the bridge, the cluster DNS) knows, and a valid name the catalog does not
@@ -123,14 +122,6 @@ impl ServiceLabel {
             ""
         }
     }
-}
-
-/// `response` with its service label, if there is one.
-pub fn labelled<B>(mut response: Response<B>, label: Option<ServiceLabel>) -> Response<B> {
-    if let Some(label) = label {
-        response.extensions_mut().insert(label);
-    }
-    response
 }
 
 /// The catalog's own name for `name`, if the route table knows the service (routable or not,
@@ -799,7 +790,7 @@ mod tests {
     }
 
     /// The whole per-response cost of the serve layer's recording, as `Recorder::record` pays
-    /// it: the handler's label in the extensions, the clock, the header, the record. Run by
+    /// it: the handler's label, the clock, the header, the record. Run by
     /// hand like the one below.
     #[test]
     #[ignore]
@@ -811,8 +802,7 @@ mod tests {
         for _ in 0..rounds {
             let clock = Instant::now();
             let label = Some(ServiceLabel::known(name.clone()));
-            let mut response = labelled(Response::new(()), label);
-            let label = response.extensions_mut().remove::<ServiceLabel>();
+            let response = http::Response::new(());
             let error = response
                 .headers()
                 .get(&crate::proxy::X_SKYLINE_ERROR)

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::routing::Route;
-use crate::routing::balance::{Choice, Outcome, now_ns};
+use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
 use crate::serve::Conn;
 use pool::{Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
 use resilience::{RETRY_BODY_LIMIT, Resilience};
@@ -54,8 +54,9 @@ pub static X_SKYLINE_HOPS: HeaderName = HeaderName::from_static("x-skyline-hops"
 /// The remaining time of the request, in milliseconds, so the next hop does not outlive its
 /// caller. An application may set it on its own request too.
 pub static X_SKYLINE_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-skyline-timeout-ms");
-/// The attempt number of a request, set by the one hop that retries (the first). A hop that
-/// sees it leaves retries to that hop, so attempts do not multiply along the path.
+/// The attempt number of a retried request (2, 3, ...), set by the one hop that retries: the
+/// first. Later hops never retry an answer, so attempts do not multiply along the path; the
+/// header tells them (and the application) that this is a repeat.
 pub static X_SKYLINE_ATTEMPT: HeaderName = HeaderName::from_static("x-skyline-attempt");
 
 /// The most Skyline hops a request may take before the mesh calls it a loop.
@@ -169,8 +170,17 @@ pub fn count_hop(headers: &mut HeaderMap, max: u32) -> Result<u32, MeshError> {
         return Err(MeshError::LoopDetected);
     }
     let hops = hops + 1;
-    headers.insert(&X_SKYLINE_HOPS, HeaderValue::from(hops));
+    headers.insert(&X_SKYLINE_HOPS, hop_count(hops));
     Ok(hops)
+}
+
+/// `hops` as a header value; the usual counts without formatting or allocating.
+fn hop_count(hops: u32) -> HeaderValue {
+    const SMALL: [&str; 9] = ["0", "1", "2", "3", "4", "5", "6", "7", "8"];
+    match SMALL.get(hops as usize) {
+        Some(n) => HeaderValue::from_static(n),
+        None => HeaderValue::from(hops),
+    }
 }
 
 // === Forwarder ===
@@ -195,7 +205,8 @@ pub struct Destination<'a> {
     pub route: &'a Route,
     pub policy: &'a Resilience,
     /// This hop is the first Skyline hop of the request (an outbound proxy, or a bridge taking
-    /// a Kubernetes request into the mesh): it owns retries, whatever the request says.
+    /// a Kubernetes request into the mesh): the only one that retries answers, timeouts and
+    /// broken connections. Every hop retries a refused connection (the request never left).
     pub first_hop: bool,
 }
 
@@ -262,8 +273,9 @@ impl Forwarder {
         host: Host,
         conn: &Conn,
     ) -> Result<Response<Body>, MeshError> {
+        // One clock read for the request's deadline, its first attempt and the balancer.
         let started = Instant::now();
-        let original_host = req.headers().get(header::HOST).cloned();
+        let now = ns_at(started.into_std());
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
@@ -272,27 +284,21 @@ impl Forwarder {
             headers.insert(&X_REQUEST_ID, request_id());
         }
         append_forwarded_for(headers, &conn.peer_ip);
-        match (host, original_host) {
-            (Host::Keep, Some(h)) => {
-                headers.insert(header::HOST, h);
-            }
-            (Host::Keep, None) => {}
-            (Host::Upstream, original) => {
-                if let Some(h) = original.filter(|_| !headers.contains_key(&X_FORWARDED_HOST)) {
-                    headers.insert(&X_FORWARDED_HOST, h);
+        // `Host::Keep` leaves the client's `Host` where it is (it is not hop-by-hop).
+        let set_host = match host {
+            Host::Keep => !headers.contains_key(header::HOST),
+            Host::Upstream => {
+                if let Some(h) = headers.get(header::HOST).cloned() {
+                    if !headers.contains_key(&X_FORWARDED_HOST) {
+                        headers.insert(&X_FORWARDED_HOST, h);
+                    }
                 }
+                true
             }
-        }
+        };
         let policy = upstream.policy;
         let deadline = started + caller_deadline(headers, policy.request_timeout);
-        if upstream.first_hop {
-            headers.remove(&X_SKYLINE_ATTEMPT);
-        }
-        let owns_retries = !headers.contains_key(&X_SKYLINE_ATTEMPT) && policy.retries > 0;
-        if upstream.first_hop && !owns_retries {
-            // No retries at all for this route: later hops must not start their own.
-            headers.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from_static("1"));
-        }
+        let owns_retries = upstream.first_hop && policy.retries > 0;
         let (req, replay) = match replayable(req, owns_retries, deadline).await {
             Ok(prepared) => prepared,
             Err(e) if conn.rejected() => {
@@ -302,16 +308,16 @@ impl Forwarder {
             Err(e) => return Err(e),
         };
         if owns_retries {
-            upstream.route.budget.deposit();
+            upstream.route.budget.deposit_at(now);
         }
         let attempt = Attempt {
             upstream,
-            host,
+            set_host,
             owns_retries,
             started,
             deadline,
         };
-        match self.attempts(req, replay, attempt).await {
+        match self.attempts(req, replay, attempt, now).await {
             Err(error) => {
                 if conn.rejected() {
                     // The guard refused the request body's framing while it was streaming.
@@ -332,13 +338,14 @@ impl Forwarder {
         first: Request<RequestBody>,
         replay: Option<Replay>,
         at: Attempt<'_>,
+        started_ns: u64,
     ) -> Result<Response<PooledBody>, MeshError> {
         let Attempt {
             upstream,
-            host,
-            owns_retries,
+            set_host,
             started,
             deadline,
+            ..
         } = at;
         let policy = upstream.policy;
         let limits = Limits {
@@ -351,7 +358,14 @@ impl Forwarder {
         let mut last: Option<(Retry, Option<MeshError>)> = None;
         loop {
             let again = last.as_ref().is_some_and(|(why, _)| *why != Retry::Connect);
-            let Some(choice) = self.choose(&upstream, &tried, again) else {
+            // The first attempt starts when the request did (one clock read less).
+            let (now, now_ns) = if last.is_none() {
+                (started, started_ns)
+            } else {
+                let now = Instant::now();
+                (now, ns_at(now.into_std()))
+            };
+            let Some(choice) = self.choose(&upstream, &tried, again, now_ns) else {
                 return Err(last
                     .and_then(|(_, e)| e)
                     .unwrap_or(MeshError::NoHealthyEndpoint));
@@ -365,12 +379,6 @@ impl Forwarder {
                     .and_then(|(_, e)| e)
                     .unwrap_or(MeshError::NoHealthyEndpoint));
             };
-            // The first attempt starts when the request did (one clock read less).
-            let now = if last.is_none() {
-                started
-            } else {
-                Instant::now()
-            };
             if now >= deadline {
                 return Err(MeshError::UpstreamTimeout);
             }
@@ -378,14 +386,14 @@ impl Forwarder {
                 .attempt_timeout
                 .map_or(deadline, |t| deadline.min(now + t));
             let headers = req.headers_mut();
-            if host == Host::Upstream || !headers.contains_key(header::HOST) {
+            if set_host {
                 headers.insert(header::HOST, endpoint.host.clone());
             }
             headers.insert(&X_SKYLINE_TIMEOUT_MS, millis(attempt_deadline - now));
-            if owns_retries {
-                headers.insert(&X_SKYLINE_ATTEMPT, attempt_number(tried.len()));
+            if !tried.is_empty() {
+                headers.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(tried.len() + 1));
             }
-            let flight = endpoint.state.start();
+            let flight = endpoint.state.start_at(now_ns);
             let sent = self.pool.send(endpoint.addr, req, replay.as_ref(), limits);
             let (retry, error) = match tokio::time::timeout_at(attempt_deadline, sent).await {
                 Ok(Ok(response)) => {
@@ -458,12 +466,18 @@ impl Forwarder {
 
     /// An endpoint for the next attempt: one not tried yet, or when `again` (a retry that is
     /// not about a refused connection), the same one again when there is no other.
-    fn choose(&self, up: &Destination<'_>, tried: &[SocketAddr], again: bool) -> Option<Choice> {
+    fn choose(
+        &self,
+        up: &Destination<'_>,
+        tried: &[SocketAddr],
+        again: bool,
+        now: u64,
+    ) -> Option<Choice> {
         let (balance, outlier) = (up.policy.balance, &up.policy.outlier);
         let choice = up
             .route
-            .choose(tried, balance, outlier)
-            .or_else(|| again.then(|| up.route.choose(&[], balance, outlier))?)?;
+            .choose_at(tried, balance, outlier, now)
+            .or_else(|| again.then(|| up.route.choose_at(&[], balance, outlier, now))?)?;
         if let Some((addr, time)) = choice.ejected {
             tracing::warn!(service = up.service, endpoint = %addr, ejected_for = ?time, "endpoint ejected after consecutive failures");
             self.metrics.ejection(up.label);
@@ -498,7 +512,8 @@ impl Forwarder {
 #[derive(Clone, Copy)]
 struct Attempt<'a> {
     upstream: Destination<'a>,
-    host: Host,
+    /// `Host` is set to the endpoint's address (last hop, or a request that came without one).
+    set_host: bool,
     owns_retries: bool,
     started: Instant,
     deadline: Instant,
@@ -547,17 +562,22 @@ fn caller_deadline(headers: &HeaderMap, policy: Duration) -> Duration {
         .map_or(policy, |ms| policy.min(Duration::from_millis(ms)))
 }
 
+/// `d` in whole milliseconds as a header value. Nearly every request sends its route's full
+/// timeout (only retries and callers' deadlines send less), so the last value is kept per
+/// thread and shared instead of formatted and allocated again.
 fn millis(d: Duration) -> HeaderValue {
-    HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn attempt_number(tried: usize) -> HeaderValue {
-    match tried {
-        0 => HeaderValue::from_static("1"),
-        1 => HeaderValue::from_static("2"),
-        2 => HeaderValue::from_static("3"),
-        n => HeaderValue::from(n + 1),
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, HeaderValue)> =
+            const { std::cell::RefCell::new((0, HeaderValue::from_static("0"))) };
     }
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    LAST.with_borrow_mut(|(last, value)| {
+        if *last != ms {
+            *value = HeaderValue::from(ms);
+            *last = ms;
+        }
+        value.clone()
+    })
 }
 
 /// Logs panic routing at most once a second for the whole process: loud, not a flood.
@@ -587,27 +607,59 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
 ///
-/// Most messages carry none: one pass over their few headers decides, instead of a hashed
-/// removal per hop-by-hop name.
+/// One pass over the message's few headers finds the hop-by-hop ones (most messages carry
+/// only `Connection: keep-alive`), and only those are removed: no hashed removal per name,
+/// and no allocation for the usual `keep-alive` and `close` options.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // Bit i: HOP_BY_HOP[i] is present.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
-        let named: Vec<HeaderName> = connection
+    if present & 1 != 0 {
+        let mut named = Vec::new();
+        for option in headers
+            .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        connection.remove();
+            .map(str::trim)
+        {
+            if option.eq_ignore_ascii_case("close") || option.eq_ignore_ascii_case("keep-alive") {
+                continue; // not a header, or one removed below anyway
+            }
+            if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
+                named.push(name);
+            }
+        }
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP[1..] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
+}
+
+/// The position of `name` in [`HOP_BY_HOP`], if it is one: by length first, so the usual header
+/// costs one comparison.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let candidates: &[usize] = match name.as_str().len() {
+        2 => &[3],
+        7 => &[4, 6],
+        10 => &[0, 1],
+        16 => &[2],
+        17 => &[5],
+        _ => return None,
+    };
+    candidates.iter().copied().find(|&i| HOP_BY_HOP[i] == name)
 }
 
 /// Appends the previous hop's address (`peer`, already a header value) to `x-forwarded-for`,
@@ -630,8 +682,14 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
 
 /// A random 128-bit id in hex. Unique, not secret: a fast thread-local generator suffices.
 fn request_id() -> HeaderValue {
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let mut bits = fastrand::u128(..);
+    for digit in id.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -660,6 +718,29 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["traceparent", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn a_plain_keep_alive_connection_header_leaves_nothing_behind() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("Keep-Alive"));
+        h.append("content-length", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("close, X-Private"));
+        h.append("x-private", HeaderValue::from_static("1"));
+        h.append("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.append("trailer", HeaderValue::from_static("x-sum"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn hop_counts_are_decimal() {
+        for n in [1, 8, 9, 123] {
+            assert_eq!(hop_count(n), n.to_string().as_str());
+        }
     }
 
     #[test]
@@ -703,6 +784,7 @@ mod tests {
     fn request_ids_are_32_hex_digits_and_differ() {
         let (a, b) = (request_id(), request_id());
         assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
         assert_ne!(a, b);
     }
 }

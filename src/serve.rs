@@ -58,6 +58,17 @@ pub trait Handler: Clone + Send + Sync + 'static {
         req: Request<Incoming>,
         conn: Conn,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
+
+    /// [`handle`](Self::handle), with the service the request was for as a metrics label (a
+    /// proxy's answer; other handlers have none). The label travels beside the response, not
+    /// in its extensions, which would cost a map per response.
+    fn handle_labelled(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+    ) -> impl Future<Output = (Response<Self::Body>, Option<ServiceLabel>)> + Send {
+        async move { (self.handle(req, conn).await, None) }
+    }
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -93,15 +104,13 @@ impl Recorder {
     }
 
     /// Records one response: its status, the mesh error it carries, the service its handler
-    /// labelled it with (the label is taken out: it is not for the client), and the time
-    /// since the request arrived.
-    fn record<B>(&self, response: &mut Response<B>, started: Instant) {
-        let label = response.extensions_mut().remove::<ServiceLabel>();
+    /// labelled it with, and the time since the request arrived.
+    fn record<B>(&self, response: &Response<B>, label: Option<&ServiceLabel>, started: Instant) {
         let error = response
             .headers()
             .get(&X_SKYLINE_ERROR)
             .and_then(|v| v.to_str().ok());
-        let service = label.as_ref().map_or("", |l| l.value(error));
+        let service = label.map_or("", |l| l.value(error));
         let status = response.status().as_u16();
         self.metrics
             .request(self.role, service, status, error, started.elapsed());
@@ -177,9 +186,9 @@ async fn serve_with<H: Handler>(
             let recorder = recorder.clone();
             let draining = draining.clone();
             async move {
-                let mut response = respond(&handler, req, conn).await;
+                let (mut response, label) = respond(&handler, req, conn).await;
                 if let (Some(recorder), Some(started)) = (recorder, started) {
-                    recorder.record(&mut response, started);
+                    recorder.record(&response, label.as_ref(), started);
                 }
                 if draining.load(Ordering::Relaxed) {
                     close_after(&mut response);
@@ -223,24 +232,26 @@ async fn serve_with<H: Handler>(
     }
 }
 
-/// The handler's response, or the framing guard's refusal of the request.
+/// The handler's response and label, or the framing guard's refusal of the request.
 async fn respond<H: Handler>(
     handler: &H,
     req: Request<Incoming>,
     conn: Conn,
-) -> Response<Either<H::Body, Full<Bytes>>> {
+) -> (Response<Either<H::Body, Full<Bytes>>>, Option<ServiceLabel>) {
     if let Some(rejection) = conn.verdicts.rejection_for(conn.index) {
         tracing::debug!(peer = %conn.peer, reason = rejection.reason, "request refused");
         let error = MeshError::BadRequest {
             status: rejection.status,
             detail: rejection.reason,
         };
-        return error.into_response("").map(|body| match body {
+        let response = error.into_response("").map(|body| match body {
             Either::Left(_) => Either::Right(Full::default()),
             Either::Right(full) => Either::Right(full),
         });
+        return (response, None);
     }
-    handler.handle(req, conn).await.map(Either::Left)
+    let (response, label) = handler.handle_labelled(req, conn).await;
+    (response.map(Either::Left), label)
 }
 
 /// Marks a response sent while draining as the connection's last (hyper closes the connection

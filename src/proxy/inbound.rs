@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use super::outbound::split_service_path;
 use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError};
-use crate::metrics::{ServiceLabel, labelled, service_label};
+use crate::catalog::ServiceName;
+use crate::metrics::{ServiceLabel, known_service, service_label};
 use crate::routing::{Lookup, Route, Routes};
 use crate::serve::{Conn, Handler};
 
@@ -43,9 +44,17 @@ impl Handler for Inbound {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        self.handle_labelled(req, conn).await.0
+    }
+
+    async fn handle_labelled(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+    ) -> (Response<Body>, Option<ServiceLabel>) {
         let mut label = None;
         let response = self.proxy(req, conn, &mut label).await;
-        labelled(response, label)
+        (response, label)
     }
 }
 
@@ -67,23 +76,23 @@ impl Inbound {
             Ok(target) => target,
             Err(e) => return e.into_response(name),
         };
-        let route = match self.local_route(name) {
-            Ok(route) => route,
+        let (route, known) = match self.local_route(name) {
+            Ok(found) => found,
             Err(_) => match self.local_route_after_catch_up(name).await {
-                Ok(route) => route,
+                Ok(found) => found,
                 Err(e) => {
                     *label = service_label(&self.inner.routes.load(), name);
                     return e.into_response(name);
                 }
             },
         };
-        *label = service_label(&self.inner.routes.load(), name);
-        // The name borrows from the request, which the forwarder consumes.
-        let name = name.to_owned();
-        let policy = self.inner.policies.load().for_service(&name).clone();
+        // The catalog's name: the request's borrows from the request, which the forwarder
+        // consumes.
+        let name = known.as_str();
+        let policy = self.inner.policies.load().for_service(name).clone();
         let upstream = Destination {
-            service: &name,
-            label: &name,
+            service: name,
+            label: name,
             route: &route,
             policy: &policy,
             first_hop: false,
@@ -93,7 +102,9 @@ impl Inbound {
             .forwarder
             .forward(req, upstream, target, Host::Upstream, &conn)
             .await;
-        forwarded.unwrap_or_else(|e| e.into_response(&name))
+        let response = forwarded.unwrap_or_else(|e| e.into_response(name));
+        *label = Some(ServiceLabel::known(known));
+        response
     }
 }
 
@@ -106,16 +117,24 @@ impl Inbound {
 pub const CATALOG_SKEW: Duration = Duration::from_millis(250);
 
 impl Inbound {
-    fn local_route(&self, name: &str) -> Result<Arc<Route>, MeshError> {
-        match self.inner.routes.load().inbound(name) {
-            Lookup::Route(route) => Ok(route.clone()),
-            Lookup::NoHealthy => Err(MeshError::NoHealthyEndpoint),
-            Lookup::Unknown => Err(MeshError::UnknownService),
-        }
+    /// The local route of `name` and the catalog's own name for the service.
+    fn local_route(&self, name: &str) -> Result<(Arc<Route>, ServiceName), MeshError> {
+        let table = self.inner.routes.load();
+        let route = match table.inbound(name) {
+            Lookup::Route(route) => route.clone(),
+            Lookup::NoHealthy => return Err(MeshError::NoHealthyEndpoint),
+            Lookup::Unknown => return Err(MeshError::UnknownService),
+        };
+        // A routed service is one the table knows.
+        let known = known_service(&table, name).ok_or(MeshError::UnknownService)?;
+        Ok((route, known))
     }
 
     /// Looks again after each route-table swap, for at most [`CATALOG_SKEW`].
-    async fn local_route_after_catch_up(&self, name: &str) -> Result<Arc<Route>, MeshError> {
+    async fn local_route_after_catch_up(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<Route>, ServiceName), MeshError> {
         let mut swaps = self.inner.routes.subscribe();
         let deadline = tokio::time::Instant::now() + CATALOG_SKEW;
         loop {

@@ -13,7 +13,7 @@ use super::resilience::SharedPolicies;
 use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
-use crate::metrics::{ServiceLabel, labelled, service_label};
+use crate::metrics::{ServiceLabel, service_label};
 use crate::routing::{Lookup, Route, Routes, Table};
 use crate::serve::{Conn, Handler};
 
@@ -53,9 +53,17 @@ impl Handler for Outbound {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        self.handle_labelled(req, conn).await.0
+    }
+
+    async fn handle_labelled(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+    ) -> (Response<Body>, Option<ServiceLabel>) {
         let mut label = None;
         let response = self.proxy(req, conn, &mut label).await;
-        labelled(response, label)
+        (response, label)
     }
 }
 

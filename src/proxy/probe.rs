@@ -15,9 +15,9 @@ use http_body_util::{BodyExt, Either, Full};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::POOL_IDLE_TIMEOUT;
 use super::pool::{Limits, Pool};
 use super::resilience::{Probe, SharedPolicies};
-use super::{POOL_IDLE_TIMEOUT, X_SKYLINE_ATTEMPT};
 use crate::catalog::ServiceName;
 use crate::routing::{Endpoint, Route, Routes};
 
@@ -103,8 +103,6 @@ async fn check(pool: &Pool, endpoint: &Endpoint, target: &str, probe: &Probe) ->
         header::USER_AGENT,
         HeaderValue::from_static("skyline-probe"),
     );
-    // The probed proxy must not retry: the probe is about this endpoint.
-    headers.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from_static("1"));
     let limits = Limits {
         connect: probe.timeout,
         idle: probe.timeout,

@@ -76,7 +76,12 @@ static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// Nanoseconds since the first call in this process: a monotonic clock that fits an atomic.
 pub fn now_ns() -> u64 {
-    u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    ns_at(Instant::now())
+}
+
+/// `at` on the [`now_ns`] scale, so a caller that already read the clock need not read it again.
+pub fn ns_at(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*EPOCH).as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -118,10 +123,15 @@ pub enum Outcome {
 impl EndpointState {
     /// Counts a request in flight until the returned guard is finished or dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
+        self.start_at(now_ns())
+    }
+
+    /// [`start`](Self::start) at `now` ([`now_ns`] scale).
+    pub fn start_at(self: &Arc<Self>, now: u64) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             state: self.clone(),
-            started: now_ns(),
+            started: now,
         }
     }
 

@@ -294,8 +294,8 @@ async fn only_the_first_hop_retries() {
         .await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.mesh_error(), None, "the application's own 503");
-    // The outbound proxy tries 1 + 2 times; the inbound proxy, seeing x-skyline-attempt, does
-    // not multiply them (it would make 9).
+    // The outbound proxy tries 1 + 2 times; the inbound proxy, a later hop, does not multiply
+    // them (it would make 9).
     assert_eq!(apps[0].hits(), 3);
     stop_all(mesh, apps).await;
 }
@@ -356,7 +356,10 @@ async fn deadlines_come_from_the_route_or_the_caller_and_travel_to_the_next_hop(
         .parse()
         .unwrap();
     assert!(left <= 250 && left > 0, "the instance saw {left} ms left");
-    assert_eq!(last.headers["x-skyline-attempt"], "1");
+    assert!(
+        !last.headers.contains_key("x-skyline-attempt"),
+        "only retries are marked"
+    );
     mesh.stop().await;
     app.stop().await;
 }
