@@ -299,7 +299,8 @@ impl Forwarder {
         let policy = upstream.policy;
         let deadline = started + caller_deadline(headers, policy.request_timeout);
         let owns_retries = upstream.first_hop && policy.retries > 0;
-        let (req, replay) = match replayable(req, owns_retries, deadline).await {
+        let (req, replay) = match replayable(req, upstream.first_hop, owns_retries, deadline).await
+        {
             Ok(prepared) => prepared,
             Err(e) if conn.rejected() => {
                 tracing::debug!(error = %e, "request body refused by the framing guard");
@@ -522,15 +523,24 @@ struct Attempt<'a> {
 /// Turns the client's request into one the forwarder can send, and a [`Replay`] of it when it
 /// may be sent again: an idempotent request with no body, or with a body of at most
 /// [`RETRY_BODY_LIMIT`] bytes that is buffered first (only when this hop owns retries).
+///
+/// Only the first hop keeps a replay. A later hop whose pooled connection closes under a
+/// request it already wrote answers 502, and the first hop, which keeps the request anyway,
+/// sends it again; so the common path of a later hop copies no request head.
 async fn replayable(
     req: Request<Incoming>,
+    first_hop: bool,
     owns_retries: bool,
     deadline: Instant,
 ) -> Result<(Request<RequestBody>, Option<Replay>), MeshError> {
     let (parts, body) = req.into_parts();
     if body.is_end_stream() {
         let req = Request::from_parts(parts, Either::Right(Full::new(Bytes::new())));
-        let replay = Replay::of(&req, Bytes::new());
+        let replay = if first_hop {
+            Replay::of(&req, Bytes::new())
+        } else {
+            None
+        };
         return Ok((req, replay));
     }
     let small = body

@@ -10,7 +10,8 @@
 //! timeout fired). hyper hands back a request it had not started to write; one it wrote but got
 //! no response for (EOF or a reset) is replayed on another connection when the caller gave a
 //! [`Replay`] (an idempotent method with an empty or buffered body), as Go's HTTP transport does
-//! for reused connections.
+//! for reused connections. The forwarder gives one at the first hop only (see
+//! `proxy::replayable`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
