@@ -532,6 +532,10 @@ impl GatewayHandler {
             return error.into_response(name);
         };
         tracing::debug!(service = %name, tier = %tier.name, "gateway route");
+        let forwarder = &self.gateway.forwarder;
+        forwarder
+            .metrics()
+            .gateway_tier(if known { name } else { "" }, tier.name.shared());
         let header = tier.header.clone();
         let name = name.to_owned();
         // Retries stay within the chosen tier.
@@ -543,9 +547,7 @@ impl GatewayHandler {
             policy: &policy,
             first_hop: false,
         };
-        match self
-            .gateway
-            .forwarder
+        match forwarder
             .forward(req, upstream, target, Host::Keep, &conn)
             .await
         {

@@ -197,6 +197,12 @@ struct RetryLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TierLabels {
+    service: Arc<str>,
+    tier: Arc<str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -214,6 +220,7 @@ pub struct Metrics {
     retry_budget_exhausted: Family<ServiceLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     panic_routing: Family<ServiceLabels, Counter>,
+    gateway_tiers: Family<TierLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
     series: RwLock<Series>,
 }
@@ -251,6 +258,7 @@ impl Metrics {
         let retry_budget_exhausted = Family::default();
         let ejections = Family::default();
         let panic_routing = Family::default();
+        let gateway_tiers = Family::default();
         let config_reloads = Family::default();
         registry.register(
             "requests",
@@ -284,6 +292,11 @@ impl Metrics {
             panic_routing.clone(),
         );
         registry.register(
+            "gateway_tier_requests",
+            "Requests the gateway sent to each tier of a service: a migration's traffic split",
+            gateway_tiers.clone(),
+        );
+        registry.register(
             "config_reloads",
             "Configuration reloads, by result (accepted, refused)",
             config_reloads.clone(),
@@ -300,6 +313,7 @@ impl Metrics {
             retry_budget_exhausted,
             ejections,
             panic_routing,
+            gateway_tiers,
             config_reloads,
             series: RwLock::new(Series::default()),
         })
@@ -379,6 +393,15 @@ impl Metrics {
     /// A request routed in panic mode (every endpoint unhealthy, so all are used).
     pub fn panic_routing(&self, service: &str) {
         self.count_for(&self.panic_routing, service);
+    }
+
+    /// A request the gateway sent to tier `tier` of `service` (tier names come from the
+    /// gateway's configuration, so they are bounded).
+    pub fn gateway_tier(&self, service: &str, tier: Arc<str>) {
+        let service = self.service_label(service);
+        self.gateway_tiers
+            .get_or_create(&TierLabels { service, tier })
+            .inc();
     }
 
     /// A configuration reload, accepted or refused.

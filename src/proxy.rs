@@ -256,6 +256,11 @@ impl Forwarder {
         }
     }
 
+    /// Where this forwarder's counters go (a role may add its own there).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Forwards `req` to an endpoint of `upstream` with the request target `target`, applying
     /// the header rules of the contract and the upstream's policy, and returns the response with
     /// its body streaming.

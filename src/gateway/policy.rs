@@ -105,6 +105,11 @@ impl TierName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name as a shared string (a metrics label value).
+    pub fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 impl fmt::Display for TierName {

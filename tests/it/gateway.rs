@@ -374,6 +374,17 @@ async fn the_gateway_counts_its_requests_and_refused_policy_reloads_in_metrics()
 
     let after = scrape(admin).await;
     assert_eq!(after.count(ok), served + 4.0, "{}", after.text);
+    let by_tier = |scrape: &Scrape, tier: &str| {
+        scrape.count(&format!(
+            r#"skyline_gateway_tier_requests_total{{service="giphy",tier="{tier}"}}"#
+        ))
+    };
+    assert_eq!(
+        by_tier(&after, "mesos") - by_tier(&before, "mesos"),
+        4.0,
+        "{}",
+        after.text
+    );
     assert_eq!(
         after.count(
             r#"skyline_requests_total{role="gateway",service="",code="508",error="loop-detected"}"#
