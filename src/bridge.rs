@@ -35,7 +35,7 @@ use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
 use crate::serve::activation::Inherited;
-use crate::serve::{self, Conn, Handler, Recorder};
+use crate::serve::{self, Conn, Handler, Proxy, Recorder};
 
 /// The catalog service of the gateway pool.
 pub const GATEWAY_SERVICE: &str = "skyline-gateway";
@@ -252,25 +252,19 @@ impl Bridge {
 
     /// Kubernetes → Skyline: to the gateway pool, marked as coming from a bridge. Labelled for
     /// the metrics as known when the bridge's catalog knows the service.
-    async fn to_gateway(&self, req: Request<Incoming>, name: String, conn: Conn) -> Labelled {
-        let known = self.known_service(&name);
-        let counted = known.is_some();
-        let label = match known {
-            Some(service) => Some(ServiceLabel::known(service)),
-            None => metrics::unverified(&name),
-        };
-        let response = self.to_gateway_unlabelled(req, name, counted, conn).await;
-        (response, label)
-    }
-
-    /// `known`: the bridge's catalog knows the service (its name may label metrics).
-    async fn to_gateway_unlabelled(
+    async fn to_gateway(
         &self,
         mut req: Request<Incoming>,
         name: String,
-        known: bool,
         conn: Conn,
+        label: &mut Option<ServiceLabel>,
     ) -> Response<Body> {
+        let known = self.known_service(&name);
+        let counted = known.is_some();
+        *label = match known {
+            Some(service) => Some(ServiceLabel::known(service)),
+            None => metrics::unverified(&name),
+        };
         let target = match skyline_target(&name, req.uri().path_and_query()) {
             Ok(t) => t,
             Err(e) => return e.into_response(&name),
@@ -283,7 +277,7 @@ impl Bridge {
         // A Kubernetes application's request enters the mesh here: this hop retries.
         let upstream = Destination {
             service: &name,
-            label: if known { &name } else { "" },
+            label: if counted { &name } else { "" },
             route: &gateways,
             policy: &self.inner.resilience,
             first_hop: true,
@@ -297,13 +291,7 @@ impl Bridge {
 
     /// Skyline → Kubernetes: through the cluster DNS to the Service. Labelled for the metrics
     /// when the cluster DNS knows the Service.
-    async fn to_cluster(&self, req: Request<Incoming>, conn: Conn) -> Labelled {
-        let mut label = None;
-        let response = self.to_cluster_unlabelled(req, conn, &mut label).await;
-        (response, label)
-    }
-
-    async fn to_cluster_unlabelled(
+    async fn to_cluster(
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
@@ -358,17 +346,15 @@ impl Bridge {
     }
 }
 
-/// A response and the service it was for, as a metrics label.
-type Labelled = (Response<Body>, Option<ServiceLabel>);
-
-impl Handler for Bridge {
+impl Proxy for Bridge {
     type Body = Body;
 
-    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
-        self.handle_labelled(req, conn).await.0
-    }
-
-    async fn handle_labelled(&self, mut req: Request<Incoming>, conn: Conn) -> Labelled {
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Response<Body> {
         let skyline_path = req.uri().path().starts_with("/service/");
         let host = req
             .headers()
@@ -378,11 +364,11 @@ impl Handler for Bridge {
         let cluster = cluster_service(host, &self.inner.names.cluster_domain).map(str::to_owned);
         let name = cluster.clone().unwrap_or_default();
         if let Err(e) = count_hop(req.headers_mut(), self.inner.max_hops) {
-            return (e.into_response(&name), None);
+            return e.into_response(&name);
         }
         match cluster {
-            Some(name) if !skyline_path => self.to_gateway(req, name, conn).await,
-            _ => self.to_cluster(req, conn).await,
+            Some(name) if !skyline_path => self.to_gateway(req, name, conn, label).await,
+            _ => self.to_cluster(req, conn, label).await,
         }
     }
 }

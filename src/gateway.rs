@@ -43,7 +43,7 @@ use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
 use crate::serve::activation::Inherited;
-use crate::serve::{self, Conn, Handler, Recorder};
+use crate::serve::{self, Conn, Handler, Proxy, Recorder};
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
 use tiers::{Selector, SelectorView};
 
@@ -460,25 +460,9 @@ impl GatewayHandler {
     }
 }
 
-impl Handler for GatewayHandler {
+impl Proxy for GatewayHandler {
     type Body = Body;
 
-    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
-        self.handle_labelled(req, conn).await.0
-    }
-
-    async fn handle_labelled(
-        &self,
-        req: Request<Incoming>,
-        conn: Conn,
-    ) -> (Response<Body>, Option<ServiceLabel>) {
-        let mut label = None;
-        let response = self.proxy(req, conn, &mut label).await;
-        (response, label)
-    }
-}
-
-impl GatewayHandler {
     /// Chooses the tier and forwards one request; `label` is set to the service once it is
     /// parsed, for the metrics.
     async fn proxy(

@@ -60,8 +60,8 @@ pub trait Handler: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// [`handle`](Self::handle), with the service the request was for as a metrics label (a
-    /// proxy's answer; other handlers have none). The label travels beside the response, not
-    /// in its extensions, which would cost a map per response.
+    /// [`Proxy`]'s; other handlers have none). The label travels beside the response, not in
+    /// its extensions, which would cost a map per response.
     fn handle_labelled(
         &self,
         req: Request<Incoming>,
@@ -72,6 +72,38 @@ pub trait Handler: Clone + Send + Sync + 'static {
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A handler that also names the service each request was for, as a metrics label: the
+/// proxies. Every `Proxy` is a [`Handler`] whose labels reach the serve layer's recorder.
+pub trait Proxy: Clone + Send + Sync + 'static {
+    type Body: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static;
+
+    /// Answers `req`, setting `label` once the service is known.
+    fn proxy(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> impl Future<Output = Response<Self::Body>> + Send;
+}
+
+impl<P: Proxy> Handler for P {
+    type Body = P::Body;
+
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<P::Body> {
+        self.proxy(req, conn, &mut None).await
+    }
+
+    async fn handle_labelled(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+    ) -> (Response<P::Body>, Option<ServiceLabel>) {
+        let mut label = None;
+        let response = self.proxy(req, conn, &mut label).await;
+        (response, label)
+    }
+}
 
 /// The connection a request arrived on.
 #[derive(Clone)]

@@ -15,7 +15,7 @@ use super::{Body, Destination, Forwarder, Host, MeshError};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, known_service, service_label};
 use crate::routing::{Lookup, Route, Routes};
-use crate::serve::{Conn, Handler};
+use crate::serve::{Conn, Proxy};
 
 #[derive(Clone)]
 pub struct Inbound {
@@ -40,25 +40,9 @@ impl Inbound {
     }
 }
 
-impl Handler for Inbound {
+impl Proxy for Inbound {
     type Body = Body;
 
-    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
-        self.handle_labelled(req, conn).await.0
-    }
-
-    async fn handle_labelled(
-        &self,
-        req: Request<Incoming>,
-        conn: Conn,
-    ) -> (Response<Body>, Option<ServiceLabel>) {
-        let mut label = None;
-        let response = self.proxy(req, conn, &mut label).await;
-        (response, label)
-    }
-}
-
-impl Inbound {
     /// Hands one request to a local instance; `label` is set to the service once it is known
     /// to the catalog, for the metrics.
     async fn proxy(

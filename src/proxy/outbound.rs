@@ -15,7 +15,7 @@ use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, service_label};
 use crate::routing::{Lookup, Route, Routes, Table};
-use crate::serve::{Conn, Handler};
+use crate::serve::{Conn, Proxy};
 
 #[derive(Clone)]
 pub struct Outbound {
@@ -49,25 +49,9 @@ impl Outbound {
     }
 }
 
-impl Handler for Outbound {
+impl Proxy for Outbound {
     type Body = Body;
 
-    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
-        self.handle_labelled(req, conn).await.0
-    }
-
-    async fn handle_labelled(
-        &self,
-        req: Request<Incoming>,
-        conn: Conn,
-    ) -> (Response<Body>, Option<ServiceLabel>) {
-        let mut label = None;
-        let response = self.proxy(req, conn, &mut label).await;
-        (response, label)
-    }
-}
-
-impl Outbound {
     /// Routes and forwards one request; `label` is set to the service once it is parsed, for
     /// the metrics.
     async fn proxy(
