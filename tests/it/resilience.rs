@@ -301,6 +301,20 @@ async fn only_the_first_hop_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_hop_never_retries_an_answer_even_for_a_request_without_a_first_hop() {
+    let apps = apps(&[Behaviour::Fail503Every(1)]);
+    let mesh = web_mesh(&addrs(&apps), Policies::default()).await;
+    // Straight to node b's inbound proxy: no outbound proxy retried or marked this request.
+    let reply = Client::new()
+        .get(&format!("http://{}/service/web/", mesh.inbound(NODES[0].0)))
+        .await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.mesh_error(), None, "the application's own 503");
+    assert_eq!(apps[0].hits(), 1, "the inbound proxy sent it once");
+    stop_all(mesh, apps).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_come_from_the_route_or_the_caller_and_travel_to_the_next_hop() {
     let app = TestApp::spawn("b", ip("127.0.0.3"));
     let short = Resilience {
