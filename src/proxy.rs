@@ -304,6 +304,10 @@ impl Forwarder {
         let policy = upstream.policy;
         let deadline = started + caller_deadline(headers, policy.request_timeout);
         let owns_retries = upstream.first_hop && policy.retries > 0;
+        if upstream.first_hop {
+            // The mesh numbers attempts; a caller's own value would mislead later hops' logs.
+            headers.remove(&X_SKYLINE_ATTEMPT);
+        }
         let (req, replay) = match replayable(req, upstream.first_hop, owns_retries, deadline).await
         {
             Ok(prepared) => prepared,

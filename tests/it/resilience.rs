@@ -352,6 +352,7 @@ async fn deadlines_come_from_the_route_or_the_caller_and_travel_to_the_next_hop(
     // The caller's deadline, shorter than the route's, is kept and passed on.
     let req = Request::get(format!("http://{outbound}/service/web/slow/3000"))
         .header("x-skyline-timeout-ms", "250")
+        .header("x-skyline-attempt", "7")
         .body(Full::default())
         .unwrap();
     let started = Instant::now();
@@ -372,7 +373,7 @@ async fn deadlines_come_from_the_route_or_the_caller_and_travel_to_the_next_hop(
     assert!(left <= 250 && left > 0, "the instance saw {left} ms left");
     assert!(
         !last.headers.contains_key("x-skyline-attempt"),
-        "only retries are marked"
+        "only retries are marked, by the mesh"
     );
     mesh.stop().await;
     app.stop().await;
