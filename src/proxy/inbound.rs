@@ -70,8 +70,8 @@ impl Proxy for Inbound {
                 }
             },
         };
-        // The catalog's name: the request's borrows from the request, which the forwarder
-        // consumes.
+        // From here on the catalog's name for the service: `name` borrows from the request,
+        // which the forwarder consumes.
         let name = known.as_str();
         let policy = self.inner.policies.load().for_service(name).clone();
         let upstream = Destination {
