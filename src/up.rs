@@ -17,7 +17,7 @@ use crate::catalog::ServiceName;
 use crate::config::{DEFAULT_ADMIN, DEFAULT_OUTBOUND, DEFAULT_REGISTRY, Listen};
 use crate::demo::{Echo, Hello};
 use crate::registry::client::{ClientError, RegistryClient};
-use crate::routing::Policy;
+use crate::routing::{Lookup, Policy};
 use crate::serve;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -136,17 +136,28 @@ pub async fn run(
             .put_json("/v1/catalog/register", &registration)
             .await?;
     }
-    let mut catalog = agent.catalog.clone();
-    let routed = catalog.wait_for(|state| {
-        state.snapshot.as_ref().is_some_and(|snapshot| {
-            let known = |name: &str| snapshot.services.keys().any(|s| s.as_str() == name);
-            instances.iter().all(|(name, _)| known(name))
-        })
-    });
-    if tokio::time::timeout(Duration::from_secs(10), routed)
-        .await
-        .is_err()
-    {
+    // The banner's commands must work the moment it is printed: wait for the route table
+    // (built after the catalog) to route every demo service.
+    let routes = agent.routes.clone();
+    let mut swaps = routes.subscribe();
+    let all_routed = || {
+        let table = routes.load();
+        instances
+            .iter()
+            .all(|(name, _)| matches!(table.outbound(name), Lookup::Route(_)))
+    };
+    let routed = async {
+        while !all_routed() {
+            if swaps.changed().await.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(10), routed).await,
+        Ok(true)
+    ) {
         return Err(UpError::NotRouted);
     }
 
