@@ -650,8 +650,8 @@ mod tests {
         assert!(!c.put(&k, b"unrelated", v));
     }
 
-    #[test]
-    fn an_update_keeps_the_instances_of_every_service_it_did_not_touch() {
+    /// Node n1 with instances web/w1 (port 1) and db/d1 (port 2).
+    fn web_and_db_on_n1() -> (Keys, Catalog) {
         let k = keys();
         let mut c = Catalog::default();
         c.put(&k, b"skyline/nodes/n1", br#"{"address":"10.0.0.1"}"#);
@@ -661,6 +661,12 @@ mod tests {
             br#"{"node":"n1","port":1}"#,
         );
         c.put(&k, b"skyline/instances/db/d1", br#"{"node":"n1","port":2}"#);
+        (k, c)
+    }
+
+    #[test]
+    fn an_update_keeps_the_instances_of_every_service_it_did_not_touch() {
+        let (k, mut c) = web_and_db_on_n1();
         let first = c.snapshot();
         c.put(
             &k,
@@ -692,15 +698,7 @@ mod tests {
 
     #[test]
     fn a_new_listing_reuses_the_instances_it_finds_unchanged() {
-        let k = keys();
-        let mut c = Catalog::default();
-        c.put(&k, b"skyline/nodes/n1", br#"{"address":"10.0.0.1"}"#);
-        c.put(
-            &k,
-            b"skyline/instances/web/w1",
-            br#"{"node":"n1","port":1}"#,
-        );
-        c.put(&k, b"skyline/instances/db/d1", br#"{"node":"n1","port":2}"#);
+        let (k, mut c) = web_and_db_on_n1();
         let before = c.snapshot();
         let mut listed = Catalog::relist(&mut c, 7);
         listed.put(&k, b"skyline/nodes/n1", br#"{"address":"10.0.0.1"}"#);

@@ -424,19 +424,31 @@ weight = 3
         assert!(e.reason.contains("service.id"), "{e}");
     }
 
+    /// Follows the catalog file `path`, polled every 5 ms: its catalog, the shutdown, the task.
+    fn follow(
+        path: &Path,
+    ) -> (
+        super::super::Subscriber,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (publisher, rx) = super::super::channel();
+        let shutdown = CancellationToken::new();
+        let discovery = FileDiscovery {
+            path: path.to_owned(),
+            poll: Duration::from_millis(5),
+        };
+        let task = tokio::spawn(discovery.run(publisher, shutdown.clone()));
+        (rx, shutdown, task)
+    }
+
     #[tokio::test]
     async fn a_reload_keeps_the_instances_of_services_it_did_not_change() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.toml");
         let other = "[[service]]\nname = \"db\"\nnode = \"n1\"\nport = 5432\n";
         std::fs::write(&path, format!("{GOOD}{other}")).unwrap();
-        let (publisher, mut rx) = super::super::channel();
-        let shutdown = CancellationToken::new();
-        let discovery = FileDiscovery {
-            path: path.clone(),
-            poll: Duration::from_millis(5),
-        };
-        let task = tokio::spawn(discovery.run(publisher, shutdown.clone()));
+        let (mut rx, shutdown, task) = follow(&path);
         let first = rx
             .wait_for(|s| s.snapshot.is_some())
             .await
@@ -472,13 +484,7 @@ weight = 3
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.toml");
         std::fs::write(&path, GOOD).unwrap();
-        let (publisher, mut rx) = super::super::channel();
-        let shutdown = CancellationToken::new();
-        let discovery = FileDiscovery {
-            path: path.clone(),
-            poll: Duration::from_millis(5),
-        };
-        let task = tokio::spawn(discovery.run(publisher, shutdown.clone()));
+        let (mut rx, shutdown, task) = follow(&path);
         rx.wait_for(|s| s.snapshot.is_some()).await.unwrap();
         let good = rx.borrow().snapshot.clone().unwrap();
 

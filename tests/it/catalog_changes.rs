@@ -11,19 +11,6 @@ use hyper_util::rt::TokioIo;
 
 use crate::support::*;
 
-async fn mesh_with_b_and_c() -> (TestMesh, TestApp, TestApp) {
-    let b = TestApp::spawn("b", ip("127.0.0.3"));
-    let c = TestApp::spawn("c", ip("127.0.0.4"));
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .place(place("web", "b", &b))
-        .spawn()
-        .await;
-    (mesh, b, c)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catalog_change_reroutes_requests_on_an_open_connection() {
     let (mesh, b, c) = mesh_with_b_and_c().await;

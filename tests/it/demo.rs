@@ -47,6 +47,18 @@ impl Demo {
     }
 
     /// The lab tag of this demo's namespaces and bridge: `<pid>a`.
+    /// The demo in network namespaces, past its set-up (step 1 has begun), and its lab's tag.
+    fn started_in_namespaces() -> (Self, String) {
+        let mut demo = Self::start(&["--mode", "netns"], None);
+        let tag = demo.tag();
+        assert!(
+            demo.wait_for("1.", Duration::from_secs(120)),
+            "the demo did not start its steps:\n{}",
+            demo.seen.join("\n")
+        );
+        (demo, tag)
+    }
+
     fn tag(&self) -> String {
         format!("{}a", self.child.id())
     }
@@ -208,13 +220,7 @@ fn lab_pids(tag: &str) -> Vec<u32> {
 
 #[test]
 fn the_migration_demo_in_namespaces_narrates_every_step_without_a_failed_request() {
-    let mut demo = Demo::start(&["--mode", "netns"], None);
-    let tag = demo.tag();
-    assert!(
-        demo.wait_for("1.", Duration::from_secs(120)),
-        "the demo did not start its steps:\n{}",
-        demo.seen.join("\n")
-    );
+    let (demo, tag) = Demo::started_in_namespaces();
     let pids = lab_pids(&tag);
     assert!(pids.len() >= 8, "the nodes run as processes: {pids:?}");
     let (status, lines, stderr) = demo.finish(DEMO_TIMEOUT);
@@ -263,13 +269,7 @@ fn the_migration_demo_in_namespaces_narrates_every_step_without_a_failed_request
 
 #[test]
 fn ctrl_c_stops_the_demo_and_removes_its_namespaces() {
-    let mut demo = Demo::start(&["--mode", "netns"], None);
-    let tag = demo.tag();
-    assert!(
-        demo.wait_for("1.", Duration::from_secs(120)),
-        "the demo did not start its steps:\n{}",
-        demo.seen.join("\n")
-    );
+    let (demo, tag) = Demo::started_in_namespaces();
     let pids = lab_pids(&tag);
     assert!(!pids.is_empty());
     let pid = demo.child.id().to_string();

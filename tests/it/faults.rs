@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use command_fds::{CommandFdExt, FdMapping};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -126,7 +125,7 @@ impl Client {
 /// A `skyline` process with JSON logs; stderr keeps being drained so it never blocks.
 struct Skyline {
     child: Child,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    log: StderrLog,
 }
 
 impl Skyline {
@@ -166,33 +165,8 @@ impl Skyline {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
+        let log = StderrLog::follow(&mut child);
         Self { child, log }
-    }
-
-    /// The fields of the first log line with `message` (bounded: 20 s).
-    async fn wait_for_log(&mut self, message: &str) -> serde_json::Value {
-        let found = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = self.log.recv().await {
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if json["fields"]["message"] == message {
-                        return Some(json["fields"].clone());
-                    }
-                }
-            }
-            None
-        });
-        found
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("no log line {message:?}"))
     }
 
     fn sigterm(&self) {
@@ -297,7 +271,7 @@ async fn an_agent_restarted_on_inherited_sockets_under_load_fails_no_request() {
     ];
     let start = || async {
         let mut agent = Skyline::start(&args, &sockets);
-        let started = agent.wait_for_log("agent started").await;
+        let started = agent.log.wait_for("agent started").await;
         assert_eq!(
             started["outbound"],
             outbound.local_addr().unwrap().to_string(),
@@ -364,7 +338,7 @@ async fn a_socket_named_for_no_listener_of_the_role_is_refused_at_start() {
     assert_eq!(status.code(), Some(2));
     let mut stderr = String::new();
     let read_all = async {
-        while let Some(line) = agent.log.recv().await {
+        while let Some(line) = agent.log.next().await {
             stderr.push_str(&line);
         }
     };
@@ -416,7 +390,7 @@ async fn the_registry_down_for_30s_under_load_fails_no_request() {
         "registry",
     ];
     let mut registry = Skyline::start(&registry_args, &[]);
-    registry.wait_for_log("registry started").await;
+    registry.log.wait_for("registry started").await;
     let mut agent = Skyline::start(
         &[
             "agent",
@@ -435,7 +409,7 @@ async fn the_registry_down_for_30s_under_load_fails_no_request() {
         ],
         &[],
     );
-    let started = agent.wait_for_log("agent started").await;
+    let started = agent.log.wait_for("agent started").await;
     let field = |name: &str| started[name].as_str().unwrap().to_owned();
     let (outbound, inbound, admin) = (field("outbound"), field("inbound"), field("admin"));
     let inbound_port = inbound.rsplit(':').next().unwrap();
@@ -474,7 +448,7 @@ async fn the_registry_down_for_30s_under_load_fails_no_request() {
     );
 
     let mut registry = Skyline::start(&registry_args, &[]);
-    registry.wait_for_log("registry started").await;
+    registry.log.wait_for("registry started").await;
     let back = readyz_until(&admin, |r| r["catalog_error"].is_null()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let tally = load.finish().await;
@@ -568,8 +542,8 @@ async fn a_route_reload_every_100ms_under_load_fails_no_request() {
         ],
     );
     let mut agent_b = Skyline::start(&agent_args("b", "127.0.0.72"), &[("inbound", &b_inbound)]);
-    agent_a.wait_for_log("agent started").await;
-    agent_b.wait_for_log("agent started").await;
+    agent_a.log.wait_for("agent started").await;
+    agent_b.log.wait_for("agent started").await;
     let url = format!("http://{}/service/web/", a_outbound.local_addr().unwrap());
     until_ok(&url).await;
     until_ok(&format!(

@@ -36,7 +36,7 @@ struct AgentProcess {
     child: Child,
     outbound: String,
     inbound: String,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    log: StderrLog,
 }
 
 impl AgentProcess {
@@ -63,41 +63,17 @@ impl AgentProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
+        let log = StderrLog::follow(&mut child);
         let mut agent = Self {
             child,
             outbound: String::new(),
             inbound: String::new(),
-            log: rx,
+            log,
         };
-        let started = agent.wait_for_log("agent started").await;
-        agent.outbound = started["fields"]["outbound"].as_str().unwrap().to_owned();
-        agent.inbound = started["fields"]["inbound"].as_str().unwrap().to_owned();
+        let started = agent.log.wait_for("agent started").await;
+        agent.outbound = started["outbound"].as_str().unwrap().to_owned();
+        agent.inbound = started["inbound"].as_str().unwrap().to_owned();
         agent
-    }
-
-    async fn wait_for_log(&mut self, message: &str) -> serde_json::Value {
-        let found = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = self.log.recv().await {
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if json["fields"]["message"] == message {
-                        return Some(json);
-                    }
-                }
-            }
-            None
-        });
-        found
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("no log line {message:?}"))
     }
 }
 
@@ -342,18 +318,9 @@ async fn settings_come_from_skyline_variables_and_flags_win() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let started = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let line = lines.next_line().await.unwrap().unwrap();
-            if line.contains("agent started") {
-                return serde_json::from_str::<serde_json::Value>(&line).unwrap();
-            }
-        }
-    })
-    .await
-    .unwrap();
-    let fields = &started["fields"];
+    let fields = &StderrLog::follow(&mut child)
+        .wait_for("agent started")
+        .await;
     assert_eq!(fields["node"], "from-env");
     assert_eq!(fields["admin"], "off");
     assert_ne!(fields["outbound"], "127.0.0.1:1");
@@ -486,7 +453,7 @@ async fn sighup_reloads_policies_under_load_and_refuses_a_bad_file() {
         };
         write_atomically(&config, text);
         sighup(&agent.child);
-        agent.wait_for_log("configuration reloaded").await;
+        agent.log.wait_for("configuration reloaded").await;
         reloads += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -503,7 +470,7 @@ async fn sighup_reloads_policies_under_load_and_refuses_a_bad_file() {
     assert_eq!(client.get(&format!("{base}/slow/600")).await.status, 200);
     write_atomically(&config, "[routes.app]\nrequest_timeout = \"200ms\"\n");
     sighup(&agent.child);
-    agent.wait_for_log("configuration reloaded").await;
+    agent.log.wait_for("configuration reloaded").await;
     let reply = client.get(&format!("{base}/slow/600")).await;
     assert_eq!(reply.mesh_error(), Some("upstream-timeout"));
 
@@ -511,9 +478,10 @@ async fn sighup_reloads_policies_under_load_and_refuses_a_bad_file() {
     write_atomically(&config, "[routes.app]\nrequest_timeout = \"soon\"\n");
     sighup(&agent.child);
     let refused = agent
-        .wait_for_log("configuration reload refused; the running configuration stays")
+        .log
+        .wait_for("configuration reload refused; the running configuration stays")
         .await;
-    let error = refused["fields"]["error"].as_str().unwrap();
+    let error = refused["error"].as_str().unwrap();
     assert!(error.contains("routes.app.request_timeout"), "{error}");
     let reply = client.get(&format!("{base}/slow/600")).await;
     assert_eq!(reply.mesh_error(), Some("upstream-timeout"));

@@ -381,15 +381,7 @@ async fn deadlines_come_from_the_route_or_the_caller_and_travel_to_the_next_hop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_leaving_the_catalog_finishes_its_in_flight_requests() {
-    let b = TestApp::spawn("b", ip("127.0.0.3"));
-    let c = TestApp::spawn("c", ip("127.0.0.4"));
-    let mesh = TestMesh::builder()
-        .node("a", "127.0.0.2")
-        .node("b", "127.0.0.3")
-        .node("c", "127.0.0.4")
-        .place(place("web", "b", &b))
-        .spawn()
-        .await;
+    let (mesh, b, c) = mesh_with_b_and_c().await;
     let client = Client::new();
     let url = format!("http://{}/service/web/slow/1500", mesh.outbound("a"));
     let in_flight = tokio::spawn({

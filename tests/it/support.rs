@@ -604,6 +604,65 @@ impl Scrape {
     }
 }
 
+/// The stderr lines of a child process, drained as they come so the child never blocks on a
+/// full pipe.
+pub struct StderrLog(tokio::sync::mpsc::UnboundedReceiver<String>);
+
+impl StderrLog {
+    /// Takes over `child`'s piped stderr.
+    pub fn follow(child: &mut tokio::process::Child) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Self(rx)
+    }
+
+    /// The next line; `None` once the child has closed stderr.
+    pub async fn next(&mut self) -> Option<String> {
+        self.0.recv().await
+    }
+
+    /// The `fields` of the first JSON log line whose message is `message` (bounded: 20 s).
+    pub async fn wait_for(&mut self, message: &str) -> serde_json::Value {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = self.0.recv().await {
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if json["fields"]["message"] == message {
+                        return Some(json["fields"].clone());
+                    }
+                }
+            }
+            None
+        });
+        found
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no log line {message:?}"))
+    }
+}
+
+/// Nodes a (127.0.0.2), b and c, with applications on b and c and `web` placed on b only (c is
+/// there for a catalog change to move `web` to).
+pub async fn mesh_with_b_and_c() -> (TestMesh, TestApp, TestApp) {
+    let b = TestApp::spawn("b", ip("127.0.0.3"));
+    let c = TestApp::spawn("c", ip("127.0.0.4"));
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(place("web", "b", &b))
+        .spawn()
+        .await;
+    (mesh, b, c)
+}
+
 /// `GET /metrics` on the admin listener `admin`; checks the Prometheus text content type.
 pub async fn scrape(admin: SocketAddr) -> Scrape {
     let reply = Client::new().get(&format!("http://{admin}/metrics")).await;
