@@ -278,9 +278,10 @@ impl Forwarder {
         host: Host,
         conn: &Conn,
     ) -> Result<Response<Body>, MeshError> {
-        // One clock read for the request's deadline, its first attempt and the balancer.
-        let started = Instant::now();
-        let now = ns_at(started.into_std());
+        // The clock read when the request arrived serves its deadline, its first attempt and
+        // the balancer.
+        let started = Instant::from_std(conn.arrived);
+        let now = ns_at(conn.arrived);
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();

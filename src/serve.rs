@@ -113,6 +113,8 @@ pub struct Conn {
     pub peer_ip: HeaderValue,
     /// The request's position on its connection (0-based).
     pub index: u64,
+    /// When the request's head was read: the start of its deadline and of its recorded time.
+    pub arrived: Instant,
     verdicts: Verdicts,
 }
 
@@ -207,11 +209,12 @@ async fn serve_with<H: Handler>(
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let recorder = recorder.clone();
         let service = service_fn(move |req| {
-            let started = recorder.is_some().then(Instant::now);
+            let arrived = Instant::now();
             let conn = Conn {
                 peer,
                 peer_ip: peer_ip.clone(),
                 index: next_index.fetch_add(1, Ordering::Relaxed),
+                arrived,
                 verdicts: verdicts.clone(),
             };
             let handler = handler.clone();
@@ -219,8 +222,8 @@ async fn serve_with<H: Handler>(
             let draining = draining.clone();
             async move {
                 let (mut response, label) = respond(&handler, req, conn).await;
-                if let (Some(recorder), Some(started)) = (recorder, started) {
-                    recorder.record(&response, label.as_ref(), started);
+                if let Some(recorder) = recorder {
+                    recorder.record(&response, label.as_ref(), arrived);
                 }
                 if draining.load(Ordering::Relaxed) {
                     close_after(&mut response);
