@@ -3,12 +3,14 @@
 //! where mesh errors become responses.
 
 pub mod budget;
+pub mod express;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
 pub mod probe;
 pub mod resilience;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,6 +131,16 @@ impl MeshError {
         }
     }
 
+    /// The JSON body of the error's response.
+    fn json(&self, service: &str) -> String {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "service": service,
+            "detail": self.detail(),
+        });
+        format!("{body}\n")
+    }
+
     /// The response the mesh sends for this error: `x-skyline-error` and a small JSON body.
     /// A bad request also closes the connection, so nothing pipelined behind it is read.
     pub fn into_response(self, service: &str) -> Response<Body> {
@@ -138,12 +150,7 @@ impl MeshError {
             }
             _ => tracing::debug!(%service, error = %self, "mesh error"),
         }
-        let body = serde_json::json!({
-            "error": self.code(),
-            "service": service,
-            "detail": self.detail(),
-        });
-        let mut response = Response::new(full(format!("{body}\n")));
+        let mut response = Response::new(full(self.json(service)));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(&X_SKYLINE_ERROR, HeaderValue::from_static(self.code()));
@@ -161,17 +168,22 @@ impl MeshError {
 /// Counts this hop in `x-skyline-hops`, or refuses the request when it already took `max` hops.
 /// A missing or unreadable header counts as zero hops.
 pub fn count_hop(headers: &mut HeaderMap, max: u32) -> Result<u32, MeshError> {
-    let hops = headers
-        .get(&X_SKYLINE_HOPS)
-        .and_then(|v| v.to_str().ok())
+    let hops = next_hop(headers.get(&X_SKYLINE_HOPS).map(HeaderValue::as_bytes), max)?;
+    headers.insert(&X_SKYLINE_HOPS, hop_count(hops));
+    Ok(hops)
+}
+
+/// The hop count after this hop, from the request's `x-skyline-hops` value, or
+/// [`MeshError::LoopDetected`] when it already took `max` hops.
+pub fn next_hop(current: Option<&[u8]>, max: u32) -> Result<u32, MeshError> {
+    let hops = current
+        .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u32>().ok())
         .unwrap_or(0);
     if hops >= max {
         return Err(MeshError::LoopDetected);
     }
-    let hops = hops + 1;
-    headers.insert(&X_SKYLINE_HOPS, hop_count(hops));
-    Ok(hops)
+    Ok(hops + 1)
 }
 
 /// `hops` as a header value; the usual counts without formatting or allocating.
@@ -238,6 +250,8 @@ impl Retry {
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     pool: Pool,
+    /// The express lane's connections (see [`express`]).
+    raw: express::RawPool,
     /// Where retries, spent budgets, ejections and panic routing are counted.
     metrics: Arc<Metrics>,
 }
@@ -252,6 +266,7 @@ impl Forwarder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             pool: Pool::new(POOL_IDLE_TIMEOUT),
+            raw: express::RawPool::new(POOL_IDLE_TIMEOUT),
             metrics,
         }
     }
@@ -328,7 +343,12 @@ impl Forwarder {
             started,
             deadline,
         };
-        match self.attempts(req, replay, attempt, now).await {
+        let mut exchange = HyperExchange {
+            pool: &self.pool,
+            next: Some(req),
+            replay,
+        };
+        match self.attempts(&mut exchange, attempt, now).await {
             Err(error) => {
                 if conn.rejected() {
                     // The guard refused the request body's framing while it was streaming.
@@ -344,13 +364,15 @@ impl Forwarder {
         }
     }
 
-    async fn attempts(
+    /// Sends a request's attempts through `exchange` until one is answered or the policy says
+    /// stop: the endpoint choice, deadlines, retries and the budget, the same for every way of
+    /// sending.
+    async fn attempts<E: Exchange>(
         &self,
-        first: Request<RequestBody>,
-        replay: Option<Replay>,
+        exchange: &mut E,
         at: Attempt<'_>,
         started_ns: u64,
-    ) -> Result<Response<PooledBody>, MeshError> {
+    ) -> Result<E::Response, MeshError> {
         let Attempt {
             upstream,
             set_host,
@@ -363,7 +385,6 @@ impl Forwarder {
             connect: policy.connect_timeout,
             idle: policy.idle_timeout,
         };
-        let mut next = Some(first);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let (mut refused, mut retries) = (0, 0);
         let mut last: Option<(Retry, Option<MeshError>)> = None;
@@ -385,30 +406,27 @@ impl Forwarder {
                 self.metrics.retry(upstream.label, why.as_str());
             }
             let endpoint = choice.endpoint;
-            let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+            if !exchange.ready() {
                 return Err(last
                     .and_then(|(_, e)| e)
                     .unwrap_or(MeshError::NoHealthyEndpoint));
-            };
+            }
             if now >= deadline {
                 return Err(MeshError::UpstreamTimeout);
             }
             let attempt_deadline = policy
                 .attempt_timeout
                 .map_or(deadline, |t| deadline.min(now + t));
-            let headers = req.headers_mut();
-            if set_host {
-                headers.insert(header::HOST, endpoint.host.clone());
-            }
-            headers.insert(&X_SKYLINE_TIMEOUT_MS, millis(attempt_deadline - now));
-            if !tried.is_empty() {
-                headers.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(tried.len() + 1));
-            }
+            let headers = AttemptHeaders {
+                host: set_host.then_some(&endpoint.host),
+                timeout: millis(attempt_deadline - now),
+                attempt: (!tried.is_empty()).then_some(tried.len() + 1),
+            };
             let flight = endpoint.state.start_at(now_ns);
-            let sent = self.pool.send(endpoint.addr, req, replay.as_ref(), limits);
+            let sent = exchange.send(endpoint.addr, headers, limits);
             let (retry, error) = match tokio::time::timeout_at(attempt_deadline, sent).await {
                 Ok(Ok(response)) => {
-                    let status = response.status();
+                    let status = E::status(&response);
                     let failed = status.is_server_error();
                     flight.finish(if failed {
                         Outcome::Failure
@@ -418,30 +436,23 @@ impl Forwarder {
                     if !matches!(status.as_u16(), 502..=504) {
                         return Ok(response);
                     }
-                    if !self.may_retry(&at, replay.is_some(), retries, Retry::Status) {
+                    if !self.may_retry(&at, exchange.replayable(), retries, Retry::Status) {
                         return Ok(response);
                     }
                     // The answer is dropped unread, which closes its connection.
                     (Retry::Status, None)
                 }
-                Ok(Err(SendFailure {
-                    error,
-                    unsent: Some(unsent),
-                })) => {
+                Ok(Err(Failed::Unsent(error))) => {
                     flight.finish(Outcome::Failure);
                     refused += 1;
                     if refused >= MAX_CONNECT_ATTEMPTS {
                         return Err(MeshError::UpstreamConnect(error));
                     }
-                    next = Some(unsent);
                     (Retry::Connect, Some(MeshError::UpstreamConnect(error)))
                 }
-                Ok(Err(SendFailure {
-                    error,
-                    unsent: None,
-                })) => {
+                Ok(Err(Failed::Broken(error))) => {
                     flight.finish(Outcome::Failure);
-                    if !self.may_retry(&at, replay.is_some(), retries, Retry::Reset) {
+                    if !self.may_retry(&at, exchange.replayable(), retries, Retry::Reset) {
                         return Err(MeshError::UpstreamConnect(error));
                     }
                     (Retry::Reset, Some(MeshError::UpstreamConnect(error)))
@@ -449,7 +460,8 @@ impl Forwarder {
                 Err(_elapsed) => {
                     flight.finish(Outcome::Failure);
                     let time_left = deadline > Instant::now();
-                    if !time_left || !self.may_retry(&at, replay.is_some(), retries, Retry::Timeout)
+                    if !time_left
+                        || !self.may_retry(&at, exchange.replayable(), retries, Retry::Timeout)
                     {
                         return Err(MeshError::UpstreamTimeout);
                     }
@@ -516,6 +528,109 @@ impl Forwarder {
             return false;
         }
         true
+    }
+}
+
+/// What one attempt adds to the request head.
+struct AttemptHeaders<'a> {
+    /// The endpoint's address as `Host`, when the request's own is not kept.
+    host: Option<&'a HeaderValue>,
+    /// `x-skyline-timeout-ms`: the time this attempt has.
+    timeout: HeaderValue,
+    /// `x-skyline-attempt`, from the second attempt on.
+    attempt: Option<usize>,
+}
+
+/// Why an attempt got no response.
+enum Failed {
+    /// The request never left (a refused connection): it may go anywhere else.
+    Unsent(SendError),
+    /// The request may have reached the upstream.
+    Broken(SendError),
+}
+
+/// How a request's attempts go out: hyper's client with `http` types ([`HyperExchange`]), or the
+/// express lane's bytes. [`Forwarder::attempts`] decides where and when, the same for both.
+trait Exchange {
+    type Response;
+
+    fn status(response: &Self::Response) -> StatusCode;
+
+    /// Whether there is a request to send: the first, one handed back unsent, or a replay.
+    fn ready(&self) -> bool;
+
+    /// Whether the request may be sent again after it may have reached an upstream.
+    fn replayable(&self) -> bool;
+
+    /// Sends the request to `addr` with this attempt's headers. Only called when
+    /// [`ready`](Self::ready).
+    fn send(
+        &mut self,
+        addr: SocketAddr,
+        headers: AttemptHeaders<'_>,
+        limits: Limits,
+    ) -> impl Future<Output = Result<Self::Response, Failed>>;
+}
+
+/// A request with `http` types, sent over hyper client connections from [`Pool`].
+struct HyperExchange<'p> {
+    pool: &'p Pool,
+    /// The request to send next: the first, or one a refused connection handed back.
+    next: Option<Request<RequestBody>>,
+    replay: Option<Replay>,
+}
+
+impl Exchange for HyperExchange<'_> {
+    type Response = Response<PooledBody>;
+
+    fn status(response: &Self::Response) -> StatusCode {
+        response.status()
+    }
+
+    fn ready(&self) -> bool {
+        self.next.is_some() || self.replay.is_some()
+    }
+
+    fn replayable(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    async fn send(
+        &mut self,
+        addr: SocketAddr,
+        headers: AttemptHeaders<'_>,
+        limits: Limits,
+    ) -> Result<Self::Response, Failed> {
+        let next = self.next.take();
+        let Some(mut req) = next.or_else(|| self.replay.as_ref().map(Replay::request)) else {
+            return Err(Failed::Broken(SendError::Spent { addr }));
+        };
+        let h = req.headers_mut();
+        if let Some(host) = headers.host {
+            h.insert(header::HOST, host.clone());
+        }
+        h.insert(&X_SKYLINE_TIMEOUT_MS, headers.timeout);
+        if let Some(n) = headers.attempt {
+            h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
+        }
+        match self
+            .pool
+            .send(addr, req, self.replay.as_ref(), limits)
+            .await
+        {
+            Ok(response) => Ok(response),
+            Err(SendFailure {
+                error,
+                unsent: Some(req),
+            }) => {
+                self.next = Some(req);
+                Err(Failed::Unsent(error))
+            }
+            Err(SendFailure {
+                error,
+                unsent: None,
+            }) => Err(Failed::Broken(error)),
+        }
     }
 }
 

@@ -2,6 +2,10 @@
 //! hyper, graceful drain on shutdown, and (for a role's proxy listeners) one metrics record per
 //! response; [`activation`] serves on sockets a supervisor passed.
 //!
+//! A handler that takes the express lane (the agent's outbound and inbound proxies) first
+//! serves each connection there: body-less requests forwarded as bytes (`proxy::express`).
+//! The first request the lane does not take moves the connection to hyper for good.
+//!
 //! # Drain
 //!
 //! On shutdown the listener stops accepting at once. Each open connection then finishes what it
@@ -15,13 +19,14 @@
 //! [`DRAIN_TIMEOUT`].
 
 pub mod activation;
+mod express;
 pub mod guard;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -36,6 +41,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, Role, ServiceLabel};
+use crate::proxy::express::{Head, Verdict};
 use crate::proxy::{MeshError, X_SKYLINE_ERROR};
 use guard::{Guarded, Limits, Verdicts};
 
@@ -69,6 +75,21 @@ pub trait Handler: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = (Response<Self::Body>, Option<ServiceLabel>)> + Send {
         async move { (self.handle(req, conn).await, None) }
     }
+
+    /// Whether this handler takes body-less requests on the express lane.
+    const EXPRESS: bool = false;
+
+    /// The express lane's answer to a body-less request given as its head (see
+    /// `proxy::express`); only asked when [`EXPRESS`](Self::EXPRESS).
+    fn express(
+        &self,
+        head: &Head<'_>,
+        conn: &Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> impl Future<Output = Verdict> + Send {
+        let _ = (head, conn, label);
+        async { Verdict::Decline }
+    }
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -85,6 +106,21 @@ pub trait Proxy: Clone + Send + Sync + 'static {
         conn: Conn,
         label: &mut Option<ServiceLabel>,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
+
+    /// Whether this proxy takes body-less requests on the express lane.
+    const EXPRESS: bool = false;
+
+    /// Forwards a body-less request given as its head, or declines it for [`proxy`](Self::proxy)
+    /// (see `proxy::express`). Declining must come before anything with an effect.
+    fn express(
+        &self,
+        head: &Head<'_>,
+        conn: &Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> impl Future<Output = Verdict> + Send {
+        let _ = (head, conn, label);
+        async { Verdict::Decline }
+    }
 }
 
 impl<P: Proxy> Handler for P {
@@ -102,6 +138,17 @@ impl<P: Proxy> Handler for P {
         let mut label = None;
         let response = self.proxy(req, conn, &mut label).await;
         (response, label)
+    }
+
+    const EXPRESS: bool = P::EXPRESS;
+
+    fn express(
+        &self,
+        head: &Head<'_>,
+        conn: &Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> impl Future<Output = Verdict> + Send {
+        Proxy::express(self, head, conn, label)
     }
 }
 
@@ -144,8 +191,18 @@ impl Recorder {
             .headers()
             .get(&X_SKYLINE_ERROR)
             .and_then(|v| v.to_str().ok());
+        self.record_status(response.status().as_u16(), error, label, started);
+    }
+
+    /// [`record`](Self::record) from the parts of a response.
+    fn record_status(
+        &self,
+        status: u16,
+        error: Option<&str>,
+        label: Option<&ServiceLabel>,
+        started: Instant,
+    ) {
         let service = label.map_or("", |l| l.value(error));
-        let status = response.status().as_u16();
         self.metrics
             .request(self.role, service, status, error, started.elapsed());
     }
@@ -185,7 +242,7 @@ async fn serve_with<H: Handler>(
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     // Set when the drain starts; read by every response (an atomic load, where asking the
     // cancellation token would take its lock).
-    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -201,59 +258,47 @@ async fn serve_with<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (io, verdicts) = Guarded::new(stream, limits);
+        let (mut io, verdicts) = Guarded::new(stream, limits);
         let handler = handler.clone();
         let draining = draining.clone();
-        let next_index = AtomicU64::new(0);
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let recorder = recorder.clone();
-        let service = service_fn(move |req| {
-            let arrived = Instant::now();
-            let conn = Conn {
-                peer,
-                peer_ip: peer_ip.clone(),
-                index: next_index.fetch_add(1, Ordering::Relaxed),
-                arrived,
-                verdicts: verdicts.clone(),
-            };
-            let handler = handler.clone();
-            let recorder = recorder.clone();
-            let draining = draining.clone();
-            async move {
-                let (mut response, label) = respond(&handler, req, conn).await;
-                if let Some(recorder) = recorder {
-                    recorder.record(&response, label.as_ref(), arrived);
-                }
-                if draining.load(Ordering::Relaxed) {
-                    close_after(&mut response);
-                }
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let connection = http.serve_connection(TokioIo::new(io), service);
         let cancelled = shutdown.clone();
         let open = open.clone();
+        let http = http.clone();
         tokio::spawn(async move {
             let _open = open;
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = cancelled.cancelled() => {
-                    // Draining: answers now say `Connection: close`; give an idle connection
-                    // its grace, then close it (after the response in flight, if any).
-                    tokio::select! {
-                        result = connection.as_mut() => result,
-                        () = tokio::time::sleep(DRAIN_IDLE_GRACE) => {
-                            connection.as_mut().graceful_shutdown();
-                            connection.await
-                        }
+            let mut conn = Conn {
+                peer,
+                peer_ip,
+                index: 0,
+                arrived: Instant::now(),
+                verdicts,
+            };
+            let mut rest = Vec::new();
+            if H::EXPRESS {
+                let lane = express::serve(
+                    &mut io,
+                    &handler,
+                    &mut conn,
+                    recorder.as_ref(),
+                    &draining,
+                    &cancelled,
+                );
+                match lane.await {
+                    express::End::Closed => return,
+                    express::End::Handoff {
+                        rest: unread,
+                        index,
+                    } => {
+                        rest = unread;
+                        conn.index = index;
                     }
                 }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
             }
+            let io = express::Rewind::new(io, rest);
+            serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
         });
     }
     draining.store(true, Ordering::Relaxed);
@@ -264,6 +309,62 @@ async fn serve_with<H: Handler>(
         .is_err()
     {
         tracing::warn!("drain timed out; closing the remaining connections");
+    }
+}
+
+/// Serves a connection with hyper until it ends, draining on `cancelled`. `first` is the
+/// connection as the first request hyper serves will see it (the express lane may have served
+/// some before).
+async fn serve_hyper<H: Handler>(
+    http: &http1::Builder,
+    io: express::Rewind<Guarded<tokio::net::TcpStream>>,
+    first: Conn,
+    handler: H,
+    recorder: Option<Recorder>,
+    draining: Arc<AtomicBool>,
+    cancelled: CancellationToken,
+) {
+    let peer = first.peer;
+    let next_index = AtomicU64::new(first.index);
+    let service = service_fn(move |req| {
+        let arrived = Instant::now();
+        let conn = Conn {
+            index: next_index.fetch_add(1, Ordering::Relaxed),
+            arrived,
+            ..first.clone()
+        };
+        let handler = handler.clone();
+        let recorder = recorder.clone();
+        let draining = draining.clone();
+        async move {
+            let (mut response, label) = respond(&handler, req, conn).await;
+            if let Some(recorder) = recorder {
+                recorder.record(&response, label.as_ref(), arrived);
+            }
+            if draining.load(Ordering::Relaxed) {
+                close_after(&mut response);
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = cancelled.cancelled() => {
+            // Draining: answers now say `Connection: close`; give an idle connection its
+            // grace, then close it (after the response in flight, if any).
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = tokio::time::sleep(DRAIN_IDLE_GRACE) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }
 

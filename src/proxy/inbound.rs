@@ -1,6 +1,7 @@
 //! The inbound proxy (:5041): `/service/<name>/<rest>?<query>` → a local instance of `<name>`
 //! as `/<rest>?<query>` (`/service/x` and `/service/x/` both become `/`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use super::express::{Head, Verdict};
 use super::outbound::split_service_path;
 use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError};
@@ -89,6 +91,55 @@ impl Proxy for Inbound {
         let response = forwarded.unwrap_or_else(|e| e.into_response(name));
         *label = Some(ServiceLabel::known(known));
         response
+    }
+
+    const EXPRESS: bool = true;
+
+    /// [`proxy`](Self::proxy) for a body-less request on the express lane. A request this node
+    /// cannot route yet (or at all) is declined: `proxy` waits for the catalog or answers.
+    async fn express(
+        &self,
+        head: &Head<'_>,
+        conn: &Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Verdict {
+        let (path, query) = match head.target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (head.target, None),
+        };
+        let Ok((name, rest)) = split_service_path(path) else {
+            return Verdict::Decline;
+        };
+        let Ok((route, known)) = self.local_route(name) else {
+            return Verdict::Decline;
+        };
+        // The instance's target is the rest of the client's (a slice of it), or `/` and the
+        // query when the rest is empty.
+        let target: Cow<'_, str> = match (rest.is_empty(), query) {
+            (false, _) => Cow::Borrowed(&head.target[path.len() - rest.len()..]),
+            (true, None) => Cow::Borrowed("/"),
+            (true, Some(query)) => Cow::Owned(format!("/?{query}")),
+        };
+        let name = known.as_str();
+        let policy = self.inner.policies.load().for_service(name).clone();
+        let upstream = Destination {
+            service: name,
+            label: name,
+            route: &route,
+            policy: &policy,
+            first_hop: false,
+        };
+        let forwarded = self
+            .inner
+            .forwarder
+            .express(head, upstream, &target, Host::Upstream, None, conn)
+            .await;
+        let verdict = match forwarded {
+            Ok(answer) => Verdict::Answer(answer),
+            Err(e) => Verdict::Error(e, name.to_owned()),
+        };
+        *label = Some(ServiceLabel::known(known));
+        verdict
     }
 }
 

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use super::express::{Head, Verdict};
 use super::resilience::SharedPolicies;
-use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, count_hop};
+use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, count_hop, next_hop};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, service_label};
@@ -104,6 +105,48 @@ impl Proxy for Outbound {
             .forward(req, upstream, target.clone(), Host::Keep, &conn)
             .await;
         forwarded.unwrap_or_else(|e| e.into_response(name))
+    }
+
+    const EXPRESS: bool = true;
+
+    /// [`proxy`](Self::proxy) for a body-less request on the express lane. A cluster-DNS-style
+    /// request and every refusal before forwarding are declined: `proxy` answers those.
+    async fn express(
+        &self,
+        head: &Head<'_>,
+        conn: &Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Verdict {
+        let path = head.target.split('?').next().unwrap_or_default();
+        let Ok(name) = service_of(path) else {
+            return Verdict::Decline;
+        };
+        let inner = &self.inner;
+        let Ok(hops) = next_hop(head.get("x-skyline-hops"), DEFAULT_MAX_HOPS) else {
+            return Verdict::Decline;
+        };
+        let table = inner.routes.load();
+        let Ok(route) = inner.route(&table, name) else {
+            return Verdict::Decline;
+        };
+        *label = service_label(&table, name);
+        drop(table);
+        let policy = inner.policies.load().for_service(name).clone();
+        let upstream = Destination {
+            service: name,
+            label: if label.is_some() { name } else { "" },
+            route: &route,
+            policy: &policy,
+            first_hop: true,
+        };
+        let forwarded = inner
+            .forwarder
+            .express(head, upstream, head.target, Host::Keep, Some(hops), conn)
+            .await;
+        match forwarded {
+            Ok(answer) => Verdict::Answer(answer),
+            Err(e) => Verdict::Error(e, name.to_owned()),
+        }
     }
 }
 

@@ -80,6 +80,22 @@ pub enum SendError {
         #[source]
         source: std::io::Error,
     },
+    /// An I/O error on a connection the request may have been (partly) sent on.
+    #[error("upstream {addr} failed")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The upstream broke the protocol (or closed) before a whole response head.
+    #[error("upstream {addr} failed: {reason}")]
+    Protocol {
+        addr: SocketAddr,
+        reason: &'static str,
+    },
+    /// The request was already consumed by an earlier attempt and cannot be sent again.
+    #[error("no request left to send to {addr}")]
+    Spent { addr: SocketAddr },
     /// The connection failed after the request may have been (partly) sent.
     #[error("upstream {addr} failed")]
     Upstream {
@@ -275,9 +291,14 @@ pub enum BodyError {
 
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
 pub(crate) fn is_idempotent(method: &Method) -> bool {
+    is_idempotent_name(method.as_str())
+}
+
+/// [`is_idempotent`] for a method name as sent.
+pub(crate) fn is_idempotent_name(method: &str) -> bool {
     matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
     )
 }
 

@@ -877,6 +877,36 @@ impl Scanner {
     }
 }
 
+/// Finds where a chunked body ends, by the guard's rules and limits, without decoding it: the
+/// express lane passes an upstream's chunked response through as it arrives and needs only to
+/// know where it stops (and that its framing is sound).
+#[derive(Debug)]
+pub struct ChunkedBody {
+    scanner: Scanner,
+}
+
+impl ChunkedBody {
+    pub fn new(limits: Limits) -> Self {
+        let mut scanner = Scanner::new(limits);
+        scanner.framing = Framing::Chunked(Chunk::Size { digits: 0 });
+        ChunkedBody { scanner }
+    }
+
+    /// Scans `data`, the body's next bytes: `Ok(Some(n))` when the body ends after `data[..n]`,
+    /// `Ok(None)` when all of `data` belongs to it and more is to come.
+    pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, Rejection> {
+        let Framing::Chunked(chunk) = self.scanner.framing else {
+            return Ok(Some(0));
+        };
+        let mut pos = 0;
+        if self.scanner.scan_chunked(chunk, data, &mut pos)? {
+            self.scanner.framing = Framing::Head;
+            return Ok(Some(pos));
+        }
+        Ok(None)
+    }
+}
+
 fn parse_error_reason(e: httparse::Error) -> &'static str {
     match e {
         httparse::Error::HeaderName => "invalid header name",
@@ -902,7 +932,7 @@ fn target_is_valid(target: &str) -> bool {
     fast || http::Uri::try_from(target).is_ok()
 }
 
-fn trim_ows(mut v: &[u8]) -> &[u8] {
+pub(crate) fn trim_ows(mut v: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = v {
         v = rest;
     }
@@ -913,7 +943,7 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
 }
 
 /// `1*DIGIT` that fits in a u64, surrounded by optional whitespace; nothing else.
-fn parse_content_length(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_content_length(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
     if v.is_empty() {
         return None;

@@ -1,0 +1,805 @@
+//! The express lane: a body-less HTTP/1.1 request forwarded as bytes.
+//!
+//! Most mesh traffic is small requests without a body. For those, building `http` header maps
+//! on both sides of both hops and running hyper's client and server machinery cost several times
+//! the proxy's own work (see docs/benchmarks.md). Here the request head the framing guard
+//! already validated is rewritten straight into the upstream's write buffer (hop-by-hop headers
+//! dropped, the contract's headers added), sent over a pooled raw TCP connection, and the
+//! response head is checked and copied back the same way, its body passed through as it arrives.
+//! This is what NGINX does.
+//!
+//! The rules are the forwarder's: the same attempt loop ([`Forwarder::attempts`]: endpoint
+//! choice, deadlines, retries, budget, outlier ejection) and the same header contract as
+//! [`Forwarder::forward`]. Anything else (a request body, an upgrade, `Expect`, HTTP/1.0, an
+//! error answer before forwarding) is declined and goes to hyper, which serves the rest of the
+//! connection (`serve::express`).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use memchr::memmem;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::pool::{Limits, MAX_IDLE_PER_ENDPOINT, SendError, is_idempotent_name};
+use super::{
+    AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, request_id,
+};
+use crate::routing::balance::ns_at;
+use crate::serve::Conn;
+use crate::serve::guard::{ChunkedBody, Limits as GuardLimits, parse_content_length, trim_ows};
+
+/// Largest response head accepted from an upstream (as hyper's client allows by default).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Header slots for parsing an upstream's response head; more headers → 502.
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// Bytes read from an upstream at a time.
+const READ_SIZE: usize = 16 * 1024;
+
+/// A client's request head, parsed (by httparse, over bytes the framing guard validated).
+pub struct Head<'a> {
+    pub method: &'a str,
+    /// The request target as the client sent it.
+    pub target: &'a str,
+    pub headers: &'a [httparse::Header<'a>],
+}
+
+impl Head<'_> {
+    /// The first value of header `name` (lowercase).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+/// What the express lane makes of a request.
+pub enum Verdict {
+    /// Not for the express lane (or an error answered the way hyper's path answers it): hand
+    /// the request to hyper unchanged.
+    Decline,
+    /// An upstream's answer, to relay to the client.
+    Answer(Answer),
+    /// The mesh's own error answer, for `service`.
+    Error(MeshError, String),
+}
+
+// === Forwarder ===
+
+impl Forwarder {
+    /// Forwards a body-less request given as its parsed head: the express lane's
+    /// [`Forwarder::forward`]. `hops` is the hop count to send (the outbound proxy counts hops;
+    /// other hops pass the caller's header on).
+    pub async fn express(
+        &self,
+        head: &Head<'_>,
+        upstream: Destination<'_>,
+        target: &str,
+        host: Host,
+        hops: Option<u32>,
+        conn: &Conn,
+    ) -> Result<Answer, MeshError> {
+        let started = Instant::from_std(conn.arrived);
+        let now = ns_at(conn.arrived);
+        let policy = upstream.policy;
+        let mut request = Vec::with_capacity(512);
+        let written = write_request_head(&mut request, head, target, host, hops, conn, upstream);
+        let deadline = started
+            + written.timeout_ms.map_or(policy.request_timeout, |ms| {
+                policy.request_timeout.min(Duration::from_millis(ms))
+            });
+        let owns_retries = upstream.first_hop && policy.retries > 0;
+        if owns_retries {
+            upstream.route.budget.deposit_at(now);
+        }
+        let attempt = super::Attempt {
+            upstream,
+            set_host: written.set_host,
+            owns_retries,
+            started,
+            deadline,
+        };
+        let mut exchange = RawExchange {
+            pool: &self.raw,
+            head: request,
+            sent: Vec::new(),
+            caller_attempt: written.caller_attempt,
+            // Only the first hop sends a request again after it may have arrived (see
+            // `proxy::replayable`), and only an idempotent one.
+            replayable: upstream.first_hop && is_idempotent_name(head.method),
+            head_only: head.method == "HEAD",
+        };
+        self.attempts(&mut exchange, attempt, now).await
+    }
+}
+
+/// What writing the request head found out.
+struct Written {
+    /// The request's `Host` is not kept: each attempt sets the endpoint's.
+    set_host: bool,
+    /// The caller's `x-skyline-timeout-ms`, when it parses.
+    timeout_ms: Option<u64>,
+    /// The caller's `x-skyline-attempt`, passed on by a hop that does not number attempts.
+    caller_attempt: Option<Vec<u8>>,
+}
+
+/// Writes the forwarded request head, without the per-attempt headers and the final CRLF, by
+/// the rules of [`Forwarder::forward`].
+fn write_request_head(
+    out: &mut Vec<u8>,
+    head: &Head<'_>,
+    target: &str,
+    host: Host,
+    hops: Option<u32>,
+    conn: &Conn,
+    upstream: Destination<'_>,
+) -> Written {
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let named = connection_options(head.headers.iter().map(|h| (h.name, h.value)));
+    let mut written = Written {
+        set_host: false,
+        timeout_ms: None,
+        caller_attempt: None,
+    };
+    let (mut has_id, mut has_forwarded_host, mut host_value) = (false, false, None);
+    let mut forwarded_for: Option<Vec<u8>> = None;
+    for h in head.headers {
+        let name = h.name;
+        if is_hop_by_hop(name) || named.names(name) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-skyline-timeout-ms") {
+            written.timeout_ms = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-skyline-attempt") {
+            // The first hop numbers attempts itself; a later one passes the caller's on.
+            if !upstream.first_hop {
+                written.caller_attempt = Some(h.value.to_vec());
+            }
+            continue;
+        }
+        if hops.is_some() && name.eq_ignore_ascii_case("x-skyline-hops") {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            let all = forwarded_for.get_or_insert_with(Vec::new);
+            all.extend_from_slice(h.value);
+            all.extend_from_slice(b", ");
+            continue;
+        }
+        if name.eq_ignore_ascii_case("host") {
+            host_value = Some(h.value);
+            if host == Host::Upstream {
+                continue;
+            }
+        } else if name.eq_ignore_ascii_case("x-request-id") {
+            has_id = true;
+        } else if name.eq_ignore_ascii_case("x-forwarded-host") {
+            has_forwarded_host = true;
+        }
+        header(out, name.as_bytes(), h.value);
+    }
+    if !has_id {
+        header(out, b"x-request-id", request_id().as_bytes());
+    }
+    let mut all = forwarded_for.unwrap_or_default();
+    all.extend_from_slice(conn.peer_ip.as_bytes());
+    header(out, b"x-forwarded-for", &all);
+    written.set_host = match host {
+        Host::Keep => host_value.is_none(),
+        Host::Upstream => {
+            if let (Some(original), false) = (host_value, has_forwarded_host) {
+                header(out, b"x-forwarded-host", original);
+            }
+            true
+        }
+    };
+    if let Some(hops) = hops {
+        header(out, b"x-skyline-hops", super::hop_count(hops).as_bytes());
+    }
+    written
+}
+
+fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), as in `proxy::HOP_BY_HOP`.
+fn is_hop_by_hop(name: &str) -> bool {
+    const NAMES: [&str; 7] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// The options of a message's `Connection` headers.
+#[derive(Default)]
+pub struct ConnectionOptions {
+    /// Header names listed (dropped with the hop-by-hop ones); rarely any.
+    named: Vec<String>,
+    pub close: bool,
+}
+
+impl ConnectionOptions {
+    fn names(&self, name: &str) -> bool {
+        self.named.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Reads the `Connection` headers among `headers`.
+pub fn connection_options<'h>(
+    headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+) -> ConnectionOptions {
+    let mut options = ConnectionOptions::default();
+    for (_, value) in headers.filter(|(n, _)| n.eq_ignore_ascii_case("connection")) {
+        for option in value.split(|&b| b == b',').map(trim_ows) {
+            if option.eq_ignore_ascii_case(b"close") {
+                options.close = true;
+            } else if !option.eq_ignore_ascii_case(b"keep-alive") && !option.is_empty() {
+                options
+                    .named
+                    .push(String::from_utf8_lossy(option).into_owned());
+            }
+        }
+    }
+    options
+}
+
+// === Exchange ===
+
+/// A request head as bytes, sent over raw pooled connections.
+struct RawExchange<'p> {
+    pool: &'p RawPool,
+    /// The head without the per-attempt headers and the final CRLF.
+    head: Vec<u8>,
+    /// The head as sent by the current attempt.
+    sent: Vec<u8>,
+    caller_attempt: Option<Vec<u8>>,
+    replayable: bool,
+    /// A HEAD request: the answer has no body whatever its headers say.
+    head_only: bool,
+}
+
+impl Exchange for RawExchange<'_> {
+    type Response = Answer;
+
+    fn status(response: &Answer) -> StatusCode {
+        response.status
+    }
+
+    fn ready(&self) -> bool {
+        // The head is kept: a request that never left can always go again.
+        true
+    }
+
+    fn replayable(&self) -> bool {
+        self.replayable
+    }
+
+    async fn send(
+        &mut self,
+        addr: SocketAddr,
+        headers: AttemptHeaders<'_>,
+        limits: Limits,
+    ) -> Result<Answer, Failed> {
+        self.sent.clear();
+        self.sent.extend_from_slice(&self.head);
+        if let Some(host) = headers.host {
+            header(&mut self.sent, b"host", host.as_bytes());
+        }
+        header(
+            &mut self.sent,
+            b"x-skyline-timeout-ms",
+            headers.timeout.as_bytes(),
+        );
+        match (headers.attempt, &self.caller_attempt) {
+            (Some(n), _) => header(
+                &mut self.sent,
+                b"x-skyline-attempt",
+                n.to_string().as_bytes(),
+            ),
+            (None, Some(value)) => header(&mut self.sent, b"x-skyline-attempt", value),
+            (None, None) => {}
+        }
+        self.sent.extend_from_slice(b"\r\n");
+        let mut fresh = false;
+        loop {
+            let mut conn = match self.pool.take(addr) {
+                Some(conn) => conn,
+                None if fresh => {
+                    return Err(Failed::Broken(SendError::Protocol {
+                        addr,
+                        reason: "connection closed before the response",
+                    }));
+                }
+                None => {
+                    fresh = true;
+                    match Box::pin(RawConn::connect(addr, limits.connect)).await {
+                        Ok(conn) => conn,
+                        Err(error) => return Err(Failed::Unsent(error)),
+                    }
+                }
+            };
+            if let Err(source) = conn.stream.write_all(&self.sent).await {
+                if fresh {
+                    return Err(Failed::Broken(SendError::Io { addr, source }));
+                }
+                // A pooled connection the upstream had closed: the request did not arrive.
+                continue;
+            }
+            let home = Home {
+                pool: self.pool.clone(),
+                addr,
+                idle: limits.idle,
+            };
+            match conn.read_response(self.head_only, home).await {
+                Ok(Some(answer)) => return Ok(answer),
+                // Closed with no byte of an answer. On a pooled connection the upstream most
+                // likely closed it idle just as the request went out (its keep-alive timeout):
+                // safe to send again when the request may be sent twice.
+                Ok(None) if !fresh && self.replayable => continue,
+                Ok(None) => {
+                    return Err(Failed::Broken(SendError::Protocol {
+                        addr,
+                        reason: "connection closed before the response",
+                    }));
+                }
+                Err(error) => return Err(Failed::Broken(error.at(addr))),
+            }
+        }
+    }
+}
+
+// === RawPool ===
+
+/// Idle keep-alive connections to upstreams, per endpoint address: raw TCP streams, each with
+/// what was read from it and not yet used (always nothing when idle).
+/// Cheap to clone: one shared map.
+#[derive(Clone, Debug)]
+pub struct RawPool {
+    inner: Arc<RawInner>,
+}
+
+#[derive(Debug)]
+struct RawInner {
+    idle: Mutex<HashMap<SocketAddr, Vec<(RawConn, std::time::Instant)>>>,
+    idle_timeout: Duration,
+}
+
+impl RawPool {
+    pub fn new(idle_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(RawInner {
+                idle: Mutex::new(HashMap::new()),
+                idle_timeout,
+            }),
+        }
+    }
+
+    /// The most recently used connection to `addr` that is still open, if any.
+    fn take(&self, addr: SocketAddr) -> Option<RawConn> {
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&addr)?;
+        let now = std::time::Instant::now();
+        while let Some((conn, since)) = list.pop() {
+            if now.duration_since(since) < self.inner.idle_timeout && conn.is_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, conn: RawConn) {
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(addr).or_default();
+        // Connections idle past the timeout are dropped (closed) here too, so an endpoint that
+        // is no longer used does not keep them.
+        let now = std::time::Instant::now();
+        let timeout = self.inner.idle_timeout;
+        list.retain(|(_, since)| now.duration_since(*since) < timeout);
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push((conn, now));
+        }
+    }
+
+    /// Idle connections held now, over every endpoint (for tests).
+    pub fn idle_count(&self) -> usize {
+        let idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.values().map(Vec::len).sum()
+    }
+}
+
+/// A raw connection to an upstream and the bytes read from it not yet relayed.
+#[derive(Debug)]
+struct RawConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    async fn connect(addr: SocketAddr, timeout: Duration) -> Result<RawConn, SendError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| SendError::ConnectTimeout { addr })?
+            .map_err(|source| SendError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(RawConn {
+            stream,
+            buf: Vec::with_capacity(READ_SIZE),
+        })
+    }
+
+    /// Whether the idle connection is still open: nothing to read (tokio answers from its
+    /// readiness state, without a system call, when no event came), not end-of-stream, and no
+    /// stray bytes.
+    fn is_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Reads the response head, skipping interim (1xx) answers. `Ok(None)`: the connection
+    /// closed before any byte of it.
+    async fn read_response(
+        mut self,
+        head_only: bool,
+        home: Home,
+    ) -> Result<Option<Answer>, Broken> {
+        self.buf.clear();
+        loop {
+            let Some(end) = self.head_end() else {
+                if self.buf.len() > MAX_RESPONSE_HEAD {
+                    return Err(Broken::Protocol("response head too large"));
+                }
+                if self.fill().await? == 0 {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(Broken::Protocol(
+                        "connection closed inside the response head",
+                    ));
+                }
+                continue;
+            };
+            let parsed = parse_response(&self.buf[..end], head_only)?;
+            self.buf.drain(..end);
+            if parsed.status.is_informational() {
+                if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(Broken::Protocol("unrequested protocol switch"));
+                }
+                continue;
+            }
+            return Ok(Some(Answer {
+                status: parsed.status,
+                mesh_error: parsed.mesh_error,
+                head: parsed.client_head,
+                body: parsed.body,
+                keep_alive: parsed.keep_alive,
+                conn: self,
+                home,
+            }));
+        }
+    }
+
+    fn head_end(&self) -> Option<usize> {
+        memmem::find(&self.buf, b"\r\n\r\n").map(|i| i + 4)
+    }
+
+    /// Reads more into `buf`; 0 at end of stream.
+    async fn fill(&mut self) -> Result<usize, Broken> {
+        self.buf.reserve(READ_SIZE);
+        Ok(self.stream.read_buf(&mut self.buf).await?)
+    }
+}
+
+/// Why an upstream's answer could not be read.
+#[derive(Debug)]
+enum Broken {
+    Io(io::Error),
+    Protocol(&'static str),
+}
+
+impl From<io::Error> for Broken {
+    fn from(e: io::Error) -> Self {
+        Broken::Io(e)
+    }
+}
+
+impl Broken {
+    fn at(self, addr: SocketAddr) -> SendError {
+        match self {
+            Broken::Io(source) => SendError::Io { addr, source },
+            Broken::Protocol(reason) => SendError::Protocol { addr, reason },
+        }
+    }
+}
+
+// === Answer ===
+
+/// How an answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection (re-framed as chunked for the client).
+    Close,
+}
+
+struct ParsedHead {
+    status: StatusCode,
+    body: BodyFraming,
+    keep_alive: bool,
+    mesh_error: Option<Box<str>>,
+    /// The status line and end-to-end headers, for the client.
+    client_head: Vec<u8>,
+}
+
+/// Reads the status and the framing of a response head (RFC 9112 §6.3), refusing ambiguous
+/// framing (a proxy must not guess where a message ends), and writes the head the client gets:
+/// the same status line and headers, without the hop-by-hop ones.
+fn parse_response(head: &[u8], head_only: bool) -> Result<ParsedHead, Broken> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    match response.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        _ => return Err(Broken::Protocol("malformed response head")),
+    }
+    let code = response.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| Broken::Protocol("invalid response status"))?;
+    let http11 = response.version == Some(1);
+    let (mut te, mut chunked, mut length) = (0, false, None);
+    for h in response.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te += 1;
+            chunked = trim_ows(h.value).eq_ignore_ascii_case(b"chunked");
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n =
+                parse_content_length(h.value).ok_or(Broken::Protocol("invalid content-length"))?;
+            if length.is_some_and(|m| m != n) {
+                return Err(Broken::Protocol("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    let options = connection_options(response.headers.iter().map(|h| (h.name, h.value)));
+    let body = if head_only || status.is_informational() || matches!(code, 204 | 304) {
+        BodyFraming::None
+    } else if te > 0 {
+        if length.is_some() {
+            return Err(Broken::Protocol("content-length with transfer-encoding"));
+        }
+        if te > 1 || !chunked {
+            return Err(Broken::Protocol("unsupported transfer-encoding"));
+        }
+        BodyFraming::Chunked
+    } else if let Some(n) = length {
+        BodyFraming::Length(n)
+    } else {
+        BodyFraming::Close
+    };
+    let mut client_head = Vec::with_capacity(head.len() + 64);
+    client_head.extend_from_slice(b"HTTP/1.1 ");
+    client_head.extend_from_slice(status.as_str().as_bytes());
+    client_head.push(b' ');
+    client_head.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
+    client_head.extend_from_slice(b"\r\n");
+    let mut mesh_error = None;
+    for h in response.headers.iter() {
+        if is_hop_by_hop(h.name) || options.names(h.name) {
+            continue;
+        }
+        if h.name.eq_ignore_ascii_case("x-skyline-error") {
+            mesh_error = Some(String::from_utf8_lossy(h.value).into());
+        }
+        header(&mut client_head, h.name.as_bytes(), h.value);
+    }
+    Ok(ParsedHead {
+        status,
+        body,
+        keep_alive: http11 && !options.close && body != BodyFraming::Close,
+        mesh_error,
+        client_head,
+    })
+}
+
+/// An upstream's answer: its head read and rewritten for the client, its body still to relay.
+/// Relayed to its end, its connection goes back to the pool; dropped, the connection is closed.
+pub struct Answer {
+    pub status: StatusCode,
+    /// The upstream's `x-skyline-error` (a later hop's mesh error), for the metrics.
+    pub mesh_error: Option<Box<str>>,
+    /// Status line and end-to-end headers for the client, without the final CRLF.
+    head: Vec<u8>,
+    body: BodyFraming,
+    /// The upstream keeps the connection open after this answer.
+    keep_alive: bool,
+    /// The connection, its buffer starting with the body's first bytes.
+    conn: RawConn,
+    home: Home,
+}
+
+/// Where a relayed answer's connection goes back to, and how long its body may stall.
+struct Home {
+    pool: RawPool,
+    addr: SocketAddr,
+    idle: Duration,
+}
+
+impl Answer {
+    /// Relays the answer to `client`: the head (with `Connection: close` when `close`), then
+    /// the body as it arrives. `Ok` when the whole answer was sent; an error leaves the client
+    /// connection unusable (part of an answer may have been sent).
+    pub async fn relay<W: AsyncWrite + Unpin>(
+        mut self,
+        client: &mut W,
+        close: bool,
+    ) -> io::Result<()> {
+        let mut out = std::mem::take(&mut self.head);
+        if matches!(self.body, BodyFraming::Chunked | BodyFraming::Close) {
+            header(&mut out, b"transfer-encoding", b"chunked");
+        }
+        if close {
+            header(&mut out, b"connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+        let reusable = match self.body {
+            BodyFraming::None => {
+                client.write_all(&out).await?;
+                self.conn.buf.is_empty()
+            }
+            BodyFraming::Length(n) => self.relay_length(client, out, n).await?,
+            BodyFraming::Chunked => self.relay_chunked(client, out).await?,
+            BodyFraming::Close => {
+                self.relay_until_close(client, out).await?;
+                false
+            }
+        };
+        if reusable && self.keep_alive {
+            self.conn.buf.clear();
+            self.home.pool.put(self.home.addr, self.conn);
+        }
+        Ok(())
+    }
+
+    /// A body of `n` bytes; `Ok(true)` when nothing followed it.
+    async fn relay_length<W: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut W,
+        mut out: Vec<u8>,
+        n: u64,
+    ) -> io::Result<bool> {
+        let have = self.conn.buf.len() as u64;
+        let first = have.min(n) as usize;
+        out.extend_from_slice(&self.conn.buf[..first]);
+        client.write_all(&out).await?;
+        let mut left = n - first as u64;
+        let clean = have <= n;
+        while left > 0 {
+            self.conn.buf.clear();
+            let read = self.read_more().await?;
+            let take = (read as u64).min(left) as usize;
+            client.write_all(&self.conn.buf[..take]).await?;
+            left -= take as u64;
+            if take < read {
+                return Ok(false);
+            }
+        }
+        Ok(clean)
+    }
+
+    /// A chunked body, passed through as it is; `Ok(true)` when nothing followed it.
+    async fn relay_chunked<W: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut W,
+        mut out: Vec<u8>,
+    ) -> io::Result<bool> {
+        let mut scan = ChunkedBody::new(GuardLimits::default());
+        let mut end = scan.scan(&self.conn.buf).map_err(invalid_chunk)?;
+        let first = end.unwrap_or(self.conn.buf.len());
+        out.extend_from_slice(&self.conn.buf[..first]);
+        client.write_all(&out).await?;
+        let mut clean = first == self.conn.buf.len();
+        while end.is_none() {
+            self.conn.buf.clear();
+            self.read_more().await?;
+            end = scan.scan(&self.conn.buf).map_err(invalid_chunk)?;
+            let take = end.unwrap_or(self.conn.buf.len());
+            client.write_all(&self.conn.buf[..take]).await?;
+            clean = take == self.conn.buf.len();
+        }
+        Ok(clean)
+    }
+
+    /// A body that ends when the upstream closes, sent to the client as chunks.
+    async fn relay_until_close<W: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut W,
+        mut out: Vec<u8>,
+    ) -> io::Result<()> {
+        loop {
+            if !self.conn.buf.is_empty() {
+                out.extend_from_slice(format!("{:x}\r\n", self.conn.buf.len()).as_bytes());
+                out.extend_from_slice(&self.conn.buf);
+                out.extend_from_slice(b"\r\n");
+            }
+            client.write_all(&out).await?;
+            out.clear();
+            self.conn.buf.clear();
+            if self.read_more_or_end().await? == 0 {
+                return client.write_all(b"0\r\n\r\n").await;
+            }
+        }
+    }
+
+    /// Reads the body's next bytes into the (empty) buffer; the end of the stream is an error.
+    async fn read_more(&mut self) -> io::Result<usize> {
+        match self.read_more_or_end().await? {
+            0 => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "upstream closed inside the body",
+            )),
+            n => Ok(n),
+        }
+    }
+
+    /// Reads the body's next bytes, giving up when the upstream stalls for the idle timeout.
+    async fn read_more_or_end(&mut self) -> io::Result<usize> {
+        let idle = self.home.idle;
+        match tokio::time::timeout(idle, self.conn.fill()).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(Broken::Io(e))) => Err(e),
+            Ok(Err(Broken::Protocol(reason))) => Err(io::Error::other(reason)),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("upstream body stalled for {idle:?}"),
+            )),
+        }
+    }
+}
+
+fn invalid_chunk(rejection: crate::serve::guard::Rejection) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, rejection.reason)
+}
+
+/// Writes the mesh's own error answer: the same status, headers and JSON body as
+/// [`MeshError::into_response`].
+pub fn write_error(out: &mut Vec<u8>, error: MeshError, service: &str, close: bool) -> MeshError {
+    let status = error.status();
+    let body = error.json(service);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    header(out, b"x-skyline-error", error.code().as_bytes());
+    header(out, b"content-type", b"application/json");
+    header(out, b"content-length", body.len().to_string().as_bytes());
+    if close || matches!(error, MeshError::BadRequest { .. }) {
+        header(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    error
+}
