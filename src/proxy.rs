@@ -817,6 +817,11 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
 
 /// A random 128-bit id in hex. Unique, not secret: a fast thread-local generator suffices.
 fn request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&request_id_bytes()).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// [`request_id`] as bytes (the express lane writes them without a header value).
+fn request_id_bytes() -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
     let mut bits = fastrand::u128(..);
@@ -824,7 +829,7 @@ fn request_id() -> HeaderValue {
         *digit = HEX[(bits & 0xf) as usize];
         bits >>= 4;
     }
-    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    id
 }
 
 #[cfg(test)]

@@ -14,12 +14,12 @@
 //! error answer before forwarding) is declined and goes to hyper, which serves the rest of the
 //! connection (`serve::express`).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hashbrown::HashMap;
 use http::StatusCode;
 use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::pool::{Limits, MAX_IDLE_PER_ENDPOINT, SendError, is_idempotent_name};
 use super::{
-    AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, request_id,
+    AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, request_id_bytes,
 };
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
@@ -47,14 +47,19 @@ pub struct Head<'a> {
     /// The request target as the client sent it.
     pub target: &'a str,
     pub headers: &'a [httparse::Header<'a>],
+    /// What each header is, in the order of `headers` (worked out once per request).
+    pub names: &'a [Name],
+    /// The request's `Connection` options.
+    pub options: ConnectionOptions,
 }
 
 impl Head<'_> {
-    /// The first value of header `name` (lowercase).
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.headers
+    /// The first value of the header `name` is.
+    pub fn get(&self, name: Name) -> Option<&[u8]> {
+        self.names
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .position(|&n| n == name)
+            .and_then(|i| self.headers.get(i))
             .map(|h| h.value)
     }
 }
@@ -107,8 +112,8 @@ impl Forwarder {
         };
         let mut exchange = RawExchange {
             pool: &self.raw,
+            sent: Vec::with_capacity(request.len() + 128),
             head: request,
-            sent: Vec::new(),
             caller_attempt: written.caller_attempt,
             // Only the first hop sends a request again after it may have arrived (see
             // `proxy::replayable`), and only an idempotent one.
@@ -144,7 +149,6 @@ fn write_request_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let named = connection_options(head.headers.iter().map(|h| (h.name, h.value)));
     let mut written = Written {
         set_host: false,
         timeout_ms: None,
@@ -152,47 +156,45 @@ fn write_request_head(
     };
     let (mut has_id, mut has_forwarded_host, mut host_value) = (false, false, None);
     let mut forwarded_for: Option<Vec<u8>> = None;
-    for h in head.headers {
+    for (h, &kind) in head.headers.iter().zip(head.names) {
         let name = h.name;
-        if is_hop_by_hop(name) || named.names(name) {
-            continue;
-        }
-        if name.eq_ignore_ascii_case("x-skyline-timeout-ms") {
-            written.timeout_ms = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
-            continue;
-        }
-        if name.eq_ignore_ascii_case("x-skyline-attempt") {
-            // The first hop numbers attempts itself; a later one passes the caller's on.
-            if !upstream.first_hop {
-                written.caller_attempt = Some(h.value.to_vec());
-            }
-            continue;
-        }
-        if hops.is_some() && name.eq_ignore_ascii_case("x-skyline-hops") {
-            continue;
-        }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            let all = forwarded_for.get_or_insert_with(Vec::new);
-            all.extend_from_slice(h.value);
-            all.extend_from_slice(b", ");
-            continue;
-        }
-        if name.eq_ignore_ascii_case("host") {
-            host_value = Some(h.value);
-            if host == Host::Upstream {
+        match kind {
+            kind if kind.is_hop_by_hop() => continue,
+            _ if head.options.names(name) => continue,
+            Name::TimeoutMs => {
+                written.timeout_ms = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
                 continue;
             }
-        } else if name.eq_ignore_ascii_case("x-request-id") {
-            has_id = true;
-        } else if name.eq_ignore_ascii_case("x-forwarded-host") {
-            has_forwarded_host = true;
+            Name::Attempt => {
+                // The first hop numbers attempts itself; a later one passes the caller's on.
+                if !upstream.first_hop {
+                    written.caller_attempt = Some(h.value.to_vec());
+                }
+                continue;
+            }
+            Name::Hops if hops.is_some() => continue,
+            Name::ForwardedFor => {
+                let all = forwarded_for.get_or_insert_with(Vec::new);
+                all.extend_from_slice(h.value);
+                all.extend_from_slice(b", ");
+                continue;
+            }
+            Name::Host => {
+                host_value = Some(h.value);
+                if host == Host::Upstream {
+                    continue;
+                }
+            }
+            Name::RequestId => has_id = true,
+            Name::ForwardedHost => has_forwarded_host = true,
+            _ => {}
         }
         header(out, name.as_bytes(), h.value);
     }
     if !has_id {
-        header(out, b"x-request-id", request_id().as_bytes());
+        header(out, b"x-request-id", &request_id_bytes());
     }
     let mut all = forwarded_for.unwrap_or_default();
     all.extend_from_slice(conn.peer_ip.as_bytes());
@@ -219,18 +221,74 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), as in `proxy::HOP_BY_HOP`.
-fn is_hop_by_hop(name: &str) -> bool {
-    const NAMES: [&str; 7] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+/// The header names the express lane acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Name {
+    /// Any other header: passed on as it is.
+    Other,
+    /// `keep-alive`, `proxy-connection`, `te`, `trailer`.
+    HopByHop,
+    Connection,
+    TransferEncoding,
+    Upgrade,
+    ContentLength,
+    Expect,
+    Host,
+    RequestId,
+    ForwardedFor,
+    ForwardedHost,
+    Hops,
+    TimeoutMs,
+    Attempt,
+    MeshError,
+}
+
+impl Name {
+    /// What `name` is, by its length first so that most headers cost one comparison or none.
+    pub fn of(name: &str) -> Name {
+        let candidates: &[(&str, Name)] = match name.len() {
+            2 => &[("te", Name::HopByHop)],
+            4 => &[("host", Name::Host)],
+            6 => &[("expect", Name::Expect)],
+            7 => &[("upgrade", Name::Upgrade), ("trailer", Name::HopByHop)],
+            10 => &[
+                ("connection", Name::Connection),
+                ("keep-alive", Name::HopByHop),
+            ],
+            12 => &[("x-request-id", Name::RequestId)],
+            14 => &[
+                ("content-length", Name::ContentLength),
+                ("x-skyline-hops", Name::Hops),
+            ],
+            15 => &[
+                ("x-forwarded-for", Name::ForwardedFor),
+                ("x-skyline-error", Name::MeshError),
+            ],
+            16 => &[
+                ("proxy-connection", Name::HopByHop),
+                ("x-forwarded-host", Name::ForwardedHost),
+            ],
+            17 => &[
+                ("transfer-encoding", Name::TransferEncoding),
+                ("x-skyline-attempt", Name::Attempt),
+            ],
+            20 => &[("x-skyline-timeout-ms", Name::TimeoutMs)],
+            _ => return Name::Other,
+        };
+        // Names usually come in lowercase: an exact comparison settles most.
+        candidates
+            .iter()
+            .find(|(known, _)| *known == name || known.eq_ignore_ascii_case(name))
+            .map_or(Name::Other, |&(_, kind)| kind)
+    }
+
+    /// A hop-by-hop header (RFC 9110 §7.6.1), as in `proxy::HOP_BY_HOP`: never forwarded.
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::HopByHop | Name::Connection | Name::TransferEncoding | Name::Upgrade
+        )
+    }
 }
 
 /// The options of a message's `Connection` headers.
@@ -249,10 +307,10 @@ impl ConnectionOptions {
 
 /// Reads the `Connection` headers among `headers`.
 pub fn connection_options<'h>(
-    headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+    headers: impl Iterator<Item = (Name, &'h [u8])>,
 ) -> ConnectionOptions {
     let mut options = ConnectionOptions::default();
-    for (_, value) in headers.filter(|(n, _)| n.eq_ignore_ascii_case("connection")) {
+    for (_, value) in headers.filter(|&(n, _)| n == Name::Connection) {
         for option in value.split(|&b| b == b',').map(trim_ows) {
             if option.eq_ignore_ascii_case(b"close") {
                 options.close = true;
@@ -417,7 +475,13 @@ impl RawPool {
         // is no longer used does not keep them.
         let now = std::time::Instant::now();
         let timeout = self.inner.idle_timeout;
-        list.retain(|(_, since)| now.duration_since(*since) < timeout);
+        // Oldest first: nothing to drop unless the first one expired.
+        if list
+            .first()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= timeout)
+        {
+            list.retain(|(_, since)| now.duration_since(*since) < timeout);
+        }
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push((conn, now));
         }
@@ -481,7 +545,9 @@ impl RawConn {
                 }
                 continue;
             };
-            let parsed = parse_response(&self.buf[..end], head_only)?;
+            // Room for the head and the body bytes already read, sent in one write.
+            let room = self.buf.len() + 64;
+            let parsed = parse_response(&self.buf[..end], head_only, room)?;
             self.buf.drain(..end);
             if parsed.status.is_informational() {
                 if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -558,7 +624,7 @@ struct ParsedHead {
 /// Reads the status and the framing of a response head (RFC 9112 §6.3), refusing ambiguous
 /// framing (a proxy must not guess where a message ends), and writes the head the client gets:
 /// the same status line and headers, without the hop-by-hop ones.
-fn parse_response(head: &[u8], head_only: bool) -> Result<ParsedHead, Broken> {
+fn parse_response(head: &[u8], head_only: bool, room: usize) -> Result<ParsedHead, Broken> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut response = httparse::Response::new(&mut slots);
     match response.parse(head) {
@@ -570,20 +636,34 @@ fn parse_response(head: &[u8], head_only: bool) -> Result<ParsedHead, Broken> {
         StatusCode::from_u16(code).map_err(|_| Broken::Protocol("invalid response status"))?;
     let http11 = response.version == Some(1);
     let (mut te, mut chunked, mut length) = (0, false, None);
-    for h in response.headers.iter() {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            te += 1;
-            chunked = trim_ows(h.value).eq_ignore_ascii_case(b"chunked");
-        } else if h.name.eq_ignore_ascii_case("content-length") {
-            let n =
-                parse_content_length(h.value).ok_or(Broken::Protocol("invalid content-length"))?;
-            if length.is_some_and(|m| m != n) {
-                return Err(Broken::Protocol("conflicting content-length"));
+    let mut names = [Name::Other; MAX_RESPONSE_HEADERS];
+    for (slot, h) in names.iter_mut().zip(response.headers.iter()) {
+        *slot = Name::of(h.name);
+    }
+    let names = &names[..response.headers.len()];
+    for (h, &kind) in response.headers.iter().zip(names) {
+        match kind {
+            Name::TransferEncoding => {
+                te += 1;
+                chunked = trim_ows(h.value).eq_ignore_ascii_case(b"chunked");
             }
-            length = Some(n);
+            Name::ContentLength => {
+                let n = parse_content_length(h.value)
+                    .ok_or(Broken::Protocol("invalid content-length"))?;
+                if length.is_some_and(|m| m != n) {
+                    return Err(Broken::Protocol("conflicting content-length"));
+                }
+                length = Some(n);
+            }
+            _ => {}
         }
     }
-    let options = connection_options(response.headers.iter().map(|h| (h.name, h.value)));
+    let options = connection_options(
+        names
+            .iter()
+            .copied()
+            .zip(response.headers.iter().map(|h| h.value)),
+    );
     let body = if head_only || status.is_informational() || matches!(code, 204 | 304) {
         BodyFraming::None
     } else if te > 0 {
@@ -599,19 +679,19 @@ fn parse_response(head: &[u8], head_only: bool) -> Result<ParsedHead, Broken> {
     } else {
         BodyFraming::Close
     };
-    let mut client_head = Vec::with_capacity(head.len() + 64);
+    let mut client_head = Vec::with_capacity(room);
     client_head.extend_from_slice(b"HTTP/1.1 ");
     client_head.extend_from_slice(status.as_str().as_bytes());
     client_head.push(b' ');
     client_head.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
     client_head.extend_from_slice(b"\r\n");
     let mut mesh_error = None;
-    for h in response.headers.iter() {
-        if is_hop_by_hop(h.name) || options.names(h.name) {
-            continue;
-        }
-        if h.name.eq_ignore_ascii_case("x-skyline-error") {
-            mesh_error = Some(String::from_utf8_lossy(h.value).into());
+    for (h, &kind) in response.headers.iter().zip(names) {
+        match kind {
+            kind if kind.is_hop_by_hop() => continue,
+            _ if options.names(h.name) => continue,
+            Name::MeshError => mesh_error = Some(String::from_utf8_lossy(h.value).into()),
+            _ => {}
         }
         header(&mut client_head, h.name.as_bytes(), h.value);
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use super::express::{Head, Verdict};
+use super::express::{Head, Name, Verdict};
 use super::resilience::SharedPolicies;
 use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, count_hop, next_hop};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
@@ -122,7 +122,7 @@ impl Proxy for Outbound {
             return Verdict::Decline;
         };
         let inner = &self.inner;
-        let Ok(hops) = next_hop(head.get("x-skyline-hops"), DEFAULT_MAX_HOPS) else {
+        let Ok(hops) = next_hop(head.get(Name::Hops), DEFAULT_MAX_HOPS) else {
             return Verdict::Decline;
         };
         let table = inner.routes.load();

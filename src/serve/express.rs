@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::guard::Guarded;
 use super::{Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder};
-use crate::proxy::express::{Head, Verdict, connection_options, write_error};
+use crate::proxy::express::{Head, Name, Verdict, connection_options, write_error};
 
 /// Header slots for a client's request head: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
@@ -60,18 +60,25 @@ pub(super) async fn serve<H: Handler>(
         let (Some(method), Some(target), true) = (req.method, req.path, parsed) else {
             return End::Handoff { rest: buf, index };
         };
+        let mut names = [Name::Other; MAX_HEADERS];
+        for (slot, h) in names.iter_mut().zip(req.headers.iter()) {
+            *slot = Name::of(h.name);
+        }
+        let names = &names[..req.headers.len()];
+        let values = req.headers.iter().map(|h| h.value);
         let head = Head {
             method,
             target,
             headers: req.headers,
+            names,
+            options: connection_options(names.iter().copied().zip(values)),
         };
         if !takes(&head, req.version) || conn.verdicts.rejection_for(index).is_some() {
             return End::Handoff { rest: buf, index };
         }
-        let options = connection_options(head.headers.iter().map(|h| (h.name, h.value)));
         let mut label = None;
         let verdict = handler.express(&head, conn, &mut label).await;
-        let mut close = options.close || drain_seen || draining.load(Ordering::Relaxed);
+        let mut close = head.options.close || drain_seen || draining.load(Ordering::Relaxed);
         let record = |status: u16, error: Option<&str>| {
             if let Some(recorder) = recorder {
                 recorder.record_status(status, error, label.as_ref(), conn.arrived);
@@ -110,14 +117,11 @@ fn takes(head: &Head<'_>, version: Option<u8>) -> bool {
     if version != Some(1) || head.method == "CONNECT" {
         return false;
     }
-    head.headers.iter().all(|h| {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            return h.value == b"0";
-        }
-        !(name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("upgrade")
-            || name.eq_ignore_ascii_case("expect"))
+    let mut headers = head.headers.iter().zip(head.names);
+    headers.all(|(h, name)| match name {
+        Name::ContentLength => h.value == b"0",
+        Name::TransferEncoding | Name::Upgrade | Name::Expect => false,
+        _ => true,
     })
 }
 
