@@ -18,3 +18,4 @@ mod registry_mesh;
 mod resilience;
 mod support;
 mod two_hops;
+mod wire;

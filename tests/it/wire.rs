@@ -1,0 +1,874 @@
+//! HTTP/1.1 on the wire through both hops (outbound → inbound → application), as bytes.
+//!
+//! The client writes exact request bytes to the outbound proxy and parses what comes back by
+//! hand, so a test sees the framing (lengths, chunks, connection closes), not a client
+//! library's reading of it. Most applications are a [`Scripted`] server: raw TCP that answers
+//! each request with bytes the test chose, keep-alive unless the script closes. Whatever does
+//! the forwarding inside the mesh (hyper today, our own byte path for bodyless requests
+//! tomorrow), these are the properties it must keep.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::support::*;
+use skyline::catalog::Health;
+
+/// The longest any single read of a test may wait: generous for a noisy 2-core machine, yet
+/// a hang fails the test instead of stalling the suite.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// What [`Wire::response`] says when the peer closed cleanly instead of answering.
+const CLOSED_BEFORE_RESPONSE: &str = "closed before a response";
+/// The largest response head or chunk-size line either side accepts.
+const MAX_HEAD: usize = 64 * 1024;
+
+// === Wire ===
+
+/// One side of a TCP connection with a read buffer: request and response heads, bodies by
+/// length, chunks and lines, each read bounded by [`READ_TIMEOUT`].
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = tokio::time::timeout(READ_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        Self::new(stream)
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write request");
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
+    async fn fill(&mut self) -> Result<usize, String> {
+        let mut chunk = [0u8; 64 * 1024];
+        let n = tokio::time::timeout(READ_TIMEOUT, self.stream.read(&mut chunk))
+            .await
+            .map_err(|_| "read timed out".to_owned())?
+            .map_err(|e| format!("read failed: {e}"))?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// Everything up to and including the next `delimiter`; `Ok(None)` when the peer closed
+    /// before sending a byte of it.
+    async fn until(&mut self, delimiter: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        loop {
+            if let Some(at) = self
+                .buf
+                .windows(delimiter.len())
+                .position(|w| w == delimiter)
+            {
+                return Ok(Some(self.buf.drain(..at + delimiter.len()).collect()));
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err("line or head too long".into());
+            }
+            if self.fill().await? == 0 {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(format!(
+                        "closed in the middle of a head: {:?}",
+                        String::from_utf8_lossy(&self.buf)
+                    )),
+                };
+            }
+        }
+    }
+
+    async fn exactly(&mut self, n: usize) -> Result<Vec<u8>, String> {
+        while self.buf.len() < n {
+            if self.fill().await? == 0 {
+                return Err(format!("closed after {} of {n} body bytes", self.buf.len()));
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    async fn until_close(&mut self) -> Result<Vec<u8>, String> {
+        while self.fill().await? > 0 {}
+        Ok(std::mem::take(&mut self.buf))
+    }
+
+    /// A chunked body, decoded; trailers are read and dropped.
+    async fn chunked(&mut self) -> Result<Vec<u8>, String> {
+        let mut body = Vec::new();
+        loop {
+            let line = self.until(b"\r\n").await?.ok_or("closed before a chunk")?;
+            let line = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+            let size = line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size, 16)
+                .map_err(|_| format!("bad chunk size line {line:?}"))?;
+            if size == 0 {
+                loop {
+                    let trailer = self.until(b"\r\n").await?.ok_or("closed in trailers")?;
+                    if trailer == b"\r\n" {
+                        return Ok(body);
+                    }
+                }
+            }
+            body.extend(self.exactly(size).await?);
+            if self.exactly(2).await? != b"\r\n" {
+                return Err("chunk not followed by CRLF".into());
+            }
+        }
+    }
+
+    /// Reads one response to a request with `method`; interim (1xx) responses are returned
+    /// like any other.
+    async fn response(&mut self, method: &str) -> Result<Answer, String> {
+        let head = self
+            .until(b"\r\n\r\n")
+            .await?
+            .ok_or(CLOSED_BEFORE_RESPONSE)?;
+        let mut answer = Answer::parse(&head)?;
+        answer.framing = if method == "HEAD"
+            || (100..200).contains(&answer.status)
+            || answer.status == 204
+            || answer.status == 304
+        {
+            Framing::None
+        } else if answer
+            .header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+        {
+            Framing::Chunked
+        } else if let Some(len) = answer.header("content-length") {
+            Framing::Length(len.parse().map_err(|_| format!("bad length {len:?}"))?)
+        } else {
+            Framing::Close
+        };
+        answer.body = match answer.framing {
+            Framing::None => Vec::new(),
+            Framing::Length(n) => self.exactly(n).await?,
+            Framing::Chunked => self.chunked().await?,
+            Framing::Close => self.until_close().await?,
+        };
+        Ok(answer)
+    }
+
+    /// The next final (non-1xx) response.
+    async fn final_response(&mut self, method: &str) -> Result<Answer, String> {
+        for _ in 0..10 {
+            let answer = self.response(method).await?;
+            if answer.status >= 200 {
+                return Ok(answer);
+            }
+        }
+        Err("more than 10 interim responses".into())
+    }
+
+    /// `GET /service/web<path>` on this connection, and its answer (which must come).
+    async fn get(&mut self, path: &str) -> Answer {
+        self.send(&get(path)).await;
+        self.final_response("GET")
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// Whether the peer closes the connection (end of stream or reset) without sending more.
+    async fn closes(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(READ_TIMEOUT, self.stream.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(_)) | Err(_) => false,
+        }
+    }
+}
+
+/// `GET /service/web<path>` as the bytes an application would send its outbound proxy.
+fn get(path: &str) -> Vec<u8> {
+    format!("GET /service/web{path} HTTP/1.1\r\nHost: mesh\r\n\r\n").into_bytes()
+}
+
+/// How a response's body was delimited on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No body: HEAD, 1xx, 204, 304.
+    None,
+    Length(usize),
+    Chunked,
+    /// Until the connection closed.
+    Close,
+}
+
+/// A response as it arrived.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// Names lowercased, in arrival order, repeats kept.
+    headers: Vec<(String, String)>,
+    framing: Framing,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn parse(head: &[u8]) -> Result<Self, String> {
+        let text = String::from_utf8_lossy(head);
+        let mut lines = text.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let mut parts = status_line.splitn(3, ' ');
+        let (version, status) = (parts.next(), parts.next());
+        if version != Some("HTTP/1.1") {
+            return Err(format!("bad status line {status_line:?}"));
+        }
+        let status = status
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+        let mut headers = Vec::new();
+        for line in lines.filter(|l| !l.is_empty()) {
+            let (name, value) = line
+                .split_once(':')
+                .ok_or_else(|| format!("bad header line {line:?}"))?;
+            headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        Ok(Self {
+            status,
+            headers,
+            framing: Framing::None,
+            body: Vec::new(),
+        })
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn count(&self, name: &str) -> usize {
+        self.headers.iter().filter(|(n, _)| n == name).count()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+// === Scripted ===
+
+/// A request as the application received it.
+#[derive(Clone, Debug)]
+struct Received {
+    method: String,
+    /// Path and query.
+    target: String,
+    /// The whole head, as text.
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn parse(head: &[u8]) -> Self {
+        let head = String::from_utf8_lossy(head).into_owned();
+        let mut first = head.split(' ');
+        Self {
+            method: first.next().unwrap_or_default().to_owned(),
+            target: first.next().unwrap_or_default().to_owned(),
+            body: Vec::new(),
+            head,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.split("\r\n").skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// What the application does in answer to one request.
+#[derive(Clone, Debug)]
+enum Step {
+    Write(Vec<u8>),
+    Pause(Duration),
+    /// Close the connection (no more requests are read on it).
+    Close,
+    /// Keep the connection open this long without answering anything more, counting any
+    /// bytes that arrive as [`Scripted::late_bytes`], then close it.
+    LingerThenClose(Duration),
+}
+
+fn write(bytes: impl AsRef<[u8]>) -> Step {
+    Step::Write(bytes.as_ref().to_vec())
+}
+
+/// `HTTP/1.1 200` with `body` and its `Content-Length`.
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+type Script = dyn Fn(&Received) -> Vec<Step> + Send + Sync;
+
+/// A raw TCP application answering each request with the [`Step`]s its script returns. It
+/// reads request bodies by `Content-Length` (or chunked), serves requests one after another
+/// on each connection, and records every request and every accepted connection.
+struct Scripted {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    accepts: Arc<AtomicU64>,
+    late_bytes: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Scripted {
+    fn spawn(ip: IpAddr, script: impl Fn(&Received) -> Vec<Step> + Send + Sync + 'static) -> Self {
+        let std_listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(std_listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let accepts = Arc::new(AtomicU64::new(0));
+        let late_bytes = Arc::new(AtomicU64::new(0));
+        let script: Arc<Script> = Arc::new(script);
+        let (r, a, l) = (received.clone(), accepts.clone(), late_bytes.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::Relaxed);
+                let (script, r, l) = (script.clone(), r.clone(), l.clone());
+                conns.spawn(serve_scripted(Wire::new(stream), script, r, l));
+            }
+        });
+        Self {
+            addr,
+            received,
+            accepts,
+            late_bytes,
+            task,
+        }
+    }
+
+    /// The application on node b, in the catalog as `web`.
+    fn placement(&self) -> Placement {
+        Placement {
+            service: "web",
+            node: "b",
+            addr: self.addr,
+            health: Health::Passing,
+        }
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn accepts(&self) -> u64 {
+        self.accepts.load(Ordering::Relaxed)
+    }
+
+    fn late_bytes(&self) -> u64 {
+        self.late_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Scripted {
+    /// Aborting the accept task drops its `JoinSet`, which aborts every connection task.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One connection of a [`Scripted`] application: request after request until the peer closes
+/// or the script does.
+async fn serve_scripted(
+    mut wire: Wire,
+    script: Arc<Script>,
+    received: Arc<Mutex<Vec<Received>>>,
+    late_bytes: Arc<AtomicU64>,
+) {
+    loop {
+        let Ok(Some(head)) = wire.until(b"\r\n\r\n").await else {
+            return;
+        };
+        let mut request = Received::parse(&head);
+        let body = if request
+            .header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+        {
+            wire.chunked().await
+        } else {
+            let len = request
+                .header("content-length")
+                .and_then(|n| n.parse().ok());
+            wire.exactly(len.unwrap_or(0)).await
+        };
+        let Ok(body) = body else { return };
+        request.body = body;
+        received.lock().unwrap().push(request.clone());
+        for step in script(&request) {
+            match step {
+                Step::Write(bytes) => {
+                    if wire.stream.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Pause(time) => tokio::time::sleep(time).await,
+                Step::Close => return,
+                Step::LingerThenClose(time) => {
+                    let late = wire.buf.len() as u64;
+                    late_bytes.fetch_add(late, Ordering::Relaxed);
+                    let mut sink = [0u8; 4096];
+                    let _ = tokio::time::timeout(time, async {
+                        while let Ok(n @ 1..) = wire.stream.read(&mut sink).await {
+                            late_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    })
+                    .await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The two-hop mesh in front of `app`: the client talks to node a's outbound proxy, the
+/// application runs behind node b's inbound proxy.
+async fn mesh_for(app: Placement) -> TestMesh {
+    TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .place(app)
+        .spawn()
+        .await
+}
+
+fn node_b() -> IpAddr {
+    ip("127.0.0.3")
+}
+
+/// A script answering `200` with the request target as its body (`Content-Length` framing).
+fn echo_target(request: &Received) -> Vec<Step> {
+    vec![write(ok(&request.target))]
+}
+
+// === Tests ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_response_arrives_whole_and_the_connection_serves_the_next_request() {
+    let app = Scripted::spawn(node_b(), |request| {
+        if request.target != "/chunked" {
+            return echo_target(request);
+        }
+        let pause = Step::Pause(Duration::from_millis(30));
+        vec![
+            write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            write("5\r\nhello\r\n"),
+            pause.clone(),
+            write("1\r\n \r\n"),
+            pause.clone(),
+            write("b\r\nchunked wor\r\n"),
+            pause,
+            write("2\r\nld\r\n0\r\n\r\n"),
+        ]
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    let answer = client.get("/chunked").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.text(), "hello chunked world");
+    let next = client.get("/after").await;
+    assert_eq!((next.status, next.text().as_str()), (200, "/after"));
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_delimited_response_arrives_whole_and_the_next_request_succeeds() {
+    let app = Scripted::spawn(node_b(), |request| {
+        if request.target != "/until-close" {
+            return echo_target(request);
+        }
+        vec![
+            write("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nthe body, "),
+            Step::Pause(Duration::from_millis(30)),
+            write("delimited by the close"),
+            Step::Close,
+        ]
+    });
+    let mesh = mesh_for(app.placement()).await;
+
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let answer = client.get("/until-close").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.text(), "the body, delimited by the close");
+
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let next = client.get("/next").await;
+    assert_eq!((next.status, next.text().as_str()), (200, "/next"));
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_answer_has_no_body_and_the_next_get_on_the_connection_gets_its_own() {
+    let app = Scripted::spawn(node_b(), |request| match request.method.as_str() {
+        "HEAD" => vec![write("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")],
+        _ => echo_target(request),
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    client
+        .send(b"HEAD /service/web/doc HTTP/1.1\r\nHost: mesh\r\n\r\n")
+        .await;
+    let head = client.final_response("HEAD").await.unwrap();
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(head.header("content-length"), Some("1000"));
+    // Had the mesh sent a body after the HEAD answer, it would be read as the GET's answer.
+    let next = client.get("/doc").await;
+    assert_eq!(
+        (next.status, next.text().as_str()),
+        (200, "/doc"),
+        "{next:?}"
+    );
+    let methods: Vec<String> = app.received().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["HEAD", "GET"]);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_content_and_not_modified_answers_carry_no_body_and_the_connection_goes_on() {
+    let app = Scripted::spawn(node_b(), |request| match request.target.as_str() {
+        "/204" => vec![write("HTTP/1.1 204 No Content\r\nX-Kind: empty\r\n\r\n")],
+        "/304" => vec![write(
+            "HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 42\r\n\r\n",
+        )],
+        _ => echo_target(request),
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    for (path, status) in [("/204", 204), ("/304", 304)] {
+        let answer = client.get(path).await;
+        assert_eq!(answer.status, status, "{answer:?}");
+        assert!(answer.header("transfer-encoding").is_none(), "{answer:?}");
+        let next = client.get(&format!("{path}/next")).await;
+        assert_eq!(
+            (next.status, next.text()),
+            (200, format!("{path}/next")),
+            "a body after {status} would have been read as this answer"
+        );
+    }
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_get_their_answers_in_order() {
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    client.send(&[get("/first"), get("/second")].concat()).await;
+    let first = client.final_response("GET").await.unwrap();
+    let second = client.final_response("GET").await.unwrap();
+    assert_eq!((first.status, first.text().as_str()), (200, "/first"));
+    assert_eq!((second.status, second.text().as_str()), (200, "/second"));
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_with_a_body_between_gets_on_one_connection_is_forwarded_with_its_body() {
+    let app = Scripted::spawn(node_b(), |request| {
+        let body = format!(
+            "{} {} {}",
+            request.method,
+            request.target,
+            String::from_utf8_lossy(&request.body)
+        );
+        vec![write(ok(&body))]
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    let first = client.get("/one").await;
+    assert_eq!(first.text(), "GET /one ");
+    client
+        .send(b"POST /service/web/two HTTP/1.1\r\nHost: mesh\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
+    let post = client.final_response("POST").await.unwrap();
+    assert_eq!(
+        (post.status, post.text().as_str()),
+        (200, "POST /two hello")
+    );
+    let third = client.get("/three").await;
+    assert_eq!(third.text(), "GET /three ");
+
+    let received = app.received();
+    assert_eq!(received.len(), 3, "{received:?}");
+    assert_eq!(received[1].body, b"hello");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_the_app_closes_with_connection_close_is_not_reused() {
+    // After its answer the application keeps the connection open a while, silent: a request
+    // the mesh sent on it anyway would never be answered, and is counted.
+    let app = Scripted::spawn(node_b(), |request| {
+        vec![
+            write(format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+                request.target.len(),
+                request.target
+            )),
+            Step::LingerThenClose(Duration::from_millis(300)),
+        ]
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    for path in ["/one", "/two", "/three"] {
+        let answer = client.get(path).await;
+        assert_eq!((answer.status, answer.text().as_str()), (200, path));
+    }
+    assert_eq!(app.received().len(), 3);
+    assert_eq!(app.accepts(), 3, "one upstream connection per request");
+    assert_eq!(
+        app.late_bytes(),
+        0,
+        "nothing is sent on a connection after its connection: close"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_upstream_connections_on_the_last_hop() {
+    const N: u64 = 20;
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    for i in 0..N {
+        let answer = client.get(&format!("/{i}")).await;
+        assert_eq!((answer.status, answer.text()), (200, format!("/{i}")));
+    }
+    let accepts = app.accepts();
+    assert!(
+        accepts < N,
+        "{N} requests took {accepts} upstream connections"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_response_is_never_passed_off_as_complete() {
+    let app = Scripted::spawn(node_b(), |request| {
+        if request.target != "/truncated" {
+            return echo_target(request);
+        }
+        vec![
+            write("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"),
+            Step::Close,
+        ]
+    });
+    let mesh = mesh_for(app.placement()).await;
+
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    client.send(&get("/truncated")).await;
+    match client.final_response("GET").await {
+        // The connection broke before the body completed.
+        Err(error) => assert!(!error.contains("timed out"), "{error}"),
+        Ok(answer) => {
+            assert_eq!(answer.status, 502, "{answer:?}");
+            assert!(answer.header("x-skyline-error").is_some(), "{answer:?}");
+        }
+    }
+
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let next = client.get("/next").await;
+    assert_eq!((next.status, next.text().as_str()), (200, "/next"));
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_continue_before_the_answer_to_a_get_leaves_the_final_answer_intact() {
+    let app = Scripted::spawn(node_b(), |request| {
+        vec![
+            write("HTTP/1.1 100 Continue\r\n\r\n"),
+            Step::Pause(Duration::from_millis(20)),
+            write(ok(&format!("final {}", request.target))),
+        ]
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    let answer = client.get("/x").await;
+    assert_eq!((answer.status, answer.text().as_str()), (200, "final /x"));
+    let next = client.get("/y").await;
+    assert_eq!((next.status, next.text().as_str()), (200, "final /y"));
+    mesh.stop().await;
+}
+
+/// An application whose answer to `/ambiguous` declares `Content-Length: declared` and
+/// `Transfer-Encoding: chunked` together; its chunked body is "hello world" (11 bytes). Other
+/// targets get their echo.
+fn ambiguous_app(declared: usize) -> Scripted {
+    Scripted::spawn(node_b(), move |request| {
+        if request.target != "/ambiguous" {
+            return echo_target(request);
+        }
+        vec![write(format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
+        ))]
+    })
+}
+
+/// Declared lengths that disagree with the chunked body of [`ambiguous_app`]: shorter, so a
+/// reader by length takes the rest as the next answer, and longer, so it swallows the start of
+/// the next answer.
+const AMBIGUOUS_LENGTHS: [usize; 2] = [5, 40];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "today the mesh decodes the body as chunked but forwards the app's Content-Length: \
+            with 5 the client gets `200, content-length: 5, hello` (the rest dropped), with 40 \
+            it gets `content-length: 40` and 11 bytes, then the connection closes"]
+async fn an_answer_with_both_content_length_and_chunked_is_not_forwarded_ambiguously() {
+    for declared in AMBIGUOUS_LENGTHS {
+        let app = ambiguous_app(declared);
+        let mesh = mesh_for(app.placement()).await;
+        let mut client = Wire::connect(mesh.outbound("a")).await;
+
+        client.send(&get("/ambiguous")).await;
+        let answer = client.final_response("GET").await;
+        let answer = answer.unwrap_or_else(|e| panic!("Content-Length {declared}: {e}"));
+        if answer.status == 502 {
+            assert!(answer.header("x-skyline-error").is_some(), "{answer:?}");
+        } else {
+            let framing = answer.count("content-length") + answer.count("transfer-encoding");
+            assert_eq!(framing, 1, "one framing header: {answer:?}");
+            assert_eq!(
+                (answer.status, answer.text().as_str()),
+                (200, "hello world"),
+                "Content-Length {declared}"
+            );
+        }
+        let next = client.get("/second").await;
+        assert_eq!(
+            (next.status, next.text().as_str()),
+            (200, "/second"),
+            "Content-Length {declared}"
+        );
+        mesh.stop().await;
+    }
+}
+
+/// The weaker property of the test above, which holds today and must survive the rewrite: an
+/// ambiguously framed answer may be cut short, but what the client reads next on its
+/// connection is its own answer or the connection's end, never bytes of the ambiguous one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguously_framed_answer_never_desynchronises_the_client_connection() {
+    for declared in AMBIGUOUS_LENGTHS {
+        let app = ambiguous_app(declared);
+        let mesh = mesh_for(app.placement()).await;
+        let mut client = Wire::connect(mesh.outbound("a")).await;
+
+        // Both requests at once: the second is already waiting when the first is answered.
+        client
+            .send(&[get("/ambiguous"), get("/second")].concat())
+            .await;
+        let first = client.final_response("GET").await;
+        if let Ok(first) = &first {
+            let framing = first.count("content-length") + first.count("transfer-encoding");
+            assert_eq!(framing, 1, "one framing header: {first:?}");
+            match client.final_response("GET").await {
+                Ok(next) => assert_eq!(
+                    (next.status, next.text().as_str()),
+                    (200, "/second"),
+                    "Content-Length {declared}: after {first:?}"
+                ),
+                Err(e) => assert_eq!(e, CLOSED_BEFORE_RESPONSE, "Content-Length {declared}"),
+            }
+        }
+        let mut fresh = Wire::connect(mesh.outbound("a")).await;
+        let next = fresh.get("/fresh").await;
+        assert_eq!((next.status, next.text().as_str()), (200, "/fresh"));
+        mesh.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_request_with_connection_close_is_answered_with_close_and_the_connection_ends() {
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    client
+        .send(b"GET /service/web/last HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n")
+        .await;
+    let answer = client.final_response("GET").await.unwrap();
+    assert_eq!((answer.status, answer.text().as_str()), (200, "/last"));
+    assert!(
+        answer
+            .header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close")),
+        "{answer:?}"
+    );
+    assert!(client.closes().await, "the mesh closes the connection");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_arrives_complete() {
+    const SIZE: usize = 8 << 20;
+    let app = TestApp::spawn("web", node_b());
+    let mesh = mesh_for(place("web", "b", &app)).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    let answer = client.get(&format!("/bytes/{SIZE}")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body.len(), SIZE, "framing {:?}", answer.framing);
+    assert!(answer.body.iter().all(|b| *b == 0));
+    mesh.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_headers_are_dropped_and_end_to_end_ones_pass() {
+    let app = Scripted::spawn(node_b(), |_| {
+        vec![write(
+            "HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: 1\r\n\
+             Keep-Alive: timeout=5\r\nX-End: 1\r\nContent-Length: 2\r\n\r\nok",
+        )]
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+
+    let answer = client.get("/").await;
+    assert_eq!((answer.status, answer.text().as_str()), (200, "ok"));
+    assert_eq!(answer.header("x-end"), Some("1"), "{answer:?}");
+    assert!(answer.header("x-private").is_none(), "{answer:?}");
+    assert!(answer.header("keep-alive").is_none(), "{answer:?}");
+    assert!(
+        answer
+            .header("connection")
+            .is_none_or(|c| !c.to_ascii_lowercase().contains("x-private")),
+        "{answer:?}"
+    );
+    mesh.stop().await;
+}
