@@ -358,6 +358,11 @@ impl Forwarder {
             }
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
+                // hyper decoded a chunked body; the length an ambiguous answer also gave is
+                // not the body's (RFC 9112 §6.3: an intermediary removes it).
+                if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, Either::Left(body)))
             }
