@@ -16,7 +16,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use hashbrown::HashMap;
@@ -40,6 +40,14 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 100;
 /// Bytes read from an upstream at a time.
 const READ_SIZE: usize = 16 * 1024;
+
+/// Where the head at the start of `buf` ends (after its blank line), if it is all there.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    // Built once: building a searcher costs more than a search.
+    static BLANK_LINE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
+    BLANK_LINE.find(buf).map(|i| i + 4)
+}
 
 /// A client's request head, parsed (by httparse, over bytes the framing guard validated).
 pub struct Head<'a> {
@@ -93,7 +101,8 @@ impl Forwarder {
         let started = Instant::from_std(conn.arrived);
         let now = ns_at(conn.arrived);
         let policy = upstream.policy;
-        let mut request = Vec::with_capacity(512);
+        // Room for the per-attempt headers too.
+        let mut request = Vec::with_capacity(1024);
         let written = write_request_head(&mut request, head, target, host, hops, conn, upstream);
         let deadline = started
             + written.timeout_ms.map_or(policy.request_timeout, |ms| {
@@ -112,7 +121,6 @@ impl Forwarder {
         };
         let mut exchange = RawExchange {
             pool: &self.raw,
-            sent: Vec::with_capacity(request.len() + 128),
             head: request,
             caller_attempt: written.caller_attempt,
             // Only the first hop sends a request again after it may have arrived (see
@@ -155,7 +163,8 @@ fn write_request_head(
         caller_attempt: None,
     };
     let (mut has_id, mut has_forwarded_host, mut host_value) = (false, false, None);
-    let mut forwarded_for: Option<Vec<u8>> = None;
+    // Earlier hops' `x-forwarded-for` values: nearly always none or one.
+    let (mut forwarded_for, mut more_forwarded_for) = (None, Vec::new());
     for (h, &kind) in head.headers.iter().zip(head.names) {
         let name = h.name;
         match kind {
@@ -176,9 +185,10 @@ fn write_request_head(
             }
             Name::Hops if hops.is_some() => continue,
             Name::ForwardedFor => {
-                let all = forwarded_for.get_or_insert_with(Vec::new);
-                all.extend_from_slice(h.value);
-                all.extend_from_slice(b", ");
+                match forwarded_for {
+                    None => forwarded_for = Some(h.value),
+                    Some(_) => more_forwarded_for.push(h.value),
+                }
                 continue;
             }
             Name::Host => {
@@ -196,9 +206,13 @@ fn write_request_head(
     if !has_id {
         header(out, b"x-request-id", &request_id_bytes());
     }
-    let mut all = forwarded_for.unwrap_or_default();
-    all.extend_from_slice(conn.peer_ip.as_bytes());
-    header(out, b"x-forwarded-for", &all);
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for earlier in forwarded_for.iter().chain(&more_forwarded_for) {
+        out.extend_from_slice(earlier);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(conn.peer_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
     written.set_host = match host {
         Host::Keep => host_value.is_none(),
         Host::Upstream => {
@@ -331,8 +345,6 @@ struct RawExchange<'p> {
     pool: &'p RawPool,
     /// The head without the per-attempt headers and the final CRLF.
     head: Vec<u8>,
-    /// The head as sent by the current attempt.
-    sent: Vec<u8>,
     caller_attempt: Option<Vec<u8>>,
     replayable: bool,
     /// A HEAD request: the answer has no body whatever its headers say.
@@ -361,26 +373,33 @@ impl Exchange for RawExchange<'_> {
         headers: AttemptHeaders<'_>,
         limits: Limits,
     ) -> Result<Answer, Failed> {
-        self.sent.clear();
-        self.sent.extend_from_slice(&self.head);
+        // This attempt's headers go after the common ones, and are cut off again at the end.
+        let common = self.head.len();
+        let result = self.send_head(addr, &headers, limits).await;
+        self.head.truncate(common);
+        result
+    }
+}
+
+impl RawExchange<'_> {
+    /// Sends the head with `headers` added and reads the answer's head.
+    async fn send_head(
+        &mut self,
+        addr: SocketAddr,
+        headers: &AttemptHeaders<'_>,
+        limits: Limits,
+    ) -> Result<Answer, Failed> {
+        let head = &mut self.head;
         if let Some(host) = headers.host {
-            header(&mut self.sent, b"host", host.as_bytes());
+            header(head, b"host", host.as_bytes());
         }
-        header(
-            &mut self.sent,
-            b"x-skyline-timeout-ms",
-            headers.timeout.as_bytes(),
-        );
+        header(head, b"x-skyline-timeout-ms", headers.timeout.as_bytes());
         match (headers.attempt, &self.caller_attempt) {
-            (Some(n), _) => header(
-                &mut self.sent,
-                b"x-skyline-attempt",
-                n.to_string().as_bytes(),
-            ),
-            (None, Some(value)) => header(&mut self.sent, b"x-skyline-attempt", value),
+            (Some(n), _) => header(head, b"x-skyline-attempt", n.to_string().as_bytes()),
+            (None, Some(value)) => header(head, b"x-skyline-attempt", value),
             (None, None) => {}
         }
-        self.sent.extend_from_slice(b"\r\n");
+        head.extend_from_slice(b"\r\n");
         let mut fresh = false;
         loop {
             let mut conn = match self.pool.take(addr) {
@@ -399,7 +418,7 @@ impl Exchange for RawExchange<'_> {
                     }
                 }
             };
-            if let Err(source) = conn.stream.write_all(&self.sent).await {
+            if let Err(source) = conn.stream.write_all(&self.head).await {
                 if fresh {
                     return Err(Failed::Broken(SendError::Io { addr, source }));
                 }
@@ -441,6 +460,7 @@ pub struct RawPool {
 
 #[derive(Debug)]
 struct RawInner {
+    /// Per endpoint, oldest first, each with the moment it expires.
     idle: Mutex<HashMap<SocketAddr, Vec<(RawConn, std::time::Instant)>>>,
     idle_timeout: Duration,
 }
@@ -460,8 +480,8 @@ impl RawPool {
         let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&addr)?;
         let now = std::time::Instant::now();
-        while let Some((conn, since)) = list.pop() {
-            if now.duration_since(since) < self.inner.idle_timeout && conn.is_open() {
+        while let Some((conn, expires)) = list.pop() {
+            if now < expires && conn.is_open() {
                 return Some(conn);
             }
         }
@@ -474,16 +494,12 @@ impl RawPool {
         // Connections idle past the timeout are dropped (closed) here too, so an endpoint that
         // is no longer used does not keep them.
         let now = std::time::Instant::now();
-        let timeout = self.inner.idle_timeout;
         // Oldest first: nothing to drop unless the first one expired.
-        if list
-            .first()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= timeout)
-        {
-            list.retain(|(_, since)| now.duration_since(*since) < timeout);
+        if list.first().is_some_and(|&(_, expires)| expires <= now) {
+            list.retain(|&(_, expires)| now < expires);
         }
         if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push((conn, now));
+            list.push((conn, now + self.inner.idle_timeout));
         }
     }
 
@@ -568,7 +584,7 @@ impl RawConn {
     }
 
     fn head_end(&self) -> Option<usize> {
-        memmem::find(&self.buf, b"\r\n\r\n").map(|i| i + 4)
+        head_end(&self.buf)
     }
 
     /// Reads more into `buf`; 0 at end of stream.

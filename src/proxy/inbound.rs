@@ -11,7 +11,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::express::{Head, Verdict};
-use super::outbound::split_service_path;
+use super::outbound::{path_of, split_service_path};
 use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError};
 use crate::catalog::ServiceName;
@@ -103,10 +103,7 @@ impl Proxy for Inbound {
         conn: &Conn,
         label: &mut Option<ServiceLabel>,
     ) -> Verdict {
-        let (path, query) = match head.target.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (head.target, None),
-        };
+        let (path, query) = path_of(head.target);
         let Ok((name, rest)) = split_service_path(path) else {
             return Verdict::Decline;
         };

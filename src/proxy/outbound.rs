@@ -117,7 +117,7 @@ impl Proxy for Outbound {
         conn: &Conn,
         label: &mut Option<ServiceLabel>,
     ) -> Verdict {
-        let path = head.target.split('?').next().unwrap_or_default();
+        let path = path_of(head.target).0;
         let Ok(name) = service_of(path) else {
             return Verdict::Decline;
         };
@@ -178,6 +178,14 @@ fn cluster_name(req: &Request<Incoming>) -> Option<String> {
     cluster_service(host, DEFAULT_CLUSTER_DOMAIN).map(str::to_owned)
 }
 
+/// A request target's path and query (after `?`), split with memchr (`str::split` is slower).
+pub fn path_of(target: &str) -> (&str, Option<&str>) {
+    match memchr::memchr(b'?', target.as_bytes()) {
+        Some(i) => (&target[..i], Some(&target[i + 1..])),
+        None => (target, None),
+    }
+}
+
 /// The service name of a Skyline path `/service/<name>[/<rest>]`, validated.
 pub fn service_of(path: &str) -> Result<&str, MeshError> {
     let (name, _) = split_service_path(path)?;
@@ -189,7 +197,8 @@ pub fn split_service_path(path: &str) -> Result<(&str, &str), MeshError> {
     let Some(after) = path.strip_prefix("/service/") else {
         return Err(MeshError::bad_request("expected /service/<name>/<path>"));
     };
-    let (name, rest) = after.split_at(after.find('/').unwrap_or(after.len()));
+    let slash = memchr::memchr(b'/', after.as_bytes()).unwrap_or(after.len());
+    let (name, rest) = after.split_at(slash);
     if !ServiceName::is_valid(name) {
         return Err(MeshError::bad_request("invalid service name"));
     }

@@ -12,14 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use memchr::memmem;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::guard::Guarded;
 use super::{Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder};
-use crate::proxy::express::{Head, Name, Verdict, connection_options, write_error};
+use crate::proxy::express::{Head, Name, Verdict, connection_options, head_end, write_error};
 
 /// Header slots for a client's request head: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
@@ -138,8 +137,8 @@ async fn read_head(
     // drain starts.
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        if let Some(i) = memmem::find(buf, b"\r\n\r\n") {
-            return Some(i + 4);
+        if let Some(end) = head_end(buf) {
+            return Some(end);
         }
         if !buf.is_empty() && timer.is_none() {
             timer = Some(Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT)));
