@@ -330,7 +330,17 @@ async fn an_agent_restarted_on_inherited_sockets_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_named_for_no_listener_of_the_role_is_refused_at_start() {
     let socket = supervised_socket("127.0.0.1");
-    let mut agent = Skyline::start(&["agent", "--admin", "off"], &[("gateway", &socket)]);
+    // Ports 0: the refusal must not depend on the default ports being free on this machine.
+    let args = [
+        "agent",
+        "--admin",
+        "off",
+        "--outbound",
+        "127.0.0.1:0",
+        "--inbound",
+        "127.0.0.1:0",
+    ];
+    let mut agent = Skyline::start(&args, &[("gateway", &socket)]);
     let status = tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
         .await
         .expect("the agent refuses to start")
