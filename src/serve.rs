@@ -158,7 +158,8 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// The peer's IP as a header value, built once per connection (for `x-forwarded-for`).
     pub peer_ip: HeaderValue,
-    /// The request's position on its connection (0-based).
+    /// The request's position among those the framing guard saw on its connection (0-based):
+    /// how [`rejected`](Self::rejected) finds the guard's verdict.
     pub index: u64,
     /// When the request's head was read: the start of its deadline and of its recorded time.
     pub arrived: Instant,
@@ -244,7 +245,7 @@ async fn serve_with<H: Handler>(
     // cancellation token would take its lock).
     let draining = Arc::new(AtomicBool::new(false));
     loop {
-        let (stream, peer) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -258,7 +259,6 @@ async fn serve_with<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (mut io, verdicts) = Guarded::new(stream, limits);
         let handler = handler.clone();
         let draining = draining.clone();
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
@@ -274,12 +274,12 @@ async fn serve_with<H: Handler>(
                 peer_ip,
                 index: 0,
                 arrived: Instant::now(),
-                verdicts,
+                verdicts: Verdicts::default(),
             };
             let mut rest = Vec::new();
             if H::EXPRESS {
                 let lane = express::serve(
-                    &mut io,
+                    &mut stream,
                     &handler,
                     &mut conn,
                     recorder.as_ref(),
@@ -288,16 +288,12 @@ async fn serve_with<H: Handler>(
                 );
                 match lane.await {
                     express::End::Closed => return,
-                    express::End::Handoff {
-                        rest: unread,
-                        index,
-                    } => {
-                        rest = unread;
-                        conn.index = index;
-                    }
+                    express::End::Handoff { rest: unread } => rest = unread,
                 }
             }
-            let io = express::Rewind::new(io, rest);
+            // The guard numbers the requests it sees from 0.
+            let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
+            let conn = Conn { verdicts, ..conn };
             serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
         });
     }
@@ -317,7 +313,7 @@ async fn serve_with<H: Handler>(
 /// some before).
 async fn serve_hyper<H: Handler>(
     http: &http1::Builder,
-    io: express::Rewind<Guarded<tokio::net::TcpStream>>,
+    io: Guarded<express::Rewind<tokio::net::TcpStream>>,
     first: Conn,
     handler: H,
     recorder: Option<Recorder>,

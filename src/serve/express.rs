@@ -1,12 +1,15 @@
 //! Serving a connection on the express lane (see `proxy::express`) until a request needs hyper.
 //!
-//! The loop reads request heads through the framing guard, so it sees only bytes the guard
-//! validated, and hands each body-less HTTP/1.1 request to the role's [`Proxy::express`](super::Proxy::express). The
+//! The loop reads request heads straight from the socket, checks and parses each in one pass
+//! by the framing guard's rules ([`validate_head`]), and hands each body-less HTTP/1.1 request
+//! to the role's [`Proxy::express`](super::Proxy::express). The
 //! first request it does not take (a body, an upgrade, `Expect`, HTTP/1.0, a refused head, or
-//! one the proxy declines) ends the loop: hyper serves the rest of the connection, starting
-//! with the bytes already read ([`Rewind`]). A connection moves to hyper at most once.
+//! one the proxy declines) ends the loop: hyper, behind a framing guard, serves the rest of the
+//! connection, starting with the bytes already read ([`Rewind`]), so a refused head is answered
+//! exactly as without the express lane. A connection moves to hyper at most once.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -16,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::guard::Guarded;
+use super::guard::{HeadCheck, Limits, head_is_refused, validate_head};
 use super::{Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder};
 use crate::proxy::express::{Head, Name, Verdict, connection_options, head_end, write_error};
 
@@ -27,53 +30,62 @@ const MAX_HEADERS: usize = 100;
 pub(super) enum End {
     /// Finished: closed by either side, failed, or timed out.
     Closed,
-    /// Hyper serves the rest, starting with `rest` (read and not used); its first request is
-    /// request number `index` of the connection.
-    Handoff { rest: Vec<u8>, index: u64 },
+    /// Hyper serves the rest (through a framing guard), starting with `rest`: bytes read and
+    /// not used, from the first byte of a request head.
+    Handoff { rest: Vec<u8> },
 }
 
-/// Serves `io` on the express lane until it ends or a request needs hyper.
+/// Serves `stream` on the express lane until it ends or a request needs hyper.
 pub(super) async fn serve<H: Handler>(
-    io: &mut Guarded<TcpStream>,
+    stream: &mut TcpStream,
     handler: &H,
     conn: &mut Conn,
     recorder: Option<&Recorder>,
     draining: &AtomicBool,
     shutdown: &CancellationToken,
 ) -> End {
+    let limits = Limits::default();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut index = 0u64;
     let mut cancelled = pin!(shutdown.cancelled());
     let mut drain_seen = false;
     loop {
-        let end = match read_head(io, &mut buf, cancelled.as_mut(), &mut drain_seen).await {
-            Some(end) => end,
-            None => return End::Closed,
+        let read = read_head(
+            stream,
+            &mut buf,
+            limits,
+            cancelled.as_mut(),
+            &mut drain_seen,
+        );
+        let end = match read.await {
+            Read::Head(end) => end,
+            Read::Refused => return End::Handoff { rest: buf },
+            Read::Closed => return End::Closed,
         };
         conn.arrived = Instant::now();
-        conn.index = index;
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut slots);
-        let parsed =
-            matches!(req.parse(&buf[..end]), Ok(httparse::Status::Complete(n)) if n == end);
-        let (Some(method), Some(target), true) = (req.method, req.path, parsed) else {
-            return End::Handoff { rest: buf, index };
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        // Checked and parsed in one pass; a refused head goes to the guard, which answers it.
+        let HeadCheck::Valid { request, has_body } = validate_head(&buf[..end], limits, &mut slots)
+        else {
+            return End::Handoff { rest: buf };
+        };
+        let (Some(method), Some(target)) = (request.method, request.path) else {
+            return End::Handoff { rest: buf };
         };
         let mut names = [Name::Other; MAX_HEADERS];
-        for (slot, h) in names.iter_mut().zip(req.headers.iter()) {
+        for (slot, h) in names.iter_mut().zip(request.headers.iter()) {
             *slot = Name::of(h.name);
         }
-        let names = &names[..req.headers.len()];
-        let values = req.headers.iter().map(|h| h.value);
+        let names = &names[..request.headers.len()];
+        let values = request.headers.iter().map(|h| h.value);
         let head = Head {
             method,
             target,
-            headers: req.headers,
+            headers: request.headers,
             names,
             options: connection_options(names.iter().copied().zip(values)),
         };
-        if !takes(&head, req.version) || conn.verdicts.rejection_for(index).is_some() {
-            return End::Handoff { rest: buf, index };
+        if has_body || !takes(&head, request.version) {
+            return End::Handoff { rest: buf };
         }
         let mut label = None;
         let verdict = handler.express(&head, conn, &mut label).await;
@@ -84,10 +96,10 @@ pub(super) async fn serve<H: Handler>(
             }
         };
         match verdict {
-            Verdict::Decline => return End::Handoff { rest: buf, index },
+            Verdict::Decline => return End::Handoff { rest: buf },
             Verdict::Answer(answer) => {
                 record(answer.status.as_u16(), answer.mesh_error.as_deref());
-                if let Err(error) = answer.relay(io, close).await {
+                if let Err(error) = answer.relay(stream, close).await {
                     tracing::debug!(peer = %conn.peer, %error, "relaying an answer failed");
                     return End::Closed;
                 }
@@ -97,51 +109,66 @@ pub(super) async fn serve<H: Handler>(
                 let error = write_error(&mut out, error, &service, close);
                 record(error.status().as_u16(), Some(error.code()));
                 close |= matches!(error, crate::proxy::MeshError::BadRequest { .. });
-                if io.write_all(&out).await.is_err() {
+                if stream.write_all(&out).await.is_err() {
                     return End::Closed;
                 }
             }
         }
         if close {
-            let _ = io.shutdown().await;
+            let _ = stream.shutdown().await;
             return End::Closed;
         }
         buf.drain(..end);
-        index += 1;
     }
 }
 
-/// Whether the express lane takes a request: HTTP/1.1, no body, no upgrade, no `Expect`.
+/// Whether the express lane takes a body-less request: HTTP/1.1, no upgrade, no `Expect`.
 fn takes(head: &Head<'_>, version: Option<u8>) -> bool {
     if version != Some(1) || head.method == "CONNECT" {
         return false;
     }
-    let mut headers = head.headers.iter().zip(head.names);
-    headers.all(|(h, name)| match name {
-        Name::ContentLength => h.value == b"0",
-        Name::TransferEncoding | Name::Upgrade | Name::Expect => false,
-        _ => true,
-    })
+    let mut names = head.names.iter();
+    names.all(|name| !matches!(name, Name::Upgrade | Name::Expect))
 }
 
-/// Reads until `buf` holds a whole head and returns its length; `None` when the connection
-/// ends first: closed, failed, slow (a started head has [`HEADER_READ_TIMEOUT`]), or idle after
-/// the drain started (for [`DRAIN_IDLE_GRACE`]).
+/// What [`read_head`] got.
+enum Read {
+    /// `buf` starts with a whole head of this many bytes.
+    Head(usize),
+    /// `buf` starts with a head the framing guard refuses (it need not be whole).
+    Refused,
+    /// The connection ended first: closed, failed, slow (a started head has
+    /// [`HEADER_READ_TIMEOUT`]), or idle after the drain started (for [`DRAIN_IDLE_GRACE`]).
+    Closed,
+}
+
+/// Reads until `buf` starts with a whole request head.
 async fn read_head(
-    io: &mut Guarded<TcpStream>,
+    stream: &mut TcpStream,
     buf: &mut Vec<u8>,
+    limits: Limits,
     mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     drain_seen: &mut bool,
-) -> Option<usize> {
+) -> Read {
     // Armed at the first byte of a head (an idle keep-alive connection may wait), or when the
     // drain starts.
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
+        // Empty lines before a request line are allowed (RFC 9112 §2.2).
+        let blank = buf.chunks(2).take_while(|pair| *pair == b"\r\n").count();
+        buf.drain(..blank * 2);
         if let Some(end) = head_end(buf) {
-            return Some(end);
+            return Read::Head(end);
         }
-        if !buf.is_empty() && timer.is_none() {
-            timer = Some(Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT)));
+        if !buf.is_empty() {
+            // A head that spans reads: refuse early what the guard would (a bare LF, say, or
+            // a head past the limits), rather than wait for a blank line that may never come.
+            if head_is_refused(buf, limits) {
+                return Read::Refused;
+            }
+            if timer.is_none() {
+                timer = Some(Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT)));
+            }
         }
         buf.reserve(4096);
         let expired = async {
@@ -152,8 +179,8 @@ async fn read_head(
         };
         tokio::select! {
             biased;
-            read = io.read_buf(buf) => match read {
-                Ok(0) | Err(_) => return None,
+            read = stream.read_buf(buf) => match read {
+                Ok(0) | Err(_) => return Read::Closed,
                 Ok(_) => {}
             },
             () = cancelled.as_mut(), if !*drain_seen => {
@@ -162,7 +189,7 @@ async fn read_head(
                     timer = Some(Box::pin(tokio::time::sleep(DRAIN_IDLE_GRACE)));
                 }
             }
-            () = expired => return None,
+            () = expired => return Read::Closed,
         }
     }
 }

@@ -499,7 +499,14 @@ struct HeadScan {
 
 enum HeadStep {
     Incomplete,
-    Complete { len: usize, framing: Framing },
+    /// The head's lines passed; it ends after `len` bytes and is still to be checked whole.
+    Ended {
+        len: usize,
+    },
+    Complete {
+        len: usize,
+        framing: Framing,
+    },
     Reject(Rejection),
 }
 
@@ -546,8 +553,14 @@ impl Scanner {
                         return Scan::Done;
                     }
                     let head = data.get(pos..).unwrap_or_default();
-                    match self.scan_head(head) {
-                        HeadStep::Incomplete => return Scan::Partial { head_start: pos },
+                    let step = match self.scan_head(head) {
+                        HeadStep::Ended { len } => self.check_head(&head[..len], len),
+                        step => step,
+                    };
+                    match step {
+                        HeadStep::Ended { .. } | HeadStep::Incomplete => {
+                            return Scan::Partial { head_start: pos };
+                        }
                         HeadStep::Reject(rejection) => {
                             return Scan::RejectHead {
                                 head_start: pos,
@@ -609,8 +622,7 @@ impl Scanner {
             let line_len = (nl - 1).saturating_sub(hs.line_start);
             if line_len == 0 {
                 if hs.lines > 0 {
-                    let len = nl + 1;
-                    return self.check_head(&head[..len], len);
+                    return HeadStep::Ended { len: nl + 1 };
                 }
                 // Empty lines before the request line are tolerated (RFC 9112 §2.2).
             } else if hs.lines == 0 {
@@ -640,13 +652,6 @@ impl Scanner {
     /// Validates a complete head (`head` ends with CRLFCRLF; every LF has its CR) and decides
     /// the body framing.
     fn check_head(&self, head: &[u8], len: usize) -> HeadStep {
-        if memchr(0, head).is_some() {
-            return HeadStep::Reject(Rejection::bad("nul in head"));
-        }
-        // Every LF is preceded by a CR, so as many CRs as LFs means no bare CR.
-        if memchr::memchr_iter(b'\r', head).count() != self.head.newlines {
-            return HeadStep::Reject(Rejection::bad("bare cr in head"));
-        }
         let count = self.head.lines.saturating_sub(1);
         // Uninitialised slots: nothing to clear per request.
         let mut on_stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
@@ -659,15 +664,35 @@ impl Scanner {
                 .collect();
             &mut on_heap[..]
         };
+        match self.parse_head(head, headers) {
+            Ok((_, framing)) => HeadStep::Complete { len, framing },
+            Err(rejection) => HeadStep::Reject(rejection),
+        }
+    }
+
+    /// [`check_head`](Self::check_head) into `headers`, which must have a slot for every header
+    /// line; returns the parsed request too.
+    fn parse_head<'h, 'b>(
+        &self,
+        head: &'b [u8],
+        headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
+    ) -> Result<(httparse::Request<'h, 'b>, Framing), Rejection> {
+        if memchr(0, head).is_some() {
+            return Err(Rejection::bad("nul in head"));
+        }
+        // Every LF is preceded by a CR, so as many CRs as LFs means no bare CR.
+        if memchr::memchr_iter(b'\r', head).count() != self.head.newlines {
+            return Err(Rejection::bad("bare cr in head"));
+        }
         let mut req = httparse::Request::new(&mut []);
         match req.parse_with_uninit_headers(head, headers) {
             Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-            Ok(_) => return HeadStep::Reject(Rejection::bad("malformed head")),
-            Err(e) => return HeadStep::Reject(Rejection::bad(parse_error_reason(e))),
+            Ok(_) => return Err(Rejection::bad("malformed head")),
+            Err(e) => return Err(Rejection::bad(parse_error_reason(e))),
         }
         let version = req.version.unwrap_or(0);
         if !target_is_valid(req.path.unwrap_or_default()) {
-            return HeadStep::Reject(Rejection::bad("invalid request target"));
+            return Err(Rejection::bad("invalid request target"));
         }
 
         let mut host_count = 0;
@@ -688,35 +713,35 @@ impl Scanner {
         }
         // RFC 9112 §3.2: two Host lines make the routing target ambiguous.
         if host_count > 1 {
-            return HeadStep::Reject(Rejection::bad("repeated host"));
+            return Err(Rejection::bad("repeated host"));
         }
         let framing = if te_count > 0 {
             if cl_count > 0 {
-                return HeadStep::Reject(Rejection::bad("content-length with transfer-encoding"));
+                return Err(Rejection::bad("content-length with transfer-encoding"));
             }
             if te_count > 1 {
-                return HeadStep::Reject(Rejection::bad("repeated transfer-encoding"));
+                return Err(Rejection::bad("repeated transfer-encoding"));
             }
             if version != 1 {
-                return HeadStep::Reject(Rejection::bad("transfer-encoding on http/1.0"));
+                return Err(Rejection::bad("transfer-encoding on http/1.0"));
             }
             if !te_chunked {
-                return HeadStep::Reject(Rejection::bad("unsupported transfer-encoding"));
+                return Err(Rejection::bad("unsupported transfer-encoding"));
             }
             Framing::Chunked(Chunk::Size { digits: 0 })
         } else if cl_count > 0 {
             if cl_count > 1 {
-                return HeadStep::Reject(Rejection::bad("repeated content-length"));
+                return Err(Rejection::bad("repeated content-length"));
             }
             match cl {
                 Some(0) => Framing::Head,
                 Some(n) => Framing::Fixed { remaining: n },
-                None => return HeadStep::Reject(Rejection::bad("invalid content-length")),
+                None => return Err(Rejection::bad("invalid content-length")),
             }
         } else {
             Framing::Head
         };
-        HeadStep::Complete { len, framing }
+        Ok((req, framing))
     }
 
     /// Advances through a chunked body from `data[*pos]`. `Ok(true)` when the body ended (at
@@ -875,6 +900,54 @@ impl Scanner {
         self.framing = Framing::Chunked(chunk);
         Ok(false)
     }
+}
+
+/// What [`validate_head`] found.
+pub enum HeadCheck<'h, 'b> {
+    /// Refused, as the guard refuses it.
+    Rejected(Rejection),
+    /// Valid, but with more header lines than the caller gave slots for.
+    TooManyForSlots,
+    /// Valid: the parsed request, and whether a body follows the head.
+    Valid {
+        request: httparse::Request<'h, 'b>,
+        has_body: bool,
+    },
+}
+
+/// Validates one whole request head (`head` ends with its blank line) by the guard's rules and
+/// limits, and parses it into `slots`: for a reader that holds the head in its own buffer (the
+/// express lane), so the head is checked and parsed in one pass. A head that does not end
+/// where `head` does is refused as malformed.
+pub fn validate_head<'h, 'b>(
+    head: &'b [u8],
+    limits: Limits,
+    slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> HeadCheck<'h, 'b> {
+    let mut scanner = Scanner::new(limits);
+    match scanner.scan_head(head) {
+        HeadStep::Ended { len } if len == head.len() => {
+            let count = scanner.head.lines.saturating_sub(1);
+            let Some(slots) = slots.get_mut(..count) else {
+                return HeadCheck::TooManyForSlots;
+            };
+            match scanner.parse_head(head, slots) {
+                Ok((request, framing)) => HeadCheck::Valid {
+                    request,
+                    has_body: framing != Framing::Head,
+                },
+                Err(rejection) => HeadCheck::Rejected(rejection),
+            }
+        }
+        HeadStep::Reject(rejection) => HeadCheck::Rejected(rejection),
+        _ => HeadCheck::Rejected(Rejection::bad("malformed head")),
+    }
+}
+
+/// Whether the guard already refuses `partial`, the start of a request head that has not
+/// ended yet (a bare LF, a line or head past the limits, too many headers).
+pub fn head_is_refused(partial: &[u8], limits: Limits) -> bool {
+    matches!(Scanner::new(limits).scan_head(partial), HeadStep::Reject(_))
 }
 
 /// Finds where a chunked body ends, by the guard's rules and limits, without decoding it: the
