@@ -899,3 +899,122 @@ pub fn write_error(out: &mut Vec<u8>, error: MeshError, service: &str, close: bo
     out.extend_from_slice(body.as_bytes());
     error
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_told_apart_by_length_then_bytes_in_any_case() {
+        assert_eq!(Name::of("Connection"), Name::Connection);
+        assert_eq!(Name::of("KEEP-ALIVE"), Name::HopByHop);
+        assert_eq!(Name::of("x-skyline-hops"), Name::Hops);
+        assert_eq!(Name::of("Content-Length"), Name::ContentLength);
+        assert_eq!(Name::of("Transfer-Encoding"), Name::TransferEncoding);
+        assert_eq!(Name::of("x-skyline-attempt"), Name::Attempt);
+        // Same lengths as known names, different bytes.
+        assert_eq!(Name::of("user-agent"), Name::Other);
+        assert_eq!(Name::of("content-type"), Name::Other);
+        assert_eq!(Name::of("x"), Name::Other);
+        for hop in ["te", "trailer", "upgrade", "proxy-connection", "connection"] {
+            assert!(Name::of(hop).is_hop_by_hop(), "{hop}");
+        }
+        assert!(!Name::of("host").is_hop_by_hop());
+    }
+
+    fn parsed(head: &str, head_only: bool) -> Result<ParsedHead, Broken> {
+        parse_response(head.as_bytes(), head_only, 64)
+    }
+
+    #[test]
+    fn a_response_head_is_framed_as_rfc_9112_says() {
+        let framing = |head: &str| parsed(head, false).map(|p| p.body);
+        let ok = "HTTP/1.1 200 OK\r\n";
+        assert_eq!(
+            framing(&format!("{ok}Content-Length: 5\r\n\r\n")).unwrap(),
+            BodyFraming::Length(5)
+        );
+        assert_eq!(
+            framing(&format!(
+                "{ok}Content-Length: 5\r\ncontent-length: 5\r\n\r\n"
+            ))
+            .unwrap(),
+            BodyFraming::Length(5)
+        );
+        assert_eq!(
+            framing(&format!("{ok}Transfer-Encoding: chunked\r\n\r\n")).unwrap(),
+            BodyFraming::Chunked
+        );
+        assert_eq!(framing(&format!("{ok}\r\n")).unwrap(), BodyFraming::Close);
+        for no_body in [
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+        ] {
+            assert_eq!(framing(no_body).unwrap(), BodyFraming::None, "{no_body}");
+        }
+        let head = parsed(&format!("{ok}Content-Length: 9\r\n\r\n"), true).unwrap();
+        assert_eq!(head.body, BodyFraming::None, "the answer to HEAD");
+        for refused in [
+            format!("{ok}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            format!("{ok}Content-Length: 5\r\nContent-Length: 6\r\n\r\n"),
+            format!("{ok}Content-Length: -1\r\n\r\n"),
+            format!("{ok}Transfer-Encoding: gzip\r\n\r\n"),
+            "HTTP/1.1 999999 Huh\r\n\r\n".to_owned(),
+            "NOT HTTP\r\n\r\n".to_owned(),
+        ] {
+            assert!(framing(&refused).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn the_client_gets_end_to_end_headers_and_the_connection_is_kept_only_when_it_may_be() {
+        let head = parsed(
+            "HTTP/1.1 503 Service Unavailable\r\nConnection: keep-alive, x-private\r\n\
+             X-Private: 1\r\nKeep-Alive: timeout=5\r\nX-End: 1\r\nx-skyline-error: no-healthy-endpoint\r\n\
+             Content-Length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        let text = String::from_utf8(head.client_head).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 503 Service Unavailable\r\nX-End: 1\r\nx-skyline-error: no-healthy-endpoint\r\nContent-Length: 0\r\n"
+        );
+        assert_eq!(head.mesh_error.as_deref(), Some("no-healthy-endpoint"));
+        assert!(head.keep_alive);
+        let close = parsed(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(!close.unwrap().keep_alive);
+        let old = parsed("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(!old.unwrap().keep_alive);
+        let until_close = parsed("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(!until_close.unwrap().keep_alive);
+    }
+
+    #[test]
+    fn mesh_errors_written_as_bytes_match_the_hyper_lane() {
+        let mut out = Vec::new();
+        write_error(&mut out, MeshError::UpstreamTimeout, "web", false);
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("x-skyline-error: upstream-timeout\r\n"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert!(!head.contains("connection: close"));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "upstream-timeout");
+        assert_eq!(json["service"], "web");
+        let mut out = Vec::new();
+        write_error(&mut out, MeshError::bad_request("x"), "", false);
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("connection: close\r\n")
+        );
+    }
+}

@@ -1514,6 +1514,91 @@ mod tests {
         }
     }
 
+    /// The express lane checks whole heads with [`validate_head`] (and partial ones with
+    /// [`head_is_refused`]); on every case it must reach the stream scanner's verdict on the
+    /// first head.
+    #[test]
+    fn whole_head_checks_agree_with_the_stream_scanner() {
+        let limits = Limits::default();
+        for (name, input, _) in cases() {
+            let mut input = &input[..];
+            while let Some(rest) = input.strip_prefix(b"\r\n") {
+                input = rest;
+            }
+            let expected = match Scanner::new(limits).scan(input) {
+                Scan::RejectHead {
+                    index: 0,
+                    rejection,
+                    ..
+                } => Some(rejection),
+                _ => None,
+            };
+            let Some(end) = memchr::memmem::find(input, b"\r\n\r\n").map(|i| i + 4) else {
+                assert_eq!(head_is_refused(input, limits), expected.is_some(), "{name}");
+                continue;
+            };
+            let mut slots = [const { MaybeUninit::uninit() }; 128];
+            let got = match validate_head(&input[..end], limits, &mut slots) {
+                HeadCheck::Rejected(rejection) => Some(rejection),
+                HeadCheck::Valid { .. } => None,
+                HeadCheck::TooManyForSlots => panic!("{name}: 128 slots are enough"),
+            };
+            // A bare LF can hide the real end of the head from the CRLFCRLF search: the
+            // stream scanner refuses at the LF, and so does the whole-head check.
+            assert_eq!(got.map(|r| r.status), expected.map(|r| r.status), "{name}");
+        }
+    }
+
+    #[test]
+    fn validate_head_parses_what_it_accepts_and_says_whether_a_body_follows() {
+        let limits = Limits::default();
+        let mut slots = [const { MaybeUninit::uninit() }; 8];
+        let head = b"GET /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+        let HeadCheck::Valid { request, has_body } = validate_head(head, limits, &mut slots) else {
+            panic!("valid head refused");
+        };
+        assert_eq!((request.method, request.path), (Some("GET"), Some("/a?b")));
+        assert_eq!(request.headers.len(), 2);
+        assert!(!has_body);
+        let mut slots = [const { MaybeUninit::uninit() }; 8];
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n";
+        assert!(matches!(
+            validate_head(head, limits, &mut slots),
+            HeadCheck::Valid { has_body: true, .. }
+        ));
+        let mut slots = [const { MaybeUninit::uninit() }; 1];
+        assert!(matches!(
+            validate_head(head, limits, &mut slots),
+            HeadCheck::TooManyForSlots
+        ));
+        // Two heads: only a whole single head is accepted.
+        let two = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        let mut slots = [const { MaybeUninit::uninit() }; 8];
+        assert!(matches!(
+            validate_head(two, limits, &mut slots),
+            HeadCheck::Rejected(_)
+        ));
+    }
+
+    #[test]
+    fn a_chunked_body_end_is_found_however_it_is_split() {
+        let body = b"6\r\nhello \r\n5;x=y\r\nworld\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for split in 0..body.len() {
+            let mut scan = ChunkedBody::new(Limits::default());
+            let first = scan.scan(&body[..split]).unwrap();
+            let found = match first {
+                Some(n) => n,
+                None => split + scan.scan(&body[split..]).unwrap().expect("ends"),
+            };
+            assert_eq!(found, end, "split at {split}");
+        }
+        let mut scan = ChunkedBody::new(Limits::default());
+        assert!(scan.scan(b"zz\r\n").is_err());
+        let mut scan = ChunkedBody::new(Limits::default());
+        assert!(scan.scan(b"0\r\ncontent-length: 1\r\n\r\n").is_err());
+    }
+
     #[test]
     fn hostile_requests_are_refused_and_valid_ones_pass_unchanged() {
         for (name, input, expect) in cases() {

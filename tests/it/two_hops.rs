@@ -51,40 +51,58 @@ async fn a_request_crosses_both_hops_with_prefix_stripped_and_query_kept() {
 async fn method_body_and_end_to_end_headers_pass_while_hop_by_hop_headers_are_dropped() {
     let (mesh, web) = web_on_b().await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let req = Request::put(format!("http://{}/service/web/items/7", mesh.outbound("a")))
-        .header("connection", "keep-alive, x-hop")
-        .header("x-hop", "must not pass")
-        .header("keep-alive", "timeout=5")
-        .header("x-app", "passes")
-        .header("traceparent", traceparent)
-        .header("x-forwarded-for", "10.1.2.3")
-        .body(Full::new(Bytes::from_static(b"0123456789")))
-        .unwrap();
-    let reply = Client::new().send(req).await.unwrap();
-    assert_eq!(reply.status, 200);
+    // A request with a body goes through hyper; one without takes the express lane. Both
+    // follow the same header rules.
+    for (method, body) in [("PUT", &b"0123456789"[..]), ("GET", &b""[..])] {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}/service/web/items/7", mesh.outbound("a")))
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "must not pass")
+            .header("keep-alive", "timeout=5")
+            .header("x-app", "passes")
+            .header("traceparent", traceparent)
+            .header("x-forwarded-for", "10.1.2.3")
+            .header("x-skyline-attempt", "7")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        let reply = Client::new().send(req).await.unwrap();
+        assert_eq!(reply.status, 200, "{method}");
 
-    let seen = web.seen().pop().unwrap();
-    assert_eq!(seen.method, "PUT");
-    assert_eq!(seen.target, "/items/7");
-    assert_eq!(seen.body_len, 10);
-    let h = &seen.headers;
-    assert_eq!(h["x-app"], "passes");
-    assert_eq!(h["traceparent"], traceparent);
-    assert!(h.get("x-hop").is_none() && h.get("keep-alive").is_none());
-    assert_eq!(h["x-request-id"].len(), 32, "the mesh adds a request id");
-    let xff: Vec<&str> = h["x-forwarded-for"].to_str().unwrap().split(", ").collect();
-    assert_eq!(
-        xff.len(),
-        3,
-        "client's value, then one entry per hop: {xff:?}"
-    );
-    assert_eq!(xff[0], "10.1.2.3");
-    assert_eq!(
-        h["host"],
-        web.addr.to_string(),
-        "the last hop speaks to the instance"
-    );
-    assert_eq!(h["x-forwarded-host"], mesh.outbound("a").to_string());
+        let seen = web.seen().pop().unwrap();
+        assert_eq!(seen.method, method);
+        assert_eq!(seen.target, "/items/7");
+        assert_eq!(seen.body_len, body.len() as u64);
+        let h = &seen.headers;
+        assert_eq!(h["x-app"], "passes", "{method}");
+        assert_eq!(h["traceparent"], traceparent, "{method}");
+        assert!(h.get("x-hop").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none(), "{method}: {h:?}");
+        assert_eq!(h["x-request-id"].len(), 32, "the mesh adds a request id");
+        let xff: Vec<&str> = h["x-forwarded-for"].to_str().unwrap().split(", ").collect();
+        assert_eq!(
+            xff.len(),
+            3,
+            "client's value, then one entry per hop: {xff:?}"
+        );
+        assert_eq!(xff[0], "10.1.2.3");
+        assert_eq!(
+            h["host"],
+            web.addr.to_string(),
+            "the last hop speaks to the instance"
+        );
+        assert_eq!(h["x-forwarded-host"], mesh.outbound("a").to_string());
+        assert_eq!(
+            h["x-skyline-hops"], "1",
+            "{method}: counted once, at the outbound"
+        );
+        assert!(h.contains_key("x-skyline-timeout-ms"), "{method}: {h:?}");
+        assert!(
+            h.get("x-skyline-attempt").is_none(),
+            "{method}: the caller's attempt number is dropped, a first attempt has none"
+        );
+        assert_eq!(h.get_all("host").iter().count(), 1, "{method}: one Host");
+    }
     mesh.stop().await;
     web.stop().await;
 }

@@ -875,3 +875,76 @@ async fn hop_by_hop_response_headers_are_dropped_and_end_to_end_ones_pass() {
     );
     mesh.stop().await;
 }
+
+/// An application that closes each connection shortly after answering, without saying so (an
+/// idle timeout shorter than the mesh's): the pool must not send a request on a connection the
+/// application already closed, on either lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_closing_idle_connections_silently_costs_no_request() {
+    let app = Scripted::spawn(node_b(), |request| {
+        vec![
+            write(ok(&request.target)),
+            Step::Pause(Duration::from_millis(30)),
+            Step::Close,
+        ]
+    });
+    let mesh = mesh_for(app.placement()).await;
+    // GETs take the express lane on both hops; a POST with a body moves its client connection
+    // to hyper's lane for good, so the POSTs have a connection of their own.
+    let mut gets = Wire::connect(mesh.outbound("a")).await;
+    let mut posts = Wire::connect(mesh.outbound("a")).await;
+    for i in 0..6 {
+        let path = format!("/idle/{i}");
+        let answer = if i < 3 {
+            gets.get(&path).await
+        } else {
+            let post = format!(
+                "POST /service/web{path} HTTP/1.1\r\nHost: mesh\r\nContent-Length: 2\r\n\r\nhi"
+            );
+            posts.send(post.as_bytes()).await;
+            posts.final_response("POST").await.unwrap()
+        };
+        assert_eq!((answer.status, answer.text()), (200, path.clone()));
+        // Long enough for the application to have closed the connection it answered on.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(app.received().len(), 6, "each request reached the app once");
+    // Not rescued by the first hop's retries: no attempt failed.
+    let a = scrape(mesh.admin("a")).await;
+    for reason in ["status", "reset", "connect"] {
+        let series = format!(r#"skyline_retries_total{{service="web",reason="{reason}"}}"#);
+        assert_eq!(a.count(&series), 0.0, "{series}");
+    }
+    mesh.stop().await;
+}
+
+/// A bad head after good requests on one connection is refused with 400, as the first request
+/// of a connection would be, and reaches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_head_after_good_requests_on_one_connection_is_refused() {
+    for bad in [
+        "GET /service/web/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "GET /service/web/x HTTP/1.1\nHost: a\n\n",
+        "GET /service/web/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        let app = Scripted::spawn(node_b(), echo_target);
+        let mesh = mesh_for(app.placement()).await;
+        let mut client = Wire::connect(mesh.outbound("a")).await;
+        assert_eq!(client.get("/good").await.status, 200);
+        client.send(bad.as_bytes()).await;
+        let answer = client.final_response("GET").await.unwrap();
+        assert_eq!(answer.status, 400, "{bad:?}");
+        assert_eq!(
+            answer.header("x-skyline-error"),
+            Some("bad-request"),
+            "{bad:?}"
+        );
+        assert!(client.closes().await, "{bad:?}: the connection ends");
+        assert_eq!(
+            app.received().len(),
+            1,
+            "{bad:?}: only the good request arrived"
+        );
+        mesh.stop().await;
+    }
+}
