@@ -24,11 +24,13 @@
 //!   inside), torn down on drop; the demo's nodes and the namespace integration tests.
 //! - [`metrics`]: Prometheus metrics of every role (`/metrics` on the admin listener); requests
 //!   are recorded by [`serve::serve_recorded`], labelled by the handlers' [`metrics::ServiceLabel`].
-//! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`.
+//! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`;
+//!   `proxy::express`, the agent's lane for body-less requests, forwarded as bytes.
 //! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
-//! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain; [`serve::guard`] refuses
-//!   ambiguous HTTP/1 request framing before hyper sees it; [`serve::activation`] takes the
+//! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain, the express lane's connection
+//!   loop; [`serve::guard`] refuses ambiguous HTTP/1 request framing before hyper or the express
+//!   lane acts on it; [`serve::activation`] takes the
 //!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
 #![forbid(unsafe_code)]

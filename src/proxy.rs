@@ -222,6 +222,35 @@ pub struct Destination<'a> {
     pub first_hop: bool,
 }
 
+impl<'a> Destination<'a> {
+    /// `service` at the first hop; the catalog knows it (`known`) or its metrics label is "".
+    pub fn first_hop(
+        service: &'a str,
+        known: bool,
+        route: &'a Route,
+        policy: &'a Resilience,
+    ) -> Self {
+        Destination {
+            service,
+            label: if known { service } else { "" },
+            route,
+            policy,
+            first_hop: true,
+        }
+    }
+
+    /// `service`, known to the catalog, at a hop after the first.
+    pub fn last_hop(service: &'a str, route: &'a Route, policy: &'a Resilience) -> Self {
+        Destination {
+            service,
+            label: service,
+            route,
+            policy,
+            first_hop: false,
+        }
+    }
+}
+
 /// Why a request is sent again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retry {

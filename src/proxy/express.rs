@@ -83,6 +83,16 @@ pub enum Verdict {
     Error(MeshError, String),
 }
 
+impl Verdict {
+    /// The verdict on a request the express lane forwarded to `service`.
+    pub fn of(forwarded: Result<Answer, MeshError>, service: &str) -> Verdict {
+        match forwarded {
+            Ok(answer) => Verdict::Answer(answer),
+            Err(e) => Verdict::Error(e, service.to_owned()),
+        }
+    }
+}
+
 // === Forwarder ===
 
 impl Forwarder {

@@ -76,13 +76,7 @@ impl Proxy for Inbound {
         // which the forwarder consumes.
         let name = known.as_str();
         let policy = self.inner.policies.load().for_service(name).clone();
-        let upstream = Destination {
-            service: name,
-            label: name,
-            route: &route,
-            policy: &policy,
-            first_hop: false,
-        };
+        let upstream = Destination::last_hop(name, &route, &policy);
         let forwarded = self
             .inner
             .forwarder
@@ -119,22 +113,13 @@ impl Proxy for Inbound {
         };
         let name = known.as_str();
         let policy = self.inner.policies.load().for_service(name).clone();
-        let upstream = Destination {
-            service: name,
-            label: name,
-            route: &route,
-            policy: &policy,
-            first_hop: false,
-        };
+        let upstream = Destination::last_hop(name, &route, &policy);
         let forwarded = self
             .inner
             .forwarder
             .express(head, upstream, &target, Host::Upstream, None, conn)
             .await;
-        let verdict = match forwarded {
-            Ok(answer) => Verdict::Answer(answer),
-            Err(e) => Verdict::Error(e, name.to_owned()),
-        };
+        let verdict = Verdict::of(forwarded, name);
         *label = Some(ServiceLabel::known(known));
         verdict
     }

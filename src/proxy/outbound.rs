@@ -93,13 +93,7 @@ impl Proxy for Outbound {
             Err(e) => return e.into_response(name),
         };
         let policy = inner.policies.load().for_service(name).clone();
-        let upstream = Destination {
-            service: name,
-            label: if label.is_some() { name } else { "" },
-            route: &route,
-            policy: &policy,
-            first_hop: true,
-        };
+        let upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
         let forwarded = inner
             .forwarder
             .forward(req, upstream, target.clone(), Host::Keep, &conn)
@@ -132,21 +126,12 @@ impl Proxy for Outbound {
         *label = service_label(&table, name);
         drop(table);
         let policy = inner.policies.load().for_service(name).clone();
-        let upstream = Destination {
-            service: name,
-            label: if label.is_some() { name } else { "" },
-            route: &route,
-            policy: &policy,
-            first_hop: true,
-        };
+        let upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
         let forwarded = inner
             .forwarder
             .express(head, upstream, head.target, Host::Keep, Some(hops), conn)
             .await;
-        match forwarded {
-            Ok(answer) => Verdict::Answer(answer),
-            Err(e) => Verdict::Error(e, name.to_owned()),
-        }
+        Verdict::of(forwarded, name)
     }
 }
 
