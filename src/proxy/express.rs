@@ -42,7 +42,7 @@ const MAX_RESPONSE_HEADERS: usize = 100;
 const READ_SIZE: usize = 16 * 1024;
 
 /// Where the head at the start of `buf` ends (after its blank line), if it is all there.
-pub fn head_end(buf: &[u8]) -> Option<usize> {
+fn head_end(buf: &[u8]) -> Option<usize> {
     // Built once: building a searcher costs more than a search.
     static BLANK_LINE: LazyLock<memmem::Finder<'static>> =
         LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
@@ -556,8 +556,12 @@ impl RawConn {
         home: Home,
     ) -> Result<Option<Answer>, Broken> {
         self.buf.clear();
+        // Where the search for the blank line goes on: a head that arrives in pieces is
+        // searched once, not again from its start at every piece.
+        let mut searched = 0;
         loop {
-            let Some(end) = self.head_end() else {
+            let Some(end) = head_end(&self.buf[searched..]).map(|end| searched + end) else {
+                searched = self.buf.len().saturating_sub(3);
                 if self.buf.len() > MAX_RESPONSE_HEAD {
                     return Err(Broken::Protocol("response head too large"));
                 }
@@ -575,6 +579,7 @@ impl RawConn {
             let room = self.buf.len() + 64;
             let parsed = parse_response(&self.buf[..end], head_only, room)?;
             self.buf.drain(..end);
+            searched = 0;
             if parsed.status.is_informational() {
                 if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Broken::Protocol("unrequested protocol switch"));
@@ -591,10 +596,6 @@ impl RawConn {
                 home,
             }));
         }
-    }
-
-    fn head_end(&self) -> Option<usize> {
-        head_end(&self.buf)
     }
 
     /// Reads more into `buf`; 0 at end of stream.

@@ -1,7 +1,7 @@
 //! Serving a connection on the express lane (see `proxy::express`) until a request needs hyper.
 //!
 //! The loop reads request heads straight from the socket, checks and parses each in one pass
-//! by the framing guard's rules ([`validate_head`]), and hands each body-less HTTP/1.1 request
+//! by the framing guard's rules ([`HeadReader`]), and hands each body-less HTTP/1.1 request
 //! to the role's [`Proxy::express`](super::Proxy::express). The
 //! first request it does not take (a body, an upgrade, `Expect`, HTTP/1.0, a refused head, or
 //! one the proxy declines) ends the loop: hyper, behind a framing guard, serves the rest of the
@@ -19,9 +19,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::guard::{HeadCheck, Limits, head_is_refused, validate_head};
+use super::guard::{HeadCheck, HeadProgress, HeadReader, Limits};
 use super::{Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder};
-use crate::proxy::express::{Head, Name, Verdict, connection_options, head_end, write_error};
+use crate::proxy::express::{Head, Name, Verdict, connection_options, write_error};
 
 /// Header slots for a client's request head: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
@@ -49,10 +49,11 @@ pub(super) async fn serve<H: Handler>(
     let mut cancelled = pin!(shutdown.cancelled());
     let mut drain_seen = false;
     loop {
+        let mut reader = HeadReader::new(limits);
         let read = read_head(
             stream,
             &mut buf,
-            limits,
+            &mut reader,
             cancelled.as_mut(),
             &mut drain_seen,
         );
@@ -64,8 +65,7 @@ pub(super) async fn serve<H: Handler>(
         conn.arrived = Instant::now();
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         // Checked and parsed in one pass; a refused head goes to the guard, which answers it.
-        let HeadCheck::Valid { request, has_body } = validate_head(&buf[..end], limits, &mut slots)
-        else {
+        let HeadCheck::Valid { request, has_body } = reader.parse(&buf[..end], &mut slots) else {
             return End::Handoff { rest: buf };
         };
         let (Some(method), Some(target)) = (request.method, request.path) else {
@@ -142,11 +142,12 @@ enum Read {
     Closed,
 }
 
-/// Reads until `buf` starts with a whole request head.
+/// Reads until `buf` starts with a whole request head, checking each piece once as it arrives
+/// (a client sending its head a byte at a time costs linear work, not quadratic).
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
-    limits: Limits,
+    reader: &mut HeadReader,
     mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     drain_seen: &mut bool,
 ) -> Read {
@@ -154,17 +155,13 @@ async fn read_head(
     // drain starts.
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        // Empty lines before a request line are allowed (RFC 9112 §2.2).
-        let blank = buf.chunks(2).take_while(|pair| *pair == b"\r\n").count();
-        buf.drain(..blank * 2);
-        if let Some(end) = head_end(buf) {
-            return Read::Head(end);
-        }
         if !buf.is_empty() {
-            // A head that spans reads: refuse early what the guard would (a bare LF, say, or
-            // a head past the limits), rather than wait for a blank line that may never come.
-            if head_is_refused(buf, limits) {
-                return Read::Refused;
+            match reader.scan(buf) {
+                HeadProgress::Ended(end) => return Read::Head(end),
+                // Refused as soon as the guard would (a bare LF, say, or a head past the
+                // limits), rather than after a blank line that may never come.
+                HeadProgress::Refused(_) => return Read::Refused,
+                HeadProgress::Incomplete => {}
             }
             if timer.is_none() {
                 timer = Some(Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT)));

@@ -902,7 +902,7 @@ impl Scanner {
     }
 }
 
-/// What [`validate_head`] found.
+/// What [`HeadReader::parse`] found.
 pub enum HeadCheck<'h, 'b> {
     /// Refused, as the guard refuses it.
     Rejected(Rejection),
@@ -915,39 +915,60 @@ pub enum HeadCheck<'h, 'b> {
     },
 }
 
-/// Validates one whole request head (`head` ends with its blank line) by the guard's rules and
-/// limits, and parses it into `slots`: for a reader that holds the head in its own buffer (the
-/// express lane), so the head is checked and parsed in one pass. A head that does not end
-/// where `head` does is refused as malformed.
-pub fn validate_head<'h, 'b>(
-    head: &'b [u8],
-    limits: Limits,
-    slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
-) -> HeadCheck<'h, 'b> {
-    let mut scanner = Scanner::new(limits);
-    match scanner.scan_head(head) {
-        HeadStep::Ended { len } if len == head.len() => {
-            let count = scanner.head.lines.saturating_sub(1);
-            let Some(slots) = slots.get_mut(..count) else {
-                return HeadCheck::TooManyForSlots;
-            };
-            match scanner.parse_head(head, slots) {
-                Ok((request, framing)) => HeadCheck::Valid {
-                    request,
-                    has_body: framing != Framing::Head,
-                },
-                Err(rejection) => HeadCheck::Rejected(rejection),
-            }
-        }
-        HeadStep::Reject(rejection) => HeadCheck::Rejected(rejection),
-        _ => HeadCheck::Rejected(Rejection::bad("malformed head")),
-    }
+/// How far [`HeadReader::scan`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadProgress {
+    /// No blank line yet, and nothing the guard refuses so far.
+    Incomplete,
+    /// The head ends after this many bytes (leading empty lines included).
+    Ended(usize),
+    /// The guard refuses the head (a bare LF, say, or a head past the limits).
+    Refused(Rejection),
 }
 
-/// Whether the guard already refuses `partial`, the start of a request head that has not
-/// ended yet (a bare LF, a line or head past the limits, too many headers).
-pub fn head_is_refused(partial: &[u8], limits: Limits) -> bool {
-    matches!(Scanner::new(limits).scan_head(partial), HeadStep::Reject(_))
+/// The guard's checks on one request head that arrives in pieces, for a reader that keeps the
+/// bytes in its own buffer (the express lane): each call scans only what is new, and the
+/// finished head is checked and parsed in one pass.
+#[derive(Debug)]
+pub struct HeadReader {
+    scanner: Scanner,
+}
+
+impl HeadReader {
+    pub fn new(limits: Limits) -> Self {
+        HeadReader {
+            scanner: Scanner::new(limits),
+        }
+    }
+
+    /// Scans `buf`, which starts with the head and has only grown since the last call.
+    pub fn scan(&mut self, buf: &[u8]) -> HeadProgress {
+        match self.scanner.scan_head(buf) {
+            HeadStep::Ended { len } => HeadProgress::Ended(len),
+            HeadStep::Reject(rejection) => HeadProgress::Refused(rejection),
+            _ => HeadProgress::Incomplete,
+        }
+    }
+
+    /// Checks the head [`scan`](Self::scan) found to end after `head.len()` bytes, and parses
+    /// it into `slots`.
+    pub fn parse<'h, 'b>(
+        &self,
+        head: &'b [u8],
+        slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+    ) -> HeadCheck<'h, 'b> {
+        let count = self.scanner.head.lines.saturating_sub(1);
+        let Some(slots) = slots.get_mut(..count) else {
+            return HeadCheck::TooManyForSlots;
+        };
+        match self.scanner.parse_head(head, slots) {
+            Ok((request, framing)) => HeadCheck::Valid {
+                request,
+                has_body: framing != Framing::Head,
+            },
+            Err(rejection) => HeadCheck::Rejected(rejection),
+        }
+    }
 }
 
 /// Finds where a chunked body ends, by the guard's rules and limits, without decoding it: the
@@ -1514,9 +1535,23 @@ mod tests {
         }
     }
 
-    /// The express lane checks whole heads with [`validate_head`] (and partial ones with
-    /// [`head_is_refused`]); on every case it must reach the stream scanner's verdict on the
-    /// first head.
+    /// Validates one whole request head (`head` ends with its blank line) by the guard's rules and
+    /// limits, and parses it into `slots`. A head that does not end where `head` does is refused.
+    fn validate_head<'h, 'b>(
+        head: &'b [u8],
+        limits: Limits,
+        slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+    ) -> HeadCheck<'h, 'b> {
+        let mut reader = HeadReader::new(limits);
+        match reader.scan(head) {
+            HeadProgress::Ended(len) if len == head.len() => reader.parse(head, slots),
+            HeadProgress::Refused(rejection) => HeadCheck::Rejected(rejection),
+            _ => HeadCheck::Rejected(Rejection::bad("malformed head")),
+        }
+    }
+
+    /// The express lane checks heads with a [`HeadReader`]; on every case it must reach the
+    /// stream scanner's verdict on the first head.
     #[test]
     fn whole_head_checks_agree_with_the_stream_scanner() {
         let limits = Limits::default();
@@ -1534,7 +1569,9 @@ mod tests {
                 _ => None,
             };
             let Some(end) = memchr::memmem::find(input, b"\r\n\r\n").map(|i| i + 4) else {
-                assert_eq!(head_is_refused(input, limits), expected.is_some(), "{name}");
+                let progress = HeadReader::new(limits).scan(input);
+                let refused = matches!(progress, HeadProgress::Refused(_));
+                assert_eq!(refused, expected.is_some(), "{name}");
                 continue;
             };
             let mut slots = [const { MaybeUninit::uninit() }; 128];

@@ -948,3 +948,31 @@ async fn a_bad_head_after_good_requests_on_one_connection_is_refused() {
         mesh.stop().await;
     }
 }
+
+/// A head that arrives a byte at a time is read (each piece checked once), and a bare LF in
+/// one is refused when it arrives, without waiting for a blank line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_a_byte_at_a_time_is_answered_and_a_bad_one_refused_at_once() {
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    client.stream.set_nodelay(true).unwrap();
+    for byte in get("/drip") {
+        client.send(&[byte]).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let answer = client.final_response("GET").await.unwrap();
+    assert_eq!((answer.status, answer.text()), (200, "/drip".to_owned()));
+
+    // No blank line ever comes: the refusal must not wait for one.
+    // The head stops at the bare LF, so the mesh has read every byte when it answers.
+    for byte in b"GET /service/web/x HTTP/1.1\r\nHost: a\n" {
+        client.send(&[*byte]).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let answer = client.final_response("GET").await.unwrap();
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.header("x-skyline-error"), Some("bad-request"));
+    assert_eq!(app.received().len(), 1);
+    mesh.stop().await;
+}
