@@ -724,11 +724,18 @@ async fn replayable(
 /// The time the request may take: the policy's, or less when the caller's
 /// `x-skyline-timeout-ms` says so (a value that does not parse is ignored).
 fn caller_deadline(headers: &HeaderMap, policy: Duration) -> Duration {
-    headers
-        .get(&X_SKYLINE_TIMEOUT_MS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(policy, |ms| policy.min(Duration::from_millis(ms)))
+    let caller = headers.get(&X_SKYLINE_TIMEOUT_MS);
+    within_caller_deadline(policy, caller.and_then(|v| parse_millis(v.as_bytes())))
+}
+
+/// `policy`, or the caller's `x-skyline-timeout-ms` when that is less.
+fn within_caller_deadline(policy: Duration, caller_ms: Option<u64>) -> Duration {
+    caller_ms.map_or(policy, |ms| policy.min(Duration::from_millis(ms)))
+}
+
+/// A header value of whole milliseconds (surrounding whitespace allowed).
+fn parse_millis(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// `d` in whole milliseconds as a header value. Nearly every request sends its route's full

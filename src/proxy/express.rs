@@ -28,7 +28,8 @@ use tokio::time::Instant;
 
 use super::pool::{Limits, MAX_IDLE_PER_ENDPOINT, SendError, is_idempotent_name};
 use super::{
-    AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, request_id_bytes,
+    AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, parse_millis,
+    request_id_bytes, within_caller_deadline,
 };
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
@@ -114,10 +115,7 @@ impl Forwarder {
         // Room for the per-attempt headers too.
         let mut request = Vec::with_capacity(1024);
         let written = write_request_head(&mut request, head, target, host, hops, conn, upstream);
-        let deadline = started
-            + written.timeout_ms.map_or(policy.request_timeout, |ms| {
-                policy.request_timeout.min(Duration::from_millis(ms))
-            });
+        let deadline = started + within_caller_deadline(policy.request_timeout, written.timeout_ms);
         let owns_retries = upstream.first_hop && policy.retries > 0;
         if owns_retries {
             upstream.route.budget.deposit_at(now);
@@ -181,9 +179,7 @@ fn write_request_head(
             kind if kind.is_hop_by_hop() => continue,
             _ if head.options.names(name) => continue,
             Name::TimeoutMs => {
-                written.timeout_ms = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok());
+                written.timeout_ms = parse_millis(h.value);
                 continue;
             }
             Name::Attempt => {
