@@ -48,15 +48,16 @@ pub(super) async fn serve<H: Handler>(
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut cancelled = pin!(shutdown.cancelled());
     let mut drain_seen = false;
+    // One timer for the connection's whole life, moved on lazily (see `read_head`).
+    let mut timer = pin!(tokio::time::sleep(HEADER_READ_TIMEOUT));
     loop {
         let mut reader = HeadReader::new(limits);
-        let read = read_head(
-            stream,
-            &mut buf,
-            &mut reader,
-            cancelled.as_mut(),
-            &mut drain_seen,
-        );
+        let wait = Wait {
+            cancelled: cancelled.as_mut(),
+            drain_seen: &mut drain_seen,
+            timer: timer.as_mut(),
+        };
+        let read = read_head(stream, &mut buf, &mut reader, wait);
         let end = match read.await {
             Read::Head(end) => end,
             Read::Refused => return End::Handoff { rest: buf },
@@ -137,23 +138,37 @@ enum Read {
     Head(usize),
     /// `buf` starts with a head the framing guard refuses (it need not be whole).
     Refused,
-    /// The connection ended first: closed, failed, slow (a started head has
-    /// [`HEADER_READ_TIMEOUT`]), or idle after the drain started (for [`DRAIN_IDLE_GRACE`]).
+    /// The connection ended first: closed, failed, or timed out.
     Closed,
+}
+
+/// How long [`read_head`] waits: the connection's shutdown signal and its timer.
+struct Wait<'a, 'c> {
+    cancelled: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'c>>,
+    drain_seen: &'a mut bool,
+    timer: Pin<&'a mut tokio::time::Sleep>,
 }
 
 /// Reads until `buf` starts with a whole request head, checking each piece once as it arrives
 /// (a client sending its head a byte at a time costs linear work, not quadratic).
+///
+/// The next head must be whole within [`HEADER_READ_TIMEOUT`] of the wait's start, idle time
+/// included, as hyper's `header_read_timeout` does: a client may not hold a connection open
+/// without sending. Once the drain starts, an idle connection has [`DRAIN_IDLE_GRACE`]. The
+/// connection's one timer is only moved when it fires early, so a request costs a clock read,
+/// not a timer.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
-    mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
-    drain_seen: &mut bool,
+    wait: Wait<'_, '_>,
 ) -> Read {
-    // Armed at the first byte of a head (an idle keep-alive connection may wait), or when the
-    // drain starts.
-    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let Wait {
+        mut cancelled,
+        drain_seen,
+        mut timer,
+    } = wait;
+    let mut deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     loop {
         if !buf.is_empty() {
             match reader.scan(buf) {
@@ -163,17 +178,8 @@ async fn read_head(
                 HeadProgress::Refused(_) => return Read::Refused,
                 HeadProgress::Incomplete => {}
             }
-            if timer.is_none() {
-                timer = Some(Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT)));
-            }
         }
         buf.reserve(4096);
-        let expired = async {
-            match timer.as_mut() {
-                Some(t) => t.await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
             read = stream.read_buf(buf) => match read {
@@ -183,10 +189,17 @@ async fn read_head(
             () = cancelled.as_mut(), if !*drain_seen => {
                 *drain_seen = true;
                 if buf.is_empty() {
-                    timer = Some(Box::pin(tokio::time::sleep(DRAIN_IDLE_GRACE)));
+                    deadline = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
+                    timer.as_mut().reset(deadline);
                 }
             }
-            () = expired => return Read::Closed,
+            () = timer.as_mut() => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Read::Closed;
+                }
+                // Set for an earlier wait: move it to this one's deadline.
+                timer.as_mut().reset(deadline);
+            }
         }
     }
 }

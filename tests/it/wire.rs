@@ -976,3 +976,52 @@ async fn a_head_sent_a_byte_at_a_time_is_answered_and_a_bad_one_refused_at_once(
     assert_eq!(app.received().len(), 1);
     mesh.stop().await;
 }
+
+/// A client may not hold a connection without sending: a silent one and one stalled inside a
+/// head are closed after the header-read timeout (10 s), while one that sends a request every
+/// 4 s stays open across that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_stalled_connections_are_closed_and_busy_ones_kept() {
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let started = std::time::Instant::now();
+    let silent = async {
+        let mut client = Wire::connect(mesh.outbound("a")).await;
+        assert!(
+            closes_within(&mut client, Duration::from_secs(25)).await,
+            "silent"
+        );
+    };
+    let stalled = async {
+        let mut client = Wire::connect(mesh.outbound("a")).await;
+        client.send(b"GET /service/web/x HTTP/1.1\r\nHost:").await;
+        assert!(
+            closes_within(&mut client, Duration::from_secs(25)).await,
+            "stalled"
+        );
+    };
+    let busy = async {
+        let mut client = Wire::connect(mesh.outbound("a")).await;
+        for i in 0..4 {
+            let path = format!("/busy/{i}");
+            let answer = client.get(&path).await;
+            assert_eq!((answer.status, answer.text()), (200, path));
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+    };
+    tokio::join!(silent, stalled, busy);
+    assert!(
+        started.elapsed() >= Duration::from_secs(12),
+        "the busy client ran its course"
+    );
+    mesh.stop().await;
+}
+
+/// Whether the peer closes `client` within `limit` (end of stream or reset).
+async fn closes_within(client: &mut Wire, limit: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(limit, client.stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
