@@ -798,23 +798,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
-        let mut named = Vec::new();
-        for option in headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-        {
-            if option.eq_ignore_ascii_case("close") || option.eq_ignore_ascii_case("keep-alive") {
-                continue; // not a header, or one removed below anyway
+        // The express lane reads `Connection` options the same way.
+        let values = headers.get_all(header::CONNECTION).iter();
+        let visible = values.filter(|v| v.to_str().is_ok());
+        let options =
+            express::connection_options(visible.map(|v| (express::Name::Connection, v.as_bytes())));
+        for name in options.named() {
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                headers.remove(name);
             }
-            if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
-                named.push(name);
-            }
-        }
-        for name in named {
-            headers.remove(name);
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {

@@ -320,6 +320,11 @@ pub struct ConnectionOptions {
 }
 
 impl ConnectionOptions {
+    /// The header names listed (neither `close` nor `keep-alive`).
+    pub fn named(&self) -> &[String] {
+        &self.named
+    }
+
     fn names(&self, name: &str) -> bool {
         self.named.iter().any(|n| n.eq_ignore_ascii_case(name))
     }
