@@ -309,10 +309,19 @@ pub async fn start(
         other => follow_catalog(other, &mut tasks, &shutdown),
     };
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
-    let snapshot = match first_snapshot(subscriber.clone()).await {
+    let first = tokio::select! {
+        first = first_snapshot(subscriber.clone()) => first,
+        () = shutdown.cancelled() => Err("stopped before the catalog answered".to_owned()),
+    };
+    let snapshot = match first {
         Ok(snapshot) => snapshot,
         Err(error) => {
             shutdown.cancel();
+            // The registry's files are closed before the caller hears of the failure.
+            if let Some(registry) = registry_handle {
+                registry.join().await;
+            }
+            crate::serve::join_all(&mut tasks).await;
             return Err(AgentError::Catalog { source_name, error });
         }
     };

@@ -233,6 +233,11 @@ pub struct RegistryArgs {
         default_value = "127.0.0.1"
     )]
     pub node_address: IpAddr,
+
+    /// Repair a damaged data folder and exit: keep every readable record of the log, move the
+    /// damaged file aside (`log.damaged-<time>`). Run it only while no registry uses the folder.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 /// A refused configuration: which file, where, which key, and why.
