@@ -107,6 +107,7 @@ fn main() -> ExitCode {
                     args,
                     settings,
                     agent.policies.clone(),
+                    agent.declared.clone(),
                     shutdown,
                 );
                 tokio::spawn(reload);

@@ -14,7 +14,7 @@ use crate::support::*;
 
 const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -410,7 +410,7 @@ async fn a_gibibyte_streams_up_and_down_through_both_hops_in_bounded_memory() {
     app.stop().await;
 }
 
-fn sighup(child: &Child) {
+pub(crate) fn sighup(child: &Child) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-HUP", &pid])
