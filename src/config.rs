@@ -1,5 +1,7 @@
 //! Configuration: command-line flags, `SKYLINE_*` environment variables and a TOML file, in that
-//! order of precedence, validated into the runtime [`agent::Settings`].
+//! order of precedence, validated into the runtime [`agent::Settings`]. Every key of every role's
+//! file is listed in its table ([`AGENT_FILE`], `gateway::config::FILE`, `bridge::config::FILE`),
+//! from which [`reference`] writes docs/configuration.md and `skyline config example`.
 //!
 //! ```toml
 //! [node]
@@ -17,9 +19,6 @@
 //! registry = "127.0.0.1:8500"   # embedded: where its Consul-compatible API listens
 //! consul = "127.0.0.1:8500"     # consul: the Consul agent (or a Skyline registry) to follow
 //! file = "catalog.toml"         # file: relative to this file
-//! source = "file"
-//! file = "catalog.toml"         # relative to this file
-//! # source = "etcd"
 //! # etcd_endpoints = ["http://10.0.0.5:2379", "http://10.0.0.6:2379", "http://10.0.0.7:2379"]
 //! # etcd_prefix = "skyline/"
 //!
@@ -60,6 +59,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod reference;
+
+use self::reference::{DURATION, FileKey, Section, Value};
 use crate::agent::registration::{Check, Declared};
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
@@ -266,6 +268,398 @@ struct FileConfig {
     routes: std::collections::BTreeMap<Spanned<String>, ResilienceSection>,
 }
 
+// === The file's keys, described ===
+//
+// One table per role lists every key of its file (`reference` renders the reference and the
+// example from it; its tests hold it to the parser below, both ways). A key that a flag also
+// sets names the flag, whose help describes it.
+
+/// A key that flag `flag` (a clap id) also sets.
+pub(crate) const fn key(
+    key: &'static str,
+    flag: &'static str,
+    ty: &'static str,
+    value: Value,
+) -> FileKey {
+    FileKey {
+        key,
+        flag: Some(flag),
+        ty,
+        value,
+        doc: "",
+    }
+}
+
+/// A key only the file has.
+pub(crate) const fn file_only(
+    key: &'static str,
+    ty: &'static str,
+    value: Value,
+    doc: &'static str,
+) -> FileKey {
+    FileKey {
+        key,
+        flag: None,
+        ty,
+        value,
+        doc,
+    }
+}
+
+/// The keys of `[resilience]` (every role) and of the agent's `[routes.<service>]`.
+pub const RESILIENCE_KEYS: &[FileKey] = &[
+    file_only(
+        "connect_timeout",
+        DURATION,
+        Value::Default("\"2s\""),
+        "The longest a connection to an upstream may take to open.",
+    ),
+    file_only(
+        "request_timeout",
+        DURATION,
+        Value::Default("\"60s\""),
+        "The longest a request may wait for its response head, retries included; then 504 `upstream-timeout`.",
+    ),
+    file_only(
+        "attempt_timeout",
+        DURATION,
+        Value::Example {
+            toml: "\"500ms\"",
+            default: "the request's",
+        },
+        "The longest one attempt may wait for its response head, before a retry.",
+    ),
+    file_only(
+        "idle_timeout",
+        DURATION,
+        Value::Default("\"5m\""),
+        "A response body that stalls this long is cut.",
+    ),
+    file_only(
+        "retries",
+        "integer, 0 to 10",
+        Value::Default("2"),
+        "Retries of a request after a 502/503/504, a timed-out attempt or a broken connection (idempotent requests with a body of at most 64 KiB, first hop only); a refused connection is always retried.",
+    ),
+    file_only(
+        "balance",
+        "`p2c` or `round_robin`",
+        Value::Default("\"p2c\""),
+        "How an endpoint is chosen: power of two choices over peak-EWMA latency times requests in flight, or round robin; both respect weights.",
+    ),
+    file_only(
+        "outlier.consecutive_failures",
+        "integer",
+        Value::Default("5"),
+        "Failures in a row (5xx, refused or reset, timeout) that eject an endpoint.",
+    ),
+    file_only(
+        "outlier.base_ejection",
+        DURATION,
+        Value::Default("\"30s\""),
+        "An ejected endpoint sits out this long times the number of its ejections.",
+    ),
+    file_only(
+        "outlier.max_ejection",
+        DURATION,
+        Value::Default("\"5m\""),
+        "The longest an endpoint sits out.",
+    ),
+    file_only(
+        "outlier.max_ejected_percent",
+        "integer, percent (0 to 100)",
+        Value::Default("50"),
+        "Never more than this share of a route's endpoints is ejected.",
+    ),
+    file_only(
+        "probe.path",
+        "path",
+        Value::Example {
+            toml: "\"/health\"",
+            default: "no probe (`/` once `probe` is given)",
+        },
+        "Active health probe: `GET` this path on every endpoint; given any `probe` key, the service is probed.",
+    ),
+    file_only(
+        "probe.interval",
+        "duration, at least 100ms",
+        Value::Example {
+            toml: "\"5s\"",
+            default: "`5s`",
+        },
+        "Time between probes of an endpoint.",
+    ),
+    file_only(
+        "probe.timeout",
+        DURATION,
+        Value::Example {
+            toml: "\"1s\"",
+            default: "`1s`",
+        },
+        "A probe not answered within this time fails.",
+    ),
+    file_only(
+        "probe.unhealthy",
+        "integer, at least 1",
+        Value::Example {
+            toml: "2",
+            default: "`2`",
+        },
+        "Failed probes in a row that take an endpoint out of rotation.",
+    ),
+    file_only(
+        "probe.healthy",
+        "integer, at least 1",
+        Value::Example {
+            toml: "1",
+            default: "`1`",
+        },
+        "Passed probes in a row that bring it back.",
+    ),
+];
+
+/// Every key of the agent's file (see [`reference`]).
+pub const AGENT_FILE: &[Section] = &[
+    Section {
+        table: "node",
+        sample: "",
+        doc: "This node.",
+        defaults_from: None,
+        keys: &[
+            key("name", "node_name", "string", Value::Default("\"local\"")),
+            key(
+                "address",
+                "node_address",
+                "IP address",
+                Value::Default("\"127.0.0.1\""),
+            ),
+        ],
+    },
+    Section {
+        table: "listen",
+        sample: "",
+        doc: "The agent's listeners: an address, or `\"off\"`.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "outbound",
+                "outbound",
+                "address or `\"off\"`",
+                Value::Default("\"127.0.0.1:5040\""),
+            ),
+            key(
+                "inbound",
+                "inbound",
+                "address or `\"off\"`",
+                Value::Example {
+                    toml: "\"10.0.0.11:5041\"",
+                    default: "",
+                },
+            ),
+            key(
+                "admin",
+                "admin",
+                "address or `\"off\"`",
+                Value::Default("\"127.0.0.1:5050\""),
+            ),
+        ],
+    },
+    Section {
+        table: "catalog",
+        sample: "",
+        doc: "Where the catalog comes from; the keys of the sources not chosen are ignored. Paths are relative to this file.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "source",
+                "catalog",
+                "`embedded`, `consul`, `file` or `etcd`",
+                Value::Default("\"embedded\""),
+            ),
+            key(
+                "data_dir",
+                "data_dir",
+                "path",
+                Value::Default("\"/var/lib/skyline\""),
+            ),
+            key(
+                "registry",
+                "registry",
+                "address",
+                Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "consul",
+                "consul",
+                "address",
+                Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "file",
+                "catalog_file",
+                "path",
+                Value::Default("\"/etc/skyline/catalog.toml\""),
+            ),
+            key(
+                "etcd_endpoints",
+                "etcd_endpoints",
+                "array of URLs (`http://host:port`)",
+                Value::Default("[\"http://127.0.0.1:2379\"]"),
+            ),
+            key(
+                "etcd_prefix",
+                "etcd_prefix",
+                "string",
+                Value::Default("\"skyline/\""),
+            ),
+        ],
+    },
+    Section {
+        table: "proxy",
+        sample: "",
+        doc: "Routing.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "catch_all",
+                "catch_all",
+                "array of addresses",
+                Value::Example {
+                    toml: "[\"10.0.0.50:5041\"]",
+                    default: "",
+                },
+            ),
+            key(
+                "route_warning",
+                "route_warning",
+                "boolean",
+                Value::Default("false"),
+            ),
+            key(
+                "fallback_hold",
+                "fallback_hold",
+                DURATION,
+                Value::Default("\"3s\""),
+            ),
+            key(
+                "workers",
+                "workers",
+                "integer, threads (1 to 256)",
+                Value::Default("1"),
+            ),
+        ],
+    },
+    Section {
+        table: "resilience",
+        sample: "",
+        doc: "How calls to services behave: timeouts, retries, balancing, ejection, probes. Re-read on SIGHUP.",
+        defaults_from: None,
+        keys: RESILIENCE_KEYS,
+    },
+    Section {
+        table: "routes.<service>",
+        sample: "giphy",
+        doc: "The keys of `[resilience]` for one service. Re-read on SIGHUP.",
+        defaults_from: Some("resilience"),
+        keys: RESILIENCE_KEYS,
+    },
+    Section {
+        table: "service[]",
+        sample: "",
+        doc: "A service of this node, registered in the catalog (`embedded` or `consul`) while the agent runs, its check kept alive, deregistered when the agent stops.",
+        defaults_from: None,
+        keys: &[
+            file_only(
+                "name",
+                "service name",
+                Value::Example {
+                    toml: "\"giphy\"",
+                    default: "required",
+                },
+                "The service's name.",
+            ),
+            file_only(
+                "port",
+                "port (1 to 65535)",
+                Value::Example {
+                    toml: "31000",
+                    default: "required",
+                },
+                "The port the instance listens on.",
+            ),
+            file_only(
+                "id",
+                "string",
+                Value::Example {
+                    toml: "\"giphy-mesos-1-31000\"",
+                    default: "`<name>-<node name>-<port>`",
+                },
+                "The instance's id in the catalog.",
+            ),
+            file_only(
+                "address",
+                "IP address",
+                Value::Example {
+                    toml: "\"10.0.0.11\"",
+                    default: "the node's address",
+                },
+                "The address the instance listens on.",
+            ),
+            file_only(
+                "tags",
+                "array of strings",
+                Value::Default("[]"),
+                "Tags of the instance.",
+            ),
+            file_only(
+                "meta",
+                "table of strings",
+                Value::Example {
+                    toml: "{ platform = \"mesos\" }",
+                    default: "none",
+                },
+                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`).",
+            ),
+            file_only(
+                "check.ttl",
+                DURATION,
+                Value::Example {
+                    toml: "\"10s\"",
+                    default: "`10s`",
+                },
+                "A TTL check (the default), passed by the agent while it can connect to the instance's port.",
+            ),
+            file_only(
+                "check.http",
+                "path",
+                Value::Example {
+                    toml: "\"/health\"",
+                    default: "none (a TTL check)",
+                },
+                "An HTTP check instead: the registry GETs this path on the instance.",
+            ),
+            file_only(
+                "check.interval",
+                DURATION,
+                Value::Example {
+                    toml: "\"5s\"",
+                    default: "`5s`",
+                },
+                "Time between HTTP checks.",
+            ),
+            file_only(
+                "check.timeout",
+                DURATION,
+                Value::Example {
+                    toml: "\"2s\"",
+                    default: "`2s`",
+                },
+                "An HTTP check not answered within this time fails.",
+            ),
+        ],
+    },
+];
+
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
 /// route, over `[resilience]`).
 #[derive(Deserialize, Default)]
@@ -349,7 +743,7 @@ struct CatalogSection {
     data_dir: Option<Spanned<PathBuf>>,
     registry: Option<Spanned<String>>,
     consul: Option<Spanned<String>>,
-    etcd_endpoints: Option<Vec<Spanned<String>>>,
+    etcd_endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     etcd_prefix: Option<Spanned<String>>,
 }
 
@@ -370,6 +764,39 @@ pub(crate) struct Source {
 }
 
 impl Source {
+    /// Reads and parses the TOML file at `path` into `T` (every role's file goes through here);
+    /// without a file, `T`'s defaults and a source named `<flags>`. A syntax error, an unknown
+    /// key or a value of the wrong type names the file, the line and the key.
+    pub(crate) fn read<T: serde::de::DeserializeOwned + Default>(
+        path: Option<&PathBuf>,
+    ) -> Result<(T, Source), ConfigError> {
+        let Some(path) = path else {
+            let flags = Source {
+                path: PathBuf::from("<flags>"),
+                text: String::new(),
+            };
+            return Ok((T::default(), flags));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.clone(),
+            line: None,
+            key: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        let source = Source {
+            path: path.clone(),
+            text,
+        };
+        match toml::from_str(&source.text) {
+            Ok(parsed) => Ok((parsed, source)),
+            Err(e) => {
+                let offset = e.span().map(|s| s.start);
+                let key = offset.and_then(|o| key_at(&source.text, o));
+                Err(source.error(offset, key.as_deref(), e.message().trim()))
+            }
+        }
+    }
+
     /// An error about `key`, at the line of byte `offset` when known.
     pub(crate) fn at(
         &self,
@@ -416,39 +843,17 @@ impl Source {
 impl AgentArgs {
     /// Merges flags, variables and the config file into validated settings.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        let (file, source) = match &self.config {
-            None => (FileConfig::default(), None),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                    file: path.clone(),
-                    line: None,
-                    key: None,
-                    reason: format!("cannot read: {e}"),
-                })?;
-                let source = Source {
-                    path: path.clone(),
-                    text,
-                };
-                let file: FileConfig = toml::from_str(&source.text).map_err(|e| {
-                    source.error(e.span().map(|s| s.start), None, e.message().trim())
-                })?;
-                (file, Some(source))
-            }
-        };
-        let empty = Source {
-            path: PathBuf::from("<flags>"),
-            text: String::new(),
-        };
-        let src = source.as_ref().unwrap_or(&empty);
+        let (file, source) = Source::read::<FileConfig>(self.config.as_ref())?;
+        let src = &source;
         let resilience = policies(src, &file)?;
 
-        let node_name = match (self.node_name, file.node.name) {
-            (Some(n), _) => n,
-            (None, Some(n)) => n.into_inner(),
-            (None, None) => "local".to_owned(),
+        let (node_name, at) = match (self.node_name, file.node.name) {
+            (Some(n), _) => (n, None),
+            (None, Some(n)) => (n.get_ref().clone(), Some(n.span().start)),
+            (None, None) => ("local".to_owned(), None),
         };
         if node_name.is_empty() {
-            return Err(src.error(None, Some("node.name"), "must not be empty"));
+            return Err(src.error(at, Some("node.name"), "must not be empty"));
         }
         let node_address = match self.node_address {
             Some(a) => a,
@@ -808,16 +1213,18 @@ fn etcd_source(
     src: &Source,
     flag_endpoints: Option<Vec<String>>,
     flag_prefix: Option<String>,
-    file_endpoints: Option<Vec<Spanned<String>>>,
+    file_endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     file_prefix: Option<Spanned<String>>,
 ) -> Result<CatalogSource, ConfigError> {
     const KEY: &str = "catalog.etcd_endpoints";
+    let list_at = file_endpoints.as_ref().map(|l| l.span().start);
     let endpoints = match (flag_endpoints, file_endpoints) {
         (Some(list), _) => list
             .iter()
             .map(|e| etcd_endpoint(e).map_err(|r| src.error(None, Some(KEY), r)))
             .collect::<Result<Vec<_>, _>>()?,
         (None, Some(list)) => list
+            .get_ref()
             .iter()
             .map(|e| {
                 etcd_endpoint(e.get_ref())
@@ -827,7 +1234,7 @@ fn etcd_source(
         (None, None) => vec![DEFAULT_ENDPOINT.to_owned()],
     };
     if endpoints.is_empty() {
-        return Err(src.error(None, Some(KEY), "must list at least one etcd member"));
+        return Err(src.error(list_at, Some(KEY), "must list at least one etcd member"));
     }
     let (prefix, span) = match (flag_prefix, file_prefix) {
         (Some(p), _) => (p, None),
@@ -871,6 +1278,87 @@ fn etcd_endpoint(text: &str) -> Result<String, String> {
         return Err(bad());
     }
     Ok(format!("http://{authority}"))
+}
+
+/// The dotted key at byte `offset` of a TOML text, for the errors the TOML parser reports with a
+/// position only (an unknown key, a value of the wrong type): the table header above it and the
+/// keys that lead to `offset` on its line (`outlier = { max_ejection = 5 }` under `[resilience]`
+/// is `resilience.outlier.max_ejection`).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let lines: Vec<&str> = before.split('\n').collect();
+    let current = lines.len() - 1;
+    let header_of = |line: &str| {
+        let line = line.trim();
+        line.starts_with('[').then(|| {
+            let end = line.rfind(']').unwrap_or(line.len());
+            line[..end].trim_matches(['[', ']']).trim().replace('"', "")
+        })
+    };
+    let line_start = offset - lines[current].len();
+    if header_of(lines[current]).is_some() {
+        // The error is in a table header: the whole header names the table.
+        return text[line_start..].lines().next().and_then(header_of);
+    }
+    // The line that holds the key: this one when the position is at or after a key, otherwise
+    // the one an array that continues here began on.
+    let starts_here = lines[current].contains('=') || lines[current].trim().is_empty();
+    let key_line = if starts_here {
+        current
+    } else {
+        let i = (0..current)
+            .rev()
+            .find(|&i| lines[i].contains('=') || header_of(lines[i]).is_some())?;
+        if header_of(lines[i]).is_some() {
+            return header_of(lines[i]);
+        }
+        i
+    };
+    let mut keys: Vec<String> = Vec::new();
+    let mut depth: usize = 0;
+    let mut token = String::new();
+    let mut in_string = None;
+    let scanned = if key_line == current {
+        // An unknown key's position is the key itself: scan through it.
+        let rest = &text[offset..];
+        let key_len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(rest.len());
+        let after = rest[key_len..].trim_start();
+        let take = if after.starts_with('=') { key_len } else { 0 };
+        format!("{}{}=", lines[current], &rest[..take])
+    } else {
+        lines[key_line].to_owned()
+    };
+    for c in scanned.chars() {
+        match (in_string, c) {
+            (Some(q), c) if c == q => in_string = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => in_string = Some(c),
+            (None, '{') => depth += 1,
+            (None, '}') => {
+                depth = usize::saturating_sub(depth, 1);
+                keys.truncate(depth);
+            }
+            (None, '=') => {
+                let key = token.trim().replace('"', "");
+                if !key.is_empty() {
+                    keys.truncate(depth);
+                    keys.push(key);
+                }
+                token.clear();
+            }
+            (None, ',' | '[' | ']') => token.clear(),
+            (None, c) => token.push(c),
+        }
+    }
+    let header = lines[..key_line].iter().rev().find_map(|l| header_of(l));
+    let key = keys.join(".");
+    match header {
+        _ if key.is_empty() => None,
+        Some(h) => Some(format!("{h}.{key}")),
+        None => Some(key),
+    }
 }
 
 /// A path in the config file is relative to the file's folder.
@@ -1137,6 +1625,38 @@ mod tests {
             args.resolve().unwrap_err().key.as_deref(),
             Some("catalog.etcd_endpoints")
         );
+    }
+
+    #[test]
+    fn an_unknown_key_or_a_value_of_the_wrong_type_names_its_line_and_key() {
+        for (text, line, key) in [
+            ("[proxy]\nworkerz = 3\n", 2, "proxy.workerz"),
+            ("retries = 1\n", 1, "retries"),
+            ("[nodes]\nname = \"x\"\n", 1, "nodes"),
+            (
+                "[resilience]\noutlier = { max_ejection = 5 }\n",
+                2,
+                "resilience.outlier.max_ejection",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nport = \"x\"\n",
+                3,
+                "service.port",
+            ),
+            (
+                "[catalog]\netcd_endpoints = [\n  \"a\",\n  5,\n]\n",
+                4,
+                "catalog.etcd_endpoints",
+            ),
+        ] {
+            let (_d, args) = with_file(text);
+            let e = args.resolve().unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_deref()),
+                (Some(line), Some(key)),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]
