@@ -67,9 +67,8 @@ use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
 use crate::catalog::ServiceName;
 use crate::catalog::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX};
-use crate::gateway::policy::{DEFAULT_HOLD, parse_duration};
+use crate::gateway::policy::DEFAULT_HOLD;
 use crate::proxy::resilience::{Policies, Resilience};
-use crate::registry::api::parse_go_duration;
 use crate::routing::Policy;
 use crate::routing::balance::Balance;
 
@@ -78,6 +77,84 @@ pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCAL
 pub const DEFAULT_CATALOG_FILE: &str = "/etc/skyline/catalog.toml";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/skyline";
 pub const DEFAULT_REGISTRY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
+
+/// The one duration grammar of Skyline, Go's `time.ParseDuration` (and so Consul's): a number
+/// and a unit, `ns`, `us`, `ms`, `s`, `m` or `h`, possibly combined (`300ms`, `1.5h`, `2h45m`);
+/// `0` alone; negative durations are refused. Every duration of every config file and flag, and
+/// of the registry's API, is read here.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}");
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.starts_with('-') {
+        return Err(format!("negative duration {s:?}"));
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (int, after) = rest.split_at(int_len);
+        let (frac, after) = match after.strip_prefix('.') {
+            Some(a) => {
+                let n = a.bytes().take_while(u8::is_ascii_digit).count();
+                a.split_at(n)
+            }
+            None => ("", after),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Err(bad());
+        }
+        let unit_len = after
+            .bytes()
+            .take_while(|c| !c.is_ascii_digit() && *c != b'.')
+            .count();
+        let (unit, after) = after.split_at(unit_len);
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
+        };
+        let int: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad())?
+        };
+        let mut part = int.checked_mul(scale).ok_or_else(bad)?;
+        let mut div = scale;
+        for d in frac.bytes().take(18) {
+            div /= 10;
+            part += u128::from(d - b'0') * div;
+            if div == 0 {
+                break;
+            }
+        }
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = after;
+    }
+    u64::try_from(total)
+        .map(Duration::from_nanos)
+        .map_err(|_| bad())
+}
+
+/// A duration setting of a config file or a flag: [`parse_duration`], at most a day.
+pub fn parse_duration_setting(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let d = parse_duration(text).map_err(|_| {
+        format!("{text:?} is not a duration like \"500ms\", \"3s\", \"5m\" or \"1h\"")
+    })?;
+    if d > Duration::from_secs(86_400) {
+        return Err(format!("{text:?} is out of range (0 to 24h)"));
+    }
+    Ok(d)
+}
 
 /// A listener address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -980,10 +1057,9 @@ impl AgentArgs {
             ));
         }
         let fallback_hold = match (&self.fallback_hold, &file.proxy.fallback_hold) {
-            (Some(text), _) => {
-                parse_duration(text).map_err(|e| src.error(None, Some("proxy.fallback_hold"), e))?
-            }
-            (None, Some(text)) => parse_duration(text.get_ref())
+            (Some(text), _) => parse_duration_setting(text)
+                .map_err(|e| src.error(None, Some("proxy.fallback_hold"), e))?,
+            (None, Some(text)) => parse_duration_setting(text.get_ref())
                 .map_err(|e| src.error(Some(text.span().start), Some("proxy.fallback_hold"), e))?,
             (None, None) => DEFAULT_HOLD,
         };
@@ -1051,7 +1127,8 @@ pub(crate) fn resilience(
     let duration = |k: &str, field: &Option<Spanned<String>>, min: Duration| {
         let Some(field) = field else { return Ok(None) };
         let at = Some(field.span().start);
-        let d = parse_duration(field.get_ref()).map_err(|e| src.error(at, Some(&key(k)), e))?;
+        let d =
+            parse_duration_setting(field.get_ref()).map_err(|e| src.error(at, Some(&key(k)), e))?;
         if d < min {
             return Err(src.error(at, Some(&key(k)), format!("must be at least {min:?}")));
         }
@@ -1155,7 +1232,7 @@ fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, 
     let address = src.parse::<IpAddr>("service.address", &svc.address)?;
     let duration = |key: &str, field: &Option<Spanned<String>>, default: Duration| match field {
         None => Ok(default),
-        Some(f) => parse_go_duration(f.get_ref())
+        Some(f) => parse_duration(f.get_ref())
             .ok()
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
@@ -1300,9 +1377,19 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         // The error is in a table header: the whole header names the table.
         return text[line_start..].lines().next().and_then(header_of);
     }
+    // An unknown key's position is the key itself: the key to scan through.
+    let rest = &text[offset..];
+    let key_len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .unwrap_or(rest.len());
+    let key_here = if rest[key_len..].trim_start().starts_with('=') {
+        &rest[..key_len]
+    } else {
+        ""
+    };
     // The line that holds the key: this one when the position is at or after a key, otherwise
     // the one an array that continues here began on.
-    let starts_here = lines[current].contains('=') || lines[current].trim().is_empty();
+    let starts_here = lines[current].contains('=') || !key_here.is_empty();
     let key_line = if starts_here {
         current
     } else {
@@ -1319,14 +1406,7 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let mut token = String::new();
     let mut in_string = None;
     let scanned = if key_line == current {
-        // An unknown key's position is the key itself: scan through it.
-        let rest = &text[offset..];
-        let key_len = rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-            .unwrap_or(rest.len());
-        let after = rest[key_len..].trim_start();
-        let take = if after.starts_with('=') { key_len } else { 0 };
-        format!("{}{}=", lines[current], &rest[..take])
+        format!("{}{key_here}=", lines[current])
     } else {
         lines[key_line].to_owned()
     };
@@ -1656,6 +1736,34 @@ mod tests {
                 (Some(line), Some(key)),
                 "{text}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn every_duration_of_the_file_takes_the_same_units() {
+        let (_d, args) = with_file(
+            "[proxy]\nfallback_hold = \"1m30s\"\n[resilience]\nrequest_timeout = \"1h\"\n\
+             connect_timeout = \"1500us\"\n[[service]]\nname = \"a\"\nport = 1\n\
+             check = { ttl = \"1h\" }\n",
+        );
+        let s = args.resolve().unwrap();
+        assert_eq!(s.policy.fallback_hold, Duration::from_secs(90));
+        assert_eq!(
+            s.resilience.default.request_timeout,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            s.resilience.default.connect_timeout,
+            Duration::from_micros(1500)
+        );
+        assert_eq!(s.services[0].check, Check::Ttl(Duration::from_secs(3600)));
+        for text in [
+            "[proxy]\nfallback_hold = \"3\"\n",
+            "[resilience]\nidle_timeout = \"25h\"\n",
+            "[resilience]\nidle_timeout = \"-1s\"\n",
+        ] {
+            let (_d, args) = with_file(text);
+            assert!(args.resolve().is_err(), "{text}");
         }
     }
 

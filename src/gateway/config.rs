@@ -387,8 +387,10 @@ impl GatewayArgs {
             }
         };
         let default_hold = match (&self.hold, &file.gateway.hold) {
-            (Some(h), _) => policy::parse_duration(h).map_err(|e| src.at(None, "hold", e))?,
-            (None, Some(h)) => policy::parse_duration(h.get_ref())
+            (Some(h), _) => {
+                crate::config::parse_duration_setting(h).map_err(|e| src.at(None, "hold", e))?
+            }
+            (None, Some(h)) => crate::config::parse_duration_setting(h.get_ref())
                 .map_err(|e| src.at(Some(h.span().start), "gateway.hold", e))?,
             (None, None) => DEFAULT_HOLD,
         };
