@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use skyline::agent::Listeners;
@@ -13,10 +13,20 @@ use skyline::gateway::config::GatewayArgs;
 use skyline::serve::activation::Inherited;
 use skyline::up::UpArgs;
 
+/// `skyline --version`: the commit and the build date come from `build.rs`.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SKYLINE_COMMIT"),
+    ", built ",
+    env!("SKYLINE_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "skyline",
-    version,
+    version = VERSION,
     about = "A service mesh in one small binary"
 )]
 struct Cli {
@@ -59,10 +69,16 @@ enum Command {
     Register(skyline::cli::RegisterArgs),
     /// Remove a service instance from the registry
     Deregister(skyline::cli::DeregisterArgs),
+    /// Check a config file, print an example one, or the reference of every setting
+    Config(skyline::config::reference::ConfigArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Config(args) = cli.command {
+        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+        return skyline::config::reference::run(args, &Cli::command(), &mut out, &mut err);
+    }
     init_tracing(cli.log_format);
     // Before any thread starts: taking the sockets edits the environment.
     let inherited = match Inherited::from_env() {
@@ -173,7 +189,11 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
         Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
         Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
-        Command::Agent(_) | Command::Gateway(_) | Command::Bridge(_) | Command::Registry(_) => {}
+        Command::Agent(_)
+        | Command::Gateway(_)
+        | Command::Bridge(_)
+        | Command::Registry(_)
+        | Command::Config(_) => {}
     }
     Ok(())
 }

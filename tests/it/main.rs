@@ -3,6 +3,7 @@
 
 mod agents_register;
 mod catalog_changes;
+mod config;
 mod consul_backend;
 mod demo;
 mod etcd;
