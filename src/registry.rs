@@ -3,6 +3,7 @@
 //!
 //! - [`api`]: HTTP routing, Consul's JSON shapes and status codes, blocking queries.
 //! - [`store`]: the state, the ops that change it, and the append-only log that makes them durable.
+//! - [`decode`]: Consul's rules for decoding JSON request bodies (case-insensitive keys, aliases).
 //! - [`checks`]: TTL deadlines, HTTP/TCP probes and `DeregisterCriticalServiceAfter`.
 //!
 //! One task (the *core*) owns the state and the log. Writes arrive as commands; the core
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod checks;
 pub mod client;
+pub mod decode;
 pub mod store;
 
 use std::collections::BTreeMap;
