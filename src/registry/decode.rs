@@ -808,6 +808,48 @@ pub fn parse_go_duration(orig: &str) -> Result<i64, String> {
     i64::try_from(d).map_err(|_| invalid())
 }
 
+/// Go's `time.Duration.String`, as Consul writes durations in JSON: `"0s"`, `"500ms"`, `"1.5s"`,
+/// `"1m30s"`, `"1h30m0s"`.
+pub fn format_go_duration(d: Duration) -> String {
+    /// `value / div` with its fraction, trailing zeros trimmed.
+    fn decimal(value: u128, div: u128) -> String {
+        let (whole, mut frac) = (value / div, value % div);
+        if frac == 0 {
+            return whole.to_string();
+        }
+        let mut digits = div.to_string().len() - 1;
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        format!("{whole}.{frac:0digits$}")
+    }
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".to_owned();
+    }
+    if ns < 1_000_000_000 {
+        let (unit, div) = match ns {
+            0..1_000 => ("ns", 1),
+            1_000..1_000_000 => ("µs", 1_000),
+            _ => ("ms", 1_000_000),
+        };
+        return format!("{}{unit}", decimal(ns, div));
+    }
+    let secs = ns / 1_000_000_000;
+    let (h, m) = (secs / 3600, secs / 60 % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if h > 0 || m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    out.push_str(&decimal(ns % 60_000_000_000, 1_000_000_000));
+    out.push('s');
+    out
+}
+
 /// A duration field after [`normalize`]: integer nanoseconds; zero, negative or absent mean
 /// unset (Consul treats a non-positive check duration as not given).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1016,6 +1058,26 @@ mod tests {
         }
         assert_eq!(parse_go_duration("2562047h47m16.854775807s"), Ok(i64::MAX));
         assert!(parse_go_duration("2562047h47m16.854775808s").is_err());
+    }
+
+    #[test]
+    fn durations_are_written_as_go_writes_them() {
+        let cases = [
+            (Duration::ZERO, "0s"),
+            (Duration::from_nanos(7), "7ns"),
+            (Duration::from_nanos(1_500), "1.5µs"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_millis(1_500), "1.5s"),
+            (Duration::from_secs(10), "10s"),
+            (Duration::from_secs(90), "1m30s"),
+            (Duration::from_secs(5400), "1h30m0s"),
+            (Duration::from_secs(3600), "1h0m0s"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(format_go_duration(d), want, "{d:?}");
+            let back = parse_go_duration(want).unwrap();
+            assert_eq!(u128::try_from(back).unwrap(), d.as_nanos(), "{want}");
+        }
     }
 
     #[test]
