@@ -84,65 +84,124 @@ pub const DEFAULT_REGISTRY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LO
 /// `0` alone; negative durations are refused. Every duration of every config file and flag, and
 /// of the registry's API, is read here.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}");
-    let mut rest = s.strip_prefix('+').unwrap_or(s);
-    if rest.starts_with('-') {
-        return Err(format!("negative duration {s:?}"));
-    }
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total: u128 = 0;
-    while !rest.is_empty() {
-        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let (int, after) = rest.split_at(int_len);
-        let (frac, after) = match after.strip_prefix('.') {
-            Some(a) => {
-                let n = a.bytes().take_while(u8::is_ascii_digit).count();
-                a.split_at(n)
-            }
-            None => ("", after),
-        };
-        if int.is_empty() && frac.is_empty() {
-            return Err(bad());
+    let nanos = parse_go_duration(s)?;
+    u64::try_from(nanos)
+        .map(Duration::from_nanos)
+        .map_err(|_| format!("negative duration {s:?}"))
+}
+
+/// Go's `time.ParseDuration`, error texts included: `[-+]?([0-9]*(\.[0-9]*)?[a-z]+)+` with units
+/// `ns`, `us` (or `µs`, `μs`), `ms`, `s`, `m`, `h`; `"0"` needs no unit. Returns signed
+/// nanoseconds.
+pub fn parse_go_duration(orig: &str) -> Result<i64, String> {
+    let invalid = || format!("time: invalid duration {orig:?}");
+    let mut s = orig.as_bytes();
+    let mut neg = false;
+    if let Some((&c, rest)) = s.split_first() {
+        if c == b'-' || c == b'+' {
+            neg = c == b'-';
+            s = rest;
         }
-        let unit_len = after
-            .bytes()
-            .take_while(|c| !c.is_ascii_digit() && *c != b'.')
+    }
+    if s == b"0" {
+        return Ok(0);
+    }
+    if s.is_empty() {
+        return Err(invalid());
+    }
+    let mut d: u64 = 0;
+    const LIMIT: u64 = 1 << 63;
+    while !s.is_empty() {
+        if !(s[0] == b'.' || s[0].is_ascii_digit()) {
+            return Err(invalid());
+        }
+        // The integer part; overflow is an invalid duration, as Go's leadingInt reports it.
+        let int_len = s.iter().take_while(|c| c.is_ascii_digit()).count();
+        let mut v: u64 = 0;
+        for &c in &s[..int_len] {
+            if v > LIMIT / 10 {
+                return Err(invalid());
+            }
+            v = v * 10 + u64::from(c - b'0');
+            if v > LIMIT {
+                return Err(invalid());
+            }
+        }
+        let pre = int_len > 0;
+        s = &s[int_len..];
+        // The fraction: digits past what a u64 holds are dropped, as Go's leadingFraction does.
+        let mut post = false;
+        let mut frac: u64 = 0;
+        let mut scale: f64 = 1.0;
+        if s.first() == Some(&b'.') {
+            s = &s[1..];
+            let n = s.iter().take_while(|c| c.is_ascii_digit()).count();
+            let mut overflow = false;
+            for &c in &s[..n] {
+                if overflow {
+                    continue;
+                }
+                if frac > (LIMIT - 1) / 10 {
+                    overflow = true;
+                    continue;
+                }
+                let y = frac * 10 + u64::from(c - b'0');
+                if y > LIMIT {
+                    overflow = true;
+                    continue;
+                }
+                frac = y;
+                scale *= 10.0;
+            }
+            post = n > 0;
+            s = &s[n..];
+        }
+        if !pre && !post {
+            return Err(invalid());
+        }
+        let unit_len = s
+            .iter()
+            .take_while(|c| !(**c == b'.' || c.is_ascii_digit()))
             .count();
-        let (unit, after) = after.split_at(unit_len);
-        let scale: u128 = match unit {
+        if unit_len == 0 {
+            return Err(format!("time: missing unit in duration {orig:?}"));
+        }
+        let unit_text = String::from_utf8_lossy(&s[..unit_len]);
+        let unit: u64 = match &*unit_text {
             "ns" => 1,
             "us" | "µs" | "μs" => 1_000,
             "ms" => 1_000_000,
             "s" => 1_000_000_000,
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
-            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
+            other => {
+                return Err(format!("time: unknown unit {other:?} in duration {orig:?}"));
+            }
         };
-        let int: u128 = if int.is_empty() {
-            0
-        } else {
-            int.parse().map_err(|_| bad())?
-        };
-        let mut part = int.checked_mul(scale).ok_or_else(bad)?;
-        let mut div = scale;
-        for d in frac.bytes().take(18) {
-            div /= 10;
-            part += u128::from(d - b'0') * div;
-            if div == 0 {
-                break;
+        s = &s[unit_len..];
+        if v > LIMIT / unit {
+            return Err(invalid());
+        }
+        v *= unit;
+        if frac > 0 {
+            // Go computes the fraction in float64, and so do we, to round the same way.
+            #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+            let extra = (frac as f64 * (unit as f64 / scale)) as u64;
+            v = v.checked_add(extra).ok_or_else(invalid)?;
+            if v > LIMIT {
+                return Err(invalid());
             }
         }
-        total = total.checked_add(part).ok_or_else(bad)?;
-        rest = after;
+        d = d.checked_add(v).ok_or_else(invalid)?;
+        if d > LIMIT {
+            return Err(invalid());
+        }
     }
-    u64::try_from(total)
-        .map(Duration::from_nanos)
-        .map_err(|_| bad())
+    if neg {
+        // -(1<<63) is the one negative value without a positive counterpart.
+        return Ok(if d == LIMIT { i64::MIN } else { -(d as i64) });
+    }
+    i64::try_from(d).map_err(|_| invalid())
 }
 
 /// A duration setting of a config file or a flag: [`parse_duration`], at most a day.

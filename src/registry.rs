@@ -3,6 +3,8 @@
 //!
 //! - [`api`]: HTTP routing, Consul's JSON shapes and status codes, blocking queries.
 //! - [`store`]: the state, the ops that change it, and the append-only log that makes them durable.
+//! - [`decode`]: Consul's rules for decoding JSON request bodies (case-insensitive keys, aliases).
+//! - [`events`]: Consul's user events, kept in memory as one agent keeps them.
 //! - [`checks`]: TTL deadlines, HTTP/TCP probes and `DeregisterCriticalServiceAfter`.
 //!
 //! One task (the *core*) owns the state and the log. Writes arrive as commands; the core
@@ -17,6 +19,8 @@
 pub mod api;
 pub mod checks;
 pub mod client;
+pub mod decode;
+pub mod events;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -197,6 +201,7 @@ pub async fn spawn(
         node_name: config.node_name.clone(),
         node_address: config.node_address,
         shutdown: shutdown.clone(),
+        events: watch::channel(Arc::new(events::EventLog::default())).0,
     });
     let server_task = tokio::spawn(serve(listener, shared, shutdown.clone(), core_stop));
     Ok(RegistryHandle {

@@ -1,15 +1,26 @@
 //! The HTTP side of the registry: Consul's paths, JSON field names, status codes and error
 //! texts, and blocking queries (`?index=N&wait=D`).
 //!
+//! Request bodies are decoded by Consul's rules ([`super::decode`]): keys case-insensitive,
+//! Consul's snake_case aliases, unknown fields refused, Go durations. Supported endpoints and the
+//! clients that exercised them: `docs/consul-compatibility.md`.
+//!
 //! Deliberate differences from Consul:
 //! - service names must match the mesh contract ([`ServiceName::is_valid`]); Consul allows more;
-//! - field names are matched exactly (PascalCase as documented), not case-insensitively;
-//! - `/v1/catalog/register` accepts `TTL` in a check's `Definition` (our extension, so agents of
-//!   many nodes can keep TTL checks in one registry), and `/v1/agent/check/*` accepts `?node=` to
-//!   refresh such a check on another node;
+//! - `/v1/catalog/register` runs a `TTL` given in a check's `Definition` (Consul stores it and
+//!   runs nothing), so agents of many nodes can keep TTL checks in one registry, and
+//!   `/v1/agent/check/*` accepts `?node=` to refresh such a check on another node;
 //! - every read blocks on its own result's index (never woken by unrelated writes), including
-//!   the agent endpoints, which Consul blocks by content hash;
-//! - no sessions, ACLs, datacenters, namespaces, `?filter`, `?near`, KV locks;
+//!   the agent endpoints, which Consul blocks by content hash; node and state reads block on the
+//!   catalog's index, as Consul's do on their tables';
+//! - checks other than TTL, HTTP and TCP (script, gRPC, UDP, H2PING, alias, OS service, Docker)
+//!   are refused with 400 rather than stored and never run;
+//! - one datacenter (`dc1`); every node's coordinate is the origin; `/v1/agent/members` lists
+//!   the registry's own node; user events are received by that node only;
+//! - no ACLs, namespaces, partitions, Connect, prepared queries, `?filter`, `?near`,
+//!   `?node-meta`; sessions, KV locks and `/v1/txn`: see `docs/consul-compatibility.md`;
+//! - event validation errors and an unknown `ServiceID` on a check registration are 400 (Consul:
+//!   500); anything after a body's JSON value is refused (Go's decoder ignores it);
 //! - bodies over 512 KiB get 400 (Consul sends 413 for KV values).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +41,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::checks::Checks;
+use super::decode::{self, GoDuration, Shape};
+use super::events::{self, EventLog};
 use super::store::{
     CheckDef, CheckDefinition, CheckEntry, KvEntry, NodeEntry, Op, Registration, ServiceDef,
     ServiceEntry, State, Weights, prefix_range,
@@ -58,6 +71,8 @@ pub(crate) struct Shared {
     pub node_name: String,
     pub node_address: IpAddr,
     pub shutdown: CancellationToken,
+    /// The user events this registry received (`/v1/event/*`); memory only, as in Consul.
+    pub events: watch::Sender<Arc<EventLog>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -214,6 +229,39 @@ where
             allow(&method, get)?;
             agent_checks(shared, &query).await
         }
+        "agent/self" => {
+            allow(&method, get)?;
+            Ok(agent_self(shared))
+        }
+        "agent/members" => {
+            allow(&method, get)?;
+            Ok(json_response_unindexed(&json!([member_json(shared)])))
+        }
+        "agent/maintenance" => {
+            allow(&method, put)?;
+            maintenance(shared, &query, None).await
+        }
+        "agent/check/register" => {
+            allow(&method, put)?;
+            let body = read_body(req).await?;
+            agent_check_register(shared, &body).await
+        }
+        "catalog/datacenters" => {
+            allow(&method, get)?;
+            Ok(json_response_unindexed(&json!(["dc1"])))
+        }
+        "coordinate/nodes" => {
+            allow(&method, get)?;
+            coordinate_nodes(shared, &query).await
+        }
+        "coordinate/datacenters" => {
+            allow(&method, get)?;
+            Ok(coordinate_datacenters(shared))
+        }
+        "event/list" => {
+            allow(&method, get)?;
+            event_list(shared, &query).await
+        }
         "catalog/register" => {
             allow(&method, put)?;
             let body = read_body(req).await?;
@@ -251,6 +299,33 @@ where
                 allow(&method, put)?;
                 return agent_deregister(shared, id?).await;
             }
+            if let Some(id) = segment("agent/service/maintenance/") {
+                allow(&method, put)?;
+                return maintenance(shared, &query, Some(id?)).await;
+            }
+            if let Some(id) = segment("agent/check/deregister/") {
+                allow(&method, put)?;
+                return agent_check_deregister(shared, id?).await;
+            }
+            if let Some(name) = segment("event/fire/") {
+                allow(&method, put)?;
+                let name = name.map_err(|_| ApiError::bad_request("Missing name"))?;
+                let body = read_body(req).await?;
+                return event_fire(shared, &query, name, body);
+            }
+            if let Some(node) = segment("catalog/node/") {
+                allow(&method, get)?;
+                return catalog_node(shared, &query, &node?).await;
+            }
+            if let Some(node) = segment("health/node/") {
+                allow(&method, get)?;
+                return health_node(shared, &query, &node?).await;
+            }
+            if let Some(state) = segment("health/state/") {
+                allow(&method, get)?;
+                let state = state.map_err(|_| ApiError::bad_request("Missing check state"))?;
+                return health_state(shared, &query, &state).await;
+            }
             for (prefix, status) in [
                 ("agent/check/pass/", Health::Passing),
                 ("agent/check/warn/", Health::Warning),
@@ -265,7 +340,7 @@ where
             if let Some(id) = segment("agent/check/update/") {
                 allow(&method, put)?;
                 let body = read_body(req).await?;
-                let update: CheckUpdateIn = decode(&body)?;
+                let update: CheckUpdateIn = decode(&body, &decode::CHECK_UPDATE)?;
                 let status = parse_status(update.status.as_deref().unwrap_or(""))?;
                 return check_update(
                     shared,
@@ -340,8 +415,12 @@ where
     Ok(Bytes::from(buf))
 }
 
-fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(ApiError::decode)
+/// Decodes a body by Consul's rules for the Go struct `shape` describes ([`decode`]).
+fn decode<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    shape: &'static Shape,
+) -> Result<T, ApiError> {
+    decode::decode(body, shape).map_err(ApiError::decode)
 }
 
 async fn submit(
@@ -375,6 +454,17 @@ fn json_response(index: u64, value: &impl serde::Serialize) -> Resp {
         index,
         "application/json",
     )
+}
+
+/// A JSON answer of an endpoint that does not block (no `X-Consul-Index`, as in Consul).
+fn json_response_unindexed(value: &impl serde::Serialize) -> Resp {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn with_index(mut resp: Resp, index: u64, content_type: &'static str) -> Resp {
@@ -458,42 +548,6 @@ pub fn percent_decode(s: &str, plus_as_space: bool) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// A duration field: a Go duration string, or a number of nanoseconds (as Go's JSON encodes
-/// `time.Duration`); empty and null mean unset.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GoDuration(pub Option<Duration>);
-
-impl<'de> Deserialize<'de> for GoDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = GoDuration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"10s\" or a number of nanoseconds")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<GoDuration, E> {
-                if v.is_empty() {
-                    return Ok(GoDuration(None));
-                }
-                parse_duration(v)
-                    .map(|d| GoDuration(Some(d)))
-                    .map_err(E::custom)
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<GoDuration, E> {
-                Ok(GoDuration((v > 0).then(|| Duration::from_nanos(v))))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<GoDuration, E> {
-                u64::try_from(v)
-                    .map(|v| GoDuration((v > 0).then(|| Duration::from_nanos(v))))
-                    .map_err(|_| E::custom("negative duration"))
-            }
-            fn visit_unit<E: serde::de::Error>(self) -> Result<GoDuration, E> {
-                Ok(GoDuration(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
 
 // === Blocking queries ===
 
@@ -522,39 +576,51 @@ async fn read(
 ) -> Result<(Arc<State>, u64), ApiError> {
     let params = blocking(query)?;
     let mut rx = shared.state.clone();
-    let state = rx.borrow_and_update().clone();
-    let index = index_of(&state).max(1);
-    let Some(min) = params.index.filter(|i| *i > 0) else {
-        return Ok((state, index));
+    let state = match params.index.filter(|i| *i > 0) {
+        None => rx.borrow_and_update().clone(),
+        Some(min) => wait_until(shared, params.wait, &mut rx, |s| index_of(s).max(1) > min).await,
     };
-    if index > min {
-        return Ok((state, index));
+    let index = index_of(&state).max(1);
+    Ok((state, index))
+}
+
+/// The value of `rx` once `done` holds for it, or at the deadline (wait + up to wait/16
+/// jitter), or at shutdown.
+async fn wait_until<T: Clone>(
+    shared: &Shared,
+    wait: Duration,
+    rx: &mut watch::Receiver<T>,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let current = rx.borrow_and_update().clone();
+    if done(&current) {
+        return current;
     }
-    let jitter_ns = u64::try_from(params.wait.as_nanos() / 16).unwrap_or(0);
+    let jitter_ns = u64::try_from(wait.as_nanos() / 16).unwrap_or(0);
     let jitter = Duration::from_nanos(fastrand::u64(0..=jitter_ns));
-    let deadline = Instant::now() + params.wait + jitter;
+    let deadline = Instant::now() + wait + jitter;
     loop {
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                let state = rx.borrow_and_update().clone();
-                let index = index_of(&state).max(1);
-                if index > min {
-                    return Ok((state, index));
+                let value = rx.borrow_and_update().clone();
+                if done(&value) {
+                    return value;
                 }
             }
             () = tokio::time::sleep_until(deadline) => break,
             () = shared.shutdown.cancelled() => break,
         }
     }
-    let state = rx.borrow().clone();
-    let index = index_of(&state).max(1);
-    Ok((state, index))
+    rx.borrow().clone()
 }
 
 // === JSON in ===
+//
+// Bodies are first put in canonical form by `decode` (case-insensitive keys, Consul's aliases,
+// unknown keys refused, durations as nanoseconds); these structs read that form by exact name.
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -563,6 +629,48 @@ struct WeightsIn {
     warning: Option<i64>,
 }
 
+/// The check kinds Consul has and this registry does not run, by their field in a check.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UnsupportedKinds {
+    script_args: Option<Vec<String>>,
+    #[serde(rename = "GRPC")]
+    grpc: Option<String>,
+    #[serde(rename = "UDP")]
+    udp: Option<String>,
+    #[serde(rename = "H2PING")]
+    h2ping: Option<String>,
+    alias_node: Option<String>,
+    alias_service: Option<String>,
+    #[serde(rename = "OSService")]
+    os_service: Option<String>,
+    #[serde(rename = "DockerContainerID")]
+    docker_container_id: Option<String>,
+}
+
+impl UnsupportedKinds {
+    /// The first kind given, by its Consul field name.
+    fn given(&self) -> Option<&'static str> {
+        let set = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
+        if self.script_args.as_ref().is_some_and(|a| !a.is_empty()) {
+            return Some("ScriptArgs");
+        }
+        [
+            (set(&self.grpc), "GRPC"),
+            (set(&self.udp), "UDP"),
+            (set(&self.h2ping), "H2PING"),
+            (set(&self.alias_node), "AliasNode"),
+            (set(&self.alias_service), "AliasService"),
+            (set(&self.os_service), "OSService"),
+            (set(&self.docker_container_id), "DockerContainerID"),
+        ]
+        .into_iter()
+        .find_map(|(set, name)| set.then_some(name))
+    }
+}
+
+/// A check: `CheckType` (in an agent service registration), `CheckDefinition` (agent check
+/// registration, whose ID field is `ID`) or `HealthCheck` (catalog registration).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct CheckIn {
@@ -587,9 +695,12 @@ struct CheckIn {
     notes: Option<String>,
     output: Option<String>,
     definition: Option<DefinitionIn>,
+    #[serde(flatten)]
+    unsupported: UnsupportedKinds,
 }
 
-/// A catalog check's `Definition`; `TTL` in it is our extension.
+/// A catalog check's `Definition`; its `TTL` makes this registry run the TTL (Consul stores it
+/// and runs nothing).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct DefinitionIn {
@@ -605,6 +716,8 @@ struct DefinitionIn {
     timeout: GoDuration,
     #[serde(default)]
     deregister_critical_service_after: GoDuration,
+    #[serde(flatten)]
+    unsupported: UnsupportedKinds,
 }
 
 #[derive(Debug, Deserialize)]
@@ -627,7 +740,6 @@ struct AgentServiceIn {
 struct CatalogServiceIn {
     #[serde(rename = "ID")]
     id: Option<String>,
-    #[serde(alias = "Name")]
     service: Option<String>,
     tags: Option<Vec<String>>,
     address: Option<String>,
@@ -769,6 +881,16 @@ fn check_def(
     service_id: String,
     agent: bool,
 ) -> Result<CheckDef, ApiError> {
+    let unsupported = if agent {
+        c.unsupported.given()
+    } else {
+        c.definition.as_ref().and_then(|d| d.unsupported.given())
+    };
+    if let Some(kind) = unsupported {
+        return Err(ApiError::bad_request(format!(
+            "{kind} checks are not supported by this registry: give one of TTL, HTTP or TCP"
+        )));
+    }
     let (ttl, http, tcp, interval, timeout, dereg) = if agent {
         (
             c.ttl,
@@ -863,7 +985,7 @@ fn check_def(
 // === Agent endpoints ===
 
 async fn agent_register(shared: &Shared, _query: &Query, body: &[u8]) -> Result<Resp, ApiError> {
-    let input: AgentServiceIn = decode(body)?;
+    let input: AgentServiceIn = decode(body, &decode::SERVICE_DEFINITION)?;
     let svc = service_def(
         input.id,
         input.name,
@@ -1013,7 +1135,7 @@ async fn check_update(
 // === Catalog endpoints ===
 
 async fn catalog_register(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError> {
-    let input: CatalogRegisterIn = decode(body)?;
+    let input: CatalogRegisterIn = decode(body, &decode::REGISTER_REQUEST)?;
     let node = input
         .node
         .filter(|n| !n.is_empty())
@@ -1091,7 +1213,7 @@ async fn catalog_register(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError
 }
 
 async fn catalog_deregister(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError> {
-    let input: CatalogDeregisterIn = decode(body)?;
+    let input: CatalogDeregisterIn = decode(body, &decode::DEREGISTER_REQUEST)?;
     let node = input
         .node
         .filter(|n| !n.is_empty())
@@ -1173,7 +1295,7 @@ fn check_json(node: &NodeEntry, check: &CheckEntry) -> Value {
         .map(|s| s.tags.clone())
         .unwrap_or_default();
     let d = &check.definition;
-    let fmt_dur = |d: Option<Duration>| d.map(|d| format!("{d:?}")).unwrap_or_default();
+    let fmt_dur = |d: Option<Duration>| d.map(decode::format_go_duration).unwrap_or_default();
     json!({
         "Node": node.info.name,
         "CheckID": check.id,
@@ -1184,7 +1306,9 @@ fn check_json(node: &NodeEntry, check: &CheckEntry) -> Value {
         "ServiceID": check.service_id,
         "ServiceName": check.service_name,
         "ServiceTags": tags,
-        "Type": d.kind(),
+        "Interval": fmt_dur(d.interval),
+        "Timeout": fmt_dur(d.timeout),
+        "Type": if is_maintenance(&check.id) { "maintenance" } else { d.kind() },
         "Definition": {
             "HTTP": d.http.clone().unwrap_or_default(),
             "TCP": d.tcp.clone().unwrap_or_default(),
@@ -1273,6 +1397,332 @@ async fn health_checks(shared: &Shared, query: &Query, name: &str) -> Result<Res
         })
         .collect();
     Ok(json_response(index, &out))
+}
+
+// === Agent: self, members, checks, maintenance ===
+
+/// The Consul version whose HTTP API this registry answers as (`/v1/agent/self`).
+const CONSUL_API_VERSION: &str = "1.21.0";
+const NODE_MAINTENANCE: &str = "_node_maintenance";
+const SERVICE_MAINTENANCE_PREFIX: &str = "_service_maintenance:";
+
+fn is_maintenance(check_id: &str) -> bool {
+    check_id == NODE_MAINTENANCE || check_id.starts_with(SERVICE_MAINTENANCE_PREFIX)
+}
+
+/// Serf's starting coordinate: every node sits at the origin (no network tomography here).
+fn origin_coordinate() -> Value {
+    json!({ "Vec": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "Error": 1.5, "Adjustment": 0.0, "Height": 1.0e-5 })
+}
+
+fn member_json(shared: &Shared) -> Value {
+    json!({
+        "Name": shared.node_name,
+        "Addr": shared.node_address.to_string(),
+        "Port": 8301,
+        "Tags": {
+            "role": "consul", "dc": "dc1", "segment": "", "build": CONSUL_API_VERSION,
+            "port": "8300", "vsn": "2", "vsn_min": "2", "vsn_max": "3", "raft_vsn": "3",
+            "bootstrap": "1",
+        },
+        "Status": 1,
+        "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2,
+        "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
+    })
+}
+
+fn agent_self(shared: &Shared) -> Resp {
+    let meta = shared
+        .state
+        .borrow()
+        .nodes
+        .get(&shared.node_name)
+        .map(|n| n.info.meta.clone())
+        .unwrap_or_default();
+    json_response_unindexed(&json!({
+        "Config": {
+            "Datacenter": "dc1",
+            "PrimaryDatacenter": "dc1",
+            "NodeName": shared.node_name,
+            "NodeID": "",
+            "Revision": "",
+            "Server": true,
+            "Version": CONSUL_API_VERSION,
+            "BuildDate": "",
+        },
+        "Coord": origin_coordinate(),
+        "Member": member_json(shared),
+        "Meta": meta,
+        "Stats": {
+            "agent": { "checks": "", "services": "" },
+            "skyline": { "version": env!("CARGO_PKG_VERSION"), "registry": "embedded" },
+        },
+    }))
+}
+
+async fn agent_check_register(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError> {
+    let input: CheckIn = decode(body, &decode::CHECK_DEFINITION)?;
+    let name = input
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("Missing check name"))?;
+    let service_id = input.service_id.clone().unwrap_or_default();
+    let check = check_def(input, None, name, service_id, true)?;
+    if is_maintenance(&check.id) {
+        return Err(ApiError::bad_request(format!(
+            "Invalid check ID {:?}: reserved for maintenance mode",
+            check.id
+        )));
+    }
+    let node = shared.node_name.clone();
+    let address = shared.node_address.to_string();
+    submit(shared, move |state, checks| {
+        if !check.service_id.is_empty() {
+            let known = state
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.services.contains_key(&check.service_id));
+            if !known {
+                return Err(ApiError::bad_request(format!(
+                    "ServiceID {:?} does not exist",
+                    check.service_id
+                )));
+            }
+        }
+        if check.status.is_some() {
+            checks.refresh_ttl(&(node.clone(), check.id.clone()), Instant::now());
+        }
+        Ok(Some(Op::Register(Registration {
+            node,
+            address,
+            node_meta: None,
+            service: None,
+            checks: vec![check],
+            replace_service_checks: false,
+        })))
+    })
+    .await?;
+    Ok(plain(StatusCode::OK, ""))
+}
+
+async fn agent_check_deregister(shared: &Shared, id: String) -> Result<Resp, ApiError> {
+    let node = shared.node_name.clone();
+    submit(shared, move |state, _| {
+        if state.check(&node, &id).is_none() {
+            return Err(ApiError::not_found(format!(
+                "Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name."
+            )));
+        }
+        Ok(Some(Op::Deregister {
+            node,
+            service_id: None,
+            check_id: Some(id),
+        }))
+    })
+    .await?;
+    Ok(plain(StatusCode::OK, ""))
+}
+
+/// Go's `strconv.ParseBool`, as Consul reads `?enable=`.
+fn parse_enable(query: &Query) -> Result<bool, ApiError> {
+    let raw = query
+        .get("enable")
+        .ok_or_else(|| ApiError::bad_request("Missing value for enable"))?;
+    match raw {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(ApiError::bad_request(format!(
+            "Invalid value for enable: {raw:?}"
+        ))),
+    }
+}
+
+/// Node (`service` `None`) or service maintenance: a critical check, registered on enable and
+/// removed on disable, as Consul does (so it is persisted with the catalog).
+async fn maintenance(
+    shared: &Shared,
+    query: &Query,
+    service: Option<String>,
+) -> Result<Resp, ApiError> {
+    let enable = parse_enable(query)?;
+    let reason = query.get("reason").unwrap_or_default().to_owned();
+    let node = shared.node_name.clone();
+    let address = shared.node_address.to_string();
+    submit(shared, move |state, _| {
+        let entry = state.nodes.get(&node);
+        let (check_id, service_id) = match &service {
+            None => (NODE_MAINTENANCE.to_owned(), String::new()),
+            Some(id) => {
+                if !entry.is_some_and(|n| n.services.contains_key(id)) {
+                    return Err(ApiError::not_found(format!(
+                        "No service registered with ID {id:?}"
+                    )));
+                }
+                (format!("{SERVICE_MAINTENANCE_PREFIX}{id}"), id.clone())
+            }
+        };
+        let exists = state.check(&node, &check_id).is_some();
+        if !enable {
+            return Ok(exists.then_some(Op::Deregister {
+                node,
+                service_id: None,
+                check_id: Some(check_id),
+            }));
+        }
+        if exists {
+            return Ok(None);
+        }
+        let (name, default_reason) = match service {
+            None => (
+                "Node Maintenance Mode",
+                "Maintenance mode is enabled for this node, but no reason was provided. This is a default message.",
+            ),
+            Some(_) => (
+                "Service Maintenance Mode",
+                "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.",
+            ),
+        };
+        let notes = if reason.is_empty() {
+            default_reason.to_owned()
+        } else {
+            reason
+        };
+        Ok(Some(Op::Register(Registration {
+            node,
+            address,
+            node_meta: None,
+            service: None,
+            checks: vec![CheckDef {
+                id: check_id,
+                name: name.to_owned(),
+                service_id,
+                status: Some(Health::Critical),
+                output: String::new(),
+                notes,
+                definition: CheckDefinition::default(),
+            }],
+            replace_service_checks: false,
+        })))
+    })
+    .await?;
+    Ok(plain(StatusCode::OK, ""))
+}
+
+// === Catalog and health by node, health by state, coordinates ===
+
+async fn catalog_node(shared: &Shared, query: &Query, name: &str) -> Result<Resp, ApiError> {
+    let (state, index) = read(shared, query, |s| s.catalog_index).await?;
+    let Some(node) = state.nodes.get(name) else {
+        // Consul answers an unknown node with `null`.
+        return Ok(json_response(index, &Value::Null));
+    };
+    let services: serde_json::Map<String, Value> = node
+        .services
+        .values()
+        .map(|svc| (svc.id.clone(), service_json(svc)))
+        .collect();
+    Ok(json_response(
+        index,
+        &json!({ "Node": node_json(node), "Services": services }),
+    ))
+}
+
+async fn health_node(shared: &Shared, query: &Query, name: &str) -> Result<Resp, ApiError> {
+    let (state, index) = read(shared, query, |s| s.catalog_index).await?;
+    let out: Vec<Value> = state
+        .nodes
+        .get(name)
+        .map(|node| node.checks.values().map(|c| check_json(node, c)).collect())
+        .unwrap_or_default();
+    Ok(json_response(index, &out))
+}
+
+async fn health_state(shared: &Shared, query: &Query, wanted: &str) -> Result<Resp, ApiError> {
+    let (state, index) = read(shared, query, |s| s.catalog_index).await?;
+    // Consul answers an unknown state with an empty list, not an error.
+    let out: Vec<Value> = state
+        .nodes
+        .values()
+        .flat_map(|node| {
+            node.checks
+                .values()
+                .filter(|c| wanted == "any" || c.status.as_str() == wanted)
+                .map(|c| check_json(node, c))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Ok(json_response(index, &out))
+}
+
+async fn coordinate_nodes(shared: &Shared, query: &Query) -> Result<Resp, ApiError> {
+    let (state, index) = read(shared, query, |s| s.nodes_index).await?;
+    let out: Vec<Value> = state
+        .nodes
+        .keys()
+        .map(|name| json!({ "Node": name, "Segment": "", "Coord": origin_coordinate() }))
+        .collect();
+    Ok(json_response(index, &out))
+}
+
+fn coordinate_datacenters(shared: &Shared) -> Resp {
+    json_response_unindexed(&json!([{
+        "Datacenter": "dc1",
+        "AreaID": "wan",
+        "Coordinates": [{
+            "Node": format!("{}.dc1", shared.node_name),
+            "Coord": origin_coordinate(),
+        }],
+    }]))
+}
+
+// === Events ===
+
+fn event_fire(
+    shared: &Shared,
+    query: &Query,
+    name: String,
+    payload: Bytes,
+) -> Result<Resp, ApiError> {
+    let filter = |k: &str| query.get(k).unwrap_or_default().to_owned();
+    let event = EventLog::prepare(
+        name,
+        payload.to_vec(),
+        filter("node"),
+        filter("service"),
+        filter("tag"),
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let fired = serde_json::to_value(&event).unwrap_or(Value::Null);
+    let state = shared.state.borrow().clone();
+    let services: Vec<(&str, &[String])> = state
+        .nodes
+        .get(&shared.node_name)
+        .map(|n| {
+            n.services
+                .values()
+                .map(|s| (s.id.as_str(), s.tags.as_slice()))
+                .collect()
+        })
+        .unwrap_or_default();
+    shared.events.send_if_modified(|log| {
+        Arc::make_mut(log).receive(event, &shared.node_name, services.into_iter())
+    });
+    Ok(json_response_unindexed(&fired))
+}
+
+async fn event_list(shared: &Shared, query: &Query) -> Result<Resp, ApiError> {
+    let params = blocking(query)?;
+    let name = query.get("name").filter(|n| !n.is_empty());
+    let index_of = |log: &Arc<EventLog>| events::list_index(&log.list(name));
+    let mut rx = shared.events.subscribe();
+    // Consul's event index is not monotonic: a blocking list waits while it is unchanged.
+    let log = match params.index.filter(|i| *i > 0) {
+        None => rx.borrow_and_update().clone(),
+        Some(min) => wait_until(shared, params.wait, &mut rx, |l| index_of(l) != min).await,
+    };
+    let events = log.list(name);
+    Ok(json_response(events::list_index(&events), &events))
 }
 
 // === KV ===
@@ -1487,16 +1937,5 @@ mod tests {
         assert!(q.has("passing"));
         assert_eq!(q.get("note"), Some("all good"));
         assert_eq!(q.all("tag").collect::<Vec<_>>(), ["a", "b"]);
-    }
-
-    #[test]
-    fn a_duration_field_accepts_strings_nanoseconds_and_null() {
-        let d: GoDuration = serde_json::from_str("\"10s\"").unwrap();
-        assert_eq!(d.0, Some(Duration::from_secs(10)));
-        let d: GoDuration = serde_json::from_str("1000000000").unwrap();
-        assert_eq!(d.0, Some(Duration::from_secs(1)));
-        let d: GoDuration = serde_json::from_str("null").unwrap();
-        assert_eq!(d.0, None);
-        assert!(serde_json::from_str::<GoDuration>("true").is_err());
     }
 }

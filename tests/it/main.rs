@@ -5,6 +5,7 @@ mod agents_register;
 mod catalog_changes;
 mod config;
 mod consul_backend;
+mod consul_clients;
 mod demo;
 mod etcd;
 mod faults;

@@ -650,6 +650,8 @@ async fn bad_input_is_refused_with_400_and_leaves_the_catalog_unchanged() {
     put(addr, "/v1/kv/k", "v").await;
     let before = get(addr, "/v1/catalog/service/ok").await;
     let services_before = get(addr, "/v1/catalog/services").await;
+    let checks_before = get(addr, "/v1/agent/checks").await;
+    let nodes_before = get(addr, "/v1/catalog/nodes").await;
 
     let big = "x".repeat(600 * 1024);
     let cases: Vec<(&str, Bytes, &str)> = vec![
@@ -722,6 +724,76 @@ async fn bad_input_is_refused_with_400_and_leaves_the_catalog_unchanged() {
             Bytes::from(r#"{"Node":"n1","Address":"10.0.0.1","Service":{"Service":"UP"}}"#),
             "Invalid service name",
         ),
+        (
+            "/v1/agent/service/register",
+            Bytes::from_static(b""),
+            "Request decode failed: EOF",
+        ),
+        (
+            "/v1/agent/service/register",
+            Bytes::from(r#"{"name":"ok","Bogus":1}"#),
+            r#"Request decode failed: json: unknown field "Bogus""#,
+        ),
+        (
+            "/v1/agent/service/register",
+            Bytes::from(r#"{"name":"ok","port":"80"}"#),
+            "json: cannot unmarshal string into Go struct field ServiceDefinition.Port of type int",
+        ),
+        (
+            "/v1/agent/service/register",
+            Bytes::from(r#"{"name":"ok","check":{"ttl":"10"}}"#),
+            r#"time: missing unit in duration "10""#,
+        ),
+        (
+            "/v1/agent/service/register",
+            Bytes::from(r#"{"name":"ok","check":{"grpc":"127.0.0.1:1","interval":"1s"}}"#),
+            "GRPC checks are not supported",
+        ),
+        (
+            "/v1/catalog/register",
+            Bytes::from(r#"{"node":"n9","address":"10.0.0.9","service":{"name":"ok"}}"#),
+            r#"json: unknown field "name""#,
+        ),
+        (
+            "/v1/agent/check/register",
+            Bytes::from(r#"{"ttl":"10s"}"#),
+            "Missing check name",
+        ),
+        (
+            "/v1/agent/check/register",
+            Bytes::from(r#"{"name":"c","ttl":"10s","serviceid":"nope"}"#),
+            "does not exist",
+        ),
+        (
+            "/v1/agent/check/register",
+            Bytes::from(r#"{"name":"c"}"#),
+            "missing a type",
+        ),
+        (
+            "/v1/agent/maintenance",
+            Bytes::new(),
+            "Missing value for enable",
+        ),
+        (
+            "/v1/agent/maintenance?enable=maybe",
+            Bytes::new(),
+            "Invalid value for enable",
+        ),
+        (
+            "/v1/event/fire/deploy?tag=blue",
+            Bytes::new(),
+            "Cannot provide tag filter without service filter",
+        ),
+        (
+            "/v1/event/fire/deploy?node=(",
+            Bytes::new(),
+            "Invalid node filter",
+        ),
+        (
+            "/v1/event/fire/deploy",
+            Bytes::from(vec![b'x'; 600]),
+            "exceeds configured limit of 512 bytes",
+        ),
         ("/v1/kv/k", Bytes::from(big.clone()), "too large"),
         (
             "/v1/kv/k?flags=abc",
@@ -758,6 +830,15 @@ async fn bad_input_is_refused_with_400_and_leaves_the_catalog_unchanged() {
 
     let after = get(addr, "/v1/catalog/service/ok").await;
     assert_eq!(after.json(), before.json());
+    assert_eq!(
+        get(addr, "/v1/agent/checks").await.json(),
+        checks_before.json()
+    );
+    assert_eq!(
+        get(addr, "/v1/catalog/nodes").await.json(),
+        nodes_before.json()
+    );
+    assert_eq!(get(addr, "/v1/event/list").await.json(), json!([]));
     assert_eq!(after.index(), before.index());
     let services_after = get(addr, "/v1/catalog/services").await;
     assert_eq!(services_after.json(), services_before.json());
@@ -866,6 +947,178 @@ async fn embedded_discovery_feeds_a_publisher_without_http() {
     );
     token.cancel();
     task.await.unwrap();
+}
+
+// === Consul's decoding rules, through the socket ===
+
+#[tokio::test]
+async fn lowercase_and_snake_case_bodies_register_as_consul_decodes_them() {
+    let reg = TestRegistry::start().await;
+    let addr = reg.addr();
+    let r = put(
+        addr,
+        "/v1/agent/service/register",
+        r#"{"name":"lower","id":"lower-1","port":81,"TAGS":["a"],"enable_tag_override":true,
+            "check":{"checkid":"lower-ttl","ttl":"1m30s","status":"passing",
+                     "deregister_critical_service_after":"1.5h"}}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let health = get(addr, "/v1/health/service/lower").await.json();
+    let check = &health[0]["Checks"][0];
+    assert_eq!(health[0]["Service"]["Port"], 81);
+    assert_eq!(health[0]["Service"]["Tags"], json!(["a"]));
+    assert_eq!(check["CheckID"], "lower-ttl");
+    assert_eq!(check["Status"], "passing");
+    assert_eq!(check["Definition"]["TTL"], "1m30s");
+    assert_eq!(
+        check["Definition"]["DeregisterCriticalServiceAfter"],
+        "1h30m0s"
+    );
+
+    let r = put(
+        addr,
+        "/v1/agent/check/update/lower-ttl",
+        r#"{"status":"warning","output":"slow"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(health_statuses(addr, "lower").await, ["warning"]);
+
+    let r = put(
+        addr,
+        "/v1/catalog/register",
+        r#"{"node":"n2","address":"10.0.0.2","nodemeta":{"rack":"r1"},
+            "service":{"service":"cat","id":"cat-1","port":82},
+            "check":{"checkid":"cat-c","serviceid":"cat-1","status":"passing",
+                     "definition":{"ttl":"30s","Unknown":"ignored here"}}}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let node = get(addr, "/v1/catalog/node/n2").await;
+    assert!(node.index() > 0);
+    let node = node.json();
+    assert_eq!(node["Node"]["Meta"], json!({"rack": "r1"}));
+    assert_eq!(node["Services"]["cat-1"]["Port"], 82);
+    let checks = get(addr, "/v1/health/node/n2").await.json();
+    assert_eq!(checks[0]["Definition"]["TTL"], "30s");
+
+    let r = put(
+        addr,
+        "/v1/catalog/deregister",
+        r#"{"node":"n2","serviceid":"cat-1"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(get(addr, "/v1/catalog/service/cat").await.json(), json!([]));
+    reg.stop().await;
+}
+
+#[tokio::test]
+async fn node_health_state_and_coordinate_reads_carry_an_index_and_block_on_it() {
+    let reg = TestRegistry::start().await;
+    let addr = reg.addr();
+    register(
+        addr,
+        json!({"ID": "b-1", "Name": "b", "Port": 1, "Check": {"CheckID": "b-ttl", "TTL": "60s"}}),
+    )
+    .await;
+    for path in [
+        "/v1/catalog/node/local",
+        "/v1/health/node/local",
+        "/v1/health/state/any",
+        "/v1/health/state/critical",
+        "/v1/coordinate/nodes",
+        "/v1/event/list",
+    ] {
+        let r = get(addr, path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert!(r.index() > 0, "{path} lacks X-Consul-Index");
+    }
+    let critical = get(addr, "/v1/health/state/critical").await;
+    assert_eq!(critical.json()[0]["CheckID"], "b-ttl");
+    assert_eq!(
+        get(addr, "/v1/health/state/passing").await.json(),
+        json!([])
+    );
+    assert_eq!(get(addr, "/v1/health/state/bogus").await.json(), json!([]));
+
+    // A blocking read of the critical state returns when the check passes.
+    let index = critical.index();
+    let waiter = tokio::spawn(async move {
+        get(
+            addr,
+            &format!("/v1/health/state/passing?index={index}&wait=20s"),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the blocking read answered before any change"
+    );
+    let r = put(addr, "/v1/agent/check/pass/b-ttl", "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let woke = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woken by the change")
+        .unwrap();
+    assert!(woke.index() > index);
+    assert_eq!(woke.json()[0]["CheckID"], "b-ttl");
+
+    // Agent and datacenter reads do not block and carry no index, as in Consul.
+    for path in [
+        "/v1/agent/self",
+        "/v1/agent/members",
+        "/v1/catalog/datacenters",
+    ] {
+        let r = get(addr, path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert!(r.headers.get("x-consul-index").is_none(), "{path}");
+    }
+    reg.stop().await;
+}
+
+#[tokio::test]
+async fn maintenance_is_a_critical_check_that_survives_a_restart_and_events_do_not() {
+    let reg = TestRegistry::start().await;
+    let addr = reg.addr();
+    register(addr, json!({"ID": "m-1", "Name": "m", "Port": 1})).await;
+    let r = put(
+        addr,
+        "/v1/agent/service/maintenance/m-1?enable=true&reason=patching",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = put(addr, "/v1/agent/service/maintenance/nope?enable=true", "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = put(addr, "/v1/event/fire/hello", "payload").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        get(addr, "/v1/event/list")
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let reg = reg.restart().await;
+    let addr = reg.addr();
+    let checks = get(addr, "/v1/agent/checks").await.json();
+    let check = &checks["_service_maintenance:m-1"];
+    assert_eq!(check["Status"], "critical");
+    assert_eq!(check["Notes"], "patching");
+    assert_eq!(check["Type"], "maintenance");
+    assert_eq!(health_statuses(addr, "m").await, ["critical"]);
+    assert_eq!(get(addr, "/v1/event/list").await.json(), json!([]));
+
+    let r = put(addr, "/v1/agent/service/maintenance/m-1?enable=false", "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(health_statuses(addr, "m").await.is_empty());
+    reg.stop().await;
 }
 
 // === Durability across a real crash ===
