@@ -73,6 +73,8 @@ pub struct ProbeResult {
 
 /// The runtime side of every check in the store.
 pub struct Checks {
+    /// The TTLs of sessions: the other runtime side of time-based rules.
+    pub sessions: super::session::Timers,
     entries: HashMap<CheckKey, Runtime>,
     generation: u64,
     results: mpsc::UnboundedSender<ProbeResult>,
@@ -94,6 +96,7 @@ impl Checks {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(DEFAULT_TIMEOUT));
         Self {
+            sessions: super::session::Timers::default(),
             entries: HashMap::new(),
             generation: 0,
             results,
@@ -105,6 +108,7 @@ impl Checks {
 
     /// Rebuilds the runtime of every check from `state` (at start, after a failed write).
     pub fn reset_all(&mut self, state: &State, now: Instant) -> Option<Instant> {
+        self.sessions.reset_all(state, now);
         self.entries.clear();
         let keys: Vec<CheckKey> = state
             .nodes
