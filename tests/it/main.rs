@@ -3,6 +3,7 @@
 
 mod catalog_changes;
 mod consul_backend;
+mod consul_clients;
 mod demo;
 mod etcd;
 mod faults;
