@@ -3,6 +3,7 @@
 //!
 //! - [`api`]: HTTP routing, Consul's JSON shapes and status codes, blocking queries.
 //! - [`store`]: the state, the ops that change it, and the append-only log that makes them durable.
+//! - [`decode`]: Consul's rules for decoding JSON request bodies (case-insensitive keys, aliases).
 //! - [`checks`]: TTL deadlines, HTTP/TCP probes and `DeregisterCriticalServiceAfter`.
 //! - [`session`]: sessions, KV locks, their TTLs and invalidation.
 //! - [`txn`]: `/v1/txn`, several KV operations applied atomically as one record.
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod checks;
 pub mod client;
+pub mod decode;
 pub mod session;
 pub mod store;
 pub mod txn;

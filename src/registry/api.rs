@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::checks::Checks;
+use super::decode::{self, GoDuration, Shape};
 use super::store::{
     CheckDef, CheckDefinition, CheckEntry, KvEntry, NodeEntry, Op, Registration, ServiceDef,
     ServiceEntry, State, Weights, prefix_range,
@@ -273,7 +274,7 @@ where
             if let Some(id) = segment("agent/check/update/") {
                 allow(&method, put)?;
                 let body = read_body(req).await?;
-                let update: CheckUpdateIn = decode(&body)?;
+                let update: CheckUpdateIn = decode(&body, &decode::CHECK_UPDATE)?;
                 let status = parse_status(update.status.as_deref().unwrap_or(""))?;
                 return check_update(
                     shared,
@@ -348,8 +349,12 @@ where
     Ok(Bytes::from(buf))
 }
 
-pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(ApiError::decode)
+/// Decodes a body by Consul's rules for the Go struct `shape` describes ([`decode`]).
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    shape: &'static Shape,
+) -> Result<T, ApiError> {
+    decode::decode(body, shape).map_err(ApiError::decode)
 }
 
 async fn submit(
@@ -496,105 +501,13 @@ pub fn percent_decode(s: &str, plus_as_space: bool) -> Option<String> {
 
 // === Go durations ===
 
-/// Parses Go's `time.ParseDuration` syntax (`300ms`, `1.5h`, `2h45m`, `0`); negative durations
-/// are refused.
+/// Go's `time.ParseDuration` (see [`decode::parse_go_duration`]) for a duration that may not be
+/// negative: `?wait=` and config values.
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}");
-    let mut rest = s.strip_prefix('+').unwrap_or(s);
-    if rest.starts_with('-') {
-        return Err(format!("negative duration {s:?}"));
-    }
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total: u128 = 0;
-    while !rest.is_empty() {
-        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let (int, after) = rest.split_at(int_len);
-        let (frac, after) = match after.strip_prefix('.') {
-            Some(a) => {
-                let n = a.bytes().take_while(u8::is_ascii_digit).count();
-                a.split_at(n)
-            }
-            None => ("", after),
-        };
-        if int.is_empty() && frac.is_empty() {
-            return Err(bad());
-        }
-        let unit_len = after
-            .bytes()
-            .take_while(|c| !c.is_ascii_digit() && *c != b'.')
-            .count();
-        let (unit, after) = after.split_at(unit_len);
-        let scale: u128 = match unit {
-            "ns" => 1,
-            "us" | "µs" | "μs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
-        };
-        let int: u128 = if int.is_empty() {
-            0
-        } else {
-            int.parse().map_err(|_| bad())?
-        };
-        let mut part = int.checked_mul(scale).ok_or_else(bad)?;
-        let mut div = scale;
-        for d in frac.bytes().take(18) {
-            div /= 10;
-            part += u128::from(d - b'0') * div;
-            if div == 0 {
-                break;
-            }
-        }
-        total = total.checked_add(part).ok_or_else(bad)?;
-        rest = after;
-    }
-    u64::try_from(total)
+    let nanos = decode::parse_go_duration(s)?;
+    u64::try_from(nanos)
         .map(Duration::from_nanos)
-        .map_err(|_| bad())
-}
-
-/// A duration field: a Go duration string, or a number of nanoseconds (as Go's JSON encodes
-/// `time.Duration`); empty and null mean unset.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GoDuration(pub Option<Duration>);
-
-impl<'de> Deserialize<'de> for GoDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = GoDuration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"10s\" or a number of nanoseconds")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<GoDuration, E> {
-                if v.is_empty() {
-                    return Ok(GoDuration(None));
-                }
-                parse_go_duration(v)
-                    .map(|d| GoDuration(Some(d)))
-                    .map_err(E::custom)
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<GoDuration, E> {
-                Ok(GoDuration((v > 0).then(|| Duration::from_nanos(v))))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<GoDuration, E> {
-                u64::try_from(v)
-                    .map(|v| GoDuration((v > 0).then(|| Duration::from_nanos(v))))
-                    .map_err(|_| E::custom("negative duration"))
-            }
-            fn visit_unit<E: serde::de::Error>(self) -> Result<GoDuration, E> {
-                Ok(GoDuration(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
+        .map_err(|_| format!("negative duration {s:?}"))
 }
 
 // === Blocking queries ===
@@ -657,6 +570,9 @@ pub(crate) async fn read(
 }
 
 // === JSON in ===
+//
+// Bodies are first put in canonical form by `decode` (case-insensitive keys, Consul's aliases,
+// unknown keys refused, durations as nanoseconds); these structs read that form by exact name.
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -665,6 +581,48 @@ struct WeightsIn {
     warning: Option<i64>,
 }
 
+/// The check kinds Consul has and this registry does not run, by their field in a check.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UnsupportedKinds {
+    script_args: Option<Vec<String>>,
+    #[serde(rename = "GRPC")]
+    grpc: Option<String>,
+    #[serde(rename = "UDP")]
+    udp: Option<String>,
+    #[serde(rename = "H2PING")]
+    h2ping: Option<String>,
+    alias_node: Option<String>,
+    alias_service: Option<String>,
+    #[serde(rename = "OSService")]
+    os_service: Option<String>,
+    #[serde(rename = "DockerContainerID")]
+    docker_container_id: Option<String>,
+}
+
+impl UnsupportedKinds {
+    /// The first kind given, by its Consul field name.
+    fn given(&self) -> Option<&'static str> {
+        let set = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
+        if self.script_args.as_ref().is_some_and(|a| !a.is_empty()) {
+            return Some("ScriptArgs");
+        }
+        [
+            (set(&self.grpc), "GRPC"),
+            (set(&self.udp), "UDP"),
+            (set(&self.h2ping), "H2PING"),
+            (set(&self.alias_node), "AliasNode"),
+            (set(&self.alias_service), "AliasService"),
+            (set(&self.os_service), "OSService"),
+            (set(&self.docker_container_id), "DockerContainerID"),
+        ]
+        .into_iter()
+        .find_map(|(set, name)| set.then_some(name))
+    }
+}
+
+/// A check: `CheckType` (in an agent service registration), `CheckDefinition` (agent check
+/// registration, whose ID field is `ID`) or `HealthCheck` (catalog registration).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct CheckIn {
@@ -689,9 +647,12 @@ struct CheckIn {
     notes: Option<String>,
     output: Option<String>,
     definition: Option<DefinitionIn>,
+    #[serde(flatten)]
+    unsupported: UnsupportedKinds,
 }
 
-/// A catalog check's `Definition`; `TTL` in it is our extension.
+/// A catalog check's `Definition`; its `TTL` makes this registry run the TTL (Consul stores it
+/// and runs nothing).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct DefinitionIn {
@@ -707,6 +668,8 @@ struct DefinitionIn {
     timeout: GoDuration,
     #[serde(default)]
     deregister_critical_service_after: GoDuration,
+    #[serde(flatten)]
+    unsupported: UnsupportedKinds,
 }
 
 #[derive(Debug, Deserialize)]
@@ -729,7 +692,6 @@ struct AgentServiceIn {
 struct CatalogServiceIn {
     #[serde(rename = "ID")]
     id: Option<String>,
-    #[serde(alias = "Name")]
     service: Option<String>,
     tags: Option<Vec<String>>,
     address: Option<String>,
@@ -871,6 +833,16 @@ fn check_def(
     service_id: String,
     agent: bool,
 ) -> Result<CheckDef, ApiError> {
+    let unsupported = if agent {
+        c.unsupported.given()
+    } else {
+        c.definition.as_ref().and_then(|d| d.unsupported.given())
+    };
+    if let Some(kind) = unsupported {
+        return Err(ApiError::bad_request(format!(
+            "{kind} checks are not supported by this registry: give one of TTL, HTTP or TCP"
+        )));
+    }
     let (ttl, http, tcp, interval, timeout, dereg) = if agent {
         (
             c.ttl,
@@ -965,7 +937,7 @@ fn check_def(
 // === Agent endpoints ===
 
 async fn agent_register(shared: &Shared, _query: &Query, body: &[u8]) -> Result<Resp, ApiError> {
-    let input: AgentServiceIn = decode(body)?;
+    let input: AgentServiceIn = decode(body, &decode::SERVICE_DEFINITION)?;
     let svc = service_def(
         input.id,
         input.name,
@@ -1115,7 +1087,7 @@ async fn check_update(
 // === Catalog endpoints ===
 
 async fn catalog_register(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError> {
-    let input: CatalogRegisterIn = decode(body)?;
+    let input: CatalogRegisterIn = decode(body, &decode::REGISTER_REQUEST)?;
     let node = input
         .node
         .filter(|n| !n.is_empty())
@@ -1193,7 +1165,7 @@ async fn catalog_register(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError
 }
 
 async fn catalog_deregister(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError> {
-    let input: CatalogDeregisterIn = decode(body)?;
+    let input: CatalogDeregisterIn = decode(body, &decode::DEREGISTER_REQUEST)?;
     let node = input
         .node
         .filter(|n| !n.is_empty())
@@ -1616,16 +1588,5 @@ mod tests {
         assert!(q.has("passing"));
         assert_eq!(q.get("note"), Some("all good"));
         assert_eq!(q.all("tag").collect::<Vec<_>>(), ["a", "b"]);
-    }
-
-    #[test]
-    fn a_duration_field_accepts_strings_nanoseconds_and_null() {
-        let d: GoDuration = serde_json::from_str("\"10s\"").unwrap();
-        assert_eq!(d.0, Some(Duration::from_secs(10)));
-        let d: GoDuration = serde_json::from_str("1000000000").unwrap();
-        assert_eq!(d.0, Some(Duration::from_secs(1)));
-        let d: GoDuration = serde_json::from_str("null").unwrap();
-        assert_eq!(d.0, None);
-        assert!(serde_json::from_str::<GoDuration>("true").is_err());
     }
 }
