@@ -37,6 +37,7 @@ use super::api::{
     ApiError, Query, Resp, Shared, decode, json_body, json_response, parse_go_duration,
     percent_decode, plain, read, submit_with,
 };
+use super::decode::{self, DecodeError, Field, Json, Kind, Shape};
 use super::store::{Behavior, Op, SessionDef, SessionEntry, State};
 use crate::catalog::Health;
 
@@ -54,7 +55,7 @@ pub const TTL_MAX: Duration = Duration::from_secs(24 * 3600);
 pub const TTL_MULTIPLIER: u32 = 2;
 /// A lock-delay below this many nanoseconds is taken as seconds: clients send `15` meaning 15 s
 /// (Consul's `lockDelayMinThreshold`).
-const LOCK_DELAY_MIN_THRESHOLD_NS: u64 = 1000;
+const LOCK_DELAY_MIN_THRESHOLD_NS: i64 = 1000;
 
 /// The wall clock in Unix milliseconds, as lock-delays are kept.
 pub fn now_ms() -> u64 {
@@ -373,86 +374,85 @@ pub fn to_json(s: &SessionEntry) -> Value {
     out
 }
 
-/// A present JSON field, even `null`: `None` absent, `Some(None)` null.
-fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
+/// `structs.ServiceCheck`.
+static SERVICE_CHECK: Shape = Shape {
+    name: "ServiceCheck",
+    strict: true,
+    fields: &[
+        Field {
+            name: "ID",
+            kind: Kind::Str,
+            aliases: &[],
+        },
+        Field {
+            name: "Namespace",
+            kind: Kind::Str,
+            aliases: &[],
+        },
+    ],
+};
+
+/// `structs.Session`, the body of `/v1/session/create`.
+static SESSION: Shape = Shape {
+    name: "Session",
+    strict: true,
+    fields: &[
+        field("ID", Kind::Str),
+        field("Name", Kind::Str),
+        field("Node", Kind::Str),
+        field("LockDelay", Kind::Custom(lock_delay)),
+        field("Behavior", Kind::Str),
+        field("TTL", Kind::Str),
+        field("NodeChecks", Kind::Strings),
+        field("ServiceChecks", Kind::Objs(&SERVICE_CHECK)),
+        field("Checks", Kind::Strings),
+        field("CreateIndex", Kind::Int),
+        field("ModifyIndex", Kind::Int),
+    ],
+};
+
+const fn field(name: &'static str, kind: Kind) -> Field {
+    Field {
+        name,
+        kind,
+        aliases: &[],
+    }
 }
 
-/// A lock-delay: a Go duration string or a number of nanoseconds; below 1000 ns, seconds.
-#[derive(Debug, Clone, Copy)]
-struct LockDelayIn(Duration);
-
-impl<'de> Deserialize<'de> for LockDelayIn {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let nanos = match Value::deserialize(d)? {
-            Value::String(s) => {
-                let d = parse_go_duration(&s).map_err(serde::de::Error::custom)?;
-                u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-            }
-            Value::Number(n) => {
-                let f = n.as_f64().unwrap_or(0.0);
-                if !f.is_finite() || f < 0.0 {
-                    return Err(serde::de::Error::custom("invalid lock delay"));
-                }
-                // Go converts the float to a Duration (integer nanoseconds).
-                f as u64
-            }
-            Value::Null => 0,
-            other => {
-                return Err(serde::de::Error::custom(format!(
-                    "invalid lock delay {other}"
-                )));
-            }
-        };
-        let nanos = if nanos < LOCK_DELAY_MIN_THRESHOLD_NS {
-            nanos * 1_000_000_000
-        } else {
-            nanos
-        };
-        Ok(LockDelayIn(Duration::from_nanos(nanos)))
-    }
+/// `Session.UnmarshalJSON`'s lock-delay: a Go duration string or a number of nanoseconds, and
+/// below 1000 ns a number of seconds (clients send `15` meaning 15 s). Integer nanoseconds out.
+fn lock_delay(raw: &Json, _path: &str) -> Result<Option<Value>, DecodeError> {
+    let nanos = match raw {
+        Json::Null => return Ok(None),
+        other => decode::duration(other)?.unwrap_or(0),
+    };
+    let nanos = if nanos < LOCK_DELAY_MIN_THRESHOLD_NS {
+        nanos.saturating_mul(1_000_000_000)
+    } else {
+        nanos
+    };
+    Ok(Some(Value::from(nanos.max(0))))
 }
 
 #[derive(Debug, Deserialize)]
 struct ServiceCheckIn {
-    #[serde(rename = "ID", alias = "id", alias = "Id")]
+    #[serde(rename = "ID", default)]
     id: String,
 }
 
-/// `/v1/session/create`'s body.
+/// `/v1/session/create`'s body, normalised by [`SESSION`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct SessionIn {
-    #[serde(alias = "name")]
     name: Option<String>,
-    #[serde(alias = "node")]
     node: Option<String>,
-    #[serde(alias = "lockdelay", alias = "lock_delay", alias = "lockDelay")]
-    lock_delay: Option<LockDelayIn>,
-    #[serde(alias = "behavior")]
+    /// Nanoseconds.
+    lock_delay: Option<u64>,
     behavior: Option<String>,
-    #[serde(rename = "TTL", alias = "ttl", alias = "Ttl")]
+    #[serde(rename = "TTL")]
     ttl: Option<String>,
-    #[serde(default, deserialize_with = "present", alias = "checks")]
-    checks: Option<Option<Vec<String>>>,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        alias = "nodechecks",
-        alias = "node_checks",
-        alias = "nodeChecks"
-    )]
-    node_checks: Option<Option<Vec<String>>>,
-    #[serde(
-        default,
-        alias = "servicechecks",
-        alias = "service_checks",
-        alias = "serviceChecks"
-    )]
+    checks: Option<Vec<String>>,
+    node_checks: Option<Vec<String>>,
     service_checks: Option<Vec<ServiceCheckIn>>,
 }
 
@@ -463,10 +463,10 @@ fn session_def(input: SessionIn, own_node: &str) -> Result<SessionDef, ApiError>
     let mut checks = vec![SERF_CHECK.to_owned()];
     let mut node_checks = vec![SERF_CHECK.to_owned()];
     if let Some(c) = input.checks {
-        checks = c.unwrap_or_default();
+        checks = c;
     }
     if let Some(c) = input.node_checks {
-        node_checks = c.unwrap_or_default();
+        node_checks = c;
     }
     if checks.is_empty() {
         node_checks.clear();
@@ -485,7 +485,7 @@ fn session_def(input: SessionIn, own_node: &str) -> Result<SessionDef, ApiError>
     let ttl = input.ttl.unwrap_or_default();
     if !ttl.is_empty() {
         let d = parse_go_duration(&ttl)
-            .map_err(|e| rpc(format!("Session TTL '{ttl}' invalid: time: {e}")))?;
+            .map_err(|e| rpc(format!("Session TTL '{ttl}' invalid: {e}")))?;
         if !d.is_zero() && (d < TTL_MIN || d > TTL_MAX) {
             return Err(rpc(format!(
                 "Invalid Session TTL '{}', must be between [{}={}]",
@@ -499,7 +499,9 @@ fn session_def(input: SessionIn, own_node: &str) -> Result<SessionDef, ApiError>
         id: String::new(),
         name: input.name.unwrap_or_default(),
         node,
-        lock_delay: input.lock_delay.map_or(DEFAULT_LOCK_DELAY, |d| d.0),
+        lock_delay: input
+            .lock_delay
+            .map_or(DEFAULT_LOCK_DELAY, Duration::from_nanos),
         behavior,
         ttl,
         node_checks,
@@ -544,7 +546,7 @@ async fn create(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError> {
     let input: SessionIn = if body.iter().all(u8::is_ascii_whitespace) {
         SessionIn::default()
     } else {
-        decode(body)?
+        decode(body, &SESSION)?
     };
     let mut def = session_def(input, &shared.node_name)?;
     let own = shared.node_name.clone();
