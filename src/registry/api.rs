@@ -10,6 +10,7 @@
 //! - every read blocks on its own result's index (never woken by unrelated writes), including
 //!   the agent endpoints, which Consul blocks by content hash;
 //! - no ACLs, datacenters, namespaces, `?filter`, `?near`;
+//! - `/v1/txn` takes KV operations only (node, service, check and session ones are refused);
 //! - bodies over 512 KiB get 400 (Consul sends 413 for KV values).
 
 use std::collections::{BTreeMap, BTreeSet};

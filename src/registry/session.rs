@@ -599,3 +599,74 @@ async fn renew(shared: &Shared, id: String) -> Result<Resp, ApiError> {
         None => Err(ApiError::not_found(format!("Session id '{id}' not found"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(body: &str) -> Result<SessionDef, ApiError> {
+        let input: SessionIn = decode::decode(body.as_bytes(), &SESSION)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        session_def(input, "local")
+    }
+
+    #[test]
+    fn checks_default_to_serf_health_and_an_empty_list_removes_it() {
+        let d = def("{}").unwrap();
+        assert_eq!(
+            (d.node_checks, d.checks),
+            (vec![SERF_CHECK.to_owned()], vec![])
+        );
+        let d = def(r#"{"checks": []}"#).unwrap();
+        assert!(d.node_checks.is_empty() && d.checks.is_empty());
+        let d = def(r#"{"Checks": ["a"]}"#).unwrap();
+        assert_eq!(
+            (d.checks, d.node_checks),
+            (vec!["a".to_owned()], vec![SERF_CHECK.to_owned()])
+        );
+        let d = def(r#"{"NodeChecks": ["b"], "ServiceChecks": [{"ID": "s"}]}"#).unwrap();
+        assert_eq!(d.all_checks().collect::<Vec<_>>(), ["b", "s"]);
+    }
+
+    #[test]
+    fn a_lock_delay_below_a_microsecond_is_read_as_seconds() {
+        let delay = |body: &str| def(body).unwrap().lock_delay;
+        assert_eq!(delay("{}"), DEFAULT_LOCK_DELAY);
+        assert_eq!(delay(r#"{"LockDelay": 5}"#), Duration::from_secs(5));
+        assert_eq!(delay(r#"{"LockDelay": "20s"}"#), Duration::from_secs(20));
+        assert_eq!(
+            delay(r#"{"lockdelay": "0.001s"}"#),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            delay(r#"{"LockDelay": 2000000000}"#),
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn a_session_ttl_outside_ten_seconds_to_a_day_is_refused() {
+        assert!(def(r#"{"TTL": "10s"}"#).is_ok());
+        assert!(def(r#"{"TTL": "0s"}"#).is_ok());
+        assert!(def(r#"{"TTL": "86400s"}"#).is_ok());
+        let e = def(r#"{"TTL": "86401s"}"#).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Invalid Session TTL '86401000000000', must be between [10s=24h0m0s]"
+        );
+        assert!(
+            def(r#"{"TTL": "soon"}"#)
+                .unwrap_err()
+                .message
+                .starts_with("Session TTL 'soon' invalid")
+        );
+    }
+
+    #[test]
+    fn a_new_id_is_a_version_4_uuid() {
+        let id = new_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!("89ab".contains(&id[19..20]));
+    }
+}

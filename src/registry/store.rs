@@ -1497,6 +1497,79 @@ mod tests {
         assert_eq!(replayed.services_index, state.services_index);
     }
 
+    fn session(id: &str, behavior: Behavior) -> SessionDef {
+        SessionDef {
+            id: id.into(),
+            name: String::new(),
+            node: "local".into(),
+            lock_delay: Duration::from_secs(15),
+            behavior,
+            ttl: String::new(),
+            node_checks: Vec::new(),
+            service_checks: Vec::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sessions_and_locks_survive_compaction_and_invalidation_releases_or_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut state) = Store::open_with(dir.path(), 0).unwrap();
+        let lock = |index, key: &str, session: &str| Record {
+            index,
+            op: Op::KvLock {
+                key: key.into(),
+                value: b"v".to_vec(),
+                flags: 0,
+                session: session.into(),
+            },
+        };
+        let create = |index, def| Record {
+            index,
+            op: Op::SessionCreate(def),
+        };
+        write(
+            &mut store,
+            &mut state,
+            create(2, session("r", Behavior::Release)),
+        );
+        write(
+            &mut store,
+            &mut state,
+            create(3, session("d", Behavior::Delete)),
+        );
+        write(&mut store, &mut state, lock(4, "a", "r"));
+        write(&mut store, &mut state, lock(5, "b", "d"));
+        write(
+            &mut store,
+            &mut state,
+            put(6, "a", "plain write keeps the lock"),
+        );
+        store.compact(&state).unwrap();
+        drop(store);
+        let (mut store, mut state) = Store::open(dir.path()).unwrap();
+        assert_eq!(state.sessions.len(), 2);
+        assert_eq!(state.kv["a"].session.as_deref(), Some("r"));
+        assert_eq!(state.kv["a"].lock_index, 1);
+        assert_eq!(state.session_locks["d"].len(), 1);
+        let destroy = |index, id: &str| Record {
+            index,
+            op: Op::SessionDestroy {
+                id: id.into(),
+                at_ms: 1_000,
+            },
+        };
+        write(&mut store, &mut state, destroy(7, "r"));
+        write(&mut store, &mut state, destroy(8, "d"));
+        assert_eq!(state.kv["a"].session, None);
+        assert_eq!(state.kv["a"].modify_index, 7);
+        assert!(!state.kv.contains_key("b"));
+        assert_eq!(state.kv_tombstones["b"], 8);
+        assert_eq!(state.lock_delays["a"], 16_000);
+        assert_eq!(state.sessions_index, 8);
+        assert!(state.session_locks.is_empty());
+    }
+
     #[test]
     fn records_already_in_the_snapshot_are_not_applied_twice() {
         let dir = tempfile::tempdir().unwrap();
