@@ -1,6 +1,7 @@
 //! Third-party Consul clients and a real program that depends on Consul, run unchanged against
 //! `skyline registry` (the shipped binary, as a process): the npm `consul` library driven by a
-//! Node script, and Patroni electing its PostgreSQL leader through sessions and a KV lock.
+//! Node script, and Patroni electing its PostgreSQL leader through sessions and a KV lock and
+//! registering the cluster as a Consul service whose passing instance follows the leader.
 //! What they need is installed by `scripts/install-deps`; a missing one fails the test.
 
 use std::net::SocketAddr;
@@ -153,7 +154,7 @@ impl PatroniNode {
             "scope: {SCOPE}\n\
              name: {name}\n\
              restapi:\n  listen: 127.0.0.1:{rest}\n  connect_address: 127.0.0.1:{rest}\n\
-             consul:\n  host: {registry}\n\
+             consul:\n  host: {registry}\n  register_service: true\n\
              bootstrap:\n  dcs:\n    ttl: 20\n    loop_wait: 1\n    retry_timeout: 5\n  initdb:\n  - encoding: UTF8\n\
              postgresql:\n  listen: 127.0.0.1:{pg}\n  connect_address: 127.0.0.1:{pg}\n\
              \x20 data_dir: {data}\n  bin_dir: {PG_BIN}\n  pgpass: {pgpass}\n\
@@ -324,6 +325,35 @@ async fn patroni_elects_a_leader_through_the_registry_and_a_replica_takes_over_w
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let failover = killed.elapsed();
+    // Patroni registers the cluster as a Consul service, one instance per node, with an HTTP
+    // check on its REST API that passes on the primary only: `?passing` follows the leader.
+    let url = format!("http://{}/v1/health/service/{SCOPE}?passing", registry.addr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let passing = get_json(&client, &url).await.unwrap_or_default();
+        let ids: Vec<&str> = passing
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["Service"]["ID"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tags = &passing[0]["Service"]["Tags"];
+        let want = format!("{SCOPE}/{}", nodes[replica].name);
+        if ids == [want.as_str()]
+            && tags
+                .as_array()
+                .is_some_and(|t| t.contains(&"master".into()))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the passing instances of service {SCOPE} never became just {want}: {passing}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // The dead leader's session expired (TTL 10 s, invalidated after twice that).
     let sessions = get_json(
         &client,
