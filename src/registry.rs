@@ -1,11 +1,13 @@
-//! The embedded registry: a subset of Consul's HTTP API (agent, catalog, health, KV, status) on
-//! hyper 1, with TTL/HTTP/TCP checks, blocking queries and crash-safe state.
+//! The embedded registry: a subset of Consul's HTTP API (agent, catalog, health, KV, sessions,
+//! txn, status) on hyper 1, with TTL/HTTP/TCP checks, blocking queries and crash-safe state.
 //!
 //! - [`api`]: HTTP routing, Consul's JSON shapes and status codes, blocking queries.
 //! - [`store`]: the state, the ops that change it, and the append-only log that makes them durable.
 //! - [`decode`]: Consul's rules for decoding JSON request bodies (case-insensitive keys, aliases).
 //! - [`events`]: Consul's user events, kept in memory as one agent keeps them.
 //! - [`checks`]: TTL deadlines, HTTP/TCP probes and `DeregisterCriticalServiceAfter`.
+//! - [`session`]: sessions, KV locks, their TTLs and invalidation.
+//! - [`txn`]: `/v1/txn`, several KV operations applied atomically as one record.
 //!
 //! One task (the *core*) owns the state and the log. Writes arrive as commands; the core
 //! validates each against the current state, applies it, group-commits the batch with one
@@ -21,7 +23,9 @@ pub mod checks;
 pub mod client;
 pub mod decode;
 pub mod events;
+pub mod session;
 pub mod store;
+pub mod txn;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -191,6 +195,7 @@ pub async fn spawn(
         store: Some(store),
         checks,
         state_tx,
+        node_name: config.node_name.clone(),
     };
     let core_task = tokio::spawn(core.run(cmd_rx, result_rx, core_stop.clone()));
     let snap_task = tokio::spawn(publish_snapshots(state_rx.clone(), snapshots, snap_tx));
@@ -281,6 +286,8 @@ struct Core {
     store: Option<Store>,
     checks: Checks,
     state_tx: watch::Sender<Arc<State>>,
+    /// The registry's own node, which always exists for sessions.
+    node_name: String,
 }
 
 const MAX_BATCH: usize = 256;
@@ -293,6 +300,18 @@ impl Core {
         stop: CancellationToken,
     ) {
         let mut next_tick = Instant::now();
+        // A crash between a check's change and the invalidation of the sessions that depended
+        // on it leaves such sessions behind: they go first.
+        let stale: Vec<Op> = session::invalid_sessions(&self.working, &self.node_name)
+            .into_iter()
+            .map(|id| Op::SessionDestroy {
+                id,
+                at_ms: session::now_ms(),
+            })
+            .collect();
+        if !stale.is_empty() {
+            self.commit(stale, Vec::new(), Instant::now()).await;
+        }
         loop {
             let mut batch = Vec::new();
             let mut probes = Vec::new();
@@ -323,6 +342,7 @@ impl Core {
             if tick {
                 let (due, next) = self.checks.tick(now);
                 ops.extend(due);
+                ops.extend(self.checks.sessions.expire(&self.working, now));
                 next_tick = next;
             }
             // New or changed checks may be due before the next planned tick.
@@ -392,7 +412,19 @@ impl Core {
             tracing::error!(error = %crate::error_chain(&error), "cannot encode a registry record");
             ApiError::internal()
         })?;
-        touched.extend(self.working.apply(&record));
+        let changed = self.working.apply(&record);
+        let invalidated =
+            session::invalidated_by(&self.working, &self.node_name, &record.op, &changed);
+        touched.extend(changed);
+        // Sessions whose node or checks this write took away are invalidated in the same batch.
+        for id in invalidated {
+            tracing::debug!(session = %id, "session invalidated by a catalog change");
+            let op = Op::SessionDestroy {
+                id,
+                at_ms: session::now_ms(),
+            };
+            let _ = self.write(op, framed, touched);
+        }
         Ok(record.index)
     }
 

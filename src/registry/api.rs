@@ -18,7 +18,7 @@
 //! - one datacenter (`dc1`); every node's coordinate is the origin; `/v1/agent/members` lists
 //!   the registry's own node; user events are received by that node only;
 //! - no ACLs, namespaces, partitions, Connect, prepared queries, `?filter`, `?near`,
-//!   `?node-meta`; sessions, KV locks and `/v1/txn`: see `docs/consul-compatibility.md`;
+//!   `?node-meta`; `/v1/txn` takes KV operations only (node, service, check and session ones are refused);
 //! - event validation errors and an unknown `ServiceID` on a check registration are 400 (Consul:
 //!   500); anything after a body's JSON value is refused (Go's decoder ignores it);
 //! - bodies over 512 KiB get 400 (Consul sends 413 for KV values).
@@ -75,7 +75,7 @@ pub(crate) struct Shared {
     pub events: watch::Sender<Arc<EventLog>>,
 }
 
-type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
 // === ApiError ===
 
@@ -118,7 +118,7 @@ impl ApiError {
         Self::bad_request(format!("Request decode failed: {error}"))
     }
 
-    fn method(method: &Method, allowed: &[Method]) -> Self {
+    pub(crate) fn method(method: &Method, allowed: &[Method]) -> Self {
         let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
         Self {
             allow: Some(allow.join(", ")),
@@ -215,7 +215,16 @@ where
         )
     };
 
+    if let Some(rest) = rest.strip_prefix("session/") {
+        return super::session::handle(shared, &method, rest, &query, read_body(req)).await;
+    }
+
     match rest {
+        "txn" => {
+            allow(&method, put)?;
+            let body = read_body(req).await?;
+            super::txn::handle(shared, &query, &body).await
+        }
         "agent/service/register" => {
             allow(&method, put)?;
             let body = read_body(req).await?;
@@ -370,7 +379,7 @@ where
 
 // === Request plumbing ===
 
-async fn read_body<B>(req: Request<B>) -> Result<Bytes, ApiError>
+pub(crate) async fn read_body<B>(req: Request<B>) -> Result<Bytes, ApiError>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -416,7 +425,7 @@ where
 }
 
 /// Decodes a body by Consul's rules for the Go struct `shape` describes ([`decode`]).
-fn decode<T: serde::de::DeserializeOwned>(
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     body: &[u8],
     shape: &'static Shape,
 ) -> Result<T, ApiError> {
@@ -437,7 +446,23 @@ async fn submit(
     rx.await.map_err(|_| gone())?
 }
 
-fn plain(status: StatusCode, body: &'static str) -> Resp {
+/// [`submit`] for a decision that also answers something (`T`), given once the write is durable.
+pub(crate) async fn submit_with<T: Send + 'static>(
+    shared: &Shared,
+    prepare: impl FnOnce(&State, &mut Checks) -> Result<(Option<Op>, T), ApiError> + Send + 'static,
+) -> Result<(Option<u64>, T), ApiError> {
+    let (answer_tx, answer_rx) = oneshot::channel();
+    let index = submit(shared, move |state, checks| {
+        let (op, answer) = prepare(state, checks)?;
+        let _ = answer_tx.send(answer);
+        Ok(op)
+    })
+    .await?;
+    let answer = answer_rx.await.map_err(|_| ApiError::internal())?;
+    Ok((index, answer))
+}
+
+pub(crate) fn plain(status: StatusCode, body: &'static str) -> Resp {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -447,7 +472,19 @@ fn plain(status: StatusCode, body: &'static str) -> Resp {
     resp
 }
 
-fn json_response(index: u64, value: &impl serde::Serialize) -> Resp {
+/// A JSON answer to a write: no `X-Consul-Index`, as Consul's writes have none.
+pub(crate) fn json_body(status: StatusCode, value: &impl serde::Serialize) -> Resp {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+pub(crate) fn json_response(index: u64, value: &impl serde::Serialize) -> Resp {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
     with_index(
         Response::new(Full::new(Bytes::from(body))),
@@ -548,7 +585,6 @@ pub fn percent_decode(s: &str, plus_as_space: bool) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-
 // === Blocking queries ===
 
 struct Blocking {
@@ -569,7 +605,7 @@ fn blocking(query: &Query) -> Result<Blocking, ApiError> {
 
 /// The state to answer from and its index: at once without `?index`, else as soon as the
 /// result's own index moves past it, or at the deadline (wait + up to wait/16 jitter).
-async fn read(
+pub(crate) async fn read(
     shared: &Shared,
     query: &Query,
     index_of: impl Fn(&State) -> u64,
@@ -1727,20 +1763,24 @@ async fn event_list(shared: &Shared, query: &Query) -> Result<Resp, ApiError> {
 
 // === KV ===
 
-fn kv_json(key: &str, e: &KvEntry) -> Value {
+pub(crate) fn kv_json(key: &str, e: &KvEntry) -> Value {
     let value = if e.value.is_empty() {
         Value::Null
     } else {
         Value::String(base64::engine::general_purpose::STANDARD.encode(&e.value))
     };
-    json!({
-        "LockIndex": 0,
+    let mut out = json!({
+        "LockIndex": e.lock_index,
         "Key": key,
         "Flags": e.flags,
         "Value": value,
         "CreateIndex": e.create_index,
         "ModifyIndex": e.modify_index,
-    })
+    });
+    if let Some(session) = &e.session {
+        out["Session"] = json!(session);
+    }
+    out
 }
 
 fn kv_not_found(index: u64) -> Resp {
@@ -1796,11 +1836,15 @@ async fn kv_get(shared: &Shared, query: &Query, key: &str) -> Result<Resp, ApiEr
     Ok(json_response(index, &[kv_json(key, entry)]))
 }
 
-fn refuse_sessions(query: &Query) -> Result<(), ApiError> {
-    if query.has("acquire") || query.has("release") {
-        return Err(ApiError::bad_request(
-            "Sessions are not supported by this registry",
-        ));
+/// Consul's 400 when more than one of `flags` is given.
+fn conflicting_flags(query: &Query, flags: &[&str]) -> Result<(), ApiError> {
+    if flags.iter().filter(|f| query.has(f)).count() > 1 {
+        let mut pairs: Vec<String> = query.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.sort();
+        return Err(ApiError::bad_request(format!(
+            "Conflicting flags: {}\n",
+            pairs.join("&")
+        )));
     }
     Ok(())
 }
@@ -1814,9 +1858,28 @@ async fn kv_put(
     if key.is_empty() {
         return Err(ApiError::bad_request("Missing key name"));
     }
-    refuse_sessions(query)?;
+    conflicting_flags(query, &["cas", "acquire", "release"])?;
     let flags = query.number("flags", "flags")?.unwrap_or(0);
     let cas = query.number("cas", "cas value")?;
+    for (param, acquire) in [("acquire", true), ("release", false)] {
+        let Some(session) = query.get(param).map(str::to_owned) else {
+            continue;
+        };
+        let (_, done) = submit_with(shared, move |state, _| {
+            let value = value.to_vec();
+            let decided = if acquire {
+                super::session::lock(state, &key, value, flags, &session)?
+            } else {
+                super::session::unlock(state, &key, value, flags, &session)?
+            };
+            Ok(match decided {
+                Ok(op) => (Some(op), true),
+                Err(_) => (None, false),
+            })
+        })
+        .await?;
+        return Ok(plain(StatusCode::OK, if done { "true" } else { "false" }));
+    }
     let written = submit(shared, move |state, _| {
         if let Some(cas) = cas {
             let current = state.kv.get(&key).map_or(0, |e| e.modify_index);

@@ -75,6 +75,8 @@ pub struct ProbeResult {
 
 /// The runtime side of every check in the store.
 pub struct Checks {
+    /// The TTLs of sessions: the other runtime side of time-based rules.
+    pub sessions: super::session::Timers,
     entries: HashMap<CheckKey, Runtime>,
     generation: u64,
     results: mpsc::UnboundedSender<ProbeResult>,
@@ -94,6 +96,7 @@ impl std::fmt::Debug for Checks {
 impl Checks {
     pub fn new(results: mpsc::UnboundedSender<ProbeResult>) -> Self {
         Self {
+            sessions: super::session::Timers::default(),
             entries: HashMap::new(),
             generation: 0,
             results,
@@ -103,6 +106,7 @@ impl Checks {
 
     /// Rebuilds the runtime of every check from `state` (at start, after a failed write).
     pub fn reset_all(&mut self, state: &State, now: Instant) -> Option<Instant> {
+        self.sessions.reset_all(state, now);
         self.entries.clear();
         let keys: Vec<CheckKey> = state
             .nodes

@@ -696,7 +696,6 @@ pub fn duration(raw: &Json) -> Result<Option<i64>, DecodeError> {
 
 pub use crate::config::parse_go_duration;
 
-
 /// Go's `time.Duration.String`, as Consul writes durations in JSON: `"0s"`, `"500ms"`, `"1.5s"`,
 /// `"1m30s"`, `"1h30m0s"`.
 pub fn format_go_duration(d: Duration) -> String {

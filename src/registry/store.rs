@@ -44,6 +44,8 @@ use crate::catalog::Health;
 pub const FORMAT_VERSION: u32 = 1;
 /// Compact the log into a snapshot once it is larger than this many bytes.
 pub const DEFAULT_COMPACT_AFTER: u64 = 8 << 20;
+/// The longest lock-delay a session can impose (Consul's `MaxLockDelay`).
+pub const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
 
 const HEADER: usize = 8;
 /// No record is this large; a length field above it is corruption. Log records are bounded far
@@ -129,6 +131,16 @@ pub struct State {
     pub catalog_index: u64,
     /// Derived: service name -> (node, service id) of its instances.
     pub by_name: OrdMap<String, OrdSet<(String, String)>>,
+    /// Sessions by id ([`super::session`]).
+    pub sessions: OrdMap<String, Arc<SessionEntry>>,
+    /// The last change to any session (Consul's `sessions` table index): what every session
+    /// read returns and blocks on.
+    pub sessions_index: u64,
+    /// Derived: session id -> the keys whose lock it holds.
+    pub session_locks: OrdMap<String, OrdSet<String>>,
+    /// Per key: the wall-clock time (Unix milliseconds) before which no session may acquire its
+    /// lock, set when the session that held it was invalidated (Consul's lock-delay).
+    pub lock_delays: OrdMap<String, u64>,
 }
 
 impl Default for State {
@@ -143,6 +155,10 @@ impl Default for State {
             nodes_index: 1,
             catalog_index: 1,
             by_name: OrdMap::new(),
+            sessions: OrdMap::new(),
+            sessions_index: 1,
+            session_locks: OrdMap::new(),
+            lock_delays: OrdMap::new(),
         }
     }
 }
@@ -241,6 +257,69 @@ pub struct KvEntry {
     #[serde(with = "b64")]
     pub value: Vec<u8>,
     pub flags: u64,
+    /// The session that holds this key's lock, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// How many times a session acquired this key's lock (Consul's `LockIndex`).
+    #[serde(default)]
+    pub lock_index: u64,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// What happens to the keys a session holds when it is invalidated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Behavior {
+    /// The locks are released; the keys stay.
+    Release,
+    /// The keys are deleted (ephemeral keys).
+    Delete,
+}
+
+impl Behavior {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Behavior::Release => "release",
+            Behavior::Delete => "delete",
+        }
+    }
+}
+
+/// A session as created: validated, with its id generated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionDef {
+    pub id: String,
+    pub name: String,
+    pub node: String,
+    pub lock_delay: Duration,
+    pub behavior: Behavior,
+    /// As the client wrote it (`"30s"`), empty for none; the session is invalidated when it is
+    /// not renewed within twice this.
+    pub ttl: String,
+    /// Checks of `node` that must not turn critical (Consul's `NodeChecks`, and the deprecated
+    /// `Checks`).
+    pub node_checks: Vec<String>,
+    /// Service checks of `node` that must not turn critical (Consul's `ServiceChecks[].ID`).
+    pub service_checks: Vec<String>,
+    /// The deprecated `Checks` field, kept to be answered as given.
+    pub checks: Vec<String>,
+}
+
+impl SessionDef {
+    /// Every check the session depends on.
+    pub fn all_checks(&self) -> impl Iterator<Item = &str> {
+        self.checks
+            .iter()
+            .chain(&self.node_checks)
+            .chain(&self.service_checks)
+            .map(String::as_str)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEntry {
+    pub def: SessionDef,
     pub create_index: u64,
     pub modify_index: u64,
 }
@@ -288,6 +367,32 @@ pub enum Op {
         key: String,
         recurse: bool,
     },
+    /// Sets a key and makes `session` its lock holder (validated: the session exists and no
+    /// other session holds the lock); `LockIndex` grows when the holder changes.
+    KvLock {
+        key: String,
+        #[serde(with = "b64")]
+        value: Vec<u8>,
+        flags: u64,
+        session: String,
+    },
+    /// Sets a key and clears its lock holder (validated: `session` holds it).
+    KvUnlock {
+        key: String,
+        #[serde(with = "b64")]
+        value: Vec<u8>,
+        flags: u64,
+        session: String,
+    },
+    SessionCreate(SessionDef),
+    /// Invalidates a session at wall-clock time `at_ms` (Unix milliseconds): its locks are
+    /// released or its keys deleted, per its behavior, and each such key gets a lock-delay.
+    SessionDestroy {
+        id: String,
+        at_ms: u64,
+    },
+    /// Several ops applied together at one index: a `/v1/txn` that succeeded as a whole.
+    Txn(Vec<Op>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -425,13 +530,18 @@ impl State {
         let index = record.index;
         self.index = self.index.max(index);
         let mut touched = Vec::new();
-        match &record.op {
-            Op::Register(reg) => self.apply_register(index, reg, &mut touched),
+        self.apply_op(index, &record.op, &mut touched);
+        touched
+    }
+
+    fn apply_op(&mut self, index: u64, op: &Op, touched: &mut Vec<CheckKey>) {
+        match op {
+            Op::Register(reg) => self.apply_register(index, reg, touched),
             Op::Deregister {
                 node,
                 service_id,
                 check_id,
-            } => self.apply_deregister(index, node, service_id, check_id, &mut touched),
+            } => self.apply_deregister(index, node, service_id, check_id, touched),
             Op::CheckStatus {
                 node,
                 check_id,
@@ -456,17 +566,31 @@ impl State {
                 }
             }
             Op::KvPut { key, value, flags } => {
-                let create_index = self.kv.get(key).map_or(index, |e| e.create_index);
-                self.kv.insert(
-                    key.clone(),
-                    Arc::new(KvEntry {
-                        value: value.clone(),
-                        flags: *flags,
-                        create_index,
-                        modify_index: index,
-                    }),
-                );
-                self.kv_tombstones.remove(key);
+                // A plain write keeps the key's lock holder, as Consul's does.
+                let (session, lock_index) = self
+                    .kv
+                    .get(key)
+                    .map_or((None, 0), |e| (e.session.clone(), e.lock_index));
+                self.kv_set(index, key, value, *flags, session, lock_index);
+            }
+            Op::KvLock {
+                key,
+                value,
+                flags,
+                session,
+            } => {
+                let lock_index = match self.kv.get(key) {
+                    Some(e) if e.session.as_ref() == Some(session) => e.lock_index,
+                    Some(e) => e.lock_index + 1,
+                    None => 1,
+                };
+                self.kv_set(index, key, value, *flags, Some(session.clone()), lock_index);
+            }
+            Op::KvUnlock {
+                key, value, flags, ..
+            } => {
+                let lock_index = self.kv.get(key).map_or(0, |e| e.lock_index);
+                self.kv_set(index, key, value, *flags, None, lock_index);
             }
             Op::KvDelete { key, recurse } => {
                 let keys: Vec<String> = if *recurse {
@@ -481,12 +605,122 @@ impl State {
                         .collect()
                 };
                 for k in keys {
-                    self.kv.remove(&k);
-                    self.kv_tombstones.insert(k, index);
+                    self.kv_remove(index, &k);
+                }
+            }
+            Op::SessionCreate(def) => {
+                self.sessions.insert(
+                    def.id.clone(),
+                    Arc::new(SessionEntry {
+                        def: def.clone(),
+                        create_index: index,
+                        modify_index: index,
+                    }),
+                );
+                self.sessions_index = index;
+            }
+            Op::SessionDestroy { id, at_ms } => self.apply_session_destroy(index, id, *at_ms),
+            Op::Txn(ops) => {
+                for op in ops {
+                    self.apply_op(index, op, touched);
                 }
             }
         }
-        touched
+    }
+
+    /// Writes a KV entry, keeping its create index and the lock index of sessions.
+    fn kv_set(
+        &mut self,
+        index: u64,
+        key: &str,
+        value: &[u8],
+        flags: u64,
+        session: Option<String>,
+        lock_index: u64,
+    ) {
+        let old = self.kv.get(key).cloned();
+        let create_index = old.as_ref().map_or(index, |e| e.create_index);
+        if let Some(previous) = old.as_ref().and_then(|e| e.session.as_ref()) {
+            if Some(previous) != session.as_ref() {
+                self.unlink_lock(previous, key);
+            }
+        }
+        if let Some(holder) = &session {
+            match self.session_locks.get_mut(holder) {
+                Some(keys) => {
+                    keys.insert(key.to_owned());
+                }
+                None => {
+                    self.session_locks
+                        .insert(holder.clone(), OrdSet::unit(key.to_owned()));
+                }
+            }
+        }
+        self.kv.insert(
+            key.to_owned(),
+            Arc::new(KvEntry {
+                value: value.to_vec(),
+                flags,
+                session,
+                lock_index,
+                create_index,
+                modify_index: index,
+            }),
+        );
+        self.kv_tombstones.remove(key);
+    }
+
+    /// Deletes a KV entry and leaves a tombstone at `index`.
+    fn kv_remove(&mut self, index: u64, key: &str) {
+        if let Some(old) = self.kv.remove(key) {
+            if let Some(holder) = &old.session {
+                self.unlink_lock(holder, key);
+            }
+        }
+        self.kv_tombstones.insert(key.to_owned(), index);
+    }
+
+    fn unlink_lock(&mut self, session: &str, key: &str) {
+        if let Some(keys) = self.session_locks.get_mut(session) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.session_locks.remove(session);
+            }
+        }
+    }
+
+    fn apply_session_destroy(&mut self, index: u64, id: &str, at_ms: u64) {
+        let Some(session) = self.sessions.remove(id) else {
+            return;
+        };
+        self.sessions_index = index;
+        // Lock-delays that are over by now are dropped, so the map stays small.
+        let over: Vec<String> = self
+            .lock_delays
+            .iter()
+            .filter(|(_, until)| **until <= at_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in over {
+            self.lock_delays.remove(&key);
+        }
+        let delay = session.def.lock_delay.min(MAX_LOCK_DELAY);
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let keys = self.session_locks.remove(id).unwrap_or_default();
+        for key in keys {
+            match session.def.behavior {
+                Behavior::Release => {
+                    if let Some(e) = self.kv.get(&key).cloned() {
+                        self.kv_set(index, &key, &e.value, e.flags, None, e.lock_index);
+                    }
+                }
+                Behavior::Delete => self.kv_remove(index, &key),
+            }
+            if !delay.is_zero() {
+                self.lock_delays
+                    .insert(key, at_ms.saturating_add(delay_ms.max(1)));
+            }
+        }
     }
 
     fn apply_register(&mut self, index: u64, reg: &Registration, touched: &mut Vec<CheckKey>) {
@@ -770,6 +1004,9 @@ struct ImageOut<'a> {
     services_index: u64,
     nodes_index: u64,
     catalog_index: u64,
+    sessions: Vec<&'a SessionEntry>,
+    sessions_index: u64,
+    lock_delays: Vec<(&'a str, u64)>,
 }
 
 #[derive(Deserialize)]
@@ -784,6 +1021,13 @@ struct ImageIn {
     services_index: u64,
     nodes_index: u64,
     catalog_index: u64,
+    // Snapshots written before sessions existed have none of these.
+    #[serde(default)]
+    sessions: Vec<SessionEntry>,
+    #[serde(default)]
+    sessions_index: u64,
+    #[serde(default)]
+    lock_delays: Vec<(String, u64)>,
 }
 
 impl State {
@@ -815,6 +1059,13 @@ impl State {
             services_index: self.services_index,
             nodes_index: self.nodes_index,
             catalog_index: self.catalog_index,
+            sessions: self.sessions.values().map(|s| &**s).collect(),
+            sessions_index: self.sessions_index,
+            lock_delays: self
+                .lock_delays
+                .iter()
+                .map(|(k, t)| (k.as_str(), *t))
+                .collect(),
         }
     }
 
@@ -831,8 +1082,29 @@ impl State {
             services_index: image.services_index.max(1),
             nodes_index: image.nodes_index.max(1),
             catalog_index: image.catalog_index.max(1),
+            sessions: image
+                .sessions
+                .into_iter()
+                .map(|s| (s.def.id.clone(), Arc::new(s)))
+                .collect(),
+            sessions_index: image.sessions_index.max(1),
+            lock_delays: image.lock_delays.into_iter().collect(),
             ..State::default()
         };
+        for (key, entry) in &state.kv {
+            if let Some(holder) = &entry.session {
+                match state.session_locks.get_mut(holder) {
+                    Some(keys) => {
+                        keys.insert(key.clone());
+                    }
+                    None => {
+                        state
+                            .session_locks
+                            .insert(holder.clone(), OrdSet::unit(key.clone()));
+                    }
+                }
+            }
+        }
         let mut nodes: BTreeMap<String, NodeEntry> = image
             .nodes
             .into_iter()
@@ -1457,6 +1729,79 @@ mod tests {
         assert!(replayed.kv.contains_key("after"));
         assert_eq!(replayed.nodes["n1"].check_owner["service:web-1"], "web-1");
         assert_eq!(replayed.services_index, state.services_index);
+    }
+
+    fn session(id: &str, behavior: Behavior) -> SessionDef {
+        SessionDef {
+            id: id.into(),
+            name: String::new(),
+            node: "local".into(),
+            lock_delay: Duration::from_secs(15),
+            behavior,
+            ttl: String::new(),
+            node_checks: Vec::new(),
+            service_checks: Vec::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sessions_and_locks_survive_compaction_and_invalidation_releases_or_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut state) = Store::open_with(dir.path(), 0).unwrap();
+        let lock = |index, key: &str, session: &str| Record {
+            index,
+            op: Op::KvLock {
+                key: key.into(),
+                value: b"v".to_vec(),
+                flags: 0,
+                session: session.into(),
+            },
+        };
+        let create = |index, def| Record {
+            index,
+            op: Op::SessionCreate(def),
+        };
+        write(
+            &mut store,
+            &mut state,
+            create(2, session("r", Behavior::Release)),
+        );
+        write(
+            &mut store,
+            &mut state,
+            create(3, session("d", Behavior::Delete)),
+        );
+        write(&mut store, &mut state, lock(4, "a", "r"));
+        write(&mut store, &mut state, lock(5, "b", "d"));
+        write(
+            &mut store,
+            &mut state,
+            put(6, "a", "plain write keeps the lock"),
+        );
+        store.compact(&state).unwrap();
+        drop(store);
+        let (mut store, mut state) = Store::open(dir.path()).unwrap();
+        assert_eq!(state.sessions.len(), 2);
+        assert_eq!(state.kv["a"].session.as_deref(), Some("r"));
+        assert_eq!(state.kv["a"].lock_index, 1);
+        assert_eq!(state.session_locks["d"].len(), 1);
+        let destroy = |index, id: &str| Record {
+            index,
+            op: Op::SessionDestroy {
+                id: id.into(),
+                at_ms: 1_000,
+            },
+        };
+        write(&mut store, &mut state, destroy(7, "r"));
+        write(&mut store, &mut state, destroy(8, "d"));
+        assert_eq!(state.kv["a"].session, None);
+        assert_eq!(state.kv["a"].modify_index, 7);
+        assert!(!state.kv.contains_key("b"));
+        assert_eq!(state.kv_tombstones["b"], 8);
+        assert_eq!(state.lock_delays["a"], 16_000);
+        assert_eq!(state.sessions_index, 8);
+        assert!(state.session_locks.is_empty());
     }
 
     #[test]

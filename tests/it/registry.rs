@@ -1338,3 +1338,175 @@ async fn holds_thirty_thousand_instances_registered_by_concurrent_agents() {
     assert_eq!(*again, *snapshot);
     reg.stop().await;
 }
+
+// === Sessions and locks ===
+
+async fn create_session(addr: SocketAddr, body: Value) -> String {
+    let r = put_json(addr, "/v1/session/create", body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json()["ID"].as_str().unwrap().to_owned()
+}
+
+async fn kv_entry(addr: SocketAddr, key: &str) -> Value {
+    let r = get(addr, &format!("/v1/kv/{key}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json()[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_survives_a_restart_and_its_session_expires_after_twice_its_ttl() {
+    let reg = TestRegistry::start().await;
+    let id = create_session(reg.addr(), json!({ "TTL": "10s", "LockDelay": "0s" })).await;
+    let r = put(reg.addr(), &format!("/v1/kv/leader?acquire={id}"), "me").await;
+    assert_eq!(r.text(), "true");
+
+    let reg = reg.restart().await;
+    let renewed = Instant::now();
+    let entry = kv_entry(reg.addr(), "leader").await;
+    assert_eq!(
+        (entry["Session"].as_str(), entry["LockIndex"].as_u64()),
+        (Some(id.as_str()), Some(1))
+    );
+    let r = put(reg.addr(), &format!("/v1/session/renew/{id}"), "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()[0]["ID"], id.as_str());
+
+    // Past the TTL the lock is still held: a session is invalidated after twice its TTL.
+    tokio::time::sleep_until(renewed + Duration::from_secs(11)).await;
+    assert_eq!(kv_entry(reg.addr(), "leader").await["Session"], id.as_str());
+    let index = get(reg.addr(), "/v1/kv/leader").await.index();
+    let r = get(reg.addr(), &format!("/v1/kv/leader?index={index}&wait=30s")).await;
+    let expired = renewed.elapsed();
+    assert!(r.json()[0]["Session"].is_null(), "{}", r.text());
+    assert!(
+        expired >= Duration::from_secs(20) && expired < Duration::from_secs(25),
+        "released {expired:?} after the renewal"
+    );
+    let r = put(reg.addr(), &format!("/v1/session/renew/{id}"), "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.text(), format!("Session id '{id}' not found"));
+    reg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_check_invalidates_its_session_and_the_lock_delay_refuses_the_next_holder() {
+    let reg = TestRegistry::start().await;
+    register(
+        reg.addr(),
+        json!({ "Name": "web", "ID": "web-1", "Port": 80, "Check": { "TTL": "60s", "Status": "passing" } }),
+    )
+    .await;
+    let first = create_session(
+        reg.addr(),
+        json!({ "Checks": ["serfHealth", "service:web-1"], "LockDelay": "2s" }),
+    )
+    .await;
+    let second = create_session(reg.addr(), json!({ "Behavior": "delete" })).await;
+    assert_eq!(
+        put(reg.addr(), &format!("/v1/kv/lock?acquire={first}"), "1")
+            .await
+            .text(),
+        "true"
+    );
+    assert_eq!(
+        put(reg.addr(), &format!("/v1/kv/lock?acquire={second}"), "2")
+            .await
+            .text(),
+        "false"
+    );
+
+    let r = put(reg.addr(), "/v1/agent/check/fail/service:web-1", "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let invalidated = Instant::now();
+    let r = get(reg.addr(), &format!("/v1/session/info/{first}")).await;
+    assert_eq!(r.json(), json!([]));
+    let entry = kv_entry(reg.addr(), "lock").await;
+    assert!(entry["Session"].is_null(), "released: {entry}");
+    assert_eq!(entry["Value"], "MQ==", "release keeps the value");
+
+    // The lock-delay refuses the key to every session for 2 s, then lets the next one in.
+    assert_eq!(
+        put(reg.addr(), &format!("/v1/kv/lock?acquire={second}"), "2")
+            .await
+            .text(),
+        "false"
+    );
+    let acquired = loop {
+        let r = put(reg.addr(), &format!("/v1/kv/lock?acquire={second}"), "2").await;
+        if r.text() == "true" {
+            break invalidated.elapsed();
+        }
+        assert!(
+            invalidated.elapsed() < Duration::from_secs(10),
+            "never acquired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(acquired >= Duration::from_millis(1900), "{acquired:?}");
+    assert_eq!(kv_entry(reg.addr(), "lock").await["LockIndex"], 2);
+
+    // Destroying a `delete` session deletes what it holds.
+    assert_eq!(
+        put(reg.addr(), &format!("/v1/session/destroy/{second}"), "")
+            .await
+            .text(),
+        "true"
+    );
+    assert_eq!(
+        get(reg.addr(), "/v1/kv/lock").await.status,
+        StatusCode::NOT_FOUND
+    );
+    reg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_refused_with_consuls_errors_when_their_node_ttl_or_checks_are_wrong() {
+    let reg = TestRegistry::start().await;
+    register(
+        reg.addr(),
+        json!({ "Name": "web", "ID": "web-1", "Port": 80, "Check": { "TTL": "60s" } }),
+    )
+    .await;
+    for (body, error) in [
+        (
+            json!({ "Node": "elsewhere" }),
+            "Missing node registration".to_owned(),
+        ),
+        (
+            json!({ "TTL": "5s" }),
+            "Invalid Session TTL '5000000000', must be between [10s=24h0m0s]".to_owned(),
+        ),
+        (
+            json!({ "Behavior": "keep" }),
+            "Invalid Behavior setting 'keep'".to_owned(),
+        ),
+        (
+            json!({ "NodeChecks": ["nope"] }),
+            "Missing check 'nope' registration".to_owned(),
+        ),
+        (
+            json!({ "Checks": ["service:web-1"] }),
+            "Check 'service:web-1' is in critical state".to_owned(),
+        ),
+    ] {
+        let r = put_json(reg.addr(), "/v1/session/create", body.clone()).await;
+        assert_eq!(
+            (r.status, r.text()),
+            (StatusCode::INTERNAL_SERVER_ERROR, error),
+            "{body}"
+        );
+    }
+    let r = put(reg.addr(), "/v1/kv/k?acquire=not-a-session", "").await;
+    assert_eq!(
+        (r.status, r.text()),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "invalid session \"not-a-session\"".to_owned()
+        )
+    );
+    let r = put(reg.addr(), "/v1/kv/k?acquire=x&cas=0", "").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text().starts_with("Conflicting flags: "), "{}", r.text());
+    assert_eq!(get(reg.addr(), "/v1/session/list").await.json(), json!([]));
+    reg.stop().await;
+}
