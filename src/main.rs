@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use skyline::agent::Listeners;
@@ -59,10 +59,26 @@ enum Command {
     Register(skyline::cli::RegisterArgs),
     /// Remove a service instance from the registry
     Deregister(skyline::cli::DeregisterArgs),
+    /// Print shell completions, such as `skyline completions bash`
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page skyline(1), or write it and one page per command into a folder
+    Man {
+        /// Write skyline.1, skyline-agent.1, ... into this folder instead
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man(dir.as_deref()),
+        _ => {}
+    }
     init_tracing(cli.log_format);
     // Before any thread starts: taking the sockets edits the environment.
     let inherited = match Inherited::from_env() {
@@ -157,9 +173,37 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
         Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
         Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
-        Command::Agent(_) | Command::Gateway(_) | Command::Bridge(_) | Command::Registry(_) => {}
+        Command::Agent(_)
+        | Command::Gateway(_)
+        | Command::Bridge(_)
+        | Command::Registry(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => {}
     }
     Ok(())
+}
+
+/// `skyline completions <shell>`: generated from the same definition as `--help`.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "skyline",
+        &mut std::io::stdout(),
+    );
+    ExitCode::SUCCESS
+}
+
+/// `skyline man`: skyline(1) on stdout, or every page (skyline-agent(1), ...) into `dir`.
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    let written = match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
 }
 
 fn fail(error: &dyn std::fmt::Display) -> ExitCode {
