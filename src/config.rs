@@ -1,5 +1,7 @@
 //! Configuration: command-line flags, `SKYLINE_*` environment variables and a TOML file, in that
-//! order of precedence, validated into the runtime [`agent::Settings`].
+//! order of precedence, validated into the runtime [`agent::Settings`]. Every key of every role's
+//! file is listed in its table ([`AGENT_FILE`], `gateway::config::FILE`, `bridge::config::FILE`),
+//! from which [`reference`] writes docs/configuration.md and `skyline config example`.
 //!
 //! ```toml
 //! [node]
@@ -17,9 +19,6 @@
 //! registry = "127.0.0.1:8500"   # embedded: where its Consul-compatible API listens
 //! consul = "127.0.0.1:8500"     # consul: the Consul agent (or a Skyline registry) to follow
 //! file = "catalog.toml"         # file: relative to this file
-//! source = "file"
-//! file = "catalog.toml"         # relative to this file
-//! # source = "etcd"
 //! # etcd_endpoints = ["http://10.0.0.5:2379", "http://10.0.0.6:2379", "http://10.0.0.7:2379"]
 //! # etcd_prefix = "skyline/"
 //!
@@ -44,7 +43,8 @@
 //! attempt_timeout = "500ms"
 //! probe = { path = "/health" }
 //!
-//! # Services on this node, registered in the catalog (embedded or consul) while the agent runs.
+//! # Services on this node, registered in the catalog (embedded, consul or etcd) while the agent
+//! # runs; added and removed on SIGHUP.
 //! [[service]]
 //! name = "giphy"
 //! port = 31000
@@ -60,14 +60,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod reference;
+
+use self::reference::{DURATION, FileKey, Section, Value};
 use crate::agent::registration::{Check, Declared};
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
 use crate::catalog::ServiceName;
 use crate::catalog::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX};
-use crate::gateway::policy::{DEFAULT_HOLD, parse_duration};
+use crate::gateway::policy::DEFAULT_HOLD;
 use crate::proxy::resilience::{Policies, Resilience};
-use crate::registry::api::parse_go_duration;
 use crate::routing::Policy;
 use crate::routing::balance::Balance;
 
@@ -76,6 +78,84 @@ pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCAL
 pub const DEFAULT_CATALOG_FILE: &str = "/etc/skyline/catalog.toml";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/skyline";
 pub const DEFAULT_REGISTRY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500);
+
+/// The one duration grammar of Skyline, Go's `time.ParseDuration` (and so Consul's): a number
+/// and a unit, `ns`, `us`, `ms`, `s`, `m` or `h`, possibly combined (`300ms`, `1.5h`, `2h45m`);
+/// `0` alone; negative durations are refused. Every duration of every config file and flag, and
+/// of the registry's API, is read here.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}");
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.starts_with('-') {
+        return Err(format!("negative duration {s:?}"));
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (int, after) = rest.split_at(int_len);
+        let (frac, after) = match after.strip_prefix('.') {
+            Some(a) => {
+                let n = a.bytes().take_while(u8::is_ascii_digit).count();
+                a.split_at(n)
+            }
+            None => ("", after),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Err(bad());
+        }
+        let unit_len = after
+            .bytes()
+            .take_while(|c| !c.is_ascii_digit() && *c != b'.')
+            .count();
+        let (unit, after) = after.split_at(unit_len);
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
+        };
+        let int: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad())?
+        };
+        let mut part = int.checked_mul(scale).ok_or_else(bad)?;
+        let mut div = scale;
+        for d in frac.bytes().take(18) {
+            div /= 10;
+            part += u128::from(d - b'0') * div;
+            if div == 0 {
+                break;
+            }
+        }
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = after;
+    }
+    u64::try_from(total)
+        .map(Duration::from_nanos)
+        .map_err(|_| bad())
+}
+
+/// A duration setting of a config file or a flag: [`parse_duration`], at most a day.
+pub fn parse_duration_setting(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let d = parse_duration(text).map_err(|_| {
+        format!("{text:?} is not a duration like \"500ms\", \"3s\", \"5m\" or \"1h\"")
+    })?;
+    if d > Duration::from_secs(86_400) {
+        return Err(format!("{text:?} is out of range (0 to 24h)"));
+    }
+    Ok(d)
+}
 
 /// A listener address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +313,11 @@ pub struct RegistryArgs {
         default_value = "127.0.0.1"
     )]
     pub node_address: IpAddr,
+
+    /// Repair a damaged data folder and exit: keep every readable record of the log, move the
+    /// damaged file aside (`log.damaged-<time>`). Run it only while no registry uses the folder.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 /// A refused configuration: which file, where, which key, and why.
@@ -265,6 +350,398 @@ struct FileConfig {
     #[serde(default)]
     routes: std::collections::BTreeMap<Spanned<String>, ResilienceSection>,
 }
+
+// === The file's keys, described ===
+//
+// One table per role lists every key of its file (`reference` renders the reference and the
+// example from it; its tests hold it to the parser below, both ways). A key that a flag also
+// sets names the flag, whose help describes it.
+
+/// A key that flag `flag` (a clap id) also sets.
+pub(crate) const fn key(
+    key: &'static str,
+    flag: &'static str,
+    ty: &'static str,
+    value: Value,
+) -> FileKey {
+    FileKey {
+        key,
+        flag: Some(flag),
+        ty,
+        value,
+        doc: "",
+    }
+}
+
+/// A key only the file has.
+pub(crate) const fn file_only(
+    key: &'static str,
+    ty: &'static str,
+    value: Value,
+    doc: &'static str,
+) -> FileKey {
+    FileKey {
+        key,
+        flag: None,
+        ty,
+        value,
+        doc,
+    }
+}
+
+/// The keys of `[resilience]` (every role) and of the agent's `[routes.<service>]`.
+pub const RESILIENCE_KEYS: &[FileKey] = &[
+    file_only(
+        "connect_timeout",
+        DURATION,
+        Value::Default("\"2s\""),
+        "The longest a connection to an upstream may take to open.",
+    ),
+    file_only(
+        "request_timeout",
+        DURATION,
+        Value::Default("\"60s\""),
+        "The longest a request may wait for its response head, retries included; then 504 `upstream-timeout`.",
+    ),
+    file_only(
+        "attempt_timeout",
+        DURATION,
+        Value::Example {
+            toml: "\"500ms\"",
+            default: "the request's",
+        },
+        "The longest one attempt may wait for its response head, before a retry.",
+    ),
+    file_only(
+        "idle_timeout",
+        DURATION,
+        Value::Default("\"5m\""),
+        "A response body that stalls this long is cut.",
+    ),
+    file_only(
+        "retries",
+        "integer, 0 to 10",
+        Value::Default("2"),
+        "Retries of a request after a 502/503/504, a timed-out attempt or a broken connection (idempotent requests with a body of at most 64 KiB, first hop only); a refused connection is always retried.",
+    ),
+    file_only(
+        "balance",
+        "`p2c` or `round_robin`",
+        Value::Default("\"p2c\""),
+        "How an endpoint is chosen: power of two choices over peak-EWMA latency times requests in flight, or round robin; both respect weights.",
+    ),
+    file_only(
+        "outlier.consecutive_failures",
+        "integer",
+        Value::Default("5"),
+        "Failures in a row (5xx, refused or reset, timeout) that eject an endpoint.",
+    ),
+    file_only(
+        "outlier.base_ejection",
+        DURATION,
+        Value::Default("\"30s\""),
+        "An ejected endpoint sits out this long times the number of its ejections.",
+    ),
+    file_only(
+        "outlier.max_ejection",
+        DURATION,
+        Value::Default("\"5m\""),
+        "The longest an endpoint sits out.",
+    ),
+    file_only(
+        "outlier.max_ejected_percent",
+        "integer, percent (0 to 100)",
+        Value::Default("50"),
+        "Never more than this share of a route's endpoints is ejected.",
+    ),
+    file_only(
+        "probe.path",
+        "path",
+        Value::Example {
+            toml: "\"/health\"",
+            default: "no probe (`/` once `probe` is given)",
+        },
+        "Active health probe: `GET` this path on every endpoint; given any `probe` key, the service is probed.",
+    ),
+    file_only(
+        "probe.interval",
+        "duration, at least 100ms",
+        Value::Example {
+            toml: "\"5s\"",
+            default: "`5s`",
+        },
+        "Time between probes of an endpoint.",
+    ),
+    file_only(
+        "probe.timeout",
+        DURATION,
+        Value::Example {
+            toml: "\"1s\"",
+            default: "`1s`",
+        },
+        "A probe not answered within this time fails.",
+    ),
+    file_only(
+        "probe.unhealthy",
+        "integer, at least 1",
+        Value::Example {
+            toml: "2",
+            default: "`2`",
+        },
+        "Failed probes in a row that take an endpoint out of rotation.",
+    ),
+    file_only(
+        "probe.healthy",
+        "integer, at least 1",
+        Value::Example {
+            toml: "1",
+            default: "`1`",
+        },
+        "Passed probes in a row that bring it back.",
+    ),
+];
+
+/// Every key of the agent's file (see [`reference`]).
+pub const AGENT_FILE: &[Section] = &[
+    Section {
+        table: "node",
+        sample: "",
+        doc: "This node.",
+        defaults_from: None,
+        keys: &[
+            key("name", "node_name", "string", Value::Default("\"local\"")),
+            key(
+                "address",
+                "node_address",
+                "IP address",
+                Value::Default("\"127.0.0.1\""),
+            ),
+        ],
+    },
+    Section {
+        table: "listen",
+        sample: "",
+        doc: "The agent's listeners: an address, or `\"off\"`.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "outbound",
+                "outbound",
+                "address or `\"off\"`",
+                Value::Default("\"127.0.0.1:5040\""),
+            ),
+            key(
+                "inbound",
+                "inbound",
+                "address or `\"off\"`",
+                Value::Example {
+                    toml: "\"10.0.0.11:5041\"",
+                    default: "",
+                },
+            ),
+            key(
+                "admin",
+                "admin",
+                "address or `\"off\"`",
+                Value::Default("\"127.0.0.1:5050\""),
+            ),
+        ],
+    },
+    Section {
+        table: "catalog",
+        sample: "",
+        doc: "Where the catalog comes from; the keys of the sources not chosen are ignored. Paths are relative to this file.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "source",
+                "catalog",
+                "`embedded`, `consul`, `file` or `etcd`",
+                Value::Default("\"embedded\""),
+            ),
+            key(
+                "data_dir",
+                "data_dir",
+                "path",
+                Value::Default("\"/var/lib/skyline\""),
+            ),
+            key(
+                "registry",
+                "registry",
+                "address",
+                Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "consul",
+                "consul",
+                "address",
+                Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "file",
+                "catalog_file",
+                "path",
+                Value::Default("\"/etc/skyline/catalog.toml\""),
+            ),
+            key(
+                "etcd_endpoints",
+                "etcd_endpoints",
+                "array of URLs (`http://host:port`)",
+                Value::Default("[\"http://127.0.0.1:2379\"]"),
+            ),
+            key(
+                "etcd_prefix",
+                "etcd_prefix",
+                "string",
+                Value::Default("\"skyline/\""),
+            ),
+        ],
+    },
+    Section {
+        table: "proxy",
+        sample: "",
+        doc: "Routing.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "catch_all",
+                "catch_all",
+                "array of addresses",
+                Value::Example {
+                    toml: "[\"10.0.0.50:5041\"]",
+                    default: "",
+                },
+            ),
+            key(
+                "route_warning",
+                "route_warning",
+                "boolean",
+                Value::Default("false"),
+            ),
+            key(
+                "fallback_hold",
+                "fallback_hold",
+                DURATION,
+                Value::Default("\"3s\""),
+            ),
+            key(
+                "workers",
+                "workers",
+                "integer, threads (1 to 256)",
+                Value::Default("1"),
+            ),
+        ],
+    },
+    Section {
+        table: "resilience",
+        sample: "",
+        doc: "How calls to services behave: timeouts, retries, balancing, ejection, probes. Re-read on SIGHUP.",
+        defaults_from: None,
+        keys: RESILIENCE_KEYS,
+    },
+    Section {
+        table: "routes.<service>",
+        sample: "giphy",
+        doc: "The keys of `[resilience]` for one service. Re-read on SIGHUP.",
+        defaults_from: Some("resilience"),
+        keys: RESILIENCE_KEYS,
+    },
+    Section {
+        table: "service[]",
+        sample: "",
+        doc: "A service of this node, registered in the catalog (`embedded` or `consul`) while the agent runs, its check kept alive, deregistered when the agent stops.",
+        defaults_from: None,
+        keys: &[
+            file_only(
+                "name",
+                "service name",
+                Value::Example {
+                    toml: "\"giphy\"",
+                    default: "required",
+                },
+                "The service's name.",
+            ),
+            file_only(
+                "port",
+                "port (1 to 65535)",
+                Value::Example {
+                    toml: "31000",
+                    default: "required",
+                },
+                "The port the instance listens on.",
+            ),
+            file_only(
+                "id",
+                "string",
+                Value::Example {
+                    toml: "\"giphy-mesos-1-31000\"",
+                    default: "`<name>-<node name>-<port>`",
+                },
+                "The instance's id in the catalog.",
+            ),
+            file_only(
+                "address",
+                "IP address",
+                Value::Example {
+                    toml: "\"10.0.0.11\"",
+                    default: "the node's address",
+                },
+                "The address the instance listens on.",
+            ),
+            file_only(
+                "tags",
+                "array of strings",
+                Value::Default("[]"),
+                "Tags of the instance.",
+            ),
+            file_only(
+                "meta",
+                "table of strings",
+                Value::Example {
+                    toml: "{ platform = \"mesos\" }",
+                    default: "none",
+                },
+                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`).",
+            ),
+            file_only(
+                "check.ttl",
+                DURATION,
+                Value::Example {
+                    toml: "\"10s\"",
+                    default: "`10s`",
+                },
+                "A TTL check (the default), passed by the agent while it can connect to the instance's port.",
+            ),
+            file_only(
+                "check.http",
+                "path",
+                Value::Example {
+                    toml: "\"/health\"",
+                    default: "none (a TTL check)",
+                },
+                "An HTTP check instead: the registry GETs this path on the instance.",
+            ),
+            file_only(
+                "check.interval",
+                DURATION,
+                Value::Example {
+                    toml: "\"5s\"",
+                    default: "`5s`",
+                },
+                "Time between HTTP checks.",
+            ),
+            file_only(
+                "check.timeout",
+                DURATION,
+                Value::Example {
+                    toml: "\"2s\"",
+                    default: "`2s`",
+                },
+                "An HTTP check not answered within this time fails.",
+            ),
+        ],
+    },
+];
 
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
 /// route, over `[resilience]`).
@@ -349,7 +826,7 @@ struct CatalogSection {
     data_dir: Option<Spanned<PathBuf>>,
     registry: Option<Spanned<String>>,
     consul: Option<Spanned<String>>,
-    etcd_endpoints: Option<Vec<Spanned<String>>>,
+    etcd_endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     etcd_prefix: Option<Spanned<String>>,
 }
 
@@ -370,6 +847,39 @@ pub(crate) struct Source {
 }
 
 impl Source {
+    /// Reads and parses the TOML file at `path` into `T` (every role's file goes through here);
+    /// without a file, `T`'s defaults and a source named `<flags>`. A syntax error, an unknown
+    /// key or a value of the wrong type names the file, the line and the key.
+    pub(crate) fn read<T: serde::de::DeserializeOwned + Default>(
+        path: Option<&PathBuf>,
+    ) -> Result<(T, Source), ConfigError> {
+        let Some(path) = path else {
+            let flags = Source {
+                path: PathBuf::from("<flags>"),
+                text: String::new(),
+            };
+            return Ok((T::default(), flags));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.clone(),
+            line: None,
+            key: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        let source = Source {
+            path: path.clone(),
+            text,
+        };
+        match toml::from_str(&source.text) {
+            Ok(parsed) => Ok((parsed, source)),
+            Err(e) => {
+                let offset = e.span().map(|s| s.start);
+                let key = offset.and_then(|o| key_at(&source.text, o));
+                Err(source.error(offset, key.as_deref(), e.message().trim()))
+            }
+        }
+    }
+
     /// An error about `key`, at the line of byte `offset` when known.
     pub(crate) fn at(
         &self,
@@ -416,39 +926,17 @@ impl Source {
 impl AgentArgs {
     /// Merges flags, variables and the config file into validated settings.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        let (file, source) = match &self.config {
-            None => (FileConfig::default(), None),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                    file: path.clone(),
-                    line: None,
-                    key: None,
-                    reason: format!("cannot read: {e}"),
-                })?;
-                let source = Source {
-                    path: path.clone(),
-                    text,
-                };
-                let file: FileConfig = toml::from_str(&source.text).map_err(|e| {
-                    source.error(e.span().map(|s| s.start), None, e.message().trim())
-                })?;
-                (file, Some(source))
-            }
-        };
-        let empty = Source {
-            path: PathBuf::from("<flags>"),
-            text: String::new(),
-        };
-        let src = source.as_ref().unwrap_or(&empty);
+        let (file, source) = Source::read::<FileConfig>(self.config.as_ref())?;
+        let src = &source;
         let resilience = policies(src, &file)?;
 
-        let node_name = match (self.node_name, file.node.name) {
-            (Some(n), _) => n,
-            (None, Some(n)) => n.into_inner(),
-            (None, None) => "local".to_owned(),
+        let (node_name, at) = match (self.node_name, file.node.name) {
+            (Some(n), _) => (n, None),
+            (None, Some(n)) => (n.get_ref().clone(), Some(n.span().start)),
+            (None, None) => ("local".to_owned(), None),
         };
         if node_name.is_empty() {
-            return Err(src.error(None, Some("node.name"), "must not be empty"));
+            return Err(src.error(at, Some("node.name"), "must not be empty"));
         }
         let node_address = match self.node_address {
             Some(a) => a,
@@ -575,10 +1063,9 @@ impl AgentArgs {
             ));
         }
         let fallback_hold = match (&self.fallback_hold, &file.proxy.fallback_hold) {
-            (Some(text), _) => {
-                parse_duration(text).map_err(|e| src.error(None, Some("proxy.fallback_hold"), e))?
-            }
-            (None, Some(text)) => parse_duration(text.get_ref())
+            (Some(text), _) => parse_duration_setting(text)
+                .map_err(|e| src.error(None, Some("proxy.fallback_hold"), e))?,
+            (None, Some(text)) => parse_duration_setting(text.get_ref())
                 .map_err(|e| src.error(Some(text.span().start), Some("proxy.fallback_hold"), e))?,
             (None, None) => DEFAULT_HOLD,
         };
@@ -595,7 +1082,7 @@ impl AgentArgs {
             return Err(src.error(
                 Some(first.name.span().start),
                 Some("service"),
-                "declared services need a registry: use catalog.source = \"embedded\" or \"consul\"",
+                "declared services need a registry or etcd: use catalog.source = \"embedded\", \"consul\" or \"etcd\"",
             ));
         }
 
@@ -646,7 +1133,8 @@ pub(crate) fn resilience(
     let duration = |k: &str, field: &Option<Spanned<String>>, min: Duration| {
         let Some(field) = field else { return Ok(None) };
         let at = Some(field.span().start);
-        let d = parse_duration(field.get_ref()).map_err(|e| src.error(at, Some(&key(k)), e))?;
+        let d =
+            parse_duration_setting(field.get_ref()).map_err(|e| src.error(at, Some(&key(k)), e))?;
         if d < min {
             return Err(src.error(at, Some(&key(k)), format!("must be at least {min:?}")));
         }
@@ -750,7 +1238,7 @@ fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, 
     let address = src.parse::<IpAddr>("service.address", &svc.address)?;
     let duration = |key: &str, field: &Option<Spanned<String>>, default: Duration| match field {
         None => Ok(default),
-        Some(f) => parse_go_duration(f.get_ref())
+        Some(f) => parse_duration(f.get_ref())
             .ok()
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
@@ -808,16 +1296,18 @@ fn etcd_source(
     src: &Source,
     flag_endpoints: Option<Vec<String>>,
     flag_prefix: Option<String>,
-    file_endpoints: Option<Vec<Spanned<String>>>,
+    file_endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     file_prefix: Option<Spanned<String>>,
 ) -> Result<CatalogSource, ConfigError> {
     const KEY: &str = "catalog.etcd_endpoints";
+    let list_at = file_endpoints.as_ref().map(|l| l.span().start);
     let endpoints = match (flag_endpoints, file_endpoints) {
         (Some(list), _) => list
             .iter()
             .map(|e| etcd_endpoint(e).map_err(|r| src.error(None, Some(KEY), r)))
             .collect::<Result<Vec<_>, _>>()?,
         (None, Some(list)) => list
+            .get_ref()
             .iter()
             .map(|e| {
                 etcd_endpoint(e.get_ref())
@@ -827,30 +1317,32 @@ fn etcd_source(
         (None, None) => vec![DEFAULT_ENDPOINT.to_owned()],
     };
     if endpoints.is_empty() {
-        return Err(src.error(None, Some(KEY), "must list at least one etcd member"));
+        return Err(src.error(list_at, Some(KEY), "must list at least one etcd member"));
     }
     let (prefix, span) = match (flag_prefix, file_prefix) {
         (Some(p), _) => (p, None),
         (None, Some(p)) => (p.get_ref().clone(), Some(p.span().start)),
         (None, None) => (DEFAULT_PREFIX.to_owned(), None),
     };
-    if prefix.is_empty() || prefix.chars().any(char::is_control) {
-        return Err(src.error(
-            span,
-            Some("catalog.etcd_prefix"),
-            "must be a non-empty key prefix such as \"skyline/\"",
-        ));
-    }
-    let prefix = if prefix.ends_with('/') {
-        prefix
-    } else {
-        format!("{prefix}/")
-    };
+    let prefix =
+        etcd_prefix(&prefix).map_err(|e| src.error(span, Some("catalog.etcd_prefix"), e))?;
     Ok(CatalogSource::Etcd { endpoints, prefix })
 }
 
+/// A key prefix, ending with `/` (added when missing).
+pub(crate) fn etcd_prefix(prefix: &str) -> Result<String, String> {
+    if prefix.is_empty() || prefix.chars().any(char::is_control) {
+        return Err("must be a non-empty key prefix such as \"skyline/\"".to_owned());
+    }
+    Ok(if prefix.ends_with('/') {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}/")
+    })
+}
+
 /// `host:port` or `http://host:port`, as `http://host:port`.
-fn etcd_endpoint(text: &str) -> Result<String, String> {
+pub(crate) fn etcd_endpoint(text: &str) -> Result<String, String> {
     let url = if text.contains("://") {
         text.to_owned()
     } else {
@@ -871,6 +1363,90 @@ fn etcd_endpoint(text: &str) -> Result<String, String> {
         return Err(bad());
     }
     Ok(format!("http://{authority}"))
+}
+
+/// The dotted key at byte `offset` of a TOML text, for the errors the TOML parser reports with a
+/// position only (an unknown key, a value of the wrong type): the table header above it and the
+/// keys that lead to `offset` on its line (`outlier = { max_ejection = 5 }` under `[resilience]`
+/// is `resilience.outlier.max_ejection`).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let lines: Vec<&str> = before.split('\n').collect();
+    let current = lines.len() - 1;
+    let header_of = |line: &str| {
+        let line = line.trim();
+        line.starts_with('[').then(|| {
+            let end = line.rfind(']').unwrap_or(line.len());
+            line[..end].trim_matches(['[', ']']).trim().replace('"', "")
+        })
+    };
+    let line_start = offset - lines[current].len();
+    if header_of(lines[current]).is_some() {
+        // The error is in a table header: the whole header names the table.
+        return text[line_start..].lines().next().and_then(header_of);
+    }
+    // An unknown key's position is the key itself: the key to scan through.
+    let rest = &text[offset..];
+    let key_len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .unwrap_or(rest.len());
+    let key_here = if rest[key_len..].trim_start().starts_with('=') {
+        &rest[..key_len]
+    } else {
+        ""
+    };
+    // The line that holds the key: this one when the position is at or after a key, otherwise
+    // the one an array that continues here began on.
+    let starts_here = lines[current].contains('=') || !key_here.is_empty();
+    let key_line = if starts_here {
+        current
+    } else {
+        let i = (0..current)
+            .rev()
+            .find(|&i| lines[i].contains('=') || header_of(lines[i]).is_some())?;
+        if header_of(lines[i]).is_some() {
+            return header_of(lines[i]);
+        }
+        i
+    };
+    let mut keys: Vec<String> = Vec::new();
+    let mut depth: usize = 0;
+    let mut token = String::new();
+    let mut in_string = None;
+    let scanned = if key_line == current {
+        format!("{}{key_here}=", lines[current])
+    } else {
+        lines[key_line].to_owned()
+    };
+    for c in scanned.chars() {
+        match (in_string, c) {
+            (Some(q), c) if c == q => in_string = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => in_string = Some(c),
+            (None, '{') => depth += 1,
+            (None, '}') => {
+                depth = usize::saturating_sub(depth, 1);
+                keys.truncate(depth);
+            }
+            (None, '=') => {
+                let key = token.trim().replace('"', "");
+                if !key.is_empty() {
+                    keys.truncate(depth);
+                    keys.push(key);
+                }
+                token.clear();
+            }
+            (None, ',' | '[' | ']') => token.clear(),
+            (None, c) => token.push(c),
+        }
+    }
+    let header = lines[..key_line].iter().rev().find_map(|l| header_of(l));
+    let key = keys.join(".");
+    match header {
+        _ if key.is_empty() => None,
+        Some(h) => Some(format!("{h}.{key}")),
+        None => Some(key),
+    }
 }
 
 /// A path in the config file is relative to the file's folder.
@@ -1137,6 +1713,66 @@ mod tests {
             args.resolve().unwrap_err().key.as_deref(),
             Some("catalog.etcd_endpoints")
         );
+    }
+
+    #[test]
+    fn an_unknown_key_or_a_value_of_the_wrong_type_names_its_line_and_key() {
+        for (text, line, key) in [
+            ("[proxy]\nworkerz = 3\n", 2, "proxy.workerz"),
+            ("retries = 1\n", 1, "retries"),
+            ("[nodes]\nname = \"x\"\n", 1, "nodes"),
+            (
+                "[resilience]\noutlier = { max_ejection = 5 }\n",
+                2,
+                "resilience.outlier.max_ejection",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nport = \"x\"\n",
+                3,
+                "service.port",
+            ),
+            (
+                "[catalog]\netcd_endpoints = [\n  \"a\",\n  5,\n]\n",
+                4,
+                "catalog.etcd_endpoints",
+            ),
+        ] {
+            let (_d, args) = with_file(text);
+            let e = args.resolve().unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_deref()),
+                (Some(line), Some(key)),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_duration_of_the_file_takes_the_same_units() {
+        let (_d, args) = with_file(
+            "[proxy]\nfallback_hold = \"1m30s\"\n[resilience]\nrequest_timeout = \"1h\"\n\
+             connect_timeout = \"1500us\"\n[[service]]\nname = \"a\"\nport = 1\n\
+             check = { ttl = \"1h\" }\n",
+        );
+        let s = args.resolve().unwrap();
+        assert_eq!(s.policy.fallback_hold, Duration::from_secs(90));
+        assert_eq!(
+            s.resilience.default.request_timeout,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            s.resilience.default.connect_timeout,
+            Duration::from_micros(1500)
+        );
+        assert_eq!(s.services[0].check, Check::Ttl(Duration::from_secs(3600)));
+        for text in [
+            "[proxy]\nfallback_hold = \"3\"\n",
+            "[resilience]\nidle_timeout = \"25h\"\n",
+            "[resilience]\nidle_timeout = \"-1s\"\n",
+        ] {
+            let (_d, args) = with_file(text);
+            assert!(args.resolve().is_err(), "{text}");
+        }
     }
 
     #[test]

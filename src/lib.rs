@@ -15,6 +15,8 @@
 //!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
+//!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
+//!   `skyline config example`, `skyline config check`).
 //! - [`demo`]: the `hello` and `echo` demo applications; [`demo::migration`] is
 //!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine (in network
 //!   namespaces when root, else on loopback addresses).

@@ -13,10 +13,20 @@ use skyline::gateway::config::GatewayArgs;
 use skyline::serve::activation::Inherited;
 use skyline::up::UpArgs;
 
+/// `skyline --version`: the commit and the build date come from `build.rs`.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SKYLINE_COMMIT"),
+    ", built ",
+    env!("SKYLINE_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "skyline",
-    version,
+    version = VERSION,
     about = "A service mesh in one small binary"
 )]
 struct Cli {
@@ -59,6 +69,8 @@ enum Command {
     Register(skyline::cli::RegisterArgs),
     /// Remove a service instance from the registry
     Deregister(skyline::cli::DeregisterArgs),
+    /// Check a config file, print an example one, or the reference of every setting
+    Config(skyline::config::reference::ConfigArgs),
     /// Print shell completions, such as `skyline completions bash`
     Completions {
         /// The shell
@@ -78,6 +90,10 @@ fn main() -> ExitCode {
         Command::Completions { shell } => return completions(*shell),
         Command::Man { dir } => return man(dir.as_deref()),
         _ => {}
+    }
+    if let Command::Config(args) = cli.command {
+        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+        return skyline::config::reference::run(args, &Cli::command(), &mut out, &mut err);
     }
     init_tracing(cli.log_format);
     // Before any thread starts: taking the sockets edits the environment.
@@ -109,7 +125,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        // Installed before anything is started, so a signal at any moment stops cleanly.
+        tokio::spawn(stop_on_signal(Signals::install()?, shutdown.clone()));
         match cli.command {
             Command::Agent(args) => {
                 let settings = args.clone().resolve()?;
@@ -122,6 +139,7 @@ fn main() -> ExitCode {
                     args,
                     settings,
                     agent.policies.clone(),
+                    agent.declared.clone(),
                     shutdown,
                 );
                 tokio::spawn(reload);
@@ -136,6 +154,20 @@ fn main() -> ExitCode {
                 let bridge =
                     skyline::bridge::spawn_on(args.resolve()?, inherited, shutdown).await?;
                 bridge.join().await;
+            }
+            Command::Registry(args) if args.repair => {
+                inherited.finish(&[])?;
+                let repair = skyline::registry::store::Store::repair(&args.data_dir)?;
+                println!(
+                    "kept {} records; dropped {} damaged byte ranges {:?}{}",
+                    repair.kept,
+                    repair.dropped.len(),
+                    repair.dropped,
+                    repair.damaged.map_or_else(String::new, |p| format!(
+                        "; the damaged log is kept as {}",
+                        p.display()
+                    ))
+                );
             }
             Command::Registry(args) => {
                 let mut inherited = inherited;
@@ -159,7 +191,7 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&*e),
+        Err(e) => fail(&e),
     }
 }
 
@@ -177,6 +209,7 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         | Command::Gateway(_)
         | Command::Bridge(_)
         | Command::Registry(_)
+        | Command::Config(_)
         | Command::Completions { .. }
         | Command::Man { .. } => {}
     }
@@ -211,19 +244,27 @@ fn fail(error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from the moment they are installed.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
 /// Cancels `shutdown` on Ctrl-C or SIGTERM; in-flight requests then drain.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
+async fn stop_on_signal(mut signals: Signals, shutdown: CancellationToken) {
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = signals.interrupt.recv() => {}
+        _ = signals.terminate.recv() => {}
     }
     tracing::info!("shutting down: draining in-flight requests");
     shutdown.cancel();

@@ -22,11 +22,15 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use toml::Spanned;
 
 use super::{Names, Override, Settings};
 use crate::agent::CatalogSource;
-use crate::config::{ConfigError, DEFAULT_ADMIN, Listen, ResilienceSection, Source, resilience};
-use crate::gateway::config::read_file;
+use crate::config::reference::{Section, Value};
+use crate::config::{
+    ConfigError, DEFAULT_ADMIN, Listen, RESILIENCE_KEYS, ResilienceSection, Source, file_only, key,
+    resilience,
+};
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
 
@@ -86,6 +90,121 @@ pub struct BridgeArgs {
     pub max_hops: Option<u32>,
 }
 
+/// Every key of the bridge's file (see [`crate::config::reference`]).
+pub const FILE: &[Section] = &[
+    Section {
+        table: "bridge",
+        sample: "",
+        doc: "The bridge.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "listen",
+                "listen",
+                "array of addresses",
+                Value::Default("[\"0.0.0.0:5041\"]"),
+            ),
+            key(
+                "admin",
+                "admin",
+                "address or `\"off\"`",
+                Value::Default("\"127.0.0.1:5050\""),
+            ),
+            key(
+                "dns",
+                "dns",
+                "address",
+                Value::Example {
+                    toml: "\"10.96.0.10:53\"",
+                    default: "",
+                },
+            ),
+            key(
+                "template",
+                "template",
+                "string with `{name}`, `{namespace}`",
+                Value::Default("\"{name}.{namespace}.svc.cluster.local\""),
+            ),
+            key(
+                "namespace",
+                "namespace",
+                "string",
+                Value::Default("\"default\""),
+            ),
+            key("port", "port", "port", Value::Default("8080")),
+            file_only(
+                "cluster_domain",
+                "string",
+                Value::Default("\"cluster.local\""),
+                "The cluster domain: a request for `<name>.<namespace>.svc.<domain>` is a call to service `<name>`.",
+            ),
+            key(
+                "gateways",
+                "gateways",
+                "array of addresses",
+                Value::Example {
+                    toml: "[\"10.0.0.50:5041\"]",
+                    default: "",
+                },
+            ),
+            key(
+                "consul",
+                "consul",
+                "address",
+                Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "max_hops",
+                "max_hops",
+                "integer, hops (at least 1)",
+                Value::Default("8"),
+            ),
+        ],
+    },
+    Section {
+        table: "services.<service>",
+        sample: "giphy",
+        doc: "How one service is named in Kubernetes, when it differs from the `[bridge]` defaults.",
+        defaults_from: None,
+        keys: &[
+            file_only(
+                "name",
+                "string",
+                Value::Example {
+                    toml: "\"giphy-v2\"",
+                    default: "the service's name",
+                },
+                "The Kubernetes Service's name.",
+            ),
+            file_only(
+                "namespace",
+                "string",
+                Value::Example {
+                    toml: "\"media\"",
+                    default: "`[bridge] namespace`",
+                },
+                "The Service's namespace.",
+            ),
+            file_only(
+                "port",
+                "port",
+                Value::Example {
+                    toml: "80",
+                    default: "`[bridge] port`",
+                },
+                "The Service's port.",
+            ),
+        ],
+    },
+    Section {
+        table: "resilience",
+        sample: "",
+        doc: "How the bridge's calls behave: the agent's `[resilience]` keys.",
+        defaults_from: None,
+        keys: RESILIENCE_KEYS,
+    },
+];
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -101,17 +220,17 @@ struct FileConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct BridgeSection {
-    listen: Option<Vec<SocketAddr>>,
-    admin: Option<String>,
+    listen: Option<Spanned<Vec<SocketAddr>>>,
+    admin: Option<Spanned<String>>,
     dns: Option<SocketAddr>,
-    template: Option<String>,
+    template: Option<Spanned<String>>,
     namespace: Option<String>,
     port: Option<u16>,
     /// The cluster domain of Service names [default: cluster.local].
     cluster_domain: Option<String>,
     gateways: Option<Vec<SocketAddr>>,
     consul: Option<SocketAddr>,
-    max_hops: Option<u32>,
+    max_hops: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -138,30 +257,36 @@ pub fn system_dns() -> SocketAddr {
     SocketAddr::new(ip, 53)
 }
 
+/// A setting from its flag (or variable), else from the file with the offset of its value there.
+fn from_flag_or_file<T>(flag: Option<T>, file: Option<Spanned<T>>) -> (Option<T>, Option<usize>) {
+    match (flag, file) {
+        (Some(v), _) => (Some(v), None),
+        (None, Some(v)) => {
+            let at = v.span().start;
+            (Some(v.into_inner()), Some(at))
+        }
+        (None, None) => (None, None),
+    }
+}
+
 impl BridgeArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        let (file, path, text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
-        let src = Source {
-            path: path.clone(),
-            text,
-        };
+        let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
-        let error = |key: &str, reason: String| ConfigError {
-            file: path.clone(),
-            line: None,
-            key: Some(key.to_owned()),
-            reason,
-        };
         let b = file.bridge;
         let admin = match (self.admin, b.admin) {
             (Some(l), _) => l,
-            (None, Some(text)) => text.parse().map_err(|e| error("bridge.admin", e))?,
+            (None, Some(text)) => text
+                .get_ref()
+                .parse()
+                .map_err(|e: String| src.at(Some(text.span().start), "bridge.admin", e))?,
             (None, None) => Listen::At(DEFAULT_ADMIN),
         };
         let defaults = Names::default();
-        let template = self.template.or(b.template).unwrap_or(defaults.template);
+        let (template, at) = from_flag_or_file(self.template, b.template);
+        let template = template.unwrap_or(defaults.template);
         if !template.contains("{name}") {
-            return Err(error("bridge.template", "must contain {name}".into()));
+            return Err(src.at(at, "bridge.template", "must contain {name}"));
         }
         let mut overrides = BTreeMap::new();
         for (service, o) in file.services {
@@ -186,16 +311,15 @@ impl BridgeArgs {
         let catalog = gateways
             .is_empty()
             .then(|| CatalogSource::Consul(consul.unwrap_or(crate::config::DEFAULT_REGISTRY)));
-        let max_hops = self.max_hops.or(b.max_hops).unwrap_or(DEFAULT_MAX_HOPS);
+        let (max_hops, at) = from_flag_or_file(self.max_hops, b.max_hops);
+        let max_hops = max_hops.unwrap_or(DEFAULT_MAX_HOPS);
         if max_hops == 0 {
-            return Err(error("bridge.max_hops", "must be at least 1".into()));
+            return Err(src.at(at, "bridge.max_hops", "must be at least 1"));
         }
-        let listen = self
-            .listen
-            .or(b.listen)
-            .unwrap_or_else(|| vec![crate::gateway::config::DEFAULT_GATEWAY]);
+        let (listen, at) = from_flag_or_file(self.listen, b.listen);
+        let listen = listen.unwrap_or_else(|| vec![crate::gateway::config::DEFAULT_GATEWAY]);
         if listen.is_empty() {
-            return Err(error("bridge.listen", "needs at least one address".into()));
+            return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }
         Ok(Settings {
             listen,

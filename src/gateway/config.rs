@@ -36,8 +36,10 @@ use toml::Spanned;
 use super::Settings;
 use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
 use crate::agent::CatalogSource;
+use crate::config::reference::{DURATION, Section, Value};
 use crate::config::{
-    ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, ResilienceSection, Source, resilience,
+    ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, RESILIENCE_KEYS, ResilienceSection,
+    Source, file_only, key, resilience,
 };
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
@@ -87,6 +89,193 @@ pub struct GatewayArgs {
     pub max_hops: Option<u32>,
 }
 
+/// Every key of the gateway's file (see [`crate::config::reference`]).
+pub const FILE: &[Section] = &[
+    Section {
+        table: "listen",
+        sample: "",
+        doc: "The gateway's listeners.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "gateway",
+                "listen",
+                "address",
+                Value::Default("\"0.0.0.0:5041\""),
+            ),
+            key(
+                "admin",
+                "admin",
+                "address or `\"off\"`",
+                Value::Default("\"127.0.0.1:5050\""),
+            ),
+        ],
+    },
+    Section {
+        table: "catalog",
+        sample: "",
+        doc: "Where the catalog comes from.",
+        defaults_from: None,
+        keys: &[
+            file_only(
+                "source",
+                "`consul` or `file`",
+                Value::Default("\"consul\""),
+                "The catalog's source; `file` when `file` is given.",
+            ),
+            key(
+                "consul",
+                "consul",
+                "address",
+                Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "file",
+                "catalog_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/catalog.toml\"",
+                    default: "none: Consul",
+                },
+            ),
+        ],
+    },
+    Section {
+        table: "gateway",
+        sample: "",
+        doc: "Routing.",
+        defaults_from: None,
+        keys: &[
+            key(
+                "max_hops",
+                "max_hops",
+                "integer, hops (at least 1)",
+                Value::Default("8"),
+            ),
+            file_only(
+                "kv_routes",
+                "boolean",
+                Value::Default("true"),
+                "Watch route policies in the registry's KV, `skyline/routes/<service>` (with a `consul` source only).",
+            ),
+            key("hold", "hold", DURATION, Value::Default("\"3s\"")),
+        ],
+    },
+    Section {
+        table: "upstreams.<name>",
+        sample: "vms",
+        doc: "A named upstream pool that tiers name; `kubernetes` (the catalog's `skyline-bridge` instances) exists without being written. Exactly one of `service` and `addresses`.",
+        defaults_from: None,
+        keys: &[
+            file_only(
+                "service",
+                "service name",
+                Value::Example {
+                    toml: "\"skyline-vms\"",
+                    default: "—",
+                },
+                "The catalog service whose passing instances form the pool.",
+            ),
+            file_only(
+                "addresses",
+                "array of addresses",
+                Value::Example {
+                    toml: "[\"10.0.0.21:5041\"]",
+                    default: "—",
+                },
+                "Fixed addresses of the pool.",
+            ),
+            file_only(
+                "bridge",
+                "boolean",
+                Value::Example {
+                    toml: "false",
+                    default: "`true` for `kubernetes` and `skyline-bridge`",
+                },
+                "The pool is Kubernetes bridges: a request that came from a bridge is never sent back to it.",
+            ),
+        ],
+    },
+    Section {
+        table: "resilience",
+        sample: "",
+        doc: "How the gateway's calls behave: the agent's `[resilience]` keys.",
+        defaults_from: None,
+        keys: RESILIENCE_KEYS,
+    },
+    Section {
+        table: "routes.<service>",
+        sample: "giphy",
+        doc: "The route policy of one service, or of every service (`\"*\"`): its tiers, best first. Re-read within 250 ms of a change; also read from the registry's KV, `skyline/routes/<service>`, as JSON or TOML. An invalid policy is refused and the one in force kept.",
+        defaults_from: None,
+        keys: &[
+            file_only(
+                "tiers",
+                "array of tiers",
+                Value::Example {
+                    toml: "[{ select = \"platform=mesos\", min_healthy = \"50%\" }, { upstream = \"kubernetes\" }]",
+                    default: "`platform=mesos`, then upstream `kubernetes`",
+                },
+                "The tiers, best first; each has exactly one of `select` and `upstream`.",
+            ),
+            file_only(
+                "tiers[].select",
+                "`key=value`",
+                Value::Example {
+                    toml: "\"platform=mesos\"",
+                    default: "—",
+                },
+                "The instances of the service whose meta matches; requests go to their nodes' inbound proxies.",
+            ),
+            file_only(
+                "tiers[].upstream",
+                "upstream name",
+                Value::Example {
+                    toml: "\"kubernetes\"",
+                    default: "—",
+                },
+                "A pool of `[upstreams]`.",
+            ),
+            file_only(
+                "tiers[].min_healthy",
+                "integer, or percent (`\"50%\"`)",
+                Value::Example {
+                    toml: "\"50%\"",
+                    default: "`1`",
+                },
+                "The tier is eligible while this many of its endpoints pass (at least one).",
+            ),
+            file_only(
+                "tiers[].name",
+                "string",
+                Value::Example {
+                    toml: "\"mesos\"",
+                    default: "the selector's value or the upstream's name",
+                },
+                "The tier's name in `x-skyline-tier` and `/routes`.",
+            ),
+            file_only(
+                "hold",
+                DURATION,
+                Value::Example {
+                    toml: "\"3s\"",
+                    default: "`[gateway] hold`",
+                },
+                "How long a better tier must stay eligible before traffic falls back to it.",
+            ),
+            file_only(
+                "split",
+                "array of integers, one weight per tier",
+                Value::Example {
+                    toml: "[90, 10]",
+                    default: "none",
+                },
+                "Split traffic over the eligible tiers by weight instead of sending it all to the best one.",
+            ),
+        ],
+    },
+];
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -124,42 +313,17 @@ struct CatalogSection {
 #[serde(deny_unknown_fields)]
 struct GatewaySection {
     /// Requests that already took this many hops get 508 [default: 8].
-    max_hops: Option<u32>,
+    max_hops: Option<Spanned<u32>>,
     /// Watch `skyline/routes/` in the registry's KV [default: true with a consul source].
     kv_routes: Option<bool>,
     /// The hold of policies that give none [default: "3s"].
     hold: Option<Spanned<String>>,
 }
 
-/// Reads and parses a TOML config file into `T`, errors with file and line.
-pub(crate) fn read_file<T: serde::de::DeserializeOwned + Default>(
-    path: Option<&PathBuf>,
-) -> Result<(T, PathBuf, String), ConfigError> {
-    let Some(path) = path else {
-        return Ok((T::default(), PathBuf::from("<flags>"), String::new()));
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.clone(),
-        line: None,
-        key: None,
-        reason: format!("cannot read: {e}"),
-    })?;
-    let parsed = toml::from_str(&text).map_err(|e| ConfigError {
-        file: path.clone(),
-        line: e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
-        key: None,
-        reason: e.message().trim().to_owned(),
-    })?;
-    Ok((parsed, path.clone(), text))
-}
-
 impl GatewayArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         let reload = self.config.is_some().then(|| self.clone());
-        let (file, path, text): (FileConfig, _, _) = read_file(self.config.as_ref())?;
-        let src = Source { path, text };
+        let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field
@@ -177,7 +341,7 @@ impl GatewayArgs {
                 Some(Listen::At(a)) => a,
                 Some(Listen::Off) => {
                     return Err(src.at(
-                        None,
+                        file.listen.gateway.as_ref().map(|f| f.span().start),
                         "listen.gateway",
                         "the gateway listener cannot be off",
                     ));
@@ -210,7 +374,8 @@ impl GatewayArgs {
             (None, Some("file") | None, Some(p)) => CatalogSource::File(p),
             (None, Some("consul") | None, None) => CatalogSource::Consul(consul),
             (None, Some("file"), None) => {
-                return Err(src.at(None, "catalog.file", "source \"file\" needs a file"));
+                let offset = file.catalog.source.as_ref().map(|s| s.span().start);
+                return Err(src.at(offset, "catalog.file", "source \"file\" needs a file"));
             }
             (None, Some(other), _) => {
                 let offset = file.catalog.source.as_ref().map(|s| s.span().start);
@@ -222,17 +387,20 @@ impl GatewayArgs {
             }
         };
         let default_hold = match (&self.hold, &file.gateway.hold) {
-            (Some(h), _) => policy::parse_duration(h).map_err(|e| src.at(None, "hold", e))?,
-            (None, Some(h)) => policy::parse_duration(h.get_ref())
+            (Some(h), _) => {
+                crate::config::parse_duration_setting(h).map_err(|e| src.at(None, "hold", e))?
+            }
+            (None, Some(h)) => crate::config::parse_duration_setting(h.get_ref())
                 .map_err(|e| src.at(Some(h.span().start), "gateway.hold", e))?,
             (None, None) => DEFAULT_HOLD,
         };
-        let max_hops = self
-            .max_hops
-            .or(file.gateway.max_hops)
-            .unwrap_or(DEFAULT_MAX_HOPS);
+        let (max_hops, at) = match (self.max_hops, &file.gateway.max_hops) {
+            (Some(n), _) => (n, None),
+            (None, Some(n)) => (*n.get_ref(), Some(n.span().start)),
+            (None, None) => (DEFAULT_MAX_HOPS, None),
+        };
         if max_hops == 0 {
-            return Err(src.at(None, "gateway.max_hops", "must be at least 1"));
+            return Err(src.at(at, "gateway.max_hops", "must be at least 1"));
         }
         let mut upstreams = policy::default_upstreams();
         for (name, config) in file.upstreams {

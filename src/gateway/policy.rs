@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::ServiceName;
+use crate::config::parse_duration_setting;
 
 /// How long a higher tier must stay eligible before traffic falls back to it, by default.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(3);
@@ -246,7 +247,7 @@ impl RoutePolicyConfig {
     ) -> Result<RoutePolicy, PolicyError> {
         let hold = match &self.hold {
             None => default_hold,
-            Some(text) => parse_duration(text).map_err(|reason| refuse("hold", reason))?,
+            Some(text) => parse_duration_setting(text).map_err(|reason| refuse("hold", reason))?,
         };
         let tiers = match self.tiers {
             None => RoutePolicy::seed(hold).tiers,
@@ -395,26 +396,6 @@ impl UpstreamConfig {
         );
         Ok(Upstream { pool, bridge })
     }
-}
-
-/// "3s", "500ms", "2m", or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let bad = || format!("{text:?} is not a duration like \"3s\" or \"500ms\"");
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((text, "s"), |i| text.split_at(i));
-    let n: f64 = number.parse().map_err(|_| bad())?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !(0.0..=86_400.0).contains(&secs) {
-        return Err(format!("{text:?} is out of range (0 to 24h)"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]

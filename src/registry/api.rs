@@ -36,6 +36,7 @@ use super::store::{
 };
 use super::{Command, INBOUND_PORT_META};
 use crate::catalog::{Health, ServiceName};
+use crate::config::parse_duration;
 
 /// The largest request body (and KV value) accepted.
 pub const MAX_BODY: usize = 512 * 1024;
@@ -457,72 +458,6 @@ pub fn percent_decode(s: &str, plus_as_space: bool) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-// === Go durations ===
-
-/// Parses Go's `time.ParseDuration` syntax (`300ms`, `1.5h`, `2h45m`, `0`); negative durations
-/// are refused.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}");
-    let mut rest = s.strip_prefix('+').unwrap_or(s);
-    if rest.starts_with('-') {
-        return Err(format!("negative duration {s:?}"));
-    }
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total: u128 = 0;
-    while !rest.is_empty() {
-        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let (int, after) = rest.split_at(int_len);
-        let (frac, after) = match after.strip_prefix('.') {
-            Some(a) => {
-                let n = a.bytes().take_while(u8::is_ascii_digit).count();
-                a.split_at(n)
-            }
-            None => ("", after),
-        };
-        if int.is_empty() && frac.is_empty() {
-            return Err(bad());
-        }
-        let unit_len = after
-            .bytes()
-            .take_while(|c| !c.is_ascii_digit() && *c != b'.')
-            .count();
-        let (unit, after) = after.split_at(unit_len);
-        let scale: u128 = match unit {
-            "ns" => 1,
-            "us" | "µs" | "μs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
-        };
-        let int: u128 = if int.is_empty() {
-            0
-        } else {
-            int.parse().map_err(|_| bad())?
-        };
-        let mut part = int.checked_mul(scale).ok_or_else(bad)?;
-        let mut div = scale;
-        for d in frac.bytes().take(18) {
-            div /= 10;
-            part += u128::from(d - b'0') * div;
-            if div == 0 {
-                break;
-            }
-        }
-        total = total.checked_add(part).ok_or_else(bad)?;
-        rest = after;
-    }
-    u64::try_from(total)
-        .map(Duration::from_nanos)
-        .map_err(|_| bad())
-}
-
 /// A duration field: a Go duration string, or a number of nanoseconds (as Go's JSON encodes
 /// `time.Duration`); empty and null mean unset.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -540,7 +475,7 @@ impl<'de> Deserialize<'de> for GoDuration {
                 if v.is_empty() {
                     return Ok(GoDuration(None));
                 }
-                parse_go_duration(v)
+                parse_duration(v)
                     .map(|d| GoDuration(Some(d)))
                     .map_err(E::custom)
             }
@@ -570,7 +505,7 @@ struct Blocking {
 fn blocking(query: &Query) -> Result<Blocking, ApiError> {
     let index = query.number("index", "index")?;
     let wait = match query.get("wait") {
-        Some(w) => parse_go_duration(w)
+        Some(w) => parse_duration(w)
             .map_err(|e| ApiError::bad_request(format!("Invalid wait time: {e}")))?
             .min(MAX_WAIT),
         None => DEFAULT_WAIT,
@@ -1491,7 +1426,7 @@ mod tests {
         fn a_go_duration_reads_back_as_written(h in 0u64..1000, m in 0u64..60, sec in 0u64..60, ms in 0u64..1000) {
             let text = format!("{h}h{m}m{sec}s{ms}ms");
             let want = Duration::from_secs(h * 3600 + m * 60 + sec) + Duration::from_millis(ms);
-            proptest::prop_assert_eq!(parse_go_duration(&text), Ok(want));
+            proptest::prop_assert_eq!(parse_duration(&text), Ok(want));
         }
     }
 
@@ -1512,7 +1447,7 @@ mod tests {
             ("+3s", Duration::from_secs(3)),
         ];
         for (s, want) in cases {
-            assert_eq!(parse_go_duration(s), Ok(want), "{s}");
+            assert_eq!(parse_duration(s), Ok(want), "{s}");
         }
     }
 
@@ -1529,7 +1464,7 @@ mod tests {
             "99999999999999999999h",
             "1 s",
         ] {
-            assert!(parse_go_duration(s).is_err(), "{s:?}");
+            assert!(parse_duration(s).is_err(), "{s:?}");
         }
     }
 

@@ -267,6 +267,13 @@ fn the_package_holds_the_binary_a_hardened_unit_and_sockets_per_role_configs_com
             "/etc/skyline/registry.env"
         ]
     );
+    // The default configs pass the binary's own check.
+    for role in ["agent", "gateway", "bridge"] {
+        run(Command::new(root.join("usr/bin/skyline"))
+            .args(["config", "check"])
+            .arg(root.join(format!("etc/skyline/{role}.toml")))
+            .args(["--role", role]));
+    }
     let version = run(Command::new(root.join("usr/bin/skyline")).arg("--version"));
     assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
 

@@ -388,7 +388,7 @@ mod tests {
     fn a_hold_reads_back_as_the_same_duration() {
         for hold in [Duration::from_secs(3), Duration::from_millis(500)] {
             let flag = duration_flag(hold);
-            assert_eq!(crate::gateway::policy::parse_duration(&flag), Ok(hold));
+            assert_eq!(crate::config::parse_duration_setting(&flag), Ok(hold));
         }
     }
 
