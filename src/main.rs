@@ -71,10 +71,26 @@ enum Command {
     Deregister(skyline::cli::DeregisterArgs),
     /// Check a config file, print an example one, or the reference of every setting
     Config(skyline::config::reference::ConfigArgs),
+    /// Print shell completions, such as `skyline completions bash`
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page skyline(1), or write it and one page per command into a folder
+    Man {
+        /// Write skyline.1, skyline-agent.1, ... into this folder instead
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man(dir.as_deref()),
+        _ => {}
+    }
     if let Command::Config(args) = cli.command {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
         return skyline::config::reference::run(args, &Cli::command(), &mut out, &mut err);
@@ -193,9 +209,34 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         | Command::Gateway(_)
         | Command::Bridge(_)
         | Command::Registry(_)
-        | Command::Config(_) => {}
+        | Command::Config(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => {}
     }
     Ok(())
+}
+
+/// `skyline completions <shell>`: generated from the same definition as `--help`.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "skyline",
+        &mut std::io::stdout(),
+    );
+    ExitCode::SUCCESS
+}
+
+/// `skyline man`: skyline(1) on stdout, or every page (skyline-agent(1), ...) into `dir`.
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    let written = match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
 }
 
 fn fail(error: &dyn std::fmt::Display) -> ExitCode {

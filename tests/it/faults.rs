@@ -3,21 +3,15 @@
 //! its request and failure counts, and asserts that no request failed.
 
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use command_fds::{CommandFdExt, FdMapping};
-use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 use skyline::serve;
-
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 
 // === Load ===
 
@@ -109,117 +103,6 @@ fn check(reply: Result<Reply, String>) -> Result<(), String> {
         )),
         Err(error) => Err(error),
     }
-}
-
-impl Client {
-    async fn get_result(&self, url: &str) -> Result<Reply, String> {
-        let req = http::Request::get(url)
-            .body(http_body_util::Full::default())
-            .unwrap();
-        self.send(req).await
-    }
-}
-
-// === Processes ===
-
-/// A `skyline` process with JSON logs; stderr keeps being drained so it never blocks.
-struct Skyline {
-    child: Child,
-    log: StderrLog,
-}
-
-impl Skyline {
-    /// Starts `skyline <args>`; with `sockets`, as systemd would: each socket at fd 3, 4, ...,
-    /// named in `LISTEN_FDNAMES`, and `LISTEN_PID` set to the process's own pid (the shell sets
-    /// it, then execs skyline in its place).
-    fn start(args: &[&str], sockets: &[(&str, &std::net::TcpListener)]) -> Self {
-        let mut command = if sockets.is_empty() {
-            std::process::Command::new(SKYLINE)
-        } else {
-            let mut sh = std::process::Command::new("sh");
-            sh.arg("-c")
-                .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
-                .arg(SKYLINE);
-            let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
-            let mappings = sockets
-                .iter()
-                .enumerate()
-                .map(|(i, (_, socket))| FdMapping {
-                    parent_fd: OwnedFd::from(socket.try_clone().unwrap()),
-                    child_fd: 3 + i as i32,
-                })
-                .collect();
-            sh.env("LISTEN_FDS", sockets.len().to_string())
-                .env("LISTEN_FDNAMES", names.join(":"))
-                .fd_mappings(mappings)
-                .unwrap();
-            sh
-        };
-        command
-            .args(args)
-            .args(["--log-format", "json"])
-            .env("SKYLINE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = tokio::process::Command::from(command)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let log = StderrLog::follow(&mut child);
-        Self { child, log }
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.id().unwrap().to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit (bounded: 20 s) and asserts it exited cleanly.
-    async fn exited_cleanly(mut self) {
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .expect("the process exits after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status}");
-    }
-}
-
-/// A listening socket as a supervisor holds it: bound once, with a deep backlog for the
-/// connections that arrive while no process accepts.
-fn supervised_socket(ip: &str) -> std::net::TcpListener {
-    let addr: SocketAddr = format!("{ip}:0").parse().unwrap();
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .unwrap();
-    socket.set_reuse_address(true).unwrap();
-    socket.bind(&addr.into()).unwrap();
-    socket.listen(1024).unwrap();
-    socket.into()
-}
-
-fn port(socket: &std::net::TcpListener) -> u16 {
-    socket.local_addr().unwrap().port()
-}
-
-/// Waits until `url` answers 200 (bounded: 20 s).
-async fn until_ok(url: &str) {
-    let client = Client::new();
-    for _ in 0..400 {
-        if let Ok(reply) = client.get_result(url).await {
-            if reply.status == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never answered 200");
 }
 
 async fn get_json(url: &str) -> serde_json::Value {

@@ -14,6 +14,7 @@ mod guard;
 mod hostile_input;
 mod metrics;
 mod migration;
+mod package;
 mod pool;
 mod processes;
 mod registry;

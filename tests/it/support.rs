@@ -673,3 +673,135 @@ pub async fn scrape(admin: SocketAddr) -> Scrape {
     );
     Scrape { text: reply.body }
 }
+
+// === Processes ===
+
+const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
+
+impl Client {
+    /// [`Client::get`] that returns a failure instead of panicking on it.
+    pub async fn get_result(&self, url: &str) -> Result<Reply, String> {
+        let req = Request::get(url).body(Full::default()).unwrap();
+        self.send(req).await
+    }
+}
+
+/// A `skyline` process with JSON logs; stderr keeps being drained so it never blocks.
+pub struct Skyline {
+    pub child: tokio::process::Child,
+    pub log: StderrLog,
+}
+
+impl Skyline {
+    /// Starts `skyline <args>` (this build's binary) with JSON logs at level info; with
+    /// `sockets`, as systemd would (see [`Skyline::spawn`]).
+    pub fn start(args: &[&str], sockets: &[(&str, &std::net::TcpListener)]) -> Self {
+        let mut command = std::process::Command::new(SKYLINE);
+        command
+            .args(args)
+            .args(["--log-format", "json"])
+            .env("SKYLINE_LOG", "info");
+        Self::spawn(command, sockets)
+    }
+
+    /// Spawns `command` (program, arguments and environment as given; it must log JSON); with
+    /// `sockets`, as systemd would: each socket at fd 3, 4, ..., named in `LISTEN_FDNAMES`, and
+    /// `LISTEN_PID` set to the process's own pid (a shell sets it, then execs the program in its
+    /// place).
+    pub fn spawn(
+        command: std::process::Command,
+        sockets: &[(&str, &std::net::TcpListener)],
+    ) -> Self {
+        use command_fds::{CommandFdExt, FdMapping};
+        let mut command = if sockets.is_empty() {
+            command
+        } else {
+            let mut sh = std::process::Command::new("sh");
+            sh.arg("-c")
+                .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
+                .arg(command.get_program())
+                .args(command.get_args());
+            for (key, value) in command.get_envs() {
+                match value {
+                    Some(value) => sh.env(key, value),
+                    None => sh.env_remove(key),
+                };
+            }
+            let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
+            let mappings = sockets
+                .iter()
+                .enumerate()
+                .map(|(i, (_, socket))| FdMapping {
+                    parent_fd: std::os::fd::OwnedFd::from(socket.try_clone().unwrap()),
+                    child_fd: 3 + i as i32,
+                })
+                .collect();
+            sh.env("LISTEN_FDS", sockets.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"))
+                .fd_mappings(mappings)
+                .unwrap();
+            sh
+        };
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = tokio::process::Command::from(command)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let log = StderrLog::follow(&mut child);
+        Self { child, log }
+    }
+
+    pub fn sigterm(&self) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (bounded: 20 s) and asserts it exited cleanly.
+    pub async fn exited_cleanly(mut self) {
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the process exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+/// A listening socket as a supervisor holds it: bound once, with a deep backlog for the
+/// connections that arrive while no process accepts.
+pub fn supervised_socket(ip: &str) -> std::net::TcpListener {
+    let addr: SocketAddr = format!("{ip}:0").parse().unwrap();
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(1024).unwrap();
+    socket.into()
+}
+
+pub fn port(socket: &std::net::TcpListener) -> u16 {
+    socket.local_addr().unwrap().port()
+}
+
+/// Waits until `url` answers 200 (bounded: 20 s).
+pub async fn until_ok(url: &str) {
+    let client = Client::new();
+    for _ in 0..400 {
+        if let Ok(reply) = client.get_result(url).await {
+            if reply.status == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never answered 200");
+}
