@@ -123,16 +123,16 @@ impl Client {
 // === Processes ===
 
 /// A `skyline` process with JSON logs; stderr keeps being drained so it never blocks.
-struct Skyline {
-    child: Child,
-    log: StderrLog,
+pub(crate) struct Skyline {
+    pub(crate) child: Child,
+    pub(crate) log: StderrLog,
 }
 
 impl Skyline {
     /// Starts `skyline <args>`; with `sockets`, as systemd would: each socket at fd 3, 4, ...,
     /// named in `LISTEN_FDNAMES`, and `LISTEN_PID` set to the process's own pid (the shell sets
     /// it, then execs skyline in its place).
-    fn start(args: &[&str], sockets: &[(&str, &std::net::TcpListener)]) -> Self {
+    pub(crate) fn start(args: &[&str], sockets: &[(&str, &std::net::TcpListener)]) -> Self {
         let mut command = if sockets.is_empty() {
             std::process::Command::new(SKYLINE)
         } else {
@@ -365,7 +365,7 @@ async fn a_socket_named_for_no_listener_of_the_role_is_refused_at_start() {
 // === The registry down for 30 s ===
 
 /// An address on `ip` that nothing listens on now, to start a process on (and restart it on).
-fn free_addr(ip: &str) -> String {
+pub(crate) fn free_addr(ip: &str) -> String {
     let socket = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
     socket.local_addr().unwrap().to_string()
 }
