@@ -9,6 +9,8 @@ mod faults;
 mod gateway;
 mod guard;
 mod hostile_input;
+mod image;
+mod kubernetes;
 mod metrics;
 mod migration;
 mod pool;
