@@ -373,12 +373,41 @@ impl Proxy for Bridge {
     }
 }
 
-/// The bridge's admin listener: `/healthz`, `/metrics` (with the catalog gauges when the
-/// bridge follows a catalog to find the gateways).
+/// The bridge's admin listener: `/healthz`, `/readyz`, `/metrics` (with the catalog gauges when
+/// the bridge follows a catalog to find the gateways).
 #[derive(Clone, Debug)]
 pub struct BridgeAdmin {
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
+}
+
+impl BridgeAdmin {
+    /// Ready once the bridge knows where its gateways are: fixed addresses, or a catalog in
+    /// force (even a stale one, as the agent's `/readyz`); `gateways` is how many it would use.
+    fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        let (ready, error, gateways) = match &self.catalog {
+            None => (true, None, None),
+            Some(catalog) => {
+                let state = catalog.borrow().clone();
+                let gateways = state.snapshot.as_ref().map(|s| {
+                    s.services.get(GATEWAY_SERVICE).map_or(0, |instances| {
+                        instances
+                            .iter()
+                            .filter(|i| i.health == Health::Passing)
+                            .count()
+                    })
+                });
+                (state.snapshot.is_some(), state.error, gateways)
+            }
+        };
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let body = serde_json::json!({"ready": ready, "catalog_error": error, "catalog_gateways": gateways});
+        (status, body)
+    }
 }
 
 impl Handler for BridgeAdmin {
@@ -387,13 +416,14 @@ impl Handler for BridgeAdmin {
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
+            "/readyz" => self.readiness(),
             "/metrics" => {
                 let catalog = self.catalog.as_ref().map(|c| c.borrow().clone());
                 return crate::admin::metrics_response(&self.metrics, catalog.as_ref());
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/metrics"]}),
             ),
         };
         crate::admin::json_response(status, &body)

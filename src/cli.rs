@@ -1,7 +1,9 @@
 //! Operator commands against a registry (ours or Consul), or etcd with `--catalog etcd`
-//! (see [`etcd`]): `skyline services`, `skyline register`, `skyline deregister`.
+//! (see [`etcd`]): `skyline services`, `skyline register`, `skyline deregister`; [`kubernetes`] is
+//! `skyline k8s services`.
 
 pub mod etcd;
+pub mod kubernetes;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -148,12 +150,29 @@ struct ServiceJson {
     #[serde(default)]
     address: String,
     port: u16,
+    /// Consul sends `null` for an instance registered without meta.
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct CheckJson {
     status: Health,
+}
+
+/// Every service of the catalog, by name, with its instances (`/v1/health/service/<name>`, all
+/// of them, whatever their health).
+async fn catalog(client: &RegistryClient) -> Result<BTreeMap<String, Vec<HealthEntry>>, CliError> {
+    let names: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&client.get("/v1/catalog/services").await?)?;
+    let mut services = BTreeMap::new();
+    for name in names.into_keys() {
+        let entries: Vec<HealthEntry> =
+            serde_json::from_slice(&client.get(&format!("/v1/health/service/{name}")).await?)?;
+        services.insert(name, entries);
+    }
+    Ok(services)
 }
 
 /// `skyline services`: every instance with its node, address and health (worst check).
@@ -163,12 +182,8 @@ pub async fn services(args: ServicesArgs, out: &mut dyn Write) -> Result<(), Cli
         return print_services(rows, args.json, out);
     }
     let client = RegistryClient::new(args.registry);
-    let names: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&client.get("/v1/catalog/services").await?)?;
     let mut rows = Vec::new();
-    for name in names.keys() {
-        let entries: Vec<HealthEntry> =
-            serde_json::from_slice(&client.get(&format!("/v1/health/service/{name}")).await?)?;
+    for (name, entries) in catalog(&client).await? {
         for e in entries {
             let health = e
                 .checks

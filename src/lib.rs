@@ -13,7 +13,8 @@
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
 //!   (blocking queries over HTTP), which also follows our own registry; [`catalog::etcd`] lists
 //!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
-//! - [`cli`]: `skyline services`, `register`, `deregister` against a registry.
+//! - [`cli`]: `skyline services`, `register`, `deregister` against a registry; [`cli::kubernetes`]
+//!   is `skyline k8s services`, the Kubernetes Services that stand for the catalog's services.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
 //!   `skyline config example`, `skyline config check`).

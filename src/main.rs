@@ -82,6 +82,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<std::path::PathBuf>,
     },
+    /// Kubernetes: `skyline k8s services` prints the Services that stand for Mesos services
+    K8s(skyline::cli::kubernetes::K8sArgs),
 }
 
 fn main() -> ExitCode {
@@ -205,6 +207,10 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
         Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
         Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
+        Command::K8s(args) => {
+            let (mut out, mut notes) = (std::io::stdout(), std::io::stderr());
+            skyline::cli::kubernetes::run(args, &mut out, &mut notes).await?
+        }
         Command::Agent(_)
         | Command::Gateway(_)
         | Command::Bridge(_)

@@ -51,7 +51,7 @@ pub struct BridgeArgs {
     )]
     pub listen: Option<Vec<SocketAddr>>,
 
-    /// Admin listener (/healthz, /metrics), or "off" [default: 127.0.0.1:5050]
+    /// Admin listener (/healthz, /readyz, /metrics), or "off" [default: 127.0.0.1:5050]
     #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
     pub admin: Option<Listen>,
 

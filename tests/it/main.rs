@@ -12,6 +12,8 @@ mod faults;
 mod gateway;
 mod guard;
 mod hostile_input;
+mod image;
+mod kubernetes;
 mod metrics;
 mod migration;
 mod package;
