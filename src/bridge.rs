@@ -281,6 +281,7 @@ impl Bridge {
             route: &gateways,
             policy: &self.inner.resilience,
             first_hop: true,
+            fallback: None,
         };
         self.inner
             .forwarder
@@ -337,6 +338,7 @@ impl Bridge {
             route: &route,
             policy: &self.inner.resilience,
             first_hop: false,
+            fallback: None,
         };
         self.inner
             .forwarder
