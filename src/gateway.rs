@@ -547,7 +547,7 @@ impl Proxy for GatewayHandler {
             let error = if known || usable {
                 MeshError::NoHealthyEndpoint
             } else {
-                MeshError::UnknownService
+                MeshError::UnknownBeyond("no such service in the catalog, nor on any platform")
             };
             return error.into_response(name);
         };

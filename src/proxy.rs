@@ -81,6 +81,10 @@ pub enum MeshError {
     },
     #[error("unknown service")]
     UnknownService,
+    /// `unknown-service` from a hop that is itself the catch-all or looked further than the
+    /// catalog (the gateway, a bridge's cluster DNS); `0` says where it looked.
+    #[error("unknown service")]
+    UnknownBeyond(&'static str),
     #[error("no healthy endpoint")]
     NoHealthyEndpoint,
     #[error("upstream connection failed")]
@@ -118,7 +122,7 @@ impl MeshError {
     pub fn code(&self) -> &'static str {
         match self {
             MeshError::BadRequest { .. } => "bad-request",
-            MeshError::UnknownService => "unknown-service",
+            MeshError::UnknownService | MeshError::UnknownBeyond(_) => "unknown-service",
             MeshError::NoHealthyEndpoint => "no-healthy-endpoint",
             MeshError::UpstreamConnect(_) => "upstream-connect",
             MeshError::UpstreamTimeout => "upstream-timeout",
@@ -129,7 +133,7 @@ impl MeshError {
     pub fn status(&self) -> StatusCode {
         match self {
             MeshError::BadRequest { status, .. } => *status,
-            MeshError::UnknownService => StatusCode::NOT_FOUND,
+            MeshError::UnknownService | MeshError::UnknownBeyond(_) => StatusCode::NOT_FOUND,
             MeshError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -142,6 +146,7 @@ impl MeshError {
         match self {
             MeshError::BadRequest { detail, .. } => detail,
             MeshError::UnknownService => "no such service in the catalog and no catch-all",
+            MeshError::UnknownBeyond(detail) => detail,
             MeshError::NoHealthyEndpoint => "the service has no healthy instance",
             MeshError::UpstreamConnect(_) => "could not get a response from the upstream",
             MeshError::UpstreamTimeout => "the upstream did not answer in time",

@@ -182,7 +182,7 @@ impl Inner {
 /// The service name of a cluster-DNS `Host` header, if the request has one.
 fn cluster_name(req: &Request<Incoming>) -> Option<String> {
     let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
-    cluster_service(host, DEFAULT_CLUSTER_DOMAIN).map(str::to_owned)
+    cluster_service(host, DEFAULT_CLUSTER_DOMAIN).map(|n| n.into_owned())
 }
 
 /// A request target's path and query (after `?`), split with memchr (`str::split` is slower).

@@ -774,6 +774,48 @@ fn killing_the_last_mesos_instance_before_the_catalog_knows_fails_no_get_and_no_
     let url = "http://127.0.0.1:5040/service/giphy/media";
     scenario.wait_http(M1, url, "giphy through agent m1");
 
+    // A cluster DNS name in any case names the same service.
+    let upper = lab
+        .output(
+            M1.name,
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                "-H",
+                "Host: Giphy.default.svc.cluster.local",
+                "http://127.0.0.1:5040/media",
+            ],
+            Duration::from_secs(8),
+        )
+        .unwrap();
+    assert_eq!(upper, "mesos giphy /media");
+    // A service no platform has: agent -> gateway -> bridge -> NXDOMAIN, and the 404 says so
+    // (the agent has a catch-all: the gateway).
+    let ghost = lab
+        .output(
+            M1.name,
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                "-D",
+                "-",
+                "http://127.0.0.1:5040/service/ghost/x",
+            ],
+            Duration::from_secs(8),
+        )
+        .unwrap();
+    assert!(ghost.starts_with("HTTP/1.1 404"), "{ghost}");
+    assert!(
+        ghost.contains("x-skyline-error: unknown-service"),
+        "{ghost}"
+    );
+    assert!(!ghost.contains("no catch-all"), "{ghost}");
+    assert!(ghost.contains("kubernetes cluster dns"), "{ghost}");
+
     // 200 GETs and 100 POSTs with a body a second, from a Mesos node, for the whole test.
     let mut gets = start_load(&scenario, "load-get", M1, &[("LOAD_URL", url.to_owned())]);
     let mut posts = start_load(
