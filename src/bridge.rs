@@ -124,8 +124,8 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::C
         return None;
     }
     let (head, tail) = host.split_at(host.len() - suffix_len);
-    let tail = tail.strip_prefix(".svc.")?;
-    if !tail.eq_ignore_ascii_case(domain) {
+    let (svc, tail) = tail.split_at_checked(".svc.".len())?;
+    if !svc.eq_ignore_ascii_case(".svc.") || !tail.eq_ignore_ascii_case(domain) {
         return None;
     }
     let (name, namespace) = head.split_once('.')?;
