@@ -320,6 +320,9 @@ impl<'a> Destination<'a> {
 enum Retry {
     /// The connection was refused: the request never left. Always safe, never budgeted.
     Connect,
+    /// A later hop answered that it sent the request to no instance (`x-skyline-unsent`): as
+    /// safe as [`Retry::Connect`], and not budgeted either.
+    Unsent,
     /// The connection broke after the request was sent.
     Reset,
     /// The endpoint answered 502, 503 or 504.
@@ -329,9 +332,15 @@ enum Retry {
 }
 
 impl Retry {
+    /// The request reached no application: it may go anywhere else, whatever its method.
+    fn never_sent(self) -> bool {
+        matches!(self, Retry::Connect | Retry::Unsent)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Retry::Connect => "connect",
+            Retry::Unsent => "unsent",
             Retry::Reset => "reset",
             Retry::Status => "status",
             Retry::Timeout => "timeout",
@@ -498,7 +507,7 @@ impl Forwarder {
         let (mut refused, mut retries) = (0, 0);
         let mut last: Option<(Retry, Option<MeshError>)> = None;
         loop {
-            let again = last.as_ref().is_some_and(|(why, _)| *why != Retry::Connect);
+            let again = last.as_ref().is_some_and(|(why, _)| !why.never_sent());
             // The first attempt starts when the request did (one clock read less).
             let (now, now_ns) = if last.is_none() {
                 (started, started_ns)
@@ -566,7 +575,7 @@ impl Forwarder {
                     if refused >= MAX_CONNECT_ATTEMPTS && stage >= fallback.len() {
                         return Ok(response);
                     }
-                    (Retry::Connect, Some(MeshError::UpstreamConnect(error)))
+                    (Retry::Unsent, Some(MeshError::UpstreamConnect(error)))
                 }
                 Ok(Ok(response)) => {
                     let status = E::status(&response);
@@ -615,7 +624,7 @@ impl Forwarder {
                     (Retry::Timeout, Some(MeshError::UpstreamTimeout))
                 }
             };
-            if retry != Retry::Connect {
+            if !retry.never_sent() {
                 retries += 1;
                 clean = false;
             }
