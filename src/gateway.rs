@@ -557,10 +557,8 @@ impl Proxy for GatewayHandler {
         let name = name.to_owned();
         // A tier that cannot take the request passes it to the next one; other failures stay
         // within the tier that got it. The selector holds tiers that answer again.
-        let fallback = Fallback::new(
-            rest.iter().map(|&i| &tiers[i].route).collect(),
-            Duration::ZERO,
-        );
+        let next: Vec<&Route> = rest.iter().map(|&i| &tiers[i].route).collect();
+        let fallback = Fallback::new(&next, Duration::ZERO);
         let policy = self.gateway.resilience.load_full();
         let upstream = Destination {
             service: &name,

@@ -259,9 +259,9 @@ pub struct Destination<'a> {
 /// The agent's fallback is its catch-all (the gateway); the gateway's, the tiers below the one
 /// it chose. A route found unreachable is marked so in its [`Observed`](crate::routing::reach::Observed)
 /// state, and one that answers again recovers after `hold`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fallback<'a> {
-    pub routes: Vec<&'a Route>,
+    pub routes: &'a [&'a Route],
     /// How long a route that answers again must stay reachable before requests use it again
     /// (zero: at once).
     pub hold: Duration,
@@ -270,7 +270,7 @@ pub struct Fallback<'a> {
 }
 
 impl<'a> Fallback<'a> {
-    pub fn new(routes: Vec<&'a Route>, hold: Duration) -> Self {
+    pub fn new(routes: &'a [&'a Route], hold: Duration) -> Self {
         Self {
             routes,
             hold,
@@ -497,7 +497,7 @@ impl Forwarder {
             connect: policy.connect_timeout,
             idle: policy.idle_timeout,
         };
-        let fallback = upstream.fallback.map_or(&[][..], |f| &f.routes[..]);
+        let fallback = upstream.fallback.map_or(&[][..], |f| f.routes);
         let hold = upstream.fallback.map_or(Duration::ZERO, |f| f.hold);
         // The route in use: the destination's own (stage 0), then each fallback in turn.
         let (mut dest, mut stage) = (upstream, 0usize);

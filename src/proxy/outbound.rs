@@ -98,7 +98,8 @@ impl Proxy for Outbound {
             Err(e) => return e.into_response(name),
         };
         let policy = inner.policies.load().for_service(name).clone();
-        let fallback = then.as_deref().map(|r| Fallback::new(vec![r], hold));
+        let then = then.as_deref().map(|r| [r]);
+        let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
         let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
         upstream.fallback = fallback.as_ref();
         let forwarded = inner
@@ -133,7 +134,8 @@ impl Proxy for Outbound {
         *label = service_label(&table, name);
         drop(table);
         let policy = inner.policies.load().for_service(name).clone();
-        let fallback = then.as_deref().map(|r| Fallback::new(vec![r], hold));
+        let then = then.as_deref().map(|r| [r]);
+        let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
         let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
         upstream.fallback = fallback.as_ref();
         let forwarded = inner
