@@ -424,8 +424,12 @@ fn child_args() -> Vec<&'static str> {
     ]
 }
 
+/// The scenarios here give their nodes the same addresses: one lab at a time.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::new().unwrap_or_else(|e| {
         panic!("this test needs network namespaces (run as root with `ip` available): {e}")
     });
@@ -741,6 +745,7 @@ fn failed(load: &Load, from: u64, to: u64) -> Vec<Answer> {
 #[test]
 fn killing_the_last_mesos_instance_before_the_catalog_knows_fails_no_get_and_no_post_and_a_broken_kubernetes_is_left_within_a_second_of_mesos_coming_back()
  {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::new().unwrap_or_else(|e| {
         panic!("this test needs network namespaces (run as root with `ip` available): {e}")
     });
