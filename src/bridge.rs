@@ -110,7 +110,10 @@ impl Names {
 
 /// The service name of a cluster-DNS `Host`: `<name>.<namespace>.svc.<domain>[:port]`
 /// (a trailing dot allowed, case-insensitive), or `None`.
-pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+///
+/// DNS names are case-insensitive (RFC 4343): `Organization.default.svc.cluster.local` names
+/// service `organization`, so the name comes back in lowercase.
+pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::Cow<'a, str>> {
     let host = match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,
@@ -121,13 +124,21 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
         return None;
     }
     let (head, tail) = host.split_at(host.len() - suffix_len);
-    let tail = tail.strip_prefix(".svc.")?;
-    if !tail.eq_ignore_ascii_case(domain) {
+    let (svc, tail) = tail.split_at_checked(".svc.".len())?;
+    if !svc.eq_ignore_ascii_case(".svc.") || !tail.eq_ignore_ascii_case(domain) {
         return None;
     }
     let (name, namespace) = head.split_once('.')?;
     let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && !l.contains('.');
-    (ServiceName::is_valid(name) && label_ok(namespace)).then_some(name)
+    if !label_ok(namespace) {
+        return None;
+    }
+    let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    };
+    ServiceName::is_valid(&name).then_some(name)
 }
 
 /// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query.
@@ -281,6 +292,7 @@ impl Bridge {
             route: &gateways,
             policy: &self.inner.resilience,
             first_hop: true,
+            fallback: None,
         };
         self.inner
             .forwarder
@@ -318,7 +330,10 @@ impl Bridge {
         };
         if ips.is_empty() {
             tracing::debug!(service = %name, %host, "no such kubernetes service");
-            return MeshError::UnknownService.into_response(name);
+            return MeshError::UnknownBeyond(
+                "no such service in the catalog, nor in the kubernetes cluster dns",
+            )
+            .into_response(name);
         }
         *label = ServiceName::parse(name).ok().map(ServiceLabel::known);
         // Usually one address (the Service's cluster IP; kube-proxy balances behind it).
@@ -337,6 +352,7 @@ impl Bridge {
             route: &route,
             policy: &self.inner.resilience,
             first_hop: false,
+            fallback: None,
         };
         self.inner
             .forwarder
@@ -361,7 +377,8 @@ impl Proxy for Bridge {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
-        let cluster = cluster_service(host, &self.inner.names.cluster_domain).map(str::to_owned);
+        let cluster =
+            cluster_service(host, &self.inner.names.cluster_domain).map(|n| n.into_owned());
         let name = cluster.clone().unwrap_or_default();
         if let Err(e) = count_hop(req.headers_mut(), self.inner.max_hops) {
             return e.into_response(&name);
@@ -555,15 +572,26 @@ mod tests {
     fn recognises_cluster_dns_hosts() {
         let d = DEFAULT_CLUSTER_DOMAIN;
         assert_eq!(
-            cluster_service("organization.default.svc.cluster.local:8080", d),
+            cluster_service("organization.default.svc.cluster.local:8080", d).as_deref(),
             Some("organization")
         );
+        // Any case, as DNS compares names.
+        for host in [
+            "Organization.default.svc.cluster.local",
+            "ORGANIZATION.Default.SVC.Cluster.Local:8080",
+        ] {
+            assert_eq!(
+                cluster_service(host, d).as_deref(),
+                Some("organization"),
+                "{host}"
+            );
+        }
         assert_eq!(
-            cluster_service("giphy.prod.svc.cluster.local", d),
+            cluster_service("giphy.prod.svc.cluster.local", d).as_deref(),
             Some("giphy")
         );
         assert_eq!(
-            cluster_service("giphy.prod.svc.cluster.local.", d),
+            cluster_service("giphy.prod.svc.cluster.local.", d).as_deref(),
             Some("giphy")
         );
         for other in [
@@ -571,7 +599,7 @@ mod tests {
             "giphy",
             "giphy.svc.cluster.local",
             "a.b.svc.example.com",
-            "A.b.svc.cluster.local",
+            "A_.b.svc.cluster.local",
             ".b.svc.cluster.local",
         ] {
             assert_eq!(cluster_service(other, d), None, "{other}");

@@ -91,9 +91,22 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub tag: Vec<String>,
 
-    /// An HTTP check the registry runs: GET this path on the instance every 5 s
+    /// An HTTP check the registry runs: GET this path on the instance every --interval
     #[arg(long, value_name = "PATH", conflicts_with = "ttl")]
     pub http: Option<String>,
+
+    /// How often the registry runs the --http check, such as 1s
+    #[arg(long, value_name = "DURATION", default_value = "5s", requires = "http")]
+    pub interval: String,
+
+    /// How long one --http check may take before it fails, such as 500ms
+    #[arg(long, value_name = "DURATION", default_value = "2s", requires = "http")]
+    pub timeout: String,
+
+    /// Deregister the instance once its check has been critical this long, such as 1m
+    /// (Consul's DeregisterCriticalServiceAfter) [default: never]
+    #[arg(long, value_name = "DURATION")]
+    pub deregister_after: Option<String>,
 
     /// A TTL check (such as 30s) that something must keep passing; starts passing
     #[arg(long, value_name = "DURATION")]
@@ -280,11 +293,28 @@ pub async fn register(args: RegisterArgs, out: &mut dyn Write) -> Result<(), Cli
             )));
         }
         (Some(path), _) => {
-            serde_json::json!({ "HTTP": format!("http://{target}{path}"), "Interval": "5s", "Timeout": "2s" })
+            let (interval, timeout) = (
+                duration_arg("--interval", &args.interval)?,
+                duration_arg("--timeout", &args.timeout)?,
+            );
+            serde_json::json!({ "HTTP": format!("http://{target}{path}"), "Interval": interval, "Timeout": timeout })
         }
         (None, Some(ttl)) => serde_json::json!({ "TTL": ttl, "Status": "passing" }),
         (None, None) => serde_json::Value::Null,
     };
+    if let Some(after) = &args.deregister_after {
+        let after = duration_arg("--deregister-after", after)?;
+        match check.as_object_mut() {
+            Some(c) => {
+                c.insert("DeregisterCriticalServiceAfter".into(), after.into());
+            }
+            None => {
+                return Err(CliError::Usage(
+                    "--deregister-after needs a check (--http or --ttl)".into(),
+                ));
+            }
+        }
+    }
     let meta: BTreeMap<String, String> = args.meta.iter().cloned().collect();
     match (&args.node, args.node_address) {
         (Some(node), Some(node_address)) => {
@@ -336,4 +366,15 @@ pub async fn deregister(args: DeregisterArgs, out: &mut dyn Write) -> Result<(),
     };
     let _ = writeln!(out, "deregistered {}", args.id);
     Ok(())
+}
+
+/// A duration flag as the registry takes it (Go syntax, such as 500ms or 1m), checked here so a
+/// typo is a usage error rather than a registry's 400.
+fn duration_arg(flag: &str, value: &str) -> Result<String, CliError> {
+    match crate::registry::api::parse_go_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(value.to_owned()),
+        _ => Err(CliError::Usage(format!(
+            "{flag} {value:?} is not a duration like 5s"
+        ))),
+    }
 }

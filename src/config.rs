@@ -50,6 +50,7 @@
 //! port = 31000
 //! meta = { platform = "mesos" }
 //! check = { http = "/health", interval = "5s", timeout = "2s" }   # or { ttl = "10s" } (default)
+//! # and, either way: deregister_critical_service_after = "1m" (default: never)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -857,6 +858,9 @@ struct CheckSection {
     http: Option<Spanned<String>>,
     interval: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    /// How long the check may stay critical before the registry deregisters the instance
+    /// (Consul's `DeregisterCriticalServiceAfter`), a duration such as `1m`; default never.
+    deregister_critical_service_after: Option<Spanned<String>>,
 }
 
 /// The TTL of a declared service's check when the config gives none.
@@ -1309,6 +1313,7 @@ fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, 
             }),
     };
     let check = svc.check.as_ref();
+    let check_section = check;
     let check = match check.and_then(|c| c.http.as_ref()) {
         Some(path) if !path.get_ref().starts_with('/') => {
             return Err(src.error(
@@ -1347,6 +1352,16 @@ fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, 
         tags: svc.tags.clone(),
         meta: svc.meta.clone(),
         check,
+        deregister_after: match check_section
+            .and_then(|c| c.deregister_critical_service_after.as_ref())
+        {
+            Some(field) => Some(duration(
+                "service.check.deregister_critical_service_after",
+                &Some(field.clone()),
+                Duration::ZERO,
+            )?),
+            None => None,
+        },
     })
 }
 
@@ -1602,7 +1617,7 @@ mod tests {
     #[test]
     fn declared_services_get_defaults_and_are_validated() {
         let (_d, args) = with_file(
-            "[node]\nname = \"m1\"\n[[service]]\nname = \"giphy\"\nport = 31000\n\n[[service]]\nname = \"org\"\nport = 8080\ncheck = { http = \"/health\", interval = \"2s\" }\n",
+            "[node]\nname = \"m1\"\n[[service]]\nname = \"giphy\"\nport = 31000\n\n[[service]]\nname = \"org\"\nport = 8080\ncheck = { http = \"/health\", interval = \"2s\", timeout = \"500ms\", deregister_critical_service_after = \"30s\" }\n",
         );
         let s = args.resolve().unwrap();
         assert_eq!(s.services[0].id, "giphy-m1-31000");
@@ -1610,9 +1625,14 @@ mod tests {
         let http = Check::Http {
             path: "/health".into(),
             interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(2),
+            timeout: Duration::from_millis(500),
         };
         assert_eq!(s.services[1].check, http);
+        assert_eq!(s.services[0].deregister_after, None);
+        assert_eq!(
+            s.services[1].deregister_after,
+            Some(Duration::from_secs(30))
+        );
 
         let (_d, args) = with_file("[[service]]\nname = \"Bad\"\nport = 1\n");
         let e = args.resolve().unwrap_err();

@@ -40,7 +40,8 @@ use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
-use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
+use crate::proxy::{Body, Destination, Fallback, Forwarder, Host, MeshError, count_hop};
+use crate::routing::reach::Admit;
 use crate::routing::{Endpoint, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
@@ -113,9 +114,22 @@ pub struct TierRoute {
     pub header: HeaderValue,
 }
 
+impl TierRoute {
+    /// Eligible by the catalog, and not found unreachable by requests (see
+    /// [`crate::routing::reach`]).
+    pub fn usable(&self) -> bool {
+        self.eligible && self.route.observed.usable()
+    }
+}
+
 impl Tiers {
     pub fn tiers(&self) -> &[TierRoute] {
         &self.tiers
+    }
+
+    /// Every tier's [`TierRoute::usable`].
+    fn usable(&self) -> Vec<bool> {
+        self.tiers.iter().map(TierRoute::usable).collect()
     }
 
     /// Takes over the endpoint states and retry budgets of the same tiers in `previous`.
@@ -334,7 +348,7 @@ impl Gateway {
         table.inherit(&self.table.load());
         if let Ok(mut selectors) = self.selectors.lock() {
             for (service, tiers) in &table.services {
-                let eligible: Vec<bool> = tiers.tiers.iter().map(|t| t.eligible).collect();
+                let eligible = tiers.usable();
                 let entry = selectors.entry(service.clone()).or_insert_with(|| Entry {
                     selector: Selector::new(&eligible, now, tiers.hold()),
                     seen: now,
@@ -344,7 +358,7 @@ impl Gateway {
             }
             // Services gone from the catalog keep their state a while (scale to zero and back),
             // seeing the tiers of an unknown service meanwhile.
-            let unknown: Vec<bool> = table.unknown.tiers.iter().map(|t| t.eligible).collect();
+            let unknown = table.unknown.usable();
             for (service, entry) in selectors.iter_mut() {
                 if !table.services.contains_key(service) {
                     let hold = table.unknown.hold();
@@ -379,7 +393,7 @@ impl Gateway {
         let eligible: Vec<bool> = tiers
             .tiers
             .iter()
-            .map(|t| t.eligible && !(from_bridge && t.bridge))
+            .map(|t| t.usable() && !(from_bridge && t.bridge))
             .collect();
         let now = Instant::now();
         let split = tiers.policy.as_ref().and_then(|p| p.split.as_deref());
@@ -408,6 +422,16 @@ impl Gateway {
         }
     }
 
+    /// Counts an answer of tier `tier` of `service` for the emergency fallback (see
+    /// [`tiers`]): `error` when it was a 5xx or none came.
+    fn record(&self, service: &str, tier: usize, error: bool) {
+        if let Ok(mut selectors) = self.selectors.lock() {
+            if let Some(entry) = selectors.get_mut(service) {
+                entry.selector.record(tier, Instant::now(), error);
+            }
+        }
+    }
+
     /// `/routes`: every service's tiers, tier state and current choice.
     fn describe(&self) -> serde_json::Value {
         let table = self.load();
@@ -419,7 +443,7 @@ impl Gateway {
         for name in names {
             let tiers = &table.services[name];
             // The choice a request would get now (without changing the state).
-            let eligible: Vec<bool> = tiers.tiers.iter().map(|t| t.eligible).collect();
+            let eligible = tiers.usable();
             let probe = selectors.as_ref().and_then(|s| s.get(name)).map(|e| {
                 let mut probe = e.selector.clone();
                 let choice = probe.observe(&eligible, now, tiers.hold());
@@ -492,18 +516,30 @@ impl Proxy for GatewayHandler {
         };
         let (route, known) = table.tiers(name);
         let chosen = self.gateway.choose(name, route, known, from_bridge);
-        // Priority fallback: from the chosen tier down, the first with an endpoint.
-        let mut picked = None;
+        // Priority fallback: from the chosen tier down, every tier with an endpoint that
+        // requests did not find unreachable, in order; a better tier found unreachable goes
+        // first when its trial is due (see `routing::reach`).
+        let now = Instant::now();
+        let mut chain: Vec<usize> = Vec::with_capacity(route.tiers().len());
         for (i, tier) in route.tiers().iter().enumerate() {
-            if chosen.is_none_or(|c| i < c) || (from_bridge && tier.bridge) {
+            if tier.route.is_empty() || (from_bridge && tier.bridge) {
                 continue;
             }
-            if !tier.route.is_empty() {
-                picked = Some(tier);
-                break;
+            let below = chosen.is_some_and(|c| i >= c);
+            match tier.route.observed.admit(now, Duration::ZERO) {
+                Admit::Use if below => chain.push(i),
+                Admit::Trial if below || tier.eligible => chain.push(i),
+                _ => {}
             }
         }
-        let Some(tier) = picked else {
+        if chain.is_empty() {
+            // Every tier with endpoints was found unreachable: try them anyway, best first.
+            chain.extend(route.tiers().iter().enumerate().filter_map(|(i, tier)| {
+                let skip = tier.route.is_empty() || (from_bridge && tier.bridge);
+                (!skip && chosen.is_some_and(|c| i >= c)).then_some(i)
+            }));
+        }
+        let Some((&first, rest)) = chain.split_first() else {
             let usable = route
                 .tiers()
                 .iter()
@@ -511,32 +547,44 @@ impl Proxy for GatewayHandler {
             let error = if known || usable {
                 MeshError::NoHealthyEndpoint
             } else {
-                MeshError::UnknownService
+                MeshError::UnknownBeyond("no such service in the catalog, nor on any platform")
             };
             return error.into_response(name);
         };
-        tracing::debug!(service = %name, tier = %tier.name, "gateway route");
+        let tiers = route.tiers();
+        tracing::debug!(service = %name, tier = %tiers[first].name, "gateway route");
         let forwarder = &self.gateway.forwarder;
-        forwarder
-            .metrics()
-            .gateway_tier(if known { name } else { "" }, tier.name.shared());
-        let header = tier.header.clone();
         let name = name.to_owned();
-        // Retries stay within the chosen tier.
+        // A tier that cannot take the request passes it to the next one; other failures stay
+        // within the tier that got it. The selector holds tiers that answer again.
+        let next: Vec<&Route> = rest.iter().map(|&i| &tiers[i].route).collect();
+        let fallback = Fallback::new(&next, Duration::ZERO);
         let policy = self.gateway.resilience.load_full();
         let upstream = Destination {
             service: &name,
             label: if known { &name } else { "" },
-            route: &tier.route,
+            route: &tiers[first].route,
             policy: &policy,
             first_hop: false,
+            fallback: (!rest.is_empty()).then_some(&fallback),
         };
-        match forwarder
+        let forwarded = forwarder
             .forward(req, upstream, target, Host::Keep, &conn)
-            .await
-        {
+            .await;
+        let served = chain.get(fallback.served()).copied().unwrap_or(first);
+        let tier = &tiers[served];
+        forwarder
+            .metrics()
+            .gateway_tier(if known { &name } else { "" }, tier.name.shared());
+        let error = forwarded
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error());
+        self.gateway.record(&name, served, error);
+        match forwarded {
             Ok(mut response) => {
-                response.headers_mut().insert(&X_SKYLINE_TIER, header);
+                response
+                    .headers_mut()
+                    .insert(&X_SKYLINE_TIER, tier.header.clone());
                 response
             }
             Err(e) => e.into_response(&name),

@@ -372,7 +372,7 @@ impl Metrics {
         found.duration.observe(seconds);
     }
 
-    /// A retry sent; reason is one of "connect", "reset", "status", "timeout".
+    /// A retry sent; reason is one of "connect", "unsent", "reset", "status", "timeout".
     pub fn retry(&self, service: &str, reason: &'static str) {
         let service = self.service_label(service);
         self.retries

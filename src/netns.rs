@@ -220,6 +220,15 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills a process with SIGKILL (no drain: its sockets close at once) and reaps it.
+    pub fn kill(&self, id: ProcId) -> Result<(), LabError> {
+        let mut procs = lock(&self.procs);
+        let child = procs.get_mut(id.0).ok_or(LabError::NoProcess(id.0))?;
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(())
+    }
+
     /// Closes a process's stdin (the demo's load generator stops on it).
     pub fn close_stdin(&self, id: ProcId) {
         if let Some(child) = lock(&self.procs).get_mut(id.0) {

@@ -13,7 +13,7 @@ pub mod resilience;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,6 +60,10 @@ pub static X_SKYLINE_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-skyline
 /// first. Later hops never retry an answer, so attempts do not multiply along the path; the
 /// header tells them (and the application) that this is a repeat.
 pub static X_SKYLINE_ATTEMPT: HeaderName = HeaderName::from_static("x-skyline-attempt");
+/// On a mesh error answer (`upstream-connect`, `no-healthy-endpoint`): the hop sent the request
+/// to no instance (every connection was refused, or there was none to send to), so the hop
+/// before may send it elsewhere whatever its method.
+pub static X_SKYLINE_UNSENT: HeaderName = HeaderName::from_static("x-skyline-unsent");
 
 /// The most Skyline hops a request may take before the mesh calls it a loop.
 pub const DEFAULT_MAX_HOPS: u32 = 8;
@@ -77,6 +81,10 @@ pub enum MeshError {
     },
     #[error("unknown service")]
     UnknownService,
+    /// `unknown-service` from a hop that is itself the catch-all or looked further than the
+    /// catalog (the gateway, a bridge's cluster DNS); `0` says where it looked.
+    #[error("unknown service")]
+    UnknownBeyond(&'static str),
     #[error("no healthy endpoint")]
     NoHealthyEndpoint,
     #[error("upstream connection failed")]
@@ -96,11 +104,25 @@ impl MeshError {
         }
     }
 
+    /// Whether the request was sent to no application: every connection was refused or timed
+    /// out, a later hop said so, or there was no endpoint. Answered with `x-skyline-unsent`.
+    pub fn unsent(&self) -> bool {
+        matches!(
+            self,
+            MeshError::NoHealthyEndpoint
+                | MeshError::UpstreamConnect(
+                    SendError::Connect { .. }
+                        | SendError::ConnectTimeout { .. }
+                        | SendError::Unforwarded { .. }
+                )
+        )
+    }
+
     /// The contract's error code, sent in `x-skyline-error`.
     pub fn code(&self) -> &'static str {
         match self {
             MeshError::BadRequest { .. } => "bad-request",
-            MeshError::UnknownService => "unknown-service",
+            MeshError::UnknownService | MeshError::UnknownBeyond(_) => "unknown-service",
             MeshError::NoHealthyEndpoint => "no-healthy-endpoint",
             MeshError::UpstreamConnect(_) => "upstream-connect",
             MeshError::UpstreamTimeout => "upstream-timeout",
@@ -111,7 +133,7 @@ impl MeshError {
     pub fn status(&self) -> StatusCode {
         match self {
             MeshError::BadRequest { status, .. } => *status,
-            MeshError::UnknownService => StatusCode::NOT_FOUND,
+            MeshError::UnknownService | MeshError::UnknownBeyond(_) => StatusCode::NOT_FOUND,
             MeshError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -124,6 +146,7 @@ impl MeshError {
         match self {
             MeshError::BadRequest { detail, .. } => detail,
             MeshError::UnknownService => "no such service in the catalog and no catch-all",
+            MeshError::UnknownBeyond(detail) => detail,
             MeshError::NoHealthyEndpoint => "the service has no healthy instance",
             MeshError::UpstreamConnect(_) => "could not get a response from the upstream",
             MeshError::UpstreamTimeout => "the upstream did not answer in time",
@@ -158,6 +181,9 @@ impl MeshError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if self.unsent() {
+            headers.insert(&X_SKYLINE_UNSENT, HeaderValue::from_static("1"));
+        }
         if matches!(self, MeshError::BadRequest { .. }) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -220,6 +246,42 @@ pub struct Destination<'a> {
     /// a Kubernetes request into the mesh): the only one that retries answers, timeouts and
     /// broken connections. Every hop retries a refused connection (the request never left).
     pub first_hop: bool,
+    /// Where the request goes on when `route` cannot take it (see [`Fallback`]).
+    pub fallback: Option<&'a Fallback<'a>>,
+}
+
+/// The routes a request goes on to, in order, within the same request, when every endpoint of
+/// the one before is unreachable: it refused the connection, timed out connecting or is
+/// ejected, or (a later hop's `x-skyline-unsent`) could send the request to no instance. Such
+/// a request reached no application, so this is safe for every method; a body of known length
+/// up to [`RETRY_BODY_LIMIT`] is kept for the purpose. Other failures follow the retry rules.
+///
+/// The agent's fallback is its catch-all (the gateway); the gateway's, the tiers below the one
+/// it chose. A route found unreachable is marked so in its [`Observed`](crate::routing::reach::Observed)
+/// state, and one that answers again recovers after `hold`.
+#[derive(Debug)]
+pub struct Fallback<'a> {
+    pub routes: &'a [&'a Route],
+    /// How long a route that answers again must stay reachable before requests use it again
+    /// (zero: at once).
+    pub hold: Duration,
+    /// Which route answered: 0 the destination's own, `i` `routes[i - 1]`.
+    served: AtomicUsize,
+}
+
+impl<'a> Fallback<'a> {
+    pub fn new(routes: &'a [&'a Route], hold: Duration) -> Self {
+        Self {
+            routes,
+            hold,
+            served: AtomicUsize::new(0),
+        }
+    }
+
+    /// Which route answered the request: 0 the destination's own, `i` `routes[i - 1]`.
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
+    }
 }
 
 impl<'a> Destination<'a> {
@@ -236,6 +298,7 @@ impl<'a> Destination<'a> {
             route,
             policy,
             first_hop: true,
+            fallback: None,
         }
     }
 
@@ -247,6 +310,7 @@ impl<'a> Destination<'a> {
             route,
             policy,
             first_hop: false,
+            fallback: None,
         }
     }
 }
@@ -256,6 +320,9 @@ impl<'a> Destination<'a> {
 enum Retry {
     /// The connection was refused: the request never left. Always safe, never budgeted.
     Connect,
+    /// A later hop answered that it sent the request to no instance (`x-skyline-unsent`): as
+    /// safe as [`Retry::Connect`], and not budgeted either.
+    Unsent,
     /// The connection broke after the request was sent.
     Reset,
     /// The endpoint answered 502, 503 or 504.
@@ -265,9 +332,15 @@ enum Retry {
 }
 
 impl Retry {
+    /// The request reached no application: it may go anywhere else, whatever its method.
+    fn never_sent(self) -> bool {
+        matches!(self, Retry::Connect | Retry::Unsent)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Retry::Connect => "connect",
+            Retry::Unsent => "unsent",
             Retry::Reset => "reset",
             Retry::Status => "status",
             Retry::Timeout => "timeout",
@@ -353,8 +426,12 @@ impl Forwarder {
             // The mesh numbers attempts; a caller's own value would mislead later hops' logs.
             headers.remove(&X_SKYLINE_ATTEMPT);
         }
-        let (req, replay) = match replayable(req, upstream.first_hop, owns_retries, deadline).await
-        {
+        let keep = Keep {
+            first_hop: upstream.first_hop,
+            owns_retries,
+            fallback: upstream.fallback.is_some_and(|f| !f.routes.is_empty()),
+        };
+        let (req, replay, resend) = match replayable(req, keep, deadline).await {
             Ok(prepared) => prepared,
             Err(e) if conn.rejected() => {
                 tracing::debug!(error = %e, "request body refused by the framing guard");
@@ -376,6 +453,7 @@ impl Forwarder {
             pool: &self.pool,
             next: Some(req),
             replay,
+            resend,
         };
         match self.attempts(&mut exchange, attempt, now).await {
             Err(error) => {
@@ -419,11 +497,17 @@ impl Forwarder {
             connect: policy.connect_timeout,
             idle: policy.idle_timeout,
         };
+        let fallback = upstream.fallback.map_or(&[][..], |f| f.routes);
+        let hold = upstream.fallback.map_or(Duration::ZERO, |f| f.hold);
+        // The route in use: the destination's own (stage 0), then each fallback in turn.
+        let (mut dest, mut stage) = (upstream, 0usize);
+        // Every failure on this stage's route so far left the request unsent.
+        let mut clean = true;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let (mut refused, mut retries) = (0, 0);
         let mut last: Option<(Retry, Option<MeshError>)> = None;
         loop {
-            let again = last.as_ref().is_some_and(|(why, _)| *why != Retry::Connect);
+            let again = last.as_ref().is_some_and(|(why, _)| !why.never_sent());
             // The first attempt starts when the request did (one clock read less).
             let (now, now_ns) = if last.is_none() {
                 (started, started_ns)
@@ -431,7 +515,29 @@ impl Forwarder {
                 let now = Instant::now();
                 (now, ns_at(now.into_std()))
             };
-            let Some(choice) = self.choose(&upstream, &tried, again, now_ns) else {
+            if clean && stage < fallback.len() && exchange.ready() {
+                // On to the next route when this one cannot take the request: each endpoint
+                // refused (or enough of them), or every one is ejected.
+                let route = dest.route;
+                let unreachable =
+                    refused >= MAX_CONNECT_ATTEMPTS || route.exhausted(&tried, now_ns);
+                if unreachable || route.is_empty() {
+                    if !route.is_empty() {
+                        route.observed.unreachable(now);
+                    }
+                    tracing::debug!(
+                        service = upstream.service,
+                        stage,
+                        "route unreachable, going on"
+                    );
+                    dest.route = fallback[stage];
+                    stage += 1;
+                    (refused, clean) = (0, true);
+                    tried.clear();
+                    continue;
+                }
+            }
+            let Some(choice) = self.choose(&dest, &tried, again, now_ns) else {
                 return Err(last
                     .and_then(|(_, e)| e)
                     .unwrap_or(MeshError::NoHealthyEndpoint));
@@ -459,6 +565,18 @@ impl Forwarder {
             let flight = endpoint.state.start_at(now_ns);
             let sent = exchange.send(endpoint.addr, headers, limits);
             let (retry, error) = match tokio::time::timeout_at(attempt_deadline, sent).await {
+                // A later hop sent it to no instance: as good as refused, when it can go again.
+                Ok(Ok(response)) if E::unsent(&response) && exchange.ready() => {
+                    flight.finish(Outcome::Failure);
+                    refused += 1;
+                    let error = SendError::Unforwarded {
+                        addr: endpoint.addr,
+                    };
+                    if refused >= MAX_CONNECT_ATTEMPTS && stage >= fallback.len() {
+                        return Ok(response);
+                    }
+                    (Retry::Unsent, Some(MeshError::UpstreamConnect(error)))
+                }
                 Ok(Ok(response)) => {
                     let status = E::status(&response);
                     let failed = status.is_server_error();
@@ -467,6 +585,10 @@ impl Forwarder {
                     } else {
                         Outcome::Success
                     });
+                    if let Some(f) = upstream.fallback {
+                        dest.route.observed.reached(Instant::now(), hold);
+                        f.served.store(stage, Ordering::Relaxed);
+                    }
                     if !matches!(status.as_u16(), 502..=504) {
                         return Ok(response);
                     }
@@ -479,7 +601,7 @@ impl Forwarder {
                 Ok(Err(Failed::Unsent(error))) => {
                     flight.finish(Outcome::Failure);
                     refused += 1;
-                    if refused >= MAX_CONNECT_ATTEMPTS {
+                    if refused >= MAX_CONNECT_ATTEMPTS && stage >= fallback.len() {
                         return Err(MeshError::UpstreamConnect(error));
                     }
                     (Retry::Connect, Some(MeshError::UpstreamConnect(error)))
@@ -502,8 +624,9 @@ impl Forwarder {
                     (Retry::Timeout, Some(MeshError::UpstreamTimeout))
                 }
             };
-            if retry != Retry::Connect {
+            if !retry.never_sent() {
                 retries += 1;
+                clean = false;
             }
             tracing::debug!(
                 service = upstream.service,
@@ -590,6 +713,10 @@ trait Exchange {
 
     fn status(response: &Self::Response) -> StatusCode;
 
+    /// Whether the response is a later hop's mesh error saying it sent the request to no
+    /// instance (`x-skyline-unsent`).
+    fn unsent(response: &Self::Response) -> bool;
+
     /// Whether there is a request to send: the first, one handed back unsent, or a replay.
     fn ready(&self) -> bool;
 
@@ -612,6 +739,9 @@ struct HyperExchange<'p> {
     /// The request to send next: the first, or one a refused connection handed back.
     next: Option<Request<RequestBody>>,
     replay: Option<Replay>,
+    /// A copy of a request that may not be replayed, to send on only when a later hop answers
+    /// that it never forwarded it (see [`Fallback`]).
+    resend: Option<Replay>,
 }
 
 impl Exchange for HyperExchange<'_> {
@@ -621,8 +751,15 @@ impl Exchange for HyperExchange<'_> {
         response.status()
     }
 
+    fn unsent(response: &Self::Response) -> bool {
+        let headers = response.headers();
+        matches!(response.status().as_u16(), 502 | 503)
+            && headers.contains_key(&X_SKYLINE_UNSENT)
+            && headers.contains_key(&X_SKYLINE_ERROR)
+    }
+
     fn ready(&self) -> bool {
-        self.next.is_some() || self.replay.is_some()
+        self.next.is_some() || self.replay.is_some() || self.resend.is_some()
     }
 
     fn replayable(&self) -> bool {
@@ -636,7 +773,8 @@ impl Exchange for HyperExchange<'_> {
         limits: Limits,
     ) -> Result<Self::Response, Failed> {
         let next = self.next.take();
-        let Some(mut req) = next.or_else(|| self.replay.as_ref().map(Replay::request)) else {
+        let again = self.replay.as_ref().or(self.resend.as_ref());
+        let Some(mut req) = next.or_else(|| again.map(Replay::request)) else {
             return Err(Failed::Broken(SendError::Spent { addr }));
         };
         let h = req.headers_mut();
@@ -679,36 +817,49 @@ struct Attempt<'a> {
     deadline: Instant,
 }
 
+/// What a hop keeps of a request to send it again.
+#[derive(Clone, Copy)]
+struct Keep {
+    first_hop: bool,
+    owns_retries: bool,
+    /// The request has a [`Fallback`] to go on to.
+    fallback: bool,
+}
+
 /// Turns the client's request into one the forwarder can send, and a [`Replay`] of it when it
 /// may be sent again: an idempotent request with no body, or with a body of at most
-/// [`RETRY_BODY_LIMIT`] bytes that is buffered first (only when this hop owns retries).
+/// [`RETRY_BODY_LIMIT`] bytes that is buffered first (only when this hop owns retries). With a
+/// fallback, any request with no body or a body of known length up to that limit is kept too
+/// (the third value), to go on when a later hop answers that it never forwarded it.
 ///
 /// Only the first hop keeps a replay. A later hop whose pooled connection closes under a
 /// request it already wrote answers 502, and the first hop, which keeps the request anyway,
 /// sends it again; so the common path of a later hop copies no request head.
 async fn replayable(
     req: Request<Incoming>,
-    first_hop: bool,
-    owns_retries: bool,
+    keep: Keep,
     deadline: Instant,
-) -> Result<(Request<RequestBody>, Option<Replay>), MeshError> {
+) -> Result<(Request<RequestBody>, Option<Replay>, Option<Replay>), MeshError> {
     let (parts, body) = req.into_parts();
     if body.is_end_stream() {
         let req = Request::from_parts(parts, Either::Right(Full::new(Bytes::new())));
-        let replay = if first_hop {
+        let replay = if keep.first_hop {
             Replay::of(&req, Bytes::new())
         } else {
             None
         };
-        return Ok((req, replay));
+        let resend =
+            (keep.fallback && replay.is_none()).then(|| Replay::unsent_copy(&req, Bytes::new()));
+        return Ok((req, replay, resend));
     }
     let small = body
         .size_hint()
         .exact()
         .is_some_and(|n| n <= RETRY_BODY_LIMIT as u64);
     let idempotent = pool::is_idempotent(&parts.method);
-    if !(owns_retries && small && idempotent) {
-        return Ok((Request::from_parts(parts, Either::Left(body)), None));
+    let retried = keep.owns_retries && idempotent;
+    if !(small && (retried || keep.fallback)) {
+        return Ok((Request::from_parts(parts, Either::Left(body)), None, None));
     }
     let collected =
         tokio::time::timeout_at(deadline, Limited::new(body, RETRY_BODY_LIMIT).collect())
@@ -717,8 +868,15 @@ async fn replayable(
             .map_err(|_| MeshError::bad_request("incomplete request body"))?
             .to_bytes();
     let req = Request::from_parts(parts, Either::Right(Full::new(collected.clone())));
-    let replay = Replay::of(&req, collected);
-    Ok((req, replay))
+    let replay = if retried {
+        Replay::of(&req, collected.clone())
+    } else {
+        None
+    };
+    let resend = replay
+        .is_none()
+        .then(|| Replay::unsent_copy(&req, collected));
+    Ok((req, replay, resend))
 }
 
 /// The time the request may take: the policy's, or less when the caller's

@@ -6,6 +6,7 @@
 //! the next request sees the new one. Building is O(instances); lookup is one hash probe.
 
 pub mod balance;
+pub mod reach;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -79,6 +80,10 @@ pub struct Table {
     /// The passing instances of catalog service [`GATEWAY_SERVICE`], addressed directly: the
     /// catch-all when none is configured.
     pub gateways: Arc<Route>,
+    /// [`Policy::fallback_hold`]: also how long a route that requests found unreachable must
+    /// answer again before the outbound proxy uses it first (see [`reach`]).
+    #[serde(skip)]
+    pub fallback_hold: Duration,
 }
 
 /// The catalog service of the gateway pool.
@@ -97,6 +102,7 @@ impl Table {
     pub fn build(snapshot: &Snapshot, node: &str, policy: Policy) -> Self {
         let mut table = Self {
             gateways: Arc::new(gateways(snapshot, policy)),
+            fallback_hold: policy.fallback_hold,
             ..Self::default()
         };
         for (service, instances) in &snapshot.services {
@@ -168,6 +174,7 @@ impl Table {
             outbound: HashMap::with_capacity(snapshot.services.len()),
             source: Some(snapshot.clone()),
             gateways: Arc::new(gateways(snapshot, policy).inherit(&previous.gateways)),
+            fallback_hold: policy.fallback_hold,
             ..Self::default()
         };
         let old = previous

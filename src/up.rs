@@ -271,6 +271,7 @@ fn demo_registration(name: ServiceName, addr: SocketAddr, inbound_port: u16) -> 
                 interval: Duration::from_secs(5),
                 timeout: Duration::from_secs(2),
             },
+            deregister_after: None,
         },
     );
     // Routable at once rather than after the first check.

@@ -44,6 +44,9 @@ pub struct Declared {
     pub tags: Vec<String>,
     pub meta: BTreeMap<String, String>,
     pub check: Check,
+    /// The registry deregisters the instance after its check stayed critical this long
+    /// (Consul's `DeregisterCriticalServiceAfter`); `None`: never.
+    pub deregister_after: Option<Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -221,6 +224,13 @@ pub fn registration(node: &NodeEntry, service: &Declared) -> serde_json::Value {
             "Timeout": go_duration(*timeout),
         }),
     };
+    let mut definition = definition;
+    if let (Some(after), Some(d)) = (service.deregister_after, definition.as_object_mut()) {
+        d.insert(
+            "DeregisterCriticalServiceAfter".into(),
+            go_duration(after).into(),
+        );
+    }
     serde_json::json!({
         "Node": node.name,
         "Address": node.address.to_string(),

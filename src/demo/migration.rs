@@ -292,7 +292,8 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
         "1. giphy runs on Mesos only: every request is served there.",
     );
     counts.take();
-    wait(out, &counts, 4, &mut second).await;
+    let mut tally = Tally::default();
+    tally.add("1. mesos only", wait(out, &counts, 4, &mut second).await);
 
     say(
         out,
@@ -301,12 +302,14 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
     site.start_giphy(Platform::Kubernetes, false).await?;
     let mesos = site.giphy_on_mesos().clone();
     mesos.deregister(site.registry()).await?;
-    wait(out, &counts, 2, &mut second).await;
-    let (stopped, ()) = tokio::join!(
+    say(out, "   >> scale down: giphy on Mesos deregistered");
+    let step = wait(out, &counts, 2, &mut second).await;
+    let (stopped, more) = tokio::join!(
         site.stop_giphy(Platform::Mesos),
         wait(out, &counts, 4, &mut second)
     );
     stopped?;
+    tally.add("2. scale to zero", step.plus(more));
 
     say(
         out,
@@ -317,7 +320,14 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
     );
     site.start_giphy(Platform::Mesos, false).await?;
     mesos.register(site.registry()).await?;
-    wait(out, &counts, 6, &mut second).await;
+    say(out, "   >> scale up: giphy on Mesos registered again");
+    let held = wait(out, &counts, HOLD.as_secs(), &mut second).await;
+    say(
+        out,
+        "   >> hold over: Mesos has been eligible for the whole hold",
+    );
+    let after = wait(out, &counts, 6 - HOLD.as_secs().min(6), &mut second).await;
+    tally.add("3. scale up, hold", held.plus(after));
 
     say(
         out,
@@ -331,7 +341,7 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
         "5. A broken giphy version on Kubernetes (answers 500) while Mesos is scaled to zero;\n   scaling Mesos up restores success.",
     );
     mesos.deregister(site.registry()).await?;
-    let (replaced, ()) = tokio::join!(
+    let (replaced, broken) = tokio::join!(
         async {
             site.stop_giphy(Platform::Kubernetes).await?;
             site.start_giphy(Platform::Kubernetes, true).await
@@ -340,17 +350,64 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
     );
     replaced?;
     mesos.register(site.registry()).await?;
-    wait(out, &counts, 5, &mut second).await;
+    say(
+        out,
+        "   >> scale up: giphy on Mesos registered again; the failing tier is left at once",
+    );
+    let restored = wait(out, &counts, 5, &mut second).await;
+    tally.add("5. broken kubernetes", broken);
+    tally.add("5. mesos back", restored);
 
     say(
         out,
         "Done: the applications never changed a URL; the mesh moved the traffic.",
     );
+    tally.print(out);
     Ok(())
 }
 
-/// Waits `seconds`, writing the traffic share per platform once a second.
-async fn wait(out: &mut dyn Write, counts: &Counts, seconds: u64, second: &mut u64) {
+/// Requests and failed requests of a stretch of the demo.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stretch {
+    requests: u64,
+    failed: u64,
+}
+
+impl Stretch {
+    fn plus(self, other: Stretch) -> Stretch {
+        Stretch {
+            requests: self.requests + other.requests,
+            failed: self.failed + other.failed,
+        }
+    }
+}
+
+/// The closing tally: requests and failures per step.
+#[derive(Debug, Default)]
+struct Tally(Vec<(&'static str, Stretch)>);
+
+impl Tally {
+    fn add(&mut self, step: &'static str, stretch: Stretch) {
+        self.0.push((step, stretch));
+    }
+
+    fn print(&self, out: &mut dyn Write) {
+        let _ = writeln!(out, "  tally:");
+        for (step, s) in &self.0 {
+            let _ = writeln!(
+                out,
+                "    {step:<22} {:>6} requests {:>5} failed",
+                s.requests, s.failed
+            );
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Waits `seconds`, writing the traffic share per platform once a second; the requests and
+/// failures of that time.
+async fn wait(out: &mut dyn Write, counts: &Counts, seconds: u64, second: &mut u64) -> Stretch {
+    let mut stretch = Stretch::default();
     for _ in 0..seconds {
         tokio::time::sleep(Duration::from_secs(1)).await;
         *second += 1;
@@ -366,7 +423,12 @@ async fn wait(out: &mut dyn Write, counts: &Counts, seconds: u64, second: &mut u
             m + k + e
         );
         let _ = out.flush();
+        stretch = stretch.plus(Stretch {
+            requests: m + k + e,
+            failed: e,
+        });
     }
+    stretch
 }
 
 // === The applications ===

@@ -6,11 +6,21 @@
 //!   (hysteresis), so an instance that flaps does not flap traffic.
 //! - Tiers eligible when the selector is created count as held: a gateway that starts (or a
 //!   service that appears) routes to its best tier at once.
+//! - **Emergency fallback**: the hold protects a healthy lower tier from flapping, not a failing
+//!   one. When the tier in use is failing — at least [`FAILING_ERROR_PERCENT`] % errors (5xx
+//!   answers, or none) among at least [`FAILING_MIN_ANSWERS`] answers in the last
+//!   [`FAILING_WINDOW`], as [`record`](Selector::record) counted them — traffic returns at once
+//!   to the best eligible higher tier that is not failing itself, held or not. (A tier whose
+//!   endpoints are all refused, timed out or ejected is not eligible at all: the gateway learns
+//!   that from its requests, see [`crate::routing::reach`].)
 
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
+
+use crate::routing::reach::Errors;
+pub use crate::routing::reach::{FAILING_ERROR_PERCENT, FAILING_MIN_ANSWERS, FAILING_WINDOW};
 
 /// The tier state of one service.
 #[derive(Clone, Debug)]
@@ -19,6 +29,8 @@ pub struct Selector {
     since: Vec<Option<Instant>>,
     /// The tier the last choice fell on.
     active: Option<usize>,
+    /// Per tier: its answers over the failing window.
+    errors: Vec<Errors>,
 }
 
 /// What `/routes` shows of a selector.
@@ -27,6 +39,8 @@ pub struct SelectorView {
     pub active: Option<usize>,
     /// Per tier: how long it has been eligible, in seconds (`null` while it is not).
     pub eligible_for_s: Vec<Option<f64>>,
+    /// Per tier: whether it is failing (see the module docs).
+    pub failing: Vec<bool>,
 }
 
 // === impl Selector ===
@@ -38,7 +52,20 @@ impl Selector {
         Self {
             since: eligible.iter().map(|&e| e.then_some(born)).collect(),
             active: None,
+            errors: vec![Errors::default(); eligible.len()],
         }
+    }
+
+    /// Counts an answer of tier `tier` at `now`: `error` when it was a 5xx or none came.
+    pub fn record(&mut self, tier: usize, now: Instant, error: bool) {
+        if let Some(errors) = self.errors.get_mut(tier) {
+            errors.record(now, error);
+        }
+    }
+
+    /// Whether tier `tier` is failing at `now` (see the module docs).
+    pub fn failing(&mut self, tier: usize, now: Instant) -> bool {
+        self.errors.get_mut(tier).is_some_and(|e| e.failing(now))
     }
 
     /// Records the tiers' eligibility at `now` and chooses a tier: the index into the tiers, or
@@ -66,6 +93,14 @@ impl Selector {
             (None, Some(a)) => Some(a),
             // Nothing held, nothing active: any eligible tier, best first.
             (None, None) => self.since.iter().position(Option::is_some),
+        };
+        // Emergency fallback: a failing tier gives way to a better eligible one at once.
+        let choice = match choice {
+            Some(c) if self.failing(c, now) => {
+                let better = (0..c).find(|&i| self.since[i].is_some() && !self.failing(i, now));
+                better.or(Some(c))
+            }
+            other => other,
         };
         self.active = choice;
         choice
@@ -114,9 +149,13 @@ impl Selector {
         self.since.len()
     }
 
-    pub fn view(&self, now: Instant) -> SelectorView {
+    pub fn view(&mut self, now: Instant) -> SelectorView {
+        let failing = (0..self.errors.len())
+            .map(|i| self.failing(i, now))
+            .collect();
         SelectorView {
             active: self.active,
+            failing,
             eligible_for_s: self
                 .since
                 .iter()
@@ -186,6 +225,43 @@ mod tests {
         assert_eq!(tier, Some(1));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_tier_gives_way_to_a_better_eligible_one_before_the_hold() {
+        let mut s = Selector::new(&[false, true], Instant::now(), HOLD);
+        assert_eq!(s.observe(&[false, true], Instant::now(), HOLD), Some(1));
+        // Kubernetes answers 500; Mesos comes back.
+        for _ in 0..FAILING_MIN_ANSWERS {
+            s.record(1, Instant::now(), true);
+        }
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(
+            s.observe(&[true, true], Instant::now(), HOLD),
+            Some(0),
+            "at once"
+        );
+        assert_eq!(
+            s.observe(&[true, true], Instant::now(), HOLD),
+            Some(0),
+            "and stays"
+        );
+        // A healthy lower tier still waits for the hold.
+        let mut healthy = Selector::new(&[false, true], Instant::now(), HOLD);
+        for _ in 0..FAILING_MIN_ANSWERS {
+            healthy.record(1, Instant::now(), false);
+        }
+        assert_eq!(
+            healthy.observe(&[true, true], Instant::now(), HOLD),
+            Some(1)
+        );
+        // A better tier that fails as well is no refuge.
+        let mut both = Selector::new(&[false, true], Instant::now(), HOLD);
+        for _ in 0..FAILING_MIN_ANSWERS {
+            both.record(0, Instant::now(), true);
+            both.record(1, Instant::now(), true);
+        }
+        assert_eq!(both.observe(&[true, true], Instant::now(), HOLD), Some(1));
+    }
+
     /// A step of a random run: the tiers' eligibility and how much time passes before it.
     fn steps() -> impl Strategy<Value = Vec<(Vec<bool>, u64)>> {
         prop::collection::vec((prop::collection::vec(any::<bool>(), 3), 0u64..5000), 1..60)
@@ -210,6 +286,36 @@ mod tests {
                 let choice = s.observe(&eligible, now, HOLD);
                 if let Some(best_held) = since.iter().position(|t| t.is_some_and(|t| now - t >= HOLD)) {
                     prop_assert!(choice.is_some_and(|c| c <= best_held), "{choice:?} with tier {best_held} held");
+                }
+            }
+        }
+
+        #[test]
+        fn a_failing_tier_in_use_gives_way_at_once_to_an_eligible_better_tier_that_is_not_failing(
+            start in prop::collection::vec(any::<bool>(), 3),
+            steps in prop::collection::vec(
+                (prop::collection::vec(any::<bool>(), 3), prop::collection::vec(any::<bool>(), 3), 0u64..1500),
+                1..60,
+            ),
+        ) {
+            let mut now = Instant::now();
+            let mut s = Selector::new(&start, now, HOLD);
+            for (eligible, errors, ms) in steps {
+                now += Duration::from_millis(ms);
+                // Each tier answers with or without errors, enough to judge.
+                for (tier, &error) in errors.iter().enumerate() {
+                    for _ in 0..FAILING_MIN_ANSWERS {
+                        s.record(tier, now, error);
+                    }
+                }
+                let choice = s.observe(&eligible, now, HOLD);
+                let failing: Vec<bool> = (0..3).map(|i| s.failing(i, now)).collect();
+                if let Some(c) = choice {
+                    prop_assert!(eligible[c]);
+                    if failing[c] {
+                        let refuge = (0..c).find(|&i| eligible[i] && !failing[i]);
+                        prop_assert_eq!(refuge, None, "stayed on failing tier {} with {:?} eligible", c, eligible);
+                    }
                 }
             }
         }

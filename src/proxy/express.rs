@@ -261,6 +261,8 @@ pub enum Name {
     TimeoutMs,
     Attempt,
     MeshError,
+    /// `x-skyline-unsent` (see [`super::X_SKYLINE_UNSENT`]).
+    Unsent,
 }
 
 impl Name {
@@ -287,6 +289,7 @@ impl Name {
             16 => &[
                 ("proxy-connection", Name::HopByHop),
                 ("x-forwarded-host", Name::ForwardedHost),
+                ("x-skyline-unsent", Name::Unsent),
             ],
             17 => &[
                 ("transfer-encoding", Name::TransferEncoding),
@@ -367,6 +370,10 @@ impl Exchange for RawExchange<'_> {
 
     fn status(response: &Answer) -> StatusCode {
         response.status
+    }
+
+    fn unsent(response: &Answer) -> bool {
+        response.unsent
     }
 
     fn ready(&self) -> bool {
@@ -590,6 +597,7 @@ impl RawConn {
             return Ok(Some(Answer {
                 status: parsed.status,
                 mesh_error: parsed.mesh_error,
+                unsent: parsed.unsent,
                 head: parsed.client_head,
                 body: parsed.body,
                 keep_alive: parsed.keep_alive,
@@ -645,6 +653,8 @@ struct ParsedHead {
     body: BodyFraming,
     keep_alive: bool,
     mesh_error: Option<Box<str>>,
+    /// A mesh error that says the request reached no instance.
+    unsent: bool,
     /// The status line and end-to-end headers, for the client.
     client_head: Vec<u8>,
 }
@@ -713,12 +723,13 @@ fn parse_response(head: &[u8], head_only: bool, room: usize) -> Result<ParsedHea
     client_head.push(b' ');
     client_head.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
     client_head.extend_from_slice(b"\r\n");
-    let mut mesh_error = None;
+    let (mut mesh_error, mut unsent) = (None, false);
     for (h, &kind) in response.headers.iter().zip(names) {
         match kind {
             kind if kind.is_hop_by_hop() => continue,
             _ if options.names(h.name) => continue,
             Name::MeshError => mesh_error = Some(String::from_utf8_lossy(h.value).into()),
+            Name::Unsent => unsent = true,
             _ => {}
         }
         header(&mut client_head, h.name.as_bytes(), h.value);
@@ -727,6 +738,7 @@ fn parse_response(head: &[u8], head_only: bool, room: usize) -> Result<ParsedHea
         status,
         body,
         keep_alive: http11 && !options.close && body != BodyFraming::Close,
+        unsent: unsent && mesh_error.is_some() && matches!(code, 502 | 503),
         mesh_error,
         client_head,
     })
@@ -738,6 +750,8 @@ pub struct Answer {
     pub status: StatusCode,
     /// The upstream's `x-skyline-error` (a later hop's mesh error), for the metrics.
     pub mesh_error: Option<Box<str>>,
+    /// A later hop's mesh error says the request reached no instance (`x-skyline-unsent`).
+    pub unsent: bool,
     /// Status line and end-to-end headers for the client, without the final CRLF.
     head: Vec<u8>,
     body: BodyFraming,
@@ -903,6 +917,9 @@ pub fn write_error(out: &mut Vec<u8>, error: MeshError, service: &str, close: bo
     out.extend_from_slice(b"\r\n");
     header(out, b"x-skyline-error", error.code().as_bytes());
     header(out, b"content-type", b"application/json");
+    if error.unsent() {
+        header(out, b"x-skyline-unsent", b"1");
+    }
     header(out, b"content-length", body.len().to_string().as_bytes());
     if close || matches!(error, MeshError::BadRequest { .. }) {
         header(out, b"connection", b"close");

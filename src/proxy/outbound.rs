@@ -5,16 +5,21 @@
 //! so an application uses the same URL on every platform.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use super::express::{Head, Name, Verdict};
 use super::resilience::SharedPolicies;
-use super::{Body, DEFAULT_MAX_HOPS, Destination, Forwarder, Host, MeshError, count_hop, next_hop};
+use super::{
+    Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Host, MeshError, count_hop, next_hop,
+};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, service_label};
+use crate::routing::reach::Admit;
 use crate::routing::{Lookup, Route, Routes, Table};
 use crate::serve::{Conn, Proxy};
 
@@ -86,14 +91,17 @@ impl Proxy for Outbound {
         if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
             return e.into_response(name);
         }
-        let route = inner.route(&table, name);
+        let plan = inner.route(&table, name);
         drop(table);
-        let route = match route {
-            Ok(route) => route,
+        let (route, then, hold) = match plan {
+            Ok(plan) => plan,
             Err(e) => return e.into_response(name),
         };
         let policy = inner.policies.load().for_service(name).clone();
-        let upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
+        let then = then.as_deref().map(|r| [r]);
+        let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
+        let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
+        upstream.fallback = fallback.as_ref();
         let forwarded = inner
             .forwarder
             .forward(req, upstream, target.clone(), Host::Keep, &conn)
@@ -120,13 +128,16 @@ impl Proxy for Outbound {
             return Verdict::Decline;
         };
         let table = inner.routes.load();
-        let Ok(route) = inner.route(&table, name) else {
+        let Ok((route, then, hold)) = inner.route(&table, name) else {
             return Verdict::Decline;
         };
         *label = service_label(&table, name);
         drop(table);
         let policy = inner.policies.load().for_service(name).clone();
-        let upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
+        let then = then.as_deref().map(|r| [r]);
+        let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
+        let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
+        upstream.fallback = fallback.as_ref();
         let forwarded = inner
             .forwarder
             .express(head, upstream, head.target, Host::Keep, Some(hops), conn)
@@ -135,32 +146,45 @@ impl Proxy for Outbound {
     }
 }
 
+/// Where a request goes: the route to try first, the one to go on to when every endpoint of the
+/// first is unreachable (see [`Fallback`]), and the hold of a route that answers again.
+type Plan = (Arc<Route>, Option<Arc<Route>>, Duration);
+
 impl Inner {
-    /// The route of a request for `name` in `table`: the service's own, or the catch-all.
-    fn route(&self, table: &Table, name: &str) -> Result<Arc<Route>, MeshError> {
+    /// The routes of a request for `name` in `table`: the service's own, then the catch-all;
+    /// or the catch-all alone.
+    fn route(&self, table: &Table, name: &str) -> Result<Plan, MeshError> {
         let catch_all = self
             .catch_all
             .as_ref()
             .or((!table.gateways.is_empty()).then_some(&table.gateways));
+        let hold = table.fallback_hold;
         let route = match table.outbound(name) {
-            // Routable again only recently: the gateway decides until the hold passes.
             Lookup::Route(route) => match catch_all {
+                // Routable again only recently: the gateway decides until the hold passes.
                 Some(gateway) if table.warming(name) => gateway,
-                _ => route,
+                // Found unreachable by requests: the gateway, but for a trial now and then.
+                Some(gateway) => match route.observed.admit(Instant::now(), hold) {
+                    Admit::Use | Admit::Trial => {
+                        return Ok((route.clone(), Some(gateway.clone()), hold));
+                    }
+                    Admit::Skip => gateway,
+                },
+                None => route,
             },
             // As consul-template did for the seed: a service with nothing healthy here is
             // treated like an unknown one, so the gateway can fall back to another platform.
             Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint)?,
             Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService)?,
         };
-        Ok(route.clone())
+        Ok((route.clone(), None, hold))
     }
 }
 
 /// The service name of a cluster-DNS `Host` header, if the request has one.
 fn cluster_name(req: &Request<Incoming>) -> Option<String> {
     let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
-    cluster_service(host, DEFAULT_CLUSTER_DOMAIN).map(str::to_owned)
+    cluster_service(host, DEFAULT_CLUSTER_DOMAIN).map(|n| n.into_owned())
 }
 
 /// A request target's path and query (after `?`), split with memchr (`str::split` is slower).

@@ -58,6 +58,19 @@ impl Replay {
         })
     }
 
+    /// Keeps `req`'s head and `body` whatever its method: a copy to send on only when a later
+    /// hop answers that it never forwarded the request (never handed to [`Pool::send`], which
+    /// replays on its own).
+    pub fn unsent_copy(req: &Request<RequestBody>, body: Bytes) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body,
+        }
+    }
+
     /// The request again.
     pub fn request(&self) -> Request<RequestBody> {
         let mut req = Request::new(Either::Right(Full::new(self.body.clone())));
@@ -96,6 +109,10 @@ pub enum SendError {
     /// The request was already consumed by an earlier attempt and cannot be sent again.
     #[error("no request left to send to {addr}")]
     Spent { addr: SocketAddr },
+    /// The next hop at `addr` answered that it could not send the request on to any instance
+    /// (its `x-skyline-unsent`): the request reached no application.
+    #[error("{addr} could not forward the request")]
+    Unforwarded { addr: SocketAddr },
     /// The connection failed after the request may have been (partly) sent.
     #[error("upstream {addr} failed")]
     Upstream {

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use serde::Serialize;
 
+use super::reach::{Observed, Reach};
 use crate::proxy::budget::RetryBudget;
 
 /// The time constant of the latency estimate (Linkerd's default).
@@ -344,6 +345,19 @@ pub struct Route {
     next: AtomicUsize,
     #[serde(skip)]
     pub budget: Arc<RetryBudget>,
+    /// Whether requests found the route reachable (see [`reach`](super::reach)). Kept by a
+    /// rebuilt route with the same endpoints: new endpoints are a new chance.
+    #[serde(serialize_with = "view_reach")]
+    pub observed: Arc<Observed>,
+}
+
+fn view_reach<S: serde::Serializer>(observed: &Arc<Observed>, s: S) -> Result<S::Ok, S::Error> {
+    let label = match observed.reach() {
+        Reach::Up => "up",
+        Reach::Down { .. } => "unreachable",
+        Reach::Recovering { .. } => "recovering",
+    };
+    s.serialize_str(label)
 }
 
 /// An endpoint chosen for one attempt, and what choosing it revealed.
@@ -367,11 +381,12 @@ impl Route {
             schedule,
             next: AtomicUsize::new(fastrand::usize(..1024)),
             budget: Arc::default(),
+            observed: Arc::default(),
         }
     }
 
     /// Takes over the endpoint states (matched by address) and the retry budget of the route
-    /// this one replaces.
+    /// this one replaces, and its reachability when the endpoints are the same.
     pub fn inherit(mut self, previous: &Route) -> Self {
         for endpoint in self.endpoints.iter_mut() {
             if let Some(old) = previous.endpoints.iter().find(|e| e.addr == endpoint.addr) {
@@ -379,7 +394,24 @@ impl Route {
             }
         }
         self.budget = previous.budget.clone();
+        let same = |a: &Route, b: &Route| {
+            a.endpoints.len() == b.endpoints.len()
+                && a.endpoints
+                    .iter()
+                    .all(|e| b.endpoints.iter().any(|o| o.addr == e.addr))
+        };
+        if same(&self, previous) {
+            self.observed = previous.observed.clone();
+        }
         self
+    }
+
+    /// Whether no endpoint is left to try at `now` ([`now_ns`]): each one is in `tried`,
+    /// ejected or failing its active probe. Ejection itself happens in [`choose_at`](Self::choose_at).
+    pub fn exhausted(&self, tried: &[SocketAddr], now: u64) -> bool {
+        self.endpoints
+            .iter()
+            .all(|e| tried.contains(&e.addr) || !e.state.healthy(now))
     }
 
     pub fn is_empty(&self) -> bool {

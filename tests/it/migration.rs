@@ -80,7 +80,14 @@ impl Handler for App {
     type Body = Full<Bytes>;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Full<Bytes>> {
-        let text = format!("{} {} {}", self.platform, self.name, req.uri().path());
+        let mut text = format!("{} {} {}", self.platform, self.name, req.uri().path());
+        if req.method() == http::Method::POST {
+            // The body comes back, so the caller can tell it arrived whole.
+            use http_body_util::BodyExt;
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            text.push(' ');
+            text.push_str(&String::from_utf8_lossy(&body.unwrap_or_default()));
+        }
         let mut response = Response::new(Full::new(Bytes::from(text)));
         if self.broken {
             *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -109,10 +116,17 @@ async fn run_app() {
     serve::serve(listener, app, shutdown).await;
 }
 
-/// `RATE` requests a second to `LOAD_URL` until stdin closes or `LOAD_MAX` passes; one line
-/// per answer: `LOAD <ms since start> <status> <first word of the body or the mesh error>`.
+/// `RATE` requests a second (or `LOAD_RATE`) to `LOAD_URL` until stdin closes or `LOAD_MAX`
+/// passes; one line per answer: `LOAD <ms since start> <status> <first word of the body or the
+/// mesh error>`. With `LOAD_METHOD=POST`, each request carries a body of its own, and an
+/// answer that does not echo it counts as `bad-echo`.
 async fn run_load() {
     let url = env("LOAD_URL");
+    let post = std::env::var("LOAD_METHOD").is_ok_and(|m| m == "POST");
+    let rate: u64 = std::env::var("LOAD_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(RATE);
     let client = crate::support::Client::new();
     let start = Instant::now();
     println!("LOAD-START");
@@ -122,10 +136,10 @@ async fn run_load() {
         while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
         let _ = stop_tx.send(true);
     });
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-    let max = LOAD_MAX.as_secs() * RATE;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let max = LOAD_MAX.as_secs() * rate;
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
-    for _ in 0..max {
+    for n in 0..max {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop_rx.changed() => break,
@@ -135,13 +149,20 @@ async fn run_load() {
         };
         let (client, url) = (client.clone(), url.clone());
         tokio::spawn(async move {
-            let req = Request::get(&url).body(Full::default()).unwrap();
+            let body = format!("order-{n}-{}", "x".repeat(200));
+            let req = if post {
+                Request::post(&url).body(Full::from(body.clone())).unwrap()
+            } else {
+                Request::get(&url).body(Full::default()).unwrap()
+            };
             let line = match client.send(req).await {
                 Ok(reply) => {
+                    let echoed = !post || reply.status != 200 || reply.body.ends_with(&body);
                     let what = reply
                         .mesh_error()
                         .map(str::to_owned)
                         .unwrap_or_else(|| reply.body.split(' ').next().unwrap_or("").to_owned());
+                    let what = if echoed { what } else { "bad-echo".to_owned() };
                     format!("{} {what}", reply.status)
                 }
                 Err(e) => format!("0 client-error:{}", e.replace(' ', "_")),
@@ -403,8 +424,12 @@ fn child_args() -> Vec<&'static str> {
     ]
 }
 
+/// The scenarios here give their nodes the same addresses: one lab at a time.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::new().unwrap_or_else(|e| {
         panic!("this test needs network namespaces (run as root with `ip` available): {e}")
     });
@@ -678,4 +703,268 @@ fn giphy_moves_from_mesos_to_kubernetes_and_back_without_a_failed_request() {
     );
     let after = load.counts(restored + 500, e_end);
     assert_eq!(after.keys().collect::<Vec<_>>(), ["200 mesos"], "{after:?}");
+}
+
+/// Starts a load generator (see [`run_load`]) in node `node` and waits until it runs.
+fn start_load(
+    scenario: &Scenario,
+    name: &str,
+    node: Node,
+    envs: &[(&'static str, String)],
+) -> Load {
+    let mut all = vec![(CHILD_ROLE, "load".to_owned())];
+    all.extend(envs.iter().cloned());
+    let (id, lines) = scenario
+        .lab
+        .spawn(name, node.name, &scenario.exe, &child_args(), &all)
+        .unwrap();
+    let started = (0..100).find_map(|_| {
+        lines
+            .recv_timeout(Duration::from_millis(100))
+            .ok()
+            .filter(|l| l == "LOAD-START")
+            .map(|_| Instant::now())
+    });
+    Load {
+        id,
+        lines,
+        answers: Vec::new(),
+        started: started.expect("the load generator did not start"),
+    }
+}
+
+/// Answers that are not a 200, in `[from, to)` ms.
+fn failed(load: &Load, from: u64, to: u64) -> Vec<Answer> {
+    load.answers
+        .iter()
+        .filter(|a| a.at_ms >= from && a.at_ms < to && (a.status != 200 || a.what == "bad-echo"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn killing_the_last_mesos_instance_before_the_catalog_knows_fails_no_get_and_no_post_and_a_broken_kubernetes_is_left_within_a_second_of_mesos_coming_back()
+ {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::new().unwrap_or_else(|e| {
+        panic!("this test needs network namespaces (run as root with `ip` available): {e}")
+    });
+    let nodes = [GW, M1, M2, K1, POD_GIPHY, DNS];
+    mesh::create_nodes(&lab, &nodes)
+        .unwrap_or_else(|e| panic!("this test needs network namespaces: {e}"));
+    let scenario = Scenario::new(lab);
+    let mesh = scenario.mesh();
+    let lab = &scenario.lab;
+    mesh.start_cluster_dns(DNS, &[("giphy.default.svc.cluster.local", POD_GIPHY)])
+        .unwrap_or_else(|e| panic!("{}", skyline::error_chain(&e)));
+    scenario.must(mesh.start_registry());
+    let giphy_m2 = mesh.placement(M2, "giphy", GIPHY_PORT, "mesos");
+    for placement in [
+        mesh.placement(GW, "skyline-gateway", INBOUND_PORT, "gateway"),
+        mesh.placement(K1, "skyline-bridge", INBOUND_PORT, "kubernetes"),
+        giphy_m2.clone(),
+    ] {
+        scenario.register(&placement);
+    }
+    let giphy_mesos = scenario.app("giphy", M2, GIPHY_PORT, "mesos", false);
+    let giphy_k8s = scenario.app("giphy", POD_GIPHY, SERVICE_PORT, "kubernetes", false);
+    scenario.must(async {
+        mesh.start_gateway(GW, HOLD).await?;
+        mesh.start_bridge(K1, DNS).await?;
+        for node in [M1, M2] {
+            mesh.start_agent(node, HOLD).await?;
+        }
+        Ok(())
+    });
+    let url = "http://127.0.0.1:5040/service/giphy/media";
+    scenario.wait_http(M1, url, "giphy through agent m1");
+
+    // A cluster DNS name in any case names the same service.
+    let upper = lab
+        .output(
+            M1.name,
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                "-H",
+                "Host: Giphy.default.svc.cluster.local",
+                "http://127.0.0.1:5040/media",
+            ],
+            Duration::from_secs(8),
+        )
+        .unwrap();
+    assert_eq!(upper, "mesos giphy /media");
+    // A service no platform has: agent -> gateway -> bridge -> NXDOMAIN, and the 404 says so
+    // (the agent has a catch-all: the gateway).
+    let ghost = lab
+        .output(
+            M1.name,
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                "-D",
+                "-",
+                "http://127.0.0.1:5040/service/ghost/x",
+            ],
+            Duration::from_secs(8),
+        )
+        .unwrap();
+    assert!(ghost.starts_with("HTTP/1.1 404"), "{ghost}");
+    assert!(
+        ghost.contains("x-skyline-error: unknown-service"),
+        "{ghost}"
+    );
+    assert!(!ghost.contains("no catch-all"), "{ghost}");
+    assert!(ghost.contains("kubernetes cluster dns"), "{ghost}");
+
+    // 200 GETs and 100 POSTs with a body a second, from a Mesos node, for the whole test.
+    let mut gets = start_load(&scenario, "load-get", M1, &[("LOAD_URL", url.to_owned())]);
+    let mut posts = start_load(
+        &scenario,
+        "load-post",
+        M1,
+        &[
+            ("LOAD_URL", url.to_owned()),
+            ("LOAD_METHOD", "POST".to_owned()),
+            ("LOAD_RATE", "100".to_owned()),
+        ],
+    );
+    let on_mesos = |load: &mut Load| {
+        let since = load.now_ms();
+        load.wait_for(since, Duration::from_secs(10), |a| a.what == "mesos")
+    };
+    assert!(on_mesos(&mut gets).is_some() && on_mesos(&mut posts).is_some());
+    std::thread::sleep(Duration::from_secs(2));
+
+    // a. The last Mesos instance is killed; the catalog still says it is passing.
+    let (kill_get, kill_post) = (gets.now_ms(), posts.now_ms());
+    lab.kill(giphy_mesos).unwrap();
+    let moved_get = gets.wait_for(kill_get, Duration::from_secs(10), |a| {
+        a.what == "kubernetes"
+    });
+    let moved_post = posts.wait_for(kill_post, Duration::from_secs(10), |a| {
+        a.what == "kubernetes"
+    });
+    let (moved_get, moved_post) = (
+        moved_get.expect("gets never moved to kubernetes"),
+        moved_post.expect("posts never moved to kubernetes"),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let (a_get_end, a_post_end) = (gets.now_ms(), posts.now_ms());
+    gets.drain();
+    posts.drain();
+    let a_gets = gets.counts(kill_get, a_get_end);
+    let a_posts = posts.counts(kill_post, a_post_end);
+    let a_failed_gets = failed(&gets, 0, a_get_end);
+    let a_failed_posts = failed(&posts, 0, a_post_end);
+
+    // b. The catalog learns; a broken Kubernetes version answers 500; Mesos comes back.
+    scenario.deregister(&giphy_m2);
+    lab.stop(giphy_k8s).unwrap();
+    let _broken = scenario.app("giphy", POD_GIPHY, SERVICE_PORT, "kubernetes", true);
+    let b = gets.now_ms();
+    let broke = gets.wait_for(b, Duration::from_secs(10), |a| a.status == 500);
+    broke.expect("the broken kubernetes version never answered");
+    std::thread::sleep(Duration::from_secs(2));
+    let _giphy_mesos = scenario.app("giphy", M2, GIPHY_PORT, "mesos", false);
+    let (restore_get, restore_post) = (gets.now_ms(), posts.now_ms());
+    scenario.register(&giphy_m2);
+    let restored_get = gets.wait_for(restore_get, Duration::from_secs(20), |a| a.what == "mesos");
+    let restored_post =
+        posts.wait_for(restore_post, Duration::from_secs(20), |a| a.what == "mesos");
+    let restored_get = restored_get.expect("scaling mesos up did not restore gets");
+    let restored_post = restored_post.expect("scaling mesos up did not restore posts");
+    std::thread::sleep(Duration::from_secs(4));
+    let (end_get, end_post) = (gets.now_ms(), posts.now_ms());
+    for load in [&gets, &posts] {
+        lab.close_stdin(load.id);
+    }
+    for load in [&mut gets, &mut posts] {
+        assert!(
+            lab.wait(load.id, Duration::from_secs(20)),
+            "a load generator did not stop"
+        );
+        load.drain();
+    }
+    // The last 500 came from Kubernetes; after it, every answer is Mesos' 200.
+    let last_500 = |load: &Load, from: u64| {
+        load.answers
+            .iter()
+            .filter(|a| a.at_ms >= from && a.status == 500)
+            .map(|a| a.at_ms)
+            .max()
+    };
+    let (b_get_500, b_post_500) = (
+        gets.counts(restore_get, end_get),
+        posts.counts(restore_post, end_post),
+    );
+
+    println!("\nkilled before the catalog knew, ~{RATE}/s GET + 100/s POST:");
+    println!(
+        "  a. GET  {} failed of {} answers {a_gets:?}; on kubernetes after {} ms",
+        a_failed_gets.len(),
+        a_gets.values().sum::<usize>(),
+        moved_get - kill_get
+    );
+    println!(
+        "  a. POST {} failed of {} answers {a_posts:?} (at {:?} ms, killed at {kill_post} ms); on kubernetes after {} ms",
+        a_failed_posts.len(),
+        a_posts.values().sum::<usize>(),
+        a_failed_posts.iter().map(|a| a.at_ms).collect::<Vec<_>>(),
+        moved_post - kill_post
+    );
+    println!(
+        "  b. broken kubernetes left for mesos: GET after {} ms {b_get_500:?}, POST after {} ms {b_post_500:?}",
+        restored_get - restore_get,
+        restored_post - restore_post
+    );
+    println!(
+        "  b. last 500 after mesos came back: GET {:?} ms, POST {:?} ms",
+        last_500(&gets, restore_get).map(|t| t.saturating_sub(restore_get)),
+        last_500(&posts, restore_post).map(|t| t.saturating_sub(restore_post)),
+    );
+
+    // A POST the instance had already received when it was killed may have been processed:
+    // it is not sent again (a GET is). Only such requests, answered right at the kill, may fail.
+    let in_flight_at_kill = |a: &Answer| a.at_ms + 50 >= kill_post && a.at_ms <= kill_post + 250;
+    assert!(
+        a_failed_gets.is_empty()
+            && a_failed_posts.len() <= 2
+            && a_failed_posts.iter().all(in_flight_at_kill),
+        "failed GETs {:?}, POSTs {:?} (killed at {kill_get} / {kill_post} ms)\nmesh errors: {:#?}",
+        &a_failed_gets[..a_failed_gets.len().min(5)],
+        &a_failed_posts[..a_failed_posts.len().min(5)],
+        ["agent-m1", "agent-m2", "gateway"].map(|name| {
+            let log = lab.log(name);
+            let errors: Vec<&str> = log.lines().filter(|l| l.contains("mesh error")).collect();
+            format!("{name}: {}", errors.join("\n"))
+        })
+    );
+    assert!(
+        a_gets.get("200 kubernetes").is_some_and(|&n| n > 0),
+        "{a_gets:?}"
+    );
+    for (load, restore) in [(&gets, restore_get), (&posts, restore_post)] {
+        let last = last_500(load, restore).map_or(0, |t| t.saturating_sub(restore));
+        assert!(
+            last < 1000,
+            "the broken tier kept traffic {last} ms after mesos was back"
+        );
+    }
+    let settled = gets.counts(restored_get + 1000, end_get);
+    assert_eq!(
+        settled.keys().collect::<Vec<_>>(),
+        ["200 mesos"],
+        "{settled:?}"
+    );
+    let settled = posts.counts(restored_post + 1000, end_post);
+    assert_eq!(
+        settled.keys().collect::<Vec<_>>(),
+        ["200 mesos"],
+        "{settled:?}"
+    );
 }

@@ -147,6 +147,7 @@ async fn an_agent_registers_its_services_keeps_them_alive_and_deregisters_on_shu
         tags: vec![],
         meta: Default::default(),
         check: Check::Ttl(Duration::from_millis(600)),
+        deregister_after: None,
     }];
     let b = agent::spawn(b_settings, CancellationToken::new())
         .await
@@ -337,4 +338,99 @@ async fn an_agent_keeps_routing_while_the_registry_is_down_and_catches_up_when_i
     registry.join().await;
     web.stop().await;
     org.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_http_check_runs_at_its_interval_and_deregisters_the_instance_after_its_critical_time()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = skyline::serve::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config = skyline::registry::RegistryConfig::new(dir.path());
+    let registry = skyline::registry::spawn(listener, config, CancellationToken::new())
+        .await
+        .unwrap();
+    let addr = registry.addr().to_string();
+    let web = TestApp::spawn("web", ip("127.0.0.1"));
+    let port = web.addr.port().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skyline"))
+        .args([
+            "register",
+            "--registry",
+            &addr,
+            "--name",
+            "web",
+            "--port",
+            &port,
+        ])
+        .args(["--http", "/", "--interval", "200ms", "--timeout", "100ms"])
+        .args(["--deregister-after", "1s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_skyline"))
+        .args([
+            "register",
+            "--registry",
+            &addr,
+            "--name",
+            "x",
+            "--port",
+            "1",
+        ])
+        .args(["--http", "/", "--interval", "soon"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "{bad:?}");
+
+    // The health of web's one instance, as the registry says: None once it is gone.
+    let client = RegistryClient::new(registry.addr());
+    let health = || async {
+        let body = client.get("/v1/health/service/web").await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let entries = body.as_array().cloned().unwrap_or_default();
+        entries.first().map(|e| {
+            let checks = e["Checks"].as_array().cloned().unwrap_or_default();
+            let critical = checks.iter().any(|c| c["Status"] == "critical");
+            if critical { "critical" } else { "passing" }
+        })
+    };
+    let wait = |want: Option<&'static str>, within: Duration| async move {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if health().await == want {
+                return Some(std::time::Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    };
+    assert!(
+        wait(Some("passing"), Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    let stopped = std::time::Instant::now();
+    web.stop().await;
+    // The default 5 s interval would miss this.
+    let critical = wait(Some("critical"), Duration::from_secs(3)).await;
+    let critical = critical.expect("the check never went critical");
+    assert!(
+        critical - stopped < Duration::from_millis(1500),
+        "{:?}",
+        critical - stopped
+    );
+    let gone = wait(None, Duration::from_secs(10)).await;
+    let gone = gone.expect("the instance was never deregistered");
+    assert!(
+        gone - critical >= Duration::from_millis(900),
+        "{:?}",
+        gone - critical
+    );
+    println!(
+        "critical after {:?}, deregistered {:?} later",
+        critical - stopped,
+        gone - critical
+    );
+    registry.shutdown();
+    registry.join().await;
 }
