@@ -34,7 +34,8 @@
 //! connect_timeout = "2s"
 //! request_timeout = "60s"       # until the response head, retries included
 //! attempt_timeout = "60s"       # each attempt's own limit (default: the request's)
-//! idle_timeout = "5m"           # the longest a response body may stall
+//! idle_timeout = "5m"           # the longest a response body may stall, or a WebSocket idle
+//! # max_request_body = 1048576  # bytes; larger bodies get 413 (default: no limit)
 //! retries = 2                   # 502/503/504, timeouts, resets: idempotent requests, first hop
 //! balance = "p2c"               # or "round_robin"
 //! outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejection = "5m", max_ejected_percent = 50 }
@@ -275,6 +276,9 @@ pub(crate) struct ResilienceSection {
     request_timeout: Option<Spanned<String>>,
     attempt_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    /// The largest request body, in bytes [default: none, bodies stream whatever their size].
+    /// A larger one is answered `413` with `x-skyline-error: content-too-large`.
+    max_request_body: Option<Spanned<u64>>,
     retries: Option<Spanned<u32>>,
     balance: Option<Spanned<String>>,
     outlier: Option<OutlierSection>,
@@ -665,6 +669,9 @@ pub(crate) fn resilience(
     }
     if let Some(d) = duration("idle_timeout", &section.idle_timeout, ms)? {
         r.idle_timeout = d;
+    }
+    if let Some(n) = &section.max_request_body {
+        r.max_request_body = Some(*n.get_ref());
     }
     if let Some(n) = &section.retries {
         if *n.get_ref() > 10 {

@@ -18,4 +18,5 @@ mod registry_mesh;
 mod resilience;
 mod support;
 mod two_hops;
+mod upgrade;
 mod wire;
