@@ -1022,7 +1022,7 @@ mod tests {
             "[catalog]\nsource = \"file\"\n\n[resilience]\nrequest_timeout = \"10s\"\n\
              retries = 1\noutlier = { max_ejected_percent = 30 }\n\n\
              [routes.giphy]\nattempt_timeout = \"500ms\"\nbalance = \"round_robin\"\n\
-             probe = { path = \"/health\", interval = \"2s\" }\n",
+             probe = { path = \"/health\", interval = \"2s\" }\nmax_request_body = 1048576\n",
         );
         let policies = args.resolve().unwrap().resilience;
         let default = &policies.default;
@@ -1049,6 +1049,8 @@ mod tests {
         );
         assert_eq!(probe.unhealthy, 2);
         assert!(policies.for_service("other").probe.is_none());
+        assert_eq!(giphy.max_request_body, Some(1 << 20));
+        assert_eq!(default.max_request_body, None, "no body limit by default");
     }
 
     #[test]

@@ -479,3 +479,20 @@ async fn a_websocket_passes_outbound_gateway_and_bridge_to_a_cluster_service() {
     bridge.shutdown();
     bridge.join().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_does_not_wait_for_open_websockets_and_closes_them_when_the_drain_ends() {
+    let echo = WsEcho::spawn("127.0.0.3:0".parse().unwrap()).await;
+    let mesh = two_hops(echo.addr, Default::default()).await;
+    let mut ws = ws_connect(mesh.outbound("a"), "ws://mesh/service/web/chat").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("hi"));
+    // Well below the drain's 10 s limit: the open WebSocket does not hold the drain up.
+    tokio::time::timeout(Duration::from_secs(5), mesh.stop())
+        .await
+        .expect("both agents stop without waiting for the WebSocket");
+    let end = tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("the WebSocket is closed once the drain ended");
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+}
