@@ -33,15 +33,15 @@ const STEP: Duration = Duration::from_secs(10);
 
 /// A WebSocket server that echoes every text and binary message, answers pings (tungstenite
 /// does) and the close handshake, and records the target and headers of each handshake.
-struct WsEcho {
-    addr: SocketAddr,
+pub struct WsEcho {
+    pub addr: SocketAddr,
     /// `(target, upgrade header, connection header)` of each handshake.
     handshakes: Arc<Mutex<Vec<(String, String, String)>>>,
     task: JoinHandle<()>,
 }
 
 impl WsEcho {
-    async fn spawn(addr: SocketAddr) -> Self {
+    pub async fn spawn(addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handshakes = Arc::new(Mutex::new(Vec::new()));
@@ -88,7 +88,7 @@ impl WsEcho {
         }
     }
 
-    fn handshakes(&self) -> Vec<(String, String, String)> {
+    pub fn handshakes(&self) -> Vec<(String, String, String)> {
         self.handshakes.lock().unwrap().clone()
     }
 }
@@ -99,10 +99,10 @@ impl Drop for WsEcho {
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
 
 /// A WebSocket client connected through `proxy` to `url` (its host is sent as `Host`).
-async fn ws_connect(proxy: SocketAddr, url: &str) -> Ws {
+pub async fn ws_connect(proxy: SocketAddr, url: &str) -> Ws {
     let stream = TcpStream::connect(proxy).await.unwrap();
     let (ws, response) = tokio::time::timeout(STEP, tokio_tungstenite::client_async(url, stream))
         .await
@@ -113,7 +113,7 @@ async fn ws_connect(proxy: SocketAddr, url: &str) -> Ws {
 }
 
 /// The next message that is not a pong or ping.
-async fn next_data(ws: &mut Ws) -> Message {
+pub async fn next_data(ws: &mut Ws) -> Message {
     loop {
         let message = tokio::time::timeout(STEP, ws.next())
             .await
@@ -127,7 +127,7 @@ async fn next_data(ws: &mut Ws) -> Message {
 }
 
 /// Large, fragmented and small messages, a ping and the close handshake over `ws`.
-async fn exercise(mut ws: Ws) {
+pub async fn exercise(mut ws: Ws) {
     // 1 MiB and then some, binary, with every byte value.
     let big: Vec<u8> = (0..(1 << 20) + 7).map(|i| (i % 251) as u8).collect();
     ws.send(Message::binary(big.clone())).await.unwrap();
