@@ -813,7 +813,7 @@ async fn replayable(
 // === Streamed ===
 
 /// A client's request body as it streams to the upstream, cut off with an error once it grows
-/// past the route's `max_request_body` (when a [`Cap`] is given).
+/// past the route's `max_request_body` (when it has a cap).
 #[derive(Debug)]
 pub struct Streamed {
     body: Incoming,
