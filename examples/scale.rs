@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use etcd_client::{Client as EtcdClient, PutOptions, Txn, TxnOp};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skyline::agent::{self, CatalogSource, Listeners, Settings};
 use skyline::catalog::consul::ConsulDiscovery;
+use skyline::catalog::etcd::client::{self as etcd, Client as EtcdClient};
 use skyline::catalog::etcd::{DEFAULT_PREFIX, EtcdDiscovery, InstanceValue, Keys, NodeValue};
 use skyline::catalog::{
     self, Discovery, Health, Instance, Interner, Node, Nodes, ServiceName, Snapshot, file,
@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     let listeners = Listeners::bind(&settings)?;
     let agent = agent::start(settings, listeners, token.clone()).await?;
     wait_routes(&agent.routes, &format!("svc-{}", services() - 1)).await?;
-    let mut client = EtcdClient::connect([endpoint.as_str()], None).await?;
+    let mut client = EtcdClient::new(std::slice::from_ref(&endpoint))?;
     let keys = Keys::new(DEFAULT_PREFIX);
     let mut latencies = Vec::new();
     for k in 0..CHANGES {
@@ -176,9 +176,9 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         client
             .put(
-                keys.instance(&service, "1"),
+                &keys.instance(&service, "1"),
                 serde_json::to_vec(&value)?,
-                None,
+                0,
             )
             .await?;
         wait_route_change(&agent.routes, &mut version, service.as_str()).await?;
@@ -551,10 +551,9 @@ impl Etcd {
         let etcd = Self { child, port };
         let started = Instant::now();
         loop {
-            if let Ok(mut c) = EtcdClient::connect([etcd.endpoint()], None).await {
-                if c.status().await.is_ok_and(|s| s.leader() != 0) {
-                    break;
-                }
+            let mut c = EtcdClient::new(&[etcd.endpoint()])?;
+            if c.status().await.is_ok_and(|s| s.leader != 0) {
+                break;
             }
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(60),
@@ -580,12 +579,12 @@ impl Drop for Etcd {
 /// Writes every node and instance, 128 puts per transaction (etcd's `--max-txn-ops`), under one
 /// lease per node as agents would.
 async fn load_etcd(endpoint: &str, snapshot: &Snapshot) -> anyhow::Result<()> {
-    let mut client = EtcdClient::connect([endpoint], None).await?;
+    let mut client = EtcdClient::new(&[endpoint.to_owned()])?;
     let keys = Keys::new(DEFAULT_PREFIX);
     let mut leases = BTreeMap::new();
     let mut entries: Vec<(String, Vec<u8>, i64)> = Vec::new();
     for node in snapshot.nodes.values() {
-        let lease = client.lease_grant(3600, None).await?.id();
+        let lease = client.lease_grant(3600).await?;
         leases.insert(node.name.clone(), lease);
         entries.push((
             keys.node(&node.name),
@@ -601,17 +600,11 @@ async fn load_etcd(endpoint: &str, snapshot: &Snapshot) -> anyhow::Result<()> {
         ));
     }
     for chunk in entries.chunks(128) {
-        let ops: Vec<TxnOp> = chunk
+        let ops = chunk
             .iter()
-            .map(|(k, v, l)| {
-                TxnOp::put(
-                    k.as_str(),
-                    v.as_slice(),
-                    Some(PutOptions::new().with_lease(*l)),
-                )
-            })
+            .map(|(k, v, l)| etcd::put(k, v.clone(), *l))
             .collect();
-        client.txn(Txn::new().and_then(ops)).await?;
+        client.txn(etcd::txn(ops)).await?;
     }
     Ok(())
 }

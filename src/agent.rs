@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +47,7 @@ pub struct Settings {
     pub workers: usize,
     /// Timeouts, retries, balancing and ejection: defaults and per service. Reloadable.
     pub resilience: Policies,
-    /// Services of this node, registered in the catalog while the agent runs.
+    /// Services of this node, registered in the catalog while the agent runs. Reloadable.
     pub services: Vec<registration::Declared>,
 }
 
@@ -189,6 +190,9 @@ pub struct AgentHandle {
     pub metrics: Arc<Metrics>,
     /// The embedded registry, with `--catalog embedded`.
     pub registry: Option<SocketAddr>,
+    /// The services of this node that the agent registers; sending a new list registers the
+    /// new ones and deregisters the ones left out (SIGHUP does).
+    pub declared: Arc<watch::Sender<Vec<registration::Declared>>>,
     registry_handle: Option<RegistryHandle>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -309,10 +313,19 @@ pub async fn start(
         other => follow_catalog(other, &mut tasks, &shutdown),
     };
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
-    let snapshot = match first_snapshot(subscriber.clone()).await {
+    let first = tokio::select! {
+        first = first_snapshot(subscriber.clone()) => first,
+        () = shutdown.cancelled() => Err("stopped before the catalog answered".to_owned()),
+    };
+    let snapshot = match first {
         Ok(snapshot) => snapshot,
         Err(error) => {
             shutdown.cancel();
+            // The registry's files are closed before the caller hears of the failure.
+            if let Some(registry) = registry_handle {
+                registry.join().await;
+            }
+            crate::serve::join_all(&mut tasks).await;
             return Err(AgentError::Catalog { source_name, error });
         }
     };
@@ -331,25 +344,50 @@ pub async fn start(
         settings.policy,
     ));
 
-    let registry_for_services = match &settings.catalog {
-        CatalogSource::Consul(addr) => Some(*addr),
-        CatalogSource::Embedded { .. } => registry,
-        CatalogSource::File(_) | CatalogSource::Etcd { .. } => None,
+    let (declared, declared_rx) = watch::channel(settings.services.clone());
+    let node = registration::NodeEntry {
+        name: settings.node_name.clone(),
+        address: settings.node_address,
+        inbound_port: addr_of(&listeners.inbound)
+            .map_or(crate::catalog::DEFAULT_INBOUND_PORT, |a| a.port()),
     };
-    if let (Some(addr), false) = (registry_for_services, settings.services.is_empty()) {
-        let node = registration::NodeEntry {
-            name: settings.node_name.clone(),
-            address: settings.node_address,
-            inbound_port: addr_of(&listeners.inbound)
-                .map_or(crate::catalog::DEFAULT_INBOUND_PORT, |a| a.port()),
-        };
-        let client = crate::registry::client::RegistryClient::new(addr);
-        tasks.spawn(registration::run(
-            client,
-            node,
-            settings.services.clone(),
-            shutdown.clone(),
-        ));
+    match &settings.catalog {
+        CatalogSource::Consul(addr) => {
+            let client = crate::registry::client::RegistryClient::new(*addr);
+            tasks.spawn(registration::run(
+                client,
+                node,
+                declared_rx,
+                shutdown.clone(),
+            ));
+        }
+        CatalogSource::Embedded { .. } => {
+            if let Some(addr) = registry {
+                let client = crate::registry::client::RegistryClient::new(addr);
+                tasks.spawn(registration::run(
+                    client,
+                    node,
+                    declared_rx,
+                    shutdown.clone(),
+                ));
+            }
+        }
+        // The node itself is registered too: instances written by `skyline register` on this
+        // node need its key, and they share its lease.
+        CatalogSource::Etcd { endpoints, prefix } => {
+            let target = registration::etcd::EtcdTarget {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+                ttl: crate::catalog::etcd::register::DEFAULT_TTL,
+            };
+            tasks.spawn(registration::etcd::run(
+                target,
+                node,
+                declared_rx,
+                shutdown.clone(),
+            ));
+        }
+        CatalogSource::File(_) => {}
     }
 
     let metrics = Metrics::new();
@@ -427,6 +465,7 @@ pub async fn start(
         policies,
         metrics,
         registry,
+        declared: Arc::new(declared),
         registry_handle,
         shutdown,
         tasks,

@@ -1,5 +1,7 @@
-//! Operator commands against a registry (ours or Consul): `skyline services`, `skyline register`,
-//! `skyline deregister`.
+//! Operator commands against a registry (ours or Consul), or etcd with `--catalog etcd`
+//! (see [`etcd`]): `skyline services`, `skyline register`, `skyline deregister`.
+
+pub mod etcd;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,6 +18,8 @@ use crate::registry::client::{ClientError, RegistryClient};
 pub enum CliError {
     #[error(transparent)]
     Registry(#[from] ClientError),
+    #[error(transparent)]
+    Etcd(#[from] crate::catalog::etcd::EtcdError),
     #[error("the registry's answer is not what Consul's API returns: {0}")]
     Decode(#[from] serde_json::Error),
     #[error("{0}")]
@@ -25,9 +29,12 @@ pub enum CliError {
 /// List services, their instances and health.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServicesArgs {
-    /// The registry (or Consul agent) to ask
+    /// The registry (or Consul agent) to ask (with --catalog registry)
     #[arg(long, env = "SKYLINE_REGISTRY", value_name = "ADDR", default_value_t = DEFAULT_REGISTRY)]
     pub registry: SocketAddr,
+
+    #[command(flatten)]
+    pub etcd: etcd::EtcdArgs,
 
     /// Print JSON (one object per instance) instead of a table
     #[arg(long)]
@@ -37,9 +44,12 @@ pub struct ServicesArgs {
 /// Register a service instance.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RegisterArgs {
-    /// The registry (or Consul agent) to write to
+    /// The registry (or Consul agent) to write to (with --catalog registry)
     #[arg(long, env = "SKYLINE_REGISTRY", value_name = "ADDR", default_value_t = DEFAULT_REGISTRY)]
     pub registry: SocketAddr,
+
+    #[command(flatten)]
+    pub etcd: etcd::EtcdArgs,
 
     /// Service name
     #[arg(long)]
@@ -57,11 +67,13 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub id: Option<String>,
 
-    /// The node the instance runs on [default: the registry's own node]
-    #[arg(long, value_name = "NAME", requires = "node_address")]
+    /// The node the instance runs on [default: the registry's own node; required with
+    /// --catalog etcd]
+    #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
 
-    /// The node's address (with --node)
+    /// The node's address (with --node; with --catalog etcd only to create a node no agent
+    /// registered)
     #[arg(long, value_name = "IP")]
     pub node_address: Option<IpAddr>,
 
@@ -89,9 +101,12 @@ pub struct RegisterArgs {
 /// Remove a service instance.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DeregisterArgs {
-    /// The registry (or Consul agent) to write to
+    /// The registry (or Consul agent) to write to (with --catalog registry)
     #[arg(long, env = "SKYLINE_REGISTRY", value_name = "ADDR", default_value_t = DEFAULT_REGISTRY)]
     pub registry: SocketAddr,
+
+    #[command(flatten)]
+    pub etcd: etcd::EtcdArgs,
 
     /// The instance id
     pub id: String,
@@ -143,6 +158,10 @@ struct CheckJson {
 
 /// `skyline services`: every instance with its node, address and health (worst check).
 pub async fn services(args: ServicesArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if args.etcd.is_etcd() {
+        let rows = etcd::services(&args.etcd).await?;
+        return print_services(rows, args.json, out);
+    }
     let client = RegistryClient::new(args.registry);
     let names: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&client.get("/v1/catalog/services").await?)?;
@@ -168,7 +187,16 @@ pub async fn services(args: ServicesArgs, out: &mut dyn Write) -> Result<(), Cli
             }));
         }
     }
-    if args.json {
+    print_services(rows, args.json, out)
+}
+
+/// Prints the rows of `skyline services`: a JSON array, or a table.
+fn print_services(
+    rows: Vec<serde_json::Value>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    if json {
         let _ = writeln!(out, "{}", serde_json::Value::Array(rows));
         return Ok(());
     }
@@ -209,6 +237,16 @@ pub async fn services(args: ServicesArgs, out: &mut dyn Write) -> Result<(), Cli
 
 /// `skyline register`.
 pub async fn register(args: RegisterArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if args.etcd.is_etcd() {
+        let id = etcd::register(&args).await?;
+        let _ = writeln!(out, "registered {id}");
+        return Ok(());
+    }
+    if args.node.is_some() && args.node_address.is_none() {
+        return Err(CliError::Usage(
+            "--node needs --node-address (the node's address)".to_owned(),
+        ));
+    }
     let client = RegistryClient::new(args.registry);
     let node_label = args.node.as_deref().unwrap_or("local");
     let id = args
@@ -265,6 +303,11 @@ pub async fn register(args: RegisterArgs, out: &mut dyn Write) -> Result<(), Cli
 
 /// `skyline deregister`.
 pub async fn deregister(args: DeregisterArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if args.etcd.is_etcd() {
+        etcd::deregister(&args).await?;
+        let _ = writeln!(out, "deregistered {}", args.id);
+        return Ok(());
+    }
     let client = RegistryClient::new(args.registry);
     match &args.node {
         Some(node) => {

@@ -45,7 +45,8 @@
 //! attempt_timeout = "500ms"
 //! probe = { path = "/health" }
 //!
-//! # Services on this node, registered in the catalog (embedded or consul) while the agent runs.
+//! # Services on this node, registered in the catalog (embedded, consul or etcd) while the agent
+//! # runs; added and removed on SIGHUP.
 //! [[service]]
 //! name = "giphy"
 //! port = 31000
@@ -234,6 +235,11 @@ pub struct RegistryArgs {
         default_value = "127.0.0.1"
     )]
     pub node_address: IpAddr,
+
+    /// Repair a damaged data folder and exit: keep every readable record of the log, move the
+    /// damaged file aside (`log.damaged-<time>`). Run it only while no registry uses the folder.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 /// A refused configuration: which file, where, which key, and why.
@@ -599,7 +605,7 @@ impl AgentArgs {
             return Err(src.error(
                 Some(first.name.span().start),
                 Some("service"),
-                "declared services need a registry: use catalog.source = \"embedded\" or \"consul\"",
+                "declared services need a registry or etcd: use catalog.source = \"embedded\", \"consul\" or \"etcd\"",
             ));
         }
 
@@ -841,23 +847,25 @@ fn etcd_source(
         (None, Some(p)) => (p.get_ref().clone(), Some(p.span().start)),
         (None, None) => (DEFAULT_PREFIX.to_owned(), None),
     };
-    if prefix.is_empty() || prefix.chars().any(char::is_control) {
-        return Err(src.error(
-            span,
-            Some("catalog.etcd_prefix"),
-            "must be a non-empty key prefix such as \"skyline/\"",
-        ));
-    }
-    let prefix = if prefix.ends_with('/') {
-        prefix
-    } else {
-        format!("{prefix}/")
-    };
+    let prefix =
+        etcd_prefix(&prefix).map_err(|e| src.error(span, Some("catalog.etcd_prefix"), e))?;
     Ok(CatalogSource::Etcd { endpoints, prefix })
 }
 
+/// A key prefix, ending with `/` (added when missing).
+pub(crate) fn etcd_prefix(prefix: &str) -> Result<String, String> {
+    if prefix.is_empty() || prefix.chars().any(char::is_control) {
+        return Err("must be a non-empty key prefix such as \"skyline/\"".to_owned());
+    }
+    Ok(if prefix.ends_with('/') {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}/")
+    })
+}
+
 /// `host:port` or `http://host:port`, as `http://host:port`.
-fn etcd_endpoint(text: &str) -> Result<String, String> {
+pub(crate) fn etcd_endpoint(text: &str) -> Result<String, String> {
     let url = if text.contains("://") {
         text.to_owned()
     } else {

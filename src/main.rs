@@ -93,7 +93,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        // Installed before anything is started, so a signal at any moment stops cleanly.
+        tokio::spawn(stop_on_signal(Signals::install()?, shutdown.clone()));
         match cli.command {
             Command::Agent(args) => {
                 let settings = args.clone().resolve()?;
@@ -106,6 +107,7 @@ fn main() -> ExitCode {
                     args,
                     settings,
                     agent.policies.clone(),
+                    agent.declared.clone(),
                     shutdown,
                 );
                 tokio::spawn(reload);
@@ -120,6 +122,20 @@ fn main() -> ExitCode {
                 let bridge =
                     skyline::bridge::spawn_on(args.resolve()?, inherited, shutdown).await?;
                 bridge.join().await;
+            }
+            Command::Registry(args) if args.repair => {
+                inherited.finish(&[])?;
+                let repair = skyline::registry::store::Store::repair(&args.data_dir)?;
+                println!(
+                    "kept {} records; dropped {} damaged byte ranges {:?}{}",
+                    repair.kept,
+                    repair.dropped.len(),
+                    repair.dropped,
+                    repair.damaged.map_or_else(String::new, |p| format!(
+                        "; the damaged log is kept as {}",
+                        p.display()
+                    ))
+                );
             }
             Command::Registry(args) => {
                 let mut inherited = inherited;
@@ -143,7 +159,7 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&*e),
+        Err(e) => fail(&e),
     }
 }
 
@@ -167,19 +183,27 @@ fn fail(error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from the moment they are installed.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
 /// Cancels `shutdown` on Ctrl-C or SIGTERM; in-flight requests then drain.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
+async fn stop_on_signal(mut signals: Signals, shutdown: CancellationToken) {
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = signals.interrupt.recv() => {}
+        _ = signals.terminate.recv() => {}
     }
     tracing::info!("shutting down: draining in-flight requests");
     shutdown.cancel();

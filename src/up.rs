@@ -73,25 +73,72 @@ pub enum UpError {
     NotRouted,
 }
 
-/// Runs the mesh until `shutdown`, printing what to try to `out`.
+/// Runs the mesh until `shutdown`, printing what to try to `out`. Interrupted at any moment, even
+/// while it is still starting, it stops at once and removes the folder it created.
 pub async fn run(
     args: UpArgs,
     shutdown: CancellationToken,
     out: &mut dyn Write,
 ) -> Result<(), UpError> {
-    let (dir, ours) = match args.dir {
-        Some(dir) => (dir, false),
-        None => {
-            let dir = std::env::temp_dir().join(format!("skyline-up-{}", std::process::id()));
-            (dir, true)
+    let dir = UpDir::prepare(args.dir.clone())?;
+    let mut demos = JoinSet::new();
+    // Every step of the start gives up as soon as `shutdown` is cancelled.
+    let result = match start(&args, &dir.path, &mut demos, &shutdown).await {
+        Err(_) if shutdown.is_cancelled() => Ok(()),
+        Err(e) => Err(e),
+        Ok(agent) => {
+            if !shutdown.is_cancelled() {
+                print_banner(&agent, out);
+            }
+            shutdown.cancelled().await;
+            agent.join().await;
+            Ok(())
         }
     };
-    std::fs::create_dir_all(&dir).map_err(|source| UpError::Dir {
-        path: dir.clone(),
-        source,
-    })?;
+    shutdown.cancel();
+    while demos.join_next().await.is_some() {}
+    drop(dir);
+    result
+}
 
-    let mut demos = JoinSet::new();
+/// The folder of `skyline up`'s registry; removed on drop when `up` created it.
+struct UpDir {
+    path: PathBuf,
+    ours: bool,
+}
+
+impl UpDir {
+    fn prepare(dir: Option<PathBuf>) -> Result<Self, UpError> {
+        let (path, ours) = match dir {
+            Some(dir) => (dir, false),
+            None => {
+                let name = format!("skyline-up-{}", std::process::id());
+                (std::env::temp_dir().join(name), true)
+            }
+        };
+        std::fs::create_dir_all(&path).map_err(|source| UpError::Dir {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self { path, ours })
+    }
+}
+
+impl Drop for UpDir {
+    fn drop(&mut self) {
+        if self.ours {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Starts the demo services and the agent, registers the demos and waits until they are routed.
+async fn start(
+    args: &UpArgs,
+    dir: &std::path::Path,
+    demos: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Result<agent::AgentHandle, UpError> {
     let mut instances = Vec::new();
     let hello = Hello {
         greeting: "hello from skyline".into(),
@@ -126,12 +173,31 @@ pub async fn run(
     let (Some(registry), Some(inbound)) = (agent.registry, agent.inbound) else {
         return Err(UpError::NotRouted);
     };
+    // A later failure stops the agent before it is reported, so nothing writes to `dir` after.
+    match register_and_wait(&agent, registry, inbound.port(), &instances, shutdown).await {
+        Ok(()) => Ok(agent),
+        Err(e) => {
+            agent.shutdown();
+            agent.join().await;
+            Err(e)
+        }
+    }
+}
+
+/// Registers the demo instances and waits until the route table routes every one of them.
+async fn register_and_wait(
+    agent: &agent::AgentHandle,
+    registry: SocketAddr,
+    inbound_port: u16,
+    instances: &[(&str, SocketAddr)],
+    shutdown: &CancellationToken,
+) -> Result<(), UpError> {
     let client = RegistryClient::new(registry);
-    for (name, addr) in &instances {
+    for (name, addr) in instances {
         let Ok(service) = ServiceName::parse(name) else {
             continue;
         };
-        let registration = demo_registration(service, *addr, inbound.port());
+        let registration = demo_registration(service, *addr, inbound_port);
         client
             .put_json("/v1/catalog/register", &registration)
             .await?;
@@ -154,14 +220,21 @@ pub async fn run(
         }
         true
     };
-    if !matches!(
-        tokio::time::timeout(Duration::from_secs(10), routed).await,
-        Ok(true)
-    ) {
-        return Err(UpError::NotRouted);
+    tokio::select! {
+        routed = tokio::time::timeout(Duration::from_secs(10), routed) => {
+            if !matches!(routed, Ok(true)) {
+                return Err(UpError::NotRouted);
+            }
+        }
+        () = shutdown.cancelled() => {}
     }
+    Ok(())
+}
 
+fn print_banner(agent: &agent::AgentHandle, out: &mut dyn Write) {
     let outbound = agent.outbound.map_or_else(String::new, |a| a.to_string());
+    let inbound = agent.inbound.map_or_else(String::new, |a| a.to_string());
+    let registry = agent.registry.map_or_else(String::new, |a| a.to_string());
     let admin = agent.admin.map_or_else(|| "off".into(), |a| a.to_string());
     let _ = writeln!(
         out,
@@ -174,14 +247,6 @@ pub async fn run(
          Ctrl-C stops everything.\n",
     );
     let _ = out.flush();
-
-    shutdown.cancelled().await;
-    agent.join().await;
-    while demos.join_next().await.is_some() {}
-    if ours {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok(())
 }
 
 /// A Consul catalog registration of one demo instance on node `local`, with an HTTP check:

@@ -8,11 +8,19 @@
 //! Checks: `http` is run by the registry at its interval. `ttl` is kept alive by the agent, which
 //! first connects to the instance's port: a TTL check says "the instance accepts connections",
 //! not merely "the agent is alive".
+//!
+//! With `--catalog etcd` the agent writes its node and services into etcd itself, see [`etcd`].
+//!
+//! The declared services can change while the agent runs (SIGHUP, see `agent::reload`): the
+//! registration follows a `watch` of them, registers new ones and deregisters removed ones.
+
+pub mod etcd;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ServiceName;
@@ -20,7 +28,7 @@ use crate::registry::INBOUND_PORT_META;
 use crate::registry::client::{ClientError, RegistryClient};
 
 /// How long a probe of the instance's port may take before the check fails.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest wait between registration attempts while the registry is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -58,27 +66,30 @@ pub struct NodeEntry {
     pub inbound_port: u16,
 }
 
-/// Registers `services`, keeps their TTL checks alive until `shutdown`, then deregisters them.
-/// Registry failures are retried with backoff; a registry that lost the registrations (a
-/// restart on an empty data folder) gets them again.
+/// Registers the `declared` services, keeps their TTL checks alive until `shutdown`, then
+/// deregisters them. Registry failures are retried with backoff; a registry that lost the
+/// registrations (a restart on an empty data folder) gets them again. A change of `declared`
+/// deregisters the services left out and registers the new set.
 pub async fn run(
     client: RegistryClient,
     node: NodeEntry,
-    services: Vec<Declared>,
+    mut declared: watch::Receiver<Vec<Declared>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let tick = services
-        .iter()
-        .filter_map(|s| match s.check {
-            Check::Ttl(ttl) => Some(ttl / 3),
-            Check::Http { .. } => None,
-        })
-        .min()
-        .unwrap_or(Duration::from_secs(30))
-        .max(Duration::from_millis(100));
+    let mut services = declared.borrow_and_update().clone();
     let mut registered = false;
+    let mut open = true;
     loop {
+        let tick = services
+            .iter()
+            .filter_map(|s| match s.check {
+                Check::Ttl(ttl) => Some(ttl / 3),
+                Check::Http { .. } => None,
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(30))
+            .max(Duration::from_millis(100));
         let outcome = if registered {
             refresh(&client, &node, &services).await
         } else {
@@ -108,6 +119,23 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
+            changed = declared.changed(), if open => {
+                if changed.is_err() {
+                    open = false;
+                    continue;
+                }
+                let fresh = declared.borrow_and_update().clone();
+                let removed: Vec<Declared> = services
+                    .iter()
+                    .filter(|s| !fresh.iter().any(|f| f.id == s.id))
+                    .cloned()
+                    .collect();
+                deregister(&client, &node, &removed).await;
+                tracing::info!(before = services.len(), after = fresh.len(), "declared services changed");
+                services = fresh;
+                // Registering is idempotent: the whole new set, changed ones included.
+                registered = false;
+            }
         }
     }
     if registered {
@@ -136,10 +164,7 @@ async fn refresh(
 ) -> Result<(), ClientError> {
     for service in services.iter().filter(|s| matches!(s.check, Check::Ttl(_))) {
         let addr = SocketAddr::new(service.address.unwrap_or(node.address), service.port);
-        let up = matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
-            Ok(Ok(_))
-        );
+        let up = accepts_connections(addr).await;
         let verdict = if up { "pass" } else { "fail" };
         let path = format!(
             "/v1/agent/check/{verdict}/{}?node={}",
@@ -149,6 +174,15 @@ async fn refresh(
         client.put_json(&path, &serde_json::Value::Null).await?;
     }
     Ok(())
+}
+
+/// Whether the instance at `addr` accepts a TCP connection within [`PROBE_TIMEOUT`]: what a
+/// TTL check of a declared service stands for.
+pub async fn accepts_connections(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
 }
 
 async fn deregister(client: &RegistryClient, node: &NodeEntry, services: &[Declared]) {

@@ -1,20 +1,25 @@
 //! Configuration reload on SIGHUP: the file is read and validated again; what can change
-//! without a restart (the resilience policies) is swapped in at once, for the next requests;
-//! an invalid file is refused and the running configuration kept. Open connections and
-//! in-flight requests are never touched.
+//! without a restart is applied at once: the resilience policies (for the next requests) and
+//! the declared `[[service]]`s (new ones registered with their checks, removed ones
+//! deregistered, in whichever catalog the agent registers in). An invalid file is refused and
+//! the running configuration kept. Open connections and in-flight requests are never touched.
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Settings;
+use super::registration::Declared;
 use crate::config::{AgentArgs, ConfigError};
 use crate::proxy::resilience::SharedPolicies;
 
 /// What one reload did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reloaded {
-    /// New policies are in force.
+    /// New policies or services are in force.
     Applied,
-    /// The file gives the policies already in force.
+    /// The file gives the policies and services already in force.
     Unchanged,
 }
 
@@ -23,6 +28,7 @@ pub async fn on_sighup(
     args: AgentArgs,
     running: Settings,
     policies: SharedPolicies,
+    declared: Arc<watch::Sender<Vec<Declared>>>,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -38,7 +44,7 @@ pub async fn on_sighup(
             _ = shutdown.cancelled() => return,
             got = hup.recv() => if got.is_none() { return },
         }
-        match reload(&args, &running, &policies) {
+        match reload(&args, &running, &policies, &declared) {
             Ok(outcome) => tracing::info!(?outcome, "configuration reloaded"),
             Err(error) => {
                 tracing::error!(%error, "configuration reload refused; the running configuration stays")
@@ -47,26 +53,46 @@ pub async fn on_sighup(
     }
 }
 
-/// Reads the configuration again and applies its policies, or refuses it whole.
+/// Reads the configuration again and applies its policies and services, or refuses it whole.
 pub fn reload(
     args: &AgentArgs,
     running: &Settings,
     policies: &SharedPolicies,
+    declared: &watch::Sender<Vec<Declared>>,
 ) -> Result<Reloaded, ConfigError> {
     let next = args.clone().resolve()?;
     let fixed = Settings {
         resilience: running.resilience.clone(),
+        services: running.services.clone(),
         ..next.clone()
     };
     if &fixed != running {
         tracing::warn!(
             "the configuration changes settings that need a restart (node, listeners, catalog, \
-             proxy, services); they take effect at the next start"
+             proxy); they take effect at the next start"
         );
     }
-    if **policies.load() == next.resilience {
-        return Ok(Reloaded::Unchanged);
-    }
-    policies.store(std::sync::Arc::new(next.resilience));
-    Ok(Reloaded::Applied)
+    let services = declared.send_if_modified(|now| {
+        let changed = *now != next.services;
+        if changed {
+            tracing::info!(
+                before = now.len(),
+                after = next.services.len(),
+                "declared services reloaded"
+            );
+            now.clone_from(&next.services);
+        }
+        changed
+    });
+    let policies = if **policies.load() == next.resilience {
+        false
+    } else {
+        policies.store(Arc::new(next.resilience));
+        true
+    };
+    Ok(if services || policies {
+        Reloaded::Applied
+    } else {
+        Reloaded::Unchanged
+    })
 }

@@ -15,9 +15,16 @@
 //! While etcd is unreachable the last good snapshot stays in force, [`Publisher::fail`] says
 //! why, and retries back off with jitter from [`BACKOFF_START`] to [`BACKOFF_MAX`].
 //!
+//! The watch runs on one member at a time ([`client::Client::pick`]: one that answers and has a
+//! leader). When its stream breaks, the next session picks again starting from the next member,
+//! so with one member of three down the catalog is never reported unreachable. A failover may
+//! take an election (no member has a leader for a second or two): for [`FAILOVER_GRACE`] after
+//! a working watch broke, failures are retried quietly before they are reported.
+//!
 //! An instance whose node key is missing is not routable: it is left out of the snapshot.
 //! [`register::EtcdRegistrar`] writes the keys of one node and keeps its lease alive.
 
+pub mod client;
 pub mod register;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +33,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use client::Client;
+use client::mvccpb::event::EventType;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,10 +54,11 @@ pub const COALESCE: Duration = Duration::from_millis(5);
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// The longest delay between retries after errors.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long after a working watch broke failures are retried before the catalog is reported
+/// unreachable: longer than an etcd leader election (1-2 s with etcd's default timeouts).
+pub const FAILOVER_GRACE: Duration = Duration::from_secs(5);
 /// The longest wait for one call to etcd (connect, get, put, grant, watch creation).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest gRPC message read (a full list of 30,000 instances is ~8 MiB).
-const MAX_MESSAGE: usize = 256 << 20;
 
 /// Where to find etcd and under which prefix the catalog lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,8 +84,18 @@ pub enum EtcdError {
     Call {
         call: &'static str,
         #[source]
-        source: etcd_client::Error,
+        source: tonic::Status,
     },
+    #[error("no etcd endpoint configured")]
+    NoEndpoints,
+    #[error("invalid etcd endpoint {url}")]
+    Endpoint {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the etcd member has no leader")]
+    NoLeader,
     #[error("etcd call {call} did not answer within {CALL_TIMEOUT:?}")]
     Timeout { call: &'static str },
     #[error("the watch stream ended")]
@@ -95,30 +114,6 @@ pub enum EtcdError {
         #[source]
         source: serde_json::Error,
     },
-}
-
-/// Runs one etcd call with [`CALL_TIMEOUT`].
-async fn call<T>(
-    name: &'static str,
-    fut: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, EtcdError> {
-    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(EtcdError::Call { call: name, source }),
-        Err(_) => Err(EtcdError::Timeout { call: name }),
-    }
-}
-
-/// A fresh client for one session. A new one per session: the balanced channel of a client
-/// drops endpoints that failed, and a restarted cluster must be found again.
-async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-        .with_keep_alive_while_idle(true)
-        // A member cut off from its leader closes our streams instead of going quiet.
-        .with_require_leader(true);
-    call("connect", Client::connect(endpoints, Some(options))).await
 }
 
 // === Keys and values ===
@@ -421,14 +416,30 @@ impl Discovery for EtcdDiscovery {
     }
 
     async fn run(self, publisher: Publisher, shutdown: CancellationToken) {
+        let client = match Client::new(&self.endpoints) {
+            Ok(client) => client,
+            Err(error) => {
+                // A configuration error: nothing to retry.
+                tracing::error!(error = %crate::error_chain(&error), "etcd catalog not started");
+                publisher.fail(format!(
+                    "{}: {}",
+                    self.describe(),
+                    crate::error_chain(&error)
+                ));
+                return;
+            }
+        };
         let mut watcher = Watcher {
             keys: Keys::new(&self.prefix),
+            client,
             config: self,
             catalog: Catalog::default(),
             need_list: true,
             established: false,
         };
         let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
+        // Until when failures are retried without being reported (after a working watch broke).
+        let mut grace: Option<Instant> = None;
         loop {
             watcher.established = false;
             let result = tokio::select! {
@@ -445,14 +456,23 @@ impl Discovery for EtcdDiscovery {
             }
             let error = crate::error_chain(&error);
             if watcher.established {
-                // A stream that worked broke (member killed, leader lost): resume at once.
-                tracing::info!(%error, revision = watcher.catalog.revision, "etcd watch interrupted; resuming");
+                // A stream that worked broke (member killed, leader lost): resume at once, from
+                // the next member on.
+                tracing::info!(%error, endpoint = %watcher.client.endpoint(), revision = watcher.catalog.revision, "etcd watch interrupted; resuming");
+                watcher.client.next_member();
                 backoff.reset();
+                grace = Some(Instant::now() + FAILOVER_GRACE);
                 continue;
             }
-            tracing::warn!(%error, "etcd unreachable; keeping the last good catalog");
-            publisher.fail(format!("{}: {error}", watcher.config.describe()));
-            let delay = backoff.delay();
+            let delay = if grace.is_some_and(|until| Instant::now() < until) {
+                tracing::info!(%error, "etcd failover under way; retrying");
+                BACKOFF_START
+            } else {
+                grace = None;
+                tracing::warn!(%error, "etcd unreachable; keeping the last good catalog");
+                publisher.fail(format!("{}: {error}", watcher.config.describe()));
+                backoff.delay()
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
@@ -463,6 +483,7 @@ impl Discovery for EtcdDiscovery {
 
 struct Watcher {
     config: EtcdDiscovery,
+    client: Client,
     keys: Keys,
     catalog: Catalog,
     /// Set at start and after a compaction: the next session lists before watching.
@@ -474,16 +495,15 @@ struct Watcher {
 impl Watcher {
     /// Lists if needed, then watches until the stream fails. Never returns `Ok`.
     async fn session(&mut self, publisher: &Publisher) -> Result<Infallible, EtcdError> {
-        let client = connect(&self.config.endpoints).await?;
+        // A member that answers and has a leader: never a dead one to watch from.
+        self.client.pick().await?;
         let mut listed = false;
         if self.need_list {
-            let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-            let options = GetOptions::new().with_prefix();
-            let mut answer = call("get", kv.get(self.keys.prefix(), Some(options))).await?;
-            let revision = answer.header().ok_or(EtcdError::NoHeader)?.revision();
+            let answer = self.client.range(self.keys.prefix(), true).await?;
+            let revision = answer.header.ok_or(EtcdError::NoHeader)?.revision;
             let mut fresh = Catalog::relist(&mut self.catalog, revision);
-            for kv in answer.take_kvs() {
-                fresh.put(&self.keys, kv.key(), kv.value());
+            for kv in answer.kvs {
+                fresh.put(&self.keys, &kv.key, &kv.value);
             }
             tracing::debug!(
                 revision,
@@ -496,16 +516,10 @@ impl Watcher {
             listed = true;
         }
 
-        let mut watch_client = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.catalog.revision + 1)
-            .with_progress_notify();
-        let mut stream = call(
-            "watch",
-            watch_client.watch(self.keys.prefix().to_owned(), Some(options)),
-        )
-        .await?;
+        let mut stream = self
+            .client
+            .watch(self.keys.prefix(), self.catalog.revision + 1)
+            .await?;
         let mut pending: Option<Instant> = None;
         let mut created = false;
         loop {
@@ -520,26 +534,21 @@ impl Watcher {
                     return Err(EtcdError::Timeout { call: "watch" });
                 }
             };
-            let message = message
-                .map_err(|source| EtcdError::Call {
-                    call: "watch",
-                    source,
-                })?
-                .ok_or(EtcdError::WatchClosed)?;
-            if message.canceled() {
-                if message.compact_revision() > 0 {
+            let message = message?.ok_or(EtcdError::WatchClosed)?;
+            if message.canceled {
+                if message.compact_revision > 0 {
                     self.need_list = true;
                     return Err(EtcdError::Compacted {
-                        revision: message.compact_revision(),
+                        revision: message.compact_revision,
                     });
                 }
                 // Listing again is the safe answer to any cancellation we did not ask for.
                 self.need_list = true;
                 return Err(EtcdError::WatchCancelled {
-                    reason: message.cancel_reason().to_owned(),
+                    reason: message.cancel_reason,
                 });
             }
-            if message.created() && !created {
+            if message.created && !created {
                 created = true;
                 self.established = true;
                 // A resumed session: republish in case a batch was held or an error shown.
@@ -547,24 +556,23 @@ impl Watcher {
                     pending.get_or_insert_with(Instant::now);
                 }
             }
-            let events = message.events();
-            if events.is_empty() {
-                if !message.created() {
+            if message.events.is_empty() {
+                if !message.created {
                     // A progress notification: everything up to its revision was sent.
-                    if let Some(header) = message.header() {
-                        self.catalog.revision = self.catalog.revision.max(header.revision());
+                    if let Some(header) = &message.header {
+                        self.catalog.revision = self.catalog.revision.max(header.revision);
                     }
                 }
                 continue;
             }
             let mut changed = false;
-            for event in events {
-                let Some(kv) = event.kv() else { continue };
-                changed |= match event.event_type() {
-                    EventType::Put => self.catalog.put(&self.keys, kv.key(), kv.value()),
-                    EventType::Delete => self.catalog.delete(&self.keys, kv.key()),
+            for event in &message.events {
+                let Some(kv) = &event.kv else { continue };
+                changed |= match event.r#type() {
+                    EventType::Put => self.catalog.put(&self.keys, &kv.key, &kv.value),
+                    EventType::Delete => self.catalog.delete(&self.keys, &kv.key),
                 };
-                self.catalog.revision = self.catalog.revision.max(kv.mod_revision());
+                self.catalog.revision = self.catalog.revision.max(kv.mod_revision);
             }
             if changed {
                 pending.get_or_insert_with(|| Instant::now() + COALESCE);

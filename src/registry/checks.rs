@@ -46,8 +46,10 @@ struct Probe {
     in_flight: bool,
 }
 
-#[derive(Clone, Debug)]
-enum Target {
+/// What a probe checks: `GET` of an URL (2xx passing, 429 warning, else critical) or a TCP
+/// connect (passing if it connects).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
     Http(String),
     Tcp(String),
 }
@@ -91,15 +93,11 @@ impl std::fmt::Debug for Checks {
 
 impl Checks {
     pub fn new(results: mpsc::UnboundedSender<ProbeResult>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(DEFAULT_TIMEOUT));
         Self {
             entries: HashMap::new(),
             generation: 0,
             results,
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(connector),
+            client: probe_client(),
         }
     }
 
@@ -321,6 +319,30 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// The HTTP client probes use: no connection kept between probes.
+pub fn probe_client() -> Client<HttpConnector, Empty<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(DEFAULT_TIMEOUT));
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector)
+}
+
+/// Probes `target` once, within `timeout`: its health and a line saying why (Consul's output).
+pub async fn probe_once(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    target: &Target,
+    timeout: Duration,
+) -> (Health, String) {
+    match tokio::time::timeout(timeout, probe(client, target)).await {
+        Ok(r) => r,
+        Err(_) => (
+            Health::Critical,
+            format!("{}: timed out after {timeout:?}", describe(target)),
+        ),
+    }
+}
+
 fn spawn_probe(
     client: Client<HttpConnector, Empty<Bytes>>,
     target: Target,
@@ -329,13 +351,7 @@ fn spawn_probe(
     results: mpsc::UnboundedSender<ProbeResult>,
 ) {
     tokio::spawn(async move {
-        let (status, output) = match tokio::time::timeout(timeout, probe(&client, &target)).await {
-            Ok(r) => r,
-            Err(_) => (
-                Health::Critical,
-                format!("{}: timed out after {timeout:?}", describe(&target)),
-            ),
-        };
+        let (status, output) = probe_once(&client, &target, timeout).await;
         result.status = status;
         result.output = output;
         let _ = results.send(result);

@@ -8,9 +8,17 @@
 //! `data_dir/snapshot` (same framing, one record: write `snapshot.tmp`, fsync, rename, fsync the
 //! directory) and the log is emptied. At start the snapshot is loaded and the log replayed over it;
 //! records whose index the snapshot already covers are skipped, so a crash between the rename and
-//! the truncation is harmless. A torn or corrupt record at the end of the log (short header, short
-//! payload, absurd length, CRC mismatch) is logged with `tracing::warn!` and truncated away: such a
-//! record was never acknowledged, because acknowledgement waits for its fsync.
+//! the truncation is harmless.
+//!
+//! Only a torn *tail* is dropped at start: the last record, cut short by a crash during its append
+//! (a short header, a payload that runs past the end of the file, a checksum mismatch on a record
+//! that ends exactly at the end of the file, or zero bytes the file system allocated but never
+//! wrote). Such a record was never acknowledged, because acknowledgement waits for its fsync; it is
+//! logged with `tracing::warn!` and truncated away. Damage anywhere else (a bad record with
+//! readable data after it) is refused with [`StoreError::CorruptLog`], naming the file and offset,
+//! and the file is left untouched: acknowledged writes are never dropped silently.
+//! [`Store::repair`] (`skyline registry --repair`) keeps every readable record and moves the damaged
+//! file aside.
 //!
 //! We do not use sled (unmaintained) or RocksDB (its C++ build is slow on our 2-core machines and
 //! it brings its own write-ahead log whose fsync policy we would have to configure around). The
@@ -38,8 +46,11 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_COMPACT_AFTER: u64 = 8 << 20;
 
 const HEADER: usize = 8;
-/// No record is this large; a length field above it is corruption.
+/// No record is this large; a length field above it is corruption. Log records are bounded far
+/// below it by the API's body limits; the snapshot, one record, can be larger.
 const MAX_RECORD: u32 = 256 << 20;
+/// No log record is this large (a write is at most a few MiB of JSON).
+const MAX_LOG_RECORD: u32 = 64 << 20;
 const FORMAT_FILE: &str = "FORMAT";
 const LOG_FILE: &str = "log";
 const SNAPSHOT_FILE: &str = "snapshot";
@@ -60,6 +71,18 @@ pub enum StoreError {
     UnknownFormat { path: PathBuf, found: String },
     #[error("snapshot {} is corrupt: {reason}", path.display())]
     CorruptSnapshot { path: PathBuf, reason: String },
+    #[error(
+        "registry log {} is damaged at byte {offset} of {len} ({reason}), with records after it; \
+         refusing to start rather than drop acknowledged writes (the file is untouched: \
+         `skyline registry --repair --data-dir {}` keeps every readable record)",
+        path.display(), path.parent().map(|d| d.display().to_string()).unwrap_or_default()
+    )]
+    CorruptLog {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        reason: String,
+    },
     #[error("record at {}:{offset} passed its checksum but does not decode", path.display())]
     Undecodable {
         path: PathBuf,
@@ -874,15 +897,24 @@ fn frame(payload: &[u8], buf: &mut Vec<u8>) {
 /// Why a frame could not be read.
 #[derive(Debug, PartialEq, Eq)]
 enum FrameError {
+    /// Nothing but zeros: space the file system allocated whose data never reached the disk.
+    Unwritten,
     TornHeader,
     TooLong(u32),
-    TornPayload { want: u32, have: usize },
-    Checksum { want: u32, got: u32 },
+    TornPayload {
+        want: u32,
+        have: usize,
+    },
+    Checksum {
+        want: u32,
+        got: u32,
+    },
 }
 
 impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            FrameError::Unwritten => f.write_str("zeros that were never written"),
             FrameError::TornHeader => f.write_str("torn record header"),
             FrameError::TooLong(n) => write!(f, "record length {n} is beyond any record"),
             FrameError::TornPayload { want, have } => {
@@ -900,12 +932,16 @@ impl std::fmt::Display for FrameError {
 
 /// Reads the frame at the start of `buf`: its payload and total length.
 fn read_frame(buf: &[u8]) -> Result<(&[u8], usize), FrameError> {
+    read_frame_upto(buf, MAX_RECORD)
+}
+
+fn read_frame_upto(buf: &[u8], max: u32) -> Result<(&[u8], usize), FrameError> {
     let (Some(len), Some(crc)) = (buf.get(0..4), buf.get(4..8)) else {
         return Err(FrameError::TornHeader);
     };
     let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
     let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    if len > MAX_RECORD {
+    if len > max {
         return Err(FrameError::TooLong(len));
     }
     let end = HEADER + len as usize;
@@ -920,6 +956,47 @@ fn read_frame(buf: &[u8]) -> Result<(&[u8], usize), FrameError> {
         return Err(FrameError::Checksum { want: crc, got });
     }
     Ok((payload, end))
+}
+
+/// Whether `rest`, the log from a record that failed to read, is what a crash during the last
+/// append leaves: a cut-off header or payload, a last record whose bytes did not all reach the
+/// disk, or zeros the file system allocated but never wrote. Anything else is damage.
+fn is_torn_tail(rest: &[u8], reason: &FrameError) -> bool {
+    match reason {
+        FrameError::Unwritten | FrameError::TornHeader | FrameError::TornPayload { .. } => true,
+        FrameError::Checksum { .. } => rest
+            .get(0..4)
+            .map(|len| HEADER + u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize)
+            .is_some_and(|end| end == rest.len()),
+        FrameError::TooLong(_) => false,
+    }
+}
+
+/// Reads the log record frame at the start of `buf` (the rest of the log).
+fn read_log_frame(buf: &[u8]) -> Result<(&[u8], usize), FrameError> {
+    // An all-zero frame would pass its checksum (the CRC of nothing is zero).
+    if buf.iter().all(|&b| b == 0) {
+        return Err(FrameError::Unwritten);
+    }
+    read_frame_upto(buf, MAX_LOG_RECORD)
+}
+
+/// Decodes the record at the start of `buf`, if one is there.
+fn read_record(buf: &[u8]) -> Option<(Record, usize)> {
+    let (payload, len) = read_log_frame(buf).ok()?;
+    let record = serde_json::from_slice(payload).ok()?;
+    Some((record, len))
+}
+
+/// What [`Store::repair`] kept and dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// Records kept, in order.
+    pub kept: usize,
+    /// Damaged byte ranges skipped, as `(offset, length)` in the original log.
+    pub dropped: Vec<(u64, u64)>,
+    /// Where the original log was moved, when anything was dropped.
+    pub damaged: Option<PathBuf>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -991,7 +1068,7 @@ impl Store {
             .map_err(io_err("read", &log_path))?;
         let mut offset = 0usize;
         while offset < bytes.len() {
-            match read_frame(&bytes[offset..]) {
+            match read_log_frame(&bytes[offset..]) {
                 Ok((payload, len)) => {
                     let record: Record = serde_json::from_slice(payload).map_err(|source| {
                         StoreError::Undecodable {
@@ -1006,12 +1083,20 @@ impl Store {
                     offset += len;
                 }
                 Err(reason) => {
+                    if !is_torn_tail(&bytes[offset..], &reason) {
+                        return Err(StoreError::CorruptLog {
+                            path: log_path,
+                            offset: offset as u64,
+                            len: bytes.len() as u64,
+                            reason: reason.to_string(),
+                        });
+                    }
                     tracing::warn!(
                         file = %log_path.display(),
                         offset,
                         dropped_bytes = bytes.len() - offset,
                         %reason,
-                        "truncating the registry log after a torn or corrupt record"
+                        "truncating the registry log after a torn last record"
                     );
                     log.set_len(offset as u64)
                         .map_err(io_err("truncate", &log_path))?;
@@ -1077,6 +1162,55 @@ impl Store {
     /// The log file's path (tests append garbage to it).
     pub fn log_path(dir: &Path) -> PathBuf {
         dir.join(LOG_FILE)
+    }
+
+    /// Rewrites a damaged log with every record that can still be read, in order and with
+    /// rising indexes, and moves the original to `log.damaged-<unix seconds>` beside it. A log
+    /// with nothing to drop is left as it is. Run it while no registry uses `dir`.
+    pub fn repair(dir: &Path) -> Result<Repair, StoreError> {
+        let log_path = dir.join(LOG_FILE);
+        let bytes = std::fs::read(&log_path).map_err(io_err("read", &log_path))?;
+        let mut kept = Vec::with_capacity(bytes.len());
+        let mut records = 0;
+        let mut last_index = 0;
+        let mut dropped: Vec<(u64, u64)> = Vec::new();
+        let mut offset = 0usize;
+        while offset < bytes.len() {
+            match read_record(&bytes[offset..]) {
+                Some((record, len)) if record.index > last_index => {
+                    last_index = record.index;
+                    kept.extend_from_slice(&bytes[offset..offset + len]);
+                    records += 1;
+                    offset += len;
+                }
+                // Not a record here: skip a byte and look for the next one.
+                _ => {
+                    match dropped.last_mut() {
+                        Some((start, len)) if *start + *len == offset as u64 => *len += 1,
+                        _ => dropped.push((offset as u64, 1)),
+                    }
+                    offset += 1;
+                }
+            }
+        }
+        if dropped.is_empty() {
+            return Ok(Repair {
+                kept: records,
+                dropped,
+                damaged: None,
+            });
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let damaged = dir.join(format!("{LOG_FILE}.damaged-{stamp}"));
+        std::fs::copy(&log_path, &damaged).map_err(io_err("copy", &log_path))?;
+        write_atomically(dir, LOG_FILE, &kept)?;
+        Ok(Repair {
+            kept: records,
+            dropped,
+            damaged: Some(damaged),
+        })
     }
 
     pub fn log_len(&self) -> u64 {
@@ -1177,7 +1311,7 @@ mod tests {
     }
 
     #[test]
-    fn drops_a_record_whose_checksum_does_not_match() {
+    fn drops_a_last_record_whose_checksum_does_not_match() {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, mut state) = Store::open(dir.path()).unwrap();
         write(&mut store, &mut state, put(2, "k1", "v1"));
@@ -1190,6 +1324,106 @@ mod tests {
         let (_, replayed) = Store::open(dir.path()).unwrap();
         assert_eq!(replayed.kv.keys().collect::<Vec<_>>(), ["k1"]);
         assert_eq!(replayed.index, 2);
+    }
+
+    /// A log of `n` KV writes (indexes 2..=n+1), and the offset of each record.
+    fn log_of(dir: &Path, n: u64) -> Vec<u64> {
+        let (mut store, mut state) = Store::open(dir).unwrap();
+        let mut offsets = Vec::new();
+        for i in 0..n {
+            offsets.push(store.log_len());
+            write(
+                &mut store,
+                &mut state,
+                put(i + 2, &format!("k{i}"), "value"),
+            );
+        }
+        offsets
+    }
+
+    fn damage(dir: &Path, at: u64, bytes: &[u8]) -> Vec<u8> {
+        use std::io::{Seek, SeekFrom};
+        let path = Store::log_path(dir);
+        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(bytes).unwrap();
+        drop(f);
+        std::fs::read(&path).unwrap()
+    }
+
+    #[test]
+    fn refuses_a_log_damaged_at_its_start_and_leaves_it_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        log_of(dir.path(), 50);
+        let before = damage(dir.path(), 0, b"GET / HTTP/1.1\r\nHost: oops\r\n\r\n");
+        let Err(err) = Store::open(dir.path()) else {
+            panic!("a damaged log is refused");
+        };
+        assert!(
+            matches!(err, StoreError::CorruptLog { offset: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--repair"), "{err}");
+        assert_eq!(std::fs::read(Store::log_path(dir.path())).unwrap(), before);
+    }
+
+    #[test]
+    fn refuses_a_log_damaged_in_its_middle() {
+        let dir = tempfile::tempdir().unwrap();
+        let offsets = log_of(dir.path(), 50);
+        // Flip a byte inside record 20's payload: its checksum fails, 29 records follow.
+        let at = offsets[20] + HEADER as u64 + 3;
+        let byte = std::fs::read(Store::log_path(dir.path())).unwrap()[at as usize];
+        damage(dir.path(), at, &[byte ^ 0x20]);
+        let Err(err) = Store::open(dir.path()) else {
+            panic!("a damaged log is refused");
+        };
+        assert!(
+            matches!(err, StoreError::CorruptLog { offset, .. } if offset == offsets[20]),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn drops_a_tail_of_zeros_the_file_system_allocated_but_never_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let offsets = log_of(dir.path(), 5);
+        let len = std::fs::metadata(Store::log_path(dir.path()))
+            .unwrap()
+            .len();
+        damage(dir.path(), len, &[0; 4096]);
+        let (store, state) = Store::open(dir.path()).unwrap();
+        assert_eq!(state.kv.len(), 5);
+        assert_eq!(store.log_len(), len);
+        assert_eq!(offsets.len(), 5);
+    }
+
+    #[test]
+    fn repair_keeps_every_readable_record_and_the_index_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let offsets = log_of(dir.path(), 50);
+        // Damage at the start (records 0 and 1) and in the middle (record 30).
+        let original = damage(dir.path(), 0, &[0xab; 40]);
+        let at = offsets[30] + HEADER as u64 + 2;
+        damage(dir.path(), at, &[original[at as usize] ^ 0x01]);
+        assert!(Store::open(dir.path()).is_err());
+
+        let repair = Store::repair(dir.path()).unwrap();
+        let damaged = repair.damaged.clone().expect("the damaged log is kept");
+        assert!(damaged.exists());
+        // The records that start within the 40 damaged bytes are lost, and record 30.
+        let lost_at_start = offsets.iter().filter(|&&o| o < 40).count();
+        assert_eq!(repair.kept, 50 - lost_at_start - 1, "{repair:?}");
+        assert_eq!(repair.dropped.len(), 2, "{repair:?}");
+        assert_eq!(repair.dropped[0].0, 0);
+
+        let (_, state) = Store::open(dir.path()).unwrap();
+        assert_eq!(state.index, 51, "the last write's index survives");
+        assert!(!state.kv.contains_key("k0") && !state.kv.contains_key("k30"));
+        let first_kept = format!("k{lost_at_start}");
+        assert!(state.kv.contains_key(&first_kept) && state.kv.contains_key("k49"));
+        // Nothing left to repair.
+        assert_eq!(Store::repair(dir.path()).unwrap().dropped, Vec::new());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::support::*;
 
 const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -410,7 +410,7 @@ async fn a_gibibyte_streams_up_and_down_through_both_hops_in_bounded_memory() {
     app.stop().await;
 }
 
-fn sighup(child: &Child) {
+pub(crate) fn sighup(child: &Child) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-HUP", &pid])
@@ -542,4 +542,175 @@ async fn a_websocket_passes_the_agent_binary_and_sigterm_closes_it_without_waiti
         .await
         .expect("the WebSocket is closed with the process");
     assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+}
+
+fn signal(child: &Child, name: &str) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// `skyline up` without `--dir`, with its temporary folder under `tmp`.
+fn up_in(tmp: &Path) -> Child {
+    Command::new(SKYLINE)
+        .args([
+            "up",
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin", "off", "--registry", "127.0.0.1:0"])
+        .env("TMPDIR", tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (bounded) until `path` satisfies `ready`.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_skyline_up_within_two_seconds_at_any_moment_and_removes_its_folder() {
+    // Interrupted as soon as the folder exists, as soon as the registry has written its data
+    // folder (the demo services are not registered yet), and once fully up.
+    for moment in ["folder", "registry", "banner"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = up_in(tmp.path());
+        let created = || {
+            std::fs::read_dir(tmp.path())
+                .unwrap()
+                .filter_map(Result::ok)
+                .find(|e| e.file_name().to_string_lossy().starts_with("skyline-up-"))
+                .map(|e| e.path())
+        };
+        match moment {
+            "folder" => until("the folder exists", || created().is_some()).await,
+            "registry" => {
+                until("the registry's data folder exists", || {
+                    created().is_some_and(|d| d.join("registry").join("FORMAT").exists())
+                })
+                .await
+            }
+            _ => {
+                // The registry's log holds the demo registrations once they are written.
+                until("the demo services are registered", || {
+                    created().is_some_and(|d| {
+                        std::fs::metadata(d.join("registry").join("log")).is_ok_and(|m| m.len() > 0)
+                    })
+                })
+                .await
+            }
+        }
+        signal(&child, "INT");
+        let status = tokio::time::timeout(Duration::from_secs(2), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("still running 2 s after Ctrl-C ({moment})"))
+            .unwrap();
+        assert!(status.success(), "{moment}: {status}");
+        assert_eq!(created(), None, "{moment}: the folder is removed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_whose_log_is_damaged_refuses_to_start_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let registry = |data: &Path| {
+        let mut command = Command::new(SKYLINE);
+        command
+            .args([
+                "--log-format",
+                "json",
+                "registry",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    // A running registry and the base URL of its API, read from its log.
+    let start = || async {
+        let mut child = registry(&data).spawn().unwrap();
+        let mut log = StderrLog::follow(&mut child);
+        let started = log.wait_for("registry started").await;
+        let base = format!("http://{}", started["addr"].as_str().unwrap());
+        (child, base)
+    };
+    let client = Client::new();
+    let (child, base) = start().await;
+    for i in 0..200 {
+        let req = Request::put(format!("{base}/v1/kv/key/{i:03}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                "v{i}"
+            ))))
+            .unwrap();
+        assert_eq!(client.send(req).await.unwrap().status, 200);
+    }
+    let index_before = index_of(&client, &format!("{base}/v1/kv/key/?recurse")).await;
+    sigterm(&child);
+    child.wait_with_output().await.unwrap();
+
+    // Other bytes written over the start of the log, as a misdirected redirect does.
+    let log = data.join("log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[..64].copy_from_slice(&[b'#'; 64]);
+    std::fs::write(&log, &bytes).unwrap();
+
+    let refused = registry(&data).output().await.unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("damaged at byte 0") && stderr.contains("--repair"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log is untouched");
+
+    let repaired = Command::new(SKYLINE)
+        .args(["registry", "--repair", "--data-dir"])
+        .arg(&data)
+        .output()
+        .await
+        .unwrap();
+    assert!(repaired.status.success(), "{repaired:?}");
+    let said = String::from_utf8_lossy(&repaired.stdout);
+    assert!(said.contains("kept 199 records"), "{said}");
+
+    let (child, base) = start().await;
+    let keys = client.get(&format!("{base}/v1/kv/key/?keys")).await.json();
+    assert_eq!(
+        keys.as_array().unwrap().len(),
+        199,
+        "only the damaged record is lost"
+    );
+    assert!(index_of(&client, &format!("{base}/v1/kv/key/?recurse")).await >= index_before);
+    sigterm(&child);
+    child.wait_with_output().await.unwrap();
+}
+
+async fn index_of(client: &Client, url: &str) -> u64 {
+    let reply = client
+        .send(Request::get(url).body(Default::default()).unwrap())
+        .await
+        .unwrap();
+    reply.headers["x-consul-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }

@@ -6,18 +6,21 @@
 //! every agent's catalog after at most the TTL. A graceful [`Registration::shutdown`] revokes the
 //! lease, so they vanish at once. If the lease is lost while the agent lives (a partition longer
 //! than the TTL), a new lease is granted and every key written again.
+//!
+//! The set of instances can change while the registration runs ([`Registration::set_instances`]):
+//! the keys of instances no longer declared are deleted, new and changed ones written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::time::Duration;
 
-use etcd_client::{PutOptions, Txn, TxnOp};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, DEFAULT_PREFIX, EtcdError, InstanceValue, Keys, NodeValue, call, connect};
+use super::client::{self, Client};
+use super::{Backoff, DEFAULT_PREFIX, EtcdError, InstanceValue, Keys, NodeValue};
 use crate::catalog::{Health, Instance, Node};
 
 /// The lease TTL when none is configured.
@@ -37,6 +40,8 @@ pub struct EtcdRegistrar {
     pub node: Node,
     /// The node's instances; their `node` field is taken from [`EtcdRegistrar::node`].
     pub instances: Vec<Instance>,
+    /// Keys of instances no longer registered that may still be in etcd.
+    stale: BTreeSet<String>,
 }
 
 /// A running registration.
@@ -61,6 +66,7 @@ pub struct Lease {
 #[derive(Debug)]
 enum Command {
     Health(String, Health),
+    Instances(Vec<Instance>),
 }
 
 // === impl EtcdRegistrar ===
@@ -73,6 +79,7 @@ impl EtcdRegistrar {
             ttl: DEFAULT_TTL,
             node,
             instances: Vec::new(),
+            stale: BTreeSet::new(),
         }
     }
 
@@ -102,13 +109,22 @@ impl EtcdRegistrar {
         stop: CancellationToken,
     ) {
         let keys = Keys::new(&self.prefix);
+        let mut client = match Client::new(&self.endpoints) {
+            Ok(client) => client,
+            Err(error) => {
+                let error = crate::error_chain(&error);
+                tracing::error!(%error, "etcd registration not started");
+                state.send_modify(|s| s.error = Some(error));
+                return;
+            }
+        };
         let mut lease: Option<i64> = None;
         let mut backoff = Backoff::new(super::BACKOFF_START, super::BACKOFF_MAX);
         loop {
             let mut alive = false;
             let result = tokio::select! {
                 () = stop.cancelled() => break,
-                r = self.session(&keys, &mut lease, &mut commands, &state, &mut alive) => r,
+                r = self.session(&mut client, &keys, &mut lease, &mut commands, &state, &mut alive) => r,
             };
             let Err(error) = result;
             let error = crate::error_chain(&error);
@@ -118,6 +134,8 @@ impl EtcdRegistrar {
                 s.error = Some(error);
             });
             if alive {
+                // The member the lease was kept alive through failed: go on from the next one.
+                client.next_member();
                 backoff.reset();
             }
             let delay = if alive {
@@ -131,11 +149,7 @@ impl EtcdRegistrar {
             }
         }
         if let Some(id) = lease {
-            let revoked = async {
-                let client = connect(&self.endpoints).await?;
-                call("lease revoke", client.lease_client().revoke(id)).await
-            };
-            match revoked.await {
+            match client.lease_revoke(id).await {
                 Ok(_) => tracing::info!(lease = id, node = %self.node.name, "etcd lease revoked"),
                 Err(error) => {
                     tracing::warn!(error = %crate::error_chain(&error), lease = id, "cannot revoke the etcd lease; it expires after its TTL")
@@ -149,33 +163,31 @@ impl EtcdRegistrar {
     /// health changes until something fails. `alive` tells whether the lease was refreshed.
     async fn session(
         &mut self,
+        client: &mut Client,
         keys: &Keys,
         lease: &mut Option<i64>,
         commands: &mut mpsc::UnboundedReceiver<Command>,
         state: &watch::Sender<Lease>,
         alive: &mut bool,
     ) -> Result<Infallible, EtcdError> {
-        let client = connect(&self.endpoints).await?;
-        let mut leases = client.lease_client();
+        // Streams only on a member that answers and has a leader.
+        client.pick().await?;
         let ttl_secs = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let (mut keeper, mut acks) = loop {
+        let mut keeper = loop {
             let id = match *lease {
                 Some(id) => id,
                 None => {
-                    let granted = call("lease grant", leases.grant(ttl_secs, None)).await?;
-                    *lease = Some(granted.id());
+                    let id = client.lease_grant(ttl_secs).await?;
+                    *lease = Some(id);
                     state.send_modify(|s| s.grants += 1);
-                    tracing::info!(lease = granted.id(), ttl = granted.ttl(), node = %self.node.name, "etcd lease granted");
-                    granted.id()
+                    tracing::info!(lease = id, ttl = ttl_secs, node = %self.node.name, "etcd lease granted");
+                    id
                 }
             };
-            match call("lease keep-alive", leases.keep_alive(id)).await {
-                Ok(pair) => break pair,
+            match client.lease_keep_alive(id).await {
+                Ok(keeper) => break keeper,
                 // The lease expired or was revoked meanwhile: grant a new one.
-                Err(EtcdError::Call {
-                    source: etcd_client::Error::LeaseKeepAliveError(_),
-                    ..
-                }) => {
+                Err(EtcdError::LeaseLost { .. }) => {
                     tracing::warn!(lease = id, "etcd lease lost; granting a new one");
                     *lease = None;
                 }
@@ -183,8 +195,8 @@ impl EtcdRegistrar {
             }
         };
         let id = keeper.id();
-        let mut kv = client.kv_client();
-        self.put_all(keys, id, &mut kv).await?;
+        self.put_all(keys, id, client).await?;
+        delete_all(client, &mut self.stale).await?;
         *alive = true;
         state.send_modify(|s| {
             s.id = Some(id);
@@ -202,13 +214,11 @@ impl EtcdRegistrar {
                         // No answer for a whole TTL: the lease may be gone; check in a new session.
                         return Err(EtcdError::Timeout { call: "lease keep-alive" });
                     }
-                    call("lease keep-alive", keeper.keep_alive()).await?;
+                    keeper.keep_alive()?;
                 }
-                ack = acks.message() => {
-                    let ack = ack
-                        .map_err(|source| EtcdError::Call { call: "lease keep-alive", source })?
-                        .ok_or(EtcdError::LeaseLost { lease: id })?;
-                    if ack.ttl() <= 0 {
+                ack = keeper.message() => {
+                    let ack = ack?.ok_or(EtcdError::LeaseLost { lease: id })?;
+                    if ack.ttl <= 0 {
                         *lease = None;
                         return Err(EtcdError::LeaseLost { lease: id });
                     }
@@ -223,7 +233,31 @@ impl EtcdRegistrar {
                         i.health = health;
                         let i = i.clone();
                         let (key, value) = self.instance_kv(keys, &i)?;
-                        call("put", kv.put(key, value, Some(PutOptions::new().with_lease(id)))).await?;
+                        client.put(&key, value, id).await?;
+                    }
+                    Some(Command::Instances(instances)) => {
+                        let mut ops = Vec::new();
+                        let kept: BTreeSet<String> =
+                            instances.iter().map(|i| keys.instance(&i.service, &i.id)).collect();
+                        for old in &self.instances {
+                            let key = keys.instance(&old.service, &old.id);
+                            if !kept.contains(&key) {
+                                self.stale.insert(key);
+                            }
+                        }
+                        for i in &instances {
+                            if !self.instances.contains(i) {
+                                let (key, value) = self.instance_kv(keys, i)?;
+                                self.stale.remove(&key);
+                                ops.push(client::put(&key, value, id));
+                            }
+                        }
+                        self.instances = instances;
+                        for chunk in ops.chunks(TXN_OPS) {
+                            client.txn(client::txn(chunk.to_vec())).await?;
+                        }
+                        delete_all(client, &mut self.stale).await?;
+                        tracing::info!(node = %self.node.name, instances = self.instances.len(), "etcd registration updated");
                     }
                     // Every handle is gone; keep the lease until stopped.
                     None => std::future::pending().await,
@@ -245,12 +279,7 @@ impl EtcdRegistrar {
     }
 
     /// Writes the node and every instance with the lease, at most [`TXN_OPS`] per transaction.
-    async fn put_all(
-        &self,
-        keys: &Keys,
-        lease: i64,
-        kv: &mut etcd_client::KvClient,
-    ) -> Result<(), EtcdError> {
+    async fn put_all(&self, keys: &Keys, lease: i64, client: &mut Client) -> Result<(), EtcdError> {
         let node_key = keys.node(&self.node.name);
         let node_value =
             serde_json::to_vec(&NodeValue::of(&self.node)).map_err(|source| EtcdError::Encode {
@@ -265,20 +294,27 @@ impl EtcdRegistrar {
         }
         let entries: Vec<_> = entries.into_iter().collect();
         for chunk in entries.chunks(TXN_OPS) {
-            let ops: Vec<TxnOp> = chunk
+            let ops = chunk
                 .iter()
-                .map(|(k, v)| {
-                    TxnOp::put(
-                        k.as_str(),
-                        v.as_slice(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )
-                })
+                .map(|(k, v)| client::put(k, v.clone(), lease))
                 .collect();
-            call("txn", kv.txn(Txn::new().and_then(ops))).await?;
+            client.txn(client::txn(ops)).await?;
         }
         Ok(())
     }
+}
+
+/// Deletes the keys in `stale`, at most [`TXN_OPS`] per transaction, forgetting each deleted.
+async fn delete_all(client: &mut Client, stale: &mut BTreeSet<String>) -> Result<(), EtcdError> {
+    while !stale.is_empty() {
+        let chunk: Vec<String> = stale.iter().take(TXN_OPS).cloned().collect();
+        let ops = chunk.iter().map(|k| client::delete(k)).collect();
+        client.txn(client::txn(ops)).await?;
+        for key in chunk {
+            stale.remove(&key);
+        }
+    }
+    Ok(())
 }
 
 // === impl Registration ===
@@ -316,6 +352,12 @@ impl Registration {
         let _ = self
             .commands
             .send(Command::Health(instance.to_owned(), health));
+    }
+
+    /// Replaces the registered instances: keys of the ones left out are deleted, new and changed
+    /// ones written (their `health` as given).
+    pub fn set_instances(&self, instances: Vec<Instance>) {
+        let _ = self.commands.send(Command::Instances(instances));
     }
 
     /// Revokes the lease, so every key of this node vanishes at once, and waits for the task.
