@@ -371,7 +371,7 @@ pub async fn deregister(args: DeregisterArgs, out: &mut dyn Write) -> Result<(),
 /// A duration flag as the registry takes it (Go syntax, such as 500ms or 1m), checked here so a
 /// typo is a usage error rather than a registry's 400.
 fn duration_arg(flag: &str, value: &str) -> Result<String, CliError> {
-    match crate::registry::api::parse_go_duration(value) {
+    match crate::config::parse_duration(value) {
         Ok(d) if !d.is_zero() => Ok(value.to_owned()),
         _ => Err(CliError::Usage(format!(
             "{flag} {value:?} is not a duration like 5s"

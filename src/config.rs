@@ -33,7 +33,8 @@
 //! connect_timeout = "2s"
 //! request_timeout = "60s"       # until the response head, retries included
 //! attempt_timeout = "60s"       # each attempt's own limit (default: the request's)
-//! idle_timeout = "5m"           # the longest a response body may stall
+//! idle_timeout = "5m"           # the longest a response body may stall, or a WebSocket idle
+//! # max_request_body = 1048576  # bytes; larger bodies get 413 (default: no limit)
 //! retries = 2                   # 502/503/504, timeouts, resets: idempotent requests, first hop
 //! balance = "p2c"               # or "round_robin"
 //! outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejection = "5m", max_ejected_percent = 50 }
@@ -479,6 +480,15 @@ pub const RESILIENCE_KEYS: &[FileKey] = &[
         "A response body that stalls this long is cut.",
     ),
     file_only(
+        "max_request_body",
+        "integer, bytes",
+        Value::Example {
+            toml: "1048576",
+            default: "no limit",
+        },
+        "The largest request body forwarded: a longer declared length gets 413 `content-too-large` before anything is forwarded; a chunked body is cut off where it passes the limit.",
+    ),
+    file_only(
         "retries",
         "integer, 0 to 10",
         Value::Default("2"),
@@ -799,6 +809,15 @@ pub const AGENT_FILE: &[Section] = &[
                 },
                 "An HTTP check not answered within this time fails.",
             ),
+            file_only(
+                "check.deregister_critical_service_after",
+                DURATION,
+                Value::Example {
+                    toml: "\"1m\"",
+                    default: "never",
+                },
+                "The registry removes the instance once its check has been critical this long (Consul's `DeregisterCriticalServiceAfter`).",
+            ),
         ],
     },
 ];
@@ -812,6 +831,9 @@ pub(crate) struct ResilienceSection {
     request_timeout: Option<Spanned<String>>,
     attempt_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    /// The largest request body, in bytes [default: none, bodies stream whatever their size].
+    /// A larger one is answered `413` with `x-skyline-error: content-too-large`.
+    max_request_body: Option<Spanned<u64>>,
     retries: Option<Spanned<u32>>,
     balance: Option<Spanned<String>>,
     outlier: Option<OutlierSection>,
@@ -1216,6 +1238,9 @@ pub(crate) fn resilience(
     }
     if let Some(d) = duration("idle_timeout", &section.idle_timeout, ms)? {
         r.idle_timeout = d;
+    }
+    if let Some(n) = &section.max_request_body {
+        r.max_request_body = Some(*n.get_ref());
     }
     if let Some(n) = &section.retries {
         if *n.get_ref() > 10 {
@@ -1670,7 +1695,7 @@ mod tests {
             "[catalog]\nsource = \"file\"\n\n[resilience]\nrequest_timeout = \"10s\"\n\
              retries = 1\noutlier = { max_ejected_percent = 30 }\n\n\
              [routes.giphy]\nattempt_timeout = \"500ms\"\nbalance = \"round_robin\"\n\
-             probe = { path = \"/health\", interval = \"2s\" }\n",
+             probe = { path = \"/health\", interval = \"2s\" }\nmax_request_body = 1048576\n",
         );
         let policies = args.resolve().unwrap().resilience;
         let default = &policies.default;
@@ -1697,6 +1722,8 @@ mod tests {
         );
         assert_eq!(probe.unhealthy, 2);
         assert!(policies.for_service("other").probe.is_none());
+        assert_eq!(giphy.max_request_body, Some(1 << 20));
+        assert_eq!(default.max_request_body, None, "no body limit by default");
     }
 
     #[test]

@@ -28,7 +28,8 @@
 //! - [`metrics`]: Prometheus metrics of every role (`/metrics` on the admin listener); requests
 //!   are recorded by [`serve::serve_recorded`], labelled by the handlers' [`metrics::ServiceLabel`].
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`;
-//!   `proxy::express`, the agent's lane for body-less requests, forwarded as bytes.
+//!   `proxy::express`, the agent's lane for body-less requests, forwarded as bytes;
+//!   `proxy::upgrade`, HTTP/1.1 upgrades (WebSocket) spliced both ways after `101`.
 //! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically.
 //! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain, the express lane's connection

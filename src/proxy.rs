@@ -9,11 +9,14 @@ pub mod outbound;
 pub mod pool;
 pub mod probe;
 pub mod resilience;
+pub mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +24,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -94,6 +97,9 @@ pub enum MeshError {
     /// The request went through more Skyline hops than allowed: a routing loop.
     #[error("routing loop detected")]
     LoopDetected,
+    /// The request body is larger than the route's `max_request_body`.
+    #[error("request body too large")]
+    ContentTooLarge,
 }
 
 impl MeshError {
@@ -127,6 +133,7 @@ impl MeshError {
             MeshError::UpstreamConnect(_) => "upstream-connect",
             MeshError::UpstreamTimeout => "upstream-timeout",
             MeshError::LoopDetected => "loop-detected",
+            MeshError::ContentTooLarge => "content-too-large",
         }
     }
 
@@ -138,6 +145,7 @@ impl MeshError {
             MeshError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
+            MeshError::ContentTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -151,6 +159,7 @@ impl MeshError {
             MeshError::UpstreamConnect(_) => "could not get a response from the upstream",
             MeshError::UpstreamTimeout => "the upstream did not answer in time",
             MeshError::LoopDetected => "the request went through too many mesh hops",
+            MeshError::ContentTooLarge => "the request body is larger than the route allows",
         }
     }
 
@@ -165,7 +174,8 @@ impl MeshError {
     }
 
     /// The response the mesh sends for this error: `x-skyline-error` and a small JSON body.
-    /// A bad request also closes the connection, so nothing pipelined behind it is read.
+    /// A bad request also closes the connection, so nothing pipelined behind it is read, and
+    /// so does a body too large (the rest of it is not read).
     pub fn into_response(self, service: &str) -> Response<Body> {
         match &self {
             MeshError::UpstreamConnect(cause) => {
@@ -184,7 +194,10 @@ impl MeshError {
         if self.unsent() {
             headers.insert(&X_SKYLINE_UNSENT, HeaderValue::from_static("1"));
         }
-        if matches!(self, MeshError::BadRequest { .. }) {
+        if matches!(
+            self,
+            MeshError::BadRequest { .. } | MeshError::ContentTooLarge
+        ) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
@@ -399,10 +412,15 @@ impl Forwarder {
         // the balancer.
         let started = Instant::from_std(conn.arrived);
         let now = ns_at(conn.arrived);
+        // An upgrade request keeps `Upgrade` and `Connection: upgrade` (see [`upgrade`]).
+        let protocols = upgrade::requested(req.version(), req.headers());
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        if let Some(protocols) = &protocols {
+            upgrade::keep(headers, protocols.clone());
+        }
         if !headers.contains_key(&X_REQUEST_ID) {
             headers.insert(&X_REQUEST_ID, request_id());
         }
@@ -421,17 +439,35 @@ impl Forwarder {
         };
         let policy = upstream.policy;
         let deadline = started + caller_deadline(headers, policy.request_timeout);
-        let owns_retries = upstream.first_hop && policy.retries > 0;
+        // An upgrade request is never sent again once it may have left.
+        let owns_retries = upstream.first_hop && policy.retries > 0 && protocols.is_none();
         if upstream.first_hop {
             // The mesh numbers attempts; a caller's own value would mislead later hops' logs.
             headers.remove(&X_SKYLINE_ATTEMPT);
         }
+        // A body over the route's limit: refused before anything is forwarded when its length
+        // is declared, cut off where it passes the limit when it is chunked.
+        let mut cap = None;
+        if let Some(limit) = policy.max_request_body {
+            let hint = req.body().size_hint();
+            if hint.lower() > limit {
+                return Err(MeshError::ContentTooLarge);
+            }
+            if hint.exact().is_none() {
+                cap = Some(Cap::new(limit));
+            }
+        }
+        let over = cap.as_ref().map(|c| c.over.clone());
+        let client_side = protocols.is_some().then(|| hyper::upgrade::on(&mut req));
+        // An upgrade request is neither replayed nor sent on to a fallback: once it may have
+        // reached an application, its connection belongs to that application.
         let keep = Keep {
-            first_hop: upstream.first_hop,
+            first_hop: upstream.first_hop && protocols.is_none(),
             owns_retries,
-            fallback: upstream.fallback.is_some_and(|f| !f.routes.is_empty()),
+            fallback: protocols.is_none()
+                && upstream.fallback.is_some_and(|f| !f.routes.is_empty()),
         };
-        let (req, replay, resend) = match replayable(req, keep, deadline).await {
+        let (req, replay, resend) = match replayable(req, keep, deadline, cap).await {
             Ok(prepared) => prepared,
             Err(e) if conn.rejected() => {
                 tracing::debug!(error = %e, "request body refused by the framing guard");
@@ -454,8 +490,18 @@ impl Forwarder {
             next: Some(req),
             replay,
             resend,
+            upgrade: protocols.is_some(),
         };
-        match self.attempts(&mut exchange, attempt, now).await {
+        let answered = self.attempts(&mut exchange, attempt, now).await;
+        if over.is_some_and(|over| over.load(Ordering::Relaxed)) {
+            // The body passed the limit while it streamed: the upstream's connection was
+            // closed under it, so it never got a whole request. An answer that came first
+            // stands.
+            if answered.is_err() {
+                return Err(MeshError::ContentTooLarge);
+            }
+        }
+        match answered {
             Err(error) => {
                 if conn.rejected() {
                     // The guard refused the request body's framing while it was streaming.
@@ -463,7 +509,15 @@ impl Forwarder {
                 }
                 Err(error)
             }
-            Ok(response) => {
+            Ok(mut response) => {
+                let switch = match client_side {
+                    Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                        let agreed = response.headers().get(header::UPGRADE).cloned();
+                        let upstream_side = hyper::upgrade::on(&mut response);
+                        Some((client, upstream_side, agreed.or(protocols)))
+                    }
+                    _ => None,
+                };
                 let (mut parts, body) = response.into_parts();
                 // hyper decoded a chunked body; the length an ambiguous answer also gave is
                 // not the body's (RFC 9112 §6.3: an intermediary removes it).
@@ -471,6 +525,19 @@ impl Forwarder {
                     parts.headers.remove(header::CONTENT_LENGTH);
                 }
                 strip_hop_by_hop(&mut parts.headers);
+                if let Some((client, upstream_side, agreed)) = switch {
+                    if let Some(agreed) = agreed {
+                        upgrade::keep(&mut parts.headers, agreed);
+                    }
+                    conn.upgraded();
+                    upgrade::spawn(upgrade::Switch {
+                        client,
+                        upstream: upstream_side,
+                        idle: policy.idle_timeout,
+                        drained: conn.drained().clone(),
+                        service: upstream.service.to_owned(),
+                    });
+                }
                 Ok(Response::from_parts(parts, Either::Left(body)))
             }
         }
@@ -742,6 +809,8 @@ struct HyperExchange<'p> {
     /// A copy of a request that may not be replayed, to send on only when a later hop answers
     /// that it never forwarded it (see [`Fallback`]).
     resend: Option<Replay>,
+    /// An upgrade request: sent on a connection of its own (see [`upgrade`]).
+    upgrade: bool,
 }
 
 impl Exchange for HyperExchange<'_> {
@@ -785,11 +854,22 @@ impl Exchange for HyperExchange<'_> {
         if let Some(n) = headers.attempt {
             h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
         }
-        match self
-            .pool
-            .send(addr, req, self.replay.as_ref(), limits)
-            .await
-        {
+        let sent = if self.upgrade {
+            self.pool.send_upgrade(addr, req, limits).await
+        } else {
+            self.pool
+                .send(addr, req, self.replay.as_ref(), limits)
+                .await
+        };
+        match sent {
+            Ok(response)
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS && !self.upgrade =>
+            {
+                Err(Failed::Broken(SendError::Protocol {
+                    addr,
+                    reason: "unrequested protocol switch",
+                }))
+            }
             Ok(response) => Ok(response),
             Err(SendFailure {
                 error,
@@ -835,12 +915,16 @@ struct Keep {
 /// Only the first hop keeps a replay. A later hop whose pooled connection closes under a
 /// request it already wrote answers 502, and the first hop, which keeps the request anyway,
 /// sends it again; so the common path of a later hop copies no request head.
+///
+/// A body that streams is capped by `cap` when given, and said to be chunked when its length
+/// is not known: hyper's client would otherwise send a GET's or HEAD's body as no body at all.
 async fn replayable(
     req: Request<Incoming>,
     keep: Keep,
     deadline: Instant,
+    cap: Option<Cap>,
 ) -> Result<(Request<RequestBody>, Option<Replay>, Option<Replay>), MeshError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     if body.is_end_stream() {
         let req = Request::from_parts(parts, Either::Right(Full::new(Bytes::new())));
         let replay = if keep.first_hop {
@@ -859,6 +943,13 @@ async fn replayable(
     let idempotent = pool::is_idempotent(&parts.method);
     let retried = keep.owns_retries && idempotent;
     if !(small && (retried || keep.fallback)) {
+        if body.size_hint().exact().is_none() {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        let body = Streamed { body, cap };
         return Ok((Request::from_parts(parts, Either::Left(body)), None, None));
     }
     let collected =
@@ -877,6 +968,73 @@ async fn replayable(
         .is_none()
         .then(|| Replay::unsent_copy(&req, collected));
     Ok((req, replay, resend))
+}
+
+// === Streamed ===
+
+/// A client's request body as it streams to the upstream, cut off with an error once it grows
+/// past the route's `max_request_body` (when it has a cap).
+#[derive(Debug)]
+pub struct Streamed {
+    body: Incoming,
+    cap: Option<Cap>,
+}
+
+/// What is left of a body's size limit, and where passing it is noted for the forwarder.
+#[derive(Debug)]
+struct Cap {
+    limit: u64,
+    left: u64,
+    over: Arc<AtomicBool>,
+}
+
+impl Cap {
+    fn new(limit: u64) -> Self {
+        Cap {
+            limit,
+            left: limit,
+            over: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Why a streamed request body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamedError {
+    #[error("request body failed")]
+    Client(#[from] hyper::Error),
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = StreamedError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamedError>>> {
+        let this = &mut *self;
+        let polled = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if let (Some(Ok(frame)), Some(cap)) = (&polled, &mut this.cap) {
+            let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+            if len > cap.left {
+                cap.over.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(StreamedError::TooLarge(cap.limit))));
+            }
+            cap.left -= len;
+        }
+        Poll::Ready(polled.map(|frame| frame.map_err(StreamedError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The time the request may take: the policy's, or less when the caller's

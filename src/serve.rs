@@ -17,6 +17,12 @@
 //! request, answered with `Connection: close`, ends the connection cleanly well within the
 //! grace. This is what Envoy's drain does for HTTP/1.1; the whole drain is bounded by
 //! [`DRAIN_TIMEOUT`].
+//!
+//! An upgraded connection (a WebSocket, after its `101`) is not a request in flight: it does
+//! not hold the drain up, which would make every restart wait out [`DRAIN_TIMEOUT`] for
+//! connections that may stay open for hours. It keeps working while the drain lasts and is
+//! closed when the drain ends ([`Conn::drained`]), so its client reconnects, to the new process
+//! after a restart on inherited sockets.
 
 pub mod activation;
 mod express;
@@ -164,12 +170,26 @@ pub struct Conn {
     /// When the request's head was read: the start of its deadline and of its recorded time.
     pub arrived: Instant,
     verdicts: Verdicts,
+    /// Cancelled when the listener's drain has ended.
+    drained: CancellationToken,
 }
 
 impl Conn {
     /// Whether the framing guard refused this request (for example a bad chunk in its body).
     pub fn rejected(&self) -> bool {
         self.verdicts.rejection_for(self.index).is_some()
+    }
+
+    /// Tells the framing guard that this request's answer switches protocols (a `101`): the
+    /// connection's later bytes are not HTTP. Call it before the answer is returned.
+    pub fn upgraded(&self) {
+        self.verdicts.upgraded();
+    }
+
+    /// Cancelled when the listener's drain has ended: what an upgraded connection waits for
+    /// to close (see the module docs).
+    pub fn drained(&self) -> &CancellationToken {
+        &self.drained
     }
 }
 
@@ -244,6 +264,8 @@ async fn serve_with<H: Handler>(
     // Set when the drain starts; read by every response (an atomic load, where asking the
     // cancellation token would take its lock).
     let draining = Arc::new(AtomicBool::new(false));
+    // Cancelled when the drain ends: upgraded connections close then.
+    let drained = CancellationToken::new();
     loop {
         let (mut stream, peer) = tokio::select! {
             biased;
@@ -267,6 +289,7 @@ async fn serve_with<H: Handler>(
         let cancelled = shutdown.clone();
         let open = open.clone();
         let http = http.clone();
+        let drained = drained.clone();
         tokio::spawn(async move {
             let _open = open;
             let mut conn = Conn {
@@ -275,6 +298,7 @@ async fn serve_with<H: Handler>(
                 index: 0,
                 arrived: Instant::now(),
                 verdicts: Verdicts::default(),
+                drained,
             };
             let mut rest = Vec::new();
             if H::EXPRESS {
@@ -306,6 +330,7 @@ async fn serve_with<H: Handler>(
     {
         tracing::warn!("drain timed out; closing the remaining connections");
     }
+    drained.cancel();
 }
 
 /// Serves a connection with hyper until it ends, draining on `cancelled`. `first` is the
@@ -343,7 +368,10 @@ async fn serve_hyper<H: Handler>(
             Ok::<_, Infallible>(response)
         }
     });
-    let connection = http.serve_connection(TokioIo::new(io), service);
+    // With upgrades: after a `101`, hyper hands the connection to the proxy's tunnel.
+    let connection = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,

@@ -33,7 +33,7 @@ pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 /// A forwarded request's body: the client's, streamed, or one held in memory (a body-less or
 /// buffered request, which can be sent again).
-pub type RequestBody = Either<Incoming, Full<Bytes>>;
+pub type RequestBody = Either<super::Streamed, Full<Bytes>>;
 
 /// A request kept so it can be sent again: its head and its whole (small) body.
 #[derive(Debug)]
@@ -177,7 +177,7 @@ impl Pool {
             let (mut sender, reused) = match self.take(addr) {
                 Some(sender) => (sender, true),
                 // Boxed: the rare connect path would otherwise size every request's future.
-                None => match Box::pin(self.connect(addr, limits.connect)).await {
+                None => match Box::pin(connect(addr, limits.connect, false)).await {
                     Ok(sender) => (sender, false),
                     Err(error) => {
                         return Err(SendFailure {
@@ -247,26 +247,37 @@ impl Pool {
         }
     }
 
-    async fn connect(
+    /// Sends an upgrade request (see `proxy::upgrade`) to `addr` on a connection of its own,
+    /// which is never pooled: after a `101`, `hyper::upgrade::on` of the response gives it
+    /// over. Only a refused connection gives the request back.
+    pub async fn send_upgrade(
         &self,
         addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<SendRequest<RequestBody>, SendError> {
-        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| SendError::ConnectTimeout { addr })?
-            .map_err(|source| SendError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| SendError::Upstream { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%addr, %error, "upstream connection ended with an error");
+        req: Request<RequestBody>,
+        limits: Limits,
+    ) -> Result<Response<PooledBody>, SendFailure> {
+        let mut sender = match connect(addr, limits.connect, true).await {
+            Ok(sender) => sender,
+            Err(error) => {
+                return Err(SendFailure {
+                    error,
+                    unsent: Some(req),
+                });
             }
-        });
-        Ok(sender)
+        };
+        match sender.send_request(req).await {
+            Ok(response) => Ok(response.map(|body| PooledBody {
+                body,
+                done: false,
+                home: None,
+                idle: limits.idle,
+                stalled: None,
+            })),
+            Err(source) => Err(SendFailure {
+                error: SendError::Upstream { addr, source },
+                unsent: None,
+            }),
+        }
     }
 
     /// Idle connections held now, over every endpoint (for tests and metrics).
@@ -274,6 +285,34 @@ impl Pool {
         let idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.values().map(Vec::len).sum()
     }
+}
+
+/// A new connection to `addr`, driven in a task of its own; `upgrades`: it may switch protocols.
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<SendRequest<RequestBody>, SendError> {
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| SendError::ConnectTimeout { addr })?
+        .map_err(|source| SendError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| SendError::Upstream { addr, source })?;
+    tokio::spawn(async move {
+        let ended = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(error) = ended {
+            tracing::debug!(%addr, %error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// The time limits of one send.

@@ -17,8 +17,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a request may wait for its response head, retries included (NGINX's
 /// `proxy_read_timeout`). Bodies may stream for longer, as long as they keep moving.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a response body may stall before the mesh gives up on it (Envoy's stream idle
-/// timeout).
+/// How long a response body may stall before the mesh gives up on it, and an upgraded
+/// connection may stay silent both ways before it is closed (Envoy's stream idle timeout).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Retries after the first attempt (502/503/504, timeouts, resets), budget permitting.
 pub const RETRIES: u32 = 2;
@@ -33,7 +33,11 @@ pub struct Resilience {
     pub request_timeout: Duration,
     /// Each attempt's own limit; `None`: the request's.
     pub attempt_timeout: Option<Duration>,
+    /// The longest a response body may stall, and an upgraded connection (a WebSocket) may
+    /// carry no byte either way, before the mesh closes it.
     pub idle_timeout: Duration,
+    /// The largest request body in bytes; `None` (the default): no limit, bodies stream.
+    pub max_request_body: Option<u64>,
     pub retries: u32,
     pub balance: Balance,
     pub outlier: Outlier,
@@ -47,6 +51,7 @@ impl Default for Resilience {
             request_timeout: REQUEST_TIMEOUT,
             attempt_timeout: None,
             idle_timeout: IDLE_TIMEOUT,
+            max_request_body: None,
             retries: RETRIES,
             balance: Balance::default(),
             outlier: Outlier::default(),

@@ -277,6 +277,7 @@ fn declared(service: &str, addr: SocketAddr) -> Declared {
         tags: Vec::new(),
         meta: BTreeMap::new(),
         check: Check::Ttl(Duration::from_secs(1)),
+        deregister_after: None,
     }
 }
 

@@ -24,4 +24,5 @@ mod registry_mesh;
 mod resilience;
 mod support;
 mod two_hops;
+mod upgrade;
 mod wire;

@@ -496,6 +496,54 @@ async fn sighup_reloads_policies_under_load_and_refuses_a_bad_file() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_passes_the_agent_binary_and_sigterm_closes_it_without_waiting_out_the_drain() {
+    use crate::upgrade::{WsEcho, exercise, next_data, ws_connect};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let echo = WsEcho::spawn("127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(&catalog, catalog_text("127.0.0.1:1", echo.addr)).unwrap();
+    let mut agent = AgentProcess::start(&catalog, &[]).await;
+    write_atomically(&catalog, &catalog_text(&agent.inbound, echo.addr));
+    let outbound: std::net::SocketAddr = agent.outbound.parse().unwrap();
+    let url = "ws://localhost/service/app/socket";
+    // Once the agent routes `app`, the handshake succeeds.
+    let mut routed = false;
+    for _ in 0..200 {
+        let stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::client_async(url, stream),
+        )
+        .await
+        {
+            routed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(routed, "the agent never routed the WebSocket");
+    exercise(ws_connect(outbound, url).await).await;
+
+    let mut ws = ws_connect(outbound, url).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("still here"));
+    sigterm(&agent.child);
+    // The drain may take 10 s for requests in flight; an open WebSocket does not hold it up.
+    let status = tokio::time::timeout(Duration::from_secs(5), agent.child.wait())
+        .await
+        .expect("the agent exits without waiting for the WebSocket")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the WebSocket is closed with the process");
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+}
+
 fn signal(child: &Child, name: &str) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")

@@ -1025,3 +1025,134 @@ async fn closes_within(client: &mut Wire, limit: Duration) -> bool {
         Ok(Ok(0) | Err(_))
     )
 }
+
+// === Bodies on every method, size limits, upgrades answered as plain HTTP ===
+
+/// A script answering `200` with `<method> <body length>`.
+fn echo_body_length(request: &Received) -> Vec<Step> {
+    vec![write(ok(&format!(
+        "{} {}",
+        request.method,
+        request.body.len()
+    )))]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_or_head_with_a_chunked_body_reaches_the_app_with_exactly_that_body() {
+    let app = Scripted::spawn(node_b(), echo_body_length);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    for method in ["GET", "HEAD", "GET"] {
+        client
+            .send(
+                format!(
+                    "{method} /service/web/q HTTP/1.1\r\nHost: mesh\r\nTransfer-Encoding: chunked\r\n\r\n\
+                     5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        let answer = client.final_response(method).await.unwrap();
+        assert_eq!(answer.status, 200, "{method}: {answer:?}");
+        if method == "GET" {
+            assert_eq!(answer.text(), "GET 12");
+        }
+    }
+    // The connection stayed in step: a plain GET after them is answered as itself.
+    assert_eq!(client.get("/plain").await.text(), "GET 0");
+    let received = app.received();
+    assert_eq!(received.len(), 4, "{received:?}");
+    for request in &received[..3] {
+        assert_eq!(request.body, b"hello, world", "{}", request.head);
+    }
+    assert!(received[3].body.is_empty());
+    mesh.stop().await;
+}
+
+/// The two-hop mesh in front of `app`, with request bodies limited to `limit` bytes.
+async fn limited_mesh_for(app: Placement, limit: u64) -> TestMesh {
+    TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .place(app)
+        .resilience(policies(|r| r.max_request_body = Some(limit)))
+        .spawn()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_with_a_declared_length_over_the_limit_gets_413_and_nothing_is_forwarded() {
+    let app = Scripted::spawn(node_b(), echo_body_length);
+    let mesh = limited_mesh_for(app.placement(), 1024).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let mut request =
+        b"POST /service/web/up HTTP/1.1\r\nHost: mesh\r\nContent-Length: 1025\r\n\r\n".to_vec();
+    request.extend(std::iter::repeat_n(b'x', 1025));
+    client.send(&request).await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert_eq!(answer.header("x-skyline-error"), Some("content-too-large"));
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(app.received().is_empty());
+    assert_eq!(app.accepts(), 0, "nothing reached the application");
+
+    // At the limit it passes.
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let mut request =
+        b"POST /service/web/up HTTP/1.1\r\nHost: mesh\r\nContent-Length: 1024\r\n\r\n".to_vec();
+    request.extend(std::iter::repeat_n(b'x', 1024));
+    client.send(&request).await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!((answer.status, answer.text().as_str()), (200, "POST 1024"));
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_growing_past_the_limit_gets_413_and_the_app_never_gets_a_whole_request() {
+    let app = Scripted::spawn(node_b(), echo_body_length);
+    let mesh = limited_mesh_for(app.placement(), 1024).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    client
+        .send(b"POST /service/web/up HTTP/1.1\r\nHost: mesh\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    let chunk = format!("258\r\n{}\r\n", "y".repeat(600));
+    client.send(chunk.as_bytes()).await;
+    client.send(chunk.as_bytes()).await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert_eq!(answer.header("x-skyline-error"), Some("content-too-large"));
+    assert!(app.received().is_empty(), "{:?}", app.received());
+
+    // Within the limit, chunked, it passes.
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    client
+        .send(b"POST /service/web/up HTTP/1.1\r\nHost: mesh\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    client.send(chunk.as_bytes()).await;
+    client.send(b"0\r\n\r\n").await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!((answer.status, answer.text().as_str()), (200, "POST 600"));
+    assert_eq!(app.received().len(), 1);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_request_answered_without_101_is_an_ordinary_response_and_the_connection_goes_on()
+ {
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    client
+        .send(b"GET /service/web/ws HTTP/1.1\r\nHost: mesh\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await;
+    let answer = client.final_response("GET").await.unwrap();
+    assert_eq!((answer.status, answer.text().as_str()), (200, "/ws"));
+    assert_eq!(client.get("/next").await.text(), "/next");
+    let received = app.received();
+    assert_eq!(received.len(), 2);
+    // The application saw the upgrade asked for, as the client sent it (RFC 9110 §7.8).
+    assert_eq!(received[0].header("upgrade"), Some("websocket"));
+    assert_eq!(received[0].header("connection"), Some("upgrade"));
+    assert_eq!(received[1].header("upgrade"), None);
+    mesh.stop().await;
+}
