@@ -529,19 +529,7 @@ fn go_duration(d: Duration) -> String {
 
 /// A random version-4 UUID, as Consul's session ids are (unique, checked against the state).
 fn new_id() -> String {
-    let b = fastrand::u128(..).to_be_bytes();
-    let mut b = b;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    super::events::uuid_v4()
 }
 
 async fn create(shared: &Shared, body: &[u8]) -> Result<Resp, ApiError> {
