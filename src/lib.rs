@@ -6,7 +6,9 @@
 //!
 //! # Layout
 //!
-//! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table.
+//! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
+//!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
+//!   Consul or etcd) with their checks, and follows SIGHUP.
 //! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names.
 //! - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics` on the admin listener.
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
@@ -30,8 +32,13 @@
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`;
 //!   `proxy::express`, the agent's lane for body-less requests, forwarded as bytes;
 //!   `proxy::upgrade`, HTTP/1.1 upgrades (WebSocket) spliced both ways after `101`.
-//! - [`registry`]: the embedded Consul-compatible registry (API, durable store, health checks).
-//! - [`routing`]: the route table, built from a snapshot and swapped atomically.
+//! - [`registry`]: the embedded Consul-compatible registry: API, Consul's body decoding rules
+//!   (`registry::decode`), durable store (a damaged log is refused, `--repair` keeps what is
+//!   readable), health checks, sessions and KV locks (`registry::session`), `/v1/txn`
+//!   (`registry::txn`), user events (`registry::events`).
+//! - [`routing`]: the route table, built from a snapshot and swapped atomically;
+//!   `routing::reach`, whether a route is reachable as the proxies observe it (refusals move a
+//!   request on to the catch-all or the next tier).
 //! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain, the express lane's connection
 //!   loop; [`serve::guard`] refuses ambiguous HTTP/1 request framing before hyper or the express
 //!   lane acts on it; [`serve::activation`] takes the
