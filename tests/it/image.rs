@@ -1,7 +1,10 @@
 //! The container image: `packaging/build-image` builds a statically linked `skyline` and puts it
 //! alone in a FROM scratch image. The binary is built with the `image-test` profile (nothing
 //! optimised: these tests check that it starts and routes, not how fast) into `target/static`,
-//! apart from the test build's own target directory.
+//! apart from the test build's own target directory. When `SKYLINE_STATIC_BINARY` names a binary
+//! that `build-image` built before (as `scripts/test` does, to delete the static build's 400 MB
+//! of dependencies before the test build starts), the script is given that binary instead and
+//! checks it the same way.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,11 +36,16 @@ impl Drop for TestImage {
     }
 }
 
-/// Runs `packaging/build-image --profile image-test` with `args`; the static binary's path.
+/// Runs `packaging/build-image --profile image-test` (or `--binary $SKYLINE_STATIC_BINARY`)
+/// with `args`; the static binary's path.
 fn build_image(args: &[&str]) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = match std::env::var("SKYLINE_STATIC_BINARY") {
+        Ok(binary) if !binary.is_empty() => ["--binary".to_string(), binary],
+        _ => ["--profile".to_string(), "image-test".to_string()],
+    };
     let output = std::process::Command::new(root.join("packaging/build-image"))
-        .args(["--profile", "image-test"])
+        .args(source)
         .args(args)
         .env("CARGO_TARGET_DIR", root.join("target/static"))
         .stderr(Stdio::inherit())
