@@ -498,7 +498,7 @@ pub const RESILIENCE_KEYS: &[FileKey] = &[
         "balance",
         "`p2c` or `round_robin`",
         Value::Default("\"p2c\""),
-        "How an endpoint is chosen: power of two choices over peak-EWMA latency times requests in flight, or round robin; both respect weights.",
+        "How an endpoint is chosen: power of two choices (each of the two by inverse cost) over EWMA latency times requests in flight, or round robin; both respect weights.",
     ),
     file_only(
         "outlier.consecutive_failures",

@@ -224,6 +224,37 @@ async fn a_slow_instance_gets_less_than_a_tenth_of_the_traffic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_equal_instances_share_each_three_second_window_within_a_fifth_of_even() {
+    let apps = apps(&[Behaviour::Healthy, Behaviour::Healthy]);
+    let mesh = web_mesh(&addrs(&apps), Policies::default()).await;
+    let url = format!("http://{}/service/web/x", mesh.outbound("a"));
+    // About 200 requests a second (2 callers, 10 ms apart), three windows of 3 s.
+    for window in 0..3 {
+        let before: Vec<u64> = apps.iter().map(TestApp::hits).collect();
+        let report = load(&url, 2, Duration::from_secs(3), Duration::from_millis(10)).await;
+        let hits: Vec<u64> = apps
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.hits() - b)
+            .collect();
+        let share = hits[0] as f64 / (hits[0] + hits[1]).max(1) as f64;
+        println!(
+            "window {window}: {} requests, {} failed, split {hits:?} ({:.1}% on the first)",
+            report.sent,
+            report.failed(),
+            share * 100.0
+        );
+        assert_eq!(report.failed(), 0);
+        assert!(hits[0] + hits[1] >= 100, "the load ran: {hits:?}");
+        assert!(
+            (0.4..=0.6).contains(&share),
+            "window {window}: {hits:?} is not within 20% of an even split"
+        );
+    }
+    stop_all(mesh, apps).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_absorb_an_instance_failing_half_its_requests() {
     let apps = apps(&[
         Behaviour::Fail503Every(2),
