@@ -553,7 +553,11 @@ impl Route {
     fn by_cost(&self, a: usize, b: usize, now: u64) -> usize {
         let cost = |i: usize| self.endpoints[i].state.cost(now);
         let (ca, cb) = (cost(a), cost(b));
-        if fastrand::f64() * (ca + cb) < cb { a } else { b }
+        if fastrand::f64() * (ca + cb) < cb {
+            a
+        } else {
+            b
+        }
     }
 
     /// Whether one more endpoint may be ejected without passing the route's share.

@@ -2,8 +2,9 @@
 //! by each test on loopback and killed at its end, even on panic.
 //!
 //! Instances get into etcd the way they do in production: agents register the services they
-//! declare. Only the watch-mechanics tests (resuming, compaction, instances without a node)
-//! write raw keys, because the key layout is what they test.
+//! declare, and an operator registers the others with `skyline register --catalog etcd`. No
+//! test writes an instance key by hand; only a node key is deleted by hand, as an operator's
+//! `etcdctl del` would, to test what becomes of the instances of a node that is gone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -17,9 +18,7 @@ use std::time::{Duration, Instant};
 use skyline::agent::registration::{Check, Declared};
 use skyline::agent::{self, AgentHandle, CatalogSource, Listeners, Settings};
 use skyline::catalog::etcd::client::Client as EtcdClient;
-use skyline::catalog::etcd::{
-    DEFAULT_PREFIX, EtcdDiscovery, EtcdError, InstanceValue, Keys, NodeValue,
-};
+use skyline::catalog::etcd::{DEFAULT_PREFIX, EtcdDiscovery, EtcdError, Keys};
 use skyline::catalog::{self, Discovery, Health, ServiceName, Subscriber};
 use skyline::routing::{Lookup, Policy};
 use tokio::net::{TcpListener, TcpStream};
@@ -476,23 +475,49 @@ fn has(state: &catalog::CatalogState, service: &str) -> bool {
         .is_some_and(|s| s.services.contains_key(service))
 }
 
-async fn put_instance(cluster: &EtcdCluster, service: &str, id: &str, node: &str, port: u16) {
-    let keys = Keys::new(DEFAULT_PREFIX);
-    let value = InstanceValue {
-        node: node.to_owned(),
-        address: None,
-        port,
-        tags: Vec::new(),
-        meta: BTreeMap::new(),
-        health: Health::Passing,
-        weight: 1,
-    };
-    let key = keys.instance(&ServiceName::parse(service).unwrap(), id);
-    let mut client = cluster.client().await;
-    client
-        .put(&key, serde_json::to_vec(&value).unwrap(), 0)
+/// `skyline register --catalog etcd` of instance `id` of `service` on `node` (created at
+/// 127.0.0.3:7041 unless it is registered already), as an operator registers it.
+async fn register(cluster: &EtcdCluster, service: &str, id: &str, node: &str, port: u16) {
+    skyline_etcd(
+        cluster,
+        &[
+            "register",
+            "--name",
+            service,
+            "--id",
+            id,
+            "--node",
+            node,
+            "--port",
+            &port.to_string(),
+            "--node-address",
+            "127.0.0.3",
+            "--inbound-port",
+            "7041",
+        ],
+    )
+    .await;
+}
+
+/// `skyline deregister <id> --catalog etcd`.
+async fn deregister(cluster: &EtcdCluster, id: &str) {
+    skyline_etcd(cluster, &["deregister", id]).await;
+}
+
+/// Runs `skyline <args> --catalog etcd` against `cluster`; fails the test if it fails.
+async fn skyline_etcd(cluster: &EtcdCluster, args: &[&str]) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_skyline"))
+        .args(args)
+        .args(["--catalog", "etcd", "--etcd-endpoints"])
+        .arg(cluster.endpoints().join(","))
+        .output()
         .await
         .unwrap();
+    assert!(
+        output.status.success(),
+        "skyline {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 // === Tests ===
@@ -738,18 +763,8 @@ async fn routing_goes_on_while_etcd_is_down_and_catches_up_after_a_restart() {
 async fn a_watcher_resumes_without_missing_events_and_lists_again_after_a_compaction() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = EtcdCluster::start(3).await;
-    let keys = Keys::new(DEFAULT_PREFIX);
     let mut client = cluster.client().await;
-    let node_value = NodeValue {
-        address: ip("127.0.0.3"),
-        inbound_port: 7041,
-        meta: BTreeMap::new(),
-    };
-    client
-        .put(&keys.node("b"), serde_json::to_vec(&node_value).unwrap(), 0)
-        .await
-        .unwrap();
-    put_instance(&cluster, "one", "one-1", "b", 9001).await;
+    register(&cluster, "one", "one-1", "b", 9001).await;
 
     let cut = Cut::to(cluster.endpoint(0)).await;
     let (mut rx, token) = start_discovery(vec![cut.endpoint()]);
@@ -758,15 +773,9 @@ async fn a_watcher_resumes_without_missing_events_and_lists_again_after_a_compac
     // Disconnected, events happen; the watch resumes at last + 1 and sees every one of them.
     cut.cut();
     wait_catalog(&mut rx, "the cut is noticed", |s| s.error.is_some()).await;
-    put_instance(&cluster, "two", "two-1", "b", 9002).await;
-    put_instance(&cluster, "three", "three-1", "b", 9003).await;
-    client
-        .delete(
-            &keys.instance(&ServiceName::parse("one").unwrap(), "one-1"),
-            false,
-        )
-        .await
-        .unwrap();
+    register(&cluster, "two", "two-1", "b", 9002).await;
+    register(&cluster, "three", "three-1", "b", 9003).await;
+    deregister(&cluster, "one-1").await;
     cut.restore();
     wait_catalog(&mut rx, "resumed with every event", |s| {
         s.error.is_none() && has(s, "two") && has(s, "three") && !has(s, "one")
@@ -776,14 +785,8 @@ async fn a_watcher_resumes_without_missing_events_and_lists_again_after_a_compac
     // Disconnected again; this time the history it would resume from is compacted away.
     cut.cut();
     wait_catalog(&mut rx, "the second cut is noticed", |s| s.error.is_some()).await;
-    put_instance(&cluster, "four", "four-1", "b", 9004).await;
-    client
-        .delete(
-            &keys.instance(&ServiceName::parse("two").unwrap(), "two-1"),
-            false,
-        )
-        .await
-        .unwrap();
+    register(&cluster, "four", "four-1", "b", 9004).await;
+    deregister(&cluster, "two-1").await;
     let revision = cluster.put_raw("skyline-test/bump", "1").await.unwrap();
     client.compact(revision).await.unwrap();
     cut.restore();
@@ -806,28 +809,25 @@ async fn a_watcher_resumes_without_missing_events_and_lists_again_after_a_compac
 async fn instances_whose_node_key_is_missing_are_not_routed() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = EtcdCluster::start(3).await;
-    put_instance(&cluster, "orphan", "orphan-1", "nowhere", 9001).await;
+    register(&cluster, "orphan", "orphan-1", "nowhere", 9001).await;
     let (mut rx, token) = start_discovery(cluster.endpoints());
-    wait_catalog(&mut rx, "the first list", |s| s.snapshot.is_some()).await;
-    assert!(!has(&rx.borrow(), "orphan"));
+    wait_catalog(&mut rx, "the first list", |s| has(s, "orphan")).await;
+    // An operator deletes the node (`etcdctl del`): its instance key stays, orphaned.
     let keys = Keys::new(DEFAULT_PREFIX);
-    let value = NodeValue {
-        address: ip("127.0.0.9"),
-        inbound_port: 5041,
-        meta: BTreeMap::new(),
-    };
     let mut client = cluster.client().await;
-    client
-        .put(
-            &keys.node("nowhere"),
-            serde_json::to_vec(&value).unwrap(),
-            0,
+    client.delete(&keys.node("nowhere"), false).await.unwrap();
+    wait_catalog(&mut rx, "the node leaves", |s| !has(s, "orphan")).await;
+    let orphaned = client
+        .range(
+            &keys.instance(&ServiceName::parse("orphan").unwrap(), "orphan-1"),
+            false,
         )
         .await
         .unwrap();
-    wait_catalog(&mut rx, "the node appears", |s| has(s, "orphan")).await;
-    client.delete(&keys.node("nowhere"), false).await.unwrap();
-    wait_catalog(&mut rx, "the node leaves", |s| !has(s, "orphan")).await;
+    assert_eq!(orphaned.kvs.len(), 1, "the instance key is still there");
+    // Registered again, the node comes back and with it the instance.
+    register(&cluster, "orphan", "orphan-1", "nowhere", 9001).await;
+    wait_catalog(&mut rx, "the node is back", |s| has(s, "orphan")).await;
     token.cancel();
 }
 
