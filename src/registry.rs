@@ -31,8 +31,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -44,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::catalog::{self, Discovery, Instance, Interner, Node, Nodes, Publisher, ServiceName};
+use crate::serve::guard::{Guarded, Limits, Rejection};
 use api::ApiError;
 use checks::{Checks, ProbeResult};
 use store::{Op, Record, State, Store, StoreError};
@@ -239,12 +244,27 @@ async fn serve(
             }
         };
         let shared = shared.clone();
-        let service = service_fn(move |req| api::handle(shared.clone(), req));
+        // The framing guard every listener of ours has: hyper alone would take a request with
+        // both Content-Length and Transfer-Encoding, among others (tests/it/smuggling.rs).
+        let limits = Limits::default();
+        let (io, verdicts) = Guarded::new(stream, limits);
+        let index = AtomicU64::new(0);
+        let service = service_fn(move |req| {
+            let rejection = verdicts.rejection_for(index.fetch_add(1, Ordering::Relaxed));
+            let shared = shared.clone();
+            async move {
+                match rejection {
+                    Some(rejection) => Ok(refused(rejection)),
+                    None => api::handle(shared, req).await,
+                }
+            }
+        });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(stream), service);
+            // Looser than the guard's limits, so the guard always speaks first.
+            .max_buf_size(limits.max_head * 2)
+            .serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         let span = tracing::debug_span!("registry connection", %peer);
         tokio::spawn(
@@ -264,6 +284,25 @@ async fn serve(
         }
     }
     core_stop.cancel();
+}
+
+/// The answer to a request the framing guard refused: its status, the mesh's error header,
+/// and the end of the connection.
+fn refused(rejection: Rejection) -> api::Resp {
+    tracing::debug!(reason = rejection.reason, "registry request refused");
+    let mut resp = Response::new(Full::new(Bytes::from(format!(
+        "bad request: {}\n",
+        rejection.reason
+    ))));
+    *resp.status_mut() = rejection.status;
+    let headers = resp.headers_mut();
+    headers.insert("x-skyline-error", HeaderValue::from_static("bad-request"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 // === Core ===

@@ -62,6 +62,35 @@ const DISCARD_ROUNDS: usize = 8;
 /// of a trailer name are kept for the comparison.
 const TRAILER_NAME_KEEP: usize = 20;
 
+/// Whether `value` is a Host field value, `uri-host [ ":" port ]` (RFC 3986): a reg-name,
+/// an IPv4 address or a bracketed IP literal; empty is allowed (RFC 9112 §3.2).
+fn host_is_valid(value: &[u8]) -> bool {
+    value.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
+}
+
 /// Trailer fields that would change framing or routing if merged into the head downstream.
 const FORBIDDEN_TRAILERS: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
 
@@ -465,8 +494,10 @@ enum Chunk {
     Size {
         digits: u8,
     },
-    /// Whitespace after the size, before `;` or CR.
+    /// Whitespace after the size: only before `;` (RFC 9112's BWS), never before CR.
     SizeWs,
+    /// After `;`, before the extension's name.
+    ExtStart,
     /// Inside chunk extensions.
     Ext,
     /// CR of the size line seen, LF expected.
@@ -696,6 +727,7 @@ impl Scanner {
         }
 
         let mut host_count = 0;
+        let mut host_valid = true;
         let mut te_count = 0;
         let mut te_chunked = false;
         let mut cl_count = 0;
@@ -709,12 +741,15 @@ impl Scanner {
                 cl = parse_content_length(h.value);
             } else if h.name.eq_ignore_ascii_case("host") {
                 host_count += 1;
+                host_valid &= host_is_valid(trim_ows(h.value));
             }
         }
-        // RFC 9112 §3.2: two Host lines make the routing target ambiguous.
+        // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host, with
+        // two Host lines (the routing target is ambiguous) or with an invalid one.
         if host_count > 1 {
             return Err(Rejection::bad("repeated host"));
         }
+
         let framing = if te_count > 0 {
             if cl_count > 0 {
                 return Err(Rejection::bad("content-length with transfer-encoding"));
@@ -741,6 +776,12 @@ impl Scanner {
         } else {
             Framing::Head
         };
+        if host_count == 0 && version == 1 {
+            return Err(Rejection::bad("missing host"));
+        }
+        if !host_valid {
+            return Err(Rejection::bad("invalid host"));
+        }
         Ok((req, framing))
     }
 
@@ -769,7 +810,7 @@ impl Scanner {
             }
             let b = data[*pos];
             match chunk {
-                Chunk::Size { .. } | Chunk::SizeWs | Chunk::Ext if b != b'\r' => {
+                Chunk::Size { .. } | Chunk::SizeWs | Chunk::ExtStart | Chunk::Ext if b != b'\r' => {
                     self.chunk_line = self.chunk_line.saturating_add(1);
                     if self.chunk_line > limits.max_chunk_line {
                         return Err(Rejection::bad("chunk size line too long"));
@@ -800,17 +841,22 @@ impl Scanner {
                     } else {
                         match b {
                             b'\r' => Chunk::SizeLf,
-                            b';' => Chunk::Ext,
+                            b';' => Chunk::ExtStart,
                             b' ' | b'\t' => Chunk::SizeWs,
                             _ => return Err(Rejection::bad("invalid chunk size")),
                         }
                     }
                 }
+                // "5 \r\n" is read as 5 by some parsers and refused by others: refused here.
                 Chunk::SizeWs => match b {
                     b' ' | b'\t' => Chunk::SizeWs,
-                    b';' => Chunk::Ext,
-                    b'\r' => Chunk::SizeLf,
-                    _ => return Err(Rejection::bad("invalid chunk size")),
+                    b';' => Chunk::ExtStart,
+                    _ => return Err(Rejection::bad("whitespace after chunk size")),
+                },
+                Chunk::ExtStart => match b {
+                    b' ' | b'\t' => Chunk::ExtStart,
+                    b if is_tchar(b) => Chunk::Ext,
+                    _ => return Err(Rejection::bad("chunk extension without a name")),
                 },
                 Chunk::Ext => match b {
                     b'\r' => Chunk::SizeLf,
@@ -1170,22 +1216,20 @@ mod tests {
         use Expect::*;
         let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
         let big_head = format!(
-            "GET / HTTP/1.1\r\n{}\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
             (0..10)
                 .map(|i| format!("X-{i}: {}\r\n", "v".repeat(7000)))
                 .collect::<String>()
         );
         let many_headers = format!(
-            "GET / HTTP/1.1\r\n{}\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
             (0..101)
                 .map(|i| format!("X-{i}: v\r\n"))
                 .collect::<String>()
         );
         let max_headers = format!(
-            "GET / HTTP/1.1\r\n{}\r\n",
-            (0..100)
-                .map(|i| format!("X-{i}: v\r\n"))
-                .collect::<String>()
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            (0..99).map(|i| format!("X-{i}: v\r\n")).collect::<String>()
         );
         let post = |headers: &str, body: &str| {
             format!("POST /upload HTTP/1.1\r\nHost: a\r\n{headers}\r\n{body}").into_bytes()
@@ -1317,7 +1361,7 @@ mod tests {
             ),
             (
                 "bare cr in value",
-                b"GET / HTTP/1.1\r\nX: a\rb\r\nHost: a\r\n\r\n".to_vec(),
+                b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\nHost: a\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
@@ -1327,22 +1371,22 @@ mod tests {
             ),
             (
                 "nul in value",
-                b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n".to_vec(),
+                b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
                 "nul in target",
-                b"GET /a\0b HTTP/1.1\r\n\r\n".to_vec(),
+                b"GET /a\0b HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
                 "obs-fold",
-                b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n".to_vec(),
+                b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
                 "obs-fold tab",
-                b"GET / HTTP/1.1\r\nX: a\r\n\tb\r\n\r\n".to_vec(),
+                b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n\tb\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
@@ -1352,7 +1396,7 @@ mod tests {
             ),
             (
                 "space in header name",
-                b"GET / HTTP/1.1\r\nX Y: a\r\n\r\n".to_vec(),
+                b"GET / HTTP/1.1\r\nHost: a\r\nX Y: a\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
@@ -1361,21 +1405,41 @@ mod tests {
                 Head(400),
             ),
             (
+                "no host on http/1.1",
+                b"GET / HTTP/1.1\r\nX: a\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "space in host",
+                b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n".to_vec(),
+                Head(400),
+            ),
+            (
+                "no host on http/1.0",
+                b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+                Pass,
+            ),
+            (
+                "host with a port and an ip literal",
+                b"GET / HTTP/1.1\r\nHost: [::1]:5040\r\n\r\n".to_vec(),
+                Pass,
+            ),
+            (
                 "empty header name",
-                b"GET / HTTP/1.1\r\n: a\r\n\r\n".to_vec(),
+                b"GET / HTTP/1.1\r\nHost: a\r\n: a\r\n\r\n".to_vec(),
                 Head(400),
             ),
             // Request line.
             (
                 "invalid method",
-                b"G(T / HTTP/1.1\r\n\r\n".to_vec(),
+                b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
                 Head(400),
             ),
             ("http/1.2", b"GET / HTTP/1.2\r\n\r\n".to_vec(), Head(400)),
             ("http/0.9 style", b"GET /\r\n\r\n".to_vec(), Head(400)),
             (
                 "target http::Uri refuses",
-                b"GET /a<b HTTP/1.1\r\n\r\n".to_vec(),
+                b"GET /a<b HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
                 Head(400),
             ),
             (
@@ -1404,6 +1468,16 @@ mod tests {
                 Body,
             ),
             ("chunk size bare cr", chunked("5\rhello\r\n0\r\n\r\n"), Body),
+            (
+                "whitespace after chunk size",
+                chunked("5\t\r\nhello\r\n0\r\n\r\n"),
+                Body,
+            ),
+            (
+                "chunk ext without a name",
+                chunked("5;\r\nhello\r\n0\r\n\r\n"),
+                Body,
+            ),
             ("chunk size not hex", chunked("g\r\n"), Body),
             ("chunk size empty", chunked("\r\nhello\r\n0\r\n\r\n"), Body),
             ("chunk size bare lf", chunked("5\nhello\r\n0\r\n\r\n"), Body),
@@ -1447,6 +1521,11 @@ mod tests {
                 Pass,
             ),
             (
+                "chunk ext after whitespace",
+                chunked("5 ;a=b\r\nhello\r\n0\r\n\r\n"),
+                Pass,
+            ),
+            (
                 "chunked with extensions and trailers",
                 chunked(
                     "5;name=val;x\r\nhello\r\nA\r\n0123456789\r\n0;last\r\nX-Sum: 1\r\nEtag: \"a\"\r\n\r\n",
@@ -1471,7 +1550,7 @@ mod tests {
             ),
             (
                 "target with quote",
-                b"GET /a\"b HTTP/1.1\r\n\r\n".to_vec(),
+                b"GET /a\"b HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
                 Pass,
             ),
             (
@@ -1609,7 +1688,7 @@ mod tests {
             HeadCheck::TooManyForSlots
         ));
         // Two heads: only a whole single head is accepted.
-        let two = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        let two = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
         let mut slots = [const { MaybeUninit::uninit() }; 8];
         assert!(matches!(
             validate_head(two, limits, &mut slots),
@@ -1697,7 +1776,7 @@ mod tests {
     #[test]
     fn a_broken_body_after_a_valid_request_is_charged_to_its_own_request() {
         let good = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n";
-        let bad = b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n";
+        let bad = b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n";
         let input = [&good[..], &bad[..]].concat();
         let got = run(&input);
         assert!(input.starts_with(&got.output));
@@ -1714,7 +1793,9 @@ mod tests {
 
     #[test]
     fn rejection_for_answers_only_the_refused_index() {
-        let input = b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\nGET /\n\r\n".to_vec();
+        let input =
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET /\n\r\n"
+                .to_vec();
         let (mut guarded, verdicts) = Guarded::new(
             Feed {
                 data: input,
@@ -1801,7 +1882,7 @@ mod tests {
                 .await?;
             client
                 .write_all(
-                    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
                 )
                 .await?;
             client.shutdown().await
@@ -1857,7 +1938,7 @@ mod tests {
     #[test]
     fn chunk_line_and_trailer_limits_are_enforced() {
         let limits = small_limits();
-        let head = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let head = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
         let long_ext = format!("{head}1;{}\r\na\r\n0\r\n\r\n", "e".repeat(30));
         let long_trailers = format!("{head}0\r\nX-A: {}\r\n\r\n", "v".repeat(60));
         let fits = format!(
@@ -1881,10 +1962,13 @@ mod tests {
     #[test]
     fn a_large_body_is_skipped_without_holding_it() {
         let body = vec![b'z'; 1 << 20];
-        let mut input =
-            format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        let mut input = format!(
+            "PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
         input.extend_from_slice(&body);
-        input.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        input.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         let feed = Feed {
             data: input.clone(),
             pos: 0,
@@ -1915,12 +1999,18 @@ mod tests {
             0 => out.extend_from_slice(b"GET /x?y=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
             1 => {
                 out.extend_from_slice(
-                    format!("PUT /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                    format!(
+                        "PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
                 );
                 out.extend_from_slice(body);
             }
             _ => {
-                out.extend_from_slice(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+                out.extend_from_slice(
+                    b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                );
                 let mut rest = body;
                 for &size in chunks {
                     let n = min(size, rest.len());
@@ -1960,8 +2050,8 @@ mod tests {
 
     /// Pieces of HTTP, good and bad, so that random streams reach deep into the state machine.
     const PIECES: &[&[u8]] = &[
-        b"GET / HTTP/1.1\r\n",
-        b"POST /p HTTP/1.1\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n",
+        b"POST /p HTTP/1.1\r\nHost: a\r\n",
         b"GET / HTTP/1.0\r\n",
         b"Host: a\r\n",
         b"Content-Length: 3\r\n",
