@@ -22,6 +22,7 @@ mod processes;
 mod registry;
 mod registry_mesh;
 mod resilience;
+mod smuggling;
 mod support;
 mod two_hops;
 mod upgrade;

@@ -361,13 +361,13 @@ async fn an_idle_upgraded_connection_is_closed_after_the_idle_timeout() {
 
 /// dnsmasq on loopback as the cluster DNS, answering each `(name, ip)` and NXDOMAIN for the
 /// rest of `cluster.local`; killed on drop.
-struct ClusterDns {
-    addr: SocketAddr,
+pub(crate) struct ClusterDns {
+    pub(crate) addr: SocketAddr,
     _child: tokio::process::Child,
 }
 
 impl ClusterDns {
-    async fn start(names: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start(names: &[(&str, &str)]) -> Self {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -408,59 +408,86 @@ impl ClusterDns {
     }
 }
 
+/// The path to a cluster service: a bridge on 127.0.0.4 that resolves names with `dns` and
+/// sends to their `port`, and a gateway on 127.0.0.6 (with an empty catalog) whose Kubernetes
+/// tier is that bridge.
+pub(crate) struct ClusterPath {
+    pub(crate) gateway: skyline::gateway::GatewayHandle,
+    pub(crate) bridge: skyline::bridge::BridgeHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl ClusterPath {
+    pub(crate) async fn start(dns: &ClusterDns, port: u16) -> Self {
+        let bridge = skyline::bridge::spawn(
+            skyline::bridge::Settings {
+                listen: vec!["127.0.0.4:0".parse().unwrap()],
+                admin: None,
+                dns: dns.addr,
+                names: skyline::bridge::Names {
+                    port,
+                    ..Default::default()
+                },
+                gateways: vec!["127.0.0.1:9".parse().unwrap()],
+                catalog: None,
+                max_hops: 8,
+                resilience: Default::default(),
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = dir.path().join("catalog.toml");
+        write_atomically(
+            &catalog,
+            &skyline::catalog::file::render(&Snapshot::default()),
+        );
+        let gateway = skyline::gateway::spawn(
+            skyline::gateway::Settings {
+                listen: "127.0.0.6:0".parse().unwrap(),
+                admin: None,
+                catalog: CatalogSource::File(catalog),
+                upstreams: BTreeMap::from([(
+                    skyline::gateway::policy::KUBERNETES.to_owned(),
+                    skyline::gateway::policy::Upstream {
+                        pool: skyline::gateway::policy::Pool::Addresses(bridge.addrs.clone()),
+                        bridge: true,
+                    },
+                )]),
+                routes: BTreeMap::new(),
+                default_hold: Duration::from_millis(100),
+                max_hops: 8,
+                kv: None,
+                include_warning: false,
+                reload: None,
+                resilience: Default::default(),
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        Self {
+            gateway,
+            bridge,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) async fn stop(self) {
+        self.gateway.shutdown();
+        self.gateway.join().await;
+        self.bridge.shutdown();
+        self.bridge.join().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_passes_outbound_gateway_and_bridge_to_a_cluster_service() {
     let echo = WsEcho::spawn("127.0.0.5:0".parse().unwrap()).await;
     let dns = ClusterDns::start(&[("chat.default.svc.cluster.local", "127.0.0.5")]).await;
-    let names = skyline::bridge::Names {
-        port: echo.addr.port(),
-        ..Default::default()
-    };
-    let bridge = skyline::bridge::spawn(
-        skyline::bridge::Settings {
-            listen: vec!["127.0.0.4:0".parse().unwrap()],
-            admin: None,
-            dns: dns.addr,
-            names,
-            gateways: vec!["127.0.0.1:9".parse().unwrap()],
-            catalog: None,
-            max_hops: 8,
-            resilience: Default::default(),
-        },
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = dir.path().join("catalog.toml");
-    write_atomically(
-        &catalog,
-        &skyline::catalog::file::render(&Snapshot::default()),
-    );
-    let gateway = skyline::gateway::spawn(
-        skyline::gateway::Settings {
-            listen: "127.0.0.6:0".parse().unwrap(),
-            admin: None,
-            catalog: CatalogSource::File(catalog),
-            upstreams: BTreeMap::from([(
-                skyline::gateway::policy::KUBERNETES.to_owned(),
-                skyline::gateway::policy::Upstream {
-                    pool: skyline::gateway::policy::Pool::Addresses(bridge.addrs.clone()),
-                    bridge: true,
-                },
-            )]),
-            routes: BTreeMap::new(),
-            default_hold: Duration::from_millis(100),
-            max_hops: 8,
-            kv: None,
-            include_warning: false,
-            reload: None,
-            resilience: Default::default(),
-        },
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let path = ClusterPath::start(&dns, echo.addr.port()).await;
+    let gateway = &path.gateway;
     // `chat` is unknown to the agent's catalog: it goes to the catch-all, the gateway.
     let mesh = TestMesh::builder()
         .node("a", "127.0.0.2")
@@ -474,10 +501,7 @@ async fn a_websocket_passes_outbound_gateway_and_bridge_to_a_cluster_service() {
     assert_eq!(handshakes[0].0, "/live");
     assert_eq!(handshakes[0].1, "websocket");
     mesh.stop().await;
-    gateway.shutdown();
-    gateway.join().await;
-    bridge.shutdown();
-    bridge.join().await;
+    path.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
