@@ -714,3 +714,33 @@ async fn index_of(client: &Client, url: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn human_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    // The human format (the default), into a pipe as into a log file or a journal.
+    let mut child = Command::new(SKYLINE)
+        .args(["registry", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("SKYLINE_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = StderrLog::follow(&mut child);
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = log.next().await {
+            if line.contains("registry started") {
+                return line;
+            }
+        }
+        panic!("the registry ended without logging that it started");
+    })
+    .await
+    .expect("the registry logs that it started");
+    assert!(!line.contains('\x1b'), "an escape code in {line:?}");
+    assert!(line.contains(" INFO "), "a plain level in {line:?}");
+}
