@@ -1,6 +1,8 @@
 //! The admin listener (:5050): `/healthz`, `/readyz` (is a catalog in force, and how old is it),
 //! `/routes` (the live route table as JSON, with its `version`: how many tables the agent
-//! swapped in since it started) and `/metrics` (Prometheus text, see [`crate::metrics`]).
+//! swapped in since it started), `/explain?url=<url>` (why a request to that URL would go
+//! where it goes, see [`Outbound::explain`]) and `/metrics` (Prometheus text, see
+//! [`crate::metrics`]).
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use hyper::body::Incoming;
 
 use crate::catalog::{CatalogState, Subscriber};
 use crate::metrics::{self, Metrics};
+use crate::proxy::outbound::Outbound;
 use crate::proxy::{Body, full};
 use crate::routing::Routes;
 use crate::serve::{Conn, Handler};
@@ -24,6 +27,8 @@ struct Inner {
     catalog: Subscriber,
     source: String,
     metrics: Arc<Metrics>,
+    /// The outbound proxy, for `/explain`; `None` when the agent has no outbound listener.
+    outbound: Option<Outbound>,
 }
 
 impl Admin {
@@ -32,6 +37,7 @@ impl Admin {
         catalog: Subscriber,
         source: String,
         metrics: Arc<Metrics>,
+        outbound: Option<Outbound>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -39,6 +45,7 @@ impl Admin {
                 catalog,
                 source,
                 metrics,
+                outbound,
             }),
         }
     }
@@ -73,6 +80,33 @@ impl Admin {
         }
         body
     }
+
+    /// `/explain?url=<url>`: 400 without a `url`, 404 without an outbound proxy.
+    fn explain(&self, query: Option<&str>) -> (StatusCode, serde_json::Value) {
+        let url = query.unwrap_or("").split('&').find_map(|pair| {
+            let value = pair.strip_prefix("url=")?;
+            crate::registry::api::percent_decode(value, true)
+        });
+        let Some(url) = url else {
+            return (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "bad-request", "detail": "expected /explain?url=/service/<name>/<path>"}),
+            );
+        };
+        let Some(outbound) = &self.inner.outbound else {
+            return (
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not-found", "detail": "this agent has no outbound listener"}),
+            );
+        };
+        match outbound.explain(&url) {
+            Ok(body) => (StatusCode::OK, body),
+            Err(error) => (
+                error.status(),
+                serde_json::json!({"error": error.code(), "detail": error.to_string()}),
+            ),
+        }
+    }
 }
 
 impl Handler for Admin {
@@ -87,9 +121,10 @@ impl Handler for Admin {
                 return metrics_response(&self.inner.metrics, Some(&catalog));
             }
             "/routes" => (StatusCode::OK, self.routes()),
+            "/explain" => self.explain(req.uri().query()),
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/explain", "/metrics"]}),
             ),
         };
         json_response(status, &body)

@@ -404,6 +404,7 @@ pub async fn start(
         addr(&listeners.inbound),
         addr(&listeners.admin),
     );
+    let mut explainer = None;
     if let Some(listener) = listeners.outbound {
         let catch_all = (!settings.catch_all.is_empty()).then(|| {
             Route::new(
@@ -420,6 +421,7 @@ pub async fn start(
             policies.clone(),
             catch_all,
         );
+        explainer = Some(handler.clone());
         let recorder = Recorder::new(Role::Outbound, metrics.clone());
         tasks.spawn(serve::serve_recorded(
             listener,
@@ -444,6 +446,7 @@ pub async fn start(
             subscriber.clone(),
             source_name.clone(),
             metrics.clone(),
+            explainer,
         );
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }

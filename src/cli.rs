@@ -1,8 +1,9 @@
 //! Operator commands against a registry (ours or Consul), or etcd with `--catalog etcd`
 //! (see [`etcd`]): `skyline services`, `skyline register`, `skyline deregister`; [`kubernetes`] is
-//! `skyline k8s services`.
+//! `skyline k8s services`; [`explain`] asks an agent why a request would go where it goes.
 
 pub mod etcd;
+pub mod explain;
 pub mod kubernetes;
 
 use std::collections::BTreeMap;

@@ -84,6 +84,8 @@ enum Command {
     },
     /// Kubernetes: `skyline k8s services` prints the Services that stand for Mesos services
     K8s(skyline::cli::kubernetes::K8sArgs),
+    /// Explain where a request to a URL would go, and why, asking the local agent
+    Explain(skyline::cli::explain::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -207,6 +209,7 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::Services(args) => skyline::cli::services(args, &mut std::io::stdout()).await?,
         Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
         Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
+        Command::Explain(args) => skyline::cli::explain::run(&args, &mut std::io::stdout()).await?,
         Command::K8s(args) => {
             let (mut out, mut notes) = (std::io::stdout(), std::io::stderr());
             skyline::cli::kubernetes::run(args, &mut out, &mut notes).await?

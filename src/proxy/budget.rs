@@ -82,6 +82,15 @@ impl RetryBudget {
 
     pub fn try_withdraw_at(&self, now: u64) -> bool {
         let current = self.bucket(now);
+        if self.left_at(now) == 0 {
+            return false;
+        }
+        current.retries.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// How many retries the budget allows at `now` ([`now_ns`] scale).
+    pub fn left_at(&self, now: u64) -> u64 {
         let second = now / 1_000_000_000 + 1;
         let (mut requests, mut retries) = (0u64, 0u64);
         for b in &self.buckets {
@@ -93,11 +102,7 @@ impl RetryBudget {
         }
         let allowed =
             self.ratio * requests as f64 + f64::from(self.min_per_second) * WINDOW_SECS as f64;
-        if (retries + 1) as f64 > allowed {
-            return false;
-        }
-        current.retries.fetch_add(1, Ordering::Relaxed);
-        true
+        (allowed.floor() as u64).saturating_sub(retries)
     }
 }
 

@@ -19,9 +19,11 @@ use super::{
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, service_label};
-use crate::routing::reach::Admit;
+use crate::routing::reach::{Admit, Observed};
 use crate::routing::{Lookup, Route, Routes, Table};
 use crate::serve::{Conn, Proxy};
+
+mod explain;
 
 #[derive(Clone)]
 pub struct Outbound {
@@ -154,6 +156,17 @@ impl Inner {
     /// The routes of a request for `name` in `table`: the service's own, then the catch-all;
     /// or the catch-all alone.
     fn route(&self, table: &Table, name: &str) -> Result<Plan, MeshError> {
+        self.route_with(table, name, Observed::admit)
+    }
+
+    /// [`route`](Self::route), asking a troubled route's reachability with `admit` (which
+    /// [`explain`](Outbound::explain) replaces with a look that takes no trial).
+    fn route_with(
+        &self,
+        table: &Table,
+        name: &str,
+        admit: impl FnOnce(&Observed, Instant, Duration) -> Admit,
+    ) -> Result<Plan, MeshError> {
         let catch_all = self
             .catch_all
             .as_ref()
@@ -164,7 +177,7 @@ impl Inner {
                 // Routable again only recently: the gateway decides until the hold passes.
                 Some(gateway) if table.warming(name) => gateway,
                 // Found unreachable by requests: the gateway, but for a trial now and then.
-                Some(gateway) => match route.observed.admit(Instant::now(), hold) {
+                Some(gateway) => match admit(&route.observed, Instant::now(), hold) {
                     Admit::Use | Admit::Trial => {
                         return Ok((route.clone(), Some(gateway.clone()), hold));
                     }

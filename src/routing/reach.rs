@@ -169,6 +169,16 @@ impl Observed {
         self.with(|reach| reach.admit(now, hold))
     }
 
+    /// What [`admit`](Self::admit) would answer at `now`, without taking a trial: for
+    /// explaining a route, not for sending.
+    pub fn peek(&self, now: Instant, hold: Duration) -> Admit {
+        if !self.troubled.load(Ordering::Relaxed) {
+            return Admit::Use;
+        }
+        let mut reach = *self.reach.lock().unwrap_or_else(|e| e.into_inner());
+        reach.admit(now, hold)
+    }
+
     /// Whether the route is not known to be unreachable: up, or recovering.
     pub fn usable(&self) -> bool {
         !self.troubled.load(Ordering::Relaxed)

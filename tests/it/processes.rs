@@ -744,3 +744,117 @@ async fn human_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     assert!(!line.contains('\x1b'), "an escape code in {line:?}");
     assert!(line.contains(" INFO "), "a plain level in {line:?}");
 }
+
+/// Runs `skyline explain <args>`; its exit status, stdout and stderr.
+async fn explain(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(SKYLINE)
+        .arg("explain")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skyline_explain_tells_the_route_its_endpoints_ejections_and_the_answer_of_unroutable_services()
+ {
+    let app = TestApp::spawn("app", ip("127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    // `pair` runs on this node and on node `dead`, whose inbound port refuses connections.
+    let text = |inbound_port: &str| {
+        format!(
+            "[[node]]\nname = \"local\"\naddress = \"127.0.0.1\"\ninbound_port = {inbound_port}\n\n\
+             [[node]]\nname = \"dead\"\naddress = \"127.0.0.9\"\ninbound_port = 1\n\n\
+             [[service]]\nname = \"app\"\nnode = \"local\"\nport = {port}\n\n\
+             [[service]]\nname = \"pair\"\nnode = \"local\"\nport = {port}\n\n\
+             [[service]]\nname = \"pair\"\nnode = \"dead\"\nport = {port}\n\n\
+             [[service]]\nname = \"down\"\nnode = \"local\"\nport = {port}\nhealth = \"critical\"\n",
+            port = app.addr.port()
+        )
+    };
+    std::fs::write(&catalog, text("1")).unwrap();
+    let mut child = Command::new(SKYLINE)
+        .args(["agent", "--log-format", "json", "--catalog", "file"])
+        .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0"])
+        .args(["--admin", "127.0.0.1:0", "--catalog-file"])
+        .arg(&catalog)
+        .env("SKYLINE_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = StderrLog::follow(&mut child);
+    let started = log.wait_for("agent started").await;
+    let field = |name: &str| started[name].as_str().unwrap().to_owned();
+    let (outbound, inbound, admin) = (field("outbound"), field("inbound"), field("admin"));
+    let inbound_port = inbound.rsplit(':').next().unwrap();
+    write_atomically(&catalog, &text(inbound_port));
+    let client = Client::new();
+    until_ok(&format!("http://{outbound}/service/pair/x")).await;
+    // Enough requests that the dead node's endpoint fails five times in a row: every one of
+    // them still succeeds, on this node.
+    for _ in 0..30 {
+        let reply = client
+            .get(&format!("http://{outbound}/service/pair/x"))
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+
+    let (ok, out, err) = explain(&["http://localhost:5040/service/app/x", "--admin", &admin]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("app: the catalog routes the service"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{inbound} ")) && out.contains("eligible"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("next pick: {inbound}")), "{out}");
+
+    let (ok, out, err) = explain(&["/service/pair/x", "--admin", &admin, "--json"]).await;
+    assert!(ok, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let endpoints = answer["route"]["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 2, "{answer}");
+    let dead = endpoints
+        .iter()
+        .find(|e| e["addr"] == "127.0.0.9:1")
+        .unwrap();
+    assert_eq!(dead["eligible"], false, "{dead}");
+    assert!(
+        dead["why"].as_str().unwrap().starts_with("ejected"),
+        "{dead}"
+    );
+    assert_eq!(answer["next_pick"]["addr"], inbound.as_str(), "{answer}");
+    assert_eq!(answer["policy"]["retries"], 2, "{answer}");
+
+    let (ok, out, _) = explain(&["/service/nowhere/", "--admin", &admin]).await;
+    assert!(ok);
+    assert!(
+        out.contains("catalog: unknown") && out.contains("answer: 404 unknown-service"),
+        "{out}"
+    );
+    let (ok, out, _) = explain(&["/service/down/", "--admin", &admin]).await;
+    assert!(ok);
+    assert!(
+        out.contains("catalog: known, no routable instance")
+            && out.contains("answer: 503 no-healthy-endpoint"),
+        "{out}"
+    );
+    let (ok, _, err) = explain(&["/service/Bad!/", "--admin", &admin]).await;
+    assert!(!ok);
+    assert!(err.contains("invalid service name"), "{err}");
+    let (ok, _, err) = explain(&["/service/app/", "--admin", "127.0.0.1:1"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("no agent's admin listener answers at 127.0.0.1:1"),
+        "{err}"
+    );
+}

@@ -1,0 +1,127 @@
+//! `skyline explain <url>`: asks an agent's admin listener (`/explain`) why a request to `url`
+//! would go where it goes, and prints the answer for a person (or as JSON).
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use serde_json::Value;
+
+use super::CliError;
+use crate::registry::client::{ClientError, RegistryClient};
+
+/// Explain where a request would go.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ExplainArgs {
+    /// The request's URL: /service/<name>/<path>, http://localhost:5040/service/..., or a
+    /// cluster-DNS URL such as http://giphy.default.svc.cluster.local/media
+    pub url: String,
+
+    /// The agent's admin listener
+    #[arg(
+        long,
+        env = "SKYLINE_ADMIN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:5050"
+    )]
+    pub admin: SocketAddr,
+
+    /// Print the agent's JSON answer instead
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let client = RegistryClient::new(args.admin);
+    let mut query = String::from("/explain?url=");
+    for b in args.url.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            query.push(char::from(b));
+        } else {
+            query.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let body = match client.get(&query).await {
+        Ok(body) => body,
+        Err(ClientError::Refused { message, .. }) => {
+            let detail = serde_json::from_str::<Value>(&message)
+                .ok()
+                .and_then(|v| v["detail"].as_str().map(str::to_owned))
+                .unwrap_or(message);
+            return Err(CliError::Usage(format!(
+                "the agent refused the URL: {detail}"
+            )));
+        }
+        Err(ClientError::Unreachable { addr, .. } | ClientError::Timeout { addr }) => {
+            return Err(CliError::Usage(format!(
+                "no agent's admin listener answers at {addr} (--admin)"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let answer: Value = serde_json::from_slice(&body)?;
+    if args.json {
+        let _ = writeln!(out, "{answer}");
+        return Ok(());
+    }
+    let _ = write!(out, "{}", render(&answer));
+    Ok(())
+}
+
+/// The explanation for a person.
+fn render(a: &Value) -> String {
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let decision = &a["decision"];
+    let mut out = format!(
+        "{}: {}\n  catalog: {}\n",
+        text(&a["service"]),
+        text(&decision["why"]),
+        text(&a["catalog"])
+    );
+    if let Some(answer) = decision["answer"].as_u64() {
+        out += &format!("  answer: {answer} {}\n", text(&decision["error"]));
+        return out;
+    }
+    let mut routes = vec![("route", &a["route"], text(&decision["route"]))];
+    if !a["catch_all"].is_null() {
+        routes.push(("then", &a["catch_all"], "catch-all".to_owned()));
+    }
+    if !a["service_route"].is_null() {
+        routes.push(("skipped", &a["service_route"], "service".to_owned()));
+    }
+    for (label, route, kind) in routes {
+        out += &format!(
+            "  {label}: {kind} (reach: {}, retry budget left: {})\n",
+            text(&route["reach"]),
+            text(&route["retry_budget_left"])
+        );
+        for e in route["endpoints"].as_array().into_iter().flatten() {
+            let state = &e["state"];
+            out += &format!(
+                "    {:<22} weight {:<3} {:<40} latency {:.2} ms, {} in flight, {} failures in a row\n",
+                text(&e["addr"]),
+                text(&e["weight"]),
+                text(&e["why"]),
+                state["latency_ms"].as_f64().unwrap_or(0.0),
+                text(&state["pending"]),
+                text(&state["failures"]),
+            );
+        }
+    }
+    if let Some(pick) = a["next_pick"]["addr"].as_str() {
+        let panic = if a["next_pick"]["panic"] == true {
+            " (panic: no endpoint is healthy, all are used)"
+        } else {
+            ""
+        };
+        out += &format!("  next pick: {pick}{panic}\n");
+    }
+    let p = &a["policy"];
+    out += &format!(
+        "  policy: request timeout {}, connect timeout {}, retries {}, balance {}\n",
+        text(&p["request_timeout"]),
+        text(&p["connect_timeout"]),
+        text(&p["retries"]),
+        text(&p["balance"])
+    );
+    out
+}
