@@ -5,11 +5,14 @@
 //! - [`policy`]: route policies (TOML file and registry KV), validated.
 //! - [`tiers`]: the tier choice, a state machine with fail-back hysteresis.
 //! - [`config`]: `skyline gateway` flags, variables and file.
+//! - [`answers`]: each tier's answers (outcome, latency) as the gateway saw them, published to
+//!   the KV while `skyline migrate` moves a service.
 //!
 //! The table of tiers is rebuilt on every catalog or policy change and swapped atomically; the
 //! tier state of each service (since when each tier is eligible, which one is in use) lives
 //! next to it and survives swaps.
 
+pub mod answers;
 pub mod config;
 pub mod policy;
 pub mod tiers;
@@ -313,6 +316,8 @@ pub struct Gateway {
 struct Entry {
     selector: Selector,
     seen: Instant,
+    /// Per tier name, its answers since the gateway started.
+    answers: answers::ServiceAnswers,
 }
 
 /// One tier decision, for `/routes`.
@@ -352,6 +357,7 @@ impl Gateway {
                 let entry = selectors.entry(service.clone()).or_insert_with(|| Entry {
                     selector: Selector::new(&eligible, now, tiers.hold()),
                     seen: now,
+                    answers: answers::ServiceAnswers::new(),
                 });
                 entry.seen = now;
                 entry.selector.observe(&eligible, now, tiers.hold());
@@ -422,14 +428,37 @@ impl Gateway {
         }
     }
 
-    /// Counts an answer of tier `tier` of `service` for the emergency fallback (see
-    /// [`tiers`]): `error` when it was a 5xx or none came.
-    fn record(&self, service: &str, tier: usize, error: bool) {
+    /// Counts an answer of tier `tier` (named `name`) of `service` for the emergency fallback
+    /// (see [`tiers`]) and the migration reports (see [`answers`]): `error` when it was a 5xx
+    /// or none came, `elapsed` after the request arrived.
+    fn record(&self, service: &str, tier: usize, name: &TierName, error: bool, elapsed: Duration) {
         if let Ok(mut selectors) = self.selectors.lock() {
             if let Some(entry) = selectors.get_mut(service) {
                 entry.selector.record(tier, Instant::now(), error);
+                match entry.answers.get_mut(name) {
+                    Some(answers) => answers.record(error, elapsed),
+                    None => {
+                        let mut answers = answers::TierAnswers::default();
+                        answers.record(error, elapsed);
+                        entry.answers.insert(name.clone(), answers);
+                    }
+                }
             }
         }
+    }
+
+    /// The answers of `service`'s tiers since the gateway started.
+    pub fn answers(&self, service: &str) -> Vec<(TierName, answers::TierAnswers)> {
+        let Ok(selectors) = self.selectors.lock() else {
+            return Vec::new();
+        };
+        selectors.get(service).map_or_else(Vec::new, |entry| {
+            entry
+                .answers
+                .iter()
+                .map(|(name, answers)| (name.clone(), answers.clone()))
+                .collect()
+        })
     }
 
     /// `/routes`: every service's tiers, tier state and current choice.
@@ -495,6 +524,7 @@ impl Proxy for GatewayHandler {
         conn: Conn,
         label: &mut Option<ServiceLabel>,
     ) -> Response<Body> {
+        let arrived = Instant::now();
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
         };
@@ -579,7 +609,15 @@ impl Proxy for GatewayHandler {
         let error = forwarded
             .as_ref()
             .map_or(true, |r| r.status().is_server_error());
-        self.gateway.record(&name, served, error);
+        let elapsed = arrived.elapsed();
+        forwarder.metrics().gateway_answer(
+            if known { &name } else { "" },
+            tier.name.shared(),
+            error,
+            elapsed,
+        );
+        self.gateway
+            .record(&name, served, &tier.name, error, elapsed);
         match forwarded {
             Ok(mut response) => {
                 response
@@ -759,6 +797,10 @@ pub async fn spawn_on(
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(kv) = settings.kv {
+        let id = answers::gateway_id(addr);
+        tasks.spawn(answers::publish(kv, gateway.clone(), id, shutdown.clone()));
+    }
     tasks.spawn(serve::serve_recorded(
         listener,
         GatewayHandler::new(gateway.clone()),
