@@ -423,29 +423,23 @@ impl Metrics {
     }
 
     /// A request the gateway sent to tier `tier` of `service` (tier names come from the
-    /// gateway's configuration, so they are bounded).
-    pub fn gateway_tier(&self, service: &str, tier: Arc<str>) {
+    /// gateway's configuration, so they are bounded), and its answer: `failed` when it was a 5xx
+    /// or none came, `elapsed` after the request arrived.
+    pub fn gateway_tier(&self, service: &str, tier: Arc<str>, failed: bool, elapsed: Duration) {
         let service = self.service_label(service);
-        self.gateway_tiers
-            .get_or_create(&TierLabels { service, tier })
-            .inc();
-    }
-
-    /// An answer of tier `tier` of `service` (or none: `failed`), `elapsed` after the request
-    /// arrived.
-    pub fn gateway_answer(&self, service: &str, tier: Arc<str>, failed: bool, elapsed: Duration) {
-        let service = self.service_label(service);
+        let labels = TierLabels { service, tier };
+        self.gateway_tiers.get_or_create(&labels).inc();
+        self.gateway_latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
         let outcome = if failed { "failure" } else { "success" };
         self.gateway_outcomes
             .get_or_create(&OutcomeLabels {
-                service: service.clone(),
-                tier: tier.clone(),
+                service: labels.service,
+                tier: labels.tier,
                 outcome,
             })
             .inc();
-        self.gateway_latency
-            .get_or_create(&TierLabels { service, tier })
-            .observe(elapsed.as_secs_f64());
     }
 
     /// A configuration reload, accepted or refused.

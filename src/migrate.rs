@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::answers::TierAnswers;
+use crate::gateway::answers::{ShadowCounts, TierAnswers};
 
 /// The default steps: the new tier's share of traffic, percent.
 pub const DEFAULT_STEPS: [u32; 5] = [1, 5, 25, 50, 100];
@@ -99,6 +99,30 @@ pub fn judge(
         }
     }
     None
+}
+
+/// Judges a shadow step from its copies (deltas): `Some` breach when the share of copies whose
+/// status class differed from the caller's answer is over the maximum error rate, once at
+/// least `min_requests` copies were compared.
+pub fn judge_shadow(
+    guards: &Guards,
+    old_name: &str,
+    new_name: &str,
+    counts: &ShadowCounts,
+) -> Option<Breach> {
+    if counts.compared < guards.min_requests.max(1) {
+        return None;
+    }
+    let rate = counts.differ as f64 / counts.compared as f64;
+    (rate > guards.max_error_rate).then(|| {
+        Breach(format!(
+            "shadow copies to {new_name} differed from {old_name}'s answers in status class in \
+             {:.1}% of {} compared, over the {:.1}% allowed",
+            rate * 100.0,
+            counts.compared,
+            guards.max_error_rate * 100.0
+        ))
+    })
 }
 
 /// Whether a step that lasted its step time may advance: the new tier answered enough requests
@@ -208,8 +232,11 @@ pub struct Record {
     pub from: String,
     /// The tier traffic goes to.
     pub to: String,
-    /// The new tier's share at each step, percent.
+    /// The new tier's share at each step, percent; 0 is the shadow step.
     pub steps: Vec<u32>,
+    /// The share of GET and HEAD requests copied to the new tier in the shadow step.
+    #[serde(default)]
+    pub shadow: Option<u32>,
     /// The index of the current step in `steps`.
     pub step: usize,
     pub state: State,
@@ -233,6 +260,9 @@ pub struct Observed {
     pub step: usize,
     pub from: TierSummary,
     pub to: TierSummary,
+    /// The shadow's copies, in a shadow step.
+    #[serde(default)]
+    pub shadow: Option<ShadowCounts>,
     pub seconds: f64,
 }
 
@@ -299,6 +329,23 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn shadow_copies_differing_over_the_maximum_are_a_breach_once_enough_were_compared() {
+        let g = Guards::default();
+        let counts = |compared, differ| ShadowCounts {
+            compared,
+            differ,
+            skipped: 0,
+        };
+        assert_eq!(judge_shadow(&g, "mesos", "k8s", &counts(19, 19)), None);
+        let breach = judge_shadow(&g, "mesos", "k8s", &counts(20, 20)).unwrap();
+        assert!(
+            breach.0.contains("differed from mesos's answers"),
+            "{breach}"
+        );
+        assert_eq!(judge_shadow(&g, "mesos", "k8s", &counts(200, 1)), None);
     }
 
     #[test]

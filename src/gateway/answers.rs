@@ -152,6 +152,35 @@ impl TierAnswers {
     }
 }
 
+// === ShadowCounts ===
+
+/// What the copies of a shadow (see [`super::policy::Shadow`]) gave, as one gateway counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowCounts {
+    /// Copies sent and answered (or failed), compared with the caller's answer.
+    pub compared: u64,
+    /// Of those, copies whose status class (2xx, 4xx, 5xx...; none) differed from the answer's.
+    pub differ: u64,
+    /// Copies not sent: too many were in flight already.
+    pub skipped: u64,
+}
+
+impl ShadowCounts {
+    pub fn since(&self, before: &ShadowCounts) -> ShadowCounts {
+        ShadowCounts {
+            compared: self.compared.saturating_sub(before.compared),
+            differ: self.differ.saturating_sub(before.differ),
+            skipped: self.skipped.saturating_sub(before.skipped),
+        }
+    }
+
+    pub fn add(&mut self, other: &ShadowCounts) {
+        self.compared = self.compared.saturating_add(other.compared);
+        self.differ = self.differ.saturating_add(other.differ);
+        self.skipped = self.skipped.saturating_add(other.skipped);
+    }
+}
+
 // === Report ===
 
 /// What one gateway publishes for one service.
@@ -165,6 +194,9 @@ pub struct Report {
     pub at: u64,
     /// Per tier name, cumulative since the gateway started.
     pub tiers: BTreeMap<String, TierAnswers>,
+    /// The shadow's copies, cumulative since the gateway started.
+    #[serde(default)]
+    pub shadow: ShadowCounts,
 }
 
 /// Seconds since the Unix epoch.
@@ -255,6 +287,7 @@ async fn publish_once(
                 .into_iter()
                 .map(|(tier, answers)| (tier.to_string(), answers))
                 .collect(),
+            shadow: gateway.shadow_counts(service),
         };
         let body = serde_json::to_value(&report).unwrap_or_default();
         let path = format!("/v1/kv/{}{id}", reports_prefix(service));

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::judge_shadow;
 use super::{
     DEFAULT_STEPS, Guards, Observed, Record, State, TierSummary, judge, may_advance, parse_percent,
     parse_steps,
@@ -27,7 +28,9 @@ use super::{
 use crate::catalog::ServiceName;
 use crate::config::{DEFAULT_REGISTRY, parse_duration_setting};
 use crate::gateway::KV_ROUTES_PREFIX;
-use crate::gateway::answers::{Report, TierAnswers, record_key, reports_prefix, unix_now};
+use crate::gateway::answers::{
+    Report, ShadowCounts, TierAnswers, record_key, reports_prefix, unix_now,
+};
 use crate::registry::client::{ClientError, RegistryClient};
 
 /// How often the driver reads the record and the gateways' reports.
@@ -86,6 +89,11 @@ pub struct DriveArgs {
     /// Answers of the new tier a step needs before its error rate is judged and it may advance
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub min_requests: u64,
+
+    /// Start with a shadow step: copy this share of GET and HEAD requests to the new tier,
+    /// compare the copies' status class with the answers, discard them (no caller sees one)
+    #[arg(long, value_name = "PERCENT")]
+    pub shadow: Option<String>,
 }
 
 #[derive(clap::Subcommand, Clone, Debug)]
@@ -396,7 +404,31 @@ fn policy_for(base: &serde_json::Value, record: &Record) -> Result<serde_json::V
             .ok_or_else(|| format!("the policy has no tier {name:?}; its tiers: {names:?}"))
     };
     let (from, to) = (find(&record.from)?, find(&record.to)?);
-    Ok(with_split(base, names.len(), from, to, record.share()))
+    let mut policy = with_split(base, names.len(), from, to, record.share());
+    // The shadow in a shadow step, none otherwise.
+    if let Some(map) = policy.as_object_mut() {
+        map.remove("shadow");
+        if let (true, 0, Some(percent)) = (record.state.under_way(), record.share(), record.shadow)
+        {
+            map.insert(
+                "shadow".into(),
+                serde_json::json!({"tier": record.to, "percent": percent}),
+            );
+        }
+    }
+    Ok(policy)
+}
+
+/// Per gateway, the shadow counts in `now` since `before`, summed.
+fn shadow_delta(before: &BTreeMap<String, Report>, now: &BTreeMap<String, Report>) -> ShadowCounts {
+    let mut sum = ShadowCounts::default();
+    for (key, report) in now {
+        match before.get(key).filter(|b| b.boot == report.boot) {
+            Some(b) => sum.add(&report.shadow.since(&b.shadow)),
+            None => sum.add(&report.shadow),
+        }
+    }
+    sum
 }
 
 // === The driver ===
@@ -488,6 +520,7 @@ struct Plan {
     steps: Vec<u32>,
     step_time: Duration,
     guards: Guards,
+    shadow: Option<u32>,
 }
 
 fn plan(args: DriveArgs) -> Result<Plan, MigrateError> {
@@ -508,6 +541,18 @@ fn plan(args: DriveArgs) -> Result<Plan, MigrateError> {
     if !(args.max_p99_ratio.is_finite() && args.max_p99_ratio >= 1.0) {
         return Err(usage("--max-p99-ratio: must be a number of at least 1"));
     }
+    let shadow = match &args.shadow {
+        None => None,
+        Some(text) => {
+            let share = parse_percent(text).map_err(|e| usage(format!("--shadow: {e}")))?;
+            let percent = (share * 100.0).round();
+            if !(1.0..=100.0).contains(&percent) {
+                return Err(usage("--shadow: must be between 1% and 100%"));
+            }
+            // Within 1..=100: the cast cannot truncate.
+            Some(percent as u32)
+        }
+    };
     Ok(Plan {
         registry: args.registry,
         service,
@@ -520,10 +565,22 @@ fn plan(args: DriveArgs) -> Result<Plan, MigrateError> {
             max_p99_ratio: args.max_p99_ratio,
             min_requests: args.min_requests,
         },
+        shadow,
     })
 }
 
 fn step_line(record: &Record) -> String {
+    if record.share() == 0 && record.state.under_way() {
+        return format!(
+            "step {}/{}: shadow: {}% of GET and HEAD requests of {} copied to {}, answers from {}",
+            record.step + 1,
+            record.steps.len(),
+            record.shadow.unwrap_or(0),
+            record.service,
+            record.to,
+            record.from
+        );
+    }
     format!(
         "step {}/{}: {}% of {} to {}",
         record.step + 1,
@@ -607,7 +664,13 @@ async fn drive_locked(
                 service: service.to_owned(),
                 from,
                 to: plan.to.clone(),
-                steps: plan.steps.clone(),
+                steps: match plan.shadow {
+                    Some(_) => std::iter::once(0)
+                        .chain(plan.steps.iter().copied())
+                        .collect(),
+                    None => plan.steps.clone(),
+                },
+                shadow: plan.shadow,
                 step: 0,
                 state: State::Running,
                 reason: None,
@@ -693,13 +756,21 @@ async fn drive_locked(
         let empty = TierAnswers::default();
         let old = answers.get(&record.from).unwrap_or(&empty);
         let new = answers.get(&record.to).unwrap_or(&empty);
+        let shadowing = record.share() == 0;
+        let copies = shadow_delta(&baseline, &reports);
         let observed = Observed {
             step: record.step,
             from: TierSummary::of(old),
             to: TierSummary::of(new),
+            shadow: shadowing.then_some(copies),
             seconds: clock.elapsed().as_secs_f64(),
         };
-        if let Some(breach) = judge(&record.guards, (&record.from, old), (&record.to, new)) {
+        let breach = if shadowing {
+            judge_shadow(&record.guards, &record.from, &record.to, &copies)
+        } else {
+            judge(&record.guards, (&record.from, old), (&record.to, new))
+        };
+        if let Some(breach) = breach {
             let reason = format!(
                 "at step {}/{} ({}% to {}): {breach}",
                 record.step + 1,
@@ -730,14 +801,23 @@ async fn drive_locked(
         if paused || clock.elapsed() < plan_step_time(&record) {
             continue;
         }
-        if !may_advance(&record.guards, new) {
+        let judged = if shadowing {
+            copies.compared >= record.guards.min_requests
+        } else {
+            may_advance(&record.guards, new)
+        };
+        if !judged {
             if !waited {
                 waited = true;
                 writeln!(
                     out,
                     "waiting: {} answered {} of the {} requests a step needs",
                     record.to,
-                    new.total(),
+                    if shadowing {
+                        copies.compared
+                    } else {
+                        new.total()
+                    },
                     record.guards.min_requests
                 )?;
                 out.flush()?;
@@ -746,10 +826,16 @@ async fn drive_locked(
         }
         let mut next = record.clone();
         next.updated_at = unix_now();
-        let summary = format!(
+        let mut summary = format!(
             "  {}: {}; {}: {}",
             record.from, observed.from, record.to, observed.to
         );
+        if let Some(c) = &observed.shadow {
+            summary.push_str(&format!(
+                "; shadow: {} compared, {} differed, {} skipped",
+                c.compared, c.differ, c.skipped
+            ));
+        }
         next.observed = Some(observed);
         if record.step + 1 >= record.steps.len() {
             next.state = State::Done;
@@ -910,6 +996,22 @@ async fn status(args: ControlArgs, out: &mut impl Write) -> Result<(), MigrateEr
             record.to,
             o.to
         )?;
+        if let Some(c) = &o.shadow {
+            writeln!(
+                out,
+                "  shadow: {} compared, {} differed, {} skipped",
+                c.compared, c.differ, c.skipped
+            )?;
+        }
+    }
+    if record.shadow.is_some() {
+        let c = shadow_delta(&BTreeMap::new(), &reports);
+        writeln!(
+            out,
+            "shadow copies to {} (all gateways, since each started): {} compared, {} differed, \
+             {} skipped",
+            record.to, c.compared, c.differ, c.skipped
+        )?;
     }
     writeln!(
         out,
@@ -967,6 +1069,7 @@ mod tests {
                 boot: boot.into(),
                 at: 0,
                 tiers: BTreeMap::from([("mesos".to_owned(), a)]),
+                shadow: ShadowCounts::default(),
             }
         };
         let before = BTreeMap::from([

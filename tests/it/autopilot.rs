@@ -318,7 +318,8 @@ impl Load {
 // === Tests ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_autopilot_moves_a_healthy_service_through_every_step_without_a_failed_request() {
+async fn the_autopilot_moves_a_healthy_service_through_a_shadow_and_every_step_without_a_failed_request()
+ {
     let s = Setup::start(Behaviour::Healthy).await;
     let load = Load::start(s.url());
     let started = Instant::now();
@@ -329,6 +330,7 @@ async fn the_autopilot_moves_a_healthy_service_through_every_step_without_a_fail
             "--steps=10,50,100",
             "--step-time=1s",
             "--min-requests=10",
+            "--shadow=20%",
             // Loopback latencies on a shared machine are noise; this test is about the steps.
             "--max-p99-ratio=1000",
         ])
@@ -336,9 +338,17 @@ async fn the_autopilot_moves_a_healthy_service_through_every_step_without_a_fail
     let took = started.elapsed();
     print!("{out}");
     assert!(ok, "the migration failed:\n{out}\n{err}");
-    for step in ["step 1/3: 10%", "step 2/3: 50%", "step 3/3: 100%", "done"] {
+    for step in [
+        "step 1/4: shadow: 20% of GET and HEAD requests of giphy copied to kubernetes",
+        "step 2/4: 10%",
+        "step 3/4: 50%",
+        "step 4/4: 100%",
+        "done",
+    ] {
         assert!(out.contains(step), "no {step:?} in:\n{out}");
     }
+    // The shadow step compared copies, and none differed from a healthy tier.
+    assert!(out.contains(" 0 differed"), "{out}");
     s.wait_all_on("kubernetes").await;
     let seen = load.finish().await;
     println!("migration took {:.1} s", took.as_secs_f64());
@@ -496,4 +506,37 @@ async fn a_rollback_needs_no_driver_and_bad_arguments_are_refused() {
         status.contains("reason: rolled back by the operator at step 1/2"),
         "{status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_step_changes_no_answer_and_rolls_back_a_failing_tier_before_it_takes_traffic() {
+    let s = Setup::start(Behaviour::Fail503Every(1)).await;
+    let load = Load::start(s.url());
+    let (ok, out, err) = s
+        .migrate_output(&[
+            "giphy",
+            "--to=kubernetes",
+            "--steps=10,100",
+            "--step-time=3s",
+            "--min-requests=10",
+            "--shadow=50%",
+        ])
+        .await;
+    print!("{out}");
+    assert!(!ok, "the migration of a failing tier succeeded:\n{out}");
+    assert!(out.contains("step 1/3: shadow: 50%"), "{out}");
+    assert!(
+        out.contains(
+            "ROLLBACK at step 1/3 (0% to kubernetes): shadow copies to kubernetes differed"
+        ),
+        "{out}"
+    );
+    assert!(err.contains("rolled back"), "{err}");
+    let status = s.status().await;
+    assert!(status.contains("rolled_back"), "{status}");
+    assert!(status.contains("shadow copies to kubernetes"), "{status}");
+    // Copies reached the failing tier, and no caller saw one of its answers.
+    let seen = load.finish().await;
+    assert!(seen.failures.is_empty(), "{} failed", seen.failures.len());
+    assert_eq!(seen.tiers.keys().collect::<Vec<_>>(), ["mesos"], "{seen:?}");
 }
