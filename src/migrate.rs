@@ -32,7 +32,7 @@ pub const DEFAULT_STEPS: [u32; 5] = [1, 5, 25, 50, 100];
 pub const P99_MIN_ANSWERS: u64 = 100;
 /// A new tier whose p99 is at or under this passes the latency guard whatever the ratio:
 /// below it, the difference is noise of the machine, not of the tier.
-pub const P99_FLOOR: Duration = Duration::from_millis(5);
+pub const P99_FLOOR: Duration = Duration::from_millis(10);
 
 /// What a step must not exceed.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -227,6 +227,9 @@ impl fmt::Display for TierSummary {
 /// A migration's record, `skyline/migrate/<service>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
+    /// Random per migration: gateways count each migration's traffic from zero.
+    #[serde(default)]
+    pub id: String,
     pub service: String,
     /// The tier traffic leaves.
     pub from: String,

@@ -3,11 +3,12 @@
 //! (good enough for a p99 within [`LATENCY_GROWTH`]).
 //!
 //! While a migration of a service is under way (its record `skyline/migrate/<service>` is
-//! `running` or `paused`), every gateway publishes its cumulative counts for that service about
-//! once a second to `skyline/migrate/<service>/gateways/<gateway-id>`, as a [`Report`]. Counts
-//! are cumulative since the gateway process started (`boot` tells a restarted gateway apart), so
-//! a reader takes deltas; a gateway that is gone leaves a report that no longer grows, which
-//! counts as no traffic and never stalls the reader.
+//! `running` or `paused`), every gateway publishes its counts for that service about once a
+//! second to `skyline/migrate/<service>/gateways/<gateway-id>`, as a [`Report`]. Counts are
+//! cumulative since the gateway first saw that migration (or, if later, since the gateway
+//! process started: `boot` tells a restarted gateway apart), so a reader takes deltas, and a
+//! gateway's first report holds only traffic of the migration. A gateway that is gone leaves a
+//! report that no longer grows, which counts as no traffic and never stalls the reader.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -241,22 +242,28 @@ pub async fn publish(
 ) {
     let client = RegistryClient::new(kv);
     let boot = crate::registry::events::uuid_v4();
+    let mut baselines = HashMap::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(PUBLISH_EVERY) => {}
         }
-        if let Err(error) = publish_once(&client, &gateway, &id, &boot).await {
+        if let Err(error) = publish_once(&client, &gateway, &id, &boot, &mut baselines).await {
             tracing::debug!(%error, "cannot publish migration reports");
         }
     }
 }
+
+/// Per service: which migration (its record's start), and the counts when this gateway first
+/// saw it.
+type Baselines = HashMap<String, (String, BTreeMap<String, TierAnswers>, ShadowCounts)>;
 
 async fn publish_once(
     client: &RegistryClient,
     gateway: &Gateway,
     id: &str,
     boot: &str,
+    baselines: &mut Baselines,
 ) -> Result<(), ClientError> {
     let keys = match client
         .get(&format!("/v1/kv/{KV_MIGRATE_PREFIX}?keys&separator=/"))
@@ -275,19 +282,39 @@ async fn publish_once(
         if service.is_empty() || service.contains('/') {
             continue;
         }
-        if !under_way(client, &key).await? {
+        let Some(migration) = under_way(client, &key).await? else {
+            baselines.remove(service);
             continue;
-        }
+        };
+        let tiers: BTreeMap<String, TierAnswers> = gateway
+            .answers(service)
+            .into_iter()
+            .map(|(tier, answers)| (tier.to_string(), answers))
+            .collect();
+        let shadow = gateway.shadow_counts(service);
+        let (_, base_tiers, base_shadow) = baselines
+            .entry(service.to_owned())
+            .and_modify(|b| {
+                if b.0 != migration {
+                    *b = (migration.clone(), tiers.clone(), shadow);
+                }
+            })
+            .or_insert_with(|| (migration.clone(), tiers.clone(), shadow));
         let report = Report {
             gateway: id.to_owned(),
             boot: boot.to_owned(),
             at: unix_now(),
-            tiers: gateway
-                .answers(service)
-                .into_iter()
-                .map(|(tier, answers)| (tier.to_string(), answers))
+            tiers: tiers
+                .iter()
+                .map(|(tier, answers)| {
+                    let since = match base_tiers.get(tier) {
+                        Some(base) => answers.since(base),
+                        None => answers.clone(),
+                    };
+                    (tier.clone(), since)
+                })
                 .collect(),
-            shadow: gateway.shadow_counts(service),
+            shadow: shadow.since(base_shadow),
         };
         let body = serde_json::to_value(&report).unwrap_or_default();
         let path = format!("/v1/kv/{}{id}", reports_prefix(service));
@@ -296,20 +323,27 @@ async fn publish_once(
     Ok(())
 }
 
-/// Whether the migration record at `key` is `running` or `paused`.
-async fn under_way(client: &RegistryClient, key: &str) -> Result<bool, ClientError> {
+/// The id of the migration whose record is at `key`, when it is `running` or `paused`.
+async fn under_way(client: &RegistryClient, key: &str) -> Result<Option<String>, ClientError> {
     let body = match client.get(&format!("/v1/kv/{key}?raw")).await {
         Ok(body) => body,
         Err(ClientError::Refused { status, .. }) if status == http::StatusCode::NOT_FOUND => {
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return Err(e),
     };
     let record: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    Ok(matches!(
+    let running = matches!(
         record.get("state").and_then(|s| s.as_str()),
         Some("running" | "paused")
-    ))
+    );
+    Ok(running.then(|| {
+        record
+            .get("id")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    }))
 }
 
 #[cfg(test)]

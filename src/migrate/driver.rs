@@ -661,6 +661,7 @@ async fn drive_locked(
             };
             let now = unix_now();
             let record = Record {
+                id: crate::registry::events::uuid_v4(),
                 service: service.to_owned(),
                 from,
                 to: plan.to.clone(),
