@@ -27,6 +27,8 @@ const LOAD_MAX: Duration = Duration::from_secs(120);
 struct Setup {
     registry: String,
     gateway: String,
+    gateway_args: Vec<String>,
+    gateway_process: Option<Skyline>,
     _processes: Vec<Skyline>,
     _apps: Vec<TestApp>,
     _dir: tempfile::TempDir,
@@ -64,28 +66,35 @@ impl Setup {
             .await
             .unwrap();
         let admin = free_addr("127.0.0.1");
-        let mut gateway_process = Skyline::start(
-            &[
-                "gateway",
-                "--listen=127.0.0.1:0",
-                &format!("--admin={admin}"),
-                &format!("--consul={registry}"),
-                &format!("--bridges={}", k8s.addr),
-                "--hold=500ms",
-            ],
-            &[],
-        );
-        let started = gateway_process.log.wait_for("gateway started").await;
-        let gateway = started["gateway"].as_str().unwrap().to_owned();
+        let gateway = free_addr("127.0.0.1");
+        let gateway_args = vec![
+            "gateway".to_owned(),
+            format!("--listen={gateway}"),
+            format!("--admin={admin}"),
+            format!("--consul={registry}"),
+            format!("--bridges={}", k8s.addr),
+            "--hold=500ms".to_owned(),
+        ];
+        let gateway_process = start_gateway(&gateway_args).await;
         let s = Self {
             registry,
             gateway,
-            _processes: vec![registry_process, gateway_process],
+            gateway_args,
+            gateway_process: Some(gateway_process),
+            _processes: vec![registry_process],
             _apps: vec![mesos, k8s],
             _dir: dir,
         };
         s.wait_all_on("mesos").await;
         s
+    }
+
+    /// Stops the gateway (SIGTERM) and starts it again with the same arguments.
+    async fn restart_gateway(&mut self) {
+        let old = self.gateway_process.take().unwrap();
+        old.sigterm();
+        old.exited_cleanly().await;
+        self.gateway_process = Some(start_gateway(&self.gateway_args).await);
     }
 
     fn url(&self) -> String {
@@ -221,6 +230,13 @@ impl Driver {
         }
         (status.success(), self.out, stderr)
     }
+}
+
+async fn start_gateway(args: &[String]) -> Skyline {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut gateway = Skyline::start(&args, &[]);
+    gateway.log.wait_for("gateway started").await;
+    gateway
 }
 
 async fn finish(child: tokio::process::Child, limit: Duration) -> (bool, String, String) {
@@ -539,4 +555,52 @@ async fn a_shadow_step_changes_no_answer_and_rolls_back_a_failing_tier_before_it
     let seen = load.finish().await;
     assert!(seen.failures.is_empty(), "{} failed", seen.failures.len());
     assert_eq!(seen.tiers.keys().collect::<Vec<_>>(), ["mesos"], "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restarted_mid_migration_applies_the_step_in_force_and_the_migration_completes() {
+    let mut s = Setup::start(Behaviour::Healthy).await;
+    let mut driver = Driver::follow(s.migrate(&[
+        "giphy",
+        "--to=kubernetes",
+        "--steps=50,100",
+        "--step-time=2s",
+        "--min-requests=10",
+        "--max-p99-ratio=1000",
+    ]));
+    driver
+        .wait_line("step 1/2: 50% of giphy to kubernetes")
+        .await;
+    s.restart_gateway().await;
+    // The new gateway process reads the step in force from the KV: both tiers answer.
+    let client = Client::new();
+    let mut tiers = BTreeMap::<String, u64>::new();
+    for _ in 0..2000 {
+        let reply = client.get(&s.url()).await;
+        let tier = reply
+            .headers
+            .get("x-skyline-tier")
+            .map_or("", |v| v.to_str().unwrap());
+        *tiers.entry(tier.to_owned()).or_default() += 1;
+        if tiers.get("mesos").is_some_and(|&n| n >= 5)
+            && tiers.get("kubernetes").is_some_and(|&n| n >= 5)
+        {
+            break;
+        }
+    }
+    assert!(
+        tiers.get("kubernetes").is_some_and(|&n| n >= 5),
+        "{tiers:?}"
+    );
+    assert!(tiers.get("mesos").is_some_and(|&n| n >= 5), "{tiers:?}");
+    // Its reports start over (a new boot); the driver counts them and finishes.
+    let load = Load::start(s.url());
+    driver
+        .wait_line("done: all traffic of giphy on kubernetes")
+        .await;
+    let (ok, out, err) = driver.finish().await;
+    assert!(ok, "{out}\n{err}");
+    s.wait_all_on("kubernetes").await;
+    let seen = load.finish().await;
+    assert!(seen.failures.is_empty(), "{} failed", seen.failures.len());
 }
