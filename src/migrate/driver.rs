@@ -879,13 +879,19 @@ enum Control {
 /// How many times a command tries again when the record changed under it.
 const CONTROL_TRIES: usize = 50;
 
+/// `service` if it is a valid service name (it becomes part of KV keys).
+fn valid_service(service: &str) -> Result<&str, MigrateError> {
+    ServiceName::parse(service).map_err(|e| usage(format!("service {service:?}: {e}")))?;
+    Ok(service)
+}
+
 async fn control(
     args: ControlArgs,
     what: Control,
     out: &mut impl Write,
 ) -> Result<(), MigrateError> {
     let kv = Kv::new(args.registry);
-    let service = args.service.as_str();
+    let service = valid_service(&args.service)?;
     for _ in 0..CONTROL_TRIES {
         let Some((index, record)) = kv.record(service).await? else {
             return Err(usage(format!("no migration of {service}")));
@@ -938,7 +944,7 @@ async fn control(
 
 async fn status(args: ControlArgs, out: &mut impl Write) -> Result<(), MigrateError> {
     let kv = Kv::new(args.registry);
-    let service = args.service.as_str();
+    let service = valid_service(&args.service)?;
     let Some((_, record)) = kv.record(service).await? else {
         return Err(usage(format!("no migration of {service}")));
     };
