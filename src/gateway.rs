@@ -5,11 +5,14 @@
 //! - [`policy`]: route policies (TOML file and registry KV), validated.
 //! - [`tiers`]: the tier choice, a state machine with fail-back hysteresis.
 //! - [`config`]: `skyline gateway` flags, variables and file.
+//! - [`answers`]: each tier's answers (outcome, latency) as the gateway saw them, published to
+//!   the KV while `skyline migrate` moves a service.
 //!
 //! The table of tiers is rebuilt on every catalog or policy change and swapped atomically; the
 //! tier state of each service (since when each tier is eligible, which one is in use) lives
 //! next to it and survives swaps.
 
+pub mod answers;
 pub mod config;
 pub mod policy;
 pub mod tiers;
@@ -53,6 +56,12 @@ pub static X_SKYLINE_TIER: HeaderName = HeaderName::from_static("x-skyline-tier"
 /// Set by a bridge on requests it sends to the gateway: such a request never goes back to a
 /// bridge tier.
 pub static X_SKYLINE_ORIGIN: HeaderName = HeaderName::from_static("x-skyline-origin");
+/// Marks the copy of a request that a shadow (see [`policy::Shadow`]) sends.
+pub static X_SKYLINE_SHADOW: HeaderName = HeaderName::from_static("x-skyline-shadow");
+/// The most shadow copies one gateway has in flight; past it, copies are skipped (and counted).
+pub const SHADOW_IN_FLIGHT: usize = 64;
+/// How long a shadow copy may take before it counts as unanswered.
+pub const SHADOW_TIMEOUT: Duration = Duration::from_secs(5);
 /// The KV prefix of route policies: `skyline/routes/<service>` or `skyline/routes/*`.
 pub const KV_ROUTES_PREFIX: &str = "skyline/routes/";
 /// Tier state of services that left the catalog is kept this long (their fail-back hold must
@@ -307,12 +316,29 @@ pub struct Gateway {
     forwarder: Forwarder,
     resilience: ArcSwap<Resilience>,
     max_hops: u32,
+    /// The client of shadow copies, apart from the forwarder: copies leave no trace in the
+    /// endpoints' state (latency, ejections) that real requests depend on.
+    shadow_client: Client<HttpConnector, Empty<Bytes>>,
+    shadow_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// A shadow copy to send once the request was answered.
+struct ShadowCopy {
+    tier: usize,
+    addr: SocketAddr,
+    method: http::Method,
+    target: http::uri::PathAndQuery,
+    headers: http::HeaderMap,
 }
 
 #[derive(Debug)]
 struct Entry {
     selector: Selector,
     seen: Instant,
+    /// Per tier name, its answers since the gateway started.
+    answers: answers::ServiceAnswers,
+    /// What the shadow copies gave since the gateway started.
+    shadow: answers::ShadowCounts,
 }
 
 /// One tier decision, for `/routes`.
@@ -336,6 +362,8 @@ impl Gateway {
             forwarder: Forwarder::new(metrics),
             resilience: ArcSwap::from_pointee(resilience),
             max_hops,
+            shadow_client: Client::builder(TokioExecutor::new()).build_http(),
+            shadow_slots: Arc::new(tokio::sync::Semaphore::new(SHADOW_IN_FLIGHT)),
         });
         gateway.store(table);
         gateway
@@ -352,6 +380,8 @@ impl Gateway {
                 let entry = selectors.entry(service.clone()).or_insert_with(|| Entry {
                     selector: Selector::new(&eligible, now, tiers.hold()),
                     seen: now,
+                    answers: answers::ServiceAnswers::new(),
+                    shadow: answers::ShadowCounts::default(),
                 });
                 entry.seen = now;
                 entry.selector.observe(&eligible, now, tiers.hold());
@@ -422,14 +452,95 @@ impl Gateway {
         }
     }
 
-    /// Counts an answer of tier `tier` of `service` for the emergency fallback (see
-    /// [`tiers`]): `error` when it was a 5xx or none came.
-    fn record(&self, service: &str, tier: usize, error: bool) {
+    /// Counts an answer of tier `tier` (named `name`) of `service` for the emergency fallback
+    /// (see [`tiers`]) and the migration reports (see [`answers`]): `error` when it was a 5xx
+    /// or none came, `elapsed` after the request arrived.
+    fn record(&self, service: &str, tier: usize, name: &TierName, error: bool, elapsed: Duration) {
         if let Ok(mut selectors) = self.selectors.lock() {
             if let Some(entry) = selectors.get_mut(service) {
                 entry.selector.record(tier, Instant::now(), error);
+                match entry.answers.get_mut(name) {
+                    Some(answers) => answers.record(error, elapsed),
+                    None => {
+                        let mut answers = answers::TierAnswers::default();
+                        answers.record(error, elapsed);
+                        entry.answers.insert(name.clone(), answers);
+                    }
+                }
             }
         }
+    }
+
+    /// The answers of `service`'s tiers since the gateway started.
+    pub fn answers(&self, service: &str) -> Vec<(TierName, answers::TierAnswers)> {
+        let Ok(selectors) = self.selectors.lock() else {
+            return Vec::new();
+        };
+        selectors.get(service).map_or_else(Vec::new, |entry| {
+            entry
+                .answers
+                .iter()
+                .map(|(name, answers)| (name.clone(), answers.clone()))
+                .collect()
+        })
+    }
+
+    /// What the shadow copies of `service` gave since the gateway started.
+    pub fn shadow_counts(&self, service: &str) -> answers::ShadowCounts {
+        self.selectors
+            .lock()
+            .ok()
+            .and_then(|s| s.get(service).map(|e| e.shadow))
+            .unwrap_or_default()
+    }
+
+    fn count_shadow(&self, service: &str, count: impl FnOnce(&mut answers::ShadowCounts)) {
+        if let Ok(mut selectors) = self.selectors.lock() {
+            if let Some(entry) = selectors.get_mut(service) {
+                count(&mut entry.shadow);
+            }
+        }
+    }
+
+    /// Sends `copy` on its own, compares its status class with `answered` (the caller's; a
+    /// copy without an answer is class 0) and counts the result; the copy's answer is
+    /// discarded.
+    fn send_shadow(self: &Arc<Self>, service: String, copy: ShadowCopy, answered: u16) {
+        let Ok(slot) = self.shadow_slots.clone().try_acquire_owned() else {
+            self.count_shadow(&service, |c| c.skipped += 1);
+            return;
+        };
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut headers = copy.headers;
+            crate::proxy::strip_hop_by_hop(&mut headers);
+            headers.remove(http::header::CONTENT_LENGTH);
+            headers.insert(&X_SKYLINE_SHADOW, HeaderValue::from_static("1"));
+            let uri = format!("http://{}{}", copy.addr, copy.target);
+            let class = match Request::builder()
+                .method(copy.method)
+                .uri(uri)
+                .body(Empty::new())
+            {
+                Ok(mut req) => {
+                    *req.headers_mut() = headers;
+                    let sent = gateway.shadow_client.request(req);
+                    match tokio::time::timeout(SHADOW_TIMEOUT, sent).await {
+                        Ok(Ok(response)) => response.status().as_u16() / 100,
+                        _ => 0,
+                    }
+                }
+                Err(_) => 0,
+            };
+            tracing::debug!(%service, tier = copy.tier, class, answered, "shadow compared");
+            gateway.count_shadow(&service, |c| {
+                c.compared += 1;
+                if class != answered {
+                    c.differ += 1;
+                }
+            });
+        });
     }
 
     /// `/routes`: every service's tiers, tier state and current choice.
@@ -495,6 +606,7 @@ impl Proxy for GatewayHandler {
         conn: Conn,
         label: &mut Option<ServiceLabel>,
     ) -> Response<Body> {
+        let arrived = Instant::now();
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
         };
@@ -553,6 +665,29 @@ impl Proxy for GatewayHandler {
         };
         let tiers = route.tiers();
         tracing::debug!(service = %name, tier = %tiers[first].name, "gateway route");
+        // A shadow copy of an idempotent request, decided before the request goes on (sending
+        // consumes it) and sent after it was answered.
+        let shadow = match route.policy.as_ref().and_then(|p| p.shadow) {
+            Some(shadow)
+                if known
+                    && !from_bridge
+                    && (req.method() == http::Method::GET
+                        || req.method() == http::Method::HEAD)
+                    && fastrand::u32(0..100) < shadow.percent =>
+            {
+                tiers
+                    .get(shadow.tier)
+                    .filter(|t| !t.route.endpoints.is_empty())
+                    .map(|t| ShadowCopy {
+                        tier: shadow.tier,
+                        addr: t.route.endpoints[fastrand::usize(..t.route.endpoints.len())].addr,
+                        method: req.method().clone(),
+                        target: target.clone(),
+                        headers: req.headers().clone(),
+                    })
+            }
+            _ => None,
+        };
         let forwarder = &self.gateway.forwarder;
         let name = name.to_owned();
         // A tier that cannot take the request passes it to the next one; other failures stay
@@ -573,13 +708,23 @@ impl Proxy for GatewayHandler {
             .await;
         let served = chain.get(fallback.served()).copied().unwrap_or(first);
         let tier = &tiers[served];
-        forwarder
-            .metrics()
-            .gateway_tier(if known { &name } else { "" }, tier.name.shared());
         let error = forwarded
             .as_ref()
             .map_or(true, |r| r.status().is_server_error());
-        self.gateway.record(&name, served, error);
+        let elapsed = arrived.elapsed();
+        forwarder.metrics().gateway_tier(
+            if known { &name } else { "" },
+            tier.name.shared(),
+            error,
+            elapsed,
+        );
+        self.gateway
+            .record(&name, served, &tier.name, error, elapsed);
+        if let Some(copy) = shadow.filter(|c| c.tier != served) {
+            // A mesh error is a 5xx to the caller.
+            let answered = forwarded.as_ref().map_or(5, |r| r.status().as_u16() / 100);
+            self.gateway.send_shadow(name.clone(), copy, answered);
+        }
         match forwarded {
             Ok(mut response) => {
                 response
@@ -759,6 +904,10 @@ pub async fn spawn_on(
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(kv) = settings.kv {
+        let id = answers::gateway_id(addr);
+        tasks.spawn(answers::publish(kv, gateway.clone(), id, shutdown.clone()));
+    }
     tasks.spawn(serve::serve_recorded(
         listener,
         GatewayHandler::new(gateway.clone()),

@@ -25,6 +25,9 @@
 //!   namespaces when root, else on loopback addresses).
 //! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
 //!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
+//! - [`migrate`]: `skyline migrate`, the migration autopilot: moves a service's gateway split
+//!   step by step through the registry KV, guarded by the gateways' own numbers
+//!   ([`gateway::answers`]), rolling back by itself; `migrate::driver` is the command.
 //! - [`netns`]: a lab of Linux network namespaces (a bridge, a namespace per node, processes
 //!   inside), torn down on drop; the demo's nodes and the namespace integration tests.
 //! - [`metrics`]: Prometheus metrics of every role (`/metrics` on the admin listener); requests
@@ -55,6 +58,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod metrics;
+pub mod migrate;
 pub mod netns;
 pub mod proxy;
 pub mod registry;

@@ -86,6 +86,9 @@ enum Command {
     K8s(skyline::cli::kubernetes::K8sArgs),
     /// Explain where a request to a URL would go, and why, asking the local agent
     Explain(skyline::cli::explain::ExplainArgs),
+    /// Move a service to another tier step by step, guarded: `skyline migrate giphy --to
+    /// kubernetes`; also `skyline migrate status|pause|resume|rollback <service>`
+    Migrate(skyline::migrate::driver::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -213,6 +216,10 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::K8s(args) => {
             let (mut out, mut notes) = (std::io::stdout(), std::io::stderr());
             skyline::cli::kubernetes::run(args, &mut out, &mut notes).await?
+        }
+        Command::Migrate(args) => {
+            let mut out = std::io::stdout();
+            skyline::migrate::driver::run(args, shutdown, &mut out).await?
         }
         Command::Agent(_)
         | Command::Gateway(_)

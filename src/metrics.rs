@@ -203,6 +203,13 @@ struct TierLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    service: Arc<str>,
+    tier: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -221,6 +228,8 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     panic_routing: Family<ServiceLabels, Counter>,
     gateway_tiers: Family<TierLabels, Counter>,
+    gateway_outcomes: Family<OutcomeLabels, Counter>,
+    gateway_latency: Family<TierLabels, Histogram, fn() -> Histogram>,
     config_reloads: Family<ReloadLabels, Counter>,
     series: RwLock<Series>,
 }
@@ -259,6 +268,9 @@ impl Metrics {
         let ejections = Family::default();
         let panic_routing = Family::default();
         let gateway_tiers = Family::default();
+        let gateway_outcomes = Family::default();
+        let gateway_latency: Family<TierLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
         let config_reloads = Family::default();
         registry.register(
             "requests",
@@ -297,6 +309,19 @@ impl Metrics {
             gateway_tiers.clone(),
         );
         registry.register(
+            "gateway_tier_responses",
+            "Answers of each tier of a service as the gateway saw them, by outcome (success, \
+             failure: a 5xx or no answer): what `skyline migrate` guards on",
+            gateway_outcomes.clone(),
+        );
+        registry.register_with_unit(
+            "gateway_tier_latency",
+            "Time from a request's arrival at the gateway to the tier's response head, per \
+             service and tier",
+            Unit::Seconds,
+            gateway_latency.clone(),
+        );
+        registry.register(
             "config_reloads",
             "Configuration reloads, by result (accepted, refused)",
             config_reloads.clone(),
@@ -314,6 +339,8 @@ impl Metrics {
             ejections,
             panic_routing,
             gateway_tiers,
+            gateway_outcomes,
+            gateway_latency,
             config_reloads,
             series: RwLock::new(Series::default()),
         })
@@ -396,11 +423,22 @@ impl Metrics {
     }
 
     /// A request the gateway sent to tier `tier` of `service` (tier names come from the
-    /// gateway's configuration, so they are bounded).
-    pub fn gateway_tier(&self, service: &str, tier: Arc<str>) {
+    /// gateway's configuration, so they are bounded), and its answer: `failed` when it was a 5xx
+    /// or none came, `elapsed` after the request arrived.
+    pub fn gateway_tier(&self, service: &str, tier: Arc<str>, failed: bool, elapsed: Duration) {
         let service = self.service_label(service);
-        self.gateway_tiers
-            .get_or_create(&TierLabels { service, tier })
+        let labels = TierLabels { service, tier };
+        self.gateway_tiers.get_or_create(&labels).inc();
+        self.gateway_latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        let outcome = if failed { "failure" } else { "success" };
+        self.gateway_outcomes
+            .get_or_create(&OutcomeLabels {
+                service: labels.service,
+                tier: labels.tier,
+                outcome,
+            })
             .inc();
     }
 

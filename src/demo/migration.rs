@@ -38,6 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
+use crate::migrate::driver::{DriveArgs, MigrateArgs, MigrateError};
 use crate::proxy::{Body, full};
 use crate::registry::INBOUND_PORT_META;
 use crate::registry::client::RegistryClient;
@@ -191,6 +192,10 @@ trait Site {
 
     /// Starts the load from Mesos node m1; each answer is added to `counts`.
     async fn start_load(&mut self, counts: Arc<Counts>) -> Result<(), DemoError>;
+
+    /// Starts a second load from Mesos node m1, sent to the gateway itself (the traffic the
+    /// gateway's split moves); each answer is added to `counts`.
+    async fn start_gateway_load(&mut self, counts: Arc<Counts>) -> Result<(), DemoError>;
 
     /// Starts giphy on `platform` (a version that answers 500 when `broken`); returns once it
     /// listens.
@@ -360,6 +365,48 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
 
     say(
         out,
+        &format!(
+            "6. The autopilot: skyline migrate giphy --to kubernetes --steps {AUTOPILOT_STEPS} --step-time {}s.\n   It moves the gateway's split, so a second load of {RATE} requests a second now goes from m1\n   to the gateway itself (the agents keep sending m1's first load straight to Mesos), and\n   the lines below show that load. The broken version is still on Kubernetes: the autopilot\n   rolls back at once, judged by the gateway's own numbers.",
+            AUTOPILOT_STEP_TIME.as_secs()
+        ),
+    );
+    let via_gateway = Arc::new(Counts::default());
+    site.start_gateway_load(via_gateway.clone()).await?;
+    let registry = site.registry().addr();
+    let (result, broken, direct) =
+        autopilot(out, &via_gateway, &counts, &mut second, registry, None).await;
+    if result.is_ok() {
+        say(
+            out,
+            "   (the autopilot did not roll back the broken version)",
+        );
+    }
+    tally.add("6. autopilot, broken", broken);
+    say(
+        out,
+        &format!(
+            "   A fixed version on Kubernetes, and the autopilot again, with a shadow step first\n   ({AUTOPILOT_SHADOW}% of requests copied to Kubernetes, the answers compared and discarded)."
+        ),
+    );
+    site.stop_giphy(Platform::Kubernetes).await?;
+    site.start_giphy(Platform::Kubernetes, false).await?;
+    let (result, moved, more) = autopilot(
+        out,
+        &via_gateway,
+        &counts,
+        &mut second,
+        registry,
+        Some(AUTOPILOT_SHADOW),
+    )
+    .await;
+    if let Err(e) = result {
+        say(out, &format!("   (the autopilot stopped: {e})"));
+    }
+    tally.add("6. autopilot", moved);
+    tally.add("6. m1 load, direct", direct.plus(more));
+
+    say(
+        out,
         "Done: the applications never changed a URL; the mesh moved the traffic.",
     );
     tally.print(out);
@@ -410,25 +457,144 @@ async fn wait(out: &mut dyn Write, counts: &Counts, seconds: u64, second: &mut u
     let mut stretch = Stretch::default();
     for _ in 0..seconds {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        *second += 1;
-        let (m, k, e) = counts.take();
-        let total = (m + k + e).max(1);
-        let _ = writeln!(
-            out,
-            "  [{:>2}s] mesos {:>3}%  kubernetes {:>3}%  errors {:>3}   ({} requests)",
-            second,
-            m * 100 / total,
-            k * 100 / total,
-            e,
-            m + k + e
-        );
-        let _ = out.flush();
-        stretch = stretch.plus(Stretch {
-            requests: m + k + e,
-            failed: e,
-        });
+        stretch = stretch.plus(report_second(out, counts, second));
     }
     stretch
+}
+
+/// Writes the traffic share of the second that just passed; its requests and failures.
+fn report_second(out: &mut dyn Write, counts: &Counts, second: &mut u64) -> Stretch {
+    *second += 1;
+    let (m, k, e) = counts.take();
+    let total = (m + k + e).max(1);
+    let _ = writeln!(
+        out,
+        "  [{:>2}s] mesos {:>3}%  kubernetes {:>3}%  errors {:>3}   ({} requests)",
+        second,
+        m * 100 / total,
+        k * 100 / total,
+        e,
+        m + k + e
+    );
+    let _ = out.flush();
+    Stretch {
+        requests: m + k + e,
+        failed: e,
+    }
+}
+
+// === The autopilot ===
+
+/// The autopilot's steps in the demo (percent to Kubernetes) and the time of each.
+const AUTOPILOT_STEPS: &str = "10,50,100";
+const AUTOPILOT_STEP_TIME: Duration = Duration::from_secs(2);
+/// The share of requests the healthy run copies to Kubernetes in its shadow step.
+const AUTOPILOT_SHADOW: u32 = 10;
+
+/// Runs `skyline migrate giphy --to kubernetes` (in this process) against `registry`, writing
+/// the traffic share of `counts` once a second and the autopilot's lines as events as they
+/// come; its result, and the requests and failures of `counts` and of `direct` meanwhile.
+async fn autopilot(
+    out: &mut dyn Write,
+    counts: &Counts,
+    direct: &Counts,
+    second: &mut u64,
+    registry: SocketAddr,
+    shadow: Option<u32>,
+) -> (Result<(), MigrateError>, Stretch, Stretch) {
+    let args = MigrateArgs {
+        command: None,
+        drive: DriveArgs {
+            service: Some("giphy".into()),
+            to: Some("kubernetes".into()),
+            from: None,
+            registry,
+            steps: AUTOPILOT_STEPS.into(),
+            step_time: format!("{}s", AUTOPILOT_STEP_TIME.as_secs()),
+            max_error_rate: "1%".into(),
+            // One machine shared by every node, and everything else it runs: latencies of a
+            // few milliseconds vary several times over from one second to the next, so only a
+            // tier ten times slower is a breach here.
+            max_p99_ratio: 10.0,
+            min_requests: 20,
+            shadow: shadow.map(|p| format!("{p}%")),
+        },
+    };
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let mut sink = LineSink {
+        tx,
+        partial: Vec::new(),
+    };
+    let (mut stretch, mut others) = (Stretch::default(), Stretch::default());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let result = {
+        let driver = crate::migrate::driver::run(args, CancellationToken::new(), &mut sink);
+        tokio::pin!(driver);
+        loop {
+            tokio::select! {
+                result = &mut driver => break result,
+                _ = tick.tick() => {
+                    stretch = stretch.plus(report_second(out, counts, second));
+                    let (m, k, e) = direct.take();
+                    others = others.plus(Stretch { requests: m + k + e, failed: e });
+                }
+                Some(line) = lines.recv() => event(out, &line),
+            }
+        }
+    };
+    drop(sink);
+    while let Some(line) = lines.recv().await {
+        event(out, &line);
+    }
+    // The answers still under way when the autopilot ended (a rollback's last failures)
+    // belong to this run.
+    tick.tick().await;
+    stretch = stretch.plus(report_second(out, counts, second));
+    let (m, k, e) = direct.take();
+    others = others.plus(Stretch {
+        requests: m + k + e,
+        failed: e,
+    });
+    if let Err(e) = &result {
+        if !matches!(e, MigrateError::RolledBack { .. }) {
+            let _ = writeln!(out, "   >> autopilot failed: {e}");
+        }
+    }
+    (result, stretch, others)
+}
+
+/// One line of the autopilot, marked as an event.
+fn event(out: &mut dyn Write, line: &str) {
+    let line = line.trim();
+    let _ = match line.strip_prefix("ROLLBACK ") {
+        Some(reason) => writeln!(out, "   >> rollback {reason}"),
+        None => writeln!(out, "   >> autopilot: {line}"),
+    };
+    let _ = out.flush();
+}
+
+/// A writer that hands each complete line to a channel.
+struct LineSink {
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+    partial: Vec<u8>,
+}
+
+impl Write for LineSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let _ = self
+                .tx
+                .send(String::from_utf8_lossy(&line[..i]).into_owned());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 // === The applications ===

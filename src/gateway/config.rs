@@ -272,6 +272,15 @@ pub const FILE: &[Section] = &[
                 },
                 "Split traffic over the eligible tiers by weight instead of sending it all to the best one.",
             ),
+            file_only(
+                "shadow",
+                "inline table: `tier` (a tier's name), `percent` (1 to 100)",
+                Value::Example {
+                    toml: "{ tier = \"kubernetes\", percent = 10 }",
+                    default: "none",
+                },
+                "Copy this share of GET and HEAD requests to the tier as well, compare the copy's status class with the answer's, and discard the copy (`skyline migrate --shadow`).",
+            ),
         ],
     },
 ];

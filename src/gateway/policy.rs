@@ -44,6 +44,20 @@ pub struct RoutePolicyConfig {
     /// Weights per tier, such as [90, 10]: traffic is split over the tiers in service instead
     /// of all going to the best one [default: none].
     pub split: Option<Vec<u32>>,
+    /// Copies a share of idempotent requests (GET, HEAD) to a tier as well, compares the copy's
+    /// status class with the answer's and discards the copy, such as
+    /// { tier = "kubernetes", percent = 10 }; `skyline migrate --shadow` sets it [default: none].
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// A shadow as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The tier that gets the copies, by name.
+    pub tier: String,
+    /// The share of GET and HEAD requests copied, 1 to 100.
+    pub percent: u32,
 }
 
 /// One tier as written: exactly one of `select` and `upstream`.
@@ -92,6 +106,15 @@ pub struct RoutePolicy {
     #[serde(serialize_with = "as_secs")]
     pub hold: Duration,
     pub split: Option<Vec<u32>>,
+    pub shadow: Option<Shadow>,
+}
+
+/// A validated shadow: copies of `percent` % of idempotent requests go to tier `tier` (an
+/// index into the tiers) too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Shadow {
+    pub tier: usize,
+    pub percent: u32,
 }
 
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -220,6 +243,7 @@ impl RoutePolicy {
             ],
             hold,
             split: None,
+            shadow: None,
         }
     }
 
@@ -273,9 +297,31 @@ impl RoutePolicyConfig {
                 return Err(refuse("split", "at least one weight must be above 0"));
             }
         }
+        let shadow = match self.shadow {
+            None => None,
+            Some(shadow) => {
+                let tier = tiers
+                    .iter()
+                    .position(|t: &Tier| t.name.as_str() == shadow.tier)
+                    .ok_or_else(|| {
+                        refuse(
+                            "shadow.tier",
+                            format!("{:?} is not one of the policy's tiers", shadow.tier),
+                        )
+                    })?;
+                if !(1..=100).contains(&shadow.percent) {
+                    return Err(refuse("shadow.percent", "must be between 1 and 100"));
+                }
+                Some(Shadow {
+                    tier,
+                    percent: shadow.percent,
+                })
+            }
+        };
         Ok(RoutePolicy {
             tiers,
             hold,
+            shadow,
             split: self.split,
         })
     }
@@ -419,6 +465,16 @@ split = [90, 10]"#,
         assert_eq!(p.tiers[1].source, TierSource::Upstream("kubernetes".into()));
         assert_eq!(p.hold, Duration::from_millis(500));
         assert_eq!(p.split, Some(vec![90, 10]));
+        let shadowed =
+            parse(r#"{"split": [100, 0], "shadow": {"tier": "kubernetes", "percent": 10}}"#)
+                .unwrap();
+        assert_eq!(
+            shadowed.shadow,
+            Some(Shadow {
+                tier: 1,
+                percent: 10
+            })
+        );
     }
 
     #[test]
@@ -445,6 +501,11 @@ split = [90, 10]"#,
             (r#"split = [0, 0]"#, "split"),
             (r#"tiers = []"#, "tiers"),
             (r#"{"tiers": 3}"#, "(value)"),
+            (r#"shadow = { tier = "vms", percent = 10 }"#, "shadow.tier"),
+            (
+                r#"shadow = { tier = "kubernetes", percent = 0 }"#,
+                "shadow.percent",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");

@@ -68,6 +68,16 @@ impl RegistryClient {
             .await
     }
 
+    /// `method path` with a body as is, the body of a 2xx answer.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Bytes, ClientError> {
+        self.call(method, path, body).await
+    }
+
     async fn call(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
         let addr = self.addr;
         let req = Request::builder()

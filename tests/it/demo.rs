@@ -147,9 +147,9 @@ fn share(line: &str) -> Option<Share> {
     })
 }
 
-/// The lines of each step: `1.` to `5.` and `Done`, in that order, each once.
+/// The lines of each step: `1.` to `6.` and `Done`, in that order, each once.
 fn steps(lines: &[String]) -> Vec<Vec<String>> {
-    let heads = ["1.", "2.", "3.", "4.", "5.", "Done"];
+    let heads = ["1.", "2.", "3.", "4.", "5.", "6.", "Done"];
     let mut steps: Vec<Vec<String>> = Vec::new();
     let mut next = 0;
     for line in lines {
@@ -263,6 +263,28 @@ fn the_migration_demo_in_namespaces_narrates_every_step_without_a_failed_request
     assert!(five.iter().any(|s| s.errors > 0), "{all}");
     let last = five.last().copied().unwrap();
     assert!(last.mesos == 100 && last.errors == 0, "{all}");
+    // 6. The autopilot rolls the broken version back at its first step, then moves the fixed
+    // one through a shadow step and every step to Kubernetes, the load through the gateway
+    // ending all on Kubernetes without errors.
+    let six = &steps[5];
+    let has = |text: &str| six.iter().any(|l| l.contains(text));
+    assert!(has(">> rollback at step 1/3 (10% to kubernetes)"), "{all}");
+    assert!(has(">> autopilot: step 1/4: shadow"), "{all}");
+    assert!(has(">> autopilot: step 4/4: 100%"), "{all}");
+    assert!(
+        has(">> autopilot: done: all traffic of giphy on kubernetes"),
+        "{all}"
+    );
+    let six = shares(six);
+    let last = six.last().copied().unwrap();
+    assert!(last.kubernetes == 100 && last.errors == 0, "{all}");
+    // Every m1 request sent straight to Mesos meanwhile was answered.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("6. m1 load, direct") && l.ends_with(" 0 failed")),
+        "{all}"
+    );
 
     assert_torn_down(&tag, &pids);
 }

@@ -385,6 +385,25 @@ async fn the_gateway_counts_its_requests_and_refused_policy_reloads_in_metrics()
         "{}",
         after.text
     );
+    // Each tier's answers by outcome and latency, what `skyline migrate` guards on.
+    let answers = |scrape: &Scrape, series: &str| {
+        scrape.count(&format!(
+            r#"skyline_gateway_tier_{series}{{service="giphy",tier="mesos"{}}}"#,
+            if series.starts_with("responses") {
+                r#",outcome="success""#
+            } else {
+                ""
+            }
+        ))
+    };
+    for series in ["responses_total", "latency_seconds_count"] {
+        assert_eq!(
+            answers(&after, series) - answers(&before, series),
+            4.0,
+            "{series}: {}",
+            after.text
+        );
+    }
     assert_eq!(
         after.count(
             r#"skyline_requests_total{role="gateway",service="",code="508",error="loop-detected"}"#

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod agents_register;
+mod autopilot;
 mod catalog_changes;
 mod config;
 mod consul_backend;

@@ -67,6 +67,7 @@ pub(super) struct Loopback {
     http: HttpClient,
     banner: String,
     outbound: SocketAddr,
+    gateway: SocketAddr,
     bridge: SocketAddr,
     giphy_on_mesos: Placement,
     giphy_on_kubernetes: SocketAddr,
@@ -247,6 +248,7 @@ impl Loopback {
             http: super::http_client(),
             banner,
             outbound,
+            gateway: gateway_addr,
             bridge: bridge_addr,
             giphy_on_mesos,
             giphy_on_kubernetes,
@@ -295,6 +297,14 @@ impl Site for Loopback {
 
     async fn start_load(&mut self, counts: Arc<Counts>) -> Result<(), DemoError> {
         let url = format!("http://{}/service/giphy/media", self.outbound);
+        let record = move |outcome| counts.add(outcome);
+        self.tasks
+            .spawn(super::load(url, RATE, record, self.stop.clone()));
+        Ok(())
+    }
+
+    async fn start_gateway_load(&mut self, counts: Arc<Counts>) -> Result<(), DemoError> {
+        let url = format!("http://{}/service/giphy/media", self.gateway);
         let record = move |outcome| counts.add(outcome);
         self.tasks
             .spawn(super::load(url, RATE, record, self.stop.clone()));

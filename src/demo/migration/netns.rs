@@ -67,6 +67,7 @@ pub(super) struct Namespaces {
     giphy_on_mesos: Placement,
     giphy: BTreeMap<Platform, ProcId>,
     load: Option<ProcId>,
+    gateway_load: Option<ProcId>,
 }
 
 /// Runs `work` on the lab on a blocking thread (it runs `ip` and waits for processes).
@@ -123,6 +124,7 @@ impl Namespaces {
             giphy_on_mesos,
             giphy: BTreeMap::new(),
             load: None,
+            gateway_load: None,
             lab,
             exe,
         }
@@ -289,6 +291,23 @@ impl Site for Namespaces {
         Ok(())
     }
 
+    async fn start_gateway_load(&mut self, counts: Arc<Counts>) -> Result<(), DemoError> {
+        let rate = RATE.to_string();
+        let url = format!("http://{}/service/giphy/media", self.mesh().inbound(GW));
+        let (id, lines) = self.spawn(
+            "gateway-load",
+            M1,
+            &["demo", "load", "--url", &url, "--rate", &rate],
+        )?;
+        std::thread::spawn(move || {
+            for line in lines {
+                counts.add(Outcome::from_word(&line));
+            }
+        });
+        self.gateway_load = Some(id);
+        Ok(())
+    }
+
     async fn start_giphy(&mut self, platform: Platform, broken: bool) -> Result<(), DemoError> {
         let (node, listen) = match platform {
             Platform::Mesos => (M2, self.giphy_on_mesos.addr),
@@ -352,7 +371,7 @@ impl Site for Namespaces {
     }
 
     async fn teardown(self) {
-        if let Some(load) = self.load {
+        for load in [self.load, self.gateway_load].into_iter().flatten() {
             self.lab.close_stdin(load);
         }
         // Dropping the lab kills its processes and removes the namespaces and the bridge.
