@@ -611,3 +611,23 @@ async fn twenty_concurrent_requests_on_one_http2_connection_each_get_their_own_a
     assert_eq!(answered, 20);
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_the_http2_preface_closes_the_connection_and_reaches_no_instance() {
+    let mesh = GrpcMesh::start().await;
+    let hits = mesh.web.hits();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend_from_slice(b"GET /service/web/ HTTP/1.1\r\nHost: n\r\n\r\n");
+    let started = std::time::Instant::now();
+    let reply = raw(mesh.outbound_a.parse().unwrap(), &bytes).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the agent closes the connection (raw gives up after 5 s)"
+    );
+    assert!(
+        !reply.contains("HTTP/1.1"),
+        "answered as HTTP/2, not HTTP/1: {reply:?}"
+    );
+    assert_eq!(mesh.web.hits(), hits, "nothing reached the instance");
+    mesh.stop().await;
+}
