@@ -5,6 +5,9 @@
 //! A handler that takes the express lane (the agent's outbound and inbound proxies) first
 //! serves each connection there: body-less requests forwarded as bytes (`proxy::express`).
 //! The first request the lane does not take moves the connection to hyper for good.
+//! A connection that opens with HTTP/2's client preface (h2c with prior knowledge, as gRPC
+//! clients speak) is told apart on the lane's first read, at the cost of one byte compared for
+//! HTTP/1, and served by hyper's HTTP/2 server with the same handler.
 //!
 //! # Drain
 //!
@@ -322,7 +325,8 @@ async fn serve_with<H: Handler>(
                     express::End::Handoff { rest: unread } => rest = unread,
                     express::End::Http2 { rest } => {
                         let io = express::Rewind::new(stream, rest);
-                        serve_h2(&h2, io, conn, handler, recorder, cancelled).await;
+                        // Boxed: every connection task would otherwise carry its size.
+                        Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
                         return;
                     }
                 }
