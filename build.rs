@@ -95,5 +95,14 @@ fn compile_etcd_proto() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         .emit_rerun_if_changed(false)
         .compile_fds(files)?;
+    // The gRPC test service of tests/it/grpc.rs (client and server); only the tests include it.
+    println!("cargo:rerun-if-changed=proto/test");
+    let files = protox::compile(["test/echo.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .build_transport(false)
+        .emit_rerun_if_changed(false)
+        .compile_fds(files)?;
     Ok(())
 }

@@ -771,7 +771,7 @@ pub const AGENT_FILE: &[Section] = &[
                     toml: "{ platform = \"mesos\" }",
                     default: "none",
                 },
-                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`).",
+                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`), and `protocol = \"h2c\"` says it speaks HTTP/2 (gRPC): HTTP/2 requests reach it over h2c.",
             ),
             file_only(
                 "check.ttl",

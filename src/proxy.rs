@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod express;
+pub mod h2;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -67,6 +68,11 @@ pub static X_SKYLINE_ATTEMPT: HeaderName = HeaderName::from_static("x-skyline-at
 /// to no instance (every connection was refused, or there was none to send to), so the hop
 /// before may send it elsewhere whatever its method.
 pub static X_SKYLINE_UNSENT: HeaderName = HeaderName::from_static("x-skyline-unsent");
+
+/// A gRPC client's deadline for the call (`<digits><unit>`), honoured as the request's.
+pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The most Skyline hops a request may take before the mesh calls it a loop.
 pub const DEFAULT_MAX_HOPS: u32 = 8;
@@ -201,6 +207,49 @@ impl MeshError {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+/// Whether a request is a gRPC call: over HTTP/2, with an `application/grpc*` content type.
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_2
+        && req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A mesh error answer (`x-skyline-error`) to a gRPC call, as gRPC's clients understand it: a
+/// trailers-only response, HTTP 200 with `grpc-status` and `grpc-message`, `x-skyline-error`
+/// kept. `unknown-service` is NOT_FOUND (5), `upstream-timeout` DEADLINE_EXCEEDED (4), no
+/// endpoint or a failed connection UNAVAILABLE (14), a body too large RESOURCE_EXHAUSTED (8),
+/// anything else INTERNAL (13). Other responses are left alone.
+pub fn as_grpc_status(response: &mut Response<Body>) {
+    if response.status() == StatusCode::OK {
+        return;
+    }
+    let Some(code) = response.headers().get(&X_SKYLINE_ERROR).cloned() else {
+        return;
+    };
+    let status = match code.as_bytes() {
+        b"unknown-service" => "5",
+        b"upstream-timeout" => "4",
+        b"no-healthy-endpoint" | b"upstream-connect" => "14",
+        b"content-too-large" => "8",
+        _ => "13",
+    };
+    let message = format!("skyline: {}", code.to_str().unwrap_or("mesh error"));
+    *response.status_mut() = StatusCode::OK;
+    *response.body_mut() = full(Bytes::new());
+    let headers = response.headers_mut();
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(&GRPC_STATUS, HeaderValue::from_static(status));
+    if let Ok(message) = HeaderValue::try_from(message) {
+        headers.insert(&GRPC_MESSAGE, message);
     }
 }
 
@@ -365,6 +414,8 @@ impl Retry {
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     pool: Pool,
+    /// HTTP/2 connections, for requests that came over HTTP/2 to endpoints that speak h2c.
+    h2: h2::H2Pool,
     /// The express lane's connections (see [`express`]).
     raw: express::RawPool,
     /// Where retries, spent budgets, ejections and panic routing are counted.
@@ -381,6 +432,7 @@ impl Forwarder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             pool: Pool::new(POOL_IDLE_TIMEOUT),
+            h2: h2::H2Pool::default(),
             raw: express::RawPool::new(POOL_IDLE_TIMEOUT),
             metrics,
         }
@@ -414,9 +466,14 @@ impl Forwarder {
         let now = ns_at(conn.arrived);
         // An upgrade request keeps `Upgrade` and `Connection: upgrade` (see [`upgrade`]).
         let protocols = upgrade::requested(req.version(), req.headers());
+        // A request that came over HTTP/2 goes on over HTTP/2 to an endpoint that speaks it
+        // (see [`h2`]), keeping its trailers; over HTTP/1.1 to any other.
+        let h2 = req.version() == Version::HTTP_2;
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
+        // `te: trailers` is hop-by-hop but the one value HTTP/2 allows; gRPC servers may ask for it.
+        let te_trailers = h2 && te_has_trailers(headers);
         strip_hop_by_hop(headers);
         if let Some(protocols) = &protocols {
             upgrade::keep(headers, protocols.clone());
@@ -487,6 +544,10 @@ impl Forwarder {
         };
         let mut exchange = HyperExchange {
             pool: &self.pool,
+            h2: h2.then_some(H2Send {
+                pool: &self.h2,
+                te_trailers,
+            }),
             next: Some(req),
             replay,
             resend,
@@ -628,6 +689,7 @@ impl Forwarder {
                 host: set_host.then_some(&endpoint.host),
                 timeout: millis(attempt_deadline - now),
                 attempt: (!tried.is_empty()).then_some(tried.len() + 1),
+                h2c: endpoint.h2c,
             };
             let flight = endpoint.state.start_at(now_ns);
             let sent = exchange.send(endpoint.addr, headers, limits);
@@ -763,6 +825,26 @@ struct AttemptHeaders<'a> {
     timeout: HeaderValue,
     /// `x-skyline-attempt`, from the second attempt on.
     attempt: Option<usize>,
+    /// The endpoint speaks h2c (see [`h2`]).
+    h2c: bool,
+}
+
+/// How a request that came over HTTP/2 is sent to an endpoint that speaks h2c.
+#[derive(Clone, Copy)]
+struct H2Send<'p> {
+    pool: &'p h2::H2Pool,
+    /// The client sent `te: trailers`, which HTTP/2 forwards.
+    te_trailers: bool,
+}
+
+/// Whether the `te` header asks for trailers.
+fn te_has_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
 }
 
 /// Why an attempt got no response.
@@ -803,6 +885,8 @@ trait Exchange {
 /// A request with `http` types, sent over hyper client connections from [`Pool`].
 struct HyperExchange<'p> {
     pool: &'p Pool,
+    /// The request came over HTTP/2: how it goes to an endpoint that speaks h2c.
+    h2: Option<H2Send<'p>>,
     /// The request to send next: the first, or one a refused connection handed back.
     next: Option<Request<RequestBody>>,
     replay: Option<Replay>,
@@ -854,7 +938,12 @@ impl Exchange for HyperExchange<'_> {
         if let Some(n) = headers.attempt {
             h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
         }
-        let sent = if self.upgrade {
+        let sent = if let (Some(h2), true) = (self.h2, headers.h2c) {
+            if h2.te_trailers {
+                h.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            h2.pool.send(addr, req, limits).await
+        } else if self.upgrade {
             self.pool.send_upgrade(addr, req, limits).await
         } else {
             self.pool
@@ -1038,10 +1127,33 @@ impl hyper::body::Body for Streamed {
 }
 
 /// The time the request may take: the policy's, or less when the caller's
-/// `x-skyline-timeout-ms` says so (a value that does not parse is ignored).
+/// `x-skyline-timeout-ms` or a gRPC client's `grpc-timeout` says so (a value that does not
+/// parse is ignored).
 fn caller_deadline(headers: &HeaderMap, policy: Duration) -> Duration {
     let caller = headers.get(&X_SKYLINE_TIMEOUT_MS);
-    within_caller_deadline(policy, caller.and_then(|v| parse_millis(v.as_bytes())))
+    let limit = within_caller_deadline(policy, caller.and_then(|v| parse_millis(v.as_bytes())));
+    match headers.get(&GRPC_TIMEOUT) {
+        Some(grpc) => grpc_timeout(grpc.as_bytes()).map_or(limit, |t| limit.min(t)),
+        None => limit,
+    }
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// `policy`, or the caller's `x-skyline-timeout-ms` when that is less.
@@ -1267,6 +1379,46 @@ mod tests {
         assert_eq!(e.status(), 508);
         h.insert(&X_SKYLINE_HOPS, HeaderValue::from_static("garbage"));
         assert_eq!(count_hop(&mut h, 2).unwrap(), 1);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_with_their_units_and_bad_ones_are_ignored() {
+        assert_eq!(grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        for bad in [&b""[..], b"m", b"123456789m", b"10x", b"-1S", b"1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(&GRPC_TIMEOUT, HeaderValue::from_static("250m"));
+        h.insert(&X_SKYLINE_TIMEOUT_MS, HeaderValue::from_static("900"));
+        assert_eq!(
+            caller_deadline(&h, Duration::from_secs(5)),
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn mesh_errors_to_grpc_calls_become_grpc_statuses_with_the_error_code_kept() {
+        for (error, status) in [
+            (MeshError::UnknownService, "5"),
+            (MeshError::NoHealthyEndpoint, "14"),
+            (MeshError::UpstreamTimeout, "4"),
+            (MeshError::LoopDetected, "13"),
+        ] {
+            let code = error.code();
+            let mut r = error.into_response("svc");
+            as_grpc_status(&mut r);
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()[&GRPC_STATUS], status, "{code}");
+            assert_eq!(r.headers()[&X_SKYLINE_ERROR], code);
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
+            assert!(r.body().is_end_stream());
+        }
+        let mut ok = Response::new(full("x"));
+        as_grpc_status(&mut ok);
+        assert!(!ok.headers().contains_key(&GRPC_STATUS));
     }
 
     #[test]

@@ -131,14 +131,16 @@ impl Table {
             let w = per_node.entry(instance.node.as_str()).or_default();
             *w = w.saturating_add(instance.weight);
             if instance.node == node {
-                local.push(Endpoint::new(instance.addr(), instance.weight));
+                let endpoint = Endpoint::new(instance.addr(), instance.weight);
+                local.push(endpoint.with_h2c(speaks_h2c(instance)));
             }
         }
         let remote = per_node
             .into_iter()
             .filter_map(|(name, weight)| {
                 let n = snapshot.nodes.get(name)?;
-                Some(Endpoint::new(n.inbound_addr(), weight))
+                // Every agent's inbound proxy takes h2c next to HTTP/1.1.
+                Some(Endpoint::new(n.inbound_addr(), weight).with_h2c(true))
             })
             .collect();
         // Endpoint states (latency, ejections) and the retry budget carry over.
@@ -253,6 +255,17 @@ impl Table {
             },
         }
     }
+}
+
+/// Whether an instance is registered as speaking HTTP/2 over cleartext with prior knowledge
+/// (a gRPC server, say): meta `protocol = "h2c"`, or the tag `h2c`. HTTP/2 requests (gRPC)
+/// reach it over HTTP/2; HTTP/1.1 requests still reach it over HTTP/1.1.
+pub fn speaks_h2c(instance: &Instance) -> bool {
+    instance
+        .meta
+        .get("protocol")
+        .is_some_and(|p| p.eq_ignore_ascii_case("h2c"))
+        || instance.tags.iter().any(|t| t == "h2c")
 }
 
 /// The gateway pool: the routable instances of [`GATEWAY_SERVICE`], addressed directly.

@@ -5,6 +5,9 @@
 //! A handler that takes the express lane (the agent's outbound and inbound proxies) first
 //! serves each connection there: body-less requests forwarded as bytes (`proxy::express`).
 //! The first request the lane does not take moves the connection to hyper for good.
+//! A connection that opens with HTTP/2's client preface (h2c with prior knowledge, as gRPC
+//! clients speak) is told apart on the lane's first read, at the cost of one byte compared for
+//! HTTP/1, and served by hyper's HTTP/2 server with the same handler.
 //!
 //! # Drain
 //!
@@ -39,9 +42,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -259,6 +262,12 @@ async fn serve_with<H: Handler>(
         // always speaks first.
         .max_buf_size(limits.max_head * 2)
         .max_headers(limits.max_headers * 2);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        // Windows that grow with the bandwidth-delay product: large gRPC messages (4 MiB by
+        // default) would crawl through HTTP/2's 64 KiB default window.
+        .adaptive_window(true)
+        .max_header_list_size(limits.max_head as u32);
     // Every connection task holds a sender; the drain ends when the last one is dropped.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     // Set when the drain starts; read by every response (an atomic load, where asking the
@@ -289,6 +298,7 @@ async fn serve_with<H: Handler>(
         let cancelled = shutdown.clone();
         let open = open.clone();
         let http = http.clone();
+        let h2 = h2.clone();
         let drained = drained.clone();
         tokio::spawn(async move {
             let _open = open;
@@ -313,6 +323,12 @@ async fn serve_with<H: Handler>(
                 match lane.await {
                     express::End::Closed => return,
                     express::End::Handoff { rest: unread } => rest = unread,
+                    express::End::Http2 { rest } => {
+                        let io = express::Rewind::new(stream, rest);
+                        // Boxed: every connection task would otherwise carry its size.
+                        Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
+                        return;
+                    }
                 }
             }
             // The guard numbers the requests it sees from 0.
@@ -389,6 +405,66 @@ async fn serve_hyper<H: Handler>(
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Serves an HTTP/2 connection (h2c with prior knowledge; the express lane saw its preface)
+/// with hyper until it ends. Each request is the handler's as an HTTP/1.1 one would be, its
+/// `:authority` given as `Host`; there is no framing guard (HTTP/2 frames carry no ambiguous
+/// lengths). On drain the connection is told to go away (GOAWAY) and its streams in flight
+/// finish.
+async fn serve_h2<H: Handler>(
+    http: &http2::Builder<TokioExecutor>,
+    io: express::Rewind<tokio::net::TcpStream>,
+    first: Conn,
+    handler: H,
+    recorder: Option<Recorder>,
+    cancelled: CancellationToken,
+) {
+    let peer = first.peer;
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        let arrived = Instant::now();
+        let conn = Conn {
+            arrived,
+            ..first.clone()
+        };
+        authority_as_host(&mut req);
+        let handler = handler.clone();
+        let recorder = recorder.clone();
+        async move {
+            let (response, label) = handler.handle_labelled(req, conn).await;
+            if let Some(recorder) = recorder {
+                recorder.record(&response, label.as_ref(), arrived);
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = cancelled.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// An HTTP/2 request's `:authority` as its `Host` header (when it has none), so the header
+/// rules read it as they read an HTTP/1.1 request's.
+fn authority_as_host<B>(req: &mut Request<B>) {
+    if req.headers().contains_key(http::header::HOST) {
+        return;
+    }
+    let host = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    if let Some(host) = host {
+        req.headers_mut().insert(http::header::HOST, host);
     }
 }
 

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 use super::express::{Head, Name, Verdict};
 use super::resilience::SharedPolicies;
 use super::{
-    Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Host, MeshError, count_hop, next_hop,
+    Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Host, MeshError, as_grpc_status,
+    count_hop, is_grpc, next_hop,
 };
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
@@ -61,8 +62,61 @@ impl Proxy for Outbound {
     type Body = Body;
 
     /// Routes and forwards one request; `label` is set to the service once it is parsed, for
-    /// the metrics.
+    /// the metrics. A gRPC call gets mesh errors (its own hop's or a later one's) as gRPC
+    /// statuses.
     async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Response<Body> {
+        let grpc = is_grpc(&req);
+        let mut response = self.route_and_forward(req, conn, label).await;
+        if grpc {
+            as_grpc_status(&mut response);
+        }
+        response
+    }
+
+    const EXPRESS: bool = true;
+
+    /// [`proxy`](Self::proxy) for a body-less request on the express lane. A cluster-DNS-style
+    /// request and every refusal before forwarding are declined: `proxy` answers those.
+    async fn express(
+        &self,
+        head: &Head<'_>,
+        conn: &Conn,
+        label: &mut Option<ServiceLabel>,
+    ) -> Verdict {
+        let path = path_of(head.target).0;
+        let Ok(name) = service_of(path) else {
+            return Verdict::Decline;
+        };
+        let inner = &self.inner;
+        let Ok(hops) = next_hop(head.get(Name::Hops), DEFAULT_MAX_HOPS) else {
+            return Verdict::Decline;
+        };
+        let table = inner.routes.load();
+        let Ok((route, then, hold)) = inner.route(&table, name) else {
+            return Verdict::Decline;
+        };
+        *label = service_label(&table, name);
+        drop(table);
+        let policy = inner.policies.load().for_service(name).clone();
+        let then = then.as_deref().map(|r| [r]);
+        let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
+        let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
+        upstream.fallback = fallback.as_ref();
+        let forwarded = inner
+            .forwarder
+            .express(head, upstream, head.target, Host::Keep, Some(hops), conn)
+            .await;
+        Verdict::of(forwarded, name)
+    }
+}
+
+impl Outbound {
+    async fn route_and_forward(
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
@@ -109,42 +163,6 @@ impl Proxy for Outbound {
             .forward(req, upstream, target.clone(), Host::Keep, &conn)
             .await;
         forwarded.unwrap_or_else(|e| e.into_response(name))
-    }
-
-    const EXPRESS: bool = true;
-
-    /// [`proxy`](Self::proxy) for a body-less request on the express lane. A cluster-DNS-style
-    /// request and every refusal before forwarding are declined: `proxy` answers those.
-    async fn express(
-        &self,
-        head: &Head<'_>,
-        conn: &Conn,
-        label: &mut Option<ServiceLabel>,
-    ) -> Verdict {
-        let path = path_of(head.target).0;
-        let Ok(name) = service_of(path) else {
-            return Verdict::Decline;
-        };
-        let inner = &self.inner;
-        let Ok(hops) = next_hop(head.get(Name::Hops), DEFAULT_MAX_HOPS) else {
-            return Verdict::Decline;
-        };
-        let table = inner.routes.load();
-        let Ok((route, then, hold)) = inner.route(&table, name) else {
-            return Verdict::Decline;
-        };
-        *label = service_label(&table, name);
-        drop(table);
-        let policy = inner.policies.load().for_service(name).clone();
-        let then = then.as_deref().map(|r| [r]);
-        let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
-        let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
-        upstream.fallback = fallback.as_ref();
-        let forwarded = inner
-            .forwarder
-            .express(head, upstream, head.target, Host::Keep, Some(hops), conn)
-            .await;
-        Verdict::of(forwarded, name)
     }
 }
 

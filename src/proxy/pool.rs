@@ -336,6 +336,19 @@ pub struct PooledBody {
     stalled: Option<Pin<Box<Sleep>>>,
 }
 
+impl PooledBody {
+    /// A body whose connection is not pooled per request (an HTTP/2 stream's).
+    pub(super) fn unpooled(body: Incoming, idle: Duration) -> Self {
+        PooledBody {
+            body,
+            done: false,
+            home: None,
+            idle,
+            stalled: None,
+        }
+    }
+}
+
 /// Why a response body ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

@@ -308,6 +308,10 @@ pub struct Endpoint {
     #[serde(skip)]
     pub host: HeaderValue,
     pub weight: u32,
+    /// The endpoint speaks HTTP/2 over cleartext (h2c) with prior knowledge: a request that
+    /// came over HTTP/2 goes to it over HTTP/2 (see `proxy::h2`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub h2c: bool,
     #[serde(serialize_with = "view_state")]
     pub state: Arc<EndpointState>,
 }
@@ -318,7 +322,7 @@ fn view_state<S: serde::Serializer>(state: &Arc<EndpointState>, s: S) -> Result<
 
 impl PartialEq for Endpoint {
     fn eq(&self, other: &Self) -> bool {
-        self.addr == other.addr && self.weight == other.weight
+        self.addr == other.addr && self.weight == other.weight && self.h2c == other.h2c
     }
 }
 
@@ -333,8 +337,15 @@ impl Endpoint {
             addr,
             host,
             weight,
+            h2c: false,
             state: Arc::default(),
         }
+    }
+
+    /// This endpoint, speaking h2c when `h2c`.
+    pub fn with_h2c(mut self, h2c: bool) -> Self {
+        self.h2c = h2c;
+        self
     }
 }
 

@@ -33,6 +33,36 @@ pub(super) enum End {
     /// Hyper serves the rest (through a framing guard), starting with `rest`: bytes read and
     /// not used, from the first byte of a request head.
     Handoff { rest: Vec<u8> },
+    /// The connection opened with HTTP/2's client preface (h2c with prior knowledge): hyper's
+    /// HTTP/2 server serves it, starting with `rest` (the preface and what followed).
+    Http2 { rest: Vec<u8> },
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a connection say about HTTP/2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Preface {
+    /// They are HTTP/2's client preface.
+    Http2,
+    /// They may still be: more bytes are needed to tell.
+    Unsure,
+    /// They are not (HTTP/1).
+    No,
+}
+
+/// Tells HTTP/2 from HTTP/1 by the first bytes of a connection: one byte compared for nearly
+/// every HTTP/1 request (only `P`, as in `POST` and `PUT`, looks further).
+fn preface(buf: &[u8]) -> Preface {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf.first() != Some(&b'P') || buf[..n] != H2_PREFACE[..n] {
+        Preface::No
+    } else if n == H2_PREFACE.len() {
+        Preface::Http2
+    } else {
+        Preface::Unsure
+    }
 }
 
 /// Serves `stream` on the express lane until it ends or a request needs hyper.
@@ -50,6 +80,8 @@ pub(super) async fn serve<H: Handler>(
     let mut drain_seen = false;
     // One timer for the connection's whole life, moved on lazily (see `read_head`).
     let mut timer = pin!(tokio::time::sleep(HEADER_READ_TIMEOUT));
+    // Only a connection's first bytes can be HTTP/2's preface.
+    let mut sniff = true;
     loop {
         let mut reader = HeadReader::new(limits);
         let wait = Wait {
@@ -57,9 +89,10 @@ pub(super) async fn serve<H: Handler>(
             drain_seen: &mut drain_seen,
             timer: timer.as_mut(),
         };
-        let read = read_head(stream, &mut buf, &mut reader, wait);
+        let read = read_head(stream, &mut buf, &mut reader, wait, &mut sniff);
         let end = match read.await {
             Read::Head(end) => end,
+            Read::Http2 => return End::Http2 { rest: buf },
             Read::Refused => return End::Handoff { rest: buf },
             Read::Closed => return End::Closed,
         };
@@ -140,6 +173,8 @@ enum Read {
     Refused,
     /// The connection ended first: closed, failed, or timed out.
     Closed,
+    /// `buf` starts with HTTP/2's client preface.
+    Http2,
 }
 
 /// How long [`read_head`] waits: the connection's shutdown signal and its timer.
@@ -162,6 +197,7 @@ async fn read_head(
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
     wait: Wait<'_, '_>,
+    sniff: &mut bool,
 ) -> Read {
     let Wait {
         mut cancelled,
@@ -170,7 +206,14 @@ async fn read_head(
     } = wait;
     let mut deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     loop {
-        if !buf.is_empty() {
+        if *sniff && !buf.is_empty() {
+            match preface(buf) {
+                Preface::Http2 => return Read::Http2,
+                Preface::No => *sniff = false,
+                Preface::Unsure => {}
+            }
+        }
+        if !*sniff && !buf.is_empty() {
             match reader.scan(buf) {
                 HeadProgress::Ended(end) => return Read::Head(end),
                 // Refused as soon as the guard would (a bare LF, say, or a head past the
@@ -270,5 +313,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http2_preface_is_told_from_http1_requests_by_its_first_bytes() {
+        assert_eq!(preface(H2_PREFACE), Preface::Http2);
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(b"\x00\x00\x12\x04");
+        assert_eq!(preface(&more), Preface::Http2);
+        for n in 1..H2_PREFACE.len() {
+            assert_eq!(preface(&H2_PREFACE[..n]), Preface::Unsure, "{n} bytes");
+        }
+        for http1 in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\n",
+            b"PUT",
+            b"PRI * HTTP/1.1\r\n\r\n",
+            b"PATCH / HTTP/1.1\r\n",
+        ] {
+            assert_eq!(preface(http1), Preface::No, "{http1:?}");
+        }
     }
 }

@@ -30,7 +30,9 @@
 //!   `max_buf_size` comfortably above `Limits::max_head` (hyper's default ~400 KiB is).
 //! - After accepting an upgrade (101, or 2xx to CONNECT), call [`Verdicts::upgraded`] before the
 //!   response is sent so the tunnelled bytes are not parsed as HTTP.
-//! - Only HTTP/1: an HTTP/2 prior-knowledge preface is refused like any bad head.
+//! - Only HTTP/1: an HTTP/2 prior-knowledge preface is refused like any bad head. (The agent's
+//!   listeners see a connection's preface before the guard does and serve it as HTTP/2; see
+//!   `serve::express`.)
 
 use std::cmp::min;
 use std::fmt;

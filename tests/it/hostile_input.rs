@@ -108,8 +108,9 @@ fn probes() -> Vec<(&'static str, Vec<u8>, u16)> {
             400,
         ),
         (
-            "http/2 preface over http/1",
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            // Not quite HTTP/2's preface (that one is served as HTTP/2: see grpc.rs).
+            "broken http/2 preface over http/1",
+            b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n".to_vec(),
             400,
         ),
     ];

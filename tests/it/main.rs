@@ -11,6 +11,7 @@ mod demo;
 mod etcd;
 mod faults;
 mod gateway;
+mod grpc;
 mod guard;
 mod hostile_input;
 mod image;

@@ -1,0 +1,633 @@
+//! HTTP/2 and gRPC through both hops of `skyline agent` processes: an application's h2c
+//! (prior knowledge) connection to its outbound listener, h2c between the hops, and h2c to an
+//! instance registered with meta `protocol = "h2c"` (HTTP/1.1 to any other).
+//!
+//! A real tonic server and client (the test service of `proto/test/echo.proto`), curl with
+//! `--http2-prior-knowledge`, and HTTP/1.1 clients on the same port.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, Streaming};
+
+use crate::support::*;
+
+mod pb {
+    #![allow(clippy::all, clippy::unwrap_used, clippy::expect_used)]
+    include!(concat!(env!("OUT_DIR"), "/skyline.test.rs"));
+}
+
+use pb::echo_client::EchoClient;
+use pb::echo_server::{Echo, EchoServer};
+use pb::{EchoReply, EchoRequest};
+
+/// gRPC's default message limit is 4 MiB; the large-message test sends a 4 MiB payload.
+const MAX_MESSAGE: usize = 16 << 20;
+
+// === The gRPC test server ===
+
+#[derive(Default)]
+struct EchoService;
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+fn failure(req: &EchoRequest) -> Option<Status> {
+    (req.fail_with != 0).then(|| Status::new(Code::from(req.fail_with), req.message.clone()))
+}
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, Status> {
+        let req = request.into_inner();
+        if req.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(req.delay_ms.into())).await;
+        }
+        if let Some(status) = failure(&req) {
+            return Err(status);
+        }
+        Ok(tonic::Response::new(EchoReply {
+            message: req.message,
+            payload: req.payload,
+            index: 0,
+        }))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    /// `count` replies, then the request's failure (if any) as the final status.
+    async fn server_stream(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, Status> {
+        let req = request.into_inner();
+        let message = req.message.clone();
+        let replies = (0..req.count).map(move |i| {
+            Ok(EchoReply {
+                message: format!("{message} #{i}"),
+                payload: Vec::new(),
+                index: i,
+            })
+        });
+        let end = failure(&req).map(Err);
+        let stream = tokio_stream::iter(replies.chain(end));
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    /// One reply: how many requests came and their payload bytes in all.
+    async fn client_stream(
+        &self,
+        request: tonic::Request<Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<EchoReply>, Status> {
+        let mut requests = request.into_inner();
+        let (mut count, mut bytes) = (0u32, 0usize);
+        while let Some(req) = requests.next().await {
+            let req = req?;
+            count += 1;
+            bytes += req.payload.len();
+        }
+        Ok(tonic::Response::new(EchoReply {
+            message: format!("{count} requests, {bytes} bytes"),
+            payload: Vec::new(),
+            index: count,
+        }))
+    }
+
+    type BidiStream = ReplyStream;
+
+    /// A reply to each request as it comes.
+    async fn bidi(
+        &self,
+        request: tonic::Request<Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<ReplyStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut index = 0;
+            while let Some(req) = requests.next().await {
+                let reply = req.map(|req| EchoReply {
+                    message: format!("echo {}", req.message),
+                    payload: Vec::new(),
+                    index,
+                });
+                index += 1;
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The tonic server on `ip`, until the token is cancelled.
+async fn grpc_server(ip: &str, stop: CancellationToken) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((self::ip(ip), 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = EchoServer::new(EchoService)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.cancelled_owned(),
+            ),
+    );
+    addr
+}
+
+/// An HTTP/2-only (h2c prior knowledge) server on `ip` that answers `h2 <path-and-query>` and
+/// refuses anything but HTTP/2: the test's proof that the last hop spoke HTTP/2 to it.
+async fn h2_only_server(ip: &str, stop: CancellationToken) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((self::ip(ip), 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => accepted.unwrap(),
+            };
+            let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let text = format!(
+                    "h2 {:?} {}",
+                    req.version(),
+                    req.uri().path_and_query().map_or("/", |p| p.as_str())
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+// === The mesh: two agent processes ===
+
+/// Agents for node a (127.0.0.2) and b (127.0.0.3) as `skyline agent` processes sharing a
+/// catalog file, with on b: `grpc-echo` (tonic, h2c), `h2web` (HTTP/2 only, h2c), `web` (an
+/// HTTP/1.1 TestApp) and `grpc-down` (h2c, nothing listening).
+struct GrpcMesh {
+    _dir: tempfile::TempDir,
+    agents: Vec<Skyline>,
+    outbound_a: String,
+    web: TestApp,
+    stop: CancellationToken,
+}
+
+impl GrpcMesh {
+    async fn start() -> Self {
+        let stop = CancellationToken::new();
+        let grpc = grpc_server("127.0.0.3", stop.clone()).await;
+        let h2web = h2_only_server("127.0.0.3", stop.clone()).await;
+        let web = TestApp::spawn("web@b", ip("127.0.0.3"));
+        // A port that refuses connections: bound, then closed.
+        let down = std::net::TcpListener::bind("127.0.0.3:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = dir.path().join("catalog.toml");
+        let text = |a: u16, b: u16| {
+            format!(
+                "[[node]]\nname = \"a\"\naddress = \"127.0.0.2\"\ninbound_port = {a}\n\n\
+                 [[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {b}\n\n\
+                 [[service]]\nname = \"grpc-echo\"\nnode = \"b\"\nport = {}\n\
+                 meta = {{ protocol = \"h2c\" }}\n\n\
+                 [[service]]\nname = \"h2web\"\nnode = \"b\"\nport = {}\ntags = [\"h2c\"]\n\n\
+                 [[service]]\nname = \"grpc-down\"\nnode = \"b\"\nport = {}\n\
+                 meta = {{ protocol = \"h2c\" }}\n\n\
+                 [[service]]\nname = \"web\"\nnode = \"b\"\nport = {}\n",
+                grpc.port(),
+                h2web.port(),
+                down.port(),
+                web.addr.port()
+            )
+        };
+        std::fs::write(&catalog, text(1, 1)).unwrap();
+        let mut agents = Vec::new();
+        let mut inbound_ports = Vec::new();
+        let mut outbound_a = String::new();
+        for (node, ip) in [("a", "127.0.0.2"), ("b", "127.0.0.3")] {
+            let outbound = format!("{ip}:0");
+            let args = [
+                "agent",
+                "--node-name",
+                node,
+                "--node-address",
+                ip,
+                "--outbound",
+                &outbound,
+                "--inbound",
+                &outbound,
+                "--admin",
+                "off",
+                "--catalog",
+                "file",
+                "--catalog-file",
+                catalog.to_str().unwrap(),
+            ];
+            let mut agent = Skyline::start(&args, &[]);
+            let started = agent.log.wait_for("agent started").await;
+            let inbound: SocketAddr = started["inbound"].as_str().unwrap().parse().unwrap();
+            inbound_ports.push(inbound.port());
+            if node == "a" {
+                outbound_a = started["outbound"].as_str().unwrap().to_owned();
+            }
+            agents.push(agent);
+        }
+        write_atomically(&catalog, &text(inbound_ports[0], inbound_ports[1]));
+        let mesh = GrpcMesh {
+            _dir: dir,
+            agents,
+            outbound_a,
+            web,
+            stop,
+        };
+        // Bounded: the agents poll the catalog file every 50 ms.
+        let client = Client::new();
+        let url = format!("http://{}/service/web/", mesh.outbound_a);
+        for _ in 0..400 {
+            if let Ok(reply) = client.get_result(&url).await {
+                if reply.status == 200 {
+                    return mesh;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the agents never routed web");
+    }
+
+    /// A gRPC client of `service` through node a's outbound listener.
+    async fn client(&self, service: &str) -> EchoClient<tonic::transport::Channel> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.outbound_a))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let origin = format!("http://{}/service/{service}", self.outbound_a)
+            .parse()
+            .unwrap();
+        EchoClient::with_origin(channel, origin)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    async fn stop(self) {
+        for agent in &self.agents {
+            agent.sigterm();
+        }
+        for agent in self.agents {
+            agent.exited_cleanly().await;
+        }
+        self.stop.cancel();
+        self.web.stop().await;
+    }
+}
+
+fn request(message: &str) -> EchoRequest {
+    EchoRequest {
+        message: message.to_owned(),
+        ..EchoRequest::default()
+    }
+}
+
+/// `curl --http2-prior-knowledge` of `url`: the status line's protocol and status, and the body.
+async fn curl_h2(url: &str) -> (String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (
+        head.lines().next().unwrap().trim().to_owned(),
+        body.to_owned(),
+    )
+}
+
+// === Tests ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_calls_and_a_4_mib_message_cross_both_hops_over_h2c() {
+    let mesh = GrpcMesh::start().await;
+    let mut client = mesh.client("grpc-echo").await;
+    let reply = client.unary(request("hello")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "hello");
+
+    let payload: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let big = EchoRequest {
+        payload: payload.clone(),
+        ..request("big")
+    };
+    let reply = client.unary(big).await.unwrap().into_inner();
+    assert_eq!(reply.payload.len(), payload.len());
+    assert!(
+        reply.payload == payload,
+        "the 4 MiB payload comes back intact"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_server_client_and_bidi_streams_cross_both_hops_and_end_with_status_ok() {
+    let mesh = GrpcMesh::start().await;
+    let mut client = mesh.client("grpc-echo").await;
+
+    let call = EchoRequest {
+        count: 5,
+        ..request("tick")
+    };
+    let mut stream = client.server_stream(call).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(reply) = stream.message().await.unwrap() {
+        got.push(reply.message);
+    }
+    assert_eq!(got, ["tick #0", "tick #1", "tick #2", "tick #3", "tick #4"]);
+    let trailers = stream.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+
+    let uploads = (0..10).map(|i| EchoRequest {
+        payload: vec![7; 1000],
+        ..request(&i.to_string())
+    });
+    let reply = client
+        .client_stream(tokio_stream::iter(uploads))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.message, "10 requests, 10000 bytes");
+
+    // Each reply comes back before the next request is sent: both directions stream at once
+    // through both hops, nothing waits for the other side's end.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client
+        .bidi(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..5u32 {
+        tx.send(request(&format!("ping {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .expect("a reply before the next request")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.message, format!("echo ping {i}"));
+        assert_eq!(reply.index, i);
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_error_status_from_the_server_reaches_the_client_in_its_trailers() {
+    let mesh = GrpcMesh::start().await;
+    let mut client = mesh.client("grpc-echo").await;
+    let failing = EchoRequest {
+        fail_with: Code::PermissionDenied as i32,
+        ..request("no entry for you")
+    };
+    let status = client.unary(failing.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "no entry for you");
+    assert!(status.metadata().get("x-skyline-error").is_none());
+
+    // After messages: the status travels in trailers proper, after the stream's data.
+    let call = EchoRequest {
+        count: 2,
+        fail_with: Code::ResourceExhausted as i32,
+        ..request("quota")
+    };
+    let mut stream = client.server_stream(call).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().message, "quota #0");
+    assert_eq!(stream.message().await.unwrap().unwrap().message, "quota #1");
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.message(), "quota");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_errors_to_grpc_calls_are_grpc_statuses_with_the_mesh_error_kept() {
+    let mesh = GrpcMesh::start().await;
+
+    let status = mesh
+        .client("no-such-service")
+        .await
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "unknown-service"
+    );
+
+    let status = mesh
+        .client("grpc-down")
+        .await
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "upstream-connect"
+    );
+
+    // The caller's deadline is the request's: `x-skyline-timeout-ms`, as for HTTP/1.1 ...
+    let mut slow = tonic::Request::new(EchoRequest {
+        delay_ms: 5_000,
+        ..request("slow")
+    });
+    slow.metadata_mut()
+        .insert("x-skyline-timeout-ms", "300".parse().unwrap());
+    let started = std::time::Instant::now();
+    let status = mesh
+        .client("grpc-echo")
+        .await
+        .unary(slow)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "upstream-timeout"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // ... and gRPC's own `grpc-timeout` (sent by hand: tonic's client would time out first).
+    let stream = tokio::net::TcpStream::connect(&mesh.outbound_a)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let message = prost::Message::encode_to_vec(&EchoRequest {
+        delay_ms: 5_000,
+        ..request("slow")
+    });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let req = Request::post(format!(
+        "http://{}/service/grpc-echo/skyline.test.Echo/Unary",
+        mesh.outbound_a
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "300m")
+    .body(Full::new(Bytes::from(frame)))
+    .unwrap();
+    let started = std::time::Instant::now();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let h = response.headers();
+    assert_eq!(h["grpc-status"], "4", "{h:?}");
+    assert_eq!(h["x-skyline-error"], "upstream-timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_with_http2_prior_knowledge_reaches_http1_and_h2c_instances_and_http1_callers_share_the_port()
+ {
+    let mesh = GrpcMesh::start().await;
+    let (status, body) = curl_h2(&format!("http://{}/service/web/a/b?c=d", mesh.outbound_a)).await;
+    assert_eq!(status, "HTTP/2 200");
+    assert_eq!(
+        body, "web@b /a/b?c=d",
+        "HTTP/2 to the mesh, HTTP/1.1 to the instance"
+    );
+    let seen = mesh.web.seen().pop().unwrap();
+    assert_eq!(seen.headers["x-skyline-hops"], "1");
+    assert_eq!(seen.headers["x-forwarded-host"], mesh.outbound_a.as_str());
+    assert_eq!(seen.headers["x-request-id"].len(), 32);
+
+    let (status, body) = curl_h2(&format!("http://{}/service/h2web/x?y=1", mesh.outbound_a)).await;
+    assert_eq!(status, "HTTP/2 200");
+    assert_eq!(
+        body, "h2 HTTP/2.0 /x?y=1",
+        "HTTP/2 all the way to the h2c instance"
+    );
+
+    let (status, _) = curl_h2(&format!("http://{}/service/nowhere/", mesh.outbound_a)).await;
+    assert_eq!(
+        status, "HTTP/2 404",
+        "a plain HTTP/2 request gets the HTTP mesh error"
+    );
+
+    // HTTP/1.1 callers on the same port, on the express lane and through hyper (a body).
+    let client = Client::new();
+    let reply = client
+        .get(&format!("http://{}/service/web/plain", mesh.outbound_a))
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "web@b /plain");
+    let req = Request::post(format!("http://{}/service/web/sink", mesh.outbound_a))
+        .body(Full::new(Bytes::from_static(b"12345")))
+        .unwrap();
+    let reply = client.send(req).await.unwrap();
+    assert_eq!(reply.body, "5");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_requests_on_one_http2_connection_each_get_their_own_answer() {
+    // One client connection, twenty streams at once, through both hops to an h2c instance.
+    let mesh = GrpcMesh::start().await;
+    let stream = tokio::net::TcpStream::connect(&mesh.outbound_a)
+        .await
+        .unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let mut sender = sender.clone();
+        let url = format!("http://{}/service/h2web/call/{i}", mesh.outbound_a);
+        calls.spawn(async move {
+            let req = Request::get(url).body(Full::<Bytes>::default()).unwrap();
+            let response = sender.send_request(req).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (i, body)
+        });
+    }
+    let mut answered = 0;
+    while let Some(done) = calls.join_next().await {
+        let (i, body) = done.unwrap();
+        assert_eq!(body, format!("h2 HTTP/2.0 /call/{i}"));
+        answered += 1;
+    }
+    assert_eq!(answered, 20);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_the_http2_preface_closes_the_connection_and_reaches_no_instance() {
+    let mesh = GrpcMesh::start().await;
+    let hits = mesh.web.hits();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend_from_slice(b"GET /service/web/ HTTP/1.1\r\nHost: n\r\n\r\n");
+    let started = std::time::Instant::now();
+    let reply = raw(mesh.outbound_a.parse().unwrap(), &bytes).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the agent closes the connection (raw gives up after 5 s)"
+    );
+    assert!(
+        !reply.contains("HTTP/1.1"),
+        "answered as HTTP/2, not HTTP/1: {reply:?}"
+    );
+    assert_eq!(mesh.web.hits(), hits, "nothing reached the instance");
+    mesh.stop().await;
+}
