@@ -16,7 +16,8 @@
 //!   (blocking queries over HTTP), which also follows our own registry; [`catalog::etcd`] lists
 //!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry; [`cli::kubernetes`]
-//!   is `skyline k8s services`, the Kubernetes Services that stand for the catalog's services.
+//!   is `skyline k8s services`, the Kubernetes Services that stand for the catalog's services;
+//!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
 //!   `skyline config example`, `skyline config check`).
@@ -32,14 +33,16 @@
 //!   inside), torn down on drop; the demo's nodes and the namespace integration tests.
 //! - [`metrics`]: Prometheus metrics of every role (`/metrics` on the admin listener); requests
 //!   are recorded by [`serve::serve_recorded`], labelled by the handlers' [`metrics::ServiceLabel`].
-//! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`;
+//! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`
+//!   (`proxy::outbound::explain`: the outbound routing decision explained, without sending);
 //!   `proxy::express`, the agent's lane for body-less requests, forwarded as bytes;
 //!   `proxy::upgrade`, HTTP/1.1 upgrades (WebSocket) spliced both ways after `101`;
 //!   `proxy::h2`, h2c toward the next hop for requests that came over HTTP/2 (gRPC).
 //! - [`registry`]: the embedded Consul-compatible registry: API, Consul's body decoding rules
 //!   (`registry::decode`), durable store (a damaged log is refused, `--repair` keeps what is
 //!   readable), health checks, sessions and KV locks (`registry::session`), `/v1/txn`
-//!   (`registry::txn`), user events (`registry::events`).
+//!   (`registry::txn`), user events (`registry::events`); its listener has the same framing
+//!   guard (`serve::guard`) as the proxies.
 //! - [`routing`]: the route table, built from a snapshot and swapped atomically;
 //!   `routing::reach`, whether a route is reachable as the proxies observe it (refusals move a
 //!   request on to the catch-all or the next tier).
