@@ -267,7 +267,11 @@ async fn serve_with<H: Handler>(
         // Windows that grow with the bandwidth-delay product: large gRPC messages (4 MiB by
         // default) would crawl through HTTP/2's 64 KiB default window.
         .adaptive_window(true)
-        .max_header_list_size(limits.max_head as u32);
+        .max_header_list_size(limits.max_head as u32)
+        // A peer that stops answering (gone, or a client that sent the preface and nothing
+        // since) is pinged and its connection closed, rather than held until the next drain.
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     // Every connection task holds a sender; the drain ends when the last one is dropped.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     // Set when the drain starts; read by every response (an atomic load, where asking the
@@ -413,6 +417,11 @@ async fn serve_hyper<H: Handler>(
 /// `:authority` given as `Host`; there is no framing guard (HTTP/2 frames carry no ambiguous
 /// lengths). On drain the connection is told to go away (GOAWAY) and its streams in flight
 /// finish.
+/// How often an HTTP/2 connection is pinged (when idle), and how long a ping may go unanswered
+/// before the connection is closed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn serve_h2<H: Handler>(
     http: &http2::Builder<TokioExecutor>,
     io: express::Rewind<tokio::net::TcpStream>,

@@ -192,3 +192,44 @@ async fn a_bad_request_behind_a_good_one_is_refused_and_the_connection_closed() 
     mesh.stop().await;
     web.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_goes_silent_after_its_preface_is_pinged_then_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = TestMesh::builder().node("a", "127.0.0.2").spawn().await;
+    let mut stream = tokio::net::TcpStream::connect(mesh.outbound("a"))
+        .await
+        .unwrap();
+    // The preface and an empty SETTINGS frame; then nothing, not even a PING's answer.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        stream.read_to_end(&mut got),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "still open after 60 s ({} bytes read)",
+        got.len()
+    );
+    // Frames came first: the server's SETTINGS and at least one PING (type 6).
+    let mut at = 0;
+    let mut types = Vec::new();
+    while at + 9 <= got.len() {
+        let len =
+            usize::from(got[at]) << 16 | usize::from(got[at + 1]) << 8 | usize::from(got[at + 2]);
+        types.push(got[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        types.contains(&4) && types.contains(&6),
+        "frame types {types:?}"
+    );
+    println!("closed after {:?}, frames {types:?}", started.elapsed());
+    mesh.stop().await;
+}
