@@ -133,11 +133,7 @@ async fn connect(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<SendRequest<RequestBody>, SendError> {
-    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| SendError::ConnectTimeout { addr })?
-        .map_err(|source| SendError::Connect { addr, source })?;
-    let _ = stream.set_nodelay(true);
+    let stream = super::pool::dial(addr, timeout).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // Large messages (gRPC's are up to 4 MiB by default) need windows that grow with the

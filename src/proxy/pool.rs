@@ -287,17 +287,27 @@ impl Pool {
     }
 }
 
+/// A TCP connection to `addr` within `timeout`, with Nagle off: the start of every upstream
+/// connection, HTTP/1 or HTTP/2.
+pub(crate) async fn dial(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, SendError> {
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| SendError::ConnectTimeout { addr })?
+        .map_err(|source| SendError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// A new connection to `addr`, driven in a task of its own; `upgrades`: it may switch protocols.
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     upgrades: bool,
 ) -> Result<SendRequest<RequestBody>, SendError> {
-    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| SendError::ConnectTimeout { addr })?
-        .map_err(|source| SendError::Connect { addr, source })?;
-    let _ = stream.set_nodelay(true);
+    let stream = dial(addr, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
