@@ -273,13 +273,22 @@ pub const FILE: &[Section] = &[
                 "Split traffic over the eligible tiers by weight instead of sending it all to the best one.",
             ),
             file_only(
-                "shadow",
-                "inline table: `tier` (a tier's name), `percent` (1 to 100)",
+                "shadow.tier",
+                "a tier's name",
                 Value::Example {
-                    toml: "{ tier = \"kubernetes\", percent = 10 }",
-                    default: "none",
+                    toml: "\"kubernetes\"",
+                    default: "none (no shadow copies)",
                 },
-                "Copy this share of GET and HEAD requests to the tier as well, compare the copy's status class with the answer's, and discard the copy (`skyline migrate --shadow`).",
+                "Copy a share of GET and HEAD requests to this tier as well, compare the copy's status class with the answer's, and discard the copy (`skyline migrate --shadow`). Written as `shadow = { tier = \"kubernetes\", percent = 10 }`.",
+            ),
+            file_only(
+                "shadow.percent",
+                "integer, 1 to 100",
+                Value::Example {
+                    toml: "10",
+                    default: "—",
+                },
+                "The share of GET and HEAD requests copied to `shadow.tier`.",
             ),
         ],
     },
