@@ -173,6 +173,14 @@ type Plan = (Arc<Route>, Option<Arc<Route>>, Duration);
 impl Inner {
     /// The routes of a request for `name` in `table`: the service's own, then the catch-all;
     /// or the catch-all alone.
+    /// Where requests go that the catalog does not route: the configured catch-all, else the
+    /// catalog's gateways.
+    fn catch_all<'a>(&'a self, table: &'a Table) -> Option<&'a Arc<Route>> {
+        self.catch_all
+            .as_ref()
+            .or((!table.gateways.is_empty()).then_some(&table.gateways))
+    }
+
     fn route(&self, table: &Table, name: &str) -> Result<Plan, MeshError> {
         self.route_with(table, name, Observed::admit)
     }
@@ -185,10 +193,7 @@ impl Inner {
         name: &str,
         admit: impl FnOnce(&Observed, Instant, Duration) -> Admit,
     ) -> Result<Plan, MeshError> {
-        let catch_all = self
-            .catch_all
-            .as_ref()
-            .or((!table.gateways.is_empty()).then_some(&table.gateways));
+        let catch_all = self.catch_all(table);
         let hold = table.fallback_hold;
         let route = match table.outbound(name) {
             Lookup::Route(route) => match catch_all {

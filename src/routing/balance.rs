@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use serde::Serialize;
 
-use super::reach::{Observed, Reach};
+use super::reach::Observed;
 use crate::proxy::budget::RetryBudget;
 
 /// The time constant of the latency estimate: long enough to smooth one answer's jitter over a
@@ -261,9 +261,9 @@ pub struct StateView {
     pending: u32,
     latency_ms: f64,
     failures: u32,
-    ejected: bool,
+    pub(crate) ejected: bool,
     ejections: u32,
-    probe_down: bool,
+    pub(crate) probe_down: bool,
 }
 
 /// One request in flight to an endpoint; finishing it records latency and outcome. Dropped
@@ -370,12 +370,7 @@ pub struct Route {
 }
 
 fn view_reach<S: serde::Serializer>(observed: &Arc<Observed>, s: S) -> Result<S::Ok, S::Error> {
-    let label = match observed.reach() {
-        Reach::Up => "up",
-        Reach::Down { .. } => "unreachable",
-        Reach::Recovering { .. } => "recovering",
-    };
-    s.serialize_str(label)
+    s.serialize_str(observed.reach().label())
 }
 
 /// An endpoint chosen for one attempt, and what choosing it revealed.

@@ -55,6 +55,15 @@ pub enum Reach {
 // === impl Reach ===
 
 impl Reach {
+    /// How `/routes` and `skyline explain` name the state.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reach::Up => "up",
+            Reach::Down { .. } => "unreachable",
+            Reach::Recovering { .. } => "recovering",
+        }
+    }
+
     /// Whether a request at `now` uses the route, tries it, or skips it. A route recovering for
     /// `hold` is up again.
     pub fn admit(&mut self, now: Instant, hold: Duration) -> Admit {

@@ -6,7 +6,6 @@
 //! endpoint states are the ones requests left (`/routes` shows them too).
 
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -17,7 +16,7 @@ use crate::proxy::MeshError;
 use crate::proxy::resilience::Resilience;
 use crate::routing::balance::Outlier;
 use crate::routing::balance::now_ns;
-use crate::routing::reach::{Admit, Reach};
+use crate::routing::reach::Admit;
 use crate::routing::{Lookup, Route};
 
 impl Outbound {
@@ -37,10 +36,7 @@ impl Outbound {
             Lookup::NoHealthy => ("known, no routable instance", None),
             Lookup::Unknown => ("unknown", None),
         };
-        let catch_all = inner
-            .catch_all
-            .clone()
-            .or_else(|| (!table.gateways.is_empty()).then(|| table.gateways.clone()));
+        let catch_all = inner.catch_all(&table).cloned();
         let mut trouble = None;
         let plan = inner.route_with(&table, &name, |observed, now, hold| {
             let admit = observed.peek(now, hold);
@@ -138,32 +134,28 @@ fn policy_view(policy: &Resilience) -> Value {
 
 /// A route's endpoints, with what requests left in their state, and its retry budget.
 fn describe(route: &Route, outlier: &Outlier) -> Value {
-    let reach = match route.observed.reach() {
-        Reach::Up => "up",
-        Reach::Down { .. } => "unreachable",
-        Reach::Recovering { .. } => "recovering (answering again, in its hold)",
-    };
+    let reach = route.observed.reach().label();
     let endpoints: Vec<Value> = route
         .endpoints
         .iter()
         .map(|e| {
-            let state = serde_json::to_value(e.state.view()).unwrap_or_default();
-            let eligible = !state["ejected"].as_bool().unwrap_or(false)
-                && !state["probe_down"].as_bool().unwrap_or(false);
-            let why = match (state["ejected"].as_bool(), state["probe_down"].as_bool()) {
-                (Some(true), _) => format!(
+            let view = e.state.view();
+            let why = if view.ejected {
+                format!(
                     "ejected after {} failures in a row",
                     outlier.consecutive_failures
-                ),
-                (_, Some(true)) => "failing its active health probe".to_owned(),
-                _ => "eligible".to_owned(),
+                )
+            } else if view.probe_down {
+                "failing its active health probe".to_owned()
+            } else {
+                "eligible".to_owned()
             };
             json!({
                 "addr": e.addr.to_string(),
                 "weight": e.weight,
-                "eligible": eligible,
+                "eligible": !view.ejected && !view.probe_down,
                 "why": why,
-                "state": state,
+                "state": view,
             })
         })
         .collect();
