@@ -306,39 +306,51 @@ async fn serve_with<H: Handler>(
         let drained = drained.clone();
         tokio::spawn(async move {
             let _open = open;
-            let mut conn = Conn {
-                peer,
-                peer_ip,
-                index: 0,
-                arrived: Instant::now(),
-                verdicts: Verdicts::default(),
-                drained,
-            };
-            let mut rest = Vec::new();
-            if H::EXPRESS {
-                let lane = express::serve(
-                    &mut stream,
-                    &handler,
-                    &mut conn,
-                    recorder.as_ref(),
-                    &draining,
-                    &cancelled,
-                );
-                match lane.await {
-                    express::End::Closed => return,
-                    express::End::Handoff { rest: unread } => rest = unread,
-                    express::End::Http2 { rest } => {
-                        let io = express::Rewind::new(stream, rest);
-                        // Boxed: every connection task would otherwise carry its size.
-                        Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
-                        return;
+            // On the express lane, a connection that has sent nothing yet costs a small task:
+            // the lanes' state (read buffer, head parser, hyper's connection) is allocated,
+            // boxed, once there are bytes to read. Many callers open connections to the agent
+            // long before they use them.
+            let opened = tokio::time::Instant::now();
+            if H::EXPRESS && !first_bytes(&stream, opened, &cancelled).await {
+                return;
+            }
+            Box::pin(async move {
+                let mut conn = Conn {
+                    peer,
+                    peer_ip,
+                    index: 0,
+                    arrived: Instant::now(),
+                    verdicts: Verdicts::default(),
+                    drained,
+                };
+                let mut rest = Vec::new();
+                if H::EXPRESS {
+                    let lane = express::serve(
+                        opened,
+                        &mut stream,
+                        &handler,
+                        &mut conn,
+                        recorder.as_ref(),
+                        &draining,
+                        &cancelled,
+                    );
+                    match lane.await {
+                        express::End::Closed => return,
+                        express::End::Handoff { rest: unread } => rest = unread,
+                        express::End::Http2 { rest } => {
+                            let io = express::Rewind::new(stream, rest);
+                            // Boxed: every connection task would otherwise carry its size.
+                            Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
+                            return;
+                        }
                     }
                 }
-            }
-            // The guard numbers the requests it sees from 0.
-            let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
-            let conn = Conn { verdicts, ..conn };
-            serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
+                // The guard numbers the requests it sees from 0.
+                let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
+                let conn = Conn { verdicts, ..conn };
+                serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
+            })
+            .await;
         });
     }
     draining.store(true, Ordering::Relaxed);
@@ -351,6 +363,29 @@ async fn serve_with<H: Handler>(
         tracing::warn!("drain timed out; closing the remaining connections");
     }
     drained.cancel();
+}
+
+/// Waits until `stream`, accepted at `opened`, has bytes to read (or has ended): whether it does
+/// within [`HEADER_READ_TIMEOUT`] of `opened`, or within [`DRAIN_IDLE_GRACE`] of the drain's
+/// start, as the express lane allows a connection that has not sent a whole head.
+async fn first_bytes(
+    stream: &tokio::net::TcpStream,
+    opened: tokio::time::Instant,
+    shutdown: &CancellationToken,
+) -> bool {
+    // A peek, not `readable()`: tokio takes an accepted stream as readable until a read says
+    // otherwise, and a peek is that read (it leaves the bytes for the lane).
+    let mut byte = [0u8; 1];
+    let readable = stream.peek(&mut byte);
+    tokio::pin!(readable);
+    tokio::select! {
+        biased;
+        ready = readable.as_mut() => ready.is_ok(),
+        () = tokio::time::sleep_until(opened + HEADER_READ_TIMEOUT) => false,
+        () = shutdown.cancelled() => {
+            matches!(tokio::time::timeout(DRAIN_IDLE_GRACE, readable).await, Ok(Ok(_)))
+        }
+    }
 }
 
 /// Serves a connection with hyper until it ends, draining on `cancelled`. `first` is the

@@ -65,8 +65,10 @@ fn preface(buf: &[u8]) -> Preface {
     }
 }
 
-/// Serves `stream` on the express lane until it ends or a request needs hyper.
+/// Serves `stream` on the express lane until it ends or a request needs hyper. The connection
+/// was accepted at `opened`: its first head is due [`HEADER_READ_TIMEOUT`] after that.
 pub(super) async fn serve<H: Handler>(
+    opened: tokio::time::Instant,
     stream: &mut TcpStream,
     handler: &H,
     conn: &mut Conn,
@@ -79,7 +81,8 @@ pub(super) async fn serve<H: Handler>(
     let mut cancelled = pin!(shutdown.cancelled());
     let mut drain_seen = false;
     // One timer for the connection's whole life, moved on lazily (see `read_head`).
-    let mut timer = pin!(tokio::time::sleep(HEADER_READ_TIMEOUT));
+    let mut deadline = opened + HEADER_READ_TIMEOUT;
+    let mut timer = pin!(tokio::time::sleep_until(deadline));
     // Only a connection's first bytes can be HTTP/2's preface.
     let mut sniff = true;
     loop {
@@ -89,7 +92,7 @@ pub(super) async fn serve<H: Handler>(
             drain_seen: &mut drain_seen,
             timer: timer.as_mut(),
         };
-        let read = read_head(stream, &mut buf, &mut reader, wait, &mut sniff);
+        let read = read_head(stream, &mut buf, &mut reader, wait, deadline, &mut sniff);
         let end = match read.await {
             Read::Head(end) => end,
             Read::Http2 => return End::Http2 { rest: buf },
@@ -153,6 +156,7 @@ pub(super) async fn serve<H: Handler>(
             return End::Closed;
         }
         buf.drain(..end);
+        deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     }
 }
 
@@ -187,8 +191,9 @@ struct Wait<'a, 'c> {
 /// Reads until `buf` starts with a whole request head, checking each piece once as it arrives
 /// (a client sending its head a byte at a time costs linear work, not quadratic).
 ///
-/// The next head must be whole within [`HEADER_READ_TIMEOUT`] of the wait's start, idle time
-/// included, as hyper's `header_read_timeout` does: a client may not hold a connection open
+/// The next head must be whole by `deadline` ([`HEADER_READ_TIMEOUT`] after the last answer, or
+/// after the accept for the connection's first head), idle time included, as hyper's
+/// `header_read_timeout` does: a client may not hold a connection open
 /// without sending. Once the drain starts, an idle connection has [`DRAIN_IDLE_GRACE`]. The
 /// connection's one timer is only moved when it fires early, so a request costs a clock read,
 /// not a timer.
@@ -197,6 +202,7 @@ async fn read_head(
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
     wait: Wait<'_, '_>,
+    mut deadline: tokio::time::Instant,
     sniff: &mut bool,
 ) -> Read {
     let Wait {
@@ -204,7 +210,6 @@ async fn read_head(
         drain_seen,
         mut timer,
     } = wait;
-    let mut deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     loop {
         if *sniff && !buf.is_empty() {
             match preface(buf) {
