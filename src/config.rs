@@ -771,7 +771,7 @@ pub const AGENT_FILE: &[Section] = &[
                     toml: "{ platform = \"mesos\" }",
                     default: "none",
                 },
-                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`), and `protocol = \"h2c\"` says it speaks HTTP/2 (gRPC): HTTP/2 requests reach it over h2c.",
+                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`), and `protocol = \"h2c\"` says it speaks only HTTP/2 (gRPC): every request reaches it over h2c, an HTTP/1.1 caller's too (default `http1`: every request over HTTP/1.1).",
             ),
             file_only(
                 "check.ttl",

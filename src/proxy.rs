@@ -29,10 +29,10 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::routing::Route;
 use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
+use crate::routing::{Protocol, Route};
 use crate::serve::Conn;
-use pool::{Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
+use pool::{Buffered, Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
 use resilience::{RETRY_BODY_LIMIT, Resilience};
 
 /// Every response body the mesh sends: an upstream's, streamed, or one the mesh wrote itself.
@@ -466,8 +466,9 @@ impl Forwarder {
         let now = ns_at(conn.arrived);
         // An upgrade request keeps `Upgrade` and `Connection: upgrade` (see [`upgrade`]).
         let protocols = upgrade::requested(req.version(), req.headers());
-        // A request that came over HTTP/2 goes on over HTTP/2 to an endpoint that speaks it
-        // (see [`h2`]), keeping its trailers; over HTTP/1.1 to any other.
+        // A request goes over HTTP/2 to an endpoint that speaks only h2c, and to one that
+        // speaks both when it came over HTTP/2 (keeping its trailers); over HTTP/1.1 to any
+        // other (see [`Protocol`]).
         let h2 = req.version() == Version::HTTP_2;
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
@@ -544,10 +545,11 @@ impl Forwarder {
         };
         let mut exchange = HyperExchange {
             pool: &self.pool,
-            h2: h2.then_some(H2Send {
+            h2: H2Send {
                 pool: &self.h2,
+                http2: h2,
                 te_trailers,
-            }),
+            },
             next: Some(req),
             replay,
             resend,
@@ -689,7 +691,7 @@ impl Forwarder {
                 host: set_host.then_some(&endpoint.host),
                 timeout: millis(attempt_deadline - now),
                 attempt: (!tried.is_empty()).then_some(tried.len() + 1),
-                h2c: endpoint.h2c,
+                protocol: endpoint.protocol,
             };
             let flight = endpoint.state.start_at(now_ns);
             let sent = exchange.send(endpoint.addr, headers, limits);
@@ -825,14 +827,16 @@ struct AttemptHeaders<'a> {
     timeout: HeaderValue,
     /// `x-skyline-attempt`, from the second attempt on.
     attempt: Option<usize>,
-    /// The endpoint speaks h2c (see [`h2`]).
-    h2c: bool,
+    /// What the endpoint speaks (see [`h2`]).
+    protocol: Protocol,
 }
 
-/// How a request that came over HTTP/2 is sent to an endpoint that speaks h2c.
+/// How a request is sent to an endpoint over HTTP/2 (see [`Protocol::sends_h2`]).
 #[derive(Clone, Copy)]
 struct H2Send<'p> {
     pool: &'p h2::H2Pool,
+    /// The request came over HTTP/2.
+    http2: bool,
     /// The client sent `te: trailers`, which HTTP/2 forwards.
     te_trailers: bool,
 }
@@ -885,8 +889,8 @@ trait Exchange {
 /// A request with `http` types, sent over hyper client connections from [`Pool`].
 struct HyperExchange<'p> {
     pool: &'p Pool,
-    /// The request came over HTTP/2: how it goes to an endpoint that speaks h2c.
-    h2: Option<H2Send<'p>>,
+    /// How the request goes to an endpoint over HTTP/2.
+    h2: H2Send<'p>,
     /// The request to send next: the first, or one a refused connection handed back.
     next: Option<Request<RequestBody>>,
     replay: Option<Replay>,
@@ -938,11 +942,11 @@ impl Exchange for HyperExchange<'_> {
         if let Some(n) = headers.attempt {
             h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
         }
-        let sent = if let (Some(h2), true) = (self.h2, headers.h2c) {
-            if h2.te_trailers {
+        let sent = if headers.protocol.sends_h2(self.h2.http2, self.upgrade) {
+            if self.h2.te_trailers {
                 h.insert(header::TE, HeaderValue::from_static("trailers"));
             }
-            h2.pool.send(addr, req, limits).await
+            self.h2.pool.send(addr, req, limits).await
         } else if self.upgrade {
             self.pool.send_upgrade(addr, req, limits).await
         } else {
@@ -1015,14 +1019,14 @@ async fn replayable(
 ) -> Result<(Request<RequestBody>, Option<Replay>, Option<Replay>), MeshError> {
     let (mut parts, body) = req.into_parts();
     if body.is_end_stream() {
-        let req = Request::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+        let req = Request::from_parts(parts, Either::Right(Buffered::empty()));
         let replay = if keep.first_hop {
-            Replay::of(&req, Bytes::new())
+            Replay::of(&req, Buffered::empty())
         } else {
             None
         };
-        let resend =
-            (keep.fallback && replay.is_none()).then(|| Replay::unsent_copy(&req, Bytes::new()));
+        let resend = (keep.fallback && replay.is_none())
+            .then(|| Replay::unsent_copy(&req, Buffered::empty()));
         return Ok((req, replay, resend));
     }
     let small = body
@@ -1045,9 +1049,11 @@ async fn replayable(
         tokio::time::timeout_at(deadline, Limited::new(body, RETRY_BODY_LIMIT).collect())
             .await
             .map_err(|_| MeshError::UpstreamTimeout)?
-            .map_err(|_| MeshError::bad_request("incomplete request body"))?
-            .to_bytes();
-    let req = Request::from_parts(parts, Either::Right(Full::new(collected.clone())));
+            .map_err(|_| MeshError::bad_request("incomplete request body"))?;
+    // The trailers that followed the body (HTTP/2) go with it.
+    let trailers = collected.trailers().cloned();
+    let collected = Buffered::new(collected.to_bytes(), trailers);
+    let req = Request::from_parts(parts, Either::Right(collected.clone()));
     let replay = if retried {
         Replay::of(&req, collected.clone())
     } else {

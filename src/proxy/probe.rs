@@ -9,14 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, header};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{BodyExt, Either};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::POOL_IDLE_TIMEOUT;
-use super::pool::{Limits, Pool};
+use super::pool::{Buffered, Limits, Pool};
 use super::resilience::{Probe, SharedPolicies};
 use crate::catalog::ServiceName;
 use crate::routing::{Endpoint, Route, Routes};
@@ -94,7 +93,7 @@ fn spawn_probes(pool: &Pool, route: &Route, target: &str, probe: &Probe, service
 
 /// One probe: a 2xx or 3xx answer within the timeout passes.
 async fn check(pool: &Pool, endpoint: &Endpoint, target: &str, probe: &Probe) -> bool {
-    let Ok(mut req) = Request::get(target).body(Either::Right(Full::new(Bytes::new()))) else {
+    let Ok(mut req) = Request::get(target).body(Either::Right(Buffered::empty())) else {
         return false;
     };
     let headers = req.headers_mut();
