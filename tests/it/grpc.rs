@@ -761,7 +761,8 @@ async fn request_trailers_after_a_small_http2_body_reach_the_instance_when_a_cat
 /// service and whose catch-all is a gateway (127.0.0.6, an empty catalog), whose Kubernetes
 /// tier is a bridge (127.0.0.4), which resolves names through dnsmasq to the "cluster"
 /// (127.0.0.5): `grpc-echo` (tonic; no protocol configured: gRPC calls go over h2c), `h2web`
-/// (HTTP/2 only, `protocol = "h2c"` in the bridge's file) and `web` (an HTTP/1.1 TestApp).
+/// (HTTP/2 only, `protocol = "h2c"` in the bridge's file), `web` (an HTTP/1.1 TestApp) and
+/// `grpc-down` (a port that refuses connections).
 struct ClusterGrpc {
     _dir: tempfile::TempDir,
     _dns: crate::upgrade::ClusterDns,
@@ -777,10 +778,16 @@ impl ClusterGrpc {
         let grpc = grpc_server("127.0.0.5", stop.clone()).await;
         let h2web = h2_only_server("127.0.0.5", stop.clone()).await;
         let web = TestApp::spawn("web@k8s", ip("127.0.0.5"));
+        // A port that refuses connections: bound, then closed.
+        let down = std::net::TcpListener::bind("127.0.0.5:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let dns = crate::upgrade::ClusterDns::start(&[
             ("grpc-echo.default.svc.cluster.local", "127.0.0.5"),
             ("h2web.default.svc.cluster.local", "127.0.0.5"),
             ("web.default.svc.cluster.local", "127.0.0.5"),
+            ("grpc-down.default.svc.cluster.local", "127.0.0.5"),
         ])
         .await;
         let dir = tempfile::tempdir().unwrap();
@@ -789,10 +796,11 @@ impl ClusterGrpc {
             &bridge_file,
             format!(
                 "[bridge]\nport = {}\n\n[services.h2web]\nport = {}\nprotocol = \"h2c\"\n\n\
-                 [services.web]\nport = {}\n",
+                 [services.web]\nport = {}\n\n[services.grpc-down]\nport = {}\n",
                 grpc.port(),
                 h2web.port(),
-                web.addr.port()
+                web.addr.port(),
+                down.port()
             ),
         )
         .unwrap();
@@ -1100,5 +1108,35 @@ async fn http1_and_http2_callers_reach_http1_and_h2c_only_cluster_services_throu
     // Trailers after a small HTTP/2 body reach the h2c Service through every hop.
     let body = send_with_trailers(&path.outbound, "/service/h2web/t", true).await;
     assert_eq!(body, "h2 HTTP/2.0 /t body=hello trailers=x-check=done");
+    path.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_errors_beyond_the_gateway_reach_grpc_clients_as_grpc_statuses() {
+    let path = ClusterGrpc::start().await;
+    // Neither the catalog nor the cluster DNS knows it: the bridge's 404 ...
+    let status = path
+        .client("no-such-service")
+        .await
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "unknown-service"
+    );
+    // ... and its refused connection to the Service.
+    let status = path
+        .client("grpc-down")
+        .await
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "upstream-connect"
+    );
     path.stop().await;
 }
