@@ -223,7 +223,7 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
 /// trailers-only response, HTTP 200 with `grpc-status` and `grpc-message`, `x-skyline-error`
 /// kept. `unknown-service` is NOT_FOUND (5), `upstream-timeout` DEADLINE_EXCEEDED (4), no
 /// endpoint or a failed connection UNAVAILABLE (14), a body too large RESOURCE_EXHAUSTED (8),
-/// anything else INTERNAL (13). Other responses are left alone.
+/// `forbidden` (authorization) PERMISSION_DENIED (7), anything else INTERNAL (13). Other responses are left alone.
 pub fn as_grpc_status(response: &mut Response<Body>) {
     if response.status() == StatusCode::OK {
         return;
@@ -236,6 +236,7 @@ pub fn as_grpc_status(response: &mut Response<Body>) {
         b"upstream-timeout" => "4",
         b"no-healthy-endpoint" | b"upstream-connect" => "14",
         b"content-too-large" => "8",
+        b"forbidden" => "7",
         _ => "13",
     };
     let message = format!("skyline: {}", code.to_str().unwrap_or("mesh error"));
@@ -938,6 +939,10 @@ impl Exchange for HyperExchange<'_> {
         if let Some(host) = headers.host {
             h.insert(header::HOST, host.clone());
         }
+        if h.contains_key(&GRPC_TIMEOUT) {
+            // The gRPC server's deadline is what is left of the caller's.
+            h.insert(&GRPC_TIMEOUT, grpc_timeout_value(&headers.timeout));
+        }
         h.insert(&X_SKYLINE_TIMEOUT_MS, headers.timeout);
         if let Some(n) = headers.attempt {
             h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
@@ -1142,6 +1147,21 @@ fn caller_deadline(headers: &HeaderMap, policy: Duration) -> Duration {
         Some(grpc) => grpc_timeout(grpc.as_bytes()).map_or(limit, |t| limit.min(t)),
         None => limit,
     }
+}
+
+/// `grpc-timeout` for a time left given as `x-skyline-timeout-ms`'s milliseconds: in
+/// milliseconds, or whole seconds past gRPC's 8 digits.
+fn grpc_timeout_value(ms: &HeaderValue) -> HeaderValue {
+    let ms: u64 = std::str::from_utf8(ms.as_bytes())
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let text = if ms <= 99_999_999 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", (ms / 1000).min(99_999_999))
+    };
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("0m"))
 }
 
 /// A `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
@@ -1385,6 +1405,20 @@ mod tests {
         assert_eq!(e.status(), 508);
         h.insert(&X_SKYLINE_HOPS, HeaderValue::from_static("garbage"));
         assert_eq!(count_hop(&mut h, 2).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_grpc_timeout_passed_on_is_the_time_left_in_at_most_8_digits() {
+        let passed = |ms: u64| grpc_timeout_value(&HeaderValue::from(ms));
+        assert_eq!(passed(0), "0m");
+        assert_eq!(passed(4_321), "4321m");
+        assert_eq!(passed(99_999_999), "99999999m");
+        assert_eq!(passed(100_000_000), "100000S");
+        assert_eq!(passed(u64::MAX), "99999999S");
+        for ms in [0, 1, 4_321, 99_999_999, 100_000_000] {
+            let back = grpc_timeout(passed(ms).as_bytes()).unwrap();
+            assert!(back <= Duration::from_millis(ms), "{ms}");
+        }
     }
 
     #[test]

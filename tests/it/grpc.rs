@@ -153,8 +153,8 @@ async fn grpc_server(ip: &str, stop: CancellationToken) -> SocketAddr {
 }
 
 /// An HTTP/2-only (h2c prior knowledge) server on `ip` that answers `h2 <version>
-/// <path-and-query>`, then ` body=<body>` and ` trailers=<name>=<value>,...` when the request
-/// had them, and refuses anything but HTTP/2: the test's proof that the last hop spoke HTTP/2
+/// <path-and-query>`, then ` grpc-timeout=<value>`, ` body=<body>` and
+/// ` trailers=<name>=<value>,...` when the request had them, and refuses anything but HTTP/2: the test's proof that the last hop spoke HTTP/2
 /// to it.
 async fn h2_only_server(ip: &str, stop: CancellationToken) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind((self::ip(ip), 0))
@@ -173,6 +173,9 @@ async fn h2_only_server(ip: &str, stop: CancellationToken) -> SocketAddr {
                     req.version(),
                     req.uri().path_and_query().map_or("/", |p| p.as_str())
                 );
+                if let Some(timeout) = req.headers().get("grpc-timeout") {
+                    text.push_str(&format!(" grpc-timeout={}", timeout.to_str().unwrap()));
+                }
                 let body = match req.into_body().collect().await {
                     Ok(body) => body,
                     Err(e) => {
@@ -1137,6 +1140,63 @@ async fn mesh_errors_beyond_the_gateway_reach_grpc_clients_as_grpc_statuses() {
     assert_eq!(
         status.metadata().get("x-skyline-error").unwrap(),
         "upstream-connect"
+    );
+    path.stop().await;
+}
+
+/// A body-less HTTP/2 request for `path` with `grpc-timeout: 5S` (and `x-skyline-timeout-ms:
+/// <mesh_ms>` when given) to `outbound`; the answer's body.
+async fn get_h2_with_grpc_timeout(outbound: &str, path: &str, mesh_ms: Option<u64>) -> String {
+    let stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get(format!("http://{outbound}{path}")).header("grpc-timeout", "5S");
+    if let Some(ms) = mesh_ms {
+        req = req.header("x-skyline-timeout-ms", ms);
+    }
+    let req = req.body(Full::<Bytes>::default()).unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The milliseconds of the `grpc-timeout=<n>m` the h2-only server reported in `answer`.
+fn reported_grpc_timeout_ms(answer: &str) -> u64 {
+    let value = answer
+        .split(' ')
+        .find_map(|w| w.strip_prefix("grpc-timeout="))
+        .unwrap_or_else(|| panic!("no grpc-timeout reached the server: {answer}"));
+    value
+        .strip_suffix('m')
+        .unwrap_or_else(|| panic!("not in milliseconds: {value}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_gets_the_time_left_of_the_request_deadline_as_its_grpc_timeout() {
+    let mesh = GrpcMesh::start().await;
+    // 5 s given: the server gets at most that, in milliseconds (each hop passes on what is left
+    // from when the request reached it).
+    let answer = get_h2_with_grpc_timeout(&mesh.outbound_a, "/service/h2web/d", None).await;
+    let ms = reported_grpc_timeout_ms(&answer);
+    assert!((3_000..=5_000).contains(&ms), "{answer}");
+    // A shorter mesh deadline wins, and the server is told so rather than the caller's 5 s.
+    let answer = get_h2_with_grpc_timeout(&mesh.outbound_a, "/service/h2web/d", Some(2_000)).await;
+    let ms = reported_grpc_timeout_ms(&answer);
+    assert!((1_000..=2_000).contains(&ms), "{answer}");
+    mesh.stop().await;
+
+    let path = ClusterGrpc::start().await;
+    let answer = get_h2_with_grpc_timeout(&path.outbound, "/service/h2web/d", Some(2_000)).await;
+    let ms = reported_grpc_timeout_ms(&answer);
+    assert!(
+        (1_000..=2_000).contains(&ms),
+        "through gateway and bridge: {answer}"
     );
     path.stop().await;
 }
