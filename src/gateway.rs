@@ -45,7 +45,7 @@ use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Fallback, Forwarder, Host, MeshError, count_hop};
 use crate::routing::reach::Admit;
-use crate::routing::{Endpoint, Route};
+use crate::routing::{Endpoint, Protocol, Route, protocol_of};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
@@ -193,9 +193,15 @@ impl Table {
         let pools: BTreeMap<&str, (Vec<Endpoint>, usize, bool)> = upstreams
             .iter()
             .map(|(name, upstream)| {
+                // Bridges are Skyline proxies (HTTP/1.1 and h2c on one port); other pools
+                // speak what their instances were registered with (HTTP/1.1 when unknown).
+                let bridges = upstream.bridge.then_some(Protocol::Both);
                 let (endpoints, total) = match &upstream.pool {
                     Pool::Addresses(addrs) => (
-                        addrs.iter().map(|&a| Endpoint::new(a, 1)).collect(),
+                        addrs
+                            .iter()
+                            .map(|&a| Endpoint::new(a, 1).speaking(bridges.unwrap_or_default()))
+                            .collect(),
                         addrs.len(),
                     ),
                     Pool::Service(service) => {
@@ -204,7 +210,10 @@ impl Table {
                         let up = all
                             .iter()
                             .filter(|i| routable(i.health))
-                            .map(|i| Endpoint::new(i.addr(), i.weight))
+                            .map(|i| {
+                                let protocol = bridges.unwrap_or_else(|| protocol_of(i));
+                                Endpoint::new(i.addr(), i.weight).speaking(protocol)
+                            })
                             .collect();
                         (up, all.len())
                     }
@@ -236,7 +245,9 @@ impl Table {
                                 .into_iter()
                                 .filter_map(|(node, weight)| {
                                     let n = snapshot.nodes.get(node)?;
-                                    Some(Endpoint::new(n.inbound_addr(), weight))
+                                    // An agent's inbound: HTTP/1.1 and h2c.
+                                    let inbound = Endpoint::new(n.inbound_addr(), weight);
+                                    Some(inbound.speaking(Protocol::Both))
                                 })
                                 .collect::<Vec<_>>();
                             let passing = matching.iter().filter(|i| routable(i.health)).count();

@@ -88,6 +88,11 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// Whether this handler takes body-less requests on the express lane.
     const EXPRESS: bool = false;
 
+    /// Whether this handler's listener also takes h2c with prior knowledge (told by the
+    /// connection preface). The express lane tells it too, so an [`EXPRESS`](Self::EXPRESS)
+    /// handler takes it either way.
+    const HTTP2: bool = false;
+
     /// The express lane's answer to a body-less request given as its head (see
     /// `proxy::express`); only asked when [`EXPRESS`](Self::EXPRESS).
     fn express(
@@ -150,6 +155,10 @@ impl<P: Proxy> Handler for P {
     }
 
     const EXPRESS: bool = P::EXPRESS;
+
+    /// Every proxy takes h2c next to HTTP/1.1 (a gateway's and a bridge's callers are other
+    /// proxies, which send HTTP/2 requests on over HTTP/2).
+    const HTTP2: bool = true;
 
     fn express(
         &self,
@@ -340,6 +349,16 @@ async fn serve_with<H: Handler>(
                         express::End::Http2 { rest } => {
                             let io = express::Rewind::new(stream, rest);
                             // Boxed: every connection task would otherwise carry its size.
+                            Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
+                            return;
+                        }
+                    }
+                } else if H::HTTP2 {
+                    match express::sniff(&mut stream, &cancelled).await {
+                        express::Sniffed::Closed => return,
+                        express::Sniffed::Http1 { rest: read } => rest = read,
+                        express::Sniffed::Http2 { rest } => {
+                            let io = express::Rewind::new(stream, rest);
                             Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
                             return;
                         }

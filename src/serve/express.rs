@@ -65,6 +65,52 @@ fn preface(buf: &[u8]) -> Preface {
     }
 }
 
+/// What a connection's first bytes said, for a listener without the express lane.
+pub(super) enum Sniffed {
+    /// Closed (or the listener is shutting down) before a byte came.
+    Closed,
+    /// HTTP/1 (or bytes that are not HTTP/2's preface): the guard and hyper's HTTP/1 server
+    /// take it, starting with `rest`.
+    Http1 { rest: Vec<u8> },
+    /// HTTP/2's client preface: hyper's HTTP/2 server takes it, starting with `rest`.
+    Http2 { rest: Vec<u8> },
+}
+
+/// Reads a connection's first bytes until they tell HTTP/2's preface from HTTP/1, within
+/// [`HEADER_READ_TIMEOUT`] (the express lane does the same as it reads the first head). A
+/// connection silent until then is closed; on a timeout or a close after a few bytes, the
+/// bytes go to HTTP/1, which answers or closes as it would have.
+pub(super) async fn sniff(stream: &mut TcpStream, shutdown: &CancellationToken) -> Sniffed {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
+    let mut timer = pin!(timer);
+    loop {
+        if !buf.is_empty() {
+            match preface(&buf) {
+                Preface::Http2 => return Sniffed::Http2 { rest: buf },
+                Preface::No => return Sniffed::Http1 { rest: buf },
+                Preface::Unsure => {}
+            }
+        }
+        tokio::select! {
+            biased;
+            read = stream.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) if buf.is_empty() => return Sniffed::Closed,
+                Ok(0) | Err(_) => return Sniffed::Http1 { rest: buf },
+                Ok(_) => {}
+            },
+            () = shutdown.cancelled(), if buf.is_empty() => return Sniffed::Closed,
+            () = timer.as_mut() => {
+                // Silent all along: closed, as hyper's header read timeout would.
+                if buf.is_empty() {
+                    return Sniffed::Closed;
+                }
+                return Sniffed::Http1 { rest: buf };
+            }
+        }
+    }
+}
+
 /// Serves `stream` on the express lane until it ends or a request needs hyper. The connection
 /// was accepted at `opened`: its first head is due [`HEADER_READ_TIMEOUT`] after that.
 pub(super) async fn serve<H: Handler>(
