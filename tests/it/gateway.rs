@@ -439,3 +439,24 @@ async fn the_gateway_counts_its_requests_and_refused_policy_reloads_in_metrics()
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_speaks_only_http1_an_http2_preface_gets_no_http2_frames_and_is_closed() {
+    // The HTTP/2 abuse limits (tests/it/h2_abuse.rs) are for the agent's listeners: the gateway
+    // (like the bridge, the registry and the admin listeners) never starts an HTTP/2 session.
+    let s = Setup::start(BTreeMap::new()).await;
+    let hits_before = s.mesos.hits() + s.kubernetes.hits();
+    let preface_and_settings =
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let started = std::time::Instant::now();
+    let reply = raw(s.gateway.addr, preface_and_settings).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the connection stayed open: {reply:?}"
+    );
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 4"),
+        "an HTTP/1.1 refusal or nothing, never an HTTP/2 SETTINGS frame: {reply:?}"
+    );
+    assert_eq!(s.mesos.hits() + s.kubernetes.hits(), hits_before);
+}
