@@ -436,8 +436,12 @@ pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// stream over the concurrency limit) before the connection ends with GOAWAY
 /// (RUSTSEC-2024-0003). hyper's default.
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// How long a connection tripped by [`flood`] has after its GOAWAY before it is closed.
-const H2_FLOOD_GRACE: Duration = Duration::from_secs(1);
+/// How long the streams in flight on a connection that overdrew its control-frame budget
+/// ([`flood`]) have to finish after its GOAWAY, as in a drain.
+pub const H2_FLOOD_GRACE: Duration = DRAIN_TIMEOUT;
+/// How long a connection that flooded on after its GOAWAY (a second budget of debt) stays open
+/// before it is closed: time for the GOAWAY to be written.
+const H2_FLOOD_CLOSE: Duration = Duration::from_secs(1);
 
 /// The HTTP/2 abuse limits of every listener that speaks HTTP/2 (docs/operating.md, "HTTP/2
 /// limits"). The header limit is the HTTP/1 head's, so both protocols take the same requests;
@@ -459,7 +463,8 @@ fn h2_limits(h2: &mut http2::Builder<TokioExecutor>, limits: &Limits) {
 /// `:authority` given as `Host`; there is no framing guard (HTTP/2 frames carry no ambiguous
 /// lengths). On drain the connection is told to go away (GOAWAY) and its streams in flight
 /// finish. A connection that overdraws its control-frame budget ([`flood`]) is told to go
-/// away, read no further, and closed after [`H2_FLOOD_GRACE`].
+/// away as well, its streams in flight given [`H2_FLOOD_GRACE`]; one that floods on is read no
+/// further and closed after [`H2_FLOOD_CLOSE`].
 async fn serve_h2<H: Handler>(
     http: &http2::Builder<TokioExecutor>,
     io: express::Rewind<tokio::net::TcpStream>,
@@ -495,12 +500,18 @@ async fn serve_h2<H: Handler>(
             connection.as_mut().graceful_shutdown();
             connection.await
         }
-        () = tripwire.tripped() => {
-            tracing::warn!(%peer, "HTTP/2 control-frame flood; closing the connection");
+        () = tripwire.overdrawn() => {
+            tracing::warn!(%peer, "HTTP/2 control-frame budget overdrawn; sending GOAWAY");
             connection.as_mut().graceful_shutdown();
-            match tokio::time::timeout(H2_FLOOD_GRACE, connection).await {
-                Ok(result) => result,
-                Err(_) => return,
+            let flooding_on = async {
+                tripwire.exhausted().await;
+                tracing::warn!(%peer, "HTTP/2 control-frame flood after GOAWAY; closing");
+                tokio::time::sleep(H2_FLOOD_CLOSE).await;
+            };
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = flooding_on => return,
+                () = tokio::time::sleep(H2_FLOOD_GRACE) => return,
             }
         }
     };

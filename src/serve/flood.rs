@@ -21,9 +21,13 @@
 //!   to size its flow-control window come with data), and time earns [`REFILL_PER_SECOND`]
 //!   (keep-alive pings of an idle client).
 //!
-//! A connection that overdraws its budget is tripped: its later bytes are no longer read, and
-//! the server sends GOAWAY and closes it (`serve_h2`). WINDOW_UPDATE frames are not charged:
-//! h2 handles each in constant time and answers none.
+//! A connection that overdraws its budget is sent GOAWAY (`serve_h2`): no new streams, and
+//! those in flight get [`H2_FLOOD_GRACE`](super::H2_FLOOD_GRACE) (10 s, as in a drain) to
+//! finish, so a legitimate peer that tripped it keeps the calls it had started. From then on
+//! HEADERS earn nothing; a client
+//! that runs up a second budget's worth of debt (it flooded on after the GOAWAY) is read no
+//! further and closed a second later. WINDOW_UPDATE frames are not charged: h2 handles each in
+//! constant time and answers none.
 
 use std::io;
 use std::pin::Pin;
@@ -54,27 +58,39 @@ const LAST_KNOWN: u8 = 9;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 
-/// Set once a connection has overdrawn its budget; `serve_h2` waits on it.
+/// How far a connection has overdrawn its budget; `serve_h2` waits on it.
 #[derive(Debug, Default)]
 pub struct Tripwire {
-    tripped: AtomicBool,
+    /// Overdrawn: the connection is to be sent GOAWAY.
+    overdrawn: AtomicBool,
+    /// Overdrawn by a second budget: it is no longer read, and is to be closed.
+    exhausted: AtomicBool,
     notify: Notify,
 }
 
 impl Tripwire {
-    /// Resolves once the connection has been tripped.
-    pub async fn tripped(&self) {
+    /// Resolves once the connection has overdrawn its budget.
+    pub async fn overdrawn(&self) {
+        self.wait(&self.overdrawn).await;
+    }
+
+    /// Resolves once the connection has overdrawn a second budget after its GOAWAY.
+    pub async fn exhausted(&self) {
+        self.wait(&self.exhausted).await;
+    }
+
+    async fn wait(&self, flag: &AtomicBool) {
         loop {
             let notified = self.notify.notified();
-            if self.tripped.load(Ordering::Acquire) {
+            if flag.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
         }
     }
 
-    fn trip(&self) {
-        self.tripped.store(true, Ordering::Release);
+    fn set(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
         self.notify.notify_waiters();
     }
 }
@@ -93,6 +109,8 @@ pub struct Meter {
     /// Bytes of DATA received and written not yet turned into units (below 1 KiB).
     bytes: u64,
     refilled: Instant,
+    /// Overdrawn once: HEADERS earn nothing more.
+    overdrawn: bool,
 }
 
 // === impl Meter ===
@@ -107,6 +125,7 @@ impl Meter {
             tokens: BUDGET,
             bytes: 0,
             refilled: now,
+            overdrawn: false,
         }
     }
 
@@ -134,7 +153,13 @@ impl Meter {
                 }
             }
         }
+        self.overdrawn |= self.tokens < 0;
         self.tokens < 0
+    }
+
+    /// Whether the connection is a second budget in debt.
+    pub fn exhausted(&self) -> bool {
+        self.tokens < -BUDGET
     }
 
     /// Credits `n` bytes the server wrote.
@@ -152,6 +177,7 @@ impl Meter {
                 self.earn_bytes(len as u64);
                 0
             }
+            HEADERS if self.overdrawn => 0,
             HEADERS => -1,
             PING | SETTINGS if flags & ACK == 0 => 1,
             PING | SETTINGS => 0,
@@ -180,12 +206,13 @@ impl Meter {
     }
 }
 
-/// An HTTP/2 connection's I/O with its [`Meter`]: once tripped, it reads nothing more.
+/// An HTTP/2 connection's I/O with its [`Meter`]: once exhausted, it reads nothing more.
 pub struct Metered<T> {
     inner: T,
     meter: Meter,
     tripwire: Arc<Tripwire>,
-    tripped: bool,
+    overdrawn: bool,
+    exhausted: bool,
 }
 
 // === impl Metered ===
@@ -197,7 +224,8 @@ impl<T> Metered<T> {
             inner,
             meter: Meter::new(Instant::now()),
             tripwire: tripwire.clone(),
-            tripped: false,
+            overdrawn: false,
+            exhausted: false,
         };
         (metered, tripwire)
     }
@@ -210,16 +238,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.tripped {
-            // No more of this client's bytes are read: `serve_h2` sends GOAWAY and closes.
+        if this.exhausted {
+            // No more of this client's bytes are read: `serve_h2` closes the connection.
             return Poll::Pending;
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = read {
-            if this.meter.read(&buf.filled()[before..], Instant::now()) {
-                this.tripped = true;
-                this.tripwire.trip();
+            if this.meter.read(&buf.filled()[before..], Instant::now()) && !this.overdrawn {
+                this.overdrawn = true;
+                this.tripwire.set(&this.tripwire.overdrawn);
+            }
+            if this.meter.exhausted() {
+                this.exhausted = true;
+                this.tripwire.set(&this.tripwire.exhausted);
             }
         }
         read
@@ -324,6 +356,25 @@ mod tests {
             assert!(!meter.read(&headers, now));
             assert!(!meter.read(&reset, now));
         }
+    }
+
+    #[test]
+    fn once_overdrawn_requests_earn_nothing_and_a_second_budget_of_debt_exhausts_it() {
+        let now = Instant::now();
+        let mut meter = opened(now);
+        let ping = frame(PING, 0, 0, &[0; 8]);
+        let headers = frame(HEADERS, 0x5, 1, &[0x82, 0x86, 0x84]);
+        while !meter.read(&ping, now) {}
+        for _ in 0..10 * BUDGET {
+            meter.read(&headers, now);
+        }
+        assert!(meter.tokens < 0, "no credit after the overdraft");
+        assert!(!meter.exhausted());
+        let pings = (1..=2 * BUDGET).find(|_| {
+            meter.read(&ping, now);
+            meter.exhausted()
+        });
+        assert_eq!(pings, Some(BUDGET));
     }
 
     #[test]

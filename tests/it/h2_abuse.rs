@@ -484,8 +484,8 @@ async fn a_rapid_reset_loop_gets_goaway_and_forwards_a_bounded_number_of_request
 
 /// The same loop paced so that h2's limit never sees it: each stream is reset only once its
 /// request has reached the application (accepted, routed and forwarded). Those resets are the
-/// control-frame budget's: a HEADERS earns a unit, a RST_STREAM costs two, so the loop is
-/// stopped after about a thousand streams.
+/// control-frame budget's: a HEADERS earns a unit, a RST_STREAM costs two, so the loop gets
+/// GOAWAY after about a thousand streams, and is closed after about five hundred more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rapid_reset_loop_paced_past_h2s_own_limit_is_stopped_by_the_control_frame_budget() {
     const PAIRS: u64 = 5_000;
@@ -535,9 +535,11 @@ async fn a_rapid_reset_loop_paced_past_h2s_own_limit_is_stopped_by_the_control_f
         );
         assert!(read.goaway.is_some() && read.closed, "{what}: {read:?}");
         assert!(pairs < PAIRS, "{what}: all {PAIRS} pairs were taken");
-        // 1 000 units, a unit lost per pair, 10 units earned a second (and a few for the
-        // bytes the server wrote); an earlier stop (h2's own limit) is fine too.
-        let allowed = 1_050 + 10 * elapsed;
+        // 1 000 units, a unit lost per pair, then GOAWAY; after it (the attacker does not
+        // answer the GOAWAY's ping, so h2 still takes its streams) two units a pair until a
+        // second 1 000 are owed, then the connection is no longer read. 10 units earned a
+        // second, and a few for the bytes the server wrote; an earlier stop is fine too.
+        let allowed = 1_550 + 10 * elapsed;
         assert!(
             forwarded <= allowed,
             "{what}: {forwarded} reset requests reached the application in {elapsed} s \
@@ -548,6 +550,48 @@ async fn a_rapid_reset_loop_paced_past_h2s_own_limit_is_stopped_by_the_control_f
             "{what}: RSS {rss_before} -> {rss_peak} KiB"
         );
         assert_eq!(normal_requests(addr, 0).await, [200, 200], "{what}");
+    }
+    agent.stop().await;
+}
+
+/// A client that overdraws its control-frame budget and then stops (as a legitimate peer might)
+/// is sent GOAWAY but keeps the request it had in flight: its response still comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_when_the_budget_is_overdrawn_still_gets_its_response() {
+    let agent = Agent::start().await;
+    for addr in agent.listeners() {
+        let what = label(&agent, addr);
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let reader = tokio::spawn(read_frames(read, Duration::from_secs(30)));
+        let mut bytes = opening();
+        // A request the application answers after 2 s, then 1 100 pings: over the budget of
+        // 1 000, well short of a second one.
+        let block = request_block(0x82, "/service/web/slow/2000");
+        bytes.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1, &block));
+        for k in 0u64..1_100 {
+            bytes.extend(frame(PING, 0, 0, &k.to_be_bytes()));
+        }
+        write.write_all(&bytes).await.unwrap();
+        let read = reader.await.unwrap();
+        drop(write);
+        println!(
+            "{what}: GOAWAY {:?}, responses {:?}, ended {:?}, closed {} ({:?} after GOAWAY)",
+            read.goaway, read.responses, read.ended, read.closed, read.closed_after_goaway
+        );
+        assert_eq!(
+            read.goaway.as_ref().map(|g| g.0),
+            Some(0),
+            "{what}: {read:?}"
+        );
+        assert_eq!(
+            read.responses.first(),
+            Some(&(1, 0x88)),
+            "{what}: the request in flight is answered 200: {read:?}"
+        );
+        assert!(read.ended.contains(&1), "{what}: {read:?}");
+        // Closed by the end of the grace (10 s), within the reader's 30 s.
+        assert!(read.closed, "{what}: {read:?}");
     }
     agent.stop().await;
 }
@@ -619,8 +663,8 @@ async fn a_settings_flood_gets_goaway_within_the_control_frame_budget_while_othe
             outcome.rss_peak
         );
         outcome.assert_goaway_and_closed(what);
-        // The budget is 1 000 frames; the server reads one more buffer (a few thousand frames)
-        // past it, then nothing: the rest of the 200 000 stay unread in the socket.
+        // GOAWAY after 1 000 frames, no more reading after another 1 000 (plus the rest of the
+        // buffer being read, a few thousand frames): the rest of the 200 000 stay unread.
         assert!(
             outcome.read.acks < 10_000,
             "{what}: {} frames answered",
@@ -658,8 +702,8 @@ async fn a_ping_flood_gets_goaway_within_the_control_frame_budget_while_others_a
             outcome.rss_peak
         );
         outcome.assert_goaway_and_closed(what);
-        // The budget is 1 000 frames; the server reads one more buffer (a few thousand frames)
-        // past it, then nothing: the rest of the 200 000 stay unread in the socket.
+        // GOAWAY after 1 000 frames, no more reading after another 1 000 (plus the rest of the
+        // buffer being read, a few thousand frames): the rest of the 200 000 stay unread.
         assert!(
             outcome.read.acks < 10_000,
             "{what}: {} frames answered",
