@@ -443,8 +443,8 @@ pub const H2_FLOOD_GRACE: Duration = DRAIN_TIMEOUT;
 /// before it is closed: time for the GOAWAY to be written.
 const H2_FLOOD_CLOSE: Duration = Duration::from_secs(1);
 
-/// The HTTP/2 abuse limits of every listener that speaks HTTP/2 (docs/operating.md, "HTTP/2
-/// limits"). The header limit is the HTTP/1 head's, so both protocols take the same requests;
+/// The HTTP/2 abuse limits of every listener that speaks HTTP/2 (the README's "Limits on HTTP/2
+/// connections"). The header limit is the HTTP/1 head's, so both protocols take the same requests;
 /// h2 ends a connection with GOAWAY when a header block runs far over it or its CONTINUATION
 /// frames outnumber what the limit needs (CVE-2024-27316's flood).
 fn h2_limits(h2: &mut http2::Builder<TokioExecutor>, limits: &Limits) {
