@@ -13,14 +13,16 @@
 # CPU 1, system under test on CPU 0; modes interleaved, each run on freshly started proxies.
 #
 #   bench/h2c.sh [--repeat 3] [--duration 10] [--warmup 2] [--clients 16] [--streams 8]
-#                [--modes nginx,skyline] [--workers 1]
+#                [--modes nginx,skyline] [--workers 1] [--ports 5040,5041,19000]
+# --ports: outbound, inbound and backend ports (mesh-bench's by default; pick others when another
+# benchmark may be using those).
 # Needs: nginx, h2load (nghttp2-client), curl, taskset (scripts/install-deps bench) and a release
 # build (target/release/skyline, or SKYLINE_BIN). Prints one line per run and a median table;
 # the per-run JSON lines go to stderr.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPEAT=3 DURATION=10 WARMUP=2 CLIENTS=16 STREAMS=8 MODES=nginx,skyline WORKERS=1
-LOAD_CPUS=1 SUT_CPUS=0
+LOAD_CPUS=1 SUT_CPUS=0 PORTS=5040,5041,19000
 while [ $# -gt 0 ]; do
   case "$1" in
     --repeat) REPEAT="$2"; shift 2;;
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --streams) STREAMS="$2"; shift 2;;
     --modes) MODES="$2"; shift 2;;
     --workers) WORKERS="$2"; shift 2;;
+    --ports) PORTS="$2"; shift 2;;
     *) echo "unknown option: $1" >&2; exit 2;;
   esac
 done
@@ -41,7 +44,8 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 export SKYLINE_BIN="${SKYLINE_BIN:-$root/target/release/skyline}"
 [ -x "$SKYLINE_BIN" ] || { echo "no $SKYLINE_BIN: cargo build --release" >&2; exit 1; }
 
-BACKEND=127.0.0.1:19000 OUT_PORT=5040 IN_PORT=5041
+IFS=, read -r OUT_PORT IN_PORT BACKEND_PORT <<<"$PORTS"
+BACKEND="127.0.0.1:$BACKEND_PORT"
 WORK=$(mktemp -d /tmp/h2c-bench.XXXXXX)
 mkdir -p "$WORK/logs"
 PIDS=()          # what the current run started (by PID)
@@ -72,7 +76,7 @@ wait_ok() { # url [h2]: wait (15 s) for a 200
   done
   echo "no 200 from $1" >&2; return 1
 }
-for port in 19000 "$OUT_PORT" "$IN_PORT"; do
+for port in "$BACKEND_PORT" "$OUT_PORT" "$IN_PORT"; do
   port_free "$port" || { echo "port $port is taken (another benchmark running?)" >&2; exit 1; }
 done
 
