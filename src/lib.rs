@@ -49,9 +49,11 @@
 //!   request on to the catch-all or the next tier).
 //! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain, the express lane's connection
 //!   loop (which also tells an h2c connection by its preface and hands it to hyper's HTTP/2
-//!   server; gateways and bridges, without the express lane, sniff the preface alone);
-//!   [`serve::guard`] refuses ambiguous HTTP/1 request framing before hyper or the express
-//!   lane acts on it; [`serve::activation`] takes the
+//!   server, with the HTTP/2 abuse limits; gateways and bridges, without the express lane,
+//!   sniff the preface alone); [`serve::flood`] is the control-frame budget of an HTTP/2
+//!   connection (PING, SETTINGS, reset floods end with GOAWAY); [`serve::guard`] refuses
+//!   ambiguous HTTP/1 request framing before hyper or the express lane acts on it;
+//!   [`serve::activation`] takes the
 //!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
 #![forbid(unsafe_code)]

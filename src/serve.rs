@@ -29,6 +29,7 @@
 
 pub mod activation;
 mod express;
+pub mod flood;
 pub mod guard;
 
 use std::convert::Infallible;
@@ -276,11 +277,11 @@ async fn serve_with<H: Handler>(
         // Windows that grow with the bandwidth-delay product: large gRPC messages (4 MiB by
         // default) would crawl through HTTP/2's 64 KiB default window.
         .adaptive_window(true)
-        .max_header_list_size(limits.max_head as u32)
         // A peer that stops answering (gone, or a client that sent the preface and nothing
         // since) is pinged and its connection closed, rather than held until the next drain.
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);
+    h2_limits(&mut h2, &limits);
     // Every connection task holds a sender; the drain ends when the last one is dropped.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     // Set when the drain starts; read by every response (an atomic load, where asking the
@@ -466,16 +467,58 @@ async fn serve_hyper<H: Handler>(
     }
 }
 
-/// Serves an HTTP/2 connection (h2c with prior knowledge; the express lane saw its preface)
-/// with hyper until it ends. Each request is the handler's as an HTTP/1.1 one would be, its
-/// `:authority` given as `Host`; there is no framing guard (HTTP/2 frames carry no ambiguous
-/// lengths). On drain the connection is told to go away (GOAWAY) and its streams in flight
-/// finish.
 /// How often an HTTP/2 connection is pinged (when idle), and how long a ping may go unanswered
 /// before the connection is closed.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Streams one HTTP/2 connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`);
+/// a client that opens more has them refused (`RST_STREAM` with `REFUSED_STREAM`). hyper's
+/// default is 200, NGINX's 128, Go's 250; RFC 9113 advises no less than 100. The inbound
+/// listener carries a whole peer node's HTTP/2 requests on one connection, so the limit is
+/// the number of concurrent gRPC calls between two nodes before the next wait for a slot.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Bytes of response data queued per stream ahead of the socket (hyper's default is ~400
+/// KiB). With [`H2_MAX_CONCURRENT_STREAMS`] this bounds what a client that stops reading can
+/// make one connection hold: 256 × 128 KiB = 32 MiB.
+pub const H2_MAX_SEND_BUF_SIZE: usize = 128 * 1024;
+/// Streams the client may reset before hyper has accepted them; one more and the connection
+/// ends with GOAWAY (`ENHANCE_YOUR_CALM`). h2's default, the rapid-reset (CVE-2023-44487)
+/// mitigation of hyper; resets of accepted streams are charged by [`flood`].
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset because of the client's errors (a malformed request, a
+/// stream over the concurrency limit) before the connection ends with GOAWAY
+/// (RUSTSEC-2024-0003). hyper's default.
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// How long the streams in flight on a connection that overdrew its control-frame budget
+/// ([`flood`]) have to finish after its GOAWAY, as in a drain.
+pub const H2_FLOOD_GRACE: Duration = DRAIN_TIMEOUT;
+/// How long a connection that flooded on after its GOAWAY (a second budget of debt) stays open
+/// before it is closed: time for the GOAWAY to be written.
+const H2_FLOOD_CLOSE: Duration = Duration::from_secs(1);
+
+/// The HTTP/2 abuse limits of every listener that speaks HTTP/2 (the README's "Limits on HTTP/2
+/// connections"). The header limit is the HTTP/1 head's, so both protocols take the same requests;
+/// h2 ends a connection with GOAWAY when a header block runs far over it or its CONTINUATION
+/// frames outnumber what the limit needs (CVE-2024-27316's flood).
+fn h2_limits(h2: &mut http2::Builder<TokioExecutor>, limits: &Limits) {
+    h2.max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX))
+        .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        // HTTP/2's defaults, stated: a 4 KiB HPACK table and 16 KiB frames.
+        .header_table_size(4096)
+        .max_frame_size(16 * 1024);
+}
+
+/// Serves an HTTP/2 connection (h2c with prior knowledge; the express lane saw its preface)
+/// with hyper until it ends. Each request is the handler's as an HTTP/1.1 one would be, its
+/// `:authority` given as `Host`; there is no framing guard (HTTP/2 frames carry no ambiguous
+/// lengths). On drain the connection is told to go away (GOAWAY) and its streams in flight
+/// finish. A connection that overdraws its control-frame budget ([`flood`]) is told to go
+/// away as well, its streams in flight given [`H2_FLOOD_GRACE`]; one that floods on is read no
+/// further and closed after [`H2_FLOOD_CLOSE`].
 async fn serve_h2<H: Handler>(
     http: &http2::Builder<TokioExecutor>,
     io: express::Rewind<tokio::net::TcpStream>,
@@ -502,6 +545,7 @@ async fn serve_h2<H: Handler>(
             Ok::<_, Infallible>(response)
         }
     });
+    let (io, tripwire) = flood::Metered::new(io);
     let connection = http.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -509,6 +553,20 @@ async fn serve_h2<H: Handler>(
         () = cancelled.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
+        }
+        () = tripwire.overdrawn() => {
+            tracing::warn!(%peer, "HTTP/2 control-frame budget overdrawn; sending GOAWAY");
+            connection.as_mut().graceful_shutdown();
+            let flooding_on = async {
+                tripwire.exhausted().await;
+                tracing::warn!(%peer, "HTTP/2 control-frame flood after GOAWAY; closing");
+                tokio::time::sleep(H2_FLOOD_CLOSE).await;
+            };
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = flooding_on => return,
+                () = tokio::time::sleep(H2_FLOOD_GRACE) => return,
+            }
         }
     };
     if let Err(error) = result {
