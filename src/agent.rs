@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessLog;
 use crate::admin::Admin;
 use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::etcd::EtcdDiscovery;
@@ -49,6 +50,8 @@ pub struct Settings {
     pub resilience: Policies,
     /// Services of this node, registered in the catalog while the agent runs. Reloadable.
     pub services: Vec<registration::Declared>,
+    /// The access log (read at start).
+    pub access: crate::access::Settings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -405,6 +408,8 @@ pub async fn start(
         addr(&listeners.admin),
     );
     let mut explainer = None;
+    // One access log (and its writer thread) for both proxy listeners.
+    let access = AccessLog::stderr(&settings.access);
     if let Some(listener) = listeners.outbound {
         let catch_all = (!settings.catch_all.is_empty()).then(|| {
             Route::new(
@@ -422,7 +427,7 @@ pub async fn start(
             catch_all,
         );
         explainer = Some(handler.clone());
-        let recorder = Recorder::new(Role::Outbound, metrics.clone());
+        let recorder = Recorder::new(Role::Outbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_recorded(
             listener,
             handler,
@@ -432,7 +437,7 @@ pub async fn start(
     }
     if let Some(listener) = listeners.inbound {
         let handler = Inbound::new(routes.clone(), forwarder.clone(), policies.clone());
-        let recorder = Recorder::new(Role::Inbound, metrics.clone());
+        let recorder = Recorder::new(Role::Inbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_recorded(
             listener,
             handler,

@@ -6,6 +6,9 @@
 //!
 //! # Layout
 //!
+//! - [`access`]: the access log, one line per request on every proxy listener, written by the
+//!   serve layer from what each role's handler notes ([`access::Note`]), buffered off the
+//!   request path.
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
 //!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
 //!   Consul or etcd) with their checks, and follows SIGHUP.
@@ -54,6 +57,7 @@
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod bridge;

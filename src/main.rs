@@ -300,4 +300,9 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    // The access log writes its lines itself (off the request path), in the same format.
+    skyline::access::set_format(match format {
+        LogFormat::Human => skyline::access::Format::Human,
+        LogFormat::Json => skyline::access::Format::Json,
+    });
 }
