@@ -20,7 +20,8 @@
 //!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry; [`cli::kubernetes`]
 //!   is `skyline k8s services`, the Kubernetes Services that stand for the catalog's services;
-//!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`.
+//!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`; [`cli::routes`] is
+//!   `skyline routes`, which prints an agent's `/routes` for a person.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
 //!   `skyline config example`, `skyline config check`).

@@ -86,6 +86,8 @@ enum Command {
     K8s(skyline::cli::kubernetes::K8sArgs),
     /// Explain where a request to a URL would go, and why, asking the local agent
     Explain(skyline::cli::explain::ExplainArgs),
+    /// Print the route table the local agent routes with now
+    Routes(skyline::cli::routes::RoutesArgs),
     /// Move a service to another tier step by step, guarded: `skyline migrate giphy --to
     /// kubernetes`; also `skyline migrate status|pause|resume|rollback <service>`
     Migrate(skyline::migrate::driver::MigrateArgs),
@@ -213,6 +215,7 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
         Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
         Command::Explain(args) => skyline::cli::explain::run(&args, &mut std::io::stdout()).await?,
+        Command::Routes(args) => skyline::cli::routes::run(&args, &mut std::io::stdout()).await?,
         Command::K8s(args) => {
             let (mut out, mut notes) = (std::io::stdout(), std::io::stderr());
             skyline::cli::kubernetes::run(args, &mut out, &mut notes).await?
