@@ -348,6 +348,15 @@ pub async fn start(
     ));
 
     let (declared, declared_rx) = watch::channel(settings.services.clone());
+    // The admin listener is registered too (`skyline-admin`), so Prometheus finds it.
+    let admin_service = addr_of(&listeners.admin)
+        .and_then(|addr| registration::admin_service(&settings.node_name, addr));
+    let (declared_rx, follow_declared) = registration::with_fixed(
+        declared_rx,
+        admin_service.into_iter().collect(),
+        shutdown.clone(),
+    );
+    tasks.spawn(follow_declared);
     let node = registration::NodeEntry {
         name: settings.node_name.clone(),
         address: settings.node_address,

@@ -553,6 +553,12 @@ pub async fn spawn_on(
         ));
     }
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
+    if let (Some(admin), Some(CatalogSource::Consul(registry))) = (admin_addr, &settings.catalog) {
+        let client = crate::registry::client::RegistryClient::new(*registry);
+        let register = agent::registration::run_admin(client, "bridge", admin, shutdown.clone());
+        tasks.spawn(register);
+    }
     if let Some(admin) = admin {
         let handler = BridgeAdmin {
             metrics: metrics.clone(),

@@ -921,6 +921,12 @@ pub async fn spawn_on(
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
+    if let (Some(admin), CatalogSource::Consul(registry)) = (admin_addr, &settings.catalog) {
+        let client = crate::registry::client::RegistryClient::new(*registry);
+        let register = agent::registration::run_admin(client, "gateway", admin, shutdown.clone());
+        tasks.spawn(register);
+    }
     if let Some(kv) = settings.kv {
         let id = answers::gateway_id(addr);
         tasks.spawn(answers::publish(kv, gateway.clone(), id, shutdown.clone()));

@@ -21,7 +21,9 @@
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry; [`cli::kubernetes`]
 //!   is `skyline k8s services`, the Kubernetes Services that stand for the catalog's services;
 //!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`; [`cli::routes`] is
-//!   `skyline routes`, which prints an agent's `/routes` for a person.
+//!   `skyline routes`, which prints an agent's `/routes` for a person; [`cli::prometheus`] is
+//!   `skyline prometheus-targets`, a Prometheus `file_sd_configs` file of every role's admin
+//!   listener (`skyline-admin` in the catalog, registered by `agent::registration`).
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
 //!   `skyline config example`, `skyline config check`).

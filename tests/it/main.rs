@@ -22,6 +22,7 @@ mod migration;
 mod package;
 mod pool;
 mod processes;
+mod prometheus;
 mod registry;
 mod registry_mesh;
 mod resilience;

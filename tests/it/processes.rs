@@ -929,7 +929,7 @@ async fn skyline_routes_prints_each_sides_services_with_their_endpoints_and_the_
     };
     // Outbound: app and pair go to this node's inbound; pair's other endpoint is ejected.
     let (outbound_block, inbound_block) = out.split_once("\ninbound:").unwrap();
-    assert!(outbound_block.contains(&format!("app ")), "{out}");
+    assert!(outbound_block.contains("app "), "{out}");
     assert!(line("app", &inbound).contains(" 1 "), "{out}");
     assert!(line("", "127.0.0.9:1").contains("ejected"), "{out}");
     // Inbound: this node's instances, at the application's address.
