@@ -348,8 +348,10 @@ pub async fn start(
     ));
 
     let (declared, declared_rx) = watch::channel(settings.services.clone());
-    // The admin listener is registered too (`skyline-admin`), so Prometheus finds it.
+    // The admin listener is registered too (`skyline-admin`) in a registry or Consul, where
+    // Prometheus (or `skyline prometheus-targets`) finds it; etcd has no such reader.
     let admin_service = addr_of(&listeners.admin)
+        .filter(|_| !matches!(settings.catalog, CatalogSource::Etcd { .. }))
         .and_then(|addr| registration::admin_service(&settings.node_name, addr));
     let (declared_rx, follow_declared) = registration::with_fixed(
         declared_rx,
