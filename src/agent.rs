@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessLog;
 use crate::admin::Admin;
 use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::etcd::EtcdDiscovery;
@@ -49,6 +50,8 @@ pub struct Settings {
     pub resilience: Policies,
     /// Services of this node, registered in the catalog while the agent runs. Reloadable.
     pub services: Vec<registration::Declared>,
+    /// The access log (read at start).
+    pub access: crate::access::Settings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -345,6 +348,17 @@ pub async fn start(
     ));
 
     let (declared, declared_rx) = watch::channel(settings.services.clone());
+    // The admin listener is registered too (`skyline-admin`) in a registry or Consul, where
+    // Prometheus (or `skyline prometheus-targets`) finds it; etcd has no such reader.
+    let admin_service = addr_of(&listeners.admin)
+        .filter(|_| !matches!(settings.catalog, CatalogSource::Etcd { .. }))
+        .and_then(|addr| registration::admin_service(&settings.node_name, addr));
+    let (declared_rx, follow_declared) = registration::with_fixed(
+        declared_rx,
+        admin_service.into_iter().collect(),
+        shutdown.clone(),
+    );
+    tasks.spawn(follow_declared);
     let node = registration::NodeEntry {
         name: settings.node_name.clone(),
         address: settings.node_address,
@@ -405,6 +419,8 @@ pub async fn start(
         addr(&listeners.admin),
     );
     let mut explainer = None;
+    // One access log (and its writer thread) for both proxy listeners.
+    let access = AccessLog::stderr(&settings.access);
     if let Some(listener) = listeners.outbound {
         let catch_all = (!settings.catch_all.is_empty()).then(|| {
             Route::new(
@@ -423,7 +439,7 @@ pub async fn start(
             catch_all,
         );
         explainer = Some(handler.clone());
-        let recorder = Recorder::new(Role::Outbound, metrics.clone());
+        let recorder = Recorder::new(Role::Outbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_recorded(
             listener,
             handler,
@@ -433,7 +449,7 @@ pub async fn start(
     }
     if let Some(listener) = listeners.inbound {
         let handler = Inbound::new(routes.clone(), forwarder.clone(), policies.clone());
-        let recorder = Recorder::new(Role::Inbound, metrics.clone());
+        let recorder = Recorder::new(Role::Inbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_recorded(
             listener,
             handler,

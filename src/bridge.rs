@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessLog, Note, Tag};
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::gateway::X_SKYLINE_ORIGIN;
@@ -58,6 +59,8 @@ pub struct Settings {
     pub max_hops: u32,
     /// Timeouts, retries, balancing and ejection of the bridge's calls.
     pub resilience: Resilience,
+    /// The access log.
+    pub access: crate::access::Settings,
 }
 
 /// How a Skyline service name becomes a Kubernetes Service name and port.
@@ -297,11 +300,12 @@ impl Bridge {
         mut req: Request<Incoming>,
         name: String,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let known = self.known_service(&name);
         let counted = known.is_some();
-        *label = match known {
+        note.tier = Tag::Static("gateway");
+        note.label = match known {
             Some(service) => Some(ServiceLabel::known(service)),
             None => metrics::unverified(&name),
         };
@@ -325,7 +329,7 @@ impl Bridge {
         };
         self.inner
             .forwarder
-            .forward(req, upstream, target, Host::Keep, &conn)
+            .forward(req, upstream, target, Host::Keep, &conn, &mut note.trail)
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }
@@ -336,7 +340,7 @@ impl Bridge {
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let uri = req.uri().clone();
         let (name, target) = match split_service_path(uri.path()) {
@@ -364,7 +368,9 @@ impl Bridge {
             )
             .into_response(name);
         }
-        *label = ServiceName::parse(name).ok().map(ServiceLabel::known);
+        note.label = ServiceName::parse(name).ok().map(ServiceLabel::known);
+        note.tier = Tag::Static("cluster-dns");
+        note.platform = Tag::Static(crate::gateway::policy::KUBERNETES);
         // Usually one address (the Service's cluster IP; kube-proxy balances behind it).
         let protocol = self.inner.names.protocol(name, &req);
         let route = Route::new(
@@ -386,7 +392,7 @@ impl Bridge {
         };
         self.inner
             .forwarder
-            .forward(req, upstream, target, Host::Keep, &conn)
+            .forward(req, upstream, target, Host::Keep, &conn, &mut note.trail)
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }
@@ -399,7 +405,7 @@ impl Proxy for Bridge {
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let skyline_path = req.uri().path().starts_with("/service/");
         let host = req
@@ -414,8 +420,8 @@ impl Proxy for Bridge {
             return e.into_response(&name);
         }
         match cluster {
-            Some(name) if !skyline_path => self.to_gateway(req, name, conn, label).await,
-            _ => self.to_cluster(req, conn, label).await,
+            Some(name) if !skyline_path => self.to_gateway(req, name, conn, note).await,
+            _ => self.to_cluster(req, conn, note).await,
         }
     }
 }
@@ -565,8 +571,10 @@ pub async fn spawn_on(
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    // One access log (and its writer thread) for every listener.
+    let access = AccessLog::stderr(&settings.access);
     for listener in listeners {
-        let recorder = Recorder::new(Role::Bridge, metrics.clone());
+        let recorder = Recorder::new(Role::Bridge, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_recorded(
             listener,
             bridge.clone(),
@@ -575,6 +583,12 @@ pub async fn spawn_on(
         ));
     }
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
+    if let (Some(admin), Some(CatalogSource::Consul(registry))) = (admin_addr, &settings.catalog) {
+        let client = crate::registry::client::RegistryClient::new(*registry);
+        let register = agent::registration::run_admin(client, "bridge", admin, shutdown.clone());
+        tasks.spawn(register);
+    }
     if let Some(admin) = admin {
         let handler = BridgeAdmin {
             metrics: metrics.clone(),

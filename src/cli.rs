@@ -5,6 +5,8 @@
 pub mod etcd;
 pub mod explain;
 pub mod kubernetes;
+pub mod prometheus;
+pub mod routes;
 
 use std::collections::BTreeMap;
 use std::io::Write;

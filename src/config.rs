@@ -65,6 +65,7 @@ use toml::Spanned;
 pub mod reference;
 
 use self::reference::{DURATION, FileKey, Section, Value};
+use crate::access::{AccessArgs, LogSection};
 use crate::agent::registration::{Check, Declared};
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
@@ -344,6 +345,9 @@ pub struct AgentArgs {
     /// Worker threads serving connections [default: 1]
     #[arg(long, env = "SKYLINE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// Settings of `skyline registry`, the Consul-compatible catalog for one node or a small site.
@@ -410,6 +414,8 @@ struct FileConfig {
     resilience: ResilienceSection,
     #[serde(default)]
     routes: std::collections::BTreeMap<Spanned<String>, ResilienceSection>,
+    #[serde(default)]
+    log: LogSection,
 }
 
 // === The file's keys, described ===
@@ -820,6 +826,7 @@ pub const AGENT_FILE: &[Section] = &[
             ),
         ],
     },
+    crate::access::FILE_SECTION,
 ];
 
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
@@ -1014,6 +1021,7 @@ impl AgentArgs {
         let (file, source) = Source::read::<FileConfig>(self.config.as_ref())?;
         let src = &source;
         let resilience = policies(src, &file)?;
+        let access = self.access.resolve(src, &file.log)?;
 
         let (node_name, at) = match (self.node_name, file.node.name) {
             (Some(n), _) => (n, None),
@@ -1186,6 +1194,7 @@ impl AgentArgs {
             workers: workers.0,
             resilience,
             services,
+            access,
         })
     }
 }

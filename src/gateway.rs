@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessLog, Note, Tag};
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
@@ -91,6 +92,8 @@ pub struct Settings {
     pub reload: Option<config::GatewayArgs>,
     /// Timeouts, retries, balancing and ejection of the gateway's calls.
     pub resilience: Resilience,
+    /// The access log (read at start; a reload keeps it).
+    pub access: crate::access::Settings,
 }
 
 // === Table ===
@@ -121,6 +124,10 @@ pub struct TierRoute {
     pub bridge: bool,
     #[serde(skip)]
     pub header: HeaderValue,
+    /// The platform of the tier's endpoints, for the access log: a `platform=<name>` selector's
+    /// value, or `kubernetes` for the bridges; `None` when the tier does not say.
+    #[serde(skip)]
+    pub platform: Option<Arc<str>>,
 }
 
 impl TierRoute {
@@ -264,7 +271,15 @@ impl Table {
                     let (passing, total) = total;
                     let eligible =
                         !endpoints.is_empty() && tier.min_healthy.eligible(passing, total);
+                    let platform = match &tier.source {
+                        TierSource::Select { key, value } if key == "platform" => {
+                            Some(Arc::from(value.as_str()))
+                        }
+                        _ if bridge => Some(Arc::from(policy::KUBERNETES)),
+                        _ => None,
+                    };
                     TierRoute {
+                        platform,
                         header: HeaderValue::from_str(tier.name.as_str())
                             .unwrap_or_else(|_| HeaderValue::from_static("tier")),
                         name: tier.name.clone(),
@@ -609,13 +624,13 @@ impl GatewayHandler {
 impl Proxy for GatewayHandler {
     type Body = Body;
 
-    /// Chooses the tier and forwards one request; `label` is set to the service once it is
-    /// parsed, for the metrics.
+    /// Chooses the tier and forwards one request; `note.label` is set to the service once it
+    /// is parsed, for the metrics, and the tier that answered is noted for the access log.
     async fn proxy(
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let arrived = Instant::now();
         let Some(target) = req.uri().path_and_query().cloned() else {
@@ -633,7 +648,7 @@ impl Proxy for GatewayHandler {
             .remove(&X_SKYLINE_ORIGIN)
             .is_some_and(|v| v.as_bytes() == b"bridge");
         let table = self.gateway.load();
-        *label = match table.services.get_key_value(name) {
+        note.label = match table.services.get_key_value(name) {
             Some((service, _)) => Some(ServiceLabel::known(service.clone())),
             None => metrics::unverified(name),
         };
@@ -715,10 +730,12 @@ impl Proxy for GatewayHandler {
             fallback: (!rest.is_empty()).then_some(&fallback),
         };
         let forwarded = forwarder
-            .forward(req, upstream, target, Host::Keep, &conn)
+            .forward(req, upstream, target, Host::Keep, &conn, &mut note.trail)
             .await;
         let served = chain.get(fallback.served()).copied().unwrap_or(first);
         let tier = &tiers[served];
+        note.tier = Tag::Shared(tier.name.shared());
+        note.platform = tier.platform.clone().map_or(Tag::None, Tag::Shared);
         let error = forwarded
             .as_ref()
             .map_or(true, |r| r.status().is_server_error());
@@ -915,6 +932,12 @@ pub async fn spawn_on(
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
+    if let (Some(admin), CatalogSource::Consul(registry)) = (admin_addr, &settings.catalog) {
+        let client = crate::registry::client::RegistryClient::new(*registry);
+        let register = agent::registration::run_admin(client, "gateway", admin, shutdown.clone());
+        tasks.spawn(register);
+    }
     if let Some(kv) = settings.kv {
         let id = answers::gateway_id(addr);
         tasks.spawn(answers::publish(kv, gateway.clone(), id, shutdown.clone()));
@@ -922,7 +945,8 @@ pub async fn spawn_on(
     tasks.spawn(serve::serve_recorded(
         listener,
         GatewayHandler::new(gateway.clone()),
-        Recorder::new(Role::Gateway, metrics.clone()),
+        Recorder::new(Role::Gateway, metrics.clone())
+            .with_access(AccessLog::stderr(&settings.access)),
         shutdown.clone(),
     ));
     if let Some(admin) = admin {

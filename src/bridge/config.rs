@@ -25,6 +25,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Names, Override, Settings};
+use crate::access::{self, AccessArgs, LogSection};
 use crate::agent::CatalogSource;
 use crate::config::reference::{Section, Value};
 use crate::config::{
@@ -89,6 +90,9 @@ pub struct BridgeArgs {
     /// Requests that already took this many Skyline hops get 508 [default: 8]
     #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
     pub max_hops: Option<u32>,
+
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// Every key of the bridge's file (see [`crate::config::reference`]).
@@ -213,6 +217,7 @@ pub const FILE: &[Section] = &[
         defaults_from: None,
         keys: RESILIENCE_KEYS,
     },
+    access::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -225,6 +230,8 @@ struct FileConfig {
     /// Timeouts, retries, balancing and ejection of the bridge's calls (the agent's keys).
     #[serde(default)]
     resilience: ResilienceSection,
+    #[serde(default)]
+    log: LogSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -286,6 +293,7 @@ impl BridgeArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
+        let access = self.access.resolve(&src, &file.log)?;
         let b = file.bridge;
         let admin = match (self.admin, b.admin) {
             (Some(l), _) => l,
@@ -356,6 +364,7 @@ impl BridgeArgs {
             catalog,
             max_hops,
             resilience,
+            access,
         })
     }
 }

@@ -35,6 +35,7 @@ use toml::Spanned;
 
 use super::Settings;
 use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
+use crate::access::{self, AccessArgs, LogSection};
 use crate::agent::CatalogSource;
 use crate::config::reference::{DURATION, Section, Value};
 use crate::config::{
@@ -87,6 +88,9 @@ pub struct GatewayArgs {
     /// Requests that already took this many Skyline hops get 508 [default: 8]
     #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
     pub max_hops: Option<u32>,
+
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// Every key of the gateway's file (see [`crate::config::reference`]).
@@ -292,6 +296,7 @@ pub const FILE: &[Section] = &[
             ),
         ],
     },
+    access::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -310,6 +315,8 @@ struct FileConfig {
     /// Timeouts, retries, balancing and ejection of the gateway's calls (the agent's keys).
     #[serde(default)]
     resilience: ResilienceSection,
+    #[serde(default)]
+    log: LogSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -343,6 +350,7 @@ impl GatewayArgs {
         let reload = self.config.is_some().then(|| self.clone());
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
+        let access = self.access.resolve(&src, &file.log)?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field
                 .as_ref()
@@ -470,6 +478,7 @@ impl GatewayArgs {
             kv,
             include_warning: false,
             reload,
+            access,
         })
     }
 }

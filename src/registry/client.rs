@@ -58,6 +58,19 @@ impl RegistryClient {
         self.call(Method::GET, path, Bytes::new()).await
     }
 
+    /// `GET path` of a blocking-capable read: the body of a 2xx answer and its
+    /// `X-Consul-Index` (to pass as `?index=` next time), when it has one.
+    pub async fn get_indexed(&self, path: &str) -> Result<(Bytes, Option<u64>), ClientError> {
+        let (bytes, headers) = self
+            .call_with_headers(Method::GET, path, Bytes::new())
+            .await?;
+        let index = headers
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((bytes, index))
+    }
+
     /// `PUT path` with a JSON body, the body of a 2xx answer.
     pub async fn put_json(
         &self,
@@ -79,6 +92,15 @@ impl RegistryClient {
     }
 
     async fn call(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
+        Ok(self.call_with_headers(method, path, body).await?.0)
+    }
+
+    async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(Bytes, http::HeaderMap), ClientError> {
         let addr = self.addr;
         let req = Request::builder()
             .method(method)
@@ -93,7 +115,8 @@ impl RegistryClient {
             .map_err(|_| ClientError::Timeout { addr })?
             .map_err(|source| ClientError::Unreachable { addr, source })?;
         let status = response.status();
-        let bytes = tokio::time::timeout(CALL_TIMEOUT, response.into_body().collect())
+        let (parts, body) = response.into_parts();
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, body.collect())
             .await
             .map_err(|_| ClientError::Timeout { addr })?
             .map_err(|_| ClientError::Body {
@@ -108,6 +131,6 @@ impl RegistryClient {
                 message,
             });
         }
-        Ok(bytes)
+        Ok((bytes, parts.headers))
     }
 }

@@ -257,6 +257,7 @@ async fn start_agent(
         policy: Policy::default(),
         workers: 1,
         resilience: Default::default(),
+        access: skyline::access::Settings::off(),
         services,
     };
     let listeners = Listeners::bind(&settings).unwrap();

@@ -1,6 +1,7 @@
 //! Skyline's integration tests: one binary, real sockets, real processes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access_log;
 mod agents_register;
 mod autopilot;
 mod catalog_changes;
@@ -22,6 +23,7 @@ mod migration;
 mod package;
 mod pool;
 mod processes;
+mod prometheus;
 mod registry;
 mod registry_mesh;
 mod resilience;

@@ -366,6 +366,7 @@ impl TestMeshBuilder {
                 policy: Policy::default(),
                 workers: 1,
                 resilience: self.resilience.clone(),
+                access: skyline::access::Settings::off(),
                 services: Vec::new(),
             };
             let listeners = Listeners::bind(&settings).unwrap();

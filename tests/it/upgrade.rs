@@ -442,6 +442,7 @@ impl ClusterPath {
                 catalog: None,
                 max_hops: 8,
                 resilience: Default::default(),
+                access: skyline::access::Settings::off(),
             },
             CancellationToken::new(),
         )
@@ -472,6 +473,7 @@ impl ClusterPath {
                 include_warning: false,
                 reload: None,
                 resilience: Default::default(),
+                access: skyline::access::Settings::off(),
             },
             CancellationToken::new(),
         )

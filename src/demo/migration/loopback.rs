@@ -172,6 +172,8 @@ impl Loopback {
                 catalog: None,
                 max_hops: DEFAULT_MAX_HOPS,
                 resilience: Default::default(),
+                // The demo tells its own story; access lines would drown it.
+                access: crate::access::Settings::off(),
             },
             stop.clone(),
         )
@@ -216,6 +218,8 @@ impl Loopback {
                 include_warning: false,
                 reload: None,
                 resilience: Default::default(),
+                // The demo tells its own story; access lines would drown it.
+                access: crate::access::Settings::off(),
             },
             stop.clone(),
         )
@@ -274,6 +278,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         workers: 1,
         resilience: Default::default(),
         services: Vec::new(),
+        access: crate::access::Settings::off(),
     }
 }
 
