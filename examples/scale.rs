@@ -153,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         workers: 1,
         resilience: Default::default(),
         services: Vec::new(),
+        tokens: Default::default(),
     };
     let token = CancellationToken::new();
     let listeners = Listeners::bind(&settings)?;

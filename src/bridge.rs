@@ -511,7 +511,8 @@ pub async fn spawn_on(
     let mut tasks = JoinSet::new();
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
-            let (source_name, subscriber) = agent::follow_catalog(source, &mut tasks, &shutdown);
+            let (source_name, subscriber) =
+                agent::follow_catalog(source, None, &mut tasks, &shutdown);
             if let Err(error) = agent::first_snapshot(subscriber.clone()).await {
                 shutdown.cancel();
                 return Err(AgentError::Catalog { source_name, error }.into());

@@ -824,7 +824,8 @@ pub async fn spawn_on(
     inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
     let metrics = Metrics::new();
-    let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);
+    let (source_name, subscriber) =
+        agent::follow_catalog(&settings.catalog, None, &mut tasks, &shutdown);
     let snapshot = match agent::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
         Err(error) => {

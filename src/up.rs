@@ -168,6 +168,7 @@ async fn start(
         workers: 1,
         resilience: Default::default(),
         services: Vec::new(),
+        tokens: Default::default(),
     };
     let agent = agent::spawn(settings, shutdown.clone()).await?;
     let (Some(registry), Some(inbound)) = (agent.registry, agent.inbound) else {

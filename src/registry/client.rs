@@ -12,6 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::config::token::Token;
+
 /// How long one call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +41,8 @@ pub enum ClientError {
 pub struct RegistryClient {
     addr: SocketAddr,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// Sent as `X-Consul-Token` on every call.
+    token: Option<Token>,
 }
 
 impl RegistryClient {
@@ -46,7 +50,15 @@ impl RegistryClient {
         Self {
             addr,
             http: Client::builder(TokioExecutor::new()).build_http(),
+            token: None,
         }
+    }
+
+    /// Sends `token` as `X-Consul-Token` on every call (a token-protected registry or Consul).
+    #[must_use]
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -80,14 +92,16 @@ impl RegistryClient {
 
     async fn call(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
         let addr = self.addr;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|_| ClientError::Body {
-                path: path.to_owned(),
-            })?;
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            req = req.header("x-consul-token", token.expose());
+        }
+        let req = req.body(Full::new(body)).map_err(|_| ClientError::Body {
+            path: path.to_owned(),
+        })?;
         let response = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| ClientError::Timeout { addr })?

@@ -258,6 +258,7 @@ async fn start_agent(
         workers: 1,
         resilience: Default::default(),
         services,
+        tokens: Default::default(),
     };
     let listeners = Listeners::bind(&settings).unwrap();
     agent::start(settings, listeners, CancellationToken::new())

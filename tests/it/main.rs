@@ -7,6 +7,7 @@ mod catalog_changes;
 mod config;
 mod consul_backend;
 mod consul_clients;
+mod control_tokens;
 mod demo;
 mod etcd;
 mod faults;

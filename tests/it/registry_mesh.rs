@@ -25,6 +25,7 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         workers: 1,
         resilience: Default::default(),
         services: Vec::new(),
+        tokens: Default::default(),
     }
 }
 

@@ -274,6 +274,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         workers: 1,
         resilience: Default::default(),
         services: Vec::new(),
+        tokens: Default::default(),
     }
 }
 
