@@ -58,6 +58,8 @@ pub struct Settings {
     pub max_hops: u32,
     /// Timeouts, retries, balancing and ejection of the bridge's calls.
     pub resilience: Resilience,
+    /// The admin listener's bearer token, and the registry token sent to the catalog.
+    pub tokens: agent::Tokens,
 }
 
 /// How a Skyline service name becomes a Kubernetes Service name and port.
@@ -396,6 +398,7 @@ impl Proxy for Bridge {
 pub struct BridgeAdmin {
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
+    token: Option<crate::config::token::Token>,
 }
 
 impl BridgeAdmin {
@@ -431,6 +434,9 @@ impl Handler for BridgeAdmin {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
+            return refusal;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
@@ -511,8 +517,12 @@ pub async fn spawn_on(
     let mut tasks = JoinSet::new();
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
-            let (source_name, subscriber) =
-                agent::follow_catalog(source, None, &mut tasks, &shutdown);
+            let (source_name, subscriber) = agent::follow_catalog(
+                source,
+                settings.tokens.registry.as_ref(),
+                &mut tasks,
+                &shutdown,
+            );
             if let Err(error) = agent::first_snapshot(subscriber.clone()).await {
                 shutdown.cancel();
                 return Err(AgentError::Catalog { source_name, error }.into());
@@ -550,6 +560,7 @@ pub async fn spawn_on(
         let handler = BridgeAdmin {
             metrics: metrics.clone(),
             catalog,
+            token: settings.tokens.admin.clone(),
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }

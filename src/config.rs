@@ -436,6 +436,73 @@ impl RegistryArgs {
     }
 }
 
+/// The token settings of the gateway and the bridge: the admin listener's bearer token, and
+/// the registry token they send to the catalog they follow.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TokenArgs {
+    /// A file holding the admin listener's bearer token (or give the token itself in
+    /// SKYLINE_ADMIN_TOKEN); required when the admin listener is not on loopback [default: no
+    /// token on loopback]
+    #[arg(long, env = "SKYLINE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The admin token itself, from SKYLINE_ADMIN_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_ADMIN_TOKEN").ok())]
+    pub admin_token_env: Option<String>,
+
+    /// A file holding the registry's ACL token, sent as X-Consul-Token to the registry or
+    /// Consul agent followed (or give the token itself in SKYLINE_REGISTRY_TOKEN) [default: no
+    /// token]
+    #[arg(long, env = "SKYLINE_REGISTRY_TOKEN_FILE", value_name = "FILE")]
+    pub registry_token_file: Option<PathBuf>,
+
+    /// The registry token itself, from SKYLINE_REGISTRY_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_REGISTRY_TOKEN").ok())]
+    pub registry_token_env: Option<String>,
+}
+
+impl TokenArgs {
+    /// Both tokens, with the file's keys `admin_key` and `registry_key` (paths relative to the
+    /// file); an `admin` listener beyond loopback without a token is refused.
+    pub(crate) fn resolve(
+        self,
+        src: &Source,
+        (admin_key, admin_field): (&str, &Option<Spanned<PathBuf>>),
+        (registry_key, registry_field): (&str, &Option<Spanned<PathBuf>>),
+        admin: Option<SocketAddr>,
+    ) -> Result<crate::agent::Tokens, ConfigError> {
+        let (file, at) = file_path(src, self.admin_token_file, admin_field);
+        let setting = token::TokenSetting {
+            env: self.admin_token_env,
+            file,
+        };
+        let admin = token_for(
+            src,
+            &setting,
+            at,
+            admin_key,
+            "SKYLINE_ADMIN_TOKEN",
+            admin,
+            "the admin listener",
+        )?;
+        let (file, at) = file_path(src, self.registry_token_file, registry_field);
+        let setting = token::TokenSetting {
+            env: self.registry_token_env,
+            file,
+        };
+        let registry = token_for(
+            src,
+            &setting,
+            at,
+            registry_key,
+            "SKYLINE_REGISTRY_TOKEN",
+            None,
+            "the registry",
+        )?;
+        Ok(crate::agent::Tokens { admin, registry })
+    }
+}
+
 /// A listener's token from `setting`, checked: a file that cannot be read or holds no valid
 /// token is refused with the reason (never the content), and so is a listener at `exposed`
 /// that is reachable from other machines without a token.
@@ -1336,7 +1403,7 @@ impl AgentArgs {
 }
 
 /// A path given by a flag (as is) or by the file (relative to it, with its offset for errors).
-fn file_path(
+pub(crate) fn file_path(
     src: &Source,
     flag: Option<PathBuf>,
     field: &Option<Spanned<PathBuf>>,

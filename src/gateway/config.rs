@@ -39,7 +39,7 @@ use crate::agent::CatalogSource;
 use crate::config::reference::{DURATION, Section, Value};
 use crate::config::{
     ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, RESILIENCE_KEYS, ResilienceSection,
-    Source, file_only, key, resilience,
+    Source, TokenArgs, file_only, key, resilience,
 };
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
@@ -87,6 +87,9 @@ pub struct GatewayArgs {
     /// Requests that already took this many Skyline hops get 508 [default: 8]
     #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
     pub max_hops: Option<u32>,
+
+    #[command(flatten)]
+    pub tokens: TokenArgs,
 }
 
 /// Every key of the gateway's file (see [`crate::config::reference`]).
@@ -109,6 +112,15 @@ pub const FILE: &[Section] = &[
                 "address or `\"off\"`",
                 Value::Default("\"127.0.0.1:5050\""),
             ),
+            key(
+                "admin_token_file",
+                "admin_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/admin.token\"",
+                    default: "no token",
+                },
+            ),
         ],
     },
     Section {
@@ -128,6 +140,15 @@ pub const FILE: &[Section] = &[
                 "consul",
                 "address",
                 Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "token_file",
+                "registry_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/registry.token\"",
+                    default: "no token",
+                },
             ),
             key(
                 "file",
@@ -317,6 +338,7 @@ struct FileConfig {
 struct ListenSection {
     gateway: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -325,6 +347,7 @@ struct CatalogSection {
     source: Option<Spanned<String>>,
     file: Option<PathBuf>,
     consul: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -458,7 +481,14 @@ impl GatewayArgs {
             (CatalogSource::Consul(addr), None | Some(true)) => Some(*addr),
             _ => None,
         };
+        let tokens = self.tokens.resolve(
+            &src,
+            ("listen.admin_token_file", &file.listen.admin_token_file),
+            ("catalog.token_file", &file.catalog.token_file),
+            admin.addr(),
+        )?;
         Ok(Settings {
+            tokens,
             resilience,
             listen,
             admin: admin.addr(),

@@ -54,6 +54,20 @@ impl RegistryClient {
         }
     }
 
+    /// A client for the command-line tools (`skyline services`, `register`, `migrate`, ...):
+    /// with the token of `SKYLINE_REGISTRY_TOKEN` when it is set (as Consul's CLI takes
+    /// `CONSUL_HTTP_TOKEN`); an invalid one is reported and not sent.
+    pub fn from_env(addr: SocketAddr) -> Self {
+        let token = std::env::var("SKYLINE_REGISTRY_TOKEN")
+            .ok()
+            .and_then(|text| {
+                Token::new(&text)
+                    .inspect_err(|reason| tracing::warn!(%reason, "SKYLINE_REGISTRY_TOKEN ignored"))
+                    .ok()
+            });
+        Self::new(addr).with_token(token)
+    }
+
     /// Sends `token` as `X-Consul-Token` on every call (a token-protected registry or Consul).
     #[must_use]
     pub fn with_token(mut self, token: Option<Token>) -> Self {

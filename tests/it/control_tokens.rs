@@ -387,3 +387,78 @@ async fn an_exposed_admin_listener_answers_only_with_its_bearer_token_and_never_
         assert!(!line.contains(TOKEN), "the token is in the log: {line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reads_catalog_and_kv_policies_of_a_protected_registry_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write(dir.path(), "registry.token", TOKEN);
+    let admin_token = write(dir.path(), "admin.token", "admin-secret-42");
+    let (mut registry, addr) = exposed_registry(dir.path(), &token_file).await;
+    let consul = addr.to_string();
+    let gateway_args = |with_token: bool| {
+        let mut args = vec![
+            "gateway".to_owned(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin".into(),
+            "0.0.0.0:0".into(),
+            "--admin-token-file".into(),
+            admin_token.to_str().unwrap().into(),
+            "--consul".into(),
+            consul.clone(),
+        ];
+        if with_token {
+            args.extend([
+                "--registry-token-file".to_owned(),
+                token_file.to_str().unwrap().into(),
+            ]);
+        }
+        args
+    };
+
+    // Without the registry token the catalog refuses the gateway, which does not start.
+    let args = gateway_args(false);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stderr = refused_start(&args, &[]).await;
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+
+    let args = gateway_args(true);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut gateway = Skyline::start(&args, &[]);
+    let started = gateway.log.wait_for("gateway started").await;
+    let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin.port()));
+
+    // A route policy written to the KV (with the token) reaches the gateway's KV watch.
+    let put = Request::put(format!("http://{addr}/v1/kv/skyline/routes/web"))
+        .header("x-consul-token", TOKEN)
+        .body(Full::from(r#"{"hold": "1s"}"#))
+        .unwrap();
+    assert_eq!(send(put).await.status, 200);
+    let loaded = gateway.log.wait_for("route policy loaded").await;
+    assert_eq!(loaded["key"], "skyline/routes/web", "{loaded}");
+
+    // Its admin listener, exposed, wants the bearer token.
+    let routes = format!("http://{admin}/routes");
+    let reply = Client::new().get(&routes).await;
+    assert_eq!(reply.status, 401, "{reply:?}");
+    let reply = send(
+        Request::get(&routes)
+            .header("authorization", "Bearer admin-secret-42")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(!reply.body.contains(TOKEN) && !reply.body.contains("admin-secret-42"));
+
+    for process in [&mut gateway, &mut registry] {
+        process.sigterm();
+        for line in drain(&mut process.log).await {
+            assert!(
+                !line.contains(TOKEN) && !line.contains("admin-secret-42"),
+                "a token is in the log: {line}"
+            );
+        }
+    }
+}

@@ -172,6 +172,7 @@ impl Loopback {
                 catalog: None,
                 max_hops: DEFAULT_MAX_HOPS,
                 resilience: Default::default(),
+                tokens: Default::default(),
             },
             stop.clone(),
         )
@@ -216,6 +217,7 @@ impl Loopback {
                 include_warning: false,
                 reload: None,
                 resilience: Default::default(),
+                tokens: Default::default(),
             },
             stop.clone(),
         )
