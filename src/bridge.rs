@@ -125,7 +125,8 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::C
     if host.len() <= suffix_len {
         return None;
     }
-    let (head, tail) = host.split_at(host.len() - suffix_len);
+    // Not `split_at`: a non-ASCII host (from `/explain?url=`) may put the cut inside a char.
+    let (head, tail) = host.split_at_checked(host.len() - suffix_len)?;
     let (svc, tail) = tail.split_at_checked(".svc.".len())?;
     if !svc.eq_ignore_ascii_case(".svc.") || !tail.eq_ignore_ascii_case(domain) {
         return None;
@@ -613,6 +614,14 @@ mod tests {
             "a.b.svc.example.com",
             "A_.b.svc.cluster.local",
             ".b.svc.cluster.local",
+        ] {
+            assert_eq!(cluster_service(other, d), None, "{other}");
+        }
+        // Found by the fuzz target `bridge_rewrite`: a cut inside a multi-byte char panicked.
+        for other in [
+            "a.b\u{e9}svc.cluster.local",
+            "a.b.svc.cluster.loca\u{e9}",
+            "\u{e9}",
         ] {
             assert_eq!(cluster_service(other, d), None, "{other}");
         }

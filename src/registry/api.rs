@@ -1040,6 +1040,48 @@ fn check_def(
     })
 }
 
+// === Fuzzing ===
+
+/// Decodes `body` as each endpoint that takes a JSON body decodes it, and validates what
+/// decodes as the endpoint would before it touches the store: the fuzz target
+/// `registry_json` (see `crate::fuzz`). Results are dropped; only a panic matters.
+pub(crate) fn decode_every_body(body: &[u8]) {
+    if let Ok(input) = decode::<AgentServiceIn>(body, &decode::SERVICE_DEFINITION) {
+        if let Ok(svc) = service_def(
+            input.id,
+            input.name,
+            input.tags,
+            input.address,
+            input.port,
+            input.meta,
+            input.weights,
+        ) {
+            let mut raw: Vec<CheckIn> = input.check.into_iter().collect();
+            raw.extend(input.checks.unwrap_or_default());
+            for c in raw {
+                let _ = check_def(
+                    c,
+                    Some("service:x".into()),
+                    "x".into(),
+                    svc.id.clone(),
+                    true,
+                );
+            }
+        }
+    }
+    if let Ok(input) = decode::<CheckIn>(body, &decode::CHECK_DEFINITION) {
+        let _ = check_def(input, None, "x".into(), String::new(), true);
+    }
+    let _ = decode::<CatalogRegisterIn>(body, &decode::REGISTER_REQUEST);
+    let _ = decode::<CatalogDeregisterIn>(body, &decode::DEREGISTER_REQUEST);
+    let _ = decode::<CheckUpdateIn>(body, &decode::CHECK_UPDATE);
+    super::txn::check_body(body);
+    super::session::decode_create(body);
+    if let Ok(json) = decode::parse(body) {
+        let _ = decode::duration(&json);
+    }
+}
+
 // === Agent endpoints ===
 
 async fn agent_register(shared: &Shared, _query: &Query, body: &[u8]) -> Result<Resp, ApiError> {

@@ -381,6 +381,14 @@ async fn an_exposed_admin_listener_answers_only_with_its_bearer_token_and_never_
         get("/routes", Some(format!("bearer {TOKEN}"))).await.status,
         200
     );
+    // A non-ASCII cluster host in /explain (found by the fuzz target bridge_rewrite) is a bad
+    // request, not a panic that drops the connection.
+    let odd = get(
+        "/explain?url=http://a.b%C3%A9svc.cluster.local/",
+        Some(format!("Bearer {TOKEN}")),
+    )
+    .await;
+    assert_eq!(odd.status, 400, "{odd:?}");
 
     agent.sigterm();
     for line in drain(&mut agent.log).await {

@@ -11,6 +11,7 @@ mod control_tokens;
 mod demo;
 mod etcd;
 mod faults;
+mod fuzz_corpus;
 mod gateway;
 mod grpc;
 mod guard;
