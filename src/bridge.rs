@@ -144,11 +144,20 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::C
     ServiceName::is_valid(&name).then_some(name)
 }
 
-/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query.
+/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query. A target
+/// without a path (`http://web.ns.svc.cluster.local?x=1`, `*`) gets `/`, and keeps its query.
 pub fn skyline_target(name: &str, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, MeshError> {
     let rest = pq.map_or("/", |pq| pq.as_str());
-    let rest = if rest.starts_with('/') { rest } else { "/" };
-    PathAndQuery::from_maybe_shared(Bytes::from(format!("/service/{name}{rest}")))
+    let target = if rest.starts_with('/') {
+        format!("/service/{name}{rest}")
+    } else {
+        // Found by the fuzz target `bridge_rewrite`: the query was dropped here.
+        match pq.and_then(PathAndQuery::query) {
+            Some(query) => format!("/service/{name}/?{query}"),
+            None => format!("/service/{name}/"),
+        }
+    };
+    PathAndQuery::from_maybe_shared(Bytes::from(target))
         .map_err(|_| MeshError::bad_request("invalid request target"))
 }
 
@@ -645,6 +654,26 @@ mod tests {
         assert_eq!(
             names.target("giphy"),
             ("giphy-v2.media.svc.cluster.local".into(), 80)
+        );
+    }
+
+    #[test]
+    fn a_cluster_request_without_a_path_keeps_its_query() {
+        for (given, expected) in [
+            ("?q=cat", "/service/web/?q=cat"),
+            ("?*", "/service/web/?*"),
+            ("*", "/service/web/"),
+        ] {
+            let pq: PathAndQuery = given.parse().unwrap();
+            assert_eq!(
+                skyline_target("web", Some(&pq)).unwrap().as_str(),
+                expected,
+                "{given}"
+            );
+        }
+        assert_eq!(
+            skyline_target("web", None).unwrap().as_str(),
+            "/service/web/"
         );
     }
 
