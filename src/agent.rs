@@ -20,6 +20,7 @@ use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::etcd::EtcdDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
+use crate::config::token::Token;
 use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
@@ -52,6 +53,18 @@ pub struct Settings {
     pub services: Vec<registration::Declared>,
     /// The access log (read at start).
     pub access: crate::access::Settings,
+    /// Tokens of the admin listener and the registry.
+    pub tokens: Tokens,
+}
+
+/// The secrets of the control APIs (see [`crate::config::token`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// The admin listener's bearer token (every path but `/healthz` and `/readyz`).
+    pub admin: Option<Token>,
+    /// The registry's ACL token: required by the embedded registry, sent to a followed
+    /// registry or Consul agent as `X-Consul-Token`.
+    pub registry: Option<Token>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,6 +238,7 @@ fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
 /// follow a registry that another process runs; the agent runs its own, see [`start`]).
 pub fn follow_catalog(
     source: &CatalogSource,
+    token: Option<&Token>,
     tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
 ) -> (String, Subscriber) {
@@ -232,7 +246,8 @@ pub fn follow_catalog(
     let name = match source {
         CatalogSource::File(path) => follow(tasks, FileDiscovery::new(path), publisher, shutdown),
         CatalogSource::Consul(addr) | CatalogSource::Embedded { listen: addr, .. } => {
-            follow(tasks, ConsulDiscovery::new(*addr), publisher, shutdown)
+            let discovery = ConsulDiscovery::new(*addr).with_token(token.cloned());
+            follow(tasks, discovery, publisher, shutdown)
         }
         CatalogSource::Etcd { endpoints, prefix } => {
             let discovery = EtcdDiscovery {
@@ -306,6 +321,7 @@ pub async fn start(
                 data_dir: data_dir.clone(),
                 node_name: settings.node_name.clone(),
                 node_address: settings.node_address,
+                token: settings.tokens.registry.clone(),
             };
             let handle = registry::spawn(listener, config, shutdown.clone()).await?;
             let (publisher, subscriber) = catalog::channel();
@@ -313,7 +329,12 @@ pub async fn start(
             registry_handle = Some(handle);
             (name, subscriber)
         }
-        other => follow_catalog(other, &mut tasks, &shutdown),
+        other => follow_catalog(
+            other,
+            settings.tokens.registry.as_ref(),
+            &mut tasks,
+            &shutdown,
+        ),
     };
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
     let first = tokio::select! {
@@ -367,7 +388,8 @@ pub async fn start(
     };
     match &settings.catalog {
         CatalogSource::Consul(addr) => {
-            let client = crate::registry::client::RegistryClient::new(*addr);
+            let client = crate::registry::client::RegistryClient::new(*addr)
+                .with_token(settings.tokens.registry.clone());
             tasks.spawn(registration::run(
                 client,
                 node,
@@ -377,7 +399,8 @@ pub async fn start(
         }
         CatalogSource::Embedded { .. } => {
             if let Some(addr) = registry {
-                let client = crate::registry::client::RegistryClient::new(addr);
+                let client = crate::registry::client::RegistryClient::new(addr)
+                    .with_token(settings.tokens.registry.clone());
                 tasks.spawn(registration::run(
                     client,
                     node,
@@ -464,7 +487,8 @@ pub async fn start(
             source_name.clone(),
             metrics.clone(),
             explainer,
-        );
+        )
+        .with_token(settings.tokens.admin.clone());
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());

@@ -61,6 +61,8 @@ pub struct Settings {
     pub resilience: Resilience,
     /// The access log.
     pub access: crate::access::Settings,
+    /// The admin listener's bearer token, and the registry token sent to the catalog.
+    pub tokens: agent::Tokens,
 }
 
 /// How a Skyline service name becomes a Kubernetes Service name and port.
@@ -151,7 +153,8 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::C
     if host.len() <= suffix_len {
         return None;
     }
-    let (head, tail) = host.split_at(host.len() - suffix_len);
+    // Not `split_at`: a non-ASCII host (from `/explain?url=`) may put the cut inside a char.
+    let (head, tail) = host.split_at_checked(host.len() - suffix_len)?;
     let (svc, tail) = tail.split_at_checked(".svc.".len())?;
     if !svc.eq_ignore_ascii_case(".svc.") || !tail.eq_ignore_ascii_case(domain) {
         return None;
@@ -169,11 +172,20 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::C
     ServiceName::is_valid(&name).then_some(name)
 }
 
-/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query.
+/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query. A target
+/// without a path (`http://web.ns.svc.cluster.local?x=1`, `*`) gets `/`, and keeps its query.
 pub fn skyline_target(name: &str, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, MeshError> {
     let rest = pq.map_or("/", |pq| pq.as_str());
-    let rest = if rest.starts_with('/') { rest } else { "/" };
-    PathAndQuery::from_maybe_shared(Bytes::from(format!("/service/{name}{rest}")))
+    let target = if rest.starts_with('/') {
+        format!("/service/{name}{rest}")
+    } else {
+        // Found by the fuzz target `bridge_rewrite`: the query was dropped here.
+        match pq.and_then(PathAndQuery::query) {
+            Some(query) => format!("/service/{name}/?{query}"),
+            None => format!("/service/{name}/"),
+        }
+    };
+    PathAndQuery::from_maybe_shared(Bytes::from(target))
         .map_err(|_| MeshError::bad_request("invalid request target"))
 }
 
@@ -432,6 +444,7 @@ impl Proxy for Bridge {
 pub struct BridgeAdmin {
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
+    token: Option<crate::config::token::Token>,
 }
 
 impl BridgeAdmin {
@@ -467,6 +480,9 @@ impl Handler for BridgeAdmin {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
+            return refusal;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
@@ -547,7 +563,12 @@ pub async fn spawn_on(
     let mut tasks = JoinSet::new();
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
-            let (source_name, subscriber) = agent::follow_catalog(source, &mut tasks, &shutdown);
+            let (source_name, subscriber) = agent::follow_catalog(
+                source,
+                settings.tokens.registry.as_ref(),
+                &mut tasks,
+                &shutdown,
+            );
             if let Err(error) = agent::first_snapshot(subscriber.clone()).await {
                 shutdown.cancel();
                 return Err(AgentError::Catalog { source_name, error }.into());
@@ -593,6 +614,7 @@ pub async fn spawn_on(
         let handler = BridgeAdmin {
             metrics: metrics.clone(),
             catalog,
+            token: settings.tokens.admin.clone(),
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }
@@ -645,6 +667,14 @@ mod tests {
             "a.b.svc.example.com",
             "A_.b.svc.cluster.local",
             ".b.svc.cluster.local",
+        ] {
+            assert_eq!(cluster_service(other, d), None, "{other}");
+        }
+        // Found by the fuzz target `bridge_rewrite`: a cut inside a multi-byte char panicked.
+        for other in [
+            "a.b\u{e9}svc.cluster.local",
+            "a.b.svc.cluster.loca\u{e9}",
+            "\u{e9}",
         ] {
             assert_eq!(cluster_service(other, d), None, "{other}");
         }
@@ -702,6 +732,26 @@ mod tests {
             assert_eq!(names.protocol("giphy", &json), expected);
             assert_eq!(names.protocol("giphy", &grpc), expected);
         }
+    }
+
+    #[test]
+    fn a_cluster_request_without_a_path_keeps_its_query() {
+        for (given, expected) in [
+            ("?q=cat", "/service/web/?q=cat"),
+            ("?*", "/service/web/?*"),
+            ("*", "/service/web/"),
+        ] {
+            let pq: PathAndQuery = given.parse().unwrap();
+            assert_eq!(
+                skyline_target("web", Some(&pq)).unwrap().as_str(),
+                expected,
+                "{given}"
+            );
+        }
+        assert_eq!(
+            skyline_target("web", None).unwrap().as_str(),
+            "/service/web/"
+        );
     }
 
     proptest! {

@@ -94,6 +94,8 @@ pub struct Settings {
     pub resilience: Resilience,
     /// The access log (read at start; a reload keeps it).
     pub access: crate::access::Settings,
+    /// The admin listener's bearer token, and the registry token sent to the catalog and KV.
+    pub tokens: agent::Tokens,
 }
 
 // === Table ===
@@ -771,12 +773,16 @@ pub struct GatewayAdmin {
     gateway: Arc<Gateway>,
     catalog: Subscriber,
     metrics: Arc<Metrics>,
+    token: Option<crate::config::token::Token>,
 }
 
 impl Handler for GatewayAdmin {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
+            return refusal;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => {
@@ -852,7 +858,12 @@ pub async fn spawn_on(
     inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
     let metrics = Metrics::new();
-    let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);
+    let (source_name, subscriber) = agent::follow_catalog(
+        &settings.catalog,
+        settings.tokens.registry.as_ref(),
+        &mut tasks,
+        &shutdown,
+    );
     let snapshot = match agent::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
         Err(error) => {
@@ -865,6 +876,7 @@ pub async fn spawn_on(
         Some(kv) => {
             tasks.spawn(watch_kv_routes(
                 kv,
+                settings.tokens.registry.clone(),
                 settings.upstreams.clone(),
                 settings.default_hold,
                 kv_tx,
@@ -940,7 +952,14 @@ pub async fn spawn_on(
     }
     if let Some(kv) = settings.kv {
         let id = answers::gateway_id(addr);
-        tasks.spawn(answers::publish(kv, gateway.clone(), id, shutdown.clone()));
+        let client = crate::registry::client::RegistryClient::new(kv)
+            .with_token(settings.tokens.registry.clone());
+        tasks.spawn(answers::publish(
+            client,
+            gateway.clone(),
+            id,
+            shutdown.clone(),
+        ));
     }
     tasks.spawn(serve::serve_recorded(
         listener,
@@ -954,6 +973,7 @@ pub async fn spawn_on(
             gateway: gateway.clone(),
             catalog: subscriber,
             metrics: metrics.clone(),
+            token: settings.tokens.admin.clone(),
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }
@@ -1053,6 +1073,7 @@ pub async fn watch_file_routes(
 /// `metrics` as a reload, accepted or refused (the policies found at start do not).
 pub async fn watch_kv_routes(
     address: SocketAddr,
+    token: Option<crate::config::token::Token>,
     upstreams: BTreeMap<String, Upstream>,
     default_hold: Duration,
     tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
@@ -1071,7 +1092,7 @@ pub async fn watch_kv_routes(
             format!("http://{address}/v1/kv/{KV_ROUTES_PREFIX}?recurse&index={index}&wait=30s");
         let answer = tokio::select! {
             () = shutdown.cancelled() => return,
-            a = tokio::time::timeout(Duration::from_secs(40), kv_get(&client, &uri)) => a,
+            a = tokio::time::timeout(Duration::from_secs(40), kv_get(&client, &uri, token.as_ref())) => a,
         };
         let (new_index, entries) = match answer {
             Ok(Ok(answer)) => answer,
@@ -1139,10 +1160,13 @@ pub async fn watch_kv_routes(
 async fn kv_get(
     client: &Client<HttpConnector, Empty<Bytes>>,
     uri: &str,
+    token: Option<&crate::config::token::Token>,
 ) -> Result<(u64, BTreeMap<String, String>), String> {
-    let req = Request::get(uri)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+    let mut req = Request::get(uri);
+    if let Some(token) = token {
+        req = req.header("x-consul-token", token.expose());
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let index = resp

@@ -30,6 +30,9 @@
 //! - [`demo`]: the `hello` and `echo` demo applications; [`demo::migration`] is
 //!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine (in network
 //!   namespaces when root, else on loopback addresses).
+//! - [`fuzz`]: the entry points of the fuzz targets in `fuzz/` (the HTTP/1 guard, Skyline URLs,
+//!   the bridge's rewrites, the registry's JSON bodies, config files, route policies), also
+//!   replayed over the seed corpus by a stable test.
 //! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
 //!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
 //! - [`migrate`]: `skyline migrate`, the migration autopilot: moves a service's gateway split
@@ -72,6 +75,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod fuzz;
 pub mod gateway;
 pub mod metrics;
 pub mod migrate;

@@ -182,6 +182,7 @@ fn main() -> ExitCode {
                 );
             }
             Command::Registry(args) => {
+                let token = args.token()?;
                 let mut inherited = inherited;
                 let listener = skyline::agent::listen_at(&mut inherited, "registry", args.listen)?;
                 inherited.finish(&["registry"])?;
@@ -189,6 +190,7 @@ fn main() -> ExitCode {
                     data_dir: args.data_dir,
                     node_name: args.node_name,
                     node_address: args.node_address,
+                    token,
                 };
                 let registry = skyline::registry::spawn(listener, config, shutdown).await?;
                 registry.join().await;

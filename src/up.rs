@@ -169,6 +169,7 @@ async fn start(
         resilience: Default::default(),
         services: Vec::new(),
         access: Default::default(),
+        tokens: Default::default(),
     };
     let agent = agent::spawn(settings, shutdown.clone()).await?;
     let (Some(registry), Some(inbound)) = (agent.registry, agent.inbound) else {

@@ -29,8 +29,8 @@ use crate::access::{self, AccessArgs, LogSection};
 use crate::agent::CatalogSource;
 use crate::config::reference::{Section, Value};
 use crate::config::{
-    ConfigError, DEFAULT_ADMIN, Listen, RESILIENCE_KEYS, ResilienceSection, Source, file_only, key,
-    resilience,
+    ConfigError, DEFAULT_ADMIN, Listen, RESILIENCE_KEYS, ResilienceSection, Source, TokenArgs,
+    file_only, key, resilience,
 };
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
@@ -93,6 +93,9 @@ pub struct BridgeArgs {
 
     #[command(flatten)]
     pub access: AccessArgs,
+
+    #[command(flatten)]
+    pub tokens: TokenArgs,
 }
 
 /// Every key of the bridge's file (see [`crate::config::reference`]).
@@ -114,6 +117,24 @@ pub const FILE: &[Section] = &[
                 "admin",
                 "address or `\"off\"`",
                 Value::Default("\"127.0.0.1:5050\""),
+            ),
+            key(
+                "admin_token_file",
+                "admin_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/admin.token\"",
+                    default: "no token",
+                },
+            ),
+            key(
+                "token_file",
+                "registry_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/registry.token\"",
+                    default: "no token",
+                },
             ),
             key(
                 "dns",
@@ -239,6 +260,8 @@ struct FileConfig {
 struct BridgeSection {
     listen: Option<Spanned<Vec<SocketAddr>>>,
     admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
+    token_file: Option<Spanned<PathBuf>>,
     dns: Option<SocketAddr>,
     template: Option<Spanned<String>>,
     namespace: Option<String>,
@@ -355,7 +378,14 @@ impl BridgeArgs {
         if listen.is_empty() {
             return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }
+        let tokens = self.tokens.resolve(
+            &src,
+            ("bridge.admin_token_file", &b.admin_token_file),
+            ("bridge.token_file", &b.token_file),
+            admin.addr(),
+        )?;
         Ok(Settings {
+            tokens,
             listen,
             admin: admin.addr(),
             dns: self.dns.or(b.dns).unwrap_or_else(system_dns),

@@ -112,7 +112,7 @@ pub async fn services(
     out: &mut dyn Write,
     notes: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let client = RegistryClient::new(args.registry);
+    let client = RegistryClient::from_env(args.registry);
     let mut objects = Vec::new();
     for (name, instances) in catalog(&client).await? {
         let on_kubernetes = instances.iter().any(|e| {

@@ -40,7 +40,7 @@ use crate::agent::CatalogSource;
 use crate::config::reference::{DURATION, Section, Value};
 use crate::config::{
     ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, RESILIENCE_KEYS, ResilienceSection,
-    Source, file_only, key, resilience,
+    Source, TokenArgs, file_only, key, resilience,
 };
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
@@ -91,6 +91,9 @@ pub struct GatewayArgs {
 
     #[command(flatten)]
     pub access: AccessArgs,
+
+    #[command(flatten)]
+    pub tokens: TokenArgs,
 }
 
 /// Every key of the gateway's file (see [`crate::config::reference`]).
@@ -113,6 +116,15 @@ pub const FILE: &[Section] = &[
                 "address or `\"off\"`",
                 Value::Default("\"127.0.0.1:5050\""),
             ),
+            key(
+                "admin_token_file",
+                "admin_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/admin.token\"",
+                    default: "no token",
+                },
+            ),
         ],
     },
     Section {
@@ -132,6 +144,15 @@ pub const FILE: &[Section] = &[
                 "consul",
                 "address",
                 Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "token_file",
+                "registry_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/registry.token\"",
+                    default: "no token",
+                },
             ),
             key(
                 "file",
@@ -324,6 +345,7 @@ struct FileConfig {
 struct ListenSection {
     gateway: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -332,6 +354,7 @@ struct CatalogSection {
     source: Option<Spanned<String>>,
     file: Option<PathBuf>,
     consul: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -466,7 +489,14 @@ impl GatewayArgs {
             (CatalogSource::Consul(addr), None | Some(true)) => Some(*addr),
             _ => None,
         };
+        let tokens = self.tokens.resolve(
+            &src,
+            ("listen.admin_token_file", &file.listen.admin_token_file),
+            ("catalog.token_file", &file.catalog.token_file),
+            admin.addr(),
+        )?;
         Ok(Settings {
+            tokens,
             resilience,
             listen,
             admin: admin.addr(),

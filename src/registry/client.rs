@@ -12,6 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::config::token::Token;
+
 /// How long one call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +41,8 @@ pub enum ClientError {
 pub struct RegistryClient {
     addr: SocketAddr,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// Sent as `X-Consul-Token` on every call.
+    token: Option<Token>,
 }
 
 impl RegistryClient {
@@ -46,7 +50,29 @@ impl RegistryClient {
         Self {
             addr,
             http: Client::builder(TokioExecutor::new()).build_http(),
+            token: None,
         }
+    }
+
+    /// A client for the command-line tools (`skyline services`, `register`, `migrate`, ...):
+    /// with the token of `SKYLINE_REGISTRY_TOKEN` when it is set (as Consul's CLI takes
+    /// `CONSUL_HTTP_TOKEN`); an invalid one is reported and not sent.
+    pub fn from_env(addr: SocketAddr) -> Self {
+        let token = std::env::var("SKYLINE_REGISTRY_TOKEN")
+            .ok()
+            .and_then(|text| {
+                Token::new(&text)
+                    .inspect_err(|reason| tracing::warn!(%reason, "SKYLINE_REGISTRY_TOKEN ignored"))
+                    .ok()
+            });
+        Self::new(addr).with_token(token)
+    }
+
+    /// Sends `token` as `X-Consul-Token` on every call (a token-protected registry or Consul).
+    #[must_use]
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -102,14 +128,16 @@ impl RegistryClient {
         body: Bytes,
     ) -> Result<(Bytes, http::HeaderMap), ClientError> {
         let addr = self.addr;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|_| ClientError::Body {
-                path: path.to_owned(),
-            })?;
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            req = req.header("x-consul-token", token.expose());
+        }
+        let req = req.body(Full::new(body)).map_err(|_| ClientError::Body {
+            path: path.to_owned(),
+        })?;
         let response = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| ClientError::Timeout { addr })?

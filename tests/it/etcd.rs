@@ -259,6 +259,7 @@ async fn start_agent(
         resilience: Default::default(),
         access: skyline::access::Settings::off(),
         services,
+        tokens: Default::default(),
     };
     let listeners = Listeners::bind(&settings).unwrap();
     agent::start(settings, listeners, CancellationToken::new())

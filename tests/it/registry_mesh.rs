@@ -26,6 +26,7 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         resilience: Default::default(),
         access: skyline::access::Settings::off(),
         services: Vec::new(),
+        tokens: Default::default(),
     }
 }
 

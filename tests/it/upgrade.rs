@@ -443,6 +443,7 @@ impl ClusterPath {
                 max_hops: 8,
                 resilience: Default::default(),
                 access: skyline::access::Settings::off(),
+                tokens: Default::default(),
             },
             CancellationToken::new(),
         )
@@ -474,6 +475,7 @@ impl ClusterPath {
                 reload: None,
                 resilience: Default::default(),
                 access: skyline::access::Settings::off(),
+                tokens: Default::default(),
             },
             CancellationToken::new(),
         )

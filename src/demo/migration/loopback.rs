@@ -174,6 +174,7 @@ impl Loopback {
                 resilience: Default::default(),
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
+                tokens: Default::default(),
             },
             stop.clone(),
         )
@@ -220,6 +221,7 @@ impl Loopback {
                 resilience: Default::default(),
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
+                tokens: Default::default(),
             },
             stop.clone(),
         )
@@ -279,6 +281,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         resilience: Default::default(),
         services: Vec::new(),
         access: crate::access::Settings::off(),
+        tokens: Default::default(),
     }
 }
 
