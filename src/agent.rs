@@ -210,6 +210,9 @@ pub struct AgentHandle {
     /// new ones and deregisters the ones left out (SIGHUP does).
     pub declared: Arc<watch::Sender<Vec<registration::Declared>>>,
     registry_handle: Option<RegistryHandle>,
+    /// Stops the embedded registry (when dropped): after the agent's own tasks, so that the
+    /// registration can still deregister this node's services from it.
+    registry_stop: Option<tokio_util::sync::DropGuard>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -222,10 +225,11 @@ impl AgentHandle {
 
     /// Waits until every task of the agent has finished.
     pub async fn join(mut self) {
+        crate::serve::join_all(&mut self.tasks).await;
+        drop(self.registry_stop.take());
         if let Some(registry) = self.registry_handle.take() {
             registry.join().await;
         }
-        crate::serve::join_all(&mut self.tasks).await;
     }
 }
 
@@ -309,6 +313,10 @@ pub async fn start(
 ) -> Result<AgentHandle, AgentError> {
     let mut tasks = JoinSet::new();
     let mut registry_handle = None;
+    // The embedded registry outlives the agent's tasks (see `AgentHandle::join`); it stops when
+    // the agent does, or when this start fails.
+    let registry_stop = CancellationToken::new();
+    let stop_registry = registry_stop.clone().drop_guard();
     let (source_name, subscriber) = match &settings.catalog {
         CatalogSource::Embedded { data_dir, .. } => {
             let Some(listener) = listeners.registry.take() else {
@@ -323,7 +331,7 @@ pub async fn start(
                 node_address: settings.node_address,
                 token: settings.tokens.registry.clone(),
             };
-            let handle = registry::spawn(listener, config, shutdown.clone()).await?;
+            let handle = registry::spawn(listener, config, registry_stop.clone()).await?;
             let (publisher, subscriber) = catalog::channel();
             let name = follow(&mut tasks, handle.discovery(), publisher, &shutdown);
             registry_handle = Some(handle);
@@ -345,6 +353,7 @@ pub async fn start(
         Ok(snapshot) => snapshot,
         Err(error) => {
             shutdown.cancel();
+            registry_stop.cancel();
             // The registry's files are closed before the caller hears of the failure.
             if let Some(registry) = registry_handle {
                 registry.join().await;
@@ -511,6 +520,7 @@ pub async fn start(
         registry,
         declared: Arc::new(declared),
         registry_handle,
+        registry_stop: Some(stop_registry),
         shutdown,
         tasks,
     })

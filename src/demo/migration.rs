@@ -372,9 +372,9 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
     );
     let via_gateway = Arc::new(Counts::default());
     site.start_gateway_load(via_gateway.clone()).await?;
-    let registry = site.registry().addr();
+    let registry = site.registry().clone();
     let (result, broken, direct) =
-        autopilot(out, &via_gateway, &counts, &mut second, registry, None).await;
+        autopilot(out, &via_gateway, &counts, &mut second, &registry, None).await;
     if result.is_ok() {
         say(
             out,
@@ -395,7 +395,7 @@ async fn scenario<S: Site>(site: &mut S, out: &mut dyn Write) -> Result<(), Demo
         &via_gateway,
         &counts,
         &mut second,
-        registry,
+        &registry,
         Some(AUTOPILOT_SHADOW),
     )
     .await;
@@ -499,7 +499,7 @@ async fn autopilot(
     counts: &Counts,
     direct: &Counts,
     second: &mut u64,
-    registry: SocketAddr,
+    registry: &RegistryClient,
     shadow: Option<u32>,
 ) -> (Result<(), MigrateError>, Stretch, Stretch) {
     let args = MigrateArgs {
@@ -508,7 +508,8 @@ async fn autopilot(
             service: Some("giphy".into()),
             to: Some("kubernetes".into()),
             from: None,
-            registry,
+            registry: registry.addr(),
+            token: registry.token().cloned(),
             steps: AUTOPILOT_STEPS.into(),
             step_time: format!("{}s", AUTOPILOT_STEP_TIME.as_secs()),
             max_error_rate: "1%".into(),

@@ -26,6 +26,7 @@ use super::{
     parse_steps,
 };
 use crate::catalog::ServiceName;
+use crate::config::token::Token;
 use crate::config::{DEFAULT_REGISTRY, parse_duration_setting};
 use crate::gateway::KV_ROUTES_PREFIX;
 use crate::gateway::answers::{
@@ -94,6 +95,11 @@ pub struct DriveArgs {
     /// compare the copies' status class with the answers, discard them (no caller sees one)
     #[arg(long, value_name = "PERCENT")]
     pub shadow: Option<String>,
+
+    /// The registry's token, given by a program that drives a migration itself (the demo);
+    /// the command takes `SKYLINE_REGISTRY_TOKEN`.
+    #[arg(skip)]
+    pub token: Option<Token>,
 }
 
 #[derive(clap::Subcommand, Clone, Debug)]
@@ -208,10 +214,13 @@ fn not_found(e: &ClientError) -> bool {
 }
 
 impl Kv {
-    fn new(addr: SocketAddr) -> Self {
-        Self {
-            client: RegistryClient::from_env(addr),
-        }
+    /// The KV of the registry at `addr`, with `token`, or else `SKYLINE_REGISTRY_TOKEN`'s.
+    fn new(addr: SocketAddr, token: Option<Token>) -> Self {
+        let client = match token {
+            Some(token) => RegistryClient::new(addr).with_token(Some(token)),
+            None => RegistryClient::from_env(addr),
+        };
+        Self { client }
     }
 
     async fn list(&self, prefix: &str) -> Result<BTreeMap<String, Entry>, MigrateError> {
@@ -598,8 +607,9 @@ async fn drive(
     shutdown: CancellationToken,
     out: &mut impl Write,
 ) -> Result<(), MigrateError> {
+    let token = args.token.clone();
     let plan = plan(args)?;
-    let kv = Kv::new(plan.registry);
+    let kv = Kv::new(plan.registry, token);
     let lock = Lock::take(&kv, &plan.service).await?;
     let result = drive_locked(&kv, &plan, &lock.lost, &shutdown, out).await;
     lock.release().await;
@@ -890,7 +900,7 @@ async fn control(
     what: Control,
     out: &mut impl Write,
 ) -> Result<(), MigrateError> {
-    let kv = Kv::new(args.registry);
+    let kv = Kv::new(args.registry, None);
     let service = valid_service(&args.service)?;
     for _ in 0..CONTROL_TRIES {
         let Some((index, record)) = kv.record(service).await? else {
@@ -943,7 +953,7 @@ async fn control(
 }
 
 async fn status(args: ControlArgs, out: &mut impl Write) -> Result<(), MigrateError> {
-    let kv = Kv::new(args.registry);
+    let kv = Kv::new(args.registry, None);
     let service = valid_service(&args.service)?;
     let Some((_, record)) = kv.record(service).await? else {
         return Err(usage(format!("no migration of {service}")));

@@ -75,6 +75,11 @@ impl RegistryClient {
         self
     }
 
+    /// The token this client sends, if any.
+    pub fn token(&self) -> Option<&Token> {
+        self.token.as_ref()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

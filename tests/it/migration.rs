@@ -306,6 +306,8 @@ struct Scenario {
     registry: RegistryClient,
     /// Every skyline process logs at info (the logs explain a failure).
     skyline_env: Vec<(&'static str, String)>,
+    /// The lab's registry and admin token.
+    token: String,
 }
 
 impl Scenario {
@@ -315,12 +317,12 @@ impl Scenario {
             .enable_all()
             .build()
             .unwrap();
-        let registry = Mesh {
+        let mesh = Mesh {
             lab: &lab,
             exe: SKYLINE,
             env: &[],
-        }
-        .registry();
+        };
+        let (registry, token) = (mesh.registry(), mesh.token());
         Self {
             lab,
             exe: std::env::current_exe()
@@ -328,7 +330,8 @@ impl Scenario {
                 .to_string_lossy()
                 .into_owned(),
             runtime,
-            registry: RegistryClient::new(registry),
+            registry: RegistryClient::new(registry).with_token(Some(token.clone())),
+            token: token.expose().to_owned(),
             skyline_env: vec![("SKYLINE_LOG", "info".to_owned())],
         }
     }
@@ -348,12 +351,18 @@ impl Scenario {
             .unwrap_or_else(|e| panic!("{}", skyline::error_chain(&e)))
     }
 
+    /// `curl` in `node`, with the lab's token (the registry and admin listeners want it).
     fn curl(&self, node: Node, method: &str, url: &str, body: &str) -> String {
+        let consul = format!("X-Consul-Token: {}", self.token);
+        let bearer = format!("Authorization: Bearer {}", self.token);
         self.lab
             .output(
                 node.name,
                 "curl",
-                &["-s", "-m", "5", "-X", method, "--data", body, url],
+                &[
+                    "-s", "-m", "5", "-H", &consul, "-H", &bearer, "-X", method, "--data", body,
+                    url,
+                ],
                 Duration::from_secs(8),
             )
             .unwrap()

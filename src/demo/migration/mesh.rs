@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 
 use super::{HttpClient, Placement};
+use crate::config::token::Token;
 use crate::netns::{Lab, LabError, ProcId};
 
 /// A node of the scenario: its name in the lab and its host number on the lab's subnet.
@@ -110,6 +111,20 @@ impl Mesh<'_> {
     /// Where the registry listens (on [`GW`]).
     pub fn registry(&self) -> SocketAddr {
         SocketAddr::new(self.ip(GW), REGISTRY_PORT)
+    }
+
+    /// The token of the lab's registry and admin listeners, which listen on the lab's subnet
+    /// (not loopback) and so require one: made from the lab's own folder name, the same for
+    /// every process and every `Mesh` of one lab (the subnet is reachable from this host only).
+    pub fn token(&self) -> Token {
+        let dir = self.lab.dir().file_name().unwrap_or_default();
+        let name: String = dir
+            .to_string_lossy()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        Token::new(&format!("skyline-demo-{name}"))
+            .unwrap_or_else(|_| unreachable!("letters and digits make a token"))
     }
 
     /// Where `node`'s admin listener is (the gateway's, a bridge's or an agent's).
@@ -270,7 +285,11 @@ impl Mesh<'_> {
 
     /// `skyline args` in `node` as process `name`, with [`Mesh::env`].
     fn skyline(&self, name: &str, node: Node, args: &[&str]) -> Result<ProcId, MeshError> {
-        self.spawn(name, node, self.exe, args, self.env)
+        let token = self.token().expose().to_owned();
+        let mut env = self.env.to_vec();
+        env.push(("SKYLINE_REGISTRY_TOKEN", token.clone()));
+        env.push(("SKYLINE_ADMIN_TOKEN", token));
+        self.spawn(name, node, self.exe, args, &env)
     }
 
     /// Starts `program args` in `node` as process `name` (its log: `<lab>/<name>.log`).
@@ -304,7 +323,10 @@ impl Mesh<'_> {
         let http = super::http_client();
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
-            if get(&http, url).await.is_some_and(|body| check(&body)) {
+            if get(&http, url, &self.token())
+                .await
+                .is_some_and(|body| check(&body))
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -340,9 +362,17 @@ pub fn wait_for_line(lines: &mpsc::Receiver<String>, line: &str, timeout: Durati
     false
 }
 
-/// The body of a 200 answer to `GET url`, if any within two seconds.
-async fn get(http: &HttpClient, url: &str) -> Option<bytes::Bytes> {
-    let req = http::Request::get(url).body(Full::default()).ok()?;
+/// The body of a 200 answer to `GET url` (with the lab's token, which the registry and admin
+/// listeners want), if any within two seconds.
+async fn get(http: &HttpClient, url: &str, token: &Token) -> Option<bytes::Bytes> {
+    let req = http::Request::get(url)
+        .header("x-consul-token", token.expose())
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.expose()),
+        )
+        .body(Full::default())
+        .ok()?;
     tokio::time::timeout(Duration::from_secs(2), async {
         let resp = http.request(req).await.ok()?;
         if resp.status() != http::StatusCode::OK {

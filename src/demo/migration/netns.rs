@@ -115,7 +115,7 @@ impl Namespaces {
             exe: &exe,
             env: &[],
         };
-        let registry = RegistryClient::new(mesh.registry());
+        let registry = RegistryClient::new(mesh.registry()).with_token(Some(mesh.token()));
         let giphy_on_mesos = mesh.placement(M2, "giphy", GIPHY_PORT, "mesos");
         let banner = banner(&mesh);
         Self {
@@ -243,13 +243,14 @@ fn banner(mesh: &Mesh<'_>) -> String {
     format!(
         "Skyline migration demo in network namespaces, one per node on {}/24, each part a process: registry {}, gateway {}, bridge {}, cluster DNS (dnsmasq) {}.\n\
          Mesos node m1 ({}) calls http://localhost:5040/service/giphy/media {RATE} times a second.\n\
-         Look on while it runs: curl http://{}/routes (the gateway's choice per service).",
+         Look on while it runs: curl -H 'Authorization: Bearer {}' http://{}/routes (the gateway's choice per service).",
         mesh.lab.ip(0),
         mesh.registry(),
         mesh.inbound(GW),
         mesh.inbound(K1),
         mesh.dns(DNS),
         mesh.ip(M1),
+        mesh.token().expose(),
         mesh.admin(GW),
     )
 }
