@@ -117,8 +117,9 @@ fn route_lines(out: &mut String, name: &str, route: &Value) {
         if let Some(latency) = s["latency_ms"].as_f64().filter(|&l| l > 0.0) {
             state.push(format!("latency {latency:.2} ms"));
         }
-        if e["h2c"] == true {
-            state.push("h2c".to_owned());
+        // What it speaks, when not only HTTP/1.1: `h2c` (an instance), `both` (a proxy).
+        if let Some(protocol) = e["protocol"].as_str().filter(|&p| p != "http1") {
+            state.push(protocol.to_owned());
         }
         if state.is_empty() {
             state.push("ok".to_owned());
@@ -142,7 +143,7 @@ mod tests {
             "version": 3,
             "outbound": {
                 "web": {"observed": "up", "endpoints": [
-                    {"addr": "10.0.0.2:5041", "weight": 1, "h2c": true, "state": {"ejected": false, "failures": 0, "pending": 0, "latency_ms": 0.5, "probe_down": false}},
+                    {"addr": "10.0.0.2:5041", "weight": 1, "protocol": "h2c", "state": {"ejected": false, "failures": 0, "pending": 0, "latency_ms": 0.5, "probe_down": false}},
                     {"addr": "10.0.0.3:5041", "weight": 2, "state": {"ejected": true, "failures": 5, "pending": 0, "latency_ms": 0.0, "probe_down": false}}
                 ]},
                 "idle": {"observed": "unreachable", "endpoints": []}
