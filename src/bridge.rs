@@ -36,6 +36,7 @@ use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
+use crate::tls::MeshTls;
 
 /// The catalog service of the gateway pool.
 pub const GATEWAY_SERVICE: &str = "skyline-gateway";
@@ -58,6 +59,9 @@ pub struct Settings {
     pub max_hops: u32,
     /// Timeouts, retries, balancing and ejection of the bridge's calls.
     pub resilience: Resilience,
+    /// Mesh TLS on the bridge's listeners (host port 5041; a Kubernetes Service port in
+    /// permissive mode takes plain requests from pods) and toward the gateways; `None`: off.
+    pub tls: Option<crate::tls::Settings>,
 }
 
 /// How a Skyline service name becomes a Kubernetes Service name and port.
@@ -197,10 +201,14 @@ impl Bridge {
         max_hops: u32,
         resilience: Resilience,
         metrics: Arc<Metrics>,
+        tls: Option<MeshTls>,
     ) -> Self {
         let gateways = (!gateways.is_empty()).then(|| {
             Arc::new(Route::new(
-                gateways.iter().map(|&a| Endpoint::new(a, 1)).collect(),
+                gateways
+                    .iter()
+                    .map(|&a| Endpoint::new(a, 1).with_mesh(true))
+                    .collect(),
             ))
         });
         Self {
@@ -210,7 +218,7 @@ impl Bridge {
                 gateways,
                 catalog,
                 catalog_gateways: Mutex::new(None),
-                forwarder: Forwarder::new(metrics),
+                forwarder: Forwarder::with_tls(metrics, tls),
                 resilience: Arc::new(resilience),
                 max_hops,
             }),
@@ -240,7 +248,7 @@ impl Bridge {
             .map_or(&[][..], |i| &i[..])
             .iter()
             .filter(|i| i.health == Health::Passing)
-            .map(|i| Endpoint::new(i.addr(), 1))
+            .map(|i| Endpoint::new(i.addr(), 1).with_mesh(true))
             .collect();
         let mut route = Route::new(up);
         if let Some((_, old)) = cached.as_ref() {
@@ -509,6 +517,8 @@ pub async fn spawn_on(
         .finish(&LISTENER_NAMES)
         .map_err(AgentError::from)?;
     let mut tasks = JoinSet::new();
+    let metrics = Metrics::new();
+    let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
             let (source_name, subscriber) = agent::follow_catalog(source, &mut tasks, &shutdown);
@@ -521,7 +531,6 @@ pub async fn spawn_on(
         _ => None,
     };
     let resolver = resolver(settings.dns).map_err(BridgeError::Resolver)?;
-    let metrics = Metrics::new();
     let bridge = Bridge::new(
         resolver,
         settings.names.clone(),
@@ -530,17 +539,22 @@ pub async fn spawn_on(
         settings.max_hops,
         settings.resilience.clone(),
         metrics.clone(),
+        tls.clone(),
     );
     let addrs: Vec<SocketAddr> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    // Mesh TLS on the first listener only, the host port where gateways connect; the others
+    // are Kubernetes Service ports, where pods speak plain HTTP (the application contract).
+    let mut tls = tls;
     for listener in listeners {
         let recorder = Recorder::new(Role::Bridge, metrics.clone());
-        tasks.spawn(serve::serve_recorded(
+        tasks.spawn(serve::serve_mesh(
             listener,
             bridge.clone(),
             recorder,
+            tls.take(),
             shutdown.clone(),
         ));
     }

@@ -48,6 +48,7 @@ use crate::routing::reach::Admit;
 use crate::routing::{Endpoint, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
+use crate::tls::MeshTls;
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
 use tiers::{Selector, SelectorView};
 
@@ -91,6 +92,8 @@ pub struct Settings {
     pub reload: Option<config::GatewayArgs>,
     /// Timeouts, retries, balancing and ejection of the gateway's calls.
     pub resilience: Resilience,
+    /// Mesh TLS on the gateway listener and toward inbound proxies and bridges; `None`: off.
+    pub tls: Option<crate::tls::Settings>,
 }
 
 // === Table ===
@@ -195,7 +198,10 @@ impl Table {
             .map(|(name, upstream)| {
                 let (endpoints, total) = match &upstream.pool {
                     Pool::Addresses(addrs) => (
-                        addrs.iter().map(|&a| Endpoint::new(a, 1)).collect(),
+                        addrs
+                            .iter()
+                            .map(|&a| Endpoint::new(a, 1).with_mesh(upstream.bridge))
+                            .collect(),
                         addrs.len(),
                     ),
                     Pool::Service(service) => {
@@ -204,7 +210,7 @@ impl Table {
                         let up = all
                             .iter()
                             .filter(|i| routable(i.health))
-                            .map(|i| Endpoint::new(i.addr(), i.weight))
+                            .map(|i| Endpoint::new(i.addr(), i.weight).with_mesh(upstream.bridge))
                             .collect();
                         (up, all.len())
                     }
@@ -236,7 +242,8 @@ impl Table {
                                 .into_iter()
                                 .filter_map(|(node, weight)| {
                                     let n = snapshot.nodes.get(node)?;
-                                    Some(Endpoint::new(n.inbound_addr(), weight))
+                                    // Another node's inbound proxy: a mesh hop.
+                                    Some(Endpoint::new(n.inbound_addr(), weight).with_mesh(true))
                                 })
                                 .collect::<Vec<_>>();
                             let passing = matching.iter().filter(|i| routable(i.health)).count();
@@ -355,11 +362,12 @@ impl Gateway {
         max_hops: u32,
         resilience: Resilience,
         metrics: Arc<Metrics>,
+        tls: Option<MeshTls>,
     ) -> Arc<Self> {
         let gateway = Arc::new(Self {
             table: ArcSwap::from_pointee(Table::default()),
             selectors: Mutex::new(HashMap::new()),
-            forwarder: Forwarder::new(metrics),
+            forwarder: Forwarder::with_tls(metrics, tls),
             resilience: ArcSwap::from_pointee(resilience),
             max_hops,
             shadow_client: Client::builder(TokioExecutor::new()).build_http(),
@@ -824,6 +832,7 @@ pub async fn spawn_on(
     inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
     let metrics = Metrics::new();
+    let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);
     let snapshot = match agent::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
@@ -864,6 +873,7 @@ pub async fn spawn_on(
         settings.max_hops,
         settings.resilience.clone(),
         metrics.clone(),
+        tls.clone(),
     );
     match settings.reload.clone() {
         Some(args) => {
@@ -908,10 +918,11 @@ pub async fn spawn_on(
         let id = answers::gateway_id(addr);
         tasks.spawn(answers::publish(kv, gateway.clone(), id, shutdown.clone()));
     }
-    tasks.spawn(serve::serve_recorded(
+    tasks.spawn(serve::serve_mesh(
         listener,
         GatewayHandler::new(gateway.clone()),
         Recorder::new(Role::Gateway, metrics.clone()),
+        tls,
         shutdown.clone(),
     ));
     if let Some(admin) = admin {

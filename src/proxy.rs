@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::routing::Route;
 use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
 use crate::serve::Conn;
+use crate::tls::MeshTls;
 use pool::{Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
 use resilience::{RETRY_BODY_LIMIT, Resilience};
 
@@ -418,6 +419,8 @@ pub struct Forwarder {
     h2: h2::H2Pool,
     /// The express lane's connections (see [`express`]).
     raw: express::RawPool,
+    /// Hops to mesh proxies are mTLS (see [`Forwarder::with_tls`]).
+    mesh_tls: bool,
     /// Where retries, spent budgets, ejections and panic routing are counted.
     metrics: Arc<Metrics>,
 }
@@ -430,12 +433,24 @@ impl Default for Forwarder {
 
 impl Forwarder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_tls(metrics, None)
+    }
+
+    /// A forwarder that speaks mesh TLS (when `tls`) to endpoints that are mesh proxies
+    /// ([`Endpoint::mesh`](crate::routing::Endpoint::mesh)); plain HTTP to the others.
+    pub fn with_tls(metrics: Arc<Metrics>, tls: Option<MeshTls>) -> Self {
         Self {
-            pool: Pool::new(POOL_IDLE_TIMEOUT),
-            h2: h2::H2Pool::default(),
+            pool: Pool::with_tls(POOL_IDLE_TIMEOUT, tls.clone()),
+            h2: h2::H2Pool::with_tls(tls.clone()),
             raw: express::RawPool::new(POOL_IDLE_TIMEOUT),
+            mesh_tls: tls.is_some(),
             metrics,
         }
+    }
+
+    /// Whether hops to mesh proxies are mTLS: the express lane (raw TCP) does not take them.
+    pub fn mesh_tls(&self) -> bool {
+        self.mesh_tls
     }
 
     /// Where this forwarder's counters go (a role may add its own there).
@@ -624,6 +639,7 @@ impl Forwarder {
         let limits = Limits {
             connect: policy.connect_timeout,
             idle: policy.idle_timeout,
+            mesh: false,
         };
         let fallback = upstream.fallback.map_or(&[][..], |f| f.routes);
         let hold = upstream.fallback.map_or(Duration::ZERO, |f| f.hold);
@@ -692,6 +708,10 @@ impl Forwarder {
                 h2c: endpoint.h2c,
             };
             let flight = endpoint.state.start_at(now_ns);
+            let limits = Limits {
+                mesh: endpoint.mesh,
+                ..limits
+            };
             let sent = exchange.send(endpoint.addr, headers, limits);
             let (retry, error) = match tokio::time::timeout_at(attempt_deadline, sent).await {
                 // A later hop sent it to no instance: as good as refused, when it can go again.

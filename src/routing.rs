@@ -140,7 +140,11 @@ impl Table {
             .filter_map(|(name, weight)| {
                 let n = snapshot.nodes.get(name)?;
                 // Every agent's inbound proxy takes h2c next to HTTP/1.1.
-                Some(Endpoint::new(n.inbound_addr(), weight).with_h2c(true))
+                Some(
+                    Endpoint::new(n.inbound_addr(), weight)
+                        .with_h2c(true)
+                        .with_mesh(true),
+                )
             })
             .collect();
         // Endpoint states (latency, ejections) and the retry budget carry over.
@@ -276,7 +280,7 @@ fn gateways(snapshot: &Snapshot, policy: Policy) -> Route {
         .map_or(&[][..], |i| &i[..])
         .iter()
         .filter(|i| policy.routable(i.health))
-        .map(|i| Endpoint::new(i.addr(), i.weight))
+        .map(|i| Endpoint::new(i.addr(), i.weight).with_mesh(true))
         .collect();
     Route::new(endpoints)
 }

@@ -52,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{Metrics, Role, ServiceLabel};
 use crate::proxy::express::{Head, Verdict};
 use crate::proxy::{MeshError, X_SKYLINE_ERROR};
+use crate::tls::{Accepted, MeshTls};
 use guard::{Guarded, Limits, Verdicts};
 
 /// How long a client may take to send a request head (slowloris protection).
@@ -235,7 +236,7 @@ impl Recorder {
 /// Serves `listener` with `handler` until `shutdown`, then drains in-flight requests for at
 /// most [`DRAIN_TIMEOUT`].
 pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: CancellationToken) {
-    serve_with(listener, handler, None, shutdown).await;
+    serve_with(listener, handler, None, None, shutdown).await;
 }
 
 /// [`serve`], recording every response (refusals of the framing guard included) in `recorder`.
@@ -245,13 +246,27 @@ pub async fn serve_recorded<H: Handler>(
     recorder: Recorder,
     shutdown: CancellationToken,
 ) {
-    serve_with(listener, handler, Some(recorder), shutdown).await;
+    serve_with(listener, handler, Some(recorder), None, shutdown).await;
+}
+
+/// [`serve_recorded`] for a listener of the mesh's proxies (inbound, gateway, bridge): with
+/// mesh TLS on (`tls`), each connection is taken by [`MeshTls::accept`] first (TLS, or plain
+/// in permissive mode).
+pub async fn serve_mesh<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    recorder: Recorder,
+    tls: Option<MeshTls>,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, handler, Some(recorder), tls, shutdown).await;
 }
 
 async fn serve_with<H: Handler>(
     listener: TcpListener,
     handler: H,
     recorder: Option<Recorder>,
+    tls: Option<MeshTls>,
     shutdown: CancellationToken,
 ) {
     let limits = Limits::default();
@@ -280,7 +295,7 @@ async fn serve_with<H: Handler>(
     // Cancelled when the drain ends: upgraded connections close then.
     let drained = CancellationToken::new();
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -304,9 +319,10 @@ async fn serve_with<H: Handler>(
         let http = http.clone();
         let h2 = h2.clone();
         let drained = drained.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _open = open;
-            let mut conn = Conn {
+            let conn = Conn {
                 peer,
                 peer_ip,
                 index: 0,
@@ -314,31 +330,23 @@ async fn serve_with<H: Handler>(
                 verdicts: Verdicts::default(),
                 drained,
             };
-            let mut rest = Vec::new();
-            if H::EXPRESS {
-                let lane = express::serve(
-                    &mut stream,
-                    &handler,
-                    &mut conn,
-                    recorder.as_ref(),
-                    &draining,
-                    &cancelled,
-                );
-                match lane.await {
-                    express::End::Closed => return,
-                    express::End::Handoff { rest: unread } => rest = unread,
-                    express::End::Http2 { rest } => {
-                        let io = express::Rewind::new(stream, rest);
-                        // Boxed: every connection task would otherwise carry its size.
-                        Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
-                        return;
-                    }
-                }
+            let served = Served {
+                http,
+                h2,
+                recorder,
+                draining,
+                cancelled,
+                limits,
+            };
+            let Some(tls) = tls else {
+                serve_connection(stream, conn, handler, served).await;
+                return;
+            };
+            match tls.accept(stream, peer).await {
+                Accepted::Tls(stream) => serve_connection(*stream, conn, handler, served).await,
+                Accepted::Plain(stream) => serve_connection(stream, conn, handler, served).await,
+                Accepted::Refused => {}
             }
-            // The guard numbers the requests it sees from 0.
-            let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
-            let conn = Conn { verdicts, ..conn };
-            serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
         });
     }
     draining.store(true, Ordering::Relaxed);
@@ -353,12 +361,70 @@ async fn serve_with<H: Handler>(
     drained.cancel();
 }
 
+/// What serving one connection needs besides its stream, its handler and its [`Conn`].
+struct Served {
+    http: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    recorder: Option<Recorder>,
+    draining: Arc<AtomicBool>,
+    cancelled: CancellationToken,
+    limits: Limits,
+}
+
+/// Serves one accepted connection (a TCP one, or TLS over it on a mesh listener): on the
+/// express lane first when the handler takes it, then with hyper.
+async fn serve_connection<H: Handler, S: Io>(
+    mut stream: S,
+    mut conn: Conn,
+    handler: H,
+    served: Served,
+) {
+    let Served {
+        http,
+        h2,
+        recorder,
+        draining,
+        cancelled,
+        limits,
+    } = served;
+    let mut rest = Vec::new();
+    if H::EXPRESS {
+        let lane = express::serve(
+            &mut stream,
+            &handler,
+            &mut conn,
+            recorder.as_ref(),
+            &draining,
+            &cancelled,
+        );
+        match lane.await {
+            express::End::Closed => return,
+            express::End::Handoff { rest: unread } => rest = unread,
+            express::End::Http2 { rest } => {
+                let io = express::Rewind::new(stream, rest);
+                // Boxed: every connection task would otherwise carry its size.
+                Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
+                return;
+            }
+        }
+    }
+    // The guard numbers the requests it sees from 0.
+    let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
+    let conn = Conn { verdicts, ..conn };
+    serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
+}
+
+/// A connection's byte stream: TCP, or TLS over TCP.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for S {}
+
 /// Serves a connection with hyper until it ends, draining on `cancelled`. `first` is the
 /// connection as the first request hyper serves will see it (the express lane may have served
 /// some before).
-async fn serve_hyper<H: Handler>(
+async fn serve_hyper<H: Handler, S: Io>(
     http: &http1::Builder,
-    io: Guarded<express::Rewind<tokio::net::TcpStream>>,
+    io: Guarded<express::Rewind<S>>,
     first: Conn,
     handler: H,
     recorder: Option<Recorder>,
@@ -422,9 +488,9 @@ async fn serve_hyper<H: Handler>(
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn serve_h2<H: Handler>(
+async fn serve_h2<H: Handler, S: Io>(
     http: &http2::Builder<TokioExecutor>,
-    io: express::Rewind<tokio::net::TcpStream>,
+    io: express::Rewind<S>,
     first: Conn,
     handler: H,
     recorder: Option<Recorder>,

@@ -203,6 +203,7 @@ pub const FILE: &[Section] = &[
         defaults_from: None,
         keys: RESILIENCE_KEYS,
     },
+    crate::config::TLS_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -215,6 +216,9 @@ struct FileConfig {
     /// Timeouts, retries, balancing and ejection of the bridge's calls (the agent's keys).
     #[serde(default)]
     resilience: ResilienceSection,
+    /// Mesh TLS (the agent's keys).
+    #[serde(default)]
+    tls: crate::config::TlsSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -321,7 +325,9 @@ impl BridgeArgs {
         if listen.is_empty() {
             return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }
+        let tls = crate::config::mesh_tls(&src, &file.tls)?;
         Ok(Settings {
+            tls,
             listen,
             admin: admin.addr(),
             dns: self.dns.or(b.dns).unwrap_or_else(system_dns),

@@ -292,6 +292,7 @@ pub const FILE: &[Section] = &[
             ),
         ],
     },
+    crate::config::TLS_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -310,6 +311,9 @@ struct FileConfig {
     /// Timeouts, retries, balancing and ejection of the gateway's calls (the agent's keys).
     #[serde(default)]
     resilience: ResilienceSection,
+    /// Mesh TLS (the agent's keys).
+    #[serde(default)]
+    tls: crate::config::TlsSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -458,7 +462,9 @@ impl GatewayArgs {
             (CatalogSource::Consul(addr), None | Some(true)) => Some(*addr),
             _ => None,
         };
+        let tls = crate::config::mesh_tls(&src, &file.tls)?;
         Ok(Settings {
+            tls,
             resilience,
             listen,
             admin: admin.addr(),

@@ -88,6 +88,10 @@ impl Proxy for Outbound {
         conn: &Conn,
         label: &mut Option<ServiceLabel>,
     ) -> Verdict {
+        // Hops over mesh TLS take hyper's path (the express lane's pool is raw TCP).
+        if self.inner.forwarder.mesh_tls() {
+            return Verdict::Decline;
+        }
         let path = path_of(head.target).0;
         let Ok(name) = service_of(path) else {
             return Verdict::Decline;

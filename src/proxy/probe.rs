@@ -20,13 +20,19 @@ use super::pool::{Limits, Pool};
 use super::resilience::{Probe, SharedPolicies};
 use crate::catalog::ServiceName;
 use crate::routing::{Endpoint, Route, Routes};
+use crate::tls::MeshTls;
 
 /// How often the prober looks for probes that are due.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Probes until `shutdown`.
-pub async fn run(routes: Arc<Routes>, policies: SharedPolicies, shutdown: CancellationToken) {
-    let pool = Pool::new(POOL_IDLE_TIMEOUT);
+/// Probes until `shutdown`; over mesh TLS (when `tls`) to other nodes' inbound proxies.
+pub async fn run(
+    routes: Arc<Routes>,
+    policies: SharedPolicies,
+    tls: Option<MeshTls>,
+    shutdown: CancellationToken,
+) {
+    let pool = Pool::with_tls(POOL_IDLE_TIMEOUT, tls);
     let mut due: HashMap<ServiceName, Instant> = HashMap::new();
     loop {
         tokio::select! {
@@ -106,6 +112,7 @@ async fn check(pool: &Pool, endpoint: &Endpoint, target: &str, probe: &Probe) ->
     let limits = Limits {
         connect: probe.timeout,
         idle: probe.timeout,
+        mesh: endpoint.mesh,
     };
     let answer = async {
         let response = pool.send(endpoint.addr, req, None, limits).await.ok()?;

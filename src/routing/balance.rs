@@ -312,6 +312,10 @@ pub struct Endpoint {
     /// came over HTTP/2 goes to it over HTTP/2 (see `proxy::h2`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub h2c: bool,
+    /// The endpoint is a mesh proxy (an inbound listener, a gateway, a bridge), not an
+    /// application: with mesh TLS on, hops to it are mTLS (see `tls`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mesh: bool,
     #[serde(serialize_with = "view_state")]
     pub state: Arc<EndpointState>,
 }
@@ -322,7 +326,10 @@ fn view_state<S: serde::Serializer>(state: &Arc<EndpointState>, s: S) -> Result<
 
 impl PartialEq for Endpoint {
     fn eq(&self, other: &Self) -> bool {
-        self.addr == other.addr && self.weight == other.weight && self.h2c == other.h2c
+        self.addr == other.addr
+            && self.weight == other.weight
+            && self.h2c == other.h2c
+            && self.mesh == other.mesh
     }
 }
 
@@ -338,6 +345,7 @@ impl Endpoint {
             host,
             weight,
             h2c: false,
+            mesh: false,
             state: Arc::default(),
         }
     }
@@ -345,6 +353,12 @@ impl Endpoint {
     /// This endpoint, speaking h2c when `h2c`.
     pub fn with_h2c(mut self, h2c: bool) -> Self {
         self.h2c = h2c;
+        self
+    }
+
+    /// This endpoint, a mesh proxy when `mesh`.
+    pub fn with_mesh(mut self, mesh: bool) -> Self {
+        self.mesh = mesh;
         self
     }
 }

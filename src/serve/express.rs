@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::guard::{HeadCheck, HeadProgress, HeadReader, Limits};
@@ -66,8 +65,8 @@ fn preface(buf: &[u8]) -> Preface {
 }
 
 /// Serves `stream` on the express lane until it ends or a request needs hyper.
-pub(super) async fn serve<H: Handler>(
-    stream: &mut TcpStream,
+pub(super) async fn serve<H: Handler, S: super::Io>(
+    stream: &mut S,
     handler: &H,
     conn: &mut Conn,
     recorder: Option<&Recorder>,
@@ -192,8 +191,8 @@ struct Wait<'a, 'c> {
 /// without sending. Once the drain starts, an idle connection has [`DRAIN_IDLE_GRACE`]. The
 /// connection's one timer is only moved when it fires early, so a request costs a clock read,
 /// not a timer.
-async fn read_head(
-    stream: &mut TcpStream,
+async fn read_head<S: super::Io>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
     wait: Wait<'_, '_>,

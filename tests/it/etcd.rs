@@ -257,6 +257,7 @@ async fn start_agent(
         policy: Policy::default(),
         workers: 1,
         resilience: Default::default(),
+        tls: None,
         services,
     };
     let listeners = Listeners::bind(&settings).unwrap();

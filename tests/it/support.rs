@@ -367,6 +367,7 @@ impl TestMeshBuilder {
                 workers: 1,
                 resilience: self.resilience.clone(),
                 services: Vec::new(),
+                tls: None,
             };
             let listeners = Listeners::bind(&settings).unwrap();
             let port = listeners

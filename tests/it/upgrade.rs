@@ -432,6 +432,7 @@ impl ClusterPath {
                 catalog: None,
                 max_hops: 8,
                 resilience: Default::default(),
+                tls: None,
             },
             CancellationToken::new(),
         )
@@ -462,6 +463,7 @@ impl ClusterPath {
                 include_warning: false,
                 reload: None,
                 resilience: Default::default(),
+                tls: None,
             },
             CancellationToken::new(),
         )

@@ -172,6 +172,7 @@ impl Loopback {
                 catalog: None,
                 max_hops: DEFAULT_MAX_HOPS,
                 resilience: Default::default(),
+                tls: None,
             },
             stop.clone(),
         )
@@ -216,6 +217,7 @@ impl Loopback {
                 include_warning: false,
                 reload: None,
                 resilience: Default::default(),
+                tls: None,
             },
             stop.clone(),
         )
@@ -273,6 +275,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         },
         workers: 1,
         resilience: Default::default(),
+        tls: None,
         services: Vec::new(),
     }
 }
