@@ -36,7 +36,6 @@ use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
 use crate::routing::{Endpoint, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
-use crate::tls::MeshTls;
 
 /// The catalog service of the gateway pool.
 pub const GATEWAY_SERVICE: &str = "skyline-gateway";
@@ -200,8 +199,7 @@ impl Bridge {
         catalog: Option<Subscriber>,
         max_hops: u32,
         resilience: Resilience,
-        metrics: Arc<Metrics>,
-        tls: Option<MeshTls>,
+        forwarder: Forwarder,
     ) -> Self {
         let gateways = (!gateways.is_empty()).then(|| {
             Arc::new(Route::new(
@@ -218,7 +216,7 @@ impl Bridge {
                 gateways,
                 catalog,
                 catalog_gateways: Mutex::new(None),
-                forwarder: Forwarder::with_tls(metrics, tls),
+                forwarder,
                 resilience: Arc::new(resilience),
                 max_hops,
             }),
@@ -538,8 +536,8 @@ pub async fn spawn_on(
         catalog.clone(),
         settings.max_hops,
         settings.resilience.clone(),
-        metrics.clone(),
-        tls.clone(),
+        // Over mesh TLS (when on) to the gateways; plain HTTP to Kubernetes Services.
+        Forwarder::with_tls(metrics.clone(), tls.clone()),
     );
     let addrs: Vec<SocketAddr> = listeners
         .iter()

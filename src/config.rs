@@ -1665,6 +1665,33 @@ mod tests {
     }
 
     #[test]
+    fn tls_is_off_by_default_and_its_paths_are_relative_to_the_file() {
+        assert_eq!(AgentArgs::default().resolve().unwrap().tls, None);
+        let (dir, args) = with_file(
+            "[tls]\nmode = \"strict\"\nca = \"ca/ca.crt\"\ncert = \"a.crt\"\nkey = \"/keys/a.key\"\n",
+        );
+        let tls = args.resolve().unwrap().tls.unwrap();
+        assert_eq!(tls.mode, crate::tls::Mode::Strict);
+        assert_eq!(tls.ca, dir.path().join("ca/ca.crt"));
+        assert_eq!(tls.cert, dir.path().join("a.crt"));
+        assert_eq!(tls.key, PathBuf::from("/keys/a.key"));
+    }
+
+    #[test]
+    fn tls_refuses_an_unknown_mode_and_a_missing_file_by_key_and_line() {
+        let (_dir, args) = with_file("[node]\nname = \"a\"\n[tls]\nmode = \"on\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("tls.mode"));
+        assert_eq!(e.line, Some(4));
+        assert!(e.reason.contains("\"permissive\""), "{e}");
+        let (_dir, args) =
+            with_file("[tls]\nmode = \"permissive\"\nca = \"ca.crt\"\ncert = \"a.crt\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("tls.key"));
+        assert!(e.reason.contains("required"), "{e}");
+    }
+
+    #[test]
     fn defaults_are_the_seeds_ports() {
         let s = AgentArgs::default().resolve().unwrap();
         assert_eq!(s.outbound, Some(DEFAULT_OUTBOUND));

@@ -456,3 +456,60 @@ pub fn serial_of(der: &[u8]) -> Result<String, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     Ok(ca::hex(cert.raw_serial()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ca::{Kind, LeafSpec};
+
+    fn settings(dir: &Path) -> Settings {
+        Settings {
+            mode: Mode::Strict,
+            ca: dir.join("ca").join(ca::CA_CERT),
+            cert: dir.join("node.crt"),
+            key: dir.join("node.key"),
+        }
+    }
+
+    fn issue(authority: &ca::Ca) -> ca::Leaf {
+        let spec = LeafSpec::for_ttl(Kind::Node, "a", Duration::from_secs(3600));
+        ca::issue(authority, &spec).unwrap()
+    }
+
+    #[test]
+    fn a_new_certificate_is_taken_only_once_its_key_goes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = ca::init(&dir.path().join("ca"), "mesh.test").unwrap();
+        let first = issue(&authority);
+        ca::write_leaf(&first, &dir.path().join("node")).unwrap();
+        let tls = MeshTls::load(&settings(dir.path()), Metrics::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(tls.serial(), first.serial);
+        assert!(!tls.reload().unwrap(), "unchanged files are not a reload");
+
+        // The new certificate next to the old key: refused, the first one stays.
+        let second = issue(&authority);
+        std::fs::write(dir.path().join("node.crt"), &second.cert_pem).unwrap();
+        assert!(matches!(tls.reload(), Err(TlsError::Pair { .. })));
+        assert_eq!(tls.serial(), first.serial);
+        // Until the files change again, they are not tried again.
+        assert!(!tls.reload().unwrap());
+
+        std::fs::write(dir.path().join("node.key"), &second.key_pem).unwrap();
+        assert!(tls.reload().unwrap());
+        assert_eq!(tls.serial(), second.serial);
+    }
+
+    #[test]
+    fn mode_off_loads_nothing_and_missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = Settings {
+            mode: Mode::Off,
+            ..settings(dir.path())
+        };
+        assert!(MeshTls::load(&off, Metrics::new()).unwrap().is_none());
+        let e = MeshTls::load(&settings(dir.path()), Metrics::new()).unwrap_err();
+        assert!(e.to_string().contains("ca.crt"), "{e}");
+    }
+}

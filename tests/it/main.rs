@@ -18,6 +18,7 @@ mod image;
 mod kubernetes;
 mod metrics;
 mod migration;
+mod mtls;
 mod package;
 mod pool;
 mod processes;
