@@ -331,6 +331,15 @@ async fn tls_get(
     connector: &tokio_rustls::TlsConnector,
     addr: SocketAddr,
 ) -> Result<(String, String), String> {
+    tls_request(connector, addr, "/service/web/raw").await
+}
+
+/// [`tls_get`] of `target`.
+async fn tls_request(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    target: &str,
+) -> Result<(String, String), String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::IpAddress(addr.ip().into());
     let mut tls = connector
@@ -346,7 +355,7 @@ async fn tls_get(
         .unwrap_or_default();
     // TLS 1.3: the client's certificate is judged after its side of the handshake ended, so
     // a refusal shows as an alert on the first read.
-    let request = "GET /service/web/raw HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n";
+    let request = format!("GET {target} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
@@ -508,4 +517,171 @@ async fn certificates_rotated_under_load_fail_no_request_and_new_handshakes_pres
     assert!(report.sent > 100, "{report:?}");
     assert_eq!(report.failed(), 0, "{report:?}");
     mesh.stop().await;
+}
+
+// === Gateway and bridge ===
+
+#[tokio::test]
+async fn the_gateway_and_the_bridge_call_each_other_over_strict_mtls_and_pods_keep_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = init_ca(dir.path());
+    let config = |name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[tls]\nmode = \"strict\"\nca = \"ca/ca.crt\"\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\n"
+            ),
+        )
+        .unwrap();
+        issue_node(&ca, dir.path(), name);
+        path.to_str().unwrap().to_owned()
+    };
+    // A Kubernetes pod behind the Service `web`, and a Mesos instance of `giphy` on node m,
+    // behind node m's agent.
+    let pod = TestApp::spawn("pod", ip("127.0.0.5"));
+    let giphy = TestApp::spawn("giphy@m", ip("127.0.0.7"));
+    let dns =
+        crate::upgrade::ClusterDns::start(&[("web.default.svc.cluster.local", "127.0.0.5")]).await;
+    let catalog = dir.path().join("catalog.toml");
+    let text = |inbound: u16| {
+        format!(
+            "[[node]]\nname = \"m\"\naddress = \"127.0.0.7\"\ninbound_port = {inbound}\n\n\
+             [[service]]\nname = \"giphy\"\nnode = \"m\"\nport = {}\nmeta = {{ platform = \"mesos\" }}\n",
+            giphy.addr.port()
+        )
+    };
+    std::fs::write(&catalog, text(1)).unwrap();
+    let catalog = catalog.to_str().unwrap().to_owned();
+
+    let m_config = config("m");
+    let mut m = Skyline::start(
+        &[
+            "agent",
+            "--config",
+            &m_config,
+            "--node-name",
+            "m",
+            "--node-address",
+            "127.0.0.7",
+            "--outbound",
+            "off",
+            "--inbound",
+            "127.0.0.7:0",
+            "--admin",
+            "off",
+            "--catalog",
+            "file",
+            "--catalog-file",
+            &catalog,
+        ],
+        &[],
+    );
+    let started = m.log.wait_for("agent started").await;
+    let inbound_m: SocketAddr = started["inbound"].as_str().unwrap().parse().unwrap();
+    write_atomically(Path::new(&catalog), &text(inbound_m.port()));
+
+    let gateway_addr = crate::faults::free_addr("127.0.0.6");
+    let bridge_config = config("br");
+    let bridge_admin = crate::faults::free_addr("127.0.0.4");
+    let mut bridge = Skyline::start(
+        &[
+            "bridge",
+            "--config",
+            &bridge_config,
+            "--listen",
+            "127.0.0.4:0,127.0.0.4:0",
+            "--admin",
+            &bridge_admin,
+            "--dns",
+            &dns.addr.to_string(),
+            "--port",
+            &pod.addr.port().to_string(),
+            "--gateways",
+            &gateway_addr,
+        ],
+        &[],
+    );
+    let started = bridge.log.wait_for("bridge started").await;
+    let listen: Vec<SocketAddr> = started["listen"]
+        .as_str()
+        .unwrap()
+        .split(',')
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let (bridge_host, service_port) = (listen[0], listen[1]);
+
+    let gateway_config = config("gw");
+    let mut gateway = Skyline::start(
+        &[
+            "gateway",
+            "--config",
+            &gateway_config,
+            "--listen",
+            &gateway_addr,
+            "--admin",
+            "off",
+            "--catalog-file",
+            &catalog,
+            "--bridges",
+            &bridge_host.to_string(),
+        ],
+        &[],
+    );
+    let started = gateway.log.wait_for("gateway started").await;
+    let gateway_addr: SocketAddr = started["gateway"].as_str().unwrap().parse().unwrap();
+
+    // A proxy's call into the gateway (a raw client with a mesh certificate): the gateway
+    // sends it to its Kubernetes tier, the bridge, over mTLS; the bridge calls the pod.
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let (cert, key) = leaf(&ca, "probe", now - hour, now + hour);
+    let connector = tls_client(Some((&cert, &key)));
+    let (_, answer) = tls_request(&connector, gateway_addr, "/service/web/from-gateway")
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("pod /from-gateway"), "{answer}");
+
+    // A pod's plain call on the bridge's Service port: the bridge sends it to the gateway
+    // over mTLS, which sends it to node m's inbound proxy over mTLS (the catalog is read
+    // every 50 ms: bounded retries until node m's port is known).
+    let client = Client::new();
+    let mut reply = None;
+    for _ in 0..100 {
+        let req = http::Request::get(format!("http://{service_port}/from-pod"))
+            .header(http::header::HOST, "giphy.default.svc.cluster.local")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let got = client.send(req).await.unwrap();
+        if got.status == 200 {
+            reply = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = reply.expect("the pod's call never reached giphy on node m");
+    assert_eq!(reply.body, "giphy@m /from-pod");
+
+    // The bridge's host port is strict: plain HTTP is refused there.
+    let plain = raw(
+        bridge_host,
+        b"GET /service/web/x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(plain, "");
+    let metrics = scrape(bridge_admin.parse().unwrap()).await;
+    let series = |t: &str, o: &str| {
+        format!("skyline_mesh_connections_total{{transport=\"{t}\",outcome=\"{o}\"}}")
+    };
+    assert!(metrics.count(&series("tls", "accepted")) >= 1.0);
+    assert_eq!(metrics.count(&series("plain", "refused")), 1.0);
+    assert_eq!(pod.hits(), 1);
+
+    for process in [&m, &bridge, &gateway] {
+        process.sigterm();
+    }
+    m.exited_cleanly().await;
+    bridge.exited_cleanly().await;
+    gateway.exited_cleanly().await;
 }
