@@ -522,7 +522,8 @@ async fn certificates_rotated_under_load_fail_no_request_and_new_handshakes_pres
 // === Gateway and bridge ===
 
 #[tokio::test]
-async fn the_gateway_and_the_bridge_call_each_other_over_strict_mtls_and_pods_keep_plain_http() {
+async fn outbound_to_gateway_gateway_to_bridge_and_bridge_to_gateway_go_over_strict_mtls_and_pods_keep_plain_http()
+ {
     let dir = tempfile::tempdir().unwrap();
     let ca = init_ca(dir.path());
     let config = |name: &str| {
@@ -554,6 +555,7 @@ async fn the_gateway_and_the_bridge_call_each_other_over_strict_mtls_and_pods_ke
     std::fs::write(&catalog, text(1)).unwrap();
     let catalog = catalog.to_str().unwrap().to_owned();
 
+    let gateway_addr = crate::faults::free_addr("127.0.0.6");
     let m_config = config("m");
     let mut m = Skyline::start(
         &[
@@ -565,7 +567,9 @@ async fn the_gateway_and_the_bridge_call_each_other_over_strict_mtls_and_pods_ke
             "--node-address",
             "127.0.0.7",
             "--outbound",
-            "off",
+            "127.0.0.7:0",
+            "--catch-all",
+            &gateway_addr,
             "--inbound",
             "127.0.0.7:0",
             "--admin",
@@ -579,9 +583,9 @@ async fn the_gateway_and_the_bridge_call_each_other_over_strict_mtls_and_pods_ke
     );
     let started = m.log.wait_for("agent started").await;
     let inbound_m: SocketAddr = started["inbound"].as_str().unwrap().parse().unwrap();
+    let outbound_m = started["outbound"].as_str().unwrap().to_owned();
     write_atomically(Path::new(&catalog), &text(inbound_m.port()));
 
-    let gateway_addr = crate::faults::free_addr("127.0.0.6");
     let bridge_config = config("br");
     let bridge_admin = crate::faults::free_addr("127.0.0.4");
     let mut bridge = Skyline::start(
@@ -663,6 +667,14 @@ async fn the_gateway_and_the_bridge_call_each_other_over_strict_mtls_and_pods_ke
     let reply = reply.expect("the pod's call never reached giphy on node m");
     assert_eq!(reply.body, "giphy@m /from-pod");
 
+    // An application on node m calls a service its catalog does not know: node m's outbound
+    // proxy sends it to its catch-all, the gateway, over mTLS, and on to the pod.
+    let reply = client
+        .get(&format!("http://{outbound_m}/service/web/from-node"))
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, "pod /from-node");
+
     // The bridge's host port is strict: plain HTTP is refused there.
     let plain = raw(
         bridge_host,
@@ -676,7 +688,7 @@ async fn the_gateway_and_the_bridge_call_each_other_over_strict_mtls_and_pods_ke
     };
     assert!(metrics.count(&series("tls", "accepted")) >= 1.0);
     assert_eq!(metrics.count(&series("plain", "refused")), 1.0);
-    assert_eq!(pod.hits(), 1);
+    assert_eq!(pod.hits(), 2);
 
     for process in [&m, &bridge, &gateway] {
         process.sigterm();
