@@ -25,7 +25,7 @@ use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
 use crate::proxy::resilience::{self, Policies, SharedPolicies};
 use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
-use crate::routing::{self, Endpoint, Policy, Route, Routes, Table};
+use crate::routing::{self, Endpoint, Policy, Protocol, Route, Routes, Table};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Recorder};
 use crate::tls::MeshTls;
@@ -449,7 +449,8 @@ pub async fn start(
                 settings
                     .catch_all
                     .iter()
-                    .map(|&a| Endpoint::new(a, 1).with_mesh(true))
+                    // The catch-all is the gateways: HTTP/1.1 and h2c on one port.
+                    .map(|&a| Endpoint::new(a, 1).speaking(Protocol::Both).with_mesh(true))
                     .collect(),
             )
         });

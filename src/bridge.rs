@@ -32,8 +32,8 @@ use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
-use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop};
-use crate::routing::{Endpoint, Route};
+use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop, is_grpc};
+use crate::routing::{Endpoint, Protocol, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
 
@@ -80,6 +80,8 @@ pub struct Override {
     pub name: Option<String>,
     pub namespace: Option<String>,
     pub port: Option<u16>,
+    /// What the Service speaks: `http1` or `h2c` (see [`Names::protocol`]).
+    pub protocol: Option<Protocol>,
 }
 
 impl Default for Names {
@@ -108,6 +110,29 @@ impl Names {
             .replace("{name}", name)
             .replace("{namespace}", namespace);
         (host, port)
+    }
+}
+
+impl Names {
+    /// How a request `req` for Skyline service `service` goes to its Kubernetes Service: as
+    /// the service's override says (`protocol = "h2c"`: every request over HTTP/2, as to an
+    /// instance registered with `h2c`; `"http1"`: every request over HTTP/1.1); without one,
+    /// a gRPC call over h2c (gRPC servers speak HTTP/2, and the cluster DNS cannot say what a
+    /// Service speaks) and anything else over HTTP/1.1.
+    pub fn protocol<B>(&self, service: &str, req: &Request<B>) -> Protocol {
+        if let Some(protocol) = self.overrides.get(service).and_then(|o| o.protocol) {
+            return protocol;
+        }
+        // gRPC-Web (`application/grpc-web`) is meant for HTTP/1.1 servers too.
+        let web = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"));
+        if is_grpc(req) && !web {
+            Protocol::H2c
+        } else {
+            Protocol::Http1
+        }
     }
 }
 
@@ -205,7 +230,7 @@ impl Bridge {
             Arc::new(Route::new(
                 gateways
                     .iter()
-                    .map(|&a| Endpoint::new(a, 1).with_mesh(true))
+                    .map(|&a| Endpoint::new(a, 1).speaking(Protocol::Both).with_mesh(true))
                     .collect(),
             ))
         });
@@ -246,7 +271,12 @@ impl Bridge {
             .map_or(&[][..], |i| &i[..])
             .iter()
             .filter(|i| i.health == Health::Passing)
-            .map(|i| Endpoint::new(i.addr(), 1).with_mesh(true))
+            // Gateways are Skyline proxies: HTTP/1.1 and h2c on one port.
+            .map(|i| {
+                Endpoint::new(i.addr(), 1)
+                    .speaking(Protocol::Both)
+                    .with_mesh(true)
+            })
             .collect();
         let mut route = Route::new(up);
         if let Some((_, old)) = cached.as_ref() {
@@ -343,9 +373,10 @@ impl Bridge {
         }
         *label = ServiceName::parse(name).ok().map(ServiceLabel::known);
         // Usually one address (the Service's cluster IP; kube-proxy balances behind it).
+        let protocol = self.inner.names.protocol(name, &req);
         let route = Route::new(
             ips.iter()
-                .map(|&ip| Endpoint::new(SocketAddr::new(ip, port), 1))
+                .map(|&ip| Endpoint::new(SocketAddr::new(ip, port), 1).speaking(protocol))
                 .collect(),
         );
         if let Ok(value) = HeaderValue::try_from(format!("{host}:{port}")) {
@@ -631,12 +662,45 @@ mod tests {
                 name: Some("giphy-v2".into()),
                 namespace: Some("media".into()),
                 port: Some(80),
+                protocol: None,
             },
         );
         assert_eq!(
             names.target("giphy"),
             ("giphy-v2.media.svc.cluster.local".into(), 80)
         );
+    }
+
+    #[test]
+    fn grpc_calls_go_to_a_cluster_service_over_h2c_unless_its_override_says_otherwise() {
+        let request = |version, content_type: &str| {
+            Request::post("/")
+                .version(version)
+                .header(header::CONTENT_TYPE, content_type)
+                .body(())
+                .unwrap()
+        };
+        let grpc = request(http::Version::HTTP_2, "application/grpc+proto");
+        let web = request(http::Version::HTTP_2, "application/grpc-web");
+        let json = request(http::Version::HTTP_2, "application/json");
+        let mut names = Names::default();
+        assert_eq!(names.protocol("giphy", &grpc), Protocol::H2c);
+        assert_eq!(names.protocol("giphy", &web), Protocol::Http1);
+        assert_eq!(names.protocol("giphy", &json), Protocol::Http1);
+        let old = request(http::Version::HTTP_11, "application/grpc");
+        assert_eq!(names.protocol("giphy", &old), Protocol::Http1);
+        for (protocol, expected) in [
+            (Protocol::H2c, Protocol::H2c),
+            (Protocol::Http1, Protocol::Http1),
+        ] {
+            let o = Override {
+                protocol: Some(protocol),
+                ..Override::default()
+            };
+            names.overrides.insert("giphy".into(), o);
+            assert_eq!(names.protocol("giphy", &json), expected);
+            assert_eq!(names.protocol("giphy", &grpc), expected);
+        }
     }
 
     proptest! {

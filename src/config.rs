@@ -861,7 +861,7 @@ pub const AGENT_FILE: &[Section] = &[
                     toml: "{ platform = \"mesos\" }",
                     default: "none",
                 },
-                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`), and `protocol = \"h2c\"` says it speaks HTTP/2 (gRPC): HTTP/2 requests reach it over h2c.",
+                "Metadata of the instance; the gateway's tiers select on it (`platform = \"mesos\"`), and `protocol = \"h2c\"` says it speaks only HTTP/2 (gRPC): every request reaches it over h2c, an HTTP/1.1 caller's too (default `http1`: every request over HTTP/1.1).",
             ),
             file_only(
                 "check.ttl",
@@ -960,7 +960,7 @@ struct ServiceSection {
     #[serde(default)]
     tags: Vec<String>,
     #[serde(default)]
-    meta: std::collections::BTreeMap<String, String>,
+    meta: std::collections::BTreeMap<String, Spanned<String>>,
     check: Option<CheckSection>,
 }
 
@@ -1417,6 +1417,17 @@ fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, 
         return Err(src.error(at(svc.port.span()), Some("service.port"), "must be 1-65535"));
     }
     let address = src.parse::<IpAddr>("service.address", &svc.address)?;
+    // What the instance speaks (see `routing::protocol_of`).
+    if let Some(protocol) = svc.meta.get("protocol") {
+        let p = protocol.get_ref();
+        if !(p.eq_ignore_ascii_case("http1") || p.eq_ignore_ascii_case("h2c")) {
+            return Err(src.error(
+                at(protocol.span()),
+                Some("service.meta.protocol"),
+                format!("{p:?} is not \"http1\" or \"h2c\""),
+            ));
+        }
+    }
     let duration = |key: &str, field: &Option<Spanned<String>>, default: Duration| match field {
         None => Ok(default),
         Some(f) => parse_duration(f.get_ref())
@@ -1468,7 +1479,11 @@ fn declared(src: &Source, svc: &ServiceSection, node: &str) -> Result<Declared, 
         address,
         port,
         tags: svc.tags.clone(),
-        meta: svc.meta.clone(),
+        meta: svc
+            .meta
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+            .collect(),
         check,
         deregister_after: match check_section
             .and_then(|c| c.deregister_critical_service_after.as_ref())
@@ -1791,6 +1806,21 @@ mod tests {
         let (_d, args) =
             with_file("[catalog]\nsource = \"file\"\n[[service]]\nname = \"a\"\nport = 1\n");
         assert_eq!(args.resolve().unwrap_err().key.as_deref(), Some("service"));
+        let (_d, args) =
+            with_file("[[service]]\nname = \"a\"\nport = 1\nmeta = { protocol = \"grpc\" }\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(4), Some("service.meta.protocol"))
+        );
+        assert!(
+            e.to_string()
+                .contains("\"grpc\" is not \"http1\" or \"h2c\""),
+            "{e}"
+        );
+        let (_d, args) =
+            with_file("[[service]]\nname = \"a\"\nport = 1\nmeta = { protocol = \"h2c\" }\n");
+        assert_eq!(args.resolve().unwrap().services[0].meta["protocol"], "h2c");
     }
 
     #[test]

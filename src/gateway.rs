@@ -45,7 +45,7 @@ use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Fallback, Forwarder, Host, MeshError, count_hop};
 use crate::routing::reach::Admit;
-use crate::routing::{Endpoint, Route};
+use crate::routing::{Endpoint, Protocol, Route, protocol_of};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
 use crate::tls::MeshTls;
@@ -196,11 +196,18 @@ impl Table {
         let pools: BTreeMap<&str, (Vec<Endpoint>, usize, bool)> = upstreams
             .iter()
             .map(|(name, upstream)| {
+                // Bridges are Skyline proxies (HTTP/1.1 and h2c on one port); other pools
+                // speak what their instances were registered with (HTTP/1.1 when unknown).
+                let bridges = upstream.bridge.then_some(Protocol::Both);
                 let (endpoints, total) = match &upstream.pool {
                     Pool::Addresses(addrs) => (
                         addrs
                             .iter()
-                            .map(|&a| Endpoint::new(a, 1).with_mesh(upstream.bridge))
+                            .map(|&a| {
+                                Endpoint::new(a, 1)
+                                    .speaking(bridges.unwrap_or_default())
+                                    .with_mesh(upstream.bridge)
+                            })
                             .collect(),
                         addrs.len(),
                     ),
@@ -210,7 +217,12 @@ impl Table {
                         let up = all
                             .iter()
                             .filter(|i| routable(i.health))
-                            .map(|i| Endpoint::new(i.addr(), i.weight).with_mesh(upstream.bridge))
+                            .map(|i| {
+                                let protocol = bridges.unwrap_or_else(|| protocol_of(i));
+                                Endpoint::new(i.addr(), i.weight)
+                                    .speaking(protocol)
+                                    .with_mesh(upstream.bridge)
+                            })
                             .collect();
                         (up, all.len())
                     }
@@ -242,8 +254,9 @@ impl Table {
                                 .into_iter()
                                 .filter_map(|(node, weight)| {
                                     let n = snapshot.nodes.get(node)?;
-                                    // Another node's inbound proxy: a mesh hop.
-                                    Some(Endpoint::new(n.inbound_addr(), weight).with_mesh(true))
+                                    // An agent's inbound (a mesh hop): HTTP/1.1 and h2c.
+                                    let inbound = Endpoint::new(n.inbound_addr(), weight);
+                                    Some(inbound.speaking(Protocol::Both).with_mesh(true))
                                 })
                                 .collect::<Vec<_>>();
                             let passing = matching.iter().filter(|i| routable(i.health)).count();

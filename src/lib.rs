@@ -37,7 +37,8 @@
 //!   (`proxy::outbound::explain`: the outbound routing decision explained, without sending);
 //!   `proxy::express`, the agent's lane for body-less requests, forwarded as bytes;
 //!   `proxy::upgrade`, HTTP/1.1 upgrades (WebSocket) spliced both ways after `101`;
-//!   `proxy::h2`, h2c toward the next hop for requests that came over HTTP/2 (gRPC).
+//!   `proxy::h2`, h2c toward the next hop: for HTTP/2 requests (gRPC) to other proxies, and
+//!   for every request to an instance that speaks only h2c.
 //! - [`registry`]: the embedded Consul-compatible registry: API, Consul's body decoding rules
 //!   (`registry::decode`), durable store (a damaged log is refused, `--repair` keeps what is
 //!   readable), health checks, sessions and KV locks (`registry::session`), `/v1/txn`
@@ -48,8 +49,11 @@
 //!   request on to the catch-all or the next tier).
 //! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain, the express lane's connection
 //!   loop (which also tells an h2c connection by its preface and hands it to hyper's HTTP/2
-//!   server); [`serve::guard`] refuses ambiguous HTTP/1 request framing before hyper or the express
-//!   lane acts on it; [`serve::activation`] takes the
+//!   server, with the HTTP/2 abuse limits; gateways and bridges, without the express lane,
+//!   sniff the preface alone); [`serve::flood`] is the control-frame budget of an HTTP/2
+//!   connection (PING, SETTINGS, reset floods end with GOAWAY); [`serve::guard`] refuses
+//!   ambiguous HTTP/1 request framing before hyper or the express lane acts on it;
+//!   [`serve::activation`] takes the
 //!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
 //! - [`tls`]: mesh TLS: mTLS between the proxies, strict or permissive, certificates reloaded
 //!   when their files change; [`tls::ca`] is the mesh CA (`skyline ca init`, `skyline ca issue`).

@@ -29,11 +29,11 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::routing::Route;
 use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
+use crate::routing::{Protocol, Route};
 use crate::serve::Conn;
 use crate::tls::MeshTls;
-use pool::{Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
+use pool::{Buffered, Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
 use resilience::{RETRY_BODY_LIMIT, Resilience};
 
 /// Every response body the mesh sends: an upstream's, streamed, or one the mesh wrote itself.
@@ -224,7 +224,7 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
 /// trailers-only response, HTTP 200 with `grpc-status` and `grpc-message`, `x-skyline-error`
 /// kept. `unknown-service` is NOT_FOUND (5), `upstream-timeout` DEADLINE_EXCEEDED (4), no
 /// endpoint or a failed connection UNAVAILABLE (14), a body too large RESOURCE_EXHAUSTED (8),
-/// anything else INTERNAL (13). Other responses are left alone.
+/// `forbidden` (authorization) PERMISSION_DENIED (7), anything else INTERNAL (13). Other responses are left alone.
 pub fn as_grpc_status(response: &mut Response<Body>) {
     if response.status() == StatusCode::OK {
         return;
@@ -237,6 +237,7 @@ pub fn as_grpc_status(response: &mut Response<Body>) {
         b"upstream-timeout" => "4",
         b"no-healthy-endpoint" | b"upstream-connect" => "14",
         b"content-too-large" => "8",
+        b"forbidden" => "7",
         _ => "13",
     };
     let message = format!("skyline: {}", code.to_str().unwrap_or("mesh error"));
@@ -481,8 +482,9 @@ impl Forwarder {
         let now = ns_at(conn.arrived);
         // An upgrade request keeps `Upgrade` and `Connection: upgrade` (see [`upgrade`]).
         let protocols = upgrade::requested(req.version(), req.headers());
-        // A request that came over HTTP/2 goes on over HTTP/2 to an endpoint that speaks it
-        // (see [`h2`]), keeping its trailers; over HTTP/1.1 to any other.
+        // A request goes over HTTP/2 to an endpoint that speaks only h2c, and to one that
+        // speaks both when it came over HTTP/2 (keeping its trailers); over HTTP/1.1 to any
+        // other (see [`Protocol`]).
         let h2 = req.version() == Version::HTTP_2;
         *req.uri_mut() = Uri::from(target);
         *req.version_mut() = Version::HTTP_11;
@@ -559,10 +561,11 @@ impl Forwarder {
         };
         let mut exchange = HyperExchange {
             pool: &self.pool,
-            h2: h2.then_some(H2Send {
+            h2: H2Send {
                 pool: &self.h2,
+                http2: h2,
                 te_trailers,
-            }),
+            },
             next: Some(req),
             replay,
             resend,
@@ -705,7 +708,7 @@ impl Forwarder {
                 host: set_host.then_some(&endpoint.host),
                 timeout: millis(attempt_deadline - now),
                 attempt: (!tried.is_empty()).then_some(tried.len() + 1),
-                h2c: endpoint.h2c,
+                protocol: endpoint.protocol,
             };
             let flight = endpoint.state.start_at(now_ns);
             let limits = Limits {
@@ -845,14 +848,16 @@ struct AttemptHeaders<'a> {
     timeout: HeaderValue,
     /// `x-skyline-attempt`, from the second attempt on.
     attempt: Option<usize>,
-    /// The endpoint speaks h2c (see [`h2`]).
-    h2c: bool,
+    /// What the endpoint speaks (see [`h2`]).
+    protocol: Protocol,
 }
 
-/// How a request that came over HTTP/2 is sent to an endpoint that speaks h2c.
+/// How a request is sent to an endpoint over HTTP/2 (see [`Protocol::sends_h2`]).
 #[derive(Clone, Copy)]
 struct H2Send<'p> {
     pool: &'p h2::H2Pool,
+    /// The request came over HTTP/2.
+    http2: bool,
     /// The client sent `te: trailers`, which HTTP/2 forwards.
     te_trailers: bool,
 }
@@ -905,8 +910,8 @@ trait Exchange {
 /// A request with `http` types, sent over hyper client connections from [`Pool`].
 struct HyperExchange<'p> {
     pool: &'p Pool,
-    /// The request came over HTTP/2: how it goes to an endpoint that speaks h2c.
-    h2: Option<H2Send<'p>>,
+    /// How the request goes to an endpoint over HTTP/2.
+    h2: H2Send<'p>,
     /// The request to send next: the first, or one a refused connection handed back.
     next: Option<Request<RequestBody>>,
     replay: Option<Replay>,
@@ -954,15 +959,19 @@ impl Exchange for HyperExchange<'_> {
         if let Some(host) = headers.host {
             h.insert(header::HOST, host.clone());
         }
+        if h.contains_key(&GRPC_TIMEOUT) {
+            // The gRPC server's deadline is what is left of the caller's.
+            h.insert(&GRPC_TIMEOUT, grpc_timeout_value(&headers.timeout));
+        }
         h.insert(&X_SKYLINE_TIMEOUT_MS, headers.timeout);
         if let Some(n) = headers.attempt {
             h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
         }
-        let sent = if let (Some(h2), true) = (self.h2, headers.h2c) {
-            if h2.te_trailers {
+        let sent = if headers.protocol.sends_h2(self.h2.http2, self.upgrade) {
+            if self.h2.te_trailers {
                 h.insert(header::TE, HeaderValue::from_static("trailers"));
             }
-            h2.pool.send(addr, req, limits).await
+            self.h2.pool.send(addr, req, limits).await
         } else if self.upgrade {
             self.pool.send_upgrade(addr, req, limits).await
         } else {
@@ -1035,14 +1044,14 @@ async fn replayable(
 ) -> Result<(Request<RequestBody>, Option<Replay>, Option<Replay>), MeshError> {
     let (mut parts, body) = req.into_parts();
     if body.is_end_stream() {
-        let req = Request::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+        let req = Request::from_parts(parts, Either::Right(Buffered::empty()));
         let replay = if keep.first_hop {
-            Replay::of(&req, Bytes::new())
+            Replay::of(&req, Buffered::empty())
         } else {
             None
         };
-        let resend =
-            (keep.fallback && replay.is_none()).then(|| Replay::unsent_copy(&req, Bytes::new()));
+        let resend = (keep.fallback && replay.is_none())
+            .then(|| Replay::unsent_copy(&req, Buffered::empty()));
         return Ok((req, replay, resend));
     }
     let small = body
@@ -1065,9 +1074,11 @@ async fn replayable(
         tokio::time::timeout_at(deadline, Limited::new(body, RETRY_BODY_LIMIT).collect())
             .await
             .map_err(|_| MeshError::UpstreamTimeout)?
-            .map_err(|_| MeshError::bad_request("incomplete request body"))?
-            .to_bytes();
-    let req = Request::from_parts(parts, Either::Right(Full::new(collected.clone())));
+            .map_err(|_| MeshError::bad_request("incomplete request body"))?;
+    // The trailers that followed the body (HTTP/2) go with it.
+    let trailers = collected.trailers().cloned();
+    let collected = Buffered::new(collected.to_bytes(), trailers);
+    let req = Request::from_parts(parts, Either::Right(collected.clone()));
     let replay = if retried {
         Replay::of(&req, collected.clone())
     } else {
@@ -1156,6 +1167,21 @@ fn caller_deadline(headers: &HeaderMap, policy: Duration) -> Duration {
         Some(grpc) => grpc_timeout(grpc.as_bytes()).map_or(limit, |t| limit.min(t)),
         None => limit,
     }
+}
+
+/// `grpc-timeout` for a time left given as `x-skyline-timeout-ms`'s milliseconds: in
+/// milliseconds, or whole seconds past gRPC's 8 digits.
+fn grpc_timeout_value(ms: &HeaderValue) -> HeaderValue {
+    let ms: u64 = std::str::from_utf8(ms.as_bytes())
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let text = if ms <= 99_999_999 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", (ms / 1000).min(99_999_999))
+    };
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("0m"))
 }
 
 /// A `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
@@ -1399,6 +1425,20 @@ mod tests {
         assert_eq!(e.status(), 508);
         h.insert(&X_SKYLINE_HOPS, HeaderValue::from_static("garbage"));
         assert_eq!(count_hop(&mut h, 2).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_grpc_timeout_passed_on_is_the_time_left_in_at_most_8_digits() {
+        let passed = |ms: u64| grpc_timeout_value(&HeaderValue::from(ms));
+        assert_eq!(passed(0), "0m");
+        assert_eq!(passed(4_321), "4321m");
+        assert_eq!(passed(99_999_999), "99999999m");
+        assert_eq!(passed(100_000_000), "100000S");
+        assert_eq!(passed(u64::MAX), "99999999S");
+        for ms in [0, 1, 4_321, 99_999_999, 100_000_000] {
+            let back = grpc_timeout(passed(ms).as_bytes()).unwrap();
+            assert!(back <= Duration::from_millis(ms), "{ms}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::catalog::{self, Health, Instance, ServiceName, Snapshot, Subscriber};
-pub use balance::{Endpoint, Route};
+pub use balance::{Endpoint, Protocol, Route};
 
 /// Which instances count as routable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,7 +132,7 @@ impl Table {
             *w = w.saturating_add(instance.weight);
             if instance.node == node {
                 let endpoint = Endpoint::new(instance.addr(), instance.weight);
-                local.push(endpoint.with_h2c(speaks_h2c(instance)));
+                local.push(endpoint.speaking(protocol_of(instance)));
             }
         }
         let remote = per_node
@@ -142,7 +142,7 @@ impl Table {
                 // Every agent's inbound proxy takes h2c next to HTTP/1.1.
                 Some(
                     Endpoint::new(n.inbound_addr(), weight)
-                        .with_h2c(true)
+                        .speaking(Protocol::Both)
                         .with_mesh(true),
                 )
             })
@@ -261,15 +261,17 @@ impl Table {
     }
 }
 
-/// Whether an instance is registered as speaking HTTP/2 over cleartext with prior knowledge
-/// (a gRPC server, say): meta `protocol = "h2c"`, or the tag `h2c`. HTTP/2 requests (gRPC)
-/// reach it over HTTP/2; HTTP/1.1 requests still reach it over HTTP/1.1.
-pub fn speaks_h2c(instance: &Instance) -> bool {
-    instance
+/// What an instance was registered as speaking: meta `protocol = "h2c"` (or the tag `h2c`) is
+/// an HTTP/2-only server (a gRPC server, say), which every request reaches over h2c, an
+/// HTTP/1.1 caller's too; anything else (no `protocol`, `protocol = "http1"`) is HTTP/1.1, which
+/// every request reaches over HTTP/1.1, an HTTP/2 caller's too.
+pub fn protocol_of(instance: &Instance) -> Protocol {
+    let h2c = instance
         .meta
         .get("protocol")
         .is_some_and(|p| p.eq_ignore_ascii_case("h2c"))
-        || instance.tags.iter().any(|t| t == "h2c")
+        || instance.tags.iter().any(|t| t == "h2c");
+    if h2c { Protocol::H2c } else { Protocol::Http1 }
 }
 
 /// The gateway pool: the routable instances of [`GATEWAY_SERVICE`], addressed directly.
@@ -280,7 +282,12 @@ fn gateways(snapshot: &Snapshot, policy: Policy) -> Route {
         .map_or(&[][..], |i| &i[..])
         .iter()
         .filter(|i| policy.routable(i.health))
-        .map(|i| Endpoint::new(i.addr(), i.weight).with_mesh(true))
+        // Gateways are Skyline proxies: HTTP/1.1 and h2c on one port.
+        .map(|i| {
+            Endpoint::new(i.addr(), i.weight)
+                .speaking(Protocol::Both)
+                .with_mesh(true)
+        })
         .collect();
     Route::new(endpoints)
 }

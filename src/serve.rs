@@ -29,6 +29,7 @@
 
 pub mod activation;
 mod express;
+pub mod flood;
 pub mod guard;
 
 use std::convert::Infallible;
@@ -88,6 +89,11 @@ pub trait Handler: Clone + Send + Sync + 'static {
 
     /// Whether this handler takes body-less requests on the express lane.
     const EXPRESS: bool = false;
+
+    /// Whether this handler's listener also takes h2c with prior knowledge (told by the
+    /// connection preface). The express lane tells it too, so an [`EXPRESS`](Self::EXPRESS)
+    /// handler takes it either way.
+    const HTTP2: bool = false;
 
     /// The express lane's answer to a body-less request given as its head (see
     /// `proxy::express`); only asked when [`EXPRESS`](Self::EXPRESS).
@@ -151,6 +157,10 @@ impl<P: Proxy> Handler for P {
     }
 
     const EXPRESS: bool = P::EXPRESS;
+
+    /// Every proxy takes h2c next to HTTP/1.1 (a gateway's and a bridge's callers are other
+    /// proxies, which send HTTP/2 requests on over HTTP/2).
+    const HTTP2: bool = true;
 
     fn express(
         &self,
@@ -282,11 +292,11 @@ async fn serve_with<H: Handler>(
         // Windows that grow with the bandwidth-delay product: large gRPC messages (4 MiB by
         // default) would crawl through HTTP/2's 64 KiB default window.
         .adaptive_window(true)
-        .max_header_list_size(limits.max_head as u32)
         // A peer that stops answering (gone, or a client that sent the preface and nothing
         // since) is pinged and its connection closed, rather than held until the next drain.
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);
+    h2_limits(&mut h2, &limits);
     // Every connection task holds a sender; the drain ends when the last one is dropped.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     // Set when the drain starts; read by every response (an atomic load, where asking the
@@ -322,31 +332,45 @@ async fn serve_with<H: Handler>(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _open = open;
-            let conn = Conn {
-                peer,
-                peer_ip,
-                index: 0,
-                arrived: Instant::now(),
-                verdicts: Verdicts::default(),
-                drained,
-            };
-            let served = Served {
-                http,
-                h2,
-                recorder,
-                draining,
-                cancelled,
-                limits,
-            };
-            let Some(tls) = tls else {
-                serve_connection(stream, conn, handler, served).await;
+            // On the express lane, a connection that has sent nothing yet costs a small task:
+            // the lanes' state (read buffer, head parser, hyper's connection; on a mesh
+            // listener, the TLS handshake's) is allocated, boxed, once there are bytes to read.
+            // Many callers open connections to the agent long before they use them.
+            let opened = tokio::time::Instant::now();
+            if H::EXPRESS && !first_bytes(&stream, opened, &cancelled).await {
                 return;
-            };
-            match tls.accept(stream, peer).await {
-                Accepted::Tls(stream) => serve_connection(*stream, conn, handler, served).await,
-                Accepted::Plain(stream) => serve_connection(stream, conn, handler, served).await,
-                Accepted::Refused => {}
             }
+            Box::pin(async move {
+                let conn = Conn {
+                    peer,
+                    peer_ip,
+                    index: 0,
+                    arrived: Instant::now(),
+                    verdicts: Verdicts::default(),
+                    drained,
+                };
+                let served = Served {
+                    http,
+                    h2,
+                    recorder,
+                    draining,
+                    cancelled,
+                    limits,
+                    opened,
+                };
+                let Some(tls) = tls else {
+                    serve_connection(stream, conn, handler, served).await;
+                    return;
+                };
+                match tls.accept(stream, peer).await {
+                    Accepted::Tls(stream) => serve_connection(*stream, conn, handler, served).await,
+                    Accepted::Plain(stream) => {
+                        serve_connection(stream, conn, handler, served).await
+                    }
+                    Accepted::Refused => {}
+                }
+            })
+            .await;
         });
     }
     draining.store(true, Ordering::Relaxed);
@@ -369,10 +393,13 @@ struct Served {
     draining: Arc<AtomicBool>,
     cancelled: CancellationToken,
     limits: Limits,
+    /// When the connection was accepted: its first head is due [`HEADER_READ_TIMEOUT`] after.
+    opened: tokio::time::Instant,
 }
 
 /// Serves one accepted connection (a TCP one, or TLS over it on a mesh listener): on the
-/// express lane first when the handler takes it, then with hyper.
+/// express lane first when the handler takes it (or, on a listener without it that speaks
+/// HTTP/2, after a look at its first bytes for HTTP/2's preface), then with hyper.
 async fn serve_connection<H: Handler, S: Io>(
     mut stream: S,
     mut conn: Conn,
@@ -386,10 +413,12 @@ async fn serve_connection<H: Handler, S: Io>(
         draining,
         cancelled,
         limits,
+        opened,
     } = served;
     let mut rest = Vec::new();
     if H::EXPRESS {
         let lane = express::serve(
+            opened,
             &mut stream,
             &handler,
             &mut conn,
@@ -407,6 +436,16 @@ async fn serve_connection<H: Handler, S: Io>(
                 return;
             }
         }
+    } else if H::HTTP2 {
+        match express::sniff(&mut stream, &cancelled).await {
+            express::Sniffed::Closed => return,
+            express::Sniffed::Http1 { rest: read } => rest = read,
+            express::Sniffed::Http2 { rest } => {
+                let io = express::Rewind::new(stream, rest);
+                Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
+                return;
+            }
+        }
     }
     // The guard numbers the requests it sees from 0.
     let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
@@ -418,6 +457,29 @@ async fn serve_connection<H: Handler, S: Io>(
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for S {}
+
+/// Waits until `stream`, accepted at `opened`, has bytes to read (or has ended): whether it does
+/// within [`HEADER_READ_TIMEOUT`] of `opened`, or within [`DRAIN_IDLE_GRACE`] of the drain's
+/// start, as the express lane allows a connection that has not sent a whole head.
+async fn first_bytes(
+    stream: &tokio::net::TcpStream,
+    opened: tokio::time::Instant,
+    shutdown: &CancellationToken,
+) -> bool {
+    // A peek, not `readable()`: tokio takes an accepted stream as readable until a read says
+    // otherwise, and a peek is that read (it leaves the bytes for the lane).
+    let mut byte = [0u8; 1];
+    let readable = stream.peek(&mut byte);
+    tokio::pin!(readable);
+    tokio::select! {
+        biased;
+        ready = readable.as_mut() => ready.is_ok(),
+        () = tokio::time::sleep_until(opened + HEADER_READ_TIMEOUT) => false,
+        () = shutdown.cancelled() => {
+            matches!(tokio::time::timeout(DRAIN_IDLE_GRACE, readable).await, Ok(Ok(_)))
+        }
+    }
+}
 
 /// Serves a connection with hyper until it ends, draining on `cancelled`. `first` is the
 /// connection as the first request hyper serves will see it (the express lane may have served
@@ -478,16 +540,58 @@ async fn serve_hyper<H: Handler, S: Io>(
     }
 }
 
-/// Serves an HTTP/2 connection (h2c with prior knowledge; the express lane saw its preface)
-/// with hyper until it ends. Each request is the handler's as an HTTP/1.1 one would be, its
-/// `:authority` given as `Host`; there is no framing guard (HTTP/2 frames carry no ambiguous
-/// lengths). On drain the connection is told to go away (GOAWAY) and its streams in flight
-/// finish.
 /// How often an HTTP/2 connection is pinged (when idle), and how long a ping may go unanswered
 /// before the connection is closed.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Streams one HTTP/2 connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`);
+/// a client that opens more has them refused (`RST_STREAM` with `REFUSED_STREAM`). hyper's
+/// default is 200, NGINX's 128, Go's 250; RFC 9113 advises no less than 100. The inbound
+/// listener carries a whole peer node's HTTP/2 requests on one connection, so the limit is
+/// the number of concurrent gRPC calls between two nodes before the next wait for a slot.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Bytes of response data queued per stream ahead of the socket (hyper's default is ~400
+/// KiB). With [`H2_MAX_CONCURRENT_STREAMS`] this bounds what a client that stops reading can
+/// make one connection hold: 256 × 128 KiB = 32 MiB.
+pub const H2_MAX_SEND_BUF_SIZE: usize = 128 * 1024;
+/// Streams the client may reset before hyper has accepted them; one more and the connection
+/// ends with GOAWAY (`ENHANCE_YOUR_CALM`). h2's default, the rapid-reset (CVE-2023-44487)
+/// mitigation of hyper; resets of accepted streams are charged by [`flood`].
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset because of the client's errors (a malformed request, a
+/// stream over the concurrency limit) before the connection ends with GOAWAY
+/// (RUSTSEC-2024-0003). hyper's default.
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// How long the streams in flight on a connection that overdrew its control-frame budget
+/// ([`flood`]) have to finish after its GOAWAY, as in a drain.
+pub const H2_FLOOD_GRACE: Duration = DRAIN_TIMEOUT;
+/// How long a connection that flooded on after its GOAWAY (a second budget of debt) stays open
+/// before it is closed: time for the GOAWAY to be written.
+const H2_FLOOD_CLOSE: Duration = Duration::from_secs(1);
+
+/// The HTTP/2 abuse limits of every listener that speaks HTTP/2 (the README's "Limits on HTTP/2
+/// connections"). The header limit is the HTTP/1 head's, so both protocols take the same requests;
+/// h2 ends a connection with GOAWAY when a header block runs far over it or its CONTINUATION
+/// frames outnumber what the limit needs (CVE-2024-27316's flood).
+fn h2_limits(h2: &mut http2::Builder<TokioExecutor>, limits: &Limits) {
+    h2.max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX))
+        .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        // HTTP/2's defaults, stated: a 4 KiB HPACK table and 16 KiB frames.
+        .header_table_size(4096)
+        .max_frame_size(16 * 1024);
+}
+
+/// Serves an HTTP/2 connection (h2c with prior knowledge; the express lane saw its preface)
+/// with hyper until it ends. Each request is the handler's as an HTTP/1.1 one would be, its
+/// `:authority` given as `Host`; there is no framing guard (HTTP/2 frames carry no ambiguous
+/// lengths). On drain the connection is told to go away (GOAWAY) and its streams in flight
+/// finish. A connection that overdraws its control-frame budget ([`flood`]) is told to go
+/// away as well, its streams in flight given [`H2_FLOOD_GRACE`]; one that floods on is read no
+/// further and closed after [`H2_FLOOD_CLOSE`].
 async fn serve_h2<H: Handler, S: Io>(
     http: &http2::Builder<TokioExecutor>,
     io: express::Rewind<S>,
@@ -514,6 +618,7 @@ async fn serve_h2<H: Handler, S: Io>(
             Ok::<_, Infallible>(response)
         }
     });
+    let (io, tripwire) = flood::Metered::new(io);
     let connection = http.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -521,6 +626,20 @@ async fn serve_h2<H: Handler, S: Io>(
         () = cancelled.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
+        }
+        () = tripwire.overdrawn() => {
+            tracing::warn!(%peer, "HTTP/2 control-frame budget overdrawn; sending GOAWAY");
+            connection.as_mut().graceful_shutdown();
+            let flooding_on = async {
+                tripwire.exhausted().await;
+                tracing::warn!(%peer, "HTTP/2 control-frame flood after GOAWAY; closing");
+                tokio::time::sleep(H2_FLOOD_CLOSE).await;
+            };
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = flooding_on => return,
+                () = tokio::time::sleep(H2_FLOOD_GRACE) => return,
+            }
         }
     };
     if let Err(error) = result {

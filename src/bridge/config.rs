@@ -33,6 +33,7 @@ use crate::config::{
 };
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
+use crate::routing::Protocol;
 
 /// Settings of `skyline bridge`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -194,6 +195,15 @@ pub const FILE: &[Section] = &[
                 },
                 "The Service's port.",
             ),
+            file_only(
+                "protocol",
+                "`\"http1\"` or `\"h2c\"`",
+                Value::Example {
+                    toml: "\"h2c\"",
+                    default: "h2c for gRPC calls, else http1",
+                },
+                "What the Service speaks: `h2c` (HTTP/2 only, a gRPC server) gets every request over HTTP/2, an HTTP/1.1 caller's too; `http1` every request over HTTP/1.1. Without it gRPC calls go over h2c and the rest over HTTP/1.1.",
+            ),
         ],
     },
     Section {
@@ -246,6 +256,9 @@ struct ServiceSection {
     namespace: Option<String>,
     /// The port of this service [default: the bridge's].
     port: Option<u16>,
+    /// What this service's Kubernetes Service speaks, `http1` or `h2c` [default: h2c for gRPC
+    /// calls, else http1].
+    protocol: Option<Spanned<String>>,
 }
 
 /// The first `nameserver` of /etc/resolv.conf, port 53; 127.0.0.1:53 when there is none.
@@ -294,12 +307,25 @@ impl BridgeArgs {
         }
         let mut overrides = BTreeMap::new();
         for (service, o) in file.services {
+            let protocol = match o.protocol {
+                None => None,
+                Some(text) => match text.get_ref().as_str() {
+                    "http1" => Some(Protocol::Http1),
+                    "h2c" => Some(Protocol::H2c),
+                    _ => {
+                        let key = format!("services.{service}.protocol");
+                        let at = Some(text.span().start);
+                        return Err(src.at(at, &key, "must be \"http1\" or \"h2c\""));
+                    }
+                },
+            };
             overrides.insert(
                 service,
                 Override {
                     name: o.name,
                     namespace: o.namespace,
                     port: o.port,
+                    protocol,
                 },
             );
         }

@@ -1,10 +1,12 @@
 //! HTTP/2 over cleartext (h2c, prior knowledge) toward the next hop: one multiplexed connection
 //! per endpoint address, shared by every HTTP/2 request to it.
 //!
-//! The forwarder sends a request the client made over HTTP/2 this way when the endpoint speaks
-//! h2c: another agent's inbound proxy, or an instance registered with meta `protocol = "h2c"`
-//! (or tag `h2c`; see `routing::speaks_h2c`). HTTP/2 keeps what HTTP/1.1 cannot carry through
-//! a hop, trailers above all, which gRPC's status travels in.
+//! The forwarder sends a request this way by what the endpoint speaks (`routing::Protocol`): a
+//! request the client made over HTTP/2 to another Skyline proxy (an agent's inbound, a gateway,
+//! a bridge), and every request (an HTTP/1.1 caller's too) to an instance registered with meta
+//! `protocol = "h2c"` or tag `h2c` (see `routing::protocol_of`), or to a Kubernetes Service the
+//! bridge sends h2c (see `bridge::Names::protocol`). HTTP/2 keeps what HTTP/1.1 cannot carry
+//! through a hop, trailers above all, which gRPC's status travels in.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -16,7 +16,7 @@ use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, known_service, service_label};
-use crate::routing::{Lookup, Route, Routes};
+use crate::routing::{Lookup, Protocol, Route, Routes};
 use crate::serve::{Conn, Proxy};
 
 #[derive(Clone)]
@@ -104,6 +104,11 @@ impl Proxy for Inbound {
         let Ok((route, known)) = self.local_route(name) else {
             return Verdict::Decline;
         };
+        // An instance that speaks only h2c gets the request over HTTP/2, which hyper's path
+        // sends; the express lane writes HTTP/1.1.
+        if route.endpoints.iter().any(|e| e.protocol == Protocol::H2c) {
+            return Verdict::Decline;
+        }
         // The instance's target is the rest of the client's (a slice of it), or `/` and the
         // query when the rest is empty.
         let target: Cow<'_, str> = match (rest.is_empty(), query) {

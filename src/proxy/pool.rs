@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -35,7 +35,50 @@ pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 /// A forwarded request's body: the client's, streamed, or one held in memory (a body-less or
 /// buffered request, which can be sent again).
-pub type RequestBody = Either<super::Streamed, Full<Bytes>>;
+pub type RequestBody = Either<super::Streamed, Buffered>;
+
+/// A request body held in memory: its bytes and the trailers that followed them (an HTTP/2
+/// client, gRPC's for one, may send trailers after a small body too).
+#[derive(Clone, Debug, Default)]
+pub struct Buffered {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Buffered {
+    pub fn new(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self { data, trailers }
+    }
+
+    /// No bytes, no trailers.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+}
+
+impl Body for Buffered {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if !self.data.is_empty() {
+            let data = std::mem::take(&mut self.data);
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.len() as u64)
+    }
+}
 
 /// A request kept so it can be sent again: its head and its whole (small) body.
 #[derive(Debug)]
@@ -44,13 +87,13 @@ pub struct Replay {
     uri: Uri,
     version: Version,
     headers: HeaderMap,
-    body: Bytes,
+    body: Buffered,
 }
 
 impl Replay {
     /// Keeps `req`'s head and `body`, when resending is safe: an idempotent method
     /// (RFC 9110 §9.2.2).
-    pub fn of(req: &Request<RequestBody>, body: Bytes) -> Option<Self> {
+    pub fn of(req: &Request<RequestBody>, body: Buffered) -> Option<Self> {
         is_idempotent(req.method()).then(|| Self {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -63,7 +106,7 @@ impl Replay {
     /// Keeps `req`'s head and `body` whatever its method: a copy to send on only when a later
     /// hop answers that it never forwarded the request (never handed to [`Pool::send`], which
     /// replays on its own).
-    pub fn unsent_copy(req: &Request<RequestBody>, body: Bytes) -> Self {
+    pub fn unsent_copy(req: &Request<RequestBody>, body: Buffered) -> Self {
         Self {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -75,7 +118,7 @@ impl Replay {
 
     /// The request again.
     pub fn request(&self) -> Request<RequestBody> {
-        let mut req = Request::new(Either::Right(Full::new(self.body.clone())));
+        let mut req = Request::new(Either::Right(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;

@@ -3,23 +3,24 @@
 //! to — its local instances directly, and other nodes' inbound proxies as
 //! `/service/<name><path>` (which probes the node's instances through it). An endpoint that fails
 //! `unhealthy` probes in a row is taken out of rotation until it passes `healthy` in a row; when
-//! every endpoint of a route is out, the route panics and uses all of them.
+//! every endpoint of a route is out, the route panics and uses all of them. An instance that
+//! speaks only h2c is probed over HTTP/2, the rest over HTTP/1.1.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, header};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{BodyExt, Either};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::POOL_IDLE_TIMEOUT;
-use super::pool::{Limits, Pool};
+use super::h2::H2Pool;
+use super::pool::{Buffered, Limits, Pool};
 use super::resilience::{Probe, SharedPolicies};
 use crate::catalog::ServiceName;
-use crate::routing::{Endpoint, Route, Routes};
+use crate::routing::{Endpoint, Protocol, Route, Routes};
 use crate::tls::MeshTls;
 
 /// How often the prober looks for probes that are due.
@@ -32,7 +33,10 @@ pub async fn run(
     tls: Option<MeshTls>,
     shutdown: CancellationToken,
 ) {
-    let pool = Pool::with_tls(POOL_IDLE_TIMEOUT, tls);
+    let pool = Pools {
+        http1: Pool::with_tls(POOL_IDLE_TIMEOUT, tls.clone()),
+        h2: H2Pool::with_tls(tls),
+    };
     let mut due: HashMap<ServiceName, Instant> = HashMap::new();
     loop {
         tokio::select! {
@@ -76,7 +80,14 @@ pub async fn run(
     }
 }
 
-fn spawn_probes(pool: &Pool, route: &Route, target: &str, probe: &Probe, service: &ServiceName) {
+/// The prober's connections: HTTP/1.1, and HTTP/2 for instances that speak only h2c.
+#[derive(Clone)]
+struct Pools {
+    http1: Pool,
+    h2: H2Pool,
+}
+
+fn spawn_probes(pool: &Pools, route: &Route, target: &str, probe: &Probe, service: &ServiceName) {
     for endpoint in route.endpoints.iter() {
         let (pool, endpoint, probe) = (pool.clone(), endpoint.clone(), probe.clone());
         let (target, service) = (target.to_owned(), service.clone());
@@ -99,8 +110,8 @@ fn spawn_probes(pool: &Pool, route: &Route, target: &str, probe: &Probe, service
 }
 
 /// One probe: a 2xx or 3xx answer within the timeout passes.
-async fn check(pool: &Pool, endpoint: &Endpoint, target: &str, probe: &Probe) -> bool {
-    let Ok(mut req) = Request::get(target).body(Either::Right(Full::new(Bytes::new()))) else {
+async fn check(pool: &Pools, endpoint: &Endpoint, target: &str, probe: &Probe) -> bool {
+    let Ok(mut req) = Request::get(target).body(Either::Right(Buffered::empty())) else {
         return false;
     };
     let headers = req.headers_mut();
@@ -115,7 +126,14 @@ async fn check(pool: &Pool, endpoint: &Endpoint, target: &str, probe: &Probe) ->
         mesh: endpoint.mesh,
     };
     let answer = async {
-        let response = pool.send(endpoint.addr, req, None, limits).await.ok()?;
+        let response = if endpoint.protocol == Protocol::H2c {
+            pool.h2.send(endpoint.addr, req, limits).await.ok()?
+        } else {
+            pool.http1
+                .send(endpoint.addr, req, None, limits)
+                .await
+                .ok()?
+        };
         let ok = response.status().is_success() || response.status().is_redirection();
         // Read to the end, so the connection goes back to the pool.
         response.into_body().collect().await.ok()?;
@@ -125,4 +143,52 @@ async fn check(pool: &Pool, endpoint: &Endpoint, target: &str, probe: &Probe) ->
         tokio::time::timeout(probe.timeout, answer).await,
         Ok(Some(true))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::Response;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    use super::*;
+
+    /// A server that speaks only HTTP/2 (h2c with prior knowledge) and answers 200.
+    async fn h2_only() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_h2c_only_instance_is_probed_over_http2_and_passes() {
+        let addr = h2_only().await;
+        let pools = Pools {
+            http1: Pool::new(POOL_IDLE_TIMEOUT),
+            h2: H2Pool::default(),
+        };
+        let probe = Probe {
+            timeout: Duration::from_secs(2),
+            ..Probe::default()
+        };
+        let h2c = Endpoint::new(addr, 1).speaking(Protocol::H2c);
+        assert!(check(&pools, &h2c, "/health", &probe).await);
+        // The same server probed over HTTP/1.1 fails: the protocol is what made it pass.
+        let http1 = Endpoint::new(addr, 1);
+        assert!(!check(&pools, &http1, "/health", &probe).await);
+    }
 }

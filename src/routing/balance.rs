@@ -308,10 +308,10 @@ pub struct Endpoint {
     #[serde(skip)]
     pub host: HeaderValue,
     pub weight: u32,
-    /// The endpoint speaks HTTP/2 over cleartext (h2c) with prior knowledge: a request that
-    /// came over HTTP/2 goes to it over HTTP/2 (see `proxy::h2`).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub h2c: bool,
+    /// What the endpoint speaks: HTTP/1.1, h2c (HTTP/2 over cleartext with prior knowledge,
+    /// see `proxy::h2`), or both (another Skyline proxy).
+    #[serde(skip_serializing_if = "Protocol::is_http1")]
+    pub protocol: Protocol,
     /// The endpoint is a mesh proxy (an inbound listener, a gateway, a bridge), not an
     /// application: with mesh TLS on, hops to it are mTLS (see `tls`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -328,7 +328,7 @@ impl PartialEq for Endpoint {
     fn eq(&self, other: &Self) -> bool {
         self.addr == other.addr
             && self.weight == other.weight
-            && self.h2c == other.h2c
+            && self.protocol == other.protocol
             && self.mesh == other.mesh
     }
 }
@@ -344,15 +344,15 @@ impl Endpoint {
             addr,
             host,
             weight,
-            h2c: false,
+            protocol: Protocol::Http1,
             mesh: false,
             state: Arc::default(),
         }
     }
 
-    /// This endpoint, speaking h2c when `h2c`.
-    pub fn with_h2c(mut self, h2c: bool) -> Self {
-        self.h2c = h2c;
+    /// This endpoint, speaking `protocol`.
+    pub fn speaking(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
         self
     }
 
@@ -360,6 +360,39 @@ impl Endpoint {
     pub fn with_mesh(mut self, mesh: bool) -> Self {
         self.mesh = mesh;
         self
+    }
+}
+
+/// The HTTP versions an endpoint speaks, which decide how a request is sent to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 only: every request goes over HTTP/1.1 (an instance registered with no
+    /// protocol, or with `http1`).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge only: every request goes over HTTP/2, an
+    /// HTTP/1.1 caller's too (an instance registered with `h2c`: a gRPC server, say). An
+    /// upgrade (WebSocket) still goes over HTTP/1.1, which alone can carry it.
+    H2c,
+    /// Both, on one port: a Skyline proxy (an inbound, a gateway, a bridge). A request goes on
+    /// in the version it came in, so an HTTP/2 request keeps its trailers.
+    Both,
+}
+
+impl Protocol {
+    pub fn is_http1(&self) -> bool {
+        *self == Protocol::Http1
+    }
+
+    /// Whether a request that came in HTTP/2 (`http2`), or is an upgrade (`upgrade`), goes to
+    /// an endpoint speaking this over HTTP/2.
+    pub fn sends_h2(self, http2: bool, upgrade: bool) -> bool {
+        match self {
+            Protocol::Http1 => false,
+            Protocol::H2c => !upgrade,
+            Protocol::Both => http2,
+        }
     }
 }
 

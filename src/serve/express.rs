@@ -64,8 +64,56 @@ fn preface(buf: &[u8]) -> Preface {
     }
 }
 
-/// Serves `stream` on the express lane until it ends or a request needs hyper.
+/// What a connection's first bytes said, for a listener without the express lane.
+pub(super) enum Sniffed {
+    /// Closed (or the listener is shutting down) before a byte came.
+    Closed,
+    /// HTTP/1 (or bytes that are not HTTP/2's preface): the guard and hyper's HTTP/1 server
+    /// take it, starting with `rest`.
+    Http1 { rest: Vec<u8> },
+    /// HTTP/2's client preface: hyper's HTTP/2 server takes it, starting with `rest`.
+    Http2 { rest: Vec<u8> },
+}
+
+/// Reads a connection's first bytes until they tell HTTP/2's preface from HTTP/1, within
+/// [`HEADER_READ_TIMEOUT`] (the express lane does the same as it reads the first head). A
+/// connection silent until then is closed; on a timeout or a close after a few bytes, the
+/// bytes go to HTTP/1, which answers or closes as it would have.
+pub(super) async fn sniff<S: super::Io>(stream: &mut S, shutdown: &CancellationToken) -> Sniffed {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
+    let mut timer = pin!(timer);
+    loop {
+        if !buf.is_empty() {
+            match preface(&buf) {
+                Preface::Http2 => return Sniffed::Http2 { rest: buf },
+                Preface::No => return Sniffed::Http1 { rest: buf },
+                Preface::Unsure => {}
+            }
+        }
+        tokio::select! {
+            biased;
+            read = stream.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) if buf.is_empty() => return Sniffed::Closed,
+                Ok(0) | Err(_) => return Sniffed::Http1 { rest: buf },
+                Ok(_) => {}
+            },
+            () = shutdown.cancelled(), if buf.is_empty() => return Sniffed::Closed,
+            () = timer.as_mut() => {
+                // Silent all along: closed, as hyper's header read timeout would.
+                if buf.is_empty() {
+                    return Sniffed::Closed;
+                }
+                return Sniffed::Http1 { rest: buf };
+            }
+        }
+    }
+}
+
+/// Serves `stream` on the express lane until it ends or a request needs hyper. The connection
+/// was accepted at `opened`: its first head is due [`HEADER_READ_TIMEOUT`] after that.
 pub(super) async fn serve<H: Handler, S: super::Io>(
+    opened: tokio::time::Instant,
     stream: &mut S,
     handler: &H,
     conn: &mut Conn,
@@ -78,7 +126,8 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
     let mut cancelled = pin!(shutdown.cancelled());
     let mut drain_seen = false;
     // One timer for the connection's whole life, moved on lazily (see `read_head`).
-    let mut timer = pin!(tokio::time::sleep(HEADER_READ_TIMEOUT));
+    let mut deadline = opened + HEADER_READ_TIMEOUT;
+    let mut timer = pin!(tokio::time::sleep_until(deadline));
     // Only a connection's first bytes can be HTTP/2's preface.
     let mut sniff = true;
     loop {
@@ -88,7 +137,7 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
             drain_seen: &mut drain_seen,
             timer: timer.as_mut(),
         };
-        let read = read_head(stream, &mut buf, &mut reader, wait, &mut sniff);
+        let read = read_head(stream, &mut buf, &mut reader, wait, deadline, &mut sniff);
         let end = match read.await {
             Read::Head(end) => end,
             Read::Http2 => return End::Http2 { rest: buf },
@@ -152,6 +201,7 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
             return End::Closed;
         }
         buf.drain(..end);
+        deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     }
 }
 
@@ -186,8 +236,9 @@ struct Wait<'a, 'c> {
 /// Reads until `buf` starts with a whole request head, checking each piece once as it arrives
 /// (a client sending its head a byte at a time costs linear work, not quadratic).
 ///
-/// The next head must be whole within [`HEADER_READ_TIMEOUT`] of the wait's start, idle time
-/// included, as hyper's `header_read_timeout` does: a client may not hold a connection open
+/// The next head must be whole by `deadline` ([`HEADER_READ_TIMEOUT`] after the last answer, or
+/// after the accept for the connection's first head), idle time included, as hyper's
+/// `header_read_timeout` does: a client may not hold a connection open
 /// without sending. Once the drain starts, an idle connection has [`DRAIN_IDLE_GRACE`]. The
 /// connection's one timer is only moved when it fires early, so a request costs a clock read,
 /// not a timer.
@@ -196,6 +247,7 @@ async fn read_head<S: super::Io>(
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
     wait: Wait<'_, '_>,
+    mut deadline: tokio::time::Instant,
     sniff: &mut bool,
 ) -> Read {
     let Wait {
@@ -203,7 +255,6 @@ async fn read_head<S: super::Io>(
         drain_seen,
         mut timer,
     } = wait;
-    let mut deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     loop {
         if *sniff && !buf.is_empty() {
             match preface(buf) {

@@ -173,6 +173,18 @@ fn check_refuses_a_bad_file_with_its_line_and_key_and_exit_status_1() {
         ),
         ("bridge", "[bridge]\nmax_hops = 0\n", 2, "bridge.max_hops"),
         ("bridge", "[bridge]\nport = \"http\"\n", 2, "bridge.port"),
+        (
+            "bridge",
+            "[services.giphy]\n\nprotocol = \"spdy\"\n",
+            3,
+            "services.giphy.protocol",
+        ),
+        (
+            "agent",
+            "[[service]]\nname = \"a\"\nport = 1\nmeta = { protocol = \"grpc\" }\n",
+            4,
+            "service.meta.protocol",
+        ),
     ] {
         let path = dir.path().join(format!("{role}.toml"));
         std::fs::write(&path, text).unwrap();

@@ -440,3 +440,32 @@ async fn the_gateway_counts_its_requests_and_refused_policy_reloads_in_metrics()
         0.0
     );
 }
+
+/// The gateway takes HTTP/2 (an agent's catch-all forwards gRPC to it) with the agent's HTTP/2
+/// limits: a PING flood ends with GOAWAY long before the flood does, and forwards nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_http2_connections_have_the_abuse_limits_a_ping_flood_gets_goaway() {
+    use crate::h2_abuse::{PING, frame, opening, read_frames};
+    use tokio::io::AsyncWriteExt;
+    let s = Setup::start(BTreeMap::new()).await;
+    let hits_before = s.mesos.hits() + s.kubernetes.hits();
+    let stream = tokio::net::TcpStream::connect(s.gateway.addr)
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    let reader = tokio::spawn(read_frames(read, Duration::from_secs(20)));
+    write.write_all(&opening()).await.unwrap();
+    // 200 batches of 100 PINGs: 20 000 frames, 20 times the control-frame budget.
+    for batch in 0u64..200 {
+        let pings: Vec<u8> = (0..100u64)
+            .flat_map(|k| frame(PING, 0, 0, &(batch * 100 + k).to_be_bytes()))
+            .collect();
+        if write.write_all(&pings).await.is_err() {
+            break; // closed by the gateway
+        }
+    }
+    let seen = reader.await.unwrap();
+    assert!(seen.goaway.is_some(), "no GOAWAY: {seen:?}");
+    assert!(seen.acks < 10_000, "{} PINGs answered", seen.acks);
+    assert_eq!(s.mesos.hits() + s.kubernetes.hits(), hits_before);
+}

@@ -152,8 +152,10 @@ async fn grpc_server(ip: &str, stop: CancellationToken) -> SocketAddr {
     addr
 }
 
-/// An HTTP/2-only (h2c prior knowledge) server on `ip` that answers `h2 <path-and-query>` and
-/// refuses anything but HTTP/2: the test's proof that the last hop spoke HTTP/2 to it.
+/// An HTTP/2-only (h2c prior knowledge) server on `ip` that answers `h2 <version>
+/// <path-and-query>`, then ` grpc-timeout=<value>`, ` body=<body>` and
+/// ` trailers=<name>=<value>,...` when the request had them, and refuses anything but HTTP/2: the test's proof that the last hop spoke HTTP/2
+/// to it.
 async fn h2_only_server(ip: &str, stop: CancellationToken) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind((self::ip(ip), 0))
         .await
@@ -166,11 +168,36 @@ async fn h2_only_server(ip: &str, stop: CancellationToken) -> SocketAddr {
                 accepted = listener.accept() => accepted.unwrap(),
             };
             let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                let text = format!(
+                let mut text = format!(
                     "h2 {:?} {}",
                     req.version(),
                     req.uri().path_and_query().map_or("/", |p| p.as_str())
                 );
+                if let Some(timeout) = req.headers().get("grpc-timeout") {
+                    text.push_str(&format!(" grpc-timeout={}", timeout.to_str().unwrap()));
+                }
+                let body = match req.into_body().collect().await {
+                    Ok(body) => body,
+                    Err(e) => {
+                        let failed = Full::new(Bytes::from(format!("body failed: {e}")));
+                        return Ok::<_, Infallible>(Response::new(failed));
+                    }
+                };
+                let trailers = body.trailers().map(|t| {
+                    let mut all: Vec<String> = t
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+                        .collect();
+                    all.sort();
+                    all.join(",")
+                });
+                let bytes = body.to_bytes();
+                if !bytes.is_empty() {
+                    text.push_str(&format!(" body={}", String::from_utf8_lossy(&bytes)));
+                }
+                if let Some(trailers) = trailers {
+                    text.push_str(&format!(" trailers={trailers}"));
+                }
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
             });
             tokio::spawn(
@@ -197,6 +224,11 @@ struct GrpcMesh {
 
 impl GrpcMesh {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// The mesh, node a's agent with `catch_all` as its catch-all when given.
+    async fn start_with(catch_all: Option<&str>) -> Self {
         let stop = CancellationToken::new();
         let grpc = grpc_server("127.0.0.3", stop.clone()).await;
         let h2web = h2_only_server("127.0.0.3", stop.clone()).await;
@@ -247,6 +279,11 @@ impl GrpcMesh {
                 "--catalog-file",
                 catalog.to_str().unwrap(),
             ];
+            let mut args = args.to_vec();
+            let flag = catch_all.map(|c| format!("--catch-all={c}"));
+            if let (Some(flag), "a") = (&flag, node) {
+                args.push(flag.as_str());
+            }
             let mut agent = Skyline::start(&args, &[]);
             let started = agent.log.wait_for("agent started").await;
             let inbound: SocketAddr = started["inbound"].as_str().unwrap().parse().unwrap();
@@ -315,16 +352,15 @@ fn request(message: &str) -> EchoRequest {
 
 /// `curl --http2-prior-knowledge` of `url`: the status line's protocol and status, and the body.
 async fn curl_h2(url: &str) -> (String, String) {
+    curl(&["--http2-prior-knowledge"], url).await
+}
+
+/// `curl <args> <url>` as a process: the status line's protocol and status, and the body.
+async fn curl(args: &[&str], url: &str) -> (String, String) {
     let out = tokio::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "--http2-prior-knowledge",
-            "-D",
-            "-",
-            url,
-        ])
+        .args(["-sS", "--max-time", "10", "-D", "-"])
+        .args(args)
+        .arg(url)
         .output()
         .await
         .unwrap();
@@ -630,4 +666,537 @@ async fn garbage_after_the_http2_preface_closes_the_connection_and_reaches_no_in
     );
     assert_eq!(mesh.web.hits(), hits, "nothing reached the instance");
     mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_caller_reaches_an_h2c_only_instance_which_answers_over_http2() {
+    let mesh = GrpcMesh::start().await;
+    // curl speaking HTTP/1.1: a body-less GET (the express lane at the outbound proxy) and a
+    // POST with a body (hyper's path); the h2c-only server sees HTTP/2 and answers both.
+    let url = format!("http://{}/service/h2web/x?y=1", mesh.outbound_a);
+    let (status, body) = curl(&["--http1.1"], &url).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "h2 HTTP/2.0 /x?y=1");
+    let (status, body) = curl(&["--http1.1", "--data-binary", "hello"], &url).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "h2 HTTP/2.0 /x?y=1 body=hello");
+    // A chunked body of unknown length too.
+    let (status, body) = curl(
+        &[
+            "--http1.1",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "in chunks",
+        ],
+        &url,
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "h2 HTTP/2.0 /x?y=1 body=in chunks");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_reaches_an_http1_instance_with_its_request_body() {
+    let mesh = GrpcMesh::start().await;
+    let url = format!("http://{}/service/web/sink", mesh.outbound_a);
+    let (status, body) = curl(&["--http2-prior-knowledge", "--data-binary", "12345"], &url).await;
+    assert_eq!(status, "HTTP/2 200");
+    assert_eq!(body, "5", "the HTTP/1.1-only instance read the 5-byte body");
+    let seen = mesh.web.seen().pop().unwrap();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.body_len, 5);
+    mesh.stop().await;
+}
+
+/// An HTTP/2 request to node a's outbound listener with body `hello` and trailer
+/// `x-check: done`, its `content-length` declared when `declared`; the answer's body.
+async fn send_with_trailers(outbound: &str, path: &str, declared: bool) -> String {
+    let stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-check", "done".parse().unwrap());
+    let frames = vec![
+        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"hello"))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    let mut req = Request::post(format!("http://{outbound}{path}"));
+    if declared {
+        req = req.header("content-length", "5");
+    }
+    let response = sender.send_request(req.body(body).unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_after_a_small_http2_body_reach_the_instance_when_a_catch_all_is_set() {
+    // With a catch-all the outbound proxy keeps a small body of declared length in memory, to
+    // send it on to the catch-all should the instance's node not forward it: the trailers
+    // that followed the body are kept with it.
+    let mesh = GrpcMesh::start_with(Some("127.0.0.1:9")).await;
+    for declared in [true, false] {
+        let body = send_with_trailers(&mesh.outbound_a, "/service/h2web/t", declared).await;
+        assert_eq!(
+            body, "h2 HTTP/2.0 /t body=hello trailers=x-check=done",
+            "content-length declared: {declared}"
+        );
+    }
+    // gRPC through that agent, with a catch-all set, still ends with its status.
+    let mut client = mesh.client("grpc-echo").await;
+    assert_eq!(
+        client.unary(request("hi")).await.unwrap().get_ref().message,
+        "hi"
+    );
+    mesh.stop().await;
+}
+
+// === Outbound → gateway → bridge → cluster service ===
+
+/// The catch-all path as processes: an agent for node a (127.0.0.2) whose catalog knows no
+/// service and whose catch-all is a gateway (127.0.0.6, an empty catalog), whose Kubernetes
+/// tier is a bridge (127.0.0.4), which resolves names through dnsmasq to the "cluster"
+/// (127.0.0.5): `grpc-echo` (tonic; no protocol configured: gRPC calls go over h2c), `h2web`
+/// (HTTP/2 only, `protocol = "h2c"` in the bridge's file), `web` (an HTTP/1.1 TestApp) and
+/// `grpc-down` (a port that refuses connections).
+struct ClusterGrpc {
+    _dir: tempfile::TempDir,
+    _dns: crate::upgrade::ClusterDns,
+    processes: Vec<Skyline>,
+    outbound: String,
+    web: TestApp,
+    stop: CancellationToken,
+}
+
+impl ClusterGrpc {
+    async fn start() -> Self {
+        let stop = CancellationToken::new();
+        let grpc = grpc_server("127.0.0.5", stop.clone()).await;
+        let h2web = h2_only_server("127.0.0.5", stop.clone()).await;
+        let web = TestApp::spawn("web@k8s", ip("127.0.0.5"));
+        // A port that refuses connections: bound, then closed.
+        let down = std::net::TcpListener::bind("127.0.0.5:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let dns = crate::upgrade::ClusterDns::start(&[
+            ("grpc-echo.default.svc.cluster.local", "127.0.0.5"),
+            ("h2web.default.svc.cluster.local", "127.0.0.5"),
+            ("web.default.svc.cluster.local", "127.0.0.5"),
+            ("grpc-down.default.svc.cluster.local", "127.0.0.5"),
+        ])
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let bridge_file = dir.path().join("bridge.toml");
+        std::fs::write(
+            &bridge_file,
+            format!(
+                "[bridge]\nport = {}\n\n[services.h2web]\nport = {}\nprotocol = \"h2c\"\n\n\
+                 [services.web]\nport = {}\n\n[services.grpc-down]\nport = {}\n",
+                grpc.port(),
+                h2web.port(),
+                web.addr.port(),
+                down.port()
+            ),
+        )
+        .unwrap();
+        let mut bridge = Skyline::start(
+            &[
+                "bridge",
+                &format!("--config={}", bridge_file.display()),
+                "--listen=127.0.0.4:0",
+                "--admin=off",
+                &format!("--dns={}", dns.addr),
+                "--gateways=127.0.0.1:9",
+            ],
+            &[],
+        );
+        let started = bridge.log.wait_for("bridge started").await;
+        let bridge_addr = started["listen"].as_str().unwrap().to_owned();
+
+        let empty = dir.path().join("empty.toml");
+        write_atomically(
+            &empty,
+            &skyline::catalog::file::render(&skyline::catalog::Snapshot::default()),
+        );
+        let mut gateway = Skyline::start(
+            &[
+                "gateway",
+                "--listen=127.0.0.6:0",
+                "--admin=off",
+                &format!("--catalog-file={}", empty.display()),
+                &format!("--bridges={bridge_addr}"),
+            ],
+            &[],
+        );
+        let started = gateway.log.wait_for("gateway started").await;
+        let gateway_addr = started["gateway"].as_str().unwrap().to_owned();
+
+        let catalog = dir.path().join("catalog.toml");
+        std::fs::write(
+            &catalog,
+            "[[node]]\nname = \"a\"\naddress = \"127.0.0.2\"\n",
+        )
+        .unwrap();
+        let mut agent = Skyline::start(
+            &[
+                "agent",
+                "--node-name",
+                "a",
+                "--node-address",
+                "127.0.0.2",
+                "--outbound",
+                "127.0.0.2:0",
+                "--inbound",
+                "127.0.0.2:0",
+                "--admin",
+                "off",
+                "--catalog",
+                "file",
+                "--catalog-file",
+                catalog.to_str().unwrap(),
+                &format!("--catch-all={gateway_addr}"),
+            ],
+            &[],
+        );
+        let started = agent.log.wait_for("agent started").await;
+        let outbound = started["outbound"].as_str().unwrap().to_owned();
+        let path = ClusterGrpc {
+            _dir: dir,
+            _dns: dns,
+            processes: vec![agent, gateway, bridge],
+            outbound,
+            web,
+            stop,
+        };
+        // Bounded: until the whole path answers.
+        let client = Client::new();
+        let url = format!("http://{}/service/web/", path.outbound);
+        for _ in 0..400 {
+            if let Ok(reply) = client.get_result(&url).await {
+                if reply.status == 200 {
+                    return path;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the catch-all path never reached web");
+    }
+
+    /// A gRPC client of `service` through the agent's outbound listener.
+    async fn client(&self, service: &str) -> EchoClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.outbound))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let origin = format!("http://{}/service/{service}", self.outbound)
+            .parse()
+            .unwrap();
+        EchoClient::with_origin(channel, origin)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    async fn stop(self) {
+        for process in &self.processes {
+            process.sigterm();
+        }
+        for process in self.processes {
+            process.exited_cleanly().await;
+        }
+        self.stop.cancel();
+        self.web.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_every_streaming_kind_cross_outbound_gateway_and_bridge_with_their_statuses()
+{
+    let path = ClusterGrpc::start().await;
+    let mut client = path.client("grpc-echo").await;
+    let reply = client.unary(request("hello")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "hello");
+
+    let call = EchoRequest {
+        count: 3,
+        ..request("tick")
+    };
+    let mut stream = client.server_stream(call).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(reply) = stream.message().await.unwrap() {
+        got.push(reply.message);
+    }
+    assert_eq!(got, ["tick #0", "tick #1", "tick #2"]);
+    let trailers = stream.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+
+    let uploads = (0..10).map(|i| EchoRequest {
+        payload: vec![7; 1000],
+        ..request(&i.to_string())
+    });
+    let reply = client
+        .client_stream(tokio_stream::iter(uploads))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.message, "10 requests, 10000 bytes");
+
+    // Each reply comes back before the next request is sent, through all three proxies.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client
+        .bidi(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..5u32 {
+        tx.send(request(&format!("ping {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .expect("a reply before the next request")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.message, format!("echo ping {i}"));
+        assert_eq!(reply.index, i);
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+
+    // The server's error statuses, in trailers-only answers and after messages.
+    let failing = EchoRequest {
+        fail_with: Code::PermissionDenied as i32,
+        ..request("no entry for you")
+    };
+    let status = client.unary(failing).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "no entry for you");
+    assert!(status.metadata().get("x-skyline-error").is_none());
+    let call = EchoRequest {
+        count: 2,
+        fail_with: Code::ResourceExhausted as i32,
+        ..request("quota")
+    };
+    let mut stream = client.server_stream(call).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().message, "quota #0");
+    assert_eq!(stream.message().await.unwrap().unwrap().message, "quota #1");
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.message(), "quota");
+    path.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_6_mib_grpc_message_crosses_outbound_gateway_and_bridge_both_ways_intact() {
+    let path = ClusterGrpc::start().await;
+    let mut client = path.client("grpc-echo").await;
+    let payload: Vec<u8> = (0..6 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let big = EchoRequest {
+        payload: payload.clone(),
+        ..request("big")
+    };
+    let started = std::time::Instant::now();
+    let reply = client.unary(big).await.unwrap().into_inner();
+    eprintln!(
+        "6 MiB each way through three proxies: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.payload.len(), payload.len());
+    assert!(
+        reply.payload == payload,
+        "the 6 MiB payload comes back intact"
+    );
+    path.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_deadlines_expire_through_outbound_gateway_and_bridge_as_deadline_exceeded() {
+    let path = ClusterGrpc::start().await;
+    // The mesh's deadline (`x-skyline-timeout-ms`) ...
+    let mut slow = tonic::Request::new(EchoRequest {
+        delay_ms: 5_000,
+        ..request("slow")
+    });
+    slow.metadata_mut()
+        .insert("x-skyline-timeout-ms", "300".parse().unwrap());
+    let started = std::time::Instant::now();
+    let status = path
+        .client("grpc-echo")
+        .await
+        .unary(slow)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "upstream-timeout"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // ... and gRPC's own `grpc-timeout`, sent by hand (tonic's client would time out first).
+    let stream = tokio::net::TcpStream::connect(&path.outbound)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let message = prost::Message::encode_to_vec(&EchoRequest {
+        delay_ms: 5_000,
+        ..request("slow")
+    });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let req = Request::post(format!(
+        "http://{}/service/grpc-echo/skyline.test.Echo/Unary",
+        path.outbound
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "300m")
+    .body(Full::new(Bytes::from(frame)))
+    .unwrap();
+    let started = std::time::Instant::now();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let h = response.headers();
+    assert_eq!(h["grpc-status"], "4", "{h:?}");
+    assert_eq!(h["x-skyline-error"], "upstream-timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    path.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_callers_reach_http1_and_h2c_only_cluster_services_through_gateway_and_bridge()
+ {
+    let path = ClusterGrpc::start().await;
+    // HTTP/1.1 all the way to the bridge, then HTTP/2 to the h2c-only Service.
+    let url = format!("http://{}/service/h2web/x?y=1", path.outbound);
+    let (status, body) = curl(&["--http1.1"], &url).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "h2 HTTP/2.0 /x?y=1");
+    let (status, body) = curl(&["--http1.1", "--data-binary", "hello"], &url).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "h2 HTTP/2.0 /x?y=1 body=hello");
+    // HTTP/2 all the way.
+    let (status, body) = curl_h2(&url).await;
+    assert_eq!(status, "HTTP/2 200");
+    assert_eq!(body, "h2 HTTP/2.0 /x?y=1");
+    // HTTP/2 to the bridge, then HTTP/1.1 to the HTTP/1.1 Service, a body included.
+    let url = format!("http://{}/service/web/sink", path.outbound);
+    let (status, body) = curl(&["--http2-prior-knowledge", "--data-binary", "12345"], &url).await;
+    assert_eq!(status, "HTTP/2 200");
+    assert_eq!(body, "5");
+    let seen = path.web.seen().pop().unwrap();
+    assert_eq!(
+        (seen.method.as_str(), seen.target.as_str()),
+        ("POST", "/sink")
+    );
+    // Trailers after a small HTTP/2 body reach the h2c Service through every hop.
+    let body = send_with_trailers(&path.outbound, "/service/h2web/t", true).await;
+    assert_eq!(body, "h2 HTTP/2.0 /t body=hello trailers=x-check=done");
+    path.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_errors_beyond_the_gateway_reach_grpc_clients_as_grpc_statuses() {
+    let path = ClusterGrpc::start().await;
+    // Neither the catalog nor the cluster DNS knows it: the bridge's 404 ...
+    let status = path
+        .client("no-such-service")
+        .await
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "unknown-service"
+    );
+    // ... and its refused connection to the Service.
+    let status = path
+        .client("grpc-down")
+        .await
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.metadata().get("x-skyline-error").unwrap(),
+        "upstream-connect"
+    );
+    path.stop().await;
+}
+
+/// A body-less HTTP/2 request for `path` with `grpc-timeout: 5S` (and `x-skyline-timeout-ms:
+/// <mesh_ms>` when given) to `outbound`; the answer's body.
+async fn get_h2_with_grpc_timeout(outbound: &str, path: &str, mesh_ms: Option<u64>) -> String {
+    let stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get(format!("http://{outbound}{path}")).header("grpc-timeout", "5S");
+    if let Some(ms) = mesh_ms {
+        req = req.header("x-skyline-timeout-ms", ms);
+    }
+    let req = req.body(Full::<Bytes>::default()).unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The milliseconds of the `grpc-timeout=<n>m` the h2-only server reported in `answer`.
+fn reported_grpc_timeout_ms(answer: &str) -> u64 {
+    let value = answer
+        .split(' ')
+        .find_map(|w| w.strip_prefix("grpc-timeout="))
+        .unwrap_or_else(|| panic!("no grpc-timeout reached the server: {answer}"));
+    value
+        .strip_suffix('m')
+        .unwrap_or_else(|| panic!("not in milliseconds: {value}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_gets_the_time_left_of_the_request_deadline_as_its_grpc_timeout() {
+    let mesh = GrpcMesh::start().await;
+    // 5 s given: the server gets at most that, in milliseconds (each hop passes on what is left
+    // from when the request reached it).
+    let answer = get_h2_with_grpc_timeout(&mesh.outbound_a, "/service/h2web/d", None).await;
+    let ms = reported_grpc_timeout_ms(&answer);
+    assert!((3_000..=5_000).contains(&ms), "{answer}");
+    // A shorter mesh deadline wins, and the server is told so rather than the caller's 5 s.
+    let answer = get_h2_with_grpc_timeout(&mesh.outbound_a, "/service/h2web/d", Some(2_000)).await;
+    let ms = reported_grpc_timeout_ms(&answer);
+    assert!((1_000..=2_000).contains(&ms), "{answer}");
+    mesh.stop().await;
+
+    let path = ClusterGrpc::start().await;
+    let answer = get_h2_with_grpc_timeout(&path.outbound, "/service/h2web/d", Some(2_000)).await;
+    let ms = reported_grpc_timeout_ms(&answer);
+    assert!(
+        (1_000..=2_000).contains(&ms),
+        "through gateway and bridge: {answer}"
+    );
+    path.stop().await;
 }

@@ -13,6 +13,7 @@ mod faults;
 mod gateway;
 mod grpc;
 mod guard;
+mod h2_abuse;
 mod hostile_input;
 mod image;
 mod kubernetes;

@@ -367,44 +367,54 @@ pub(crate) struct ClusterDns {
 }
 
 impl ClusterDns {
+    /// Starts dnsmasq and waits until it answers the first name. dnsmasq binds its port on UDP
+    /// and TCP; the free UDP port picked here can be taken on TCP by another test's listener, in
+    /// which case dnsmasq exits at once and is started again on another port.
     pub(crate) async fn start(names: &[(&str, &str)]) -> Self {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut args = vec![
-            "--no-daemon".to_owned(),
-            "--no-resolv".to_owned(),
-            "--no-hosts".to_owned(),
-            "--conf-file=/dev/null".to_owned(),
-            format!("--port={port}"),
-            "--bind-interfaces".to_owned(),
-            "--listen-address=127.0.0.1".to_owned(),
-            "--pid-file=".to_owned(),
-            "--local=/cluster.local/".to_owned(),
-        ];
-        args.extend(names.iter().map(|(n, ip)| format!("--address=/{n}/{ip}")));
-        let child = tokio::process::Command::new("dnsmasq")
-            .args(&args)
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
+        let dnsmasq = skyline::demo::migration::mesh::dnsmasq()
             .expect("dnsmasq (scripts/install-deps installs it)");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let resolver = skyline::bridge::resolver(addr).unwrap();
         let (first, _) = names[0];
-        for attempt in 0.. {
-            if resolver.lookup_ip(format!("{first}.")).await.is_ok() {
-                break;
+        for _start in 0..10 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut args = vec![
+                "--no-daemon".to_owned(),
+                "--no-resolv".to_owned(),
+                "--no-hosts".to_owned(),
+                "--conf-file=/dev/null".to_owned(),
+                format!("--port={port}"),
+                "--bind-interfaces".to_owned(),
+                "--listen-address=127.0.0.1".to_owned(),
+                "--pid-file=".to_owned(),
+                "--local=/cluster.local/".to_owned(),
+            ];
+            args.extend(names.iter().map(|(n, ip)| format!("--address=/{n}/{ip}")));
+            let mut child = tokio::process::Command::new(&dnsmasq)
+                .args(&args)
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("dnsmasq starts");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let resolver = skyline::bridge::resolver(addr).unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while tokio::time::Instant::now() < deadline {
+                if resolver.lookup_ip(format!("{first}.")).await.is_ok() {
+                    return Self {
+                        addr,
+                        _child: child,
+                    };
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    break; // its port was taken: start again on another
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(attempt < 100, "dnsmasq does not answer");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self {
-            addr,
-            _child: child,
-        }
+        panic!("dnsmasq does not answer");
     }
 }
 
