@@ -1,7 +1,7 @@
 //! Mesh TLS through the shipped binary: the CA commands, two agent processes whose
 //! outbound → inbound hop is mTLS, raw TLS clients the inbound listener must refuse (another
 //! CA's certificate, an expired one, none), plain HTTP in strict and permissive mode, and
-//! certificates rotated under load.
+//! certificates rotated under load; gRPC (HTTP/2, trailers) over the strict mTLS hop.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
@@ -133,7 +133,7 @@ fn ca_init_keeps_its_key_private_refuses_to_overwrite_and_issues_spiffe_named_pr
 // === A two-node mesh over mTLS ===
 
 /// Agents a (127.0.0.2) and b (127.0.0.3) as processes, `web` on b, the hop between them
-/// under mesh TLS in `mode`.
+/// under mesh TLS in `mode`; `grpc-echo` (a tonic server, h2c) on b as well.
 struct Mesh {
     dir: tempfile::TempDir,
     ca: PathBuf,
@@ -143,6 +143,7 @@ struct Mesh {
     inbound_b: SocketAddr,
     admin_b: SocketAddr,
     web: TestApp,
+    grpc_stop: tokio_util::sync::CancellationToken,
 }
 
 impl Mesh {
@@ -150,13 +151,18 @@ impl Mesh {
         let dir = tempfile::tempdir().unwrap();
         let ca = init_ca(dir.path());
         let web = TestApp::spawn("web@b", ip("127.0.0.3"));
+        let grpc_stop = tokio_util::sync::CancellationToken::new();
+        let grpc = crate::grpc::grpc_server("127.0.0.3", grpc_stop.clone()).await;
         let catalog = dir.path().join("catalog.toml");
         let text = |a: u16, b: u16| {
             format!(
                 "[[node]]\nname = \"a\"\naddress = \"127.0.0.2\"\ninbound_port = {a}\n\n\
                  [[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {b}\n\n\
-                 [[service]]\nname = \"web\"\nnode = \"b\"\nport = {}\n",
-                web.addr.port()
+                 [[service]]\nname = \"web\"\nnode = \"b\"\nport = {}\n\n\
+                 [[service]]\nname = \"grpc-echo\"\nnode = \"b\"\nport = {}\n\
+                 meta = {{ protocol = \"h2c\" }}\n",
+                web.addr.port(),
+                grpc.port()
             )
         };
         std::fs::write(&catalog, text(1, 1)).unwrap();
@@ -208,6 +214,7 @@ impl Mesh {
             inbound_b,
             admin_b,
             web,
+            grpc_stop,
         };
         // Bounded: the agents read the catalog file every 50 ms.
         let client = Client::new();
@@ -238,6 +245,7 @@ impl Mesh {
         }
         self.a.exited_cleanly().await;
         self.b.exited_cleanly().await;
+        self.grpc_stop.cancel();
         self.web.stop().await;
     }
 }
@@ -249,6 +257,54 @@ async fn a_request_goes_outbound_to_inbound_over_strict_mtls() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.body, "web@b /hello");
     // Node a's connection to b's inbound listener was TLS (and nothing else was taken).
+    assert!(mesh.tls_count("tls", "accepted").await >= 1.0);
+    assert_eq!(mesh.tls_count("plain", "accepted").await, 0.0);
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_calls_and_their_trailers_cross_the_strict_mtls_hop_over_http2() {
+    use crate::grpc::pb::EchoRequest;
+    use crate::grpc::pb::echo_client::EchoClient;
+    use crate::grpc::{MAX_MESSAGE, request};
+
+    let mesh = Mesh::start("strict").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.outbound_a))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let origin = format!("http://{}/service/grpc-echo", mesh.outbound_a)
+        .parse()
+        .unwrap();
+    let mut client = EchoClient::with_origin(channel, origin)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    // A successful call's status (`grpc-status: 0`) comes in trailers after the reply, which
+    // only an HTTP/2 hop carries (tonic fails a call without it): the hop between the agents
+    // was HTTP/2 over mTLS.
+    let reply = client.unary(request("hello")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "hello");
+    let failing = EchoRequest {
+        fail_with: tonic::Code::PermissionDenied as i32,
+        ..request("not you")
+    };
+    let status = client.unary(failing).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "not you");
+    let call = EchoRequest {
+        count: 3,
+        ..request("tick")
+    };
+    let mut stream = client.server_stream(call).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(reply) = stream.message().await.unwrap() {
+        got.push(reply.message);
+    }
+    assert_eq!(got, ["tick #0", "tick #1", "tick #2"]);
+    let trailers = stream.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    // Node b's inbound listener took TLS connections only (strict refuses plain ones).
     assert!(mesh.tls_count("tls", "accepted").await >= 1.0);
     assert_eq!(mesh.tls_count("plain", "accepted").await, 0.0);
     mesh.stop().await;
