@@ -154,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
         resilience: Default::default(),
         tls: None,
         services: Vec::new(),
+        access: skyline::access::Settings::off(),
+        tokens: Default::default(),
     };
     let token = CancellationToken::new();
     let listeners = Listeners::bind(&settings)?;

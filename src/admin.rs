@@ -3,6 +3,10 @@
 //! swapped in since it started), `/explain?url=<url>` (why a request to that URL would go
 //! where it goes, see [`Outbound::explain`]) and `/metrics` (Prometheus text, see
 //! [`crate::metrics`]).
+//!
+//! With a token ([`Admin::with_token`], required when the listener is reachable from other
+//! machines), every path but `/healthz` and `/readyz` needs `Authorization: Bearer <token>`;
+//! without it the answer is 401 with `WWW-Authenticate: Bearer` (see [`unauthorized`]).
 
 use std::sync::Arc;
 
@@ -11,6 +15,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::catalog::{CatalogState, Subscriber};
+use crate::config::token::{Token, bearer};
 use crate::metrics::{self, Metrics};
 use crate::proxy::outbound::Outbound;
 use crate::proxy::{Body, full};
@@ -29,6 +34,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The outbound proxy, for `/explain`; `None` when the agent has no outbound listener.
     outbound: Option<Outbound>,
+    /// The bearer token of every path but `/healthz` and `/readyz`, if any.
+    token: Option<Token>,
 }
 
 impl Admin {
@@ -46,7 +53,24 @@ impl Admin {
                 source,
                 metrics,
                 outbound,
+                token: None,
             }),
+        }
+    }
+
+    /// Requires `Authorization: Bearer <token>` on every path but `/healthz` and `/readyz`.
+    #[must_use]
+    pub fn with_token(self, token: Option<Token>) -> Self {
+        let inner = Inner {
+            routes: self.inner.routes.clone(),
+            catalog: self.inner.catalog.clone(),
+            source: self.inner.source.clone(),
+            metrics: self.inner.metrics.clone(),
+            outbound: self.inner.outbound.clone(),
+            token,
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
@@ -113,6 +137,9 @@ impl Handler for Admin {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        if let Some(refusal) = unauthorized(self.inner.token.as_ref(), &req) {
+            return refusal;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
@@ -129,6 +156,37 @@ impl Handler for Admin {
         };
         json_response(status, &body)
     }
+}
+
+/// The answer to an admin request without the token, or `None` when it may go on: `/healthz`
+/// and `/readyz` are open (probes carry no token); every other path needs `Authorization:
+/// Bearer <token>`, else 401 with `WWW-Authenticate: Bearer` (RFC 6750: `invalid_token` when a
+/// wrong token was given). The answer never repeats what was presented.
+pub fn unauthorized<B>(token: Option<&Token>, req: &Request<B>) -> Option<Response<Body>> {
+    let token = token?;
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return None;
+    }
+    let (challenge, detail) = match bearer(req.headers()) {
+        Some(presented) if token.matches(presented) => return None,
+        Some(_) => (
+            "Bearer realm=\"skyline-admin\", error=\"invalid_token\"",
+            "the bearer token is not this listener's",
+        ),
+        None => (
+            "Bearer realm=\"skyline-admin\"",
+            "this listener needs Authorization: Bearer <token>",
+        ),
+    };
+    let mut response = json_response(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({"error": "unauthorized", "detail": detail}),
+    );
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    Some(response)
 }
 
 /// A JSON response, as every admin listener answers.

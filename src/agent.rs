@@ -14,11 +14,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessLog;
 use crate::admin::Admin;
 use crate::catalog::consul::ConsulDiscovery;
 use crate::catalog::etcd::EtcdDiscovery;
 use crate::catalog::file::FileDiscovery;
 use crate::catalog::{self, Discovery, Subscriber};
+use crate::config::token::Token;
 use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
@@ -52,6 +54,20 @@ pub struct Settings {
     pub services: Vec<registration::Declared>,
     /// Mesh TLS on the inbound listener and toward other proxies; `None`: off.
     pub tls: Option<crate::tls::Settings>,
+    /// The access log (read at start).
+    pub access: crate::access::Settings,
+    /// Tokens of the admin listener and the registry.
+    pub tokens: Tokens,
+}
+
+/// The secrets of the control APIs (see [`crate::config::token`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// The admin listener's bearer token (every path but `/healthz` and `/readyz`).
+    pub admin: Option<Token>,
+    /// The registry's ACL token: required by the embedded registry, sent to a followed
+    /// registry or Consul agent as `X-Consul-Token`.
+    pub registry: Option<Token>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,6 +261,7 @@ fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
 /// follow a registry that another process runs; the agent runs its own, see [`start`]).
 pub fn follow_catalog(
     source: &CatalogSource,
+    token: Option<&Token>,
     tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
 ) -> (String, Subscriber) {
@@ -252,7 +269,8 @@ pub fn follow_catalog(
     let name = match source {
         CatalogSource::File(path) => follow(tasks, FileDiscovery::new(path), publisher, shutdown),
         CatalogSource::Consul(addr) | CatalogSource::Embedded { listen: addr, .. } => {
-            follow(tasks, ConsulDiscovery::new(*addr), publisher, shutdown)
+            let discovery = ConsulDiscovery::new(*addr).with_token(token.cloned());
+            follow(tasks, discovery, publisher, shutdown)
         }
         CatalogSource::Etcd { endpoints, prefix } => {
             let discovery = EtcdDiscovery {
@@ -326,6 +344,7 @@ pub async fn start(
                 data_dir: data_dir.clone(),
                 node_name: settings.node_name.clone(),
                 node_address: settings.node_address,
+                token: settings.tokens.registry.clone(),
             };
             let handle = registry::spawn(listener, config, shutdown.clone()).await?;
             let (publisher, subscriber) = catalog::channel();
@@ -333,7 +352,12 @@ pub async fn start(
             registry_handle = Some(handle);
             (name, subscriber)
         }
-        other => follow_catalog(other, &mut tasks, &shutdown),
+        other => follow_catalog(
+            other,
+            settings.tokens.registry.as_ref(),
+            &mut tasks,
+            &shutdown,
+        ),
     };
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
     let first = tokio::select! {
@@ -368,6 +392,17 @@ pub async fn start(
     ));
 
     let (declared, declared_rx) = watch::channel(settings.services.clone());
+    // The admin listener is registered too (`skyline-admin`) in a registry or Consul, where
+    // Prometheus (or `skyline prometheus-targets`) finds it; etcd has no such reader.
+    let admin_service = addr_of(&listeners.admin)
+        .filter(|_| !matches!(settings.catalog, CatalogSource::Etcd { .. }))
+        .and_then(|addr| registration::admin_service(&settings.node_name, addr));
+    let (declared_rx, follow_declared) = registration::with_fixed(
+        declared_rx,
+        admin_service.into_iter().collect(),
+        shutdown.clone(),
+    );
+    tasks.spawn(follow_declared);
     let node = registration::NodeEntry {
         name: settings.node_name.clone(),
         address: settings.node_address,
@@ -376,7 +411,8 @@ pub async fn start(
     };
     match &settings.catalog {
         CatalogSource::Consul(addr) => {
-            let client = crate::registry::client::RegistryClient::new(*addr);
+            let client = crate::registry::client::RegistryClient::new(*addr)
+                .with_token(settings.tokens.registry.clone());
             tasks.spawn(registration::run(
                 client,
                 node,
@@ -386,7 +422,8 @@ pub async fn start(
         }
         CatalogSource::Embedded { .. } => {
             if let Some(addr) = registry {
-                let client = crate::registry::client::RegistryClient::new(addr);
+                let client = crate::registry::client::RegistryClient::new(addr)
+                    .with_token(settings.tokens.registry.clone());
                 tasks.spawn(registration::run(
                     client,
                     node,
@@ -443,6 +480,8 @@ pub async fn start(
         addr(&listeners.admin),
     );
     let mut explainer = None;
+    // One access log (and its writer thread) for both proxy listeners.
+    let access = AccessLog::stderr(&settings.access);
     if let Some(listener) = listeners.outbound {
         let catch_all = (!settings.catch_all.is_empty()).then(|| {
             Route::new(
@@ -461,7 +500,7 @@ pub async fn start(
             catch_all,
         );
         explainer = Some(handler.clone());
-        let recorder = Recorder::new(Role::Outbound, metrics.clone());
+        let recorder = Recorder::new(Role::Outbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_recorded(
             listener,
             handler,
@@ -471,7 +510,7 @@ pub async fn start(
     }
     if let Some(listener) = listeners.inbound {
         let handler = Inbound::new(routes.clone(), local, policies.clone());
-        let recorder = Recorder::new(Role::Inbound, metrics.clone());
+        let recorder = Recorder::new(Role::Inbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_mesh(
             listener,
             handler,
@@ -487,7 +526,8 @@ pub async fn start(
             source_name.clone(),
             metrics.clone(),
             explainer,
-        );
+        )
+        .with_token(settings.tokens.admin.clone());
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessLog, Note, Tag};
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::gateway::X_SKYLINE_ORIGIN;
@@ -61,6 +62,10 @@ pub struct Settings {
     /// Mesh TLS on the bridge's listeners (host port 5041; a Kubernetes Service port in
     /// permissive mode takes plain requests from pods) and toward the gateways; `None`: off.
     pub tls: Option<crate::tls::Settings>,
+    /// The access log.
+    pub access: crate::access::Settings,
+    /// The admin listener's bearer token, and the registry token sent to the catalog.
+    pub tokens: agent::Tokens,
 }
 
 /// How a Skyline service name becomes a Kubernetes Service name and port.
@@ -151,7 +156,8 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::C
     if host.len() <= suffix_len {
         return None;
     }
-    let (head, tail) = host.split_at(host.len() - suffix_len);
+    // Not `split_at`: a non-ASCII host (from `/explain?url=`) may put the cut inside a char.
+    let (head, tail) = host.split_at_checked(host.len() - suffix_len)?;
     let (svc, tail) = tail.split_at_checked(".svc.".len())?;
     if !svc.eq_ignore_ascii_case(".svc.") || !tail.eq_ignore_ascii_case(domain) {
         return None;
@@ -169,11 +175,20 @@ pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::C
     ServiceName::is_valid(&name).then_some(name)
 }
 
-/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query.
+/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query. A target
+/// without a path (`http://web.ns.svc.cluster.local?x=1`, `*`) gets `/`, and keeps its query.
 pub fn skyline_target(name: &str, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, MeshError> {
     let rest = pq.map_or("/", |pq| pq.as_str());
-    let rest = if rest.starts_with('/') { rest } else { "/" };
-    PathAndQuery::from_maybe_shared(Bytes::from(format!("/service/{name}{rest}")))
+    let target = if rest.starts_with('/') {
+        format!("/service/{name}{rest}")
+    } else {
+        // Found by the fuzz target `bridge_rewrite`: the query was dropped here.
+        match pq.and_then(PathAndQuery::query) {
+            Some(query) => format!("/service/{name}/?{query}"),
+            None => format!("/service/{name}/"),
+        }
+    };
+    PathAndQuery::from_maybe_shared(Bytes::from(target))
         .map_err(|_| MeshError::bad_request("invalid request target"))
 }
 
@@ -304,11 +319,12 @@ impl Bridge {
         mut req: Request<Incoming>,
         name: String,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let known = self.known_service(&name);
         let counted = known.is_some();
-        *label = match known {
+        note.tier = Tag::Static("gateway");
+        note.label = match known {
             Some(service) => Some(ServiceLabel::known(service)),
             None => metrics::unverified(&name),
         };
@@ -332,7 +348,7 @@ impl Bridge {
         };
         self.inner
             .forwarder
-            .forward(req, upstream, target, Host::Keep, &conn)
+            .forward(req, upstream, target, Host::Keep, &conn, &mut note.trail)
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }
@@ -343,7 +359,7 @@ impl Bridge {
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let uri = req.uri().clone();
         let (name, target) = match split_service_path(uri.path()) {
@@ -371,7 +387,9 @@ impl Bridge {
             )
             .into_response(name);
         }
-        *label = ServiceName::parse(name).ok().map(ServiceLabel::known);
+        note.label = ServiceName::parse(name).ok().map(ServiceLabel::known);
+        note.tier = Tag::Static("cluster-dns");
+        note.platform = Tag::Static(crate::gateway::policy::KUBERNETES);
         // Usually one address (the Service's cluster IP; kube-proxy balances behind it).
         let protocol = self.inner.names.protocol(name, &req);
         let route = Route::new(
@@ -393,7 +411,7 @@ impl Bridge {
         };
         self.inner
             .forwarder
-            .forward(req, upstream, target, Host::Keep, &conn)
+            .forward(req, upstream, target, Host::Keep, &conn, &mut note.trail)
             .await
             .unwrap_or_else(|e| e.into_response(&name))
     }
@@ -406,7 +424,7 @@ impl Proxy for Bridge {
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let skyline_path = req.uri().path().starts_with("/service/");
         let host = req
@@ -421,8 +439,8 @@ impl Proxy for Bridge {
             return e.into_response(&name);
         }
         match cluster {
-            Some(name) if !skyline_path => self.to_gateway(req, name, conn, label).await,
-            _ => self.to_cluster(req, conn, label).await,
+            Some(name) if !skyline_path => self.to_gateway(req, name, conn, note).await,
+            _ => self.to_cluster(req, conn, note).await,
         }
     }
 }
@@ -433,6 +451,7 @@ impl Proxy for Bridge {
 pub struct BridgeAdmin {
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
+    token: Option<crate::config::token::Token>,
 }
 
 impl BridgeAdmin {
@@ -468,6 +487,9 @@ impl Handler for BridgeAdmin {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
+            return refusal;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
@@ -550,7 +572,12 @@ pub async fn spawn_on(
     let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
-            let (source_name, subscriber) = agent::follow_catalog(source, &mut tasks, &shutdown);
+            let (source_name, subscriber) = agent::follow_catalog(
+                source,
+                settings.tokens.registry.as_ref(),
+                &mut tasks,
+                &shutdown,
+            );
             if let Err(error) = agent::first_snapshot(subscriber.clone()).await {
                 shutdown.cancel();
                 return Err(AgentError::Catalog { source_name, error }.into());
@@ -577,8 +604,10 @@ pub async fn spawn_on(
     // Mesh TLS on the first listener only, the host port where gateways connect; the others
     // are Kubernetes Service ports, where pods speak plain HTTP (the application contract).
     let mut tls = tls;
+    // One access log (and its writer thread) for every listener.
+    let access = AccessLog::stderr(&settings.access);
     for listener in listeners {
-        let recorder = Recorder::new(Role::Bridge, metrics.clone());
+        let recorder = Recorder::new(Role::Bridge, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_mesh(
             listener,
             bridge.clone(),
@@ -588,10 +617,17 @@ pub async fn spawn_on(
         ));
     }
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
+    if let (Some(admin), Some(CatalogSource::Consul(registry))) = (admin_addr, &settings.catalog) {
+        let client = crate::registry::client::RegistryClient::new(*registry);
+        let register = agent::registration::run_admin(client, "bridge", admin, shutdown.clone());
+        tasks.spawn(register);
+    }
     if let Some(admin) = admin {
         let handler = BridgeAdmin {
             metrics: metrics.clone(),
             catalog,
+            token: settings.tokens.admin.clone(),
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }
@@ -644,6 +680,14 @@ mod tests {
             "a.b.svc.example.com",
             "A_.b.svc.cluster.local",
             ".b.svc.cluster.local",
+        ] {
+            assert_eq!(cluster_service(other, d), None, "{other}");
+        }
+        // Found by the fuzz target `bridge_rewrite`: a cut inside a multi-byte char panicked.
+        for other in [
+            "a.b\u{e9}svc.cluster.local",
+            "a.b.svc.cluster.loca\u{e9}",
+            "\u{e9}",
         ] {
             assert_eq!(cluster_service(other, d), None, "{other}");
         }
@@ -701,6 +745,26 @@ mod tests {
             assert_eq!(names.protocol("giphy", &json), expected);
             assert_eq!(names.protocol("giphy", &grpc), expected);
         }
+    }
+
+    #[test]
+    fn a_cluster_request_without_a_path_keeps_its_query() {
+        for (given, expected) in [
+            ("?q=cat", "/service/web/?q=cat"),
+            ("?*", "/service/web/?*"),
+            ("*", "/service/web/"),
+        ] {
+            let pq: PathAndQuery = given.parse().unwrap();
+            assert_eq!(
+                skyline_target("web", Some(&pq)).unwrap().as_str(),
+                expected,
+                "{given}"
+            );
+        }
+        assert_eq!(
+            skyline_target("web", None).unwrap().as_str(),
+            "/service/web/"
+        );
     }
 
     proptest! {

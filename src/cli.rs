@@ -6,6 +6,8 @@ pub mod ca;
 pub mod etcd;
 pub mod explain;
 pub mod kubernetes;
+pub mod prometheus;
+pub mod routes;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -196,7 +198,7 @@ pub async fn services(args: ServicesArgs, out: &mut dyn Write) -> Result<(), Cli
         let rows = etcd::services(&args.etcd).await?;
         return print_services(rows, args.json, out);
     }
-    let client = RegistryClient::new(args.registry);
+    let client = RegistryClient::from_env(args.registry);
     let mut rows = Vec::new();
     for (name, entries) in catalog(&client).await? {
         for e in entries {
@@ -277,7 +279,7 @@ pub async fn register(args: RegisterArgs, out: &mut dyn Write) -> Result<(), Cli
             "--node needs --node-address (the node's address)".to_owned(),
         ));
     }
-    let client = RegistryClient::new(args.registry);
+    let client = RegistryClient::from_env(args.registry);
     let node_label = args.node.as_deref().unwrap_or("local");
     let id = args
         .id
@@ -355,7 +357,7 @@ pub async fn deregister(args: DeregisterArgs, out: &mut dyn Write) -> Result<(),
         let _ = writeln!(out, "deregistered {}", args.id);
         return Ok(());
     }
-    let client = RegistryClient::new(args.registry);
+    let client = RegistryClient::from_env(args.registry);
     match &args.node {
         Some(node) => {
             let body = serde_json::json!({ "Node": node, "ServiceID": args.id });

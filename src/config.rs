@@ -63,8 +63,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub mod reference;
+pub mod token;
 
 use self::reference::{DURATION, FileKey, Section, Value};
+use crate::access::{AccessArgs, LogSection};
 use crate::agent::registration::{Check, Declared};
 use crate::agent::{CatalogSource, Settings};
 use crate::catalog::DEFAULT_INBOUND_PORT;
@@ -286,6 +288,16 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYLINE_ADMIN", value_name = "ADDR|off")]
     pub admin: Option<Listen>,
 
+    /// A file holding the admin listener's bearer token (or give the token itself in
+    /// SKYLINE_ADMIN_TOKEN); required when the admin listener is not on loopback [default: no
+    /// token on loopback]
+    #[arg(long, env = "SKYLINE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The admin token itself, from SKYLINE_ADMIN_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_ADMIN_TOKEN").ok())]
+    pub admin_token_env: Option<String>,
+
     /// Where the catalog comes from [default: embedded]
     #[arg(long, env = "SKYLINE_CATALOG", value_name = "SOURCE")]
     pub catalog: Option<CatalogKind>,
@@ -303,6 +315,17 @@ pub struct AgentArgs {
     /// [default: 127.0.0.1:8500]
     #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
     pub consul: Option<SocketAddr>,
+
+    /// A file holding the registry's ACL token (or give the token itself in
+    /// SKYLINE_REGISTRY_TOKEN): with --catalog embedded, requests to the registry must carry it
+    /// (required when it does not listen on loopback); with --catalog consul, sent as
+    /// X-Consul-Token [default: no token]
+    #[arg(long, env = "SKYLINE_REGISTRY_TOKEN_FILE", value_name = "FILE")]
+    pub registry_token_file: Option<PathBuf>,
+
+    /// The registry token itself, from SKYLINE_REGISTRY_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_REGISTRY_TOKEN").ok())]
+    pub registry_token_env: Option<String>,
 
     /// The catalog file, for --catalog file [default: /etc/skyline/catalog.toml]
     #[arg(long, env = "SKYLINE_CATALOG_FILE", value_name = "FILE")]
@@ -344,6 +367,9 @@ pub struct AgentArgs {
     /// Worker threads serving connections [default: 1]
     #[arg(long, env = "SKYLINE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// Settings of `skyline registry`, the Consul-compatible catalog for one node or a small site.
@@ -375,10 +401,140 @@ pub struct RegistryArgs {
     )]
     pub node_address: IpAddr,
 
+    /// A file holding the ACL token every request must carry (X-Consul-Token, Authorization:
+    /// Bearer or ?token=), or give the token itself in SKYLINE_REGISTRY_TOKEN; required when
+    /// --listen is not a loopback address [default: no token on loopback]
+    #[arg(long, env = "SKYLINE_REGISTRY_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The token itself, from SKYLINE_REGISTRY_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_REGISTRY_TOKEN").ok())]
+    pub token_env: Option<String>,
+
     /// Repair a damaged data folder and exit: keep every readable record of the log, move the
     /// damaged file aside (`log.damaged-<time>`). Run it only while no registry uses the folder.
     #[arg(long)]
     pub repair: bool,
+}
+
+impl RegistryArgs {
+    /// The registry's token, refused when missing while the API listens beyond loopback.
+    pub fn token(&self) -> Result<Option<token::Token>, ConfigError> {
+        let setting = token::TokenSetting {
+            env: self.token_env.clone(),
+            file: self.token_file.clone(),
+        };
+        let flags = Source {
+            path: PathBuf::from("<flags>"),
+            text: String::new(),
+        };
+        token_for(
+            &flags,
+            &setting,
+            None,
+            "--token-file",
+            "SKYLINE_REGISTRY_TOKEN",
+            Some(self.listen),
+            "the registry",
+        )
+    }
+}
+
+/// The token settings of the gateway and the bridge: the admin listener's bearer token, and
+/// the registry token they send to the catalog they follow.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TokenArgs {
+    /// A file holding the admin listener's bearer token (or give the token itself in
+    /// SKYLINE_ADMIN_TOKEN); required when the admin listener is not on loopback [default: no
+    /// token on loopback]
+    #[arg(long, env = "SKYLINE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The admin token itself, from SKYLINE_ADMIN_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_ADMIN_TOKEN").ok())]
+    pub admin_token_env: Option<String>,
+
+    /// A file holding the registry's ACL token, sent as X-Consul-Token to the registry or
+    /// Consul agent followed (or give the token itself in SKYLINE_REGISTRY_TOKEN) [default: no
+    /// token]
+    #[arg(long, env = "SKYLINE_REGISTRY_TOKEN_FILE", value_name = "FILE")]
+    pub registry_token_file: Option<PathBuf>,
+
+    /// The registry token itself, from SKYLINE_REGISTRY_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_REGISTRY_TOKEN").ok())]
+    pub registry_token_env: Option<String>,
+}
+
+impl TokenArgs {
+    /// Both tokens, with the file's keys `admin_key` and `registry_key` (paths relative to the
+    /// file); an `admin` listener beyond loopback without a token is refused.
+    pub(crate) fn resolve(
+        self,
+        src: &Source,
+        (admin_key, admin_field): (&str, &Option<Spanned<PathBuf>>),
+        (registry_key, registry_field): (&str, &Option<Spanned<PathBuf>>),
+        admin: Option<SocketAddr>,
+    ) -> Result<crate::agent::Tokens, ConfigError> {
+        let (file, at) = file_path(src, self.admin_token_file, admin_field);
+        let setting = token::TokenSetting {
+            env: self.admin_token_env,
+            file,
+        };
+        let admin = token_for(
+            src,
+            &setting,
+            at,
+            admin_key,
+            "SKYLINE_ADMIN_TOKEN",
+            admin,
+            "the admin listener",
+        )?;
+        let (file, at) = file_path(src, self.registry_token_file, registry_field);
+        let setting = token::TokenSetting {
+            env: self.registry_token_env,
+            file,
+        };
+        let registry = token_for(
+            src,
+            &setting,
+            at,
+            registry_key,
+            "SKYLINE_REGISTRY_TOKEN",
+            None,
+            "the registry",
+        )?;
+        Ok(crate::agent::Tokens { admin, registry })
+    }
+}
+
+/// A listener's token from `setting`, checked: a file that cannot be read or holds no valid
+/// token is refused with the reason (never the content), and so is a listener at `exposed`
+/// that is reachable from other machines without a token.
+pub(crate) fn token_for(
+    src: &Source,
+    setting: &token::TokenSetting,
+    at: Option<usize>,
+    key: &str,
+    env_name: &str,
+    listen: Option<SocketAddr>,
+    what: &str,
+) -> Result<Option<token::Token>, ConfigError> {
+    let loaded = setting
+        .load(env_name)
+        .map_err(|reason| src.error(at, Some(key), reason))?;
+    if loaded.is_none() {
+        if let Some(addr) = listen.filter(|a| token::exposed(*a)) {
+            return Err(src.error(
+                at,
+                Some(key),
+                format!(
+                    "{what} listens on {addr}, which other machines can reach: it needs a token \
+                     ({key} or {env_name}), or a loopback address"
+                ),
+            ));
+        }
+    }
+    Ok(loaded)
 }
 
 /// A refused configuration: which file, where, which key, and why.
@@ -412,6 +568,8 @@ struct FileConfig {
     routes: std::collections::BTreeMap<Spanned<String>, ResilienceSection>,
     #[serde(default)]
     tls: TlsSection,
+    #[serde(default)]
+    log: LogSection,
 }
 
 // === The file's keys, described ===
@@ -705,6 +863,15 @@ pub const AGENT_FILE: &[Section] = &[
                 "address or `\"off\"`",
                 Value::Default("\"127.0.0.1:5050\""),
             ),
+            key(
+                "admin_token_file",
+                "admin_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/admin.token\"",
+                    default: "no token",
+                },
+            ),
         ],
     },
     Section {
@@ -736,6 +903,15 @@ pub const AGENT_FILE: &[Section] = &[
                 "consul",
                 "address",
                 Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "token_file",
+                "registry_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/registry.token\"",
+                    default: "no token",
+                },
             ),
             key(
                 "file",
@@ -911,6 +1087,7 @@ pub const AGENT_FILE: &[Section] = &[
         ],
     },
     TLS_SECTION,
+    crate::access::FILE_SECTION,
 ];
 
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
@@ -992,6 +1169,7 @@ struct ListenSection {
     outbound: Option<Spanned<String>>,
     inbound: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1002,6 +1180,7 @@ struct CatalogSection {
     data_dir: Option<Spanned<PathBuf>>,
     registry: Option<Spanned<String>>,
     consul: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
     etcd_endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     etcd_prefix: Option<Spanned<String>>,
 }
@@ -1105,6 +1284,7 @@ impl AgentArgs {
         let (file, source) = Source::read::<FileConfig>(self.config.as_ref())?;
         let src = &source;
         let resilience = policies(src, &file)?;
+        let access = self.access.resolve(src, &file.log)?;
 
         let (node_name, at) = match (self.node_name, file.node.name) {
             (Some(n), _) => (n, None),
@@ -1249,6 +1429,42 @@ impl AgentArgs {
             .route_warning
             .or(file.proxy.route_warning)
             .unwrap_or(false);
+        let admin_token = {
+            let (path, at) = file_path(src, self.admin_token_file, &file.listen.admin_token_file);
+            let setting = token::TokenSetting {
+                env: self.admin_token_env,
+                file: path,
+            };
+            token_for(
+                src,
+                &setting,
+                at,
+                "listen.admin_token_file",
+                "SKYLINE_ADMIN_TOKEN",
+                admin.addr(),
+                "the admin listener",
+            )?
+        };
+        let registry_token = {
+            let (path, at) = file_path(src, self.registry_token_file, &file.catalog.token_file);
+            let setting = token::TokenSetting {
+                env: self.registry_token_env,
+                file: path,
+            };
+            let listen = match &catalog {
+                CatalogSource::Embedded { listen, .. } => Some(*listen),
+                _ => None,
+            };
+            token_for(
+                src,
+                &setting,
+                at,
+                "catalog.token_file",
+                "SKYLINE_REGISTRY_TOKEN",
+                listen,
+                "the embedded registry",
+            )?
+        };
         let services = file
             .service
             .iter()
@@ -1279,7 +1495,28 @@ impl AgentArgs {
             workers: workers.0,
             resilience,
             services,
+            access,
+            tokens: crate::agent::Tokens {
+                admin: admin_token,
+                registry: registry_token,
+            },
         })
+    }
+}
+
+/// A path given by a flag (as is) or by the file (relative to it, with its offset for errors).
+pub(crate) fn file_path(
+    src: &Source,
+    flag: Option<PathBuf>,
+    field: &Option<Spanned<PathBuf>>,
+) -> (Option<PathBuf>, Option<usize>) {
+    match (flag, field) {
+        (Some(p), _) => (Some(p), None),
+        (None, Some(p)) => (
+            Some(relative_to(src, p.get_ref().clone())),
+            Some(p.span().start),
+        ),
+        (None, None) => (None, None),
     }
 }
 

@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessLog, Note, Tag};
 use crate::agent::{self, AgentError, CatalogSource};
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
@@ -94,6 +95,10 @@ pub struct Settings {
     pub resilience: Resilience,
     /// Mesh TLS on the gateway listener and toward inbound proxies and bridges; `None`: off.
     pub tls: Option<crate::tls::Settings>,
+    /// The access log (read at start; a reload keeps it).
+    pub access: crate::access::Settings,
+    /// The admin listener's bearer token, and the registry token sent to the catalog and KV.
+    pub tokens: agent::Tokens,
 }
 
 // === Table ===
@@ -124,6 +129,10 @@ pub struct TierRoute {
     pub bridge: bool,
     #[serde(skip)]
     pub header: HeaderValue,
+    /// The platform of the tier's endpoints, for the access log: a `platform=<name>` selector's
+    /// value, or `kubernetes` for the bridges; `None` when the tier does not say.
+    #[serde(skip)]
+    pub platform: Option<Arc<str>>,
 }
 
 impl TierRoute {
@@ -273,7 +282,15 @@ impl Table {
                     let (passing, total) = total;
                     let eligible =
                         !endpoints.is_empty() && tier.min_healthy.eligible(passing, total);
+                    let platform = match &tier.source {
+                        TierSource::Select { key, value } if key == "platform" => {
+                            Some(Arc::from(value.as_str()))
+                        }
+                        _ if bridge => Some(Arc::from(policy::KUBERNETES)),
+                        _ => None,
+                    };
                     TierRoute {
+                        platform,
                         header: HeaderValue::from_str(tier.name.as_str())
                             .unwrap_or_else(|_| HeaderValue::from_static("tier")),
                         name: tier.name.clone(),
@@ -619,13 +636,13 @@ impl GatewayHandler {
 impl Proxy for GatewayHandler {
     type Body = Body;
 
-    /// Chooses the tier and forwards one request; `label` is set to the service once it is
-    /// parsed, for the metrics.
+    /// Chooses the tier and forwards one request; `note.label` is set to the service once it
+    /// is parsed, for the metrics, and the tier that answered is noted for the access log.
     async fn proxy(
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let arrived = Instant::now();
         let Some(target) = req.uri().path_and_query().cloned() else {
@@ -643,7 +660,7 @@ impl Proxy for GatewayHandler {
             .remove(&X_SKYLINE_ORIGIN)
             .is_some_and(|v| v.as_bytes() == b"bridge");
         let table = self.gateway.load();
-        *label = match table.services.get_key_value(name) {
+        note.label = match table.services.get_key_value(name) {
             Some((service, _)) => Some(ServiceLabel::known(service.clone())),
             None => metrics::unverified(name),
         };
@@ -725,10 +742,12 @@ impl Proxy for GatewayHandler {
             fallback: (!rest.is_empty()).then_some(&fallback),
         };
         let forwarded = forwarder
-            .forward(req, upstream, target, Host::Keep, &conn)
+            .forward(req, upstream, target, Host::Keep, &conn, &mut note.trail)
             .await;
         let served = chain.get(fallback.served()).copied().unwrap_or(first);
         let tier = &tiers[served];
+        note.tier = Tag::Shared(tier.name.shared());
+        note.platform = tier.platform.clone().map_or(Tag::None, Tag::Shared);
         let error = forwarded
             .as_ref()
             .map_or(true, |r| r.status().is_server_error());
@@ -764,12 +783,16 @@ pub struct GatewayAdmin {
     gateway: Arc<Gateway>,
     catalog: Subscriber,
     metrics: Arc<Metrics>,
+    token: Option<crate::config::token::Token>,
 }
 
 impl Handler for GatewayAdmin {
     type Body = Body;
 
     async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+        if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
+            return refusal;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => {
@@ -846,7 +869,12 @@ pub async fn spawn_on(
     let mut tasks = JoinSet::new();
     let metrics = Metrics::new();
     let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
-    let (source_name, subscriber) = agent::follow_catalog(&settings.catalog, &mut tasks, &shutdown);
+    let (source_name, subscriber) = agent::follow_catalog(
+        &settings.catalog,
+        settings.tokens.registry.as_ref(),
+        &mut tasks,
+        &shutdown,
+    );
     let snapshot = match agent::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
         Err(error) => {
@@ -859,6 +887,7 @@ pub async fn spawn_on(
         Some(kv) => {
             tasks.spawn(watch_kv_routes(
                 kv,
+                settings.tokens.registry.clone(),
                 settings.upstreams.clone(),
                 settings.default_hold,
                 kv_tx,
@@ -927,14 +956,28 @@ pub async fn spawn_on(
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
+    if let (Some(admin), CatalogSource::Consul(registry)) = (admin_addr, &settings.catalog) {
+        let client = crate::registry::client::RegistryClient::new(*registry);
+        let register = agent::registration::run_admin(client, "gateway", admin, shutdown.clone());
+        tasks.spawn(register);
+    }
     if let Some(kv) = settings.kv {
         let id = answers::gateway_id(addr);
-        tasks.spawn(answers::publish(kv, gateway.clone(), id, shutdown.clone()));
+        let client = crate::registry::client::RegistryClient::new(kv)
+            .with_token(settings.tokens.registry.clone());
+        tasks.spawn(answers::publish(
+            client,
+            gateway.clone(),
+            id,
+            shutdown.clone(),
+        ));
     }
     tasks.spawn(serve::serve_mesh(
         listener,
         GatewayHandler::new(gateway.clone()),
-        Recorder::new(Role::Gateway, metrics.clone()),
+        Recorder::new(Role::Gateway, metrics.clone())
+            .with_access(AccessLog::stderr(&settings.access)),
         tls,
         shutdown.clone(),
     ));
@@ -943,6 +986,7 @@ pub async fn spawn_on(
             gateway: gateway.clone(),
             catalog: subscriber,
             metrics: metrics.clone(),
+            token: settings.tokens.admin.clone(),
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }
@@ -1042,6 +1086,7 @@ pub async fn watch_file_routes(
 /// `metrics` as a reload, accepted or refused (the policies found at start do not).
 pub async fn watch_kv_routes(
     address: SocketAddr,
+    token: Option<crate::config::token::Token>,
     upstreams: BTreeMap<String, Upstream>,
     default_hold: Duration,
     tx: watch::Sender<BTreeMap<String, RoutePolicy>>,
@@ -1060,7 +1105,7 @@ pub async fn watch_kv_routes(
             format!("http://{address}/v1/kv/{KV_ROUTES_PREFIX}?recurse&index={index}&wait=30s");
         let answer = tokio::select! {
             () = shutdown.cancelled() => return,
-            a = tokio::time::timeout(Duration::from_secs(40), kv_get(&client, &uri)) => a,
+            a = tokio::time::timeout(Duration::from_secs(40), kv_get(&client, &uri, token.as_ref())) => a,
         };
         let (new_index, entries) = match answer {
             Ok(Ok(answer)) => answer,
@@ -1128,10 +1173,13 @@ pub async fn watch_kv_routes(
 async fn kv_get(
     client: &Client<HttpConnector, Empty<Bytes>>,
     uri: &str,
+    token: Option<&crate::config::token::Token>,
 ) -> Result<(u64, BTreeMap<String, String>), String> {
-    let req = Request::get(uri)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+    let mut req = Request::get(uri);
+    if let Some(token) = token {
+        req = req.header("x-consul-token", token.expose());
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let index = resp

@@ -6,6 +6,9 @@
 //!
 //! # Layout
 //!
+//! - [`access`]: the access log, one line per request on every proxy listener, written by the
+//!   serve layer from what each role's handler notes ([`access::Note`]), buffered off the
+//!   request path.
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
 //!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
 //!   Consul or etcd) with their checks, and follows SIGHUP.
@@ -17,13 +20,19 @@
 //!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
 //! - [`cli`]: `skyline services`, `register`, `deregister` against a registry; [`cli::kubernetes`]
 //!   is `skyline k8s services`, the Kubernetes Services that stand for the catalog's services;
-//!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`.
+//!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`; [`cli::routes`] is
+//!   `skyline routes`, which prints an agent's `/routes` for a person; [`cli::prometheus`] is
+//!   `skyline prometheus-targets`, a Prometheus `file_sd_configs` file of every role's admin
+//!   listener (`skyline-admin` in the catalog, registered by `agent::registration`).
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
 //!   `skyline config example`, `skyline config check`).
 //! - [`demo`]: the `hello` and `echo` demo applications; [`demo::migration`] is
 //!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine (in network
 //!   namespaces when root, else on loopback addresses).
+//! - [`fuzz`]: the entry points of the fuzz targets in `fuzz/` (the HTTP/1 guard, Skyline URLs,
+//!   the bridge's rewrites, the registry's JSON bodies, config files, route policies), also
+//!   replayed over the seed corpus by a stable test.
 //! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
 //!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
 //! - [`migrate`]: `skyline migrate`, the migration autopilot: moves a service's gateway split
@@ -60,6 +69,7 @@
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod bridge;
@@ -67,6 +77,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod fuzz;
 pub mod gateway;
 pub mod metrics;
 pub mod migrate;

@@ -86,6 +86,11 @@ enum Command {
     K8s(skyline::cli::kubernetes::K8sArgs),
     /// Explain where a request to a URL would go, and why, asking the local agent
     Explain(skyline::cli::explain::ExplainArgs),
+    /// Print the route table the local agent routes with now
+    Routes(skyline::cli::routes::RoutesArgs),
+    /// Keep a Prometheus file_sd_configs file of every role's admin listener (/metrics)
+    /// current from the catalog
+    PrometheusTargets(skyline::cli::prometheus::PrometheusTargetsArgs),
     /// Move a service to another tier step by step, guarded: `skyline migrate giphy --to
     /// kubernetes`; also `skyline migrate status|pause|resume|rollback <service>`
     Migrate(skyline::migrate::driver::MigrateArgs),
@@ -185,6 +190,7 @@ fn main() -> ExitCode {
                 );
             }
             Command::Registry(args) => {
+                let token = args.token()?;
                 let mut inherited = inherited;
                 let listener = skyline::agent::listen_at(&mut inherited, "registry", args.listen)?;
                 inherited.finish(&["registry"])?;
@@ -192,6 +198,7 @@ fn main() -> ExitCode {
                     data_dir: args.data_dir,
                     node_name: args.node_name,
                     node_address: args.node_address,
+                    token,
                 };
                 let registry = skyline::registry::spawn(listener, config, shutdown).await?;
                 registry.join().await;
@@ -221,6 +228,10 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::Register(args) => skyline::cli::register(args, &mut std::io::stdout()).await?,
         Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
         Command::Explain(args) => skyline::cli::explain::run(&args, &mut std::io::stdout()).await?,
+        Command::Routes(args) => skyline::cli::routes::run(&args, &mut std::io::stdout()).await?,
+        Command::PrometheusTargets(args) => {
+            skyline::cli::prometheus::run(&args, shutdown, &mut std::io::stdout()).await?
+        }
         Command::K8s(args) => {
             let (mut out, mut notes) = (std::io::stdout(), std::io::stderr());
             skyline::cli::kubernetes::run(args, &mut out, &mut notes).await?
@@ -309,4 +320,9 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    // The access log writes its lines itself (off the request path), in the same format.
+    skyline::access::set_format(match format {
+        LogFormat::Human => skyline::access::Format::Human,
+        LogFormat::Json => skyline::access::Format::Json,
+    });
 }

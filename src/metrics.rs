@@ -114,6 +114,11 @@ impl ServiceLabel {
         }
     }
 
+    /// The service's name, whether or not it is its own label (for the access log).
+    pub fn name(&self) -> &str {
+        self.service.as_str()
+    }
+
     /// The label value of a response that carries mesh error `error` (if any).
     pub fn value(&self, error: Option<&str>) -> &str {
         if self.known || error.is_none() {

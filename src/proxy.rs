@@ -28,6 +28,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
+use crate::access::Trail;
 use crate::metrics::Metrics;
 use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
 use crate::routing::{Protocol, Route};
@@ -475,6 +476,7 @@ impl Forwarder {
         target: PathAndQuery,
         host: Host,
         conn: &Conn,
+        trail: &mut Trail,
     ) -> Result<Response<Body>, MeshError> {
         // The clock read when the request arrived serves its deadline, its first attempt and
         // the balancer.
@@ -571,7 +573,7 @@ impl Forwarder {
             resend,
             upgrade: protocols.is_some(),
         };
-        let answered = self.attempts(&mut exchange, attempt, now).await;
+        let answered = self.attempts(&mut exchange, attempt, now, trail).await;
         if over.is_some_and(|over| over.load(Ordering::Relaxed)) {
             // The body passed the limit while it streamed: the upstream's connection was
             // closed under it, so it never got a whole request. An answer that came first
@@ -624,12 +626,13 @@ impl Forwarder {
 
     /// Sends a request's attempts through `exchange` until one is answered or the policy says
     /// stop: the endpoint choice, deadlines, retries and the budget, the same for every way of
-    /// sending.
+    /// sending. `trail` gets each attempt's endpoint and count (for the access log).
     async fn attempts<E: Exchange>(
         &self,
         exchange: &mut E,
         at: Attempt<'_>,
         started_ns: u64,
+        trail: &mut Trail,
     ) -> Result<E::Response, MeshError> {
         let Attempt {
             upstream,
@@ -715,6 +718,8 @@ impl Forwarder {
                 mesh: endpoint.mesh,
                 ..limits
             };
+            trail.upstream = Some(endpoint.addr);
+            trail.attempts += 1;
             let sent = exchange.send(endpoint.addr, headers, limits);
             let (retry, error) = match tokio::time::timeout_at(attempt_deadline, sent).await {
                 // A later hop sent it to no instance: as good as refused, when it can go again.
@@ -1323,12 +1328,12 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
 }
 
 /// A random 128-bit id in hex. Unique, not secret: a fast thread-local generator suffices.
-fn request_id() -> HeaderValue {
+pub fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&request_id_bytes()).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// [`request_id`] as bytes (the express lane writes them without a header value).
-fn request_id_bytes() -> [u8; 32] {
+pub fn request_id_bytes() -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
     let mut bits = fastrand::u128(..);

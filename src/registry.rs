@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::catalog::{self, Discovery, Instance, Interner, Node, Nodes, Publisher, ServiceName};
+use crate::config::token::Token;
 use crate::serve::guard::{Guarded, Limits, Rejection};
 use api::ApiError;
 use checks::{Checks, ProbeResult};
@@ -66,6 +67,10 @@ pub struct RegistryConfig {
     pub node_name: String,
     /// The address of the registry's own node, as reported in the catalog. Default 127.0.0.1.
     pub node_address: IpAddr,
+    /// With a token, every request but `/v1/status/*` must carry it (`X-Consul-Token`,
+    /// `Authorization: Bearer` or `?token=`), or gets Consul's ACL answer: 403
+    /// `Permission denied` without a token, 403 `ACL not found` with another one.
+    pub token: Option<Token>,
 }
 
 impl RegistryConfig {
@@ -75,6 +80,7 @@ impl RegistryConfig {
             data_dir: data_dir.into(),
             node_name: "local".to_owned(),
             node_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            token: None,
         }
     }
 }
@@ -183,7 +189,7 @@ pub async fn spawn(
     let (store, state) = tokio::task::spawn_blocking(move || Store::open(&dir))
         .await
         .map_err(RegistryError::Startup)??;
-    tracing::info!(%addr, dir = %config.data_dir.display(), index = state.index, "registry started");
+    tracing::info!(%addr, dir = %config.data_dir.display(), index = state.index, token = config.token.is_some(), "registry started");
 
     let state = Arc::new(state);
     let (state_tx, state_rx) = watch::channel(state.clone());
@@ -212,6 +218,7 @@ pub async fn spawn(
         node_address: config.node_address,
         shutdown: shutdown.clone(),
         events: watch::channel(Arc::new(events::EventLog::default())).0,
+        token: config.token.clone(),
     });
     let server_task = tokio::spawn(serve(listener, shared, shutdown.clone(), core_stop));
     Ok(RegistryHandle {

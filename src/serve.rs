@@ -35,8 +35,10 @@ pub mod guard;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,9 +52,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessLog, Entry, Note};
 use crate::metrics::{Metrics, Role, ServiceLabel};
 use crate::proxy::express::{Head, Verdict};
-use crate::proxy::{MeshError, X_SKYLINE_ERROR};
+use crate::proxy::{MeshError, X_REQUEST_ID, X_SKYLINE_ERROR, request_id};
 use crate::tls::{Accepted, MeshTls};
 use guard::{Guarded, Limits, Verdicts};
 
@@ -76,15 +79,16 @@ pub trait Handler: Clone + Send + Sync + 'static {
         conn: Conn,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
-    /// [`handle`](Self::handle), with the service the request was for as a metrics label (a
-    /// [`Proxy`]'s; other handlers have none). The label travels beside the response, not in
-    /// its extensions, which would cost a map per response.
-    fn handle_labelled(
+    /// [`handle`](Self::handle), with what the handler noted about the request: the service
+    /// as a metrics label, and where it went, for the access log (a [`Proxy`]'s; other handlers
+    /// note nothing). The note travels beside the response, not in its extensions, which would
+    /// cost a map per response.
+    fn handle_noted(
         &self,
         req: Request<Incoming>,
         conn: Conn,
-    ) -> impl Future<Output = (Response<Self::Body>, Option<ServiceLabel>)> + Send {
-        async move { (self.handle(req, conn).await, None) }
+    ) -> impl Future<Output = (Response<Self::Body>, Note)> + Send {
+        async move { (self.handle(req, conn).await, Note::default()) }
     }
 
     /// Whether this handler takes body-less requests on the express lane.
@@ -101,26 +105,27 @@ pub trait Handler: Clone + Send + Sync + 'static {
         &self,
         head: &Head<'_>,
         conn: &Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> impl Future<Output = Verdict> + Send {
-        let _ = (head, conn, label);
+        let _ = (head, conn, note);
         async { Verdict::Decline }
     }
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A handler that also names the service each request was for, as a metrics label: the
-/// proxies. Every `Proxy` is a [`Handler`] whose labels reach the serve layer's recorder.
+/// A handler that also notes the service each request was for (a metrics label) and where it
+/// went (for the access log): the proxies. Every `Proxy` is a [`Handler`] whose notes reach the
+/// serve layer's recorder.
 pub trait Proxy: Clone + Send + Sync + 'static {
     type Body: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static;
 
-    /// Answers `req`, setting `label` once the service is known.
+    /// Answers `req`, setting `note.label` once the service is known.
     fn proxy(
         &self,
         req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// Whether this proxy takes body-less requests on the express lane.
@@ -132,9 +137,9 @@ pub trait Proxy: Clone + Send + Sync + 'static {
         &self,
         head: &Head<'_>,
         conn: &Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> impl Future<Output = Verdict> + Send {
-        let _ = (head, conn, label);
+        let _ = (head, conn, note);
         async { Verdict::Decline }
     }
 }
@@ -143,17 +148,13 @@ impl<P: Proxy> Handler for P {
     type Body = P::Body;
 
     async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<P::Body> {
-        self.proxy(req, conn, &mut None).await
+        self.proxy(req, conn, &mut Note::default()).await
     }
 
-    async fn handle_labelled(
-        &self,
-        req: Request<Incoming>,
-        conn: Conn,
-    ) -> (Response<P::Body>, Option<ServiceLabel>) {
-        let mut label = None;
-        let response = self.proxy(req, conn, &mut label).await;
-        (response, label)
+    async fn handle_noted(&self, req: Request<Incoming>, conn: Conn) -> (Response<P::Body>, Note) {
+        let mut note = Note::default();
+        let response = self.proxy(req, conn, &mut note).await;
+        (response, note)
     }
 
     const EXPRESS: bool = P::EXPRESS;
@@ -166,9 +167,9 @@ impl<P: Proxy> Handler for P {
         &self,
         head: &Head<'_>,
         conn: &Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> impl Future<Output = Verdict> + Send {
-        Proxy::express(self, head, conn, label)
+        Proxy::express(self, head, conn, note)
     }
 }
 
@@ -207,16 +208,32 @@ impl Conn {
     }
 }
 
-/// Where a proxy listener records its responses: the role it plays and the process's metrics.
+/// Where a proxy listener records its responses: the role it plays, the process's metrics and
+/// its access log.
 #[derive(Clone, Debug)]
 pub struct Recorder {
     pub role: Role,
     pub metrics: Arc<Metrics>,
+    pub access: Option<AccessLog>,
 }
 
 impl Recorder {
     pub fn new(role: Role, metrics: Arc<Metrics>) -> Self {
-        Self { role, metrics }
+        Self {
+            role,
+            metrics,
+            access: None,
+        }
+    }
+
+    /// The recorder, writing each response's line to `access` too (when there is one).
+    pub fn with_access(self, access: Option<AccessLog>) -> Self {
+        Self { access, ..self }
+    }
+
+    /// The access log, if this request is written to it (the sampling draw).
+    fn sampled(&self) -> Option<&AccessLog> {
+        self.access.as_ref().filter(|log| log.sampled())
     }
 
     /// Records one response: its status, the mesh error it carries, the service its handler
@@ -495,25 +512,26 @@ async fn serve_hyper<H: Handler, S: Io>(
 ) {
     let peer = first.peer;
     let next_index = AtomicU64::new(first.index);
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
         let arrived = Instant::now();
         let conn = Conn {
             index: next_index.fetch_add(1, Ordering::Relaxed),
             arrived,
             ..first.clone()
         };
+        let seen = recorder.as_ref().and_then(|r| Seen::of(r, &mut req));
         let handler = handler.clone();
         let recorder = recorder.clone();
         let draining = draining.clone();
         async move {
-            let (mut response, label) = respond(&handler, req, conn).await;
+            let (mut response, note) = respond(&handler, req, conn).await;
             if let Some(recorder) = recorder {
-                recorder.record(&response, label.as_ref(), arrived);
+                recorder.record(&response, note.label.as_ref(), arrived);
             }
             if draining.load(Ordering::Relaxed) {
                 close_after(&mut response);
             }
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(logged(response, seen, note, arrived))
         }
     });
     // With upgrades: after a `101`, hyper hands the connection to the proxy's tunnel.
@@ -608,14 +626,15 @@ async fn serve_h2<H: Handler, S: Io>(
             ..first.clone()
         };
         authority_as_host(&mut req);
+        let seen = recorder.as_ref().and_then(|r| Seen::of(r, &mut req));
         let handler = handler.clone();
         let recorder = recorder.clone();
         async move {
-            let (response, label) = handler.handle_labelled(req, conn).await;
+            let (response, note) = handler.handle_noted(req, conn).await;
             if let Some(recorder) = recorder {
-                recorder.record(&response, label.as_ref(), arrived);
+                recorder.record(&response, note.label.as_ref(), arrived);
             }
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(logged(response, seen, note, arrived))
         }
     });
     let (io, tripwire) = flood::Metered::new(io);
@@ -662,12 +681,12 @@ fn authority_as_host<B>(req: &mut Request<B>) {
     }
 }
 
-/// The handler's response and label, or the framing guard's refusal of the request.
+/// The handler's response and note, or the framing guard's refusal of the request.
 async fn respond<H: Handler>(
     handler: &H,
     req: Request<Incoming>,
     conn: Conn,
-) -> (Response<Either<H::Body, Full<Bytes>>>, Option<ServiceLabel>) {
+) -> (Response<Either<H::Body, Full<Bytes>>>, Note) {
     if let Some(rejection) = conn.verdicts.rejection_for(conn.index) {
         tracing::debug!(peer = %conn.peer, reason = rejection.reason, "request refused");
         let error = MeshError::BadRequest {
@@ -678,10 +697,173 @@ async fn respond<H: Handler>(
             Either::Left(_) => Either::Right(Full::default()),
             Either::Right(full) => Either::Right(full),
         });
-        return (response, None);
+        return (response, Note::default());
     }
-    let (response, label) = handler.handle_labelled(req, conn).await;
-    (response.map(Either::Left), label)
+    let (response, note) = handler.handle_noted(req, conn).await;
+    (response.map(Either::Left), note)
+}
+
+// === Access log ===
+
+/// What the access log takes from a request before its handler consumes it: its id and the
+/// declared length of its body.
+struct Seen {
+    log: AccessLog,
+    role: Role,
+    request_id: HeaderValue,
+    bytes_in: Option<u64>,
+}
+
+impl Seen {
+    /// `None` when the request is not written (no access log, or not drawn by the sampling).
+    /// A request without an `x-request-id` gets its id here, which the forwarder sends on.
+    fn of(recorder: &Recorder, req: &mut Request<Incoming>) -> Option<Seen> {
+        let log = recorder.sampled()?.clone();
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = request_id();
+                req.headers_mut().insert(&X_REQUEST_ID, id.clone());
+                id
+            }
+        };
+        let bytes_in = http_body::Body::size_hint(req.body()).exact();
+        Some(Seen {
+            log,
+            role: recorder.role,
+            request_id,
+            bytes_in,
+        })
+    }
+}
+
+/// `response` with a body that writes the request's access log line when it ends.
+fn logged<B>(
+    response: Response<B>,
+    seen: Option<Seen>,
+    note: Note,
+    arrived: Instant,
+) -> Response<Logged<B>> {
+    let pending = seen.map(|seen| Pending {
+        status: response.status().as_u16(),
+        error: response.headers().get(&X_SKYLINE_ERROR).cloned(),
+        seen,
+        note,
+        arrived,
+        bytes_out: 0,
+    });
+    response.map(|inner| Logged { inner, pending })
+}
+
+/// A request's access log line, waiting for the end of its response body.
+struct Pending {
+    seen: Seen,
+    note: Note,
+    status: u16,
+    error: Option<HeaderValue>,
+    arrived: Instant,
+    bytes_out: u64,
+}
+
+impl Pending {
+    fn write(&self) {
+        let error = self.error.as_ref().and_then(|e| e.to_str().ok());
+        let answer = Answered {
+            status: self.status,
+            error,
+            bytes_in: self.seen.bytes_in,
+            bytes_out: self.bytes_out,
+        };
+        let id = self.seen.request_id.as_bytes();
+        access_line(
+            &self.seen.log,
+            self.seen.role,
+            &self.note,
+            id,
+            answer,
+            self.arrived,
+        );
+    }
+}
+
+/// How a request was answered, for its access log line.
+struct Answered<'a> {
+    status: u16,
+    error: Option<&'a str>,
+    bytes_in: Option<u64>,
+    bytes_out: u64,
+}
+
+/// Writes one request's access log line: the one place every listener's lines are made (the
+/// express lane's and hyper's, HTTP/1 and HTTP/2).
+fn access_line(
+    log: &AccessLog,
+    role: Role,
+    note: &Note,
+    request_id: &[u8],
+    answer: Answered<'_>,
+    arrived: Instant,
+) {
+    let mut entry = Entry::noted(role, note, request_id);
+    entry.status = answer.status;
+    entry.error = answer.error;
+    entry.bytes_in = answer.bytes_in;
+    entry.bytes_out = answer.bytes_out;
+    entry.duration = arrived.elapsed();
+    log.write(&entry);
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that writes its request's access log line when it ends, or when it is
+    /// dropped before (the client went away): with the body bytes sent and the time until then.
+    pub struct Logged<B> {
+        #[pin]
+        inner: B,
+        pending: Option<Pending>,
+    }
+
+    impl<B> PinnedDrop for Logged<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(pending) = this.project().pending.take() {
+                pending.write();
+            }
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for Logged<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(pending), Some(data)) = (this.pending.as_mut(), frame.data_ref()) {
+                    pending.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(pending) = this.pending.take() {
+                    pending.write();
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Marks a response sent while draining as the connection's last (hyper closes the connection

@@ -169,6 +169,8 @@ async fn start(
         resilience: Default::default(),
         tls: None,
         services: Vec::new(),
+        access: Default::default(),
+        tokens: Default::default(),
     };
     let agent = agent::spawn(settings, shutdown.clone()).await?;
     let (Some(registry), Some(inbound)) = (agent.registry, agent.inbound) else {

@@ -255,3 +255,144 @@ pub fn registration(node: &NodeEntry, service: &Declared) -> serde_json::Value {
 fn go_duration(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
+
+// === The admin listener in the catalog ===
+
+/// The catalog service every role's admin listener is registered as, so that Prometheus finds
+/// every `/metrics` (`consul_sd_configs`, or `skyline prometheus-targets`). Its meta says the
+/// `role` (agent, gateway, bridge) and the `node`.
+pub const ADMIN_SERVICE: &str = "skyline-admin";
+
+/// How often a gateway's or bridge's admin registration passes its TTL check.
+const ADMIN_TTL: Duration = Duration::from_secs(10);
+
+/// An agent's admin listener at `addr` as a declared service of node `node` (its TTL check
+/// passes while the listener accepts connections).
+pub fn admin_service(node: &str, addr: SocketAddr) -> Option<Declared> {
+    Some(Declared {
+        name: ServiceName::parse(ADMIN_SERVICE).ok()?,
+        id: format!("{ADMIN_SERVICE}-agent-{node}"),
+        address: (!addr.ip().is_unspecified()).then_some(addr.ip()),
+        port: addr.port(),
+        tags: vec!["agent".to_owned()],
+        meta: BTreeMap::from([
+            ("role".to_owned(), "agent".to_owned()),
+            ("node".to_owned(), node.to_owned()),
+        ]),
+        check: Check::Ttl(ADMIN_TTL),
+        deregister_after: None,
+    })
+}
+
+/// `declared` with `fixed` always added (the agent's own admin listener): what the agent
+/// registers. The returned task follows `declared` until it closes or `shutdown`.
+pub fn with_fixed(
+    mut declared: watch::Receiver<Vec<Declared>>,
+    fixed: Vec<Declared>,
+    shutdown: CancellationToken,
+) -> (
+    watch::Receiver<Vec<Declared>>,
+    impl std::future::Future<Output = ()> + Send,
+) {
+    let join = move |now: &[Declared]| now.iter().chain(&fixed).cloned().collect::<Vec<_>>();
+    let (tx, rx) = watch::channel(join(&declared.borrow_and_update()));
+    let task = async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = declared.changed() => {
+                    if changed.is_err() {
+                        // Keep the combined set open (the registration's input) until shutdown.
+                        shutdown.cancelled().await;
+                        return;
+                    }
+                    let now = join(&declared.borrow_and_update());
+                    tx.send_replace(now);
+                }
+            }
+        }
+    };
+    (rx, task)
+}
+
+/// Registers the admin listener at `addr` of a gateway or bridge (`role`) with the registry's
+/// agent endpoint, as Consul's services register with their local agent, passes its TTL check
+/// while the listener accepts connections, and deregisters it at `shutdown`. The registry
+/// being away is retried with backoff.
+pub async fn run_admin(
+    client: RegistryClient,
+    role: &'static str,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let node = hostname();
+    let id = format!("{ADMIN_SERVICE}-{role}-{node}-{}", addr.port());
+    let address = if addr.ip().is_unspecified() {
+        String::new()
+    } else {
+        addr.ip().to_string()
+    };
+    let body = serde_json::json!({
+        "ID": id,
+        "Name": ADMIN_SERVICE,
+        "Address": address,
+        "Port": addr.port(),
+        "Tags": [role],
+        "Meta": { "role": role, "node": node },
+        "Check": {
+            "TTL": go_duration(ADMIN_TTL),
+            "DeregisterCriticalServiceAfter": go_duration(Duration::from_secs(600)),
+        },
+    });
+    let probe = if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
+    } else {
+        addr
+    };
+    let check = format!("/v1/agent/check/pass/service:{id}");
+    let (mut registered, mut backoff) = (false, Duration::from_millis(100));
+    loop {
+        let outcome = async {
+            if !registered {
+                client.put_json("/v1/agent/service/register", &body).await?;
+            }
+            if accepts_connections(probe).await {
+                client.put_json(&check, &serde_json::Value::Null).await?;
+            }
+            Ok::<_, ClientError>(())
+        };
+        let wait = match outcome.await {
+            Ok(()) => {
+                if !registered {
+                    tracing::info!(registry = %client.addr(), service = ADMIN_SERVICE, %id, "admin listener registered");
+                }
+                registered = true;
+                backoff = Duration::from_millis(100);
+                ADMIN_TTL / 3
+            }
+            Err(error) => {
+                tracing::warn!(registry = %client.addr(), error = %crate::error_chain(&error), "admin registration failed; retrying");
+                registered = false;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    if registered {
+        let path = format!("/v1/agent/service/deregister/{id}");
+        let _ = client.put_json(&path, &serde_json::Value::Null).await;
+    }
+}
+
+/// This machine's name (the `node` of a gateway's or bridge's admin registration).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -25,11 +25,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Names, Override, Settings};
+use crate::access::{self, AccessArgs, LogSection};
 use crate::agent::CatalogSource;
 use crate::config::reference::{Section, Value};
 use crate::config::{
-    ConfigError, DEFAULT_ADMIN, Listen, RESILIENCE_KEYS, ResilienceSection, Source, file_only, key,
-    resilience,
+    ConfigError, DEFAULT_ADMIN, Listen, RESILIENCE_KEYS, ResilienceSection, Source, TokenArgs,
+    file_only, key, resilience,
 };
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
@@ -89,6 +90,12 @@ pub struct BridgeArgs {
     /// Requests that already took this many Skyline hops get 508 [default: 8]
     #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
     pub max_hops: Option<u32>,
+
+    #[command(flatten)]
+    pub access: AccessArgs,
+
+    #[command(flatten)]
+    pub tokens: TokenArgs,
 }
 
 /// Every key of the bridge's file (see [`crate::config::reference`]).
@@ -110,6 +117,24 @@ pub const FILE: &[Section] = &[
                 "admin",
                 "address or `\"off\"`",
                 Value::Default("\"127.0.0.1:5050\""),
+            ),
+            key(
+                "admin_token_file",
+                "admin_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/admin.token\"",
+                    default: "no token",
+                },
+            ),
+            key(
+                "token_file",
+                "registry_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/registry.token\"",
+                    default: "no token",
+                },
             ),
             key(
                 "dns",
@@ -214,6 +239,7 @@ pub const FILE: &[Section] = &[
         keys: RESILIENCE_KEYS,
     },
     crate::config::TLS_SECTION,
+    access::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -229,6 +255,8 @@ struct FileConfig {
     /// Mesh TLS (the agent's keys).
     #[serde(default)]
     tls: crate::config::TlsSection,
+    #[serde(default)]
+    log: LogSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -236,6 +264,8 @@ struct FileConfig {
 struct BridgeSection {
     listen: Option<Spanned<Vec<SocketAddr>>>,
     admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
+    token_file: Option<Spanned<PathBuf>>,
     dns: Option<SocketAddr>,
     template: Option<Spanned<String>>,
     namespace: Option<String>,
@@ -290,6 +320,7 @@ impl BridgeArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
+        let access = self.access.resolve(&src, &file.log)?;
         let b = file.bridge;
         let admin = match (self.admin, b.admin) {
             (Some(l), _) => l,
@@ -352,8 +383,15 @@ impl BridgeArgs {
             return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }
         let tls = crate::config::mesh_tls(&src, &file.tls)?;
+        let tokens = self.tokens.resolve(
+            &src,
+            ("bridge.admin_token_file", &b.admin_token_file),
+            ("bridge.token_file", &b.token_file),
+            admin.addr(),
+        )?;
         Ok(Settings {
             tls,
+            tokens,
             listen,
             admin: admin.addr(),
             dns: self.dns.or(b.dns).unwrap_or_else(system_dns),
@@ -362,6 +400,7 @@ impl BridgeArgs {
             catalog,
             max_hops,
             resilience,
+            access,
         })
     }
 }

@@ -26,6 +26,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::token::Token;
+
 use super::{
     Backoff, DEFAULT_INBOUND_PORT, Discovery, Health, Instance, Interner, Node, NodeName, Nodes,
     Publisher, ServiceName, Snapshot,
@@ -50,6 +52,8 @@ pub struct ConsulDiscovery {
     pub address: SocketAddr,
     /// How long one blocking query waits for a change; default 60 s. Consul caps it at 10 min.
     pub wait: Duration,
+    /// Sent as `X-Consul-Token` on every request, for a registry or Consul with ACLs.
+    pub token: Option<Token>,
 }
 
 impl ConsulDiscovery {
@@ -57,7 +61,15 @@ impl ConsulDiscovery {
         Self {
             address,
             wait: DEFAULT_WAIT,
+            token: None,
         }
+    }
+
+    /// Sends `token` as `X-Consul-Token` on every request.
+    #[must_use]
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
     }
 }
 
@@ -311,10 +323,11 @@ struct Http {
     client: Client<HttpConnector, Empty<Bytes>>,
     address: SocketAddr,
     wait: Duration,
+    token: Option<Token>,
 }
 
 impl Http {
-    fn new(address: SocketAddr, wait: Duration) -> Self {
+    fn new(address: SocketAddr, wait: Duration, token: Option<Token>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         connector.set_nodelay(true);
@@ -322,6 +335,7 @@ impl Http {
             client: Client::builder(TokioExecutor::new()).build(connector),
             address,
             wait,
+            token,
         }
     }
 
@@ -347,7 +361,11 @@ impl Http {
             ),
             None => format!("http://{}{path}", self.address),
         };
-        let req = http::Request::get(uri)
+        let mut req = http::Request::get(uri);
+        if let Some(token) = &self.token {
+            req = req.header("x-consul-token", token.expose());
+        }
+        let req = req
             .body(Empty::new())
             .map_err(|source| ConsulError::Build {
                 path: path.to_owned(),
@@ -481,7 +499,7 @@ struct Aggregator {
 
 impl Aggregator {
     fn new(config: ConsulDiscovery, publisher: Publisher) -> Self {
-        let http = Http::new(config.address, config.wait);
+        let http = Http::new(config.address, config.wait, config.token.clone());
         Self {
             config,
             http,

@@ -31,7 +31,6 @@ pub struct ExplainArgs {
 }
 
 pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let client = RegistryClient::new(args.admin);
     let mut query = String::from("/explain?url=");
     for b in args.url.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
@@ -40,9 +39,8 @@ pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError
             query.push_str(&format!("%{b:02X}"));
         }
     }
-    let body = match client.get(&query).await {
-        Ok(body) => body,
-        Err(ClientError::Refused { message, .. }) => {
+    let body = match admin_get(args.admin, &query).await {
+        Err(CliError::Registry(ClientError::Refused { message, .. })) => {
             let detail = serde_json::from_str::<Value>(&message)
                 .ok()
                 .and_then(|v| v["detail"].as_str().map(str::to_owned))
@@ -51,12 +49,7 @@ pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError
                 "the agent refused the URL: {detail}"
             )));
         }
-        Err(ClientError::Unreachable { addr, .. } | ClientError::Timeout { addr }) => {
-            return Err(CliError::Usage(format!(
-                "no agent's admin listener answers at {addr} (--admin)"
-            )));
-        }
-        Err(e) => return Err(e.into()),
+        other => other?,
     };
     let answer: Value = serde_json::from_slice(&body)?;
     if args.json {
@@ -65,6 +58,20 @@ pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError
     }
     let _ = write!(out, "{}", render(&answer));
     Ok(())
+}
+
+/// `GET path` on the admin listener at `admin` (an agent's): the body of a 2xx answer; a
+/// listener that does not answer is a usage error that names `--admin`.
+pub(super) async fn admin_get(admin: SocketAddr, path: &str) -> Result<Vec<u8>, CliError> {
+    match RegistryClient::new(admin).get(path).await {
+        Ok(body) => Ok(body.to_vec()),
+        Err(ClientError::Unreachable { addr, .. } | ClientError::Timeout { addr }) => {
+            Err(CliError::Usage(format!(
+                "no agent's admin listener answers at {addr} (--admin)"
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The explanation for a person.

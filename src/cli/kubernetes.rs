@@ -12,7 +12,8 @@
 //! - a service with an instance whose meta says `platform=kubernetes`: it runs on Kubernetes,
 //!   where its own `Service` selects its pods (ours would replace it, and send its callers to the
 //!   bridge, which sends Kubernetes services back to the cluster DNS: a loop);
-//! - the mesh's own services, `skyline-gateway` and `skyline-bridge`, and Consul's `consul`;
+//! - the mesh's own services, `skyline-gateway`, `skyline-bridge` and `skyline-admin`, and
+//!   Consul's `consul`;
 //! - a name that cannot be a `Service` name (an RFC 1035 label: lowercase letters, digits and
 //!   `-`, starting with a letter), such as `billing.v2`.
 //!
@@ -38,7 +39,12 @@ pub const BRIDGE_SELECTOR: (&str, &str) = ("app.kubernetes.io/name", "skyline-br
 /// The instance meta of a service that runs on Kubernetes.
 pub const KUBERNETES_PLATFORM: (&str, &str) = ("platform", "kubernetes");
 /// Services of the catalog that are not applications: the mesh's own, and Consul's.
-const NOT_APPLICATIONS: [&str; 3] = [GATEWAY_SERVICE, BRIDGE_SERVICE, "consul"];
+const NOT_APPLICATIONS: [&str; 4] = [
+    GATEWAY_SERVICE,
+    BRIDGE_SERVICE,
+    crate::agent::registration::ADMIN_SERVICE,
+    "consul",
+];
 
 /// Kubernetes helpers.
 #[derive(clap::Args, Clone, Debug)]
@@ -106,7 +112,7 @@ pub async fn services(
     out: &mut dyn Write,
     notes: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let client = RegistryClient::new(args.registry);
+    let client = RegistryClient::from_env(args.registry);
     let mut objects = Vec::new();
     for (name, instances) in catalog(&client).await? {
         let on_kubernetes = instances.iter().any(|e| {

@@ -235,12 +235,11 @@ pub fn gateway_id(listen: SocketAddr) -> String {
 /// Publishes this gateway's answers for every service being migrated, about once a second,
 /// until `shutdown`.
 pub async fn publish(
-    kv: SocketAddr,
+    client: RegistryClient,
     gateway: Arc<Gateway>,
     id: String,
     shutdown: CancellationToken,
 ) {
-    let client = RegistryClient::new(kv);
     let boot = crate::registry::events::uuid_v4();
     let mut baselines = HashMap::new();
     loop {

@@ -35,11 +35,12 @@ use toml::Spanned;
 
 use super::Settings;
 use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
+use crate::access::{self, AccessArgs, LogSection};
 use crate::agent::CatalogSource;
 use crate::config::reference::{DURATION, Section, Value};
 use crate::config::{
     ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, RESILIENCE_KEYS, ResilienceSection,
-    Source, file_only, key, resilience,
+    Source, TokenArgs, file_only, key, resilience,
 };
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
@@ -87,6 +88,12 @@ pub struct GatewayArgs {
     /// Requests that already took this many Skyline hops get 508 [default: 8]
     #[arg(long, env = "SKYLINE_MAX_HOPS", value_name = "N")]
     pub max_hops: Option<u32>,
+
+    #[command(flatten)]
+    pub access: AccessArgs,
+
+    #[command(flatten)]
+    pub tokens: TokenArgs,
 }
 
 /// Every key of the gateway's file (see [`crate::config::reference`]).
@@ -109,6 +116,15 @@ pub const FILE: &[Section] = &[
                 "address or `\"off\"`",
                 Value::Default("\"127.0.0.1:5050\""),
             ),
+            key(
+                "admin_token_file",
+                "admin_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/admin.token\"",
+                    default: "no token",
+                },
+            ),
         ],
     },
     Section {
@@ -128,6 +144,15 @@ pub const FILE: &[Section] = &[
                 "consul",
                 "address",
                 Value::Default("\"127.0.0.1:8500\""),
+            ),
+            key(
+                "token_file",
+                "registry_token_file",
+                "path",
+                Value::Example {
+                    toml: "\"/etc/skyline/registry.token\"",
+                    default: "no token",
+                },
             ),
             key(
                 "file",
@@ -293,6 +318,7 @@ pub const FILE: &[Section] = &[
         ],
     },
     crate::config::TLS_SECTION,
+    access::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -314,6 +340,8 @@ struct FileConfig {
     /// Mesh TLS (the agent's keys).
     #[serde(default)]
     tls: crate::config::TlsSection,
+    #[serde(default)]
+    log: LogSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -321,6 +349,7 @@ struct FileConfig {
 struct ListenSection {
     gateway: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -329,6 +358,7 @@ struct CatalogSection {
     source: Option<Spanned<String>>,
     file: Option<PathBuf>,
     consul: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -347,6 +377,7 @@ impl GatewayArgs {
         let reload = self.config.is_some().then(|| self.clone());
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
+        let access = self.access.resolve(&src, &file.log)?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field
                 .as_ref()
@@ -463,8 +494,15 @@ impl GatewayArgs {
             _ => None,
         };
         let tls = crate::config::mesh_tls(&src, &file.tls)?;
+        let tokens = self.tokens.resolve(
+            &src,
+            ("listen.admin_token_file", &file.listen.admin_token_file),
+            ("catalog.token_file", &file.catalog.token_file),
+            admin.addr(),
+        )?;
         Ok(Settings {
             tls,
+            tokens,
             resilience,
             listen,
             admin: admin.addr(),
@@ -476,6 +514,7 @@ impl GatewayArgs {
             kv,
             include_warning: false,
             reload,
+            access,
         })
     }
 }

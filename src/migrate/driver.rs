@@ -210,7 +210,7 @@ fn not_found(e: &ClientError) -> bool {
 impl Kv {
     fn new(addr: SocketAddr) -> Self {
         Self {
-            client: RegistryClient::new(addr),
+            client: RegistryClient::from_env(addr),
         }
     }
 

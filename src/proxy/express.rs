@@ -29,8 +29,9 @@ use tokio::time::Instant;
 use super::pool::{Limits, MAX_IDLE_PER_ENDPOINT, SendError, is_idempotent_name};
 use super::{
     AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, parse_millis,
-    request_id_bytes, within_caller_deadline,
+    within_caller_deadline,
 };
+use crate::access::Trail;
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
 use crate::serve::guard::{ChunkedBody, Limits as GuardLimits, parse_content_length, trim_ows};
@@ -60,6 +61,8 @@ pub struct Head<'a> {
     pub names: &'a [Name],
     /// The request's `Connection` options.
     pub options: ConnectionOptions,
+    /// Its `x-request-id`: the client's, or one made for it (sent on when the client sent none).
+    pub request_id: &'a [u8],
 }
 
 impl Head<'_> {
@@ -100,6 +103,9 @@ impl Forwarder {
     /// Forwards a body-less request given as its parsed head: the express lane's
     /// [`Forwarder::forward`]. `hops` is the hop count to send (the outbound proxy counts hops;
     /// other hops pass the caller's header on).
+    // The same arguments as `forward` (the request, its destination, target, host and
+    // connection, the trail) plus the hop count that `forward` finds in the header map.
+    #[allow(clippy::too_many_arguments)]
     pub async fn express(
         &self,
         head: &Head<'_>,
@@ -108,6 +114,7 @@ impl Forwarder {
         host: Host,
         hops: Option<u32>,
         conn: &Conn,
+        trail: &mut Trail,
     ) -> Result<Answer, MeshError> {
         let started = Instant::from_std(conn.arrived);
         let now = ns_at(conn.arrived);
@@ -136,7 +143,7 @@ impl Forwarder {
             replayable: upstream.first_hop && is_idempotent_name(head.method),
             head_only: head.method == "HEAD",
         };
-        self.attempts(&mut exchange, attempt, now).await
+        self.attempts(&mut exchange, attempt, now, trail).await
     }
 }
 
@@ -210,7 +217,7 @@ fn write_request_head(
         header(out, name.as_bytes(), h.value);
     }
     if !has_id {
-        header(out, b"x-request-id", &request_id_bytes());
+        header(out, b"x-request-id", head.request_id);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     for earlier in forwarded_for.iter().chain(&more_forwarded_for) {
@@ -771,13 +778,14 @@ struct Home {
 
 impl Answer {
     /// Relays the answer to `client`: the head (with `Connection: close` when `close`), then
-    /// the body as it arrives. `Ok` when the whole answer was sent; an error leaves the client
-    /// connection unusable (part of an answer may have been sent).
+    /// the body as it arrives. `Ok` with the body's bytes as sent (a chunked body with its
+    /// framing) when the whole answer was sent; an error leaves the client connection unusable
+    /// (part of an answer may have been sent).
     pub async fn relay<W: AsyncWrite + Unpin>(
         mut self,
         client: &mut W,
         close: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<u64> {
         let mut out = std::mem::take(&mut self.head);
         if matches!(self.body, BodyFraming::Chunked | BodyFraming::Close) {
             header(&mut out, b"transfer-encoding", b"chunked");
@@ -786,23 +794,20 @@ impl Answer {
             header(&mut out, b"connection", b"close");
         }
         out.extend_from_slice(b"\r\n");
-        let reusable = match self.body {
+        let (reusable, sent) = match self.body {
             BodyFraming::None => {
                 client.write_all(&out).await?;
-                self.conn.buf.is_empty()
+                (self.conn.buf.is_empty(), 0)
             }
-            BodyFraming::Length(n) => self.relay_length(client, out, n).await?,
+            BodyFraming::Length(n) => (self.relay_length(client, out, n).await?, n),
             BodyFraming::Chunked => self.relay_chunked(client, out).await?,
-            BodyFraming::Close => {
-                self.relay_until_close(client, out).await?;
-                false
-            }
+            BodyFraming::Close => (false, self.relay_until_close(client, out).await?),
         };
         if reusable && self.keep_alive {
             self.conn.buf.clear();
             self.home.pool.put(self.home.addr, self.conn);
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// A body of `n` bytes; `Ok(true)` when nothing followed it.
@@ -831,17 +836,19 @@ impl Answer {
         Ok(clean)
     }
 
-    /// A chunked body, passed through as it is; `Ok(true)` when nothing followed it.
+    /// A chunked body, passed through as it is; `Ok(true)` when nothing followed it, with the
+    /// body's bytes.
     async fn relay_chunked<W: AsyncWrite + Unpin>(
         &mut self,
         client: &mut W,
         mut out: Vec<u8>,
-    ) -> io::Result<bool> {
+    ) -> io::Result<(bool, u64)> {
         let mut scan = ChunkedBody::new(GuardLimits::default());
         let mut end = scan.scan(&self.conn.buf).map_err(invalid_chunk)?;
         let first = end.unwrap_or(self.conn.buf.len());
         out.extend_from_slice(&self.conn.buf[..first]);
         client.write_all(&out).await?;
+        let mut sent = first as u64;
         let mut clean = first == self.conn.buf.len();
         while end.is_none() {
             self.conn.buf.clear();
@@ -849,19 +856,23 @@ impl Answer {
             end = scan.scan(&self.conn.buf).map_err(invalid_chunk)?;
             let take = end.unwrap_or(self.conn.buf.len());
             client.write_all(&self.conn.buf[..take]).await?;
+            sent += take as u64;
             clean = take == self.conn.buf.len();
         }
-        Ok(clean)
+        Ok((clean, sent))
     }
 
-    /// A body that ends when the upstream closes, sent to the client as chunks.
+    /// A body that ends when the upstream closes, sent to the client as chunks; `Ok` with the
+    /// body's bytes (without the chunk framing).
     async fn relay_until_close<W: AsyncWrite + Unpin>(
         &mut self,
         client: &mut W,
         mut out: Vec<u8>,
-    ) -> io::Result<()> {
+    ) -> io::Result<u64> {
+        let mut sent = 0u64;
         loop {
             if !self.conn.buf.is_empty() {
+                sent += self.conn.buf.len() as u64;
                 out.extend_from_slice(format!("{:x}\r\n", self.conn.buf.len()).as_bytes());
                 out.extend_from_slice(&self.conn.buf);
                 out.extend_from_slice(b"\r\n");
@@ -870,7 +881,8 @@ impl Answer {
             out.clear();
             self.conn.buf.clear();
             if self.read_more_or_end().await? == 0 {
-                return client.write_all(b"0\r\n\r\n").await;
+                client.write_all(b"0\r\n\r\n").await?;
+                return Ok(sent);
             }
         }
     }

@@ -14,6 +14,7 @@ use super::express::{Head, Verdict};
 use super::outbound::{path_of, split_service_path};
 use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError};
+use crate::access::{Note, Tag};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, known_service, service_label};
 use crate::routing::{Lookup, Protocol, Route, Routes};
@@ -45,14 +46,9 @@ impl Inbound {
 impl Proxy for Inbound {
     type Body = Body;
 
-    /// Hands one request to a local instance; `label` is set to the service once it is known
-    /// to the catalog, for the metrics.
-    async fn proxy(
-        &self,
-        req: Request<Incoming>,
-        conn: Conn,
-        label: &mut Option<ServiceLabel>,
-    ) -> Response<Body> {
+    /// Hands one request to a local instance; `note.label` is set to the service once it is
+    /// known to the catalog, for the metrics.
+    async fn proxy(&self, req: Request<Incoming>, conn: Conn, note: &mut Note) -> Response<Body> {
         let uri = req.uri();
         let (name, target) = match split_service_path(uri.path()) {
             Ok((name, rest)) => (name, strip_prefix(rest, uri.query())),
@@ -67,7 +63,7 @@ impl Proxy for Inbound {
             Err(_) => match self.local_route_after_catch_up(name).await {
                 Ok(found) => found,
                 Err(e) => {
-                    *label = service_label(&self.inner.routes.load(), name);
+                    note.label = service_label(&self.inner.routes.load(), name);
                     return e.into_response(name);
                 }
             },
@@ -80,10 +76,18 @@ impl Proxy for Inbound {
         let forwarded = self
             .inner
             .forwarder
-            .forward(req, upstream, target, Host::Upstream, &conn)
+            .forward(
+                req,
+                upstream,
+                target,
+                Host::Upstream,
+                &conn,
+                &mut note.trail,
+            )
             .await;
         let response = forwarded.unwrap_or_else(|e| e.into_response(name));
-        *label = Some(ServiceLabel::known(known));
+        note.label = Some(ServiceLabel::known(known));
+        note.tier = Tag::Static(LOCAL);
         response
     }
 
@@ -91,12 +95,7 @@ impl Proxy for Inbound {
 
     /// [`proxy`](Self::proxy) for a body-less request on the express lane. A request this node
     /// cannot route yet (or at all) is declined: `proxy` waits for the catalog or answers.
-    async fn express(
-        &self,
-        head: &Head<'_>,
-        conn: &Conn,
-        label: &mut Option<ServiceLabel>,
-    ) -> Verdict {
+    async fn express(&self, head: &Head<'_>, conn: &Conn, note: &mut Note) -> Verdict {
         let (path, query) = path_of(head.target);
         let Ok((name, rest)) = split_service_path(path) else {
             return Verdict::Decline;
@@ -122,13 +121,25 @@ impl Proxy for Inbound {
         let forwarded = self
             .inner
             .forwarder
-            .express(head, upstream, &target, Host::Upstream, None, conn)
+            .express(
+                head,
+                upstream,
+                &target,
+                Host::Upstream,
+                None,
+                conn,
+                &mut note.trail,
+            )
             .await;
         let verdict = Verdict::of(forwarded, name);
-        *label = Some(ServiceLabel::known(known));
+        note.label = Some(ServiceLabel::known(known));
+        note.tier = Tag::Static(LOCAL);
         verdict
     }
 }
+
+/// The access log's tier of the inbound proxy: a local instance.
+const LOCAL: &str = "local";
 
 /// How long the inbound side waits for its catalog to catch up with a caller's.
 ///

@@ -17,9 +17,10 @@ use super::{
     Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Host, MeshError, as_grpc_status,
     count_hop, is_grpc, next_hop,
 };
+use crate::access::{Note, Tag};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
-use crate::metrics::{ServiceLabel, service_label};
+use crate::metrics::service_label;
 use crate::routing::reach::{Admit, Observed};
 use crate::routing::{Lookup, Route, Routes, Table};
 use crate::serve::{Conn, Proxy};
@@ -61,17 +62,12 @@ impl Outbound {
 impl Proxy for Outbound {
     type Body = Body;
 
-    /// Routes and forwards one request; `label` is set to the service once it is parsed, for
-    /// the metrics. A gRPC call gets mesh errors (its own hop's or a later one's) as gRPC
+    /// Routes and forwards one request; `note.label` is set to the service once it is parsed,
+    /// for the metrics. A gRPC call gets mesh errors (its own hop's or a later one's) as gRPC
     /// statuses.
-    async fn proxy(
-        &self,
-        req: Request<Incoming>,
-        conn: Conn,
-        label: &mut Option<ServiceLabel>,
-    ) -> Response<Body> {
+    async fn proxy(&self, req: Request<Incoming>, conn: Conn, note: &mut Note) -> Response<Body> {
         let grpc = is_grpc(&req);
-        let mut response = self.route_and_forward(req, conn, label).await;
+        let mut response = self.route_and_forward(req, conn, note).await;
         if grpc {
             as_grpc_status(&mut response);
         }
@@ -82,12 +78,7 @@ impl Proxy for Outbound {
 
     /// [`proxy`](Self::proxy) for a body-less request on the express lane. A cluster-DNS-style
     /// request and every refusal before forwarding are declined: `proxy` answers those.
-    async fn express(
-        &self,
-        head: &Head<'_>,
-        conn: &Conn,
-        label: &mut Option<ServiceLabel>,
-    ) -> Verdict {
+    async fn express(&self, head: &Head<'_>, conn: &Conn, note: &mut Note) -> Verdict {
         // Hops over mesh TLS take hyper's path (the express lane's pool is raw TCP).
         if self.inner.forwarder.mesh_tls() {
             return Verdict::Decline;
@@ -104,17 +95,27 @@ impl Proxy for Outbound {
         let Ok((route, then, hold)) = inner.route(&table, name) else {
             return Verdict::Decline;
         };
-        *label = service_label(&table, name);
+        note.label = service_label(&table, name);
+        let direct = inner.is_direct(&table, &route);
         drop(table);
         let policy = inner.policies.load().for_service(name).clone();
         let then = then.as_deref().map(|r| [r]);
         let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
-        let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
+        let mut upstream = Destination::first_hop(name, note.label.is_some(), &route, &policy);
         upstream.fallback = fallback.as_ref();
         let forwarded = inner
             .forwarder
-            .express(head, upstream, head.target, Host::Keep, Some(hops), conn)
+            .express(
+                head,
+                upstream,
+                head.target,
+                Host::Keep,
+                Some(hops),
+                conn,
+                &mut note.trail,
+            )
             .await;
+        note.tier = tier(direct, fallback.as_ref());
         Verdict::of(forwarded, name)
     }
 }
@@ -124,7 +125,7 @@ impl Outbound {
         &self,
         mut req: Request<Incoming>,
         conn: Conn,
-        label: &mut Option<ServiceLabel>,
+        note: &mut Note,
     ) -> Response<Body> {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
@@ -147,25 +148,34 @@ impl Outbound {
         let inner = &self.inner;
         // One table for the metrics label and the route.
         let table = inner.routes.load();
-        *label = service_label(&table, name);
+        note.label = service_label(&table, name);
         if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
             return e.into_response(name);
         }
         let plan = inner.route(&table, name);
-        drop(table);
         let (route, then, hold) = match plan {
             Ok(plan) => plan,
             Err(e) => return e.into_response(name),
         };
+        let direct = inner.is_direct(&table, &route);
+        drop(table);
         let policy = inner.policies.load().for_service(name).clone();
         let then = then.as_deref().map(|r| [r]);
         let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
-        let mut upstream = Destination::first_hop(name, label.is_some(), &route, &policy);
+        let mut upstream = Destination::first_hop(name, note.label.is_some(), &route, &policy);
         upstream.fallback = fallback.as_ref();
         let forwarded = inner
             .forwarder
-            .forward(req, upstream, target.clone(), Host::Keep, &conn)
+            .forward(
+                req,
+                upstream,
+                target.clone(),
+                Host::Keep,
+                &conn,
+                &mut note.trail,
+            )
             .await;
+        note.tier = tier(direct, fallback.as_ref());
         forwarded.unwrap_or_else(|e| e.into_response(name))
     }
 }
@@ -218,6 +228,20 @@ impl Inner {
             Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService)?,
         };
         Ok((route.clone(), None, hold))
+    }
+}
+
+/// The access log's tier of a request the outbound proxy forwarded: `direct` when the
+/// service's own route answered, `catch-all` when the gateway pool did.
+fn tier(direct: bool, fallback: Option<&Fallback<'_>>) -> Tag {
+    let served_direct = direct && fallback.is_none_or(|f| f.served() == 0);
+    Tag::Static(if served_direct { "direct" } else { "catch-all" })
+}
+
+impl Inner {
+    /// Whether `route` is the service's own (not the catch-all's).
+    fn is_direct(&self, table: &Table, route: &Arc<Route>) -> bool {
+        !self.catch_all(table).is_some_and(|c| Arc::ptr_eq(c, route))
     }
 }
 

@@ -50,6 +50,7 @@ use super::store::{
 use super::{Command, INBOUND_PORT_META};
 use crate::catalog::{Health, ServiceName};
 use crate::config::parse_duration;
+use crate::config::token::{Token, consul_request_token};
 
 /// The largest request body (and KV value) accepted.
 pub const MAX_BODY: usize = 512 * 1024;
@@ -73,6 +74,8 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// The user events this registry received (`/v1/event/*`); memory only, as in Consul.
     pub events: watch::Sender<Arc<EventLog>>,
+    /// The ACL token every request must carry, if any (see `RegistryConfig::token`).
+    pub token: Option<Token>,
 }
 
 pub(crate) type Resp = Response<Full<Bytes>>;
@@ -154,6 +157,10 @@ where
 {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if let Some(refusal) = acl_refusal(shared.token.as_ref(), &req) {
+        tracing::debug!(%method, %path, reason = %refusal.message, "registry request refused by the token check");
+        return Ok(refusal.into_response());
+    }
     let resp = match route(&shared, req).await {
         Ok(resp) => resp,
         Err(error) => {
@@ -164,6 +171,21 @@ where
         }
     };
     Ok(resp)
+}
+
+/// Consul's ACL answer to a request without the token: 403 `Permission denied` when it carries
+/// none (Consul's anonymous token, denied by default), 403 `ACL not found` when it carries
+/// another one (an unknown secret). `/v1/status/*` answers without a token, as in Consul.
+pub fn acl_refusal<B>(token: Option<&Token>, req: &Request<B>) -> Option<ApiError> {
+    let token = token?;
+    if req.uri().path().starts_with("/v1/status/") {
+        return None;
+    }
+    match consul_request_token(req.uri().query(), req.headers()) {
+        None => Some(ApiError::new(StatusCode::FORBIDDEN, "Permission denied")),
+        Some(presented) if token.matches(&presented) => None,
+        Some(_) => Some(ApiError::new(StatusCode::FORBIDDEN, "ACL not found")),
+    }
 }
 
 fn allow(method: &Method, allowed: &[Method]) -> Result<(), ApiError> {
@@ -1016,6 +1038,48 @@ fn check_def(
             deregister_critical_after: dereg.0,
         },
     })
+}
+
+// === Fuzzing ===
+
+/// Decodes `body` as each endpoint that takes a JSON body decodes it, and validates what
+/// decodes as the endpoint would before it touches the store: the fuzz target
+/// `registry_json` (see `crate::fuzz`). Results are dropped; only a panic matters.
+pub(crate) fn decode_every_body(body: &[u8]) {
+    if let Ok(input) = decode::<AgentServiceIn>(body, &decode::SERVICE_DEFINITION) {
+        if let Ok(svc) = service_def(
+            input.id,
+            input.name,
+            input.tags,
+            input.address,
+            input.port,
+            input.meta,
+            input.weights,
+        ) {
+            let mut raw: Vec<CheckIn> = input.check.into_iter().collect();
+            raw.extend(input.checks.unwrap_or_default());
+            for c in raw {
+                let _ = check_def(
+                    c,
+                    Some("service:x".into()),
+                    "x".into(),
+                    svc.id.clone(),
+                    true,
+                );
+            }
+        }
+    }
+    if let Ok(input) = decode::<CheckIn>(body, &decode::CHECK_DEFINITION) {
+        let _ = check_def(input, None, "x".into(), String::new(), true);
+    }
+    let _ = decode::<CatalogRegisterIn>(body, &decode::REGISTER_REQUEST);
+    let _ = decode::<CatalogDeregisterIn>(body, &decode::DEREGISTER_REQUEST);
+    let _ = decode::<CheckUpdateIn>(body, &decode::CHECK_UPDATE);
+    super::txn::check_body(body);
+    super::session::decode_create(body);
+    if let Ok(json) = decode::parse(body) {
+        let _ = decode::duration(&json);
+    }
 }
 
 // === Agent endpoints ===

@@ -12,6 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::config::token::Token;
+
 /// How long one call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +41,8 @@ pub enum ClientError {
 pub struct RegistryClient {
     addr: SocketAddr,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// Sent as `X-Consul-Token` on every call.
+    token: Option<Token>,
 }
 
 impl RegistryClient {
@@ -46,7 +50,29 @@ impl RegistryClient {
         Self {
             addr,
             http: Client::builder(TokioExecutor::new()).build_http(),
+            token: None,
         }
+    }
+
+    /// A client for the command-line tools (`skyline services`, `register`, `migrate`, ...):
+    /// with the token of `SKYLINE_REGISTRY_TOKEN` when it is set (as Consul's CLI takes
+    /// `CONSUL_HTTP_TOKEN`); an invalid one is reported and not sent.
+    pub fn from_env(addr: SocketAddr) -> Self {
+        let token = std::env::var("SKYLINE_REGISTRY_TOKEN")
+            .ok()
+            .and_then(|text| {
+                Token::new(&text)
+                    .inspect_err(|reason| tracing::warn!(%reason, "SKYLINE_REGISTRY_TOKEN ignored"))
+                    .ok()
+            });
+        Self::new(addr).with_token(token)
+    }
+
+    /// Sends `token` as `X-Consul-Token` on every call (a token-protected registry or Consul).
+    #[must_use]
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -56,6 +82,19 @@ impl RegistryClient {
     /// `GET path`, the body of a 2xx answer.
     pub async fn get(&self, path: &str) -> Result<Bytes, ClientError> {
         self.call(Method::GET, path, Bytes::new()).await
+    }
+
+    /// `GET path` of a blocking-capable read: the body of a 2xx answer and its
+    /// `X-Consul-Index` (to pass as `?index=` next time), when it has one.
+    pub async fn get_indexed(&self, path: &str) -> Result<(Bytes, Option<u64>), ClientError> {
+        let (bytes, headers) = self
+            .call_with_headers(Method::GET, path, Bytes::new())
+            .await?;
+        let index = headers
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((bytes, index))
     }
 
     /// `PUT path` with a JSON body, the body of a 2xx answer.
@@ -79,21 +118,33 @@ impl RegistryClient {
     }
 
     async fn call(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
+        Ok(self.call_with_headers(method, path, body).await?.0)
+    }
+
+    async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(Bytes, http::HeaderMap), ClientError> {
         let addr = self.addr;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|_| ClientError::Body {
-                path: path.to_owned(),
-            })?;
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            req = req.header("x-consul-token", token.expose());
+        }
+        let req = req.body(Full::new(body)).map_err(|_| ClientError::Body {
+            path: path.to_owned(),
+        })?;
         let response = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| ClientError::Timeout { addr })?
             .map_err(|source| ClientError::Unreachable { addr, source })?;
         let status = response.status();
-        let bytes = tokio::time::timeout(CALL_TIMEOUT, response.into_body().collect())
+        let (parts, body) = response.into_parts();
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, body.collect())
             .await
             .map_err(|_| ClientError::Timeout { addr })?
             .map_err(|_| ClientError::Body {
@@ -108,6 +159,6 @@ impl RegistryClient {
                 message,
             });
         }
-        Ok(bytes)
+        Ok((bytes, parts.headers))
     }
 }

@@ -458,6 +458,14 @@ struct SessionIn {
     service_checks: Option<Vec<ServiceCheckIn>>,
 }
 
+/// Decodes and validates a session create body as `create` does, without the store (the fuzz
+/// target `registry_json`).
+pub(crate) fn decode_create(body: &[u8]) {
+    if let Ok(input) = decode::decode::<SessionIn>(body, &SESSION) {
+        let _ = session_def(input, "local");
+    }
+}
+
 /// Builds the session a create request asks for, with Consul's defaults and its check rules
 /// (`fixupEmptySessionChecks`), validated as `Session.Apply` does. Errors are Consul's (500).
 fn session_def(input: SessionIn, own_node: &str) -> Result<SessionDef, ApiError> {

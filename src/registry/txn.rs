@@ -88,6 +88,12 @@ pub struct TxnError {
     pub what: String,
 }
 
+/// Parses a txn body as [`handle`] does, without running it (the fuzz target
+/// `registry_json`).
+pub(crate) fn check_body(body: &[u8]) {
+    let _ = parse(body);
+}
+
 fn parse(body: &[u8]) -> Result<Vec<TxnOp>, ApiError> {
     let raw: Vec<TxnOpIn> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;

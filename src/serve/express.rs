@@ -19,8 +19,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::guard::{HeadCheck, HeadProgress, HeadReader, Limits};
-use super::{Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder};
+use super::{
+    Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder, access_line,
+};
+use crate::access::Note;
 use crate::proxy::express::{Head, Name, Verdict, connection_options, write_error};
+use crate::proxy::request_id_bytes;
 
 /// Header slots for a client's request head: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
@@ -159,29 +163,55 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
         }
         let names = &names[..request.headers.len()];
         let values = request.headers.iter().map(|h| h.value);
+        // The client's request id, or one made for it here, sent on and logged.
+        let made: [u8; 32];
+        let request_id = match names.iter().position(|&n| n == Name::RequestId) {
+            Some(i) => request.headers[i].value,
+            None => {
+                made = request_id_bytes();
+                &made
+            }
+        };
         let head = Head {
             method,
             target,
             headers: request.headers,
             names,
             options: connection_options(names.iter().copied().zip(values)),
+            request_id,
         };
         if has_body || !takes(&head, request.version) {
             return End::Handoff { rest: buf };
         }
-        let mut label = None;
-        let verdict = handler.express(&head, conn, &mut label).await;
+        let mut note = Note::default();
+        let verdict = handler.express(&head, conn, &mut note).await;
         let mut close = head.options.close || drain_seen || draining.load(Ordering::Relaxed);
         let record = |status: u16, error: Option<&str>| {
             if let Some(recorder) = recorder {
-                recorder.record_status(status, error, label.as_ref(), conn.arrived);
+                recorder.record_status(status, error, note.label.as_ref(), conn.arrived);
+            }
+        };
+        // Drawn before the answer is sent; written once it was (bytes and time to the end).
+        let access = recorder.and_then(|r| Some((r.sampled()?, r.role)));
+        let log = |status: u16, error: Option<&str>, bytes_out: u64| {
+            if let Some((log, role)) = access {
+                let answer = Answered {
+                    status,
+                    error,
+                    bytes_in: Some(0),
+                    bytes_out,
+                };
+                access_line(log, role, &note, request_id, answer, conn.arrived);
             }
         };
         match verdict {
             Verdict::Decline => return End::Handoff { rest: buf },
-            Verdict::Answer(answer) => {
-                record(answer.status.as_u16(), answer.mesh_error.as_deref());
-                if let Err(error) = answer.relay(stream, close).await {
+            Verdict::Answer(mut answer) => {
+                let (status, error) = (answer.status.as_u16(), answer.mesh_error.take());
+                record(status, error.as_deref());
+                let relayed = answer.relay(stream, close).await;
+                log(status, error.as_deref(), *relayed.as_ref().unwrap_or(&0));
+                if let Err(error) = relayed {
                     tracing::debug!(peer = %conn.peer, %error, "relaying an answer failed");
                     return End::Closed;
                 }
@@ -189,9 +219,17 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
             Verdict::Error(error, service) => {
                 let mut out = Vec::with_capacity(256);
                 let error = write_error(&mut out, error, &service, close);
-                record(error.status().as_u16(), Some(error.code()));
+                let (status, code) = (error.status().as_u16(), error.code());
+                record(status, Some(code));
                 close |= matches!(error, crate::proxy::MeshError::BadRequest { .. });
-                if stream.write_all(&out).await.is_err() {
+                let written = stream.write_all(&out).await;
+                let body = memchr::memmem::find(&out, b"\r\n\r\n").map_or(0, |i| out.len() - i - 4);
+                log(
+                    status,
+                    Some(code),
+                    if written.is_ok() { body as u64 } else { 0 },
+                );
+                if written.is_err() {
                     return End::Closed;
                 }
             }

@@ -74,6 +74,7 @@ fn start_discovery(addr: SocketAddr) -> (Subscriber, CancellationToken, JoinHand
     let discovery = ConsulDiscovery {
         address: addr,
         wait: Duration::from_secs(2),
+        token: None,
     };
     assert_eq!(discovery.describe(), format!("consul:{addr}"));
     let task = tokio::spawn(discovery.run(publisher, token.clone()));

@@ -258,7 +258,9 @@ async fn start_agent(
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        access: skyline::access::Settings::off(),
         services,
+        tokens: Default::default(),
     };
     let listeners = Listeners::bind(&settings).unwrap();
     agent::start(settings, listeners, CancellationToken::new())

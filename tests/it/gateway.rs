@@ -64,6 +64,8 @@ impl Setup {
                     reload: None,
                     resilience: Default::default(),
                     tls: None,
+                    access: skyline::access::Settings::off(),
+                    tokens: Default::default(),
                 },
                 CancellationToken::new(),
             )

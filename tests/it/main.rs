@@ -1,15 +1,18 @@
 //! Skyline's integration tests: one binary, real sockets, real processes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access_log;
 mod agents_register;
 mod autopilot;
 mod catalog_changes;
 mod config;
 mod consul_backend;
 mod consul_clients;
+mod control_tokens;
 mod demo;
 mod etcd;
 mod faults;
+mod fuzz_corpus;
 mod gateway;
 mod grpc;
 mod guard;
@@ -23,6 +26,7 @@ mod mtls;
 mod package;
 mod pool;
 mod processes;
+mod prometheus;
 mod registry;
 mod registry_mesh;
 mod resilience;

@@ -858,3 +858,98 @@ async fn skyline_explain_tells_the_route_its_endpoints_ejections_and_the_answer_
         "{err}"
     );
 }
+
+/// Runs `skyline routes <args>`; its exit status, stdout and stderr.
+async fn routes(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(SKYLINE)
+        .arg("routes")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skyline_routes_prints_each_sides_services_with_their_endpoints_and_the_ejected_one() {
+    let app = TestApp::spawn("app", ip("127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    // `pair` runs on this node and on node `dead`, whose inbound port refuses connections.
+    let text = |inbound_port: &str| {
+        format!(
+            "[[node]]\nname = \"local\"\naddress = \"127.0.0.1\"\ninbound_port = {inbound_port}\n\n\
+             [[node]]\nname = \"dead\"\naddress = \"127.0.0.9\"\ninbound_port = 1\n\n\
+             [[service]]\nname = \"app\"\nnode = \"local\"\nport = {port}\n\n\
+             [[service]]\nname = \"pair\"\nnode = \"local\"\nport = {port}\n\n\
+             [[service]]\nname = \"pair\"\nnode = \"dead\"\nport = {port}\n",
+            port = app.addr.port()
+        )
+    };
+    std::fs::write(&catalog, text("1")).unwrap();
+    let mut child = Command::new(SKYLINE)
+        .args(["agent", "--log-format", "json", "--catalog", "file"])
+        .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0"])
+        .args(["--admin", "127.0.0.1:0", "--catalog-file"])
+        .arg(&catalog)
+        .env("SKYLINE_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = StderrLog::follow(&mut child);
+    let started = log.wait_for("agent started").await;
+    let field = |name: &str| started[name].as_str().unwrap().to_owned();
+    let (outbound, inbound, admin) = (field("outbound"), field("inbound"), field("admin"));
+    write_atomically(&catalog, &text(inbound.rsplit(':').next().unwrap()));
+    until_ok(&format!("http://{outbound}/service/pair/x")).await;
+    // Enough requests that the dead node's endpoint fails five times in a row and is ejected.
+    let client = Client::new();
+    for _ in 0..30 {
+        let reply = client
+            .get(&format!("http://{outbound}/service/pair/x"))
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+
+    let (ok, out, err) = routes(&["--admin", &admin]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("route table version "), "{out}");
+    let line = |service: &str, endpoint: &str| {
+        out.lines()
+            .find(|l| {
+                l.contains(endpoint) && (service.is_empty() || l.trim_start().starts_with(service))
+            })
+            .unwrap_or_else(|| panic!("no line for {service} {endpoint} in\n{out}"))
+            .to_owned()
+    };
+    // Outbound: app and pair go to this node's inbound; pair's other endpoint is ejected.
+    let (outbound_block, inbound_block) = out.split_once("\ninbound:").unwrap();
+    assert!(outbound_block.contains("app "), "{out}");
+    assert!(line("app", &inbound).contains(" 1 "), "{out}");
+    assert!(line("", "127.0.0.9:1").contains("ejected"), "{out}");
+    // Inbound: this node's instances, at the application's address.
+    assert!(inbound_block.contains(&app.addr.to_string()), "{out}");
+
+    let (ok, out, err) = routes(&["--admin", &admin, "--json"]).await;
+    assert!(ok, "{err}");
+    let table: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        table["outbound"]["pair"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let (ok, _, err) = routes(&["--admin", "127.0.0.1:1"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("no agent's admin listener answers at 127.0.0.1:1"),
+        "{err}"
+    );
+}

@@ -25,7 +25,9 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        access: skyline::access::Settings::off(),
         services: Vec::new(),
+        tokens: Default::default(),
     }
 }
 

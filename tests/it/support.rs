@@ -366,8 +366,10 @@ impl TestMeshBuilder {
                 policy: Policy::default(),
                 workers: 1,
                 resilience: self.resilience.clone(),
+                access: skyline::access::Settings::off(),
                 services: Vec::new(),
                 tls: None,
+                tokens: Default::default(),
             };
             let listeners = Listeners::bind(&settings).unwrap();
             let port = listeners

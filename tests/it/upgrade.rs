@@ -443,6 +443,8 @@ impl ClusterPath {
                 max_hops: 8,
                 resilience: Default::default(),
                 tls: None,
+                access: skyline::access::Settings::off(),
+                tokens: Default::default(),
             },
             CancellationToken::new(),
         )
@@ -474,6 +476,8 @@ impl ClusterPath {
                 reload: None,
                 resilience: Default::default(),
                 tls: None,
+                access: skyline::access::Settings::off(),
+                tokens: Default::default(),
             },
             CancellationToken::new(),
         )

@@ -173,6 +173,9 @@ impl Loopback {
                 max_hops: DEFAULT_MAX_HOPS,
                 resilience: Default::default(),
                 tls: None,
+                // The demo tells its own story; access lines would drown it.
+                access: crate::access::Settings::off(),
+                tokens: Default::default(),
             },
             stop.clone(),
         )
@@ -218,6 +221,9 @@ impl Loopback {
                 reload: None,
                 resilience: Default::default(),
                 tls: None,
+                // The demo tells its own story; access lines would drown it.
+                access: crate::access::Settings::off(),
+                tokens: Default::default(),
             },
             stop.clone(),
         )
@@ -277,6 +283,8 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         resilience: Default::default(),
         tls: None,
         services: Vec::new(),
+        access: crate::access::Settings::off(),
+        tokens: Default::default(),
     }
 }
 
