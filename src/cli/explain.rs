@@ -16,6 +16,13 @@ pub struct ExplainArgs {
     /// cluster-DNS URL such as http://giphy.default.svc.cluster.local/media
     pub url: String,
 
+    #[command(flatten)]
+    pub agent: AgentAdmin,
+}
+
+/// Which agent's admin listener a command asks, and how it prints the answer.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AgentAdmin {
     /// The agent's admin listener
     #[arg(
         long,
@@ -39,7 +46,7 @@ pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError
             query.push_str(&format!("%{b:02X}"));
         }
     }
-    let body = match admin_get(args.admin, &query).await {
+    let body = match admin_get(args.agent.admin, &query).await {
         Err(CliError::Registry(ClientError::Refused { message, .. })) => {
             let detail = serde_json::from_str::<Value>(&message)
                 .ok()
@@ -52,7 +59,7 @@ pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError
         other => other?,
     };
     let answer: Value = serde_json::from_slice(&body)?;
-    if args.json {
+    if args.agent.json {
         let _ = writeln!(out, "{answer}");
         return Ok(());
     }

@@ -3,41 +3,30 @@
 //! sends to, with their weight and what the proxy observed of them.
 
 use std::io::Write;
-use std::net::SocketAddr;
 
 use serde_json::Value;
 
 use super::CliError;
-use super::explain::admin_get;
+use super::explain::{AgentAdmin, admin_get};
 
 /// Print an agent's route table.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RoutesArgs {
-    /// The agent's admin listener
-    #[arg(
-        long,
-        env = "SKYLINE_ADMIN",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:5050"
-    )]
-    pub admin: SocketAddr,
-
-    /// Print the agent's JSON answer instead
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub agent: AgentAdmin,
 }
 
 pub async fn run(args: &RoutesArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let body = admin_get(args.admin, "/routes").await?;
+    let body = admin_get(args.agent.admin, "/routes").await?;
     let table: Value = serde_json::from_slice(&body)?;
-    if args.json {
+    if args.agent.json {
         let _ = writeln!(out, "{table}");
         return Ok(());
     }
     if table.get("outbound").is_none() {
         return Err(CliError::Usage(format!(
             "{} is not an agent's admin listener (its /routes has no outbound table)",
-            args.admin
+            args.agent.admin
         )));
     }
     let _ = write!(out, "{}", render(&table));
