@@ -3,6 +3,8 @@
 # two agent processes, one per "node", so the outbound → inbound hop is a real TCP hop.
 #   outbound agent (node "client"): 127.0.0.1:$BENCH_OUT_PORT, inbound off
 #   inbound agent  (node "server"): 127.0.0.1:$BENCH_IN_PORT,  outbound off → $BENCH_BACKEND
+# SKYLINE_BENCH_TLS=strict (or permissive) runs the hop between them over mesh mTLS: a CA and
+# the two nodes' certificates are made in $BENCH_DIR first (docs/security.md).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="${SKYLINE_BIN:-$root/target/release/skyline}"
@@ -22,10 +24,21 @@ address = "${BENCH_BACKEND%:*}"
 port = ${BENCH_BACKEND##*:}
 CATALOG
 
+tls_config() { :; }
+if [ -n "${SKYLINE_BENCH_TLS:-}" ]; then
+  "$bin" ca init --dir "$BENCH_DIR/ca" >/dev/null
+  for node in client server; do
+    "$bin" ca issue --dir "$BENCH_DIR/ca" --kind node --name "$node" --ttl 2h --out "$BENCH_DIR/$node" >/dev/null
+    printf '[tls]\nmode = "%s"\nca = "ca/ca.crt"\ncert = "%s.crt"\nkey = "%s.key"\n' \
+      "$SKYLINE_BENCH_TLS" "$node" "$node" >"$BENCH_DIR/$node.toml"
+  done
+  tls_config() { echo --config "$BENCH_DIR/$1.toml"; }
+fi
+
 common=(--admin off --catalog file --catalog-file "$BENCH_DIR/catalog.toml" --workers "$workers")
-SKYLINE_LOG=warn "$bin" agent --node-name client --outbound "127.0.0.1:$BENCH_OUT_PORT" --inbound off \
+SKYLINE_LOG=warn "$bin" agent $(tls_config client) --node-name client --outbound "127.0.0.1:$BENCH_OUT_PORT" --inbound off \
   "${common[@]}" >"$BENCH_DIR/skyline-outbound.log" 2>&1 &
 echo $! >>"$BENCH_DIR/candidate.pids"
-SKYLINE_LOG=warn "$bin" agent --node-name server --outbound off --inbound "127.0.0.1:$BENCH_IN_PORT" \
+SKYLINE_LOG=warn "$bin" agent $(tls_config server) --node-name server --outbound off --inbound "127.0.0.1:$BENCH_IN_PORT" \
   "${common[@]}" >"$BENCH_DIR/skyline-inbound.log" 2>&1 &
 echo $! >>"$BENCH_DIR/candidate.pids"

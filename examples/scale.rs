@@ -152,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         policy: Policy::default(),
         workers: 1,
         resilience: Default::default(),
+        tls: None,
         services: Vec::new(),
         access: skyline::access::Settings::off(),
         tokens: Default::default(),

@@ -30,6 +30,7 @@ use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
 use crate::routing::{self, Endpoint, Policy, Protocol, Route, Routes, Table};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Recorder};
+use crate::tls::MeshTls;
 
 /// How long the agent waits at start for the catalog's first answer.
 pub const FIRST_CATALOG_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,6 +52,8 @@ pub struct Settings {
     pub resilience: Policies,
     /// Services of this node, registered in the catalog while the agent runs. Reloadable.
     pub services: Vec<registration::Declared>,
+    /// Mesh TLS on the inbound listener and toward other proxies; `None`: off.
+    pub tls: Option<crate::tls::Settings>,
     /// The access log (read at start).
     pub access: crate::access::Settings,
     /// Tokens of the admin listener and the registry.
@@ -106,6 +109,26 @@ pub enum AgentError {
     Catalog { source_name: String, error: String },
     #[error("the embedded registry cannot start")]
     Registry(#[from] RegistryError),
+    #[error("mesh TLS cannot start")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// The mesh TLS of `settings` (`None` when off), its files watched for changes until
+/// `shutdown` in a task of `tasks`.
+pub fn mesh_tls(
+    settings: Option<&crate::tls::Settings>,
+    metrics: &Arc<Metrics>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Result<Option<MeshTls>, AgentError> {
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let tls = MeshTls::load(settings, metrics.clone())?;
+    if let Some(tls) = &tls {
+        tasks.spawn(tls.clone().watch(shutdown.clone()));
+    }
+    Ok(tls)
 }
 
 /// The agent's listeners, bound before anything else starts so a port conflict fails fast.
@@ -437,11 +460,26 @@ pub async fn start(
     }
 
     let metrics = Metrics::new();
-    let forwarder = Forwarder::new(metrics.clone());
+    let tls = match mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown) {
+        Ok(tls) => tls,
+        Err(e) => {
+            shutdown.cancel();
+            if let Some(registry) = registry_handle {
+                registry.join().await;
+            }
+            crate::serve::join_all(&mut tasks).await;
+            return Err(e);
+        }
+    };
+    // The outbound side dials other proxies (mTLS when on); the inbound side, the local
+    // instances (plain HTTP, always).
+    let forwarder = Forwarder::with_tls(metrics.clone(), tls.clone());
+    let local = Forwarder::new(metrics.clone());
     let policies = resilience::shared(settings.resilience.clone());
     tasks.spawn(crate::proxy::probe::run(
         routes.clone(),
         policies.clone(),
+        tls.clone(),
         shutdown.clone(),
     ));
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
@@ -460,7 +498,7 @@ pub async fn start(
                     .catch_all
                     .iter()
                     // The catch-all is the gateways: HTTP/1.1 and h2c on one port.
-                    .map(|&a| Endpoint::new(a, 1).speaking(Protocol::Both))
+                    .map(|&a| Endpoint::new(a, 1).speaking(Protocol::Both).with_mesh(true))
                     .collect(),
             )
         });
@@ -480,12 +518,13 @@ pub async fn start(
         ));
     }
     if let Some(listener) = listeners.inbound {
-        let handler = Inbound::new(routes.clone(), forwarder.clone(), policies.clone());
+        let handler = Inbound::new(routes.clone(), local, policies.clone());
         let recorder = Recorder::new(Role::Inbound, metrics.clone()).with_access(access.clone());
-        tasks.spawn(serve::serve_recorded(
+        tasks.spawn(serve::serve_mesh(
             listener,
             handler,
             recorder,
+            tls.clone(),
             shutdown.clone(),
         ));
     }

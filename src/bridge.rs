@@ -59,6 +59,9 @@ pub struct Settings {
     pub max_hops: u32,
     /// Timeouts, retries, balancing and ejection of the bridge's calls.
     pub resilience: Resilience,
+    /// Mesh TLS on the bridge's listeners (host port 5041; a Kubernetes Service port in
+    /// permissive mode takes plain requests from pods) and toward the gateways; `None`: off.
+    pub tls: Option<crate::tls::Settings>,
     /// The access log.
     pub access: crate::access::Settings,
     /// The admin listener's bearer token, and the registry token sent to the catalog.
@@ -236,13 +239,13 @@ impl Bridge {
         catalog: Option<Subscriber>,
         max_hops: u32,
         resilience: Resilience,
-        metrics: Arc<Metrics>,
+        forwarder: Forwarder,
     ) -> Self {
         let gateways = (!gateways.is_empty()).then(|| {
             Arc::new(Route::new(
                 gateways
                     .iter()
-                    .map(|&a| Endpoint::new(a, 1).speaking(Protocol::Both))
+                    .map(|&a| Endpoint::new(a, 1).speaking(Protocol::Both).with_mesh(true))
                     .collect(),
             ))
         });
@@ -253,7 +256,7 @@ impl Bridge {
                 gateways,
                 catalog,
                 catalog_gateways: Mutex::new(None),
-                forwarder: Forwarder::new(metrics),
+                forwarder,
                 resilience: Arc::new(resilience),
                 max_hops,
             }),
@@ -284,7 +287,11 @@ impl Bridge {
             .iter()
             .filter(|i| i.health == Health::Passing)
             // Gateways are Skyline proxies: HTTP/1.1 and h2c on one port.
-            .map(|i| Endpoint::new(i.addr(), 1).speaking(Protocol::Both))
+            .map(|i| {
+                Endpoint::new(i.addr(), 1)
+                    .speaking(Protocol::Both)
+                    .with_mesh(true)
+            })
             .collect();
         let mut route = Route::new(up);
         if let Some((_, old)) = cached.as_ref() {
@@ -561,6 +568,8 @@ pub async fn spawn_on(
         .finish(&LISTENER_NAMES)
         .map_err(AgentError::from)?;
     let mut tasks = JoinSet::new();
+    let metrics = Metrics::new();
+    let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
             let (source_name, subscriber) = agent::follow_catalog(
@@ -578,7 +587,6 @@ pub async fn spawn_on(
         _ => None,
     };
     let resolver = resolver(settings.dns).map_err(BridgeError::Resolver)?;
-    let metrics = Metrics::new();
     let bridge = Bridge::new(
         resolver,
         settings.names.clone(),
@@ -586,20 +594,25 @@ pub async fn spawn_on(
         catalog.clone(),
         settings.max_hops,
         settings.resilience.clone(),
-        metrics.clone(),
+        // Over mesh TLS (when on) to the gateways; plain HTTP to Kubernetes Services.
+        Forwarder::with_tls(metrics.clone(), tls.clone()),
     );
     let addrs: Vec<SocketAddr> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    // Mesh TLS on the first listener only, the host port where gateways connect; the others
+    // are Kubernetes Service ports, where pods speak plain HTTP (the application contract).
+    let mut tls = tls;
     // One access log (and its writer thread) for every listener.
     let access = AccessLog::stderr(&settings.access);
     for listener in listeners {
         let recorder = Recorder::new(Role::Bridge, metrics.clone()).with_access(access.clone());
-        tasks.spawn(serve::serve_recorded(
+        tasks.spawn(serve::serve_mesh(
             listener,
             bridge.clone(),
             recorder,
+            tls.take(),
             shutdown.clone(),
         ));
     }

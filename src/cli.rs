@@ -2,6 +2,7 @@
 //! (see [`etcd`]): `skyline services`, `skyline register`, `skyline deregister`; [`kubernetes`] is
 //! `skyline k8s services`; [`explain`] asks an agent why a request would go where it goes.
 
+pub mod ca;
 pub mod etcd;
 pub mod explain;
 pub mod kubernetes;

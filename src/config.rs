@@ -567,6 +567,8 @@ struct FileConfig {
     #[serde(default)]
     routes: std::collections::BTreeMap<Spanned<String>, ResilienceSection>,
     #[serde(default)]
+    tls: TlsSection,
+    #[serde(default)]
     log: LogSection,
 }
 
@@ -728,6 +730,94 @@ pub const RESILIENCE_KEYS: &[FileKey] = &[
         "Passed probes in a row that bring it back.",
     ),
 ];
+
+/// The keys of `[tls]` (every role): mesh TLS between the proxies (see `tls`).
+pub const TLS_KEYS: &[FileKey] = &[
+    file_only(
+        "mode",
+        "`off`, `permissive` or `strict`",
+        Value::Default("\"off\""),
+        "mTLS between the proxies. `strict`: listeners of other proxies (inbound, gateway, bridge host port) take only TLS with a certificate of the mesh CA; `permissive` (for a rollout): they also take plain connections, counted in `skyline_mesh_connections_total`. With either, this proxy dials other proxies over mTLS. Needs a restart.",
+    ),
+    file_only(
+        "ca",
+        "path",
+        Value::Example {
+            toml: "\"/etc/skyline/tls/ca.crt\"",
+            default: "required unless `mode` is `off`",
+        },
+        "The mesh CA's certificate (`skyline ca init`): peers must present a certificate it issued. Relative to the config file.",
+    ),
+    file_only(
+        "cert",
+        "path",
+        Value::Example {
+            toml: "\"/etc/skyline/tls/node.crt\"",
+            default: "required unless `mode` is `off`",
+        },
+        "This proxy's certificate (`skyline ca issue`). Read again every 2 s: a changed certificate is used for new connections, open ones keep theirs.",
+    ),
+    file_only(
+        "key",
+        "path",
+        Value::Example {
+            toml: "\"/etc/skyline/tls/node.key\"",
+            default: "required unless `mode` is `off`",
+        },
+        "The certificate's private key (PEM), reloaded with it.",
+    ),
+];
+
+/// The `[tls]` section of every role's file.
+pub const TLS_SECTION: Section = Section {
+    table: "tls",
+    sample: "",
+    doc: "Mesh TLS: mTLS between the proxies with certificates of the mesh CA. Applications keep speaking plain HTTP to the outbound listener, and instances are called over plain HTTP.",
+    defaults_from: None,
+    keys: TLS_KEYS,
+};
+
+/// `[tls]` as users write it.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSection {
+    mode: Option<Spanned<String>>,
+    ca: Option<Spanned<PathBuf>>,
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+}
+
+/// The validated `[tls]` section: `None` when mesh TLS is off.
+pub(crate) fn mesh_tls(
+    src: &Source,
+    section: &TlsSection,
+) -> Result<Option<crate::tls::Settings>, ConfigError> {
+    let mode = match &section.mode {
+        None => crate::tls::Mode::Off,
+        Some(m) => m
+            .get_ref()
+            .parse()
+            .map_err(|e: String| src.at(Some(m.span().start), "tls.mode", e))?,
+    };
+    if mode == crate::tls::Mode::Off {
+        return Ok(None);
+    }
+    let at = section.mode.as_ref().map(|m| m.span().start);
+    let path = |key: &str, field: &Option<Spanned<PathBuf>>| match field {
+        Some(p) => Ok(relative_to(src, p.get_ref().clone())),
+        None => Err(src.at(
+            at,
+            key,
+            "required when tls.mode is \"permissive\" or \"strict\"",
+        )),
+    };
+    Ok(Some(crate::tls::Settings {
+        mode,
+        ca: path("tls.ca", &section.ca)?,
+        cert: path("tls.cert", &section.cert)?,
+        key: path("tls.key", &section.key)?,
+    }))
+}
 
 /// Every key of the agent's file (see [`reference`]).
 pub const AGENT_FILE: &[Section] = &[
@@ -996,6 +1086,7 @@ pub const AGENT_FILE: &[Section] = &[
             ),
         ],
     },
+    TLS_SECTION,
     crate::access::FILE_SECTION,
 ];
 
@@ -1387,7 +1478,9 @@ impl AgentArgs {
             ));
         }
 
+        let tls = mesh_tls(src, &file.tls)?;
         Ok(Settings {
+            tls,
             node_name,
             node_address,
             outbound: outbound.addr(),
@@ -1821,6 +1914,33 @@ mod tests {
             ..AgentArgs::default()
         };
         (dir, args)
+    }
+
+    #[test]
+    fn tls_is_off_by_default_and_its_paths_are_relative_to_the_file() {
+        assert_eq!(AgentArgs::default().resolve().unwrap().tls, None);
+        let (dir, args) = with_file(
+            "[tls]\nmode = \"strict\"\nca = \"ca/ca.crt\"\ncert = \"a.crt\"\nkey = \"/keys/a.key\"\n",
+        );
+        let tls = args.resolve().unwrap().tls.unwrap();
+        assert_eq!(tls.mode, crate::tls::Mode::Strict);
+        assert_eq!(tls.ca, dir.path().join("ca/ca.crt"));
+        assert_eq!(tls.cert, dir.path().join("a.crt"));
+        assert_eq!(tls.key, PathBuf::from("/keys/a.key"));
+    }
+
+    #[test]
+    fn tls_refuses_an_unknown_mode_and_a_missing_file_by_key_and_line() {
+        let (_dir, args) = with_file("[node]\nname = \"a\"\n[tls]\nmode = \"on\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("tls.mode"));
+        assert_eq!(e.line, Some(4));
+        assert!(e.reason.contains("\"permissive\""), "{e}");
+        let (_dir, args) =
+            with_file("[tls]\nmode = \"permissive\"\nca = \"ca.crt\"\ncert = \"a.crt\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("tls.key"));
+        assert!(e.reason.contains("required"), "{e}");
     }
 
     #[test]

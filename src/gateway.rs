@@ -49,6 +49,7 @@ use crate::routing::reach::Admit;
 use crate::routing::{Endpoint, Protocol, Route, protocol_of};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
+use crate::tls::MeshTls;
 use policy::{Pool, RoutePolicy, TierName, TierSource, Upstream};
 use tiers::{Selector, SelectorView};
 
@@ -92,6 +93,8 @@ pub struct Settings {
     pub reload: Option<config::GatewayArgs>,
     /// Timeouts, retries, balancing and ejection of the gateway's calls.
     pub resilience: Resilience,
+    /// Mesh TLS on the gateway listener and toward inbound proxies and bridges; `None`: off.
+    pub tls: Option<crate::tls::Settings>,
     /// The access log (read at start; a reload keeps it).
     pub access: crate::access::Settings,
     /// The admin listener's bearer token, and the registry token sent to the catalog and KV.
@@ -209,7 +212,11 @@ impl Table {
                     Pool::Addresses(addrs) => (
                         addrs
                             .iter()
-                            .map(|&a| Endpoint::new(a, 1).speaking(bridges.unwrap_or_default()))
+                            .map(|&a| {
+                                Endpoint::new(a, 1)
+                                    .speaking(bridges.unwrap_or_default())
+                                    .with_mesh(upstream.bridge)
+                            })
                             .collect(),
                         addrs.len(),
                     ),
@@ -221,7 +228,9 @@ impl Table {
                             .filter(|i| routable(i.health))
                             .map(|i| {
                                 let protocol = bridges.unwrap_or_else(|| protocol_of(i));
-                                Endpoint::new(i.addr(), i.weight).speaking(protocol)
+                                Endpoint::new(i.addr(), i.weight)
+                                    .speaking(protocol)
+                                    .with_mesh(upstream.bridge)
                             })
                             .collect();
                         (up, all.len())
@@ -254,9 +263,9 @@ impl Table {
                                 .into_iter()
                                 .filter_map(|(node, weight)| {
                                     let n = snapshot.nodes.get(node)?;
-                                    // An agent's inbound: HTTP/1.1 and h2c.
+                                    // An agent's inbound (a mesh hop): HTTP/1.1 and h2c.
                                     let inbound = Endpoint::new(n.inbound_addr(), weight);
-                                    Some(inbound.speaking(Protocol::Both))
+                                    Some(inbound.speaking(Protocol::Both).with_mesh(true))
                                 })
                                 .collect::<Vec<_>>();
                             let passing = matching.iter().filter(|i| routable(i.health)).count();
@@ -383,11 +392,12 @@ impl Gateway {
         max_hops: u32,
         resilience: Resilience,
         metrics: Arc<Metrics>,
+        tls: Option<MeshTls>,
     ) -> Arc<Self> {
         let gateway = Arc::new(Self {
             table: ArcSwap::from_pointee(Table::default()),
             selectors: Mutex::new(HashMap::new()),
-            forwarder: Forwarder::new(metrics),
+            forwarder: Forwarder::with_tls(metrics, tls),
             resilience: ArcSwap::from_pointee(resilience),
             max_hops,
             shadow_client: Client::builder(TokioExecutor::new()).build_http(),
@@ -858,6 +868,7 @@ pub async fn spawn_on(
     inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
     let metrics = Metrics::new();
+    let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let (source_name, subscriber) = agent::follow_catalog(
         &settings.catalog,
         settings.tokens.registry.as_ref(),
@@ -904,6 +915,7 @@ pub async fn spawn_on(
         settings.max_hops,
         settings.resilience.clone(),
         metrics.clone(),
+        tls.clone(),
     );
     match settings.reload.clone() {
         Some(args) => {
@@ -961,11 +973,12 @@ pub async fn spawn_on(
             shutdown.clone(),
         ));
     }
-    tasks.spawn(serve::serve_recorded(
+    tasks.spawn(serve::serve_mesh(
         listener,
         GatewayHandler::new(gateway.clone()),
         Recorder::new(Role::Gateway, metrics.clone())
             .with_access(AccessLog::stderr(&settings.access)),
+        tls,
         shutdown.clone(),
     ));
     if let Some(admin) = admin {

@@ -64,6 +64,8 @@
 //!   ambiguous HTTP/1 request framing before hyper or the express lane acts on it;
 //!   [`serve::activation`] takes the
 //!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
+//! - [`tls`]: mesh TLS: mTLS between the proxies, strict or permissive, certificates reloaded
+//!   when their files change; [`tls::ca`] is the mesh CA (`skyline ca init`, `skyline ca issue`).
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
 #![forbid(unsafe_code)]
 
@@ -84,6 +86,7 @@ pub mod proxy;
 pub mod registry;
 pub mod routing;
 pub mod serve;
+pub mod tls;
 pub mod up;
 
 /// An error and its causes on one line, `error: cause: cause`, for logs and `/readyz`.

@@ -94,6 +94,8 @@ enum Command {
     /// Move a service to another tier step by step, guarded: `skyline migrate giphy --to
     /// kubernetes`; also `skyline migrate status|pause|resume|rollback <service>`
     Migrate(skyline::migrate::driver::MigrateArgs),
+    /// The mesh CA: create it, issue proxy certificates (mTLS between the proxies)
+    Ca(skyline::cli::ca::CaArgs),
 }
 
 fn main() -> ExitCode {
@@ -102,6 +104,12 @@ fn main() -> ExitCode {
         Command::Completions { shell } => return completions(*shell),
         Command::Man { dir } => return man(dir.as_deref()),
         _ => {}
+    }
+    if let Command::Ca(args) = cli.command {
+        return match skyline::cli::ca::run(args, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&skyline::error_chain(&e)),
+        };
     }
     if let Command::Config(args) = cli.command {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
@@ -237,6 +245,7 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         | Command::Bridge(_)
         | Command::Registry(_)
         | Command::Config(_)
+        | Command::Ca(_)
         | Command::Completions { .. }
         | Command::Man { .. } => {}
     }

@@ -215,6 +215,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MeshConnectionLabels {
+    transport: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -236,6 +242,8 @@ pub struct Metrics {
     gateway_outcomes: Family<OutcomeLabels, Counter>,
     gateway_latency: Family<TierLabels, Histogram, fn() -> Histogram>,
     config_reloads: Family<ReloadLabels, Counter>,
+    mesh_connections: Family<MeshConnectionLabels, Counter>,
+    mesh_certificate_reloads: Family<ReloadLabels, Counter>,
     series: RwLock<Series>,
 }
 
@@ -277,6 +285,8 @@ impl Metrics {
         let gateway_latency: Family<TierLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(duration_histogram);
         let config_reloads = Family::default();
+        let mesh_connections = Family::default();
+        let mesh_certificate_reloads = Family::default();
         registry.register(
             "requests",
             "Requests answered, by role, service, status code and mesh error code",
@@ -331,6 +341,17 @@ impl Metrics {
             "Configuration reloads, by result (accepted, refused)",
             config_reloads.clone(),
         );
+        registry.register(
+            "mesh_connections",
+            "Connections a mesh listener took (with mesh TLS on), by transport (tls, plain) \
+             and outcome (accepted, refused)",
+            mesh_connections.clone(),
+        );
+        registry.register(
+            "mesh_certificate_reloads",
+            "Reloads of the mesh TLS files after they changed, by result (accepted, refused)",
+            mesh_certificate_reloads.clone(),
+        );
         // Both results exist from the start, so an alert on refusals sees a rise from 0.
         for result in ["accepted", "refused"] {
             config_reloads.get_or_create_owned(&ReloadLabels { result });
@@ -347,6 +368,8 @@ impl Metrics {
             gateway_outcomes,
             gateway_latency,
             config_reloads,
+            mesh_connections,
+            mesh_certificate_reloads,
             series: RwLock::new(Series::default()),
         })
     }
@@ -451,6 +474,21 @@ impl Metrics {
     pub fn config_reload(&self, ok: bool) {
         let result = if ok { "accepted" } else { "refused" };
         self.config_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    /// A connection a mesh listener took or refused (see [`crate::tls`]).
+    pub fn mesh_connection(&self, transport: &'static str, outcome: &'static str) {
+        self.mesh_connections
+            .get_or_create(&MeshConnectionLabels { transport, outcome })
+            .inc();
+    }
+
+    /// A reload of the mesh TLS files, accepted or refused.
+    pub fn mesh_certificate_reload(&self, ok: bool) {
+        let result = if ok { "accepted" } else { "refused" };
+        self.mesh_certificate_reloads
             .get_or_create(&ReloadLabels { result })
             .inc();
     }

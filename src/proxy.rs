@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
 use crate::routing::{Protocol, Route};
 use crate::serve::Conn;
+use crate::tls::MeshTls;
 use pool::{Buffered, Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
 use resilience::{RETRY_BODY_LIMIT, Resilience};
 
@@ -420,6 +421,8 @@ pub struct Forwarder {
     h2: h2::H2Pool,
     /// The express lane's connections (see [`express`]).
     raw: express::RawPool,
+    /// Hops to mesh proxies are mTLS (see [`Forwarder::with_tls`]).
+    mesh_tls: bool,
     /// Where retries, spent budgets, ejections and panic routing are counted.
     metrics: Arc<Metrics>,
 }
@@ -432,12 +435,24 @@ impl Default for Forwarder {
 
 impl Forwarder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_tls(metrics, None)
+    }
+
+    /// A forwarder that speaks mesh TLS (when `tls`) to endpoints that are mesh proxies
+    /// ([`Endpoint::mesh`](crate::routing::Endpoint::mesh)); plain HTTP to the others.
+    pub fn with_tls(metrics: Arc<Metrics>, tls: Option<MeshTls>) -> Self {
         Self {
-            pool: Pool::new(POOL_IDLE_TIMEOUT),
-            h2: h2::H2Pool::default(),
+            pool: Pool::with_tls(POOL_IDLE_TIMEOUT, tls.clone()),
+            h2: h2::H2Pool::with_tls(tls.clone()),
             raw: express::RawPool::new(POOL_IDLE_TIMEOUT),
+            mesh_tls: tls.is_some(),
             metrics,
         }
+    }
+
+    /// Whether hops to mesh proxies are mTLS: the express lane (raw TCP) does not take them.
+    pub fn mesh_tls(&self) -> bool {
+        self.mesh_tls
     }
 
     /// Where this forwarder's counters go (a role may add its own there).
@@ -630,6 +645,7 @@ impl Forwarder {
         let limits = Limits {
             connect: policy.connect_timeout,
             idle: policy.idle_timeout,
+            mesh: false,
         };
         let fallback = upstream.fallback.map_or(&[][..], |f| f.routes);
         let hold = upstream.fallback.map_or(Duration::ZERO, |f| f.hold);
@@ -698,6 +714,10 @@ impl Forwarder {
                 protocol: endpoint.protocol,
             };
             let flight = endpoint.state.start_at(now_ns);
+            let limits = Limits {
+                mesh: endpoint.mesh,
+                ..limits
+            };
             trail.upstream = Some(endpoint.addr);
             trail.attempts += 1;
             let sent = exchange.send(endpoint.addr, headers, limits);

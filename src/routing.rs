@@ -140,7 +140,11 @@ impl Table {
             .filter_map(|(name, weight)| {
                 let n = snapshot.nodes.get(name)?;
                 // Every agent's inbound proxy takes h2c next to HTTP/1.1.
-                Some(Endpoint::new(n.inbound_addr(), weight).speaking(Protocol::Both))
+                Some(
+                    Endpoint::new(n.inbound_addr(), weight)
+                        .speaking(Protocol::Both)
+                        .with_mesh(true),
+                )
             })
             .collect();
         // Endpoint states (latency, ejections) and the retry budget carry over.
@@ -279,7 +283,11 @@ fn gateways(snapshot: &Snapshot, policy: Policy) -> Route {
         .iter()
         .filter(|i| policy.routable(i.health))
         // Gateways are Skyline proxies: HTTP/1.1 and h2c on one port.
-        .map(|i| Endpoint::new(i.addr(), i.weight).speaking(Protocol::Both))
+        .map(|i| {
+            Endpoint::new(i.addr(), i.weight)
+                .speaking(Protocol::Both)
+                .with_mesh(true)
+        })
         .collect();
     Route::new(endpoints)
 }

@@ -56,6 +56,7 @@ use crate::access::{AccessLog, Entry, Note};
 use crate::metrics::{Metrics, Role, ServiceLabel};
 use crate::proxy::express::{Head, Verdict};
 use crate::proxy::{MeshError, X_REQUEST_ID, X_SKYLINE_ERROR, request_id};
+use crate::tls::{Accepted, MeshTls};
 use guard::{Guarded, Limits, Verdicts};
 
 /// How long a client may take to send a request head (slowloris protection).
@@ -262,7 +263,7 @@ impl Recorder {
 /// Serves `listener` with `handler` until `shutdown`, then drains in-flight requests for at
 /// most [`DRAIN_TIMEOUT`].
 pub async fn serve<H: Handler>(listener: TcpListener, handler: H, shutdown: CancellationToken) {
-    serve_with(listener, handler, None, shutdown).await;
+    serve_with(listener, handler, None, None, shutdown).await;
 }
 
 /// [`serve`], recording every response (refusals of the framing guard included) in `recorder`.
@@ -272,13 +273,27 @@ pub async fn serve_recorded<H: Handler>(
     recorder: Recorder,
     shutdown: CancellationToken,
 ) {
-    serve_with(listener, handler, Some(recorder), shutdown).await;
+    serve_with(listener, handler, Some(recorder), None, shutdown).await;
+}
+
+/// [`serve_recorded`] for a listener of the mesh's proxies (inbound, gateway, bridge): with
+/// mesh TLS on (`tls`), each connection is taken by [`MeshTls::accept`] first (TLS, or plain
+/// in permissive mode).
+pub async fn serve_mesh<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    recorder: Recorder,
+    tls: Option<MeshTls>,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, handler, Some(recorder), tls, shutdown).await;
 }
 
 async fn serve_with<H: Handler>(
     listener: TcpListener,
     handler: H,
     recorder: Option<Recorder>,
+    tls: Option<MeshTls>,
     shutdown: CancellationToken,
 ) {
     let limits = Limits::default();
@@ -307,7 +322,7 @@ async fn serve_with<H: Handler>(
     // Cancelled when the drain ends: upgraded connections close then.
     let drained = CancellationToken::new();
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -331,18 +346,19 @@ async fn serve_with<H: Handler>(
         let http = http.clone();
         let h2 = h2.clone();
         let drained = drained.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _open = open;
             // On the express lane, a connection that has sent nothing yet costs a small task:
-            // the lanes' state (read buffer, head parser, hyper's connection) is allocated,
-            // boxed, once there are bytes to read. Many callers open connections to the agent
-            // long before they use them.
+            // the lanes' state (read buffer, head parser, hyper's connection; on a mesh
+            // listener, the TLS handshake's) is allocated, boxed, once there are bytes to read.
+            // Many callers open connections to the agent long before they use them.
             let opened = tokio::time::Instant::now();
             if H::EXPRESS && !first_bytes(&stream, opened, &cancelled).await {
                 return;
             }
             Box::pin(async move {
-                let mut conn = Conn {
+                let conn = Conn {
                     peer,
                     peer_ip,
                     index: 0,
@@ -350,42 +366,26 @@ async fn serve_with<H: Handler>(
                     verdicts: Verdicts::default(),
                     drained,
                 };
-                let mut rest = Vec::new();
-                if H::EXPRESS {
-                    let lane = express::serve(
-                        opened,
-                        &mut stream,
-                        &handler,
-                        &mut conn,
-                        recorder.as_ref(),
-                        &draining,
-                        &cancelled,
-                    );
-                    match lane.await {
-                        express::End::Closed => return,
-                        express::End::Handoff { rest: unread } => rest = unread,
-                        express::End::Http2 { rest } => {
-                            let io = express::Rewind::new(stream, rest);
-                            // Boxed: every connection task would otherwise carry its size.
-                            Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
-                            return;
-                        }
+                let served = Served {
+                    http,
+                    h2,
+                    recorder,
+                    draining,
+                    cancelled,
+                    limits,
+                    opened,
+                };
+                let Some(tls) = tls else {
+                    serve_connection(stream, conn, handler, served).await;
+                    return;
+                };
+                match tls.accept(stream, peer).await {
+                    Accepted::Tls(stream) => serve_connection(*stream, conn, handler, served).await,
+                    Accepted::Plain(stream) => {
+                        serve_connection(stream, conn, handler, served).await
                     }
-                } else if H::HTTP2 {
-                    match express::sniff(&mut stream, &cancelled).await {
-                        express::Sniffed::Closed => return,
-                        express::Sniffed::Http1 { rest: read } => rest = read,
-                        express::Sniffed::Http2 { rest } => {
-                            let io = express::Rewind::new(stream, rest);
-                            Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
-                            return;
-                        }
-                    }
+                    Accepted::Refused => {}
                 }
-                // The guard numbers the requests it sees from 0.
-                let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
-                let conn = Conn { verdicts, ..conn };
-                serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
             })
             .await;
         });
@@ -401,6 +401,79 @@ async fn serve_with<H: Handler>(
     }
     drained.cancel();
 }
+
+/// What serving one connection needs besides its stream, its handler and its [`Conn`].
+struct Served {
+    http: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    recorder: Option<Recorder>,
+    draining: Arc<AtomicBool>,
+    cancelled: CancellationToken,
+    limits: Limits,
+    /// When the connection was accepted: its first head is due [`HEADER_READ_TIMEOUT`] after.
+    opened: tokio::time::Instant,
+}
+
+/// Serves one accepted connection (a TCP one, or TLS over it on a mesh listener): on the
+/// express lane first when the handler takes it (or, on a listener without it that speaks
+/// HTTP/2, after a look at its first bytes for HTTP/2's preface), then with hyper.
+async fn serve_connection<H: Handler, S: Io>(
+    mut stream: S,
+    mut conn: Conn,
+    handler: H,
+    served: Served,
+) {
+    let Served {
+        http,
+        h2,
+        recorder,
+        draining,
+        cancelled,
+        limits,
+        opened,
+    } = served;
+    let mut rest = Vec::new();
+    if H::EXPRESS {
+        let lane = express::serve(
+            opened,
+            &mut stream,
+            &handler,
+            &mut conn,
+            recorder.as_ref(),
+            &draining,
+            &cancelled,
+        );
+        match lane.await {
+            express::End::Closed => return,
+            express::End::Handoff { rest: unread } => rest = unread,
+            express::End::Http2 { rest } => {
+                let io = express::Rewind::new(stream, rest);
+                // Boxed: every connection task would otherwise carry its size.
+                Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
+                return;
+            }
+        }
+    } else if H::HTTP2 {
+        match express::sniff(&mut stream, &cancelled).await {
+            express::Sniffed::Closed => return,
+            express::Sniffed::Http1 { rest: read } => rest = read,
+            express::Sniffed::Http2 { rest } => {
+                let io = express::Rewind::new(stream, rest);
+                Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
+                return;
+            }
+        }
+    }
+    // The guard numbers the requests it sees from 0.
+    let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
+    let conn = Conn { verdicts, ..conn };
+    serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
+}
+
+/// A connection's byte stream: TCP, or TLS over TCP.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for S {}
 
 /// Waits until `stream`, accepted at `opened`, has bytes to read (or has ended): whether it does
 /// within [`HEADER_READ_TIMEOUT`] of `opened`, or within [`DRAIN_IDLE_GRACE`] of the drain's
@@ -428,9 +501,9 @@ async fn first_bytes(
 /// Serves a connection with hyper until it ends, draining on `cancelled`. `first` is the
 /// connection as the first request hyper serves will see it (the express lane may have served
 /// some before).
-async fn serve_hyper<H: Handler>(
+async fn serve_hyper<H: Handler, S: Io>(
     http: &http1::Builder,
-    io: Guarded<express::Rewind<tokio::net::TcpStream>>,
+    io: Guarded<express::Rewind<S>>,
     first: Conn,
     handler: H,
     recorder: Option<Recorder>,
@@ -537,9 +610,9 @@ fn h2_limits(h2: &mut http2::Builder<TokioExecutor>, limits: &Limits) {
 /// finish. A connection that overdraws its control-frame budget ([`flood`]) is told to go
 /// away as well, its streams in flight given [`H2_FLOOD_GRACE`]; one that floods on is read no
 /// further and closed after [`H2_FLOOD_CLOSE`].
-async fn serve_h2<H: Handler>(
+async fn serve_h2<H: Handler, S: Io>(
     http: &http2::Builder<TokioExecutor>,
-    io: express::Rewind<tokio::net::TcpStream>,
+    io: express::Rewind<S>,
     first: Conn,
     handler: H,
     recorder: Option<Recorder>,

@@ -167,6 +167,7 @@ async fn start(
         policy: Policy::default(),
         workers: 1,
         resilience: Default::default(),
+        tls: None,
         services: Vec::new(),
         access: Default::default(),
         tokens: Default::default(),

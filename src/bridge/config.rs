@@ -238,6 +238,7 @@ pub const FILE: &[Section] = &[
         defaults_from: None,
         keys: RESILIENCE_KEYS,
     },
+    crate::config::TLS_SECTION,
     access::FILE_SECTION,
 ];
 
@@ -251,6 +252,9 @@ struct FileConfig {
     /// Timeouts, retries, balancing and ejection of the bridge's calls (the agent's keys).
     #[serde(default)]
     resilience: ResilienceSection,
+    /// Mesh TLS (the agent's keys).
+    #[serde(default)]
+    tls: crate::config::TlsSection,
     #[serde(default)]
     log: LogSection,
 }
@@ -378,6 +382,7 @@ impl BridgeArgs {
         if listen.is_empty() {
             return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }
+        let tls = crate::config::mesh_tls(&src, &file.tls)?;
         let tokens = self.tokens.resolve(
             &src,
             ("bridge.admin_token_file", &b.admin_token_file),
@@ -385,6 +390,7 @@ impl BridgeArgs {
             admin.addr(),
         )?;
         Ok(Settings {
+            tls,
             tokens,
             listen,
             admin: admin.addr(),

@@ -317,6 +317,7 @@ pub const FILE: &[Section] = &[
             ),
         ],
     },
+    crate::config::TLS_SECTION,
     access::FILE_SECTION,
 ];
 
@@ -336,6 +337,9 @@ struct FileConfig {
     /// Timeouts, retries, balancing and ejection of the gateway's calls (the agent's keys).
     #[serde(default)]
     resilience: ResilienceSection,
+    /// Mesh TLS (the agent's keys).
+    #[serde(default)]
+    tls: crate::config::TlsSection,
     #[serde(default)]
     log: LogSection,
 }
@@ -489,6 +493,7 @@ impl GatewayArgs {
             (CatalogSource::Consul(addr), None | Some(true)) => Some(*addr),
             _ => None,
         };
+        let tls = crate::config::mesh_tls(&src, &file.tls)?;
         let tokens = self.tokens.resolve(
             &src,
             ("listen.admin_token_file", &file.listen.admin_token_file),
@@ -496,6 +501,7 @@ impl GatewayArgs {
             admin.addr(),
         )?;
         Ok(Settings {
+            tls,
             tokens,
             resilience,
             listen,

@@ -20,6 +20,7 @@ use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::pool::{Limits, PooledBody, RequestBody, SendError, SendFailure};
+use crate::tls::MeshTls;
 
 /// How often an open connection is pinged, so a dead peer is noticed without a request.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -30,9 +31,19 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, Default)]
 pub struct H2Pool {
     conns: Arc<Mutex<HashMap<SocketAddr, SendRequest<RequestBody>>>>,
+    /// Mesh TLS, for connections to endpoints that are mesh proxies.
+    tls: Option<MeshTls>,
 }
 
 impl H2Pool {
+    /// A pool that speaks mesh TLS (when `tls`) to the endpoints that are mesh proxies.
+    pub fn with_tls(tls: Option<MeshTls>) -> Self {
+        Self {
+            conns: Arc::default(),
+            tls,
+        }
+    }
+
     /// Sends `req` (origin-form target, `Host` set, as for the HTTP/1.1 pool) to `addr` over
     /// HTTP/2. A request the connection did not take (it had closed) is sent once more on a
     /// fresh connection; one a fresh connection did not take is handed back as unsent.
@@ -49,7 +60,8 @@ impl H2Pool {
                 Some(sender) if !fresh => sender,
                 _ => {
                     fresh = true;
-                    match Box::pin(connect(addr, limits.connect)).await {
+                    let tls = self.tls.as_ref().filter(|_| limits.mesh);
+                    match Box::pin(connect(addr, limits.connect, tls)).await {
                         Ok(sender) => {
                             self.lock().insert(addr, sender.clone());
                             sender
@@ -134,8 +146,18 @@ impl H2Pool {
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
+    tls: Option<&MeshTls>,
 ) -> Result<SendRequest<RequestBody>, SendError> {
-    let stream = super::pool::dial(addr, timeout).await?;
+    match tls {
+        None => handshake(addr, super::pool::dial(addr, timeout).await?).await,
+        Some(tls) => handshake(addr, super::pool::dial_mesh(addr, timeout, tls).await?).await,
+    }
+}
+
+async fn handshake<S: crate::serve::Io>(
+    addr: SocketAddr,
+    stream: S,
+) -> Result<SendRequest<RequestBody>, SendError> {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // Large messages (gRPC's are up to 4 MiB by default) need windows that grow with the

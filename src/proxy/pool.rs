@@ -28,6 +28,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::time::Sleep;
 
+use crate::tls::MeshTls;
+
 /// The most idle connections kept per endpoint.
 pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
@@ -183,6 +185,8 @@ pub struct Pool {
 struct Inner {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     idle_timeout: Duration,
+    /// Mesh TLS, for connections to endpoints that are mesh proxies ([`Limits::mesh`]).
+    tls: Option<MeshTls>,
 }
 
 #[derive(Debug)]
@@ -194,12 +198,23 @@ struct Idle {
 impl Pool {
     /// A pool keeping idle connections for `idle_timeout`.
     pub fn new(idle_timeout: Duration) -> Self {
+        Self::with_tls(idle_timeout, None)
+    }
+
+    /// A pool that speaks mesh TLS (when `tls`) to the endpoints that are mesh proxies.
+    pub fn with_tls(idle_timeout: Duration, tls: Option<MeshTls>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 idle: Mutex::new(HashMap::new()),
                 idle_timeout,
+                tls,
             }),
         }
+    }
+
+    /// The mesh TLS a connection to an endpoint with these `limits` speaks.
+    fn tls_for(&self, limits: &Limits) -> Option<&MeshTls> {
+        self.inner.tls.as_ref().filter(|_| limits.mesh)
     }
 
     /// Sends `req` (origin-form target, `Host` set) to `addr` and returns the response, whose
@@ -220,7 +235,9 @@ impl Pool {
             let (mut sender, reused) = match self.take(addr) {
                 Some(sender) => (sender, true),
                 // Boxed: the rare connect path would otherwise size every request's future.
-                None => match Box::pin(connect(addr, limits.connect, false)).await {
+                None => match Box::pin(connect(addr, limits.connect, false, self.tls_for(&limits)))
+                    .await
+                {
                     Ok(sender) => (sender, false),
                     Err(error) => {
                         return Err(SendFailure {
@@ -299,7 +316,7 @@ impl Pool {
         req: Request<RequestBody>,
         limits: Limits,
     ) -> Result<Response<PooledBody>, SendFailure> {
-        let mut sender = match connect(addr, limits.connect, true).await {
+        let mut sender = match connect(addr, limits.connect, true, self.tls_for(&limits)).await {
             Ok(sender) => sender,
             Err(error) => {
                 return Err(SendFailure {
@@ -344,13 +361,40 @@ pub(crate) async fn dial(
     Ok(stream)
 }
 
-/// A new connection to `addr`, driven in a task of its own; `upgrades`: it may switch protocols.
+/// [`dial`], then the TLS handshake within the same `timeout` when `tls` (a hop to a mesh
+/// proxy). A refused handshake is a refused connection: nothing was sent.
+pub(crate) async fn dial_mesh(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: &MeshTls,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, SendError> {
+    let started = tokio::time::Instant::now();
+    let stream = dial(addr, timeout).await?;
+    tokio::time::timeout_at(started + timeout, tls.connect(addr, stream))
+        .await
+        .map_err(|_| SendError::ConnectTimeout { addr })?
+        .map_err(|source| SendError::Connect { addr, source })
+}
+
+/// A new connection to `addr`, driven in a task of its own; `upgrades`: it may switch
+/// protocols; `tls`: over mesh TLS.
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     upgrades: bool,
+    tls: Option<&MeshTls>,
 ) -> Result<SendRequest<RequestBody>, SendError> {
-    let stream = dial(addr, timeout).await?;
+    match tls {
+        None => handshake(addr, dial(addr, timeout).await?, upgrades).await,
+        Some(tls) => handshake(addr, dial_mesh(addr, timeout, tls).await?, upgrades).await,
+    }
+}
+
+async fn handshake<S: crate::serve::Io>(
+    addr: SocketAddr,
+    stream: S,
+    upgrades: bool,
+) -> Result<SendRequest<RequestBody>, SendError> {
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -375,6 +419,8 @@ pub struct Limits {
     pub connect: Duration,
     /// The longest the response body may stall.
     pub idle: Duration,
+    /// The endpoint is a mesh proxy: with mesh TLS on, the connection is mTLS.
+    pub mesh: bool,
 }
 
 /// An upstream's response body. Read to its end, it returns its connection to the pool;

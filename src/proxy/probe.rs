@@ -21,15 +21,21 @@ use super::pool::{Buffered, Limits, Pool};
 use super::resilience::{Probe, SharedPolicies};
 use crate::catalog::ServiceName;
 use crate::routing::{Endpoint, Protocol, Route, Routes};
+use crate::tls::MeshTls;
 
 /// How often the prober looks for probes that are due.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Probes until `shutdown`.
-pub async fn run(routes: Arc<Routes>, policies: SharedPolicies, shutdown: CancellationToken) {
+/// Probes until `shutdown`; over mesh TLS (when `tls`) to other nodes' inbound proxies.
+pub async fn run(
+    routes: Arc<Routes>,
+    policies: SharedPolicies,
+    tls: Option<MeshTls>,
+    shutdown: CancellationToken,
+) {
     let pool = Pools {
-        http1: Pool::new(POOL_IDLE_TIMEOUT),
-        h2: H2Pool::default(),
+        http1: Pool::with_tls(POOL_IDLE_TIMEOUT, tls.clone()),
+        h2: H2Pool::with_tls(tls),
     };
     let mut due: HashMap<ServiceName, Instant> = HashMap::new();
     loop {
@@ -117,6 +123,7 @@ async fn check(pool: &Pools, endpoint: &Endpoint, target: &str, probe: &Probe) -
     let limits = Limits {
         connect: probe.timeout,
         idle: probe.timeout,
+        mesh: endpoint.mesh,
     };
     let answer = async {
         let response = if endpoint.protocol == Protocol::H2c {

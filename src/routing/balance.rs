@@ -312,6 +312,10 @@ pub struct Endpoint {
     /// see `proxy::h2`), or both (another Skyline proxy).
     #[serde(skip_serializing_if = "Protocol::is_http1")]
     pub protocol: Protocol,
+    /// The endpoint is a mesh proxy (an inbound listener, a gateway, a bridge), not an
+    /// application: with mesh TLS on, hops to it are mTLS (see `tls`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mesh: bool,
     #[serde(serialize_with = "view_state")]
     pub state: Arc<EndpointState>,
 }
@@ -322,7 +326,10 @@ fn view_state<S: serde::Serializer>(state: &Arc<EndpointState>, s: S) -> Result<
 
 impl PartialEq for Endpoint {
     fn eq(&self, other: &Self) -> bool {
-        self.addr == other.addr && self.weight == other.weight && self.protocol == other.protocol
+        self.addr == other.addr
+            && self.weight == other.weight
+            && self.protocol == other.protocol
+            && self.mesh == other.mesh
     }
 }
 
@@ -338,6 +345,7 @@ impl Endpoint {
             host,
             weight,
             protocol: Protocol::Http1,
+            mesh: false,
             state: Arc::default(),
         }
     }
@@ -345,6 +353,12 @@ impl Endpoint {
     /// This endpoint, speaking `protocol`.
     pub fn speaking(mut self, protocol: Protocol) -> Self {
         self.protocol = protocol;
+        self
+    }
+
+    /// This endpoint, a mesh proxy when `mesh`.
+    pub fn with_mesh(mut self, mesh: bool) -> Self {
+        self.mesh = mesh;
         self
     }
 }

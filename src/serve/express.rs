@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::guard::{HeadCheck, HeadProgress, HeadReader, Limits};
@@ -84,7 +83,7 @@ pub(super) enum Sniffed {
 /// [`HEADER_READ_TIMEOUT`] (the express lane does the same as it reads the first head). A
 /// connection silent until then is closed; on a timeout or a close after a few bytes, the
 /// bytes go to HTTP/1, which answers or closes as it would have.
-pub(super) async fn sniff(stream: &mut TcpStream, shutdown: &CancellationToken) -> Sniffed {
+pub(super) async fn sniff<S: super::Io>(stream: &mut S, shutdown: &CancellationToken) -> Sniffed {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
     let mut timer = pin!(timer);
@@ -117,9 +116,9 @@ pub(super) async fn sniff(stream: &mut TcpStream, shutdown: &CancellationToken) 
 
 /// Serves `stream` on the express lane until it ends or a request needs hyper. The connection
 /// was accepted at `opened`: its first head is due [`HEADER_READ_TIMEOUT`] after that.
-pub(super) async fn serve<H: Handler>(
+pub(super) async fn serve<H: Handler, S: super::Io>(
     opened: tokio::time::Instant,
-    stream: &mut TcpStream,
+    stream: &mut S,
     handler: &H,
     conn: &mut Conn,
     recorder: Option<&Recorder>,
@@ -281,8 +280,8 @@ struct Wait<'a, 'c> {
 /// without sending. Once the drain starts, an idle connection has [`DRAIN_IDLE_GRACE`]. The
 /// connection's one timer is only moved when it fires early, so a request costs a clock read,
 /// not a timer.
-async fn read_head(
-    stream: &mut TcpStream,
+async fn read_head<S: super::Io>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
     wait: Wait<'_, '_>,

@@ -257,6 +257,7 @@ async fn start_agent(
         policy: Policy::default(),
         workers: 1,
         resilience: Default::default(),
+        tls: None,
         access: skyline::access::Settings::off(),
         services,
         tokens: Default::default(),

@@ -63,6 +63,7 @@ impl Setup {
                     include_warning: false,
                     reload: None,
                     resilience: Default::default(),
+                    tls: None,
                     access: skyline::access::Settings::off(),
                     tokens: Default::default(),
                 },

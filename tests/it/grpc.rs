@@ -22,7 +22,7 @@ use tonic::{Code, Status, Streaming};
 
 use crate::support::*;
 
-mod pb {
+pub(crate) mod pb {
     #![allow(clippy::all, clippy::unwrap_used, clippy::expect_used)]
     include!(concat!(env!("OUT_DIR"), "/skyline.test.rs"));
 }
@@ -32,7 +32,7 @@ use pb::echo_server::{Echo, EchoServer};
 use pb::{EchoReply, EchoRequest};
 
 /// gRPC's default message limit is 4 MiB; the large-message test sends a 4 MiB payload.
-const MAX_MESSAGE: usize = 16 << 20;
+pub(crate) const MAX_MESSAGE: usize = 16 << 20;
 
 // === The gRPC test server ===
 
@@ -133,7 +133,7 @@ impl Echo for EchoService {
 }
 
 /// The tonic server on `ip`, until the token is cancelled.
-async fn grpc_server(ip: &str, stop: CancellationToken) -> SocketAddr {
+pub(crate) async fn grpc_server(ip: &str, stop: CancellationToken) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind((self::ip(ip), 0))
         .await
         .unwrap();
@@ -343,7 +343,7 @@ impl GrpcMesh {
     }
 }
 
-fn request(message: &str) -> EchoRequest {
+pub(crate) fn request(message: &str) -> EchoRequest {
     EchoRequest {
         message: message.to_owned(),
         ..EchoRequest::default()

@@ -22,6 +22,7 @@ mod image;
 mod kubernetes;
 mod metrics;
 mod migration;
+mod mtls;
 mod package;
 mod pool;
 mod processes;

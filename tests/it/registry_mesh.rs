@@ -24,6 +24,7 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         policy: Policy::default(),
         workers: 1,
         resilience: Default::default(),
+        tls: None,
         access: skyline::access::Settings::off(),
         services: Vec::new(),
         tokens: Default::default(),

@@ -368,6 +368,7 @@ impl TestMeshBuilder {
                 resilience: self.resilience.clone(),
                 access: skyline::access::Settings::off(),
                 services: Vec::new(),
+                tls: None,
                 tokens: Default::default(),
             };
             let listeners = Listeners::bind(&settings).unwrap();

@@ -172,6 +172,7 @@ impl Loopback {
                 catalog: None,
                 max_hops: DEFAULT_MAX_HOPS,
                 resilience: Default::default(),
+                tls: None,
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
                 tokens: Default::default(),
@@ -219,6 +220,7 @@ impl Loopback {
                 include_warning: false,
                 reload: None,
                 resilience: Default::default(),
+                tls: None,
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
                 tokens: Default::default(),
@@ -279,6 +281,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         },
         workers: 1,
         resilience: Default::default(),
+        tls: None,
         services: Vec::new(),
         access: crate::access::Settings::off(),
         tokens: Default::default(),
