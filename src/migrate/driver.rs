@@ -177,6 +177,10 @@ pub async fn run(
 #[derive(Clone, Debug)]
 struct Kv {
     client: RegistryClient,
+    /// The driver's lock: `(key, session)`. Set, every commit is fenced by it (the write happens
+    /// only while the session holds the lock), so a driver that lost its lock without noticing
+    /// (paused, partitioned past its TTL) cannot overwrite the next driver's steps.
+    fence: Option<(String, String)>,
 }
 
 /// One KV entry: its value and modify index.
@@ -220,7 +224,18 @@ impl Kv {
             Some(token) => RegistryClient::new(addr).with_token(Some(token)),
             None => RegistryClient::from_env(addr),
         };
-        Self { client }
+        Self {
+            client,
+            fence: None,
+        }
+    }
+
+    /// This KV with every commit fenced by `lock`.
+    fn fenced(&self, lock: &Lock) -> Self {
+        Self {
+            fence: Some((lock.key.clone(), lock.session.clone())),
+            ..self.clone()
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<BTreeMap<String, Entry>, MigrateError> {
@@ -272,8 +287,9 @@ impl Kv {
         Ok(Some((entry.index, record)))
     }
 
-    /// Writes `record` if its key is still at `index` (0: absent), and the policy with it;
-    /// `false` when the record changed meanwhile.
+    /// Writes `record` if its key is still at `index` (0: absent), and the policy with it, in
+    /// one transaction (fenced by the driver's lock when there is one); `false` when the record
+    /// changed meanwhile, [`MigrateError::LockLost`] when the lock is no longer the driver's.
     async fn commit(
         &self,
         index: u64,
@@ -281,10 +297,16 @@ impl Kv {
         policy: Option<&serde_json::Value>,
     ) -> Result<bool, MigrateError> {
         let record_text = serde_json::to_string(record).unwrap_or_default();
-        let mut ops = vec![serde_json::json!({"KV": {
+        let mut ops = Vec::with_capacity(3);
+        if let Some((key, session)) = &self.fence {
+            ops.push(serde_json::json!({"KV": {
+                "Verb": "check-session", "Key": key, "Session": session,
+            }}));
+        }
+        ops.push(serde_json::json!({"KV": {
             "Verb": "cas", "Key": record_key(&record.service),
             "Value": encode(&record_text), "Index": index,
-        }})];
+        }}));
         if let Some(policy) = policy {
             ops.push(serde_json::json!({"KV": {
                 "Verb": "set", "Key": format!("{KV_ROUTES_PREFIX}{}", record.service),
@@ -294,9 +316,22 @@ impl Kv {
         let body = Bytes::from(serde_json::Value::Array(ops).to_string());
         match self.client.send(Method::PUT, "/v1/txn", body).await {
             Ok(_) => Ok(true),
-            Err(ClientError::Refused { status, .. }) if status == StatusCode::CONFLICT => Ok(false),
+            Err(ClientError::Refused { status, .. }) if status == StatusCode::CONFLICT => {
+                match &self.fence {
+                    Some((key, session)) if !self.holds(key, session).await? => {
+                        Err(MigrateError::LockLost)
+                    }
+                    _ => Ok(false),
+                }
+            }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether `session` holds the lock `key`.
+    async fn holds(&self, key: &str, session: &str) -> Result<bool, MigrateError> {
+        let entry = self.get(key).await?;
+        Ok(entry.and_then(|e| e.session).as_deref() == Some(session))
     }
 
     async fn reports(&self, service: &str) -> Result<BTreeMap<String, Report>, MigrateError> {
@@ -611,7 +646,7 @@ async fn drive(
     let plan = plan(args)?;
     let kv = Kv::new(plan.registry, token);
     let lock = Lock::take(&kv, &plan.service).await?;
-    let result = drive_locked(&kv, &plan, &lock.lost, &shutdown, out).await;
+    let result = drive_locked(&kv.fenced(&lock), &plan, &lock.lost, &shutdown, out).await;
     lock.release().await;
     result
 }
@@ -1101,5 +1136,62 @@ mod tests {
             ("new".to_owned(), report("1", 1)),
         ]);
         assert_eq!(delta(&before, &now)["mesos"].ok, 5 + 3 + 1);
+    }
+
+    #[tokio::test]
+    async fn a_driver_whose_lock_was_taken_over_cannot_write_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = CancellationToken::new();
+        let registry = crate::registry::spawn(
+            listener,
+            crate::registry::RegistryConfig::new(dir.path()),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let kv = Kv::new(registry.addr(), None);
+        let record = Record {
+            id: "m1".into(),
+            service: "web".into(),
+            from: "mesos".into(),
+            to: "kubernetes".into(),
+            steps: vec![1, 100],
+            shadow: None,
+            step: 0,
+            state: State::Running,
+            reason: None,
+            step_time_ms: 1000,
+            guards: Guards::default(),
+            started_at: 0,
+            step_started_at: 0,
+            updated_at: 0,
+            observed: None,
+        };
+        let lock = Lock::take(&kv, "web").await.unwrap();
+        let fenced = kv.fenced(&lock);
+        assert!(fenced.commit(0, &record, None).await.unwrap());
+        let (index, _) = kv.record("web").await.unwrap().unwrap();
+
+        // The session goes (its TTL ran out while the driver was paused, say) and another
+        // driver takes the lock: the first driver's next write is refused, not applied.
+        destroy(&kv, &lock.session).await.unwrap();
+        let next = Lock::take(&kv, "web").await.unwrap();
+        let stale = Record {
+            step: 1,
+            ..record.clone()
+        };
+        assert!(matches!(
+            fenced.commit(index, &stale, None).await,
+            Err(MigrateError::LockLost)
+        ));
+        assert_eq!(kv.record("web").await.unwrap().unwrap().1.step, 0);
+        // The new holder writes.
+        assert!(kv.fenced(&next).commit(index, &stale, None).await.unwrap());
+        assert_eq!(kv.record("web").await.unwrap().unwrap().1.step, 1);
+        next.release().await;
+        lock.renew.abort();
+        shutdown.cancel();
+        registry.join().await;
     }
 }
