@@ -231,11 +231,6 @@ impl Recorder {
         Self { access, ..self }
     }
 
-    /// The access log, if this request is written to it (the sampling draw).
-    fn sampled(&self) -> Option<&AccessLog> {
-        self.access.as_ref().filter(|log| log.sampled())
-    }
-
     /// Records one response: its status, the mesh error it carries, the service its handler
     /// labelled it with, and the time since the request arrived.
     fn record<B>(&self, response: &Response<B>, label: Option<&ServiceLabel>, started: Instant) {
@@ -705,20 +700,22 @@ async fn respond<H: Handler>(
 
 // === Access log ===
 
-/// What the access log takes from a request before its handler consumes it: its id and the
-/// declared length of its body.
+/// What the access log takes from a request before its handler consumes it: its id, the
+/// declared length of its body and the sampling draw.
 struct Seen {
     log: AccessLog,
     role: Role,
     request_id: HeaderValue,
     bytes_in: Option<u64>,
+    drawn: bool,
 }
 
 impl Seen {
-    /// `None` when the request is not written (no access log, or not drawn by the sampling).
-    /// A request without an `x-request-id` gets its id here, which the forwarder sends on.
+    /// `None` when there is no access log. A request without an `x-request-id` gets its id
+    /// here, which the forwarder sends on.
     fn of(recorder: &Recorder, req: &mut Request<Incoming>) -> Option<Seen> {
-        let log = recorder.sampled()?.clone();
+        let log = recorder.access.as_ref()?.clone();
+        let drawn = log.sampled();
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) => id.clone(),
             None => {
@@ -733,6 +730,7 @@ impl Seen {
             role: recorder.role,
             request_id,
             bytes_in,
+            drawn,
         })
     }
 }
@@ -768,6 +766,9 @@ struct Pending {
 impl Pending {
     fn write(&self) {
         let error = self.error.as_ref().and_then(|e| e.to_str().ok());
+        if !AccessLog::keeps(self.seen.drawn, self.status, error) {
+            return;
+        }
         let answer = Answered {
             status: self.status,
             error,

@@ -169,7 +169,11 @@ async fn start(
         resilience: Default::default(),
         tls: None,
         services: Vec::new(),
-        access: Default::default(),
+        // A newcomer's mesh: a line for every request they send (the default is a sample).
+        access: crate::access::Settings {
+            enabled: true,
+            sample: 1.0,
+        },
         tokens: Default::default(),
     };
     let agent = agent::spawn(settings, shutdown.clone()).await?;

@@ -22,7 +22,7 @@ use super::guard::{HeadCheck, HeadProgress, HeadReader, Limits};
 use super::{
     Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder, access_line,
 };
-use crate::access::Note;
+use crate::access::{AccessLog, Note};
 use crate::proxy::express::{Head, Name, Verdict, connection_options, write_error};
 use crate::proxy::request_id_bytes;
 
@@ -192,9 +192,12 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
             }
         };
         // Drawn before the answer is sent; written once it was (bytes and time to the end).
-        let access = recorder.and_then(|r| Some((r.sampled()?, r.role)));
+        let access = recorder.and_then(|r| Some((r.access.as_ref()?, r.role)));
+        let drawn = access.is_some_and(|(log, _)| log.sampled());
         let log = |status: u16, error: Option<&str>, bytes_out: u64| {
-            if let Some((log, role)) = access {
+            if let Some((log, role)) = access
+                && AccessLog::keeps(drawn, status, error)
+            {
                 let answer = Answered {
                     status,
                     error,

@@ -31,9 +31,14 @@ fn write_catalog(path: &std::path::Path, inbound: &str, app: std::net::SocketAdd
 }
 
 /// `skyline <args>` with `extra` arguments, its stderr followed; JSON logs unless `human`.
+/// Unless `args` set the access log, it writes every request (its default is a sample), so a
+/// test can look for any request's line.
 fn start(args: &[String], human: bool) -> (tokio::process::Child, StderrLog) {
     let mut command = std::process::Command::new(SKYLINE);
     command.args(args).env("SKYLINE_LOG", "info");
+    if !args.iter().any(|a| a.starts_with("--access-log")) {
+        command.env("SKYLINE_ACCESS_LOG_SAMPLE", "1");
+    }
     if !human {
         command.arg("--log-format=json");
     }
@@ -354,15 +359,20 @@ async fn the_human_access_line_names_every_field_and_has_no_colour_codes() {
     sigterm(&agent);
 }
 
-/// Sends `n` requests for an unknown service, stops the agent and counts its access lines.
-async fn lines_after(extra: &[&str], n: usize) -> usize {
+/// Sends `ok` requests that succeed (service `hello`) and `failed` ones for an unknown
+/// service, each with an id of the test's, stops the agent and counts the outbound access
+/// lines of each kind: `(succeeded, failed)`.
+async fn lines_after(extra: &[&str], ok: usize, failed: usize) -> (usize, usize) {
     let app = TestApp::spawn("mesos-1", ip("127.0.0.1"));
     let (agent, mut log, outbound, _dir) = agent(&app, extra, false).await;
-    let client = Client::new();
-    for _ in 0..n {
-        let reply = client
-            .get(&format!("http://{outbound}/service/nope/"))
-            .await;
+    for i in 0..ok {
+        let url = format!("http://{outbound}/service/hello/");
+        let reply = send(&url, "GET", Some(&format!("t-ok-{i}")), "").await;
+        assert_eq!(reply.status, 200);
+    }
+    for i in 0..failed {
+        let url = format!("http://{outbound}/service/nope/");
+        let reply = send(&url, "GET", Some(&format!("t-failed-{i}")), "").await;
         assert_eq!(reply.status, 404);
     }
     sigterm(&agent);
@@ -371,27 +381,47 @@ async fn lines_after(extra: &[&str], n: usize) -> usize {
         lines.iter().any(|l| l.contains("shutting down")),
         "{lines:#?}"
     );
-    lines
+    let ids: Vec<String> = lines
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["target"] == "skyline::access" && l["fields"]["service"] == "nope")
-        .count()
+        .filter(|l| l["target"] == "skyline::access" && l["fields"]["role"] == "outbound")
+        .filter_map(|l| l["fields"]["request_id"].as_str().map(str::to_owned))
+        .collect();
+    let count = |prefix: &str| ids.iter().filter(|id| id.starts_with(prefix)).count();
+    (count("t-ok-"), count("t-failed-"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_access_log_writes_every_request_by_default_none_when_off_and_a_share_when_sampled() {
-    let (on, off, sampled) = tokio::join!(
-        lines_after(&[], 50),
-        lines_after(&["--access-log=off"], 50),
-        lines_after(&["--access-log-sample=0.5"], 400),
+async fn the_access_log_writes_a_hundredth_plus_every_failure_by_default_every_request_when_asked_and_none_when_off()
+ {
+    let (default, every, off, sampled, failures_only) = tokio::join!(
+        // On, at the default sample.
+        lines_after(&["--access-log=on"], 400, 30),
+        lines_after(&["--access-log-sample=1"], 50, 20),
+        lines_after(&["--access-log=off"], 50, 20),
+        lines_after(&["--access-log-sample=0.5"], 400, 30),
+        lines_after(&["--access-log-sample=0"], 50, 30),
     );
-    assert_eq!(on, 50, "every request, lines flushed at exit");
-    assert_eq!(off, 0);
+    // Binomial(400, 0.01): 4 ± 2; more than 20 has a chance below 10^-8.
+    assert!(
+        default.0 <= 20,
+        "{} of 400 at the default sample",
+        default.0
+    );
+    assert_eq!(default.1, 30, "every failed request at the default sample");
+    assert_eq!(every, (50, 20), "every request, lines flushed at exit");
+    assert_eq!(off, (0, 0));
     // Binomial(400, 0.5): 200 ± 10 (one standard deviation); 120..280 is 8 of them.
     assert!(
-        (120..=280).contains(&sampled),
-        "{sampled} of 400 at a sample of 0.5"
+        (120..=280).contains(&sampled.0),
+        "{} of 400 at a sample of 0.5",
+        sampled.0
     );
+    assert_eq!(
+        sampled.1, 30,
+        "every failed request is written at any sample"
+    );
+    assert_eq!(failures_only, (0, 30));
 }
 
 #[tokio::test]
