@@ -89,6 +89,17 @@ impl Setup {
         s
     }
 
+    /// Starts a second gateway on the same registry and Kubernetes tier (its own ports);
+    /// returns it and the giphy URL through it.
+    async fn second_gateway(&self) -> (Skyline, String) {
+        let listen = free_addr("127.0.0.1");
+        let mut args = self.gateway_args.clone();
+        args[1] = format!("--listen={listen}");
+        args[2] = format!("--admin={}", free_addr("127.0.0.1"));
+        let gateway = start_gateway(&args).await;
+        (gateway, format!("http://{listen}/service/giphy/media"))
+    }
+
     /// Stops the gateway (SIGTERM) and starts it again with the same arguments.
     async fn restart_gateway(&mut self) {
         let old = self.gateway_process.take().unwrap();
@@ -619,4 +630,38 @@ async fn a_gateway_restarted_mid_migration_applies_the_step_in_force_and_the_mig
     s.wait_all_on("kubernetes").await;
     let seen = load.finish().await;
     assert!(seen.failures.is_empty(), "{} failed", seen.failures.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autopilot_judges_the_sum_of_every_gateways_reports_and_rolls_back_on_errors_seen_by_another_gateway()
+ {
+    let s = Setup::start(Behaviour::Fail503Every(1)).await;
+    // Two gateways; all the traffic goes through the second one, so only its reports can show
+    // the new tier failing.
+    let (_second, url) = s.second_gateway().await;
+    let load = Load::start(url);
+    let (ok, out, err) = s
+        .migrate_output(&[
+            "giphy",
+            "--to=kubernetes",
+            "--steps=20,100",
+            "--step-time=3s",
+            "--min-requests=10",
+        ])
+        .await;
+    print!("{out}");
+    let seen = load.finish().await;
+    assert!(!ok, "the migration of a failing tier succeeded:\n{out}");
+    assert!(
+        out.contains("ROLLBACK at step 1/2 (20% to kubernetes): error rate of kubernetes"),
+        "{out}\n{err}"
+    );
+    assert!(!seen.failures.is_empty(), "the load met the failing tier");
+    // Both gateways reported into the migration's record.
+    let reports = RegistryClient::new(s.registry.parse().unwrap())
+        .get("/v1/kv/skyline/migrate/giphy/gateways/?keys")
+        .await
+        .unwrap();
+    let keys: Vec<String> = serde_json::from_slice(&reports).unwrap();
+    assert_eq!(keys.len(), 2, "one report per gateway: {keys:?}");
 }
