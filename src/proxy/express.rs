@@ -16,13 +16,15 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hashbrown::HashMap;
 use http::StatusCode;
 use memchr::memmem;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -35,6 +37,7 @@ use crate::access::Trail;
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
 use crate::serve::guard::{ChunkedBody, Limits as GuardLimits, parse_content_length, trim_ows};
+use crate::tls::MeshTls;
 
 /// Largest response head accepted from an upstream (as hyper's client allows by default).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -437,13 +440,14 @@ impl RawExchange<'_> {
                 }
                 None => {
                     fresh = true;
-                    match Box::pin(RawConn::connect(addr, limits.connect)).await {
+                    let tls = self.pool.tls_for(limits.mesh);
+                    match Box::pin(RawConn::connect(addr, limits.connect, tls)).await {
                         Ok(conn) => conn,
                         Err(error) => return Err(Failed::Unsent(error)),
                     }
                 }
             };
-            if let Err(source) = conn.stream.write_all(&self.head).await {
+            if let Err(source) = conn.send(&self.head).await {
                 if fresh {
                     return Err(Failed::Broken(SendError::Io { addr, source }));
                 }
@@ -488,16 +492,29 @@ struct RawInner {
     /// Per endpoint, oldest first, each with the moment it expires.
     idle: Mutex<HashMap<SocketAddr, Vec<(RawConn, std::time::Instant)>>>,
     idle_timeout: Duration,
+    /// Mesh TLS for endpoints that are mesh proxies ([`Limits::mesh`]).
+    tls: Option<MeshTls>,
 }
 
 impl RawPool {
     pub fn new(idle_timeout: Duration) -> Self {
+        Self::with_tls(idle_timeout, None)
+    }
+
+    /// A pool whose connections to mesh proxies are mTLS (when `tls`).
+    pub fn with_tls(idle_timeout: Duration, tls: Option<MeshTls>) -> Self {
         Self {
             inner: Arc::new(RawInner {
                 idle: Mutex::new(HashMap::new()),
                 idle_timeout,
+                tls,
             }),
         }
+    }
+
+    /// The TLS a new connection to an endpoint takes (`mesh`: the endpoint is a mesh proxy).
+    fn tls_for(&self, mesh: bool) -> Option<&MeshTls> {
+        self.inner.tls.as_ref().filter(|_| mesh)
     }
 
     /// The most recently used connection to `addr` that is still open, if any.
@@ -535,20 +552,88 @@ impl RawPool {
     }
 }
 
+/// A connection to an upstream: plain TCP, or mesh mTLS to another Skyline proxy.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Upstream::Plain(_) => "Upstream::Plain",
+            Upstream::Tls(_) => "Upstream::Tls",
+        })
+    }
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A raw connection to an upstream and the bytes read from it not yet relayed.
 #[derive(Debug)]
 struct RawConn {
-    stream: TcpStream,
+    stream: Upstream,
     buf: Vec<u8>,
 }
 
 impl RawConn {
-    async fn connect(addr: SocketAddr, timeout: Duration) -> Result<RawConn, SendError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    /// Connects to `addr`, and over mesh mTLS when `tls` (the handshake within the same
+    /// `timeout`; a refused handshake is a refused connection: nothing was sent).
+    async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&MeshTls>,
+    ) -> Result<RawConn, SendError> {
+        let opened = async {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            Ok::<_, io::Error>(match tls {
+                None => Upstream::Plain(stream),
+                Some(tls) => Upstream::Tls(Box::new(tls.connect(addr, stream).await?)),
+            })
+        };
+        let stream = tokio::time::timeout(timeout, opened)
             .await
             .map_err(|_| SendError::ConnectTimeout { addr })?
             .map_err(|source| SendError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
         Ok(RawConn {
             stream,
             buf: Vec::with_capacity(READ_SIZE),
@@ -557,10 +642,33 @@ impl RawConn {
 
     /// Whether the idle connection is still open: nothing to read (tokio answers from its
     /// readiness state, without a system call, when no event came), not end-of-stream, and no
-    /// stray bytes.
+    /// stray bytes. Over TLS the socket is peeked (a byte read would be a TLS record's): any
+    /// byte waiting on an idle connection is the peer closing it (`close_notify`) or junk.
     fn is_open(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        match &self.stream {
+            Upstream::Plain(stream) => {
+                let mut probe = [0u8; 1];
+                matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Upstream::Tls(stream) => {
+                let mut probe = [0u8; 1];
+                let mut probe = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                matches!(
+                    stream.get_ref().0.poll_peek(&mut cx, &mut probe),
+                    Poll::Pending
+                )
+            }
+        }
+    }
+
+    /// Writes `bytes` whole and pushes them out (TLS may hold a record until flushed).
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        if let Upstream::Tls(_) = self.stream {
+            self.stream.flush().await?;
+        }
+        Ok(())
     }
 
     /// Reads the response head, skipping interim (1xx) answers. `Ok(None)`: the connection

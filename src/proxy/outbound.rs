@@ -79,10 +79,6 @@ impl Proxy for Outbound {
     /// [`proxy`](Self::proxy) for a body-less request on the express lane. A cluster-DNS-style
     /// request and every refusal before forwarding are declined: `proxy` answers those.
     async fn express(&self, head: &Head<'_>, conn: &Conn, note: &mut Note) -> Verdict {
-        // Hops over mesh TLS take hyper's path (the express lane's pool is raw TCP).
-        if self.inner.forwarder.mesh_tls() {
-            return Verdict::Decline;
-        }
         let path = path_of(head.target).0;
         let Ok(name) = service_of(path) else {
             return Verdict::Decline;
