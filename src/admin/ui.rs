@@ -30,8 +30,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Health, Snapshot};
-use crate::gateway::answers::{KV_MIGRATE_PREFIX, unix_now};
-use crate::migrate::Record;
+use crate::gateway::answers::{KV_MIGRATE_PREFIX, Report, TierAnswers, reports_prefix, unix_now};
+use crate::migrate::{Record, TierSummary};
 use crate::proxy::{Body, full};
 use crate::registry::client::{ClientError, RegistryClient};
 
@@ -428,33 +428,76 @@ async fn read_migrations(client: &RegistryClient) -> Result<Vec<serde_json::Valu
         value: Option<String>,
     }
     let entries: Vec<Entry> = serde_json::from_slice(&body).unwrap_or_default();
+    let values: BTreeMap<String, Vec<u8>> = entries
+        .into_iter()
+        .filter_map(|e| {
+            let value = base64::engine::general_purpose::STANDARD
+                .decode(e.value?)
+                .ok()?;
+            Some((e.key, value))
+        })
+        .collect();
     let mut records = Vec::new();
-    for entry in entries {
-        let Some(service) = entry.key.strip_prefix(KV_MIGRATE_PREFIX) else {
+    for (key, value) in &values {
+        let Some(service) = key.strip_prefix(KV_MIGRATE_PREFIX) else {
             continue;
         };
         if service.is_empty() || service.contains('/') {
             continue;
         }
-        let Some(value) = entry
-            .value
-            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-        else {
-            continue;
-        };
-        match serde_json::from_slice::<Record>(&value) {
+        match serde_json::from_slice::<Record>(value) {
             Ok(record) => {
                 let share = record.share();
+                let live = record
+                    .state
+                    .under_way()
+                    .then(|| live_readings(&values, service));
                 let mut json = serde_json::to_value(&record).unwrap_or_default();
                 if let Some(fields) = json.as_object_mut() {
                     fields.insert("share".into(), share.into());
+                    fields.insert("live".into(), live.into());
                 }
                 records.push(json);
             }
-            Err(error) => tracing::debug!(key = %entry.key, %error, "not a migration record"),
+            Err(error) => tracing::debug!(%key, %error, "not a migration record"),
         }
     }
     Ok(records)
+}
+
+/// What the gateways published for the migration of `service` (see
+/// [`crate::gateway::answers`]): per tier, the answers since the migration started, summed over
+/// the gateways, with the error rate the guard compares.
+fn live_readings(values: &BTreeMap<String, Vec<u8>>, service: &str) -> serde_json::Value {
+    let prefix = reports_prefix(service);
+    let mut tiers: BTreeMap<String, TierAnswers> = BTreeMap::new();
+    let mut gateways = 0;
+    let reports = values
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix));
+    for (key, value) in reports {
+        let Ok(report) = serde_json::from_slice::<Report>(value) else {
+            tracing::debug!(%key, "not a gateway report");
+            continue;
+        };
+        gateways += 1;
+        for (tier, answers) in &report.tiers {
+            tiers.entry(tier.clone()).or_default().add(answers);
+        }
+    }
+    let tiers: BTreeMap<String, serde_json::Value> = tiers
+        .into_iter()
+        .map(|(tier, answers)| {
+            let summary = TierSummary::of(&answers);
+            let rate = (answers.error_rate() * 1000.0).round() / 10.0;
+            let mut json = serde_json::to_value(&summary).unwrap_or_default();
+            if let Some(fields) = json.as_object_mut() {
+                fields.insert("error_percent".into(), rate.into());
+            }
+            (tier, json)
+        })
+        .collect();
+    serde_json::json!({"gateways": gateways, "tiers": tiers})
 }
 
 /// Samples `readings()` every [`SAMPLE_EVERY`] into `dashboard` until `shutdown` (the first

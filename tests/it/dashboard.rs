@@ -286,12 +286,44 @@ async fn the_gateway_dashboard_renders_tiers_health_traffic_shares_and_the_autop
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(moved, "the split never sent giphy to kubernetes: {tally:?}");
+    // The gateway reports the migration's answers from when it first saw the migration: once
+    // its first report is there, every request counts in the next ones.
+    let giphy_migration = |data: &serde_json::Value| {
+        data["migrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["service"] == "giphy")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut reported = false;
     for _ in 0..100 {
-        tally.send(&client, &gateway, "giphy").await;
+        let now = data(&admin, Some(TOKEN)).await.json();
+        if giphy_migration(&now)["live"]["gateways"] == 1 {
+            reported = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("sent: {tally:?}");
+    assert!(reported, "the gateway never reported the migration");
+    let mut reported = Tally::default();
+    for _ in 0..100 {
+        let tier = tally.send(&client, &gateway, "giphy").await;
+        *reported
+            .0
+            .entry("giphy".into())
+            .or_default()
+            .entry(tier)
+            .or_default() += 1;
+    }
+    println!("sent: {tally:?}; since the gateway's first report: {reported:?}");
+    let live_answers = |data: &serde_json::Value, tier: &str| {
+        giphy_migration(data)["live"]["tiers"][tier]["answers"].as_u64()
+    };
+    let expected = |tier: &str| reported.0["giphy"].get(tier).copied();
 
-    // The data agrees with what was sent before a browser looks at it.
+    // The data agrees with what was sent before a browser looks at it (bounded: 10 s).
     let mut last = serde_json::Value::Null;
     for _ in 0..100 {
         let reply = data(&admin, Some(TOKEN)).await;
@@ -305,12 +337,8 @@ async fn the_gateway_dashboard_renders_tiers_health_traffic_shares_and_the_autop
                 .find(|s| s["name"] == name)
                 .map(|s| s["requests"].as_u64().unwrap())
         };
-        let running = last["migrations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["service"] == "giphy" && m["state"] == "running");
-        if running
+        if live_answers(&last, "kubernetes") == expected("kubernetes")
+            && live_answers(&last, "mesos") == expected("mesos")
             && requests("giphy") == Some(tally.total("giphy"))
             && requests("tiles") == Some(tally.total("tiles"))
         {
@@ -318,15 +346,16 @@ async fn the_gateway_dashboard_renders_tiers_health_traffic_shares_and_the_autop
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let migration = last["migrations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["service"] == "giphy")
-        .unwrap_or_else(|| panic!("no migration of giphy in {last}"))
-        .clone();
+    let migration = giphy_migration(&last);
     assert_eq!(migration["state"], "running", "{migration}");
     assert_eq!(migration["share"], 50, "{migration}");
+    assert_eq!(
+        live_answers(&last, "kubernetes"),
+        expected("kubernetes"),
+        "{migration}"
+    );
+    let kubernetes_answers = expected("kubernetes").unwrap();
+    assert!(kubernetes_answers > 0, "{reported:?}");
 
     // The browser, with the token in the URL's fragment (never sent to the server).
     let url = format!("http://{admin}/ui#token={TOKEN}");
@@ -388,9 +417,19 @@ async fn the_gateway_dashboard_renders_tiers_health_traffic_shares_and_the_autop
         "<dd>step 1/2</dd>",
         "<dt>share to kubernetes</dt><dd>50%</dd>",
         "judged after 100000 requests",
+        "<dt>live, since the migration started (1 gateway)</dt>",
     ] {
         assert!(panel.contains(text), "no {text:?} in the panel:\n{panel}");
     }
+
+    // The guards' live readings: Kubernetes answered, none failed.
+    let live = &panel[panel.find("<dt>live, since").unwrap()..];
+    let kubernetes = &live[live.find("<dt>kubernetes</dt><dd>").expect(live)..];
+    let answered = format!("<dd>{kubernetes_answers} answers, 0 failed (0.0 %)");
+    assert!(
+        kubernetes.starts_with(&format!("<dt>kubernetes</dt>{answered}")),
+        "{kubernetes}"
+    );
 
     // Markup in the catalog is shown as text: no element was made of it, nothing ran.
     let legacy = row(&dom, "legacy");

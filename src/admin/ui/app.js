@@ -153,7 +153,8 @@ function renderServices(data) {
 
 function summary(t) {
   if (!t) return "–";
-  return `${t.answers} answers, ${t.failed} failed` + (t.p99_ms === null || t.p99_ms === undefined ? "" : `, p99 ${t.p99_ms} ms`);
+  const rate = t.error_percent === undefined ? "" : ` (${Number(t.error_percent).toFixed(1)} %)`;
+  return `${t.answers} answers, ${t.failed} failed${rate}` + (t.p99_ms === null || t.p99_ms === undefined ? "" : `, p99 ${t.p99_ms} ms`);
 }
 
 function time(unix) {
@@ -187,6 +188,12 @@ function renderMigration(m) {
     if (m.observed.shadow) row("shadow", `${m.observed.shadow.compared} compared, ${m.observed.shadow.differ} differed`);
   } else {
     row("last reading", "none yet");
+  }
+  if (m.live) {
+    row(`live, since the migration started (${m.live.gateways} gateway${m.live.gateways === 1 ? "" : "s"})`, "");
+    for (const [tier, t] of Object.entries(m.live.tiers || {})) {
+      row(tier, summary(t));
+    }
   }
   if (m.reason) row("reason", m.reason);
   row("updated", time(m.updated_at));
