@@ -2,11 +2,14 @@
 //! `/routes` (the live route table as JSON, with its `version`: how many tables the agent
 //! swapped in since it started), `/explain?url=<url>` (why a request to that URL would go
 //! where it goes, see [`Outbound::explain`]) and `/metrics` (Prometheus text, see
-//! [`crate::metrics`]).
+//! [`crate::metrics`]), and the web dashboard at `/ui` ([`ui`]).
 //!
 //! With a token ([`Admin::with_token`], required when the listener is reachable from other
 //! machines), every path but `/healthz` and `/readyz` needs `Authorization: Bearer <token>`;
-//! without it the answer is 401 with `WWW-Authenticate: Bearer` (see [`unauthorized`]).
+//! without it the answer is 401 with `WWW-Authenticate: Bearer` (see [`unauthorized`]). The
+//! dashboard's page, script and style carry no data and are open too; its data is not.
+
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -36,6 +39,8 @@ struct Inner {
     outbound: Option<Outbound>,
     /// The bearer token of every path but `/healthz` and `/readyz`, if any.
     token: Option<Token>,
+    /// The dashboard's history and migration records; `None`: no `/ui`.
+    dashboard: Option<Arc<ui::Dashboard>>,
 }
 
 impl Admin {
@@ -54,6 +59,7 @@ impl Admin {
                 metrics,
                 outbound,
                 token: None,
+                dashboard: None,
             }),
         }
     }
@@ -68,10 +74,64 @@ impl Admin {
             metrics: self.inner.metrics.clone(),
             outbound: self.inner.outbound.clone(),
             token,
+            dashboard: self.inner.dashboard.clone(),
         };
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// Serves the dashboard at `/ui` from `dashboard` (sampled by the agent).
+    #[must_use]
+    pub fn with_dashboard(self, dashboard: Arc<ui::Dashboard>) -> Self {
+        let inner = Inner {
+            routes: self.inner.routes.clone(),
+            catalog: self.inner.catalog.clone(),
+            source: self.inner.source.clone(),
+            metrics: self.inner.metrics.clone(),
+            outbound: self.inner.outbound.clone(),
+            token: self.inner.token.clone(),
+            dashboard: Some(dashboard),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// `/ui/data`: the catalog's services with this agent's routes as tiers (`nodes`: the
+    /// nodes that run the service; `local`: its instances on this node) and the requests of
+    /// each listener.
+    async fn dashboard_data(&self, dashboard: &ui::Dashboard) -> Response<Body> {
+        let table = self.inner.routes.load_full();
+        let mut tiers: std::collections::HashMap<String, Vec<ui::TierView>> =
+            std::collections::HashMap::new();
+        for (service, route) in &table.outbound {
+            let nodes = route.endpoints.len();
+            let mut views = vec![ui::TierView {
+                name: "nodes".into(),
+                platform: None,
+                passing: nodes,
+                total: nodes,
+                eligible: nodes > 0,
+                chosen: nodes > 0,
+            }];
+            if let Some(local) = table.inbound.get(service) {
+                let n = local.endpoints.len();
+                views.push(ui::TierView {
+                    name: "local".into(),
+                    platform: None,
+                    passing: n,
+                    total: n,
+                    eligible: n > 0,
+                    chosen: false,
+                });
+            }
+            tiers.insert(service.to_string(), views);
+        }
+        let snapshot = self.inner.catalog.borrow().snapshot.clone();
+        let readings = agent_readings(&self.inner.metrics);
+        let body = dashboard.data(snapshot.as_deref(), tiers, &readings).await;
+        ui::data_response(&body)
     }
 
     /// The readiness report: ready once a catalog is in force, even a stale one (routing goes
@@ -140,6 +200,14 @@ impl Handler for Admin {
         if let Some(refusal) = unauthorized(self.inner.token.as_ref(), &req) {
             return refusal;
         }
+        if let Some(dashboard) = &self.inner.dashboard {
+            if let Some(asset) = ui::asset(req.uri().path()) {
+                return asset;
+            }
+            if req.uri().path() == ui::DATA_PATH {
+                return self.dashboard_data(dashboard).await;
+            }
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
@@ -151,20 +219,32 @@ impl Handler for Admin {
             "/explain" => self.explain(req.uri().query()),
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/explain", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/explain", "/metrics", "/ui"]}),
             ),
         };
         json_response(status, &body)
     }
 }
 
+/// An agent's counters as the dashboard samples them: requests per service and listener
+/// (`outbound`, `inbound`).
+pub fn agent_readings(metrics: &Metrics) -> Vec<ui::Reading> {
+    metrics
+        .request_totals()
+        .into_iter()
+        .filter(|(_, service, _)| !service.is_empty())
+        .map(|(role, service, count)| (service, Arc::from(role.as_str()), count))
+        .collect()
+}
+
 /// The answer to an admin request without the token, or `None` when it may go on: `/healthz`
-/// and `/readyz` are open (probes carry no token); every other path needs `Authorization:
+/// and `/readyz` are open (probes carry no token), and so are the dashboard's page, script and
+/// style, which hold no data (see [`ui`]); every other path needs `Authorization:
 /// Bearer <token>`, else 401 with `WWW-Authenticate: Bearer` (RFC 6750: `invalid_token` when a
 /// wrong token was given). The answer never repeats what was presented.
 pub fn unauthorized<B>(token: Option<&Token>, req: &Request<B>) -> Option<Response<Body>> {
     let token = token?;
-    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+    if matches!(req.uri().path(), "/healthz" | "/readyz") || ui::is_asset(req.uri().path()) {
         return None;
     }
     let (challenge, detail) = match bearer(req.headers()) {

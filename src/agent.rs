@@ -529,6 +529,23 @@ pub async fn start(
         ));
     }
     if let Some(listener) = listeners.admin {
+        // The dashboard reads migration records where the agent's catalog is a registry.
+        let kv = match &settings.catalog {
+            CatalogSource::Consul(addr) => Some(*addr),
+            CatalogSource::Embedded { .. } => registry,
+            _ => None,
+        };
+        let kv = kv.map(|addr| {
+            crate::registry::client::RegistryClient::new(addr)
+                .with_token(settings.tokens.registry.clone())
+        });
+        let dashboard = crate::admin::ui::Dashboard::new("agent", "listener", kv);
+        let counters = metrics.clone();
+        tasks.spawn(crate::admin::ui::sample_every(
+            dashboard.clone(),
+            move || crate::admin::agent_readings(&counters),
+            shutdown.clone(),
+        ));
         let handler = Admin::new(
             routes.clone(),
             subscriber.clone(),
@@ -536,7 +553,8 @@ pub async fn start(
             metrics.clone(),
             explainer,
         )
-        .with_token(settings.tokens.admin.clone());
+        .with_token(settings.tokens.admin.clone())
+        .with_dashboard(dashboard);
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());

@@ -581,6 +581,65 @@ impl Gateway {
         });
     }
 
+    /// The dashboard's counters: per service, the answers of its tiers so far, summed per
+    /// platform (a tier without one counts under its name).
+    pub fn tier_readings(&self) -> Vec<crate::admin::ui::Reading> {
+        let table = self.load();
+        let Ok(selectors) = self.selectors.lock() else {
+            return Vec::new();
+        };
+        let mut out: BTreeMap<(Arc<str>, Arc<str>), u64> = BTreeMap::new();
+        for (service, entry) in selectors.iter() {
+            let tiers = table.services.get(service);
+            for (name, answers) in &entry.answers {
+                let platform = tiers
+                    .and_then(|t| t.tiers.iter().find(|t| &t.name == name))
+                    .and_then(|t| t.platform.clone())
+                    .unwrap_or_else(|| name.shared());
+                let total = out
+                    .entry((Arc::from(service.as_str()), platform))
+                    .or_default();
+                *total = total.saturating_add(answers.total());
+            }
+        }
+        out.into_iter().map(|((s, p), n)| (s, p, n)).collect()
+    }
+
+    /// The dashboard's view of every service's tiers, and which one requests go to now.
+    pub fn tier_views(&self) -> HashMap<String, Vec<crate::admin::ui::TierView>> {
+        let table = self.load();
+        let now = Instant::now();
+        let selectors = self.selectors.lock().ok();
+        let mut out = HashMap::with_capacity(table.services.len());
+        for (name, tiers) in &table.services {
+            let eligible = tiers.usable();
+            let choice = selectors.as_ref().and_then(|s| s.get(name)).and_then(|e| {
+                let mut probe = e.selector.clone();
+                probe.observe(&eligible, now, tiers.hold())
+            });
+            let split = tiers.policy.as_ref().and_then(|p| p.split.as_deref());
+            let views = tiers
+                .tiers
+                .iter()
+                .enumerate()
+                .map(|(i, tier)| crate::admin::ui::TierView {
+                    name: tier.name.to_string(),
+                    platform: tier.platform.as_deref().map(str::to_owned),
+                    passing: tier.passing,
+                    total: tier.total,
+                    eligible: tier.usable(),
+                    // With a split, every usable tier with a weight takes requests.
+                    chosen: match split {
+                        Some(weights) => tier.usable() && weights.get(i).is_some_and(|&w| w > 0),
+                        None => choice == Some(i),
+                    },
+                })
+                .collect();
+            out.insert(name.to_string(), views);
+        }
+        out
+    }
+
     /// `/routes`: every service's tiers, tier state and current choice.
     fn describe(&self) -> serde_json::Value {
         let table = self.load();
@@ -777,13 +836,15 @@ impl Proxy for GatewayHandler {
     }
 }
 
-/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/metrics`.
+/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/metrics`, and the
+/// dashboard at `/ui` (see [`crate::admin::ui`]).
 #[derive(Clone, Debug)]
 pub struct GatewayAdmin {
     gateway: Arc<Gateway>,
     catalog: Subscriber,
     metrics: Arc<Metrics>,
     token: Option<crate::config::token::Token>,
+    dashboard: Arc<crate::admin::ui::Dashboard>,
 }
 
 impl Handler for GatewayAdmin {
@@ -793,8 +854,20 @@ impl Handler for GatewayAdmin {
         if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
             return refusal;
         }
+        if let Some(asset) = crate::admin::ui::asset(req.uri().path()) {
+            return asset;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
+            crate::admin::ui::DATA_PATH => {
+                let snapshot = self.catalog.borrow().snapshot.clone();
+                let readings = self.gateway.tier_readings();
+                let body = self
+                    .dashboard
+                    .data(snapshot.as_deref(), self.gateway.tier_views(), &readings)
+                    .await;
+                return crate::admin::ui::data_response(&body);
+            }
             "/readyz" => {
                 let state = self.catalog.borrow().clone();
                 let ready = state.snapshot.is_some();
@@ -815,7 +888,7 @@ impl Handler for GatewayAdmin {
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics", "/ui"]}),
             ),
         };
         crate::admin::json_response(status, &body)
@@ -982,11 +1055,24 @@ pub async fn spawn_on(
         shutdown.clone(),
     ));
     if let Some(admin) = admin {
+        // The dashboard shows the migration records of the KV the gateway follows.
+        let kv = settings.kv.map(|kv| {
+            crate::registry::client::RegistryClient::new(kv)
+                .with_token(settings.tokens.registry.clone())
+        });
+        let dashboard = crate::admin::ui::Dashboard::new("gateway", "platform", kv);
+        let counted = gateway.clone();
+        tasks.spawn(crate::admin::ui::sample_every(
+            dashboard.clone(),
+            move || counted.tier_readings(),
+            shutdown.clone(),
+        ));
         let handler = GatewayAdmin {
             gateway: gateway.clone(),
             catalog: subscriber,
             metrics: metrics.clone(),
             token: settings.tokens.admin.clone(),
+            dashboard,
         };
         tasks.spawn(serve::serve(admin, handler, shutdown.clone()));
     }

@@ -13,7 +13,9 @@
 //!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
 //!   Consul or etcd) with their checks, and follows SIGHUP.
 //! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names.
-//! - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics` on the admin listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics` on the admin listener;
+//!   [`admin::ui`] is the web dashboard at `/ui` (assets embedded, traffic history sampled
+//!   from the counters, migration records from the registry KV).
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
 //!   (blocking queries over HTTP), which also follows our own registry; [`catalog::etcd`] lists

@@ -427,6 +427,23 @@ impl Metrics {
         found.duration.observe(seconds);
     }
 
+    /// Requests answered so far, per listener role and service (all statuses): what the
+    /// dashboard samples (see [`crate::admin::ui`]). Takes the series cache's read lock once.
+    pub fn request_totals(&self) -> Vec<(Role, Arc<str>, u64)> {
+        let series = self.series.read().unwrap_or_else(PoisonError::into_inner);
+        let mut totals: hashbrown::HashMap<(Role, Arc<str>), u64> = hashbrown::HashMap::new();
+        for (labels, found) in &series.requests {
+            let total = totals
+                .entry((labels.role, labels.service.clone()))
+                .or_default();
+            *total = total.saturating_add(found.count.get());
+        }
+        totals
+            .into_iter()
+            .map(|((role, service), count)| (role, service, count))
+            .collect()
+    }
+
     /// A retry sent; reason is one of "connect", "unsent", "reset", "status", "timeout".
     pub fn retry(&self, service: &str, reason: &'static str) {
         let service = self.service_label(service);

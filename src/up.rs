@@ -249,6 +249,7 @@ fn print_banner(agent: &agent::AgentHandle, out: &mut dyn Write) {
          Try:\n  curl http://{outbound}/service/hello/\n  \
          curl -d 'hi there' 'http://{outbound}/service/echo/any/path?x=1'\n  \
          curl http://{admin}/routes\n  \
+         open http://{admin}/ui   (the dashboard)\n  \
          curl http://{registry}/v1/health/service/hello\n\n\
          The registry speaks Consul's HTTP API: services registered there are routed at once.\n\
          Ctrl-C stops everything.\n",

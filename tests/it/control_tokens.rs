@@ -354,7 +354,14 @@ async fn an_exposed_admin_listener_answers_only_with_its_bearer_token_and_never_
     // Probes need no token.
     assert_eq!(get("/healthz", None).await.status, 200);
     assert_eq!(get("/readyz", None).await.status, 200);
-    for path in ["/routes", "/metrics", "/explain?url=/service/web/"] {
+    // The dashboard's page holds no data; its data needs the token.
+    assert_eq!(get("/ui", None).await.status, 200);
+    for path in [
+        "/routes",
+        "/metrics",
+        "/explain?url=/service/web/",
+        "/ui/data",
+    ] {
         let none = get(path, None).await;
         assert_eq!(none.status, 401, "{path}: {none:?}");
         assert_eq!(

@@ -9,6 +9,7 @@ mod config;
 mod consul_backend;
 mod consul_clients;
 mod control_tokens;
+mod dashboard;
 mod demo;
 mod etcd;
 mod faults;
