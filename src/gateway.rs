@@ -945,6 +945,7 @@ pub async fn spawn_on(
             drop(kv_tx);
         });
     }
+    let (applied, applied_rx) = watch::channel(None);
     tasks.spawn(follow(
         subscriber.clone(),
         kv_rx,
@@ -953,6 +954,7 @@ pub async fn spawn_on(
         policies,
         settings.upstreams.clone(),
         settings.include_warning,
+        applied,
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -961,6 +963,26 @@ pub async fn spawn_on(
         let client = crate::registry::client::RegistryClient::new(*registry);
         let register = agent::registration::run_admin(client, "gateway", admin, shutdown.clone());
         tasks.spawn(register);
+    }
+    // The convergence report (`skyline status`) in the registry the gateway follows.
+    if let CatalogSource::Consul(registry) = &settings.catalog {
+        let client = crate::registry::client::RegistryClient::new(*registry)
+            .with_token(settings.tokens.registry.clone());
+        let identity = crate::status::Identity {
+            role: "gateway",
+            name: answers::gateway_id(addr),
+            node: agent::registration::hostname(),
+            admin: admin_addr,
+            catalog: source_name.clone(),
+        };
+        tasks.spawn(crate::status::run(
+            client,
+            identity,
+            applied_rx,
+            subscriber.clone(),
+            Arc::new(crate::status::catalog_reasons),
+            shutdown.clone(),
+        ));
     }
     if let Some(kv) = settings.kv {
         let id = answers::gateway_id(addr);
@@ -1006,7 +1028,9 @@ pub async fn spawn_on(
     })
 }
 
-/// Rebuilds the table on every catalog, KV policy or policy file change.
+/// Rebuilds the table on every catalog, KV policy or policy file change; `applied` says which
+/// catalog version each table was built from.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow(
     mut catalog: Subscriber,
     mut kv: watch::Receiver<BTreeMap<String, RoutePolicy>>,
@@ -1015,18 +1039,20 @@ pub async fn follow(
     mut policies: Policies,
     upstreams: BTreeMap<String, Upstream>,
     include_warning: bool,
+    applied: crate::catalog::Applied,
 ) {
     loop {
         policies.kv = kv.borrow_and_update().clone();
         policies.file = file.borrow_and_update().clone();
-        let snapshot = catalog.borrow_and_update().snapshot.clone();
-        if let Some(snapshot) = snapshot {
+        let state = catalog.borrow_and_update().clone();
+        if let Some(snapshot) = &state.snapshot {
             gateway.store(Table::build(
-                &snapshot,
+                snapshot,
                 &policies,
                 &upstreams,
                 include_warning,
             ));
+            crate::catalog::mark_applied(&applied, &state);
         }
         let changed = tokio::select! {
             changed = catalog.changed() => changed,

@@ -23,7 +23,8 @@
 //!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`; [`cli::routes`] is
 //!   `skyline routes`, which prints an agent's `/routes` for a person; [`cli::prometheus`] is
 //!   `skyline prometheus-targets`, a Prometheus `file_sd_configs` file of every role's admin
-//!   listener (`skyline-admin` in the catalog, registered by `agent::registration`).
+//!   listener (`skyline-admin` in the catalog, registered by `agent::registration`);
+//!   [`cli::status`] is `skyline status`, how far every proxy has converged on the catalog.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
 //!   `skyline config example`, `skyline config check`).
@@ -64,6 +65,9 @@
 //!   ambiguous HTTP/1 request framing before hyper or the express lane acts on it;
 //!   [`serve::activation`] takes the
 //!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
+//! - [`status`]: convergence reports: each agent, gateway and bridge publishes the catalog
+//!   version its route table was built from, and its readiness, under `skyline/status/` in the
+//!   KV ([`cli::status`] is `skyline status`).
 //! - [`tls`]: mesh TLS: mTLS between the proxies, strict or permissive, certificates reloaded
 //!   when their files change; [`tls::ca`] is the mesh CA (`skyline ca init`, `skyline ca issue`).
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
@@ -86,6 +90,7 @@ pub mod proxy;
 pub mod registry;
 pub mod routing;
 pub mod serve;
+pub mod status;
 pub mod tls;
 pub mod up;
 

@@ -31,6 +31,7 @@ mod registry;
 mod registry_mesh;
 mod resilience;
 mod smuggling;
+mod status;
 mod support;
 mod two_hops;
 mod upgrade;
