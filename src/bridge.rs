@@ -8,6 +8,7 @@
 //!   gateway pool, marked as coming from a bridge so it never comes back to one.
 
 pub mod config;
+pub mod explain;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -445,10 +446,12 @@ impl Proxy for Bridge {
     }
 }
 
-/// The bridge's admin listener: `/healthz`, `/readyz`, `/metrics` (with the catalog gauges when
+/// The bridge's admin listener: `/healthz`, `/readyz`, `/explain`, `/metrics` (with the catalog gauges when
 /// the bridge follows a catalog to find the gateways).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BridgeAdmin {
+    /// For `/explain` (see [`explain`]).
+    bridge: Bridge,
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
     token: Option<crate::config::token::Token>,
@@ -493,13 +496,17 @@ impl Handler for BridgeAdmin {
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
+            "/explain" => match crate::admin::explain_url(req.uri().query()) {
+                Ok(url) => crate::admin::explained(self.bridge.explain(&url).await),
+                Err(refusal) => refusal,
+            },
             "/metrics" => {
                 let catalog = self.catalog.as_ref().map(|c| c.borrow().clone());
                 return crate::admin::metrics_response(&self.metrics, catalog.as_ref());
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/explain", "/metrics"]}),
             ),
         };
         crate::admin::json_response(status, &body)
@@ -691,6 +698,7 @@ pub async fn spawn_on(
     }
     if let Some(admin) = admin {
         let handler = BridgeAdmin {
+            bridge: bridge.clone(),
             metrics: metrics.clone(),
             catalog,
             token: settings.tokens.admin.clone(),

@@ -14,6 +14,7 @@
 
 pub mod answers;
 pub mod config;
+pub mod explain;
 pub mod policy;
 pub mod tiers;
 
@@ -777,7 +778,8 @@ impl Proxy for GatewayHandler {
     }
 }
 
-/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/metrics`.
+/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/explain` (see
+/// [`explain`]), `/metrics`.
 #[derive(Clone, Debug)]
 pub struct GatewayAdmin {
     gateway: Arc<Gateway>,
@@ -809,13 +811,17 @@ impl Handler for GatewayAdmin {
                 )
             }
             "/routes" => (StatusCode::OK, self.gateway.describe()),
+            "/explain" => match crate::admin::explain_url(req.uri().query()) {
+                Ok(url) => crate::admin::explained(self.gateway.explain(&url)),
+                Err(refusal) => refusal,
+            },
             "/metrics" => {
                 let catalog = self.catalog.borrow().clone();
                 return crate::admin::metrics_response(&self.metrics, Some(&catalog));
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/explain", "/metrics"]}),
             ),
         };
         crate::admin::json_response(status, &body)

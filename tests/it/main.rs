@@ -11,6 +11,7 @@ mod consul_clients;
 mod control_tokens;
 mod demo;
 mod etcd;
+mod explain_roles;
 mod faults;
 mod fuzz_corpus;
 mod gateway;
