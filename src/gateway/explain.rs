@@ -179,3 +179,103 @@ impl Gateway {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::gateway::policy::{Pool, Upstream};
+    use crate::gateway::{Policies, Table};
+    use crate::metrics::Metrics;
+    use crate::proxy::resilience::Resilience;
+
+    const HOLD: Duration = Duration::from_secs(3);
+
+    fn table(mesos_health: &str) -> Table {
+        let text = format!(
+            "[[node]]\nname = \"m\"\naddress = \"127.0.0.1\"\n\n[[service]]\nname = \"giphy\"\n\
+             node = \"m\"\nport = 31000\nmeta = {{ platform = \"mesos\" }}\nhealth = \"{mesos_health}\"\n"
+        );
+        let snapshot = crate::catalog::file::parse(&text, Path::new("t.toml")).unwrap();
+        let policies = Policies {
+            default_hold: HOLD,
+            ..Policies::default()
+        };
+        let upstreams = BTreeMap::from([(
+            "kubernetes".to_owned(),
+            Upstream {
+                pool: Pool::Addresses(vec!["127.0.0.1:9".parse().unwrap()]),
+                bridge: true,
+            },
+        )]);
+        Table::build(&snapshot, &policies, &upstreams, false)
+    }
+
+    fn whys(answer: &Value) -> Vec<(bool, String)> {
+        answer["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["chosen"] == true, t["why"].as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recovered_tier_is_explained_as_held_until_its_hold_passes() {
+        let gateway = Gateway::new(
+            table("critical"),
+            10,
+            Resilience::default(),
+            Metrics::new(),
+            None,
+        );
+        let answer = gateway.explain("/service/giphy/x").unwrap();
+        assert_eq!(answer["decision"]["tier"], "kubernetes");
+        gateway.store(table("passing"));
+        let answer = gateway.explain("/service/giphy/x").unwrap();
+        let why = whys(&answer);
+        assert_eq!(answer["decision"]["tier"], "kubernetes", "{answer:#}");
+        assert!(
+            !why[0].0 && why[0].1.starts_with("held: eligible for 0.0s"),
+            "{why:?}"
+        );
+        assert!(why[1].0, "{why:?}");
+        tokio::time::advance(HOLD + Duration::from_millis(1)).await;
+        let answer = gateway.explain("/service/giphy/x").unwrap();
+        assert_eq!(answer["decision"]["tier"], "mesos", "{answer:#}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_lower_tier_gives_way_at_once_and_is_explained_as_the_emergency_fallback() {
+        let gateway = Gateway::new(
+            table("critical"),
+            10,
+            Resilience::default(),
+            Metrics::new(),
+            None,
+        );
+        let k8s = gateway.load().services["giphy"].tiers[1].name.clone();
+        for _ in 0..FAILING_MIN_ANSWERS {
+            gateway.record("giphy", 1, &k8s, true, Duration::from_millis(1));
+        }
+        gateway.store(table("passing"));
+        let answer = gateway.explain("/service/giphy/x").unwrap();
+        let why = whys(&answer);
+        assert_eq!(answer["decision"]["tier"], "mesos", "{answer:#}");
+        assert_eq!(
+            why[0],
+            (
+                true,
+                "takes the request: the tier in use was failing (emergency fallback)".to_owned()
+            )
+        );
+        assert_eq!(answer["tiers"][1]["failing"], true, "{answer:#}");
+        assert_eq!(
+            answer["tiers"][1]["answers"]["failed"],
+            u64::from(FAILING_MIN_ANSWERS)
+        );
+    }
+}
