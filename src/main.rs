@@ -84,7 +84,8 @@ enum Command {
     },
     /// Kubernetes: `skyline k8s services` prints the Services that stand for Mesos services
     K8s(skyline::cli::kubernetes::K8sArgs),
-    /// Explain where a request to a URL would go, and why, asking the local agent
+    /// Explain where a request to a URL would go, and why, asking the local agent (or a gateway
+    /// or bridge with --admin)
     Explain(skyline::cli::explain::ExplainArgs),
     /// Print the route table the local agent routes with now
     Routes(skyline::cli::routes::RoutesArgs),
