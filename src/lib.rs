@@ -12,7 +12,8 @@
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
 //!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
 //!   Consul or etcd) with their checks, and follows SIGHUP.
-//! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names.
+//! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names;
+//!   `bridge::explain` is its `/explain` (the DNS name and URL a request becomes).
 //! - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics` on the admin listener.
 //! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
 //!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
@@ -35,7 +36,8 @@
 //!   the bridge's rewrites, the registry's JSON bodies, config files, route policies), also
 //!   replayed over the seed corpus by a stable test.
 //! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
-//!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
+//!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits;
+//!   `gateway::explain` is its `/explain` (which tier takes a request, and why not the others).
 //! - [`migrate`]: `skyline migrate`, the migration autopilot: moves a service's gateway split
 //!   step by step through the registry KV, guarded by the gateways' own numbers
 //!   ([`gateway::answers`]), rolling back by itself; `migrate::driver` is the command.
