@@ -242,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
         routes.clone(),
         "node-7".to_owned(),
         Policy::default(),
+        tokio::sync::watch::channel(None).0,
     ));
     wait_routes(&routes, &format!("svc-{}", services() - 1)).await?;
     let mut latencies = Vec::new();

@@ -167,15 +167,9 @@ impl Admin {
 
     /// `/explain?url=<url>`: 400 without a `url`, 404 without an outbound proxy.
     fn explain(&self, query: Option<&str>) -> (StatusCode, serde_json::Value) {
-        let url = query.unwrap_or("").split('&').find_map(|pair| {
-            let value = pair.strip_prefix("url=")?;
-            crate::registry::api::percent_decode(value, true)
-        });
-        let Some(url) = url else {
-            return (
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": "bad-request", "detail": "expected /explain?url=/service/<name>/<path>"}),
-            );
+        let url = match explain_url(query) {
+            Ok(url) => url,
+            Err(refusal) => return refusal,
         };
         let Some(outbound) = &self.inner.outbound else {
             return (
@@ -235,6 +229,33 @@ pub fn agent_readings(metrics: &Metrics) -> Vec<ui::Reading> {
         .filter(|(_, service, _)| !service.is_empty())
         .map(|(role, service, count)| (service, Arc::from(role.as_str()), count))
         .collect()
+}
+
+/// The `url` of `/explain?url=<url>`, percent-decoded; without one, the 400 answer.
+pub fn explain_url(query: Option<&str>) -> Result<String, (StatusCode, serde_json::Value)> {
+    let url = query.unwrap_or("").split('&').find_map(|pair| {
+        let value = pair.strip_prefix("url=")?;
+        crate::registry::api::percent_decode(value, true)
+    });
+    url.ok_or_else(|| {
+        (
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "bad-request", "detail": "expected /explain?url=/service/<name>/<path>"}),
+        )
+    })
+}
+
+/// An explanation, or the mesh error that refused its URL, as the admin listener answers.
+pub fn explained(
+    result: Result<serde_json::Value, crate::proxy::MeshError>,
+) -> (StatusCode, serde_json::Value) {
+    match result {
+        Ok(body) => (StatusCode::OK, body),
+        Err(error) => (
+            error.status(),
+            serde_json::json!({"error": error.code(), "detail": error.to_string()}),
+        ),
+    }
 }
 
 /// The answer to an admin request without the token, or `None` when it may go on: `/healthz`

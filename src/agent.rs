@@ -393,11 +393,14 @@ pub async fn start(
         settings.policy,
         std::time::Instant::now(),
     )));
+    let (applied, applied_rx) = watch::channel(None);
+    catalog::mark_applied(&applied, &subscriber.borrow());
     tasks.spawn(routing::follow(
         subscriber.clone(),
         routes.clone(),
         settings.node_name.clone(),
         settings.policy,
+        applied,
     ));
 
     let (declared, declared_rx) = watch::channel(settings.services.clone());
@@ -556,6 +559,31 @@ pub async fn start(
         .with_token(settings.tokens.admin.clone())
         .with_dashboard(dashboard);
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
+    }
+    // The convergence report (`skyline status`) in the registry the agent follows.
+    let report_to = match &settings.catalog {
+        CatalogSource::Consul(addr) => Some(*addr),
+        CatalogSource::Embedded { .. } => registry,
+        _ => None,
+    };
+    if let Some(addr) = report_to {
+        let client = crate::registry::client::RegistryClient::new(addr)
+            .with_token(settings.tokens.registry.clone());
+        let identity = crate::status::Identity {
+            role: "agent",
+            name: settings.node_name.clone(),
+            node: settings.node_name.clone(),
+            admin,
+            catalog: source_name.clone(),
+        };
+        tasks.spawn(crate::status::run(
+            client,
+            identity,
+            applied_rx,
+            subscriber.clone(),
+            Arc::new(crate::status::catalog_reasons),
+            shutdown.clone(),
+        ));
     }
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(

@@ -8,6 +8,7 @@
 //!   gateway pool, marked as coming from a bridge so it never comes back to one.
 
 pub mod config;
+pub mod explain;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -445,10 +446,12 @@ impl Proxy for Bridge {
     }
 }
 
-/// The bridge's admin listener: `/healthz`, `/readyz`, `/metrics` (with the catalog gauges when
+/// The bridge's admin listener: `/healthz`, `/readyz`, `/explain`, `/metrics` (with the catalog gauges when
 /// the bridge follows a catalog to find the gateways).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BridgeAdmin {
+    /// For `/explain` (see [`explain`]).
+    bridge: Bridge,
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
     token: Option<crate::config::token::Token>,
@@ -493,16 +496,59 @@ impl Handler for BridgeAdmin {
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
+            "/explain" => match crate::admin::explain_url(req.uri().query()) {
+                Ok(url) => crate::admin::explained(self.bridge.explain(&url).await),
+                Err(refusal) => refusal,
+            },
             "/metrics" => {
                 let catalog = self.catalog.as_ref().map(|c| c.borrow().clone());
                 return crate::admin::metrics_response(&self.metrics, catalog.as_ref());
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/explain", "/metrics"]}),
             ),
         };
         crate::admin::json_response(status, &body)
+    }
+}
+
+/// Why the bridge is not ready, for its convergence report: the catalog's reasons, and no
+/// passing `skyline-gateway` instance (requests from pods would have nowhere to go).
+fn readiness_reasons(state: &crate::catalog::CatalogState) -> Vec<String> {
+    let mut reasons = crate::status::catalog_reasons(state);
+    let gateways = state.snapshot.as_ref().map_or(0, |s| passing_gateways(s));
+    if state.snapshot.is_some() && gateways == 0 {
+        reasons.push(format!(
+            "no passing {GATEWAY_SERVICE} instance in the catalog"
+        ));
+    }
+    reasons
+}
+
+fn passing_gateways(snapshot: &Snapshot) -> usize {
+    snapshot
+        .services
+        .get(GATEWAY_SERVICE)
+        .map_or(0, |instances| {
+            instances
+                .iter()
+                .filter(|i| i.health == Health::Passing)
+                .count()
+        })
+}
+
+/// Marks every catalog state applied as it arrives: the bridge reads the state in force on
+/// each request.
+async fn follow_applied(mut catalog: Subscriber, applied: crate::catalog::Applied) {
+    loop {
+        let state = catalog.borrow_and_update().clone();
+        if state.snapshot.is_some() {
+            crate::catalog::mark_applied(&applied, &state);
+        }
+        if catalog.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -623,8 +669,36 @@ pub async fn spawn_on(
         let register = agent::registration::run_admin(client, "bridge", admin, shutdown.clone());
         tasks.spawn(register);
     }
+    // The convergence report (`skyline status`) in the registry the bridge follows: the bridge
+    // routes with the catalog state in force (its gateways are rebuilt from it on use).
+    if let (Some(CatalogSource::Consul(registry)), Some(subscriber)) =
+        (&settings.catalog, catalog.clone())
+    {
+        let client = crate::registry::client::RegistryClient::new(*registry)
+            .with_token(settings.tokens.registry.clone());
+        let port = addrs.first().map_or(0, SocketAddr::port);
+        let node = agent::registration::hostname();
+        let identity = crate::status::Identity {
+            role: "bridge",
+            name: format!("{node}-{port}"),
+            node,
+            admin: admin_addr,
+            catalog: format!("consul:{registry}"),
+        };
+        let (applied, applied_rx) = tokio::sync::watch::channel(None);
+        tasks.spawn(follow_applied(subscriber.clone(), applied));
+        tasks.spawn(crate::status::run(
+            client,
+            identity,
+            applied_rx,
+            subscriber,
+            Arc::new(readiness_reasons),
+            shutdown.clone(),
+        ));
+    }
     if let Some(admin) = admin {
         let handler = BridgeAdmin {
+            bridge: bridge.clone(),
             metrics: metrics.clone(),
             catalog,
             token: settings.tokens.admin.clone(),

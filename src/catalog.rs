@@ -430,6 +430,42 @@ pub struct CatalogState {
     pub updated_wall: Option<SystemTime>,
     /// The last error, cleared by the next good snapshot.
     pub error: Option<String>,
+    /// The catalog version the snapshot reflects, when the source numbers its states: the
+    /// highest `X-Consul-Index` of the registry answers it was built from, or the etcd
+    /// revision of the last change under the watched prefix. `None` for a file or the
+    /// in-process registry.
+    pub version: Option<u64>,
+}
+
+/// What a role applied last: the catalog version its route table was built from (see
+/// [`CatalogState::version`]) and when (unix ms). `None` until the first table.
+pub type Applied = watch::Sender<Option<AppliedVersion>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppliedVersion {
+    pub version: Option<u64>,
+    /// When the table built from `version` went into force, in unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// Records that a table built from `state` is in force, when its version differs from the last.
+pub fn mark_applied(applied: &Applied, state: &CatalogState) {
+    applied.send_if_modified(|last| {
+        if last.is_some_and(|l| l.version == state.version) {
+            return false;
+        }
+        *last = Some(AppliedVersion {
+            version: state.version,
+            at_ms: unix_ms(SystemTime::now()),
+        });
+        true
+    });
+}
+
+/// `t` in milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The sending side, handed to a [`Discovery`] backend.
@@ -448,6 +484,7 @@ pub fn channel() -> (Publisher, Subscriber) {
         updated: None,
         updated_wall: None,
         error: None,
+        version: None,
     });
     (Publisher { tx }, rx)
 }
@@ -459,6 +496,13 @@ impl Publisher {
     /// allocations for what did not change (see [`Snapshot::reuse_unchanged`]), so routing
     /// finds unchanged services by pointer whichever backend built it.
     pub fn publish(&self, snapshot: impl Into<Arc<Snapshot>>) {
+        self.publish_at(snapshot, None);
+    }
+
+    /// [`Publisher::publish`] of the snapshot of catalog version `version` (see
+    /// [`CatalogState::version`]). A newer version of an equal snapshot is recorded (and wakes
+    /// subscribers): the table built from the old one stands for the new one too.
+    pub fn publish_at(&self, snapshot: impl Into<Arc<Snapshot>>, version: Option<u64>) {
         let mut snapshot = snapshot.into();
         self.tx.send_if_modified(|state| {
             let same = match &state.snapshot {
@@ -470,12 +514,16 @@ impl Publisher {
                 },
             };
             let had_error = state.error.take().is_some();
+            let moved = version.is_some() && state.version != version;
+            if moved {
+                state.version = version;
+            }
             if !same {
                 state.snapshot = Some(snapshot);
                 state.updated = Some(Instant::now());
                 state.updated_wall = Some(SystemTime::now());
             }
-            !same || had_error
+            !same || had_error || moved
         });
     }
 

@@ -8,6 +8,7 @@ pub mod explain;
 pub mod kubernetes;
 pub mod prometheus;
 pub mod routes;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -14,6 +14,7 @@
 
 pub mod answers;
 pub mod config;
+pub mod explain;
 pub mod policy;
 pub mod tiers;
 
@@ -836,8 +837,8 @@ impl Proxy for GatewayHandler {
     }
 }
 
-/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/metrics`, and the
-/// dashboard at `/ui` (see [`crate::admin::ui`]).
+/// The gateway's admin listener: `/healthz`, `/readyz`, `/routes`, `/explain` (see
+/// [`explain`]), `/metrics`, and the dashboard at `/ui` (see [`crate::admin::ui`]).
 #[derive(Clone, Debug)]
 pub struct GatewayAdmin {
     gateway: Arc<Gateway>,
@@ -882,13 +883,17 @@ impl Handler for GatewayAdmin {
                 )
             }
             "/routes" => (StatusCode::OK, self.gateway.describe()),
+            "/explain" => match crate::admin::explain_url(req.uri().query()) {
+                Ok(url) => crate::admin::explained(self.gateway.explain(&url)),
+                Err(refusal) => refusal,
+            },
             "/metrics" => {
                 let catalog = self.catalog.borrow().clone();
                 return crate::admin::metrics_response(&self.metrics, Some(&catalog));
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/metrics", "/ui"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/routes", "/explain", "/metrics", "/ui"]}),
             ),
         };
         crate::admin::json_response(status, &body)
@@ -1018,6 +1023,7 @@ pub async fn spawn_on(
             drop(kv_tx);
         });
     }
+    let (applied, applied_rx) = watch::channel(None);
     tasks.spawn(follow(
         subscriber.clone(),
         kv_rx,
@@ -1026,6 +1032,7 @@ pub async fn spawn_on(
         policies,
         settings.upstreams.clone(),
         settings.include_warning,
+        applied,
     ));
     let addr = listener.local_addr().unwrap_or(settings.listen);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -1034,6 +1041,26 @@ pub async fn spawn_on(
         let client = crate::registry::client::RegistryClient::new(*registry);
         let register = agent::registration::run_admin(client, "gateway", admin, shutdown.clone());
         tasks.spawn(register);
+    }
+    // The convergence report (`skyline status`) in the registry the gateway follows.
+    if let CatalogSource::Consul(registry) = &settings.catalog {
+        let client = crate::registry::client::RegistryClient::new(*registry)
+            .with_token(settings.tokens.registry.clone());
+        let identity = crate::status::Identity {
+            role: "gateway",
+            name: answers::gateway_id(addr),
+            node: agent::registration::hostname(),
+            admin: admin_addr,
+            catalog: source_name.clone(),
+        };
+        tasks.spawn(crate::status::run(
+            client,
+            identity,
+            applied_rx,
+            subscriber.clone(),
+            Arc::new(crate::status::catalog_reasons),
+            shutdown.clone(),
+        ));
     }
     if let Some(kv) = settings.kv {
         let id = answers::gateway_id(addr);
@@ -1092,7 +1119,9 @@ pub async fn spawn_on(
     })
 }
 
-/// Rebuilds the table on every catalog, KV policy or policy file change.
+/// Rebuilds the table on every catalog, KV policy or policy file change; `applied` says which
+/// catalog version each table was built from.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow(
     mut catalog: Subscriber,
     mut kv: watch::Receiver<BTreeMap<String, RoutePolicy>>,
@@ -1101,18 +1130,20 @@ pub async fn follow(
     mut policies: Policies,
     upstreams: BTreeMap<String, Upstream>,
     include_warning: bool,
+    applied: crate::catalog::Applied,
 ) {
     loop {
         policies.kv = kv.borrow_and_update().clone();
         policies.file = file.borrow_and_update().clone();
-        let snapshot = catalog.borrow_and_update().snapshot.clone();
-        if let Some(snapshot) = snapshot {
+        let state = catalog.borrow_and_update().clone();
+        if let Some(snapshot) = &state.snapshot {
             gateway.store(Table::build(
-                &snapshot,
+                snapshot,
                 &policies,
                 &upstreams,
                 include_warning,
             ));
+            crate::catalog::mark_applied(&applied, &state);
         }
         let changed = tokio::select! {
             changed = catalog.changed() => changed,

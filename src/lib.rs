@@ -12,7 +12,8 @@
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
 //!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
 //!   Consul or etcd) with their checks, and follows SIGHUP.
-//! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names.
+//! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names;
+//!   `bridge::explain` is its `/explain` (the DNS name and URL a request becomes).
 //! - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics` on the admin listener;
 //!   [`admin::ui`] is the web dashboard at `/ui` (assets embedded, traffic history sampled
 //!   from the counters, migration records from the registry KV).
@@ -25,7 +26,8 @@
 //!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`; [`cli::routes`] is
 //!   `skyline routes`, which prints an agent's `/routes` for a person; [`cli::prometheus`] is
 //!   `skyline prometheus-targets`, a Prometheus `file_sd_configs` file of every role's admin
-//!   listener (`skyline-admin` in the catalog, registered by `agent::registration`).
+//!   listener (`skyline-admin` in the catalog, registered by `agent::registration`);
+//!   [`cli::status`] is `skyline status`, how far every proxy has converged on the catalog.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
 //!   `skyline config example`, `skyline config check`).
@@ -36,7 +38,8 @@
 //!   the bridge's rewrites, the registry's JSON bodies, config files, route policies), also
 //!   replayed over the seed corpus by a stable test.
 //! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
-//!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits.
+//!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits;
+//!   `gateway::explain` is its `/explain` (which tier takes a request, and why not the others).
 //! - [`migrate`]: `skyline migrate`, the migration autopilot: moves a service's gateway split
 //!   step by step through the registry KV, guarded by the gateways' own numbers
 //!   ([`gateway::answers`]), rolling back by itself; `migrate::driver` is the command.
@@ -66,6 +69,9 @@
 //!   ambiguous HTTP/1 request framing before hyper or the express lane acts on it;
 //!   [`serve::activation`] takes the
 //!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
+//! - [`status`]: convergence reports: each agent, gateway and bridge publishes the catalog
+//!   version its route table was built from, and its readiness, under `skyline/status/` in the
+//!   KV ([`cli::status`] is `skyline status`).
 //! - [`tls`]: mesh TLS: mTLS between the proxies, strict or permissive, certificates reloaded
 //!   when their files change; [`tls::ca`] is the mesh CA (`skyline ca init`, `skyline ca issue`).
 //! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
@@ -88,6 +94,7 @@ pub mod proxy;
 pub mod registry;
 pub mod routing;
 pub mod serve;
+pub mod status;
 pub mod tls;
 pub mod up;
 

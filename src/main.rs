@@ -84,10 +84,13 @@ enum Command {
     },
     /// Kubernetes: `skyline k8s services` prints the Services that stand for Mesos services
     K8s(skyline::cli::kubernetes::K8sArgs),
-    /// Explain where a request to a URL would go, and why, asking the local agent
+    /// Explain where a request to a URL would go, and why, asking the local agent (or a gateway
+    /// or bridge with --admin)
     Explain(skyline::cli::explain::ExplainArgs),
     /// Print the route table the local agent routes with now
     Routes(skyline::cli::routes::RoutesArgs),
+    /// Show how far every agent, gateway and bridge has converged on the registry's catalog
+    Status(skyline::cli::status::StatusArgs),
     /// Keep a Prometheus file_sd_configs file of every role's admin listener (/metrics)
     /// current from the catalog
     PrometheusTargets(skyline::cli::prometheus::PrometheusTargetsArgs),
@@ -229,6 +232,7 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         Command::Deregister(args) => skyline::cli::deregister(args, &mut std::io::stdout()).await?,
         Command::Explain(args) => skyline::cli::explain::run(&args, &mut std::io::stdout()).await?,
         Command::Routes(args) => skyline::cli::routes::run(&args, &mut std::io::stdout()).await?,
+        Command::Status(args) => skyline::cli::status::run(&args, &mut std::io::stdout()).await?,
         Command::PrometheusTargets(args) => {
             skyline::cli::prometheus::run(&args, shutdown, &mut std::io::stdout()).await?
         }

@@ -839,6 +839,7 @@ mod tests {
             updated: Some(Instant::now() - Duration::from_secs(90)),
             updated_wall: None,
             error: None,
+            version: None,
         };
         let metrics = Metrics::new();
         let text = metrics.encode(Some(&state));

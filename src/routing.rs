@@ -350,16 +350,23 @@ impl Routes {
 }
 
 /// Rebuilds and swaps the table of node `node` on every catalog change, until the catalog
-/// publisher goes away.
-pub async fn follow(mut catalog: Subscriber, routes: Arc<Routes>, node: String, policy: Policy) {
+/// publisher goes away; `applied` says which catalog version each table was built from.
+pub async fn follow(
+    mut catalog: Subscriber,
+    routes: Arc<Routes>,
+    node: String,
+    policy: Policy,
+    applied: crate::catalog::Applied,
+) {
     loop {
-        let snapshot = catalog.borrow_and_update().snapshot.clone();
-        if let Some(snapshot) = snapshot {
+        let state = catalog.borrow_and_update().clone();
+        if let Some(snapshot) = &state.snapshot {
             let started = Instant::now();
             let previous = routes.load_full();
             routes.store(Table::build_after(
-                &previous, &snapshot, &node, policy, started,
+                &previous, snapshot, &node, policy, started,
             ));
+            crate::catalog::mark_applied(&applied, &state);
             tracing::debug!(
                 services = snapshot.services.len(),
                 took_us = started.elapsed().as_micros() as u64,

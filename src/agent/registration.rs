@@ -389,7 +389,7 @@ pub async fn run_admin(
 }
 
 /// This machine's name (the `node` of a gateway's or bridge's admin registration).
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()

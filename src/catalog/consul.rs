@@ -423,8 +423,10 @@ pub const RECOVERY_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 enum Event {
-    Services(Result<BTreeSet<ServiceName>, String>),
-    Service(ServiceName, Result<ServiceView, String>),
+    /// The services and the answer's `X-Consul-Index`.
+    Services(Result<(u64, BTreeSet<ServiceName>), String>),
+    /// One service's instances and the answer's `X-Consul-Index`.
+    Service(ServiceName, Result<(u64, ServiceView), String>),
 }
 
 /// Runs one blocking-query loop until `stop`, sending each answer (or error) to the aggregator.
@@ -432,7 +434,7 @@ async fn watch<T>(
     http: Http,
     path: String,
     parse: impl Fn(&[u8], &str) -> Result<T, ConsulError>,
-    wrap: impl Fn(Result<T, String>) -> Event,
+    wrap: impl Fn(Result<(u64, T), String>) -> Event,
     tx: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
@@ -458,7 +460,7 @@ async fn watch<T>(
                 cursor.advance(index);
                 recovering = false;
                 backoff.reset();
-                if tx.send(wrap(Ok(value))).await.is_err() {
+                if tx.send(wrap(Ok((index, value)))).await.is_err() {
                     return;
                 }
             }
@@ -495,6 +497,10 @@ struct Aggregator {
     /// Current errors by source ("catalog" or a service name).
     errors: BTreeMap<String, String>,
     last: Option<Arc<Snapshot>>,
+    /// The `X-Consul-Index` of the last `/v1/catalog/services` answer, and of each watched
+    /// service's last answer: the snapshot's version is the highest (see [`Self::version`]).
+    services_index: u64,
+    indexes: BTreeMap<ServiceName, u64>,
 }
 
 impl Aggregator {
@@ -510,6 +516,8 @@ impl Aggregator {
             watches: HashMap::new(),
             errors: BTreeMap::new(),
             last: None,
+            services_index: 0,
+            indexes: BTreeMap::new(),
         }
     }
 
@@ -533,8 +541,9 @@ impl Aggregator {
                 },
             };
             match event {
-                Event::Services(Ok(names)) => {
+                Event::Services(Ok((index, names))) => {
                     self.errors.remove("catalog");
+                    self.services_index = index;
                     self.set_services(names, &tx, &stop);
                     self.publish();
                 }
@@ -547,11 +556,12 @@ impl Aggregator {
                         continue; // a late answer for a service no longer watched
                     }
                     match result {
-                        Ok(view) => {
+                        Ok((index, view)) => {
                             let had_error = self.errors.remove(name.as_str()).is_some();
+                            let moved = self.indexes.insert(name.clone(), index) != Some(index);
                             let previous = self.views.get(&name);
                             let view = view.share(&mut self.interner, previous);
-                            if !had_error && previous == Some(&view) {
+                            if !had_error && !moved && previous == Some(&view) {
                                 continue; // a blocking query that timed out: nothing new
                             }
                             self.views.insert(name, view);
@@ -581,6 +591,7 @@ impl Aggregator {
             keep
         });
         self.views.retain(|name, _| names.contains(name));
+        self.indexes.retain(|name, _| names.contains(name));
         self.errors
             .retain(|source, _| source == "catalog" || names.contains(source.as_str()));
         for name in &names {
@@ -614,7 +625,8 @@ impl Aggregator {
             let changed = self.last.as_deref() != Some(&snapshot);
             if changed || self.errors.is_empty() {
                 let snapshot = Arc::new(snapshot);
-                self.publisher.publish(snapshot.clone());
+                self.publisher
+                    .publish_at(snapshot.clone(), Some(self.version()));
                 self.last = Some(snapshot);
             }
         }
@@ -630,6 +642,16 @@ impl Aggregator {
                 self.config.describe()
             ));
         }
+    }
+
+    /// The catalog version of the snapshot: the highest index among the answers it was built
+    /// from. A registry gives every write a higher index, so this is the last write that
+    /// changed what the snapshot covers.
+    fn version(&self) -> u64 {
+        self.indexes
+            .values()
+            .copied()
+            .fold(self.services_index, u64::max)
     }
 
     /// The snapshot of every view: instance lists as the views hold them, and the node map of

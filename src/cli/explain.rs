@@ -1,5 +1,6 @@
-//! `skyline explain <url>`: asks an agent's admin listener (`/explain`) why a request to `url`
-//! would go where it goes, and prints the answer for a person (or as JSON).
+//! `skyline explain <url>`: asks an agent's, a gateway's or a bridge's admin listener
+//! (`/explain`) why a request to `url` would go where it goes, and prints the answer for a
+//! person (or as JSON).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -53,7 +54,7 @@ pub async fn run(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), CliError
                 .and_then(|v| v["detail"].as_str().map(str::to_owned))
                 .unwrap_or(message);
             return Err(CliError::Usage(format!(
-                "the agent refused the URL: {detail}"
+                "the admin listener refused the URL: {detail}"
             )));
         }
         other => other?,
@@ -81,8 +82,13 @@ pub(super) async fn admin_get(admin: SocketAddr, path: &str) -> Result<Vec<u8>, 
     }
 }
 
-/// The explanation for a person.
+/// The explanation for a person: an agent's, a gateway's or a bridge's.
 fn render(a: &Value) -> String {
+    match a["role"].as_str() {
+        Some("gateway") => return render_gateway(a),
+        Some("bridge") => return render_bridge(a),
+        _ => {}
+    }
     let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
     let decision = &a["decision"];
     let mut out = format!(
@@ -137,5 +143,119 @@ fn render(a: &Value) -> String {
         text(&p["retries"]),
         text(&p["balance"])
     );
+    out
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+/// A route's endpoints, one line each.
+fn endpoints(route: &Value) -> String {
+    let mut out = String::new();
+    for e in route["endpoints"].as_array().into_iter().flatten() {
+        let state = &e["state"];
+        out += &format!(
+            "      {:<22} weight {:<3} {:<40} latency {:.2} ms, {} in flight, {} failures in a row\n",
+            text(&e["addr"]),
+            text(&e["weight"]),
+            text(&e["why"]),
+            state["latency_ms"].as_f64().unwrap_or(0.0),
+            text(&state["pending"]),
+            text(&state["failures"]),
+        );
+    }
+    out
+}
+
+/// A gateway's explanation: the decision, then every tier with why it takes the request or not.
+fn render_gateway(a: &Value) -> String {
+    let decision = &a["decision"];
+    let mut out = format!(
+        "{} (gateway): {}\n  catalog: {}\n",
+        text(&a["service"]),
+        text(&decision["why"]),
+        text(&a["catalog"])
+    );
+    match decision["tier"].as_str() {
+        Some(tier) => out += &format!("  tier: {tier}\n"),
+        None => {
+            out += &format!(
+                "  answer: {} {}\n",
+                text(&decision["answer"]),
+                text(&decision["error"])
+            )
+        }
+    }
+    for t in a["tiers"].as_array().into_iter().flatten() {
+        let share = t["split_share"]
+            .as_f64()
+            .map_or_else(String::new, |s| format!(", split share {:.0}%", s * 100.0));
+        out += &format!(
+            "  {} {}: {} ({} of {} passing, reach {}{share})\n",
+            if t["chosen"] == true { "*" } else { "-" },
+            text(&t["name"]),
+            text(&t["why"]),
+            text(&t["passing"]),
+            text(&t["total"]),
+            text(&t["route"]["reach"]),
+        );
+        out += &endpoints(&t["route"]);
+    }
+    let p = &a["policy"];
+    let calls = &p["calls"];
+    out += &format!(
+        "  policy: hold {}s, split {}, shadow {}; request timeout {}, connect timeout {}, retries {}, balance {}\n",
+        p["hold_seconds"].as_f64().unwrap_or(0.0),
+        if p["split"].is_null() {
+            "none".to_owned()
+        } else {
+            text(&p["split"])
+        },
+        if p["shadow"].is_null() {
+            "none".to_owned()
+        } else {
+            text(&p["shadow"])
+        },
+        text(&calls["request_timeout"]),
+        text(&calls["connect_timeout"]),
+        text(&calls["retries"]),
+        text(&calls["balance"])
+    );
+    out
+}
+
+/// A bridge's explanation: the direction, the cluster DNS name and the rewritten URL.
+fn render_bridge(a: &Value) -> String {
+    let decision = &a["decision"];
+    let mut out = format!(
+        "{} (bridge, {}): {}\n  cluster dns name: {}\n  rewritten: {}\n",
+        text(&a["service"]),
+        text(&a["direction"]),
+        text(&decision["why"]),
+        text(&a["cluster_dns_name"]),
+        text(&a["rewritten_url"]),
+    );
+    if let Some(answer) = decision["answer"].as_u64() {
+        out += &format!("  answer: {answer} {}\n", text(&decision["error"]));
+    }
+    if !a["speaks"].is_null() {
+        out += &format!("  speaks: {}\n", text(&a["speaks"]));
+    }
+    if let Some(ips) = a["resolves_to"].as_array() {
+        let ips: Vec<String> = ips.iter().map(text).collect();
+        out += &format!(
+            "  cluster dns answers: {}\n",
+            if ips.is_empty() {
+                "nothing".to_owned()
+            } else {
+                ips.join(", ")
+            }
+        );
+    }
+    if !a["gateways"].is_null() {
+        out += &format!("  gateways: {}\n", text(&a["gateways"]["source"]));
+        out += &endpoints(&a["gateways"]["route"]);
+    }
     out
 }

@@ -25,7 +25,7 @@ use crate::routing::reach::{Admit, Observed};
 use crate::routing::{Lookup, Route, Routes, Table};
 use crate::serve::{Conn, Proxy};
 
-mod explain;
+pub(crate) mod explain;
 
 #[derive(Clone)]
 pub struct Outbound {

@@ -113,7 +113,7 @@ impl Outbound {
 }
 
 /// The policy of calls to the service, durations as the config writes them ("1.5s").
-fn policy_view(policy: &Resilience) -> Value {
+pub(crate) fn policy_view(policy: &Resilience) -> Value {
     let text = |d: Duration| format!("{}s", d.as_secs_f64());
     json!({
         "connect_timeout": text(policy.connect_timeout),
@@ -133,7 +133,7 @@ fn policy_view(policy: &Resilience) -> Value {
 }
 
 /// A route's endpoints, with what requests left in their state, and its retry budget.
-fn describe(route: &Route, outlier: &Outlier) -> Value {
+pub(crate) fn describe(route: &Route, outlier: &Outlier) -> Value {
     let reach = route.observed.reach().label();
     let endpoints: Vec<Value> = route
         .endpoints
@@ -167,7 +167,7 @@ fn describe(route: &Route, outlier: &Outlier) -> Value {
 }
 
 /// `url` as (host, path and query): a whole URL's authority and target, or a bare target.
-fn split_url(url: &str) -> (Option<&str>, &str) {
+pub(crate) fn split_url(url: &str) -> (Option<&str>, &str) {
     let Some(rest) = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
