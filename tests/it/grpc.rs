@@ -1517,3 +1517,191 @@ async fn cancelled_streaming_and_unary_calls_end_at_the_server_through_outbound_
     cancelled_calls_end_at_the_server(client, &mut path.recorded).await;
     path.stop().await;
 }
+
+// === Health checks of h2c-only instances ===
+
+/// The status and output of `service`'s first check in the registry at `registry`, if it has an
+/// instance.
+async fn check_of(
+    registry: &skyline::registry::client::RegistryClient,
+    service: &str,
+) -> Option<(String, String)> {
+    let body = registry
+        .get(&format!("/v1/health/service/{service}"))
+        .await
+        .ok()?;
+    let entries: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let check = entries.get(0)?["Checks"]
+        .as_array()?
+        .iter()
+        .find(|c| c["ServiceName"] == service)?
+        .clone();
+    Some((
+        check["Status"].as_str()?.to_owned(),
+        check["Output"].as_str()?.to_owned(),
+    ))
+}
+
+/// Waits (bounded: 10 s) until `service`'s check is `status` after a probe ran (its output is
+/// set: `skyline register --node` registers the check as passing before any probe); its output.
+async fn check_becomes(
+    registry: &skyline::registry::client::RegistryClient,
+    service: &str,
+    status: &str,
+) -> String {
+    let mut last = None;
+    for _ in 0..500 {
+        last = check_of(registry, service).await;
+        if let Some((now, output)) = &last {
+            if now == status && !output.is_empty() {
+                return output.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{service}'s check never became {status}: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_only_grpc_server_registered_with_an_http_or_h2ping_check_goes_passing_and_is_routed()
+ {
+    let stop = CancellationToken::new();
+    // tonic's server speaks only HTTP/2 (prior knowledge): an HTTP/1.1 check cannot pass.
+    let grpc = grpc_server("127.0.0.3", stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Ports picked ahead: the registry's, and the inbound proxy's, which the node's registration
+    // names (outbound calls reach a node's instances through its inbound proxy).
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (registry_addr, inbound) = (free(), free());
+    let mut agent = Skyline::start(
+        &[
+            "agent",
+            "--node-name=a",
+            "--node-address=127.0.0.2",
+            "--outbound=127.0.0.2:0",
+            &format!("--inbound={inbound}"),
+            "--admin=off",
+            "--catalog=embedded",
+            &format!("--registry={registry_addr}"),
+            &format!("--data-dir={}", dir.path().join("data").display()),
+        ],
+        &[],
+    );
+    let started = agent.log.wait_for("agent started").await;
+    let outbound = started["outbound"].as_str().unwrap().to_owned();
+    let registry = skyline::registry::client::RegistryClient::new(registry_addr);
+
+    // `skyline register` with an HTTP check (`GET /`: tonic answers any path), once with meta
+    // `protocol = "h2c"` and once without.
+    let port = grpc.port().to_string();
+    for (name, meta) in [("grpc-echo", Some("protocol=h2c")), ("grpc-plain", None)] {
+        let mut register = std::process::Command::new(env!("CARGO_BIN_EXE_skyline"));
+        register.args(["register", "--registry", &registry_addr.to_string()]);
+        register.args(["--name", name, "--address", "127.0.0.3", "--port", &port]);
+        register.args(["--node", "a", "--node-address", "127.0.0.2"]);
+        register.args(["--inbound-port", &inbound.port().to_string()]);
+        register.args(["--http", "/", "--interval", "200ms", "--timeout", "2s"]);
+        if let Some(meta) = meta {
+            register.args(["--meta", meta]);
+        }
+        let out = register.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let output = check_becomes(&registry, "grpc-echo", "passing").await;
+    assert!(output.contains("(h2c): 200"), "checked over h2c: {output}");
+    let output = check_becomes(&registry, "grpc-plain", "critical").await;
+    assert!(
+        !output.contains("h2c"),
+        "without the protocol, checked over HTTP/1.1: {output}"
+    );
+
+    // Consul's H2PING check over h2c (`H2PingUseTLS` false), by the Consul API.
+    let service = serde_json::json!({
+        "Name": "grpc-ping",
+        "Address": "127.0.0.3",
+        "Port": grpc.port(),
+        "Meta": { "protocol": "h2c" },
+        "Check": {
+            "H2PING": format!("127.0.0.3:{port}"),
+            "H2PingUseTLS": false,
+            "Interval": "200ms",
+        },
+    });
+    registry
+        .put_json("/v1/agent/service/register", &service)
+        .await
+        .unwrap();
+    let output = check_becomes(&registry, "grpc-ping", "passing").await;
+    assert!(output.contains("HTTP2 ping was successful"), "{output}");
+    // Consul's default for H2PING is TLS, which this registry does not do: refused, with why.
+    let over_tls = serde_json::json!({
+        "Name": "grpc-tls",
+        "Port": grpc.port(),
+        "Check": { "H2PING": format!("127.0.0.3:{port}"), "Interval": "1s" },
+    });
+    let refused = registry
+        .put_json("/v1/agent/service/register", &over_tls)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("H2PingUseTLS"), "{refused}");
+    // An H2PING to a server that does not speak HTTP/2 fails.
+    let web = TestApp::spawn("web", ip("127.0.0.3"));
+    let http1 = serde_json::json!({
+        "Name": "web",
+        "Port": web.addr.port(),
+        "Check": {
+            "H2PING": web.addr.to_string(),
+            "H2PingUseTLS": false,
+            "Interval": "200ms",
+        },
+    });
+    registry
+        .put_json("/v1/agent/service/register", &http1)
+        .await
+        .unwrap();
+    check_becomes(&registry, "web", "critical").await;
+
+    // The passing instances are routed, over h2c; the critical one is not.
+    for service in ["grpc-echo", "grpc-ping"] {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let origin = format!("http://{outbound}/service/{service}")
+            .parse()
+            .unwrap();
+        let mut client = EchoClient::with_origin(channel, origin);
+        let mut reply = Err(Status::unknown("never called"));
+        for _ in 0..400 {
+            reply = client.unary(request(service)).await;
+            if reply.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let reply = reply.unwrap_or_else(|e| panic!("{service} is not routed: {e:?}"));
+        assert_eq!(reply.into_inner().message, service);
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let origin = format!("http://{outbound}/service/grpc-plain")
+        .parse()
+        .unwrap();
+    let status = EchoClient::with_origin(channel, origin)
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    agent.sigterm();
+    agent.exited_cleanly().await;
+    stop.cancel();
+    web.stop().await;
+}

@@ -128,7 +128,16 @@ fn checked(node: &NodeEntry, declared: Vec<Declared>, previous: Vec<Checked>) ->
                         interval,
                         timeout,
                     } => (
-                        Target::Http(format!("http://{addr}{path}")),
+                        // An instance that speaks only h2c is checked over h2c.
+                        match crate::routing::declared_protocol(
+                            d.meta.get("protocol").map(String::as_str),
+                            d.tags.iter().map(String::as_str),
+                        ) {
+                            crate::routing::Protocol::H2c => {
+                                Target::H2c(format!("http://{addr}{path}"))
+                            }
+                            _ => Target::Http(format!("http://{addr}{path}")),
+                        },
                         *interval,
                         *timeout,
                     ),
