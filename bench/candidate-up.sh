@@ -5,6 +5,8 @@
 #   inbound agent  (node "server"): 127.0.0.1:$BENCH_IN_PORT,  outbound off → $BENCH_BACKEND
 # SKYLINE_BENCH_TLS=strict (or permissive) runs the hop between them over mesh mTLS: a CA and
 # the two nodes' certificates are made in $BENCH_DIR first (docs/security.md).
+# SKYLINE_BENCH_PROTOCOL=h2c registers the backend with meta `protocol = "h2c"` (an HTTP/2-only
+# backend, as a gRPC server: bench/grpc.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="${SKYLINE_BIN:-$root/target/release/skyline}"
@@ -23,6 +25,9 @@ node = "server"
 address = "${BENCH_BACKEND%:*}"
 port = ${BENCH_BACKEND##*:}
 CATALOG
+if [ -n "${SKYLINE_BENCH_PROTOCOL:-}" ]; then
+  printf 'meta = { protocol = "%s" }\n' "$SKYLINE_BENCH_PROTOCOL" >>"$BENCH_DIR/catalog.toml"
+fi
 
 tls_config() { :; }
 if [ -n "${SKYLINE_BENCH_TLS:-}" ]; then

@@ -266,11 +266,19 @@ impl Table {
 /// HTTP/1.1 caller's too; anything else (no `protocol`, `protocol = "http1"`) is HTTP/1.1, which
 /// every request reaches over HTTP/1.1, an HTTP/2 caller's too.
 pub fn protocol_of(instance: &Instance) -> Protocol {
-    let h2c = instance
-        .meta
-        .get("protocol")
-        .is_some_and(|p| p.eq_ignore_ascii_case("h2c"))
-        || instance.tags.iter().any(|t| t == "h2c");
+    declared_protocol(
+        instance.meta.get("protocol").map(|p| &**p),
+        instance.tags.iter().map(|t| &**t),
+    )
+}
+
+/// [`protocol_of`] from an instance's meta `protocol` and its tags (the registry's checks use it
+/// on what was registered).
+pub fn declared_protocol<'a>(
+    protocol: Option<&str>,
+    mut tags: impl Iterator<Item = &'a str>,
+) -> Protocol {
+    let h2c = protocol.is_some_and(|p| p.eq_ignore_ascii_case("h2c")) || tags.any(|t| t == "h2c");
     if h2c { Protocol::H2c } else { Protocol::Http1 }
 }
 

@@ -13,7 +13,8 @@
 //! - every read blocks on its own result's index (never woken by unrelated writes), including
 //!   the agent endpoints, which Consul blocks by content hash; node and state reads block on the
 //!   catalog's index, as Consul's do on their tables';
-//! - checks other than TTL, HTTP and TCP (script, gRPC, UDP, H2PING, alias, OS service, Docker)
+//! - checks other than TTL, HTTP, TCP and H2PING over h2c (script, gRPC, UDP, H2PING over TLS,
+//!   alias, OS service, Docker)
 //!   are refused with 400 rather than stored and never run;
 //! - one datacenter (`dc1`); every node's coordinate is the origin; `/v1/agent/members` lists
 //!   the registry's own node; user events are received by that node only;
@@ -696,8 +697,6 @@ struct UnsupportedKinds {
     grpc: Option<String>,
     #[serde(rename = "UDP")]
     udp: Option<String>,
-    #[serde(rename = "H2PING")]
-    h2ping: Option<String>,
     alias_node: Option<String>,
     alias_service: Option<String>,
     #[serde(rename = "OSService")]
@@ -716,7 +715,6 @@ impl UnsupportedKinds {
         [
             (set(&self.grpc), "GRPC"),
             (set(&self.udp), "UDP"),
-            (set(&self.h2ping), "H2PING"),
             (set(&self.alias_node), "AliasNode"),
             (set(&self.alias_service), "AliasService"),
             (set(&self.os_service), "OSService"),
@@ -743,6 +741,10 @@ struct CheckIn {
     http: Option<String>,
     #[serde(rename = "TCP")]
     tcp: Option<String>,
+    #[serde(rename = "H2PING")]
+    h2ping: Option<String>,
+    #[serde(rename = "H2PingUseTLS")]
+    h2ping_use_tls: Option<bool>,
     #[serde(default)]
     interval: GoDuration,
     #[serde(default)]
@@ -768,6 +770,10 @@ struct DefinitionIn {
     http: Option<String>,
     #[serde(rename = "TCP")]
     tcp: Option<String>,
+    #[serde(rename = "H2PING")]
+    h2ping: Option<String>,
+    #[serde(rename = "H2PingUseTLS")]
+    h2ping_use_tls: Option<bool>,
     #[serde(default)]
     interval: GoDuration,
     #[serde(default)]
@@ -946,14 +952,15 @@ fn check_def(
     };
     if let Some(kind) = unsupported {
         return Err(ApiError::bad_request(format!(
-            "{kind} checks are not supported by this registry: give one of TTL, HTTP or TCP"
+            "{kind} checks are not supported by this registry: give one of TTL, HTTP, TCP or H2PING"
         )));
     }
-    let (ttl, http, tcp, interval, timeout, dereg) = if agent {
+    let (ttl, http, tcp, (h2ping, h2ping_use_tls), interval, timeout, dereg) = if agent {
         (
             c.ttl,
             c.http,
             c.tcp,
+            (c.h2ping, c.h2ping_use_tls),
             c.interval,
             c.timeout,
             c.deregister_critical_service_after,
@@ -964,6 +971,7 @@ fn check_def(
             d.ttl,
             d.http,
             d.tcp,
+            (d.h2ping, d.h2ping_use_tls),
             d.interval,
             d.timeout,
             d.deregister_critical_service_after,
@@ -971,21 +979,31 @@ fn check_def(
     };
     let http = http.filter(|s| !s.is_empty());
     let tcp = tcp.filter(|s| !s.is_empty());
-    let kinds =
-        usize::from(ttl.0.is_some()) + usize::from(http.is_some()) + usize::from(tcp.is_some());
+    let h2ping = h2ping.filter(|s| !s.is_empty());
+    let kinds = usize::from(ttl.0.is_some())
+        + usize::from(http.is_some())
+        + usize::from(tcp.is_some())
+        + usize::from(h2ping.is_some());
     if kinds > 1 {
         return Err(ApiError::bad_request(
-            "Only one of TTL, HTTP or TCP may be given for a check",
+            "Only one of TTL, HTTP, TCP or H2PING may be given for a check",
         ));
     }
     if agent && kinds == 0 {
         return Err(ApiError::bad_request(
-            "Check is missing a type: give one of TTL, HTTP or TCP",
+            "Check is missing a type: give one of TTL, HTTP, TCP or H2PING",
         ));
     }
-    if (http.is_some() || tcp.is_some()) && interval.0.is_none() {
+    if (http.is_some() || tcp.is_some() || h2ping.is_some()) && interval.0.is_none() {
         return Err(ApiError::bad_request(
-            "Interval must be > 0 for HTTP and TCP checks",
+            "Interval must be > 0 for HTTP, TCP and H2PING checks",
+        ));
+    }
+    // Consul's default for an H2PING check is TLS; this registry pings over h2c only.
+    if h2ping.is_some() && h2ping_use_tls != Some(false) {
+        return Err(ApiError::bad_request(
+            "H2PING checks over TLS are not supported by this registry: \
+             set H2PingUseTLS to false to ping over h2c (HTTP/2 with prior knowledge)",
         ));
     }
     if let Some(url) = &http {
@@ -999,13 +1017,14 @@ fn check_def(
             )));
         }
     }
-    if let Some(addr) = &tcp {
+    for addr in tcp.iter().chain(&h2ping) {
         let ok = addr
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if !ok {
             return Err(ApiError::bad_request(format!(
-                "Invalid TCP check address {addr:?}: expected host:port"
+                "Invalid {} check address {addr:?}: expected host:port",
+                if tcp.is_some() { "TCP" } else { "H2PING" }
             )));
         }
     }
@@ -1033,6 +1052,7 @@ fn check_def(
             ttl: ttl.0,
             http,
             tcp,
+            h2ping,
             interval: interval.0,
             timeout: timeout.0,
             deregister_critical_after: dereg.0,
@@ -1412,6 +1432,8 @@ fn check_json(node: &NodeEntry, check: &CheckEntry) -> Value {
         "Definition": {
             "HTTP": d.http.clone().unwrap_or_default(),
             "TCP": d.tcp.clone().unwrap_or_default(),
+            "H2PING": d.h2ping.clone().unwrap_or_default(),
+            "H2PingUseTLS": false,
             "TTL": fmt_dur(d.ttl),
             "Interval": fmt_dur(d.interval),
             "Timeout": fmt_dur(d.timeout),

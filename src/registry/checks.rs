@@ -1,5 +1,10 @@
-//! Health checks the registry runs itself: TTL deadlines, HTTP and TCP probes, and
+//! Health checks the registry runs itself: TTL deadlines, HTTP, TCP and H2PING probes, and
 //! `DeregisterCriticalServiceAfter`.
+//!
+//! An HTTP check of an instance registered as speaking only h2c (meta `protocol = "h2c"` or tag
+//! `h2c`, as the proxies read it: `routing::protocol_of`) is sent over HTTP/2 with prior
+//! knowledge: a gRPC server answers nothing else. Consul's `H2PING` (with `H2PingUseTLS` false)
+//! sends an HTTP/2 PING over h2c and passes when its answer comes.
 //!
 //! This is runtime state only (deadlines, next probe times); statuses live in the store and only
 //! their *changes* are written. After a restart every TTL deadline starts again from "now" (a
@@ -16,8 +21,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::store::{CheckKey, Op, State};
+use super::store::{CheckDefinition, CheckKey, Op, ServiceEntry, State};
 use crate::catalog::Health;
+use crate::routing::{Protocol, declared_protocol};
 
 /// The probe timeout when a check gives none (Consul's default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,12 +52,39 @@ struct Probe {
     in_flight: bool,
 }
 
-/// What a probe checks: `GET` of an URL (2xx passing, 429 warning, else critical) or a TCP
-/// connect (passing if it connects).
+/// What a probe checks: `GET` of an URL (2xx passing, 429 warning, else critical) over HTTP/1.1
+/// or over h2c (HTTP/2 with prior knowledge), an HTTP/2 PING over h2c to `host:port` (passing if
+/// answered), or a TCP connect (passing if it connects).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     Http(String),
+    H2c(String),
+    H2Ping(String),
     Tcp(String),
+}
+
+impl Target {
+    /// What the registry runs for `def`, a check of `service` (`None` for a node check): its
+    /// HTTP check over h2c when the service was registered as speaking only h2c.
+    pub fn of(def: &CheckDefinition, service: Option<&ServiceEntry>) -> Option<Target> {
+        if let Some(addr) = &def.h2ping {
+            return Some(Target::H2Ping(addr.clone()));
+        }
+        if let Some(url) = &def.http {
+            let h2c = service.is_some_and(|s| {
+                declared_protocol(
+                    s.meta.get("protocol").map(String::as_str),
+                    s.tags.iter().map(String::as_str),
+                ) == Protocol::H2c
+            });
+            return Some(if h2c {
+                Target::H2c(url.clone())
+            } else {
+                Target::Http(url.clone())
+            });
+        }
+        def.tcp.clone().map(Target::Tcp)
+    }
 }
 
 #[derive(Debug)]
@@ -80,7 +113,7 @@ pub struct Checks {
     entries: HashMap<CheckKey, Runtime>,
     generation: u64,
     results: mpsc::UnboundedSender<ProbeResult>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Prober,
 }
 
 impl std::fmt::Debug for Checks {
@@ -130,21 +163,22 @@ impl Checks {
                 continue;
             };
             let def = &check.definition;
+            let service = state
+                .nodes
+                .get(&key.0)
+                .and_then(|n| n.services.get(&check.service_id));
+            let target = Target::of(def, service.map(|s| &**s));
             let same_definition = self
                 .entries
                 .get(key)
                 .is_some_and(|rt| match (&rt.kind, def) {
                     (Kind::Ttl { ttl, .. }, d) => d.ttl == Some(*ttl),
                     (Kind::Probe(p), d) => {
-                        let target_same = match &p.target {
-                            Target::Http(u) => d.http.as_deref() == Some(u.as_str()),
-                            Target::Tcp(a) => d.tcp.as_deref() == Some(a.as_str()),
-                        };
-                        target_same
+                        target.as_ref() == Some(&p.target)
                             && d.interval == Some(p.interval)
                             && d.timeout.unwrap_or(DEFAULT_TIMEOUT) == p.timeout
                     }
-                    (Kind::Passive, d) => d.ttl.is_none() && d.http.is_none() && d.tcp.is_none(),
+                    (Kind::Passive, d) => d.ttl.is_none() && target.is_none(),
                 });
             if let (true, Some(rt)) = (same_definition, self.entries.get_mut(key)) {
                 rt.deregister_after = def.deregister_critical_after;
@@ -158,13 +192,7 @@ impl Checks {
                     ttl,
                     deadline: now + ttl,
                 }
-            } else if let (Some(target), Some(interval)) = (
-                def.http
-                    .clone()
-                    .map(Target::Http)
-                    .or_else(|| def.tcp.clone().map(Target::Tcp)),
-                def.interval,
-            ) {
+            } else if let (Some(target), Some(interval)) = (target, def.interval) {
                 Kind::Probe(Probe {
                     target,
                     interval,
@@ -323,8 +351,12 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-/// The HTTP client probes use: no connection kept between probes.
-pub fn probe_client() -> Client<HttpConnector, Empty<Bytes>> {
+/// The HTTP/1.1 client probes use (no connection kept between probes); h2c probes open a
+/// connection of their own each.
+pub type Prober = Client<HttpConnector, Empty<Bytes>>;
+
+/// The client of [`probe_once`].
+pub fn probe_client() -> Prober {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(DEFAULT_TIMEOUT));
     Client::builder(TokioExecutor::new())
@@ -333,11 +365,7 @@ pub fn probe_client() -> Client<HttpConnector, Empty<Bytes>> {
 }
 
 /// Probes `target` once, within `timeout`: its health and a line saying why (Consul's output).
-pub async fn probe_once(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    target: &Target,
-    timeout: Duration,
-) -> (Health, String) {
+pub async fn probe_once(client: &Prober, target: &Target, timeout: Duration) -> (Health, String) {
     match tokio::time::timeout(timeout, probe(client, target)).await {
         Ok(r) => r,
         Err(_) => (
@@ -348,7 +376,7 @@ pub async fn probe_once(
 }
 
 fn spawn_probe(
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Prober,
     target: Target,
     timeout: Duration,
     mut result: ProbeResult,
@@ -365,13 +393,40 @@ fn spawn_probe(
 fn describe(target: &Target) -> String {
     match target {
         Target::Http(url) => format!("HTTP GET {url}"),
+        Target::H2c(url) => format!("HTTP GET {url} (h2c)"),
+        Target::H2Ping(addr) => format!("H2PING {addr} (h2c)"),
         Target::Tcp(addr) => format!("TCP connect {addr}"),
     }
 }
 
-async fn probe(client: &Client<HttpConnector, Empty<Bytes>>, target: &Target) -> (Health, String) {
+/// The health an HTTP check's answer gives: 2xx passing, 429 warning, anything else critical.
+fn health_of(status: http::StatusCode) -> Health {
+    if status.is_success() {
+        Health::Passing
+    } else if status == http::StatusCode::TOO_MANY_REQUESTS {
+        Health::Warning
+    } else {
+        Health::Critical
+    }
+}
+
+async fn probe(client: &Prober, target: &Target) -> (Health, String) {
     let what = describe(target);
     match target {
+        Target::H2c(url) => match h2c_get(url).await {
+            Ok(status) => (health_of(status), format!("{what}: {status}")),
+            Err(e) => (Health::Critical, format!("{what}: {e}")),
+        },
+        Target::H2Ping(addr) => match h2c_connect(addr).await {
+            Ok((_send, mut ping)) => match ping.ping(h2::Ping::opaque()).await {
+                Ok(_) => (
+                    Health::Passing,
+                    format!("{what}: HTTP2 ping was successful"),
+                ),
+                Err(e) => (Health::Critical, format!("{what}: ping failed: {e}")),
+            },
+            Err(e) => (Health::Critical, format!("{what}: {e}")),
+        },
         Target::Http(url) => {
             let uri: http::Uri = match url.parse() {
                 Ok(u) => u,
@@ -387,14 +442,7 @@ async fn probe(client: &Client<HttpConnector, Empty<Bytes>>, target: &Target) ->
             match client.request(req).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    let health = if status.is_success() {
-                        Health::Passing
-                    } else if status == http::StatusCode::TOO_MANY_REQUESTS {
-                        Health::Warning
-                    } else {
-                        Health::Critical
-                    };
-                    (health, format!("{what}: {status}"))
+                    (health_of(status), format!("{what}: {status}"))
                 }
                 Err(e) => (Health::Critical, format!("{what}: {e}")),
             }
@@ -404,6 +452,47 @@ async fn probe(client: &Client<HttpConnector, Empty<Bytes>>, target: &Target) ->
             Err(e) => (Health::Critical, format!("{what}: {e}")),
         },
     }
+}
+
+/// A fresh h2c connection (HTTP/2 with prior knowledge) to `addr` (`host:port`), driven in a
+/// task of its own until its handles are dropped (bounded: a peer that never lets it close is
+/// dropped after [`DEFAULT_TIMEOUT`]). Callers bound the whole probe by its timeout.
+async fn h2c_connect(addr: &str) -> Result<(h2::client::SendRequest<Bytes>, h2::PingPong), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (send, mut conn) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let ping = conn
+        .ping_pong()
+        .ok_or_else(|| "HTTP/2 PING not available".to_owned())?;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DEFAULT_TIMEOUT, conn).await;
+    });
+    Ok((send, ping))
+}
+
+/// `GET url` over a fresh h2c connection: the answer's status.
+async fn h2c_get(url: &str) -> Result<http::StatusCode, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| "no host in the URL".to_owned())?;
+    let addr = match authority.port_u16() {
+        Some(_) => authority.as_str().to_owned(),
+        None => format!("{}:80", authority.host()),
+    };
+    let (send, _ping) = h2c_connect(&addr).await?;
+    let mut send = send.ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::get(uri)
+        .header(http::header::USER_AGENT, "Consul Health Check")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let (response, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    Ok(response.status())
 }
 
 #[cfg(test)]
@@ -445,6 +534,92 @@ mod tests {
 
     fn checks() -> Checks {
         Checks::new(mpsc::unbounded_channel().0)
+    }
+
+    /// A server that speaks only HTTP/2 (h2c with prior knowledge) and answers `status`.
+    async fn h2_only(status: u16) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    let mut response = http::Response::new(http_body_util::Empty::<Bytes>::new());
+                    *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_http_check_of_an_h2c_only_server_passes_over_h2c_and_fails_over_http1() {
+        let client = probe_client();
+        let timeout = Duration::from_secs(5);
+        let ok = h2_only(200).await;
+        let url = format!("http://{ok}/health");
+        let (health, output) = probe_once(&client, &Target::H2c(url.clone()), timeout).await;
+        assert_eq!(health, Health::Passing, "{output}");
+        assert_eq!(output, format!("HTTP GET {url} (h2c): 200 OK"));
+        let (health, _) = probe_once(&client, &Target::Http(url), timeout).await;
+        assert_eq!(
+            health,
+            Health::Critical,
+            "HTTP/1.1 to an HTTP/2-only server"
+        );
+        let busy = h2_only(429).await;
+        let (health, _) =
+            probe_once(&client, &Target::H2c(format!("http://{busy}/")), timeout).await;
+        assert_eq!(health, Health::Warning);
+
+        let (health, output) = probe_once(&client, &Target::H2Ping(ok.to_string()), timeout).await;
+        assert_eq!(health, Health::Passing, "{output}");
+        // Nothing listening: critical, quickly.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (health, _) = probe_once(&client, &Target::H2Ping(closed.to_string()), timeout).await;
+        assert_eq!(health, Health::Critical);
+    }
+
+    #[test]
+    fn an_http_check_is_run_over_h2c_for_a_service_registered_as_h2c() {
+        let def = CheckDefinition {
+            http: Some("http://127.0.0.1:1/".into()),
+            interval: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let service = |meta: &[(&str, &str)], tags: &[&str]| ServiceEntry {
+            id: "s".into(),
+            name: "s".into(),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            address: String::new(),
+            port: 1,
+            meta: meta
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            weights: Default::default(),
+            create_index: 1,
+            modify_index: 1,
+        };
+        let h2c = Some(Target::H2c("http://127.0.0.1:1/".into()));
+        let http1 = Some(Target::Http("http://127.0.0.1:1/".into()));
+        assert_eq!(
+            Target::of(&def, Some(&service(&[("protocol", "h2c")], &[]))),
+            h2c
+        );
+        assert_eq!(Target::of(&def, Some(&service(&[], &["h2c"]))), h2c);
+        assert_eq!(
+            Target::of(&def, Some(&service(&[("protocol", "http1")], &[]))),
+            http1
+        );
+        assert_eq!(Target::of(&def, None), http1);
     }
 
     #[tokio::test(start_paused = true)]

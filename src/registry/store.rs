@@ -217,6 +217,9 @@ pub struct CheckDefinition {
     pub ttl: Option<Duration>,
     pub http: Option<String>,
     pub tcp: Option<String>,
+    /// Consul's `H2PING` (`host:port`), over h2c: `H2PingUseTLS` false is the only kind taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2ping: Option<String>,
     pub interval: Option<Duration>,
     pub timeout: Option<Duration>,
     pub deregister_critical_after: Option<Duration>,
@@ -231,6 +234,8 @@ impl CheckDefinition {
             "http"
         } else if self.tcp.is_some() {
             "tcp"
+        } else if self.h2ping.is_some() {
+            "h2ping"
         } else {
             ""
         }

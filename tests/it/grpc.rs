@@ -132,6 +132,225 @@ impl Echo for EchoService {
     }
 }
 
+// === The recording gRPC server: how each call ended, as the server saw it ===
+
+/// What the recording server saw: one line per call that ended without its answer going out
+/// (the client cancelled), and how many calls are still running in it.
+struct Recorded {
+    events: tokio::sync::mpsc::UnboundedReceiver<String>,
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Recorded {
+    /// Waits (bounded: 10 s) for an event that contains `what`; the time it took.
+    async fn wait_for(&mut self, what: &str) -> Duration {
+        let started = std::time::Instant::now();
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(event) = self.events.recv().await {
+                if event.contains(what) {
+                    return;
+                }
+            }
+            panic!("the recording server stopped");
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "the server never saw {what:?} within 10 s: the cancellation did not reach it"
+        );
+        started.elapsed()
+    }
+
+    /// Waits (bounded: 10 s) until no call runs in the server.
+    async fn wait_idle(&self) {
+        for _ in 0..1000 {
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{} calls still run in the server",
+            self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
+}
+
+/// Counts a call in flight until dropped; then records `event` unless disarmed (the answer
+/// went out).
+struct CallGuard {
+    event: Option<String>,
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CallGuard {
+    fn new(recorder: &Recorder, event: String) -> Self {
+        recorder
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self {
+            event: Some(event),
+            events: recorder.events.clone(),
+            in_flight: recorder.in_flight.clone(),
+        }
+    }
+
+    fn answered(mut self) {
+        self.event = None;
+    }
+
+    fn record(&mut self, event: String) {
+        self.event = Some(event);
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if let Some(event) = self.event.take() {
+            let _ = self.events.send(event);
+        }
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The test service, with calls that last until the client goes away: `ServerStream` sends a
+/// reply every `delay_ms` until its stream is dropped; `Bidi` echoes each request and, once the
+/// requests end, sends a reply every 10 ms until its stream is dropped; `Unary` waits
+/// `delay_ms` before answering.
+struct Recorder {
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl Echo for Recorder {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, Status> {
+        let req = request.into_inner();
+        let guard = CallGuard::new(self, format!("unary {}: dropped unanswered", req.message));
+        tokio::time::sleep(Duration::from_millis(req.delay_ms.into())).await;
+        guard.answered();
+        Ok(tonic::Response::new(EchoReply {
+            message: req.message,
+            payload: Vec::new(),
+            index: 0,
+        }))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, Status> {
+        let req = request.into_inner();
+        let mut guard = CallGuard::new(self, format!("server_stream {}: ended", req.message));
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            for index in 0.. {
+                let reply = EchoReply {
+                    message: format!("{} #{index}", req.message),
+                    payload: Vec::new(),
+                    index,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    guard.record(format!(
+                        "server_stream {}: the client went away after {index} replies",
+                        req.message
+                    ));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(req.delay_ms.into())).await;
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn client_stream(
+        &self,
+        _: tonic::Request<Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<EchoReply>, Status> {
+        Err(Status::unimplemented("not recorded"))
+    }
+
+    type BidiStream = ReplyStream;
+
+    async fn bidi(
+        &self,
+        request: tonic::Request<Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<ReplyStream>, Status> {
+        let mut requests = request.into_inner();
+        let mut guard = CallGuard::new(self, "bidi: ended".to_owned());
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut requests_end = None;
+            for index in 0.. {
+                let message = match requests_end {
+                    None => match requests.next().await {
+                        Some(Ok(req)) => format!("echo {}", req.message),
+                        Some(Err(status)) => {
+                            requests_end = Some(format!("failed ({:?})", status.code()));
+                            continue;
+                        }
+                        None => {
+                            requests_end = Some("ended".to_owned());
+                            continue;
+                        }
+                    },
+                    Some(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        "tick".to_owned()
+                    }
+                };
+                let reply = EchoReply {
+                    message,
+                    payload: Vec::new(),
+                    index,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    let requests = requests_end.as_deref().unwrap_or("still open");
+                    guard.record(format!("bidi: the client went away (requests {requests})"));
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The recording server on `ip`, until the token is cancelled.
+async fn recording_server(ip: &str, stop: CancellationToken) -> (SocketAddr, Recorded) {
+    let listener = tokio::net::TcpListener::bind((self::ip(ip), 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+    let in_flight = std::sync::Arc::default();
+    let recorder = Recorder {
+        events,
+        in_flight: std::sync::Arc::clone(&in_flight),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(recorder))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.cancelled_owned(),
+            ),
+    );
+    (
+        addr,
+        Recorded {
+            events: rx,
+            in_flight,
+        },
+    )
+}
+
 /// The tonic server on `ip`, until the token is cancelled.
 pub(crate) async fn grpc_server(ip: &str, stop: CancellationToken) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind((self::ip(ip), 0))
@@ -212,13 +431,15 @@ async fn h2_only_server(ip: &str, stop: CancellationToken) -> SocketAddr {
 // === The mesh: two agent processes ===
 
 /// Agents for node a (127.0.0.2) and b (127.0.0.3) as `skyline agent` processes sharing a
-/// catalog file, with on b: `grpc-echo` (tonic, h2c), `h2web` (HTTP/2 only, h2c), `web` (an
-/// HTTP/1.1 TestApp) and `grpc-down` (h2c, nothing listening).
+/// catalog file, with on b: `grpc-echo` (tonic, h2c), `grpc-rec` (the recording tonic server,
+/// h2c), `h2web` (HTTP/2 only, h2c), `web` (an HTTP/1.1 TestApp) and `grpc-down` (h2c, nothing
+/// listening).
 struct GrpcMesh {
     _dir: tempfile::TempDir,
     agents: Vec<Skyline>,
     outbound_a: String,
     web: TestApp,
+    recorded: Recorded,
     stop: CancellationToken,
 }
 
@@ -231,6 +452,7 @@ impl GrpcMesh {
     async fn start_with(catch_all: Option<&str>) -> Self {
         let stop = CancellationToken::new();
         let grpc = grpc_server("127.0.0.3", stop.clone()).await;
+        let (rec, recorded) = recording_server("127.0.0.3", stop.clone()).await;
         let h2web = h2_only_server("127.0.0.3", stop.clone()).await;
         let web = TestApp::spawn("web@b", ip("127.0.0.3"));
         // A port that refuses connections: bound, then closed.
@@ -249,10 +471,13 @@ impl GrpcMesh {
                  [[service]]\nname = \"h2web\"\nnode = \"b\"\nport = {}\ntags = [\"h2c\"]\n\n\
                  [[service]]\nname = \"grpc-down\"\nnode = \"b\"\nport = {}\n\
                  meta = {{ protocol = \"h2c\" }}\n\n\
+                 [[service]]\nname = \"grpc-rec\"\nnode = \"b\"\nport = {}\n\
+                 meta = {{ protocol = \"h2c\" }}\n\n\
                  [[service]]\nname = \"web\"\nnode = \"b\"\nport = {}\n",
                 grpc.port(),
                 h2web.port(),
                 down.port(),
+                rec.port(),
                 web.addr.port()
             )
         };
@@ -299,6 +524,7 @@ impl GrpcMesh {
             agents,
             outbound_a,
             web,
+            recorded,
             stop,
         };
         // Bounded: the agents poll the catalog file every 50 ms.
@@ -772,6 +998,8 @@ struct ClusterGrpc {
     processes: Vec<Skyline>,
     outbound: String,
     web: TestApp,
+    /// `grpc-rec` (the recording tonic server, no protocol configured).
+    recorded: Recorded,
     stop: CancellationToken,
 }
 
@@ -779,6 +1007,7 @@ impl ClusterGrpc {
     async fn start() -> Self {
         let stop = CancellationToken::new();
         let grpc = grpc_server("127.0.0.5", stop.clone()).await;
+        let (rec, recorded) = recording_server("127.0.0.5", stop.clone()).await;
         let h2web = h2_only_server("127.0.0.5", stop.clone()).await;
         let web = TestApp::spawn("web@k8s", ip("127.0.0.5"));
         // A port that refuses connections: bound, then closed.
@@ -791,6 +1020,7 @@ impl ClusterGrpc {
             ("h2web.default.svc.cluster.local", "127.0.0.5"),
             ("web.default.svc.cluster.local", "127.0.0.5"),
             ("grpc-down.default.svc.cluster.local", "127.0.0.5"),
+            ("grpc-rec.default.svc.cluster.local", "127.0.0.5"),
         ])
         .await;
         let dir = tempfile::tempdir().unwrap();
@@ -799,11 +1029,13 @@ impl ClusterGrpc {
             &bridge_file,
             format!(
                 "[bridge]\nport = {}\n\n[services.h2web]\nport = {}\nprotocol = \"h2c\"\n\n\
-                 [services.web]\nport = {}\n\n[services.grpc-down]\nport = {}\n",
+                 [services.web]\nport = {}\n\n[services.grpc-down]\nport = {}\n\n\
+                 [services.grpc-rec]\nport = {}\n",
                 grpc.port(),
                 h2web.port(),
                 web.addr.port(),
-                down.port()
+                down.port(),
+                rec.port()
             ),
         )
         .unwrap();
@@ -874,6 +1106,7 @@ impl ClusterGrpc {
             processes: vec![agent, gateway, bridge],
             outbound,
             web,
+            recorded,
             stop,
         };
         // Bounded: until the whole path answers.
@@ -1199,4 +1432,276 @@ async fn the_server_gets_the_time_left_of_the_request_deadline_as_its_grpc_timeo
         "through gateway and bridge: {answer}"
     );
     path.stop().await;
+}
+
+// === Cancellations ===
+
+/// A client (one HTTP/2 connection) cancels a server-streaming call, a bidi call and a unary
+/// call mid-way; each time the server sees its call end within a bounded time (its reply stream
+/// dropped, its handler dropped unanswered), no call is left running in it, and the next call on
+/// the same connection is answered.
+async fn cancelled_calls_end_at_the_server(
+    mut client: EchoClient<tonic::transport::Channel>,
+    recorded: &mut Recorded,
+) {
+    // Server streaming: endless replies, every 10 ms; three read, then the stream dropped.
+    let call = EchoRequest {
+        delay_ms: 10,
+        ..request("ticks")
+    };
+    let mut stream = client.server_stream(call).await.unwrap().into_inner();
+    for i in 0..3 {
+        let reply = stream.message().await.unwrap().unwrap();
+        assert_eq!(reply.message, format!("ticks #{i}"));
+    }
+    drop(stream);
+    let took = recorded
+        .wait_for("server_stream ticks: the client went away")
+        .await;
+    eprintln!("server streaming: the server saw the cancellation after {took:?}");
+    let reply = client.unary(request("after the stream")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "after the stream");
+
+    // Bidi: two requests echoed, then the call dropped with its request stream still open.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client
+        .bidi(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..2 {
+        tx.send(request(&format!("ping {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .expect("an echo")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.message, format!("echo ping {i}"));
+    }
+    drop(replies);
+    drop(tx);
+    let took = recorded.wait_for("bidi: the client went away").await;
+    eprintln!("bidi: the server saw the cancellation after {took:?}");
+    let reply = client.unary(request("after bidi")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "after bidi");
+
+    // Unary: the server would answer after 30 s; the caller gives up after 300 ms.
+    let slow = EchoRequest {
+        delay_ms: 30_000,
+        ..request("slow")
+    };
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), client.unary(slow)).await;
+    assert!(gave_up.is_err(), "answered before the caller gave up");
+    let took = recorded.wait_for("unary slow: dropped unanswered").await;
+    eprintln!("unary: the server saw the cancellation after {took:?}");
+
+    recorded.wait_idle().await;
+    let reply = client.unary(request("still here")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_streaming_and_unary_calls_end_at_the_server_through_both_hops_and_the_connection_serves_on()
+ {
+    let mut mesh = GrpcMesh::start().await;
+    let client = mesh.client("grpc-rec").await;
+    cancelled_calls_end_at_the_server(client, &mut mesh.recorded).await;
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_streaming_and_unary_calls_end_at_the_server_through_outbound_gateway_and_bridge()
+{
+    let mut path = ClusterGrpc::start().await;
+    let client = path.client("grpc-rec").await;
+    cancelled_calls_end_at_the_server(client, &mut path.recorded).await;
+    path.stop().await;
+}
+
+// === Health checks of h2c-only instances ===
+
+/// The status and output of `service`'s first check in the registry at `registry`, if it has an
+/// instance.
+async fn check_of(
+    registry: &skyline::registry::client::RegistryClient,
+    service: &str,
+) -> Option<(String, String)> {
+    let body = registry
+        .get(&format!("/v1/health/service/{service}"))
+        .await
+        .ok()?;
+    let entries: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let check = entries.get(0)?["Checks"]
+        .as_array()?
+        .iter()
+        .find(|c| c["ServiceName"] == service)?
+        .clone();
+    Some((
+        check["Status"].as_str()?.to_owned(),
+        check["Output"].as_str()?.to_owned(),
+    ))
+}
+
+/// Waits (bounded: 10 s) until `service`'s check is `status` after a probe ran (its output is
+/// set: `skyline register --node` registers the check as passing before any probe); its output.
+async fn check_becomes(
+    registry: &skyline::registry::client::RegistryClient,
+    service: &str,
+    status: &str,
+) -> String {
+    let mut last = None;
+    for _ in 0..500 {
+        last = check_of(registry, service).await;
+        if let Some((now, output)) = &last {
+            if now == status && !output.is_empty() {
+                return output.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{service}'s check never became {status}: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_only_grpc_server_registered_with_an_http_or_h2ping_check_goes_passing_and_is_routed()
+ {
+    let stop = CancellationToken::new();
+    // tonic's server speaks only HTTP/2 (prior knowledge): an HTTP/1.1 check cannot pass.
+    let grpc = grpc_server("127.0.0.3", stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Ports picked ahead: the registry's, and the inbound proxy's, which the node's registration
+    // names (outbound calls reach a node's instances through its inbound proxy).
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (registry_addr, inbound) = (free(), free());
+    let mut agent = Skyline::start(
+        &[
+            "agent",
+            "--node-name=a",
+            "--node-address=127.0.0.2",
+            "--outbound=127.0.0.2:0",
+            &format!("--inbound={inbound}"),
+            "--admin=off",
+            "--catalog=embedded",
+            &format!("--registry={registry_addr}"),
+            &format!("--data-dir={}", dir.path().join("data").display()),
+        ],
+        &[],
+    );
+    let started = agent.log.wait_for("agent started").await;
+    let outbound = started["outbound"].as_str().unwrap().to_owned();
+    let registry = skyline::registry::client::RegistryClient::new(registry_addr);
+
+    // `skyline register` with an HTTP check (`GET /`: tonic answers any path), once with meta
+    // `protocol = "h2c"` and once without.
+    let port = grpc.port().to_string();
+    for (name, meta) in [("grpc-echo", Some("protocol=h2c")), ("grpc-plain", None)] {
+        let mut register = std::process::Command::new(env!("CARGO_BIN_EXE_skyline"));
+        register.args(["register", "--registry", &registry_addr.to_string()]);
+        register.args(["--name", name, "--address", "127.0.0.3", "--port", &port]);
+        register.args(["--node", "a", "--node-address", "127.0.0.2"]);
+        register.args(["--inbound-port", &inbound.port().to_string()]);
+        register.args(["--http", "/", "--interval", "200ms", "--timeout", "2s"]);
+        if let Some(meta) = meta {
+            register.args(["--meta", meta]);
+        }
+        let out = register.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let output = check_becomes(&registry, "grpc-echo", "passing").await;
+    assert!(output.contains("(h2c): 200"), "checked over h2c: {output}");
+    let output = check_becomes(&registry, "grpc-plain", "critical").await;
+    assert!(
+        !output.contains("h2c"),
+        "without the protocol, checked over HTTP/1.1: {output}"
+    );
+
+    // Consul's H2PING check over h2c (`H2PingUseTLS` false), by the Consul API.
+    let service = serde_json::json!({
+        "Name": "grpc-ping",
+        "Address": "127.0.0.3",
+        "Port": grpc.port(),
+        "Meta": { "protocol": "h2c" },
+        "Check": {
+            "H2PING": format!("127.0.0.3:{port}"),
+            "H2PingUseTLS": false,
+            "Interval": "200ms",
+        },
+    });
+    registry
+        .put_json("/v1/agent/service/register", &service)
+        .await
+        .unwrap();
+    let output = check_becomes(&registry, "grpc-ping", "passing").await;
+    assert!(output.contains("HTTP2 ping was successful"), "{output}");
+    // Consul's default for H2PING is TLS, which this registry does not do: refused, with why.
+    let over_tls = serde_json::json!({
+        "Name": "grpc-tls",
+        "Port": grpc.port(),
+        "Check": { "H2PING": format!("127.0.0.3:{port}"), "Interval": "1s" },
+    });
+    let refused = registry
+        .put_json("/v1/agent/service/register", &over_tls)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("H2PingUseTLS"), "{refused}");
+    // An H2PING to a server that does not speak HTTP/2 fails.
+    let web = TestApp::spawn("web", ip("127.0.0.3"));
+    let http1 = serde_json::json!({
+        "Name": "web",
+        "Port": web.addr.port(),
+        "Check": {
+            "H2PING": web.addr.to_string(),
+            "H2PingUseTLS": false,
+            "Interval": "200ms",
+        },
+    });
+    registry
+        .put_json("/v1/agent/service/register", &http1)
+        .await
+        .unwrap();
+    check_becomes(&registry, "web", "critical").await;
+
+    // The passing instances are routed, over h2c; the critical one is not.
+    for service in ["grpc-echo", "grpc-ping"] {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let origin = format!("http://{outbound}/service/{service}")
+            .parse()
+            .unwrap();
+        let mut client = EchoClient::with_origin(channel, origin);
+        let mut reply = Err(Status::unknown("never called"));
+        for _ in 0..400 {
+            reply = client.unary(request(service)).await;
+            if reply.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let reply = reply.unwrap_or_else(|e| panic!("{service} is not routed: {e:?}"));
+        assert_eq!(reply.into_inner().message, service);
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let origin = format!("http://{outbound}/service/grpc-plain")
+        .parse()
+        .unwrap();
+    let status = EchoClient::with_origin(channel, origin)
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    agent.sigterm();
+    agent.exited_cleanly().await;
+    stop.cancel();
+    web.stop().await;
 }

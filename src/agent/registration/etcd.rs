@@ -4,7 +4,8 @@
 //!
 //! Checks: `ttl` is the agent's probe of the instance's port every `ttl / 3` (passing if it
 //! accepts a connection), as with a registry; `http` is a `GET` at its interval, with the
-//! registry's rules (2xx passing, 429 warning, anything else critical).
+//! registry's rules (2xx passing, 429 warning, anything else critical), over h2c for an instance
+//! declared as speaking only h2c (meta `protocol = "h2c"` or tag `h2c`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -128,7 +129,16 @@ fn checked(node: &NodeEntry, declared: Vec<Declared>, previous: Vec<Checked>) ->
                         interval,
                         timeout,
                     } => (
-                        Target::Http(format!("http://{addr}{path}")),
+                        // An instance that speaks only h2c is checked over h2c.
+                        match crate::routing::declared_protocol(
+                            d.meta.get("protocol").map(String::as_str),
+                            d.tags.iter().map(String::as_str),
+                        ) {
+                            crate::routing::Protocol::H2c => {
+                                Target::H2c(format!("http://{addr}{path}"))
+                            }
+                            _ => Target::Http(format!("http://{addr}{path}")),
+                        },
                         *interval,
                         *timeout,
                     ),
@@ -206,5 +216,47 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http_check_of_a_service_declared_as_h2c_is_run_over_h2c() {
+        let node = NodeEntry {
+            name: "n".into(),
+            address: "127.0.0.1".parse().unwrap(),
+            inbound_port: 5041,
+        };
+        let declared = |name: &str, meta: &[(&str, &str)]| Declared {
+            name: crate::catalog::ServiceName::parse(name).unwrap(),
+            id: name.into(),
+            address: None,
+            port: 50051,
+            tags: Vec::new(),
+            meta: meta
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            check: Check::Http {
+                path: "/health".into(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+            },
+            deregister_after: None,
+        };
+        let checks = checked(
+            &node,
+            vec![
+                declared("grpc", &[("protocol", "h2c")]),
+                declared("web", &[]),
+            ],
+            Vec::new(),
+        );
+        let url = "http://127.0.0.1:50051/health".to_owned();
+        assert_eq!(checks[0].target, Target::H2c(url.clone()));
+        assert_eq!(checks[1].target, Target::Http(url));
     }
 }
