@@ -39,21 +39,7 @@ impl Setup {
     /// says, and a gateway following the registry (and its KV).
     async fn start(kubernetes: Behaviour) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let registry = free_addr("127.0.0.1");
-        let data = dir.path().join("registry");
-        let mut registry_process = Skyline::start(
-            &[
-                "registry",
-                "--listen",
-                &registry,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--node-name",
-                "registry",
-            ],
-            &[],
-        );
-        registry_process.log.wait_for("registry started").await;
+        let (registry_process, registry) = Skyline::registry(dir.path()).await;
         let mesos = TestApp::spawn("mesos", ip("127.0.0.1"));
         let k8s = TestApp::spawn_with("kubernetes", ip("127.0.0.1"), kubernetes);
         let body = json!({

@@ -178,21 +178,7 @@ async fn the_gateway_dashboard_renders_tiers_health_traffic_shares_and_the_autop
     // A registry; giphy and tiles on Mesos node m1 (an app standing for its inbound proxy);
     // a Kubernetes tier (an app standing for the bridges); a service whose platform is markup.
     let dir = tempfile::tempdir().unwrap();
-    let registry = free_addr("127.0.0.1");
-    let data_dir = dir.path().join("registry");
-    let mut registry_process = Skyline::start(
-        &[
-            "registry",
-            "--listen",
-            &registry,
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--node-name",
-            "registry",
-        ],
-        &[],
-    );
-    registry_process.log.wait_for("registry started").await;
+    let (_registry_process, registry) = Skyline::registry(dir.path()).await;
     let mesos = TestApp::spawn("mesos", ip("127.0.0.1"));
     let k8s = TestApp::spawn("kubernetes", ip("127.0.0.1"));
     let node = |id: &str, service: &str, platform: &str| {

@@ -49,19 +49,7 @@ async fn prometheus_scrapes_every_roles_metrics_found_through_the_catalog() {
         "{PROMETHEUS} is missing: scripts/install-deps installs Debian's prometheus"
     );
     let dir = tempfile::tempdir().unwrap();
-    let registry = free_addr("127.0.0.1");
-    let data = dir.path().join("registry");
-    let mut registry_process = Skyline::start(
-        &[
-            "registry",
-            "--listen",
-            &registry,
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-    );
-    registry_process.log.wait_for("registry started").await;
+    let (_registry_process, registry) = Skyline::registry(dir.path()).await;
 
     let agent_admin = free_addr("127.0.0.1");
     let _agent = Skyline::start(

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::faults::free_addr;
 use crate::support::*;
 
 const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
@@ -91,19 +90,7 @@ fn signal(process: &Skyline, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_one_frozen_agent_lagging_on_its_old_version_until_it_converges() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = free_addr("127.0.0.1");
-    let data = dir.path().join("registry");
-    let mut registry_process = Skyline::start(
-        &[
-            "registry",
-            "--listen",
-            &registry,
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-    );
-    registry_process.log.wait_for("registry started").await;
+    let (_registry_process, registry) = Skyline::registry(dir.path()).await;
     let agent = |node: &str| {
         Skyline::start(
             &[

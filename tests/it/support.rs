@@ -696,6 +696,21 @@ pub struct Skyline {
 }
 
 impl Skyline {
+    /// Starts `skyline registry` (node name `registry`) on a free loopback port with its data
+    /// in `dir/registry`, and waits until it serves; returns it and its address.
+    pub async fn registry(dir: &std::path::Path) -> (Self, String) {
+        let addr = crate::faults::free_addr("127.0.0.1");
+        let data = dir.join("registry");
+        let args = ["registry", "--listen", &addr, "--data-dir"];
+        let data = data.to_str().unwrap();
+        let mut registry = Self::start(
+            &[&args[..], &[data, "--node-name", "registry"]].concat(),
+            &[],
+        );
+        registry.log.wait_for("registry started").await;
+        (registry, addr)
+    }
+
     /// Starts `skyline <args>` (this build's binary) with JSON logs at level info; with
     /// `sockets`, as systemd would (see [`Skyline::spawn`]).
     pub fn start(args: &[&str], sockets: &[(&str, &std::net::TcpListener)]) -> Self {
