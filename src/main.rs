@@ -160,6 +160,7 @@ fn main() -> ExitCode {
                     settings,
                     agent.policies.clone(),
                     agent.declared.clone(),
+                    agent.authz.clone(),
                     shutdown,
                 );
                 tokio::spawn(reload);

@@ -168,6 +168,7 @@ async fn start(
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        authz: Default::default(),
         services: Vec::new(),
         access: Default::default(),
         tokens: Default::default(),
