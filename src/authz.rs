@@ -563,6 +563,51 @@ mod tests {
     }
 
     #[test]
+    fn an_address_names_the_one_local_service_whose_own_address_it_is() {
+        let text = r#"
+[[node]]
+name = "a"
+address = "10.0.0.1"
+[[service]]
+name = "web"
+node = "a"
+address = "10.0.0.5"
+port = 80
+[[service]]
+name = "web"
+node = "a"
+address = "10.0.0.5"
+port = 81
+[[service]]
+name = "api"
+node = "a"
+address = "10.0.0.6"
+port = 80
+[[service]]
+name = "db"
+node = "a"
+address = "10.0.0.6"
+port = 81
+[[service]]
+name = "cache"
+node = "a"
+port = 82
+"#;
+        let snapshot = crate::catalog::file::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let table = Table::build(&snapshot, "a", crate::routing::Policy::default());
+        let node: IpAddr = "10.0.0.1".parse().unwrap();
+        let at = |ip: &str| caller_by_address(&table, node, ip.parse().unwrap());
+        assert_eq!(
+            at("10.0.0.5").map(|s| s.as_str().to_owned()).as_deref(),
+            Some("web")
+        );
+        // Two services on one address, or the node's own address: nobody in particular.
+        assert_eq!(at("10.0.0.6"), None);
+        assert_eq!(at("10.0.0.1"), None);
+        assert_eq!(at("10.0.0.9"), None);
+    }
+
+    #[test]
     fn tokens_name_their_service_and_forged_assertions_are_not_believed() {
         let c = Compiled {
             callers: vec![Caller {

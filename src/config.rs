@@ -2051,6 +2051,40 @@ mod tests {
     }
 
     #[test]
+    fn authz_rules_and_callers_are_validated_with_key_and_reason() {
+        let (dir, args) = with_file(
+            "[authz]\ndefault = \"deny\"\n[[authz.rule]]\nfrom = \"web\"\nto = \"*\"\naction = \"allow\"\n\
+             [[authz.caller]]\nservice = \"web\"\ntoken_file = \"web.token\"\n",
+        );
+        std::fs::write(dir.path().join("web.token"), "s3cret\n").unwrap();
+        let authz = args.resolve().unwrap().authz;
+        assert_eq!(authz.policy.rules.len(), 1);
+        assert_eq!(authz.callers[0].service.as_str(), "web");
+        assert!(authz.callers[0].token.matches(b"s3cret"));
+
+        for (text, key) in [
+            (
+                "[[authz.rule]]\nfrom = \"Web\"\nto = \"a\"\naction = \"allow\"\n",
+                "authz.rule[0].from",
+            ),
+            (
+                "[[authz.rule]]\nfrom = \"a\"\nto = \"b\"\naction = \"allow\"\npath_prefix = \"//x\"\n",
+                "authz.rule[0].path_prefix",
+            ),
+            ("[authz]\ndefault = \"maybe\"\n", "authz.default"),
+            (
+                "[[authz.caller]]\nservice = \"web\"\ntoken_file = \"missing.token\"\n",
+                "authz.caller[0].token_file",
+            ),
+        ] {
+            let (_d, args) = with_file(text);
+            let e = args.resolve().unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+            assert!(e.file.ends_with("skyline.toml"), "{e}");
+        }
+    }
+
+    #[test]
     fn tls_is_off_by_default_and_its_paths_are_relative_to_the_file() {
         assert_eq!(AgentArgs::default().resolve().unwrap().tls, None);
         let (dir, args) = with_file(

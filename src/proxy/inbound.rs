@@ -88,15 +88,18 @@ impl Proxy for Inbound {
         // From here on the catalog's name for the service: `name` borrows from the request,
         // which the forwarder consumes.
         let name = known.as_str();
-        let authz = self.inner.authz.load();
-        let checked = if authz.open {
-            Ok(Cow::Borrowed(rest))
-        } else {
-            let caller = asserted_caller(
-                trusted,
-                req.headers().get(&X_SKYLINE_CALLER).map(|v| v.as_bytes()),
-            );
-            authz.check(caller, name, req.method().as_str(), rest)
+        // The policies are not held across the forwarding (a guard is a short loan).
+        let checked = {
+            let authz = self.inner.authz.load();
+            if authz.open {
+                Ok(Cow::Borrowed(rest))
+            } else {
+                let caller = asserted_caller(
+                    trusted,
+                    req.headers().get(&X_SKYLINE_CALLER).map(|v| v.as_bytes()),
+                );
+                authz.check(caller, name, req.method().as_str(), rest)
+            }
         };
         let target = checked.and_then(|path| strip_prefix(&path, uri.query()));
         let target = match target {
@@ -149,19 +152,22 @@ impl Proxy for Inbound {
             return Verdict::Decline;
         }
         let name = known.as_str();
-        let authz = self.inner.authz.load();
         // The instance's target is the rest of the client's (a slice of it), or `/` and the
-        // query when the rest is empty; with policies in force, the normalised rest.
-        let normal = if authz.open {
-            None
-        } else {
-            let caller = asserted_caller(conn.mesh_peer.is_some(), head.get(Name::Caller));
-            match authz.check(caller, name, head.method, rest) {
-                Ok(Cow::Owned(normal)) => Some(normal),
-                Ok(Cow::Borrowed(_)) => None,
-                Err(e) => {
-                    note.label = Some(ServiceLabel::known(known.clone()));
-                    return Verdict::Error(e, name.to_owned());
+        // query when the rest is empty; with policies in force, the normalised rest. The
+        // policies are not held across the forwarding (a guard is a short loan).
+        let normal = {
+            let authz = self.inner.authz.load();
+            if authz.open {
+                None
+            } else {
+                let caller = asserted_caller(conn.mesh_peer.is_some(), head.get(Name::Caller));
+                match authz.check(caller, name, head.method, rest) {
+                    Ok(Cow::Owned(normal)) => Some(normal),
+                    Ok(Cow::Borrowed(_)) => None,
+                    Err(e) => {
+                        note.label = Some(ServiceLabel::known(known.clone()));
+                        return Verdict::Error(e, name.to_owned());
+                    }
                 }
             }
         };
