@@ -153,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        authz: Default::default(),
         services: Vec::new(),
         access: skyline::access::Settings::off(),
         tokens: Default::default(),

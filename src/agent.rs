@@ -54,6 +54,8 @@ pub struct Settings {
     pub services: Vec<registration::Declared>,
     /// Mesh TLS on the inbound listener and toward other proxies; `None`: off.
     pub tls: Option<crate::tls::Settings>,
+    /// Authorization policies and callers' credentials (`[authz]`). Reloadable.
+    pub authz: crate::authz::Settings,
     /// The access log (read at start).
     pub access: crate::access::Settings,
     /// Tokens of the admin listener and the registry.
@@ -225,6 +227,8 @@ pub struct AgentHandle {
     pub catalog: Subscriber,
     /// The resilience policies in force; storing new ones applies them to the next requests.
     pub policies: SharedPolicies,
+    /// The authorization policies in force (the file's and the KV's).
+    pub authz: crate::authz::Authz,
     /// What the outbound and inbound listeners record, served at the admin's `/metrics`.
     pub metrics: Arc<Metrics>,
     /// The embedded registry, with `--catalog embedded`.
@@ -485,6 +489,22 @@ pub async fn start(
         tls.clone(),
         shutdown.clone(),
     ));
+    let authz = crate::authz::Authz::new(settings.authz.clone());
+    // The KV's policies, where the catalog is a registry or Consul (etcd has no KV here).
+    let kv = match &settings.catalog {
+        CatalogSource::Embedded { .. } => registry,
+        CatalogSource::Consul(addr) => Some(*addr),
+        _ => None,
+    };
+    if let Some(address) = kv {
+        tasks.spawn(crate::authz::kv::watch(
+            address,
+            settings.tokens.registry.clone(),
+            authz.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (outbound, inbound, admin) = (
         addr(&listeners.outbound),
@@ -510,7 +530,8 @@ pub async fn start(
             forwarder.clone(),
             policies.clone(),
             catch_all,
-        );
+        )
+        .with_callers(authz.clone(), settings.node_address);
         explainer = Some(handler.clone());
         let recorder = Recorder::new(Role::Outbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_recorded(
@@ -521,7 +542,7 @@ pub async fn start(
         ));
     }
     if let Some(listener) = listeners.inbound {
-        let handler = Inbound::new(routes.clone(), local, policies.clone());
+        let handler = Inbound::new(routes.clone(), local, policies.clone(), authz.clone());
         let recorder = Recorder::new(Role::Inbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_mesh(
             listener,
@@ -601,6 +622,7 @@ pub async fn start(
         routes,
         catalog: subscriber,
         policies,
+        authz,
         metrics,
         registry,
         declared: Arc::new(declared),

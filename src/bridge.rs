@@ -427,6 +427,7 @@ impl Proxy for Bridge {
         conn: Conn,
         note: &mut Note,
     ) -> Response<Body> {
+        crate::authz::strip_untrusted(req.headers_mut(), &conn);
         let skyline_path = req.uri().path().starts_with("/service/");
         let host = req
             .headers()

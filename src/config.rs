@@ -569,6 +569,8 @@ struct FileConfig {
     #[serde(default)]
     tls: TlsSection,
     #[serde(default)]
+    authz: crate::authz::AuthzConfig,
+    #[serde(default)]
     log: LogSection,
 }
 
@@ -818,6 +820,133 @@ pub(crate) fn mesh_tls(
         key: path("tls.key", &section.key)?,
     }))
 }
+
+/// The validated `[authz]` section: the file's policy and the callers' credentials.
+fn authz_settings(
+    src: &Source,
+    section: &crate::authz::AuthzConfig,
+) -> Result<crate::authz::Settings, ConfigError> {
+    let policy = crate::authz::Policy::from_config(section, "file:")
+        .map_err(|(key, reason)| src.at(None, &format!("authz.{key}"), reason))?;
+    let mut callers = Vec::with_capacity(section.caller.len());
+    for (i, caller) in section.caller.iter().enumerate() {
+        let key = |k: &str| format!("authz.caller[{i}].{k}");
+        let service = caller
+            .service
+            .as_deref()
+            .ok_or_else(|| src.at(None, &key("service"), "required"))?;
+        let service = ServiceName::parse(service)
+            .map_err(|e| src.at(None, &key("service"), e.to_string()))?;
+        let path = caller
+            .token_file
+            .clone()
+            .ok_or_else(|| src.at(None, &key("token_file"), "required"))?;
+        let token = token::Token::read(&relative_to(src, path))
+            .map_err(|reason| src.at(None, &key("token_file"), reason))?;
+        callers.push(crate::authz::Caller { service, token });
+    }
+    Ok(crate::authz::Settings { policy, callers })
+}
+
+/// The `[authz]` sections of the agent's file (see `crate::authz`).
+pub const AUTHZ_SECTION: Section = Section {
+    table: "authz",
+    sample: "",
+    doc: "Authorization policies, enforced by the inbound proxy of the node that runs the called instance; more come from the registry KV under `skyline/policies/`. Re-read on SIGHUP. See docs/security.md.",
+    defaults_from: None,
+    keys: &[file_only(
+        "default",
+        "`allow` or `deny`",
+        Value::Example {
+            toml: "\"deny\"",
+            default: "`allow`",
+        },
+        "What happens to a request no rule matches. `deny` here or in any KV policy makes the mesh deny by default.",
+    )],
+};
+
+/// `[[authz.rule]]`.
+pub const AUTHZ_RULE_SECTION: Section = Section {
+    table: "authz.rule[]",
+    sample: "",
+    doc: "A rule. A matching `deny` wins over any matching `allow`; a request no rule matches gets the default. Paths are normalised before matching, and the normalised path is the one the instance receives.",
+    defaults_from: None,
+    keys: &[
+        file_only(
+            "from",
+            "service name or `*`",
+            Value::Example {
+                toml: "\"web\"",
+                default: "required",
+            },
+            "The calling service, as its agent asserts it over mTLS; `*` is any caller, an unknown one too.",
+        ),
+        file_only(
+            "to",
+            "service name or `*`",
+            Value::Example {
+                toml: "\"api\"",
+                default: "required",
+            },
+            "The called service.",
+        ),
+        file_only(
+            "methods",
+            "array of methods",
+            Value::Example {
+                toml: "[\"GET\", \"HEAD\"]",
+                default: "every method",
+            },
+            "The methods the rule applies to, in upper case.",
+        ),
+        file_only(
+            "path_prefix",
+            "normalised path",
+            Value::Example {
+                toml: "\"/admin\"",
+                default: "every path",
+            },
+            "The paths (after `/service/<name>`) the rule applies to, by whole segments: `/admin` covers `/admin` and `/admin/x`, not `/administrator`.",
+        ),
+        file_only(
+            "action",
+            "`allow` or `deny`",
+            Value::Example {
+                toml: "\"allow\"",
+                default: "required",
+            },
+            "What the rule does to a request it matches: `deny` answers 403 `forbidden` (gRPC: PERMISSION_DENIED) and writes an audit line (target `skyline::audit`).",
+        ),
+    ],
+};
+
+/// `[[authz.caller]]`.
+pub const AUTHZ_CALLER_SECTION: Section = Section {
+    table: "authz.caller[]",
+    sample: "",
+    doc: "A per-service credential: an application that sends `x-skyline-caller-token: <token>` to the outbound proxy is that service. Re-read on SIGHUP.",
+    defaults_from: None,
+    keys: &[
+        file_only(
+            "service",
+            "service name",
+            Value::Example {
+                toml: "\"web\"",
+                default: "required",
+            },
+            "The service the token names.",
+        ),
+        file_only(
+            "token_file",
+            "path",
+            Value::Example {
+                toml: "\"/etc/skyline/callers/web.token\"",
+                default: "required",
+            },
+            "A file holding the token (printable ASCII, up to 4096 bytes). Relative to the config file.",
+        ),
+    ],
+};
 
 /// Every key of the agent's file (see [`reference`]).
 pub const AGENT_FILE: &[Section] = &[
@@ -1087,6 +1216,9 @@ pub const AGENT_FILE: &[Section] = &[
         ],
     },
     TLS_SECTION,
+    AUTHZ_SECTION,
+    AUTHZ_RULE_SECTION,
+    AUTHZ_CALLER_SECTION,
     crate::access::FILE_SECTION,
 ];
 
@@ -1479,8 +1611,10 @@ impl AgentArgs {
         }
 
         let tls = mesh_tls(src, &file.tls)?;
+        let authz = authz_settings(src, &file.authz)?;
         Ok(Settings {
             tls,
+            authz,
             node_name,
             node_address,
             outbound: outbound.addr(),
@@ -1914,6 +2048,40 @@ mod tests {
             ..AgentArgs::default()
         };
         (dir, args)
+    }
+
+    #[test]
+    fn authz_rules_and_callers_are_validated_with_key_and_reason() {
+        let (dir, args) = with_file(
+            "[authz]\ndefault = \"deny\"\n[[authz.rule]]\nfrom = \"web\"\nto = \"*\"\naction = \"allow\"\n\
+             [[authz.caller]]\nservice = \"web\"\ntoken_file = \"web.token\"\n",
+        );
+        std::fs::write(dir.path().join("web.token"), "s3cret\n").unwrap();
+        let authz = args.resolve().unwrap().authz;
+        assert_eq!(authz.policy.rules.len(), 1);
+        assert_eq!(authz.callers[0].service.as_str(), "web");
+        assert!(authz.callers[0].token.matches(b"s3cret"));
+
+        for (text, key) in [
+            (
+                "[[authz.rule]]\nfrom = \"Web\"\nto = \"a\"\naction = \"allow\"\n",
+                "authz.rule[0].from",
+            ),
+            (
+                "[[authz.rule]]\nfrom = \"a\"\nto = \"b\"\naction = \"allow\"\npath_prefix = \"//x\"\n",
+                "authz.rule[0].path_prefix",
+            ),
+            ("[authz]\ndefault = \"maybe\"\n", "authz.default"),
+            (
+                "[[authz.caller]]\nservice = \"web\"\ntoken_file = \"missing.token\"\n",
+                "authz.caller[0].token_file",
+            ),
+        ] {
+            let (_d, args) = with_file(text);
+            let e = args.resolve().unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+            assert!(e.file.ends_with("skyline.toml"), "{e}");
+        }
     }
 
     #[test]

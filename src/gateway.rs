@@ -704,6 +704,7 @@ impl Proxy for GatewayHandler {
         conn: Conn,
         note: &mut Note,
     ) -> Response<Body> {
+        crate::authz::strip_untrusted(req.headers_mut(), &conn);
         let arrived = Instant::now();
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
@@ -1287,7 +1288,7 @@ pub async fn watch_kv_routes(
 }
 
 /// One KV read: the index and the keys with their decoded values (404: none).
-async fn kv_get(
+pub(crate) async fn kv_get(
     client: &Client<HttpConnector, Empty<Bytes>>,
     uri: &str,
     token: Option<&crate::config::token::Token>,

@@ -9,6 +9,9 @@
 //! - [`access`]: the access log, one line per request on every proxy listener, written by the
 //!   serve layer from what each role's handler notes ([`access::Note`]), buffered off the
 //!   request path.
+//! - [`authz`]: authorization policies (which service may call which; `[authz]` and the KV's
+//!   `skyline/policies/`), the caller's identity asserted over mTLS (`x-skyline-caller`), and
+//!   [`authz::path`], the path normalisation that policies match and upstreams receive.
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
 //!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
 //!   Consul or etcd) with their checks, and follows SIGHUP.
@@ -80,6 +83,7 @@
 pub mod access;
 pub mod admin;
 pub mod agent;
+pub mod authz;
 pub mod bridge;
 pub mod catalog;
 pub mod cli;

@@ -163,6 +163,7 @@ fn main() -> ExitCode {
                     settings,
                     agent.policies.clone(),
                     agent.declared.clone(),
+                    agent.authz.clone(),
                     shutdown,
                 );
                 tokio::spawn(reload);

@@ -108,6 +108,9 @@ pub enum MeshError {
     /// The request body is larger than the route's `max_request_body`.
     #[error("request body too large")]
     ContentTooLarge,
+    /// An authorization policy denies the request (see [`crate::authz`]).
+    #[error("forbidden by an authorization policy")]
+    Forbidden,
 }
 
 impl MeshError {
@@ -142,6 +145,7 @@ impl MeshError {
             MeshError::UpstreamTimeout => "upstream-timeout",
             MeshError::LoopDetected => "loop-detected",
             MeshError::ContentTooLarge => "content-too-large",
+            MeshError::Forbidden => "forbidden",
         }
     }
 
@@ -154,6 +158,7 @@ impl MeshError {
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
             MeshError::ContentTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            MeshError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -168,6 +173,7 @@ impl MeshError {
             MeshError::UpstreamTimeout => "the upstream did not answer in time",
             MeshError::LoopDetected => "the request went through too many mesh hops",
             MeshError::ContentTooLarge => "the request body is larger than the route allows",
+            MeshError::Forbidden => "an authorization policy does not allow this call",
         }
     }
 

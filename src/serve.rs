@@ -184,6 +184,10 @@ pub struct Conn {
     pub index: u64,
     /// When the request's head was read: the start of its deadline and of its recorded time.
     pub arrived: Instant,
+    /// The SPIFFE ID of the mesh certificate the peer presented (a mesh listener's TLS
+    /// connection); `None` on a plain connection. Only such a peer's `x-skyline-caller` is
+    /// believed (see [`crate::authz`]).
+    pub mesh_peer: Option<Arc<str>>,
     verdicts: Verdicts,
     /// Cancelled when the listener's drain has ended.
     drained: CancellationToken,
@@ -358,6 +362,7 @@ async fn serve_with<H: Handler>(
                     peer_ip,
                     index: 0,
                     arrived: Instant::now(),
+                    mesh_peer: None,
                     verdicts: Verdicts::default(),
                     drained,
                 };
@@ -375,7 +380,13 @@ async fn serve_with<H: Handler>(
                     return;
                 };
                 match tls.accept(stream, peer).await {
-                    Accepted::Tls(stream) => serve_connection(*stream, conn, handler, served).await,
+                    Accepted::Tls(stream, id) => {
+                        let conn = Conn {
+                            mesh_peer: Some(id),
+                            ..conn
+                        };
+                        serve_connection(*stream, conn, handler, served).await
+                    }
                     Accepted::Plain(stream) => {
                         serve_connection(stream, conn, handler, served).await
                     }

@@ -149,7 +149,8 @@ impl std::fmt::Debug for MeshTls {
 
 /// A connection as a mesh listener took it.
 pub enum Accepted {
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// With the SPIFFE ID of the peer's certificate ("" when it names none).
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Arc<str>),
     Plain(TcpStream),
     /// Refused (and closed): not TLS in strict mode, a failed handshake, or nothing sent.
     Refused,
@@ -253,17 +254,15 @@ impl MeshTls {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 metrics.mesh_connection("tls", "accepted");
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    let (_, conn) = tls.get_ref();
-                    let id = conn
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| spiffe_ids(c).ok())
-                        .and_then(|ids| ids.into_iter().next())
-                        .unwrap_or_default();
-                    tracing::debug!(%peer, %id, "mesh TLS connection");
-                }
-                Accepted::Tls(Box::new(tls))
+                let (_, conn) = tls.get_ref();
+                let id = conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| spiffe_ids(c).ok())
+                    .and_then(|ids| ids.into_iter().next())
+                    .unwrap_or_default();
+                tracing::debug!(%peer, %id, "mesh TLS connection");
+                Accepted::Tls(Box::new(tls), Arc::from(id))
             }
             Ok(Err(error)) => {
                 metrics.mesh_connection("tls", "refused");

@@ -168,6 +168,7 @@ async fn start(
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        authz: Default::default(),
         services: Vec::new(),
         // A newcomer's mesh: a line for every request they send (the default is a sample).
         access: crate::access::Settings {

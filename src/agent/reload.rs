@@ -1,6 +1,6 @@
 //! Configuration reload on SIGHUP: the file is read and validated again; what can change
 //! without a restart is applied at once: the resilience policies (for the next requests) and
-//! the declared `[[service]]`s (new ones registered with their checks, removed ones
+//! the authorization policies and callers (`[authz]`), the declared `[[service]]`s (new ones registered with their checks, removed ones
 //! deregistered, in whichever catalog the agent registers in). An invalid file is refused and
 //! the running configuration kept. Open connections and in-flight requests are never touched.
 
@@ -29,6 +29,7 @@ pub async fn on_sighup(
     running: Settings,
     policies: SharedPolicies,
     declared: Arc<watch::Sender<Vec<Declared>>>,
+    authz: crate::authz::Authz,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -44,7 +45,7 @@ pub async fn on_sighup(
             _ = shutdown.cancelled() => return,
             got = hup.recv() => if got.is_none() { return },
         }
-        match reload(&args, &running, &policies, &declared) {
+        match reload(&args, &running, &policies, &declared, &authz) {
             Ok(outcome) => tracing::info!(?outcome, "configuration reloaded"),
             Err(error) => {
                 tracing::error!(%error, "configuration reload refused; the running configuration stays")
@@ -59,11 +60,13 @@ pub fn reload(
     running: &Settings,
     policies: &SharedPolicies,
     declared: &watch::Sender<Vec<Declared>>,
+    authz: &crate::authz::Authz,
 ) -> Result<Reloaded, ConfigError> {
     let next = args.clone().resolve()?;
     let fixed = Settings {
         resilience: running.resilience.clone(),
         services: running.services.clone(),
+        authz: running.authz.clone(),
         ..next.clone()
     };
     if &fixed != running {
@@ -90,7 +93,17 @@ pub fn reload(
         policies.store(Arc::new(next.resilience));
         true
     };
-    Ok(if services || policies {
+    let rules = if authz.file_is(&next.authz) {
+        false
+    } else {
+        tracing::info!(
+            rules = next.authz.policy.rules.len(),
+            "authorization policies reloaded"
+        );
+        authz.set_file(next.authz);
+        true
+    };
+    Ok(if services || policies || rules {
         Reloaded::Applied
     } else {
         Reloaded::Unchanged

@@ -200,6 +200,10 @@ fn write_request_head(
                 continue;
             }
             Name::Hops if hops.is_some() => continue,
+            // A credential never leaves its node; an assertion of the caller passes only from
+            // a peer with a mesh certificate (see `crate::authz`).
+            Name::CallerToken => continue,
+            Name::Caller if conn.mesh_peer.is_none() => continue,
             Name::ForwardedFor => {
                 match forwarded_for {
                     None => forwarded_for = Some(h.value),
@@ -273,6 +277,10 @@ pub enum Name {
     MeshError,
     /// `x-skyline-unsent` (see [`super::X_SKYLINE_UNSENT`]).
     Unsent,
+    /// `x-skyline-caller` (see [`crate::authz::X_SKYLINE_CALLER`]).
+    Caller,
+    /// `x-skyline-caller-token` (see [`crate::authz::X_SKYLINE_CALLER_TOKEN`]).
+    CallerToken,
 }
 
 impl Name {
@@ -300,12 +308,14 @@ impl Name {
                 ("proxy-connection", Name::HopByHop),
                 ("x-forwarded-host", Name::ForwardedHost),
                 ("x-skyline-unsent", Name::Unsent),
+                ("x-skyline-caller", Name::Caller),
             ],
             17 => &[
                 ("transfer-encoding", Name::TransferEncoding),
                 ("x-skyline-attempt", Name::Attempt),
             ],
             20 => &[("x-skyline-timeout-ms", Name::TimeoutMs)],
+            22 => &[("x-skyline-caller-token", Name::CallerToken)],
             _ => return Name::Other,
         };
         // Names usually come in lowercase: an exact comparison settles most.

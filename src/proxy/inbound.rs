@@ -10,11 +10,13 @@ use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use super::express::Name;
 use super::express::{Head, Verdict};
 use super::outbound::{path_of, split_service_path};
 use super::resilience::SharedPolicies;
-use super::{Body, Destination, Forwarder, Host, MeshError};
+use super::{Body, Destination, Forwarder, Host, MeshError, as_grpc_status, is_grpc};
 use crate::access::{Note, Tag};
+use crate::authz::{Authz, X_SKYLINE_CALLER, X_SKYLINE_CALLER_TOKEN, asserted_caller};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, known_service, service_label};
 use crate::routing::{Lookup, Protocol, Route, Routes};
@@ -29,15 +31,22 @@ struct Inner {
     routes: Arc<Routes>,
     forwarder: Forwarder,
     policies: SharedPolicies,
+    authz: Authz,
 }
 
 impl Inbound {
-    pub fn new(routes: Arc<Routes>, forwarder: Forwarder, policies: SharedPolicies) -> Self {
+    pub fn new(
+        routes: Arc<Routes>,
+        forwarder: Forwarder,
+        policies: SharedPolicies,
+        authz: Authz,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 routes,
                 forwarder,
                 policies,
+                authz,
             }),
         }
     }
@@ -47,16 +56,24 @@ impl Proxy for Inbound {
     type Body = Body;
 
     /// Hands one request to a local instance; `note.label` is set to the service once it is
-    /// known to the catalog, for the metrics.
-    async fn proxy(&self, req: Request<Incoming>, conn: Conn, note: &mut Note) -> Response<Body> {
+    /// known to the catalog, for the metrics. The authorization policies are checked here (the
+    /// caller's assertion is believed from a peer with a mesh certificate only).
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        note: &mut Note,
+    ) -> Response<Body> {
+        let trusted = conn.mesh_peer.is_some();
+        let headers = req.headers_mut();
+        headers.remove(&X_SKYLINE_CALLER_TOKEN);
+        if !trusted {
+            headers.remove(&X_SKYLINE_CALLER);
+        }
         let uri = req.uri();
-        let (name, target) = match split_service_path(uri.path()) {
-            Ok((name, rest)) => (name, strip_prefix(rest, uri.query())),
+        let (name, rest) = match split_service_path(uri.path()) {
+            Ok(split) => split,
             Err(e) => return e.into_response(""),
-        };
-        let target = match target {
-            Ok(target) => target,
-            Err(e) => return e.into_response(name),
         };
         let (route, known) = match self.local_route(name) {
             Ok(found) => found,
@@ -71,6 +88,32 @@ impl Proxy for Inbound {
         // From here on the catalog's name for the service: `name` borrows from the request,
         // which the forwarder consumes.
         let name = known.as_str();
+        // The policies are not held across the forwarding (a guard is a short loan).
+        let checked = {
+            let authz = self.inner.authz.load();
+            if authz.open {
+                Ok(Cow::Borrowed(rest))
+            } else {
+                let caller = asserted_caller(
+                    trusted,
+                    req.headers().get(&X_SKYLINE_CALLER).map(|v| v.as_bytes()),
+                );
+                authz.check(caller, name, req.method().as_str(), rest)
+            }
+        };
+        let target = checked.and_then(|path| strip_prefix(&path, uri.query()));
+        let target = match target {
+            Ok(target) => target,
+            Err(e) => {
+                let grpc = is_grpc(&req);
+                let mut response = e.into_response(name);
+                if grpc {
+                    as_grpc_status(&mut response);
+                }
+                note.label = Some(ServiceLabel::known(known));
+                return response;
+            }
+        };
         let policy = self.inner.policies.load().for_service(name).clone();
         let upstream = Destination::last_hop(name, &route, &policy);
         let forwarded = self
@@ -108,14 +151,33 @@ impl Proxy for Inbound {
         if route.endpoints.iter().any(|e| e.protocol == Protocol::H2c) {
             return Verdict::Decline;
         }
-        // The instance's target is the rest of the client's (a slice of it), or `/` and the
-        // query when the rest is empty.
-        let target: Cow<'_, str> = match (rest.is_empty(), query) {
-            (false, _) => Cow::Borrowed(&head.target[path.len() - rest.len()..]),
-            (true, None) => Cow::Borrowed("/"),
-            (true, Some(query)) => Cow::Owned(format!("/?{query}")),
-        };
         let name = known.as_str();
+        // The instance's target is the rest of the client's (a slice of it), or `/` and the
+        // query when the rest is empty; with policies in force, the normalised rest. The
+        // policies are not held across the forwarding (a guard is a short loan).
+        let normal = {
+            let authz = self.inner.authz.load();
+            if authz.open {
+                None
+            } else {
+                let caller = asserted_caller(conn.mesh_peer.is_some(), head.get(Name::Caller));
+                match authz.check(caller, name, head.method, rest) {
+                    Ok(Cow::Owned(normal)) => Some(normal),
+                    Ok(Cow::Borrowed(_)) => None,
+                    Err(e) => {
+                        note.label = Some(ServiceLabel::known(known.clone()));
+                        return Verdict::Error(e, name.to_owned());
+                    }
+                }
+            }
+        };
+        let target: Cow<'_, str> = match (normal, rest.is_empty(), query) {
+            (Some(normal), _, None) => Cow::Owned(normal),
+            (Some(normal), _, Some(query)) => Cow::Owned(format!("{normal}?{query}")),
+            (None, false, _) => Cow::Borrowed(&head.target[path.len() - rest.len()..]),
+            (None, true, None) => Cow::Borrowed("/"),
+            (None, true, Some(query)) => Cow::Owned(format!("/?{query}")),
+        };
         let policy = self.inner.policies.load().for_service(name).clone();
         let upstream = Destination::last_hop(name, &route, &policy);
         let forwarded = self

@@ -4,10 +4,11 @@
 //! (`Host: <name>.<ns>.svc.cluster.local`, path `/<rest>`) is taken as `/service/<name>/<rest>`,
 //! so an application uses the same URL on every platform.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -18,6 +19,7 @@ use super::{
     count_hop, is_grpc, next_hop,
 };
 use crate::access::{Note, Tag};
+use crate::authz::{Authz, X_SKYLINE_CALLER, X_SKYLINE_CALLER_TOKEN, caller_by_address};
 use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
 use crate::metrics::service_label;
@@ -38,6 +40,10 @@ struct Inner {
     policies: SharedPolicies,
     /// Where requests for services the catalog does not route go (the gateway pool).
     catch_all: Option<Arc<Route>>,
+    /// The callers' credentials (see [`crate::authz`]).
+    authz: Authz,
+    /// The node's address: a client calling from it is no instance in particular.
+    node: IpAddr,
 }
 
 impl Outbound {
@@ -54,8 +60,20 @@ impl Outbound {
                 forwarder,
                 policies,
                 catch_all,
+                authz: Authz::default(),
+                node: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             }),
         }
+    }
+
+    /// The outbound proxy of node `node`, naming callers with `authz`'s credentials. Call
+    /// before the handler is cloned.
+    pub fn with_callers(mut self, authz: Authz, node: IpAddr) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.authz = authz;
+            inner.node = node;
+        }
+        self
     }
 }
 
@@ -147,6 +165,27 @@ impl Outbound {
         note.label = service_label(&table, name);
         if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
             return e.into_response(name);
+        }
+        // The application's own `x-skyline-caller*` headers never pass; over mesh TLS the
+        // caller this proxy establishes is asserted instead.
+        let headers = req.headers_mut();
+        let token = headers.remove(&X_SKYLINE_CALLER_TOKEN);
+        headers.remove(&X_SKYLINE_CALLER);
+        if inner.forwarder.mesh_tls() {
+            let caller = match &token {
+                Some(token) => inner
+                    .authz
+                    .load()
+                    .caller_by_token(token.as_bytes())
+                    .cloned(),
+                None => caller_by_address(&table, inner.node, conn.peer.ip()),
+            };
+            match caller.map(|c| HeaderValue::from_str(c.as_str())) {
+                Some(Ok(value)) => {
+                    headers.insert(&X_SKYLINE_CALLER, value);
+                }
+                _ => tracing::debug!(peer = %conn.peer, token = token.is_some(), "caller unknown"),
+            }
         }
         let plan = inner.route(&table, name);
         let (route, then, hold) = match plan {

@@ -258,6 +258,7 @@ async fn start_agent(
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        authz: Default::default(),
         access: skyline::access::Settings::off(),
         services,
         tokens: Default::default(),

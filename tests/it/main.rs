@@ -3,6 +3,7 @@
 
 mod access_log;
 mod agents_register;
+mod authz;
 mod autopilot;
 mod catalog_changes;
 mod config;

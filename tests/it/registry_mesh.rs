@@ -25,6 +25,7 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        authz: Default::default(),
         access: skyline::access::Settings::off(),
         services: Vec::new(),
         tokens: Default::default(),

@@ -369,6 +369,7 @@ impl TestMeshBuilder {
                 access: skyline::access::Settings::off(),
                 services: Vec::new(),
                 tls: None,
+                authz: Default::default(),
                 tokens: Default::default(),
             };
             let listeners = Listeners::bind(&settings).unwrap();

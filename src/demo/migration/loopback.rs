@@ -282,6 +282,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         workers: 1,
         resilience: Default::default(),
         tls: None,
+        authz: Default::default(),
         services: Vec::new(),
         access: crate::access::Settings::off(),
         tokens: Default::default(),

@@ -1,0 +1,476 @@
+//! Service identity and authorization policies through the shipped binary: a registry process
+//! and two agent processes (a on 127.0.0.2, b on 127.0.0.3, with `web` and `grpc-echo` on b)
+//! whose hop is mTLS with certificates of `skyline ca`. Callers present per-service tokens to
+//! a's outbound proxy; b's inbound proxy enforces `[authz]` and the KV's policies.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use crate::support::{Client, Reply, Skyline, TestApp, ip, scrape};
+
+const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
+const FRONTEND_TOKEN: &str = "frontend-3c1f9a7e";
+const BILLING_TOKEN: &str = "billing-77d0e4b2";
+
+fn skyline(args: &[&str]) {
+    let out = std::process::Command::new(SKYLINE)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    registry: SocketAddr,
+    _registry_process: Skyline,
+    a: Skyline,
+    b: Skyline,
+    outbound_a: SocketAddr,
+    inbound_b: SocketAddr,
+    admin_b: SocketAddr,
+    web: TestApp,
+    grpc_stop: tokio_util::sync::CancellationToken,
+}
+
+impl Mesh {
+    /// The mesh with mesh TLS in `mode` and `authz` (TOML: `[authz]` and its rules) in b's file.
+    async fn start(mode: &str, authz: &str) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = d.join("ca");
+        skyline(&["ca", "init", "--dir", s(&ca), "--trust-domain", "mesh.test"]);
+        let data = d.join("registry");
+        let mut registry_process = Skyline::start(
+            &[
+                "registry",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                s(&data),
+            ],
+            &[],
+        );
+        let started = registry_process.log.wait_for("registry started").await;
+        let registry: SocketAddr = started["addr"].as_str().unwrap().parse().unwrap();
+
+        let web = TestApp::spawn("web@b", ip("127.0.0.3"));
+        let grpc_stop = tokio_util::sync::CancellationToken::new();
+        let grpc = crate::grpc::grpc_server("127.0.0.3", grpc_stop.clone()).await;
+        std::fs::write(d.join("frontend.token"), format!("{FRONTEND_TOKEN}\n")).unwrap();
+        std::fs::write(d.join("billing.token"), BILLING_TOKEN).unwrap();
+        let tls = |node: &str| {
+            format!(
+                "[tls]\nmode = \"{mode}\"\nca = \"ca/ca.crt\"\ncert = \"{node}.crt\"\nkey = \"{node}.key\"\n\n"
+            )
+        };
+        let config_a = tls("a")
+            + "[[authz.caller]]\nservice = \"frontend\"\ntoken_file = \"frontend.token\"\n\n\
+               [[authz.caller]]\nservice = \"billing\"\ntoken_file = \"billing.token\"\n\n";
+        let config_b = tls("b")
+            + &format!(
+                "[[service]]\nname = \"web\"\naddress = \"127.0.0.3\"\nport = {}\ncheck = {{ ttl = \"1s\" }}\n\n\
+                 [[service]]\nname = \"grpc-echo\"\naddress = \"127.0.0.3\"\nport = {}\n\
+                 meta = {{ protocol = \"h2c\" }}\ncheck = {{ ttl = \"1s\" }}\n\n{authz}",
+                web.addr.port(),
+                grpc.port()
+            );
+        let consul = registry.to_string();
+        let mut agents = Vec::new();
+        for (node, node_ip, config) in [("a", "127.0.0.2", config_a), ("b", "127.0.0.3", config_b)]
+        {
+            skyline(&[
+                "ca",
+                "issue",
+                "--dir",
+                s(&ca),
+                "--kind",
+                "node",
+                "--name",
+                node,
+                "--ttl",
+                "1h",
+                "--out",
+                s(&d.join(node)),
+            ]);
+            let path = d.join(format!("{node}.toml"));
+            std::fs::write(&path, config).unwrap();
+            let listen = format!("{node_ip}:0");
+            let mut agent = Skyline::start(
+                &[
+                    "agent",
+                    "--config",
+                    s(&path),
+                    "--node-name",
+                    node,
+                    "--node-address",
+                    node_ip,
+                    "--outbound",
+                    &listen,
+                    "--inbound",
+                    &listen,
+                    "--admin",
+                    &listen,
+                    "--catalog",
+                    "consul",
+                    "--consul",
+                    &consul,
+                ],
+                &[],
+            );
+            let fields = agent.log.wait_for("agent started").await;
+            let addr = |key: &str| -> SocketAddr { fields[key].as_str().unwrap().parse().unwrap() };
+            agents.push((agent, addr("outbound"), addr("inbound"), addr("admin")));
+        }
+        let (b, _, inbound_b, admin_b) = agents.pop().unwrap();
+        let (a, outbound_a, _, _) = agents.pop().unwrap();
+        let mesh = Mesh {
+            _dir: dir,
+            registry,
+            _registry_process: registry_process,
+            a,
+            b,
+            outbound_a,
+            inbound_b,
+            admin_b,
+            web,
+            grpc_stop,
+        };
+        // Bounded: web is routed once b registered it and its check passed (a 403 is routed
+        // too: b's inbound proxy answered).
+        for _ in 0..600 {
+            let reply = mesh
+                .try_call("GET", "/hello", Some(FRONTEND_TOKEN), &[])
+                .await;
+            if matches!(reply, Ok(ref r) if r.status == 200 || r.mesh_error() == Some("forbidden"))
+            {
+                return mesh;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("a never routed web to b");
+    }
+
+    async fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
+        let url = format!("http://{}/service/web{path}", self.outbound_a);
+        let mut req = Request::builder().method(method).uri(url);
+        if let Some(token) = token {
+            req = req.header("x-skyline-caller-token", token);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = if method == "POST" {
+            Full::new(Bytes::from_static(b"a body"))
+        } else {
+            Full::default()
+        };
+        Client::new().send(req.body(body).unwrap()).await
+    }
+
+    async fn call(&self, method: &str, path: &str, token: Option<&str>) -> Reply {
+        self.try_call(method, path, token, &[]).await.unwrap()
+    }
+
+    /// Puts `value` at `key` in the registry's KV.
+    async fn kv_put(&self, key: &str, value: &str) {
+        let req = Request::put(format!("http://{}/v1/kv/{key}", self.registry))
+            .body(Full::new(Bytes::from(value.to_owned())))
+            .unwrap();
+        let reply = Client::new().send(req).await.unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+
+    async fn kv_delete(&self, key: &str) {
+        let req = Request::delete(format!("http://{}/v1/kv/{key}", self.registry))
+            .body(Full::default())
+            .unwrap();
+        let reply = Client::new().send(req).await.unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+
+    /// Calls `path` until it answers `status` (bounded: 10 s).
+    async fn until_status(&self, path: &str, status: u16) {
+        for _ in 0..400 {
+            if self.call("GET", path, Some(FRONTEND_TOKEN)).await.status == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{path} never answered {status}");
+    }
+
+    async fn stop(self) {
+        for agent in [&self.a, &self.b] {
+            agent.sigterm();
+        }
+        self.a.exited_cleanly().await;
+        self.b.exited_cleanly().await;
+        self.grpc_stop.cancel();
+        self.web.stop().await;
+    }
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn assert_forbidden(reply: &Reply, what: &str) {
+    assert_eq!(reply.status, 403, "{what}: {reply:?}");
+    assert_eq!(reply.mesh_error(), Some("forbidden"), "{what}: {reply:?}");
+    assert_eq!(reply.json()["error"], "forbidden", "{what}");
+    assert_eq!(reply.json()["service"], "web", "{what}");
+}
+
+const RULES: &str = "\
+[[authz.rule]]
+from = \"*\"
+to = \"web\"
+path_prefix = \"/admin\"
+action = \"deny\"
+
+[[authz.rule]]
+from = \"billing\"
+to = \"web\"
+methods = [\"POST\"]
+action = \"deny\"
+
+[[authz.rule]]
+from = \"frontend\"
+to = \"grpc-echo\"
+action = \"deny\"
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_allow_and_deny_by_caller_method_and_normalised_path_over_strict_mtls() {
+    let mut mesh = Mesh::start("strict", RULES).await;
+
+    // Allowed: the instance learns the caller its agent asserted, never the credential.
+    let ok = mesh.call("GET", "/hello", Some(FRONTEND_TOKEN)).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let seen = mesh.web.seen().pop().unwrap();
+    assert_eq!(seen.headers["x-skyline-caller"], "frontend");
+    assert!(seen.headers.get("x-skyline-caller-token").is_none());
+
+    // Every spelling of /admin is denied, on the express lane (GET) and hyper's (a body).
+    let hits = mesh.web.hits();
+    for path in [
+        "/admin",
+        "/admin/users",
+        "/%61dmin",
+        "/%61%64%6D%69%6E",
+        "//admin",
+        "/x/../admin",
+        "/x/%2e%2e/admin",
+        "/admin;x=1",
+        "/./admin/",
+    ] {
+        for method in ["GET", "POST"] {
+            let reply = mesh.call(method, path, Some(FRONTEND_TOKEN)).await;
+            assert_forbidden(&reply, &format!("{method} {path}"));
+        }
+    }
+    assert_eq!(
+        mesh.web.hits(),
+        hits,
+        "a denied request reached the instance"
+    );
+    // The audit line names caller, destination, method, path as matched, and the rule.
+    let line = mesh.b.log.wait_for("request denied").await;
+    assert_eq!(line["caller"], "frontend");
+    assert_eq!(line["destination"], "web");
+    assert_eq!(line["path"], "/admin");
+    assert_eq!(line["rule"], "file:rule[0]");
+
+    // Whole segments only, and the instance receives the path the policy saw.
+    for (method, path, received) in [
+        ("GET", "/administrator", "/administrator"),
+        (
+            "GET",
+            "/%61pi//v1/./x;jsessionid=1?q=%2F&a",
+            "/api/v1/x?q=%2F&a",
+        ),
+        ("POST", "/a/b/../c", "/a/c"),
+    ] {
+        let reply = mesh.call(method, path, Some(FRONTEND_TOKEN)).await;
+        assert_eq!(reply.status, 200, "{method} {path}: {reply:?}");
+        assert_eq!(mesh.web.seen().pop().unwrap().target, received, "{path}");
+    }
+    // A path above the root is refused, not guessed at.
+    let above = mesh
+        .call("GET", "/x/../../admin", Some(FRONTEND_TOKEN))
+        .await;
+    assert_eq!(above.status, 400, "{above:?}");
+    assert_eq!(above.mesh_error(), Some("bad-request"));
+
+    // By caller and method: billing may GET, not POST; frontend may POST.
+    assert_eq!(
+        mesh.call("GET", "/x", Some(BILLING_TOKEN)).await.status,
+        200
+    );
+    assert_forbidden(
+        &mesh.call("POST", "/x", Some(BILLING_TOKEN)).await,
+        "billing POST",
+    );
+    assert_eq!(
+        mesh.call("POST", "/x", Some(FRONTEND_TOKEN)).await.status,
+        200
+    );
+
+    let metrics = scrape(mesh.admin_b).await;
+    let denied = metrics
+        .text
+        .lines()
+        .filter(|l| {
+            l.starts_with("skyline_requests_total{")
+                && l.contains("error=\"forbidden\"")
+                && l.contains("role=\"inbound\"")
+        })
+        .count();
+    assert!(denied >= 1, "{}", metrics.text);
+
+    // gRPC: a denied call ends with PERMISSION_DENIED, from the mesh, not the application.
+    use crate::grpc::pb::echo_client::EchoClient;
+    use crate::grpc::request;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.outbound_a))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let origin = format!("http://{}/service/grpc-echo", mesh.outbound_a)
+        .parse()
+        .unwrap();
+    let mut client = EchoClient::with_origin(channel, origin);
+    let mut call = tonic::Request::new(request("hi"));
+    call.metadata_mut()
+        .insert("x-skyline-caller-token", FRONTEND_TOKEN.parse().unwrap());
+    let status = client.unary(call).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "skyline: forbidden");
+    let mut call = tonic::Request::new(request("hi"));
+    call.metadata_mut()
+        .insert("x-skyline-caller-token", BILLING_TOKEN.parse().unwrap());
+    let reply = client.unary(call).await.unwrap();
+    assert_eq!(reply.get_ref().message, "hi");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_by_default_admits_only_allowed_callers_and_forged_caller_headers_are_ignored() {
+    let authz = "[authz]\ndefault = \"deny\"\n\n\
+                 [[authz.rule]]\nfrom = \"frontend\"\nto = \"web\"\naction = \"allow\"\n";
+    // Permissive, so that a plain client can reach b's inbound listener too.
+    let mesh = Mesh::start("permissive", authz).await;
+    assert_eq!(
+        mesh.call("GET", "/x", Some(FRONTEND_TOKEN)).await.status,
+        200
+    );
+    assert_forbidden(
+        &mesh.call("GET", "/x", Some(BILLING_TOKEN)).await,
+        "billing",
+    );
+    assert_forbidden(&mesh.call("GET", "/x", None).await, "no credential");
+    assert_forbidden(
+        &mesh.call("GET", "/x", Some("frontend-guess")).await,
+        "a wrong token",
+    );
+    // An application that claims to be frontend is not believed by its own agent...
+    let forged = mesh
+        .try_call("GET", "/x", None, &[("x-skyline-caller", "frontend")])
+        .await
+        .unwrap();
+    assert_forbidden(&forged, "x-skyline-caller from the application");
+    // ... nor one that claims billing while presenting frontend's token: the token decides.
+    let hits = mesh.web.hits();
+    let both = mesh
+        .try_call(
+            "GET",
+            "/x",
+            Some(FRONTEND_TOKEN),
+            &[("x-skyline-caller", "billing")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(both.status, 200, "{both:?}");
+    assert_eq!(mesh.web.hits(), hits + 1);
+    assert_eq!(
+        mesh.web.seen().pop().unwrap().headers["x-skyline-caller"],
+        "frontend"
+    );
+    // ... nor a client that calls b's inbound listener in plain HTTP with the header.
+    let plain = Client::new()
+        .send(
+            Request::get(format!("http://{}/service/web/x", mesh.inbound_b))
+                .header("x-skyline-caller", "frontend")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_forbidden(&plain, "x-skyline-caller over a plain connection");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_policy_takes_effect_without_restart_and_a_bad_one_keeps_the_last_good_set() {
+    let mut mesh = Mesh::start("strict", "").await;
+    assert_eq!(
+        mesh.call("GET", "/admin", Some(FRONTEND_TOKEN))
+            .await
+            .status,
+        200
+    );
+    let key = "skyline/policies/lock-admin";
+    mesh.kv_put(
+        key,
+        r#"{"rule":[{"from":"*","to":"web","path_prefix":"/admin","action":"deny"}]}"#,
+    )
+    .await;
+    mesh.until_status("/admin", 403).await;
+    assert_forbidden(
+        &mesh.call("GET", "//%61dmin", Some(FRONTEND_TOKEN)).await,
+        "KV rule, unnormalised path",
+    );
+    // A bad entry is refused with its key and reason; the last good set stays in force.
+    mesh.kv_put(
+        key,
+        r#"{"rule":[{"from":"*","to":"web","action":"perhaps"}]}"#,
+    )
+    .await;
+    let refused = mesh
+        .b
+        .log
+        .wait_for("authorization policy refused; keeping the previous one")
+        .await;
+    assert_eq!(refused["key"], key);
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rule[0].action"),
+        "{refused}"
+    );
+    assert_forbidden(
+        &mesh.call("GET", "/admin", Some(FRONTEND_TOKEN)).await,
+        "after a bad entry",
+    );
+    assert_eq!(
+        mesh.call("GET", "/x", Some(FRONTEND_TOKEN)).await.status,
+        200
+    );
+    // Removed, the policy stops applying.
+    mesh.kv_delete(key).await;
+    mesh.until_status("/admin", 200).await;
+    mesh.stop().await;
+}
