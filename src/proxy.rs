@@ -427,6 +427,8 @@ pub struct Forwarder {
     h2: h2::H2Pool,
     /// The express lane's connections (see [`express`]).
     raw: express::RawPool,
+    /// Hops to mesh proxies are mTLS (see [`Forwarder::with_tls`]).
+    mesh_tls: bool,
     /// Where retries, spent budgets, ejections and panic routing are counted.
     metrics: Arc<Metrics>,
 }
@@ -448,9 +450,15 @@ impl Forwarder {
         Self {
             pool: Pool::with_tls(POOL_IDLE_TIMEOUT, tls.clone()),
             h2: h2::H2Pool::with_tls(tls.clone()),
+            mesh_tls: tls.is_some(),
             raw: express::RawPool::with_tls(POOL_IDLE_TIMEOUT, tls),
             metrics,
         }
+    }
+
+    /// Whether hops to mesh proxies are mTLS (a proxy asserts its caller only over them).
+    pub fn mesh_tls(&self) -> bool {
+        self.mesh_tls
     }
 
     /// Where this forwarder's counters go (a role may add its own there).

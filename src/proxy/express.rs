@@ -104,10 +104,10 @@ impl Verdict {
 
 impl Forwarder {
     /// Forwards a body-less request given as its parsed head: the express lane's
-    /// [`Forwarder::forward`]. `hops` is the hop count to send (the outbound proxy counts hops;
-    /// other hops pass the caller's header on).
+    /// [`Forwarder::forward`]. `first` is what the first hop (the outbound proxy) adds: the
+    /// hop count and the caller it asserts; other hops pass the caller's headers on.
     // The same arguments as `forward` (the request, its destination, target, host and
-    // connection, the trail) plus the hop count that `forward` finds in the header map.
+    // connection, the trail) plus what `forward`'s callers put in the header map.
     #[allow(clippy::too_many_arguments)]
     pub async fn express(
         &self,
@@ -115,7 +115,7 @@ impl Forwarder {
         upstream: Destination<'_>,
         target: &str,
         host: Host,
-        hops: Option<u32>,
+        first: Option<FirstHop<'_>>,
         conn: &Conn,
         trail: &mut Trail,
     ) -> Result<Answer, MeshError> {
@@ -124,7 +124,7 @@ impl Forwarder {
         let policy = upstream.policy;
         // Room for the per-attempt headers too.
         let mut request = Vec::with_capacity(1024);
-        let written = write_request_head(&mut request, head, target, host, hops, conn, upstream);
+        let written = write_request_head(&mut request, head, target, host, first, conn, upstream);
         let deadline = started + within_caller_deadline(policy.request_timeout, written.timeout_ms);
         let owns_retries = upstream.first_hop && policy.retries > 0;
         if owns_retries {
@@ -150,6 +150,16 @@ impl Forwarder {
     }
 }
 
+/// What the first hop (the outbound proxy) adds to a request it forwards.
+#[derive(Clone, Copy, Debug)]
+pub struct FirstHop<'a> {
+    /// The hop count to send.
+    pub hops: u32,
+    /// The calling service this proxy established, asserted over mesh TLS (see
+    /// [`crate::authz`]).
+    pub caller: Option<&'a str>,
+}
+
 /// What writing the request head found out.
 struct Written {
     /// The request's `Host` is not kept: each attempt sets the endpoint's.
@@ -167,7 +177,7 @@ fn write_request_head(
     head: &Head<'_>,
     target: &str,
     host: Host,
-    hops: Option<u32>,
+    first: Option<FirstHop<'_>>,
     conn: &Conn,
     upstream: Destination<'_>,
 ) -> Written {
@@ -199,7 +209,7 @@ fn write_request_head(
                 }
                 continue;
             }
-            Name::Hops if hops.is_some() => continue,
+            Name::Hops if first.is_some() => continue,
             // A credential never leaves its node; an assertion of the caller passes only from
             // a peer with a mesh certificate (see `crate::authz`).
             Name::CallerToken => continue,
@@ -242,8 +252,15 @@ fn write_request_head(
             true
         }
     };
-    if let Some(hops) = hops {
-        header(out, b"x-skyline-hops", super::hop_count(hops).as_bytes());
+    if let Some(first) = first {
+        header(
+            out,
+            b"x-skyline-hops",
+            super::hop_count(first.hops).as_bytes(),
+        );
+        if let Some(caller) = first.caller {
+            header(out, b"x-skyline-caller", caller.as_bytes());
+        }
     }
     written
 }

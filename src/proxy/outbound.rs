@@ -12,7 +12,7 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::express::{Head, Name, Verdict};
+use super::express::{FirstHop, Head, Name, Verdict};
 use super::resilience::SharedPolicies;
 use super::{
     Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Host, MeshError, as_grpc_status,
@@ -111,12 +111,17 @@ impl Proxy for Outbound {
         };
         note.label = service_label(&table, name);
         let direct = inner.is_direct(&table, &route);
+        let caller = self.caller(&table, head.get(Name::CallerToken), conn);
         drop(table);
         let policy = inner.policies.load().for_service(name).clone();
         let then = then.as_deref().map(|r| [r]);
         let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
         let mut upstream = Destination::first_hop(name, note.label.is_some(), &route, &policy);
         upstream.fallback = fallback.as_ref();
+        let first = FirstHop {
+            hops,
+            caller: caller.as_ref().map(ServiceName::as_str),
+        };
         let forwarded = inner
             .forwarder
             .express(
@@ -124,7 +129,7 @@ impl Proxy for Outbound {
                 upstream,
                 head.target,
                 Host::Keep,
-                Some(hops),
+                Some(first),
                 conn,
                 &mut note.trail,
             )
@@ -135,6 +140,24 @@ impl Proxy for Outbound {
 }
 
 impl Outbound {
+    /// The calling service this proxy asserts over mesh TLS (none without it): the one whose
+    /// credential the application presented (`token`), else the one local instance at the
+    /// client's address.
+    fn caller(&self, table: &Table, token: Option<&[u8]>, conn: &Conn) -> Option<ServiceName> {
+        let inner = &self.inner;
+        if !inner.forwarder.mesh_tls() {
+            return None;
+        }
+        let caller = match token {
+            Some(token) => inner.authz.load().caller_by_token(token).cloned(),
+            None => caller_by_address(table, inner.node, conn.peer.ip()),
+        };
+        if caller.is_none() {
+            tracing::debug!(peer = %conn.peer, token = token.is_some(), "caller unknown");
+        }
+        caller
+    }
+
     async fn route_and_forward(
         &self,
         mut req: Request<Incoming>,
@@ -171,21 +194,9 @@ impl Outbound {
         let headers = req.headers_mut();
         let token = headers.remove(&X_SKYLINE_CALLER_TOKEN);
         headers.remove(&X_SKYLINE_CALLER);
-        if inner.forwarder.mesh_tls() {
-            let caller = match &token {
-                Some(token) => inner
-                    .authz
-                    .load()
-                    .caller_by_token(token.as_bytes())
-                    .cloned(),
-                None => caller_by_address(&table, inner.node, conn.peer.ip()),
-            };
-            match caller.map(|c| HeaderValue::from_str(c.as_str())) {
-                Some(Ok(value)) => {
-                    headers.insert(&X_SKYLINE_CALLER, value);
-                }
-                _ => tracing::debug!(peer = %conn.peer, token = token.is_some(), "caller unknown"),
-            }
+        let caller = self.caller(&table, token.as_ref().map(HeaderValue::as_bytes), &conn);
+        if let Some(Ok(value)) = caller.map(|c| HeaderValue::from_str(c.as_str())) {
+            headers.insert(&X_SKYLINE_CALLER, value);
         }
         let plan = inner.route(&table, name);
         let (route, then, hold) = match plan {
