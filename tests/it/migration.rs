@@ -779,7 +779,7 @@ fn failed(load: &Load, from: u64, to: u64) -> Vec<Answer> {
 }
 
 #[test]
-fn killing_the_last_mesos_instance_before_the_catalog_knows_fails_no_get_and_no_post_and_a_broken_kubernetes_is_left_within_a_second_of_mesos_coming_back()
+fn killing_the_last_mesos_instance_before_the_catalog_knows_fails_no_get_nor_any_post_it_never_received_and_a_broken_kubernetes_is_left_within_a_second_of_mesos_coming_back()
  {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::new().unwrap_or_else(|e| {
