@@ -16,7 +16,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,9 +23,10 @@ use std::time::Duration;
 use hashbrown::HashMap;
 use http::StatusCode;
 use memchr::memmem;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::either::Either;
 
 use super::pool::{Limits, MAX_IDLE_PER_ENDPOINT, SendError, is_idempotent_name};
 use super::{
@@ -580,59 +580,7 @@ impl RawPool {
 }
 
 /// A connection to an upstream: plain TCP, or mesh mTLS to another Skyline proxy.
-enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Upstream::Plain(_) => "Upstream::Plain",
-            Upstream::Tls(_) => "Upstream::Tls",
-        })
-    }
-}
-
-impl AsyncRead for Upstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Upstream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Upstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Upstream::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Upstream::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Upstream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+type Upstream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// A raw connection to an upstream and the bytes read from it not yet relayed.
 #[derive(Debug)]
@@ -653,8 +601,8 @@ impl RawConn {
             let stream = TcpStream::connect(addr).await?;
             let _ = stream.set_nodelay(true);
             Ok::<_, io::Error>(match tls {
-                None => Upstream::Plain(stream),
-                Some(tls) => Upstream::Tls(Box::new(tls.connect(addr, stream).await?)),
+                None => Either::Left(stream),
+                Some(tls) => Either::Right(Box::new(tls.connect(addr, stream).await?)),
             })
         };
         let stream = tokio::time::timeout(timeout, opened)
@@ -673,11 +621,11 @@ impl RawConn {
     /// byte waiting on an idle connection is the peer closing it (`close_notify`) or junk.
     fn is_open(&self) -> bool {
         match &self.stream {
-            Upstream::Plain(stream) => {
+            Either::Left(stream) => {
                 let mut probe = [0u8; 1];
                 matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
-            Upstream::Tls(stream) => {
+            Either::Right(stream) => {
                 let mut probe = [0u8; 1];
                 let mut probe = ReadBuf::new(&mut probe);
                 let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -692,7 +640,7 @@ impl RawConn {
     /// Writes `bytes` whole and pushes them out (TLS may hold a record until flushed).
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes).await?;
-        if let Upstream::Tls(_) = self.stream {
+        if let Either::Right(_) = self.stream {
             self.stream.flush().await?;
         }
         Ok(())
