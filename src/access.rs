@@ -432,32 +432,7 @@ fn human(out: &mut Vec<u8>, now: SystemTime, e: &Entry<'_>) {
     human_value(out, e.request_id);
     out.extend_from_slice(b" role=");
     out.extend_from_slice(e.role.as_str().as_bytes());
-    let text = |out: &mut Vec<u8>, name: &[u8], value: Option<&str>| {
-        out.extend_from_slice(name);
-        human_value(out, value.map_or(b"-", str::as_bytes));
-    };
-    text(out, b" service=", e.service);
-    text(out, b" tier=", e.tier);
-    text(out, b" platform=", e.platform);
-    out.extend_from_slice(b" upstream=");
-    match e.upstream {
-        Some(addr) => address(out, addr),
-        None => out.push(b'-'),
-    }
-    out.extend_from_slice(b" status=");
-    number(out, e.status);
-    out.extend_from_slice(b" bytes_in=");
-    match e.bytes_in {
-        Some(n) => number(out, n),
-        None => out.push(b'-'),
-    }
-    out.extend_from_slice(b" bytes_out=");
-    number(out, e.bytes_out);
-    out.extend_from_slice(b" duration_ms=");
-    millis(out, e.duration);
-    out.extend_from_slice(b" attempts=");
-    number(out, e.attempts);
-    text(out, b" error=", e.error);
+    fields(out, Style::Human, e);
     out.push(b'\n');
 }
 
@@ -496,37 +471,92 @@ fn json(out: &mut Vec<u8>, now: SystemTime, e: &Entry<'_>) {
     out.extend_from_slice(b",\"role\":\"");
     out.extend_from_slice(e.role.as_str().as_bytes());
     out.push(b'"');
-    let text = |out: &mut Vec<u8>, name: &[u8], value: Option<&str>| {
-        out.extend_from_slice(name);
-        json_string(out, value.map(str::as_bytes));
-    };
-    text(out, b",\"service\":", e.service);
-    text(out, b",\"tier\":", e.tier);
-    text(out, b",\"platform\":", e.platform);
-    out.extend_from_slice(b",\"upstream\":");
-    match e.upstream {
-        Some(addr) => {
-            out.push(b'"');
-            address(out, addr);
-            out.push(b'"');
+    fields(out, Style::Json, e);
+    out.extend_from_slice(b"},\"target\":\"skyline::access\"}\n");
+}
+
+/// How a line writes its fields: `key=value` with `-` for a missing value, or JSON members
+/// with `null`.
+#[derive(Clone, Copy)]
+enum Style {
+    Human,
+    Json,
+}
+
+impl Style {
+    /// The separator and the key before a value: ` key=` or `,"key":`.
+    fn key(self, out: &mut Vec<u8>, key: &str) {
+        match self {
+            Style::Human => {
+                out.push(b' ');
+                out.extend_from_slice(key.as_bytes());
+                out.push(b'=');
+            }
+            Style::Json => {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(b"\":");
+            }
         }
-        None => out.extend_from_slice(b"null"),
     }
-    out.extend_from_slice(b",\"status\":");
+
+    fn missing(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(match self {
+            Style::Human => b"-",
+            Style::Json => b"null",
+        });
+    }
+
+    fn text(self, out: &mut Vec<u8>, value: Option<&str>) {
+        match self {
+            Style::Human => human_value(out, value.map_or(b"-", str::as_bytes)),
+            Style::Json => json_string(out, value.map(str::as_bytes)),
+        }
+    }
+
+    /// A string that never needs escaping (an address): quoted in JSON only.
+    fn plain(self, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        match self {
+            Style::Human => write(out),
+            Style::Json => {
+                out.push(b'"');
+                write(out);
+                out.push(b'"');
+            }
+        }
+    }
+}
+
+/// The fields after the request id and role, the same in both formats.
+fn fields(out: &mut Vec<u8>, style: Style, e: &Entry<'_>) {
+    for (key, value) in [
+        ("service", e.service),
+        ("tier", e.tier),
+        ("platform", e.platform),
+    ] {
+        style.key(out, key);
+        style.text(out, value);
+    }
+    style.key(out, "upstream");
+    match e.upstream {
+        Some(addr) => style.plain(out, |out| address(out, addr)),
+        None => style.missing(out),
+    }
+    style.key(out, "status");
     number(out, e.status);
-    out.extend_from_slice(b",\"bytes_in\":");
+    style.key(out, "bytes_in");
     match e.bytes_in {
         Some(n) => number(out, n),
-        None => out.extend_from_slice(b"null"),
+        None => style.missing(out),
     }
-    out.extend_from_slice(b",\"bytes_out\":");
+    style.key(out, "bytes_out");
     number(out, e.bytes_out);
-    out.extend_from_slice(b",\"duration_ms\":");
+    style.key(out, "duration_ms");
     millis(out, e.duration);
-    out.extend_from_slice(b",\"attempts\":");
+    style.key(out, "attempts");
     number(out, e.attempts);
-    text(out, b",\"error\":", e.error);
-    out.extend_from_slice(b"},\"target\":\"skyline::access\"}\n");
+    style.key(out, "error");
+    style.text(out, e.error);
 }
 
 /// A JSON string (or `null`): `"` and `\` escaped, control characters as `\u00XX`, bytes
