@@ -711,6 +711,16 @@ async fn the_bridge_and_the_gateway_enforce_policies_on_calls_to_kubernetes_serv
         callers.push(line["caller"].as_str().unwrap_or("").to_owned());
     }
 
+    // A rule added to the bridge's file applies within its poll, without a restart.
+    crate::support::write_atomically(
+        Path::new(&config_br),
+        &(tls("br")
+            + "[[authz.rule]]\nfrom = \"frontend\"\nto = \"shop\"\npath_prefix = \"/file\"\naction = \"deny\"\n"),
+    );
+    until("/file", FRONTEND_TOKEN, 403).await;
+    bridge.log.wait_for("authorization policies reloaded").await;
+    assert_eq!(call("/x", FRONTEND_TOKEN).await.status, 200);
+
     for process in [&a, &gateway, &bridge] {
         process.sigterm();
     }
