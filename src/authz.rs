@@ -1,6 +1,8 @@
-//! Authorization: which service may call which, enforced by the inbound proxy of the node
-//! that runs the called instance; and the calling service's identity, established by the
-//! caller's agent and asserted over the mTLS link (see docs/security.md).
+//! Authorization: which service may call which, enforced on the destination's side by the
+//! inbound proxy of the node that runs the called instance, by the gateway, and by the bridge
+//! for Kubernetes Services (each with [`enforce`] or [`Compiled::check`], over the same
+//! rules); and the calling service's identity, established by the caller's agent and asserted
+//! over the mTLS link (see docs/security.md).
 //!
 //! - Identity. The outbound proxy names the calling service from a per-service credential
 //!   (header `x-skyline-caller-token`, compared in constant time with the token files of
@@ -55,6 +57,18 @@ pub struct AuthzConfig {
     /// Per-service credentials (file only).
     #[serde(default)]
     pub caller: Vec<CallerConfig>,
+}
+
+/// `[authz]` of a gateway's or bridge's file: the agent's keys without `caller` (these roles
+/// name no caller; they check the one a mesh peer asserts).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `"allow"` or `"deny"`: what happens to a request no rule matches [default: allow].
+    pub default: Option<String>,
+    /// The rules; a matching `deny` wins over a matching `allow`.
+    #[serde(default)]
+    pub rule: Vec<RuleConfig>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -276,6 +290,14 @@ pub struct Compiled {
     pub callers: Vec<Caller>,
 }
 
+impl std::fmt::Debug for Authz {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authz")
+            .field("rules", &self.load().rules.len())
+            .finish()
+    }
+}
+
 impl Authz {
     pub fn new(file: Settings) -> Self {
         let authz = Self::default();
@@ -426,6 +448,47 @@ pub fn caller_by_address(table: &Table, node: IpAddr, ip: IpAddr) -> Option<Serv
 pub fn asserted_caller(trusted: bool, value: Option<&[u8]>) -> Option<&str> {
     let value = std::str::from_utf8(value?).ok()?;
     (trusted && ServiceName::is_valid(value)).then_some(value)
+}
+
+/// The check of a request on hyper's path at a mesh listener (the gateway, the bridge):
+/// `Ok(None)` when no policy is in force or the path after `/service/<name>` (`rest`) is
+/// normal already, `Ok(Some(normal))` when the listener must forward `normal` instead, or the
+/// mesh error to answer with [`refusal`] (`forbidden`, after the audit line; `bad-request` for
+/// a path that does not normalise). The caller is `x-skyline-caller` from a peer with a mesh
+/// certificate only (see [`asserted_caller`]).
+pub fn enforce<B>(
+    authz: &Authz,
+    req: &http::Request<B>,
+    conn: &crate::serve::Conn,
+    service: &str,
+    rest: &str,
+) -> Result<Option<String>, MeshError> {
+    let compiled = authz.load();
+    if compiled.open {
+        return Ok(None);
+    }
+    let caller = asserted_caller(
+        conn.mesh_peer.is_some(),
+        req.headers().get(&X_SKYLINE_CALLER).map(|v| v.as_bytes()),
+    );
+    match compiled.check(caller, service, req.method().as_str(), rest)? {
+        Cow::Borrowed(_) => Ok(None),
+        Cow::Owned(normal) => Ok(Some(normal)),
+    }
+}
+
+/// The answer to `req` that [`enforce`] refused with `error`: `403 forbidden` (or 400) with
+/// `x-skyline-error`, and a gRPC call's as its status (PERMISSION_DENIED).
+pub fn refusal<B>(
+    req: &http::Request<B>,
+    error: MeshError,
+    service: &str,
+) -> http::Response<crate::proxy::Body> {
+    let mut response = error.into_response(service);
+    if crate::proxy::is_grpc(req) {
+        crate::proxy::as_grpc_status(&mut response);
+    }
+    response
 }
 
 /// Removes what a mesh listener does not believe: a credential always (it never leaves its

@@ -63,6 +63,14 @@ pub struct Settings {
     /// Mesh TLS on the bridge's listeners (host port 5041; a Kubernetes Service port in
     /// permissive mode takes plain requests from pods) and toward the gateways; `None`: off.
     pub tls: Option<crate::tls::Settings>,
+    /// Authorization policies of the file (`[authz]`, without callers), enforced on requests
+    /// to Kubernetes Services.
+    pub authz: crate::authz::Settings,
+    /// Where `skyline/policies/` is watched (the registry or Consul); `None`: the file's only.
+    pub kv: Option<SocketAddr>,
+    /// How to read the config file again when it changes, for its `[authz]`; `None` when
+    /// there is no config file.
+    pub reload: Option<config::BridgeArgs>,
     /// The access log.
     pub access: crate::access::Settings,
     /// The admin listener's bearer token, and the registry token sent to the catalog.
@@ -211,6 +219,8 @@ struct Inner {
     forwarder: Forwarder,
     resilience: Arc<Resilience>,
     max_hops: u32,
+    /// The authorization policies in force (see [`crate::authz`]).
+    authz: crate::authz::Authz,
 }
 
 /// A resolver that asks only `dns`, with hickory's per-TTL cache.
@@ -233,6 +243,7 @@ pub fn resolver(dns: SocketAddr) -> Result<TokioResolver, String> {
 }
 
 impl Bridge {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         resolver: TokioResolver,
         names: Names,
@@ -241,6 +252,7 @@ impl Bridge {
         max_hops: u32,
         resilience: Resilience,
         forwarder: Forwarder,
+        authz: crate::authz::Authz,
     ) -> Self {
         let gateways = (!gateways.is_empty()).then(|| {
             Arc::new(Route::new(
@@ -260,6 +272,7 @@ impl Bridge {
                 forwarder,
                 resilience: Arc::new(resilience),
                 max_hops,
+                authz,
             }),
         }
     }
@@ -363,9 +376,19 @@ impl Bridge {
         note: &mut Note,
     ) -> Response<Body> {
         let uri = req.uri().clone();
-        let (name, target) = match split_service_path(uri.path()) {
-            Ok((name, rest)) => (name, strip_prefix(rest, uri.query())),
+        let (name, rest) = match split_service_path(uri.path()) {
+            Ok(split) => split,
             Err(e) => return e.into_response(""),
+        };
+        // The bridge is the destination's side for Kubernetes Services: it checks the
+        // policies, and the Service receives the path they judged.
+        let target = match crate::authz::enforce(&self.inner.authz, &req, &conn, name, rest) {
+            Ok(None) => strip_prefix(rest, uri.query()),
+            Ok(Some(normal)) => strip_prefix(&normal, uri.query()),
+            Err(e) => {
+                note.label = metrics::unverified(name);
+                return crate::authz::refusal(&req, e, name);
+            }
         };
         let target = match target {
             Ok(t) => t,
@@ -553,6 +576,46 @@ async fn follow_applied(mut catalog: Subscriber, applied: crate::catalog::Applie
     }
 }
 
+/// Re-reads the config file when it changes (checked every
+/// [`FILE_ROUTES_POLL`](crate::gateway::FILE_ROUTES_POLL), as the gateway does) and puts its
+/// `[authz]` in force. A file that does not validate is refused with file, key and reason, and
+/// the policies in force are kept. Each reload counts in `metrics` as accepted or refused.
+async fn watch_file_authz(
+    args: config::BridgeArgs,
+    authz: crate::authz::Authz,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let Some(path) = args.config.clone() else {
+        return;
+    };
+    let mut seen = crate::catalog::file::stamp(&path).ok();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(crate::gateway::FILE_ROUTES_POLL) => {}
+        }
+        let now = crate::catalog::file::stamp(&path).ok();
+        if now.is_none() || now == seen {
+            continue;
+        }
+        seen = now;
+        match args.clone().resolve() {
+            Ok(settings) => {
+                metrics.config_reload(true);
+                if !authz.file_is(&settings.authz) {
+                    tracing::info!(path = %path.display(), rules = settings.authz.policy.rules.len(), "authorization policies reloaded");
+                    authz.set_file(settings.authz);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "config file refused; keeping the authorization policies in force");
+                metrics.config_reload(false);
+            }
+        }
+    }
+}
+
 // === Running ===
 
 pub struct BridgeHandle {
@@ -634,6 +697,24 @@ pub async fn spawn_on(
         _ => None,
     };
     let resolver = resolver(settings.dns).map_err(BridgeError::Resolver)?;
+    let authz = crate::authz::Authz::new(settings.authz.clone());
+    if let Some(address) = settings.kv {
+        tasks.spawn(crate::authz::kv::watch(
+            address,
+            settings.tokens.registry.clone(),
+            authz.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(args) = settings.reload.clone() {
+        tasks.spawn(watch_file_authz(
+            args,
+            authz.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let bridge = Bridge::new(
         resolver,
         settings.names.clone(),
@@ -643,6 +724,7 @@ pub async fn spawn_on(
         settings.resilience.clone(),
         // Over mesh TLS (when on) to the gateways; plain HTTP to Kubernetes Services.
         Forwarder::with_tls(metrics.clone(), tls.clone()),
+        authz.clone(),
     );
     let addrs: Vec<SocketAddr> = listeners
         .iter()

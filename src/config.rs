@@ -848,11 +848,25 @@ fn authz_settings(
     Ok(crate::authz::Settings { policy, callers })
 }
 
+/// The `[authz]` of a gateway's or bridge's file: the agent's keys, without `caller` (refused
+/// when parsed: these roles name no caller, they check the one a mesh peer asserts).
+pub(crate) fn authz_policy(
+    src: &Source,
+    section: &crate::authz::PolicyConfig,
+) -> Result<crate::authz::Settings, ConfigError> {
+    let section = crate::authz::AuthzConfig {
+        default: section.default.clone(),
+        rule: section.rule.clone(),
+        caller: Vec::new(),
+    };
+    authz_settings(src, &section)
+}
+
 /// The `[authz]` sections of the agent's file (see `crate::authz`).
 pub const AUTHZ_SECTION: Section = Section {
     table: "authz",
     sample: "",
-    doc: "Authorization policies, enforced by the inbound proxy of the node that runs the called instance; more come from the registry KV under `skyline/policies/`. Re-read on SIGHUP. See docs/security.md.",
+    doc: "Authorization policies, enforced by the inbound proxy of the node that runs the called instance, by the gateway and by the bridge (the same rules in each; `caller` is the agent's only); more come from the registry KV under `skyline/policies/`. The agent re-reads them on SIGHUP, the gateway and the bridge within 250 ms of a change to their file. See docs/security.md.",
     defaults_from: None,
     keys: &[file_only(
         "default",

@@ -96,6 +96,9 @@ pub struct Settings {
     pub resilience: Resilience,
     /// Mesh TLS on the gateway listener and toward inbound proxies and bridges; `None`: off.
     pub tls: Option<crate::tls::Settings>,
+    /// Authorization policies of the file (`[authz]`, without callers); the KV's are watched
+    /// in the registry the gateway follows.
+    pub authz: crate::authz::Settings,
     /// The access log (read at start; a reload keeps it).
     pub access: crate::access::Settings,
     /// The admin listener's bearer token, and the registry token sent to the catalog and KV.
@@ -354,6 +357,8 @@ pub struct Gateway {
     forwarder: Forwarder,
     resilience: ArcSwap<Resilience>,
     max_hops: u32,
+    /// The authorization policies in force (see [`crate::authz`]).
+    pub authz: crate::authz::Authz,
     /// The client of shadow copies, apart from the forwarder: copies leave no trace in the
     /// endpoints' state (latency, ejections) that real requests depend on.
     shadow_client: Client<HttpConnector, Empty<Bytes>>,
@@ -401,6 +406,7 @@ impl Gateway {
             forwarder: Forwarder::with_tls(metrics, tls),
             resilience: ArcSwap::from_pointee(resilience),
             max_hops,
+            authz: crate::authz::Authz::default(),
             shadow_client: Client::builder(TokioExecutor::new()).build_http(),
             shadow_slots: Arc::new(tokio::sync::Semaphore::new(SHADOW_IN_FLIGHT)),
         });
@@ -679,6 +685,22 @@ impl Gateway {
     }
 }
 
+/// `/service/<name>` + `path` (normalised by the policies) + `?query`, the target the gateway
+/// forwards once the policies judged `path`.
+fn normalised_target(
+    name: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Result<http::uri::PathAndQuery, MeshError> {
+    let mut target = format!("/service/{name}{path}");
+    if let Some(query) = query {
+        target.push('?');
+        target.push_str(query);
+    }
+    http::uri::PathAndQuery::from_maybe_shared(Bytes::from(target))
+        .map_err(|_| MeshError::bad_request("invalid request target"))
+}
+
 // === Handler ===
 
 /// The gateway listener's handler.
@@ -709,8 +731,8 @@ impl Proxy for GatewayHandler {
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
         };
-        let name = match split_service_path(target.path()) {
-            Ok((name, _)) => name,
+        let (name, rest) = match split_service_path(target.path()) {
+            Ok(split) => split,
             Err(e) => return e.into_response(""),
         };
         if let Err(e) = count_hop(req.headers_mut(), self.gateway.max_hops) {
@@ -724,6 +746,19 @@ impl Proxy for GatewayHandler {
         note.label = match table.services.get_key_value(name) {
             Some((service, _)) => Some(ServiceLabel::known(service.clone())),
             None => metrics::unverified(name),
+        };
+        // The policies, as the destination's proxy checks them; the next hop gets the path
+        // they judged.
+        let normal = match crate::authz::enforce(&self.gateway.authz, &req, &conn, name, rest) {
+            Ok(normal) => normal,
+            Err(e) => return crate::authz::refusal(&req, e, name),
+        };
+        let target = match normal {
+            None => target.clone(),
+            Some(normal) => match normalised_target(name, &normal, target.query()) {
+                Ok(t) => t,
+                Err(e) => return e.into_response(name),
+            },
         };
         let (route, known) = table.tiers(name);
         let chosen = self.gateway.choose(name, route, known, from_bridge);
@@ -996,6 +1031,17 @@ pub async fn spawn_on(
         metrics.clone(),
         tls.clone(),
     );
+    gateway.authz.set_file(settings.authz.clone());
+    // The KV's authorization policies, in the registry the gateway follows (as an agent).
+    if let CatalogSource::Consul(registry) = &settings.catalog {
+        tasks.spawn(crate::authz::kv::watch(
+            *registry,
+            settings.tokens.registry.clone(),
+            gateway.authz.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     match settings.reload.clone() {
         Some(args) => {
             let watch = watch_file_routes(
@@ -1190,6 +1236,10 @@ pub async fn watch_file_routes(
                 metrics.config_reload(true);
                 tx.send_replace(settings.routes);
                 gateway.resilience.store(Arc::new(settings.resilience));
+                if !gateway.authz.file_is(&settings.authz) {
+                    tracing::info!(path = %path.display(), rules = settings.authz.policy.rules.len(), "authorization policies reloaded");
+                    gateway.authz.set_file(settings.authz);
+                }
             }
             Err(error) => {
                 tracing::error!(%error, "route policies refused; keeping those in force");

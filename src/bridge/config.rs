@@ -83,7 +83,9 @@ pub struct BridgeArgs {
     )]
     pub gateways: Option<Vec<SocketAddr>>,
 
-    /// The Consul agent or Skyline registry, to find the gateways [default: 127.0.0.1:8500]
+    /// The Consul agent or Skyline registry, to find the gateways and to watch the
+    /// authorization policies (skyline/policies/) in; with --gateways, used for the policies
+    /// only when given [default: 127.0.0.1:8500]
     #[arg(long, env = "SKYLINE_CONSUL", value_name = "ADDR")]
     pub consul: Option<SocketAddr>,
 
@@ -239,6 +241,8 @@ pub const FILE: &[Section] = &[
         keys: RESILIENCE_KEYS,
     },
     crate::config::TLS_SECTION,
+    crate::config::AUTHZ_SECTION,
+    crate::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
 ];
 
@@ -255,6 +259,9 @@ struct FileConfig {
     /// Mesh TLS (the agent's keys).
     #[serde(default)]
     tls: crate::config::TlsSection,
+    /// Authorization policies (the agent's keys, without `caller`).
+    #[serde(default)]
+    authz: crate::authz::PolicyConfig,
     #[serde(default)]
     log: LogSection,
 }
@@ -318,6 +325,7 @@ fn from_flag_or_file<T>(flag: Option<T>, file: Option<Spanned<T>>) -> (Option<T>
 
 impl BridgeArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let reload = self.config.is_some().then(|| self.clone());
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let access = self.access.resolve(&src, &file.log)?;
@@ -369,6 +377,12 @@ impl BridgeArgs {
         };
         let gateways = self.gateways.or(b.gateways).unwrap_or_default();
         let consul = self.consul.or(b.consul);
+        // Authorization policies in the KV of the registry the bridge follows, or of the one
+        // it names with fixed gateways.
+        let kv = match (gateways.is_empty(), consul) {
+            (true, c) => Some(c.unwrap_or(crate::config::DEFAULT_REGISTRY)),
+            (false, c) => c,
+        };
         let catalog = gateways
             .is_empty()
             .then(|| CatalogSource::Consul(consul.unwrap_or(crate::config::DEFAULT_REGISTRY)));
@@ -383,6 +397,7 @@ impl BridgeArgs {
             return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }
         let tls = crate::config::mesh_tls(&src, &file.tls)?;
+        let authz = crate::config::authz_policy(&src, &file.authz)?;
         let tokens = self.tokens.resolve(
             &src,
             ("bridge.admin_token_file", &b.admin_token_file),
@@ -391,6 +406,9 @@ impl BridgeArgs {
         )?;
         Ok(Settings {
             tls,
+            authz,
+            kv,
+            reload,
             tokens,
             listen,
             admin: admin.addr(),

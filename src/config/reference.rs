@@ -656,12 +656,13 @@ mod tests {
         assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
 
         let path = write(&dir, &example(&cli, Role::Bridge));
-        let from_example = crate::bridge::config::BridgeArgs {
+        let mut from_example = crate::bridge::config::BridgeArgs {
             config: Some(path),
             ..Default::default()
         }
         .resolve()
         .unwrap();
+        from_example.reload = None;
         let defaults = crate::bridge::config::BridgeArgs::default()
             .resolve()
             .unwrap();

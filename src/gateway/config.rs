@@ -318,6 +318,8 @@ pub const FILE: &[Section] = &[
         ],
     },
     crate::config::TLS_SECTION,
+    crate::config::AUTHZ_SECTION,
+    crate::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
 ];
 
@@ -340,6 +342,9 @@ struct FileConfig {
     /// Mesh TLS (the agent's keys).
     #[serde(default)]
     tls: crate::config::TlsSection,
+    /// Authorization policies (the agent's keys, without `caller`).
+    #[serde(default)]
+    authz: crate::authz::PolicyConfig,
     #[serde(default)]
     log: LogSection,
 }
@@ -494,6 +499,7 @@ impl GatewayArgs {
             _ => None,
         };
         let tls = crate::config::mesh_tls(&src, &file.tls)?;
+        let authz = crate::config::authz_policy(&src, &file.authz)?;
         let tokens = self.tokens.resolve(
             &src,
             ("listen.admin_token_file", &file.listen.admin_token_file),
@@ -502,6 +508,7 @@ impl GatewayArgs {
         )?;
         Ok(Settings {
             tls,
+            authz,
             tokens,
             resilience,
             listen,
@@ -546,6 +553,24 @@ mod tests {
         assert_eq!(s.routes["giphy"].hold, DEFAULT_HOLD);
         assert_eq!(s.catalog, CatalogSource::Consul(DEFAULT_REGISTRY));
         assert_eq!(s.kv, Some(DEFAULT_REGISTRY));
+    }
+
+    #[test]
+    fn the_gateway_takes_the_agents_authz_rules_and_refuses_callers() {
+        let (_d, args) = with_file(
+            "[authz]\ndefault = \"deny\"\n[[authz.rule]]\nfrom = \"web\"\nto = \"*\"\naction = \"allow\"\n",
+        );
+        let s = args.resolve().unwrap();
+        assert_eq!(s.authz.policy.rules.len(), 1);
+        assert_eq!(s.authz.policy.default, Some(crate::authz::Action::Deny));
+        let (_d, args) =
+            with_file("[[authz.rule]]\nfrom = \"web\"\nto = \"a\"\naction = \"perhaps\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("authz.rule[0].action"));
+        let (_d, args) =
+            with_file("[[authz.caller]]\nservice = \"web\"\ntoken_file = \"web.token\"\n");
+        let e = args.resolve().unwrap_err();
+        assert!(e.to_string().contains("caller"), "{e}");
     }
 
     #[test]

@@ -474,3 +474,258 @@ async fn a_kv_policy_takes_effect_without_restart_and_a_bad_one_keeps_the_last_g
     mesh.until_status("/admin", 200).await;
     mesh.stop().await;
 }
+
+// === Gateway and bridge ===
+
+/// Issues a certificate of `kind` named `name` into `dir`/`name`.{crt,key}.
+fn issue(ca: &Path, dir: &Path, kind: &str, name: &str) {
+    skyline(&[
+        "ca",
+        "issue",
+        "--dir",
+        s(ca),
+        "--kind",
+        kind,
+        "--name",
+        name,
+        "--ttl",
+        "1h",
+        "--out",
+        s(&dir.join(name)),
+    ]);
+}
+
+/// `shop` runs only in Kubernetes (a pod behind `shop.default.svc.cluster.local`), so a call
+/// from node a goes outbound → gateway (a's catch-all) → bridge → pod, every proxy hop over
+/// strict mTLS. The bridge watches `skyline/policies/` in the registry; the gateway follows a
+/// catalog file (no KV) with a rule of its own in its file, so each denial below comes from
+/// the proxy whose log holds its audit line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_and_the_gateway_enforce_policies_on_calls_to_kubernetes_services_over_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    skyline(&["ca", "init", "--dir", s(&ca), "--trust-domain", "mesh.test"]);
+    let (_registry, registry) = Skyline::registry(d).await;
+    let pod = TestApp::spawn("pod", ip("127.0.0.5"));
+    let dns =
+        crate::upgrade::ClusterDns::start(&[("shop.default.svc.cluster.local", "127.0.0.5")]).await;
+    std::fs::write(d.join("frontend.token"), FRONTEND_TOKEN).unwrap();
+    std::fs::write(d.join("billing.token"), BILLING_TOKEN).unwrap();
+    let tls = |name: &str| {
+        format!(
+            "[tls]\nmode = \"strict\"\nca = \"ca/ca.crt\"\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\n\n"
+        )
+    };
+    let write = |name: &str, text: String| {
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    issue(&ca, d, "node", "a");
+    issue(&ca, d, "gateway", "gw");
+    issue(&ca, d, "bridge", "br");
+    let config_a = write(
+        "a",
+        tls("a")
+            + "[[authz.caller]]\nservice = \"frontend\"\ntoken_file = \"frontend.token\"\n\n\
+               [[authz.caller]]\nservice = \"billing\"\ntoken_file = \"billing.token\"\n",
+    );
+    let config_gw = write(
+        "gw",
+        tls("gw")
+            + "[[authz.rule]]\nfrom = \"billing\"\nto = \"shop\"\npath_prefix = \"/refunds\"\naction = \"deny\"\n",
+    );
+    let config_br = write("br", tls("br"));
+    let catalog = d.join("catalog.toml");
+    std::fs::write(&catalog, "").unwrap();
+
+    let gateway_addr = crate::faults::free_addr("127.0.0.6");
+    let bridge_admin = crate::faults::free_addr("127.0.0.4");
+    let mut bridge = Skyline::start(
+        &[
+            "bridge",
+            "--config",
+            &config_br,
+            "--listen",
+            "127.0.0.4:0",
+            "--admin",
+            &bridge_admin,
+            "--dns",
+            &dns.addr.to_string(),
+            "--port",
+            &pod.addr.port().to_string(),
+            "--gateways",
+            &gateway_addr,
+            "--consul",
+            &registry,
+        ],
+        &[],
+    );
+    let started = bridge.log.wait_for("bridge started").await;
+    let bridge_host = started["listen"].as_str().unwrap().to_owned();
+    let mut gateway = Skyline::start(
+        &[
+            "gateway",
+            "--config",
+            &config_gw,
+            "--listen",
+            &gateway_addr,
+            "--admin",
+            "off",
+            "--catalog-file",
+            s(&catalog),
+            "--bridges",
+            &bridge_host,
+        ],
+        &[],
+    );
+    gateway.log.wait_for("gateway started").await;
+    let mut a = Skyline::start(
+        &[
+            "agent",
+            "--config",
+            &config_a,
+            "--node-name",
+            "a",
+            "--node-address",
+            "127.0.0.2",
+            "--outbound",
+            "127.0.0.2:0",
+            "--inbound",
+            "off",
+            "--admin",
+            "off",
+            "--catch-all",
+            &gateway_addr,
+            "--catalog",
+            "consul",
+            "--consul",
+            &registry,
+        ],
+        &[],
+    );
+    let started = a.log.wait_for("agent started").await;
+    let outbound_a = started["outbound"].as_str().unwrap().to_owned();
+    let call = |path: &str, token: &str| {
+        let req = Request::get(format!("http://{outbound_a}/service/shop{path}"))
+            .header("x-skyline-caller-token", token)
+            .body(Full::default())
+            .unwrap();
+        async move { Client::new().send(req).await.unwrap() }
+    };
+    // Calls `path` as `token`'s service until it answers `status` (bounded: 10 s).
+    let until = |path: &'static str, token: &'static str, status: u16| {
+        let call = &call;
+        async move {
+            for _ in 0..400 {
+                if call(path, token).await.status == status {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("{path} as {token} never answered {status}");
+        }
+    };
+    let registry_addr: SocketAddr = registry.parse().unwrap();
+    let kv_put = |key: &str, value: &str| {
+        let req = Request::put(format!("http://{registry_addr}/v1/kv/{key}"))
+            .body(Full::new(Bytes::from(value.to_owned())))
+            .unwrap();
+        async move {
+            let reply = Client::new().send(req).await.unwrap();
+            assert_eq!(reply.status, 200, "{reply:?}");
+        }
+    };
+
+    // No policy in the KV yet: both callers reach the pod, which learns who called.
+    until("/x", FRONTEND_TOKEN, 200).await;
+    assert_eq!(
+        pod.seen().pop().unwrap().headers["x-skyline-caller"],
+        "frontend"
+    );
+
+    // Frontend may not call shop: the bridge denies it, with its audit line and counter.
+    let key = "skyline/policies/shop-callers";
+    kv_put(
+        key,
+        r#"{"rule":[{"from":"frontend","to":"shop","action":"deny"}]}"#,
+    )
+    .await;
+    until("/x", FRONTEND_TOKEN, 403).await;
+    let hits = pod.hits();
+    let denied = call("/orders//%6Cist", FRONTEND_TOKEN).await;
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(denied.mesh_error(), Some("forbidden"), "{denied:?}");
+    assert_eq!(denied.json()["service"], "shop");
+    let line = bridge.log.wait_for("request denied").await;
+    assert_eq!(line["caller"], "frontend");
+    assert_eq!(line["destination"], "shop");
+    assert_eq!(line["rule"], "kv:shop-callers:rule[0]");
+    // Billing is allowed, and the pod receives the path the policies judged.
+    let allowed = call("/orders//%6Cist;x=1?q=1", BILLING_TOKEN).await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    let seen = pod.seen().pop().unwrap();
+    assert_eq!(seen.target, "/orders/list?q=1");
+    assert_eq!(seen.headers["x-skyline-caller"], "billing");
+    assert_eq!(pod.hits(), hits + 1, "a denied request reached the pod");
+    let metrics = scrape(bridge_admin.parse().unwrap()).await;
+    let forbidden = metrics
+        .text
+        .lines()
+        .filter(|l| {
+            l.starts_with("skyline_requests_total{")
+                && l.contains("role=\"bridge\"")
+                && l.contains("error=\"forbidden\"")
+        })
+        .count();
+    assert!(forbidden >= 1, "{}", metrics.text);
+
+    // The gateway enforces its own file's rule (billing may not reach /refunds, in any
+    // spelling), before the request goes on to the bridge.
+    let refused = call("/x/../%72efunds/1", BILLING_TOKEN).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(refused.mesh_error(), Some("forbidden"));
+    let line = gateway.log.wait_for("request denied").await;
+    assert_eq!(line["caller"], "billing");
+    assert_eq!(line["path"], "/refunds/1");
+    assert_eq!(line["rule"], "file:rule[0]");
+    assert_eq!(pod.hits(), hits + 1, "a denied request reached the pod");
+
+    // A policy change in the KV applies without a restart: now billing is the one denied.
+    kv_put(
+        key,
+        r#"{"rule":[{"from":"billing","to":"shop","action":"deny"}]}"#,
+    )
+    .await;
+    until("/x", BILLING_TOKEN, 403).await;
+    assert_eq!(call("/x", FRONTEND_TOKEN).await.status, 200);
+    // Earlier denials of frontend may come first in the bridge's log (bounded: each wait is).
+    let mut callers = Vec::new();
+    while callers.last().is_none_or(|c| c != "billing") {
+        assert!(
+            callers.len() < 20,
+            "no denial of billing at the bridge: {callers:?}"
+        );
+        let line = bridge.log.wait_for("request denied").await;
+        callers.push(line["caller"].as_str().unwrap_or("").to_owned());
+    }
+
+    // A rule added to the bridge's file applies within its poll, without a restart.
+    crate::support::write_atomically(
+        Path::new(&config_br),
+        &(tls("br")
+            + "[[authz.rule]]\nfrom = \"frontend\"\nto = \"shop\"\npath_prefix = \"/file\"\naction = \"deny\"\n"),
+    );
+    until("/file", FRONTEND_TOKEN, 403).await;
+    bridge.log.wait_for("authorization policies reloaded").await;
+    assert_eq!(call("/x", FRONTEND_TOKEN).await.status, 200);
+
+    for process in [&a, &gateway, &bridge] {
+        process.sigterm();
+    }
+    a.exited_cleanly().await;
+    gateway.exited_cleanly().await;
+    bridge.exited_cleanly().await;
+    pod.stop().await;
+}

@@ -64,6 +64,7 @@ impl Setup {
                     reload: None,
                     resilience: Default::default(),
                     tls: None,
+                    authz: Default::default(),
                     access: skyline::access::Settings::off(),
                     tokens: Default::default(),
                 },

@@ -173,6 +173,9 @@ impl Loopback {
                 max_hops: DEFAULT_MAX_HOPS,
                 resilience: Default::default(),
                 tls: None,
+                authz: Default::default(),
+                kv: None,
+                reload: None,
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
                 tokens: Default::default(),
@@ -221,6 +224,7 @@ impl Loopback {
                 reload: None,
                 resilience: Default::default(),
                 tls: None,
+                authz: Default::default(),
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
                 tokens: Default::default(),
