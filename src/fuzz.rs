@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("registry_json", registry_json),
     ("config_file", config_file),
     ("route_policy", route_policy),
+    ("authz_policy", authz_policy),
 ];
 
 /// The function of target `name`.
@@ -214,4 +215,30 @@ pub fn route_policy(data: &[u8]) {
         &crate::gateway::policy::default_upstreams(),
         crate::gateway::policy::DEFAULT_HOLD,
     );
+}
+
+// === authz_policy ===
+
+/// An authorization policy as stored in the registry KV (`skyline/policies/<name>`, JSON or
+/// TOML), and a request path through the normalisation that policies match: a normal path is
+/// its own normal form (normalising twice changes nothing), starts with `/`, and has no `.` or
+/// `..` segment and no empty one but a trailing `/`.
+pub fn authz_policy(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = crate::authz::Policy::parse_kv("fuzz", text);
+    let path = text.lines().next().unwrap_or("");
+    if let Ok(normal) = crate::authz::path::normalise(path) {
+        assert!(normal.starts_with('/'), "{path:?} -> {normal:?}");
+        let again = crate::authz::path::normalise(&normal);
+        assert_eq!(again.as_deref(), Ok(&*normal), "normalising {path:?} twice");
+        let inner = normal.trim_end_matches('/');
+        for segment in inner.split('/').skip(1) {
+            assert!(
+                !matches!(segment, "" | "." | ".."),
+                "{path:?} -> {normal:?} keeps segment {segment:?}"
+            );
+        }
+    }
 }

@@ -162,7 +162,7 @@ const TEXT_WORDS: &[&[u8]] = &[
 fn dictionary(target: &str) -> &'static [&'static [u8]] {
     match target {
         "http1_guard" => HTTP_WORDS,
-        "registry_json" | "route_policy" => JSON_WORDS,
+        "registry_json" | "route_policy" | "authz_policy" => JSON_WORDS,
         _ => TEXT_WORDS,
     }
 }
