@@ -370,6 +370,9 @@ pub struct AgentArgs {
 
     #[command(flatten)]
     pub access: AccessArgs,
+
+    #[command(flatten)]
+    pub peers: crate::proxy::h2::PeerArgs,
 }
 
 /// Settings of `skyline registry`, the Consul-compatible catalog for one node or a small site.
@@ -572,6 +575,8 @@ struct FileConfig {
     authz: crate::authz::AuthzConfig,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    mesh: crate::proxy::h2::MeshSection,
 }
 
 // === The file's keys, described ===
@@ -1220,6 +1225,7 @@ pub const AGENT_FILE: &[Section] = &[
     AUTHZ_RULE_SECTION,
     AUTHZ_CALLER_SECTION,
     crate::access::FILE_SECTION,
+    crate::proxy::h2::FILE_SECTION,
 ];
 
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
@@ -1417,6 +1423,7 @@ impl AgentArgs {
         let src = &source;
         let resilience = policies(src, &file)?;
         let access = self.access.resolve(src, &file.log)?;
+        let peer_protocol = self.peers.resolve(src, &file.mesh)?;
 
         let (node_name, at) = match (self.node_name, file.node.name) {
             (Some(n), _) => (n, None),
@@ -1630,6 +1637,7 @@ impl AgentArgs {
             resilience,
             services,
             access,
+            peer_protocol,
             tokens: crate::agent::Tokens {
                 admin: admin_token,
                 registry: registry_token,

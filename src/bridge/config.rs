@@ -95,6 +95,9 @@ pub struct BridgeArgs {
     pub access: AccessArgs,
 
     #[command(flatten)]
+    pub peers: crate::proxy::h2::PeerArgs,
+
+    #[command(flatten)]
     pub tokens: TokenArgs,
 }
 
@@ -240,6 +243,7 @@ pub const FILE: &[Section] = &[
     },
     crate::config::TLS_SECTION,
     access::FILE_SECTION,
+    crate::proxy::h2::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -257,6 +261,8 @@ struct FileConfig {
     tls: crate::config::TlsSection,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    mesh: crate::proxy::h2::MeshSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -321,6 +327,7 @@ impl BridgeArgs {
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let access = self.access.resolve(&src, &file.log)?;
+        let peer_protocol = self.peers.resolve(&src, &file.mesh)?;
         let b = file.bridge;
         let admin = match (self.admin, b.admin) {
             (Some(l), _) => l,
@@ -401,6 +408,7 @@ impl BridgeArgs {
             max_hops,
             resilience,
             access,
+            peer_protocol,
         })
     }
 }

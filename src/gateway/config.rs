@@ -93,6 +93,9 @@ pub struct GatewayArgs {
     pub access: AccessArgs,
 
     #[command(flatten)]
+    pub peers: crate::proxy::h2::PeerArgs,
+
+    #[command(flatten)]
     pub tokens: TokenArgs,
 }
 
@@ -319,6 +322,7 @@ pub const FILE: &[Section] = &[
     },
     crate::config::TLS_SECTION,
     access::FILE_SECTION,
+    crate::proxy::h2::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -342,6 +346,8 @@ struct FileConfig {
     tls: crate::config::TlsSection,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    mesh: crate::proxy::h2::MeshSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -378,6 +384,7 @@ impl GatewayArgs {
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let access = self.access.resolve(&src, &file.log)?;
+        let peer_protocol = self.peers.resolve(&src, &file.mesh)?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field
                 .as_ref()
@@ -515,6 +522,7 @@ impl GatewayArgs {
             include_warning: false,
             reload,
             access,
+            peer_protocol,
         })
     }
 }

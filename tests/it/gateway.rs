@@ -65,6 +65,7 @@ impl Setup {
                     resilience: Default::default(),
                     tls: None,
                     access: skyline::access::Settings::off(),
+                    peer_protocol: Default::default(),
                     tokens: Default::default(),
                 },
                 CancellationToken::new(),

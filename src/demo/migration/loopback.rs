@@ -175,6 +175,7 @@ impl Loopback {
                 tls: None,
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
+                peer_protocol: Default::default(),
                 tokens: Default::default(),
             },
             stop.clone(),
@@ -223,6 +224,7 @@ impl Loopback {
                 tls: None,
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
+                peer_protocol: Default::default(),
                 tokens: Default::default(),
             },
             stop.clone(),
@@ -285,6 +287,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         authz: Default::default(),
         services: Vec::new(),
         access: crate::access::Settings::off(),
+        peer_protocol: Default::default(),
         tokens: Default::default(),
     }
 }
