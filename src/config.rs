@@ -2106,6 +2106,25 @@ mod tests {
     }
 
     #[test]
+    fn peers_get_http1_by_default_h2_from_the_file_the_flag_wins_and_a_bad_value_names_its_key() {
+        use crate::proxy::h2::PeerProtocol;
+        let resolved = AgentArgs::default().resolve().unwrap();
+        assert_eq!(resolved.peer_protocol, PeerProtocol::Http1);
+        let (_dir, mut args) = with_file("[mesh]\npeer_protocol = \"h2\"\n");
+        assert_eq!(
+            args.clone().resolve().unwrap().peer_protocol,
+            PeerProtocol::H2
+        );
+        args.peers.peer_protocol = Some(PeerProtocol::Http1);
+        assert_eq!(args.resolve().unwrap().peer_protocol, PeerProtocol::Http1);
+        let (_dir, args) = with_file("[node]\nname = \"a\"\n[mesh]\npeer_protocol = \"h2c\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("mesh.peer_protocol"));
+        assert_eq!(e.line, Some(4));
+        assert!(e.reason.contains("\"h2\""), "{e}");
+    }
+
+    #[test]
     fn tls_refuses_an_unknown_mode_and_a_missing_file_by_key_and_line() {
         let (_dir, args) = with_file("[node]\nname = \"a\"\n[tls]\nmode = \"on\"\n");
         let e = args.resolve().unwrap_err();
