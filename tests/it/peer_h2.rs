@@ -693,3 +693,88 @@ async fn with_peer_protocol_h2_http1_get_post_and_chunked_answers_cross_outbound
     }
     stop.cancel();
 }
+
+/// An HTTP/2 peer in an inbound's place that refuses every odd stream (`REFUSED_STREAM`) and
+/// answers every even one `200 second`; it counts the streams.
+async fn refusing_peer(ip: &str) -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let count = streams.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if count.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let Ok(mut body) = respond.send_response(Response::new(()), false) else {
+                        continue;
+                    };
+                    let _ = body.send_data(Bytes::from_static(b"second"), true);
+                }
+            });
+        }
+    });
+    (addr, streams, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_peer_refuses_is_sent_again_even_where_no_retry_is_allowed() {
+    let (peer, streams, task) = refusing_peer("127.0.0.3").await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "[[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {}\n\n\
+             [[service]]\nname = \"web\"\nnode = \"b\"\nport = 9\n",
+            peer.port()
+        ),
+    )
+    .unwrap();
+    // No retries: a refused stream goes again because it reached no application, not as a retry.
+    let config = dir.path().join("a.toml");
+    std::fs::write(
+        &config,
+        "[resilience]\nretries = 0\n\n[mesh]\npeer_protocol = \"h2\"\n",
+    )
+    .unwrap();
+    let mut a = Skyline::start(
+        &[
+            "agent",
+            &format!("--config={}", config.display()),
+            "--node-name=a",
+            "--node-address=127.0.0.2",
+            "--outbound=127.0.0.2:0",
+            "--inbound=off",
+            "--admin=off",
+            "--catalog=file",
+            &format!("--catalog-file={}", catalog.display()),
+        ],
+        &[],
+    );
+    let started = a.log.wait_for("agent started").await;
+    let outbound = started["outbound"].as_str().unwrap().to_owned();
+    let client = Client::new();
+    for i in 1..=3 {
+        let reply = client
+            .get(&format!("http://{outbound}/service/web/x?i={i}"))
+            .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body, "second");
+        assert_eq!(
+            streams.load(Ordering::Relaxed),
+            2 * i,
+            "a refused and an answered stream"
+        );
+    }
+    a.sigterm();
+    a.exited_cleanly().await;
+    task.abort();
+}
