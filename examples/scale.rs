@@ -156,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         authz: Default::default(),
         services: Vec::new(),
         access: skyline::access::Settings::off(),
+        peer_protocol: Default::default(),
         tokens: Default::default(),
     };
     let token = CancellationToken::new();

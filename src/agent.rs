@@ -58,6 +58,8 @@ pub struct Settings {
     pub authz: crate::authz::Settings,
     /// The access log (read at start).
     pub access: crate::access::Settings,
+    /// How requests travel to other Skyline proxies (read at start).
+    pub peer_protocol: crate::proxy::h2::PeerProtocol,
     /// Tokens of the admin listener and the registry.
     pub tokens: Tokens,
 }
@@ -480,7 +482,8 @@ pub async fn start(
     };
     // The outbound side dials other proxies (mTLS when on); the inbound side, the local
     // instances (plain HTTP, always).
-    let forwarder = Forwarder::with_tls(metrics.clone(), tls.clone());
+    let forwarder = Forwarder::with_tls(metrics.clone(), tls.clone())
+        .with_peer_protocol(settings.peer_protocol);
     let local = Forwarder::new(metrics.clone());
     let policies = resilience::shared(settings.resilience.clone());
     tasks.spawn(crate::proxy::probe::run(

@@ -73,6 +73,8 @@ pub struct Settings {
     pub reload: Option<config::BridgeArgs>,
     /// The access log.
     pub access: crate::access::Settings,
+    /// How requests travel to other Skyline proxies (read at start).
+    pub peer_protocol: crate::proxy::h2::PeerProtocol,
     /// The admin listener's bearer token, and the registry token sent to the catalog.
     pub tokens: agent::Tokens,
 }
@@ -723,7 +725,8 @@ pub async fn spawn_on(
         settings.max_hops,
         settings.resilience.clone(),
         // Over mesh TLS (when on) to the gateways; plain HTTP to Kubernetes Services.
-        Forwarder::with_tls(metrics.clone(), tls.clone()),
+        Forwarder::with_tls(metrics.clone(), tls.clone())
+            .with_peer_protocol(settings.peer_protocol),
         authz.clone(),
     );
     let addrs: Vec<SocketAddr> = listeners

@@ -370,6 +370,9 @@ pub struct AgentArgs {
 
     #[command(flatten)]
     pub access: AccessArgs,
+
+    #[command(flatten)]
+    pub peers: crate::proxy::h2::PeerArgs,
 }
 
 /// Settings of `skyline registry`, the Consul-compatible catalog for one node or a small site.
@@ -572,6 +575,8 @@ struct FileConfig {
     authz: crate::authz::AuthzConfig,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    mesh: crate::proxy::h2::MeshSection,
 }
 
 // === The file's keys, described ===
@@ -1234,6 +1239,7 @@ pub const AGENT_FILE: &[Section] = &[
     AUTHZ_RULE_SECTION,
     AUTHZ_CALLER_SECTION,
     crate::access::FILE_SECTION,
+    crate::proxy::h2::FILE_SECTION,
 ];
 
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
@@ -1431,6 +1437,7 @@ impl AgentArgs {
         let src = &source;
         let resilience = policies(src, &file)?;
         let access = self.access.resolve(src, &file.log)?;
+        let peer_protocol = self.peers.resolve(src, &file.mesh)?;
 
         let (node_name, at) = match (self.node_name, file.node.name) {
             (Some(n), _) => (n, None),
@@ -1644,6 +1651,7 @@ impl AgentArgs {
             resilience,
             services,
             access,
+            peer_protocol,
             tokens: crate::agent::Tokens {
                 admin: admin_token,
                 registry: registry_token,
@@ -2109,6 +2117,25 @@ mod tests {
         assert_eq!(tls.ca, dir.path().join("ca/ca.crt"));
         assert_eq!(tls.cert, dir.path().join("a.crt"));
         assert_eq!(tls.key, PathBuf::from("/keys/a.key"));
+    }
+
+    #[test]
+    fn peers_get_http1_by_default_h2_from_the_file_the_flag_wins_and_a_bad_value_names_its_key() {
+        use crate::proxy::h2::PeerProtocol;
+        let resolved = AgentArgs::default().resolve().unwrap();
+        assert_eq!(resolved.peer_protocol, PeerProtocol::Http1);
+        let (_dir, mut args) = with_file("[mesh]\npeer_protocol = \"h2\"\n");
+        assert_eq!(
+            args.clone().resolve().unwrap().peer_protocol,
+            PeerProtocol::H2
+        );
+        args.peers.peer_protocol = Some(PeerProtocol::Http1);
+        assert_eq!(args.resolve().unwrap().peer_protocol, PeerProtocol::Http1);
+        let (_dir, args) = with_file("[node]\nname = \"a\"\n[mesh]\npeer_protocol = \"h2c\"\n");
+        let e = args.resolve().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("mesh.peer_protocol"));
+        assert_eq!(e.line, Some(4));
+        assert!(e.reason.contains("\"h2\""), "{e}");
     }
 
     #[test]

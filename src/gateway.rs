@@ -101,6 +101,8 @@ pub struct Settings {
     pub authz: crate::authz::Settings,
     /// The access log (read at start; a reload keeps it).
     pub access: crate::access::Settings,
+    /// How requests travel to other Skyline proxies (read at start).
+    pub peer_protocol: crate::proxy::h2::PeerProtocol,
     /// The admin listener's bearer token, and the registry token sent to the catalog and KV.
     pub tokens: agent::Tokens,
 }
@@ -400,10 +402,21 @@ impl Gateway {
         metrics: Arc<Metrics>,
         tls: Option<MeshTls>,
     ) -> Arc<Self> {
+        let forwarder = Forwarder::with_tls(metrics, tls);
+        Self::with_forwarder(table, max_hops, resilience, forwarder)
+    }
+
+    /// [`Gateway::new`] sending through `forwarder`.
+    pub fn with_forwarder(
+        table: Table,
+        max_hops: u32,
+        resilience: Resilience,
+        forwarder: Forwarder,
+    ) -> Arc<Self> {
         let gateway = Arc::new(Self {
             table: ArcSwap::from_pointee(Table::default()),
             selectors: Mutex::new(HashMap::new()),
-            forwarder: Forwarder::with_tls(metrics, tls),
+            forwarder,
             resilience: ArcSwap::from_pointee(resilience),
             max_hops,
             authz: crate::authz::Authz::default(),
@@ -1024,12 +1037,12 @@ pub async fn spawn_on(
         &settings.upstreams,
         settings.include_warning,
     );
-    let gateway = Gateway::new(
+    let gateway = Gateway::with_forwarder(
         table,
         settings.max_hops,
         settings.resilience.clone(),
-        metrics.clone(),
-        tls.clone(),
+        Forwarder::with_tls(metrics.clone(), tls.clone())
+            .with_peer_protocol(settings.peer_protocol),
     );
     gateway.authz.set_file(settings.authz.clone());
     // The KV's authorization policies, in the registry the gateway follows (as an agent).

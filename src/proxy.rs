@@ -131,6 +131,7 @@ impl MeshError {
                     SendError::Connect { .. }
                         | SendError::ConnectTimeout { .. }
                         | SendError::Unforwarded { .. }
+                        | SendError::Refused { .. }
                 )
         )
     }
@@ -429,6 +430,9 @@ pub struct Forwarder {
     raw: express::RawPool,
     /// Hops to mesh proxies are mTLS (see [`Forwarder::with_tls`]).
     mesh_tls: bool,
+    /// Every request but an upgrade goes to other Skyline proxies over HTTP/2 (see
+    /// [`h2::PeerProtocol`]).
+    peers_h2: bool,
     /// Where retries, spent budgets, ejections and panic routing are counted.
     metrics: Arc<Metrics>,
 }
@@ -451,9 +455,22 @@ impl Forwarder {
             pool: Pool::with_tls(POOL_IDLE_TIMEOUT, tls.clone()),
             h2: h2::H2Pool::with_tls(tls.clone()),
             mesh_tls: tls.is_some(),
+            peers_h2: false,
             raw: express::RawPool::with_tls(POOL_IDLE_TIMEOUT, tls),
             metrics,
         }
+    }
+
+    /// This forwarder, sending requests to other Skyline proxies as `peers` says.
+    pub fn with_peer_protocol(mut self, peers: h2::PeerProtocol) -> Self {
+        self.peers_h2 = peers.is_h2();
+        self
+    }
+
+    /// Whether requests to other Skyline proxies go over HTTP/2 whatever the caller spoke: the
+    /// express lane (HTTP/1.1 bytes) declines them.
+    pub fn peers_h2(&self) -> bool {
+        self.peers_h2
     }
 
     /// Whether hops to mesh proxies are mTLS (a proxy asserts its caller only over them).
@@ -572,6 +589,7 @@ impl Forwarder {
             h2: H2Send {
                 pool: &self.h2,
                 http2: h2,
+                peers: self.peers_h2,
                 te_trailers,
             },
             next: Some(req),
@@ -869,8 +887,31 @@ struct H2Send<'p> {
     pool: &'p h2::H2Pool,
     /// The request came over HTTP/2.
     http2: bool,
+    /// Every request but an upgrade goes to another Skyline proxy over HTTP/2.
+    peers: bool,
     /// The client sent `te: trailers`, which HTTP/2 forwards.
     te_trailers: bool,
+}
+
+impl H2Send<'_> {
+    /// Adds one attempt's headers to `req`; `h2`: it goes over HTTP/2.
+    fn stamp(&self, req: &mut Request<RequestBody>, headers: &AttemptHeaders<'_>, h2: bool) {
+        let h = req.headers_mut();
+        if let Some(host) = headers.host {
+            h.insert(header::HOST, host.clone());
+        }
+        if h.contains_key(&GRPC_TIMEOUT) {
+            // The gRPC server's deadline is what is left of the caller's.
+            h.insert(&GRPC_TIMEOUT, grpc_timeout_value(&headers.timeout));
+        }
+        h.insert(&X_SKYLINE_TIMEOUT_MS, headers.timeout.clone());
+        if let Some(n) = headers.attempt {
+            h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
+        }
+        if h2 && self.te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
 }
 
 /// Whether the `te` header asks for trailers.
@@ -966,23 +1007,28 @@ impl Exchange for HyperExchange<'_> {
         let Some(mut req) = next.or_else(|| again.map(Replay::request)) else {
             return Err(Failed::Broken(SendError::Spent { addr }));
         };
-        let h = req.headers_mut();
-        if let Some(host) = headers.host {
-            h.insert(header::HOST, host.clone());
-        }
-        if h.contains_key(&GRPC_TIMEOUT) {
-            // The gRPC server's deadline is what is left of the caller's.
-            h.insert(&GRPC_TIMEOUT, grpc_timeout_value(&headers.timeout));
-        }
-        h.insert(&X_SKYLINE_TIMEOUT_MS, headers.timeout);
-        if let Some(n) = headers.attempt {
-            h.insert(&X_SKYLINE_ATTEMPT, HeaderValue::from(n));
-        }
-        let sent = if headers.protocol.sends_h2(self.h2.http2, self.upgrade) {
-            if self.h2.te_trailers {
-                h.insert(header::TE, HeaderValue::from_static("trailers"));
+        let h2 = headers
+            .protocol
+            .sends_h2(self.h2.http2, self.upgrade, self.h2.peers);
+        self.h2.stamp(&mut req, &headers, h2);
+        let sent = if h2 {
+            match (self.h2.pool.send(addr, req, limits).await, again) {
+                // The peer refused the stream (it was going away): it processed nothing, so a
+                // kept copy goes once more, on a fresh connection to the same peer (a
+                // restarted one takes it).
+                (
+                    Err(SendFailure {
+                        error: SendError::Refused { .. },
+                        unsent: None,
+                    }),
+                    Some(again),
+                ) => {
+                    let mut req = again.request();
+                    self.h2.stamp(&mut req, &headers, h2);
+                    self.h2.pool.send(addr, req, limits).await
+                }
+                (sent, _) => sent,
             }
-            self.h2.pool.send(addr, req, limits).await
         } else if self.upgrade {
             self.pool.send_upgrade(addr, req, limits).await
         } else {
@@ -1007,6 +1053,11 @@ impl Exchange for HyperExchange<'_> {
                 self.next = Some(req);
                 Err(Failed::Unsent(error))
             }
+            // Spent, but unprocessed: a kept copy may go anywhere.
+            Err(SendFailure {
+                error: error @ SendError::Refused { .. },
+                unsent: None,
+            }) => Err(Failed::Unsent(error)),
             Err(SendFailure {
                 error,
                 unsent: None,

@@ -94,6 +94,12 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// Whether this handler takes body-less requests on the express lane.
     const EXPRESS: bool = false;
 
+    /// Whether this handler, an [`EXPRESS`](Self::EXPRESS) one, takes the express lane as
+    /// configured (an outbound proxy whose peers get HTTP/2 does not).
+    fn express_lane(&self) -> bool {
+        Self::EXPRESS
+    }
+
     /// Whether this handler's listener also takes h2c with prior knowledge (told by the
     /// connection preface). The express lane tells it too, so an [`EXPRESS`](Self::EXPRESS)
     /// handler takes it either way.
@@ -131,6 +137,12 @@ pub trait Proxy: Clone + Send + Sync + 'static {
     /// Whether this proxy takes body-less requests on the express lane.
     const EXPRESS: bool = false;
 
+    /// Whether this proxy, an [`EXPRESS`](Self::EXPRESS) one, takes the express lane as
+    /// configured.
+    fn express_lane(&self) -> bool {
+        Self::EXPRESS
+    }
+
     /// Forwards a body-less request given as its head, or declines it for [`proxy`](Self::proxy)
     /// (see `proxy::express`). Declining must come before anything with an effect.
     fn express(
@@ -158,6 +170,10 @@ impl<P: Proxy> Handler for P {
     }
 
     const EXPRESS: bool = P::EXPRESS;
+
+    fn express_lane(&self) -> bool {
+        Proxy::express_lane(self)
+    }
 
     /// Every proxy takes h2c next to HTTP/1.1 (a gateway's and a bridge's callers are other
     /// proxies, which send HTTP/2 requests on over HTTP/2).
@@ -305,9 +321,12 @@ async fn serve_with<H: Handler>(
         .max_headers(limits.max_headers * 2);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        // Windows that grow with the bandwidth-delay product: large gRPC messages (4 MiB by
-        // default) would crawl through HTTP/2's 64 KiB default window.
-        .adaptive_window(true)
+        // Windows sized for large bodies from the start: large gRPC messages (4 MiB by
+        // default) and bodies from other proxies multiplexed on a few connections would crawl
+        // through HTTP/2's 64 KiB default window. They also bound what a client that sends
+        // and never has its body read can make the listener buffer.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         // A peer that stops answering (gone, or a client that sent the preface and nothing
         // since) is pinged and its connection closed, rather than held until the next drain.
         .keep_alive_interval(Some(H2_PING_INTERVAL))
@@ -439,7 +458,7 @@ async fn serve_connection<H: Handler, S: Io>(
         opened,
     } = served;
     let mut rest = Vec::new();
-    if H::EXPRESS {
+    if H::EXPRESS && handler.express_lane() {
         let lane = express::serve(
             opened,
             &mut stream,
@@ -575,6 +594,10 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// listener carries a whole peer node's HTTP/2 requests on one connection, so the limit is
 /// the number of concurrent gRPC calls between two nodes before the next wait for a slot.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// The flow-control window an HTTP/2 listener gives each stream (HTTP/2's default: 64 KiB).
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// The flow-control window an HTTP/2 listener gives a whole connection.
+pub const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Bytes of response data queued per stream ahead of the socket (hyper's default is ~400
 /// KiB). With [`H2_MAX_CONCURRENT_STREAMS`] this bounds what a client that stops reading can
 /// make one connection hold: 256 × 128 KiB = 32 MiB.

@@ -175,6 +175,7 @@ async fn start(
             enabled: true,
             sample: 1.0,
         },
+        peer_protocol: Default::default(),
         tokens: Default::default(),
     };
     let agent = agent::spawn(settings, shutdown.clone()).await?;

@@ -97,6 +97,9 @@ pub struct BridgeArgs {
     pub access: AccessArgs,
 
     #[command(flatten)]
+    pub peers: crate::proxy::h2::PeerArgs,
+
+    #[command(flatten)]
     pub tokens: TokenArgs,
 }
 
@@ -244,6 +247,7 @@ pub const FILE: &[Section] = &[
     crate::config::AUTHZ_SECTION,
     crate::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
+    crate::proxy::h2::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -264,6 +268,8 @@ struct FileConfig {
     authz: crate::authz::PolicyConfig,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    mesh: crate::proxy::h2::MeshSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -329,6 +335,7 @@ impl BridgeArgs {
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let access = self.access.resolve(&src, &file.log)?;
+        let peer_protocol = self.peers.resolve(&src, &file.mesh)?;
         let b = file.bridge;
         let admin = match (self.admin, b.admin) {
             (Some(l), _) => l,
@@ -419,6 +426,7 @@ impl BridgeArgs {
             max_hops,
             resilience,
             access,
+            peer_protocol,
         })
     }
 }

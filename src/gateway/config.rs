@@ -93,6 +93,9 @@ pub struct GatewayArgs {
     pub access: AccessArgs,
 
     #[command(flatten)]
+    pub peers: crate::proxy::h2::PeerArgs,
+
+    #[command(flatten)]
     pub tokens: TokenArgs,
 }
 
@@ -321,6 +324,7 @@ pub const FILE: &[Section] = &[
     crate::config::AUTHZ_SECTION,
     crate::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
+    crate::proxy::h2::FILE_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -347,6 +351,8 @@ struct FileConfig {
     authz: crate::authz::PolicyConfig,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    mesh: crate::proxy::h2::MeshSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -383,6 +389,7 @@ impl GatewayArgs {
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
         let access = self.access.resolve(&src, &file.log)?;
+        let peer_protocol = self.peers.resolve(&src, &file.mesh)?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field
                 .as_ref()
@@ -522,6 +529,7 @@ impl GatewayArgs {
             include_warning: false,
             reload,
             access,
+            peer_protocol,
         })
     }
 }

@@ -1,5 +1,5 @@
-//! HTTP/2 over cleartext (h2c, prior knowledge) toward the next hop: one multiplexed connection
-//! per endpoint address, shared by every HTTP/2 request to it.
+//! HTTP/2 over cleartext (h2c, prior knowledge) toward the next hop: a few multiplexed
+//! connections per endpoint address, shared by every HTTP/2 request to it.
 //!
 //! The forwarder sends a request this way by what the endpoint speaks (`routing::Protocol`): a
 //! request the client made over HTTP/2 to another Skyline proxy (an agent's inbound, a gateway,
@@ -7,9 +7,20 @@
 //! `protocol = "h2c"` or tag `h2c` (see `routing::protocol_of`), or to a Kubernetes Service the
 //! bridge sends h2c (see `bridge::Names::protocol`). HTTP/2 keeps what HTTP/1.1 cannot carry
 //! through a hop, trailers above all, which gRPC's status travels in.
+//!
+//! With `[mesh] peer_protocol = "h2"` ([`PeerProtocol::H2`]) every request to another Skyline
+//! proxy goes this way, an HTTP/1.1 caller's too (as linkerd2-proxy does): the forwarder applies
+//! the header contract as for HTTP/1.1, then [`as_h2`] moves `Host` to `:authority` and drops
+//! what HTTP/2 does not carry; the answer goes back to the caller as HTTP/1.1 (hyper's server
+//! frames it). Upgrades (WebSocket) stay on HTTP/1.1. To a mesh proxy there are
+//! [`PEER_CONNECTIONS`] connections, taken in turn, with flow-control windows sized for large
+//! bodies ([`PEER_STREAM_WINDOW`], [`PEER_CONNECTION_WINDOW`]). A stream the peer refused
+//! (`REFUSED_STREAM`, or past the last stream its GOAWAY took) reached no application: it is
+//! [`SendError::Refused`], as safe to send again as a refused connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,35 +29,145 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde::Deserialize;
+use toml::Spanned;
 
 use super::pool::{Limits, PooledBody, RequestBody, SendError, SendFailure};
+use crate::config::reference::{Section, Value};
+use crate::config::{ConfigError, Source, key};
 use crate::tls::MeshTls;
 
 /// How often an open connection is pinged, so a dead peer is noticed without a request.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections to one mesh proxy (an inbound, a gateway, a bridge), each carrying up to the
+/// peer's concurrent-stream limit (256 on a Skyline listener): requests take them in turn. Two
+/// keep one slow connection (a large body filling its window) from holding every request up.
+pub const PEER_CONNECTIONS: usize = 2;
+/// The flow-control window of each stream on a connection to a mesh proxy: a large body flows
+/// without waiting for a WINDOW_UPDATE every 64 KiB (HTTP/2's default).
+pub const PEER_STREAM_WINDOW: u32 = 1024 * 1024;
+/// The flow-control window of a whole connection to a mesh proxy (several large bodies at once).
+pub const PEER_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Endpoints remembered past which those with no open connection are forgotten.
+const MAX_REMEMBERED: usize = 1024;
 
-/// One HTTP/2 connection per endpoint. Cheap to clone: one shared map.
+// === PeerProtocol ===
+
+/// How requests travel to other Skyline proxies (agent outbound → inbound, → gateway,
+/// gateway → bridge, bridge → gateway).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerProtocol {
+    /// In the version the caller spoke: HTTP/1.1 callers over pooled HTTP/1.1 connections
+    /// (body-less requests on the express lane), HTTP/2 callers over HTTP/2.
+    #[default]
+    Http1,
+    /// Every request but an upgrade over a few long-lived HTTP/2 connections per peer.
+    H2,
+}
+
+impl PeerProtocol {
+    pub fn is_h2(self) -> bool {
+        self == PeerProtocol::H2
+    }
+}
+
+/// The flag of `[mesh] peer_protocol`, the same in the agent, the gateway and the bridge.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PeerArgs {
+    /// How requests travel to other Skyline proxies: "http1" (in the caller's HTTP version) or
+    /// "h2" (every request but an upgrade over a few multiplexed HTTP/2 connections per peer)
+    /// [default: http1]
+    #[arg(long, env = "SKYLINE_PEER_PROTOCOL", value_name = "http1|h2")]
+    pub peer_protocol: Option<PeerProtocol>,
+}
+
+/// The `[mesh]` table of the agent's, gateway's and bridge's files.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MeshSection {
+    peer_protocol: Option<Spanned<String>>,
+}
+
+/// The `[mesh]` table, described (see [`crate::config::reference`]).
+pub const FILE_SECTION: Section = Section {
+    table: "mesh",
+    sample: "",
+    doc: "How the proxies talk to each other. Needs a restart.",
+    defaults_from: None,
+    keys: &[key(
+        "peer_protocol",
+        "peer_protocol",
+        "`\"http1\"` or `\"h2\"`",
+        Value::Default("\"http1\""),
+    )],
+};
+
+impl PeerArgs {
+    /// The flag or variable over the file's `[mesh]` table.
+    pub(crate) fn resolve(
+        &self,
+        src: &Source,
+        file: &MeshSection,
+    ) -> Result<PeerProtocol, ConfigError> {
+        if let Some(flag) = self.peer_protocol {
+            return Ok(flag);
+        }
+        let Some(text) = &file.peer_protocol else {
+            return Ok(PeerProtocol::default());
+        };
+        <PeerProtocol as clap::ValueEnum>::from_str(text.get_ref(), false).map_err(|_| {
+            src.at(
+                Some(text.span().start),
+                "mesh.peer_protocol",
+                format!("{:?} is neither \"http1\" nor \"h2\"", text.get_ref()),
+            )
+        })
+    }
+}
+
+// === H2Pool ===
+
+/// A few HTTP/2 connections per endpoint (one to an instance, [`PEER_CONNECTIONS`] to a mesh
+/// proxy). Cheap to clone: one shared map.
 #[derive(Clone, Debug, Default)]
 pub struct H2Pool {
-    conns: Arc<Mutex<HashMap<SocketAddr, SendRequest<RequestBody>>>>,
+    peers: Arc<Mutex<HashMap<SocketAddr, Arc<Peer>>>>,
     /// Mesh TLS, for connections to endpoints that are mesh proxies.
     tls: Option<MeshTls>,
+}
+
+/// The connections to one endpoint, each opened when first needed and again once closed.
+#[derive(Debug)]
+struct Peer {
+    /// One connection per slot; a slot's lock is held while its connection opens, so requests
+    /// that arrive meanwhile wait for that connection rather than open their own.
+    slots: Box<[tokio::sync::Mutex<Option<Open>>]>,
+    /// The slot the next request takes.
+    next: AtomicUsize,
+}
+
+/// An open connection, numbered so a request that found it closed replaces only that one.
+#[derive(Debug)]
+struct Open {
+    id: u64,
+    sender: SendRequest<RequestBody>,
 }
 
 impl H2Pool {
     /// A pool that speaks mesh TLS (when `tls`) to the endpoints that are mesh proxies.
     pub fn with_tls(tls: Option<MeshTls>) -> Self {
         Self {
-            conns: Arc::default(),
+            peers: Arc::default(),
             tls,
         }
     }
 
     /// Sends `req` (origin-form target, `Host` set, as for the HTTP/1.1 pool) to `addr` over
     /// HTTP/2. A request the connection did not take (it had closed) is sent once more on a
-    /// fresh connection; one a fresh connection did not take is handed back as unsent.
+    /// fresh connection; one a fresh connection did not take is handed back as unsent. A
+    /// stream the peer refused is [`SendError::Refused`] (the request is spent: hyper sent it).
     pub async fn send(
         &self,
         addr: SocketAddr,
@@ -54,29 +175,22 @@ impl H2Pool {
         limits: Limits,
     ) -> Result<Response<PooledBody>, SendFailure> {
         let mut req = as_h2(req, addr);
-        let mut fresh = false;
+        let peer = self.peer(addr, if limits.mesh { PEER_CONNECTIONS } else { 1 });
+        let slot = peer.next.fetch_add(1, Ordering::Relaxed) % peer.slots.len();
+        // The connection found closed, to be replaced.
+        let mut stale = None;
         loop {
-            let mut sender = match self.open(addr) {
-                Some(sender) if !fresh => sender,
-                _ => {
-                    fresh = true;
-                    let tls = self.tls.as_ref().filter(|_| limits.mesh);
-                    match Box::pin(connect(addr, limits.connect, tls)).await {
-                        Ok(sender) => {
-                            self.lock().insert(addr, sender.clone());
-                            sender
-                        }
-                        Err(error) => {
-                            return Err(SendFailure {
-                                error,
-                                unsent: Some(as_h1(req)),
-                            });
-                        }
-                    }
+            let (id, fresh, mut sender) = match self.sender(&peer, slot, stale, addr, limits).await
+            {
+                Ok(open) => open,
+                Err(error) => {
+                    return Err(SendFailure {
+                        error,
+                        unsent: Some(as_h1(req)),
+                    });
                 }
             };
             if sender.ready().await.is_err() {
-                self.forget(addr, &sender);
                 if fresh {
                     let error = SendError::Protocol {
                         addr,
@@ -87,21 +201,22 @@ impl H2Pool {
                         unsent: Some(as_h1(req)),
                     });
                 }
-                fresh = true;
+                stale = Some(id);
                 continue;
             }
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok(response.map(|b| PooledBody::unpooled(b, limits.idle))),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !fresh => {
-                        self.forget(addr, &sender);
                         req = unsent;
-                        fresh = true;
+                        stale = Some(id);
                     }
                     unsent => {
-                        let error = SendError::Upstream {
-                            addr,
-                            source: e.into_error(),
+                        let source = e.into_error();
+                        let error = if refused(&source) {
+                            SendError::Refused { addr, source }
+                        } else {
+                            SendError::Upstream { addr, source }
                         };
                         return Err(SendFailure {
                             error,
@@ -113,56 +228,120 @@ impl H2Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SendRequest<RequestBody>>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    /// The connections to `addr`, `slots` of them when first asked for.
+    fn peer(&self, addr: SocketAddr, slots: usize) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(peer) = peers.get(&addr) {
+            return peer.clone();
+        }
+        if peers.len() >= MAX_REMEMBERED {
+            // Endpoints come and go with the catalog: forget those with nothing open.
+            peers.retain(|_, p| {
+                p.slots
+                    .iter()
+                    .any(|s| s.try_lock().map_or(true, |o| o.is_some()))
+            });
+        }
+        let peer = Arc::new(Peer {
+            slots: (0..slots).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        });
+        peers.insert(addr, peer.clone());
+        peer
     }
 
-    /// The open connection to `addr`, if any.
-    fn open(&self, addr: SocketAddr) -> Option<SendRequest<RequestBody>> {
-        let mut conns = self.lock();
-        match conns.get(&addr) {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
-            Some(_) => {
-                conns.remove(&addr);
-                None
+    /// The open connection of `peer`'s slot `slot`, or a new one when it has none, it closed,
+    /// or it is `stale`; whether it is new.
+    async fn sender(
+        &self,
+        peer: &Peer,
+        slot: usize,
+        stale: Option<u64>,
+        addr: SocketAddr,
+        limits: Limits,
+    ) -> Result<(u64, bool, SendRequest<RequestBody>), SendError> {
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let Some(slot) = peer.slots.get(slot) else {
+            return Err(SendError::Protocol {
+                addr,
+                reason: "no connection slot",
+            });
+        };
+        let mut open = slot.lock().await;
+        if let Some(o) = open.as_ref() {
+            if !o.sender.is_closed() && Some(o.id) != stale {
+                return Ok((o.id, false, o.sender.clone()));
             }
-            None => None,
         }
-    }
-
-    /// Drops the connection to `addr` when it is still `sender`'s (closed, or not taking more).
-    fn forget(&self, addr: SocketAddr, sender: &SendRequest<RequestBody>) {
-        let mut conns = self.lock();
-        if conns
-            .get(&addr)
-            .is_some_and(|s| s.is_closed() || sender.is_closed())
-        {
-            conns.remove(&addr);
-        }
+        *open = None;
+        let tls = self.tls.as_ref().filter(|_| limits.mesh);
+        let sender = Box::pin(connect(addr, limits.connect, tls, limits.mesh)).await?;
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
+        *open = Some(Open {
+            id,
+            sender: sender.clone(),
+        });
+        Ok((id, true, sender))
     }
 }
 
+/// Whether an HTTP/2 request failed because the peer refused its stream: `REFUSED_STREAM`
+/// (RFC 9113 §8.7: not processed), or a graceful GOAWAY whose last stream is below it. Either
+/// way no application saw it.
+fn refused(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<::h2::Error>() {
+            let reason = h2.reason();
+            return (h2.is_reset()
+                && h2.is_remote()
+                && reason == Some(::h2::Reason::REFUSED_STREAM))
+                || (h2.is_go_away() && h2.is_remote() && reason == Some(::h2::Reason::NO_ERROR));
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// A new HTTP/2 connection to `addr`, driven in a task of its own.
+/// `mesh`: the endpoint is a mesh proxy, whose connection gets the peer windows.
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     tls: Option<&MeshTls>,
+    mesh: bool,
 ) -> Result<SendRequest<RequestBody>, SendError> {
     match tls {
-        None => handshake(addr, super::pool::dial(addr, timeout).await?).await,
-        Some(tls) => handshake(addr, super::pool::dial_mesh(addr, timeout, tls).await?).await,
+        None => handshake(addr, super::pool::dial(addr, timeout).await?, mesh).await,
+        Some(tls) => {
+            handshake(
+                addr,
+                super::pool::dial_mesh(addr, timeout, tls).await?,
+                mesh,
+            )
+            .await
+        }
     }
 }
 
 async fn handshake<S: crate::serve::Io>(
     addr: SocketAddr,
     stream: S,
+    mesh: bool,
 ) -> Result<SendRequest<RequestBody>, SendError> {
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new());
+    if mesh {
+        // Many callers' bodies share a few connections: windows sized for them from the start.
+        builder
+            .initial_stream_window_size(PEER_STREAM_WINDOW)
+            .initial_connection_window_size(PEER_CONNECTION_WINDOW);
+    } else {
         // Large messages (gRPC's are up to 4 MiB by default) need windows that grow with the
         // bandwidth-delay product, not HTTP/2's 64 KiB default.
-        .adaptive_window(true)
+        builder.adaptive_window(true);
+    }
+    let (sender, conn) = builder
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .handshake(TokioIo::new(stream))
@@ -176,7 +355,7 @@ async fn handshake<S: crate::serve::Io>(
     Ok(sender)
 }
 
-/// The request in HTTP/2 form: an absolute URI whose authority is the `Host` (removed: HTTP/2
+/// The request in HTTP/2 form (see [`PeerProtocol::H2`]): an absolute URI whose authority is the `Host` (removed: HTTP/2
 /// carries it as `:authority`), no connection-specific header, HTTP/2 as its version.
 fn as_h2(mut req: Request<RequestBody>, addr: SocketAddr) -> Request<RequestBody> {
     let headers = req.headers_mut();

@@ -94,6 +94,11 @@ impl Proxy for Outbound {
 
     const EXPRESS: bool = true;
 
+    /// Not when every request to the peers goes over HTTP/2 (the express lane writes HTTP/1.1).
+    fn express_lane(&self) -> bool {
+        !self.inner.forwarder.peers_h2()
+    }
+
     /// [`proxy`](Self::proxy) for a body-less request on the express lane. A cluster-DNS-style
     /// request and every refusal before forwarding are declined: `proxy` answers those.
     async fn express(&self, head: &Head<'_>, conn: &Conn, note: &mut Note) -> Verdict {

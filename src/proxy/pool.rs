@@ -158,6 +158,14 @@ pub enum SendError {
     /// (its `x-skyline-unsent`): the request reached no application.
     #[error("{addr} could not forward the request")]
     Unforwarded { addr: SocketAddr },
+    /// The HTTP/2 peer refused the request's stream (`REFUSED_STREAM`, or past its GOAWAY):
+    /// it processed none of it, though the request was sent and is spent (see `proxy::h2`).
+    #[error("upstream {addr} refused the request's stream")]
+    Refused {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
     /// The connection failed after the request may have been (partly) sent.
     #[error("upstream {addr} failed")]
     Upstream {

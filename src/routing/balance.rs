@@ -386,12 +386,14 @@ impl Protocol {
     }
 
     /// Whether a request that came in HTTP/2 (`http2`), or is an upgrade (`upgrade`), goes to
-    /// an endpoint speaking this over HTTP/2.
-    pub fn sends_h2(self, http2: bool, upgrade: bool) -> bool {
+    /// an endpoint speaking this over HTTP/2. `peers_h2`: every request but an upgrade goes to
+    /// another Skyline proxy ([`Protocol::Both`]) over HTTP/2, whatever the caller spoke (the
+    /// `[mesh] peer_protocol` setting, see `proxy::h2`).
+    pub fn sends_h2(self, http2: bool, upgrade: bool, peers_h2: bool) -> bool {
         match self {
             Protocol::Http1 => false,
             Protocol::H2c => !upgrade,
-            Protocol::Both => http2,
+            Protocol::Both => http2 || (peers_h2 && !upgrade),
         }
     }
 }

@@ -260,6 +260,7 @@ async fn start_agent(
         tls: None,
         authz: Default::default(),
         access: skyline::access::Settings::off(),
+        peer_protocol: Default::default(),
         services,
         tokens: Default::default(),
     };

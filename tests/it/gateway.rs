@@ -66,6 +66,7 @@ impl Setup {
                     tls: None,
                     authz: Default::default(),
                     access: skyline::access::Settings::off(),
+                    peer_protocol: Default::default(),
                     tokens: Default::default(),
                 },
                 CancellationToken::new(),

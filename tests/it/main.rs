@@ -27,6 +27,7 @@ mod metrics;
 mod migration;
 mod mtls;
 mod package;
+mod peer_h2;
 mod pool;
 mod processes;
 mod prometheus;

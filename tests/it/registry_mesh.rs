@@ -27,6 +27,7 @@ fn settings(name: &str, ip: &str, catalog: CatalogSource) -> Settings {
         tls: None,
         authz: Default::default(),
         access: skyline::access::Settings::off(),
+        peer_protocol: Default::default(),
         services: Vec::new(),
         tokens: Default::default(),
     }

@@ -367,6 +367,7 @@ impl TestMeshBuilder {
                 workers: 1,
                 resilience: self.resilience.clone(),
                 access: skyline::access::Settings::off(),
+                peer_protocol: Default::default(),
                 services: Vec::new(),
                 tls: None,
                 authz: Default::default(),

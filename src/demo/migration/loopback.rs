@@ -178,6 +178,7 @@ impl Loopback {
                 reload: None,
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
+                peer_protocol: Default::default(),
                 tokens: Default::default(),
             },
             stop.clone(),
@@ -227,6 +228,7 @@ impl Loopback {
                 authz: Default::default(),
                 // The demo tells its own story; access lines would drown it.
                 access: crate::access::Settings::off(),
+                peer_protocol: Default::default(),
                 tokens: Default::default(),
             },
             stop.clone(),
@@ -289,6 +291,7 @@ fn agent_settings(node: &str, ip: IpAddr, registry: SocketAddr) -> AgentSettings
         authz: Default::default(),
         services: Vec::new(),
         access: crate::access::Settings::off(),
+        peer_protocol: Default::default(),
         tokens: Default::default(),
     }
 }
