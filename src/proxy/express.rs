@@ -671,7 +671,9 @@ impl<'a> ClientBody<'a> {
         after_head: &'a [u8],
         n: u64,
     ) -> Self {
-        let early = &after_head[..after_head.len().min(usize::try_from(n).unwrap_or(usize::MAX))];
+        let early = &after_head[..after_head
+            .len()
+            .min(usize::try_from(n).unwrap_or(usize::MAX))];
         let left = n - early.len() as u64;
         Self::new(client, early, Left::Length { total: n, left }, left == 0)
     }
@@ -764,7 +766,9 @@ impl<'a> ClientBody<'a> {
         let read = async {
             while filled < whole.len() {
                 match self.client.read(&mut whole[filled..]).await {
-                    Ok(0) | Err(_) => return Err(MeshError::bad_request("incomplete request body")),
+                    Ok(0) | Err(_) => {
+                        return Err(MeshError::bad_request("incomplete request body"));
+                    }
                     Ok(n) => filled += n,
                 }
             }

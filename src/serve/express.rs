@@ -207,10 +207,8 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
             rest,
         } = body.map_or_else(BodyEnd::none, ClientBody::end);
         // A body not read to its end leaves the connection unusable for the next request.
-        let mut close = head.options.close
-            || !finished
-            || drain_seen
-            || draining.load(Ordering::Relaxed);
+        let mut close =
+            head.options.close || !finished || drain_seen || draining.load(Ordering::Relaxed);
         let record = |status: u16, error: Option<&str>| {
             if let Some(recorder) = recorder {
                 recorder.record_status(status, error, note.label.as_ref(), conn.arrived);

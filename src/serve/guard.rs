@@ -1726,7 +1726,7 @@ mod tests {
     }
 
     #[test]
-    fn a_chunked_body_end_is_found_however_it_is_split() {
+    fn a_chunked_body_end_and_data_length_are_found_however_it_is_split() {
         let body = b"6\r\nhello \r\n5;x=y\r\nworld\r\n0\r\nx-t: 1\r\n\r\nNEXT";
         let end = body.len() - 4;
         for split in 0..body.len() {
@@ -1737,6 +1737,7 @@ mod tests {
                 None => split + scan.scan(&body[split..]).unwrap().expect("ends"),
             };
             assert_eq!(found, end, "split at {split}");
+            assert_eq!(scan.data_len(), 11, "split at {split}");
         }
         let mut scan = ChunkedBody::new(Limits::default());
         assert!(scan.scan(b"zz\r\n").is_err());

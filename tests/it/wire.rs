@@ -427,7 +427,9 @@ async fn serve_scripted(
             let len = request
                 .header("content-length")
                 .and_then(|n| n.parse().ok());
-            wire.exactly(len.unwrap_or(0)).await.map(|b| (b, Vec::new()))
+            wire.exactly(len.unwrap_or(0))
+                .await
+                .map(|b| (b, Vec::new()))
         };
         let Ok((body, trailers)) = body else { return };
         request.body = body;
@@ -1190,7 +1192,12 @@ fn chunks(body: &[u8], size: usize, trailers: &str) -> Vec<u8> {
 
 /// A script answering `<method> <target> <body length>`.
 fn echo_target_and_body_length(request: &Received) -> Vec<Step> {
-    let text = format!("{} {} {}", request.method, request.target, request.body.len());
+    let text = format!(
+        "{} {} {}",
+        request.method,
+        request.target,
+        request.body.len()
+    );
     vec![write(ok(&text))]
 }
 
@@ -1198,8 +1205,10 @@ fn echo_target_and_body_length(request: &Received) -> Vec<Step> {
 /// line) and a header whose name is not lowercase: hyper writes names lowercased, the express
 /// lane as they came, so the application seeing it as sent shows that both hops took the lane.
 fn body_head(method: &str, path: &str, framing: &str) -> Vec<u8> {
-    format!("{method} /service/web{path} HTTP/1.1\r\nHost: mesh\r\nX-Lane-Probe: 1\r\n{framing}\r\n\r\n")
-        .into_bytes()
+    format!(
+        "{method} /service/web{path} HTTP/1.1\r\nHost: mesh\r\nX-Lane-Probe: 1\r\n{framing}\r\n\r\n"
+    )
+    .into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1208,12 +1217,20 @@ async fn posts_of_1_kib_and_1_mib_by_length_or_chunked_arrive_byte_exact_with_th
     let app = Scripted::spawn(node_b(), echo_target_and_body_length);
     let mesh = mesh_for(app.placement()).await;
     let mut client = Wire::connect(mesh.outbound("a")).await;
-    let cases = [(1024, false), (1024, true), (1 << 20, false), (1 << 20, true)];
+    let cases = [
+        (1024, false),
+        (1024, true),
+        (1 << 20, false),
+        (1 << 20, true),
+    ];
     for (i, &(n, chunked)) in cases.iter().enumerate() {
         let body = pattern(n);
         let (framing, wire_body) = if chunked {
             let trailers = "X-Checksum: 42\r\n";
-            ("Transfer-Encoding: chunked".to_owned(), chunks(&body, 7000, trailers))
+            (
+                "Transfer-Encoding: chunked".to_owned(),
+                chunks(&body, 7000, trailers),
+            )
         } else {
             (format!("Content-Length: {n}"), body.clone())
         };
@@ -1229,9 +1246,18 @@ async fn posts_of_1_kib_and_1_mib_by_length_or_chunked_arrive_byte_exact_with_th
         let received = app.received();
         let got = &received[i];
         assert!(got.body == body, "case {i}: the body changed on the way");
-        assert!(got.head.contains("X-Lane-Probe: 1\r\n"), "case {i}: {}", got.head);
+        assert!(
+            got.head.contains("X-Lane-Probe: 1\r\n"),
+            "case {i}: {}",
+            got.head
+        );
         if chunked {
-            assert_eq!(got.header("transfer-encoding"), Some("chunked"), "{}", got.head);
+            assert_eq!(
+                got.header("transfer-encoding"),
+                Some("chunked"),
+                "{}",
+                got.head
+            );
             assert_eq!(got.header("content-length"), None, "{}", got.head);
             assert_eq!(got.trailers, b"X-Checksum: 42\r\n", "case {i}: trailers");
         } else {
@@ -1264,7 +1290,11 @@ async fn a_get_with_a_chunked_body_is_forwarded_with_it_and_the_next_request_fol
     let received = app.received();
     assert_eq!(received[0].body, b"hello");
     assert_eq!(received[0].header("transfer-encoding"), Some("chunked"));
-    assert!(received[0].head.contains("X-Lane-Probe: 1\r\n"), "{}", received[0].head);
+    assert!(
+        received[0].head.contains("X-Lane-Probe: 1\r\n"),
+        "{}",
+        received[0].head
+    );
     mesh.stop().await;
 }
 
@@ -1298,7 +1328,10 @@ async fn a_kept_body_is_retried_after_its_endpoint_closes_without_answering_and_
         request.extend(&body);
         client.send(&request).await;
         let answer = client.final_response("PUT").await.unwrap();
-        assert_eq!((answer.status, answer.text()), (200, format!("PUT /kept/{i} 1024")));
+        assert_eq!(
+            (answer.status, answer.text()),
+            (200, format!("PUT /kept/{i} 1024"))
+        );
     }
     let closed = closer.received().len();
     assert!(closed >= 1, "no kept request reached the closing instance");
@@ -1314,8 +1347,16 @@ async fn a_kept_body_is_retried_after_its_endpoint_closes_without_answering_and_
         client.send(&request).await;
         let answer = client.final_response("PUT").await.unwrap();
         let target = format!("/streamed/{i}");
-        let at_b = closer.received().iter().filter(|r| r.target == target).count();
-        let at_c = answerer.received().iter().filter(|r| r.target == target).count();
+        let at_b = closer
+            .received()
+            .iter()
+            .filter(|r| r.target == target)
+            .count();
+        let at_c = answerer
+            .received()
+            .iter()
+            .filter(|r| r.target == target)
+            .count();
         assert_eq!(at_b + at_c, 1, "{target} was sent {} times", at_b + at_c);
         if at_b == 1 {
             failed += 1;
@@ -1324,7 +1365,10 @@ async fn a_kept_body_is_retried_after_its_endpoint_closes_without_answering_and_
             assert_eq!(answer.status, 200, "{target}");
         }
     }
-    assert!(failed >= 1, "no streamed request reached the closing instance");
+    assert!(
+        failed >= 1,
+        "no streamed request reached the closing instance"
+    );
     mesh.stop().await;
 }
 
@@ -1349,11 +1393,16 @@ async fn a_body_over_the_routes_limit_gets_413_on_the_express_lane_before_or_whe
     // A declared length over it: refused before anything is forwarded (the head alone is
     // enough to be answered).
     let mut client = Wire::connect(mesh.outbound("a")).await;
-    client.send(&body_head("POST", "/large", "Content-Length: 2000")).await;
+    client
+        .send(&body_head("POST", "/large", "Content-Length: 2000"))
+        .await;
     let answer = client.final_response("POST").await.unwrap();
     assert_eq!(answer.status, 413);
     assert_eq!(answer.header("x-skyline-error"), Some("content-too-large"));
-    assert!(client.closes().await, "the connection stays open after a 413");
+    assert!(
+        client.closes().await,
+        "the connection stays open after a 413"
+    );
     assert_eq!(app.received().len(), 1);
 
     // A chunked body: cut off where it passes the limit, the instance gets no whole request.
@@ -1410,7 +1459,15 @@ async fn curls_default_expect_100_continue_post_passes_both_hops_without_a_stall
     std::fs::write(&file, pattern(size)).unwrap();
     let url = format!("http://{}/service/web/expect", mesh.outbound("a"));
     let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-v", "--max-time", "10", "-w", "\n%{time_total}", "--data-binary"])
+        .args([
+            "-sS",
+            "-v",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{time_total}",
+            "--data-binary",
+        ])
         .arg(format!("@{}", file.display()))
         .arg(&url)
         .output()
