@@ -63,6 +63,9 @@ const READ_SIZE: usize = 16 * 1024;
 /// The most bytes of a streamed request body read from the client at a time: the size of the
 /// one buffer a body streams through.
 const BODY_READ_SIZE: usize = 32 * 1024;
+/// How long the rest of a request body may take to reach an upstream that already began to
+/// answer (see [`ClientBody::pump`]).
+const EARLY_ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// Where the head at the start of `buf` ends (after its blank line), if it is all there.
 fn head_end(buf: &[u8]) -> Option<usize> {
@@ -629,9 +632,9 @@ impl BodyFault {
 
 /// How far [`ClientBody::pump`] got.
 enum Pumped {
-    /// The whole body was sent.
+    /// The whole body was sent (the upstream may have begun to answer before).
     Whole,
-    /// The upstream began to answer before the whole body was sent.
+    /// The upstream began to answer, and the rest of the body did not follow.
     Answered,
 }
 
@@ -781,37 +784,54 @@ impl<'a> ClientBody<'a> {
         Ok(Some(Cow::Owned(whole)))
     }
 
-    /// Streams the rest of the body from the client to `upstream` through one buffer,
-    /// stopping when the upstream starts to answer first. A chunked body is checked as it
-    /// passes; nothing past a bad chunk, or past the cap, is sent.
+    /// Streams the rest of the body from the client to `upstream` through one buffer. A
+    /// chunked body is checked as it passes; nothing past a bad chunk, or past the cap, is
+    /// sent. An upstream that starts to answer first (NGINX's `return` does, and reads the
+    /// body on to discard it) still gets the rest, within [`EARLY_ANSWER_GRACE`], so that both
+    /// connections stay usable; past that, or when either side fails, the answer is relayed
+    /// as it is and both connections end after it.
     async fn pump(&mut self, upstream: &mut RawConn) -> Result<Pumped, Pump> {
         let size = match self.left {
             Left::Length { left, .. } => left.min(BODY_READ_SIZE as u64) as usize,
             Left::Chunked(_) => BODY_READ_SIZE,
         };
         let mut buf = vec![0u8; size];
+        // Once the upstream began to answer: by when the rest must have gone.
+        let mut answered: Option<Instant> = None;
         while !self.read_all {
             let want = match self.left {
                 Left::Length { left, .. } => left.min(size as u64) as usize,
                 Left::Chunked(_) => size,
             };
-            let read = tokio::select! {
-                biased;
-                answer = upstream.fill() => {
-                    return match answer {
-                        Ok(0) => Err(Pump::Upstream(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "upstream closed during the request body",
-                        ))),
-                        Ok(_) => Ok(Pumped::Answered),
-                        Err(Broken::Io(e)) => Err(Pump::Upstream(e)),
-                        Err(Broken::Protocol(reason)) => Err(Pump::Upstream(io::Error::other(reason))),
-                    };
+            let read = match answered {
+                Some(grace) => {
+                    let read = self.client.read(&mut buf[..want]);
+                    match tokio::time::timeout_at(grace, read).await {
+                        Ok(read) => read,
+                        Err(_) => return Ok(Pumped::Answered),
+                    }
                 }
-                read = self.client.read(&mut buf[..want]) => read,
+                None => tokio::select! {
+                    biased;
+                    answer = upstream.fill() => {
+                        match answer {
+                            Ok(0) => return Err(Pump::Upstream(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "upstream closed during the request body",
+                            ))),
+                            Ok(_) => answered = Some(Instant::now() + EARLY_ANSWER_GRACE),
+                            Err(Broken::Io(e)) => return Err(Pump::Upstream(e)),
+                            Err(Broken::Protocol(reason)) => {
+                                return Err(Pump::Upstream(io::Error::other(reason)));
+                            }
+                        }
+                        continue;
+                    }
+                    read = self.client.read(&mut buf[..want]) => read,
+                },
             };
             let n = match read {
-                Ok(0) | Err(_) => return Err(self.fault(BodyFault::Incomplete)),
+                Ok(0) | Err(_) => return self.fault(BodyFault::Incomplete, answered),
                 Ok(n) => n,
             };
             self.touched = true;
@@ -822,12 +842,11 @@ impl<'a> ClientBody<'a> {
                     n
                 }
                 Left::Chunked(scan) => {
-                    let end = match scan.scan(&buf[..n]) {
-                        Ok(end) => end,
-                        Err(_) => return Err(self.fault(BodyFault::Malformed)),
+                    let Ok(end) = scan.scan(&buf[..n]) else {
+                        return self.fault(BodyFault::Malformed, answered);
                     };
                     if self.cap.is_some_and(|cap| scan.data_len() > cap) {
-                        return Err(self.fault(BodyFault::TooLarge));
+                        return self.fault(BodyFault::TooLarge, answered);
                     }
                     if let Some(end) = end {
                         self.rest.extend_from_slice(&buf[end..n]);
@@ -836,14 +855,26 @@ impl<'a> ClientBody<'a> {
                     end.unwrap_or(n)
                 }
             };
-            upstream.send(&buf[..send]).await.map_err(Pump::Upstream)?;
+            let sent = upstream.send(&buf[..send]);
+            match answered {
+                None => sent.await.map_err(Pump::Upstream)?,
+                Some(grace) => {
+                    if !matches!(tokio::time::timeout_at(grace, sent).await, Ok(Ok(()))) {
+                        return Ok(Pumped::Answered);
+                    }
+                }
+            }
         }
         Ok(Pumped::Whole)
     }
 
-    fn fault(&mut self, fault: BodyFault) -> Pump {
+    /// Stops the body for the client's `fault`: an error, or the answer that already began.
+    fn fault(&mut self, fault: BodyFault, answered: Option<Instant>) -> Result<Pumped, Pump> {
         self.failed = Some(fault);
-        Pump::Client
+        match answered {
+            Some(_) => Ok(Pumped::Answered),
+            None => Err(Pump::Client),
+        }
     }
 }
 

@@ -1486,3 +1486,62 @@ async fn curls_default_expect_100_continue_post_passes_both_hops_without_a_stall
     assert!(app.received()[0].body == pattern(size));
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_whole_body_is_relayed_and_every_connection_goes_on() {
+    // The application answers each request as soon as its head is in, then reads the body
+    // on to discard it (as NGINX's `return` does).
+    let listener = TcpListener::bind((node_b(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicU64::new(0));
+    let counted = accepts.clone();
+    let app = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            conns.spawn(async move {
+                let mut wire = Wire::new(stream);
+                while let Ok(Some(head)) = wire.until(b"\r\n\r\n").await {
+                    let request = Received::parse(&head);
+                    let len = request
+                        .header("content-length")
+                        .map_or(0, |n| n.parse().unwrap());
+                    let answer = ok(&format!("early {}", request.target));
+                    if wire.stream.write_all(&answer).await.is_err()
+                        || wire.exactly(len).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let placement = Placement {
+        service: "web",
+        node: "b",
+        addr,
+        health: Health::Passing,
+    };
+    let mesh = mesh_for(placement).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    for i in 0..2 {
+        let mut request = body_head("POST", &format!("/up/{i}"), "Content-Length: 1048576");
+        request.extend(pattern(1 << 20));
+        client.send(&request).await;
+        let answer = client.final_response("POST").await.unwrap();
+        assert_eq!(
+            (answer.status, answer.text()),
+            (200, format!("early /up/{i}"))
+        );
+        assert_eq!(answer.header("connection"), None, "{answer:?}");
+    }
+    let next = client.get("/next").await;
+    assert_eq!(next.text(), "early /next");
+    assert_eq!(
+        accepts.load(Ordering::Relaxed),
+        1,
+        "the instance's connection was not reused"
+    );
+    mesh.stop().await;
+    app.abort();
+}
