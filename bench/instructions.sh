@@ -9,7 +9,8 @@
 #
 # Usage: bench/instructions.sh [binary, default target/release/skyline] [seconds, default 8]
 # Installs what it needs (valgrind, nginx, wrk, curl) with scripts/install-deps.
-# With PROFILE=<prefix>, the callgrind files are kept as <prefix>.<pid>.1 for callgrind_annotate
+# With POST=<bytes>, every request is a POST with a body of that many bytes (as mesh-bench's
+# --post). With PROFILE=<prefix>, the callgrind files are kept as <prefix>.<pid>.1 for callgrind_annotate
 # (build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only for per-line costs).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,13 @@ printf 'http { access_log off; keepalive_requests 10000000; client_body_temp_pat
 echo "server { listen 127.0.0.1:19000; location / { return 200 \"$(head -c 64 /dev/zero | tr '\0' x)\"; } } }" >>"$work/backend.conf"
 taskset -c 1 nginx -e stderr -p "$work/" -c "$work/backend.conf" 2>/dev/null & pids+=($!)
 
+load=()
+if [ "${POST:-0}" -gt 0 ]; then
+  printf 'wrk.method = "POST"\nwrk.body = string.rep("x", %d)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' \
+    "$POST" >"$work/post.lua"
+  load=(-s "$work/post.lua")
+fi
+
 # Each agent runs under callgrind; counting starts after start-up and warm-up (-z), and the
 # counts of the measured window are dumped (-d) as <out>.<pid>.1.
 cat >"$work/skyline" <<WRAP
@@ -38,9 +46,9 @@ BENCH_DIR="$work" BENCH_BACKEND=127.0.0.1:19000 BENCH_OUT_PORT=5040 BENCH_IN_POR
   SKYLINE_BIN="$work/skyline" taskset -c 0 bash "$root/bench/candidate-up.sh"
 mapfile -t agents <"$work/candidate.pids"; pids+=("${agents[@]}")
 for _ in $(seq 150); do curl -sf -o /dev/null http://127.0.0.1:5040/service/bench/ && break; sleep 0.2; done
-taskset -c 1 wrk -t1 -c16 -d2s http://127.0.0.1:5040/service/bench/ >/dev/null
+taskset -c 1 wrk -t1 -c16 -d2s "${load[@]}" http://127.0.0.1:5040/service/bench/ >/dev/null
 for p in "${agents[@]}"; do callgrind_control -z "$p" >/dev/null 2>&1; done
-requests=$(taskset -c 1 wrk -t1 -c16 -d"${secs}s" http://127.0.0.1:5040/service/bench/ | awk '/requests in/ {print $1}')
+requests=$(taskset -c 1 wrk -t1 -c16 -d"${secs}s" "${load[@]}" http://127.0.0.1:5040/service/bench/ | awk '/requests in/ {print $1}')
 for p in "${agents[@]}"; do callgrind_control -d "$p" >/dev/null 2>&1; done
 total=0
 for p in "${agents[@]}"; do

@@ -52,7 +52,8 @@
 //!   are recorded by [`serve::serve_recorded`], labelled by the handlers' [`metrics::ServiceLabel`].
 //! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`
 //!   (`proxy::outbound::explain`: the outbound routing decision explained, without sending);
-//!   `proxy::express`, the agent's lane for body-less requests, forwarded as bytes;
+//!   `proxy::express`, the agent's lane for HTTP/1.1 requests, forwarded as bytes with their
+//!   bodies streamed behind them;
 //!   `proxy::upgrade`, HTTP/1.1 upgrades (WebSocket) spliced both ways after `101`;
 //!   `proxy::h2`, h2c toward the next hop: for HTTP/2 requests (gRPC) to other proxies, and
 //!   for every request to an instance that speaks only h2c.

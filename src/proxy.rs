@@ -136,6 +136,15 @@ impl MeshError {
         )
     }
 
+    /// Whether the answer ends the connection: after a bad request nothing pipelined behind it
+    /// is read, and after a body too large the rest of the body is not read.
+    pub fn closes(&self) -> bool {
+        matches!(
+            self,
+            MeshError::BadRequest { .. } | MeshError::ContentTooLarge
+        )
+    }
+
     /// The contract's error code, sent in `x-skyline-error`.
     pub fn code(&self) -> &'static str {
         match self {
@@ -188,9 +197,8 @@ impl MeshError {
         format!("{body}\n")
     }
 
-    /// The response the mesh sends for this error: `x-skyline-error` and a small JSON body.
-    /// A bad request also closes the connection, so nothing pipelined behind it is read, and
-    /// so does a body too large (the rest of it is not read).
+    /// The response the mesh sends for this error: `x-skyline-error` and a small JSON body,
+    /// and `Connection: close` when it [`closes`](Self::closes) the connection.
     pub fn into_response(self, service: &str) -> Response<Body> {
         match &self {
             MeshError::UpstreamConnect(cause) => {
@@ -209,10 +217,7 @@ impl MeshError {
         if self.unsent() {
             headers.insert(&X_SKYLINE_UNSENT, HeaderValue::from_static("1"));
         }
-        if matches!(
-            self,
-            MeshError::BadRequest { .. } | MeshError::ContentTooLarge
-        ) {
+        if self.closes() {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

@@ -3,7 +3,8 @@
 //! response; [`activation`] serves on sockets a supervisor passed.
 //!
 //! A handler that takes the express lane (the agent's outbound and inbound proxies) first
-//! serves each connection there: body-less requests forwarded as bytes (`proxy::express`).
+//! serves each connection there: HTTP/1.1 requests, with or without a body, forwarded as bytes
+//! (`proxy::express`).
 //! The first request the lane does not take moves the connection to hyper for good.
 //! A connection that opens with HTTP/2's client preface (h2c with prior knowledge, as gRPC
 //! clients speak) is told apart on the lane's first read, at the cost of one byte compared for
@@ -54,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessLog, Entry, Note};
 use crate::metrics::{Metrics, Role, ServiceLabel};
-use crate::proxy::express::{Head, Verdict};
+use crate::proxy::express::{ClientBody, Head, Verdict};
 use crate::proxy::{MeshError, X_REQUEST_ID, X_SKYLINE_ERROR, request_id};
 use crate::tls::{Accepted, MeshTls};
 use guard::{Guarded, Limits, Verdicts};
@@ -91,7 +92,7 @@ pub trait Handler: Clone + Send + Sync + 'static {
         async move { (self.handle(req, conn).await, Note::default()) }
     }
 
-    /// Whether this handler takes body-less requests on the express lane.
+    /// Whether this handler takes requests on the express lane.
     const EXPRESS: bool = false;
 
     /// Whether this handler, an [`EXPRESS`](Self::EXPRESS) one, takes the express lane as
@@ -105,15 +106,16 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// handler takes it either way.
     const HTTP2: bool = false;
 
-    /// The express lane's answer to a body-less request given as its head (see
-    /// `proxy::express`); only asked when [`EXPRESS`](Self::EXPRESS).
+    /// The express lane's answer to a request given as its head and its body, if it has one
+    /// (see `proxy::express`); only asked when [`EXPRESS`](Self::EXPRESS).
     fn express(
         &self,
         head: &Head<'_>,
+        body: Option<&mut ClientBody<'_>>,
         conn: &Conn,
         note: &mut Note,
     ) -> impl Future<Output = Verdict> + Send {
-        let _ = (head, conn, note);
+        let _ = (head, body, conn, note);
         async { Verdict::Decline }
     }
 }
@@ -134,7 +136,7 @@ pub trait Proxy: Clone + Send + Sync + 'static {
         note: &mut Note,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
-    /// Whether this proxy takes body-less requests on the express lane.
+    /// Whether this proxy takes requests on the express lane.
     const EXPRESS: bool = false;
 
     /// Whether this proxy, an [`EXPRESS`](Self::EXPRESS) one, takes the express lane as
@@ -143,15 +145,17 @@ pub trait Proxy: Clone + Send + Sync + 'static {
         Self::EXPRESS
     }
 
-    /// Forwards a body-less request given as its head, or declines it for [`proxy`](Self::proxy)
-    /// (see `proxy::express`). Declining must come before anything with an effect.
+    /// Forwards a request given as its head and its body (if it has one), or declines it for
+    /// [`proxy`](Self::proxy) (see `proxy::express`). Declining must come before anything with
+    /// an effect, the body untouched.
     fn express(
         &self,
         head: &Head<'_>,
+        body: Option<&mut ClientBody<'_>>,
         conn: &Conn,
         note: &mut Note,
     ) -> impl Future<Output = Verdict> + Send {
-        let _ = (head, conn, note);
+        let _ = (head, body, conn, note);
         async { Verdict::Decline }
     }
 }
@@ -182,10 +186,11 @@ impl<P: Proxy> Handler for P {
     fn express(
         &self,
         head: &Head<'_>,
+        body: Option<&mut ClientBody<'_>>,
         conn: &Conn,
         note: &mut Note,
     ) -> impl Future<Output = Verdict> + Send {
-        Proxy::express(self, head, conn, note)
+        Proxy::express(self, head, body, conn, note)
     }
 }
 

@@ -1,19 +1,31 @@
-//! The express lane: a body-less HTTP/1.1 request forwarded as bytes.
+//! The express lane: an HTTP/1.1 request forwarded as bytes.
 //!
-//! Most mesh traffic is small requests without a body. For those, building `http` header maps
-//! on both sides of both hops and running hyper's client and server machinery cost several times
-//! the proxy's own work (see docs/benchmarks.md). Here the request head the framing guard
-//! already validated is rewritten straight into the upstream's write buffer (hop-by-hop headers
-//! dropped, the contract's headers added), sent over a pooled raw TCP connection, and the
-//! response head is checked and copied back the same way, its body passed through as it arrives.
-//! This is what NGINX does.
+//! Most mesh traffic is small requests. For those, building `http` header maps on both sides
+//! of both hops and running hyper's client and server machinery cost several times the proxy's
+//! own work (see docs/benchmarks.md). Here the request head the framing guard already validated
+//! is rewritten straight into the upstream's write buffer (hop-by-hop headers dropped, the
+//! contract's headers added), sent over a pooled raw TCP (or mesh TLS) connection, and the
+//! response head is checked and copied back the same way, its body passed through as it
+//! arrives. This is what NGINX does.
+//!
+//! A request body ([`ClientBody`], `Content-Length` or chunked, on any method) follows its head
+//! the same way: the bytes that came with the head go out in the head's write, the rest streams
+//! from the client's socket to the upstream's through one fixed buffer, a chunked body
+//! re-validated by the guard's chunk scanner as it passes (a bad chunk ends both connections)
+//! and its trailers passed through. The retry rules are [`proxy::replayable`](super)'s: a body
+//! of known length up to [`RETRY_BODY_LIMIT`] that a retry or a fallback may need is read whole
+//! first and kept; any other body streams and is never sent twice once a byte of it was read
+//! from the client (a refused connection is still tried elsewhere). A route's
+//! `max_request_body` refuses a declared length over it before anything is forwarded and cuts a
+//! chunked body off where it passes it.
 //!
 //! The rules are the forwarder's: the same attempt loop ([`Forwarder::attempts`]: endpoint
 //! choice, deadlines, retries, budget, outlier ejection) and the same header contract as
-//! [`Forwarder::forward`]. Anything else (a request body, an upgrade, `Expect`, HTTP/1.0, an
-//! error answer before forwarding) is declined and goes to hyper, which serves the rest of the
-//! connection (`serve::express`).
+//! [`Forwarder::forward`]. Anything else (an upgrade, `Expect`, HTTP/1.0, an error answer
+//! before forwarding) is declined and goes to hyper, which serves the rest of the connection
+//! (`serve::express`).
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -23,12 +35,13 @@ use std::time::Duration;
 use hashbrown::HashMap;
 use http::StatusCode;
 use memchr::memmem;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::either::Either;
 
 use super::pool::{Limits, MAX_IDLE_PER_ENDPOINT, SendError, is_idempotent_name};
+use super::resilience::RETRY_BODY_LIMIT;
 use super::{
     AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, parse_millis,
     within_caller_deadline,
@@ -36,7 +49,9 @@ use super::{
 use crate::access::Trail;
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
-use crate::serve::guard::{ChunkedBody, Limits as GuardLimits, parse_content_length, trim_ows};
+use crate::serve::guard::{
+    ChunkedBody, Limits as GuardLimits, Rejection, parse_content_length, trim_ows,
+};
 use crate::tls::MeshTls;
 
 /// Largest response head accepted from an upstream (as hyper's client allows by default).
@@ -45,6 +60,12 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 100;
 /// Bytes read from an upstream at a time.
 const READ_SIZE: usize = 16 * 1024;
+/// The most bytes of a streamed request body read from the client at a time: the size of the
+/// one buffer a body streams through.
+const BODY_READ_SIZE: usize = 32 * 1024;
+/// How long the rest of a request body may take to reach an upstream that already began to
+/// answer (see [`ClientBody::pump`]).
+const EARLY_ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// Where the head at the start of `buf` ends (after its blank line), if it is all there.
 fn head_end(buf: &[u8]) -> Option<usize> {
@@ -103,15 +124,16 @@ impl Verdict {
 // === Forwarder ===
 
 impl Forwarder {
-    /// Forwards a body-less request given as its parsed head: the express lane's
-    /// [`Forwarder::forward`]. `first` is what the first hop (the outbound proxy) adds: the
-    /// hop count and the caller it asserts; other hops pass the caller's headers on.
+    /// Forwards a request given as its parsed head and its body (if it has one): the express
+    /// lane's [`Forwarder::forward`]. `first` is what the first hop (the outbound proxy) adds:
+    /// the hop count and the caller it asserts; other hops pass the caller's headers on.
     // The same arguments as `forward` (the request, its destination, target, host and
     // connection, the trail) plus what `forward`'s callers put in the header map.
     #[allow(clippy::too_many_arguments)]
     pub async fn express(
         &self,
         head: &Head<'_>,
+        body: Option<&mut ClientBody<'_>>,
         upstream: Destination<'_>,
         target: &str,
         host: Host,
@@ -127,6 +149,21 @@ impl Forwarder {
         let written = write_request_head(&mut request, head, target, host, first, conn, upstream);
         let deadline = started + within_caller_deadline(policy.request_timeout, written.timeout_ms);
         let owns_retries = upstream.first_hop && policy.retries > 0;
+        let idempotent = is_idempotent_name(head.method);
+        // The body: kept whole (it came with the head, or a retry or a fallback may need it),
+        // or streamed from the client after the bytes that came with the head.
+        let (kept, stream) = match body {
+            None => (Cow::Borrowed(&[][..]), None),
+            Some(body) => {
+                let fallback = upstream.fallback.is_some_and(|f| !f.routes.is_empty());
+                let keep = upstream.first_hop && ((owns_retries && idempotent) || fallback);
+                let limit = policy.max_request_body;
+                match body.prepare(&mut request, limit, keep, deadline).await? {
+                    Some(kept) => (kept, None),
+                    None => (Cow::Borrowed(body.early), Some(body)),
+                }
+            }
+        };
         if owns_retries {
             upstream.route.budget.deposit_at(now);
         }
@@ -142,11 +179,19 @@ impl Forwarder {
             head: request,
             caller_attempt: written.caller_attempt,
             // Only the first hop sends a request again after it may have arrived (see
-            // `proxy::replayable`), and only an idempotent one.
-            replayable: upstream.first_hop && is_idempotent_name(head.method),
+            // `proxy::replayable`), and only an idempotent one whose body is kept.
+            replayable: upstream.first_hop && idempotent && stream.is_none(),
             head_only: head.method == "HEAD",
+            body: kept,
+            stream,
         };
-        self.attempts(&mut exchange, attempt, now, trail).await
+        let answered = self.attempts(&mut exchange, attempt, now, trail).await;
+        // The client's side of the body failed while it streamed (its framing, its size, or
+        // the client went away): that is the answer, unless the upstream's came first.
+        match (answered, exchange.stream.and_then(|b| b.failed)) {
+            (Err(_), Some(fault)) => Err(fault.error()),
+            (answered, _) => answered,
+        }
     }
 }
 
@@ -391,8 +436,8 @@ pub fn connection_options<'h>(
 
 // === Exchange ===
 
-/// A request head as bytes, sent over raw pooled connections.
-struct RawExchange<'p> {
+/// A request head and its body as bytes, sent over raw pooled connections.
+struct RawExchange<'p, 'b, 'c> {
     pool: &'p RawPool,
     /// The head without the per-attempt headers and the final CRLF.
     head: Vec<u8>,
@@ -400,9 +445,14 @@ struct RawExchange<'p> {
     replayable: bool,
     /// A HEAD request: the answer has no body whatever its headers say.
     head_only: bool,
+    /// The body's bytes sent in the head's write: the whole body when it is kept, else the
+    /// part that came with the head.
+    body: Cow<'b, [u8]>,
+    /// The rest of a streamed body, still in the client's socket.
+    stream: Option<&'b mut ClientBody<'c>>,
 }
 
-impl Exchange for RawExchange<'_> {
+impl Exchange for RawExchange<'_, '_, '_> {
     type Response = Answer;
 
     fn status(response: &Answer) -> StatusCode {
@@ -414,8 +464,9 @@ impl Exchange for RawExchange<'_> {
     }
 
     fn ready(&self) -> bool {
-        // The head is kept: a request that never left can always go again.
-        true
+        // The head is kept: a request that never left can always go again, unless part of its
+        // streamed body was read from the client (and so may have left).
+        self.stream.as_ref().is_none_or(|body| !body.touched)
     }
 
     fn replayable(&self) -> bool {
@@ -436,8 +487,8 @@ impl Exchange for RawExchange<'_> {
     }
 }
 
-impl RawExchange<'_> {
-    /// Sends the head with `headers` added and reads the answer's head.
+impl RawExchange<'_, '_, '_> {
+    /// Sends the head with `headers` added, then the body, and reads the answer's head.
     async fn send_head(
         &mut self,
         addr: SocketAddr,
@@ -455,6 +506,7 @@ impl RawExchange<'_> {
             (None, None) => {}
         }
         head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(&self.body);
         let mut fresh = false;
         loop {
             let mut conn = match self.pool.take(addr) {
@@ -481,13 +533,37 @@ impl RawExchange<'_> {
                 // A pooled connection the upstream had closed: the request did not arrive.
                 continue;
             }
+            // The rest of a streamed body, unless the upstream answers first.
+            let mut answered_early = false;
+            if let Some(body) = self.stream.as_deref_mut() {
+                match body.pump(&mut conn).await {
+                    Ok(Pumped::Whole) => {}
+                    Ok(Pumped::Answered) => answered_early = true,
+                    // A pooled connection closed under the head, before a byte of the rest
+                    // was read from the client: as if the write had failed.
+                    Err(Pump::Upstream(_)) if !fresh && !body.touched => continue,
+                    Err(Pump::Upstream(source)) => {
+                        return Err(Failed::Broken(SendError::Io { addr, source }));
+                    }
+                    Err(Pump::Client) => {
+                        return Err(Failed::Broken(SendError::Protocol {
+                            addr,
+                            reason: "request body failed",
+                        }));
+                    }
+                }
+            }
             let home = Home {
                 pool: self.pool.clone(),
                 addr,
                 idle: limits.idle,
             };
             match conn.read_response(self.head_only, home).await {
-                Ok(Some(answer)) => return Ok(answer),
+                // An answer before the whole body: the connection is not reused.
+                Ok(Some(mut answer)) => {
+                    answer.keep_alive &= !answered_early;
+                    return Ok(answer);
+                }
                 // Closed with no byte of an answer. On a pooled connection the upstream most
                 // likely closed it idle just as the request went out (its keep-alive timeout):
                 // safe to send again when the request may be sent twice.
@@ -500,6 +576,304 @@ impl RawExchange<'_> {
                 }
                 Err(error) => return Err(Failed::Broken(error.at(addr))),
             }
+        }
+    }
+}
+
+// === ClientBody ===
+
+/// A request body on the express lane: the bytes that came with its head, and the rest, still
+/// in the client's socket, read through one fixed buffer as it streams to the upstream.
+pub struct ClientBody<'a> {
+    client: &'a mut (dyn AsyncRead + Unpin + Send),
+    /// The body's bytes that came with the head.
+    early: &'a [u8],
+    left: Left,
+    /// Read from the client past the body's end: the start of the next request.
+    rest: Vec<u8>,
+    /// The whole body has been read from the client.
+    read_all: bool,
+    /// Bytes past `early` were read from the client: the body cannot be sent again.
+    touched: bool,
+    /// The route's `max_request_body`, which a chunked body is cut off past.
+    cap: Option<u64>,
+    /// Why the body stopped short, when the client's side is to blame.
+    failed: Option<BodyFault>,
+}
+
+/// What is left of a body.
+enum Left {
+    /// `Content-Length` `total` bytes, `left` of them still in the socket.
+    Length { total: u64, left: u64 },
+    /// Chunked, scanned so far by the guard's rules.
+    Chunked(ChunkedBody),
+}
+
+/// Why a client's body stopped short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyFault {
+    /// A chunk the framing guard refuses.
+    Malformed,
+    /// More than the route's `max_request_body`.
+    TooLarge,
+    /// The client closed (or failed) before the body's end.
+    Incomplete,
+}
+
+impl BodyFault {
+    fn error(self) -> MeshError {
+        match self {
+            BodyFault::Malformed => MeshError::bad_request("malformed request body"),
+            BodyFault::TooLarge => MeshError::ContentTooLarge,
+            BodyFault::Incomplete => MeshError::bad_request("incomplete request body"),
+        }
+    }
+}
+
+/// How far [`ClientBody::pump`] got.
+enum Pumped {
+    /// The whole body was sent (the upstream may have begun to answer before).
+    Whole,
+    /// The upstream began to answer, and the rest of the body did not follow.
+    Answered,
+}
+
+/// Why [`ClientBody::pump`] stopped.
+enum Pump {
+    /// The upstream's connection failed or closed.
+    Upstream(io::Error),
+    /// The client's side failed (see [`ClientBody::failed`]).
+    Client,
+}
+
+/// How a request that had a body left its client connection (see [`ClientBody::end`]).
+pub struct BodyEnd {
+    /// The whole body was read: the connection may serve the next request.
+    pub finished: bool,
+    /// Bytes of what came after the head that belonged to the body.
+    pub early: usize,
+    /// Bytes read past the body's end: the start of the next request.
+    pub rest: Vec<u8>,
+}
+
+impl BodyEnd {
+    /// A request without a body.
+    pub fn none() -> Self {
+        BodyEnd {
+            finished: true,
+            early: 0,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<'a> ClientBody<'a> {
+    /// A `Content-Length` body of `n` bytes; `after_head` is what was read after the head.
+    pub fn length(
+        client: &'a mut (dyn AsyncRead + Unpin + Send),
+        after_head: &'a [u8],
+        n: u64,
+    ) -> Self {
+        let early = &after_head[..after_head
+            .len()
+            .min(usize::try_from(n).unwrap_or(usize::MAX))];
+        let left = n - early.len() as u64;
+        Self::new(client, early, Left::Length { total: n, left }, left == 0)
+    }
+
+    /// A chunked body; `after_head` is what was read after the head. Refused as the guard
+    /// refuses it when those bytes already break the framing.
+    pub fn chunked(
+        client: &'a mut (dyn AsyncRead + Unpin + Send),
+        after_head: &'a [u8],
+    ) -> Result<Self, Rejection> {
+        let mut scan = ChunkedBody::new(GuardLimits::default());
+        let end = scan.scan(after_head)?;
+        let early = &after_head[..end.unwrap_or(after_head.len())];
+        Ok(Self::new(client, early, Left::Chunked(scan), end.is_some()))
+    }
+
+    fn new(
+        client: &'a mut (dyn AsyncRead + Unpin + Send),
+        early: &'a [u8],
+        left: Left,
+        read_all: bool,
+    ) -> Self {
+        ClientBody {
+            client,
+            early,
+            left,
+            rest: Vec::new(),
+            read_all,
+            touched: false,
+            cap: None,
+            failed: None,
+        }
+    }
+
+    /// The body's declared length, for the access log (a chunked body has none, as on
+    /// hyper's lane).
+    pub fn declared(&self) -> Option<u64> {
+        match self.left {
+            Left::Length { total, .. } => Some(total),
+            Left::Chunked(_) => None,
+        }
+    }
+
+    /// How the body left the connection.
+    pub fn end(self) -> BodyEnd {
+        BodyEnd {
+            finished: self.read_all,
+            early: self.early.len(),
+            rest: self.rest,
+        }
+    }
+
+    /// Readies the body to follow `head` (the forwarded head, still being written): refused
+    /// when it is over `limit`; `transfer-encoding: chunked` added to a chunked one. Returns
+    /// the whole body when it came with the head, or when it is to be kept (`keep`) and its
+    /// length is known and at most [`RETRY_BODY_LIMIT`] (then read whole by `deadline`);
+    /// `None` when it streams.
+    async fn prepare(
+        &mut self,
+        head: &mut Vec<u8>,
+        limit: Option<u64>,
+        keep: bool,
+        deadline: Instant,
+    ) -> Result<Option<Cow<'a, [u8]>>, MeshError> {
+        let total = match &self.left {
+            Left::Chunked(scan) => {
+                if limit.is_some_and(|limit| scan.data_len() > limit) {
+                    return Err(MeshError::ContentTooLarge);
+                }
+                self.cap = limit;
+                header(head, b"transfer-encoding", b"chunked");
+                return Ok(self.read_all.then_some(Cow::Borrowed(self.early)));
+            }
+            Left::Length { total, .. } => *total,
+        };
+        if limit.is_some_and(|limit| total > limit) {
+            return Err(MeshError::ContentTooLarge);
+        }
+        if self.read_all {
+            return Ok(Some(Cow::Borrowed(self.early)));
+        }
+        if !keep || total > RETRY_BODY_LIMIT as u64 {
+            return Ok(None);
+        }
+        let mut whole = Vec::with_capacity(total as usize);
+        whole.extend_from_slice(self.early);
+        whole.resize(total as usize, 0);
+        let mut filled = self.early.len();
+        self.touched = true;
+        let read = async {
+            while filled < whole.len() {
+                match self.client.read(&mut whole[filled..]).await {
+                    Ok(0) | Err(_) => {
+                        return Err(MeshError::bad_request("incomplete request body"));
+                    }
+                    Ok(n) => filled += n,
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout_at(deadline, read)
+            .await
+            .map_err(|_| MeshError::UpstreamTimeout)??;
+        self.read_all = true;
+        Ok(Some(Cow::Owned(whole)))
+    }
+
+    /// Streams the rest of the body from the client to `upstream` through one buffer. A
+    /// chunked body is checked as it passes; nothing past a bad chunk, or past the cap, is
+    /// sent. An upstream that starts to answer first (NGINX's `return` does, and reads the
+    /// body on to discard it) still gets the rest, within [`EARLY_ANSWER_GRACE`], so that both
+    /// connections stay usable; past that, or when either side fails, the answer is relayed
+    /// as it is and both connections end after it.
+    async fn pump(&mut self, upstream: &mut RawConn) -> Result<Pumped, Pump> {
+        let size = match self.left {
+            Left::Length { left, .. } => left.min(BODY_READ_SIZE as u64) as usize,
+            Left::Chunked(_) => BODY_READ_SIZE,
+        };
+        let mut buf = vec![0u8; size];
+        // Once the upstream began to answer: by when the rest must have gone.
+        let mut answered: Option<Instant> = None;
+        while !self.read_all {
+            let want = match self.left {
+                Left::Length { left, .. } => left.min(size as u64) as usize,
+                Left::Chunked(_) => size,
+            };
+            let read = match answered {
+                Some(grace) => {
+                    let read = self.client.read(&mut buf[..want]);
+                    match tokio::time::timeout_at(grace, read).await {
+                        Ok(read) => read,
+                        Err(_) => return Ok(Pumped::Answered),
+                    }
+                }
+                None => tokio::select! {
+                    biased;
+                    answer = upstream.fill() => {
+                        match answer {
+                            Ok(0) => return Err(Pump::Upstream(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "upstream closed during the request body",
+                            ))),
+                            Ok(_) => answered = Some(Instant::now() + EARLY_ANSWER_GRACE),
+                            Err(Broken::Io(e)) => return Err(Pump::Upstream(e)),
+                            Err(Broken::Protocol(reason)) => {
+                                return Err(Pump::Upstream(io::Error::other(reason)));
+                            }
+                        }
+                        continue;
+                    }
+                    read = self.client.read(&mut buf[..want]) => read,
+                },
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return self.fault(BodyFault::Incomplete, answered),
+                Ok(n) => n,
+            };
+            self.touched = true;
+            let send = match &mut self.left {
+                Left::Length { left, .. } => {
+                    *left -= n as u64;
+                    self.read_all = *left == 0;
+                    n
+                }
+                Left::Chunked(scan) => {
+                    let Ok(end) = scan.scan(&buf[..n]) else {
+                        return self.fault(BodyFault::Malformed, answered);
+                    };
+                    if self.cap.is_some_and(|cap| scan.data_len() > cap) {
+                        return self.fault(BodyFault::TooLarge, answered);
+                    }
+                    if let Some(end) = end {
+                        self.rest.extend_from_slice(&buf[end..n]);
+                        self.read_all = true;
+                    }
+                    end.unwrap_or(n)
+                }
+            };
+            let sent = upstream.send(&buf[..send]);
+            match answered {
+                None => sent.await.map_err(Pump::Upstream)?,
+                Some(grace) => {
+                    if !matches!(tokio::time::timeout_at(grace, sent).await, Ok(Ok(()))) {
+                        return Ok(Pumped::Answered);
+                    }
+                }
+            }
+        }
+        Ok(Pumped::Whole)
+    }
+
+    /// Stops the body for the client's `fault`: an error, or the answer that already began.
+    fn fault(&mut self, fault: BodyFault, answered: Option<Instant>) -> Result<Pumped, Pump> {
+        self.failed = Some(fault);
+        match answered {
+            Some(_) => Ok(Pumped::Answered),
+            None => Err(Pump::Client),
         }
     }
 }
@@ -648,12 +1022,13 @@ impl RawConn {
 
     /// Reads the response head, skipping interim (1xx) answers. `Ok(None)`: the connection
     /// closed before any byte of it.
+    /// `buf` holds what was read so far (nothing, or the start of an answer that came while
+    /// the body streamed).
     async fn read_response(
         mut self,
         head_only: bool,
         home: Home,
     ) -> Result<Option<Answer>, Broken> {
-        self.buf.clear();
         // Where the search for the blank line goes on: a head that arrives in pieces is
         // searched once, not again from its start at every piece.
         let mut searched = 0;
@@ -1016,7 +1391,7 @@ pub fn write_error(out: &mut Vec<u8>, error: MeshError, service: &str, close: bo
         header(out, b"x-skyline-unsent", b"1");
     }
     header(out, b"content-length", body.len().to_string().as_bytes());
-    if close || matches!(error, MeshError::BadRequest { .. }) {
+    if close || error.closes() {
         header(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::express::Name;
-use super::express::{Head, Verdict};
+use super::express::{ClientBody, Head, Verdict};
 use super::outbound::{path_of, split_service_path};
 use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError, as_grpc_status, is_grpc};
@@ -136,9 +136,15 @@ impl Proxy for Inbound {
 
     const EXPRESS: bool = true;
 
-    /// [`proxy`](Self::proxy) for a body-less request on the express lane. A request this node
+    /// [`proxy`](Self::proxy) for a request on the express lane. A request this node
     /// cannot route yet (or at all) is declined: `proxy` waits for the catalog or answers.
-    async fn express(&self, head: &Head<'_>, conn: &Conn, note: &mut Note) -> Verdict {
+    async fn express(
+        &self,
+        head: &Head<'_>,
+        body: Option<&mut ClientBody<'_>>,
+        conn: &Conn,
+        note: &mut Note,
+    ) -> Verdict {
         let (path, query) = path_of(head.target);
         let Ok((name, rest)) = split_service_path(path) else {
             return Verdict::Decline;
@@ -185,6 +191,7 @@ impl Proxy for Inbound {
             .forwarder
             .express(
                 head,
+                body,
                 upstream,
                 &target,
                 Host::Upstream,

@@ -12,7 +12,7 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::express::{FirstHop, Head, Name, Verdict};
+use super::express::{ClientBody, FirstHop, Head, Name, Verdict};
 use super::resilience::SharedPolicies;
 use super::{
     Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Host, MeshError, as_grpc_status,
@@ -99,9 +99,15 @@ impl Proxy for Outbound {
         !self.inner.forwarder.peers_h2()
     }
 
-    /// [`proxy`](Self::proxy) for a body-less request on the express lane. A cluster-DNS-style
+    /// [`proxy`](Self::proxy) for a request on the express lane. A cluster-DNS-style
     /// request and every refusal before forwarding are declined: `proxy` answers those.
-    async fn express(&self, head: &Head<'_>, conn: &Conn, note: &mut Note) -> Verdict {
+    async fn express(
+        &self,
+        head: &Head<'_>,
+        body: Option<&mut ClientBody<'_>>,
+        conn: &Conn,
+        note: &mut Note,
+    ) -> Verdict {
         let path = path_of(head.target).0;
         let Ok(name) = service_of(path) else {
             return Verdict::Decline;
@@ -131,6 +137,7 @@ impl Proxy for Outbound {
             .forwarder
             .express(
                 head,
+                body,
                 upstream,
                 head.target,
                 Host::Keep,

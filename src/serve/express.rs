@@ -1,12 +1,15 @@
 //! Serving a connection on the express lane (see `proxy::express`) until a request needs hyper.
 //!
 //! The loop reads request heads straight from the socket, checks and parses each in one pass
-//! by the framing guard's rules ([`HeadReader`]), and hands each body-less HTTP/1.1 request
-//! to the role's [`Proxy::express`](super::Proxy::express). The
-//! first request it does not take (a body, an upgrade, `Expect`, HTTP/1.0, a refused head, or
-//! one the proxy declines) ends the loop: hyper, behind a framing guard, serves the rest of the
-//! connection, starting with the bytes already read ([`Rewind`]), so a refused head is answered
-//! exactly as without the express lane. A connection moves to hyper at most once.
+//! by the framing guard's rules ([`HeadReader`]), and hands each HTTP/1.1 request, with its
+//! body if it has one ([`ClientBody`]: `Content-Length` or chunked, read from the socket as it
+//! is forwarded), to the role's [`Proxy::express`](super::Proxy::express). A request whose
+//! body was not read to its end (refused, answered early, or cut off) closes the connection
+//! after its answer. The first request the lane does not take (an upgrade, `Expect`, HTTP/1.0,
+//! a refused head or chunk, or one the proxy declines) ends the loop: hyper, behind a framing
+//! guard, serves the rest of the connection, starting with the bytes already read ([`Rewind`]),
+//! so a refused head is answered exactly as without the express lane. A connection moves to
+//! hyper at most once.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -18,12 +21,14 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use super::guard::{HeadCheck, HeadProgress, HeadReader, Limits};
+use super::guard::{Body, HeadCheck, HeadProgress, HeadReader, Limits};
 use super::{
     Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder, access_line,
 };
 use crate::access::{AccessLog, Note};
-use crate::proxy::express::{Head, Name, Verdict, connection_options, write_error};
+use crate::proxy::express::{
+    BodyEnd, ClientBody, Head, Name, Verdict, connection_options, write_error,
+};
 use crate::proxy::request_id_bytes;
 
 /// Header slots for a client's request head: the guard's limit, so every head it passes fits.
@@ -151,7 +156,7 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
         conn.arrived = Instant::now();
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         // Checked and parsed in one pass; a refused head goes to the guard, which answers it.
-        let HeadCheck::Valid { request, has_body } = reader.parse(&buf[..end], &mut slots) else {
+        let HeadCheck::Valid { request, body } = reader.parse(&buf[..end], &mut slots) else {
             return End::Handoff { rest: buf };
         };
         let (Some(method), Some(target)) = (request.method, request.path) else {
@@ -180,12 +185,30 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
             options: connection_options(names.iter().copied().zip(values)),
             request_id,
         };
-        if has_body || !takes(&head, request.version) {
+        if !takes(&head, request.version) {
             return End::Handoff { rest: buf };
         }
+        // The body's bytes that came with the head, and the socket for the rest.
+        let after = &buf[end..];
+        let (mut body, bytes_in) = match body {
+            Body::None => (None, Some(0)),
+            Body::Length(n) => (Some(ClientBody::length(stream, after, n)), Some(n)),
+            // A chunk the guard refuses already: it answers, as without the express lane.
+            Body::Chunked => match ClientBody::chunked(stream, after) {
+                Ok(body) => (Some(body), None),
+                Err(_) => return End::Handoff { rest: buf },
+            },
+        };
         let mut note = Note::default();
-        let verdict = handler.express(&head, conn, &mut note).await;
-        let mut close = head.options.close || drain_seen || draining.load(Ordering::Relaxed);
+        let verdict = handler.express(&head, body.as_mut(), conn, &mut note).await;
+        let BodyEnd {
+            finished,
+            early,
+            rest,
+        } = body.map_or_else(BodyEnd::none, ClientBody::end);
+        // A body not read to its end leaves the connection unusable for the next request.
+        let mut close =
+            head.options.close || !finished || drain_seen || draining.load(Ordering::Relaxed);
         let record = |status: u16, error: Option<&str>| {
             if let Some(recorder) = recorder {
                 recorder.record_status(status, error, note.label.as_ref(), conn.arrived);
@@ -201,7 +224,7 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
                 let answer = Answered {
                     status,
                     error,
-                    bytes_in: Some(0),
+                    bytes_in,
                     bytes_out,
                 };
                 access_line(log, role, &note, request_id, answer, conn.arrived);
@@ -224,7 +247,7 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
                 let error = write_error(&mut out, error, &service, close);
                 let (status, code) = (error.status().as_u16(), error.code());
                 record(status, Some(code));
-                close |= matches!(error, crate::proxy::MeshError::BadRequest { .. });
+                close |= error.closes();
                 let written = stream.write_all(&out).await;
                 let body = memchr::memmem::find(&out, b"\r\n\r\n").map_or(0, |i| out.len() - i - 4);
                 log(
@@ -241,12 +264,13 @@ pub(super) async fn serve<H: Handler, S: super::Io>(
             let _ = stream.shutdown().await;
             return End::Closed;
         }
-        buf.drain(..end);
+        buf.drain(..end + early);
+        buf.extend_from_slice(&rest);
         deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     }
 }
 
-/// Whether the express lane takes a body-less request: HTTP/1.1, no upgrade, no `Expect`.
+/// Whether the express lane takes a request: HTTP/1.1, no upgrade, no `Expect`.
 fn takes(head: &Head<'_>, version: Option<u8>) -> bool {
     if version != Some(1) || head.method == "CONNECT" {
         return false;

@@ -552,6 +552,8 @@ struct Scanner {
     requests: u64,
     // Chunked-body bookkeeping.
     chunk_size: u64,
+    /// Chunk data bytes seen so far (the decoded body's length).
+    chunk_data: u64,
     chunk_line: usize,
     trailer_bytes: usize,
     trailer_name: [u8; TRAILER_NAME_KEEP],
@@ -568,6 +570,7 @@ impl Scanner {
             head: HeadScan::default(),
             requests: 0,
             chunk_size: 0,
+            chunk_data: 0,
             chunk_line: 0,
             trailer_bytes: 0,
             trailer_name: [0; TRAILER_NAME_KEEP],
@@ -801,6 +804,7 @@ impl Scanner {
                 // Chunk data is skipped in bulk.
                 let take = min(remaining, (data.len() - *pos) as u64);
                 *pos += take as usize;
+                self.chunk_data = self.chunk_data.saturating_add(take);
                 chunk = if remaining == take {
                     Chunk::DataCr
                 } else {
@@ -956,11 +960,22 @@ pub enum HeadCheck<'h, 'b> {
     Rejected(Rejection),
     /// Valid, but with more header lines than the caller gave slots for.
     TooManyForSlots,
-    /// Valid: the parsed request, and whether a body follows the head.
+    /// Valid: the parsed request, and how its body (if any) follows the head.
     Valid {
         request: httparse::Request<'h, 'b>,
-        has_body: bool,
+        body: Body,
     },
+}
+
+/// How a request's body follows its head, by the framing the guard accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// No body (no framing header, or `Content-Length: 0`).
+    None,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
 }
 
 /// How far [`HeadReader::scan`] got.
@@ -1012,7 +1027,11 @@ impl HeadReader {
         match self.scanner.parse_head(head, slots) {
             Ok((request, framing)) => HeadCheck::Valid {
                 request,
-                has_body: framing != Framing::Head,
+                body: match framing {
+                    Framing::Head => Body::None,
+                    Framing::Fixed { remaining } => Body::Length(remaining),
+                    Framing::Chunked(_) => Body::Chunked,
+                },
             },
             Err(rejection) => HeadCheck::Rejected(rejection),
         }
@@ -1046,6 +1065,11 @@ impl ChunkedBody {
             return Ok(Some(pos));
         }
         Ok(None)
+    }
+
+    /// The chunk data scanned so far: the body's length without its framing.
+    pub fn data_len(&self) -> u64 {
+        self.scanner.chunk_data
     }
 }
 
@@ -1672,17 +1696,20 @@ mod tests {
         let limits = Limits::default();
         let mut slots = [const { MaybeUninit::uninit() }; 8];
         let head = b"GET /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
-        let HeadCheck::Valid { request, has_body } = validate_head(head, limits, &mut slots) else {
+        let HeadCheck::Valid { request, body } = validate_head(head, limits, &mut slots) else {
             panic!("valid head refused");
         };
         assert_eq!((request.method, request.path), (Some("GET"), Some("/a?b")));
         assert_eq!(request.headers.len(), 2);
-        assert!(!has_body);
+        assert_eq!(body, Body::None);
         let mut slots = [const { MaybeUninit::uninit() }; 8];
         let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n";
         assert!(matches!(
             validate_head(head, limits, &mut slots),
-            HeadCheck::Valid { has_body: true, .. }
+            HeadCheck::Valid {
+                body: Body::Length(3),
+                ..
+            }
         ));
         let mut slots = [const { MaybeUninit::uninit() }; 1];
         assert!(matches!(
@@ -1699,7 +1726,7 @@ mod tests {
     }
 
     #[test]
-    fn a_chunked_body_end_is_found_however_it_is_split() {
+    fn a_chunked_body_end_and_data_length_are_found_however_it_is_split() {
         let body = b"6\r\nhello \r\n5;x=y\r\nworld\r\n0\r\nx-t: 1\r\n\r\nNEXT";
         let end = body.len() - 4;
         for split in 0..body.len() {
@@ -1710,6 +1737,7 @@ mod tests {
                 None => split + scan.scan(&body[split..]).unwrap().expect("ends"),
             };
             assert_eq!(found, end, "split at {split}");
+            assert_eq!(scan.data_len(), 11, "split at {split}");
         }
         let mut scan = ChunkedBody::new(Limits::default());
         assert!(scan.scan(b"zz\r\n").is_err());

@@ -109,7 +109,13 @@ impl Wire {
 
     /// A chunked body, decoded; trailers are read and dropped.
     async fn chunked(&mut self) -> Result<Vec<u8>, String> {
+        Ok(self.chunked_with_trailers().await?.0)
+    }
+
+    /// A chunked body, decoded, and its trailer lines as they came.
+    async fn chunked_with_trailers(&mut self) -> Result<(Vec<u8>, Vec<u8>), String> {
         let mut body = Vec::new();
+        let mut trailers = Vec::new();
         loop {
             let line = self.until(b"\r\n").await?.ok_or("closed before a chunk")?;
             let line = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
@@ -120,8 +126,9 @@ impl Wire {
                 loop {
                     let trailer = self.until(b"\r\n").await?.ok_or("closed in trailers")?;
                     if trailer == b"\r\n" {
-                        return Ok(body);
+                        return Ok((body, trailers));
                     }
+                    trailers.extend(trailer);
                 }
             }
             body.extend(self.exactly(size).await?);
@@ -277,6 +284,8 @@ struct Received {
     /// The whole head, as text.
     head: String,
     body: Vec<u8>,
+    /// The trailer lines of a chunked body, as they came.
+    trailers: Vec<u8>,
 }
 
 impl Received {
@@ -287,6 +296,7 @@ impl Received {
             method: first.next().unwrap_or_default().to_owned(),
             target: first.next().unwrap_or_default().to_owned(),
             body: Vec::new(),
+            trailers: Vec::new(),
             head,
         }
     }
@@ -412,15 +422,18 @@ async fn serve_scripted(
             .header("transfer-encoding")
             .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
         {
-            wire.chunked().await
+            wire.chunked_with_trailers().await
         } else {
             let len = request
                 .header("content-length")
                 .and_then(|n| n.parse().ok());
-            wire.exactly(len.unwrap_or(0)).await
+            wire.exactly(len.unwrap_or(0))
+                .await
+                .map(|b| (b, Vec::new()))
         };
-        let Ok(body) = body else { return };
+        let Ok((body, trailers)) = body else { return };
         request.body = body;
+        request.trailers = trailers;
         received.lock().unwrap().push(request.clone());
         for step in script(&request) {
             match step {
@@ -1155,4 +1168,380 @@ async fn an_upgrade_request_answered_without_101_is_an_ordinary_response_and_the
     assert_eq!(received[0].header("connection"), Some("upgrade"));
     assert_eq!(received[1].header("upgrade"), None);
     mesh.stop().await;
+}
+
+// === Request bodies on the express lane ===
+
+/// `n` bytes that are not all alike, so a lost, doubled or moved piece shows.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// `body` as chunks of at most `size` bytes, then the last chunk and `trailers` (lines with
+/// their CRLFs).
+fn chunks(body: &[u8], size: usize, trailers: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for piece in body.chunks(size) {
+        out.extend(format!("{:x}\r\n", piece.len()).as_bytes());
+        out.extend(piece);
+        out.extend(b"\r\n");
+    }
+    out.extend(format!("0\r\n{trailers}\r\n").as_bytes());
+    out
+}
+
+/// A script answering `<method> <target> <body length>`.
+fn echo_target_and_body_length(request: &Received) -> Vec<Step> {
+    let text = format!(
+        "{} {} {}",
+        request.method,
+        request.target,
+        request.body.len()
+    );
+    vec![write(ok(&text))]
+}
+
+/// A request head to the outbound proxy for `/service/web<path>` with `framing` (a header
+/// line) and a header whose name is not lowercase: hyper writes names lowercased, the express
+/// lane as they came, so the application seeing it as sent shows that both hops took the lane.
+fn body_head(method: &str, path: &str, framing: &str) -> Vec<u8> {
+    format!(
+        "{method} /service/web{path} HTTP/1.1\r\nHost: mesh\r\nX-Lane-Probe: 1\r\n{framing}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_of_1_kib_and_1_mib_by_length_or_chunked_arrive_byte_exact_with_their_framing_over_the_express_lane()
+ {
+    let app = Scripted::spawn(node_b(), echo_target_and_body_length);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let cases = [
+        (1024, false),
+        (1024, true),
+        (1 << 20, false),
+        (1 << 20, true),
+    ];
+    for (i, &(n, chunked)) in cases.iter().enumerate() {
+        let body = pattern(n);
+        let (framing, wire_body) = if chunked {
+            let trailers = "X-Checksum: 42\r\n";
+            (
+                "Transfer-Encoding: chunked".to_owned(),
+                chunks(&body, 7000, trailers),
+            )
+        } else {
+            (format!("Content-Length: {n}"), body.clone())
+        };
+        let mut request = body_head("POST", &format!("/up/{i}"), &framing);
+        request.extend(wire_body);
+        client.send(&request).await;
+        let answer = client.final_response("POST").await.unwrap();
+        assert_eq!(
+            (answer.status, answer.text()),
+            (200, format!("POST /up/{i} {n}")),
+            "case {i}"
+        );
+        let received = app.received();
+        let got = &received[i];
+        assert!(got.body == body, "case {i}: the body changed on the way");
+        assert!(
+            got.head.contains("X-Lane-Probe: 1\r\n"),
+            "case {i}: {}",
+            got.head
+        );
+        if chunked {
+            assert_eq!(
+                got.header("transfer-encoding"),
+                Some("chunked"),
+                "{}",
+                got.head
+            );
+            assert_eq!(got.header("content-length"), None, "{}", got.head);
+            assert_eq!(got.trailers, b"X-Checksum: 42\r\n", "case {i}: trailers");
+        } else {
+            let length = n.to_string();
+            assert_eq!(got.header("content-length"), Some(length.as_str()));
+            assert_eq!(got.header("transfer-encoding"), None, "{}", got.head);
+        }
+    }
+    // Every body was read to its end: the connection serves the next request.
+    let after = client.get("/after").await;
+    assert_eq!(after.text(), "GET /after 0");
+    assert_eq!(app.received().len(), cases.len() + 1);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_chunked_body_is_forwarded_with_it_and_the_next_request_follows() {
+    let app = Scripted::spawn(node_b(), echo_target_and_body_length);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    // The body and the next request in one write: the lane must split them where the body ends.
+    let mut bytes = body_head("GET", "/q", "Transfer-Encoding: chunked");
+    bytes.extend(b"5\r\nhello\r\n0\r\n\r\n");
+    bytes.extend(get("/next"));
+    client.send(&bytes).await;
+    let answer = client.final_response("GET").await.unwrap();
+    assert_eq!((answer.status, answer.text().as_str()), (200, "GET /q 5"));
+    let next = client.final_response("GET").await.unwrap();
+    assert_eq!(next.text(), "GET /next 0");
+    let received = app.received();
+    assert_eq!(received[0].body, b"hello");
+    assert_eq!(received[0].header("transfer-encoding"), Some("chunked"));
+    assert!(
+        received[0].head.contains("X-Lane-Probe: 1\r\n"),
+        "{}",
+        received[0].head
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_body_is_retried_after_its_endpoint_closes_without_answering_and_a_streamed_one_is_never_sent_twice()
+ {
+    // On node b the application reads each request whole and closes without answering; on
+    // node c it answers. Round robin sends every other first attempt to b.
+    let closer = Scripted::spawn(node_b(), |_| vec![Step::Close]);
+    let answerer = Scripted::spawn(ip("127.0.0.4"), echo_target_and_body_length);
+    let on_c = Placement {
+        node: "c",
+        ..answerer.placement()
+    };
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .node("c", "127.0.0.4")
+        .place(closer.placement())
+        .place(on_c)
+        .resilience(round_robin())
+        .spawn()
+        .await;
+    let outbound = mesh.outbound("a");
+
+    // A PUT of 1 KiB: kept whole at the first hop, so sent again to c.
+    let body = pattern(1024);
+    for i in 0..4 {
+        let mut client = Wire::connect(outbound).await;
+        let mut request = body_head("PUT", &format!("/kept/{i}"), "Content-Length: 1024");
+        request.extend(&body);
+        client.send(&request).await;
+        let answer = client.final_response("PUT").await.unwrap();
+        assert_eq!(
+            (answer.status, answer.text()),
+            (200, format!("PUT /kept/{i} 1024"))
+        );
+    }
+    let closed = closer.received().len();
+    assert!(closed >= 1, "no kept request reached the closing instance");
+    assert!(answerer.received().iter().all(|r| r.body == body));
+
+    // A PUT of 1 MiB streams: the one that reached b is answered 502, never sent again.
+    let big = pattern(1 << 20);
+    let mut failed = 0;
+    for i in 0..4 {
+        let mut client = Wire::connect(outbound).await;
+        let mut request = body_head("PUT", &format!("/streamed/{i}"), "Content-Length: 1048576");
+        request.extend(&big);
+        client.send(&request).await;
+        let answer = client.final_response("PUT").await.unwrap();
+        let target = format!("/streamed/{i}");
+        let at_b = closer
+            .received()
+            .iter()
+            .filter(|r| r.target == target)
+            .count();
+        let at_c = answerer
+            .received()
+            .iter()
+            .filter(|r| r.target == target)
+            .count();
+        assert_eq!(at_b + at_c, 1, "{target} was sent {} times", at_b + at_c);
+        if at_b == 1 {
+            failed += 1;
+            assert_eq!(answer.status, 502, "{target}");
+        } else {
+            assert_eq!(answer.status, 200, "{target}");
+        }
+    }
+    assert!(
+        failed >= 1,
+        "no streamed request reached the closing instance"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_routes_limit_gets_413_on_the_express_lane_before_or_where_it_passes() {
+    let app = Scripted::spawn(node_b(), echo_target_and_body_length);
+    let mesh = TestMesh::builder()
+        .node("a", "127.0.0.2")
+        .node("b", "127.0.0.3")
+        .place(app.placement())
+        .resilience(policies(|r| r.max_request_body = Some(1000)))
+        .spawn()
+        .await;
+    // A body within the limit passes.
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let mut request = body_head("POST", "/small", "Content-Length: 1000");
+    request.extend(pattern(1000));
+    client.send(&request).await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!(answer.text(), "POST /small 1000");
+
+    // A declared length over it: refused before anything is forwarded (the head alone is
+    // enough to be answered).
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    client
+        .send(&body_head("POST", "/large", "Content-Length: 2000"))
+        .await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.header("x-skyline-error"), Some("content-too-large"));
+    assert!(
+        client.closes().await,
+        "the connection stays open after a 413"
+    );
+    assert_eq!(app.received().len(), 1);
+
+    // A chunked body: cut off where it passes the limit, the instance gets no whole request.
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let mut first = body_head("POST", "/chunked", "Transfer-Encoding: chunked");
+    first.extend(b"258\r\n");
+    first.extend(pattern(600));
+    first.extend(b"\r\n");
+    client.send(&first).await;
+    let mut second = b"258\r\n".to_vec();
+    second.extend(pattern(600));
+    second.extend(b"\r\n");
+    client.send(&second).await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.header("x-skyline-error"), Some("content-too-large"));
+    assert!(client.closes().await);
+    assert_eq!(app.received().len(), 1, "{:?}", app.received());
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_chunk_in_a_streaming_body_ends_both_connections_and_nothing_after_it_is_forwarded() {
+    let app = Scripted::spawn(node_b(), echo_target_and_body_length);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let mut first = body_head("POST", "/bad", "Transfer-Encoding: chunked");
+    first.extend(b"5\r\nhello\r\n");
+    client.send(&first).await;
+    // Once the request is on its way to the instance, a chunk size that is not hex.
+    for _ in 0..500 {
+        if app.accepts() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.accepts(), 1, "the request never reached the instance");
+    client.send(b"zz\r\nworld\r\n0\r\n\r\n").await;
+    let answer = client.final_response("POST").await.unwrap();
+    assert_eq!(answer.status, 400);
+    assert!(client.closes().await);
+    assert!(app.received().is_empty(), "{:?}", app.received());
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curls_default_expect_100_continue_post_passes_both_hops_without_a_stall() {
+    let app = Scripted::spawn(node_b(), echo_target_and_body_length);
+    let mesh = mesh_for(app.placement()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    // curl (7.88 here) asks `Expect: 100-continue` of its own for a body over 1 MiB.
+    let size = 2 << 20;
+    std::fs::write(&file, pattern(size)).unwrap();
+    let url = format!("http://{}/service/web/expect", mesh.outbound("a"));
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-v",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{time_total}",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", file.display()))
+        .arg(&url)
+        .output()
+        .await
+        .expect("curl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // curl asked, and was told to go on rather than left to wait out its 1 s.
+    assert!(stderr.contains("Expect: 100-continue"), "{stderr}");
+    assert!(stderr.contains("HTTP/1.1 100 Continue"), "{stderr}");
+    let (body, time) = stdout.rsplit_once('\n').unwrap();
+    assert_eq!(body, format!("POST /expect {size}"));
+    let time: f64 = time.trim().parse().unwrap();
+    assert!(time < 0.9, "took {time} s");
+    assert!(app.received()[0].body == pattern(size));
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_whole_body_is_relayed_and_every_connection_goes_on() {
+    // The application answers each request as soon as its head is in, then reads the body
+    // on to discard it (as NGINX's `return` does).
+    let listener = TcpListener::bind((node_b(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicU64::new(0));
+    let counted = accepts.clone();
+    let app = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            conns.spawn(async move {
+                let mut wire = Wire::new(stream);
+                while let Ok(Some(head)) = wire.until(b"\r\n\r\n").await {
+                    let request = Received::parse(&head);
+                    let len = request
+                        .header("content-length")
+                        .map_or(0, |n| n.parse().unwrap());
+                    let answer = ok(&format!("early {}", request.target));
+                    if wire.stream.write_all(&answer).await.is_err()
+                        || wire.exactly(len).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let placement = Placement {
+        service: "web",
+        node: "b",
+        addr,
+        health: Health::Passing,
+    };
+    let mesh = mesh_for(placement).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    for i in 0..2 {
+        let mut request = body_head("POST", &format!("/up/{i}"), "Content-Length: 1048576");
+        request.extend(pattern(1 << 20));
+        client.send(&request).await;
+        let answer = client.final_response("POST").await.unwrap();
+        assert_eq!(
+            (answer.status, answer.text()),
+            (200, format!("early /up/{i}"))
+        );
+        assert_eq!(answer.header("connection"), None, "{answer:?}");
+    }
+    let next = client.get("/next").await;
+    assert_eq!(next.text(), "early /next");
+    assert_eq!(
+        accepts.load(Ordering::Relaxed),
+        1,
+        "the instance's connection was not reused"
+    );
+    mesh.stop().await;
+    app.abort();
 }
