@@ -215,3 +215,68 @@ async fn status_shows_the_one_frozen_agent_lagging_on_its_old_version_until_it_c
         "{after:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skyline_ups_own_agent_reports_the_registrys_newest_version_like_an_agent_following_it_over_http()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = crate::faults::free_addr("127.0.0.1");
+    let data = dir.path().join("up");
+    let _up = Skyline::start(
+        &[
+            "up",
+            "--outbound=127.0.0.1:0",
+            "--inbound=127.0.0.1:0",
+            "--admin=127.0.0.1:0",
+            &format!("--registry={registry}"),
+            "--dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    // An agent on another node follows up's registry over HTTP: both compute the version alike.
+    let _other = Skyline::start(
+        &[
+            "agent",
+            "--catalog=consul",
+            &format!("--consul={registry}"),
+            "--node-name=node-b",
+            "--outbound=127.0.0.1:0",
+            "--inbound=127.0.0.1:0",
+            "--admin=127.0.0.1:0",
+        ],
+        &[],
+    );
+    let first = status_until(&registry, "both proxies on the newest version", 300, |s| {
+        all_on_newest(s, 2)
+    })
+    .await;
+    let local = proxy(&first, "local");
+    assert!(local["version"].as_u64().is_some(), "{first:#}");
+    assert_eq!(
+        local["catalog"].as_str().unwrap(),
+        format!("embedded:{registry}")
+    );
+
+    // Every change reaches up's agent too: it moves to the newer version with the other one.
+    register(&registry, "web", "8080");
+    let after = status_until(&registry, "both on the version with web", 300, |s| {
+        s["newest"].as_u64() > first["newest"].as_u64() && all_on_newest(s, 2)
+    })
+    .await;
+    let newest = after["newest"].as_u64().unwrap();
+    for name in ["local", "node-b"] {
+        assert_eq!(proxy(&after, name)["version"], newest, "{after:#}");
+        assert_eq!(proxy(&after, name)["on_newest"], true, "{after:#}");
+    }
+    let text = status(&registry, false).await.unwrap();
+    assert!(
+        text.contains("2 of 2 proxies on the newest version"),
+        "{text}"
+    );
+    assert!(
+        text.contains("every proxy routes with the newest version"),
+        "{text}"
+    );
+    assert!(!text.contains("lagging"), "{text}");
+}
