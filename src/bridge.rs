@@ -617,6 +617,7 @@ pub async fn spawn_on(
     let mut tasks = JoinSet::new();
     let metrics = Metrics::new();
     let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
+    let mut catalog_name = String::new();
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
             let (source_name, subscriber) = agent::follow_catalog(
@@ -629,6 +630,7 @@ pub async fn spawn_on(
                 shutdown.cancel();
                 return Err(AgentError::Catalog { source_name, error }.into());
             }
+            catalog_name = source_name;
             Some(subscriber)
         }
         _ => None,
@@ -672,11 +674,7 @@ pub async fn spawn_on(
     }
     // The convergence report (`skyline status`) in the registry the bridge follows: the bridge
     // routes with the catalog state in force (its gateways are rebuilt from it on use).
-    if let (Some(CatalogSource::Consul(registry)), Some(subscriber)) =
-        (&settings.catalog, catalog.clone())
-    {
-        let client = crate::registry::client::RegistryClient::new(*registry)
-            .with_token(settings.tokens.registry.clone());
+    if let (Some(source), Some(subscriber)) = (&settings.catalog, catalog.clone()) {
         let port = addrs.first().map_or(0, SocketAddr::port);
         let node = agent::registration::hostname();
         let identity = crate::status::Identity {
@@ -684,18 +682,21 @@ pub async fn spawn_on(
             name: format!("{node}-{port}"),
             node,
             admin: admin_addr,
-            catalog: format!("consul:{registry}"),
+            catalog: catalog_name,
         };
         let (applied, applied_rx) = tokio::sync::watch::channel(None);
         tasks.spawn(follow_applied(subscriber.clone(), applied));
-        tasks.spawn(crate::status::run(
-            client,
+        if let Some(report) = crate::status::reporter(
+            source,
+            settings.tokens.registry.as_ref(),
             identity,
             applied_rx,
             subscriber,
             Arc::new(readiness_reasons),
             shutdown.clone(),
-        ));
+        ) {
+            tasks.spawn(report);
+        }
     }
     if let Some(admin) = admin {
         let handler = BridgeAdmin {
