@@ -466,7 +466,7 @@ pub async fn start(
         CatalogSource::File(_) => {}
     }
 
-    let metrics = Metrics::new();
+    let metrics = Metrics::when(settings.access.metrics);
     let tls = match mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown) {
         Ok(tls) => tls,
         Err(e) => {

@@ -615,7 +615,7 @@ pub async fn spawn_on(
         .finish(&LISTENER_NAMES)
         .map_err(AgentError::from)?;
     let mut tasks = JoinSet::new();
-    let metrics = Metrics::new();
+    let metrics = Metrics::when(settings.access.metrics);
     let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let mut catalog_name = String::new();
     let catalog = match &settings.catalog {

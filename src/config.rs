@@ -572,6 +572,8 @@ struct FileConfig {
     authz: crate::authz::AuthzConfig,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    metrics: crate::access::MetricsSection,
 }
 
 // === The file's keys, described ===
@@ -1220,6 +1222,7 @@ pub const AGENT_FILE: &[Section] = &[
     AUTHZ_RULE_SECTION,
     AUTHZ_CALLER_SECTION,
     crate::access::FILE_SECTION,
+    crate::access::METRICS_SECTION,
 ];
 
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
@@ -1416,7 +1419,7 @@ impl AgentArgs {
         let (file, source) = Source::read::<FileConfig>(self.config.as_ref())?;
         let src = &source;
         let resilience = policies(src, &file)?;
-        let access = self.access.resolve(src, &file.log)?;
+        let access = self.access.resolve(src, &file.log, &file.metrics)?;
 
         let (node_name, at) = match (self.node_name, file.node.name) {
             (Some(n), _) => (n, None),

@@ -946,7 +946,7 @@ pub async fn spawn_on(
     let admin = agent::listen(&mut inherited, "admin", settings.admin)?;
     inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
-    let metrics = Metrics::new();
+    let metrics = Metrics::when(settings.access.metrics);
     let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let (source_name, subscriber) = agent::follow_catalog(
         &settings.catalog,

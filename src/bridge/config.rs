@@ -240,6 +240,7 @@ pub const FILE: &[Section] = &[
     },
     crate::config::TLS_SECTION,
     access::FILE_SECTION,
+    access::METRICS_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -257,6 +258,8 @@ struct FileConfig {
     tls: crate::config::TlsSection,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    metrics: crate::access::MetricsSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -320,7 +323,7 @@ impl BridgeArgs {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
-        let access = self.access.resolve(&src, &file.log)?;
+        let access = self.access.resolve(&src, &file.log, &file.metrics)?;
         let b = file.bridge;
         let admin = match (self.admin, b.admin) {
             (Some(l), _) => l,

@@ -319,6 +319,7 @@ pub const FILE: &[Section] = &[
     },
     crate::config::TLS_SECTION,
     access::FILE_SECTION,
+    access::METRICS_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -342,6 +343,8 @@ struct FileConfig {
     tls: crate::config::TlsSection,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    metrics: crate::access::MetricsSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -377,7 +380,7 @@ impl GatewayArgs {
         let reload = self.config.is_some().then(|| self.clone());
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
-        let access = self.access.resolve(&src, &file.log)?;
+        let access = self.access.resolve(&src, &file.log, &file.metrics)?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field
                 .as_ref()
