@@ -456,6 +456,9 @@ pub struct BridgeAdmin {
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
     token: Option<crate::config::token::Token>,
+    /// The dashboard at `/ui`: requests per service over the last minutes (the bridge's
+    /// own counters), and the catalog's services when the bridge follows one.
+    dashboard: Arc<crate::admin::ui::Dashboard>,
 }
 
 impl BridgeAdmin {
@@ -494,9 +497,24 @@ impl Handler for BridgeAdmin {
         if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
             return refusal;
         }
+        if let Some(asset) = crate::admin::ui::asset(req.uri().path()) {
+            return asset;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
+            crate::admin::ui::DATA_PATH => {
+                let snapshot = self
+                    .catalog
+                    .as_ref()
+                    .and_then(|c| c.borrow().snapshot.clone());
+                let readings = crate::admin::agent_readings(&self.metrics);
+                let body = self
+                    .dashboard
+                    .data(snapshot.as_deref(), Default::default(), &readings)
+                    .await;
+                return crate::admin::ui::data_response(&body);
+            }
             "/explain" => match crate::admin::explain_url(req.uri().query()) {
                 Ok(url) => crate::admin::explained(self.bridge.explain(&url).await),
                 Err(refusal) => refusal,
@@ -507,7 +525,7 @@ impl Handler for BridgeAdmin {
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/explain", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/explain", "/metrics", "/ui"]}),
             ),
         };
         crate::admin::json_response(status, &body)
@@ -699,7 +717,15 @@ pub async fn spawn_on(
         }
     }
     if let Some(admin) = admin {
+        let dashboard = crate::admin::ui::Dashboard::new("bridge", "listener", None);
+        let counters = metrics.clone();
+        tasks.spawn(crate::admin::ui::sample_every(
+            dashboard.clone(),
+            move || crate::admin::agent_readings(&counters),
+            shutdown.clone(),
+        ));
         let handler = BridgeAdmin {
+            dashboard,
             bridge: bridge.clone(),
             metrics: metrics.clone(),
             catalog,
