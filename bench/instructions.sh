@@ -10,7 +10,9 @@
 # Usage: bench/instructions.sh [binary, default target/release/skyline] [seconds, default 8]
 # Installs what it needs (valgrind, nginx, wrk, curl) with scripts/install-deps.
 # With POST=<bytes>, every request is a POST with a body of that many bytes (as mesh-bench's
-# --post). With PROFILE=<prefix>, the callgrind files are kept as <prefix>.<pid>.1 for callgrind_annotate
+# --post). The agents inherit the environment: SKYLINE_ACCESS_LOG=off SKYLINE_METRICS=off measures
+# the same build with the access log and metrics off (docs/benchmarks.md, "Observability").
+# With PROFILE=<prefix>, the callgrind files are kept as <prefix>.<pid>.1 for callgrind_annotate
 # (build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only for per-line costs).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -66,6 +66,10 @@ pub struct Settings {
     /// The share of requests that did not fail written, from 0 to 1 (validated: never NaN);
     /// failed ones are always written.
     pub sample: f64,
+    /// Whether metrics are recorded (`[metrics] enabled`, `--metrics`): off, no request does any
+    /// metrics work and `/metrics` answers 404 saying so. Beside the access log because both
+    /// are the per-request observability that the benchmark measures.
+    pub metrics: bool,
 }
 
 // A validated sample is never NaN, so equality is total.
@@ -76,6 +80,7 @@ impl Default for Settings {
         Settings {
             enabled: true,
             sample: DEFAULT_SAMPLE,
+            metrics: true,
         }
     }
 }
@@ -108,7 +113,29 @@ pub struct AccessArgs {
     /// written: a 5xx or a mesh error) [default: 0.01]
     #[arg(long, env = "SKYLINE_ACCESS_LOG_SAMPLE", value_name = "FRACTION")]
     pub access_log_sample: Option<f64>,
+
+    /// Metrics recording (served at /metrics), "on" or "off" [default: on]
+    #[arg(long, env = "SKYLINE_METRICS", value_name = "on|off")]
+    pub metrics: Option<OnOff>,
 }
+
+/// The `[metrics]` table of every role's file.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetricsSection {
+    enabled: Option<bool>,
+}
+
+/// The `[metrics]` table, described (see [`crate::config::reference`]).
+pub const METRICS_SECTION: Section = Section {
+    table: "metrics",
+    sample: "",
+    doc: "Metrics, served at `/metrics` on the admin listener. Off, no request does any metrics \
+          work, `/metrics` answers 404, the dashboard shows no traffic, and `skyline migrate` \
+          cannot guard on a gateway's answers.",
+    defaults_from: None,
+    keys: &[key("enabled", "metrics", "boolean", Value::Default("true"))],
+};
 
 /// The `[log]` table of every role's file.
 #[derive(Deserialize, Default)]
@@ -144,7 +171,16 @@ const LOG_KEYS: &[FileKey] = &[
 
 impl AccessArgs {
     /// Flags and variables over the file's `[log]` table.
-    pub(crate) fn resolve(&self, src: &Source, file: &LogSection) -> Result<Settings, ConfigError> {
+    pub(crate) fn resolve(
+        &self,
+        src: &Source,
+        file: &LogSection,
+        metrics: &MetricsSection,
+    ) -> Result<Settings, ConfigError> {
+        let metrics = match self.metrics {
+            Some(flag) => flag == OnOff::On,
+            None => metrics.enabled.unwrap_or(true),
+        };
         let enabled = match (self.access_log, &file.access_log) {
             (Some(flag), _) => flag == OnOff::On,
             (None, Some(text)) => match text.get_ref().as_str() {
@@ -172,7 +208,11 @@ impl AccessArgs {
                 format!("{sample} is not a share from 0 to 1"),
             ));
         }
-        Ok(Settings { enabled, sample })
+        Ok(Settings {
+            enabled,
+            sample,
+            metrics,
+        })
     }
 }
 

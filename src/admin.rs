@@ -303,6 +303,13 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<B
 /// `/metrics`, as every admin listener answers it: the Prometheus text exposition of `metrics`,
 /// with the catalog gauges of `catalog` when the role follows one.
 pub fn metrics_response(metrics: &Metrics, catalog: Option<&CatalogState>) -> Response<Body> {
+    if !metrics.enabled() {
+        let mut response = Response::new(full(
+            "metrics are off on this proxy ([metrics] enabled = false, or --metrics off)\n",
+        ));
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
+    }
     let mut response = Response::new(full(metrics.encode(catalog)));
     response.headers_mut().insert(
         CONTENT_TYPE,

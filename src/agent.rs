@@ -468,7 +468,7 @@ pub async fn start(
         CatalogSource::File(_) => {}
     }
 
-    let metrics = Metrics::new();
+    let metrics = Metrics::when(settings.access.metrics);
     let tls = match mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown) {
         Ok(tls) => tls,
         Err(e) => {
@@ -584,30 +584,29 @@ pub async fn start(
         .with_dashboard(dashboard);
         tasks.spawn(serve::serve(listener, handler, shutdown.clone()));
     }
-    // The convergence report (`skyline status`) in the registry the agent follows.
-    let report_to = match &settings.catalog {
-        CatalogSource::Consul(addr) => Some(*addr),
-        CatalogSource::Embedded { .. } => registry,
-        _ => None,
+    // The convergence report (`skyline status`) in the registry or etcd the agent follows (the
+    // embedded registry at the address it was bound to).
+    let report_to = match (&settings.catalog, registry) {
+        (CatalogSource::Embedded { .. }, Some(addr)) => CatalogSource::Consul(addr),
+        (source, _) => source.clone(),
     };
-    if let Some(addr) = report_to {
-        let client = crate::registry::client::RegistryClient::new(addr)
-            .with_token(settings.tokens.registry.clone());
-        let identity = crate::status::Identity {
-            role: "agent",
-            name: settings.node_name.clone(),
-            node: settings.node_name.clone(),
-            admin,
-            catalog: source_name.clone(),
-        };
-        tasks.spawn(crate::status::run(
-            client,
-            identity,
-            applied_rx,
-            subscriber.clone(),
-            Arc::new(crate::status::catalog_reasons),
-            shutdown.clone(),
-        ));
+    let identity = crate::status::Identity {
+        role: "agent",
+        name: settings.node_name.clone(),
+        node: settings.node_name.clone(),
+        admin,
+        catalog: source_name.clone(),
+    };
+    if let Some(report) = crate::status::reporter(
+        &report_to,
+        settings.tokens.registry.as_ref(),
+        identity,
+        applied_rx,
+        subscriber.clone(),
+        Arc::new(crate::status::catalog_reasons),
+        shutdown.clone(),
+    ) {
+        tasks.spawn(report);
     }
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(

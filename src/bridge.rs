@@ -481,6 +481,9 @@ pub struct BridgeAdmin {
     metrics: Arc<Metrics>,
     catalog: Option<Subscriber>,
     token: Option<crate::config::token::Token>,
+    /// The dashboard at `/ui`: requests per service over the last minutes (the bridge's
+    /// own counters), and the catalog's services when the bridge follows one.
+    dashboard: Arc<crate::admin::ui::Dashboard>,
 }
 
 impl BridgeAdmin {
@@ -519,9 +522,24 @@ impl Handler for BridgeAdmin {
         if let Some(refusal) = crate::admin::unauthorized(self.token.as_ref(), &req) {
             return refusal;
         }
+        if let Some(asset) = crate::admin::ui::asset(req.uri().path()) {
+            return asset;
+        }
         let (status, body) = match req.uri().path() {
             "/healthz" => (StatusCode::OK, serde_json::json!({"ok": true})),
             "/readyz" => self.readiness(),
+            crate::admin::ui::DATA_PATH => {
+                let snapshot = self
+                    .catalog
+                    .as_ref()
+                    .and_then(|c| c.borrow().snapshot.clone());
+                let readings = crate::admin::agent_readings(&self.metrics);
+                let body = self
+                    .dashboard
+                    .data(snapshot.as_deref(), Default::default(), &readings)
+                    .await;
+                return crate::admin::ui::data_response(&body);
+            }
             "/explain" => match crate::admin::explain_url(req.uri().query()) {
                 Ok(url) => crate::admin::explained(self.bridge.explain(&url).await),
                 Err(refusal) => refusal,
@@ -532,7 +550,7 @@ impl Handler for BridgeAdmin {
             }
             _ => (
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/explain", "/metrics"]}),
+                serde_json::json!({"error": "not-found", "paths": ["/healthz", "/readyz", "/explain", "/metrics", "/ui"]}),
             ),
         };
         crate::admin::json_response(status, &body)
@@ -680,8 +698,9 @@ pub async fn spawn_on(
         .finish(&LISTENER_NAMES)
         .map_err(AgentError::from)?;
     let mut tasks = JoinSet::new();
-    let metrics = Metrics::new();
+    let metrics = Metrics::when(settings.access.metrics);
     let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
+    let mut catalog_name = String::new();
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
             let (source_name, subscriber) = agent::follow_catalog(
@@ -694,6 +713,7 @@ pub async fn spawn_on(
                 shutdown.cancel();
                 return Err(AgentError::Catalog { source_name, error }.into());
             }
+            catalog_name = source_name;
             Some(subscriber)
         }
         _ => None,
@@ -757,11 +777,7 @@ pub async fn spawn_on(
     }
     // The convergence report (`skyline status`) in the registry the bridge follows: the bridge
     // routes with the catalog state in force (its gateways are rebuilt from it on use).
-    if let (Some(CatalogSource::Consul(registry)), Some(subscriber)) =
-        (&settings.catalog, catalog.clone())
-    {
-        let client = crate::registry::client::RegistryClient::new(*registry)
-            .with_token(settings.tokens.registry.clone());
+    if let (Some(source), Some(subscriber)) = (&settings.catalog, catalog.clone()) {
         let port = addrs.first().map_or(0, SocketAddr::port);
         let node = agent::registration::hostname();
         let identity = crate::status::Identity {
@@ -769,21 +785,32 @@ pub async fn spawn_on(
             name: format!("{node}-{port}"),
             node,
             admin: admin_addr,
-            catalog: format!("consul:{registry}"),
+            catalog: catalog_name,
         };
         let (applied, applied_rx) = tokio::sync::watch::channel(None);
         tasks.spawn(follow_applied(subscriber.clone(), applied));
-        tasks.spawn(crate::status::run(
-            client,
+        if let Some(report) = crate::status::reporter(
+            source,
+            settings.tokens.registry.as_ref(),
             identity,
             applied_rx,
             subscriber,
             Arc::new(readiness_reasons),
             shutdown.clone(),
-        ));
+        ) {
+            tasks.spawn(report);
+        }
     }
     if let Some(admin) = admin {
+        let dashboard = crate::admin::ui::Dashboard::new("bridge", "listener", None);
+        let counters = metrics.clone();
+        tasks.spawn(crate::admin::ui::sample_every(
+            dashboard.clone(),
+            move || crate::admin::agent_readings(&counters),
+            shutdown.clone(),
+        ));
         let handler = BridgeAdmin {
+            dashboard,
             bridge: bridge.clone(),
             metrics: metrics.clone(),
             catalog,

@@ -431,9 +431,9 @@ pub struct CatalogState {
     /// The last error, cleared by the next good snapshot.
     pub error: Option<String>,
     /// The catalog version the snapshot reflects, when the source numbers its states: the
-    /// highest `X-Consul-Index` of the registry answers it was built from, or the etcd
-    /// revision of the last change under the watched prefix. `None` for a file or the
-    /// in-process registry.
+    /// highest `X-Consul-Index` of the registry answers it was built from (the in-process
+    /// registry computes the same from its state), or the etcd revision the snapshot
+    /// reflects. `None` for a file: a file has no version shared between proxies.
     pub version: Option<u64>,
 }
 

@@ -577,6 +577,7 @@ struct FileConfig {
     log: LogSection,
     #[serde(default)]
     mesh: crate::proxy::h2::MeshSection,
+    metrics: crate::access::MetricsSection,
 }
 
 // === The file's keys, described ===
@@ -1240,6 +1241,7 @@ pub const AGENT_FILE: &[Section] = &[
     AUTHZ_CALLER_SECTION,
     crate::access::FILE_SECTION,
     crate::proxy::h2::FILE_SECTION,
+    crate::access::METRICS_SECTION,
 ];
 
 /// `[resilience]` and `[routes.<service>]`: every key optional, over the defaults (or, for a
@@ -1436,7 +1438,7 @@ impl AgentArgs {
         let (file, source) = Source::read::<FileConfig>(self.config.as_ref())?;
         let src = &source;
         let resilience = policies(src, &file)?;
-        let access = self.access.resolve(src, &file.log)?;
+        let access = self.access.resolve(src, &file.log, &file.metrics)?;
         let peer_protocol = self.peers.resolve(src, &file.mesh)?;
 
         let (node_name, at) = match (self.node_name, file.node.name) {

@@ -994,7 +994,7 @@ pub async fn spawn_on(
     let admin = agent::listen(&mut inherited, "admin", settings.admin)?;
     inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
-    let metrics = Metrics::new();
+    let metrics = Metrics::when(settings.access.metrics);
     let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let (source_name, subscriber) = agent::follow_catalog(
         &settings.catalog,
@@ -1102,25 +1102,24 @@ pub async fn spawn_on(
         let register = agent::registration::run_admin(client, "gateway", admin, shutdown.clone());
         tasks.spawn(register);
     }
-    // The convergence report (`skyline status`) in the registry the gateway follows.
-    if let CatalogSource::Consul(registry) = &settings.catalog {
-        let client = crate::registry::client::RegistryClient::new(*registry)
-            .with_token(settings.tokens.registry.clone());
-        let identity = crate::status::Identity {
-            role: "gateway",
-            name: answers::gateway_id(addr),
-            node: agent::registration::hostname(),
-            admin: admin_addr,
-            catalog: source_name.clone(),
-        };
-        tasks.spawn(crate::status::run(
-            client,
-            identity,
-            applied_rx,
-            subscriber.clone(),
-            Arc::new(crate::status::catalog_reasons),
-            shutdown.clone(),
-        ));
+    // The convergence report (`skyline status`) in the registry or etcd the gateway follows.
+    let identity = crate::status::Identity {
+        role: "gateway",
+        name: answers::gateway_id(addr),
+        node: agent::registration::hostname(),
+        admin: admin_addr,
+        catalog: source_name.clone(),
+    };
+    if let Some(report) = crate::status::reporter(
+        &settings.catalog,
+        settings.tokens.registry.as_ref(),
+        identity,
+        applied_rx,
+        subscriber.clone(),
+        Arc::new(crate::status::catalog_reasons),
+        shutdown.clone(),
+    ) {
+        tasks.spawn(report);
     }
     if let Some(kv) = settings.kv {
         let id = answers::gateway_id(addr);

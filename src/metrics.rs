@@ -245,6 +245,8 @@ pub struct Metrics {
     mesh_connections: Family<MeshConnectionLabels, Counter>,
     mesh_certificate_reloads: Family<ReloadLabels, Counter>,
     series: RwLock<Series>,
+    /// Off: every recording returns at once, and `/metrics` says metrics are off.
+    enabled: bool,
 }
 
 /// The request path's view of the families: per label set, handles on its counter and its
@@ -371,7 +373,27 @@ impl Metrics {
             mesh_connections,
             mesh_certificate_reloads,
             series: RwLock::new(Series::default()),
+            enabled: true,
         })
+    }
+
+    /// Metrics that record nothing (`[metrics] enabled = false`).
+    pub fn off() -> Arc<Self> {
+        let mut metrics = Self::new();
+        if let Some(m) = Arc::get_mut(&mut metrics) {
+            m.enabled = false;
+        }
+        metrics
+    }
+
+    /// [`Metrics::new`] or, when `enabled` is false, [`Metrics::off`].
+    pub fn when(enabled: bool) -> Arc<Self> {
+        if enabled { Self::new() } else { Self::off() }
+    }
+
+    /// Whether anything is recorded.
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// One request answered by `role` for `service` ("" when unknown), with its status, the mesh
@@ -384,6 +406,9 @@ impl Metrics {
         error: Option<&str>,
         elapsed: Duration,
     ) {
+        if !self.enabled {
+            return;
+        }
         let key = RequestKey {
             role,
             service: valid_or_empty(service),
@@ -446,6 +471,9 @@ impl Metrics {
 
     /// A retry sent; reason is one of "connect", "unsent", "reset", "status", "timeout".
     pub fn retry(&self, service: &str, reason: &'static str) {
+        if !self.enabled {
+            return;
+        }
         let service = self.service_label(service);
         self.retries
             .get_or_create(&RetryLabels { service, reason })
@@ -471,6 +499,9 @@ impl Metrics {
     /// gateway's configuration, so they are bounded), and its answer: `failed` when it was a 5xx
     /// or none came, `elapsed` after the request arrived.
     pub fn gateway_tier(&self, service: &str, tier: Arc<str>, failed: bool, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
         let service = self.service_label(service);
         let labels = TierLabels { service, tier };
         self.gateway_tiers.get_or_create(&labels).inc();
@@ -497,6 +528,9 @@ impl Metrics {
 
     /// A connection a mesh listener took or refused (see [`crate::tls`]).
     pub fn mesh_connection(&self, transport: &'static str, outcome: &'static str) {
+        if !self.enabled {
+            return;
+        }
         self.mesh_connections
             .get_or_create(&MeshConnectionLabels { transport, outcome })
             .inc();
@@ -511,6 +545,9 @@ impl Metrics {
     }
 
     fn count_for(&self, family: &Family<ServiceLabels, Counter>, service: &str) {
+        if !self.enabled {
+            return;
+        }
         let service = self.service_label(service);
         family.get_or_create(&ServiceLabels { service }).inc();
     }

@@ -101,7 +101,17 @@ pub struct RegistryHandle {
     addr: SocketAddr,
     shutdown: CancellationToken,
     snapshots: watch::Receiver<Arc<catalog::Snapshot>>,
+    versioned: watch::Receiver<Versioned>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// A catalog snapshot with the catalog version it reflects ([`State::catalog_version`]),
+/// republished when either moves (a write that only moves the version, such as a check that
+/// passes again, still tells followers that their table stands for the newer version).
+#[derive(Clone, Debug)]
+pub struct Versioned {
+    pub snapshot: Arc<catalog::Snapshot>,
+    pub version: u64,
 }
 
 // === impl RegistryHandle ===
@@ -122,7 +132,7 @@ impl RegistryHandle {
     pub fn discovery(&self) -> EmbeddedDiscovery {
         EmbeddedDiscovery {
             addr: self.addr,
-            snapshots: self.snapshots.clone(),
+            snapshots: self.versioned.clone(),
         }
     }
 
@@ -146,11 +156,13 @@ impl RegistryHandle {
     }
 }
 
-/// The embedded registry's snapshots fed to a [`Publisher`], without HTTP.
+/// The embedded registry's snapshots fed to a [`Publisher`], without HTTP, each with the
+/// catalog version it reflects: the version an agent following the registry over HTTP would
+/// report for the same state, so `skyline status` compares both alike.
 #[derive(Debug)]
 pub struct EmbeddedDiscovery {
     addr: SocketAddr,
-    snapshots: watch::Receiver<Arc<catalog::Snapshot>>,
+    snapshots: watch::Receiver<Versioned>,
 }
 
 impl Discovery for EmbeddedDiscovery {
@@ -160,8 +172,8 @@ impl Discovery for EmbeddedDiscovery {
 
     async fn run(mut self, publisher: Publisher, shutdown: CancellationToken) {
         loop {
-            let snapshot = self.snapshots.borrow_and_update().clone();
-            publisher.publish(snapshot);
+            let Versioned { snapshot, version } = self.snapshots.borrow_and_update().clone();
+            publisher.publish_at(snapshot, Some(version));
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 changed = self.snapshots.changed() => {
@@ -195,6 +207,10 @@ pub async fn spawn(
     let (state_tx, state_rx) = watch::channel(state.clone());
     let snapshots = Snapshots::new(state.clone());
     let (snap_tx, snap_rx) = watch::channel(snapshots.current());
+    let (versioned_tx, versioned_rx) = watch::channel(Versioned {
+        snapshot: snapshots.current(),
+        version: state.catalog_version(),
+    });
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (result_tx, result_rx) = mpsc::unbounded_channel();
     let mut checks = Checks::new(result_tx);
@@ -209,7 +225,12 @@ pub async fn spawn(
         node_name: config.node_name.clone(),
     };
     let core_task = tokio::spawn(core.run(cmd_rx, result_rx, core_stop.clone()));
-    let snap_task = tokio::spawn(publish_snapshots(state_rx.clone(), snapshots, snap_tx));
+    let snap_task = tokio::spawn(publish_snapshots(
+        state_rx.clone(),
+        snapshots,
+        snap_tx,
+        versioned_tx,
+    ));
 
     let shared = Arc::new(api::Shared {
         cmds: cmd_tx,
@@ -225,6 +246,7 @@ pub async fn spawn(
         addr,
         shutdown,
         snapshots: snap_rx,
+        versioned: versioned_rx,
         tasks: vec![server_task, core_task, snap_task],
     })
 }
@@ -531,13 +553,26 @@ async fn publish_snapshots(
     mut state: watch::Receiver<Arc<State>>,
     mut snapshots: Snapshots,
     tx: watch::Sender<Arc<catalog::Snapshot>>,
+    versioned: watch::Sender<Versioned>,
 ) {
     while state.changed().await.is_ok() {
         let current = state.borrow_and_update().clone();
+        let version = current.catalog_version();
         let started = Instant::now();
-        if snapshots.advance(current) {
+        let moved = snapshots.advance(current);
+        if moved {
             tx.send_replace(snapshots.current());
         }
+        versioned.send_if_modified(|last| {
+            if !moved && last.version == version {
+                return false;
+            }
+            *last = Versioned {
+                snapshot: snapshots.current(),
+                version,
+            };
+            true
+        });
         tokio::time::sleep(started.elapsed().max(Duration::from_millis(20))).await;
     }
 }

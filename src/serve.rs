@@ -274,6 +274,9 @@ impl Recorder {
         label: Option<&ServiceLabel>,
         started: Instant,
     ) {
+        if !self.metrics.enabled() {
+            return;
+        }
         let service = label.map_or("", |l| l.value(error));
         self.metrics
             .request(self.role, service, status, error, started.elapsed());

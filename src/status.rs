@@ -9,6 +9,13 @@
 //! other). A report is written when the applied version or the readiness changes (at most
 //! every [`MIN_INTERVAL`]), and every [`HEARTBEAT`] anyway, so a proxy that stopped answering
 //! shows its age; a proxy that stops gracefully deletes its entry.
+//!
+//! A proxy that follows etcd writes the same report into etcd, under
+//! `<prefix>-status/<role>/<name>` (`skyline-status/...` for the default prefix `skyline/`):
+//! outside the watched prefix, so a report never moves the revision the proxies follow. The
+//! key is bound to a lease of [`ETCD_TTL`], refreshed with every report, so the report of a
+//! proxy that died goes away with its lease. Its version is the etcd revision its table
+//! reflects. A catalog file has no version shared between proxies: nothing is reported.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +26,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::CatalogSource;
+use crate::catalog::etcd::EtcdError;
+use crate::catalog::etcd::client::Client as EtcdClient;
 use crate::catalog::{AppliedVersion, CatalogState, Subscriber, unix_ms};
+use crate::config::token::Token;
 use crate::registry::client::RegistryClient;
 
 /// The KV prefix of the reports: `skyline/status/<role>/<name>`.
@@ -28,6 +39,14 @@ pub const KV_STATUS_PREFIX: &str = "skyline/status/";
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The shortest time between two reports (changes in between are reported together).
 pub const MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// The lease of a report in etcd: three heartbeats.
+pub const ETCD_TTL: Duration = Duration::from_secs(30);
+
+/// Where the reports of the proxies that follow the etcd catalog under `prefix` (ending with
+/// `/`) live: next to it, outside it.
+pub fn etcd_status_prefix(prefix: &str) -> String {
+    format!("{}-status/", prefix.trim_end_matches('/'))
+}
 
 /// One proxy's report, as stored (JSON) under [`KV_STATUS_PREFIX`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,8 +98,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The KV key of this proxy's report (names made safe for a key path).
+    /// The KV key of this proxy's report.
     pub fn key(&self) -> String {
+        format!("{KV_STATUS_PREFIX}{}", self.path())
+    }
+
+    /// `<role>/<name>`, the name made safe for a key path.
+    pub fn path(&self) -> String {
         let clean: String = self
             .name
             .chars()
@@ -92,7 +116,7 @@ impl Identity {
                 }
             })
             .collect();
-        format!("{KV_STATUS_PREFIX}{}/{clean}", self.role)
+        format!("{}/{clean}", self.role)
     }
 }
 
@@ -118,17 +142,133 @@ pub fn report(
     }
 }
 
-/// Publishes this proxy's report until `shutdown`, then deletes it. A registry that does not
-/// answer is retried at the next change or heartbeat.
+/// The task that publishes this proxy's report (see [`run`]) where its catalog source keeps
+/// reports: the registry or Consul it follows, or etcd. A catalog file has none: `None`.
+pub fn reporter(
+    source: &CatalogSource,
+    token: Option<&Token>,
+    identity: Identity,
+    applied: watch::Receiver<Option<AppliedVersion>>,
+    catalog: Subscriber,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let sink = match source {
+        CatalogSource::Consul(addr) | CatalogSource::Embedded { listen: addr, .. } => {
+            let client = RegistryClient::new(*addr).with_token(token.cloned());
+            Sink::Registry {
+                path: format!("/v1/kv/{}", identity.key()),
+                client: Box::new(client),
+            }
+        }
+        CatalogSource::Etcd { endpoints, prefix } => match EtcdClient::new(endpoints) {
+            Ok(client) => Sink::Etcd {
+                key: format!("{}{}", etcd_status_prefix(prefix), identity.path()),
+                client,
+                lease: None,
+            },
+            Err(error) => {
+                tracing::warn!(error = %crate::error_chain(&error), "no status report in etcd");
+                return None;
+            }
+        },
+        CatalogSource::File(_) => return None,
+    };
+    Some(run(sink, identity, applied, catalog, readiness, shutdown))
+}
+
+/// Where one proxy's report is written.
+pub enum Sink {
+    /// A KV entry of the registry (or Consul) at `path` (`/v1/kv/skyline/status/...`).
+    Registry {
+        client: Box<RegistryClient>,
+        path: String,
+    },
+    /// An etcd key bound to a lease of [`ETCD_TTL`] (granted at the first write, and again if
+    /// it was lost).
+    Etcd {
+        client: EtcdClient,
+        key: String,
+        lease: Option<i64>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Registry(#[from] crate::registry::client::ClientError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+}
+
+// === impl Sink ===
+
+impl Sink {
+    fn name(&self) -> &str {
+        match self {
+            Sink::Registry { path, .. } => path,
+            Sink::Etcd { key, .. } => key,
+        }
+    }
+
+    async fn put(&mut self, report: &Report) -> Result<(), SinkError> {
+        match self {
+            Sink::Registry { client, path } => {
+                let body = serde_json::to_value(report).unwrap_or_default();
+                client.put_json(path, &body).await?;
+            }
+            Sink::Etcd { client, key, lease } => {
+                let refreshed = match *lease {
+                    Some(id) => match client.lease_keep_alive(id).await {
+                        Ok(_) => Some(id),
+                        Err(EtcdError::LeaseLost { .. }) => None,
+                        Err(error) => return Err(error.into()),
+                    },
+                    None => None,
+                };
+                let id = match refreshed {
+                    Some(id) => id,
+                    None => {
+                        let ttl = i64::try_from(ETCD_TTL.as_secs()).unwrap_or(30);
+                        client.lease_grant(ttl).await?
+                    }
+                };
+                *lease = Some(id);
+                let body = serde_json::to_vec(report).unwrap_or_default();
+                client.put(key, body, id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete(&mut self) -> Result<(), SinkError> {
+        match self {
+            Sink::Registry { client, path } => {
+                client
+                    .send(Method::DELETE, path, bytes::Bytes::new())
+                    .await?;
+            }
+            Sink::Etcd { client, key, lease } => {
+                client.delete(key, false).await?;
+                if let Some(id) = lease.take() {
+                    client.lease_revoke(id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Publishes this proxy's report into `sink` until `shutdown`, then deletes it. A sink that
+/// does not answer is retried at the next change or heartbeat.
 pub async fn run(
-    client: RegistryClient,
+    mut sink: Sink,
     identity: Identity,
     mut applied: watch::Receiver<Option<AppliedVersion>>,
     mut catalog: Subscriber,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    let path = format!("/v1/kv/{}", identity.key());
     let mut last: Option<Instant> = None;
     let mut written = false;
     loop {
@@ -142,9 +282,8 @@ pub async fn run(
         let now = *applied.borrow_and_update();
         let state = catalog.borrow_and_update().clone();
         let body = report(&identity, now, &state, &readiness);
-        let body = serde_json::to_value(&body).unwrap_or_default();
-        match tokio::time::timeout(HEARTBEAT, client.put_json(&path, &body)).await {
-            Ok(Ok(_)) => written = true,
+        match tokio::time::timeout(HEARTBEAT, sink.put(&body)).await {
+            Ok(Ok(())) => written = true,
             Ok(Err(error)) => {
                 tracing::debug!(error = %crate::error_chain(&error), "cannot publish the status report")
             }
@@ -158,12 +297,12 @@ pub async fn run(
         }
     }
     if written {
-        let gone = client.send(Method::DELETE, &path, bytes::Bytes::new());
+        let gone = sink.delete();
         if !matches!(
             tokio::time::timeout(Duration::from_secs(2), gone).await,
-            Ok(Ok(_))
+            Ok(Ok(()))
         ) {
-            tracing::warn!(key = %identity.key(), "could not delete the status report");
+            tracing::warn!(key = %sink.name(), "could not delete the status report");
         }
     }
 }
@@ -182,6 +321,11 @@ mod tests {
             catalog: "consul:127.0.0.1:8500".into(),
         };
         assert_eq!(identity.key(), "skyline/status/agent/a_b_c");
+        assert_eq!(
+            format!("{}{}", etcd_status_prefix("skyline/"), identity.path()),
+            "skyline-status/agent/a_b_c"
+        );
+        assert!(!etcd_status_prefix("prod/skyline/").starts_with("prod/skyline/"));
     }
 
     #[test]

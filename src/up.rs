@@ -174,6 +174,7 @@ async fn start(
         access: crate::access::Settings {
             enabled: true,
             sample: 1.0,
+            metrics: true,
         },
         peer_protocol: Default::default(),
         tokens: Default::default(),

@@ -248,6 +248,7 @@ pub const FILE: &[Section] = &[
     crate::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
     crate::proxy::h2::FILE_SECTION,
+    access::METRICS_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -270,6 +271,7 @@ struct FileConfig {
     log: LogSection,
     #[serde(default)]
     mesh: crate::proxy::h2::MeshSection,
+    metrics: crate::access::MetricsSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -334,7 +336,7 @@ impl BridgeArgs {
         let reload = self.config.is_some().then(|| self.clone());
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
-        let access = self.access.resolve(&src, &file.log)?;
+        let access = self.access.resolve(&src, &file.log, &file.metrics)?;
         let peer_protocol = self.peers.resolve(&src, &file.mesh)?;
         let b = file.bridge;
         let admin = match (self.admin, b.admin) {

@@ -12,6 +12,8 @@
 //! of changes costs one snapshot and no snapshot is ever half a batch. When the stream breaks it
 //! resumes at the last seen revision + 1, so no event is missed; if that revision was compacted
 //! the watch is cancelled with a `compact_revision` and the backend lists the prefix again.
+//! Each snapshot carries the revision it reflects as its catalog version (the listed revision,
+//! then the last event's, or a progress notification's), which `skyline status` compares.
 //! While etcd is unreachable the last good snapshot stays in force, [`Publisher::fail`] says
 //! why, and retries back off with jitter from [`BACKOFF_START`] to [`BACKOFF_MAX`].
 //!
@@ -263,6 +265,11 @@ struct Stored {
 }
 
 impl Catalog {
+    /// The catalog version of this copy ([`super::CatalogState::version`]): its revision.
+    pub fn version(&self) -> Option<u64> {
+        u64::try_from(self.revision).ok().filter(|r| *r > 0)
+    }
+
     /// An empty catalog at `revision` that will reuse `previous`'s instance lists and shared
     /// strings for whatever the next listing finds unchanged.
     fn relist(previous: &mut Catalog, revision: i64) -> Self {
@@ -512,7 +519,7 @@ impl Watcher {
             );
             self.catalog = fresh;
             self.need_list = false;
-            publisher.publish(self.catalog.snapshot());
+            publisher.publish_at(self.catalog.snapshot(), self.catalog.version());
             listed = true;
         }
 
@@ -526,7 +533,7 @@ impl Watcher {
             let message = tokio::select! {
                 m = stream.message() => m,
                 () = sleep_until(pending) => {
-                    publisher.publish(self.catalog.snapshot());
+                    publisher.publish_at(self.catalog.snapshot(), self.catalog.version());
                     pending = None;
                     continue;
                 }
@@ -559,24 +566,28 @@ impl Watcher {
             if message.events.is_empty() {
                 if !message.created {
                     // A progress notification: everything up to its revision was sent.
-                    if let Some(header) = &message.header {
-                        self.catalog.revision = self.catalog.revision.max(header.revision);
+                    if let Some(header) = &message.header
+                        && header.revision > self.catalog.revision
+                    {
+                        self.catalog.revision = header.revision;
+                        // The table stands for the newer revision: say so (version only).
+                        pending.get_or_insert_with(|| Instant::now() + COALESCE);
                     }
                 }
                 continue;
             }
-            let mut changed = false;
             for event in &message.events {
                 let Some(kv) = &event.kv else { continue };
-                changed |= match event.r#type() {
+                match event.r#type() {
                     EventType::Put => self.catalog.put(&self.keys, &kv.key, &kv.value),
                     EventType::Delete => self.catalog.delete(&self.keys, &kv.key),
                 };
                 self.catalog.revision = self.catalog.revision.max(kv.mod_revision);
             }
-            if changed {
-                pending.get_or_insert_with(|| Instant::now() + COALESCE);
-            }
+            // Even a batch of keys the catalog ignores moves the version the table stands for
+            // (`skyline status` compares it with the last change under the prefix); a snapshot
+            // equal to the last one only moves the version (see `Publisher::publish_at`).
+            pending.get_or_insert_with(|| Instant::now() + COALESCE);
         }
     }
 }

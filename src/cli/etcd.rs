@@ -46,7 +46,7 @@ impl EtcdArgs {
     }
 
     /// A client and the key layout, from the validated flags.
-    fn open(&self) -> Result<(Client, Keys), CliError> {
+    pub(crate) fn open(&self) -> Result<(Client, Keys), CliError> {
         let endpoints = if self.etcd_endpoints.is_empty() {
             vec![DEFAULT_ENDPOINT.to_owned()]
         } else {

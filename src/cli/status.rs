@@ -8,6 +8,12 @@
 //! follows. A proxy is not ready when it says so, when its report is older than three
 //! heartbeats, or when the registry holds its `skyline-admin` check critical (its admin
 //! listener stopped answering).
+//!
+//! With `--catalog etcd` the reports are read from etcd (`<prefix>-status/`), and the newest
+//! version is the revision of the last change under the catalog prefix: the highest
+//! `mod_revision` of its keys or, when keys were deleted since, the revision of the last
+//! delete (found by counting the prefix's keys at earlier revisions). A catalog file has no
+//! shared version: the command says so.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -19,8 +25,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::CliError;
+use super::etcd::EtcdArgs;
 use crate::agent::registration::ADMIN_SERVICE;
+use crate::catalog::etcd::EtcdError;
+use crate::catalog::etcd::client::Client as EtcdClient;
 use crate::catalog::{ServiceName, unix_ms};
+use crate::config::CatalogKind;
 use crate::config::DEFAULT_REGISTRY;
 use crate::registry::client::{ClientError, RegistryClient};
 use crate::status::{HEARTBEAT, KV_STATUS_PREFIX, Report};
@@ -35,6 +45,9 @@ pub struct StatusArgs {
     /// Print JSON instead of a summary and a table
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 /// One proxy as `skyline status` judges it.
@@ -58,8 +71,10 @@ pub struct ProxyStatus {
 /// The whole mesh's convergence.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MeshStatus {
-    /// The registry's newest catalog version.
+    /// The newest catalog version: the registry's, or the etcd revision of the last change.
     pub newest: u64,
+    /// Where `newest` comes from, for a person.
+    pub newest_of: String,
     pub proxies: Vec<ProxyStatus>,
     pub on_newest: usize,
     /// The lowest version a proxy routes with.
@@ -98,13 +113,25 @@ struct AdminCheck {
 }
 
 pub async fn run(args: &StatusArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let client = RegistryClient::from_env(args.registry);
-    let status = gather(&client).await.map_err(|e| match e {
-        CliError::Registry(
-            ClientError::Unreachable { addr, .. } | ClientError::Timeout { addr },
-        ) => CliError::Usage(format!("no registry answers at {addr} (--registry)")),
-        other => other,
-    })?;
+    if args.etcd.catalog == Some(CatalogKind::File) {
+        return Err(CliError::Usage(
+            "--catalog file: a catalog file has no version shared between proxies (each reads \
+             its own copy), so proxies that follow one report nothing; skyline status reads the \
+             reports in a registry, Consul or etcd"
+                .to_owned(),
+        ));
+    }
+    let status = if args.etcd.is_etcd() {
+        gather_etcd(&args.etcd).await?
+    } else {
+        let client = RegistryClient::from_env(args.registry);
+        gather(&client).await.map_err(|e| match e {
+            CliError::Registry(
+                ClientError::Unreachable { addr, .. } | ClientError::Timeout { addr },
+            ) => CliError::Usage(format!("no registry answers at {addr} (--registry)")),
+            other => other,
+        })?
+    };
     if args.json {
         let _ = writeln!(out, "{}", serde_json::to_value(&status)?);
     } else {
@@ -118,7 +145,88 @@ pub async fn gather(client: &RegistryClient) -> Result<MeshStatus, CliError> {
     let newest = newest_version(client).await?;
     let reports = reports(client).await?;
     let admin = admin_checks(client).await?;
-    Ok(judge(newest, reports, &admin, unix_ms(SystemTime::now())))
+    let mut status = judge(newest, reports, &admin, unix_ms(SystemTime::now()));
+    status.newest_of = "the registry's newest".to_owned();
+    Ok(status)
+}
+
+/// [`gather`] from etcd: the reports under `<prefix>-status/` and the revision of the last
+/// change under the catalog prefix. etcd has no admin checks: a dead proxy's report goes with
+/// its lease.
+pub async fn gather_etcd(args: &EtcdArgs) -> Result<MeshStatus, CliError> {
+    let (mut client, keys) = args.open()?;
+    let newest = last_change(&mut client, keys.prefix()).await?;
+    let folder = crate::status::etcd_status_prefix(keys.prefix());
+    let answer = client.range(&folder, true).await?;
+    let mut reports = Vec::new();
+    for kv in answer.kvs {
+        match serde_json::from_slice::<Report>(&kv.value) {
+            Ok(report) => reports.push(report),
+            Err(_) => {
+                let key = String::from_utf8_lossy(&kv.key);
+                tracing::warn!(%key, "not a status report; left out");
+            }
+        }
+    }
+    let mut status = judge(
+        newest,
+        reports,
+        &BTreeMap::new(),
+        unix_ms(SystemTime::now()),
+    );
+    status.newest_of = format!("etcd's last change under {}", keys.prefix());
+    Ok(status)
+}
+
+/// The revision of the last change under `prefix`: a put leaves its `mod_revision` on the key,
+/// a delete leaves nothing, so the changes after the last put are read from etcd's history (a
+/// watch from there, until a progress notification says every event up to now was sent).
+/// When that history was compacted, the last put is the answer (a later delete is missed).
+async fn last_change(client: &mut EtcdClient, prefix: &str) -> Result<u64, CliError> {
+    let answer = client.range(prefix, true).await?;
+    let now = answer.header.map_or(0, |h| h.revision);
+    let last_put = answer
+        .kvs
+        .iter()
+        .map(|kv| kv.mod_revision)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut newest = last_put;
+    if last_put < now {
+        let mut watch = client.watch(prefix, last_put + 1).await?;
+        let deadline = tokio::time::Instant::now() + crate::catalog::etcd::CALL_TIMEOUT;
+        let mut ask = tokio::time::interval(std::time::Duration::from_millis(50));
+        loop {
+            let message = tokio::select! {
+                m = watch.message() => m?.ok_or(EtcdError::WatchClosed)?,
+                _ = ask.tick() => {
+                    watch.request_progress();
+                    continue;
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(EtcdError::Timeout { call: "watch" }.into());
+                }
+            };
+            if message.canceled {
+                tracing::warn!(
+                    compact_revision = message.compact_revision,
+                    "etcd's history is compacted: a delete after the last put may be missed"
+                );
+                break;
+            }
+            for event in &message.events {
+                if let Some(kv) = &event.kv {
+                    newest = newest.max(kv.mod_revision);
+                }
+            }
+            let progress = message.events.is_empty() && !message.created;
+            if progress && message.header.is_some_and(|h| h.revision >= now) {
+                break;
+            }
+        }
+    }
+    Ok(u64::try_from(newest).unwrap_or(0))
 }
 
 /// The registry's newest catalog version, as a proxy that applied everything would report it.
@@ -231,6 +339,7 @@ pub fn judge(
         .collect();
     MeshStatus {
         newest,
+        newest_of: String::new(),
         on_newest: proxies.iter().filter(|p| p.on_newest).count(),
         oldest: proxies.iter().filter_map(|p| p.report.version).min(),
         proxies,
@@ -241,8 +350,8 @@ pub fn judge(
 pub fn render(status: &MeshStatus) -> String {
     let total = status.proxies.len();
     let mut out = format!(
-        "catalog version {} (the registry's newest)\n{} of {total} proxies on the newest version\n",
-        status.newest, status.on_newest
+        "catalog version {} ({})\n{} of {total} proxies on the newest version\n",
+        status.newest, status.newest_of, status.on_newest
     );
     let oldest = status
         .proxies
@@ -260,7 +369,7 @@ pub fn render(status: &MeshStatus) -> String {
             );
         }
         None if total > 0 => out += "every proxy routes with the newest version\n",
-        None => out += "no proxy reports to this registry\n",
+        None => out += "no proxy reports here\n",
     }
     let not_ready: Vec<&ProxyStatus> = status.proxies.iter().filter(|p| !p.ready_now).collect();
     if not_ready.is_empty() {

@@ -325,6 +325,7 @@ pub const FILE: &[Section] = &[
     crate::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
     crate::proxy::h2::FILE_SECTION,
+    access::METRICS_SECTION,
 ];
 
 #[derive(Deserialize, Default)]
@@ -353,6 +354,7 @@ struct FileConfig {
     log: LogSection,
     #[serde(default)]
     mesh: crate::proxy::h2::MeshSection,
+    metrics: crate::access::MetricsSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -388,7 +390,7 @@ impl GatewayArgs {
         let reload = self.config.is_some().then(|| self.clone());
         let (file, src) = Source::read::<FileConfig>(self.config.as_ref())?;
         let resilience = resilience(&src, &Resilience::default(), &file.resilience, "resilience")?;
-        let access = self.access.resolve(&src, &file.log)?;
+        let access = self.access.resolve(&src, &file.log, &file.metrics)?;
         let peer_protocol = self.peers.resolve(&src, &file.mesh)?;
         let parse_addr = |key: &str, field: &Option<Spanned<String>>| {
             field

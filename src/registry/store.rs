@@ -468,6 +468,18 @@ impl State {
         self.service_index.get(name).copied().unwrap_or(1)
     }
 
+    /// The catalog version of this state as a proxy following it over HTTP computes it: the
+    /// highest `X-Consul-Index` of `/v1/catalog/services` and of `/v1/health/service/<name>`
+    /// for every service with a mesh name (see `catalog::consul`; `skyline status` computes
+    /// the newest version alike). KV writes do not move it.
+    pub fn catalog_version(&self) -> u64 {
+        self.by_name
+            .keys()
+            .filter(|name| crate::catalog::ServiceName::is_valid(name))
+            .map(|name| self.index_of_service(name))
+            .fold(self.services_index, u64::max)
+    }
+
     /// The index of one KV key, or of every key under a prefix.
     pub fn index_of_kv(&self, key: &str, prefix: bool) -> u64 {
         let idx = if prefix {

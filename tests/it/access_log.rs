@@ -450,3 +450,54 @@ async fn a_bad_access_log_setting_is_refused_with_its_key() {
     assert!(!output.status.success());
     assert!(stderr.contains("log.access_log_sample"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_metrics_off_in_the_file_metrics_says_so_and_the_flag_turns_them_back_on() {
+    let app = TestApp::spawn("hello", ip("127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[metrics]\nenabled = false\n").unwrap();
+    let client = Client::new();
+    for (flag, on) in [(None, false), (Some("--metrics=on"), true)] {
+        let admin = free_addr("127.0.0.1");
+        let (outbound, inbound) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+        let catalog = dir.path().join("catalog.toml");
+        write_catalog(&catalog, &inbound, app.addr, &free_addr("127.0.0.1"));
+        let mut args: Vec<String> = [
+            "agent",
+            "--node-name=a",
+            "--catalog=file",
+            &format!("--catalog-file={}", catalog.display()),
+            &format!("--outbound={outbound}"),
+            &format!("--inbound={inbound}"),
+            &format!("--admin={admin}"),
+            &format!("--config={}", config.display()),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(flag.map(String::from));
+        let (_child, _log) = start(&args, false);
+        until_ok(&format!("http://{outbound}/service/hello/")).await;
+        for _ in 0..5 {
+            let reply = client
+                .get(&format!("http://{outbound}/service/hello/"))
+                .await;
+            assert_eq!(reply.status, 200);
+        }
+        let metrics = client.get(&format!("http://{admin}/metrics")).await;
+        if on {
+            assert_eq!(metrics.status, 200, "{}", metrics.body);
+            let scrape = scrape(admin.parse().unwrap()).await;
+            assert!(
+                scrape.count(
+                    "skyline_requests_total{role=\"outbound\",service=\"hello\",code=\"200\",error=\"\"}"
+                ) >= 5.0,
+                "{}",
+                metrics.body
+            );
+        } else {
+            assert_eq!(metrics.status, 404, "{}", metrics.body);
+            assert!(metrics.body.contains("metrics are off"), "{}", metrics.body);
+        }
+    }
+}

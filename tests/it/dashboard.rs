@@ -512,3 +512,41 @@ async fn an_agent_dashboard_shows_each_service_with_its_requests_per_listener() 
     );
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_serves_the_dashboard_with_the_catalogs_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry_process, registry) = Skyline::registry(dir.path()).await;
+    register(
+        &registry,
+        json!({"Node": "n1", "Address": "127.0.0.1",
+               "Service": {"Service": "web", "ID": "web-1", "Port": 8080,
+                           "Meta": {"platform": "mesos"}}}),
+    )
+    .await;
+    let admin = free_addr("127.0.0.1");
+    let _bridge = Skyline::start(
+        &[
+            "bridge",
+            &format!("--consul={registry}"),
+            "--listen=127.0.0.1:0",
+            &format!("--admin={admin}"),
+        ],
+        &[],
+    );
+    until_ok(&format!("http://{admin}/healthz")).await;
+    let page = Client::new().get(&format!("http://{admin}/ui")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("app.js"), "{}", page.body);
+    let body = data(&admin, None).await;
+    assert_eq!(body.status, 200, "{}", body.body);
+    let json = body.json();
+    assert_eq!(json["role"], "bridge", "{json:#}");
+    let web = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap_or_else(|| panic!("web not in {json:#}"));
+    assert_eq!(web["platforms"], json!(["mesos"]), "{json:#}");
+}

@@ -11,10 +11,15 @@ use crate::support::*;
 
 const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 
-/// `skyline status --json` (and the human text with `json = false`).
+/// `skyline status --json` (and the human text with `json = false`) against `registry`, or
+/// against etcd when `registry` is `--catalog=etcd --etcd-endpoints=...`.
 async fn status(registry: &str, json: bool) -> Result<String, String> {
     let mut command = tokio::process::Command::new(SKYLINE);
-    command.args(["status", "--registry", registry]);
+    command.arg("status");
+    match registry.strip_prefix("etcd:") {
+        Some(endpoints) => command.args(["--catalog=etcd", "--etcd-endpoints", endpoints]),
+        None => command.args(["--registry", registry]),
+    };
     if json {
         command.arg("--json");
     }
@@ -213,5 +218,194 @@ async fn status_shows_the_one_frozen_agent_lagging_on_its_old_version_until_it_c
             .iter()
             .all(|p| p["name"] != "node-c"),
         "{after:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skyline_ups_own_agent_reports_the_registrys_newest_version_like_an_agent_following_it_over_http()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = crate::faults::free_addr("127.0.0.1");
+    let data = dir.path().join("up");
+    let _up = Skyline::start(
+        &[
+            "up",
+            "--outbound=127.0.0.1:0",
+            "--inbound=127.0.0.1:0",
+            "--admin=127.0.0.1:0",
+            &format!("--registry={registry}"),
+            "--dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    status_until(
+        &registry,
+        "up's own agent on the newest version",
+        300,
+        |s| all_on_newest(s, 1),
+    )
+    .await;
+    // An agent on another node follows up's registry over HTTP: both compute the version alike.
+    let _other = Skyline::start(
+        &[
+            "agent",
+            "--catalog=consul",
+            &format!("--consul={registry}"),
+            "--node-name=node-b",
+            "--outbound=127.0.0.1:0",
+            "--inbound=127.0.0.1:0",
+            "--admin=127.0.0.1:0",
+        ],
+        &[],
+    );
+    let first = status_until(&registry, "both proxies on the newest version", 300, |s| {
+        all_on_newest(s, 2)
+    })
+    .await;
+    let local = proxy(&first, "local");
+    assert!(local["version"].as_u64().is_some(), "{first:#}");
+    assert_eq!(
+        local["catalog"].as_str().unwrap(),
+        format!("embedded:{registry}")
+    );
+
+    // Every change reaches up's agent too: it moves to the newer version with the other one.
+    register(&registry, "web", "8080");
+    let after = status_until(&registry, "both on the version with web", 300, |s| {
+        s["newest"].as_u64() > first["newest"].as_u64() && all_on_newest(s, 2)
+    })
+    .await;
+    let newest = after["newest"].as_u64().unwrap();
+    for name in ["local", "node-b"] {
+        assert_eq!(proxy(&after, name)["version"], newest, "{after:#}");
+        assert_eq!(proxy(&after, name)["on_newest"], true, "{after:#}");
+    }
+    let text = status(&registry, false).await.unwrap();
+    assert!(
+        text.contains("2 of 2 proxies on the newest version"),
+        "{text}"
+    );
+    assert!(
+        text.contains("every proxy routes with the newest version"),
+        "{text}"
+    );
+    assert!(!text.contains("lagging"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_following_etcd_report_the_revision_they_route_with_and_the_frozen_one_lags_alone() {
+    let _one = crate::etcd::ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = crate::etcd::EtcdCluster::start(1).await;
+    let endpoints = cluster.endpoints().join(",");
+    let etcd = format!("etcd:{endpoints}");
+    let agent = |node: &str| {
+        Skyline::start(
+            &[
+                "agent",
+                "--catalog=etcd",
+                &format!("--etcd-endpoints={endpoints}"),
+                &format!("--node-name={node}"),
+                "--node-address=127.0.0.1",
+                "--outbound=127.0.0.1:0",
+                "--inbound=127.0.0.1:0",
+                "--admin=127.0.0.1:0",
+            ],
+            &[],
+        )
+    };
+    let _a = agent("node-a");
+    let b = agent("node-b");
+    let first = status_until(&etcd, "both agents on etcd's newest revision", 300, |s| {
+        all_on_newest(s, 2)
+    })
+    .await;
+    assert!(
+        first["newest_of"].as_str().unwrap().contains("skyline/"),
+        "{first:#}"
+    );
+    let etcd_register = |name: &str, port: &str| {
+        let out = std::process::Command::new(SKYLINE)
+            .args(["register", "--catalog=etcd", "--etcd-endpoints", &endpoints])
+            .args(["--name", name, "--port", port, "--node", "node-a"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // Frozen, node-b keeps its table while the catalog changes: exactly it lags.
+    signal(&b, "STOP");
+    let before = proxy(&first, "node-b")["version"].as_u64().unwrap();
+    etcd_register("web", "8080");
+    let lagging = status_until(&etcd, "node-b lagging alone", 300, |s| {
+        s["newest"].as_u64() > Some(before) && s["on_newest"] == 1
+    })
+    .await;
+    let newest = lagging["newest"].as_u64().unwrap();
+    assert_eq!(proxy(&lagging, "node-a")["version"], newest, "{lagging:#}");
+    assert_eq!(proxy(&lagging, "node-a")["on_newest"], true, "{lagging:#}");
+    assert_eq!(proxy(&lagging, "node-b")["on_newest"], false, "{lagging:#}");
+    assert!(
+        proxy(&lagging, "node-b")["version"].as_u64().unwrap() < newest,
+        "{lagging:#}"
+    );
+    let text = status(&etcd, false).await.unwrap();
+    assert!(
+        text.contains("1 of 2 proxies on the newest version"),
+        "{text}"
+    );
+    assert!(
+        text.contains("on agent node-b, behind for at least"),
+        "{text}"
+    );
+
+    // Thawed, it catches up.
+    signal(&b, "CONT");
+    let thawed = status_until(&etcd, "node-b caught up", 300, |s| all_on_newest(s, 2)).await;
+    assert!(thawed["newest"].as_u64() >= Some(newest), "{thawed:#}");
+
+    // A delete leaves no key behind, and is still the newest change.
+    let out = std::process::Command::new(SKYLINE)
+        .args([
+            "deregister",
+            "--catalog=etcd",
+            "--etcd-endpoints",
+            &endpoints,
+        ])
+        .arg("web-node-a-8080")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deleted = status_until(&etcd, "both on the revision of the delete", 300, |s| {
+        s["newest"].as_u64() > thawed["newest"].as_u64() && all_on_newest(s, 2)
+    })
+    .await;
+    assert_eq!(
+        proxy(&deleted, "node-a")["version"],
+        deleted["newest"],
+        "{deleted:#}"
+    );
+}
+
+#[tokio::test]
+async fn status_of_a_catalog_file_says_a_file_has_no_shared_version() {
+    let out = tokio::process::Command::new(SKYLINE)
+        .args(["status", "--catalog=file"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a catalog file has no version shared between proxies"),
+        "{err}"
     );
 }

@@ -163,6 +163,24 @@ impl Client {
         .await
     }
 
+    /// How many keys start with `prefix` at `revision` (an error if it was compacted).
+    pub async fn count_at(&mut self, prefix: &str, revision: i64) -> Result<i64, EtcdError> {
+        let request = RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            revision,
+            count_only: true,
+            ..RangeRequest::default()
+        };
+        let answer = self
+            .unary("range", |c| {
+                let request = request.clone();
+                async move { KvClient::new(c).range(request).await }
+            })
+            .await?;
+        Ok(answer.count)
+    }
+
     /// Writes `key`, bound to `lease` unless it is 0; the store's revision after the write.
     pub async fn put(&mut self, key: &str, value: Vec<u8>, lease: i64) -> Result<i64, EtcdError> {
         let request = PutRequest {
@@ -292,7 +310,7 @@ impl Client {
         )
         .await?;
         Ok(Watch {
-            _requests: requests,
+            requests,
             answers: opened.into_inner(),
         })
     }
@@ -462,11 +480,21 @@ impl KeepAlive {
 
 /// One watch stream. Dropping it cancels the watch.
 pub struct Watch {
-    _requests: mpsc::UnboundedSender<WatchRequest>,
+    requests: mpsc::UnboundedSender<WatchRequest>,
     answers: Streaming<WatchResponse>,
 }
 
 impl Watch {
+    /// Asks for a progress notification: etcd answers it (an answer without events) once the
+    /// watch has sent every event up to the revision in its header, and ignores it before.
+    pub fn request_progress(&self) {
+        let _ = self.requests.send(WatchRequest {
+            request_union: Some(RequestUnion::ProgressRequest(
+                etcdserverpb::WatchProgressRequest {},
+            )),
+        });
+    }
+
     /// The next answer; `None` when the stream ended.
     pub async fn message(&mut self) -> Result<Option<WatchResponse>, EtcdError> {
         self.answers
