@@ -354,6 +354,7 @@ struct FileConfig {
     log: LogSection,
     #[serde(default)]
     mesh: crate::proxy::h2::MeshSection,
+    #[serde(default)]
     metrics: crate::access::MetricsSection,
 }
 
