@@ -609,17 +609,11 @@ async fn watch_file_authz(
     let Some(path) = args.config.clone() else {
         return;
     };
-    let mut seen = crate::catalog::file::stamp(&path).ok();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(crate::gateway::FILE_ROUTES_POLL) => {}
-        }
-        let now = crate::catalog::file::stamp(&path).ok();
-        if now.is_none() || now == seen {
-            continue;
-        }
-        seen = now;
+    let mut file = crate::catalog::file::Watched::new(&path);
+    while file
+        .changed(crate::gateway::FILE_ROUTES_POLL, &shutdown)
+        .await
+    {
         match args.clone().resolve() {
             Ok(settings) => {
                 metrics.config_reload(true);

@@ -1231,17 +1231,8 @@ pub async fn watch_file_routes(
     let Some(path) = args.config.clone() else {
         return;
     };
-    let mut seen = crate::catalog::file::stamp(&path).ok();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(FILE_ROUTES_POLL) => {}
-        }
-        let now = crate::catalog::file::stamp(&path).ok();
-        if now.is_none() || now == seen {
-            continue;
-        }
-        seen = now;
+    let mut file = crate::catalog::file::Watched::new(&path);
+    while file.changed(FILE_ROUTES_POLL, &shutdown).await {
         match args.clone().resolve() {
             Ok(settings) => {
                 tracing::info!(path = %path.display(), policies = settings.routes.len(), "route policies reloaded");

@@ -275,6 +275,39 @@ pub(crate) fn stamp(path: &Path) -> std::io::Result<Stamp> {
     })
 }
 
+/// A file watched for changes by polling its [`Stamp`]: the gateway's and the bridge's config
+/// files, whose policies apply without a restart.
+pub(crate) struct Watched<'a> {
+    path: &'a Path,
+    seen: Option<Stamp>,
+}
+
+impl<'a> Watched<'a> {
+    /// Starts from the file as it is now.
+    pub(crate) fn new(path: &'a Path) -> Self {
+        Watched {
+            path,
+            seen: stamp(path).ok(),
+        }
+    }
+
+    /// Waits until the file is there and differs from when last seen, looking every `every`;
+    /// `false` once `shutdown` is cancelled.
+    pub(crate) async fn changed(&mut self, every: Duration, shutdown: &CancellationToken) -> bool {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(every) => {}
+            }
+            let now = stamp(self.path).ok();
+            if now.is_some() && now != self.seen {
+                self.seen = now;
+                return true;
+            }
+        }
+    }
+}
+
 impl Discovery for FileDiscovery {
     fn describe(&self) -> String {
         format!("file:{}", self.path.display())
