@@ -784,6 +784,15 @@ impl<'a> ClientBody<'a> {
         Ok(Some(Cow::Owned(whole)))
     }
 
+    /// How many bytes the next read from the client may take, at most `most`: no more than
+    /// is left of a body of known length.
+    fn wanted(&self, most: usize) -> usize {
+        match self.left {
+            Left::Length { left, .. } => left.min(most as u64) as usize,
+            Left::Chunked(_) => most,
+        }
+    }
+
     /// Streams the rest of the body from the client to `upstream` through one buffer. A
     /// chunked body is checked as it passes; nothing past a bad chunk, or past the cap, is
     /// sent. An upstream that starts to answer first (NGINX's `return` does, and reads the
@@ -791,18 +800,12 @@ impl<'a> ClientBody<'a> {
     /// connections stay usable; past that, or when either side fails, the answer is relayed
     /// as it is and both connections end after it.
     async fn pump(&mut self, upstream: &mut RawConn) -> Result<Pumped, Pump> {
-        let size = match self.left {
-            Left::Length { left, .. } => left.min(BODY_READ_SIZE as u64) as usize,
-            Left::Chunked(_) => BODY_READ_SIZE,
-        };
+        let size = self.wanted(BODY_READ_SIZE);
         let mut buf = vec![0u8; size];
         // Once the upstream began to answer: by when the rest must have gone.
         let mut answered: Option<Instant> = None;
         while !self.read_all {
-            let want = match self.left {
-                Left::Length { left, .. } => left.min(size as u64) as usize,
-                Left::Chunked(_) => size,
-            };
+            let want = self.wanted(size);
             let read = match answered {
                 Some(grace) => {
                     let read = self.client.read(&mut buf[..want]);
