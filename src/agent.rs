@@ -1,13 +1,10 @@
 //! The per-node agent: outbound proxy, inbound proxy and admin listener over one route table that
 //! follows the catalog; [`registration`] registers the node's own services.
 
-pub mod registration;
 pub mod reload;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -16,24 +13,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
 use crate::admin::Admin;
-use crate::catalog::consul::ConsulDiscovery;
-use crate::catalog::etcd::EtcdDiscovery;
-use crate::catalog::file::FileDiscovery;
-use crate::catalog::{self, Discovery, Subscriber};
-use crate::config::token::Token;
+use crate::catalog::{self, CatalogSource, Subscriber, first_snapshot, follow, follow_catalog};
 use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
 use crate::proxy::resilience::{self, Policies, SharedPolicies};
-use crate::registry::{self, RegistryConfig, RegistryError, RegistryHandle};
+use crate::registration;
+use crate::registry::{self, RegistryConfig, RegistryHandle};
+use crate::role::{StartError, Tokens, listen, mesh_tls};
 use crate::routing::{self, Endpoint, Policy, Protocol, Route, Routes, Table};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Recorder};
-use crate::tls::MeshTls;
-
-/// How long the agent waits at start for the catalog's first answer.
-pub const FIRST_CATALOG_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Validated agent settings (see `config::AgentArgs` for what users write).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,77 +55,6 @@ pub struct Settings {
     pub tokens: Tokens,
 }
 
-/// The secrets of the control APIs (see [`crate::config::token`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Tokens {
-    /// The admin listener's bearer token (every path but `/healthz` and `/readyz`).
-    pub admin: Option<Token>,
-    /// The registry's ACL token: required by the embedded registry, sent to a followed
-    /// registry or Consul agent as `X-Consul-Token`.
-    pub registry: Option<Token>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CatalogSource {
-    /// A TOML file, hot-reloaded.
-    File(PathBuf),
-    /// A Consul agent or a Skyline registry elsewhere, over HTTP.
-    Consul(SocketAddr),
-    /// A registry in this process, serving its API on `listen` for other nodes and tools.
-    Embedded {
-        listen: SocketAddr,
-        data_dir: PathBuf,
-    },
-    /// An etcd v3 cluster: its members' client URLs and the key prefix of the catalog.
-    Etcd {
-        endpoints: Vec<String>,
-        prefix: String,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("cannot listen on {addr} ({listener})")]
-    Bind {
-        listener: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot serve on the inherited socket {listener:?}")]
-    Inherited {
-        listener: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Activation(#[from] crate::serve::activation::ActivationError),
-    #[error("catalog {source_name}: {error}")]
-    Catalog { source_name: String, error: String },
-    #[error("the embedded registry cannot start")]
-    Registry(#[from] RegistryError),
-    #[error("mesh TLS cannot start")]
-    Tls(#[from] crate::tls::TlsError),
-}
-
-/// The mesh TLS of `settings` (`None` when off), its files watched for changes until
-/// `shutdown` in a task of `tasks`.
-pub fn mesh_tls(
-    settings: Option<&crate::tls::Settings>,
-    metrics: &Arc<Metrics>,
-    tasks: &mut JoinSet<()>,
-    shutdown: &CancellationToken,
-) -> Result<Option<MeshTls>, AgentError> {
-    let Some(settings) = settings else {
-        return Ok(None);
-    };
-    let tls = MeshTls::load(settings, metrics.clone())?;
-    if let Some(tls) = &tls {
-        tasks.spawn(tls.clone().watch(shutdown.clone()));
-    }
-    Ok(tls)
-}
-
 /// The agent's listeners, bound before anything else starts so a port conflict fails fast.
 pub struct Listeners {
     pub outbound: Option<TcpListener>,
@@ -150,13 +70,13 @@ pub const LISTENER_NAMES: [&str; 4] = ["outbound", "inbound", "admin", "registry
 
 impl Listeners {
     /// Binds every listener the settings turn on.
-    pub fn bind(settings: &Settings) -> Result<Self, AgentError> {
+    pub fn bind(settings: &Settings) -> Result<Self, StartError> {
         Self::open(settings, &mut Inherited::none())
     }
 
     /// Takes each listener from `inherited` when the supervisor passed a socket of its name,
     /// and binds the others. The embedded registry's is only taken with `--catalog embedded`.
-    pub fn open(settings: &Settings, inherited: &mut Inherited) -> Result<Self, AgentError> {
+    pub fn open(settings: &Settings, inherited: &mut Inherited) -> Result<Self, StartError> {
         let registry = match &settings.catalog {
             CatalogSource::Embedded { listen, .. } => Some(*listen),
             _ => None,
@@ -173,51 +93,6 @@ impl Listeners {
             },
         })
     }
-}
-
-/// Listener `name` of a role: the socket the supervisor passed under that name if there is one
-/// (see [`serve::activation`]), else a new one bound to `addr`; `None` when neither (off).
-pub fn listen(
-    inherited: &mut Inherited,
-    name: &'static str,
-    addr: Option<SocketAddr>,
-) -> Result<Option<TcpListener>, AgentError> {
-    match (inherited.take(name), addr) {
-        (Some(socket), _) => adopt(name, socket).map(Some),
-        (None, Some(addr)) => bind(name, addr).map(Some),
-        (None, None) => Ok(None),
-    }
-}
-
-/// [`listen`] for a listener that is always on.
-pub fn listen_at(
-    inherited: &mut Inherited,
-    name: &'static str,
-    addr: SocketAddr,
-) -> Result<TcpListener, AgentError> {
-    match inherited.take(name) {
-        Some(socket) => adopt(name, socket),
-        None => bind(name, addr),
-    }
-}
-
-/// Serves `socket`, passed by the supervisor as listener `name`.
-pub fn adopt(name: &'static str, socket: std::net::TcpListener) -> Result<TcpListener, AgentError> {
-    let listener = serve::adopt(socket).map_err(|source| AgentError::Inherited {
-        listener: name,
-        source,
-    })?;
-    tracing::info!(listener = name, addr = ?listener.local_addr().ok(), "serving on an inherited socket");
-    Ok(listener)
-}
-
-/// Binds listener `name` to `addr`.
-pub fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    serve::bind(addr).map_err(|source| AgentError::Bind {
-        listener: name,
-        addr,
-        source,
-    })
 }
 
 /// A running agent.
@@ -266,69 +141,11 @@ fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
     listener.as_ref().and_then(|l| l.local_addr().ok())
 }
 
-/// Starts the discovery task of `source` in `tasks`; returns its name and a subscriber. An
-/// `Embedded` source is followed over HTTP at its `listen` address (the gateway and the bridge
-/// follow a registry that another process runs; the agent runs its own, see [`start`]).
-pub fn follow_catalog(
-    source: &CatalogSource,
-    token: Option<&Token>,
-    tasks: &mut JoinSet<()>,
-    shutdown: &CancellationToken,
-) -> (String, Subscriber) {
-    let (publisher, subscriber) = catalog::channel();
-    let name = match source {
-        CatalogSource::File(path) => follow(tasks, FileDiscovery::new(path), publisher, shutdown),
-        CatalogSource::Consul(addr) | CatalogSource::Embedded { listen: addr, .. } => {
-            let discovery = ConsulDiscovery::new(*addr).with_token(token.cloned());
-            follow(tasks, discovery, publisher, shutdown)
-        }
-        CatalogSource::Etcd { endpoints, prefix } => {
-            let discovery = EtcdDiscovery {
-                endpoints: endpoints.clone(),
-                prefix: prefix.clone(),
-            };
-            follow(tasks, discovery, publisher, shutdown)
-        }
-    };
-    (name, subscriber)
-}
-
-/// Waits at most [`FIRST_CATALOG_TIMEOUT`] for the catalog's first good snapshot.
-pub async fn first_snapshot(
-    mut subscriber: Subscriber,
-) -> Result<Arc<crate::catalog::Snapshot>, String> {
-    let waited = tokio::time::timeout(
-        FIRST_CATALOG_TIMEOUT,
-        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
-    )
-    .await;
-    match waited {
-        Ok(Ok(state)) => state
-            .snapshot
-            .clone()
-            .ok_or_else(|| state.error.clone().unwrap_or_default()),
-        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
-        Err(_) => Err("no answer from the catalog source".to_owned()),
-    }
-}
-
-/// Starts a discovery backend's task; returns its name for logs and `/readyz`.
-fn follow<D: Discovery>(
-    tasks: &mut JoinSet<()>,
-    discovery: D,
-    publisher: catalog::Publisher,
-    shutdown: &CancellationToken,
-) -> String {
-    let name = discovery.describe();
-    tasks.spawn(discovery.run(publisher, shutdown.clone()));
-    name
-}
-
 /// Binds the listeners and starts the agent; see [`start`].
 pub async fn spawn(
     settings: Settings,
     shutdown: CancellationToken,
-) -> Result<AgentHandle, AgentError> {
+) -> Result<AgentHandle, StartError> {
     let listeners = Listeners::bind(&settings)?;
     start(settings, listeners, shutdown).await
 }
@@ -339,7 +156,7 @@ pub async fn start(
     settings: Settings,
     mut listeners: Listeners,
     shutdown: CancellationToken,
-) -> Result<AgentHandle, AgentError> {
+) -> Result<AgentHandle, StartError> {
     let mut tasks = JoinSet::new();
     let mut registry_handle = None;
     // The embedded registry outlives the agent's tasks (see `AgentHandle::join`); it stops when
@@ -349,7 +166,7 @@ pub async fn start(
     let (source_name, subscriber) = match &settings.catalog {
         CatalogSource::Embedded { data_dir, .. } => {
             let Some(listener) = listeners.registry.take() else {
-                return Err(AgentError::Catalog {
+                return Err(StartError::Catalog {
                     source_name: "embedded".into(),
                     error: "no registry listener was bound".into(),
                 });
@@ -388,7 +205,7 @@ pub async fn start(
                 registry.join().await;
             }
             crate::serve::join_all(&mut tasks).await;
-            return Err(AgentError::Catalog { source_name, error });
+            return Err(StartError::Catalog { source_name, error });
         }
     };
 

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessLog, Note, Tag};
-use crate::agent::{self, AgentError, CatalogSource};
+use crate::catalog::CatalogSource;
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::gateway::X_SKYLINE_ORIGIN;
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
@@ -35,6 +35,7 @@ use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Forwarder, Host, MeshError, count_hop, is_grpc};
+use crate::role::{self, StartError};
 use crate::routing::{Endpoint, Protocol, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
@@ -76,7 +77,7 @@ pub struct Settings {
     /// How requests travel to other Skyline proxies (read at start).
     pub peer_protocol: crate::proxy::h2::PeerProtocol,
     /// The admin listener's bearer token, and the registry token sent to the catalog.
-    pub tokens: agent::Tokens,
+    pub tokens: role::Tokens,
 }
 
 /// How a Skyline service name becomes a Kubernetes Service name and port.
@@ -654,7 +655,7 @@ impl BridgeHandle {
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error(transparent)]
-    Agent(#[from] AgentError),
+    Agent(#[from] StartError),
     #[error("cannot set up the dns resolver: {0}")]
     Resolver(String),
 }
@@ -680,32 +681,32 @@ pub async fn spawn_on(
     let passed = inherited.take_all("bridge");
     if passed.is_empty() {
         for &addr in &settings.listen {
-            listeners.push(agent::bind("bridge", addr)?);
+            listeners.push(role::bind("bridge", addr)?);
         }
     } else {
         for socket in passed {
-            listeners.push(agent::adopt("bridge", socket)?);
+            listeners.push(role::adopt("bridge", socket)?);
         }
     }
-    let admin = agent::listen(&mut inherited, "admin", settings.admin)?;
+    let admin = role::listen(&mut inherited, "admin", settings.admin)?;
     inherited
         .finish(&LISTENER_NAMES)
-        .map_err(AgentError::from)?;
+        .map_err(StartError::from)?;
     let mut tasks = JoinSet::new();
     let metrics = Metrics::when(settings.access.metrics);
-    let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
+    let tls = role::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
     let mut catalog_name = String::new();
     let catalog = match &settings.catalog {
         Some(source) if settings.gateways.is_empty() => {
-            let (source_name, subscriber) = agent::follow_catalog(
+            let (source_name, subscriber) = crate::catalog::follow_catalog(
                 source,
                 settings.tokens.registry.as_ref(),
                 &mut tasks,
                 &shutdown,
             );
-            if let Err(error) = agent::first_snapshot(subscriber.clone()).await {
+            if let Err(error) = crate::catalog::first_snapshot(subscriber.clone()).await {
                 shutdown.cancel();
-                return Err(AgentError::Catalog { source_name, error }.into());
+                return Err(StartError::Catalog { source_name, error }.into());
             }
             catalog_name = source_name;
             Some(subscriber)
@@ -766,14 +767,14 @@ pub async fn spawn_on(
     // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
     if let (Some(admin), Some(CatalogSource::Consul(registry))) = (admin_addr, &settings.catalog) {
         let client = crate::registry::client::RegistryClient::new(*registry);
-        let register = agent::registration::run_admin(client, "bridge", admin, shutdown.clone());
+        let register = crate::registration::run_admin(client, "bridge", admin, shutdown.clone());
         tasks.spawn(register);
     }
     // The convergence report (`skyline status`) in the registry the bridge follows: the bridge
     // routes with the catalog state in force (its gateways are rebuilt from it on use).
     if let (Some(source), Some(subscriber)) = (&settings.catalog, catalog.clone()) {
         let port = addrs.first().map_or(0, SocketAddr::port);
-        let node = agent::registration::hostname();
+        let node = crate::registration::hostname();
         let identity = crate::status::Identity {
             role: "bridge",
             name: format!("{node}-{port}"),

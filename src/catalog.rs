@@ -7,6 +7,9 @@
 pub mod consul;
 pub mod etcd;
 pub mod file;
+mod follow;
+
+pub use follow::{CatalogSource, FIRST_CATALOG_TIMEOUT, first_snapshot, follow, follow_catalog};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;

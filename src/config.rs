@@ -67,13 +67,14 @@ pub mod token;
 
 use self::reference::{DURATION, FileKey, Section, Value};
 use crate::access::{AccessArgs, LogSection};
-use crate::agent::registration::{Check, Declared};
-use crate::agent::{CatalogSource, Settings};
+use crate::agent::Settings;
+use crate::catalog::CatalogSource;
 use crate::catalog::DEFAULT_INBOUND_PORT;
 use crate::catalog::ServiceName;
 use crate::catalog::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX};
 use crate::gateway::policy::DEFAULT_HOLD;
 use crate::proxy::resilience::{Policies, Resilience};
+use crate::registration::{Check, Declared};
 use crate::routing::Policy;
 use crate::routing::balance::Balance;
 
@@ -477,7 +478,7 @@ impl TokenArgs {
         (admin_key, admin_field): (&str, &Option<Spanned<PathBuf>>),
         (registry_key, registry_field): (&str, &Option<Spanned<PathBuf>>),
         admin: Option<SocketAddr>,
-    ) -> Result<crate::agent::Tokens, ConfigError> {
+    ) -> Result<crate::role::Tokens, ConfigError> {
         let (file, at) = file_path(src, self.admin_token_file, admin_field);
         let setting = token::TokenSetting {
             env: self.admin_token_env,
@@ -506,7 +507,7 @@ impl TokenArgs {
             None,
             "the registry",
         )?;
-        Ok(crate::agent::Tokens { admin, registry })
+        Ok(crate::role::Tokens { admin, registry })
     }
 }
 
@@ -1655,7 +1656,7 @@ impl AgentArgs {
             services,
             access,
             peer_protocol,
-            tokens: crate::agent::Tokens {
+            tokens: crate::role::Tokens {
                 admin: admin_token,
                 registry: registry_token,
             },

@@ -40,12 +40,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessLog, Note, Tag};
-use crate::agent::{self, AgentError, CatalogSource};
+use crate::catalog::CatalogSource;
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Fallback, Forwarder, Host, MeshError, count_hop};
+use crate::role::{self, StartError};
 use crate::routing::reach::Admit;
 use crate::routing::{Endpoint, Protocol, Route, protocol_of};
 use crate::serve::activation::Inherited;
@@ -104,7 +105,7 @@ pub struct Settings {
     /// How requests travel to other Skyline proxies (read at start).
     pub peer_protocol: crate::proxy::h2::PeerProtocol,
     /// The admin listener's bearer token, and the registry token sent to the catalog and KV.
-    pub tokens: agent::Tokens,
+    pub tokens: role::Tokens,
 }
 
 // === Table ===
@@ -980,7 +981,7 @@ pub const LISTENER_NAMES: [&str; 2] = ["gateway", "admin"];
 pub async fn spawn(
     settings: Settings,
     shutdown: CancellationToken,
-) -> Result<GatewayHandle, AgentError> {
+) -> Result<GatewayHandle, StartError> {
     spawn_on(settings, Inherited::none(), shutdown).await
 }
 
@@ -989,24 +990,24 @@ pub async fn spawn_on(
     settings: Settings,
     mut inherited: Inherited,
     shutdown: CancellationToken,
-) -> Result<GatewayHandle, AgentError> {
-    let listener = agent::listen_at(&mut inherited, "gateway", settings.listen)?;
-    let admin = agent::listen(&mut inherited, "admin", settings.admin)?;
+) -> Result<GatewayHandle, StartError> {
+    let listener = role::listen_at(&mut inherited, "gateway", settings.listen)?;
+    let admin = role::listen(&mut inherited, "admin", settings.admin)?;
     inherited.finish(&LISTENER_NAMES)?;
     let mut tasks = JoinSet::new();
     let metrics = Metrics::when(settings.access.metrics);
-    let tls = agent::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
-    let (source_name, subscriber) = agent::follow_catalog(
+    let tls = role::mesh_tls(settings.tls.as_ref(), &metrics, &mut tasks, &shutdown)?;
+    let (source_name, subscriber) = crate::catalog::follow_catalog(
         &settings.catalog,
         settings.tokens.registry.as_ref(),
         &mut tasks,
         &shutdown,
     );
-    let snapshot = match agent::first_snapshot(subscriber.clone()).await {
+    let snapshot = match crate::catalog::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
         Err(error) => {
             shutdown.cancel();
-            return Err(AgentError::Catalog { source_name, error });
+            return Err(StartError::Catalog { source_name, error });
         }
     };
     let (kv_tx, kv_rx) = watch::channel(BTreeMap::new());
@@ -1099,14 +1100,14 @@ pub async fn spawn_on(
     // The admin listener in the registry (`skyline-admin`), so Prometheus finds it.
     if let (Some(admin), CatalogSource::Consul(registry)) = (admin_addr, &settings.catalog) {
         let client = crate::registry::client::RegistryClient::new(*registry);
-        let register = agent::registration::run_admin(client, "gateway", admin, shutdown.clone());
+        let register = crate::registration::run_admin(client, "gateway", admin, shutdown.clone());
         tasks.spawn(register);
     }
     // The convergence report (`skyline status`) in the registry or etcd the gateway follows.
     let identity = crate::status::Identity {
         role: "gateway",
         name: answers::gateway_id(addr),
-        node: agent::registration::hostname(),
+        node: crate::registration::hostname(),
         admin: admin_addr,
         catalog: source_name.clone(),
     };

@@ -13,7 +13,7 @@
 //!   `skyline/policies/`), the caller's identity asserted over mTLS (`x-skyline-caller`), and
 //!   [`authz::path`], the path normalisation that policies match and upstreams receive.
 //! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
-//!   `agent::registration` keeps the node's declared `[[service]]`s registered (in the registry,
+//!   `crate::registration` keeps the node's declared `[[service]]`s registered (in the registry,
 //!   Consul or etcd) with their checks, and follows SIGHUP.
 //! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names;
 //!   `bridge::explain` is its `/explain` (the DNS name and URL a request becomes).
@@ -29,7 +29,7 @@
 //!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`; [`cli::routes`] is
 //!   `skyline routes`, which prints an agent's `/routes` for a person; [`cli::prometheus`] is
 //!   `skyline prometheus-targets`, a Prometheus `file_sd_configs` file of every role's admin
-//!   listener (`skyline-admin` in the catalog, registered by `agent::registration`);
+//!   listener (`skyline-admin` in the catalog, registered by `crate::registration`);
 //!   [`cli::status`] is `skyline status`, how far every proxy has converged on the catalog.
 //! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
 //!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
@@ -96,7 +96,9 @@ pub mod metrics;
 pub mod migrate;
 pub mod netns;
 pub mod proxy;
+pub mod registration;
 pub mod registry;
+pub mod role;
 pub mod routing;
 pub mod serve;
 pub mod status;

@@ -196,7 +196,7 @@ fn main() -> ExitCode {
             Command::Registry(args) => {
                 let token = args.token()?;
                 let mut inherited = inherited;
-                let listener = skyline::agent::listen_at(&mut inherited, "registry", args.listen)?;
+                let listener = skyline::role::listen_at(&mut inherited, "registry", args.listen)?;
                 inherited.finish(&["registry"])?;
                 let config = skyline::registry::RegistryConfig {
                     data_dir: args.data_dir,

@@ -2,7 +2,6 @@
 //! contract (hop-by-hop headers dropped, `x-request-id`, `x-forwarded-for`), and the one place
 //! where mesh errors become responses.
 
-pub mod budget;
 pub mod express;
 pub mod h2;
 pub mod inbound;

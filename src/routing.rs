@@ -6,6 +6,7 @@
 //! the next request sees the new one. Building is O(instances); lookup is one hash probe.
 
 pub mod balance;
+pub mod budget;
 pub mod reach;
 
 use std::collections::{BTreeMap, HashMap};

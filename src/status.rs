@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::CatalogSource;
+use crate::catalog::CatalogSource;
 use crate::catalog::etcd::EtcdError;
 use crate::catalog::etcd::client::Client as EtcdClient;
 use crate::catalog::{AppliedVersion, CatalogState, Subscriber, unix_ms};

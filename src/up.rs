@@ -11,12 +11,14 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::registration::{self, Check, Declared, NodeEntry};
-use crate::agent::{self, AgentError, CatalogSource, Settings};
+use crate::agent::{self, Settings};
+use crate::catalog::CatalogSource;
 use crate::catalog::ServiceName;
 use crate::config::{DEFAULT_ADMIN, DEFAULT_OUTBOUND, DEFAULT_REGISTRY, Listen};
 use crate::demo::{Echo, Hello};
+use crate::registration::{self, Check, Declared, NodeEntry};
 use crate::registry::client::{ClientError, RegistryClient};
+use crate::role::StartError;
 use crate::routing::{Lookup, Policy};
 use crate::serve;
 
@@ -66,7 +68,7 @@ pub enum UpError {
     #[error("cannot start a demo service")]
     Demo(#[source] std::io::Error),
     #[error(transparent)]
-    Agent(#[from] AgentError),
+    Agent(#[from] StartError),
     #[error("cannot register the demo services")]
     Register(#[from] ClientError),
     #[error("the demo services did not show up in the catalog")]

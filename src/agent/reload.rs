@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Settings;
-use super::registration::Declared;
 use crate::config::{AgentArgs, ConfigError};
 use crate::proxy::resilience::SharedPolicies;
+use crate::registration::Declared;
 
 /// What one reload did.
 #[derive(Debug, PartialEq, Eq)]

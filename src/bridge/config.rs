@@ -26,7 +26,7 @@ use toml::Spanned;
 
 use super::{Names, Override, Settings};
 use crate::access::{self, AccessArgs, LogSection};
-use crate::agent::CatalogSource;
+use crate::catalog::CatalogSource;
 use crate::config::reference::{Section, Value};
 use crate::config::{
     ConfigError, DEFAULT_ADMIN, Listen, RESILIENCE_KEYS, ResilienceSection, Source, TokenArgs,

@@ -42,7 +42,7 @@ pub const KUBERNETES_PLATFORM: (&str, &str) = ("platform", "kubernetes");
 const NOT_APPLICATIONS: [&str; 4] = [
     GATEWAY_SERVICE,
     BRIDGE_SERVICE,
-    crate::agent::registration::ADMIN_SERVICE,
+    crate::registration::ADMIN_SERVICE,
     "consul",
 ];
 

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::CliError;
-use crate::agent::registration::ADMIN_SERVICE;
 use crate::config::DEFAULT_REGISTRY;
+use crate::registration::ADMIN_SERVICE;
 use crate::registry::client::RegistryClient;
 
 /// How long one blocking query waits for a change.

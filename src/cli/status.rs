@@ -26,12 +26,12 @@ use serde_json::Value;
 
 use super::CliError;
 use super::etcd::EtcdArgs;
-use crate::agent::registration::ADMIN_SERVICE;
 use crate::catalog::etcd::EtcdError;
 use crate::catalog::etcd::client::Client as EtcdClient;
 use crate::catalog::{ServiceName, unix_ms};
 use crate::config::CatalogKind;
 use crate::config::DEFAULT_REGISTRY;
+use crate::registration::ADMIN_SERVICE;
 use crate::registry::client::{ClientError, RegistryClient};
 use crate::status::{HEARTBEAT, KV_STATUS_PREFIX, Report};
 

@@ -36,7 +36,7 @@ use toml::Spanned;
 use super::Settings;
 use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
 use crate::access::{self, AccessArgs, LogSection};
-use crate::agent::CatalogSource;
+use crate::catalog::CatalogSource;
 use crate::config::reference::{DURATION, Section, Value};
 use crate::config::{
     ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, RESILIENCE_KEYS, ResilienceSection,

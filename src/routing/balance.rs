@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use serde::Serialize;
 
+use super::budget::RetryBudget;
 use super::reach::Observed;
-use crate::proxy::budget::RetryBudget;
 
 /// The time constant of the latency estimate: long enough to smooth one answer's jitter over a
 /// hundred, short enough that an endpoint's recovery counts within seconds.

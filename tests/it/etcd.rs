@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use skyline::agent::registration::{Check, Declared};
-use skyline::agent::{self, AgentHandle, CatalogSource, Listeners, Settings};
+use skyline::agent::{self, AgentHandle, Listeners, Settings};
+use skyline::catalog::CatalogSource;
 use skyline::catalog::etcd::client::Client as EtcdClient;
 use skyline::catalog::etcd::{DEFAULT_PREFIX, EtcdDiscovery, EtcdError, Keys};
 use skyline::catalog::{self, Discovery, Health, ServiceName, Subscriber};
+use skyline::registration::{Check, Declared};
 use skyline::routing::{Lookup, Policy};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
-use skyline::agent::CatalogSource;
+use skyline::catalog::CatalogSource;
 use skyline::gateway::policy::{self, Pool, RoutePolicy, Upstream};
 use skyline::gateway::{self, GatewayHandle, Settings};
 use skyline::registry::{self, RegistryConfig, RegistryHandle};

@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
-use skyline::agent::{self, AgentHandle, CatalogSource, Settings};
+use skyline::agent::{self, AgentHandle, Settings};
+use skyline::catalog::CatalogSource;
 use skyline::registry::client::RegistryClient;
 use skyline::routing::Policy;
 
@@ -128,8 +129,8 @@ async fn services_registered_in_the_registry_are_routed_by_every_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_registers_its_services_keeps_them_alive_and_deregisters_on_shutdown() {
-    use skyline::agent::registration::{Check, Declared};
     use skyline::catalog::ServiceName;
+    use skyline::registration::{Check, Declared};
 
     let dir = tempfile::tempdir().unwrap();
     let embedded = CatalogSource::Embedded {

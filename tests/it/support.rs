@@ -30,7 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use skyline::agent::{self, AgentHandle, CatalogSource, Listeners, Settings};
+use skyline::agent::{self, AgentHandle, Listeners, Settings};
+use skyline::catalog::CatalogSource;
 use skyline::catalog::{Health, Instance, Node, ServiceName, Snapshot, file};
 use skyline::proxy::resilience::{Policies, Resilience};
 use skyline::routing::Policy;

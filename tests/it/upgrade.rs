@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
-use skyline::agent::CatalogSource;
+use skyline::catalog::CatalogSource;
 use skyline::catalog::{Health, Snapshot};
 
 /// The longest any one step of a test may wait.

@@ -17,8 +17,9 @@ use super::{
     App, Counts, DemoError, HOLD, HttpClient, ORGANIZATION_TEXT, Placement, Platform, RATE, Site,
     fail, giphy_text,
 };
-use crate::agent::{self, CatalogSource, Listeners, Settings as AgentSettings};
+use crate::agent::{self, Listeners, Settings as AgentSettings};
 use crate::bridge::{self, Names};
+use crate::catalog::CatalogSource;
 use crate::gateway::{self, policy};
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::registry::client::RegistryClient;

@@ -1,0 +1,93 @@
+//! Following a catalog source: which source a role reads ([`CatalogSource`]), its discovery
+//! task, and the wait for its first snapshot.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::consul::ConsulDiscovery;
+use super::etcd::EtcdDiscovery;
+use super::file::FileDiscovery;
+use super::{Discovery, Publisher, Snapshot, Subscriber};
+use crate::config::token::Token;
+
+/// How long the agent waits at start for the catalog's first answer.
+pub const FIRST_CATALOG_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CatalogSource {
+    /// A TOML file, hot-reloaded.
+    File(PathBuf),
+    /// A Consul agent or a Skyline registry elsewhere, over HTTP.
+    Consul(SocketAddr),
+    /// A registry in this process, serving its API on `listen` for other nodes and tools.
+    Embedded {
+        listen: SocketAddr,
+        data_dir: PathBuf,
+    },
+    /// An etcd v3 cluster: its members' client URLs and the key prefix of the catalog.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+/// Starts the discovery task of `source` in `tasks`; returns its name and a subscriber. An
+/// `Embedded` source is followed over HTTP at its `listen` address (the gateway and the bridge
+/// follow a registry that another process runs; the agent runs its own, see [`start`]).
+pub fn follow_catalog(
+    source: &CatalogSource,
+    token: Option<&Token>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> (String, Subscriber) {
+    let (publisher, subscriber) = super::channel();
+    let name = match source {
+        CatalogSource::File(path) => follow(tasks, FileDiscovery::new(path), publisher, shutdown),
+        CatalogSource::Consul(addr) | CatalogSource::Embedded { listen: addr, .. } => {
+            let discovery = ConsulDiscovery::new(*addr).with_token(token.cloned());
+            follow(tasks, discovery, publisher, shutdown)
+        }
+        CatalogSource::Etcd { endpoints, prefix } => {
+            let discovery = EtcdDiscovery {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+            };
+            follow(tasks, discovery, publisher, shutdown)
+        }
+    };
+    (name, subscriber)
+}
+
+/// Waits at most [`FIRST_CATALOG_TIMEOUT`] for the catalog's first good snapshot.
+pub async fn first_snapshot(mut subscriber: Subscriber) -> Result<Arc<Snapshot>, String> {
+    let waited = tokio::time::timeout(
+        FIRST_CATALOG_TIMEOUT,
+        subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
+    )
+    .await;
+    match waited {
+        Ok(Ok(state)) => state
+            .snapshot
+            .clone()
+            .ok_or_else(|| state.error.clone().unwrap_or_default()),
+        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
+        Err(_) => Err("no answer from the catalog source".to_owned()),
+    }
+}
+
+/// Starts a discovery backend's task; returns its name for logs and `/readyz`.
+pub fn follow<D: Discovery>(
+    tasks: &mut JoinSet<()>,
+    discovery: D,
+    publisher: Publisher,
+    shutdown: &CancellationToken,
+) -> String {
+    let name = discovery.describe();
+    tasks.spawn(discovery.run(publisher, shutdown.clone()));
+    name
+}
