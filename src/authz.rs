@@ -33,7 +33,6 @@ use serde::Deserialize;
 
 use crate::catalog::ServiceName;
 use crate::config::token::Token;
-use crate::proxy::MeshError;
 use crate::routing::Table;
 
 /// The caller's service, as its agent asserts it over an mTLS hop.
@@ -262,6 +261,15 @@ impl Policy {
 
 // === Authz ===
 
+/// Why [`Compiled::check`] refuses a request: a policy denies it (`forbidden`, 403), or its
+/// path does not normalise (`bad-request`, 400, with the reason). The proxies answer it as a
+/// mesh error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    Forbidden,
+    BadPath(&'static str),
+}
+
 /// The policies in force: the file's and the KV's, combined. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Authz {
@@ -385,7 +393,7 @@ impl Compiled {
 
     /// Checks a request to `service` for `path` (the part after `/service/<name>`, possibly
     /// empty): `Ok` with the normalised path to forward, or the mesh error to answer (400 for
-    /// a path that does not normalise, 403 denied, with an audit line). Call only when not
+    /// a path that does not normalise, 403 denied, with an audit line; see [`Refused`]). Call only when not
     /// [`open`](Self::open).
     pub fn check<'p>(
         &self,
@@ -393,8 +401,8 @@ impl Compiled {
         service: &str,
         method: &str,
         path: &'p str,
-    ) -> Result<Cow<'p, str>, MeshError> {
-        let normal = path::normalise(path).map_err(|e| MeshError::bad_request(e.detail()))?;
+    ) -> Result<Cow<'p, str>, Refused> {
+        let normal = path::normalise(path).map_err(|e| Refused::BadPath(e.detail()))?;
         match self.decide(caller, service, method, &normal) {
             Ok(()) => Ok(normal),
             Err(rule) => {
@@ -407,7 +415,7 @@ impl Compiled {
                     rule,
                     "request denied"
                 );
-                Err(MeshError::Forbidden)
+                Err(Refused::Forbidden)
             }
         }
     }
@@ -448,56 +456,6 @@ pub fn caller_by_address(table: &Table, node: IpAddr, ip: IpAddr) -> Option<Serv
 pub fn asserted_caller(trusted: bool, value: Option<&[u8]>) -> Option<&str> {
     let value = std::str::from_utf8(value?).ok()?;
     (trusted && ServiceName::is_valid(value)).then_some(value)
-}
-
-/// The check of a request on hyper's path at a mesh listener (the gateway, the bridge):
-/// `Ok(None)` when no policy is in force or the path after `/service/<name>` (`rest`) is
-/// normal already, `Ok(Some(normal))` when the listener must forward `normal` instead, or the
-/// mesh error to answer with [`refusal`] (`forbidden`, after the audit line; `bad-request` for
-/// a path that does not normalise). The caller is `x-skyline-caller` from a peer with a mesh
-/// certificate only (see [`asserted_caller`]).
-pub fn enforce<B>(
-    authz: &Authz,
-    req: &http::Request<B>,
-    conn: &crate::serve::Conn,
-    service: &str,
-    rest: &str,
-) -> Result<Option<String>, MeshError> {
-    let compiled = authz.load();
-    if compiled.open {
-        return Ok(None);
-    }
-    let caller = asserted_caller(
-        conn.mesh_peer.is_some(),
-        req.headers().get(&X_SKYLINE_CALLER).map(|v| v.as_bytes()),
-    );
-    match compiled.check(caller, service, req.method().as_str(), rest)? {
-        Cow::Borrowed(_) => Ok(None),
-        Cow::Owned(normal) => Ok(Some(normal)),
-    }
-}
-
-/// The answer to `req` that [`enforce`] refused with `error`: `403 forbidden` (or 400) with
-/// `x-skyline-error`, and a gRPC call's as its status (PERMISSION_DENIED).
-pub fn refusal<B>(
-    req: &http::Request<B>,
-    error: MeshError,
-    service: &str,
-) -> http::Response<crate::proxy::Body> {
-    let mut response = error.into_response(service);
-    if crate::proxy::is_grpc(req) {
-        crate::proxy::as_grpc_status(&mut response);
-    }
-    response
-}
-
-/// Removes what a mesh listener does not believe: a credential always (it never leaves its
-/// node), an assertion of the caller unless the peer presented a mesh certificate.
-pub fn strip_untrusted(headers: &mut http::HeaderMap, conn: &crate::serve::Conn) {
-    headers.remove(&X_SKYLINE_CALLER_TOKEN);
-    if conn.mesh_peer.is_none() {
-        headers.remove(&X_SKYLINE_CALLER);
-    }
 }
 
 #[cfg(test)]
@@ -581,7 +539,7 @@ mod tests {
             assert!(
                 matches!(
                     c.check(Some("web"), "api", "GET", p),
-                    Err(MeshError::Forbidden)
+                    Err(Refused::Forbidden)
                 ),
                 "{p}"
             );
@@ -592,7 +550,7 @@ mod tests {
         );
         assert!(matches!(
             c.check(Some("web"), "api", "GET", "/../x"),
-            Err(MeshError::BadRequest { .. })
+            Err(Refused::BadPath(_))
         ));
     }
 

@@ -15,12 +15,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 use http::header::{self, HeaderValue};
-use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::task::JoinSet;
@@ -29,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::access::{AccessLog, Note, Tag};
 use crate::catalog::CatalogSource;
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
-use crate::gateway::X_SKYLINE_ORIGIN;
+use crate::contract::X_SKYLINE_ORIGIN;
+use crate::contract::{DEFAULT_CLUSTER_DOMAIN, GATEWAY_SERVICE, cluster_service, skyline_target};
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::split_service_path;
@@ -39,11 +38,6 @@ use crate::role::{self, StartError};
 use crate::routing::{Endpoint, Protocol, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
-
-/// The catalog service of the gateway pool.
-pub const GATEWAY_SERVICE: &str = "skyline-gateway";
-/// The cluster domain of Kubernetes Service names.
-pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Validated bridge settings (see [`config::BridgeArgs`]).
 #[derive(Clone, Debug)]
@@ -151,57 +145,6 @@ impl Names {
             Protocol::Http1
         }
     }
-}
-
-/// The service name of a cluster-DNS `Host`: `<name>.<namespace>.svc.<domain>[:port]`
-/// (a trailing dot allowed, case-insensitive), or `None`.
-///
-/// DNS names are case-insensitive (RFC 4343): `Organization.default.svc.cluster.local` names
-/// service `organization`, so the name comes back in lowercase.
-pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::Cow<'a, str>> {
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let suffix_len = ".svc.".len() + domain.len();
-    if host.len() <= suffix_len {
-        return None;
-    }
-    // Not `split_at`: a non-ASCII host (from `/explain?url=`) may put the cut inside a char.
-    let (head, tail) = host.split_at_checked(host.len() - suffix_len)?;
-    let (svc, tail) = tail.split_at_checked(".svc.".len())?;
-    if !svc.eq_ignore_ascii_case(".svc.") || !tail.eq_ignore_ascii_case(domain) {
-        return None;
-    }
-    let (name, namespace) = head.split_once('.')?;
-    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && !l.contains('.');
-    if !label_ok(namespace) {
-        return None;
-    }
-    let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(name.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(name)
-    };
-    ServiceName::is_valid(&name).then_some(name)
-}
-
-/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query. A target
-/// without a path (`http://web.ns.svc.cluster.local?x=1`, `*`) gets `/`, and keeps its query.
-pub fn skyline_target(name: &str, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, MeshError> {
-    let rest = pq.map_or("/", |pq| pq.as_str());
-    let target = if rest.starts_with('/') {
-        format!("/service/{name}{rest}")
-    } else {
-        // Found by the fuzz target `bridge_rewrite`: the query was dropped here.
-        match pq.and_then(PathAndQuery::query) {
-            Some(query) => format!("/service/{name}/?{query}"),
-            None => format!("/service/{name}/"),
-        }
-    };
-    PathAndQuery::from_maybe_shared(Bytes::from(target))
-        .map_err(|_| MeshError::bad_request("invalid request target"))
 }
 
 // === Bridge ===
@@ -347,7 +290,7 @@ impl Bridge {
         };
         let target = match skyline_target(&name, req.uri().path_and_query()) {
             Ok(t) => t,
-            Err(e) => return e.into_response(&name),
+            Err(e) => return MeshError::bad_request(e).into_response(&name),
         };
         let Some(gateways) = self.gateways().filter(|r| !r.is_empty()) else {
             return MeshError::NoHealthyEndpoint.into_response(&name);
@@ -385,14 +328,15 @@ impl Bridge {
         };
         // The bridge is the destination's side for Kubernetes Services: it checks the
         // policies, and the Service receives the path they judged.
-        let target = match crate::authz::enforce(&self.inner.authz, &req, &conn, name, rest) {
-            Ok(None) => strip_prefix(rest, uri.query()),
-            Ok(Some(normal)) => strip_prefix(&normal, uri.query()),
-            Err(e) => {
-                note.label = metrics::unverified(name);
-                return crate::authz::refusal(&req, e, name);
-            }
-        };
+        let target =
+            match crate::proxy::authorize::enforce(&self.inner.authz, &req, &conn, name, rest) {
+                Ok(None) => strip_prefix(rest, uri.query()),
+                Ok(Some(normal)) => strip_prefix(&normal, uri.query()),
+                Err(e) => {
+                    note.label = metrics::unverified(name);
+                    return crate::proxy::authorize::refusal(&req, e, name);
+                }
+            };
         let target = match target {
             Ok(t) => t,
             Err(e) => return e.into_response(name),
@@ -416,7 +360,7 @@ impl Bridge {
         }
         note.label = ServiceName::parse(name).ok().map(ServiceLabel::known);
         note.tier = Tag::Static("cluster-dns");
-        note.platform = Tag::Static(crate::gateway::policy::KUBERNETES);
+        note.platform = Tag::Static(crate::contract::KUBERNETES);
         // Usually one address (the Service's cluster IP; kube-proxy balances behind it).
         let protocol = self.inner.names.protocol(name, &req);
         let route = Route::new(
@@ -453,7 +397,7 @@ impl Proxy for Bridge {
         conn: Conn,
         note: &mut Note,
     ) -> Response<Body> {
-        crate::authz::strip_untrusted(req.headers_mut(), &conn);
+        crate::proxy::authorize::strip_untrusted(req.headers_mut(), &conn);
         let skyline_path = req.uri().path().starts_with("/service/");
         let host = req
             .headers()
@@ -598,7 +542,7 @@ async fn follow_applied(mut catalog: Subscriber, applied: crate::catalog::Applie
 }
 
 /// Re-reads the config file when it changes (checked every
-/// [`FILE_ROUTES_POLL`](crate::gateway::FILE_ROUTES_POLL), as the gateway does) and puts its
+/// [`FILE_ROUTES_POLL`](crate::catalog::file::FILE_ROUTES_POLL), as the gateway does) and puts its
 /// `[authz]` in force. A file that does not validate is refused with file, key and reason, and
 /// the policies in force are kept. Each reload counts in `metrics` as accepted or refused.
 async fn watch_file_authz(
@@ -612,7 +556,7 @@ async fn watch_file_authz(
     };
     let mut file = crate::catalog::file::Watched::new(&path);
     while file
-        .changed(crate::gateway::FILE_ROUTES_POLL, &shutdown)
+        .changed(crate::catalog::file::FILE_ROUTES_POLL, &shutdown)
         .await
     {
         match args.clone().resolve() {
@@ -827,53 +771,6 @@ pub async fn spawn_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn recognises_cluster_dns_hosts() {
-        let d = DEFAULT_CLUSTER_DOMAIN;
-        assert_eq!(
-            cluster_service("organization.default.svc.cluster.local:8080", d).as_deref(),
-            Some("organization")
-        );
-        // Any case, as DNS compares names.
-        for host in [
-            "Organization.default.svc.cluster.local",
-            "ORGANIZATION.Default.SVC.Cluster.Local:8080",
-        ] {
-            assert_eq!(
-                cluster_service(host, d).as_deref(),
-                Some("organization"),
-                "{host}"
-            );
-        }
-        assert_eq!(
-            cluster_service("giphy.prod.svc.cluster.local", d).as_deref(),
-            Some("giphy")
-        );
-        assert_eq!(
-            cluster_service("giphy.prod.svc.cluster.local.", d).as_deref(),
-            Some("giphy")
-        );
-        for other in [
-            "localhost:5040",
-            "giphy",
-            "giphy.svc.cluster.local",
-            "a.b.svc.example.com",
-            "A_.b.svc.cluster.local",
-            ".b.svc.cluster.local",
-        ] {
-            assert_eq!(cluster_service(other, d), None, "{other}");
-        }
-        // Found by the fuzz target `bridge_rewrite`: a cut inside a multi-byte char panicked.
-        for other in [
-            "a.b\u{e9}svc.cluster.local",
-            "a.b.svc.cluster.loca\u{e9}",
-            "\u{e9}",
-        ] {
-            assert_eq!(cluster_service(other, d), None, "{other}");
-        }
-    }
 
     #[test]
     fn names_follow_the_template_and_overrides() {
@@ -926,40 +823,6 @@ mod tests {
             names.overrides.insert("giphy".into(), o);
             assert_eq!(names.protocol("giphy", &json), expected);
             assert_eq!(names.protocol("giphy", &grpc), expected);
-        }
-    }
-
-    #[test]
-    fn a_cluster_request_without_a_path_keeps_its_query() {
-        for (given, expected) in [
-            ("?q=cat", "/service/web/?q=cat"),
-            ("?*", "/service/web/?*"),
-            ("*", "/service/web/"),
-        ] {
-            let pq: PathAndQuery = given.parse().unwrap();
-            assert_eq!(
-                skyline_target("web", Some(&pq)).unwrap().as_str(),
-                expected,
-                "{given}"
-            );
-        }
-        assert_eq!(
-            skyline_target("web", None).unwrap().as_str(),
-            "/service/web/"
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn a_cluster_request_keeps_its_path_and_query_under_the_service_prefix(
-            path in "(/[a-z0-9._~%-]{0,8}){1,3}",
-            query in proptest::option::of("[a-z0-9=&%]{0,12}"),
-        ) {
-            let text = match &query { Some(q) => format!("{path}?{q}"), None => path.clone() };
-            let pq: PathAndQuery = text.parse().unwrap();
-            let target = skyline_target("organization", Some(&pq)).unwrap();
-            prop_assert_eq!(target.path(), format!("/service/organization{path}"));
-            prop_assert_eq!(target.query(), query.as_deref());
         }
     }
 }

@@ -152,12 +152,12 @@ pub fn bridge_rewrite(data: &[u8]) {
     let (host, target) = text.split_once('\n').unwrap_or((&text, "/"));
     let names = crate::bridge::Names::default();
     for domain in [names.cluster_domain.as_str(), "example.org", ""] {
-        let Some(name) = crate::bridge::cluster_service(host, domain) else {
+        let Some(name) = crate::contract::cluster_service(host, domain) else {
             continue;
         };
         assert!(crate::catalog::ServiceName::is_valid(&name), "{name:?}");
         let pq = http::uri::PathAndQuery::try_from(target).ok();
-        if let Ok(rewritten) = crate::bridge::skyline_target(&name, pq.as_ref()) {
+        if let Ok(rewritten) = crate::contract::skyline_target(&name, pq.as_ref()) {
             let (path, _) = crate::proxy::outbound::path_of(rewritten.as_str());
             let (again, _) = crate::proxy::outbound::split_service_path(path)
                 .unwrap_or_else(|e| panic!("{rewritten} does not split: {e}"));

@@ -24,11 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -41,7 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessLog, Note, Tag};
 use crate::catalog::CatalogSource;
+use crate::catalog::file::FILE_ROUTES_POLL;
 use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
+use crate::contract::{KUBERNETES, X_SKYLINE_ORIGIN};
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
@@ -57,9 +58,6 @@ use tiers::{Selector, SelectorView};
 
 /// The tier that served a response, for observability.
 pub static X_SKYLINE_TIER: HeaderName = HeaderName::from_static("x-skyline-tier");
-/// Set by a bridge on requests it sends to the gateway: such a request never goes back to a
-/// bridge tier.
-pub static X_SKYLINE_ORIGIN: HeaderName = HeaderName::from_static("x-skyline-origin");
 /// Marks the copy of a request that a shadow (see [`policy::Shadow`]) sends.
 pub static X_SKYLINE_SHADOW: HeaderName = HeaderName::from_static("x-skyline-shadow");
 /// The most shadow copies one gateway has in flight; past it, copies are skipped (and counted).
@@ -293,7 +291,7 @@ impl Table {
                         TierSource::Select { key, value } if key == "platform" => {
                             Some(Arc::from(value.as_str()))
                         }
-                        _ if bridge => Some(Arc::from(policy::KUBERNETES)),
+                        _ if bridge => Some(Arc::from(KUBERNETES)),
                         _ => None,
                     };
                     TierRoute {
@@ -740,7 +738,7 @@ impl Proxy for GatewayHandler {
         conn: Conn,
         note: &mut Note,
     ) -> Response<Body> {
-        crate::authz::strip_untrusted(req.headers_mut(), &conn);
+        crate::proxy::authorize::strip_untrusted(req.headers_mut(), &conn);
         let arrived = Instant::now();
         let Some(target) = req.uri().path_and_query().cloned() else {
             return MeshError::bad_request("expected /service/<name>/<path>").into_response("");
@@ -763,10 +761,11 @@ impl Proxy for GatewayHandler {
         };
         // The policies, as the destination's proxy checks them; the next hop gets the path
         // they judged.
-        let normal = match crate::authz::enforce(&self.gateway.authz, &req, &conn, name, rest) {
-            Ok(normal) => normal,
-            Err(e) => return crate::authz::refusal(&req, e, name),
-        };
+        let normal =
+            match crate::proxy::authorize::enforce(&self.gateway.authz, &req, &conn, name, rest) {
+                Ok(normal) => normal,
+                Err(e) => return crate::proxy::authorize::refusal(&req, e, name),
+            };
         let target = match normal {
             None => target.clone(),
             Some(normal) => match normalised_target(name, &normal, target.query()) {
@@ -1216,9 +1215,6 @@ pub async fn follow(
     }
 }
 
-/// How often the gateway's config file is checked for a change to its `[routes]`.
-pub const FILE_ROUTES_POLL: Duration = Duration::from_millis(250);
-
 /// Re-reads the config file when it changes, publishes its `[routes]` and applies its
 /// `[resilience]`. A file that does not validate is refused with file, line, key and reason,
 /// and the policies in force are kept. Each reload counts in `metrics` as accepted or refused.
@@ -1277,7 +1273,7 @@ pub async fn watch_kv_routes(
             format!("http://{address}/v1/kv/{KV_ROUTES_PREFIX}?recurse&index={index}&wait=30s");
         let answer = tokio::select! {
             () = shutdown.cancelled() => return,
-            a = tokio::time::timeout(Duration::from_secs(40), kv_get(&client, &uri, token.as_ref())) => a,
+            a = tokio::time::timeout(Duration::from_secs(40), crate::registry::client::kv_get(&client, &uri, token.as_ref())) => a,
         };
         let (new_index, entries) = match answer {
             Ok(Ok(answer)) => answer,
@@ -1339,54 +1335,4 @@ pub async fn watch_kv_routes(
         // Consul's rule: do not loop faster than this.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// One KV read: the index and the keys with their decoded values (404: none).
-pub(crate) async fn kv_get(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    uri: &str,
-    token: Option<&crate::config::token::Token>,
-) -> Result<(u64, BTreeMap<String, String>), String> {
-    let mut req = Request::get(uri);
-    if let Some(token) = token {
-        req = req.header("x-consul-token", token.expose());
-    }
-    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let index = resp
-        .headers()
-        .get("x-consul-index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let body = Limited::new(resp.into_body(), 4 << 20)
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if status == StatusCode::NOT_FOUND {
-        return Ok((index, BTreeMap::new()));
-    }
-    if !status.is_success() {
-        return Err(format!("status {status}"));
-    }
-    #[derive(serde::Deserialize)]
-    struct KvEntry {
-        #[serde(rename = "Key")]
-        key: String,
-        #[serde(rename = "Value")]
-        value: Option<String>,
-    }
-    let entries: Vec<KvEntry> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    let mut out = BTreeMap::new();
-    for e in entries {
-        let value = e
-            .value
-            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default();
-        out.insert(e.key, value);
-    }
-    Ok((index, out))
 }

@@ -89,6 +89,7 @@ pub mod bridge;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod demo;
 pub mod fuzz;
 pub mod gateway;

@@ -2,6 +2,7 @@
 //! contract (hop-by-hop headers dropped, `x-request-id`, `x-forwarded-for`), and the one place
 //! where mesh errors become responses.
 
+pub mod authorize;
 pub mod express;
 pub mod h2;
 pub mod inbound;
@@ -220,6 +221,15 @@ impl MeshError {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl From<crate::authz::Refused> for MeshError {
+    fn from(refused: crate::authz::Refused) -> Self {
+        match refused {
+            crate::authz::Refused::Forbidden => MeshError::Forbidden,
+            crate::authz::Refused::BadPath(detail) => MeshError::bad_request(detail),
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ServiceName;
+use crate::contract::ADMIN_SERVICE;
 use crate::registry::INBOUND_PORT_META;
 use crate::registry::client::{ClientError, RegistryClient};
 
@@ -257,11 +258,6 @@ fn go_duration(d: Duration) -> String {
 }
 
 // === The admin listener in the catalog ===
-
-/// The catalog service every role's admin listener is registered as, so that Prometheus finds
-/// every `/metrics` (`consul_sd_configs`, or `skyline prometheus-targets`). Its meta says the
-/// `role` (agent, gateway, bridge) and the `node`.
-pub const ADMIN_SERVICE: &str = "skyline-admin";
 
 /// How often a gateway's or bridge's admin registration passes its TTL check.
 const ADMIN_TTL: Duration = Duration::from_secs(10);

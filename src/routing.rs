@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::catalog::{self, Health, Instance, ServiceName, Snapshot, Subscriber};
+use crate::contract::GATEWAY_SERVICE;
 pub use balance::{Endpoint, Protocol, Route};
 
 /// Which instances count as routable.
@@ -86,9 +87,6 @@ pub struct Table {
     #[serde(skip)]
     pub fallback_hold: Duration,
 }
-
-/// The catalog service of the gateway pool.
-pub const GATEWAY_SERVICE: &str = "skyline-gateway";
 
 /// A local route that left the catalog, still served for requests already on their way.
 #[derive(Debug, Serialize)]

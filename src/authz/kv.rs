@@ -38,7 +38,7 @@ pub async fn watch(
     loop {
         let uri =
             format!("http://{address}/v1/kv/{KV_POLICIES_PREFIX}?recurse&index={index}&wait=30s");
-        let read = crate::gateway::kv_get(&client, &uri, token.as_ref());
+        let read = crate::registry::client::kv_get(&client, &uri, token.as_ref());
         let answer = tokio::select! {
             () = shutdown.cancelled() => return,
             a = tokio::time::timeout(Duration::from_secs(40), read) => a,

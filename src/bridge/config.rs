@@ -402,7 +402,7 @@ impl BridgeArgs {
             return Err(src.at(at, "bridge.max_hops", "must be at least 1"));
         }
         let (listen, at) = from_flag_or_file(self.listen, b.listen);
-        let listen = listen.unwrap_or_else(|| vec![crate::gateway::config::DEFAULT_GATEWAY]);
+        let listen = listen.unwrap_or_else(|| vec![crate::contract::DEFAULT_GATEWAY]);
         if listen.is_empty() {
             return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }

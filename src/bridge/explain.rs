@@ -12,7 +12,8 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use serde_json::{Value, json};
 
-use super::{Bridge, cluster_service, skyline_target};
+use super::Bridge;
+use crate::contract::{cluster_service, skyline_target};
 use crate::proxy::MeshError;
 use crate::proxy::inbound::strip_prefix;
 use crate::proxy::outbound::explain::{describe, policy_view, split_url};
@@ -34,7 +35,7 @@ impl Bridge {
         if let Some(name) = cluster.filter(|_| !target.starts_with("/service/")) {
             let pq = PathAndQuery::try_from(target)
                 .map_err(|_| MeshError::bad_request("invalid request target"))?;
-            let rewritten = skyline_target(&name, Some(&pq))?;
+            let rewritten = skyline_target(&name, Some(&pq)).map_err(MeshError::bad_request)?;
             let gateways = self.gateways();
             let source = if self.inner.gateways.is_some() {
                 "the configured gateways (--gateway)"

@@ -35,6 +35,9 @@ use super::{
     ServiceName, Snapshot,
 };
 
+/// How often the gateway's and the bridge's config files are checked for a change.
+pub const FILE_ROUTES_POLL: Duration = Duration::from_millis(250);
+
 /// How often the file's metadata is checked for a change. A `stat` costs microseconds.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(50);
 

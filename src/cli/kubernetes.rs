@@ -28,9 +28,9 @@ use serde_json::{Value, json};
 
 use super::{CliError, catalog};
 use crate::config::DEFAULT_REGISTRY;
-use crate::gateway::policy::BRIDGE_SERVICE;
+use crate::contract::BRIDGE_SERVICE;
+use crate::contract::GATEWAY_SERVICE;
 use crate::registry::client::RegistryClient;
-use crate::routing::GATEWAY_SERVICE;
 
 /// The label every generated object carries, for `kubectl apply --prune -l`.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "skyline");
@@ -42,7 +42,7 @@ pub const KUBERNETES_PLATFORM: (&str, &str) = ("platform", "kubernetes");
 const NOT_APPLICATIONS: [&str; 4] = [
     GATEWAY_SERVICE,
     BRIDGE_SERVICE,
-    crate::registration::ADMIN_SERVICE,
+    crate::contract::ADMIN_SERVICE,
     "consul",
 ];
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::CliError;
 use crate::config::DEFAULT_REGISTRY;
-use crate::registration::ADMIN_SERVICE;
+use crate::contract::ADMIN_SERVICE;
 use crate::registry::client::RegistryClient;
 
 /// How long one blocking query waits for a change.

@@ -31,7 +31,7 @@ use crate::catalog::etcd::client::Client as EtcdClient;
 use crate::catalog::{ServiceName, unix_ms};
 use crate::config::CatalogKind;
 use crate::config::DEFAULT_REGISTRY;
-use crate::registration::ADMIN_SERVICE;
+use crate::contract::ADMIN_SERVICE;
 use crate::registry::client::{ClientError, RegistryClient};
 use crate::status::{HEARTBEAT, KV_STATUS_PREFIX, Report};
 

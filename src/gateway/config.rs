@@ -27,7 +27,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -42,10 +42,9 @@ use crate::config::{
     ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, RESILIENCE_KEYS, ResilienceSection,
     Source, TokenArgs, file_only, key, resilience,
 };
+use crate::contract::{DEFAULT_GATEWAY, KUBERNETES};
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
-
-pub const DEFAULT_GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 5041);
 
 /// Settings of `skyline gateway`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -481,7 +480,7 @@ impl GatewayArgs {
         }
         if let Some(bridges) = self.bridges {
             upstreams.insert(
-                policy::KUBERNETES.to_owned(),
+                KUBERNETES.to_owned(),
                 policy::Upstream {
                     pool: policy::Pool::Addresses(bridges),
                     bridge: true,

@@ -22,13 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::ServiceName;
 use crate::config::parse_duration_setting;
+use crate::contract::{BRIDGE_SERVICE, KUBERNETES};
 
 /// How long a higher tier must stay eligible before traffic falls back to it, by default.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(3);
-/// The upstream that the default policy falls back to.
-pub const KUBERNETES: &str = "kubernetes";
-/// The catalog service of the Kubernetes nodes' bridges.
-pub const BRIDGE_SERVICE: &str = "skyline-bridge";
 
 // === What users write ===
 

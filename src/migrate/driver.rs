@@ -393,10 +393,7 @@ fn parse_policy(text: &str) -> Result<serde_json::Value, String> {
 /// The names of a policy's tiers, as the gateway names them.
 fn tier_names(policy: &serde_json::Value) -> Result<Vec<String>, String> {
     let Some(tiers) = policy.get("tiers") else {
-        return Ok(vec![
-            "mesos".into(),
-            crate::gateway::policy::KUBERNETES.into(),
-        ]);
+        return Ok(vec!["mesos".into(), crate::contract::KUBERNETES.into()]);
     };
     let tiers = tiers.as_array().ok_or("`tiers` is not a list")?;
     tiers

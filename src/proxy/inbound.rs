@@ -98,7 +98,9 @@ impl Proxy for Inbound {
                     trusted,
                     req.headers().get(&X_SKYLINE_CALLER).map(|v| v.as_bytes()),
                 );
-                authz.check(caller, name, req.method().as_str(), rest)
+                authz
+                    .check(caller, name, req.method().as_str(), rest)
+                    .map_err(MeshError::from)
             }
         };
         let target = checked.and_then(|path| strip_prefix(&path, uri.query()));
@@ -172,7 +174,7 @@ impl Proxy for Inbound {
                     Ok(Cow::Borrowed(_)) => None,
                     Err(e) => {
                         note.label = Some(ServiceLabel::known(known.clone()));
-                        return Verdict::Error(e, name.to_owned());
+                        return Verdict::Error(e.into(), name.to_owned());
                     }
                 }
             }

@@ -20,8 +20,8 @@ use super::{
 };
 use crate::access::{Note, Tag};
 use crate::authz::{Authz, X_SKYLINE_CALLER, X_SKYLINE_CALLER_TOKEN, caller_by_address};
-use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::catalog::ServiceName;
+use crate::contract::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::metrics::service_label;
 use crate::routing::reach::{Admit, Observed};
 use crate::routing::{Lookup, Route, Routes, Table};
@@ -186,7 +186,7 @@ impl Outbound {
         let target = match cluster {
             Some(name) => match skyline_target(&name, Some(&target)) {
                 Ok(target) => target,
-                Err(e) => return e.into_response(&name),
+                Err(e) => return MeshError::bad_request(e).into_response(&name),
             },
             None => target,
         };

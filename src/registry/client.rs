@@ -2,9 +2,11 @@
 //! `skyline up` registering its demo services, the `skyline services|register|deregister`
 //! commands, and agents registering their node's services.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -166,4 +168,56 @@ impl RegistryClient {
         }
         Ok((bytes, parts.headers))
     }
+}
+
+/// One KV read (of a `?recurse` URI, blocking or not): the index and the keys with their decoded values (404: none).
+pub async fn kv_get(
+    client: &Client<HttpConnector, http_body_util::Empty<Bytes>>,
+    uri: &str,
+    token: Option<&Token>,
+) -> Result<(u64, BTreeMap<String, String>), String> {
+    let mut req = Request::get(uri);
+    if let Some(token) = token {
+        req = req.header("x-consul-token", token.expose());
+    }
+    let req = req
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let index = resp
+        .headers()
+        .get("x-consul-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let body = http_body_util::Limited::new(resp.into_body(), 4 << 20)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status == StatusCode::NOT_FOUND {
+        return Ok((index, BTreeMap::new()));
+    }
+    if !status.is_success() {
+        return Err(format!("status {status}"));
+    }
+    #[derive(serde::Deserialize)]
+    struct KvEntry {
+        #[serde(rename = "Key")]
+        key: String,
+        #[serde(rename = "Value")]
+        value: Option<String>,
+    }
+    let entries: Vec<KvEntry> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let value = e
+            .value
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        out.insert(e.key, value);
+    }
+    Ok((index, out))
 }

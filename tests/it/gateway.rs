@@ -50,7 +50,7 @@ impl Setup {
                     admin: Some("127.0.0.1:0".parse().unwrap()),
                     catalog: CatalogSource::Consul(registry.addr()),
                     upstreams: BTreeMap::from([(
-                        policy::KUBERNETES.to_owned(),
+                        skyline::contract::KUBERNETES.to_owned(),
                         Upstream {
                             pool: Pool::Addresses(vec![kubernetes.addr]),
                             bridge: true,

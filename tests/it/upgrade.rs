@@ -466,7 +466,7 @@ impl ClusterPath {
                 admin: None,
                 catalog: CatalogSource::File(catalog),
                 upstreams: BTreeMap::from([(
-                    skyline::gateway::policy::KUBERNETES.to_owned(),
+                    skyline::contract::KUBERNETES.to_owned(),
                     skyline::gateway::policy::Upstream {
                         pool: skyline::gateway::policy::Pool::Addresses(bridge.addrs.clone()),
                         bridge: true,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::{Outbound, path_of, service_of};
-use crate::bridge::{DEFAULT_CLUSTER_DOMAIN, cluster_service};
+use crate::contract::{DEFAULT_CLUSTER_DOMAIN, cluster_service};
 use crate::proxy::MeshError;
 use crate::proxy::resilience::Resilience;
 use crate::routing::balance::Outlier;

@@ -1,0 +1,170 @@
+//! The contract's vocabulary shared by every role: well-known service names in the catalog,
+//! the default ports, the headers roles set for each other, and the cluster-DNS names a
+//! bridge turns into Skyline URLs and back. The headers of the application contract and the
+//! rules applied to them are in [`crate::proxy`]; the URL shapes in [`crate::proxy::outbound`].
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+use http::HeaderName;
+use http::uri::PathAndQuery;
+
+use crate::catalog::ServiceName;
+
+/// The catalog service of the gateway pool.
+pub const GATEWAY_SERVICE: &str = "skyline-gateway";
+/// The catalog service of the Kubernetes nodes' bridges.
+pub const BRIDGE_SERVICE: &str = "skyline-bridge";
+/// The catalog service every role's admin listener is registered as, so that Prometheus finds
+/// every `/metrics` (`consul_sd_configs`, or `skyline prometheus-targets`). Its meta says the
+/// `role` (agent, gateway, bridge) and the `node`.
+pub const ADMIN_SERVICE: &str = "skyline-admin";
+/// The gateway's upstream of the Kubernetes bridges: the tier its default policy falls back to,
+/// and the platform a bridge reports.
+pub const KUBERNETES: &str = "kubernetes";
+/// Where a gateway listens by default, and where a bridge finds the gateway pool's members
+/// (the inbound port).
+pub const DEFAULT_GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 5041);
+/// Set by a bridge on requests it sends to the gateway: such a request never goes back to a
+/// bridge tier.
+pub static X_SKYLINE_ORIGIN: HeaderName = HeaderName::from_static("x-skyline-origin");
+/// The cluster domain of Kubernetes Service names.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// The service name of a cluster-DNS `Host`: `<name>.<namespace>.svc.<domain>[:port]`
+/// (a trailing dot allowed, case-insensitive), or `None`.
+///
+/// DNS names are case-insensitive (RFC 4343): `Organization.default.svc.cluster.local` names
+/// service `organization`, so the name comes back in lowercase.
+pub fn cluster_service<'a>(host: &'a str, domain: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let suffix_len = ".svc.".len() + domain.len();
+    if host.len() <= suffix_len {
+        return None;
+    }
+    // Not `split_at`: a non-ASCII host (from `/explain?url=`) may put the cut inside a char.
+    let (head, tail) = host.split_at_checked(host.len() - suffix_len)?;
+    let (svc, tail) = tail.split_at_checked(".svc.".len())?;
+    if !svc.eq_ignore_ascii_case(".svc.") || !tail.eq_ignore_ascii_case(domain) {
+        return None;
+    }
+    let (name, namespace) = head.split_once('.')?;
+    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && !l.contains('.');
+    if !label_ok(namespace) {
+        return None;
+    }
+    let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    };
+    ServiceName::is_valid(&name).then_some(name)
+}
+
+/// The Skyline target for a cluster-DNS request: `/service/<name>` + path and query (or why
+/// there is none, for a `400`). A target
+/// without a path (`http://web.ns.svc.cluster.local?x=1`, `*`) gets `/`, and keeps its query.
+pub fn skyline_target(name: &str, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, &'static str> {
+    let rest = pq.map_or("/", |pq| pq.as_str());
+    let target = if rest.starts_with('/') {
+        format!("/service/{name}{rest}")
+    } else {
+        // Found by the fuzz target `bridge_rewrite`: the query was dropped here.
+        match pq.and_then(PathAndQuery::query) {
+            Some(query) => format!("/service/{name}/?{query}"),
+            None => format!("/service/{name}/"),
+        }
+    };
+    PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| "invalid request target")
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn recognises_cluster_dns_hosts() {
+        let d = DEFAULT_CLUSTER_DOMAIN;
+        assert_eq!(
+            cluster_service("organization.default.svc.cluster.local:8080", d).as_deref(),
+            Some("organization")
+        );
+        // Any case, as DNS compares names.
+        for host in [
+            "Organization.default.svc.cluster.local",
+            "ORGANIZATION.Default.SVC.Cluster.Local:8080",
+        ] {
+            assert_eq!(
+                cluster_service(host, d).as_deref(),
+                Some("organization"),
+                "{host}"
+            );
+        }
+        assert_eq!(
+            cluster_service("giphy.prod.svc.cluster.local", d).as_deref(),
+            Some("giphy")
+        );
+        assert_eq!(
+            cluster_service("giphy.prod.svc.cluster.local.", d).as_deref(),
+            Some("giphy")
+        );
+        for other in [
+            "localhost:5040",
+            "giphy",
+            "giphy.svc.cluster.local",
+            "a.b.svc.example.com",
+            "A_.b.svc.cluster.local",
+            ".b.svc.cluster.local",
+        ] {
+            assert_eq!(cluster_service(other, d), None, "{other}");
+        }
+        // Found by the fuzz target `bridge_rewrite`: a cut inside a multi-byte char panicked.
+        for other in [
+            "a.b\u{e9}svc.cluster.local",
+            "a.b.svc.cluster.loca\u{e9}",
+            "\u{e9}",
+        ] {
+            assert_eq!(cluster_service(other, d), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_request_without_a_path_keeps_its_query() {
+        for (given, expected) in [
+            ("?q=cat", "/service/web/?q=cat"),
+            ("?*", "/service/web/?*"),
+            ("*", "/service/web/"),
+        ] {
+            let pq: PathAndQuery = given.parse().unwrap();
+            assert_eq!(
+                skyline_target("web", Some(&pq)).unwrap().as_str(),
+                expected,
+                "{given}"
+            );
+        }
+        assert_eq!(
+            skyline_target("web", None).unwrap().as_str(),
+            "/service/web/"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn a_cluster_request_keeps_its_path_and_query_under_the_service_prefix(
+            path in "(/[a-z0-9._~%-]{0,8}){1,3}",
+            query in proptest::option::of("[a-z0-9=&%]{0,12}"),
+        ) {
+            let text = match &query { Some(q) => format!("{path}?{q}"), None => path.clone() };
+            let pq: PathAndQuery = text.parse().unwrap();
+            let target = skyline_target("organization", Some(&pq)).unwrap();
+            prop_assert_eq!(target.path(), format!("/service/organization{path}"));
+            prop_assert_eq!(target.query(), query.as_deref());
+        }
+    }
+}
