@@ -6,6 +6,7 @@ pub mod ca;
 pub mod etcd;
 pub mod explain;
 pub mod kubernetes;
+pub mod migrate;
 pub mod prometheus;
 pub mod routes;
 pub mod status;

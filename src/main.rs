@@ -96,7 +96,7 @@ enum Command {
     PrometheusTargets(skyline::cli::prometheus::PrometheusTargetsArgs),
     /// Move a service to another tier step by step, guarded: `skyline migrate giphy --to
     /// kubernetes`; also `skyline migrate status|pause|resume|rollback <service>`
-    Migrate(skyline::migrate::driver::MigrateArgs),
+    Migrate(skyline::cli::migrate::MigrateArgs),
     /// The mesh CA: create it, issue proxy certificates (mTLS between the proxies)
     Ca(skyline::cli::ca::CaArgs),
 }
@@ -243,7 +243,7 @@ async fn run_tool(command: Command, shutdown: CancellationToken) -> anyhow::Resu
         }
         Command::Migrate(args) => {
             let mut out = std::io::stdout();
-            skyline::migrate::driver::run(args, shutdown, &mut out).await?
+            skyline::cli::migrate::run(args, shutdown, &mut out).await?
         }
         Command::Agent(_)
         | Command::Gateway(_)

@@ -2,10 +2,12 @@
 //! the gateways' route policy to another (Mesos → Kubernetes, or back) step by step, by writing
 //! the policy's weighted split to the registry KV (`skyline/routes/<service>`), which every
 //! gateway follows. Between steps it reads what the gateways themselves saw of each tier's
-//! answers (see [`crate::gateway::answers`]) and rolls back at once when the new tier breaks a
+//! answers (see [`answers`]) and rolls back at once when the new tier breaks a
 //! guard ([`judge`]).
 //!
-//! - [`driver`]: the command itself, its lock, and `status|pause|resume|rollback`.
+//! - [`answers`]: what the gateways publish of each tier's answers while a migration is under
+//!   way.
+//! - [`crate::cli::migrate`]: the command itself, its lock, and `status|pause|resume|rollback`.
 //!
 //! KV keys of a migration of `<service>`:
 //! - `skyline/migrate/<service>`: the [`Record`] (JSON): target, steps, current step, state,
@@ -16,14 +18,14 @@
 //! - `skyline/migrate/<service>/gateways/<gateway-id>`: each gateway's [`Report`] while the
 //!   migration is `running` or `paused`.
 
-pub mod driver;
+pub mod answers;
 
 use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::answers::{ShadowCounts, TierAnswers};
+use answers::{ShadowCounts, TierAnswers};
 
 /// The default steps: the new tier's share of traffic, percent.
 pub const DEFAULT_STEPS: [u32; 5] = [1, 5, 25, 50, 100];

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Health, Snapshot};
-use crate::gateway::answers::{KV_MIGRATE_PREFIX, Report, TierAnswers, reports_prefix, unix_now};
+use crate::migrate::answers::{KV_MIGRATE_PREFIX, Report, TierAnswers, reports_prefix, unix_now};
 use crate::migrate::{Record, TierSummary};
 use crate::proxy::{Body, full};
 use crate::registry::client::{ClientError, RegistryClient};
@@ -466,7 +466,7 @@ async fn read_migrations(client: &RegistryClient) -> Result<Vec<serde_json::Valu
 }
 
 /// What the gateways published for the migration of `service` (see
-/// [`crate::gateway::answers`]): per tier, the answers since the migration started, summed over
+/// [`crate::migrate::answers`]): per tier, the answers since the migration started, summed over
 /// the gateways, with the error rate the guard compares.
 fn live_readings(values: &BTreeMap<String, Vec<u8>>, service: &str) -> serde_json::Value {
     let prefix = reports_prefix(service);

@@ -38,7 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
-use crate::migrate::driver::{DriveArgs, MigrateArgs, MigrateError};
+use crate::cli::migrate::{DriveArgs, MigrateArgs, MigrateError};
 use crate::proxy::{Body, full};
 use crate::registry::INBOUND_PORT_META;
 use crate::registry::client::RegistryClient;
@@ -530,7 +530,7 @@ async fn autopilot(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let result = {
-        let driver = crate::migrate::driver::run(args, CancellationToken::new(), &mut sink);
+        let driver = crate::cli::migrate::run(args, CancellationToken::new(), &mut sink);
         tokio::pin!(driver);
         loop {
             tokio::select! {

@@ -20,17 +20,17 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::judge_shadow;
-use super::{
-    DEFAULT_STEPS, Guards, Observed, Record, State, TierSummary, judge, may_advance, parse_percent,
-    parse_steps,
-};
 use crate::catalog::ServiceName;
 use crate::config::token::Token;
 use crate::config::{DEFAULT_REGISTRY, parse_duration_setting};
 use crate::gateway::KV_ROUTES_PREFIX;
-use crate::gateway::answers::{
+use crate::migrate::answers::{
     Report, ShadowCounts, TierAnswers, record_key, reports_prefix, unix_now,
+};
+use crate::migrate::judge_shadow;
+use crate::migrate::{
+    DEFAULT_STEPS, Guards, Observed, Record, State, TierSummary, judge, may_advance, parse_percent,
+    parse_steps,
 };
 use crate::registry::client::{ClientError, RegistryClient};
 
