@@ -235,7 +235,7 @@ pub fn agent_readings(metrics: &Metrics) -> Vec<ui::Reading> {
 pub fn explain_url(query: Option<&str>) -> Result<String, (StatusCode, serde_json::Value)> {
     let url = query.unwrap_or("").split('&').find_map(|pair| {
         let value = pair.strip_prefix("url=")?;
-        crate::registry::api::percent_decode(value, true)
+        crate::http1::percent_decode(value, true)
     });
     url.ok_or_else(|| {
         (

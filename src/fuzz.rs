@@ -10,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::serve::guard::{ChunkedBody, Guarded, HeadCheck, HeadProgress, HeadReader, Limits};
+use crate::http1::guard::{ChunkedBody, Guarded, HeadCheck, HeadProgress, HeadReader, Limits};
 
 /// A fuzz target's function: arbitrary bytes in, a panic out only on a finding.
 pub type Target = fn(&[u8]);

@@ -93,6 +93,7 @@ pub mod contract;
 pub mod demo;
 pub mod fuzz;
 pub mod gateway;
+pub mod http1;
 pub mod metrics;
 pub mod migrate;
 pub mod netns;

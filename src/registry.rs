@@ -49,7 +49,7 @@ use tracing::Instrument as _;
 
 use crate::catalog::{self, Discovery, Instance, Interner, Node, Nodes, Publisher, ServiceName};
 use crate::config::token::Token;
-use crate::serve::guard::{Guarded, Limits, Rejection};
+use crate::http1::guard::{Guarded, Limits, Rejection};
 use api::ApiError;
 use checks::{Checks, ProbeResult};
 use store::{Op, Record, State, Store, StoreError};

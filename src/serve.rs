@@ -31,7 +31,6 @@
 pub mod activation;
 mod express;
 pub mod flood;
-pub mod guard;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -54,11 +53,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessLog, Entry, Note};
+use crate::http1::guard::{Guarded, Limits, Verdicts};
 use crate::metrics::{Metrics, Role, ServiceLabel};
 use crate::proxy::express::{ClientBody, Head, Verdict};
 use crate::proxy::{MeshError, X_REQUEST_ID, X_SKYLINE_ERROR, request_id};
 use crate::tls::{Accepted, MeshTls};
-use guard::{Guarded, Limits, Verdicts};
 
 /// How long a client may take to send a request head (slowloris protection).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -127,7 +127,7 @@ pub fn consul_request_token<'a>(
             (!value.is_empty()).then_some(value)
         });
     if let Some(value) = from_query {
-        let decoded = crate::registry::api::percent_decode(value, true)
+        let decoded = crate::http1::percent_decode(value, true)
             .map_or_else(|| value.as_bytes().to_vec(), String::into_bytes);
         return Some(std::borrow::Cow::Owned(decoded));
     }
@@ -145,7 +145,7 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return None;
     }
-    let rest = crate::serve::guard::trim_ows(rest);
+    let rest = crate::http1::trim_ows(rest);
     (!rest.is_empty()).then_some(rest)
 }
 

@@ -47,11 +47,10 @@ use super::{
     within_caller_deadline,
 };
 use crate::access::Trail;
+use crate::http1::guard::{ChunkedBody, Limits as GuardLimits, Rejection, parse_content_length};
+use crate::http1::trim_ows;
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
-use crate::serve::guard::{
-    ChunkedBody, Limits as GuardLimits, Rejection, parse_content_length, trim_ows,
-};
 use crate::tls::MeshTls;
 
 /// Largest response head accepted from an upstream (as hyper's client allows by default).
@@ -1374,7 +1373,7 @@ impl Answer {
     }
 }
 
-fn invalid_chunk(rejection: crate::serve::guard::Rejection) -> io::Error {
+fn invalid_chunk(rejection: crate::http1::guard::Rejection) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, rejection.reason)
 }
 

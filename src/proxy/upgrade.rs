@@ -43,7 +43,7 @@ pub fn requested(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
     let listed = headers.get_all(header::CONNECTION).iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')
-            .any(|o| crate::serve::guard::trim_ows(o).eq_ignore_ascii_case(b"upgrade"))
+            .any(|o| crate::http1::trim_ows(o).eq_ignore_ascii_case(b"upgrade"))
     });
     listed.then(|| protocols.clone())
 }

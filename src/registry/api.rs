@@ -52,6 +52,7 @@ use super::{Command, INBOUND_PORT_META};
 use crate::catalog::{Health, ServiceName};
 use crate::config::parse_duration;
 use crate::config::token::{Token, consul_request_token};
+use crate::http1::percent_decode;
 
 /// The largest request body (and KV value) accepted.
 pub const MAX_BODY: usize = 512 * 1024;
@@ -580,32 +581,6 @@ impl Query {
             })
             .transpose()
     }
-}
-
-/// Decodes `%XX` escapes (and `+` as space in query strings); `None` when not UTF-8 or malformed.
-pub fn percent_decode(s: &str, plus_as_space: bool) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' if plus_as_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 // === Blocking queries ===

@@ -34,12 +34,12 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::api::{
-    ApiError, Query, Resp, Shared, decode, json_body, json_response, percent_decode, plain, read,
-    submit_with,
+    ApiError, Query, Resp, Shared, decode, json_body, json_response, plain, read, submit_with,
 };
 use super::decode::{self, DecodeError, Field, Json, Kind, Shape};
 use super::store::{Behavior, Op, SessionDef, SessionEntry, State};
 use crate::catalog::Health;
+use crate::http1::percent_decode;
 
 /// The check every Consul agent has, and the sessions' default.
 pub const SERF_CHECK: &str = "serfHealth";

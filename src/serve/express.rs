@@ -21,11 +21,11 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use super::guard::{Body, HeadCheck, HeadProgress, HeadReader, Limits};
 use super::{
     Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder, access_line,
 };
 use crate::access::{AccessLog, Note};
+use crate::http1::guard::{Body, HeadCheck, HeadProgress, HeadReader, Limits};
 use crate::proxy::express::{
     BodyEnd, ClientBody, Head, Name, Verdict, connection_options, write_error,
 };

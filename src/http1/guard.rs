@@ -48,6 +48,8 @@ use memchr::memchr;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::trim_ows;
+
 /// What hyper reads in place of a refused request head: the service answers it with the
 /// recorded [`Rejection`].
 pub const SYNTHETIC_REQUEST: &[u8] =
@@ -1096,16 +1098,6 @@ fn target_is_valid(target: &str) -> bool {
             .iter()
             .all(|&b| matches!(b, 0x21 | 0x24..=0x3b | 0x3d | 0x3f..=0x5f | 0x61..=0x7e));
     fast || http::Uri::try_from(target).is_ok()
-}
-
-pub(crate) fn trim_ows(mut v: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = v {
-        v = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = v {
-        v = rest;
-    }
-    v
 }
 
 /// `1*DIGIT` that fits in a u64, surrounded by optional whitespace; nothing else.
