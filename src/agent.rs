@@ -1,6 +1,7 @@
 //! The per-node agent: outbound proxy, inbound proxy and admin listener over one route table that
 //! follows the catalog; [`registration`] registers the node's own services.
 
+pub mod config;
 pub mod reload;
 
 use std::net::{IpAddr, SocketAddr};

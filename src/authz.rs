@@ -19,6 +19,7 @@
 //! - Paths are normalised ([`path`]) before matching, and the normalised path is the one
 //!   forwarded. With no rule and default `allow` nothing is checked or rewritten.
 
+pub mod config;
 pub mod kv;
 pub mod path;
 

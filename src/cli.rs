@@ -3,6 +3,7 @@
 //! `skyline k8s services`; [`explain`] asks an agent why a request would go where it goes.
 
 pub mod ca;
+pub mod config;
 pub mod etcd;
 pub mod explain;
 pub mod kubernetes;

@@ -196,7 +196,7 @@ pub fn config_file(data: &[u8]) {
     if std::fs::write(&path, text).is_err() {
         return;
     }
-    for role in crate::config::reference::Role::ALL {
+    for role in crate::cli::config::Role::ALL {
         let _ = role.check(path.clone());
     }
     let _ = std::fs::remove_file(&path);

@@ -6,8 +6,9 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use skyline::agent::Listeners;
+use skyline::agent::config::AgentArgs;
 use skyline::bridge::config::BridgeArgs;
-use skyline::config::{AgentArgs, RegistryArgs};
+use skyline::config::RegistryArgs;
 use skyline::demo::migration::DemoArgs;
 use skyline::gateway::config::GatewayArgs;
 use skyline::serve::activation::Inherited;
@@ -70,7 +71,7 @@ enum Command {
     /// Remove a service instance from the registry
     Deregister(skyline::cli::DeregisterArgs),
     /// Check a config file, print an example one, or the reference of every setting
-    Config(skyline::config::reference::ConfigArgs),
+    Config(skyline::cli::config::ConfigArgs),
     /// Print shell completions, such as `skyline completions bash`
     Completions {
         /// The shell
@@ -116,7 +117,7 @@ fn main() -> ExitCode {
     }
     if let Command::Config(args) = cli.command {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-        return skyline::config::reference::run(args, &Cli::command(), &mut out, &mut err);
+        return skyline::cli::config::run(args, &Cli::command(), &mut out, &mut err);
     }
     init_tracing(cli.log_format);
     // Before any thread starts: taking the sockets edits the environment.

@@ -3,13 +3,16 @@
 //! control APIs, and [`StartError`], why a role could not start.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use toml::Spanned;
 
-use crate::config::token::Token;
+use crate::config::token::{self, Token};
+use crate::config::{ConfigError, Source, file_path, token_for};
 use crate::metrics::Metrics;
 use crate::registry::RegistryError;
 use crate::serve::{self, activation::Inherited};
@@ -111,4 +114,71 @@ pub fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartEr
         addr,
         source,
     })
+}
+
+/// The token settings of the gateway and the bridge: the admin listener's bearer token, and
+/// the registry token they send to the catalog they follow.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TokenArgs {
+    /// A file holding the admin listener's bearer token (or give the token itself in
+    /// SKYLINE_ADMIN_TOKEN); required when the admin listener is not on loopback [default: no
+    /// token on loopback]
+    #[arg(long, env = "SKYLINE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The admin token itself, from SKYLINE_ADMIN_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_ADMIN_TOKEN").ok())]
+    pub admin_token_env: Option<String>,
+
+    /// A file holding the registry's ACL token, sent as X-Consul-Token to the registry or
+    /// Consul agent followed (or give the token itself in SKYLINE_REGISTRY_TOKEN) [default: no
+    /// token]
+    #[arg(long, env = "SKYLINE_REGISTRY_TOKEN_FILE", value_name = "FILE")]
+    pub registry_token_file: Option<PathBuf>,
+
+    /// The registry token itself, from SKYLINE_REGISTRY_TOKEN (no flag: argv is visible to all).
+    #[arg(skip = std::env::var("SKYLINE_REGISTRY_TOKEN").ok())]
+    pub registry_token_env: Option<String>,
+}
+
+impl TokenArgs {
+    /// Both tokens, with the file's keys `admin_key` and `registry_key` (paths relative to the
+    /// file); an `admin` listener beyond loopback without a token is refused.
+    pub(crate) fn resolve(
+        self,
+        src: &Source,
+        (admin_key, admin_field): (&str, &Option<Spanned<PathBuf>>),
+        (registry_key, registry_field): (&str, &Option<Spanned<PathBuf>>),
+        admin: Option<SocketAddr>,
+    ) -> Result<Tokens, ConfigError> {
+        let (file, at) = file_path(src, self.admin_token_file, admin_field);
+        let setting = token::TokenSetting {
+            env: self.admin_token_env,
+            file,
+        };
+        let admin = token_for(
+            src,
+            &setting,
+            at,
+            admin_key,
+            "SKYLINE_ADMIN_TOKEN",
+            admin,
+            "the admin listener",
+        )?;
+        let (file, at) = file_path(src, self.registry_token_file, registry_field);
+        let setting = token::TokenSetting {
+            env: self.registry_token_env,
+            file,
+        };
+        let registry = token_for(
+            src,
+            &setting,
+            at,
+            registry_key,
+            "SKYLINE_REGISTRY_TOKEN",
+            None,
+            "the registry",
+        )?;
+        Ok(Tokens { admin, registry })
+    }
 }

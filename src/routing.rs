@@ -21,6 +21,9 @@ use crate::catalog::{self, Health, Instance, ServiceName, Snapshot, Subscriber};
 use crate::contract::GATEWAY_SERVICE;
 pub use balance::{Endpoint, Protocol, Route};
 
+/// How long a higher tier must stay eligible before traffic falls back to it, by default.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(3);
+
 /// Which instances count as routable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {

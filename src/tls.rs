@@ -23,6 +23,7 @@
 //! counted; the certificate in use stays until they do.
 
 pub mod ca;
+pub mod config;
 
 use std::io;
 use std::net::SocketAddr;

@@ -11,10 +11,11 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::config::DEFAULT_OUTBOUND;
 use crate::agent::{self, Settings};
 use crate::catalog::CatalogSource;
 use crate::catalog::ServiceName;
-use crate::config::{DEFAULT_ADMIN, DEFAULT_OUTBOUND, DEFAULT_REGISTRY, Listen};
+use crate::config::{DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen};
 use crate::demo::{Echo, Hello};
 use crate::registration::{self, Check, Declared, NodeEntry};
 use crate::registry::client::{ClientError, RegistryClient};

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Settings;
-use crate::config::{AgentArgs, ConfigError};
+use super::config::AgentArgs;
+use crate::config::ConfigError;
 use crate::proxy::resilience::SharedPolicies;
 use crate::registration::Declared;
 

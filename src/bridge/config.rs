@@ -28,12 +28,11 @@ use super::{Names, Override, Settings};
 use crate::access::{self, AccessArgs, LogSection};
 use crate::catalog::CatalogSource;
 use crate::config::reference::{Section, Value};
-use crate::config::{
-    ConfigError, DEFAULT_ADMIN, Listen, RESILIENCE_KEYS, ResilienceSection, Source, TokenArgs,
-    file_only, key, resilience,
-};
+use crate::config::{ConfigError, DEFAULT_ADMIN, Listen, Source, file_only, key};
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
+use crate::proxy::resilience::config::{RESILIENCE_KEYS, ResilienceSection, resilience};
+use crate::role::TokenArgs;
 use crate::routing::Protocol;
 
 /// Settings of `skyline bridge`.
@@ -243,9 +242,9 @@ pub const FILE: &[Section] = &[
         defaults_from: None,
         keys: RESILIENCE_KEYS,
     },
-    crate::config::TLS_SECTION,
-    crate::config::AUTHZ_SECTION,
-    crate::config::AUTHZ_RULE_SECTION,
+    crate::tls::config::TLS_SECTION,
+    crate::authz::config::AUTHZ_SECTION,
+    crate::authz::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
     crate::proxy::h2::FILE_SECTION,
     access::METRICS_SECTION,
@@ -263,7 +262,7 @@ struct FileConfig {
     resilience: ResilienceSection,
     /// Mesh TLS (the agent's keys).
     #[serde(default)]
-    tls: crate::config::TlsSection,
+    tls: crate::tls::config::TlsSection,
     /// Authorization policies (the agent's keys, without `caller`).
     #[serde(default)]
     authz: crate::authz::PolicyConfig,
@@ -406,8 +405,8 @@ impl BridgeArgs {
         if listen.is_empty() {
             return Err(src.at(at, "bridge.listen", "needs at least one address"));
         }
-        let tls = crate::config::mesh_tls(&src, &file.tls)?;
-        let authz = crate::config::authz_policy(&src, &file.authz)?;
+        let tls = crate::tls::config::mesh_tls(&src, &file.tls)?;
+        let authz = crate::authz::config::authz_policy(&src, &file.authz)?;
         let tokens = self.tokens.resolve(
             &src,
             ("bridge.admin_token_file", &b.admin_token_file),

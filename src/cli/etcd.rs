@@ -7,12 +7,13 @@
 //! it then has no lease and stays until deregistered. Checks are run by agents only: declare a
 //! service with a check in its agent's `[[service]]`.
 
+use crate::agent::config::CatalogKind;
 use crate::catalog::Health;
 use crate::catalog::etcd::client::{self, Client};
 use crate::catalog::etcd::{
     Catalog, DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdError, InstanceValue, Key, Keys, NodeValue,
 };
-use crate::config::{CatalogKind, etcd_endpoint, etcd_prefix};
+use crate::config::{etcd_endpoint, etcd_prefix};
 
 use super::{CliError, DeregisterArgs, RegisterArgs};
 

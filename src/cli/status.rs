@@ -26,10 +26,10 @@ use serde_json::Value;
 
 use super::CliError;
 use super::etcd::EtcdArgs;
+use crate::agent::config::CatalogKind;
 use crate::catalog::etcd::EtcdError;
 use crate::catalog::etcd::client::Client as EtcdClient;
 use crate::catalog::{ServiceName, unix_ms};
-use crate::config::CatalogKind;
 use crate::config::DEFAULT_REGISTRY;
 use crate::contract::ADMIN_SERVICE;
 use crate::registry::client::{ClientError, RegistryClient};

@@ -38,13 +38,12 @@ use super::policy::{self, DEFAULT_HOLD, RoutePolicyConfig, UpstreamConfig};
 use crate::access::{self, AccessArgs, LogSection};
 use crate::catalog::CatalogSource;
 use crate::config::reference::{DURATION, Section, Value};
-use crate::config::{
-    ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, RESILIENCE_KEYS, ResilienceSection,
-    Source, TokenArgs, file_only, key, resilience,
-};
+use crate::config::{ConfigError, DEFAULT_ADMIN, DEFAULT_REGISTRY, Listen, Source, file_only, key};
 use crate::contract::{DEFAULT_GATEWAY, KUBERNETES};
 use crate::proxy::DEFAULT_MAX_HOPS;
 use crate::proxy::resilience::Resilience;
+use crate::proxy::resilience::config::{RESILIENCE_KEYS, ResilienceSection, resilience};
+use crate::role::TokenArgs;
 
 /// Settings of `skyline gateway`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -319,9 +318,9 @@ pub const FILE: &[Section] = &[
             ),
         ],
     },
-    crate::config::TLS_SECTION,
-    crate::config::AUTHZ_SECTION,
-    crate::config::AUTHZ_RULE_SECTION,
+    crate::tls::config::TLS_SECTION,
+    crate::authz::config::AUTHZ_SECTION,
+    crate::authz::config::AUTHZ_RULE_SECTION,
     access::FILE_SECTION,
     crate::proxy::h2::FILE_SECTION,
     access::METRICS_SECTION,
@@ -345,7 +344,7 @@ struct FileConfig {
     resilience: ResilienceSection,
     /// Mesh TLS (the agent's keys).
     #[serde(default)]
-    tls: crate::config::TlsSection,
+    tls: crate::tls::config::TlsSection,
     /// Authorization policies (the agent's keys, without `caller`).
     #[serde(default)]
     authz: crate::authz::PolicyConfig,
@@ -507,8 +506,8 @@ impl GatewayArgs {
             (CatalogSource::Consul(addr), None | Some(true)) => Some(*addr),
             _ => None,
         };
-        let tls = crate::config::mesh_tls(&src, &file.tls)?;
-        let authz = crate::config::authz_policy(&src, &file.authz)?;
+        let tls = crate::tls::config::mesh_tls(&src, &file.tls)?;
+        let authz = crate::authz::config::authz_policy(&src, &file.authz)?;
         let tokens = self.tokens.resolve(
             &src,
             ("listen.admin_token_file", &file.listen.admin_token_file),

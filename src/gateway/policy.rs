@@ -23,9 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::ServiceName;
 use crate::config::parse_duration_setting;
 use crate::contract::{BRIDGE_SERVICE, KUBERNETES};
-
-/// How long a higher tier must stay eligible before traffic falls back to it, by default.
-pub const DEFAULT_HOLD: Duration = Duration::from_secs(3);
+pub use crate::routing::DEFAULT_HOLD;
 
 // === What users write ===
 

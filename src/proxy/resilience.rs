@@ -2,6 +2,8 @@
 //! ejection and active probing — defaults for every service, overridden per service, and
 //! swapped as a whole when the configuration is reloaded.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
