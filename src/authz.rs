@@ -459,6 +459,15 @@ pub fn asserted_caller(trusted: bool, value: Option<&[u8]>) -> Option<&str> {
     (trusted && ServiceName::is_valid(value)).then_some(value)
 }
 
+impl From<Refused> for crate::error::MeshError {
+    fn from(refused: crate::authz::Refused) -> Self {
+        match refused {
+            Refused::Forbidden => crate::error::MeshError::Forbidden,
+            Refused::BadPath(detail) => crate::error::MeshError::bad_request(detail),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,14 @@
 //! The contract's vocabulary shared by every role: well-known service names in the catalog,
 //! the default ports, the headers roles set for each other, and the cluster-DNS names a
-//! bridge turns into Skyline URLs and back. The headers of the application contract and the
-//! rules applied to them are in [`crate::proxy`]; the URL shapes in [`crate::proxy::outbound`].
+//! bridge turns into Skyline URLs and back, and the contract headers every listener reads or
+//! writes (`x-skyline-error`, `x-request-id`). The rules applied to headers on the way are in
+//! [`crate::proxy`]; the URL shapes in [`crate::proxy::outbound`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use bytes::Bytes;
-use http::HeaderName;
 use http::uri::PathAndQuery;
+use http::{HeaderName, HeaderValue};
 
 use crate::catalog::ServiceName;
 
@@ -80,6 +81,34 @@ pub fn skyline_target(name: &str, pq: Option<&PathAndQuery>) -> Result<PathAndQu
         }
     };
     PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| "invalid request target")
+}
+
+/// On every answer the mesh gives instead of an application: the error's code.
+pub static X_SKYLINE_ERROR: HeaderName = HeaderName::from_static("x-skyline-error");
+
+/// The request's id, kept when the client sent one, made at the first hop otherwise.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// On a mesh error answer (`upstream-connect`, `no-healthy-endpoint`): the hop sent the request
+/// to no instance (every connection was refused, or there was none to send to), so the hop
+/// before may send it elsewhere whatever its method.
+pub static X_SKYLINE_UNSENT: HeaderName = HeaderName::from_static("x-skyline-unsent");
+
+/// A random 128-bit id in hex. Unique, not secret: a fast thread-local generator suffices.
+pub fn request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&request_id_bytes()).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// [`request_id`] as bytes (the express lane writes them without a header value).
+pub fn request_id_bytes() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let mut bits = fastrand::u128(..);
+    for digit in id.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    id
 }
 
 #[cfg(test)]

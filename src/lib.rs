@@ -91,6 +91,7 @@ pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod demo;
+pub mod error;
 pub mod fuzz;
 pub mod gateway;
 pub mod http1;

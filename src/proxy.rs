@@ -29,6 +29,10 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use crate::access::Trail;
+pub use crate::contract::{
+    X_REQUEST_ID, X_SKYLINE_ERROR, X_SKYLINE_UNSENT, request_id, request_id_bytes,
+};
+pub use crate::error::MeshError;
 use crate::metrics::Metrics;
 use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
 use crate::routing::{Protocol, Route};
@@ -53,8 +57,6 @@ pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 /// connection the upstream is about to close.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-pub static X_SKYLINE_ERROR: HeaderName = HeaderName::from_static("x-skyline-error");
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// How many Skyline hops (agent outbound, gateway, bridge) forwarded a request so far.
@@ -66,10 +68,6 @@ pub static X_SKYLINE_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-skyline
 /// first. Later hops never retry an answer, so attempts do not multiply along the path; the
 /// header tells them (and the application) that this is a repeat.
 pub static X_SKYLINE_ATTEMPT: HeaderName = HeaderName::from_static("x-skyline-attempt");
-/// On a mesh error answer (`upstream-connect`, `no-healthy-endpoint`): the hop sent the request
-/// to no instance (every connection was refused, or there was none to send to), so the hop
-/// before may send it elsewhere whatever its method.
-pub static X_SKYLINE_UNSENT: HeaderName = HeaderName::from_static("x-skyline-unsent");
 
 /// A gRPC client's deadline for the call (`<digits><unit>`), honoured as the request's.
 pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -79,157 +77,12 @@ pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// The most Skyline hops a request may take before the mesh calls it a loop.
 pub const DEFAULT_MAX_HOPS: u32 = 8;
 
-// === MeshError ===
-
-/// An error the mesh itself answers for, as opposed to a response of the peer application.
-#[derive(Debug, thiserror::Error)]
-pub enum MeshError {
-    /// The request is malformed; `status` is 400, 414 or 431.
-    #[error("bad request: {detail}")]
-    BadRequest {
-        status: StatusCode,
-        detail: &'static str,
-    },
-    #[error("unknown service")]
-    UnknownService,
-    /// `unknown-service` from a hop that is itself the catch-all or looked further than the
-    /// catalog (the gateway, a bridge's cluster DNS); `0` says where it looked.
-    #[error("unknown service")]
-    UnknownBeyond(&'static str),
-    #[error("no healthy endpoint")]
-    NoHealthyEndpoint,
-    #[error("upstream connection failed")]
-    UpstreamConnect(#[source] SendError),
-    #[error("upstream did not answer in time")]
-    UpstreamTimeout,
-    /// The request went through more Skyline hops than allowed: a routing loop.
-    #[error("routing loop detected")]
-    LoopDetected,
-    /// The request body is larger than the route's `max_request_body`.
-    #[error("request body too large")]
-    ContentTooLarge,
-    /// An authorization policy denies the request (see [`crate::authz`]).
-    #[error("forbidden by an authorization policy")]
-    Forbidden,
-}
+// === MeshError as a response ===
 
 impl MeshError {
-    pub fn bad_request(detail: &'static str) -> Self {
-        MeshError::BadRequest {
-            status: StatusCode::BAD_REQUEST,
-            detail,
-        }
-    }
-
-    /// Whether the request was sent to no application: every connection was refused or timed
-    /// out, a later hop said so, or there was no endpoint. Answered with `x-skyline-unsent`.
-    pub fn unsent(&self) -> bool {
-        matches!(
-            self,
-            MeshError::NoHealthyEndpoint
-                | MeshError::UpstreamConnect(
-                    SendError::Connect { .. }
-                        | SendError::ConnectTimeout { .. }
-                        | SendError::Unforwarded { .. }
-                        | SendError::Refused { .. }
-                )
-        )
-    }
-
-    /// Whether the answer ends the connection: after a bad request nothing pipelined behind it
-    /// is read, and after a body too large the rest of the body is not read.
-    pub fn closes(&self) -> bool {
-        matches!(
-            self,
-            MeshError::BadRequest { .. } | MeshError::ContentTooLarge
-        )
-    }
-
-    /// The contract's error code, sent in `x-skyline-error`.
-    pub fn code(&self) -> &'static str {
-        match self {
-            MeshError::BadRequest { .. } => "bad-request",
-            MeshError::UnknownService | MeshError::UnknownBeyond(_) => "unknown-service",
-            MeshError::NoHealthyEndpoint => "no-healthy-endpoint",
-            MeshError::UpstreamConnect(_) => "upstream-connect",
-            MeshError::UpstreamTimeout => "upstream-timeout",
-            MeshError::LoopDetected => "loop-detected",
-            MeshError::ContentTooLarge => "content-too-large",
-            MeshError::Forbidden => "forbidden",
-        }
-    }
-
-    pub fn status(&self) -> StatusCode {
-        match self {
-            MeshError::BadRequest { status, .. } => *status,
-            MeshError::UnknownService | MeshError::UnknownBeyond(_) => StatusCode::NOT_FOUND,
-            MeshError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
-            MeshError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
-            MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
-            MeshError::ContentTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            MeshError::Forbidden => StatusCode::FORBIDDEN,
-        }
-    }
-
-    /// What the client is told; never internals (those go to the log).
-    fn detail(&self) -> &'static str {
-        match self {
-            MeshError::BadRequest { detail, .. } => detail,
-            MeshError::UnknownService => "no such service in the catalog and no catch-all",
-            MeshError::UnknownBeyond(detail) => detail,
-            MeshError::NoHealthyEndpoint => "the service has no healthy instance",
-            MeshError::UpstreamConnect(_) => "could not get a response from the upstream",
-            MeshError::UpstreamTimeout => "the upstream did not answer in time",
-            MeshError::LoopDetected => "the request went through too many mesh hops",
-            MeshError::ContentTooLarge => "the request body is larger than the route allows",
-            MeshError::Forbidden => "an authorization policy does not allow this call",
-        }
-    }
-
-    /// The JSON body of the error's response.
-    fn json(&self, service: &str) -> String {
-        let body = serde_json::json!({
-            "error": self.code(),
-            "service": service,
-            "detail": self.detail(),
-        });
-        format!("{body}\n")
-    }
-
-    /// The response the mesh sends for this error: `x-skyline-error` and a small JSON body,
-    /// and `Connection: close` when it [`closes`](Self::closes) the connection.
+    /// [`MeshError::response`] as a proxy's response.
     pub fn into_response(self, service: &str) -> Response<Body> {
-        match &self {
-            MeshError::UpstreamConnect(cause) => {
-                tracing::warn!(%service, error = %self, cause = %crate::error_chain(cause), "mesh error")
-            }
-            _ => tracing::debug!(%service, error = %self, "mesh error"),
-        }
-        let mut response = Response::new(full(self.json(service)));
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
-        headers.insert(&X_SKYLINE_ERROR, HeaderValue::from_static(self.code()));
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if self.unsent() {
-            headers.insert(&X_SKYLINE_UNSENT, HeaderValue::from_static("1"));
-        }
-        if self.closes() {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
-    }
-}
-
-impl From<crate::authz::Refused> for MeshError {
-    fn from(refused: crate::authz::Refused) -> Self {
-        match refused {
-            crate::authz::Refused::Forbidden => MeshError::Forbidden,
-            crate::authz::Refused::BadPath(detail) => MeshError::bad_request(detail),
-        }
+        self.response(service).map(Either::Right)
     }
 }
 
@@ -1396,23 +1249,6 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
     if let Ok(v) = HeaderValue::from_bytes(&value) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
-}
-
-/// A random 128-bit id in hex. Unique, not secret: a fast thread-local generator suffices.
-pub fn request_id() -> HeaderValue {
-    HeaderValue::from_bytes(&request_id_bytes()).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// [`request_id`] as bytes (the express lane writes them without a header value).
-pub fn request_id_bytes() -> [u8; 32] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [0u8; 32];
-    let mut bits = fastrand::u128(..);
-    for digit in id.iter_mut().rev() {
-        *digit = HEX[(bits & 0xf) as usize];
-        bits >>= 4;
-    }
-    id
 }
 
 #[cfg(test)]

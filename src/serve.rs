@@ -29,8 +29,8 @@
 //! after a restart on inherited sockets.
 
 pub mod activation;
-mod express;
 pub mod flood;
+pub mod lane;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -53,10 +53,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessLog, Entry, Note};
+use crate::contract::{X_REQUEST_ID, X_SKYLINE_ERROR, request_id};
+use crate::error::MeshError;
 use crate::http1::guard::{Guarded, Limits, Verdicts};
 use crate::metrics::{Metrics, Role, ServiceLabel};
-use crate::proxy::express::{ClientBody, Head, Verdict};
-use crate::proxy::{MeshError, X_REQUEST_ID, X_SKYLINE_ERROR, request_id};
 use crate::tls::{Accepted, MeshTls};
 
 /// How long a client may take to send a request head (slowloris protection).
@@ -105,17 +105,12 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// handler takes it either way.
     const HTTP2: bool = false;
 
-    /// The express lane's answer to a request given as its head and its body, if it has one
-    /// (see `proxy::express`); only asked when [`EXPRESS`](Self::EXPRESS).
-    fn express(
-        &self,
-        head: &Head<'_>,
-        body: Option<&mut ClientBody<'_>>,
-        conn: &Conn,
-        note: &mut Note,
-    ) -> impl Future<Output = Verdict> + Send {
-        let _ = (head, body, conn, note);
-        async { Verdict::Decline }
+    /// Serves a connection on this handler's own HTTP/1.1 lane until it ends or hands the
+    /// connection to hyper (see [`lane`]); only asked when [`EXPRESS`](Self::EXPRESS). The
+    /// proxies' lane is the express lane, `proxy::express::connection`.
+    fn lane<S: Io>(&self, lane: lane::Lane<'_, S>) -> impl Future<Output = lane::End> + Send {
+        let _ = lane;
+        async { lane::End::Handoff { rest: Vec::new() } }
     }
 }
 
@@ -144,18 +139,10 @@ pub trait Proxy: Clone + Send + Sync + 'static {
         Self::EXPRESS
     }
 
-    /// Forwards a request given as its head and its body (if it has one), or declines it for
-    /// [`proxy`](Self::proxy) (see `proxy::express`). Declining must come before anything with
-    /// an effect, the body untouched.
-    fn express(
-        &self,
-        head: &Head<'_>,
-        body: Option<&mut ClientBody<'_>>,
-        conn: &Conn,
-        note: &mut Note,
-    ) -> impl Future<Output = Verdict> + Send {
-        let _ = (head, body, conn, note);
-        async { Verdict::Decline }
+    /// Serves a connection on the proxy's express lane (see [`Handler::lane`]).
+    fn lane<S: Io>(&self, lane: lane::Lane<'_, S>) -> impl Future<Output = lane::End> + Send {
+        let _ = lane;
+        async { lane::End::Handoff { rest: Vec::new() } }
     }
 }
 
@@ -182,14 +169,8 @@ impl<P: Proxy> Handler for P {
     /// proxies, which send HTTP/2 requests on over HTTP/2).
     const HTTP2: bool = true;
 
-    fn express(
-        &self,
-        head: &Head<'_>,
-        body: Option<&mut ClientBody<'_>>,
-        conn: &Conn,
-        note: &mut Note,
-    ) -> impl Future<Output = Verdict> + Send {
-        Proxy::express(self, head, body, conn, note)
+    fn lane<S: Io>(&self, lane: lane::Lane<'_, S>) -> impl Future<Output = lane::End> + Send {
+        Proxy::lane(self, lane)
     }
 }
 
@@ -266,7 +247,7 @@ impl Recorder {
     }
 
     /// [`record`](Self::record) from the parts of a response.
-    fn record_status(
+    pub fn record_status(
         &self,
         status: u16,
         error: Option<&str>,
@@ -466,38 +447,37 @@ async fn serve_connection<H: Handler, S: Io>(
     } = served;
     let mut rest = Vec::new();
     if H::EXPRESS && handler.express_lane() {
-        let lane = express::serve(
+        let lane = handler.lane(lane::Lane {
             opened,
-            &mut stream,
-            &handler,
-            &mut conn,
-            recorder.as_ref(),
-            &draining,
-            &cancelled,
-        );
+            stream: &mut stream,
+            conn: &mut conn,
+            recorder: recorder.as_ref(),
+            draining: &draining,
+            shutdown: &cancelled,
+        });
         match lane.await {
-            express::End::Closed => return,
-            express::End::Handoff { rest: unread } => rest = unread,
-            express::End::Http2 { rest } => {
-                let io = express::Rewind::new(stream, rest);
+            lane::End::Closed => return,
+            lane::End::Handoff { rest: unread } => rest = unread,
+            lane::End::Http2 { rest } => {
+                let io = lane::Rewind::new(stream, rest);
                 // Boxed: every connection task would otherwise carry its size.
                 Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
                 return;
             }
         }
     } else if H::HTTP2 {
-        match express::sniff(&mut stream, &cancelled).await {
-            express::Sniffed::Closed => return,
-            express::Sniffed::Http1 { rest: read } => rest = read,
-            express::Sniffed::Http2 { rest } => {
-                let io = express::Rewind::new(stream, rest);
+        match lane::sniff(&mut stream, &cancelled).await {
+            lane::Sniffed::Closed => return,
+            lane::Sniffed::Http1 { rest: read } => rest = read,
+            lane::Sniffed::Http2 { rest } => {
+                let io = lane::Rewind::new(stream, rest);
                 Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
                 return;
             }
         }
     }
     // The guard numbers the requests it sees from 0.
-    let (io, verdicts) = Guarded::new(express::Rewind::new(stream, rest), limits);
+    let (io, verdicts) = Guarded::new(lane::Rewind::new(stream, rest), limits);
     let conn = Conn { verdicts, ..conn };
     serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
 }
@@ -535,7 +515,7 @@ async fn first_bytes(
 /// some before).
 async fn serve_hyper<H: Handler, S: Io>(
     http: &http1::Builder,
-    io: Guarded<express::Rewind<S>>,
+    io: Guarded<lane::Rewind<S>>,
     first: Conn,
     handler: H,
     recorder: Option<Recorder>,
@@ -648,7 +628,7 @@ fn h2_limits(h2: &mut http2::Builder<TokioExecutor>, limits: &Limits) {
 /// further and closed after [`H2_FLOOD_CLOSE`].
 async fn serve_h2<H: Handler, S: Io>(
     http: &http2::Builder<TokioExecutor>,
-    io: express::Rewind<S>,
+    io: lane::Rewind<S>,
     first: Conn,
     handler: H,
     recorder: Option<Recorder>,
@@ -729,10 +709,7 @@ async fn respond<H: Handler>(
             status: rejection.status,
             detail: rejection.reason,
         };
-        let response = error.into_response("").map(|body| match body {
-            Either::Left(_) => Either::Right(Full::default()),
-            Either::Right(full) => Either::Right(full),
-        });
+        let response = error.response("").map(Either::Right);
         return (response, Note::default());
     }
     let (response, note) = handler.handle_noted(req, conn).await;
@@ -829,16 +806,16 @@ impl Pending {
 }
 
 /// How a request was answered, for its access log line.
-struct Answered<'a> {
-    status: u16,
-    error: Option<&'a str>,
-    bytes_in: Option<u64>,
-    bytes_out: u64,
+pub struct Answered<'a> {
+    pub status: u16,
+    pub error: Option<&'a str>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: u64,
 }
 
 /// Writes one request's access log line: the one place every listener's lines are made (the
 /// express lane's and hyper's, HTTP/1 and HTTP/2).
-fn access_line(
+pub fn access_line(
     log: &AccessLog,
     role: Role,
     note: &Note,

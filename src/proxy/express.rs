@@ -25,6 +25,8 @@
 //! before forwarding) is declined and goes to hyper, which serves the rest of the connection
 //! (`serve::express`).
 
+pub mod connection;
+
 use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;

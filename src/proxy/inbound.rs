@@ -138,6 +138,15 @@ impl Proxy for Inbound {
 
     const EXPRESS: bool = true;
 
+    fn lane<S: crate::serve::Io>(
+        &self,
+        lane: crate::serve::lane::Lane<'_, S>,
+    ) -> impl std::future::Future<Output = crate::serve::lane::End> + Send {
+        super::express::connection::serve(self, lane)
+    }
+}
+
+impl super::express::connection::Express for Inbound {
     /// [`proxy`](Self::proxy) for a request on the express lane. A request this node
     /// cannot route yet (or at all) is declined: `proxy` waits for the catalog or answers.
     async fn express(

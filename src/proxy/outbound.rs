@@ -99,6 +99,15 @@ impl Proxy for Outbound {
         !self.inner.forwarder.peers_h2()
     }
 
+    fn lane<S: crate::serve::Io>(
+        &self,
+        lane: crate::serve::lane::Lane<'_, S>,
+    ) -> impl std::future::Future<Output = crate::serve::lane::End> + Send {
+        super::express::connection::serve(self, lane)
+    }
+}
+
+impl super::express::connection::Express for Outbound {
     /// [`proxy`](Self::proxy) for a request on the express lane. A cluster-DNS-style
     /// request and every refusal before forwarding are declined: `proxy` answers those.
     async fn express(

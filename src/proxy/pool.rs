@@ -127,53 +127,7 @@ impl Replay {
     }
 }
 
-/// Why a request got no response.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    #[error("connect to {addr} timed out")]
-    ConnectTimeout { addr: SocketAddr },
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// An I/O error on a connection the request may have been (partly) sent on.
-    #[error("upstream {addr} failed")]
-    Io {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The upstream broke the protocol (or closed) before a whole response head.
-    #[error("upstream {addr} failed: {reason}")]
-    Protocol {
-        addr: SocketAddr,
-        reason: &'static str,
-    },
-    /// The request was already consumed by an earlier attempt and cannot be sent again.
-    #[error("no request left to send to {addr}")]
-    Spent { addr: SocketAddr },
-    /// The next hop at `addr` answered that it could not send the request on to any instance
-    /// (its `x-skyline-unsent`): the request reached no application.
-    #[error("{addr} could not forward the request")]
-    Unforwarded { addr: SocketAddr },
-    /// The HTTP/2 peer refused the request's stream (`REFUSED_STREAM`, or past its GOAWAY):
-    /// it processed none of it, though the request was sent and is spent (see `proxy::h2`).
-    #[error("upstream {addr} refused the request's stream")]
-    Refused {
-        addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
-    /// The connection failed after the request may have been (partly) sent.
-    #[error("upstream {addr} failed")]
-    Upstream {
-        addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
-}
+pub use crate::error::SendError;
 
 /// A request that got no response; `unsent` gives it back when it certainly never reached the
 /// upstream (so it is safe to send elsewhere, whatever its method or body).

@@ -1,135 +1,60 @@
-//! Serving a connection on the express lane (see `proxy::express`) until a request needs hyper.
+//! The express lane's connection loop: serving a connection (see [`super`]) until a request
+//! needs hyper.
 //!
 //! The loop reads request heads straight from the socket, checks and parses each in one pass
 //! by the framing guard's rules ([`HeadReader`]), and hands each HTTP/1.1 request, with its
 //! body if it has one ([`ClientBody`]: `Content-Length` or chunked, read from the socket as it
-//! is forwarded), to the role's [`Proxy::express`](super::Proxy::express). A request whose
+//! is forwarded), to the proxy's [`Express::express`]. A request whose
 //! body was not read to its end (refused, answered early, or cut off) closes the connection
 //! after its answer. The first request the lane does not take (an upgrade, `Expect`, HTTP/1.0,
 //! a refused head or chunk, or one the proxy declines) ends the loop: hyper, behind a framing
-//! guard, serves the rest of the connection, starting with the bytes already read ([`Rewind`]),
+//! guard, serves the rest of the connection, starting with the bytes already read (`serve::lane::Rewind`),
 //! so a refused head is answered exactly as without the express lane. A connection moves to
 //! hyper at most once.
 
-use std::io;
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{
-    Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Handler, Recorder, access_line,
-};
+use super::{BodyEnd, ClientBody, Head, Name, Verdict, connection_options, write_error};
 use crate::access::{AccessLog, Note};
+use crate::contract::request_id_bytes;
 use crate::http1::guard::{Body, HeadCheck, HeadProgress, HeadReader, Limits};
-use crate::proxy::express::{
-    BodyEnd, ClientBody, Head, Name, Verdict, connection_options, write_error,
-};
-use crate::proxy::request_id_bytes;
+use crate::serve::lane::{End, Lane, Preface, preface};
+use crate::serve::{Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Io, access_line};
+
+/// A proxy that takes requests on the express lane.
+pub trait Express: Send + Sync {
+    /// The answer to a request given as its head and its body, if it has one. Declining must
+    /// come before anything with an effect, the body untouched: hyper's path then serves the
+    /// request.
+    fn express(
+        &self,
+        head: &Head<'_>,
+        body: Option<&mut ClientBody<'_>>,
+        conn: &Conn,
+        note: &mut Note,
+    ) -> impl Future<Output = Verdict> + Send;
+}
 
 /// Header slots for a client's request head: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
 
-/// How the express lane left a connection.
-pub(super) enum End {
-    /// Finished: closed by either side, failed, or timed out.
-    Closed,
-    /// Hyper serves the rest (through a framing guard), starting with `rest`: bytes read and
-    /// not used, from the first byte of a request head.
-    Handoff { rest: Vec<u8> },
-    /// The connection opened with HTTP/2's client preface (h2c with prior knowledge): hyper's
-    /// HTTP/2 server serves it, starting with `rest` (the preface and what followed).
-    Http2 { rest: Vec<u8> },
-}
-
-/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
-pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// What the first bytes of a connection say about HTTP/2.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Preface {
-    /// They are HTTP/2's client preface.
-    Http2,
-    /// They may still be: more bytes are needed to tell.
-    Unsure,
-    /// They are not (HTTP/1).
-    No,
-}
-
-/// Tells HTTP/2 from HTTP/1 by the first bytes of a connection: one byte compared for nearly
-/// every HTTP/1 request (only `P`, as in `POST` and `PUT`, looks further).
-fn preface(buf: &[u8]) -> Preface {
-    let n = buf.len().min(H2_PREFACE.len());
-    if buf.first() != Some(&b'P') || buf[..n] != H2_PREFACE[..n] {
-        Preface::No
-    } else if n == H2_PREFACE.len() {
-        Preface::Http2
-    } else {
-        Preface::Unsure
-    }
-}
-
-/// What a connection's first bytes said, for a listener without the express lane.
-pub(super) enum Sniffed {
-    /// Closed (or the listener is shutting down) before a byte came.
-    Closed,
-    /// HTTP/1 (or bytes that are not HTTP/2's preface): the guard and hyper's HTTP/1 server
-    /// take it, starting with `rest`.
-    Http1 { rest: Vec<u8> },
-    /// HTTP/2's client preface: hyper's HTTP/2 server takes it, starting with `rest`.
-    Http2 { rest: Vec<u8> },
-}
-
-/// Reads a connection's first bytes until they tell HTTP/2's preface from HTTP/1, within
-/// [`HEADER_READ_TIMEOUT`] (the express lane does the same as it reads the first head). A
-/// connection silent until then is closed; on a timeout or a close after a few bytes, the
-/// bytes go to HTTP/1, which answers or closes as it would have.
-pub(super) async fn sniff<S: super::Io>(stream: &mut S, shutdown: &CancellationToken) -> Sniffed {
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
-    let mut timer = pin!(timer);
-    loop {
-        if !buf.is_empty() {
-            match preface(&buf) {
-                Preface::Http2 => return Sniffed::Http2 { rest: buf },
-                Preface::No => return Sniffed::Http1 { rest: buf },
-                Preface::Unsure => {}
-            }
-        }
-        tokio::select! {
-            biased;
-            read = stream.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) if buf.is_empty() => return Sniffed::Closed,
-                Ok(0) | Err(_) => return Sniffed::Http1 { rest: buf },
-                Ok(_) => {}
-            },
-            () = shutdown.cancelled(), if buf.is_empty() => return Sniffed::Closed,
-            () = timer.as_mut() => {
-                // Silent all along: closed, as hyper's header read timeout would.
-                if buf.is_empty() {
-                    return Sniffed::Closed;
-                }
-                return Sniffed::Http1 { rest: buf };
-            }
-        }
-    }
-}
-
 /// Serves `stream` on the express lane until it ends or a request needs hyper. The connection
 /// was accepted at `opened`: its first head is due [`HEADER_READ_TIMEOUT`] after that.
-pub(super) async fn serve<H: Handler, S: super::Io>(
-    opened: tokio::time::Instant,
-    stream: &mut S,
-    handler: &H,
-    conn: &mut Conn,
-    recorder: Option<&Recorder>,
-    draining: &AtomicBool,
-    shutdown: &CancellationToken,
-) -> End {
+pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
+    let Lane {
+        opened,
+        stream,
+        conn,
+        recorder,
+        draining,
+        shutdown,
+    } = lane;
     let limits = Limits::default();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut cancelled = pin!(shutdown.cancelled());
@@ -307,7 +232,7 @@ struct Wait<'a, 'c> {
 /// without sending. Once the drain starts, an idle connection has [`DRAIN_IDLE_GRACE`]. The
 /// connection's one timer is only moved when it fires early, so a request costs a clock read,
 /// not a timer.
-async fn read_head<S: super::Io>(
+async fn read_head<S: Io>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
@@ -358,100 +283,6 @@ async fn read_head<S: super::Io>(
                 // Set for an earlier wait: move it to this one's deadline.
                 timer.as_mut().reset(deadline);
             }
-        }
-    }
-}
-
-/// A stream that first yields bytes already read from it: how hyper takes over a connection
-/// from the express lane.
-pub(super) struct Rewind<T> {
-    rest: Vec<u8>,
-    pos: usize,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    pub(super) fn new(inner: T, rest: Vec<u8>) -> Self {
-        Rewind {
-            rest,
-            pos: 0,
-            inner,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.pos < this.rest.len() {
-            let n = (this.rest.len() - this.pos).min(buf.remaining());
-            buf.put_slice(&this.rest[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.rest.len() {
-                this.rest = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_http2_preface_is_told_from_http1_requests_by_its_first_bytes() {
-        assert_eq!(preface(H2_PREFACE), Preface::Http2);
-        let mut more = H2_PREFACE.to_vec();
-        more.extend_from_slice(b"\x00\x00\x12\x04");
-        assert_eq!(preface(&more), Preface::Http2);
-        for n in 1..H2_PREFACE.len() {
-            assert_eq!(preface(&H2_PREFACE[..n]), Preface::Unsure, "{n} bytes");
-        }
-        for http1 in [
-            &b"GET / HTTP/1.1\r\n\r\n"[..],
-            b"POST /x HTTP/1.1\r\n",
-            b"PUT",
-            b"PRI * HTTP/1.1\r\n\r\n",
-            b"PATCH / HTTP/1.1\r\n",
-        ] {
-            assert_eq!(preface(http1), Preface::No, "{http1:?}");
         }
     }
 }
