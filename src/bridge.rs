@@ -223,7 +223,7 @@ impl Bridge {
         }
     }
 
-    /// The gateways: the fixed ones, or the passing `skyline-gateway` instances of the catalog
+    /// The gateways: the fixed ones, or the routable `skyline-gateway` instances of the catalog
     /// (rebuilt when the catalog changed, keeping what was learnt about each gateway).
     fn gateways(&self) -> Option<Arc<Route>> {
         if let Some(route) = &self.inner.gateways {
@@ -240,20 +240,8 @@ impl Bridge {
                 return Some(route.clone());
             }
         }
-        let up = snapshot
-            .services
-            .get(GATEWAY_SERVICE)
-            .map_or(&[][..], |i| &i[..])
-            .iter()
-            .filter(|i| i.health == Health::Passing)
-            // Gateways are Skyline proxies: HTTP/1.1 and h2c on one port.
-            .map(|i| {
-                Endpoint::new(i.addr(), 1)
-                    .speaking(Protocol::Both)
-                    .with_mesh(true)
-            })
-            .collect();
-        let mut route = Route::new(up);
+        // The agents' gateway pool, built by the same rules.
+        let mut route = crate::routing::gateway_pool(&snapshot, crate::routing::Policy::default());
         if let Some((_, old)) = cached.as_ref() {
             route = route.inherit(old);
         }

@@ -1,16 +1,90 @@
-//! The contract's vocabulary shared by every role: well-known service names in the catalog,
+//! The contract's vocabulary shared by every role: what a service name may be
+//! ([`ServiceName`], the `<name>` of `/service/<name>/`), well-known service names in the catalog,
 //! the default ports, the headers roles set for each other, and the cluster-DNS names a
 //! bridge turns into Skyline URLs and back, and the contract headers every listener reads or
 //! writes (`x-skyline-error`, `x-request-id`). The rules applied to headers on the way are in
 //! [`crate::proxy`]; the URL shapes in [`crate::proxy::outbound`].
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue};
 
-use crate::catalog::ServiceName;
+// === Service names ===
+
+/// A validated service name: `[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName(Arc<str>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid service name {0:?}: expected 1-63 of [a-z0-9._-], starting and ending with [a-z0-9]"
+)]
+pub struct InvalidServiceName(pub String);
+
+impl ServiceName {
+    /// Checks `name` against the contract's pattern without allocating.
+    pub fn is_valid(name: &str) -> bool {
+        let b = name.as_bytes();
+        let edge = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let inner = |c: u8| edge(c) || matches!(c, b'.' | b'_' | b'-');
+        match b {
+            [] => false,
+            [only] => edge(*only),
+            [first, middle @ .., last] => {
+                b.len() <= 63 && edge(*first) && edge(*last) && middle.iter().all(|&c| inner(c))
+            }
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, InvalidServiceName> {
+        if Self::is_valid(name) {
+            Ok(Self(Arc::from(name)))
+        } else {
+            Err(InvalidServiceName(name.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::borrow::Borrow<str> for ServiceName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl serde::Serialize for ServiceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for ServiceName {
+    type Err = InvalidServiceName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+// === Well-known names and headers ===
 
 /// The catalog service of the gateway pool.
 pub const GATEWAY_SERVICE: &str = "skyline-gateway";

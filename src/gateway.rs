@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::{AccessLog, Note, Tag};
 use crate::catalog::CatalogSource;
 use crate::catalog::file::FILE_ROUTES_POLL;
-use crate::catalog::{Health, ServiceName, Snapshot, Subscriber};
+use crate::catalog::{ServiceName, Snapshot, Subscriber};
 use crate::contract::{KUBERNETES, X_SKYLINE_ORIGIN};
 use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::outbound::split_service_path;
@@ -49,7 +49,7 @@ use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Fallback, Forwarder, Host, MeshError, count_hop};
 use crate::role::{self, StartError};
 use crate::routing::reach::Admit;
-use crate::routing::{Endpoint, Protocol, Route, protocol_of};
+use crate::routing::{self, Endpoint, Protocol, Route};
 use crate::serve::activation::Inherited;
 use crate::serve::{self, Conn, Handler, Proxy, Recorder};
 use crate::tls::MeshTls;
@@ -204,8 +204,11 @@ impl Table {
         upstreams: &BTreeMap<String, Upstream>,
         include_warning: bool,
     ) -> Self {
-        let routable =
-            |h: Health| h == Health::Passing || (include_warning && h == Health::Warning);
+        // The agents' rules for health and weight (see `routing::inbound_endpoints`).
+        let health = routing::Policy {
+            include_warning,
+            ..routing::Policy::default()
+        };
         // The upstream pools, shared by every service.
         let pools: BTreeMap<&str, (Vec<Endpoint>, usize, bool)> = upstreams
             .iter()
@@ -228,16 +231,7 @@ impl Table {
                     Pool::Service(service) => {
                         let instances = snapshot.services.get(service.as_str());
                         let all = instances.map_or(&[][..], |i| &i[..]);
-                        let up = all
-                            .iter()
-                            .filter(|i| routable(i.health))
-                            .map(|i| {
-                                let protocol = bridges.unwrap_or_else(|| protocol_of(i));
-                                Endpoint::new(i.addr(), i.weight)
-                                    .speaking(protocol)
-                                    .with_mesh(upstream.bridge)
-                            })
-                            .collect();
+                        let up = routing::direct_endpoints(all, health, bridges, upstream.bridge);
                         (up, all.len())
                     }
                 };
@@ -258,22 +252,16 @@ impl Table {
                                 .iter()
                                 .filter(|i| i.meta.get(key) == Some(value))
                                 .collect();
-                            // Per node, the summed weight of its routable instances.
-                            let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
-                            for i in matching.iter().filter(|i| routable(i.health)) {
-                                let w = per_node.entry(i.node.as_str()).or_default();
-                                *w = w.saturating_add(i.weight);
-                            }
-                            let endpoints = per_node
-                                .into_iter()
-                                .filter_map(|(node, weight)| {
-                                    let n = snapshot.nodes.get(node)?;
-                                    // An agent's inbound (a mesh hop): HTTP/1.1 and h2c.
-                                    let inbound = Endpoint::new(n.inbound_addr(), weight);
-                                    Some(inbound.speaking(Protocol::Both).with_mesh(true))
-                                })
-                                .collect::<Vec<_>>();
-                            let passing = matching.iter().filter(|i| routable(i.health)).count();
+                            // The nodes' inbound proxies, weighted as the agents weigh them.
+                            let endpoints = routing::inbound_endpoints(
+                                snapshot,
+                                matching.iter().copied(),
+                                health,
+                            );
+                            let passing = matching
+                                .iter()
+                                .filter(|i| health.routable(i.health))
+                                .count();
                             // Eligibility counts instances; the route balances over nodes.
                             (endpoints, (passing, matching.len()), false)
                         }

@@ -6,79 +6,71 @@
 //!
 //! # Layout
 //!
-//! - [`access`]: the access log, one line per request on every proxy listener, written by the
-//!   serve layer from what each role's handler notes ([`access::Note`]), buffered off the
-//!   request path.
-//! - [`authz`]: authorization policies (which service may call which; `[authz]` and the KV's
-//!   `skyline/policies/`), the caller's identity asserted over mTLS (`x-skyline-caller`), and
-//!   [`authz::path`], the path normalisation that policies match and upstreams receive.
-//! - [`agent`]: the per-node proxy: outbound, inbound and admin listeners over one route table;
-//!   `crate::registration` keeps the node's declared `[[service]]`s registered (in the registry,
-//!   Consul or etcd) with their checks, and follows SIGHUP.
-//! - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names;
-//!   `bridge::explain` is its `/explain` (the DNS name and URL a request becomes).
-//! - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics` on the admin listener;
-//!   [`admin::ui`] is the web dashboard at `/ui` (assets embedded, traffic history sampled
-//!   from the counters, migration records from the registry KV).
-//! - [`catalog`]: the model (nodes, instances, health, snapshots) and the `Discovery` trait.
-//!   [`catalog::file`] is a TOML file, hot-reloaded; [`catalog::consul`] is the Consul backend
-//!   (blocking queries over HTTP), which also follows our own registry; [`catalog::etcd`] lists
-//!   and watches an etcd v3 prefix, and registers a node's instances under its lease.
-//! - [`cli`]: `skyline services`, `register`, `deregister` against a registry; [`cli::kubernetes`]
-//!   is `skyline k8s services`, the Kubernetes Services that stand for the catalog's services;
-//!   [`cli::explain`] is `skyline explain`, which asks an agent's `/explain`; [`cli::routes`] is
-//!   `skyline routes`, which prints an agent's `/routes` for a person; [`cli::prometheus`] is
-//!   `skyline prometheus-targets`, a Prometheus `file_sd_configs` file of every role's admin
-//!   listener (`skyline-admin` in the catalog, registered by `crate::registration`);
-//!   [`cli::status`] is `skyline status`, how far every proxy has converged on the catalog.
-//! - [`config`]: flags, `SKYLINE_*` variables and the TOML file, validated into settings.
-//!   The one duration grammar; `config::reference` describes every setting (docs/configuration.md,
-//!   `skyline config example`, `skyline config check`).
-//! - [`demo`]: the `hello` and `echo` demo applications; [`demo::migration`] is
-//!   `skyline demo migration`, the Mesos → Kubernetes migration on one machine (in network
-//!   namespaces when root, else on loopback addresses).
-//! - [`fuzz`]: the entry points of the fuzz targets in `fuzz/` (the HTTP/1 guard, Skyline URLs,
-//!   the bridge's rewrites, the registry's JSON bodies, config files, route policies), also
-//!   replayed over the seed corpus by a stable test.
-//! - [`gateway`]: `skyline gateway`, the service discovery bridge: per-service ordered tiers
-//!   (Mesos first, then the Kubernetes bridges) with fail-back hysteresis and weighted splits;
-//!   `gateway::explain` is its `/explain` (which tier takes a request, and why not the others).
-//! - [`migrate`]: `skyline migrate`, the migration autopilot: moves a service's gateway split
-//!   step by step through the registry KV, guarded by the gateways' own numbers
-//!   ([`gateway::answers`]), rolling back by itself; `migrate::driver` is the command.
-//! - [`netns`]: a lab of Linux network namespaces (a bridge, a namespace per node, processes
-//!   inside), torn down on drop; the demo's nodes and the namespace integration tests.
-//! - [`metrics`]: Prometheus metrics of every role (`/metrics` on the admin listener); requests
-//!   are recorded by [`serve::serve_recorded`], labelled by the handlers' [`metrics::ServiceLabel`].
-//! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`
-//!   (`proxy::outbound::explain`: the outbound routing decision explained, without sending);
-//!   `proxy::express`, the agent's lane for HTTP/1.1 requests, forwarded as bytes with their
-//!   bodies streamed behind them;
-//!   `proxy::upgrade`, HTTP/1.1 upgrades (WebSocket) spliced both ways after `101`;
-//!   `proxy::h2`, h2c toward the next hop: for HTTP/2 requests (gRPC) to other proxies, and
-//!   for every request to an instance that speaks only h2c.
-//! - [`registry`]: the embedded Consul-compatible registry: API, Consul's body decoding rules
-//!   (`registry::decode`), durable store (a damaged log is refused, `--repair` keeps what is
-//!   readable), health checks, sessions and KV locks (`registry::session`), `/v1/txn`
-//!   (`registry::txn`), user events (`registry::events`); its listener has the same framing
-//!   guard (`serve::guard`) as the proxies.
-//! - [`routing`]: the route table, built from a snapshot and swapped atomically;
-//!   `routing::reach`, whether a route is reachable as the proxies observe it (refusals move a
-//!   request on to the catch-all or the next tier).
-//! - [`serve`]: accept loop, HTTP/1.1 settings, graceful drain, the express lane's connection
-//!   loop (which also tells an h2c connection by its preface and hands it to hyper's HTTP/2
-//!   server, with the HTTP/2 abuse limits; gateways and bridges, without the express lane,
-//!   sniff the preface alone); [`serve::flood`] is the control-frame budget of an HTTP/2
-//!   connection (PING, SETTINGS, reset floods end with GOAWAY); [`serve::guard`] refuses
-//!   ambiguous HTTP/1 request framing before hyper or the express lane acts on it;
-//!   [`serve::activation`] takes the
-//!   listening sockets a supervisor (systemd) passed, for restarts that refuse no connection.
-//! - [`status`]: convergence reports: each agent, gateway and bridge publishes the catalog
-//!   version its route table was built from, and its readiness, under `skyline/status/` in the
-//!   KV ([`cli::status`] is `skyline status`).
-//! - [`tls`]: mesh TLS: mTLS between the proxies, strict or permissive, certificates reloaded
-//!   when their files change; [`tls::ca`] is the mesh CA (`skyline ca init`, `skyline ca issue`).
-//! - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
+//! The modules stand in layers. A module imports only from its own layer and the layers below,
+//! the import graph has no circles, and the roles never import each other (the test
+//! `layers::the_crate_docs_layers_hold_for_every_import` holds the code to this list).
+//!
+//! 0. **Vocabulary**: [`http1`], [`config`], [`contract`], [`error`]
+//!    - [`http1`]: HTTP/1 syntax every listener shares: [`http1::guard`] refuses ambiguous
+//!      request framing before hyper or the express lane acts on it; optional whitespace and
+//!      percent-decoding.
+//!    - [`config`]: the grammar of every role's configuration: `ConfigError` (file, line, key,
+//!      reason), the one duration grammar, listener addresses, [`config::token`] (the control
+//!      APIs' tokens), [`config::reference`] (how a file's keys are described).
+//!    - [`contract`]: service names, well-known services and ports, the contract headers
+//!      (`x-skyline-error`, `x-request-id`, `x-skyline-origin`), cluster-DNS names ↔ Skyline URLs.
+//!    - [`error`]: `MeshError` (what the mesh answers instead of an application: code, status,
+//!      body, response) and `SendError` (why an upstream gave no answer).
+//! 1. **State**: [`catalog`], [`registry`], [`routing`], [`metrics`], [`authz`], [`status`],
+//!    [`registration`], [`migrate`]
+//!    - [`catalog`]: the model (nodes, instances, health, snapshots), the `Discovery` trait and
+//!      its sources: [`catalog::file`] (TOML, hot-reloaded), [`catalog::consul`] (blocking
+//!      queries; also our own registry), [`catalog::etcd`]; following a source
+//!      (`catalog::follow_catalog`).
+//!    - [`registry`]: the embedded Consul-compatible registry: API, Consul's body decoding
+//!      (`registry::decode`), durable store, health checks, sessions and KV locks, `/v1/txn`,
+//!      user events; [`registry::client`] is how every role talks to it (and to Consul).
+//!    - [`routing`]: the route table, built from a snapshot and swapped atomically; the one
+//!      catalog → endpoints builder of every role (`routing::inbound_endpoints`,
+//!      `routing::direct_endpoints`, `routing::gateway_pool`: one health and weight rule);
+//!      balancing, ejection and the retry budget; `routing::reach`.
+//!    - [`metrics`]: Prometheus metrics of every role.
+//!    - [`authz`]: authorization policies (`[authz]`, the KV's `skyline/policies/`), callers'
+//!      identities, [`authz::path`] (the normalisation policies match and upstreams receive).
+//!    - [`status`]: convergence reports under `skyline/status/` (and etcd's `-status/`).
+//!    - [`registration`]: keeps a node's declared services (and every role's admin listener)
+//!      registered in the registry, Consul or etcd, with their checks.
+//!    - [`migrate`]: a migration's record and guards, and [`migrate::answers`], what gateways
+//!      publish of each tier's answers while it runs.
+//! 2. **Data path**: [`access`], [`tls`], [`serve`], [`proxy`]
+//!    - [`access`]: the access log, one line per request on every proxy listener.
+//!    - [`tls`]: mesh TLS (mTLS between proxies, strict or permissive, reloaded on change);
+//!      [`tls::ca`] is the mesh CA.
+//!    - [`serve`]: bind and accept, socket activation ([`serve::activation`]), graceful drain,
+//!      HTTP/1.1 and h2c with hyper, the HTTP/2 abuse limits ([`serve::flood`]), a handler's own
+//!      lane and the handoff to hyper ([`serve::lane`]).
+//!    - [`proxy`]: the forwarder (one attempt loop: endpoint choice, deadlines, retries,
+//!      budget), header rules, the idle pools; `proxy::{outbound, inbound}`; `proxy::express`,
+//!      the express lane (requests forwarded as bytes, bodies streamed) and its connection loop;
+//!      `proxy::upgrade` (WebSocket), `proxy::h2` (h2c to the next hop), `proxy::authorize`.
+//! 3. **What roles share**: [`role`], [`admin`]
+//!    - [`role`]: listeners (bound or inherited), mesh TLS, control-API tokens, `StartError`.
+//!    - [`admin`]: `/healthz`, `/readyz`, `/routes`, `/metrics`; [`admin::ui`], the dashboard.
+//! 4. **Roles**: [`agent`], [`gateway`], [`bridge`]
+//!    - [`agent`]: the per-node proxy (outbound, inbound, admin over one route table, the
+//!      embedded registry); [`agent::config`] its file, flags and variables; SIGHUP reloads.
+//!    - [`gateway`]: `skyline gateway`: per-service ordered tiers (Mesos first, then the
+//!      Kubernetes bridges) with fail-back hysteresis, weighted splits and shadows.
+//!    - [`bridge`]: `skyline bridge` on Kubernetes nodes: Skyline URLs ↔ cluster DNS names.
+//! 5. **Tools**: [`cli`], [`up`], [`demo`], [`netns`], [`fuzz`]
+//!    - [`cli`]: `skyline services`, `register`, `k8s services`, `explain`, `routes`,
+//!      `prometheus-targets`, `status`, `ca`, [`cli::config`] (`skyline config`), and
+//!      [`cli::migrate`] (`skyline migrate`, the migration autopilot).
+//!    - [`up`]: `skyline up`, a whole mesh with demo services on one machine.
+//!    - [`demo`]: the `hello` and `echo` applications; [`demo::migration`] is
+//!      `skyline demo migration`.
+//!    - [`netns`]: a lab of Linux network namespaces for the demo and the namespace tests.
+//!    - [`fuzz`]: the fuzz targets' entry points, also replayed over the seed corpus.
 #![forbid(unsafe_code)]
 
 pub mod access;

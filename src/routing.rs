@@ -36,7 +36,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    fn routable(self, health: Health) -> bool {
+    /// Whether an instance of this health takes requests: the one health rule of every role.
+    pub fn routable(self, health: Health) -> bool {
         health == Health::Passing || (self.include_warning && health == Health::Warning)
     }
 }
@@ -103,7 +104,7 @@ impl Table {
     /// Builds the routes of node `node` from `snapshot`, every service anew.
     pub fn build(snapshot: &Snapshot, node: &str, policy: Policy) -> Self {
         let mut table = Self {
-            gateways: Arc::new(gateways(snapshot, policy)),
+            gateways: Arc::new(gateway_pool(snapshot, policy)),
             fallback_hold: policy.fallback_hold,
             ..Self::default()
         };
@@ -123,32 +124,11 @@ impl Table {
         policy: Policy,
         previous: Option<&Table>,
     ) {
-        // Per node: the summed weight of its routable instances (BTreeMap: stable order).
-        let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
-        let mut local = Vec::new();
-        for instance in instances.iter().filter(|i| policy.routable(i.health)) {
-            if !snapshot.nodes.contains_key(&instance.node) {
-                continue;
-            }
-            let w = per_node.entry(instance.node.as_str()).or_default();
-            *w = w.saturating_add(instance.weight);
-            if instance.node == node {
-                let endpoint = Endpoint::new(instance.addr(), instance.weight);
-                local.push(endpoint.speaking(protocol_of(instance)));
-            }
-        }
-        let remote = per_node
-            .into_iter()
-            .filter_map(|(name, weight)| {
-                let n = snapshot.nodes.get(name)?;
-                // Every agent's inbound proxy takes h2c next to HTTP/1.1.
-                Some(
-                    Endpoint::new(n.inbound_addr(), weight)
-                        .speaking(Protocol::Both)
-                        .with_mesh(true),
-                )
-            })
-            .collect();
+        let remote = inbound_endpoints(snapshot, instances, policy);
+        let here = instances
+            .iter()
+            .filter(|i| i.node == node && snapshot.nodes.contains_key(&i.node));
+        let local = direct_endpoints(here, policy, None, false);
         // Endpoint states (latency, ejections) and the retry budget carry over.
         let inherit = |route: Route, old: Option<&Arc<Route>>| match old {
             Some(old) => route.inherit(old),
@@ -181,7 +161,7 @@ impl Table {
         let mut table = Self {
             outbound: HashMap::with_capacity(snapshot.services.len()),
             source: Some(snapshot.clone()),
-            gateways: Arc::new(gateways(snapshot, policy).inherit(&previous.gateways)),
+            gateways: Arc::new(gateway_pool(snapshot, policy).inherit(&previous.gateways)),
             fallback_hold: policy.fallback_hold,
             ..Self::default()
         };
@@ -284,22 +264,67 @@ pub fn declared_protocol<'a>(
     if h2c { Protocol::H2c } else { Protocol::Http1 }
 }
 
-/// The gateway pool: the routable instances of [`GATEWAY_SERVICE`], addressed directly.
-fn gateways(snapshot: &Snapshot, policy: Policy) -> Route {
-    let endpoints = snapshot
-        .services
-        .get(GATEWAY_SERVICE)
-        .map_or(&[][..], |i| &i[..])
-        .iter()
-        .filter(|i| policy.routable(i.health))
-        // Gateways are Skyline proxies: HTTP/1.1 and h2c on one port.
-        .map(|i| {
-            Endpoint::new(i.addr(), i.weight)
-                .speaking(Protocol::Both)
-                .with_mesh(true)
+// === From a catalog to endpoints: the rules of every role ===
+//
+// The agent's outbound routes, the gateway's tiers and pools and the bridge's gateway pool are
+// built from these three, so an instance's health and weight mean the same everywhere.
+
+/// The mesh endpoints that reach `instances`: one per node with a routable instance, that
+/// node's inbound proxy (a Skyline proxy: HTTP/1.1 and h2c on one port), weighted by the summed
+/// weight of the node's routable instances. Nodes in stable (name) order.
+pub fn inbound_endpoints<'a>(
+    snapshot: &Snapshot,
+    instances: impl IntoIterator<Item = &'a Instance>,
+    policy: Policy,
+) -> Vec<Endpoint> {
+    let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+    for instance in instances {
+        if policy.routable(instance.health) {
+            let w = per_node.entry(instance.node.as_str()).or_default();
+            *w = w.saturating_add(instance.weight);
+        }
+    }
+    per_node
+        .into_iter()
+        .filter_map(|(name, weight)| {
+            let node = snapshot.nodes.get(name)?;
+            let endpoint = Endpoint::new(node.inbound_addr(), weight);
+            Some(endpoint.speaking(Protocol::Both).with_mesh(true))
         })
-        .collect();
-    Route::new(endpoints)
+        .collect()
+}
+
+/// The routable `instances` addressed directly, with their weights, speaking `protocol` (or
+/// what each was registered with, when `None`); `mesh` when they are Skyline proxies.
+pub fn direct_endpoints<'a>(
+    instances: impl IntoIterator<Item = &'a Instance>,
+    policy: Policy,
+    protocol: Option<Protocol>,
+    mesh: bool,
+) -> Vec<Endpoint> {
+    instances
+        .into_iter()
+        .filter(|i| policy.routable(i.health))
+        .map(|i| {
+            let speaks = protocol.unwrap_or_else(|| protocol_of(i));
+            Endpoint::new(i.addr(), i.weight)
+                .speaking(speaks)
+                .with_mesh(mesh)
+        })
+        .collect()
+}
+
+/// The gateway pool: the routable instances of [`GATEWAY_SERVICE`], addressed directly
+/// (gateways are Skyline proxies: HTTP/1.1 and h2c on one port).
+pub fn gateway_pool(snapshot: &Snapshot, policy: Policy) -> Route {
+    let instances = snapshot.services.get(GATEWAY_SERVICE);
+    let instances = instances.map_or(&[][..], |i| &i[..]);
+    Route::new(direct_endpoints(
+        instances,
+        policy,
+        Some(Protocol::Both),
+        true,
+    ))
 }
 
 fn classify(route: Option<&Arc<Route>>) -> Lookup<'_> {

@@ -32,7 +32,7 @@
 //!   response is sent so the tunnelled bytes are not parsed as HTTP.
 //! - Only HTTP/1: an HTTP/2 prior-knowledge preface is refused like any bad head. (The agent's
 //!   listeners see a connection's preface before the guard does and serve it as HTTP/2; see
-//!   `serve::express`.)
+//!   `proxy::express::connection`.)
 
 use std::cmp::min;
 use std::fmt;

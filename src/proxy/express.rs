@@ -23,7 +23,7 @@
 //! choice, deadlines, retries, budget, outlier ejection) and the same header contract as
 //! [`Forwarder::forward`]. Anything else (an upgrade, `Expect`, HTTP/1.0, an error answer
 //! before forwarding) is declined and goes to hyper, which serves the rest of the connection
-//! (`serve::express`).
+//! (`serve::lane`, from the loop in [`connection`]).
 
 pub mod connection;
 

@@ -23,6 +23,7 @@ mod h2_abuse;
 mod hostile_input;
 mod image;
 mod kubernetes;
+mod layers;
 mod metrics;
 mod migration;
 mod mtls;
