@@ -45,6 +45,8 @@ sleep "$((secs - 1))"
 for p in "${agents[@]}"; do
   echo "== hop $p: $(tr '\0' ' ' <"/proc/$p/cmdline" | grep -o -- '--\(out\|in\)bound 127[^ ]*')"
   grep -E '^(VmRSS|RssAnon|RssFile|Threads|VmHWM)' "/proc/$p/status" | tr -s ' \t' ' ' | paste -sd ' '
+  # Pss: the binary's and the libraries' file pages shared by the two hops count half in each.
+  grep -E '^(Pss|Pss_Anon|Pss_File):' "/proc/$p/smaps_rollup" | tr -s ' \t' ' ' | paste -sd ' '
   printf 'threads:'; for t in /proc/"$p"/task/*; do printf ' %s' "$(cat "$t/comm")"; done; echo
   # smaps: sum Rss by kind of mapping (the binary, libraries, anonymous by size and permissions).
   python3 - "$p" <<'PY'
