@@ -1,5 +1,6 @@
 //! Build steps that run before the crate compiles, one function each: the commit and build date
-//! for `skyline --version`, and the etcd v3 API's gRPC client code.
+//! for `skyline --version`, the etcd v3 API's gRPC client code, and the order of functions in a
+//! release binary's code.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +11,7 @@ mod civil_date;
 
 fn main() {
     version_info();
+    symbol_order();
     if let Err(error) = compile_etcd_proto() {
         // A build script reports failure by panicking; the message is what cargo prints.
         panic!("cannot compile proto/etcd: {error}");
@@ -39,6 +41,33 @@ fn version_info() {
         "cargo:rustc-env=SKYLINE_BUILD_DATE={}",
         civil_date::civil_date(epoch)
     );
+}
+
+/// Release builds for x86-64 Linux (linked by rust-lld, Rust's default there since 1.90): the
+/// functions listed in `build/symbol-order.txt` (the ones a proxy hop runs, hottest first; made by
+/// `bench/symbol-order.sh`) go first and together in `.text`. The kernel maps a binary's code in
+/// 64 KiB windows around each page a process touches, so the code that runs, scattered over all
+/// of `.text`, kept most of the binary resident (docs/benchmarks.md, "Resident memory"). Names
+/// the file lists that a build lacks are skipped silently: a stale file costs memory, not
+/// correctness. Left out when RUSTFLAGS pick another linker (GNU ld has no such option).
+fn symbol_order() {
+    println!("cargo:rerun-if-changed=build/symbol-order.txt");
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    let var = |name| std::env::var(name).unwrap_or_default();
+    let rustflags = var("CARGO_ENCODED_RUSTFLAGS");
+    if var("PROFILE") != "release"
+        || var("TARGET") != "x86_64-unknown-linux-gnu"
+        || rustflags.contains("linker")
+        || rustflags.contains("fuse-ld")
+    {
+        return;
+    }
+    let file = Path::new(&var("CARGO_MANIFEST_DIR")).join("build/symbol-order.txt");
+    if file.is_file() {
+        let file = file.display();
+        println!("cargo:rustc-link-arg-bin=skyline=-Wl,--symbol-ordering-file={file}");
+        println!("cargo:rustc-link-arg-bin=skyline=-Wl,--no-warn-symbol-ordering");
+    }
 }
 
 fn now() -> u64 {

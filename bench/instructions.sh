@@ -10,8 +10,9 @@
 # Usage: bench/instructions.sh [binary, default target/release/skyline] [seconds, default 8]
 # Installs what it needs (valgrind, nginx, wrk, curl) with scripts/install-deps.
 # With POST=<bytes>, every request is a POST with a body of that many bytes (as mesh-bench's
-# --post). The agents inherit the environment: SKYLINE_ACCESS_LOG=off SKYLINE_METRICS=off measures
-# the same build with the access log and metrics off (docs/benchmarks.md, "Observability").
+# --post); with BODY=<bytes>, the backend answers that many bytes (as --body; default 64). The
+# agents inherit the environment: SKYLINE_ACCESS_LOG=off SKYLINE_METRICS=off measures the same
+# build with the access log and metrics off (docs/benchmarks.md, "Observability").
 # With PROFILE=<prefix>, the callgrind files are kept as <prefix>.<pid>.1 for callgrind_annotate
 # (build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only for per-line costs).
 set -euo pipefail
@@ -27,7 +28,7 @@ trap cleanup EXIT
 printf 'worker_processes 1; daemon off; pid %s/b.pid; error_log stderr error;\nevents { worker_connections 1024; }\n' "$work" >"$work/backend.conf"
 printf 'http { access_log off; keepalive_requests 10000000; client_body_temp_path %s/cb; proxy_temp_path %s/pt; fastcgi_temp_path %s/ft; uwsgi_temp_path %s/ut; scgi_temp_path %s/st;\n' \
   "$work" "$work" "$work" "$work" "$work" >>"$work/backend.conf"
-echo "server { listen 127.0.0.1:19000; location / { return 200 \"$(head -c 64 /dev/zero | tr '\0' x)\"; } } }" >>"$work/backend.conf"
+echo "server { listen 127.0.0.1:19000; location / { return 200 \"$(head -c "${BODY:-64}" /dev/zero | tr '\0' x)\"; } } }" >>"$work/backend.conf"
 taskset -c 1 nginx -e stderr -p "$work/" -c "$work/backend.conf" 2>/dev/null & pids+=($!)
 
 load=()
