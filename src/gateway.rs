@@ -47,6 +47,7 @@ use crate::metrics::{self, Metrics, Role, ServiceLabel};
 use crate::proxy::outbound::split_service_path;
 use crate::proxy::resilience::Resilience;
 use crate::proxy::{Body, Destination, Fallback, Forwarder, Host, MeshError, count_hop};
+use crate::registry::client::{KvValue, follow_kv};
 use crate::role::{self, StartError};
 use crate::routing::reach::Admit;
 use crate::routing::{self, Endpoint, Protocol, Route};
@@ -1249,78 +1250,33 @@ pub async fn watch_kv_routes(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let mut index = 0u64;
-    let mut current: BTreeMap<String, RoutePolicy> = BTreeMap::new();
-    let mut raw: BTreeMap<String, String> = BTreeMap::new();
-    let mut backoff = Duration::from_millis(100);
-    let mut started = false;
-    loop {
-        let uri =
-            format!("http://{address}/v1/kv/{KV_ROUTES_PREFIX}?recurse&index={index}&wait=30s");
-        let answer = tokio::select! {
-            () = shutdown.cancelled() => return,
-            a = tokio::time::timeout(Duration::from_secs(40), crate::registry::client::kv_get(&client, &uri, token.as_ref())) => a,
-        };
-        let (new_index, entries) = match answer {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(error)) => {
-                tracing::warn!(%address, %error, "cannot read route policies from the KV");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!(%address, "reading route policies from the KV timed out");
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        index = if new_index < index {
-            0
-        } else {
-            new_index.max(1)
-        };
-        let mut next = BTreeMap::new();
-        for (key, value) in &entries {
-            let Some(service) = key.strip_prefix(KV_ROUTES_PREFIX) else {
-                continue;
-            };
-            if service != "*" && !ServiceName::is_valid(service) {
-                tracing::error!(%key, "route policy rejected: not a service name or *");
-                continue;
-            }
-            if raw.get(key) == Some(value) {
-                if let Some(p) = current.get(service) {
-                    next.insert(service.to_owned(), p.clone());
-                }
-                continue;
-            }
-            let parsed = RoutePolicy::parse_text(value, &upstreams, default_hold);
-            if started {
-                metrics.config_reload(parsed.is_ok());
-            }
-            match parsed {
-                Ok(policy) => {
-                    tracing::info!(%key, "route policy loaded");
-                    next.insert(service.to_owned(), policy);
-                }
-                Err(error) => {
-                    tracing::error!(%key, %error, "route policy rejected; keeping the previous one");
-                    if let Some(p) = current.get(service) {
-                        next.insert(service.to_owned(), p.clone());
-                    }
-                }
-            }
+    let parse = |service: &str, value: &str, initial: bool| {
+        if service != "*" && !ServiceName::is_valid(service) {
+            return KvValue::Refused("not a service name or *".to_owned());
         }
-        raw = entries;
-        started = true;
-        if next != current {
-            current = next.clone();
-            tx.send_replace(next);
+        let parsed = RoutePolicy::parse_text(value, &upstreams, default_hold);
+        if !initial {
+            metrics.config_reload(parsed.is_ok());
         }
-        // Consul's rule: do not loop faster than this.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        match parsed {
+            Ok(policy) => {
+                tracing::info!(key = %format!("{KV_ROUTES_PREFIX}{service}"), "route policy loaded");
+                KvValue::Parsed(policy)
+            }
+            Err(error) => KvValue::Refused(error.to_string()),
+        }
+    };
+    let apply = |policies| {
+        tx.send_replace(policies);
+    };
+    follow_kv(
+        address,
+        token,
+        KV_ROUTES_PREFIX,
+        "route policy",
+        parse,
+        apply,
+        shutdown,
+    )
+    .await;
 }

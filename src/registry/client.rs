@@ -14,6 +14,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::token::Token;
 
 /// How long one call may take.
@@ -220,4 +222,102 @@ pub async fn kv_get(
         out.insert(e.key, value);
     }
     Ok((index, out))
+}
+
+/// What [`follow_kv`] makes of one key under its prefix.
+pub enum KvValue<T> {
+    /// Not a key of this kind: left out.
+    Skip,
+    /// The key's value, parsed.
+    Parsed(T),
+    /// The value refused, with the reason: the key's last good value stays in force.
+    Refused(String),
+}
+
+/// Follows every key under `prefix` at the registry (or Consul agent) `address` with blocking
+/// queries until `shutdown`, and hands the parsed map (by the key without the prefix) to `apply`
+/// whenever it changes. Only changed values are parsed, by `parse(name, value, initial)`
+/// (`initial`: the first answer, the values found at start); a refused one is logged as `what`
+/// with its key and reason, and its last good value kept. A failed read is retried with a
+/// backoff up to 5 s; a new index lower than the last starts over (Consul's rule), and reads
+/// are at least 50 ms apart.
+pub async fn follow_kv<T: Clone + PartialEq>(
+    address: SocketAddr,
+    token: Option<Token>,
+    prefix: &str,
+    what: &str,
+    mut parse: impl FnMut(&str, &str, bool) -> KvValue<T>,
+    mut apply: impl FnMut(BTreeMap<String, T>),
+    shutdown: CancellationToken,
+) {
+    let client: Client<HttpConnector, http_body_util::Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut index = 0u64;
+    let mut current: BTreeMap<String, T> = BTreeMap::new();
+    let mut raw: BTreeMap<String, String> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut initial = true;
+    loop {
+        let uri = format!("http://{address}/v1/kv/{prefix}?recurse&index={index}&wait=30s");
+        let read = kv_get(&client, &uri, token.as_ref());
+        let answer = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = tokio::time::timeout(Duration::from_secs(40), read) => a,
+        };
+        let (new_index, entries) = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) => {
+                tracing::warn!(%address, %error, "cannot read {what}s from the KV");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(%address, "reading {what}s from the KV timed out");
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        index = if new_index < index {
+            0
+        } else {
+            new_index.max(1)
+        };
+        let mut next = BTreeMap::new();
+        for (key, value) in &entries {
+            let Some(name) = key.strip_prefix(prefix) else {
+                continue;
+            };
+            let keep = |next: &mut BTreeMap<String, T>| {
+                if let Some(last) = current.get(name) {
+                    next.insert(name.to_owned(), last.clone());
+                }
+            };
+            if raw.get(key) == Some(value) {
+                keep(&mut next);
+                continue;
+            }
+            match parse(name, value, initial) {
+                KvValue::Skip => {}
+                KvValue::Parsed(parsed) => {
+                    next.insert(name.to_owned(), parsed);
+                }
+                KvValue::Refused(reason) => {
+                    tracing::error!(%key, %reason, "{what} refused; keeping the previous one");
+                    keep(&mut next);
+                }
+            }
+        }
+        raw = entries;
+        initial = false;
+        if next != current {
+            current = next.clone();
+            apply(next);
+        }
+        // Consul's rule: do not loop faster than this.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
