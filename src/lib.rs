@@ -50,7 +50,8 @@
 //!   inside), torn down on drop; the demo's nodes and the namespace integration tests.
 //! - [`metrics`]: Prometheus metrics of every role (`/metrics` on the admin listener); requests
 //!   are recorded by [`serve::serve_recorded`], labelled by the handlers' [`metrics::ServiceLabel`].
-//! - [`proxy`]: the shared forwarder, header rules and mesh errors; `proxy::{outbound, inbound}`
+//! - [`proxy`]: the shared forwarder, header rules and mesh errors; [`proxy::headers`], the header
+//!   contract (one rule per header name) that both lanes apply; `proxy::{outbound, inbound}`
 //!   (`proxy::outbound::explain`: the outbound routing decision explained, without sending);
 //!   `proxy::express`, the agent's lane for HTTP/1.1 requests, forwarded as bytes with their
 //!   bodies streamed behind them;
