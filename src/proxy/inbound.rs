@@ -59,8 +59,7 @@ impl Proxy for Inbound {
     /// known to the catalog, for the metrics. The authorization policies are checked here (the
     /// caller's assertion is believed from a peer with a mesh certificate only).
     async fn proxy(&self, req: Request<Incoming>, conn: Conn, note: &mut Note) -> Response<Body> {
-        // The caller's assertion is believed from a mesh peer only; the forwarder drops the
-        // headers the contract does not let through (see `headers`).
+        // The forwarder drops the caller headers the contract does not let through.
         let trusted = conn.mesh_peer.is_some();
         let uri = req.uri();
         let (name, rest) = match split_service_path(uri.path()) {
