@@ -6,11 +6,12 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
 use crate::contract::{X_SKYLINE_ERROR, X_SKYLINE_UNSENT};
+use crate::http1::write_header;
 
 /// An error the mesh itself answers for, as opposed to a response of the peer application.
 #[derive(Debug, thiserror::Error)]
@@ -128,28 +129,43 @@ impl MeshError {
         format!("{body}\n")
     }
 
-    /// The response the mesh sends for this error: `x-skyline-error` and a small JSON body,
-    /// and `Connection: close` when it [`closes`](Self::closes) the connection.
-    pub fn response(self, service: &str) -> Response<Full<Bytes>> {
-        match &self {
+    /// Logs the error as the mesh answers it, the same on every lane: a failed connection to
+    /// an upstream as a warning with its cause, anything else at debug level.
+    pub fn log(&self, service: &str) {
+        match self {
             MeshError::UpstreamConnect(cause) => {
                 tracing::warn!(%service, error = %self, cause = %crate::error_chain(cause), "mesh error")
             }
             _ => tracing::debug!(%service, error = %self, "mesh error"),
         }
+    }
+
+    /// The headers of the mesh's answer for this error, besides its length: `x-skyline-error`,
+    /// the JSON content type, `x-skyline-unsent` when it is [`unsent`](Self::unsent), and
+    /// `Connection: close` when it [`closes`](Self::closes) the connection or `close`. Both
+    /// renderings, [`response`](Self::response) and the express lane's bytes
+    /// (`proxy::express::write_error`), write these.
+    pub fn answer_headers(&self, close: bool) -> [Option<(&'static str, &'static str)>; 4] {
+        [
+            Some((X_SKYLINE_ERROR.as_str(), self.code())),
+            Some(("content-type", "application/json")),
+            self.unsent().then_some((X_SKYLINE_UNSENT.as_str(), "1")),
+            (close || self.closes()).then_some(("connection", "close")),
+        ]
+    }
+
+    /// The response the mesh sends for this error: [`answer_headers`](Self::answer_headers)
+    /// and a small JSON body. The error is [logged](Self::log).
+    pub fn response(self, service: &str) -> Response<Full<Bytes>> {
+        self.log(service);
         let mut response = Response::new(Full::new(Bytes::from(self.json(service))));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(&X_SKYLINE_ERROR, HeaderValue::from_static(self.code()));
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if self.unsent() {
-            headers.insert(&X_SKYLINE_UNSENT, HeaderValue::from_static("1"));
-        }
-        if self.closes() {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        for (name, value) in self.answer_headers(false).into_iter().flatten() {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
         }
         response
     }
@@ -201,4 +217,24 @@ pub enum SendError {
         #[source]
         source: hyper::Error,
     },
+}
+
+/// Writes the mesh's own error answer: the same status, headers and JSON body as
+/// [`MeshError::response`], and the error logged the same way.
+pub fn write_error(out: &mut Vec<u8>, error: MeshError, service: &str, close: bool) -> MeshError {
+    error.log(service);
+    let status = error.status();
+    let body = error.json(service);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in error.answer_headers(close).into_iter().flatten() {
+        write_header(out, name.as_bytes(), value.as_bytes());
+    }
+    write_header(out, b"content-length", body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    error
 }

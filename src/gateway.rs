@@ -560,7 +560,6 @@ impl Gateway {
         tokio::spawn(async move {
             let _slot = slot;
             let mut headers = copy.headers;
-            crate::proxy::strip_hop_by_hop(&mut headers);
             headers.remove(http::header::CONTENT_LENGTH);
             headers.insert(&X_SKYLINE_SHADOW, HeaderValue::from_static("1"));
             let uri = format!("http://{}{}", copy.addr, copy.target);
@@ -814,12 +813,23 @@ impl Proxy for GatewayHandler {
                 tiers
                     .get(shadow.tier)
                     .filter(|t| !t.route.endpoints.is_empty())
-                    .map(|t| ShadowCopy {
-                        tier: shadow.tier,
-                        addr: t.route.endpoints[fastrand::usize(..t.route.endpoints.len())].addr,
-                        method: req.method().clone(),
-                        target: target.clone(),
-                        headers: req.headers().clone(),
+                    .map(|t| {
+                        // The copy's headers follow the contract as the request's do.
+                        let mut headers = req.headers().clone();
+                        let rules = crate::proxy::headers::Rules {
+                            hop: Host::Keep.into(),
+                            first: false,
+                            trusted: conn.mesh_peer.is_some(),
+                        };
+                        crate::proxy::headers::rewrite_request(&mut headers, &rules, &conn.peer_ip);
+                        ShadowCopy {
+                            tier: shadow.tier,
+                            addr: t.route.endpoints[fastrand::usize(..t.route.endpoints.len())]
+                                .addr,
+                            method: req.method().clone(),
+                            target: target.clone(),
+                            headers,
+                        }
                     })
             }
             _ => None,

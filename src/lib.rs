@@ -50,7 +50,8 @@
 //!      HTTP/1.1 and h2c with hyper, the HTTP/2 abuse limits ([`serve::flood`]), a handler's own
 //!      lane and the handoff to hyper ([`serve::lane`]).
 //!    - [`proxy`]: the forwarder (one attempt loop: endpoint choice, deadlines, retries,
-//!      budget), header rules, the idle pools; `proxy::{outbound, inbound}`; `proxy::express`,
+//!      budget); [`proxy::headers`], the header contract (one rule per header name) both lanes
+//!      apply; the idle pools (one `pool::Idle` policy); `proxy::{outbound, inbound}`; `proxy::express`,
 //!      the express lane (requests forwarded as bytes, bodies streamed) and its connection loop;
 //!      `proxy::upgrade` (WebSocket), `proxy::h2` (h2c to the next hop), `proxy::authorize`.
 //! 3. **What roles share**: [`role`], [`admin`]

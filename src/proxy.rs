@@ -5,6 +5,7 @@
 pub mod authorize;
 pub mod express;
 pub mod h2;
+pub mod headers;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -38,6 +39,7 @@ use crate::routing::balance::{Choice, Outcome, now_ns, ns_at};
 use crate::routing::{Protocol, Route};
 use crate::serve::Conn;
 use crate::tls::MeshTls;
+pub use headers::{Hop, strip_hop_by_hop};
 use pool::{Buffered, Limits, Pool, PooledBody, Replay, RequestBody, SendError, SendFailure};
 use resilience::{RETRY_BODY_LIMIT, Resilience};
 
@@ -364,7 +366,7 @@ impl Forwarder {
         mut req: Request<Incoming>,
         upstream: Destination<'_>,
         target: PathAndQuery,
-        host: Host,
+        hop: impl Into<Hop<'_>>,
         conn: &Conn,
         trail: &mut Trail,
     ) -> Result<Response<Body>, MeshError> {
@@ -383,34 +385,19 @@ impl Forwarder {
         let headers = req.headers_mut();
         // `te: trailers` is hop-by-hop but the one value HTTP/2 allows; gRPC servers may ask for it.
         let te_trailers = h2 && te_has_trailers(headers);
-        strip_hop_by_hop(headers);
+        let rules = headers::Rules {
+            hop: hop.into(),
+            first: upstream.first_hop,
+            trusted: conn.mesh_peer.is_some(),
+        };
+        let set_host = headers::rewrite_request(headers, &rules, &conn.peer_ip);
         if let Some(protocols) = &protocols {
             upgrade::keep(headers, protocols.clone());
         }
-        if !headers.contains_key(&X_REQUEST_ID) {
-            headers.insert(&X_REQUEST_ID, request_id());
-        }
-        append_forwarded_for(headers, &conn.peer_ip);
-        // `Host::Keep` leaves the client's `Host` where it is (it is not hop-by-hop).
-        let set_host = match host {
-            Host::Keep => !headers.contains_key(header::HOST),
-            Host::Upstream => {
-                if let Some(h) = headers.get(header::HOST).cloned() {
-                    if !headers.contains_key(&X_FORWARDED_HOST) {
-                        headers.insert(&X_FORWARDED_HOST, h);
-                    }
-                }
-                true
-            }
-        };
         let policy = upstream.policy;
         let deadline = started + caller_deadline(headers, policy.request_timeout);
         // An upgrade request is never sent again once it may have left.
         let owns_retries = upstream.first_hop && policy.retries > 0 && protocols.is_none();
-        if upstream.first_hop {
-            // The mesh numbers attempts; a caller's own value would mislead later hops' logs.
-            headers.remove(&X_SKYLINE_ATTEMPT);
-        }
         // A body over the route's limit: refused before anything is forwarded when its length
         // is declared, cut off where it passes the limit when it is chunked.
         let mut cap = None;
@@ -1173,149 +1160,15 @@ fn panic_warning(service: &str) {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-static HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes the hop-by-hop headers and every header the `Connection` header names.
-///
-/// One pass over the message's few headers finds the hop-by-hop ones (most messages carry
-/// only `Connection: keep-alive`), and only those are removed: no hashed removal per name,
-/// and no allocation for the usual `keep-alive` and `close` options.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Bit i: HOP_BY_HOP[i] is present.
-    let mut present = 0u8;
-    for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    if present & 1 != 0 {
-        // The express lane reads `Connection` options the same way.
-        let values = headers.get_all(header::CONNECTION).iter();
-        let visible = values.filter(|v| v.to_str().is_ok());
-        let options =
-            express::connection_options(visible.map(|v| (express::Name::Connection, v.as_bytes())));
-        for name in options.named() {
-            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                headers.remove(name);
-            }
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-}
-
-/// The position of `name` in [`HOP_BY_HOP`], if it is one: by length first, so the usual header
-/// costs one comparison.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    let candidates: &[usize] = match name.as_str().len() {
-        2 => &[3],
-        7 => &[4, 6],
-        10 => &[0, 1],
-        16 => &[2],
-        17 => &[5],
-        _ => return None,
-    };
-    candidates.iter().copied().find(|&i| HOP_BY_HOP[i] == name)
-}
-
-/// Appends the previous hop's address (`peer`, already a header value) to `x-forwarded-for`,
-/// folding earlier values into one.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(&X_FORWARDED_FOR, peer.clone());
-        return;
-    }
-    let mut value = Vec::new();
-    for earlier in headers.get_all(&X_FORWARDED_FOR) {
-        value.extend_from_slice(earlier.as_bytes());
-        value.extend_from_slice(b", ");
-    }
-    value.extend_from_slice(peer.as_bytes());
-    if let Ok(v) = HeaderValue::from_bytes(&value) {
-        headers.insert(&X_FORWARDED_FOR, v);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn strips_hop_by_hop_and_connection_named_headers() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, x-secret"),
-            ("keep-alive", "timeout=5"),
-            ("x-secret", "1"),
-            ("te", "trailers"),
-            ("upgrade", "websocket"),
-            ("proxy-connection", "close"),
-            ("x-end-to-end", "kept"),
-            (
-                "traceparent",
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            ),
-        ] {
-            h.append(k, HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["traceparent", "x-end-to-end"]);
-    }
-
-    #[test]
-    fn a_plain_keep_alive_connection_header_leaves_nothing_behind() {
-        let mut h = HeaderMap::new();
-        h.append("connection", HeaderValue::from_static("Keep-Alive"));
-        h.append("content-length", HeaderValue::from_static("3"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        let mut h = HeaderMap::new();
-        h.append("connection", HeaderValue::from_static("close, X-Private"));
-        h.append("x-private", HeaderValue::from_static("1"));
-        h.append("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.append("trailer", HeaderValue::from_static("x-sum"));
-        strip_hop_by_hop(&mut h);
-        assert!(h.is_empty(), "{h:?}");
-    }
 
     #[test]
     fn hop_counts_are_decimal() {
         for n in [1, 8, 9, 123] {
             assert_eq!(hop_count(n), n.to_string().as_str());
         }
-    }
-
-    #[test]
-    fn forwarded_for_starts_with_the_peer() {
-        let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.3"));
-        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.3");
-    }
-
-    #[test]
-    fn forwarded_for_appends_the_peer() {
-        let mut h = HeaderMap::new();
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.3"));
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.3");
     }
 
     #[test]
@@ -1391,13 +1244,5 @@ mod tests {
         let mut ok = Response::new(full("x"));
         as_grpc_status(&mut ok);
         assert!(!ok.headers().contains_key(&GRPC_STATUS));
-    }
-
-    #[test]
-    fn request_ids_are_32_hex_digits_and_differ() {
-        let (a, b) = (request_id(), request_id());
-        assert_eq!(a.len(), 32);
-        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
-        assert_ne!(a, b);
     }
 }

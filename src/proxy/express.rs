@@ -30,11 +30,10 @@ pub mod connection;
 use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hashbrown::HashMap;
 use http::StatusCode;
 use memchr::memmem;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -42,15 +41,18 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::either::Either;
 
-use super::pool::{Limits, MAX_IDLE_PER_ENDPOINT, SendError, is_idempotent_name};
+use super::headers::{self, Hop, Rules};
+pub use super::headers::{ConnectionOptions, Name, connection_options};
+use super::pool::{Idle, Limits, SendError, is_idempotent_name};
 use super::resilience::RETRY_BODY_LIMIT;
 use super::{
-    AttemptHeaders, Destination, Exchange, Failed, Forwarder, Host, MeshError, parse_millis,
-    within_caller_deadline,
+    AttemptHeaders, Destination, Exchange, Failed, Forwarder, MeshError, within_caller_deadline,
 };
 use crate::access::Trail;
+pub use crate::error::write_error;
 use crate::http1::guard::{ChunkedBody, Limits as GuardLimits, Rejection, parse_content_length};
 use crate::http1::trim_ows;
+use crate::http1::write_header as header;
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
 use crate::tls::MeshTls;
@@ -126,10 +128,10 @@ impl Verdict {
 
 impl Forwarder {
     /// Forwards a request given as its parsed head and its body (if it has one): the express
-    /// lane's [`Forwarder::forward`]. `first` is what the first hop (the outbound proxy) adds:
-    /// the hop count and the caller it asserts; other hops pass the caller's headers on.
-    // The same arguments as `forward` (the request, its destination, target, host and
-    // connection, the trail) plus what `forward`'s callers put in the header map.
+    /// lane's [`Forwarder::forward`], with the same arguments and the same header contract
+    /// ([`headers`](super::headers): `hop` says what this hop adds).
+    // The same arguments as `forward`: the request (head and body), its destination, target,
+    // hop and connection, the trail.
     #[allow(clippy::too_many_arguments)]
     pub async fn express(
         &self,
@@ -137,8 +139,7 @@ impl Forwarder {
         body: Option<&mut ClientBody<'_>>,
         upstream: Destination<'_>,
         target: &str,
-        host: Host,
-        first: Option<FirstHop<'_>>,
+        hop: Hop<'_>,
         conn: &Conn,
         trail: &mut Trail,
     ) -> Result<Answer, MeshError> {
@@ -147,7 +148,13 @@ impl Forwarder {
         let policy = upstream.policy;
         // Room for the per-attempt headers too.
         let mut request = Vec::with_capacity(1024);
-        let written = write_request_head(&mut request, head, target, host, first, conn, upstream);
+        let rules = Rules {
+            hop,
+            first: upstream.first_hop,
+            trusted: conn.mesh_peer.is_some(),
+        };
+        let peer = conn.peer_ip.as_bytes();
+        let written = headers::write_request(&mut request, head, target, &rules, peer);
         let deadline = started + within_caller_deadline(policy.request_timeout, written.timeout_ms);
         let owns_retries = upstream.first_hop && policy.retries > 0;
         let idempotent = is_idempotent_name(head.method);
@@ -194,245 +201,6 @@ impl Forwarder {
             (answered, _) => answered,
         }
     }
-}
-
-/// What the first hop (the outbound proxy) adds to a request it forwards.
-#[derive(Clone, Copy, Debug)]
-pub struct FirstHop<'a> {
-    /// The hop count to send.
-    pub hops: u32,
-    /// The calling service this proxy established, asserted over mesh TLS (see
-    /// [`crate::authz`]).
-    pub caller: Option<&'a str>,
-}
-
-/// What writing the request head found out.
-struct Written {
-    /// The request's `Host` is not kept: each attempt sets the endpoint's.
-    set_host: bool,
-    /// The caller's `x-skyline-timeout-ms`, when it parses.
-    timeout_ms: Option<u64>,
-    /// The caller's `x-skyline-attempt`, passed on by a hop that does not number attempts.
-    caller_attempt: Option<Vec<u8>>,
-}
-
-/// Writes the forwarded request head, without the per-attempt headers and the final CRLF, by
-/// the rules of [`Forwarder::forward`].
-fn write_request_head(
-    out: &mut Vec<u8>,
-    head: &Head<'_>,
-    target: &str,
-    host: Host,
-    first: Option<FirstHop<'_>>,
-    conn: &Conn,
-    upstream: Destination<'_>,
-) -> Written {
-    out.extend_from_slice(head.method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut written = Written {
-        set_host: false,
-        timeout_ms: None,
-        caller_attempt: None,
-    };
-    let (mut has_id, mut has_forwarded_host, mut host_value) = (false, false, None);
-    // Earlier hops' `x-forwarded-for` values: nearly always none or one.
-    let (mut forwarded_for, mut more_forwarded_for) = (None, Vec::new());
-    for (h, &kind) in head.headers.iter().zip(head.names) {
-        let name = h.name;
-        match kind {
-            kind if kind.is_hop_by_hop() => continue,
-            _ if head.options.names(name) => continue,
-            Name::TimeoutMs => {
-                written.timeout_ms = parse_millis(h.value);
-                continue;
-            }
-            Name::Attempt => {
-                // The first hop numbers attempts itself; a later one passes the caller's on.
-                if !upstream.first_hop {
-                    written.caller_attempt = Some(h.value.to_vec());
-                }
-                continue;
-            }
-            Name::Hops if first.is_some() => continue,
-            // A credential never leaves its node; an assertion of the caller passes only from
-            // a peer with a mesh certificate (see `crate::authz`).
-            Name::CallerToken => continue,
-            Name::Caller if conn.mesh_peer.is_none() => continue,
-            Name::ForwardedFor => {
-                match forwarded_for {
-                    None => forwarded_for = Some(h.value),
-                    Some(_) => more_forwarded_for.push(h.value),
-                }
-                continue;
-            }
-            Name::Host => {
-                host_value = Some(h.value);
-                if host == Host::Upstream {
-                    continue;
-                }
-            }
-            Name::RequestId => has_id = true,
-            Name::ForwardedHost => has_forwarded_host = true,
-            _ => {}
-        }
-        header(out, name.as_bytes(), h.value);
-    }
-    if !has_id {
-        header(out, b"x-request-id", head.request_id);
-    }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for earlier in forwarded_for.iter().chain(&more_forwarded_for) {
-        out.extend_from_slice(earlier);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(conn.peer_ip.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    written.set_host = match host {
-        Host::Keep => host_value.is_none(),
-        Host::Upstream => {
-            if let (Some(original), false) = (host_value, has_forwarded_host) {
-                header(out, b"x-forwarded-host", original);
-            }
-            true
-        }
-    };
-    if let Some(first) = first {
-        header(
-            out,
-            b"x-skyline-hops",
-            super::hop_count(first.hops).as_bytes(),
-        );
-        if let Some(caller) = first.caller {
-            header(out, b"x-skyline-caller", caller.as_bytes());
-        }
-    }
-    written
-}
-
-fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The header names the express lane acts on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Name {
-    /// Any other header: passed on as it is.
-    Other,
-    /// `keep-alive`, `proxy-connection`, `te`, `trailer`.
-    HopByHop,
-    Connection,
-    TransferEncoding,
-    Upgrade,
-    ContentLength,
-    Expect,
-    Host,
-    RequestId,
-    ForwardedFor,
-    ForwardedHost,
-    Hops,
-    TimeoutMs,
-    Attempt,
-    MeshError,
-    /// `x-skyline-unsent` (see [`super::X_SKYLINE_UNSENT`]).
-    Unsent,
-    /// `x-skyline-caller` (see [`crate::authz::X_SKYLINE_CALLER`]).
-    Caller,
-    /// `x-skyline-caller-token` (see [`crate::authz::X_SKYLINE_CALLER_TOKEN`]).
-    CallerToken,
-}
-
-impl Name {
-    /// What `name` is, by its length first so that most headers cost one comparison or none.
-    pub fn of(name: &str) -> Name {
-        let candidates: &[(&str, Name)] = match name.len() {
-            2 => &[("te", Name::HopByHop)],
-            4 => &[("host", Name::Host)],
-            6 => &[("expect", Name::Expect)],
-            7 => &[("upgrade", Name::Upgrade), ("trailer", Name::HopByHop)],
-            10 => &[
-                ("connection", Name::Connection),
-                ("keep-alive", Name::HopByHop),
-            ],
-            12 => &[("x-request-id", Name::RequestId)],
-            14 => &[
-                ("content-length", Name::ContentLength),
-                ("x-skyline-hops", Name::Hops),
-            ],
-            15 => &[
-                ("x-forwarded-for", Name::ForwardedFor),
-                ("x-skyline-error", Name::MeshError),
-            ],
-            16 => &[
-                ("proxy-connection", Name::HopByHop),
-                ("x-forwarded-host", Name::ForwardedHost),
-                ("x-skyline-unsent", Name::Unsent),
-                ("x-skyline-caller", Name::Caller),
-            ],
-            17 => &[
-                ("transfer-encoding", Name::TransferEncoding),
-                ("x-skyline-attempt", Name::Attempt),
-            ],
-            20 => &[("x-skyline-timeout-ms", Name::TimeoutMs)],
-            22 => &[("x-skyline-caller-token", Name::CallerToken)],
-            _ => return Name::Other,
-        };
-        // Names usually come in lowercase: an exact comparison settles most.
-        candidates
-            .iter()
-            .find(|(known, _)| *known == name || known.eq_ignore_ascii_case(name))
-            .map_or(Name::Other, |&(_, kind)| kind)
-    }
-
-    /// A hop-by-hop header (RFC 9110 §7.6.1), as in `proxy::HOP_BY_HOP`: never forwarded.
-    pub fn is_hop_by_hop(self) -> bool {
-        matches!(
-            self,
-            Name::HopByHop | Name::Connection | Name::TransferEncoding | Name::Upgrade
-        )
-    }
-}
-
-/// The options of a message's `Connection` headers.
-#[derive(Default)]
-pub struct ConnectionOptions {
-    /// Header names listed (dropped with the hop-by-hop ones); rarely any.
-    named: Vec<String>,
-    pub close: bool,
-}
-
-impl ConnectionOptions {
-    /// The header names listed (neither `close` nor `keep-alive`).
-    pub fn named(&self) -> &[String] {
-        &self.named
-    }
-
-    fn names(&self, name: &str) -> bool {
-        self.named.iter().any(|n| n.eq_ignore_ascii_case(name))
-    }
-}
-
-/// Reads the `Connection` headers among `headers`.
-pub fn connection_options<'h>(
-    headers: impl Iterator<Item = (Name, &'h [u8])>,
-) -> ConnectionOptions {
-    let mut options = ConnectionOptions::default();
-    for (_, value) in headers.filter(|&(n, _)| n == Name::Connection) {
-        for option in value.split(|&b| b == b',').map(trim_ows) {
-            if option.eq_ignore_ascii_case(b"close") {
-                options.close = true;
-            } else if !option.eq_ignore_ascii_case(b"keep-alive") && !option.is_empty() {
-                options
-                    .named
-                    .push(String::from_utf8_lossy(option).into_owned());
-            }
-        }
-    }
-    options
 }
 
 // === Exchange ===
@@ -894,9 +662,7 @@ pub struct RawPool {
 
 #[derive(Debug)]
 struct RawInner {
-    /// Per endpoint, oldest first, each with the moment it expires.
-    idle: Mutex<HashMap<SocketAddr, Vec<(RawConn, std::time::Instant)>>>,
-    idle_timeout: Duration,
+    idle: Idle<RawConn>,
     /// Mesh TLS for endpoints that are mesh proxies ([`Limits::mesh`]).
     tls: Option<MeshTls>,
 }
@@ -910,8 +676,7 @@ impl RawPool {
     pub fn with_tls(idle_timeout: Duration, tls: Option<MeshTls>) -> Self {
         Self {
             inner: Arc::new(RawInner {
-                idle: Mutex::new(HashMap::new()),
-                idle_timeout,
+                idle: Idle::new(idle_timeout),
                 tls,
             }),
         }
@@ -924,36 +689,16 @@ impl RawPool {
 
     /// The most recently used connection to `addr` that is still open, if any.
     fn take(&self, addr: SocketAddr) -> Option<RawConn> {
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&addr)?;
-        let now = std::time::Instant::now();
-        while let Some((conn, expires)) = list.pop() {
-            if now < expires && conn.is_open() {
-                return Some(conn);
-            }
-        }
-        None
+        self.inner.idle.take(addr, RawConn::is_open)
     }
 
     fn put(&self, addr: SocketAddr, conn: RawConn) {
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(addr).or_default();
-        // Connections idle past the timeout are dropped (closed) here too, so an endpoint that
-        // is no longer used does not keep them.
-        let now = std::time::Instant::now();
-        // Oldest first: nothing to drop unless the first one expired.
-        if list.first().is_some_and(|&(_, expires)| expires <= now) {
-            list.retain(|&(_, expires)| now < expires);
-        }
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push((conn, now + self.inner.idle_timeout));
-        }
+        self.inner.idle.put(addr, conn);
     }
 
     /// Idle connections held now, over every endpoint (for tests).
     pub fn idle_count(&self) -> usize {
-        let idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().map(Vec::len).sum()
+        self.inner.idle.count()
     }
 }
 
@@ -1379,51 +1124,9 @@ fn invalid_chunk(rejection: crate::http1::guard::Rejection) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, rejection.reason)
 }
 
-/// Writes the mesh's own error answer: the same status, headers and JSON body as
-/// [`MeshError::into_response`].
-pub fn write_error(out: &mut Vec<u8>, error: MeshError, service: &str, close: bool) -> MeshError {
-    let status = error.status();
-    let body = error.json(service);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    header(out, b"x-skyline-error", error.code().as_bytes());
-    header(out, b"content-type", b"application/json");
-    if error.unsent() {
-        header(out, b"x-skyline-unsent", b"1");
-    }
-    header(out, b"content-length", body.len().to_string().as_bytes());
-    if close || error.closes() {
-        header(out, b"connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
-    error
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_names_are_told_apart_by_length_then_bytes_in_any_case() {
-        assert_eq!(Name::of("Connection"), Name::Connection);
-        assert_eq!(Name::of("KEEP-ALIVE"), Name::HopByHop);
-        assert_eq!(Name::of("x-skyline-hops"), Name::Hops);
-        assert_eq!(Name::of("Content-Length"), Name::ContentLength);
-        assert_eq!(Name::of("Transfer-Encoding"), Name::TransferEncoding);
-        assert_eq!(Name::of("x-skyline-attempt"), Name::Attempt);
-        // Same lengths as known names, different bytes.
-        assert_eq!(Name::of("user-agent"), Name::Other);
-        assert_eq!(Name::of("content-type"), Name::Other);
-        assert_eq!(Name::of("x"), Name::Other);
-        for hop in ["te", "trailer", "upgrade", "proxy-connection", "connection"] {
-            assert!(Name::of(hop).is_hop_by_hop(), "{hop}");
-        }
-        assert!(!Name::of("host").is_hop_by_hop());
-    }
 
     fn parsed(head: &str, head_only: bool) -> Result<ParsedHead, Broken> {
         parse_response(head.as_bytes(), head_only, 64)
@@ -1519,5 +1222,71 @@ mod tests {
                 .unwrap()
                 .contains("connection: close\r\n")
         );
+    }
+
+    #[test]
+    fn every_mesh_error_is_the_same_answer_as_bytes_and_as_a_response() {
+        use http_body_util::BodyExt;
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let refused = || SendError::Connect {
+            addr,
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        let errors = || {
+            vec![
+                MeshError::bad_request("bad"),
+                MeshError::UnknownService,
+                MeshError::UnknownBeyond("looked further"),
+                MeshError::NoHealthyEndpoint,
+                MeshError::UpstreamConnect(refused()),
+                MeshError::UpstreamConnect(SendError::Protocol {
+                    addr,
+                    reason: "broken",
+                }),
+                MeshError::UpstreamTimeout,
+                MeshError::LoopDetected,
+                MeshError::ContentTooLarge,
+                MeshError::Forbidden,
+            ]
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for (bytes_error, map_error) in errors().into_iter().zip(errors()) {
+            let code = map_error.code();
+            let mut out = Vec::new();
+            write_error(&mut out, bytes_error, "web", false);
+            let text = String::from_utf8(out).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let mut lines = head.split("\r\n");
+            let status_line = lines.next().unwrap();
+            let mut from_bytes: Vec<String> = lines.map(str::to_owned).collect();
+            from_bytes.sort();
+
+            let response = map_error.into_response("web");
+            assert_eq!(
+                status_line,
+                format!(
+                    "HTTP/1.1 {} {}",
+                    response.status().as_str(),
+                    response.status().canonical_reason().unwrap_or("")
+                ),
+                "{code}"
+            );
+            let mut from_map: Vec<String> = response
+                .headers()
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect();
+            let full = runtime
+                .block_on(response.into_body().collect())
+                .unwrap()
+                .to_bytes();
+            // hyper writes the length of a full body itself.
+            from_map.push(format!("content-length: {}", full.len()));
+            from_map.sort();
+            assert_eq!(from_bytes, from_map, "{code}");
+            assert_eq!(body.as_bytes(), &full[..], "{code}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use super::outbound::{path_of, split_service_path};
 use super::resilience::SharedPolicies;
 use super::{Body, Destination, Forwarder, Host, MeshError, as_grpc_status, is_grpc};
 use crate::access::{Note, Tag};
-use crate::authz::{Authz, X_SKYLINE_CALLER, X_SKYLINE_CALLER_TOKEN, asserted_caller};
+use crate::authz::{Authz, X_SKYLINE_CALLER, asserted_caller};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, known_service, service_label};
 use crate::routing::{Lookup, Protocol, Route, Routes};
@@ -58,18 +58,9 @@ impl Proxy for Inbound {
     /// Hands one request to a local instance; `note.label` is set to the service once it is
     /// known to the catalog, for the metrics. The authorization policies are checked here (the
     /// caller's assertion is believed from a peer with a mesh certificate only).
-    async fn proxy(
-        &self,
-        mut req: Request<Incoming>,
-        conn: Conn,
-        note: &mut Note,
-    ) -> Response<Body> {
+    async fn proxy(&self, req: Request<Incoming>, conn: Conn, note: &mut Note) -> Response<Body> {
+        // The forwarder drops the caller headers the contract does not let through.
         let trusted = conn.mesh_peer.is_some();
-        let headers = req.headers_mut();
-        headers.remove(&X_SKYLINE_CALLER_TOKEN);
-        if !trusted {
-            headers.remove(&X_SKYLINE_CALLER);
-        }
         let uri = req.uri();
         let (name, rest) = match split_service_path(uri.path()) {
             Ok(split) => split,
@@ -205,8 +196,7 @@ impl super::express::connection::Express for Inbound {
                 body,
                 upstream,
                 &target,
-                Host::Upstream,
-                None,
+                Host::Upstream.into(),
                 conn,
                 &mut note.trail,
             )

@@ -8,18 +8,18 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::express::{ClientBody, FirstHop, Head, Name, Verdict};
+use super::express::{ClientBody, Head, Name, Verdict};
 use super::resilience::SharedPolicies;
 use super::{
-    Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Host, MeshError, as_grpc_status,
-    count_hop, is_grpc, next_hop,
+    Body, DEFAULT_MAX_HOPS, Destination, Fallback, Forwarder, Hop, Host, MeshError, X_SKYLINE_HOPS,
+    as_grpc_status, is_grpc, next_hop,
 };
 use crate::access::{Note, Tag};
-use crate::authz::{Authz, X_SKYLINE_CALLER, X_SKYLINE_CALLER_TOKEN, caller_by_address};
+use crate::authz::{Authz, X_SKYLINE_CALLER_TOKEN, caller_by_address};
 use crate::catalog::ServiceName;
 use crate::contract::{DEFAULT_CLUSTER_DOMAIN, cluster_service, skyline_target};
 use crate::metrics::service_label;
@@ -138,8 +138,9 @@ impl super::express::connection::Express for Outbound {
         let fallback = then.as_ref().map(|r| Fallback::new(r, hold));
         let mut upstream = Destination::first_hop(name, note.label.is_some(), &route, &policy);
         upstream.fallback = fallback.as_ref();
-        let first = FirstHop {
-            hops,
+        let hop = Hop {
+            host: Host::Keep,
+            hops: Some(hops),
             caller: caller.as_ref().map(ServiceName::as_str),
         };
         let forwarded = inner
@@ -149,8 +150,7 @@ impl super::express::connection::Express for Outbound {
                 body,
                 upstream,
                 head.target,
-                Host::Keep,
-                Some(first),
+                hop,
                 conn,
                 &mut note.trail,
             )
@@ -181,7 +181,7 @@ impl Outbound {
 
     async fn route_and_forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         conn: Conn,
         note: &mut Note,
     ) -> Response<Body> {
@@ -207,18 +207,18 @@ impl Outbound {
         // One table for the metrics label and the route.
         let table = inner.routes.load();
         note.label = service_label(&table, name);
-        if let Err(e) = count_hop(req.headers_mut(), DEFAULT_MAX_HOPS) {
-            return e.into_response(name);
-        }
-        // The application's own `x-skyline-caller*` headers never pass; over mesh TLS the
-        // caller this proxy establishes is asserted instead.
-        let headers = req.headers_mut();
-        let token = headers.remove(&X_SKYLINE_CALLER_TOKEN);
-        headers.remove(&X_SKYLINE_CALLER);
-        let caller = self.caller(&table, token.as_ref().map(HeaderValue::as_bytes), &conn);
-        if let Some(Ok(value)) = caller.map(|c| HeaderValue::from_str(c.as_str())) {
-            headers.insert(&X_SKYLINE_CALLER, value);
-        }
+        let headers = req.headers();
+        let hops = match next_hop(
+            headers.get(&X_SKYLINE_HOPS).map(|v| v.as_bytes()),
+            DEFAULT_MAX_HOPS,
+        ) {
+            Ok(hops) => hops,
+            Err(e) => return e.into_response(name),
+        };
+        // The application's own `x-skyline-caller*` headers never pass (see `headers`); over
+        // mesh TLS the caller this proxy establishes is asserted instead.
+        let token = headers.get(&X_SKYLINE_CALLER_TOKEN).map(|v| v.as_bytes());
+        let caller = self.caller(&table, token, &conn);
         let plan = inner.route(&table, name);
         let (route, then, hold) = match plan {
             Ok(plan) => plan,
@@ -237,7 +237,11 @@ impl Outbound {
                 req,
                 upstream,
                 target.clone(),
-                Host::Keep,
+                Hop {
+                    host: Host::Keep,
+                    hops: Some(hops),
+                    caller: caller.as_ref().map(ServiceName::as_str),
+                },
                 &conn,
                 &mut note.trail,
             )

@@ -13,7 +13,6 @@
 //! for reused connections. The forwarder gives one at the first hop only (see
 //! `proxy::replayable`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -21,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hashbrown::HashMap;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -137,6 +137,66 @@ pub struct SendFailure {
     pub unsent: Option<Request<RequestBody>>,
 }
 
+// === Idle ===
+
+/// Idle keep-alive connections per endpoint address: the one keep-alive policy of both pools
+/// ([`Pool`]'s hyper senders, the express lane's raw connections in `express::RawPool`).
+///
+/// Per endpoint, oldest first, each with the moment it expires. [`take`](Self::take) hands
+/// out the most recently used connection that has not expired and is still open, closing the
+/// others it passes; [`put`](Self::put) closes the expired ones first (so an endpoint no
+/// longer used does not keep them) and keeps at most [`MAX_IDLE_PER_ENDPOINT`].
+#[derive(Debug)]
+pub(crate) struct Idle<C> {
+    conns: Mutex<HashMap<SocketAddr, Vec<(C, Instant)>>>,
+    timeout: Duration,
+}
+
+impl<C> Idle<C> {
+    /// Connections kept for `timeout` after their last use.
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    /// The most recently used connection to `addr` that has not expired and is `open`.
+    pub(crate) fn take(&self, addr: SocketAddr, open: impl Fn(&C) -> bool) -> Option<C> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some((conn, expires)) = list.pop() {
+            if now < expires && open(&conn) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn`, just used, for the next request to `addr`.
+    pub(crate) fn put(&self, addr: SocketAddr, conn: C) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.entry(addr).or_default();
+        let now = Instant::now();
+        // Oldest first: nothing to drop unless the first one expired.
+        if list.first().is_some_and(|&(_, expires)| expires <= now) {
+            list.retain(|&(_, expires)| now < expires);
+        }
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push((conn, now + self.timeout));
+        }
+    }
+
+    /// Idle connections held now, over every endpoint (for tests).
+    pub(crate) fn count(&self) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.values().map(Vec::len).sum()
+    }
+}
+
+// === Pool ===
+
 /// Idle connections by endpoint. Cheap to clone: one shared map.
 #[derive(Clone, Debug)]
 pub struct Pool {
@@ -145,16 +205,9 @@ pub struct Pool {
 
 #[derive(Debug)]
 struct Inner {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    idle_timeout: Duration,
+    idle: Idle<SendRequest<RequestBody>>,
     /// Mesh TLS, for connections to endpoints that are mesh proxies ([`Limits::mesh`]).
     tls: Option<MeshTls>,
-}
-
-#[derive(Debug)]
-struct Idle {
-    sender: SendRequest<RequestBody>,
-    since: Instant,
 }
 
 impl Pool {
@@ -167,8 +220,7 @@ impl Pool {
     pub fn with_tls(idle_timeout: Duration, tls: Option<MeshTls>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                idle: Mutex::new(HashMap::new()),
-                idle_timeout,
+                idle: Idle::new(idle_timeout),
                 tls,
             }),
         }
@@ -243,29 +295,12 @@ impl Pool {
 
     /// The most recently used open connection to `addr`, if any.
     fn take(&self, addr: SocketAddr) -> Option<SendRequest<RequestBody>> {
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&addr)?;
-        let now = Instant::now();
-        while let Some(conn) = list.pop() {
-            if !conn.sender.is_closed() && now.duration_since(conn.since) < self.inner.idle_timeout
-            {
-                return Some(conn.sender);
-            }
-        }
-        None
+        self.inner.idle.take(addr, |sender| !sender.is_closed())
     }
 
     fn put(&self, addr: SocketAddr, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(addr).or_default();
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+        if !sender.is_closed() {
+            self.inner.idle.put(addr, sender);
         }
     }
 
@@ -304,8 +339,7 @@ impl Pool {
 
     /// Idle connections held now, over every endpoint (for tests and metrics).
     pub fn idle_count(&self) -> usize {
-        let idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().map(Vec::len).sum()
+        self.inner.idle.count()
     }
 }
 

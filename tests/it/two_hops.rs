@@ -51,8 +51,8 @@ async fn a_request_crosses_both_hops_with_prefix_stripped_and_query_kept() {
 async fn method_body_and_end_to_end_headers_pass_while_hop_by_hop_headers_are_dropped() {
     let (mesh, web) = web_on_b().await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    // A request with a body goes through hyper; one without takes the express lane. Both
-    // follow the same header rules.
+    // With a body or without, both take the express lane; wire.rs compares it with hyper's
+    // lane header by header.
     for (method, body) in [("PUT", &b"0123456789"[..]), ("GET", &b""[..])] {
         let req = Request::builder()
             .method(method)

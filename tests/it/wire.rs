@@ -1545,3 +1545,140 @@ async fn an_answer_before_the_whole_body_is_relayed_and_every_connection_goes_on
     mesh.stop().await;
     app.abort();
 }
+
+/// The head an application received, as sorted `name: value` lines with names lowercased, for
+/// comparing what two requests became: `expect` left out (it only chose the lane), and an
+/// `x-request-id` the mesh made (32 hex digits, different every time) written as `<made>`.
+fn contract_view(request: &Received) -> Vec<String> {
+    let mut lines: Vec<String> = request
+        .head
+        .split("\r\n")
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            let (name, value) = (name.to_ascii_lowercase(), value.trim());
+            let made = name == "x-request-id"
+                && value.len() == 32
+                && value.bytes().all(|b| b.is_ascii_hexdigit());
+            match name.as_str() {
+                "expect" => None,
+                _ if made => Some("x-request-id: <made>".to_owned()),
+                _ => Some(format!("{name}: {value}")),
+            }
+        })
+        .collect();
+    lines.push(format!("{} {}", request.method, request.target));
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_express_lane_and_hyper_lane_send_the_application_the_same_headers_through_both_hops() {
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    // Request heads (after the request line, before the blank line) and bodies, each sent
+    // once as it is, on the express lane through both hops, and once with `Expect:
+    // 100-continue`, which the express lane declines: hyper serves it at both hops.
+    let hop_by_hop = "Connection: keep-alive, X-Hop\r\nX-Hop: private\r\nKeep-Alive: timeout=5\r\n\
+                      Proxy-Connection: keep-alive\r\nTE: trailers\r\nX-App: passes\r\n";
+    let client_skyline = "x-skyline-hops: 2\r\nX-Skyline-Attempt: 5\r\n\
+                          x-skyline-caller: intruder\r\nx-skyline-caller-token: secret\r\n\
+                          x-skyline-timeout-ms: 4000\r\nx-skyline-error: made-up\r\n";
+    let request_id = "X-Request-Id: abc-123\r\n";
+    let forwarded = "X-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\
+                     X-Forwarded-Proto: https\r\nX-Forwarded-Host: outer.example\r\n";
+    let trace = format!("traceparent: {traceparent}\r\ntracestate: vendor=1\r\n");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("GET", hop_by_hop.to_owned(), ""),
+        ("GET", client_skyline.to_owned(), ""),
+        ("GET", request_id.to_owned(), ""),
+        ("GET", forwarded.to_owned(), ""),
+        ("GET", trace.clone(), ""),
+        (
+            "POST",
+            format!("{hop_by_hop}{trace}{forwarded}Content-Length: 5\r\n"),
+            "hello",
+        ),
+        (
+            "PUT",
+            format!("{client_skyline}{request_id}Transfer-Encoding: chunked\r\n"),
+            "5\r\nhello\r\n0\r\n\r\n",
+        ),
+    ];
+    let mut express = Wire::connect(mesh.outbound("a")).await;
+    for (i, (method, headers, body)) in cases.iter().enumerate() {
+        let path = format!("/service/web/case/{i}");
+        let plain = format!("{method} {path} HTTP/1.1\r\nHost: mesh\r\n{headers}\r\n{body}");
+        express.send(plain.as_bytes()).await;
+        let answer = express.final_response(method).await.unwrap();
+        assert_eq!(answer.status, 200, "case {i}");
+        assert!(
+            answer.header("date").is_none(),
+            "case {i}: no hyper server answered (it adds a date)"
+        );
+        let on_express = app.received().pop().unwrap();
+
+        let mut hyper = Wire::connect(mesh.outbound("a")).await;
+        let expecting = format!(
+            "{method} {path} HTTP/1.1\r\nHost: mesh\r\nExpect: 100-continue\r\n{headers}\r\n{body}"
+        );
+        hyper.send(expecting.as_bytes()).await;
+        let answer = hyper.final_response(method).await.unwrap();
+        assert_eq!(answer.status, 200, "case {i}");
+        let on_hyper = app.received().pop().unwrap();
+        assert_eq!(
+            on_hyper.header("expect"),
+            Some("100-continue"),
+            "case {i}: both hops forwarded on hyper's lane"
+        );
+
+        assert_eq!(on_express.body, on_hyper.body, "case {i}");
+        assert_eq!(
+            contract_view(&on_express),
+            contract_view(&on_hyper),
+            "case {i}: {headers}"
+        );
+    }
+    // What the contract says, so a change on both lanes at once is seen too.
+    let seen: Vec<Vec<String>> = app.received().iter().map(contract_view).collect();
+    let has = |case: usize, line: &str| seen[2 * case].iter().any(|l| l == line);
+    assert!(
+        !seen[0]
+            .iter()
+            .any(|l| l.starts_with("x-hop") || l.starts_with("keep-alive"))
+    );
+    assert!(
+        !seen[0]
+            .iter()
+            .any(|l| l.starts_with("te:") || l.starts_with("connection"))
+    );
+    assert!(!seen[0].iter().any(|l| l.starts_with("proxy-connection")));
+    assert!(has(0, "x-app: passes"));
+    assert!(has(1, "x-skyline-hops: 3"), "{:?}", seen[2]);
+    assert!(has(1, "x-skyline-timeout-ms: 4000"), "{:?}", seen[2]);
+    assert!(has(1, "x-skyline-error: made-up"), "{:?}", seen[2]);
+    assert!(
+        !seen[2]
+            .iter()
+            .any(|l| l.starts_with("x-skyline-caller") || l.starts_with("x-skyline-attempt"))
+    );
+    assert!(has(2, "x-request-id: abc-123"));
+    assert!(has(0, "x-request-id: <made>"));
+    let chain = seen[6]
+        .iter()
+        .find_map(|l| l.strip_prefix("x-forwarded-for: "));
+    let chain: Vec<&str> = chain.unwrap_or_default().split(", ").collect();
+    assert_eq!(
+        chain.len(),
+        4,
+        "the client's two, then one per hop: {chain:?}"
+    );
+    assert_eq!(chain[..2], ["10.0.0.1", "10.0.0.2"]);
+    assert!(has(3, "x-forwarded-proto: https") && has(3, "x-forwarded-host: outer.example"));
+    assert!(has(0, "x-forwarded-host: mesh"), "{:?}", seen[0]);
+    assert!(has(4, &format!("traceparent: {traceparent}")) && has(4, "tracestate: vendor=1"));
+    assert!(has(6, "transfer-encoding: chunked"), "{:?}", seen[12]);
+    mesh.stop().await;
+}
