@@ -209,6 +209,10 @@ impl MeshStream {
         }
         self.out.clear();
         self.written = 0;
+        // A large write's room is not kept by an idle connection.
+        if self.out.capacity() > 2 * READ_SIZE + MAX_CIPHERTEXT {
+            self.out.shrink_to(READ_SIZE);
+        }
         Poll::Ready(Ok(()))
     }
 
