@@ -17,6 +17,10 @@
 //! SPIFFE ID). Host names are not checked: the proxies dial addresses from the catalog, and the
 //! mesh CA issues to nothing but the mesh.
 //!
+//! rustls does the handshake (TLS 1.3 only); after it, [`MeshStream`] carries the records in
+//! its own buffers with the keys rustls hands over (see `tls::stream`), one copy and no
+//! allocation per record.
+//!
 //! The files are read again every [`RELOAD_INTERVAL`]; when they changed and go together, new
 //! connections use the new certificate, and open connections keep theirs. Files that do not
 //! load (say, a new certificate next to the old key, between two writes) are logged and
@@ -24,6 +28,9 @@
 
 pub mod ca;
 pub mod config;
+mod stream;
+
+pub use stream::MeshStream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -151,7 +158,7 @@ impl std::fmt::Debug for MeshTls {
 /// A connection as a mesh listener took it.
 pub enum Accepted {
     /// With the SPIFFE ID of the peer's certificate ("" when it names none).
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Arc<str>),
+    Tls(Box<MeshStream>, Arc<str>),
     Plain(TcpStream),
     /// Refused (and closed): not TLS in strict mode, a failed handshake, or nothing sent.
     Refused,
@@ -251,15 +258,16 @@ impl MeshTls {
             tracing::info!(%peer, "plain connection accepted (mesh TLS is permissive)");
             return Accepted::Plain(stream);
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.current.load().server.clone());
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => {
+        let handshake = async {
+            let conn = rustls::ServerConnection::new(self.inner.current.load().server.clone())
+                .map_err(io::Error::other)?;
+            stream::server(stream, conn).await
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok((tls, certificate))) => {
                 metrics.mesh_connection("tls", "accepted");
-                let (_, conn) = tls.get_ref();
-                let id = conn
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| spiffe_ids(c).ok())
+                let id = certificate
+                    .and_then(|c| spiffe_ids(&c).ok())
                     .and_then(|ids| ids.into_iter().next())
                     .unwrap_or_default();
                 tracing::debug!(%peer, %id, "mesh TLS connection");
@@ -280,15 +288,12 @@ impl MeshTls {
 
     /// The client side of a hop: a TLS connection over `stream` to the proxy at `addr`,
     /// presenting this proxy's certificate and checking the peer's against the mesh CA.
-    pub async fn connect(
-        &self,
-        addr: SocketAddr,
-        stream: TcpStream,
-    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let connector = tokio_rustls::TlsConnector::from(self.inner.current.load().client.clone());
+    pub async fn connect(&self, addr: SocketAddr, stream: TcpStream) -> io::Result<MeshStream> {
         // Names are not checked (see the module docs); an IP address sends no SNI.
         let name = ServerName::IpAddress(addr.ip().into());
-        connector.connect(name, stream).await
+        let conn = rustls::ClientConnection::new(self.inner.current.load().client.clone(), name)
+            .map_err(io::Error::other)?;
+        stream::client(stream, conn).await
     }
 }
 
@@ -376,8 +381,9 @@ fn build_with(
     let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
         .build()
         .map_err(|e| invalid(&settings.ca, e.to_string()))?;
+    // TLS 1.3 only: after the handshake its records are carried by `stream`.
     let mut server = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(pair)?
         .with_client_cert_verifier(clients)
         .with_single_cert(chain.clone(), key.clone_key())
@@ -385,16 +391,20 @@ fn build_with(
     // The server's order of suites, not the client's: a peer that prefers AES-256-GCM (an
     // older Skyline, or OpenSSL) still gets AES-128-GCM (see `provider`).
     server.ignore_client_order = true;
+    // The keys go to `stream` after the handshake; the mesh does not resume sessions.
+    server.enable_secret_extraction = true;
+    server.send_tls13_tickets = 0;
     let servers = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| invalid(&settings.ca, e.to_string()))?;
-    let client = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+    let mut client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(pair)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(MeshServerVerifier { inner: servers }))
         .with_client_auth_cert(chain, key)
         .map_err(pair)?;
+    client.enable_secret_extraction = true;
     Ok(Configs {
         server: Arc::new(server),
         client: Arc::new(client),

@@ -703,7 +703,7 @@ impl RawPool {
 }
 
 /// A connection to an upstream: plain TCP, or mesh mTLS to another Skyline proxy.
-type Upstream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+type Upstream = Either<TcpStream, Box<crate::tls::MeshStream>>;
 
 /// A raw connection to an upstream and the bytes read from it not yet relayed.
 #[derive(Debug)]
@@ -752,10 +752,11 @@ impl RawConn {
                 let mut probe = [0u8; 1];
                 let mut probe = ReadBuf::new(&mut probe);
                 let mut cx = Context::from_waker(std::task::Waker::noop());
-                matches!(
-                    stream.get_ref().0.poll_peek(&mut cx, &mut probe),
-                    Poll::Pending
-                )
+                stream.reusable()
+                    && matches!(
+                        stream.get_ref().poll_peek(&mut cx, &mut probe),
+                        Poll::Pending
+                    )
             }
         }
     }

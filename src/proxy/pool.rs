@@ -363,7 +363,7 @@ pub(crate) async fn dial_mesh(
     addr: SocketAddr,
     timeout: Duration,
     tls: &MeshTls,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, SendError> {
+) -> Result<crate::tls::MeshStream, SendError> {
     let started = tokio::time::Instant::now();
     let stream = dial(addr, timeout).await?;
     tokio::time::timeout_at(started + timeout, tls.connect(addr, stream))

@@ -499,7 +499,8 @@ fn issue(ca: &Path, dir: &Path, kind: &str, name: &str) {
 /// from node a goes outbound → gateway (a's catch-all) → bridge → pod, every proxy hop over
 /// strict mTLS. The bridge watches `skyline/policies/` in the registry; the gateway follows a
 /// catalog file (no KV) with a rule of its own in its file, so each denial below comes from
-/// the proxy whose log holds its audit line.
+/// the proxy whose log holds its audit line. `grpc-shop` (a tonic server in the cluster) takes
+/// the same path: a gRPC call denied by either proxy ends with PERMISSION_DENIED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_and_the_gateway_enforce_policies_on_calls_to_kubernetes_services_over_mtls() {
     let dir = tempfile::tempdir().unwrap();
@@ -508,8 +509,13 @@ async fn the_bridge_and_the_gateway_enforce_policies_on_calls_to_kubernetes_serv
     skyline(&["ca", "init", "--dir", s(&ca), "--trust-domain", "mesh.test"]);
     let (_registry, registry) = Skyline::registry(d).await;
     let pod = TestApp::spawn("pod", ip("127.0.0.5"));
-    let dns =
-        crate::upgrade::ClusterDns::start(&[("shop.default.svc.cluster.local", "127.0.0.5")]).await;
+    let grpc_stop = tokio_util::sync::CancellationToken::new();
+    let grpc = crate::grpc::grpc_server("127.0.0.5", grpc_stop.clone()).await;
+    let dns = crate::upgrade::ClusterDns::start(&[
+        ("shop.default.svc.cluster.local", "127.0.0.5"),
+        ("grpc-shop.default.svc.cluster.local", "127.0.0.5"),
+    ])
+    .await;
     std::fs::write(d.join("frontend.token"), FRONTEND_TOKEN).unwrap();
     std::fs::write(d.join("billing.token"), BILLING_TOKEN).unwrap();
     let tls = |name: &str| {
@@ -534,9 +540,12 @@ async fn the_bridge_and_the_gateway_enforce_policies_on_calls_to_kubernetes_serv
     let config_gw = write(
         "gw",
         tls("gw")
-            + "[[authz.rule]]\nfrom = \"billing\"\nto = \"shop\"\npath_prefix = \"/refunds\"\naction = \"deny\"\n",
+            + "[[authz.rule]]\nfrom = \"billing\"\nto = \"shop\"\npath_prefix = \"/refunds\"\naction = \"deny\"\n\n\
+               [[authz.rule]]\nfrom = \"billing\"\nto = \"grpc-shop\"\naction = \"deny\"\n",
     );
-    let config_br = write("br", tls("br"));
+    // The gRPC Service listens on a port of its own.
+    let grpc_service = format!("[services.grpc-shop]\nport = {}\n\n", grpc.port());
+    let config_br = write("br", tls("br") + &grpc_service);
     let catalog = d.join("catalog.toml");
     std::fs::write(&catalog, "").unwrap();
 
@@ -715,11 +724,75 @@ async fn the_bridge_and_the_gateway_enforce_policies_on_calls_to_kubernetes_serv
     crate::support::write_atomically(
         Path::new(&config_br),
         &(tls("br")
+            + &grpc_service
             + "[[authz.rule]]\nfrom = \"frontend\"\nto = \"shop\"\npath_prefix = \"/file\"\naction = \"deny\"\n"),
     );
     until("/file", FRONTEND_TOKEN, 403).await;
     bridge.log.wait_for("authorization policies reloaded").await;
     assert_eq!(call("/x", FRONTEND_TOKEN).await.status, 200);
+
+    // gRPC through the same proxies: frontend's call reaches the tonic server.
+    use crate::grpc::pb::echo_client::EchoClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound_a}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let origin = format!("http://{outbound_a}/service/grpc-shop")
+        .parse()
+        .unwrap();
+    let client = EchoClient::with_origin(channel, origin);
+    let grpc_call = |token: &str| {
+        let mut call = tonic::Request::new(crate::grpc::request("hi"));
+        call.metadata_mut()
+            .insert("x-skyline-caller-token", token.parse().unwrap());
+        let mut client = client.clone();
+        async move { client.unary(call).await }
+    };
+    let reply = grpc_call(FRONTEND_TOKEN).await.unwrap();
+    assert_eq!(reply.get_ref().message, "hi");
+    // The gateway's file denies billing: PERMISSION_DENIED, from the gateway.
+    let status = grpc_call(BILLING_TOKEN).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "skyline: forbidden");
+    let line = gateway.log.wait_for("request denied").await;
+    assert_eq!(line["caller"], "billing");
+    assert_eq!(line["destination"], "grpc-shop");
+    assert_eq!(line["rule"], "file:rule[1]");
+    // A KV policy denies frontend at the bridge: PERMISSION_DENIED, from the bridge
+    // (bounded: until the bridge has the policy, 10 s).
+    kv_put(
+        "skyline/policies/grpc-shop-callers",
+        r#"{"rule":[{"from":"frontend","to":"grpc-shop","action":"deny"}]}"#,
+    )
+    .await;
+    let mut denied = None;
+    for _ in 0..400 {
+        match grpc_call(FRONTEND_TOKEN).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            Err(status) => {
+                denied = Some(status);
+                break;
+            }
+        }
+    }
+    let status = denied.expect("frontend's gRPC call was never denied");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "skyline: forbidden");
+    // Earlier denials of `shop` may come first in the bridge's log (bounded: each wait is).
+    let mut rules = Vec::new();
+    while rules
+        .last()
+        .is_none_or(|r| r != "kv:grpc-shop-callers:rule[0]")
+    {
+        assert!(rules.len() < 40, "no gRPC denial at the bridge: {rules:?}");
+        let line = bridge.log.wait_for("request denied").await;
+        rules.push(line["rule"].as_str().unwrap_or("").to_owned());
+        if line["destination"] == "grpc-shop" {
+            assert_eq!(line["caller"], "frontend");
+        }
+    }
+    grpc_stop.cancel();
 
     for process in [&a, &gateway, &bridge] {
         process.sigterm();
