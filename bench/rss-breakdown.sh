@@ -18,16 +18,12 @@ work="$(mktemp -d)"; pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; sleep 0.3; rm -rf "$work"; }
 trap cleanup EXIT
 
-printf 'worker_processes 1; daemon off; pid %s/b.pid; error_log stderr error;\nevents { worker_connections 1024; }\n' "$work" >"$work/backend.conf"
-printf 'http { access_log off; keepalive_requests 10000000; client_body_temp_path %s/cb; proxy_temp_path %s/pt; fastcgi_temp_path %s/ft; uwsgi_temp_path %s/ut; scgi_temp_path %s/st;\n' \
-  "$work" "$work" "$work" "$work" "$work" >>"$work/backend.conf"
-echo "server { listen 127.0.0.1:19000; location / { return 200 \"$(head -c "$body" /dev/zero | tr '\0' x)\"; } } }" >>"$work/backend.conf"
-taskset -c 1 nginx -e stderr -p "$work/" -c "$work/backend.conf" 2>/dev/null & pids+=($!)
+source "$root/bench/backend.sh"
+backend_up "$work" "$body"
 
 load=()
 if [ "${POST:-0}" -gt 0 ]; then
-  printf 'wrk.method = "POST"\nwrk.body = string.rep("x", %d)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' \
-    "$POST" >"$work/post.lua"
+  post_script "$work/post.lua" "$POST"
   load=(-s "$work/post.lua")
 fi
 

@@ -19,11 +19,8 @@ work="$(mktemp -d)"; pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; sleep 0.3; rm -rf "$work"; }
 trap cleanup EXIT
 
-printf 'worker_processes 1; daemon off; pid %s/b.pid; error_log stderr error;\nevents { worker_connections 1024; }\n' "$work" >"$work/backend.conf"
-printf 'http { access_log off; keepalive_requests 10000000; client_body_temp_path %s/cb; proxy_temp_path %s/pt; fastcgi_temp_path %s/ft; uwsgi_temp_path %s/ut; scgi_temp_path %s/st;\n' \
-  "$work" "$work" "$work" "$work" "$work" >>"$work/backend.conf"
-echo "server { listen 127.0.0.1:19000; location / { return 200 \"$(head -c 64 /dev/zero | tr '\0' x)\"; } } }" >>"$work/backend.conf"
-taskset -c 1 nginx -e stderr -p "$work/" -c "$work/backend.conf" 2>/dev/null & pids+=($!)
+source "$root/bench/backend.sh"
+backend_up "$work" 64
 
 # Mangled names (--demangle=no): the linker matches symbols, not what they demangle to.
 cat >"$work/skyline" <<WRAP
@@ -38,8 +35,7 @@ for _ in $(seq 150); do curl -sf -o /dev/null http://127.0.0.1:5040/service/benc
 url=http://127.0.0.1:5040/service/bench/
 taskset -c 1 wrk -t1 -c64 -d3s "$url" >/dev/null
 for size in 1024 65536; do
-  printf 'wrk.method = "POST"\nwrk.body = string.rep("x", %d)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' \
-    "$size" >"$work/post.lua"
+  post_script "$work/post.lua" "$size"
   taskset -c 1 wrk -t1 -c64 -d3s -s "$work/post.lua" "$url" >/dev/null
 done
 # SIGTERM: the agents stop cleanly and callgrind writes its files at exit.
