@@ -43,9 +43,9 @@ fn version_info() {
     );
 }
 
-/// Release builds for x86-64 Linux (linked by rust-lld, Rust's default there since 1.90): the
-/// functions listed in `build/symbol-order.txt` (the ones a proxy hop runs, hottest first; made by
-/// `bench/symbol-order.sh`) go first and together in `.text`. The kernel maps a binary's code in
+/// Release builds for x86-64 Linux linked by rust-lld (Rust's default there since 1.90, see
+/// [`links_with_rust_lld`]): the functions listed in `build/symbol-order.txt` (the ones a proxy
+/// hop runs, hottest first; made by `bench/symbol-order.sh`) go first and together in `.text`. The kernel maps a binary's code in
 /// 64 KiB windows around each page a process touches, so the code that runs, scattered over all
 /// of `.text`, kept most of the binary resident (docs/benchmarks.md, "Resident memory"). Names
 /// the file lists that a build lacks are skipped silently: a stale file costs memory, not
@@ -59,6 +59,7 @@ fn symbol_order() {
         || var("TARGET") != "x86_64-unknown-linux-gnu"
         || rustflags.contains("linker")
         || rustflags.contains("fuse-ld")
+        || !links_with_rust_lld()
     {
         return;
     }
@@ -68,6 +69,35 @@ fn symbol_order() {
         println!("cargo:rustc-link-arg-bin=skyline=-Wl,--symbol-ordering-file={file}");
         println!("cargo:rustc-link-arg-bin=skyline=-Wl,--no-warn-symbol-ordering");
     }
+}
+
+/// Whether rustc links x86-64 Linux binaries with its own lld: Rust 1.90 or later, with
+/// `gcc-ld/ld.lld` in its sysroot (rustup's toolchains). An older rustc (the crate builds from
+/// 1.85), or one a distribution built without it, links with the system's `ld`, which has no
+/// `--symbol-ordering-file`: the release binary is then linked without the order.
+fn links_with_rust_lld() -> bool {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let output = |args: &[&str]| {
+        Command::new(&rustc)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let minor = output(&["--version"]).and_then(|v| {
+        let number = v.split_whitespace().nth(1)?.to_owned();
+        number.split('.').nth(1)?.parse::<u32>().ok()
+    });
+    if minor.is_none_or(|m| m < 90) {
+        return false;
+    }
+    output(&["--print", "sysroot"]).is_some_and(|sysroot| {
+        Path::new(&sysroot)
+            .join("lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld/ld.lld")
+            .is_file()
+    })
 }
 
 fn now() -> u64 {
