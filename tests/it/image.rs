@@ -70,6 +70,9 @@ async fn up_outbound(child: &mut Child) -> String {
     })
     .await
     .expect("skyline up prints its banner");
+    // The rest of stdout is read to its end: a pipe closed behind the banner would fail the
+    // next line written to it (podman's attach then exits 126 with "broken pipe").
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     banner
         .split("outbound ")
         .nth(1)
