@@ -61,6 +61,7 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// How many Skyline hops (agent outbound, gateway, bridge) forwarded a request so far.
 pub static X_SKYLINE_HOPS: HeaderName = HeaderName::from_static("x-skyline-hops");
 /// The remaining time of the request, in milliseconds, so the next hop does not outlive its

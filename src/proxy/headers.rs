@@ -10,7 +10,8 @@
 //! | `x-request-id` | kept; one is made when the request has none ([`request_id`]) |
 //! | `x-forwarded-for` | earlier values folded into one, the previous hop's address appended ([`Rule::Append`]) |
 //! | `host` | kept ([`Host::Keep`], mesh hops), or replaced by the instance's address with the original in `x-forwarded-host`, unless one came ([`Host::Upstream`], the last hop) |
-//! | `x-forwarded-host`, `x-forwarded-proto` | passed as they came (the mesh sets `x-forwarded-host` only as above, and never `x-forwarded-proto`) |
+//! | `x-forwarded-host` | passed as it came (the mesh sets it only as above) |
+//! | `x-forwarded-proto` | passed as it came; set to `http` at the last hop when none came ([`Host::Upstream`]): an application enters the mesh over plain HTTP (`:5040`, or a gateway's or bridge's listener), and mesh TLS between hops is the mesh's transport, not the caller's scheme |
 //! | `traceparent`, `tracestate` | passed as they came: the mesh keeps the caller's trace |
 //! | `x-skyline-hops` | replaced by this hop's count at a hop that counts ([`Rule::Count`]), else passed |
 //! | `x-skyline-timeout-ms` | read as the caller's deadline and replaced by each attempt's time left ([`Rule::Deadline`]) |
@@ -28,7 +29,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::express::Head;
 use super::{
-    Host, X_FORWARDED_FOR, X_FORWARDED_HOST, X_REQUEST_ID, X_SKYLINE_HOPS, hop_count, parse_millis,
+    Host, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, X_SKYLINE_HOPS,
+    hop_count, parse_millis,
 };
 use crate::authz::X_SKYLINE_CALLER;
 use crate::contract::request_id;
@@ -52,6 +54,7 @@ pub enum Name {
     RequestId,
     ForwardedFor,
     ForwardedHost,
+    ForwardedProto,
     Hops,
     TimeoutMs,
     Attempt,
@@ -94,6 +97,7 @@ impl Name {
             17 => &[
                 ("transfer-encoding", Name::TransferEncoding),
                 ("x-skyline-attempt", Name::Attempt),
+                ("x-forwarded-proto", Name::ForwardedProto),
             ],
             20 => &[("x-skyline-timeout-ms", Name::TimeoutMs)],
             22 => &[("x-skyline-caller-token", Name::CallerToken)],
@@ -244,6 +248,7 @@ impl Rules<'_> {
             | Name::Expect
             | Name::RequestId
             | Name::ForwardedHost
+            | Name::ForwardedProto
             | Name::Hops
             | Name::MeshError
             | Name::Unsent
@@ -330,6 +335,9 @@ pub fn rewrite_request(headers: &mut HeaderMap, rules: &Rules<'_>, peer: &Header
                     headers.insert(&X_FORWARDED_HOST, h);
                 }
             }
+            if !headers.contains_key(&X_FORWARDED_PROTO) {
+                headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            }
             true
         }
     };
@@ -394,6 +402,7 @@ pub(super) fn write_request(
         caller_attempt: None,
     };
     let (mut has_id, mut has_forwarded_host, mut host_value) = (false, false, None);
+    let mut has_forwarded_proto = false;
     // Earlier hops' `x-forwarded-for` values: nearly always none or one.
     let (mut forwarded_for, mut more_forwarded_for) = (None, Vec::new());
     for (h, &kind) in head.headers.iter().zip(head.names) {
@@ -407,6 +416,7 @@ pub(super) fn write_request(
                 Name::Host => host_value = Some(h.value),
                 Name::RequestId => has_id = true,
                 Name::ForwardedHost => has_forwarded_host = true,
+                Name::ForwardedProto => has_forwarded_proto = true,
                 _ => {}
             },
             Rule::Host => {
@@ -447,6 +457,9 @@ pub(super) fn write_request(
         Host::Upstream => {
             if let (Some(original), false) = (host_value, has_forwarded_host) {
                 header(out, b"x-forwarded-host", original);
+            }
+            if !has_forwarded_proto {
+                header(out, b"x-forwarded-proto", b"http");
             }
             true
         }
@@ -714,6 +727,36 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_last_hop_sets_the_callers_scheme_once_and_keeps_one_that_came() {
+        let request: &[(&str, &str)] = &[("Host", "web.example")];
+        let with_proto: &[(&str, &str)] =
+            &[("Host", "web.example"), ("X-Forwarded-Proto", "https")];
+        let proto = |lines: &[String]| -> Vec<String> {
+            let lines = lines.iter().filter(|l| l.starts_with("x-forwarded-proto:"));
+            lines.cloned().collect()
+        };
+        for (host, request, want) in [
+            (Host::Upstream, request, &["x-forwarded-proto: http"][..]),
+            (
+                Host::Upstream,
+                with_proto,
+                &["x-forwarded-proto: https"][..],
+            ),
+            (Host::Keep, request, &[][..]),
+            (Host::Keep, with_proto, &["x-forwarded-proto: https"][..]),
+        ] {
+            let rules = Rules {
+                hop: host.into(),
+                first: false,
+                trusted: false,
+            };
+            let (bytes, hyper) = both_lanes(request, &rules);
+            assert_eq!(bytes, hyper, "{host:?}");
+            assert_eq!(proto(&bytes), want, "{host:?} {request:?}");
         }
     }
 

@@ -93,6 +93,10 @@ async fn method_body_and_end_to_end_headers_pass_while_hop_by_hop_headers_are_dr
         );
         assert_eq!(h["x-forwarded-host"], mesh.outbound("a").to_string());
         assert_eq!(
+            h["x-forwarded-proto"], "http",
+            "the scheme the caller entered with"
+        );
+        assert_eq!(
             h["x-skyline-hops"], "1",
             "{method}: counted once, at the outbound"
         );

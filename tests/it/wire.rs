@@ -1678,6 +1678,9 @@ async fn the_express_lane_and_hyper_lane_send_the_application_the_same_headers_t
     assert_eq!(chain[..2], ["10.0.0.1", "10.0.0.2"]);
     assert!(has(3, "x-forwarded-proto: https") && has(3, "x-forwarded-host: outer.example"));
     assert!(has(0, "x-forwarded-host: mesh"), "{:?}", seen[0]);
+    // The caller's scheme: kept when it came, set to the one it entered the mesh with if not.
+    assert!(has(0, "x-forwarded-proto: http"), "{:?}", seen[0]);
+    assert!(!has(3, "x-forwarded-proto: http"), "{:?}", seen[6]);
     assert!(has(4, &format!("traceparent: {traceparent}")) && has(4, "tracestate: vendor=1"));
     assert!(has(6, "transfer-encoding: chunked"), "{:?}", seen[12]);
     mesh.stop().await;
