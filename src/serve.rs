@@ -363,29 +363,30 @@ async fn serve_with<H: Handler>(
             if H::EXPRESS && !first_bytes(&stream, opened, &cancelled).await {
                 return;
             }
+            let conn = Conn {
+                peer,
+                peer_ip,
+                index: 0,
+                arrived: Instant::now(),
+                mesh_peer: None,
+                verdicts: Verdicts::default(),
+                drained,
+            };
+            let served = Served {
+                http,
+                h2,
+                recorder,
+                draining,
+                cancelled,
+                limits,
+                opened,
+            };
+            // Boxed apart: a plain connection's state is not the size of a TLS one's.
+            let Some(tls) = tls else {
+                Box::pin(serve_connection(stream, conn, handler, served)).await;
+                return;
+            };
             Box::pin(async move {
-                let conn = Conn {
-                    peer,
-                    peer_ip,
-                    index: 0,
-                    arrived: Instant::now(),
-                    mesh_peer: None,
-                    verdicts: Verdicts::default(),
-                    drained,
-                };
-                let served = Served {
-                    http,
-                    h2,
-                    recorder,
-                    draining,
-                    cancelled,
-                    limits,
-                    opened,
-                };
-                let Some(tls) = tls else {
-                    serve_connection(stream, conn, handler, served).await;
-                    return;
-                };
                 match tls.accept(stream, peer).await {
                     Accepted::Tls(stream, id) => {
                         let conn = Conn {

@@ -1015,6 +1015,12 @@ impl HeadReader {
         }
     }
 
+    /// How many header lines the head [`scan`](Self::scan) found has: the slots
+    /// [`parse`](Self::parse) needs.
+    pub fn header_lines(&self) -> usize {
+        self.scanner.head.lines.saturating_sub(1)
+    }
+
     /// Checks the head [`scan`](Self::scan) found to end after `head.len()` bytes, and parses
     /// it into `slots`.
     pub fn parse<'h, 'b>(
@@ -1022,8 +1028,7 @@ impl HeadReader {
         head: &'b [u8],
         slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
     ) -> HeadCheck<'h, 'b> {
-        let count = self.scanner.head.lines.saturating_sub(1);
-        let Some(slots) = slots.get_mut(..count) else {
+        let Some(slots) = slots.get_mut(..self.header_lines()) else {
             return HeadCheck::TooManyForSlots;
         };
         match self.scanner.parse_head(head, slots) {

@@ -61,7 +61,11 @@ use crate::tls::MeshTls;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Header slots for parsing an upstream's response head; more headers → 502.
 const MAX_RESPONSE_HEADERS: usize = 100;
-/// Bytes read from an upstream at a time.
+/// The read buffer an upstream connection starts with (one page, NGINX's `proxy_buffer_size`):
+/// an answer's head and a small body fit. A read that fills it doubles it, up to
+/// [`READ_SIZE`], so only a connection that carries large answers holds a large buffer.
+const FIRST_READ: usize = 4096;
+/// The most bytes read from an upstream at a time.
 const READ_SIZE: usize = 16 * 1024;
 /// The most bytes of a streamed request body read from the client at a time: the size of the
 /// one buffer a body streams through.
@@ -289,7 +293,7 @@ impl RawExchange<'_, '_, '_> {
                 None => {
                     fresh = true;
                     let tls = self.pool.tls_for(limits.mesh);
-                    match Box::pin(RawConn::connect(addr, limits.connect, tls)).await {
+                    match RawConn::connect(addr, limits.connect, tls).await {
                         Ok(conn) => conn,
                         Err(error) => return Err(Failed::Unsent(error)),
                     }
@@ -725,7 +729,8 @@ impl RawConn {
             let _ = stream.set_nodelay(true);
             Ok::<_, io::Error>(match tls {
                 None => Either::Left(stream),
-                Some(tls) => Either::Right(Box::new(tls.connect(addr, stream).await?)),
+                // Boxed: the handshake's state would weigh on every exchange's.
+                Some(tls) => Either::Right(Box::new(Box::pin(tls.connect(addr, stream)).await?)),
             })
         };
         let stream = tokio::time::timeout(timeout, opened)
@@ -734,7 +739,7 @@ impl RawConn {
             .map_err(|source| SendError::Connect { addr, source })?;
         Ok(RawConn {
             stream,
-            buf: Vec::with_capacity(READ_SIZE),
+            buf: Vec::with_capacity(FIRST_READ),
         })
     }
 
@@ -824,8 +829,17 @@ impl RawConn {
 
     /// Reads more into `buf`; 0 at end of stream.
     async fn fill(&mut self) -> Result<usize, Broken> {
-        self.buf.reserve(READ_SIZE);
-        Ok(self.stream.read_buf(&mut self.buf).await?)
+        if self.buf.capacity() - self.buf.len() < FIRST_READ / 4 {
+            self.buf
+                .reserve(self.buf.capacity().clamp(FIRST_READ, READ_SIZE));
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        // The upstream sent at least as much as there was room for: more room next time.
+        if n == room && self.buf.capacity() < READ_SIZE {
+            self.buf.reserve(self.buf.capacity());
+        }
+        Ok(n)
     }
 }
 

@@ -605,6 +605,30 @@ async fn pipelined_requests_get_their_answers_in_order() {
     mesh.stop().await;
 }
 
+/// The express lane parses a usual head into slots it holds and a head with more headers into
+/// slots on the heap: either way every header reaches the application (the inbound hop sees
+/// the outbound's additions too, so the counts straddle the line at both hops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_with_few_or_many_headers_reach_the_app_whole_on_the_express_lane_one_after_another()
+{
+    let app = Scripted::spawn(node_b(), echo_target);
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    for n in [1, 26, 31, 32, 33, 90] {
+        let headers: String = (0..n).map(|i| format!("x-n{i}: v{i}\r\n")).collect();
+        let head = format!("GET /service/web/h/{n} HTTP/1.1\r\nHost: mesh\r\n{headers}\r\n");
+        client.send(head.as_bytes()).await;
+        let answer = client.final_response("GET").await.unwrap();
+        assert_eq!((answer.status, answer.text()), (200, format!("/h/{n}")));
+        assert!(answer.header("date").is_none(), "{n}: the express lane answered");
+        let seen = app.received().pop().unwrap();
+        let got = seen.head.lines().filter(|l| l.starts_with("x-n")).count();
+        assert_eq!(got, n, "{n} headers: {}", seen.head);
+        assert!(seen.head.contains(&format!("x-n{}: v{}", n - 1, n - 1)));
+    }
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_with_a_body_between_gets_on_one_connection_is_forwarded_with_its_body() {
     let app = Scripted::spawn(node_b(), |request| {

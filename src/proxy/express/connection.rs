@@ -41,8 +41,18 @@ pub trait Express: Send + Sync {
     ) -> impl Future<Output = Verdict> + Send;
 }
 
+/// The read buffer a connection starts with, and the least room a read is given: a request
+/// head (and a small body that came with it) fits; a longer head doubles it. Every connection
+/// holds its buffer for its life, so it is kept to what a request needs.
+const HEAD_READ: usize = 2048;
+
 /// Header slots for a client's request head: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
+/// Header slots held in the connection's state for the usual head (a browser sends about 15
+/// headers, a service a few): a head with more parses into [`MAX_HEADERS`] slots on the heap.
+/// A connection's state holds these for its life, so they are most of what it weighs (a slot
+/// is 32 bytes).
+const INLINE_HEADERS: usize = 32;
 
 /// Serves `stream` on the express lane until it ends or a request needs hyper. The connection
 /// was accepted at `opened`: its first head is due [`HEADER_READ_TIMEOUT`] after that.
@@ -56,7 +66,7 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
         shutdown,
     } = lane;
     let limits = Limits::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut buf: Vec<u8> = Vec::with_capacity(HEAD_READ);
     let mut cancelled = pin!(shutdown.cancelled());
     let mut drain_seen = false;
     // One timer for the connection's whole life, moved on lazily (see `read_head`).
@@ -79,9 +89,18 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
             Read::Closed => return End::Closed,
         };
         conn.arrived = Instant::now();
-        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut inline = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_HEADERS];
+        let mut on_heap: Vec<MaybeUninit<httparse::Header<'_>>>;
+        let slots = if reader.header_lines() <= INLINE_HEADERS {
+            &mut inline[..]
+        } else {
+            on_heap = std::iter::repeat_with(MaybeUninit::uninit)
+                .take(MAX_HEADERS)
+                .collect();
+            &mut on_heap[..]
+        };
         // Checked and parsed in one pass; a refused head goes to the guard, which answers it.
-        let HeadCheck::Valid { request, body } = reader.parse(&buf[..end], &mut slots) else {
+        let HeadCheck::Valid { request, body } = reader.parse(&buf[..end], slots) else {
             return End::Handoff { rest: buf };
         };
         let (Some(method), Some(target)) = (request.method, request.path) else {
@@ -262,7 +281,9 @@ async fn read_head<S: Io>(
                 HeadProgress::Incomplete => {}
             }
         }
-        buf.reserve(4096);
+        if buf.capacity() - buf.len() < HEAD_READ / 4 {
+            buf.reserve(buf.capacity().max(HEAD_READ));
+        }
         tokio::select! {
             biased;
             read = stream.read_buf(buf) => match read {
