@@ -61,10 +61,10 @@ use crate::tls::MeshTls;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Header slots for parsing an upstream's response head; more headers → 502.
 const MAX_RESPONSE_HEADERS: usize = 100;
-/// The read buffer an upstream connection starts with (one page, NGINX's `proxy_buffer_size`):
-/// an answer's head and a small body fit. A read that fills it doubles it, up to
-/// [`READ_SIZE`], so only a connection that carries large answers holds a large buffer.
-const FIRST_READ: usize = 4096;
+/// The read buffer an upstream connection starts with: an answer's head and a small body fit.
+/// A read that fills it doubles it, up to [`READ_SIZE`], so only a connection that carries
+/// large answers holds a large buffer (and its first large answer costs one more read).
+const FIRST_READ: usize = 2048;
 /// The most bytes read from an upstream at a time.
 const READ_SIZE: usize = 16 * 1024;
 /// The most bytes of a streamed request body read from the client at a time: the size of the
@@ -150,8 +150,15 @@ impl Forwarder {
         let started = Instant::from_std(conn.arrived);
         let now = ns_at(conn.arrived);
         let policy = upstream.policy;
-        // Room for the per-attempt headers too.
-        let mut request = Vec::with_capacity(1024);
+        // The client's head, with room for what this hop and each attempt add (a request id,
+        // `x-forwarded-for`, the mesh's headers, `host`): sized to the request, since every
+        // request in flight holds it.
+        let fields = head
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len() + 4);
+        let sent = fields.sum::<usize>() + head.method.len() + head.target.len();
+        let mut request = Vec::with_capacity(sent + 384);
         let rules = Rules {
             hop,
             first: upstream.first_hop,
