@@ -4,6 +4,9 @@
 #
 # Throughput needs a quiet machine; CPU time per request (utime+stime of the proxy processes /
 # requests served) is much less sensitive to other load, so it can guide work on a busy one.
+# Printed split into user space (the proxy's own code and libc) and the kernel (the socket
+# system calls, loopback TCP for both ends of each send, wake-ups): the kernel's share says how
+# much a faster proxy can gain at all.
 # Usage: bench/cpu-cost.sh [seconds per run, default 6] [repeats, default 3]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,8 +30,10 @@ hop out 5040 127.0.0.1:5041 ""; hop in 5041 127.0.0.1:19000 "/"
 taskset -c 0 nginx -e stderr -p "$work/" -c "$work/backend.conf" 2>/dev/null & pids+=($!)
 sleep 0.3
 
-ticks() { local t=0 p; for p in "$@"; do for q in $p $(pgrep -P "$p"); do
-  t=$((t + $(awk '{print $14+$15}' "/proc/$q/stat" 2>/dev/null || echo 0))); done; done; echo $t; }
+# "user system" clock ticks of the processes and their children.
+ticks() { local u=0 s=0 p q; for p in "$@"; do for q in $p $(pgrep -P "$p"); do
+  read -r pu pk < <(awk '{print $14, $15}' "/proc/$q/stat" 2>/dev/null || echo 0 0)
+  u=$((u + pu)); s=$((s + pk)); done; done; echo "$u $s"; }
 
 ports_free() { for _ in $(seq 100); do
   ss -ltn | grep -qE '127\.0\.0\.1:504[01] ' || return 0; sleep 0.1; done
@@ -49,13 +54,14 @@ run() { # mode → prints "mode µs/request rps"
   for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:5040/service/bench/ && break; sleep 0.1; done
   local p; for p in "${mp[@]}"; do [ -e "/proc/$p" ] || { echo "$mode: process $p is not running" >&2; exit 1; }; done
   taskset -c 1 wrk -t1 -c64 -d1s http://127.0.0.1:5040/service/bench/ >/dev/null
-  local before; before=$(ticks "${mp[@]}")
+  local u0 s0 u1 s1; read -r u0 s0 < <(ticks "${mp[@]}")
   local out; out=$(taskset -c 1 timeout $((secs + 20)) wrk -t1 -c64 -d"${secs}s" http://127.0.0.1:5040/service/bench/)
-  local after; after=$(ticks "${mp[@]}")
+  read -r u1 s1 < <(ticks "${mp[@]}")
   local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  echo "$mode $(( (after - before) * 1000000 / hz / reqs )) $rps"
+  local us=$(( (u1 - u0) * 1000000 / hz / reqs )) ks=$(( (s1 - s0) * 1000000 / hz / reqs ))
+  echo "$mode $((us + ks)) $us $ks $rps"
   kill "${mp[@]}" 2>/dev/null || true; wait "${mp[@]}" 2>/dev/null || true
 }
-echo "mode cpu_us_per_request rps"
+echo "mode cpu_us_per_request user_us kernel_us rps"
 for _ in $(seq "$repeats"); do for mode in ${MODES:-nginx candidate}; do run "$mode"; done; done
