@@ -620,7 +620,10 @@ async fn heads_with_few_or_many_headers_reach_the_app_whole_on_the_express_lane_
         client.send(head.as_bytes()).await;
         let answer = client.final_response("GET").await.unwrap();
         assert_eq!((answer.status, answer.text()), (200, format!("/h/{n}")));
-        assert!(answer.header("date").is_none(), "{n}: the express lane answered");
+        assert!(
+            answer.header("date").is_none(),
+            "{n}: the express lane answered"
+        );
         let seen = app.received().pop().unwrap();
         let got = seen.head.lines().filter(|l| l.starts_with("x-n")).count();
         assert_eq!(got, n, "{n} headers: {}", seen.head);
