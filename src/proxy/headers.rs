@@ -103,9 +103,14 @@ impl Name {
             22 => &[("x-skyline-caller-token", Name::CallerToken)],
             _ => return Name::Other,
         };
-        // Names usually come in lowercase: an exact comparison settles most.
+        // The first byte, lowercased (every known name starts with a letter), rules out most
+        // names of the same length; names usually come in lowercase, so an exact comparison
+        // settles most of the rest.
+        // (Every length above is at least 2: the name has a first byte.)
+        let first = name.as_bytes()[0] | 0x20;
         candidates
             .iter()
+            .filter(|(known, _)| known.as_bytes()[0] == first)
             .find(|(known, _)| *known == name || known.eq_ignore_ascii_case(name))
             .map_or(Name::Other, |&(_, kind)| kind)
     }
@@ -490,6 +495,20 @@ mod tests {
         assert_eq!(Name::of("user-agent"), Name::Other);
         assert_eq!(Name::of("content-type"), Name::Other);
         assert_eq!(Name::of("x"), Name::Other);
+        // The first byte is compared case-blind too, and a byte that is not a letter is no name.
+        for (name, kind) in [
+            ("HOST", Name::Host),
+            ("Te", Name::HopByHop),
+            ("X-Forwarded-Proto", Name::ForwardedProto),
+            ("X-SKYLINE-CALLER-TOKEN", Name::CallerToken),
+            ("Expect", Name::Expect),
+            ("Upgrade", Name::Upgrade),
+            ("-ost", Name::Other),
+            ("Hos", Name::Other),
+            ("\u{0}ost", Name::Other),
+        ] {
+            assert_eq!(Name::of(name), kind, "{name:?}");
+        }
         for hop in [
             "te",
             "trailer",
