@@ -59,6 +59,36 @@ pub const SYNTHETIC_REQUEST: &[u8] =
 /// `max_headers` is raised above this) use a heap vector.
 const STACK_HEADERS: usize = 128;
 
+/// Header slots for one httparse pass over a head of `lines` header lines: `N` held inline (in
+/// the caller's frame or future; uninitialised, so nothing is cleared per request), a head with
+/// more gets exactly its number on the heap.
+pub enum HeaderSlots<'b, const N: usize> {
+    Inline([MaybeUninit<httparse::Header<'b>>; N]),
+    Heap(Vec<MaybeUninit<httparse::Header<'b>>>),
+}
+
+impl<'b, const N: usize> HeaderSlots<'b, N> {
+    pub fn new(lines: usize) -> Self {
+        if lines <= N {
+            HeaderSlots::Inline([const { MaybeUninit::uninit() }; N])
+        } else {
+            HeaderSlots::Heap(
+                std::iter::repeat_with(MaybeUninit::uninit)
+                    .take(lines)
+                    .collect(),
+            )
+        }
+    }
+
+    /// The slots, at least `lines` of them.
+    pub fn get(&mut self) -> &mut [MaybeUninit<httparse::Header<'b>>] {
+        match self {
+            HeaderSlots::Inline(slots) => slots,
+            HeaderSlots::Heap(slots) => slots,
+        }
+    }
+}
+
 /// Reads discarded in one call after a rejection before yielding to the scheduler.
 const DISCARD_ROUNDS: usize = 8;
 
@@ -691,18 +721,8 @@ impl Scanner {
     /// the body framing.
     fn check_head(&self, head: &[u8], len: usize) -> HeadStep {
         let count = self.head.lines.saturating_sub(1);
-        // Uninitialised slots: nothing to clear per request.
-        let mut on_stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
-        let mut on_heap: Vec<MaybeUninit<httparse::Header<'_>>>;
-        let headers = if count <= STACK_HEADERS {
-            &mut on_stack[..count]
-        } else {
-            on_heap = std::iter::repeat_with(MaybeUninit::uninit)
-                .take(count)
-                .collect();
-            &mut on_heap[..]
-        };
-        match self.parse_head(head, headers) {
+        let mut slots = HeaderSlots::<STACK_HEADERS>::new(count);
+        match self.parse_head(head, &mut slots.get()[..count]) {
             Ok((_, framing)) => HeadStep::Complete { len, framing },
             Err(rejection) => HeadStep::Reject(rejection),
         }

@@ -84,6 +84,8 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 
 /// A client's request head, parsed (by httparse, over bytes the framing guard validated).
 pub struct Head<'a> {
+    /// The head's length as the client sent it, in bytes.
+    pub len: usize,
     pub method: &'a str,
     /// The request target as the client sent it.
     pub target: &'a str,
@@ -153,12 +155,7 @@ impl Forwarder {
         // The client's head, with room for what this hop and each attempt add (a request id,
         // `x-forwarded-for`, the mesh's headers, `host`): sized to the request, since every
         // request in flight holds it.
-        let fields = head
-            .headers
-            .iter()
-            .map(|h| h.name.len() + h.value.len() + 4);
-        let sent = fields.sum::<usize>() + head.method.len() + head.target.len();
-        let mut request = Vec::with_capacity(sent + 384);
+        let mut request = Vec::with_capacity(head.len + 384);
         let rules = Rules {
             hop,
             first: upstream.first_hop,

@@ -605,6 +605,7 @@ mod tests {
             .find(|(n, _)| n.eq_ignore_ascii_case("x-request-id"))
             .map_or("made-for-it", |&(_, v)| v);
         let head = Head {
+            len: 0,
             method: "GET",
             target: "/",
             headers: &parsed,

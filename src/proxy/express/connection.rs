@@ -13,7 +13,6 @@
 //! hyper at most once.
 
 use std::future::Future;
-use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -23,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{BodyEnd, ClientBody, Head, Name, Verdict, connection_options, write_error};
 use crate::access::{AccessLog, Note};
 use crate::contract::request_id_bytes;
-use crate::http1::guard::{Body, HeadCheck, HeadProgress, HeadReader, Limits};
+use crate::http1::guard::{Body, HeadCheck, HeadProgress, HeadReader, HeaderSlots, Limits};
 use crate::serve::lane::{End, Lane, Preface, preface};
 use crate::serve::{Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Io, access_line};
 
@@ -46,10 +45,10 @@ pub trait Express: Send + Sync {
 /// holds its buffer for its life, so it is kept to what a request needs.
 const HEAD_READ: usize = 2048;
 
-/// Header slots for a client's request head: the guard's limit, so every head it passes fits.
+/// Names of a client's request headers: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
 /// Header slots held in the connection's state for the usual head (a browser sends about 15
-/// headers, a service a few): a head with more parses into [`MAX_HEADERS`] slots on the heap.
+/// headers, a service a few): a head with more parses into slots on the heap ([`HeaderSlots`]).
 /// A connection's state holds these for its life, so they are most of what it weighs (a slot
 /// is 32 bytes).
 const INLINE_HEADERS: usize = 32;
@@ -89,18 +88,9 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
             Read::Closed => return End::Closed,
         };
         conn.arrived = Instant::now();
-        let mut inline = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_HEADERS];
-        let mut on_heap: Vec<MaybeUninit<httparse::Header<'_>>>;
-        let slots = if reader.header_lines() <= INLINE_HEADERS {
-            &mut inline[..]
-        } else {
-            on_heap = std::iter::repeat_with(MaybeUninit::uninit)
-                .take(MAX_HEADERS)
-                .collect();
-            &mut on_heap[..]
-        };
+        let mut slots = HeaderSlots::<INLINE_HEADERS>::new(reader.header_lines());
         // Checked and parsed in one pass; a refused head goes to the guard, which answers it.
-        let HeadCheck::Valid { request, body } = reader.parse(&buf[..end], slots) else {
+        let HeadCheck::Valid { request, body } = reader.parse(&buf[..end], slots.get()) else {
             return End::Handoff { rest: buf };
         };
         let (Some(method), Some(target)) = (request.method, request.path) else {
@@ -122,6 +112,7 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
             }
         };
         let head = Head {
+            len: end,
             method,
             target,
             headers: request.headers,
