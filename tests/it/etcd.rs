@@ -287,7 +287,8 @@ fn declared(service: &str, addr: SocketAddr) -> Declared {
 }
 
 /// Agents `a` (127.0.0.2) and `b` (127.0.0.3) on `cluster`, b declaring service `web` at `web`,
-/// and agent a already routing it.
+/// and both already routing it: a's outbound to b, b's inbound to the instance. (Each agent
+/// watches etcd on its own; a may hear of `web` before b does.)
 async fn web_on_b(cluster: &EtcdCluster, web: SocketAddr) -> (AgentHandle, AgentHandle) {
     let a = start_agent("a", "127.0.0.2", cluster.endpoints(), Vec::new()).await;
     let b = start_agent(
@@ -297,8 +298,8 @@ async fn web_on_b(cluster: &EtcdCluster, web: SocketAddr) -> (AgentHandle, Agent
         vec![declared("web", web)],
     )
     .await;
-    eventually(Duration::from_secs(30), "agent a routes web", || {
-        routes_to(&a, "web")
+    eventually(Duration::from_secs(30), "agents a and b route web", || {
+        routes_to(&a, "web") && serves(&b, "web")
     })
     .await;
     (a, b)
@@ -323,6 +324,11 @@ async fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 fn routes_to(agent: &AgentHandle, service: &str) -> bool {
     matches!(agent.routes.load().outbound(service), Lookup::Route(_))
+}
+
+/// Whether `agent`'s inbound proxy routes `service` to a local instance.
+fn serves(agent: &AgentHandle, service: &str) -> bool {
+    matches!(agent.routes.load().inbound(service), Lookup::Route(_))
 }
 
 fn knows(agent: &AgentHandle, service: &str) -> bool {
@@ -534,10 +540,6 @@ async fn an_agent_routes_through_both_hops_to_a_service_another_agent_declares_i
     let cluster = EtcdCluster::start(3).await;
     let app = TestApp::spawn("web", ip("127.0.0.3"));
     let (a, b) = web_on_b(&cluster, app.addr).await;
-    eventually(Duration::from_secs(30), "agent b serves web", || {
-        matches!(b.routes.load().inbound("web"), Lookup::Route(_))
-    })
-    .await;
 
     let client = Client::new();
     let reply = client
@@ -738,8 +740,8 @@ async fn routing_goes_on_while_etcd_is_down_and_catches_up_after_a_restart() {
     // A service agent b declares after the restart reaches agent a.
     b.declared
         .send_replace(vec![declared("web", web.addr), declared("late", late.addr)]);
-    eventually(Duration::from_secs(60), "agent a routes late", || {
-        routes_to(&a, "late")
+    eventually(Duration::from_secs(60), "agents a and b route late", || {
+        routes_to(&a, "late") && serves(&b, "late")
     })
     .await;
     let reply = client
