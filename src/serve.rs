@@ -10,6 +10,11 @@
 //! clients speak) is told apart on the lane's first read, at the cost of one byte compared for
 //! HTTP/1, and served by hyper's HTTP/2 server with the same handler.
 //!
+//! A plain connection on the express lane holds the lane's state only while it is busy: quiet
+//! for [`lane::REST_AFTER`] (or at once, in a crowd: [`lane::CROWD`]) it rests, waiting for its
+//! next bytes with its socket, one timer and its drain signal, as a connection that has sent
+//! nothing yet does.
+//!
 //! # Drain
 //!
 //! On shutdown the listener stops accepting at once. Each open connection then finishes what it
@@ -35,9 +40,9 @@ pub mod lane;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -320,6 +325,11 @@ async fn serve_with<H: Handler>(
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);
     h2_limits(&mut h2, &limits);
+    let shared = Arc::new(Shared {
+        http,
+        h2,
+        lanes: AtomicUsize::new(0),
+    });
     // Every connection task holds a sender; the drain ends when the last one is dropped.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     // Set when the drain starts; read by every response (an atomic load, where asking the
@@ -342,67 +352,33 @@ async fn serve_with<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let conn = Conn {
+            peer,
+            peer_ip: HeaderValue::try_from(peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            index: 0,
+            arrived: Instant::now(),
+            mesh_peer: None,
+            verdicts: Verdicts::default(),
+            drained: drained.clone(),
+        };
+        let served = Served {
+            shared: shared.clone(),
+            recorder: recorder.clone(),
+            draining: draining.clone(),
+            cancelled: shutdown.clone(),
+            limits,
+            opened: tokio::time::Instant::now(),
+            _open: open.clone(),
+        };
         let handler = handler.clone();
-        let draining = draining.clone();
-        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        let recorder = recorder.clone();
-        let cancelled = shutdown.clone();
-        let open = open.clone();
-        let http = http.clone();
-        let h2 = h2.clone();
-        let drained = drained.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let _open = open;
-            // On the express lane, a connection that has sent nothing yet costs a small task:
-            // the lanes' state (read buffer, head parser, hyper's connection; on a mesh
-            // listener, the TLS handshake's) is allocated, boxed, once there are bytes to read.
-            // Many callers open connections to the agent long before they use them.
-            let opened = tokio::time::Instant::now();
-            if H::EXPRESS && !first_bytes(&stream, opened, &cancelled).await {
-                return;
-            }
-            let conn = Conn {
-                peer,
-                peer_ip,
-                index: 0,
-                arrived: Instant::now(),
-                mesh_peer: None,
-                verdicts: Verdicts::default(),
-                drained,
-            };
-            let served = Served {
-                http,
-                h2,
-                recorder,
-                draining,
-                cancelled,
-                limits,
-                opened,
-            };
-            // Boxed apart: a plain connection's state is not the size of a TLS one's.
-            let Some(tls) = tls else {
-                Box::pin(serve_connection(stream, conn, handler, served)).await;
-                return;
-            };
-            Box::pin(async move {
-                match tls.accept(stream, peer).await {
-                    Accepted::Tls(stream, id) => {
-                        let conn = Conn {
-                            mesh_peer: Some(id),
-                            ..conn
-                        };
-                        serve_connection(*stream, conn, handler, served).await
-                    }
-                    Accepted::Plain(stream) => {
-                        serve_connection(stream, conn, handler, served).await
-                    }
-                    Accepted::Refused => {}
-                }
-            })
-            .await;
-        });
+        // The task is the serving future itself: one that wrapped it would hold each of these
+        // values twice for the connection's life. A plain connection's state is not the size
+        // of a TLS one's.
+        match &tls {
+            None => tokio::spawn(serve_plain(stream, conn, handler, served)),
+            Some(tls) => tokio::spawn(serve_tls(stream, conn, handler, served, tls.clone())),
+        };
     }
     draining.store(true, Ordering::Relaxed);
     drop(listener);
@@ -418,14 +394,222 @@ async fn serve_with<H: Handler>(
 
 /// What serving one connection needs besides its stream, its handler and its [`Conn`].
 struct Served {
-    http: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
     recorder: Option<Recorder>,
     draining: Arc<AtomicBool>,
     cancelled: CancellationToken,
     limits: Limits,
     /// When the connection was accepted: its first head is due [`HEADER_READ_TIMEOUT`] after.
     opened: tokio::time::Instant,
+    /// Held while the connection is served: the drain waits for every one to be dropped.
+    _open: mpsc::Sender<()>,
+}
+
+/// One connection counted in a listener's [`Shared::lanes`] while it lives.
+struct Held<'a>(&'a AtomicUsize);
+
+impl<'a> Held<'a> {
+    fn new(lanes: &'a AtomicUsize) -> Self {
+        lanes.fetch_add(1, Ordering::Relaxed);
+        Self(lanes)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a listener's connections share: hyper's servers as the listener configured them, and
+/// how many of its plain connections hold a lane's state (see [`lane::CROWD`]).
+struct Shared {
+    http: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    lanes: AtomicUsize,
+}
+
+/// Serves a connection on a mesh listener: TLS when the peer starts a handshake (see
+/// [`MeshTls::accept`]). On the express lane, a connection that has sent nothing yet costs a
+/// small task: the handshake's state and the lanes' are allocated, boxed, once there are bytes
+/// to read. Many callers open connections long before they use them.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn holds its arguments twice"
+)]
+fn serve_tls<H: Handler>(
+    stream: tokio::net::TcpStream,
+    conn: Conn,
+    handler: H,
+    served: Served,
+    tls: MeshTls,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        if H::EXPRESS {
+            let timer = pin!(tokio::time::sleep_until(
+                served.opened + HEADER_READ_TIMEOUT
+            ));
+            let cancelled = pin!(served.cancelled.cancelled());
+            let mut waits = Waits::new(timer, cancelled);
+            if !waits.bytes(&stream, served.opened, Readiness::Peek).await {
+                return;
+            }
+        }
+        Box::pin(async move {
+            match tls.accept(stream, conn.peer).await {
+                Accepted::Tls(stream, id) => {
+                    let conn = Conn {
+                        mesh_peer: Some(id),
+                        ..conn
+                    };
+                    serve_connection(*stream, conn, handler, served).await
+                }
+                Accepted::Plain(stream) => serve_connection(stream, conn, handler, served).await,
+                Accepted::Refused => {}
+            }
+        })
+        .await;
+    }
+}
+
+/// Serves a plain TCP connection. On the express lane it rests when idle: the lane's state is
+/// boxed while the connection is busy and dropped once it went [`lane::REST_AFTER`] without a
+/// request, and the connection then waits for its next bytes holding only the socket, its
+/// timer and its drain signal (see [`lane::End::Rest`]). A connection that has sent nothing
+/// yet rests the same way.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn holds its arguments twice"
+)]
+fn serve_plain<H: Handler>(
+    mut stream: tokio::net::TcpStream,
+    mut conn: Conn,
+    handler: H,
+    served: Served,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        if !H::EXPRESS {
+            return Box::pin(serve_connection(stream, conn, handler, served)).await;
+        }
+        let lane_end = 'lane: {
+            let timer = pin!(tokio::time::sleep_until(
+                served.opened + HEADER_READ_TIMEOUT
+            ));
+            let cancelled = pin!(served.cancelled.cancelled());
+            let mut waits = Waits::new(timer, cancelled);
+            // A peek first: tokio takes an accepted stream as readable until a read says
+            // otherwise, and a peek is that read (it leaves the bytes for the lane).
+            if !waits.bytes(&stream, served.opened, Readiness::Peek).await {
+                return;
+            }
+            if !handler.express_lane() {
+                break 'lane None;
+            }
+            let mut since = served.opened;
+            let mut first = true;
+            loop {
+                let lane = handler.lane(lane::Lane {
+                    opened: since,
+                    first,
+                    held: Some(&served.shared.lanes),
+                    stream: &mut stream,
+                    conn: &mut conn,
+                    recorder: served.recorder.as_ref(),
+                    draining: &served.draining,
+                    shutdown: &served.cancelled,
+                });
+                let held = Held::new(&served.shared.lanes);
+                let end = Box::pin(lane).await;
+                drop(held);
+                match end {
+                    lane::End::Rest { since: idle } => since = idle,
+                    end => break Some(end),
+                }
+                first = false;
+                if !waits.bytes(&stream, since, Readiness::Poll).await {
+                    return;
+                }
+            }
+        };
+        match lane_end {
+            Some(end) => Box::pin(after_lane(stream, conn, handler, served, end)).await,
+            None => Box::pin(serve_connection(stream, conn, handler, served)).await,
+        }
+    }
+}
+
+/// How [`Waits::bytes`] learns that a stream has bytes.
+#[derive(Clone, Copy)]
+enum Readiness {
+    /// A peek: for a stream no read was made on yet, which tokio takes as readable.
+    Peek,
+    /// The reactor's word, after a read that emptied the socket.
+    Poll,
+}
+
+/// The waits of a connection between requests: one timer and one drain signal for its life,
+/// so that a rest costs neither a timer nor a new waiter (the timer is moved on only when it
+/// fires early).
+struct Waits<'a, 'c> {
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    cancelled: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'c>>,
+    drain_seen: bool,
+}
+
+impl<'a, 'c> Waits<'a, 'c> {
+    fn new(
+        timer: Pin<&'a mut tokio::time::Sleep>,
+        cancelled: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'c>>,
+    ) -> Self {
+        Self {
+            timer,
+            cancelled,
+            drain_seen: false,
+        }
+    }
+
+    /// Waits until `stream` has bytes to read (or has ended), idle since `since`: whether it
+    /// does within [`HEADER_READ_TIMEOUT`] of `since`, or within [`DRAIN_IDLE_GRACE`] of the
+    /// drain's start, as the express lane allows a connection that has not sent a whole head.
+    async fn bytes(
+        &mut self,
+        stream: &tokio::net::TcpStream,
+        since: tokio::time::Instant,
+        how: Readiness,
+    ) -> bool {
+        let mut deadline = since + HEADER_READ_TIMEOUT;
+        if self.drain_seen {
+            deadline = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
+            self.timer.as_mut().reset(deadline);
+        }
+        let mut byte = [0u8; 1];
+        loop {
+            let ready = async {
+                match how {
+                    Readiness::Peek => stream.peek(&mut byte).await.is_ok(),
+                    Readiness::Poll => std::future::poll_fn(|cx| stream.poll_read_ready(cx))
+                        .await
+                        .is_ok(),
+                }
+            };
+            tokio::select! {
+                biased;
+                ready = ready => return ready,
+                () = self.cancelled.as_mut(), if !self.drain_seen => {
+                    self.drain_seen = true;
+                    deadline = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
+                    self.timer.as_mut().reset(deadline);
+                }
+                () = self.timer.as_mut() => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    // Set for an earlier wait: move it to this one's deadline.
+                    self.timer.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
 }
 
 /// Serves one accepted connection (a TCP one, or TLS over it on a mesh listener): on the
@@ -437,79 +621,77 @@ async fn serve_connection<H: Handler, S: Io>(
     handler: H,
     served: Served,
 ) {
+    let end = if H::EXPRESS && handler.express_lane() {
+        let lane = handler.lane(lane::Lane {
+            opened: served.opened,
+            first: true,
+            held: None,
+            stream: &mut stream,
+            conn: &mut conn,
+            recorder: served.recorder.as_ref(),
+            draining: &served.draining,
+            shutdown: &served.cancelled,
+        });
+        lane.await
+    } else if H::HTTP2 {
+        match lane::sniff(&mut stream, &served.cancelled).await {
+            lane::Sniffed::Closed => lane::End::Closed,
+            lane::Sniffed::Http1 { rest } => lane::End::Handoff { rest },
+            lane::Sniffed::Http2 { rest } => lane::End::Http2 { rest },
+        }
+    } else {
+        lane::End::Handoff { rest: Vec::new() }
+    };
+    after_lane(stream, conn, handler, served, end).await;
+}
+
+/// Serves what is left of a connection once its lane ended (`end`): with hyper's HTTP/1.1
+/// server behind the framing guard, or its HTTP/2 server.
+async fn after_lane<H: Handler, S: Io>(
+    stream: S,
+    conn: Conn,
+    handler: H,
+    served: Served,
+    end: lane::End,
+) {
     let Served {
-        http,
-        h2,
+        shared,
         recorder,
         draining,
         cancelled,
         limits,
-        opened,
+        ..
     } = served;
-    let mut rest = Vec::new();
-    if H::EXPRESS && handler.express_lane() {
-        let lane = handler.lane(lane::Lane {
-            opened,
-            stream: &mut stream,
-            conn: &mut conn,
-            recorder: recorder.as_ref(),
-            draining: &draining,
-            shutdown: &cancelled,
-        });
-        match lane.await {
-            lane::End::Closed => return,
-            lane::End::Handoff { rest: unread } => rest = unread,
-            lane::End::Http2 { rest } => {
-                let io = lane::Rewind::new(stream, rest);
-                // Boxed: every connection task would otherwise carry its size.
-                Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
-                return;
-            }
+    let rest = match end {
+        // A lane that may not rest does not; a lane that closed is done.
+        lane::End::Closed | lane::End::Rest { .. } => return,
+        lane::End::Handoff { rest } => rest,
+        lane::End::Http2 { rest } => {
+            let io = lane::Rewind::new(stream, rest);
+            // Boxed: every connection task would otherwise carry its size.
+            Box::pin(serve_h2(&shared.h2, io, conn, handler, recorder, cancelled)).await;
+            return;
         }
-    } else if H::HTTP2 {
-        match lane::sniff(&mut stream, &cancelled).await {
-            lane::Sniffed::Closed => return,
-            lane::Sniffed::Http1 { rest: read } => rest = read,
-            lane::Sniffed::Http2 { rest } => {
-                let io = lane::Rewind::new(stream, rest);
-                Box::pin(serve_h2(&h2, io, conn, handler, recorder, cancelled)).await;
-                return;
-            }
-        }
-    }
+    };
     // The guard numbers the requests it sees from 0.
     let (io, verdicts) = Guarded::new(lane::Rewind::new(stream, rest), limits);
     let conn = Conn { verdicts, ..conn };
-    serve_hyper(&http, io, conn, handler, recorder, draining, cancelled).await;
+    serve_hyper(
+        &shared.http,
+        io,
+        conn,
+        handler,
+        recorder,
+        draining,
+        cancelled,
+    )
+    .await;
 }
 
 /// A connection's byte stream: TCP, or TLS over TCP.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for S {}
-
-/// Waits until `stream`, accepted at `opened`, has bytes to read (or has ended): whether it does
-/// within [`HEADER_READ_TIMEOUT`] of `opened`, or within [`DRAIN_IDLE_GRACE`] of the drain's
-/// start, as the express lane allows a connection that has not sent a whole head.
-async fn first_bytes(
-    stream: &tokio::net::TcpStream,
-    opened: tokio::time::Instant,
-    shutdown: &CancellationToken,
-) -> bool {
-    // A peek, not `readable()`: tokio takes an accepted stream as readable until a read says
-    // otherwise, and a peek is that read (it leaves the bytes for the lane).
-    let mut byte = [0u8; 1];
-    let readable = stream.peek(&mut byte);
-    tokio::pin!(readable);
-    tokio::select! {
-        biased;
-        ready = readable.as_mut() => ready.is_ok(),
-        () = tokio::time::sleep_until(opened + HEADER_READ_TIMEOUT) => false,
-        () = shutdown.cancelled() => {
-            matches!(tokio::time::timeout(DRAIN_IDLE_GRACE, readable).await, Ok(Ok(_)))
-        }
-    }
-}
 
 /// Serves a connection with hyper until it ends, draining on `cancelled`. `first` is the
 /// connection as the first request hyper serves will see it (the express lane may have served

@@ -4,10 +4,18 @@
 //! hyper ([`End::Handoff`]), behind a framing guard, starting with the bytes already read
 //! ([`Rewind`]), so a refused head is answered exactly as without the lane. A connection that
 //! opens with HTTP/2's preface goes to hyper's HTTP/2 server ([`End::Http2`], [`sniff`]).
+//!
+//! On a plain TCP connection the lane also stops between requests ([`End::Rest`]) once the
+//! connection has waited [`REST_AFTER`] with nothing read (at once in a crowd, [`CROWD`]): the serve layer waits for the next
+//! request's bytes holding only the socket and its timers, and then serves the connection on
+//! the lane again. The lane's state (its read buffer, the request's parse and the proxy's
+//! exchange, several KiB) is held by busy connections only, so a keep-alive connection that
+//! made requests and went quiet weighs what one that made none does, and a busy one pays no
+//! allocation per request for it.
 
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -18,7 +26,14 @@ use super::{Conn, HEADER_READ_TIMEOUT, Recorder};
 /// What a handler's own lane is given to serve a connection with: the stream (accepted at
 /// `opened`), the connection's facts, what records requests, and the drain's signals.
 pub struct Lane<'a, S> {
+    /// When the connection was accepted, or (after [`End::Rest`]) when its last answer went:
+    /// the next request head is due [`HEADER_READ_TIMEOUT`] after.
     pub opened: tokio::time::Instant,
+    /// Whether these are the connection's first bytes (only those can be HTTP/2's preface).
+    pub first: bool,
+    /// When the lane may stop between requests ([`End::Rest`]): how many of the listener's
+    /// connections hold a lane's state now (this one included).
+    pub held: Option<&'a AtomicUsize>,
     pub stream: &'a mut S,
     pub conn: &'a mut Conn,
     pub recorder: Option<&'a Recorder>,
@@ -26,10 +41,27 @@ pub struct Lane<'a, S> {
     pub shutdown: &'a CancellationToken,
 }
 
+/// How long a connection waits for its next request on the lane, its state kept, before it
+/// rests ([`End::Rest`]). A connection busier than this pays nothing for resting; its lane
+/// looks at the time once per this period.
+pub const REST_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Past this many connections holding a lane's state on one listener, a connection rests right
+/// after an answer that leaves nothing of a next request read. A burst of callers then reuses
+/// the memory of the requests before it instead of holding one state each until
+/// [`REST_AFTER`] (and the allocator keeps a peak's heap resident after it); below it, busy
+/// connections keep their state and pay nothing per request.
+pub const CROWD: usize = 256;
+
 /// How a handler's lane left a connection.
 pub enum End {
     /// Finished: closed by either side, failed, or timed out.
     Closed,
+    /// Nothing of a next request came within [`REST_AFTER`] of the last answer (at `since`),
+    /// or at once when more than [`CROWD`] connections hold a lane's state: the caller waits
+    /// for the next bytes, then serves the connection on the lane again (only when
+    /// [`Lane::held`] is given).
+    Rest { since: tokio::time::Instant },
     /// Hyper serves the rest (through a framing guard), starting with `rest`: bytes read and
     /// not used, from the first byte of a request head.
     Handoff { rest: Vec<u8> },

@@ -632,6 +632,62 @@ async fn heads_with_few_or_many_headers_reach_the_app_whole_on_the_express_lane_
     mesh.stop().await;
 }
 
+/// A keep-alive connection quiet for longer than `REST_AFTER` rests at both hops (the client's
+/// at the outbound, the pooled one at the inbound): its lane's state is dropped and the
+/// connection waits holding only its socket. When it speaks again it is served on the express
+/// lane as before: a pipelined GET and POST arrive whole and in order, and a head that comes in
+/// two pieces after another rest is read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_quiet_past_its_rest_serves_pipelined_requests_and_split_heads_on_the_express_lane()
+ {
+    let app = Scripted::spawn(node_b(), |request| {
+        let body = format!(
+            "{} {} {}",
+            request.method,
+            request.target,
+            String::from_utf8_lossy(&request.body)
+        );
+        vec![write(ok(&body))]
+    });
+    let mesh = mesh_for(app.placement()).await;
+    let mut client = Wire::connect(mesh.outbound("a")).await;
+    let quiet = skyline::serve::lane::REST_AFTER * 2;
+
+    assert_eq!(client.get("/one").await.text(), "GET /one ");
+    // Quiet time is what this test is about: long enough for both hops to rest.
+    tokio::time::sleep(quiet).await;
+    let pipelined = [
+        get("/two"),
+        b"POST /service/web/three HTTP/1.1\r\nHost: mesh\r\nContent-Length: 5\r\n\r\nhello"
+            .to_vec(),
+    ]
+    .concat();
+    client.send(&pipelined).await;
+    let two = client.final_response("GET").await.unwrap();
+    let three = client.final_response("POST").await.unwrap();
+    assert_eq!((two.status, two.text().as_str()), (200, "GET /two "));
+    assert_eq!(
+        (three.status, three.text().as_str()),
+        (200, "POST /three hello")
+    );
+    for answer in [&two, &three] {
+        assert!(answer.header("date").is_none(), "the express lane answered");
+    }
+
+    tokio::time::sleep(quiet).await;
+    client.send(b"GET /service/web/four HTTP/1.1\r\nHo").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.send(b"st: mesh\r\n\r\n").await;
+    let four = client.final_response("GET").await.unwrap();
+    assert_eq!((four.status, four.text().as_str()), (200, "GET /four "));
+    assert!(four.header("date").is_none(), "the express lane answered");
+
+    let received = app.received();
+    assert_eq!(received.len(), 4, "{received:?}");
+    assert_eq!(received[2].body, b"hello");
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_with_a_body_between_gets_on_one_connection_is_forwarded_with_its_body() {
     let app = Scripted::spawn(node_b(), |request| {

@@ -23,7 +23,7 @@ use super::{BodyEnd, ClientBody, Head, Name, Verdict, connection_options, write_
 use crate::access::{AccessLog, Note};
 use crate::contract::request_id_bytes;
 use crate::http1::guard::{Body, HeadCheck, HeadProgress, HeadReader, HeaderSlots, Limits};
-use crate::serve::lane::{End, Lane, Preface, preface};
+use crate::serve::lane::{CROWD, End, Lane, Preface, REST_AFTER, preface};
 use crate::serve::{Answered, Conn, DRAIN_IDLE_GRACE, HEADER_READ_TIMEOUT, Io, access_line};
 
 /// A proxy that takes requests on the express lane.
@@ -41,16 +41,17 @@ pub trait Express: Send + Sync {
 }
 
 /// The read buffer a connection starts with, and the least room a read is given: a request
-/// head (and a small body that came with it) fits; a longer head doubles it. Every connection
-/// holds its buffer for its life, so it is kept to what a request needs.
+/// head (and a small body that came with it) fits; a longer head doubles it. A connection holds
+/// its buffer while a request is under way (a TLS one, which does not rest, for its life), so
+/// it is kept to what a request needs.
 const HEAD_READ: usize = 2048;
 
 /// Names of a client's request headers: the guard's limit, so every head it passes fits.
 const MAX_HEADERS: usize = 100;
 /// Header slots held in the connection's state for the usual head (a browser sends about 15
 /// headers, a service a few): a head with more parses into slots on the heap ([`HeaderSlots`]).
-/// A connection's state holds these for its life, so they are most of what it weighs (a slot
-/// is 32 bytes).
+/// The lane's state holds these while a request is under way, so they are most of what it
+/// weighs (a slot is 32 bytes).
 const INLINE_HEADERS: usize = 32;
 
 /// Serves `stream` on the express lane until it ends or a request needs hyper. The connection
@@ -58,6 +59,8 @@ const INLINE_HEADERS: usize = 32;
 pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
     let Lane {
         opened,
+        first,
+        held,
         stream,
         conn,
         recorder,
@@ -68,11 +71,16 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
     let mut buf: Vec<u8> = Vec::with_capacity(HEAD_READ);
     let mut cancelled = pin!(shutdown.cancelled());
     let mut drain_seen = false;
-    // One timer for the connection's whole life, moved on lazily (see `read_head`).
+    // One timer for the lane's whole life, moved on lazily (see `read_head`).
     let mut deadline = opened + HEADER_READ_TIMEOUT;
-    let mut timer = pin!(tokio::time::sleep_until(deadline));
+    // When the connection rests if nothing of a request came by then.
+    let may_rest = held.is_some();
+    let mut rest_at = may_rest.then(|| opened + REST_AFTER);
+    let mut timer = pin!(tokio::time::sleep_until(
+        rest_at.map_or(deadline, |at| at.min(deadline))
+    ));
     // Only a connection's first bytes can be HTTP/2's preface.
-    let mut sniff = true;
+    let mut sniff = first;
     loop {
         let mut reader = HeadReader::new(limits);
         let wait = Wait {
@@ -80,9 +88,14 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
             drain_seen: &mut drain_seen,
             timer: timer.as_mut(),
         };
-        let read = read_head(stream, &mut buf, &mut reader, wait, deadline, &mut sniff);
+        let due = Due { deadline, rest_at };
+        let read = read_head(stream, &mut buf, &mut reader, wait, due, &mut sniff);
         let end = match read.await {
             Read::Head(end) => end,
+            Read::Rest => {
+                let since = rest_at.map_or(opened, |at| at - REST_AFTER);
+                return End::Rest { since };
+            }
             Read::Http2 => return End::Http2 { rest: buf },
             Read::Refused => return End::Handoff { rest: buf },
             Read::Closed => return End::Closed,
@@ -201,7 +214,12 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
         }
         buf.drain(..end + early);
         buf.extend_from_slice(&rest);
-        deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+        let now = tokio::time::Instant::now();
+        if buf.is_empty() && held.is_some_and(|held| held.load(Ordering::Relaxed) > CROWD) {
+            return End::Rest { since: now };
+        }
+        deadline = now + HEADER_READ_TIMEOUT;
+        rest_at = may_rest.then(|| now + REST_AFTER);
     }
 }
 
@@ -218,12 +236,22 @@ fn takes(head: &Head<'_>, version: Option<u8>) -> bool {
 enum Read {
     /// `buf` starts with a whole head of this many bytes.
     Head(usize),
+    /// Nothing was read by the time the connection may rest.
+    Rest,
     /// `buf` starts with a head the framing guard refuses (it need not be whole).
     Refused,
     /// The connection ended first: closed, failed, or timed out.
     Closed,
     /// `buf` starts with HTTP/2's client preface.
     Http2,
+}
+
+/// When [`read_head`] stops waiting: the head is due by `deadline`; with nothing read by
+/// `rest_at`, the connection rests.
+#[derive(Clone, Copy)]
+struct Due {
+    deadline: tokio::time::Instant,
+    rest_at: Option<tokio::time::Instant>,
 }
 
 /// How long [`read_head`] waits: the connection's shutdown signal and its timer.
@@ -241,15 +269,20 @@ struct Wait<'a, 'c> {
 /// `header_read_timeout` does: a client may not hold a connection open
 /// without sending. Once the drain starts, an idle connection has [`DRAIN_IDLE_GRACE`]. The
 /// connection's one timer is only moved when it fires early, so a request costs a clock read,
-/// not a timer.
+/// not a timer. A lane that may rest has its timer fire at most once per [`REST_AFTER`] while
+/// it is busy, and rests ([`Read::Rest`]) when it fires with nothing read since `rest_at`.
 async fn read_head<S: Io>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     reader: &mut HeadReader,
     wait: Wait<'_, '_>,
-    mut deadline: tokio::time::Instant,
+    due: Due,
     sniff: &mut bool,
 ) -> Read {
+    let Due {
+        mut deadline,
+        rest_at,
+    } = due;
     let Wait {
         mut cancelled,
         drain_seen,
@@ -289,11 +322,21 @@ async fn read_head<S: Io>(
                 }
             }
             () = timer.as_mut() => {
-                if tokio::time::Instant::now() >= deadline {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
                     return Read::Closed;
                 }
-                // Set for an earlier wait: move it to this one's deadline.
-                timer.as_mut().reset(deadline);
+                // Set for an earlier wait: move it to this one's rest, or its deadline.
+                let next = match rest_at {
+                    Some(at) if buf.is_empty() && !*drain_seen => {
+                        if now >= at {
+                            return Read::Rest;
+                        }
+                        at.min(deadline)
+                    }
+                    _ => deadline,
+                };
+                timer.as_mut().reset(next);
             }
         }
     }
