@@ -9,7 +9,8 @@ after each step. Prints KiB per connection: (RSS with N open − RSS with none) 
 
 Usage: bench/idle-memory.py [--skyline PATH] [--no-nginx]
 Skyline closes a connection that sends no whole request head within 10 s (as hyper's
-header_read_timeout does), so each step is measured within a few seconds of opening.
+header_read_timeout does), so each step is measured within a few seconds of opening. The
+reading after the requests waits until RSS has been still for 1.5 s (at most 4 s).
 """
 import argparse, os, resource, shutil, socket, subprocess, sys, tempfile, time
 
@@ -39,15 +40,16 @@ def rss_kib(pid):
     return total
 
 
-def settle(pid):
-    """RSS once it stops moving (bounded: 3 s)."""
-    last = rss_kib(pid)
-    for _ in range(30):
+def settle(pid, quiet=0.1, limit=3.0):
+    """RSS once it has not moved for `quiet` seconds (read every 0.1 s; bounded by `limit`)."""
+    last, still = rss_kib(pid), 0.0
+    for _ in range(int(limit * 10)):
         time.sleep(0.1)
         now = rss_kib(pid)
-        if now == last:
-            return now
+        still = still + 0.1 if now == last else 0.0
         last = now
+        if still >= quiet - 1e-9:
+            break
     return last
 
 
@@ -83,7 +85,9 @@ def measure(name, pid, port, path):
             if not chunk:
                 break
             data += chunk
-    rss = settle(pid)
+    # Skyline drops a quiet connection's request state 1 s after its answer
+    # (`serve::lane::REST_AFTER`); NGINX frees it at once. Read once RSS has been still for 1.5 s.
+    rss = settle(pid, quiet=1.5, limit=4.0)
     n = len(conns)
     rows.append((f"{n} open, {AFTER} after a request", rss, (rss - base) / n))
     idle = rows[-2][1]
