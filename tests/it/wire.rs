@@ -476,6 +476,17 @@ fn node_b() -> IpAddr {
     ip("127.0.0.3")
 }
 
+/// A script answering `200` with `<method> <target> <body>`.
+fn echo_request(request: &Received) -> Vec<Step> {
+    let body = format!(
+        "{} {} {}",
+        request.method,
+        request.target,
+        String::from_utf8_lossy(&request.body)
+    );
+    vec![write(ok(&body))]
+}
+
 /// A script answering `200` with the request target as its body (`Content-Length` framing).
 fn echo_target(request: &Received) -> Vec<Step> {
     vec![write(ok(&request.target))]
@@ -640,15 +651,7 @@ async fn heads_with_few_or_many_headers_reach_the_app_whole_on_the_express_lane_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_quiet_past_its_rest_serves_pipelined_requests_and_split_heads_on_the_express_lane()
  {
-    let app = Scripted::spawn(node_b(), |request| {
-        let body = format!(
-            "{} {} {}",
-            request.method,
-            request.target,
-            String::from_utf8_lossy(&request.body)
-        );
-        vec![write(ok(&body))]
-    });
+    let app = Scripted::spawn(node_b(), echo_request);
     let mesh = mesh_for(app.placement()).await;
     let mut client = Wire::connect(mesh.outbound("a")).await;
     let quiet = skyline::serve::lane::REST_AFTER * 2;
@@ -690,15 +693,7 @@ async fn a_connection_quiet_past_its_rest_serves_pipelined_requests_and_split_he
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_with_a_body_between_gets_on_one_connection_is_forwarded_with_its_body() {
-    let app = Scripted::spawn(node_b(), |request| {
-        let body = format!(
-            "{} {} {}",
-            request.method,
-            request.target,
-            String::from_utf8_lossy(&request.body)
-        );
-        vec![write(ok(&body))]
-    });
+    let app = Scripted::spawn(node_b(), echo_request);
     let mesh = mesh_for(app.placement()).await;
     let mut client = Wire::connect(mesh.outbound("a")).await;
 
