@@ -676,10 +676,12 @@ async fn with_any_one_member_down_an_agent_never_reports_the_catalog_unreachable
         let name = format!("new-{i}");
         services.push(declared(&name, apps[i + 1].addr));
         b.declared.send_replace(services.clone());
+        // b declares it: a's outbound routes it to b, and b's inbound (whose own watch may be
+        // failing over from the member just killed) to the instance.
         eventually(
             Duration::from_secs(30),
-            &format!("a routes {name} with member {i} down"),
-            || routes_to(&a, &name),
+            &format!("a and b route {name} with member {i} down"),
+            || routes_to(&a, &name) && serves(&b, &name),
         )
         .await;
         let reply = client
