@@ -6,12 +6,12 @@
 //! opens with HTTP/2's preface goes to hyper's HTTP/2 server ([`End::Http2`], [`sniff`]).
 //!
 //! On a plain TCP connection the lane also stops between requests ([`End::Rest`]) once the
-//! connection has waited [`REST_AFTER`] with nothing read (at once in a crowd, [`CROWD`]): the serve layer waits for the next
-//! request's bytes holding only the socket and its timers, and then serves the connection on
-//! the lane again. The lane's state (its read buffer, the request's parse and the proxy's
-//! exchange, several KiB) is held by busy connections only, so a keep-alive connection that
-//! made requests and went quiet weighs what one that made none does, and a busy one pays no
-//! allocation per request for it.
+//! connection has waited [`REST_AFTER`] with nothing read (at once in a crowd, [`CROWD`]): the
+//! serve layer waits for the next request's bytes holding only the socket and its timers, and
+//! then serves the connection on the lane again. The lane's state (its read buffer, the
+//! request's parse and the proxy's exchange, several KiB) is held by busy connections only, so
+//! a keep-alive connection that made requests and went quiet weighs what one that made none
+//! does, and a busy one pays no allocation per request for it.
 
 use std::io;
 use std::pin::{Pin, pin};
