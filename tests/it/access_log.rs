@@ -10,7 +10,6 @@ use http::Request;
 use http_body_util::Full;
 use serde_json::Value;
 
-use crate::faults::free_addr;
 use crate::support::*;
 
 const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");

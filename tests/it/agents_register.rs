@@ -420,11 +420,7 @@ async fn sighup_adds_and_removes_declared_services_with_the_embedded_registry_co
 
     // Consul: agent b registers in the registry that agent a runs, and a routes.
     let data_a = dir.path().join("data-a");
-    let registry_port = {
-        let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let registry = format!("127.0.0.2:{registry_port}");
+    let registry = free_addr("127.0.0.2");
     let a_args = vec![
         "--catalog".to_owned(),
         "embedded".into(),

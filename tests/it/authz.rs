@@ -549,8 +549,8 @@ async fn the_bridge_and_the_gateway_enforce_policies_on_calls_to_kubernetes_serv
     let catalog = d.join("catalog.toml");
     std::fs::write(&catalog, "").unwrap();
 
-    let gateway_addr = crate::faults::free_addr("127.0.0.6");
-    let bridge_admin = crate::faults::free_addr("127.0.0.4");
+    let gateway_addr = crate::support::free_addr("127.0.0.6");
+    let bridge_admin = crate::support::free_addr("127.0.0.4");
     let mut bridge = Skyline::start(
         &[
             "bridge",

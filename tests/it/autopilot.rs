@@ -12,7 +12,6 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::faults::free_addr;
 use crate::support::*;
 use skyline::registry::client::RegistryClient;
 

@@ -71,15 +71,6 @@ impl RegistryProcess {
     }
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn get_json(client: &Client, url: &str) -> Option<serde_json::Value> {
     let req = Request::get(url).body(Full::default()).unwrap();
     let reply = client.send(req).await.ok()?;
@@ -202,7 +193,7 @@ impl PatroniNode {
     fn start(name: &str, base: &Path, registry: SocketAddr) -> Self {
         let dir = base.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let (rest, pg) = (free_port(), free_port());
+        let (rest, pg) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
         let config = format!(
             "scope: {SCOPE}\n\
              name: {name}\n\

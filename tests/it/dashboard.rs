@@ -16,7 +16,6 @@ use http::Request;
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::faults::free_addr;
 use crate::support::*;
 use skyline::registry::client::RegistryClient;
 

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Client, TestApp, ip};
+use crate::support::{Client, TestApp, free_port, ip};
 
 /// Where the tests look for etcd; `SKYLINE_TEST_ETCD` overrides.
 const ETCD: &str = "/usr/bin/etcd";
@@ -50,11 +50,6 @@ pub(crate) struct EtcdCluster {
     initial_cluster: String,
     token: String,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 fn etcd_binary() -> PathBuf {
@@ -81,8 +76,8 @@ impl EtcdCluster {
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
+                client_port: free_port("127.0.0.1"),
+                peer_port: free_port("127.0.0.1"),
                 data_dir: dir.path().join(format!("m{i}")),
                 child: None,
             })

@@ -5,7 +5,6 @@
 
 use serde_json::Value;
 
-use crate::faults::free_addr;
 use crate::support::*;
 use crate::upgrade::ClusterDns;
 

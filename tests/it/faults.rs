@@ -247,12 +247,6 @@ async fn a_socket_named_for_no_listener_of_the_role_is_refused_at_start() {
 
 // === The registry down for 30 s ===
 
-/// An address on `ip` that nothing listens on now, to start a process on (and restart it on).
-pub(crate) fn free_addr(ip: &str) -> String {
-    let socket = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
-    socket.local_addr().unwrap().to_string()
-}
-
 /// The agent's `/readyz` until `done` holds for it (bounded: 30 s).
 async fn readyz_until(admin: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let url = format!("http://{admin}/readyz");

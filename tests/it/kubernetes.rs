@@ -9,7 +9,6 @@ use http::Request;
 use http_body_util::Full;
 use serde_json::{Value, json};
 
-use crate::faults::free_addr;
 use crate::support::*;
 use skyline::registry::client::RegistryClient;
 

@@ -611,7 +611,7 @@ async fn outbound_to_gateway_gateway_to_bridge_and_bridge_to_gateway_go_over_str
     std::fs::write(&catalog, text(1)).unwrap();
     let catalog = catalog.to_str().unwrap().to_owned();
 
-    let gateway_addr = crate::faults::free_addr("127.0.0.6");
+    let gateway_addr = crate::support::free_addr("127.0.0.6");
     let m_config = config("m");
     let mut m = Skyline::start(
         &[
@@ -643,7 +643,7 @@ async fn outbound_to_gateway_gateway_to_bridge_and_bridge_to_gateway_go_over_str
     write_atomically(Path::new(&catalog), &text(inbound_m.port()));
 
     let bridge_config = config("br");
-    let bridge_admin = crate::faults::free_addr("127.0.0.4");
+    let bridge_admin = crate::support::free_addr("127.0.0.4");
     let mut bridge = Skyline::start(
         &[
             "bridge",

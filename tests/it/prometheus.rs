@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::faults::free_addr;
 use crate::support::*;
 
 const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");

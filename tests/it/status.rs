@@ -225,7 +225,7 @@ async fn status_shows_the_one_frozen_agent_lagging_on_its_old_version_until_it_c
 async fn skyline_ups_own_agent_reports_the_registrys_newest_version_like_an_agent_following_it_over_http()
  {
     let dir = tempfile::tempdir().unwrap();
-    let registry = crate::faults::free_addr("127.0.0.1");
+    let registry = crate::support::free_addr("127.0.0.1");
     let data = dir.path().join("up");
     let _up = Skyline::start(
         &[

@@ -702,7 +702,7 @@ impl Skyline {
     /// Starts `skyline registry` (node name `registry`) on a free loopback port with its data
     /// in `dir/registry`, and waits until it serves; returns it and its address.
     pub async fn registry(dir: &std::path::Path) -> (Self, String) {
-        let addr = crate::faults::free_addr("127.0.0.1");
+        let addr = free_addr("127.0.0.1");
         let data = dir.join("registry");
         let args = ["registry", "--listen", &addr, "--data-dir"];
         let data = data.to_str().unwrap();
@@ -791,6 +791,44 @@ impl Skyline {
             .unwrap();
         assert!(status.success(), "{status}");
     }
+}
+
+/// A port on `ip` that nothing listens on now, for a process the test starts (and may restart)
+/// on it.
+///
+/// Binding `:0` and closing would hand out a port from the kernel's ephemeral range, where any
+/// outgoing connection of this run (hundreds per test) can be given it before the process binds.
+/// These ports come from just below that range instead, which `connect` never picks, and from a
+/// counter, so no two tests of this run get the same one; a bind checks each is free now.
+pub fn free_port(ip: &str) -> u16 {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = ephemeral.saturating_sub(1024).min(10_000);
+    if span < 100 {
+        // No room below the ephemeral range: the kernel's choice.
+        let socket = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
+        return socket.local_addr().unwrap().port();
+    }
+    // Runs started side by side (two checkouts) begin at different places.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = ephemeral - span + start.wrapping_add(n) % span;
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} below {ephemeral}");
+}
+
+/// `ip:port` with a [`free_port`].
+pub fn free_addr(ip: &str) -> String {
+    format!("{ip}:{}", free_port(ip))
 }
 
 /// A listening socket as a supervisor holds it: bound once, with a deep backlog for the
