@@ -17,7 +17,7 @@ use crate::admin::Admin;
 use crate::catalog::{self, CatalogSource, Subscriber, first_snapshot, follow, follow_catalog};
 use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
-use crate::proxy::inbound::Inbound;
+use crate::proxy::inbound::{self, Inbound};
 use crate::proxy::outbound::Outbound;
 use crate::proxy::resilience::{self, Policies, SharedPolicies};
 use crate::registration;
@@ -363,7 +363,11 @@ pub async fn start(
         ));
     }
     if let Some(listener) = listeners.inbound {
-        let handler = Inbound::new(routes.clone(), local, policies.clone(), authz.clone());
+        let own = inbound::Own {
+            services: declared.subscribe(),
+            node_address: settings.node_address,
+        };
+        let handler = Inbound::new(routes.clone(), local, policies.clone(), authz.clone(), own);
         let recorder = Recorder::new(Role::Inbound, metrics.clone()).with_access(access.clone());
         tasks.spawn(serve::serve_mesh(
             listener,

@@ -2,6 +2,7 @@
 //! as `/<rest>?<query>` (`/service/x` and `/service/x/` both become `/`).
 
 use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio::sync::watch;
 
 use super::express::Name;
 use super::express::{ClientBody, Head, Verdict};
@@ -19,7 +21,8 @@ use crate::access::{Note, Tag};
 use crate::authz::{Authz, X_SKYLINE_CALLER, asserted_caller};
 use crate::catalog::ServiceName;
 use crate::metrics::{ServiceLabel, known_service, service_label};
-use crate::routing::{Lookup, Protocol, Route, Routes};
+use crate::registration::Declared;
+use crate::routing::{Endpoint, Lookup, Protocol, Route, Routes, declared_protocol};
 use crate::serve::{Conn, Proxy};
 
 #[derive(Clone)]
@@ -32,6 +35,14 @@ struct Inner {
     forwarder: Forwarder,
     policies: SharedPolicies,
     authz: Authz,
+    own: Own,
+}
+
+/// The services this node's agent declares (`[[service]]`), and the node's address (where a
+/// declared instance without an address listens); see `Inbound::declared_route`.
+pub struct Own {
+    pub services: watch::Receiver<Vec<Declared>>,
+    pub node_address: IpAddr,
 }
 
 impl Inbound {
@@ -40,6 +51,7 @@ impl Inbound {
         forwarder: Forwarder,
         policies: SharedPolicies,
         authz: Authz,
+        own: Own,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -47,6 +59,7 @@ impl Inbound {
                 forwarder,
                 policies,
                 authz,
+                own,
             }),
         }
     }
@@ -66,7 +79,11 @@ impl Proxy for Inbound {
             Ok(split) => split,
             Err(e) => return e.into_response(""),
         };
-        let (route, known) = match self.local_route(name) {
+        let found = self.local_route(name).or_else(|e| match e {
+            MeshError::UnknownService => self.declared_route(name).ok_or(e),
+            e => Err(e),
+        });
+        let (route, known) = match found {
             Ok(found) => found,
             Err(_) => match self.local_route_after_catch_up(name).await {
                 Ok(found) => found,
@@ -231,6 +248,35 @@ impl Inbound {
         // A routed service is one the table knows.
         let known = known_service(&table, name).ok_or(MeshError::UnknownService)?;
         Ok((route, known))
+    }
+
+    /// The instances of `name` the agent declares, addressed directly, for a service this node's
+    /// catalog does not show here.
+    ///
+    /// Another node's outbound proxy routes here from its catalog, and this node's can lag
+    /// behind: its etcd watch failing over to another member, or a `[[service]]` added on
+    /// SIGHUP while the registry is down (the agent keeps its last good catalog). The
+    /// declaration is what the agent registers, so the inbound serves it rather than answering
+    /// 404. Once the catalog shows the service on this node, the catalog rules: an instance
+    /// whose check is critical is not routed, whatever the declaration says.
+    fn declared_route(&self, name: &str) -> Option<(Arc<Route>, ServiceName)> {
+        let own = &self.inner.own;
+        let declared = own.services.borrow();
+        let mut known = None;
+        let endpoints = declared
+            .iter()
+            .filter(|d| d.name.as_str() == name)
+            .map(|d| {
+                known.get_or_insert_with(|| d.name.clone());
+                let addr = SocketAddr::new(d.address.unwrap_or(own.node_address), d.port);
+                let protocol = declared_protocol(
+                    d.meta.get("protocol").map(String::as_str),
+                    d.tags.iter().map(String::as_str),
+                );
+                Endpoint::new(addr, 1).speaking(protocol)
+            })
+            .collect();
+        Some((Arc::new(Route::new(endpoints)), known?))
     }
 
     /// Looks again after each route-table swap, for at most [`CATALOG_SKEW`].

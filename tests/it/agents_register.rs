@@ -22,6 +22,7 @@ const LEASE_TTL: Duration = Duration::from_secs(10);
 struct Agent {
     child: Child,
     outbound: String,
+    inbound: String,
     admin: String,
     log: StderrLog,
     config: PathBuf,
@@ -48,6 +49,7 @@ impl Agent {
         let field = |k: &str| started[k].as_str().unwrap().to_owned();
         Self {
             outbound: field("outbound"),
+            inbound: field("inbound"),
             admin: field("admin"),
             child,
             log,
@@ -449,4 +451,148 @@ async fn sighup_adds_and_removes_declared_services_with_the_embedded_registry_co
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = EtcdCluster::start(3).await;
     sighup_adds_and_removes_a_service(&etcd_args(&cluster), dir.path(), None).await;
+}
+
+/// Agent b follows a registry that goes down; on SIGHUP it declares a new service, `late`,
+/// which it cannot register, so b's catalog (its last good one) does not show it. Agent a
+/// routes `late` to b all the same: its own catalog has it (a file here, standing for a peer
+/// whose catalog is ahead of b's, as when b's etcd watch is failing over). b's inbound serves
+/// what b declares, refuses what it does not, and once the registry is back and b's catalog
+/// shows the instance, the catalog's health rules over the declaration; a declaration removed
+/// on SIGHUP is routed no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_the_catalog_says_otherwise()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let web = TestApp::spawn("web", ip("127.0.0.3"));
+    let late = TestApp::spawn("late", ip("127.0.0.3"));
+    let registry_addr = free_addr("127.0.0.3");
+    let data = dir.path().join("registry");
+    let registry_args = [
+        "registry",
+        "--listen",
+        &registry_addr,
+        "--node-name",
+        "registry",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let mut registry = Skyline::start(&registry_args, &[]);
+    registry.log.wait_for("registry started").await;
+    let consul = ["--catalog", "consul", "--consul", &registry_addr].map(String::from);
+    let b_config = write_config(dir.path(), "b.toml", &service_toml("web", &web));
+    let mut b = Agent::start("b", "127.0.0.3", &consul, b_config).await;
+    let client = Client::new();
+    let services = |n: u64| move |ready: &serde_json::Value| ready["services"] == n;
+    // web and b's admin listener (`skyline-admin`).
+    readyz_until(&b, &client, "b's catalog shows web", services(2)).await;
+
+    let (_, inbound_port) = b.inbound.rsplit_once(':').unwrap();
+    let catalog = format!(
+        "[[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {inbound_port}\n\n\
+         [[service]]\nname = \"late\"\nnode = \"b\"\nport = {port}\n\n\
+         [[service]]\nname = \"undeclared\"\nnode = \"b\"\nport = {port}\n",
+        port = late.addr.port()
+    );
+    let catalog = write_config(dir.path(), "catalog.toml", &catalog);
+    let file = [
+        "--catalog",
+        "file",
+        "--catalog-file",
+        catalog.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let a = Agent::start(
+        "a",
+        "127.0.0.2",
+        &file,
+        write_config(dir.path(), "a.toml", ""),
+    )
+    .await;
+
+    registry.sigterm();
+    registry.exited_cleanly().await;
+    b.reload(&(service_toml("web", &web) + &service_toml("late", &late)))
+        .await;
+    let ready = b.readyz(&client).await;
+    assert_eq!(
+        ready["services"], 2,
+        "b's last catalog, without late: {ready}"
+    );
+    let reply = a.get(&client, "late").await;
+    assert_eq!(
+        reply.status, 200,
+        "b's inbound serves its declared late: {reply:?}"
+    );
+    assert_eq!(reply.body, "late /x", "through b's inbound to the app");
+    let reply = a.get(&client, "undeclared").await;
+    assert_eq!(
+        reply.mesh_error(),
+        Some("unknown-service"),
+        "b neither declares nor knows it: {reply:?}"
+    );
+
+    // The registry is back: b registers late, and its catalog shows it.
+    let mut registry = Skyline::start(&registry_args, &[]);
+    registry.log.wait_for("registry started").await;
+    readyz_until(&b, &client, "b's catalog shows web and late", services(3)).await;
+    // late goes down: its TTL check turns critical, and once the inbound's drain grace for the
+    // route it served is over, b answers from the catalog (no healthy instance) instead of
+    // dialling the declared address.
+    late.stop().await;
+    inbound_until(
+        &b,
+        "late",
+        "b refuses late once its check is critical",
+        |r| r.mesh_error() == Some("no-healthy-endpoint"),
+    )
+    .await;
+    // Declared no more: deregistered, and neither the catalog nor the declaration routes it.
+    b.reload(&service_toml("web", &web)).await;
+    inbound_until(
+        &b,
+        "late",
+        "b forgets late once it no longer declares it",
+        |r| r.mesh_error() == Some("unknown-service"),
+    )
+    .await;
+    a.stop().await;
+    b.stop().await;
+    web.stop().await;
+    registry.sigterm();
+    registry.exited_cleanly().await;
+}
+
+/// Polls `agent`'s inbound for `service` every 50 ms until `done` holds for the reply
+/// (bounded: 30 s).
+async fn inbound_until(agent: &Agent, service: &str, what: &str, done: impl Fn(&Reply) -> bool) {
+    let client = Client::new();
+    let url = format!("http://{}/service/{service}/x", agent.inbound);
+    let mut reply = client.get(&url).await;
+    for _ in 0..600 {
+        if done(&reply) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reply = client.get(&url).await;
+    }
+    panic!("{what}: not within 30 s; last reply {reply:?}");
+}
+
+/// Polls `agent`'s `/readyz` every 50 ms until `done` holds (bounded: 30 s).
+async fn readyz_until(
+    agent: &Agent,
+    client: &Client,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
+    let mut ready = serde_json::Value::Null;
+    for _ in 0..600 {
+        ready = agent.readyz(client).await;
+        if done(&ready) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 30 s; last /readyz {ready}");
 }
