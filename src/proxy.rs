@@ -535,6 +535,9 @@ impl Forwarder {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let (mut refused, mut retries) = (0, 0);
         let mut last: Option<(Retry, Option<MeshError>)> = None;
+        // The last attempt's answer when a later hop sent the request to no instance: relayed
+        // when no endpoint is left to try, as it says why (no healthy instance there, say).
+        let mut unsent: Option<E::Response> = None;
         loop {
             let again = last.as_ref().is_some_and(|(why, _)| !why.never_sent());
             // The first attempt starts when the request did (one clock read less).
@@ -561,12 +564,16 @@ impl Forwarder {
                     );
                     dest.route = fallback[stage];
                     stage += 1;
+                    unsent = None;
                     (refused, clean) = (0, true);
                     tried.clear();
                     continue;
                 }
             }
             let Some(choice) = self.choose(&dest, &tried, again, now_ns) else {
+                if let Some(answer) = unsent {
+                    return Ok(answer);
+                }
                 return Err(last
                     .and_then(|(_, e)| e)
                     .unwrap_or(MeshError::NoHealthyEndpoint));
@@ -599,6 +606,7 @@ impl Forwarder {
             };
             trail.upstream = Some(endpoint.addr);
             trail.attempts += 1;
+            unsent = None;
             let sent = exchange.send(endpoint.addr, headers, limits);
             let (retry, error) = match tokio::time::timeout_at(attempt_deadline, sent).await {
                 // A later hop sent it to no instance: as good as refused, when it can go again.
@@ -611,6 +619,7 @@ impl Forwarder {
                     if refused >= MAX_CONNECT_ATTEMPTS && stage >= fallback.len() {
                         return Ok(response);
                     }
+                    unsent = Some(response);
                     (Retry::Unsent, Some(MeshError::UpstreamConnect(error)))
                 }
                 Ok(Ok(response)) => {

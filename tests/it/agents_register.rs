@@ -538,22 +538,25 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     readyz_until(&b, &client, "b's catalog shows web and late", services(3)).await;
     // late goes down: its TTL check turns critical, and once the inbound's drain grace for the
     // route it served is over, b answers from the catalog (no healthy instance) instead of
-    // dialling the declared address.
+    // dialling the declared address; a, with no other node to try, relays b's answer.
     late.stop().await;
-    inbound_until(
-        &b,
+    let limit = Duration::from_secs(30);
+    wait_reply(
+        &a,
         "late",
+        limit,
         "b refuses late once its check is critical",
-        |r| r.mesh_error() == Some("no-healthy-endpoint"),
+        |r| r.status == 503 && r.mesh_error() == Some("no-healthy-endpoint"),
     )
     .await;
     // Declared no more: deregistered, and neither the catalog nor the declaration routes it.
     b.reload(&service_toml("web", &web)).await;
-    inbound_until(
-        &b,
+    wait_reply(
+        &a,
         "late",
+        limit,
         "b forgets late once it no longer declares it",
-        |r| r.mesh_error() == Some("unknown-service"),
+        |r| r.status == 404 && r.mesh_error() == Some("unknown-service"),
     )
     .await;
     a.stop().await;
@@ -561,22 +564,6 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     web.stop().await;
     registry.sigterm();
     registry.exited_cleanly().await;
-}
-
-/// Polls `agent`'s inbound for `service` every 50 ms until `done` holds for the reply
-/// (bounded: 30 s).
-async fn inbound_until(agent: &Agent, service: &str, what: &str, done: impl Fn(&Reply) -> bool) {
-    let client = Client::new();
-    let url = format!("http://{}/service/{service}/x", agent.inbound);
-    let mut reply = client.get(&url).await;
-    for _ in 0..600 {
-        if done(&reply) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        reply = client.get(&url).await;
-    }
-    panic!("{what}: not within 30 s; last reply {reply:?}");
 }
 
 /// Polls `agent`'s `/readyz` every 50 ms until `done` holds (bounded: 30 s).
