@@ -6,7 +6,11 @@
 # requests served) is much less sensitive to other load, so it can guide work on a busy one.
 # Printed split into user space (the proxy's own code and libc) and the kernel (the socket
 # system calls, loopback TCP for both ends of each send, wake-ups): the kernel's share says how
-# much a faster proxy can gain at all.
+# much a faster proxy can gain at all. Beside it, what the kernel is asked to do per request:
+# the system calls of both hops (counted by `perf stat` on the raw_syscalls tracepoint, when
+# perf is installed: `apt-get install linux-perf`) and the TCP segments the whole machine sent
+# (`nstat`'s TcpOutSegs: 6 is the least for three connections carrying a request and an answer,
+# so anything more is a pure ACK or a split message).
 # Usage: bench/cpu-cost.sh [seconds per run, default 6] [repeats, default 3]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,14 +58,30 @@ run() { # mode → prints "mode µs/request rps"
   for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:5040/service/bench/ && break; sleep 0.1; done
   local p; for p in "${mp[@]}"; do [ -e "/proc/$p" ] || { echo "$mode: process $p is not running" >&2; exit 1; }; done
   taskset -c 1 wrk -t1 -c64 -d1s http://127.0.0.1:5040/service/bench/ >/dev/null
+  local counting=()
+  if command -v perf >/dev/null; then
+    local all; all=$(for p in "${mp[@]}"; do echo "$p"; pgrep -P "$p" || true; done | paste -sd,)
+    perf stat -x, -e raw_syscalls:sys_enter -p "$all" -o "$work/syscalls" &
+    counting=($!)
+  fi
+  nstat -n
   local u0 s0 u1 s1; read -r u0 s0 < <(ticks "${mp[@]}")
   local out; out=$(taskset -c 1 timeout $((secs + 20)) wrk -t1 -c64 -d"${secs}s" http://127.0.0.1:5040/service/bench/)
   read -r u1 s1 < <(ticks "${mp[@]}")
+  local segs; segs=$(nstat TcpOutSegs | awk '/TcpOutSegs/ {print $2}')
+  local calls=-
+  if [ ${#counting[@]} -gt 0 ]; then
+    kill -INT "${counting[@]}"; wait "${counting[@]}" 2>/dev/null || true
+    calls=$(awk -F, '/raw_syscalls/ {print $1}' "$work/syscalls")
+  fi
   local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  local us=$(( (u1 - u0) * 1000000 / hz / reqs )) ks=$(( (s1 - s0) * 1000000 / hz / reqs ))
-  echo "$mode $((us + ks)) $us $ks $rps"
+  awk -v m="$mode" -v u=$((u1 - u0)) -v k=$((s1 - s0)) -v hz="$hz" -v r="$reqs" -v rps="$rps" \
+    -v c="$calls" -v g="${segs:-0}" 'BEGIN {
+      us = u * 1e6 / hz / r; ks = k * 1e6 / hz / r
+      printf "%s %.1f %.1f %.1f %s %s %.2f\n", m, us + ks, us, ks, rps,
+        (c == "-" ? "-" : sprintf("%.2f", c / r)), g / r }'
   kill "${mp[@]}" 2>/dev/null || true; wait "${mp[@]}" 2>/dev/null || true
 }
-echo "mode cpu_us_per_request user_us kernel_us rps"
+echo "mode cpu_us_per_request user_us kernel_us rps syscalls_per_request tcp_segments_per_request"
 for _ in $(seq "$repeats"); do for mode in ${MODES:-nginx candidate}; do run "$mode"; done; done
