@@ -446,11 +446,7 @@ fn serve_tls<H: Handler>(
 ) -> impl Future<Output = ()> + Send {
     async move {
         if H::EXPRESS {
-            let timer = pin!(tokio::time::sleep_until(
-                served.opened + HEADER_READ_TIMEOUT
-            ));
-            let cancelled = pin!(served.cancelled.cancelled());
-            let mut waits = Waits::new(timer, cancelled);
+            let waits = pin!(Waits::new(served.opened, &served.cancelled));
             if !waits.bytes(&stream, served.opened, Readiness::Peek).await {
                 return;
             }
@@ -492,14 +488,14 @@ fn serve_plain<H: Handler>(
             return Box::pin(serve_connection(stream, conn, handler, served)).await;
         }
         let lane_end = 'lane: {
-            let timer = pin!(tokio::time::sleep_until(
-                served.opened + HEADER_READ_TIMEOUT
-            ));
-            let cancelled = pin!(served.cancelled.cancelled());
-            let mut waits = Waits::new(timer, cancelled);
+            let mut waits = pin!(Waits::new(served.opened, &served.cancelled));
             // A peek first: tokio takes an accepted stream as readable until a read says
             // otherwise, and a peek is that read (it leaves the bytes for the lane).
-            if !waits.bytes(&stream, served.opened, Readiness::Peek).await {
+            if !waits
+                .as_mut()
+                .bytes(&stream, served.opened, Readiness::Peek)
+                .await
+            {
                 return;
             }
             if !handler.express_lane() {
@@ -526,7 +522,7 @@ fn serve_plain<H: Handler>(
                     end => break Some(end),
                 }
                 first = false;
-                if !waits.bytes(&stream, since, Readiness::Poll).await {
+                if !waits.as_mut().bytes(&stream, since, Readiness::Poll).await {
                     return;
                 }
             }
@@ -547,23 +543,25 @@ enum Readiness {
     Poll,
 }
 
-/// The waits of a connection between requests: one timer and one drain signal for its life,
-/// so that a rest costs neither a timer nor a new waiter (the timer is moved on only when it
-/// fires early).
-struct Waits<'a, 'c> {
-    timer: Pin<&'a mut tokio::time::Sleep>,
-    cancelled: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'c>>,
-    drain_seen: bool,
+pin_project_lite::pin_project! {
+    /// The waits of a connection between requests: one timer and one drain signal for its
+    /// life, so that a rest costs neither a timer nor a new waiter (the timer is moved on only
+    /// when it fires early).
+    struct Waits<'c> {
+        #[pin]
+        timer: tokio::time::Sleep,
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFuture<'c>,
+        drain_seen: bool,
+    }
 }
 
-impl<'a, 'c> Waits<'a, 'c> {
-    fn new(
-        timer: Pin<&'a mut tokio::time::Sleep>,
-        cancelled: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'c>>,
-    ) -> Self {
+impl<'c> Waits<'c> {
+    /// For a connection accepted at `opened` that drains on `cancelled`.
+    fn new(opened: tokio::time::Instant, cancelled: &'c CancellationToken) -> Self {
         Self {
-            timer,
-            cancelled,
+            timer: tokio::time::sleep_until(opened + HEADER_READ_TIMEOUT),
+            cancelled: cancelled.cancelled(),
             drain_seen: false,
         }
     }
@@ -572,15 +570,16 @@ impl<'a, 'c> Waits<'a, 'c> {
     /// does within [`HEADER_READ_TIMEOUT`] of `since`, or within [`DRAIN_IDLE_GRACE`] of the
     /// drain's start, as the express lane allows a connection that has not sent a whole head.
     async fn bytes(
-        &mut self,
+        self: Pin<&mut Self>,
         stream: &tokio::net::TcpStream,
         since: tokio::time::Instant,
         how: Readiness,
     ) -> bool {
+        let mut this = self.project();
         let mut deadline = since + HEADER_READ_TIMEOUT;
-        if self.drain_seen {
+        if *this.drain_seen {
             deadline = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
-            self.timer.as_mut().reset(deadline);
+            this.timer.as_mut().reset(deadline);
         }
         let mut byte = [0u8; 1];
         loop {
@@ -592,20 +591,21 @@ impl<'a, 'c> Waits<'a, 'c> {
                         .is_ok(),
                 }
             };
+            let drain_seen = *this.drain_seen;
             tokio::select! {
                 biased;
                 ready = ready => return ready,
-                () = self.cancelled.as_mut(), if !self.drain_seen => {
-                    self.drain_seen = true;
+                () = this.cancelled.as_mut(), if !drain_seen => {
+                    *this.drain_seen = true;
                     deadline = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
-                    self.timer.as_mut().reset(deadline);
+                    this.timer.as_mut().reset(deadline);
                 }
-                () = self.timer.as_mut() => {
+                () = this.timer.as_mut() => {
                     if tokio::time::Instant::now() >= deadline {
                         return false;
                     }
                     // Set for an earlier wait: move it to this one's deadline.
-                    self.timer.as_mut().reset(deadline);
+                    this.timer.as_mut().reset(deadline);
                 }
             }
         }
