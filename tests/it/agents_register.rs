@@ -485,7 +485,7 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     let client = Client::new();
     let services = |n: u64| move |ready: &serde_json::Value| ready["services"] == n;
     // web and b's admin listener (`skyline-admin`).
-    readyz_until(&b, &client, "b's catalog shows web", services(2)).await;
+    readyz_until(&b.admin, services(2)).await;
 
     let (_, inbound_port) = b.inbound.rsplit_once(':').unwrap();
     let catalog = format!(
@@ -535,7 +535,7 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     // The registry is back: b registers late, and its catalog shows it.
     let mut registry = Skyline::start(&registry_args, &[]);
     registry.log.wait_for("registry started").await;
-    readyz_until(&b, &client, "b's catalog shows web and late", services(3)).await;
+    readyz_until(&b.admin, services(3)).await;
     // late goes down: its TTL check turns critical, and once the inbound's drain grace for the
     // route it served is over, b answers from the catalog (no healthy instance) instead of
     // dialling the declared address; a, with no other node to try, relays b's answer.
@@ -564,22 +564,4 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     web.stop().await;
     registry.sigterm();
     registry.exited_cleanly().await;
-}
-
-/// Polls `agent`'s `/readyz` every 50 ms until `done` holds (bounded: 30 s).
-async fn readyz_until(
-    agent: &Agent,
-    client: &Client,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) {
-    let mut ready = serde_json::Value::Null;
-    for _ in 0..600 {
-        ready = agent.readyz(client).await;
-        if done(&ready) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not within 30 s; last /readyz {ready}");
 }

@@ -247,19 +247,6 @@ async fn a_socket_named_for_no_listener_of_the_role_is_refused_at_start() {
 
 // === The registry down for 30 s ===
 
-/// The agent's `/readyz` until `done` holds for it (bounded: 30 s).
-async fn readyz_until(admin: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let url = format!("http://{admin}/readyz");
-    for _ in 0..150 {
-        let ready = get_json(&url).await;
-        if done(&ready) {
-            return ready;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("{url} never reached the expected state");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registry_down_for_30s_under_load_fails_no_request() {
     const DOWN: Duration = Duration::from_secs(30);

@@ -851,6 +851,24 @@ pub fn port(socket: &std::net::TcpListener) -> u16 {
     socket.local_addr().unwrap().port()
 }
 
+/// The agent's `/readyz` at `admin` until `done` holds for it (bounded: 30 s).
+pub async fn readyz_until(
+    admin: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let url = format!("http://{admin}/readyz");
+    let client = Client::new();
+    let mut ready = serde_json::Value::Null;
+    for _ in 0..150 {
+        ready = client.get(&url).await.json();
+        if done(&ready) {
+            return ready;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{url} never reached the expected state; last {ready}");
+}
+
 /// Waits until `url` answers 200 (bounded: 20 s).
 pub async fn until_ok(url: &str) {
     let client = Client::new();
