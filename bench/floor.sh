@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The ceiling of any proxy on the socket interface on this machine: mesh-bench's two hops run
+# by bench/relay-floor.c (one read() and one write() per message, no HTTP, no routing; see its
+# header) as the candidate, against NGINX in the same run. Skyline's ratio to NGINX cannot
+# exceed the relay's by much: whatever the relay leaves is the kernel's share.
+# Usage: bench/floor.sh [repeats, default 5] [seconds, default 10] [mesh-bench options, e.g. --post 1024]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repeats="${1:-5}" secs="${2:-10}"
+shift $(( $# > 2 ? 2 : $# ))
+bench="${MESH_BENCH:-$root/../shared/bench/mesh-bench.sh}"
+"$root/scripts/install-deps" bench
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cc -O2 -Wall -o "$work/relay-floor" "$root/bench/relay-floor.c"
+up="$work/relay-up.sh"
+cat >"$up" <<UP
+"$work/relay-floor" \$BENCH_OUT_PORT \$BENCH_IN_PORT & echo \$! >>"\$BENCH_DIR/candidate.pids"
+"$work/relay-floor" \$BENCH_IN_PORT \${BENCH_BACKEND##*:} & echo \$! >>"\$BENCH_DIR/candidate.pids"
+UP
+CANDIDATE_UP="bash $up" bash "$bench" --modes nginx,candidate --repeat "$repeats" --duration "$secs" "$@" \
+  >"$work/summary" 2>"$work/runs" || { cat "$work/runs" >&2; exit 1; }
+python3 - "$work/summary" "$work/runs" <<'PY'
+import json, sys
+medians = {r["mode"]: r for r in map(json.loads, open(sys.argv[1]))}
+runs = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
+by = lambda mode: {r["repeat"]: r["rps"] for r in runs if r["mode"] == mode}
+nginx, floor = by("nginx"), by("candidate")
+per = ", ".join(f"{floor[k] / nginx[k]:.2f}" for k in sorted(nginx) if nginx[k] and k in floor)
+n, f = medians["nginx"], medians["candidate"]
+print(f"NGINX {n['rps']:,.0f} rps p99 {n['p99_ms']} ms; relay floor {f['rps']:,.0f} rps p99 {f['p99_ms']} ms;"
+      f" floor/NGINX {f['rps'] / n['rps']:.2f}x (per repeat: {per})")
+PY
