@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
 use crate::admin::Admin;
-use crate::catalog::{self, CatalogSource, Subscriber, first_snapshot, follow, follow_catalog};
+use crate::catalog::{
+    self, CatalogSource, FirstReadError, Subscriber, first_snapshot, follow, follow_catalog,
+};
 use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::{self, Inbound};
@@ -142,6 +144,20 @@ fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
     listener.as_ref().and_then(|l| l.local_addr().ok())
 }
 
+/// Whether the agent starts without its catalog after `first` read failed: only for a catalog
+/// on other machines (Consul, etcd) that did not answer, not one that refused the agent.
+fn serves_before_first_read(
+    source: &CatalogSource,
+    first: &FirstReadError,
+    shutdown: &CancellationToken,
+) -> bool {
+    let remote = matches!(
+        source,
+        CatalogSource::Consul(_) | CatalogSource::Etcd { .. }
+    );
+    remote && !first.refused && !shutdown.is_cancelled()
+}
+
 /// Binds the listeners and starts the agent; see [`start`].
 pub async fn spawn(
     settings: Settings,
@@ -152,7 +168,9 @@ pub async fn spawn(
 }
 
 /// Starts following the catalog, waits for its first snapshot, then serves the listeners.
-/// A catalog that cannot be read at start is an error; later failures keep the last good one.
+/// A catalog file or registry that cannot be read at start, or a catalog that refuses the
+/// agent, is an error; a Consul or etcd that does not answer is not (the agent serves without
+/// it until it does, see [`serves_before_first_read`]). Later failures keep the last good one.
 pub async fn start(
     settings: Settings,
     mut listeners: Listeners,
@@ -194,11 +212,27 @@ pub async fn start(
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
     let first = tokio::select! {
         first = first_snapshot(subscriber.clone()) => first,
-        () = shutdown.cancelled() => Err("stopped before the catalog answered".to_owned()),
+        () = shutdown.cancelled() => Err(FirstReadError {
+            error: "stopped before the catalog answered".to_owned(),
+            refused: false,
+        }),
     };
     let snapshot = match first {
-        Ok(snapshot) => snapshot,
-        Err(error) => {
+        Ok(snapshot) => Some(snapshot),
+        // A catalog on other machines that has not answered yet does not leave the node's
+        // applications without a mesh: the agent serves without it (not ready; unknown
+        // services go to the catch-all, its declared services are served to peers) and routes
+        // by the catalog once it answers. A refusal (the token), a bad file, or the registry
+        // in this process failing is an error.
+        Err(first) if serves_before_first_read(&settings.catalog, &first, &shutdown) => {
+            tracing::warn!(
+                catalog = %source_name,
+                error = %first.error,
+                "the catalog has not answered; serving without it until it does"
+            );
+            None
+        }
+        Err(first) => {
             shutdown.cancel();
             registry_stop.cancel();
             // The registry's files are closed before the caller hears of the failure.
@@ -206,19 +240,28 @@ pub async fn start(
                 registry.join().await;
             }
             crate::serve::join_all(&mut tasks).await;
-            return Err(StartError::Catalog { source_name, error });
+            return Err(StartError::Catalog {
+                source_name,
+                error: first.error,
+            });
         }
     };
 
-    let routes = Arc::new(Routes::new(Table::build_after(
-        &Table::default(),
-        &snapshot,
-        &settings.node_name,
-        settings.policy,
-        std::time::Instant::now(),
-    )));
+    let table = match &snapshot {
+        Some(snapshot) => Table::build_after(
+            &Table::default(),
+            snapshot,
+            &settings.node_name,
+            settings.policy,
+            std::time::Instant::now(),
+        ),
+        None => Table::default(),
+    };
+    let routes = Arc::new(Routes::new(table));
     let (applied, applied_rx) = watch::channel(None);
-    catalog::mark_applied(&applied, &subscriber.borrow());
+    if snapshot.is_some() {
+        catalog::mark_applied(&applied, &subscriber.borrow());
+    }
     tasks.spawn(routing::follow(
         subscriber.clone(),
         routes.clone(),

@@ -636,8 +636,9 @@ pub async fn spawn_on(
                 &mut tasks,
                 &shutdown,
             );
-            if let Err(error) = crate::catalog::first_snapshot(subscriber.clone()).await {
+            if let Err(first) = crate::catalog::first_snapshot(subscriber.clone()).await {
                 shutdown.cancel();
+                let error = first.error;
                 return Err(StartError::Catalog { source_name, error }.into());
             }
             catalog_name = source_name;

@@ -10,7 +10,9 @@ pub mod file;
 mod follow;
 
 pub use crate::contract::{InvalidServiceName, ServiceName};
-pub use follow::{CatalogSource, FIRST_CATALOG_TIMEOUT, first_snapshot, follow, follow_catalog};
+pub use follow::{
+    CatalogSource, FIRST_CATALOG_TIMEOUT, FirstReadError, first_snapshot, follow, follow_catalog,
+};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -363,6 +365,9 @@ pub struct CatalogState {
     pub updated_wall: Option<SystemTime>,
     /// The last error, cleared by the next good snapshot.
     pub error: Option<String>,
+    /// Whether that error is the source refusing this reader (Consul's 401 or 403: a missing
+    /// or wrong token), which waiting does not mend, rather than the source being unreachable.
+    pub refused: bool,
     /// The catalog version the snapshot reflects, when the source numbers its states: the
     /// highest `X-Consul-Index` of the registry answers it was built from (the in-process
     /// registry computes the same from its state), or the etcd revision the snapshot
@@ -417,6 +422,7 @@ pub fn channel() -> (Publisher, Subscriber) {
         updated: None,
         updated_wall: None,
         error: None,
+        refused: false,
         version: None,
     });
     (Publisher { tx }, rx)
@@ -447,6 +453,7 @@ impl Publisher {
                 },
             };
             let had_error = state.error.take().is_some();
+            state.refused = false;
             let moved = version.is_some() && state.version != version;
             if moved {
                 state.version = version;
@@ -462,10 +469,21 @@ impl Publisher {
 
     /// Records a failure; the last good snapshot stays in force.
     pub fn fail(&self, error: impl fmt::Display) {
-        let error = error.to_string();
+        self.failed(error.to_string(), false);
+    }
+
+    /// Records that the source refused this reader (see [`CatalogState::refused`]); the last
+    /// good snapshot stays in force.
+    pub fn refuse(&self, error: impl fmt::Display) {
+        self.failed(error.to_string(), true);
+    }
+
+    fn failed(&self, error: String, refused: bool) {
         self.tx.send_if_modified(|state| {
-            let changed = state.error.as_deref() != Some(error.as_str());
+            let changed =
+                state.error.as_deref() != Some(error.as_str()) || state.refused != refused;
             state.error = Some(error);
+            state.refused = refused;
             changed
         });
     }

@@ -30,6 +30,10 @@ pub enum MeshError {
     UnknownBeyond(&'static str),
     #[error("no healthy endpoint")]
     NoHealthyEndpoint,
+    /// No catalog has been read yet (an agent started while its Consul or etcd did not
+    /// answer): the service may well exist, so not `unknown-service`.
+    #[error("no catalog read yet")]
+    NoCatalog,
     #[error("upstream connection failed")]
     UpstreamConnect(#[source] SendError),
     #[error("upstream did not answer in time")]
@@ -59,6 +63,7 @@ impl MeshError {
         matches!(
             self,
             MeshError::NoHealthyEndpoint
+                | MeshError::NoCatalog
                 | MeshError::UpstreamConnect(
                     SendError::Connect { .. }
                         | SendError::ConnectTimeout { .. }
@@ -82,7 +87,7 @@ impl MeshError {
         match self {
             MeshError::BadRequest { .. } => "bad-request",
             MeshError::UnknownService | MeshError::UnknownBeyond(_) => "unknown-service",
-            MeshError::NoHealthyEndpoint => "no-healthy-endpoint",
+            MeshError::NoHealthyEndpoint | MeshError::NoCatalog => "no-healthy-endpoint",
             MeshError::UpstreamConnect(_) => "upstream-connect",
             MeshError::UpstreamTimeout => "upstream-timeout",
             MeshError::LoopDetected => "loop-detected",
@@ -95,7 +100,7 @@ impl MeshError {
         match self {
             MeshError::BadRequest { status, .. } => *status,
             MeshError::UnknownService | MeshError::UnknownBeyond(_) => StatusCode::NOT_FOUND,
-            MeshError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            MeshError::NoHealthyEndpoint | MeshError::NoCatalog => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
@@ -111,6 +116,7 @@ impl MeshError {
             MeshError::UnknownService => "no such service in the catalog and no catch-all",
             MeshError::UnknownBeyond(detail) => detail,
             MeshError::NoHealthyEndpoint => "the service has no healthy instance",
+            MeshError::NoCatalog => "this proxy has not read its catalog yet",
             MeshError::UpstreamConnect(_) => "could not get a response from the upstream",
             MeshError::UpstreamTimeout => "the upstream did not answer in time",
             MeshError::LoopDetected => "the request went through too many mesh hops",

@@ -1003,9 +1003,12 @@ pub async fn spawn_on(
     );
     let snapshot = match crate::catalog::first_snapshot(subscriber.clone()).await {
         Ok(snapshot) => snapshot,
-        Err(error) => {
+        Err(first) => {
             shutdown.cancel();
-            return Err(StartError::Catalog { source_name, error });
+            return Err(StartError::Catalog {
+                source_name,
+                error: first.error,
+            });
         }
     };
     let (kv_tx, kv_rx) = watch::channel(BTreeMap::new());

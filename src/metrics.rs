@@ -876,6 +876,7 @@ mod tests {
             updated: Some(Instant::now() - Duration::from_secs(90)),
             updated_wall: None,
             error: None,
+            refused: false,
             version: None,
         };
         let metrics = Metrics::new();

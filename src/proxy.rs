@@ -1239,6 +1239,7 @@ mod tests {
         for (error, status) in [
             (MeshError::UnknownService, "5"),
             (MeshError::NoHealthyEndpoint, "14"),
+            (MeshError::NoCatalog, "14"),
             (MeshError::UpstreamTimeout, "4"),
             (MeshError::LoopDetected, "13"),
         ] {

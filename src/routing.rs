@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::catalog::{self, Health, Instance, ServiceName, Snapshot, Subscriber};
 use crate::contract::GATEWAY_SERVICE;
+use crate::error::MeshError;
 pub use balance::{Endpoint, Protocol, Route};
 
 /// How long a higher tier must stay eligible before traffic falls back to it, by default.
@@ -223,6 +224,21 @@ impl Table {
 
     pub fn outbound(&self, service: &str) -> Lookup<'_> {
         classify(self.outbound.get(service))
+    }
+
+    /// Whether the table was built from a catalog: not before an agent's first read.
+    pub fn from_catalog(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// The error for a service the table does not know: `unknown-service` once a catalog
+    /// was read, `no-healthy-endpoint` (not sent) before.
+    pub fn unknown(&self) -> MeshError {
+        if self.from_catalog() {
+            MeshError::UnknownService
+        } else {
+            MeshError::NoCatalog
+        }
     }
 
     /// Whether `service` became routable less than [`Policy::fallback_hold`] ago.

@@ -424,9 +424,31 @@ pub const RECOVERY_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 enum Event {
     /// The services and the answer's `X-Consul-Index`.
-    Services(Result<(u64, BTreeSet<ServiceName>), String>),
+    Services(Result<(u64, BTreeSet<ServiceName>), Failure>),
     /// One service's instances and the answer's `X-Consul-Index`.
-    Service(ServiceName, Result<(u64, ServiceView), String>),
+    Service(ServiceName, Result<(u64, ServiceView), Failure>),
+}
+
+/// Why a watch's request failed, and whether Consul refused the reader (401, 403: the token)
+/// rather than not answering.
+#[derive(Clone, Debug)]
+struct Failure {
+    error: String,
+    refused: bool,
+}
+
+impl Failure {
+    fn of(error: &ConsulError) -> Self {
+        let refused = matches!(
+            error,
+            ConsulError::Status { status, .. }
+                if *status == http::StatusCode::UNAUTHORIZED || *status == http::StatusCode::FORBIDDEN
+        );
+        Failure {
+            error: crate::error_chain(error),
+            refused,
+        }
+    }
 }
 
 /// Runs one blocking-query loop until `stop`, sending each answer (or error) to the aggregator.
@@ -434,7 +456,7 @@ async fn watch<T>(
     http: Http,
     path: String,
     parse: impl Fn(&[u8], &str) -> Result<T, ConsulError>,
-    wrap: impl Fn(Result<(u64, T), String>) -> Event,
+    wrap: impl Fn(Result<(u64, T), Failure>) -> Event,
     tx: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
@@ -470,9 +492,9 @@ async fn watch<T>(
                 // thousands of watches, plain reads after a burst of errors made a full resync
                 // ten times slower.)
                 recovering = true;
-                let error = crate::error_chain(&error);
-                tracing::debug!(%error, "consul watch failed");
-                if tx.send(wrap(Err(error))).await.is_err() {
+                let failure = Failure::of(&error);
+                tracing::debug!(error = %failure.error, "consul watch failed");
+                if tx.send(wrap(Err(failure))).await.is_err() {
                     return;
                 }
                 let delay = backoff.delay();
@@ -495,7 +517,7 @@ struct Aggregator {
     interner: Interner,
     watches: HashMap<ServiceName, CancellationToken>,
     /// Current errors by source ("catalog" or a service name).
-    errors: BTreeMap<String, String>,
+    errors: BTreeMap<String, Failure>,
     last: Option<Arc<Snapshot>>,
     /// The `X-Consul-Index` of the last `/v1/catalog/services` answer, and of each watched
     /// service's last answer: the snapshot's version is the highest (see [`Self::version`]).
@@ -630,17 +652,26 @@ impl Aggregator {
                 self.last = Some(snapshot);
             }
         }
-        if let Some((source, error)) = self.errors.iter().next() {
+        // A refusal first: it is what keeps the catalog away for good.
+        let shown =
+            (self.errors.iter().find(|(_, f)| f.refused)).or_else(|| self.errors.iter().next());
+        if let Some((source, failure)) = shown {
             let more = self.errors.len() - 1;
             let suffix = if more > 0 {
                 format!(" (and {more} more)")
             } else {
                 String::new()
             };
-            self.publisher.fail(format!(
-                "{} ({source}): {error}{suffix}",
-                self.config.describe()
-            ));
+            let error = format!(
+                "{} ({source}): {}{suffix}",
+                self.config.describe(),
+                failure.error
+            );
+            if failure.refused {
+                self.publisher.refuse(error);
+            } else {
+                self.publisher.fail(error);
+            }
         }
     }
 

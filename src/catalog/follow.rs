@@ -63,20 +63,33 @@ pub fn follow_catalog(
     (name, subscriber)
 }
 
+/// Why a catalog's first read gave no snapshot.
+#[derive(Debug)]
+pub struct FirstReadError {
+    pub error: String,
+    /// The source answered and refused this reader (see [`super::CatalogState::refused`]);
+    /// otherwise it did not answer (yet), or its answer could not be used.
+    pub refused: bool,
+}
+
 /// Waits at most [`FIRST_CATALOG_TIMEOUT`] for the catalog's first good snapshot.
-pub async fn first_snapshot(mut subscriber: Subscriber) -> Result<Arc<Snapshot>, String> {
+pub async fn first_snapshot(mut subscriber: Subscriber) -> Result<Arc<Snapshot>, FirstReadError> {
     let waited = tokio::time::timeout(
         FIRST_CATALOG_TIMEOUT,
         subscriber.wait_for(|s| s.snapshot.is_some() || s.error.is_some()),
     )
     .await;
+    let unanswered = |error: &str| FirstReadError {
+        error: error.to_owned(),
+        refused: false,
+    };
     match waited {
-        Ok(Ok(state)) => state
-            .snapshot
-            .clone()
-            .ok_or_else(|| state.error.clone().unwrap_or_default()),
-        Ok(Err(_)) => Err("the catalog source stopped".to_owned()),
-        Err(_) => Err("no answer from the catalog source".to_owned()),
+        Ok(Ok(state)) => state.snapshot.clone().ok_or_else(|| FirstReadError {
+            error: state.error.clone().unwrap_or_default(),
+            refused: state.refused,
+        }),
+        Ok(Err(_)) => Err(unanswered("the catalog source stopped")),
+        Err(_) => Err(unanswered("no answer from the catalog source")),
     }
 }
 

@@ -1257,6 +1257,7 @@ mod tests {
                 MeshError::UnknownService,
                 MeshError::UnknownBeyond("looked further"),
                 MeshError::NoHealthyEndpoint,
+                MeshError::NoCatalog,
                 MeshError::UpstreamConnect(refused()),
                 MeshError::UpstreamConnect(SendError::Protocol {
                     addr,

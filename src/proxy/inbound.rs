@@ -80,7 +80,7 @@ impl Proxy for Inbound {
             Err(e) => return e.into_response(""),
         };
         let found = self.local_route(name).or_else(|e| match e {
-            MeshError::UnknownService => self.declared_route(name).ok_or(e),
+            MeshError::UnknownService | MeshError::NoCatalog => self.declared_route(name).ok_or(e),
             e => Err(e),
         });
         let (route, known) = match found {
@@ -243,7 +243,7 @@ impl Inbound {
         let route = match table.inbound(name) {
             Lookup::Route(route) => route.clone(),
             Lookup::NoHealthy => return Err(MeshError::NoHealthyEndpoint),
-            Lookup::Unknown => return Err(MeshError::UnknownService),
+            Lookup::Unknown => return Err(table.unknown()),
         };
         // A routed service is one the table knows.
         let known = known_service(&table, name).ok_or(MeshError::UnknownService)?;

@@ -296,7 +296,7 @@ impl Inner {
             // As consul-template did for the seed: a service with nothing healthy here is
             // treated like an unknown one, so the gateway can fall back to another platform.
             Lookup::NoHealthy => catch_all.ok_or(MeshError::NoHealthyEndpoint)?,
-            Lookup::Unknown => catch_all.ok_or(MeshError::UnknownService)?,
+            Lookup::Unknown => catch_all.ok_or_else(|| table.unknown())?,
         };
         Ok((route.clone(), None, hold))
     }

@@ -565,3 +565,108 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     registry.sigterm();
     registry.exited_cleanly().await;
 }
+
+/// Agent b starts while its catalog does not answer, as a node rebooted during an outage does,
+/// and serves at once instead of refusing to start: not ready, it answers a service it cannot
+/// route with 503 `no-healthy-endpoint`, not sent (the service may exist: not 404), and its
+/// inbound serves the service it declares to a peer that routes there (a, whose catalog is a
+/// file standing for one that answers). Once `bring_up` has the catalog back, b registers,
+/// reads it, turns ready and routes by it. Returns what `bring_up` returned, to stop last.
+async fn started_while_the_catalog_is_down<T>(
+    catalog: &[String],
+    bring_up: impl std::future::Future<Output = T>,
+) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let web = TestApp::spawn("web", ip("127.0.0.3"));
+    let b_config = write_config(dir.path(), "b.toml", &service_toml("web", &web));
+    let b = Agent::start("b", "127.0.0.3", catalog, b_config).await;
+    let client = Client::new();
+
+    let ready = b.readyz(&client).await;
+    assert_eq!(ready["ready"], false, "no catalog read yet: {ready}");
+    assert!(ready["catalog_error"].is_string(), "says why: {ready}");
+    let reply = b.get(&client, "web").await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert_eq!(reply.mesh_error(), Some("no-healthy-endpoint"), "{reply:?}");
+    assert!(
+        reply.headers.contains_key("x-skyline-unsent"),
+        "reached no application, so a caller may try elsewhere: {reply:?}"
+    );
+
+    let (_, inbound_port) = b.inbound.rsplit_once(':').unwrap();
+    let peers = format!(
+        "[[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {inbound_port}\n\n\
+         [[service]]\nname = \"web\"\nnode = \"b\"\nport = {}\n",
+        web.addr.port()
+    );
+    let peers = write_config(dir.path(), "catalog.toml", &peers);
+    let file = [
+        "--catalog",
+        "file",
+        "--catalog-file",
+        peers.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let a = Agent::start(
+        "a",
+        "127.0.0.2",
+        &file,
+        write_config(dir.path(), "a.toml", ""),
+    )
+    .await;
+    let reply = a.get(&client, "web").await;
+    assert_eq!(
+        reply.status, 200,
+        "b's inbound serves what b declares: {reply:?}"
+    );
+    assert_eq!(reply.body, "web /x");
+
+    let up = bring_up.await;
+    let ready = readyz_until(&b.admin, |r| r["ready"] == true && r["services"] != 0).await;
+    assert_eq!(ready["catalog_error"], serde_json::Value::Null, "{ready}");
+    let limit = Duration::from_secs(30);
+    wait_reply(&b, "web", limit, "b routes web by its catalog", routed).await;
+    assert_eq!(b.get(&client, "web").await.body, "web /x");
+    a.stop().await;
+    b.stop().await;
+    web.stop().await;
+    up
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_while_its_registry_is_down_serves_at_once_and_routes_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry_addr = free_addr("127.0.0.3");
+    let data = dir.path().join("registry");
+    let consul = ["--catalog", "consul", "--consul", &registry_addr].map(String::from);
+    let bring_up = async {
+        let args = [
+            "registry",
+            "--listen",
+            &registry_addr,
+            "--node-name",
+            "registry",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        let mut registry = Skyline::start(&args, &[]);
+        registry.log.wait_for("registry started").await;
+        registry
+    };
+    let registry = started_while_the_catalog_is_down(&consul, bring_up).await;
+    registry.sigterm();
+    registry.exited_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_while_etcd_is_down_serves_at_once_and_routes_once_it_is_up() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = EtcdCluster::start(1).await;
+    let args = etcd_args(&cluster);
+    cluster.kill_all();
+    let bring_up = async {
+        cluster.restart_all();
+        cluster.wait_healthy().await;
+    };
+    started_while_the_catalog_is_down(&args, bring_up).await;
+}

@@ -140,13 +140,13 @@ impl EtcdCluster {
         }
     }
 
-    fn kill_all(&mut self) {
+    pub(crate) fn kill_all(&mut self) {
         for i in 0..self.members.len() {
             self.kill(i);
         }
     }
 
-    fn restart_all(&mut self) {
+    pub(crate) fn restart_all(&mut self) {
         for i in 0..self.members.len() {
             if self.members[i].child.is_none() {
                 self.start_member(i);
@@ -180,7 +180,7 @@ impl EtcdCluster {
     }
 
     /// Waits until every live member answers and they agree on a leader, and a write works.
-    async fn wait_healthy(&self) {
+    pub(crate) async fn wait_healthy(&self) {
         let started = Instant::now();
         loop {
             let mut leaders = Vec::new();
