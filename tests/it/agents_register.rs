@@ -453,6 +453,26 @@ async fn sighup_adds_and_removes_declared_services_with_the_embedded_registry_co
     sighup_adds_and_removes_a_service(&etcd_args(&cluster), dir.path(), None).await;
 }
 
+/// Agent a on 127.0.0.2, whose catalog is a file listing `services` (name, port) on node b at
+/// b's inbound proxy: a peer whose catalog has them whatever b's own says.
+async fn peer_of_b(dir: &Path, b: &Agent, services: &[(&str, u16)]) -> Agent {
+    let (_, inbound_port) = b.inbound.rsplit_once(':').unwrap();
+    let mut catalog =
+        format!("[[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {inbound_port}\n");
+    for (name, port) in services {
+        catalog += &format!("\n[[service]]\nname = \"{name}\"\nnode = \"b\"\nport = {port}\n");
+    }
+    let catalog = write_config(dir, "catalog.toml", &catalog);
+    let file = [
+        "--catalog",
+        "file",
+        "--catalog-file",
+        catalog.to_str().unwrap(),
+    ]
+    .map(String::from);
+    Agent::start("a", "127.0.0.2", &file, write_config(dir, "a.toml", "")).await
+}
+
 /// Agent b follows a registry that goes down; on SIGHUP it declares a new service, `late`,
 /// which it cannot register, so b's catalog (its last good one) does not show it. Agent a
 /// routes `late` to b all the same: its own catalog has it (a file here, standing for a peer
@@ -487,28 +507,8 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     // web and b's admin listener (`skyline-admin`).
     readyz_until(&b.admin, services(2)).await;
 
-    let (_, inbound_port) = b.inbound.rsplit_once(':').unwrap();
-    let catalog = format!(
-        "[[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {inbound_port}\n\n\
-         [[service]]\nname = \"late\"\nnode = \"b\"\nport = {port}\n\n\
-         [[service]]\nname = \"undeclared\"\nnode = \"b\"\nport = {port}\n",
-        port = late.addr.port()
-    );
-    let catalog = write_config(dir.path(), "catalog.toml", &catalog);
-    let file = [
-        "--catalog",
-        "file",
-        "--catalog-file",
-        catalog.to_str().unwrap(),
-    ]
-    .map(String::from);
-    let a = Agent::start(
-        "a",
-        "127.0.0.2",
-        &file,
-        write_config(dir.path(), "a.toml", ""),
-    )
-    .await;
+    let port = late.addr.port();
+    let a = peer_of_b(dir.path(), &b, &[("late", port), ("undeclared", port)]).await;
 
     registry.sigterm();
     registry.exited_cleanly().await;
@@ -593,27 +593,7 @@ async fn started_while_the_catalog_is_down<T>(
         "reached no application, so a caller may try elsewhere: {reply:?}"
     );
 
-    let (_, inbound_port) = b.inbound.rsplit_once(':').unwrap();
-    let peers = format!(
-        "[[node]]\nname = \"b\"\naddress = \"127.0.0.3\"\ninbound_port = {inbound_port}\n\n\
-         [[service]]\nname = \"web\"\nnode = \"b\"\nport = {}\n",
-        web.addr.port()
-    );
-    let peers = write_config(dir.path(), "catalog.toml", &peers);
-    let file = [
-        "--catalog",
-        "file",
-        "--catalog-file",
-        peers.to_str().unwrap(),
-    ]
-    .map(String::from);
-    let a = Agent::start(
-        "a",
-        "127.0.0.2",
-        &file,
-        write_config(dir.path(), "a.toml", ""),
-    )
-    .await;
+    let a = peer_of_b(dir.path(), &b, &[("web", web.addr.port())]).await;
     let reply = a.get(&client, "web").await;
     assert_eq!(
         reply.status, 200,
