@@ -158,6 +158,14 @@ fn serves_before_first_read(
     remote && !first.refused && !shutdown.is_cancelled()
 }
 
+/// Says when the catalog of an agent that started without it first answers.
+async fn log_first_read(mut catalog: Subscriber, source_name: String) {
+    if let Ok(state) = catalog.wait_for(|s| s.snapshot.is_some()).await {
+        let services = state.snapshot.as_ref().map_or(0, |s| s.services.len());
+        tracing::info!(catalog = %source_name, services, "the catalog answered; routing by it");
+    }
+}
+
 /// Binds the listeners and starts the agent; see [`start`].
 pub async fn spawn(
     settings: Settings,
@@ -261,6 +269,8 @@ pub async fn start(
     let (applied, applied_rx) = watch::channel(None);
     if snapshot.is_some() {
         catalog::mark_applied(&applied, &subscriber.borrow());
+    } else {
+        tasks.spawn(log_first_read(subscriber.clone(), source_name.clone()));
     }
     tasks.spawn(routing::follow(
         subscriber.clone(),

@@ -570,8 +570,8 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
 /// and serves at once instead of refusing to start: not ready, it answers a service it cannot
 /// route with 503 `no-healthy-endpoint`, not sent (the service may exist: not 404), and its
 /// inbound serves the service it declares to a peer that routes there (a, whose catalog is a
-/// file standing for one that answers). Once `bring_up` has the catalog back, b registers,
-/// reads it, turns ready and routes by it. Returns what `bring_up` returned, to stop last.
+/// file standing for one that answers). Once `bring_up` has the catalog back, b logs that it
+/// answered, registers, turns ready and routes by it. Returns what `bring_up` returned, to stop last.
 async fn started_while_the_catalog_is_down<T>(
     catalog: &[String],
     bring_up: impl std::future::Future<Output = T>,
@@ -579,7 +579,7 @@ async fn started_while_the_catalog_is_down<T>(
     let dir = tempfile::tempdir().unwrap();
     let web = TestApp::spawn("web", ip("127.0.0.3"));
     let b_config = write_config(dir.path(), "b.toml", &service_toml("web", &web));
-    let b = Agent::start("b", "127.0.0.3", catalog, b_config).await;
+    let mut b = Agent::start("b", "127.0.0.3", catalog, b_config).await;
     let client = Client::new();
 
     let ready = b.readyz(&client).await;
@@ -602,6 +602,7 @@ async fn started_while_the_catalog_is_down<T>(
     assert_eq!(reply.body, "web /x");
 
     let up = bring_up.await;
+    b.log.wait_for("the catalog answered; routing by it").await;
     let ready = readyz_until(&b.admin, |r| r["ready"] == true && r["services"] != 0).await;
     assert_eq!(ready["catalog_error"], serde_json::Value::Null, "{ready}");
     let limit = Duration::from_secs(30);
