@@ -518,6 +518,8 @@ struct Aggregator {
     watches: HashMap<ServiceName, CancellationToken>,
     /// Current errors by source ("catalog" or a service name).
     errors: BTreeMap<String, Failure>,
+    /// Whether the last publish reported an error, to log the change once, not every retry.
+    failing: bool,
     last: Option<Arc<Snapshot>>,
     /// The `X-Consul-Index` of the last `/v1/catalog/services` answer, and of each watched
     /// service's last answer: the snapshot's version is the highest (see [`Self::version`]).
@@ -537,6 +539,7 @@ impl Aggregator {
             interner: Interner::default(),
             watches: HashMap::new(),
             errors: BTreeMap::new(),
+            failing: false,
             last: None,
             services_index: 0,
             indexes: BTreeMap::new(),
@@ -667,11 +670,18 @@ impl Aggregator {
                 self.config.describe(),
                 failure.error
             );
+            if !self.failing {
+                tracing::warn!(%error, "consul catalog failing; keeping the last good catalog");
+            }
             if failure.refused {
                 self.publisher.refuse(error);
             } else {
                 self.publisher.fail(error);
             }
+            self.failing = true;
+        } else if self.failing && complete {
+            tracing::info!(catalog = %self.config.describe(), "consul catalog answers again");
+            self.failing = false;
         }
     }
 

@@ -479,7 +479,8 @@ async fn peer_of_b(dir: &Path, b: &Agent, services: &[(&str, u16)]) -> Agent {
 /// whose catalog is ahead of b's, as when b's etcd watch is failing over). b's inbound serves
 /// what b declares, refuses what it does not, and once the registry is back and b's catalog
 /// shows the instance, the catalog's health rules over the declaration; a declaration removed
-/// on SIGHUP is routed no more.
+/// on SIGHUP is routed no more. b logs once that its catalog is failing, and once that it
+/// answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_the_catalog_says_otherwise()
  {
@@ -512,6 +513,11 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
 
     registry.sigterm();
     registry.exited_cleanly().await;
+    let failing = b
+        .log
+        .wait_for("consul catalog failing; keeping the last good catalog")
+        .await;
+    assert!(failing["error"].is_string(), "{failing}");
     b.reload(&(service_toml("web", &web) + &service_toml("late", &late)))
         .await;
     let ready = b.readyz(&client).await;
@@ -536,6 +542,7 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     let mut registry = Skyline::start(&registry_args, &[]);
     registry.log.wait_for("registry started").await;
     readyz_until(&b.admin, services(3)).await;
+    b.log.wait_for("consul catalog answers again").await;
     // late goes down: its TTL check turns critical, and once the inbound's drain grace for the
     // route it served is over, b answers from the catalog (no healthy instance) instead of
     // dialling the declared address; a, with no other node to try, relays b's answer.
