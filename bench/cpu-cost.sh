@@ -12,6 +12,7 @@
 # (`nstat`'s TcpOutSegs: 6 is the least for three connections carrying a request and an answer,
 # so anything more is a pure ACK or a split message).
 # Usage: bench/cpu-cost.sh [seconds per run, default 6] [repeats, default 3]
+# CANDIDATE_SCRIPT=<file> runs another candidate (mesh-bench's contract; bench/floor.sh cpu uses it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 secs="${1:-6}"; repeats="${2:-3}"
@@ -52,7 +53,7 @@ run() { # mode → prints "mode µs/request rps"
     taskset -c 0 nginx -e stderr -p "$work/" -c "$work/out.conf" 2>/dev/null & mp+=($!)
   else
     BENCH_DIR="$work" BENCH_BACKEND=127.0.0.1:19000 BENCH_OUT_PORT=5040 BENCH_IN_PORT=5041 \
-      taskset -c 0 bash "$root/bench/candidate-up.sh"
+      taskset -c 0 bash "${CANDIDATE_SCRIPT:-$root/bench/candidate-up.sh}"
     mapfile -t mp <"$work/candidate.pids"
   fi
   for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:5040/service/bench/ && break; sleep 0.1; done

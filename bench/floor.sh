@@ -4,9 +4,14 @@
 # header) as the candidate, against NGINX in the same run. Skyline's ratio to NGINX cannot
 # exceed the relay's by much: whatever the relay leaves is the kernel's share.
 # Usage: bench/floor.sh [repeats, default 5] [seconds, default 10] [mesh-bench options, e.g. --post 1024]
+#        bench/floor.sh cpu [seconds, default 6] [repeats, default 3]: bench/cpu-cost.sh's figures
+#        (CPU per request split user/kernel, system calls, segments) for NGINX and the relay
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-repeats="${1:-5}" secs="${2:-10}"
+cpu=""
+if [ "${1:-}" = cpu ]; then cpu=1; shift; fi
+first="${1:-}" second="${2:-}"
+repeats="${first:-5}" secs="${second:-10}"
 shift $(( $# > 2 ? 2 : $# ))
 bench="${MESH_BENCH:-$root/../shared/bench/mesh-bench.sh}"
 "$root/scripts/install-deps" bench
@@ -18,6 +23,10 @@ cat >"$up" <<UP
 "$work/relay-floor" \$BENCH_OUT_PORT \$BENCH_IN_PORT & echo \$! >>"\$BENCH_DIR/candidate.pids"
 "$work/relay-floor" \$BENCH_IN_PORT \${BENCH_BACKEND##*:} & echo \$! >>"\$BENCH_DIR/candidate.pids"
 UP
+if [ -n "$cpu" ]; then
+  CANDIDATE_SCRIPT="$up" bash "$root/bench/cpu-cost.sh" "${first:-6}" "${second:-3}"
+  exit
+fi
 CANDIDATE_UP="bash $up" bash "$bench" --modes nginx,candidate --repeat "$repeats" --duration "$secs" "$@" \
   >"$work/summary" 2>"$work/runs" || { cat "$work/runs" >&2; exit 1; }
 python3 - "$work/summary" "$work/runs" <<'PY'
