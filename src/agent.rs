@@ -158,12 +158,17 @@ fn serves_before_first_read(
     remote && !first.refused && !shutdown.is_cancelled()
 }
 
-/// Says when the catalog of an agent that started without it first answers.
-async fn log_first_read(mut catalog: Subscriber, source_name: String) {
-    if let Ok(state) = catalog.wait_for(|s| s.snapshot.is_some()).await {
-        let services = state.snapshot.as_ref().map_or(0, |s| s.services.len());
-        tracing::info!(catalog = %source_name, services, "the catalog answered; routing by it");
-    }
+/// Says when the catalog of an agent that started without it first answers (if before
+/// `shutdown`).
+async fn log_first_read(mut catalog: Subscriber, source_name: String, shutdown: CancellationToken) {
+    let services = tokio::select! {
+        read = catalog.wait_for(|s| s.snapshot.is_some()) => match read {
+            Ok(state) => state.snapshot.as_ref().map_or(0, |s| s.services.len()),
+            Err(_) => return,
+        },
+        () = shutdown.cancelled() => return,
+    };
+    tracing::info!(catalog = %source_name, services, "the catalog answered; routing by it");
 }
 
 /// Binds the listeners and starts the agent; see [`start`].
@@ -270,7 +275,11 @@ pub async fn start(
     if snapshot.is_some() {
         catalog::mark_applied(&applied, &subscriber.borrow());
     } else {
-        tasks.spawn(log_first_read(subscriber.clone(), source_name.clone()));
+        tasks.spawn(log_first_read(
+            subscriber.clone(),
+            source_name.clone(),
+            shutdown.clone(),
+        ));
     }
     tasks.spawn(routing::follow(
         subscriber.clone(),

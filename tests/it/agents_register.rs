@@ -641,6 +641,12 @@ async fn an_agent_started_while_its_registry_is_down_serves_at_once_and_routes_o
         registry.log.wait_for("registry started").await;
         registry
     };
+    // One stopped before its catalog ever answered exits cleanly, without waiting for it.
+    let c_config = write_config(dir.path(), "c.toml", "");
+    Agent::start("c", "127.0.0.4", &consul, c_config)
+        .await
+        .stop()
+        .await;
     let registry = started_while_the_catalog_is_down(&consul, bring_up).await;
     registry.sigterm();
     registry.exited_cleanly().await;
