@@ -634,12 +634,19 @@ async fn an_agent_started_while_its_registry_is_down_serves_at_once_and_routes_o
     let data = dir.path().join("registry");
     let consul = ["--catalog", "consul", "--consul", &registry_addr].map(String::from);
     let bring_up = start_registry(&registry_addr, &data);
-    // One stopped before its catalog ever answered exits cleanly, without waiting for it.
+    // With a catch-all (an application standing for the gateways here), an agent without its
+    // catalog sends every service there; stopped before its catalog ever answered, it exits
+    // cleanly, without waiting for it.
+    let gateway = TestApp::spawn("gateway", ip("127.0.0.4"));
+    let mut with_catch_all = consul.to_vec();
+    with_catch_all.extend(["--catch-all".to_owned(), gateway.addr.to_string()]);
     let c_config = write_config(dir.path(), "c.toml", "");
-    Agent::start("c", "127.0.0.4", &consul, c_config)
-        .await
-        .stop()
-        .await;
+    let c = Agent::start("c", "127.0.0.4", &with_catch_all, c_config).await;
+    let reply = c.get(&Client::new(), "anything").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, "gateway /service/anything/x", "{reply:?}");
+    c.stop().await;
+    gateway.stop().await;
     let registry = started_while_the_catalog_is_down(&consul, bring_up).await;
     registry.sigterm();
     registry.exited_cleanly().await;
