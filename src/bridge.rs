@@ -638,8 +638,11 @@ pub async fn spawn_on(
             );
             if let Err(first) = crate::catalog::first_snapshot(subscriber.clone()).await {
                 shutdown.cancel();
-                let error = first.error;
-                return Err(StartError::Catalog { source_name, error }.into());
+                let error = StartError::Catalog {
+                    source_name,
+                    error: first.error,
+                };
+                return Err(error.into());
             }
             catalog_name = source_name;
             Some(subscriber)
