@@ -226,15 +226,10 @@ impl Table {
         classify(self.outbound.get(service))
     }
 
-    /// Whether the table was built from a catalog: not before an agent's first read.
-    pub fn from_catalog(&self) -> bool {
-        self.source.is_some()
-    }
-
-    /// The error for a service the table does not know: `unknown-service` once a catalog
-    /// was read, `no-healthy-endpoint` (not sent) before.
+    /// The error for a service the table does not know: `unknown-service` once the table was
+    /// built from a catalog, `no-healthy-endpoint` (not sent) before an agent's first read.
     pub fn unknown(&self) -> MeshError {
-        if self.from_catalog() {
+        if self.source.is_some() {
             MeshError::UnknownService
         } else {
             MeshError::NoCatalog
