@@ -92,14 +92,14 @@ int main(int argc, char **argv) {
       if (peer[fd] < 0) continue; /* closed earlier in this batch */
       ssize_t got = read(fd, buf, sizeof buf);
       if (got <= 0) {
-        if (got < 0 && errno == EAGAIN) continue;
         close_pair(fd);
         continue;
       }
       for (ssize_t sent = 0; sent < got;) {
         ssize_t w = write(peer[fd], buf + sent, got - sent);
-        if (w > 0) sent += w;
-        else if (w < 0 && errno != EAGAIN && errno != EINTR) break;
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) break;
+        sent += w;
       }
     }
   }
