@@ -452,7 +452,10 @@ impl Forwarder {
             resend,
             upgrade: protocols.is_some(),
         };
-        let answered = self.attempts(&mut exchange, attempt, now, trail).await;
+        // Boxed: the attempts' state (the send, its timeout, the connection it may open) then
+        // sits in one place, rather than in each future above this one, which are moved
+        // whole at every level of a request's call chain.
+        let answered = Box::pin(self.attempts(&mut exchange, attempt, now, trail)).await;
         if over.is_some_and(|over| over.load(Ordering::Relaxed)) {
             // The body passed the limit while it streamed: the upstream's connection was
             // closed under it, so it never got a whole request. An answer that came first
@@ -894,7 +897,9 @@ impl Exchange for HyperExchange<'_> {
                 (sent, _) => sent,
             }
         } else if self.upgrade {
-            self.pool.send_upgrade(addr, req, limits).await
+            // Boxed: its dial and handshake would otherwise size every request's future (5 KiB
+            // more, copied at each of the await points above it) for a rare request.
+            Box::pin(self.pool.send_upgrade(addr, req, limits)).await
         } else {
             self.pool
                 .send(addr, req, self.replay.as_ref(), limits)
