@@ -14,9 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
 use crate::admin::Admin;
-use crate::catalog::{
-    self, CatalogSource, FirstReadError, Subscriber, first_snapshot, follow, follow_catalog,
-};
+use crate::catalog::{self, CatalogSource, Subscriber, follow, follow_catalog};
 use crate::metrics::{Metrics, Role};
 use crate::proxy::Forwarder;
 use crate::proxy::inbound::{self, Inbound};
@@ -144,33 +142,6 @@ fn addr_of(listener: &Option<TcpListener>) -> Option<SocketAddr> {
     listener.as_ref().and_then(|l| l.local_addr().ok())
 }
 
-/// Whether the agent starts without its catalog after `first` read failed: only for a catalog
-/// on other machines (Consul, etcd) that did not answer, not one that refused the agent.
-fn serves_before_first_read(
-    source: &CatalogSource,
-    first: &FirstReadError,
-    shutdown: &CancellationToken,
-) -> bool {
-    let remote = matches!(
-        source,
-        CatalogSource::Consul(_) | CatalogSource::Etcd { .. }
-    );
-    remote && !first.refused && !shutdown.is_cancelled()
-}
-
-/// Says when the catalog of an agent that started without it first answers (if before
-/// `shutdown`).
-async fn log_first_read(mut catalog: Subscriber, source_name: String, shutdown: CancellationToken) {
-    let services = tokio::select! {
-        read = catalog.wait_for(|s| s.snapshot.is_some()) => match read {
-            Ok(state) => state.snapshot.as_ref().map_or(0, |s| s.services.len()),
-            Err(_) => return,
-        },
-        () = shutdown.cancelled() => return,
-    };
-    tracing::info!(catalog = %source_name, services, "the catalog answered; routing by it");
-}
-
 /// Binds the listeners and starts the agent; see [`start`].
 pub async fn spawn(
     settings: Settings,
@@ -183,7 +154,7 @@ pub async fn spawn(
 /// Starts following the catalog, waits for its first snapshot, then serves the listeners.
 /// A catalog file or registry that cannot be read at start, or a catalog that refuses the
 /// agent, is an error; a Consul or etcd that does not answer is not (the agent serves without
-/// it until it does, see [`serves_before_first_read`]). Later failures keep the last good one.
+/// it until it does, see [`catalog::first_read`]). Later failures keep the last good one.
 pub async fn start(
     settings: Settings,
     mut listeners: Listeners,
@@ -223,28 +194,18 @@ pub async fn start(
         ),
     };
     let registry = registry_handle.as_ref().map(RegistryHandle::addr);
-    let first = tokio::select! {
-        first = first_snapshot(subscriber.clone()) => first,
-        () = shutdown.cancelled() => Err(FirstReadError {
-            error: "stopped before the catalog answered".to_owned(),
-            refused: false,
-        }),
-    };
+    // A catalog on other machines that has not answered yet does not leave the node's
+    // applications without a mesh: the agent serves without it (not ready; unknown services go
+    // to the catch-all, its declared services are served to peers) and routes by the catalog
+    // once it answers. A refusal (the token), a bad file, or the registry in this process
+    // failing is an error.
+    let remote = matches!(
+        settings.catalog,
+        CatalogSource::Consul(_) | CatalogSource::Etcd { .. }
+    );
+    let first = catalog::first_read(&subscriber, remote, &source_name, &mut tasks, &shutdown).await;
     let snapshot = match first {
-        Ok(snapshot) => Some(snapshot),
-        // A catalog on other machines that has not answered yet does not leave the node's
-        // applications without a mesh: the agent serves without it (not ready; unknown
-        // services go to the catch-all, its declared services are served to peers) and routes
-        // by the catalog once it answers. A refusal (the token), a bad file, or the registry
-        // in this process failing is an error.
-        Err(first) if serves_before_first_read(&settings.catalog, &first, &shutdown) => {
-            tracing::warn!(
-                catalog = %source_name,
-                error = %first.error,
-                "the catalog has not answered; serving without it until it does"
-            );
-            None
-        }
+        Ok(snapshot) => snapshot,
         Err(first) => {
             shutdown.cancel();
             registry_stop.cancel();
@@ -274,12 +235,6 @@ pub async fn start(
     let (applied, applied_rx) = watch::channel(None);
     if snapshot.is_some() {
         catalog::mark_applied(&applied, &subscriber.borrow());
-    } else {
-        tasks.spawn(log_first_read(
-            subscriber.clone(),
-            source_name.clone(),
-            shutdown.clone(),
-        ));
     }
     tasks.spawn(routing::follow(
         subscriber.clone(),

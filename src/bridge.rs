@@ -281,7 +281,13 @@ impl Bridge {
             Err(e) => return MeshError::bad_request(e).into_response(&name),
         };
         let Some(gateways) = self.gateways().filter(|r| !r.is_empty()) else {
-            return MeshError::NoHealthyEndpoint.into_response(&name);
+            let error = if self.gateways().is_none() {
+                // The gateways come from a catalog that has not answered yet.
+                MeshError::NoCatalog
+            } else {
+                MeshError::NoHealthyEndpoint
+            };
+            return error.into_response(&name);
         };
         req.headers_mut()
             .insert(&X_SKYLINE_ORIGIN, HeaderValue::from_static("bridge"));
@@ -636,7 +642,18 @@ pub async fn spawn_on(
                 &mut tasks,
                 &shutdown,
             );
-            if let Err(first) = crate::catalog::first_snapshot(subscriber.clone()).await {
+            // A registry or Consul that has not answered yet: the bridge serves without it
+            // (Kubernetes services need none; the gateways are found once it answers).
+            let remote = !matches!(source, CatalogSource::File(_));
+            let first = crate::catalog::first_read(
+                &subscriber,
+                remote,
+                &source_name,
+                &mut tasks,
+                &shutdown,
+            )
+            .await;
+            if let Err(first) = first {
                 shutdown.cancel();
                 let error = StartError::Catalog {
                     source_name,

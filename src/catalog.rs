@@ -11,7 +11,8 @@ mod follow;
 
 pub use crate::contract::{InvalidServiceName, ServiceName};
 pub use follow::{
-    CatalogSource, FIRST_CATALOG_TIMEOUT, FirstReadError, first_snapshot, follow, follow_catalog,
+    CatalogSource, FIRST_CATALOG_TIMEOUT, FirstReadError, first_read, first_snapshot, follow,
+    follow_catalog,
 };
 
 use std::collections::{BTreeMap, HashSet};

@@ -115,6 +115,10 @@ pub struct Table {
     pub services: HashMap<ServiceName, Tiers>,
     /// The tiers of services the catalog does not know (selector tiers are empty).
     pub unknown: Tiers,
+    /// Built from a catalog: false before the catalog's first answer (see
+    /// [`Table::without_catalog`]).
+    #[serde(skip)]
+    pub from_catalog: bool,
 }
 
 /// The tiers of one service, best first.
@@ -199,6 +203,19 @@ impl Policies {
 }
 
 impl Table {
+    /// The table of a gateway whose catalog has not answered yet: every service is unknown,
+    /// so it goes to the tiers that do not need the catalog (the bridges' fixed addresses).
+    pub fn without_catalog(
+        policies: &Policies,
+        upstreams: &BTreeMap<String, Upstream>,
+        include_warning: bool,
+    ) -> Self {
+        Self {
+            from_catalog: false,
+            ..Self::build(&Snapshot::default(), policies, upstreams, include_warning)
+        }
+    }
+
     pub fn build(
         snapshot: &Snapshot,
         policies: &Policies,
@@ -316,7 +333,11 @@ impl Table {
             services.insert(service, tiers);
         }
         let unknown = tiers_of(None, policies.for_service("*"));
-        Self { services, unknown }
+        Self {
+            services,
+            unknown,
+            from_catalog: true,
+        }
     }
 
     /// Keeps what was learnt about endpoints (latency, ejections) across a rebuild.
@@ -793,6 +814,8 @@ impl Proxy for GatewayHandler {
                 .any(|t| !(from_bridge && t.bridge) && t.total > 0);
             let error = if known || usable {
                 MeshError::NoHealthyEndpoint
+            } else if !table.from_catalog {
+                MeshError::NoCatalog
             } else {
                 MeshError::UnknownBeyond("no such service in the catalog, nor on any platform")
             };
@@ -1001,7 +1024,13 @@ pub async fn spawn_on(
         &mut tasks,
         &shutdown,
     );
-    let snapshot = match crate::catalog::first_snapshot(subscriber.clone()).await {
+    // A registry or Consul that has not answered yet: the gateway serves without it, sending
+    // every service to the tiers that need no catalog, until it answers (see
+    // `catalog::first_read`).
+    let remote = !matches!(settings.catalog, CatalogSource::File(_));
+    let first =
+        crate::catalog::first_read(&subscriber, remote, &source_name, &mut tasks, &shutdown).await;
+    let snapshot = match first {
         Ok(snapshot) => snapshot,
         Err(first) => {
             shutdown.cancel();
@@ -1033,12 +1062,15 @@ pub async fn spawn_on(
         kv: BTreeMap::new(),
         default_hold: settings.default_hold,
     };
-    let table = Table::build(
-        &snapshot,
-        &policies,
-        &settings.upstreams,
-        settings.include_warning,
-    );
+    let table = match &snapshot {
+        Some(snapshot) => Table::build(
+            snapshot,
+            &policies,
+            &settings.upstreams,
+            settings.include_warning,
+        ),
+        None => Table::without_catalog(&policies, &settings.upstreams, settings.include_warning),
+    };
     let gateway = Gateway::with_forwarder(
         table,
         settings.max_hops,
@@ -1197,14 +1229,21 @@ pub async fn follow(
         policies.kv = kv.borrow_and_update().clone();
         policies.file = file.borrow_and_update().clone();
         let state = catalog.borrow_and_update().clone();
-        if let Some(snapshot) = &state.snapshot {
-            gateway.store(Table::build(
-                snapshot,
+        match &state.snapshot {
+            Some(snapshot) => {
+                gateway.store(Table::build(
+                    snapshot,
+                    &policies,
+                    &upstreams,
+                    include_warning,
+                ));
+                crate::catalog::mark_applied(&applied, &state);
+            }
+            None => gateway.store(Table::without_catalog(
                 &policies,
                 &upstreams,
                 include_warning,
-            ));
-            crate::catalog::mark_applied(&applied, &state);
+            )),
         }
         let changed = tokio::select! {
             changed = catalog.changed() => changed,

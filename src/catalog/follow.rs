@@ -15,7 +15,7 @@ use super::file::FileDiscovery;
 use super::{Discovery, Publisher, Snapshot, Subscriber};
 use crate::config::token::Token;
 
-/// How long the agent waits at start for the catalog's first answer.
+/// How long a role waits at start for the catalog's first answer.
 pub const FIRST_CATALOG_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,4 +103,59 @@ pub fn follow<D: Discovery>(
     let name = discovery.describe();
     tasks.spawn(discovery.run(publisher, shutdown.clone()));
     name
+}
+
+/// The first read of a role's catalog, waited for until `shutdown`: its snapshot; or `None`
+/// when the source is `remote` (on other machines) and has not answered, logged now and again
+/// when it first answers, for the role serves without it (not ready) until then. An error when
+/// the source refused the reader (its token), when it is not remote (a bad file, the registry
+/// in this process), or on `shutdown`.
+pub async fn first_read(
+    subscriber: &Subscriber,
+    remote: bool,
+    source_name: &str,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<Snapshot>>, FirstReadError> {
+    let first = tokio::select! {
+        first = first_snapshot(subscriber.clone()) => first,
+        () = shutdown.cancelled() => Err(FirstReadError {
+            error: "stopped before the catalog answered".to_owned(),
+            refused: false,
+        }),
+    };
+    match first {
+        Ok(snapshot) => Ok(Some(snapshot)),
+        Err(first) if remote && !first.refused && !shutdown.is_cancelled() => {
+            tracing::warn!(
+                catalog = %source_name,
+                error = %first.error,
+                "the catalog has not answered; serving without it until it does"
+            );
+            tasks.spawn(log_first_answer(
+                subscriber.clone(),
+                source_name.to_owned(),
+                shutdown.clone(),
+            ));
+            Ok(None)
+        }
+        Err(first) => Err(first),
+    }
+}
+
+/// Says when the catalog of a role that started without it first answers (if before
+/// `shutdown`).
+async fn log_first_answer(
+    mut catalog: Subscriber,
+    source_name: String,
+    shutdown: CancellationToken,
+) {
+    let services = tokio::select! {
+        read = catalog.wait_for(|s| s.snapshot.is_some()) => match read {
+            Ok(state) => state.snapshot.as_ref().map_or(0, |s| s.services.len()),
+            Err(_) => return,
+        },
+        () = shutdown.cancelled() => return,
+    };
+    tracing::info!(catalog = %source_name, services, "the catalog answered; routing by it");
 }

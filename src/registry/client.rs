@@ -239,7 +239,7 @@ pub enum KvValue<T> {
 /// whenever it changes. Only changed values are parsed, by `parse(name, value, initial)`
 /// (`initial`: the first answer, the values found at start); a refused one is logged as `what`
 /// with its key and reason, and its last good value kept. A failed read is retried with a
-/// backoff up to 5 s; a new index lower than the last starts over (Consul's rule), and reads
+/// backoff up to 5 s (a warning when reads start failing, an info line when they answer again); a new index lower than the last starts over (Consul's rule), and reads
 /// are at least 50 ms apart.
 pub async fn follow_kv<T: Clone + PartialEq>(
     address: SocketAddr,
@@ -257,6 +257,8 @@ pub async fn follow_kv<T: Clone + PartialEq>(
     let mut raw: BTreeMap<String, String> = BTreeMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut initial = true;
+    // The last read failed (logged as a warning once, until a read succeeds).
+    let mut failing = false;
     loop {
         let uri = format!("http://{address}/v1/kv/{prefix}?recurse&index={index}&wait=30s");
         let read = kv_get(&client, &uri, token.as_ref());
@@ -267,7 +269,13 @@ pub async fn follow_kv<T: Clone + PartialEq>(
         let (new_index, entries) = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(error)) => {
-                tracing::warn!(%address, %error, "cannot read {what}s from the KV");
+                // Once per outage as a warning; each retry is a debug line.
+                if failing {
+                    tracing::debug!(%address, %error, "cannot read {what} keys from the KV");
+                } else {
+                    tracing::warn!(%address, %error, "cannot read {what} keys from the KV; keeping the last read");
+                }
+                failing = true;
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(backoff) => {}
@@ -276,10 +284,13 @@ pub async fn follow_kv<T: Clone + PartialEq>(
                 continue;
             }
             Err(_) => {
-                tracing::warn!(%address, "reading {what}s from the KV timed out");
+                tracing::warn!(%address, "reading {what} keys from the KV timed out");
                 continue;
             }
         };
+        if std::mem::take(&mut failing) {
+            tracing::info!(%address, "the KV answers again: reading {what} keys");
+        }
         backoff = Duration::from_millis(100);
         index = if new_index < index {
             0

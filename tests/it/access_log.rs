@@ -12,8 +12,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
-
 /// A catalog file with node `a` (the agent's inbound at `inbound`), service `hello` on it at
 /// `app` (platform mesos), and service `down` at `closed`, where nothing listens.
 fn write_catalog(path: &std::path::Path, inbound: &str, app: std::net::SocketAddr, closed: &str) {

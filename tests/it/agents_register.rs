@@ -13,7 +13,6 @@ use crate::etcd::{EtcdCluster, ONE_CLUSTER_AT_A_TIME};
 use crate::processes::{sighup, sigterm};
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 /// The lease TTL agents use (`catalog::etcd::register::DEFAULT_TTL`).
 const LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -473,23 +472,6 @@ async fn peer_of_b(dir: &Path, b: &Agent, services: &[(&str, u16)]) -> Agent {
     Agent::start("a", "127.0.0.2", &file, write_config(dir, "a.toml", "")).await
 }
 
-/// A `skyline registry` process listening on `addr`, its data in `data`, once it has started.
-async fn start_registry(addr: &str, data: &Path) -> Skyline {
-    let data = data.to_str().unwrap();
-    let args = [
-        "registry",
-        "--listen",
-        addr,
-        "--node-name",
-        "registry",
-        "--data-dir",
-        data,
-    ];
-    let mut registry = Skyline::start(&args, &[]);
-    registry.log.wait_for("registry started").await;
-    registry
-}
-
 /// Agent b follows a registry that goes down; on SIGHUP it declares a new service, `late`,
 /// which it cannot register, so b's catalog (its last good one) does not show it. Agent a
 /// routes `late` to b all the same: its own catalog has it (a file here, standing for a peer
@@ -506,7 +488,7 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     let late = TestApp::spawn("late", ip("127.0.0.3"));
     let registry_addr = free_addr("127.0.0.3");
     let data = dir.path().join("registry");
-    let registry = start_registry(&registry_addr, &data).await;
+    let registry = Skyline::registry_at(&registry_addr, &data).await;
     let consul = ["--catalog", "consul", "--consul", &registry_addr].map(String::from);
     let b_config = write_config(dir.path(), "b.toml", &service_toml("web", &web));
     let mut b = Agent::start("b", "127.0.0.3", &consul, b_config).await;
@@ -546,7 +528,7 @@ async fn a_service_declared_while_the_registry_is_down_is_served_to_peers_until_
     );
 
     // The registry is back: b registers late, and its catalog shows it.
-    let registry = start_registry(&registry_addr, &data).await;
+    let registry = Skyline::registry_at(&registry_addr, &data).await;
     readyz_until(&b.admin, services(3)).await;
     b.log.wait_for("consul catalog answers again").await;
     // late goes down: its TTL check turns critical, and once the inbound's drain grace for the
@@ -633,7 +615,7 @@ async fn an_agent_started_while_its_registry_is_down_serves_at_once_and_routes_o
     let registry_addr = free_addr("127.0.0.3");
     let data = dir.path().join("registry");
     let consul = ["--catalog", "consul", "--consul", &registry_addr].map(String::from);
-    let bring_up = start_registry(&registry_addr, &data);
+    let bring_up = Skyline::registry_at(&registry_addr, &data);
     // With a catch-all (an application standing for the gateways here), an agent without its
     // catalog sends every service there; stopped before its catalog ever answered, it exits
     // cleanly, without waiting for it.

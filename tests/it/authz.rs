@@ -11,9 +11,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 
-use crate::support::{Client, Reply, Skyline, TestApp, ip, scrape};
+use crate::support::{Client, Reply, SKYLINE, Skyline, TestApp, ip, scrape};
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 const FRONTEND_TOKEN: &str = "frontend-3c1f9a7e";
 const BILLING_TOKEN: &str = "billing-77d0e4b2";
 

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 use skyline::registry::client::RegistryClient;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 /// Load workers and the pause of each between requests: about 200 requests a second on an
 /// idle machine, fewer on a loaded one (never more).
 const WORKERS: usize = 4;

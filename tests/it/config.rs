@@ -1,12 +1,11 @@
 //! The configuration tools through the shipped binary: `skyline --version`, `skyline config
 //! reference` (and `docs/configuration.md`), `skyline config example` and `skyline config check`.
 
+use crate::support::SKYLINE;
 use std::process::{Command, Output};
 
 #[path = "../../build/civil_date.rs"]
 mod civil_date;
-
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 
 fn skyline(args: &[&str]) -> Output {
     Command::new(SKYLINE).args(args).output().unwrap()

@@ -16,7 +16,6 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 /// The py-consul scenarios, in the order the script runs them (tests/clients/py_consul_client.py).
 const PY_CONSUL_SCENARIOS: [&str; 13] = [
     "register_and_deregister",

@@ -17,7 +17,6 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 const TOKEN: &str = "7f3c2a9e-sky-line-token-b41d";
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -19,7 +19,6 @@ use serde_json::json;
 use crate::support::*;
 use skyline::registry::client::RegistryClient;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 const TOKEN: &str = "dashboard-test-token-4f1c";
 /// A platform name that is markup: the page must show it as text and run none of it.
 const HOSTILE: &str =

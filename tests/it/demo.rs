@@ -2,12 +2,12 @@
 //! real binary, read from its output — every step happened, no request failed where none may,
 //! and nothing is left behind, whether the demo ends by itself or on Ctrl-C.
 
+use crate::support::SKYLINE;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 /// The demo's steps take ~30 s; setting up and tearing down namespaces a few more.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(240);
 

@@ -8,8 +8,6 @@ use serde_json::Value;
 use crate::support::*;
 use crate::upgrade::ClusterDns;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
-
 async fn explain(admin: &str, url: &str) -> Value {
     let encoded: String = url
         .bytes()

@@ -473,3 +473,143 @@ async fn the_gateways_http2_connections_have_the_abuse_limits_a_ping_flood_gets_
     assert!(seen.acks < 10_000, "{} PINGs answered", seen.acks);
     assert_eq!(s.mesos.hits() + s.kubernetes.hits(), hits_before);
 }
+
+/// A gateway and a bridge (re)started while the registry they follow is down start at once
+/// and serve what needs no catalog, not ready until it answers: the bridge sends a Skyline URL
+/// to the cluster's Service, and answers a cluster name bound for the mesh `503
+/// no-healthy-endpoint` marked unsent (it learns the gateways from the catalog); the gateway
+/// sends a service to its Kubernetes tier (the bridge). Once the registry is up each logs it,
+/// turns ready, and the gateway sends a service on Mesos to Mesos. The gateway warns once that
+/// its KV reads fail, not at every retry, and says when they answer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_and_a_bridge_started_while_their_registry_is_down_serve_at_once_and_route_by_it_once_it_is_up()
+ {
+    use crate::upgrade::ClusterDns;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::new();
+    let registry_addr = free_addr("127.0.0.1");
+    let pod = TestApp::spawn("pod", ip("127.0.0.1"));
+    let dns = ClusterDns::start(&[("giphy.default.svc.cluster.local", "127.0.0.1")]).await;
+    let not_ready = |admin: &str| {
+        let url = format!("http://{admin}/readyz");
+        let client = client.clone();
+        async move {
+            let ready = client.get(&url).await;
+            assert_eq!(ready.status, 503, "{ready:?}");
+            assert_eq!(ready.json()["ready"], false, "{ready:?}");
+            assert!(
+                ready.json()["catalog_error"].is_string(),
+                "says why: {ready:?}"
+            );
+        }
+    };
+
+    let bridge_admin = free_addr("127.0.0.1");
+    let (dns_addr, pod_port) = (dns.addr.to_string(), pod.addr.port().to_string());
+    let mut bridge = Skyline::start(
+        &[
+            "bridge",
+            "--consul",
+            &registry_addr,
+            "--listen=127.0.0.1:0",
+            "--admin",
+            &bridge_admin,
+            "--dns",
+            &dns_addr,
+            "--port",
+            &pod_port,
+        ],
+        &[],
+    );
+    let started = bridge.log.wait_for("bridge started").await;
+    let bridge_addr = started["listen"].as_str().unwrap().to_owned();
+    not_ready(&bridge_admin).await;
+    let reply = client
+        .get(&format!("http://{bridge_addr}/service/giphy/media"))
+        .await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "pod /media"));
+    let to_mesh = Request::get(format!("http://{bridge_addr}/orders"))
+        .header("host", "billing.default.svc.cluster.local")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = client.send(to_mesh).await.unwrap();
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert_eq!(reply.mesh_error(), Some("no-healthy-endpoint"), "{reply:?}");
+    assert!(reply.headers.contains_key("x-skyline-unsent"), "{reply:?}");
+
+    let (gateway_addr, gateway_admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    // Its KV client's retries logged too (debug), to see that they are not warnings.
+    let mut command = std::process::Command::new(SKYLINE);
+    command
+        .args([
+            "gateway",
+            "--consul",
+            &registry_addr,
+            "--listen",
+            &gateway_addr,
+        ])
+        .args([
+            "--admin",
+            &gateway_admin,
+            "--bridges",
+            &bridge_addr,
+            "--hold=200ms",
+        ])
+        .args(["--log-format", "json"])
+        .env("SKYLINE_LOG", "info,skyline::registry::client=debug");
+    let mut gateway = Skyline::spawn(command, &[]);
+    let kv_failing = "cannot read route policy keys from the KV; keeping the last read";
+    let kv_retry_failed = "cannot read route policy keys from the KV";
+    let mut gateway_log = gateway
+        .log
+        .until_all(&["gateway started", kv_failing, kv_retry_failed])
+        .await;
+    not_ready(&gateway_admin).await;
+    let giphy = format!("http://{gateway_addr}/service/giphy/media");
+    let reply = client.get(&giphy).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "pod /media"));
+    assert_eq!(Setup::tier(&reply), "kubernetes", "{reply:?}");
+
+    let registry = Skyline::registry_at(&registry_addr, &dir.path().join("registry")).await;
+    let mesos = TestApp::spawn("mesos", ip("127.0.0.1"));
+    let register = serde_json::json!({
+        "Node": "m1", "Address": "127.0.0.1",
+        "NodeMeta": {"skyline-inbound-port": mesos.addr.port().to_string()},
+        "Service": {"ID": "giphy-m1", "Service": "giphy", "Port": 9, "Meta": {"platform": "mesos"}},
+    });
+    let req = Request::put(format!("http://{registry_addr}/v1/catalog/register"))
+        .body(Full::new(Bytes::from(register.to_string())))
+        .unwrap();
+    assert_eq!(client.send(req).await.unwrap().body.trim(), "true");
+    const ANSWERED: &str = "the catalog answered; routing by it";
+    bridge.log.wait_for(ANSWERED).await;
+    // The gateway's KV reads (its route policies) failed all along: said once, then that they
+    // answer again.
+    let kv_again = "the KV answers again: reading route policy keys";
+    gateway_log.extend(gateway.log.until_all(&[ANSWERED, kv_again]).await);
+    let warned = gateway_log.iter().filter(|m| *m == kv_failing).count();
+    assert_eq!(warned, 1, "{gateway_log:?}");
+    readyz_until(&gateway_admin, |r| r["ready"] == true).await;
+    readyz_until(&bridge_admin, |r| r["catalog_error"].is_null()).await;
+    let mut reply = client.get(&giphy).await;
+    for _ in 0..500 {
+        if Setup::tier(&reply) == "mesos" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reply = client.get(&giphy).await;
+    }
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "mesos /service/giphy/media")
+    );
+    assert_eq!(Setup::tier(&reply), "mesos", "{reply:?}");
+
+    for role in [gateway, bridge, registry] {
+        role.sigterm();
+        role.exited_cleanly().await;
+    }
+    for app in [pod, mesos] {
+        app.stop().await;
+    }
+}

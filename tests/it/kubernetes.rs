@@ -12,8 +12,6 @@ use serde_json::{Value, json};
 use crate::support::*;
 use skyline::registry::client::RegistryClient;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
-
 fn manifests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes")
 }

@@ -18,6 +18,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::SKYLINE;
 use crate::support::netns::{Lab, ProcId};
 use skyline::demo::migration::Placement;
 use skyline::demo::migration::mesh::{
@@ -27,7 +28,6 @@ use skyline::demo::migration::mesh::{
 use skyline::registry::client::RegistryClient;
 use skyline::serve::{self, Conn, Handler};
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 const CHILD_ROLE: &str = "SKYLINE_IT_CHILD";
 /// The load: requests per second, for the whole scenario.
 const RATE: u64 = 200;

@@ -17,9 +17,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use skyline::tls::ca::{self, Kind, LeafSpec};
 
-use crate::support::{Client, Skyline, TestApp, ip, raw, scrape, write_atomically};
-
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
+use crate::support::{Client, SKYLINE, Skyline, TestApp, ip, raw, scrape, write_atomically};
 
 /// Runs `skyline <args>` to its end; its exit status and output.
 fn skyline(args: &[&str]) -> std::process::Output {

@@ -17,7 +17,6 @@ use std::sync::OnceLock;
 
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 const ROLES: [&str; 4] = ["agent", "gateway", "bridge", "registry"];
 
 /// The package, built and installed once per test run.

@@ -12,8 +12,6 @@ use tokio::process::{Child, Command};
 
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
-
 pub(crate) fn sigterm(child: &Child) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")

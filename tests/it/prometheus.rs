@@ -10,7 +10,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
 /// The targets in `file` (a file_sd_configs JSON file) once `done` holds for them (bounded:

@@ -9,8 +9,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
-
 /// `skyline status --json` (and the human text with `json = false`) against `registry`, or
 /// against etcd when `registry` is `--catalog=etcd --etcd-endpoints=...`.
 async fn status(registry: &str, json: bool) -> Result<String, String> {

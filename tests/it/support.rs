@@ -654,6 +654,36 @@ impl StderrLog {
     }
 }
 
+impl StderrLog {
+    /// The messages of the JSON log lines read until each of `messages` has been seen
+    /// (bounded: 20 s), in order, those included.
+    pub async fn until_all(&mut self, messages: &[&str]) -> Vec<String> {
+        let mut seen = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            while !messages.iter().all(|m| seen.iter().any(|s| s == m)) {
+                let Some(line) = self.0.recv().await else {
+                    return;
+                };
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let Some(message) = json["fields"]["message"].as_str() {
+                        seen.push(message.to_owned());
+                    }
+                }
+            }
+        });
+        let done = read.await.is_ok();
+        let missing: Vec<_> = messages
+            .iter()
+            .filter(|m| !seen.iter().any(|s| s == *m))
+            .collect();
+        assert!(
+            done && missing.is_empty(),
+            "no log line {missing:?}; saw {seen:?}"
+        );
+        seen
+    }
+}
+
 /// Nodes a (127.0.0.2), b and c, with applications on b and c and `web` placed on b only (c is
 /// there for a catalog change to move `web` to).
 pub async fn mesh_with_b_and_c() -> (TestMesh, TestApp, TestApp) {
@@ -682,7 +712,8 @@ pub async fn scrape(admin: SocketAddr) -> Scrape {
 
 // === Processes ===
 
-const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
+/// This build's `skyline` binary.
+pub const SKYLINE: &str = env!("CARGO_BIN_EXE_skyline");
 
 impl Client {
     /// [`Client::get`] that returns a failure instead of panicking on it.
@@ -703,15 +734,17 @@ impl Skyline {
     /// in `dir/registry`, and waits until it serves; returns it and its address.
     pub async fn registry(dir: &std::path::Path) -> (Self, String) {
         let addr = free_addr("127.0.0.1");
-        let data = dir.join("registry");
-        let args = ["registry", "--listen", &addr, "--data-dir"];
+        (Self::registry_at(&addr, &dir.join("registry")).await, addr)
+    }
+
+    /// Starts `skyline registry` (node name `registry`) on `addr` with its data in `data`, and
+    /// waits until it serves.
+    pub async fn registry_at(addr: &str, data: &std::path::Path) -> Self {
         let data = data.to_str().unwrap();
-        let mut registry = Self::start(
-            &[&args[..], &[data, "--node-name", "registry"]].concat(),
-            &[],
-        );
+        let args = ["registry", "--listen", addr, "--data-dir", data];
+        let mut registry = Self::start(&[&args[..], &["--node-name", "registry"]].concat(), &[]);
         registry.log.wait_for("registry started").await;
-        (registry, addr)
+        registry
     }
 
     /// Starts `skyline <args>` (this build's binary) with JSON logs at level info; with
