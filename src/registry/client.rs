@@ -239,8 +239,9 @@ pub enum KvValue<T> {
 /// whenever it changes. Only changed values are parsed, by `parse(name, value, initial)`
 /// (`initial`: the first answer, the values found at start); a refused one is logged as `what`
 /// with its key and reason, and its last good value kept. A failed read is retried with a
-/// backoff up to 5 s (a warning when reads start failing, an info line when they answer again); a new index lower than the last starts over (Consul's rule), and reads
-/// are at least 50 ms apart.
+/// backoff up to 5 s (a warning when reads start failing, an info line when they answer
+/// again); a new index lower than the last starts over (Consul's rule), and reads are at least
+/// 50 ms apart.
 pub async fn follow_kv<T: Clone + PartialEq>(
     address: SocketAddr,
     token: Option<Token>,
