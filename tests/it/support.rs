@@ -834,12 +834,16 @@ impl Skyline {
 /// These ports come from just below that range instead, which `connect` never picks, and from a
 /// counter, so no two tests of this run get the same one; a bind checks each is free now.
 pub fn free_port(ip: &str) -> u16 {
+    use std::sync::OnceLock;
     use std::sync::atomic::AtomicU32;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
+    static EPHEMERAL: OnceLock<u32> = OnceLock::new();
+    let ephemeral = *EPHEMERAL.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32768)
+    });
     let span = ephemeral.saturating_sub(1024).min(10_000);
     if span < 100 {
         // No room below the ephemeral range: the kernel's choice.
