@@ -19,20 +19,11 @@
  * usage: mux-floor out LISTEN_PORT INBOUND_PORT   (the outbound hop)
  *        mux-floor in LISTEN_PORT BACKEND_PORT    (the inbound hop; one outbound at a time)
  */
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <unistd.h>
+#include "floor.h"
 
-#define MAX_FDS 65536
+#include <stdint.h>
+#include <string.h>
+
 #define HEAD 8
 
 /* Outbound: a client fd is its stream id. Inbound: the backend fd of a stream, and back. */
@@ -41,22 +32,6 @@ static char buf[65536];
 /* Frames for the peer, written at the end of each batch; bytes read from it, not yet framed. */
 static char *out_q, *in_q;
 static size_t out_len, out_cap, in_len, in_cap;
-
-static struct sockaddr_in loopback(int port) {
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  return a;
-}
-
-static void nodelay(int fd) {
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
-
-static void watch(int ep, int fd) {
-  struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-  epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
-}
 
 static void reserve(char **q, size_t *cap, size_t need) {
   if (need <= *cap) return;
@@ -100,13 +75,8 @@ int main(int argc, char **argv) {
     return 2;
   }
   int outbound = !strcmp(argv[1], "out"), upstream = atoi(argv[3]);
-  struct sockaddr_in listen_at = loopback(atoi(argv[2]));
-  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
-  setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (bind(lfd, (struct sockaddr *)&listen_at, sizeof listen_at) || listen(lfd, 4096)) {
-    perror("listen");
-    return 1;
-  }
+  int lfd = listen_on(atoi(argv[2]));
+  if (lfd < 0) return 1;
   for (int i = 0; i < MAX_FDS; i++) stream_fd[i] = stream_of[i] = -1;
   int ep = epoll_create1(0), mux = -1;
   watch(ep, lfd);

@@ -13,37 +13,10 @@
  *
  * usage: relay-floor LISTEN_PORT UPSTREAM_PORT   (both on 127.0.0.1)
  */
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-#define MAX_FDS 65536
+#include "floor.h"
 
 static int peer[MAX_FDS];
 static char buf[65536];
-
-static struct sockaddr_in loopback(int port) {
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  return a;
-}
-
-static void nodelay(int fd) {
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
-
-static void watch(int ep, int fd) {
-  struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-  epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
-}
 
 static void close_pair(int fd) {
   int other = peer[fd];
@@ -57,13 +30,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: %s LISTEN_PORT UPSTREAM_PORT\n", argv[0]);
     return 2;
   }
-  struct sockaddr_in listen_at = loopback(atoi(argv[1])), upstream = loopback(atoi(argv[2]));
-  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
-  setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (bind(lfd, (struct sockaddr *)&listen_at, sizeof listen_at) || listen(lfd, 4096)) {
-    perror("listen");
-    return 1;
-  }
+  struct sockaddr_in upstream = loopback(atoi(argv[2]));
+  int lfd = listen_on(atoi(argv[1]));
+  if (lfd < 0) return 1;
   int ep = epoll_create1(0);
   watch(ep, lfd);
   struct epoll_event events[256];
