@@ -83,6 +83,8 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut services = declared.borrow_and_update().clone();
     let mut registered = false;
+    // The registry is failing: warned once when it starts, each retry at debug.
+    let mut failing = false;
     let mut open = true;
     loop {
         let tick = services
@@ -106,13 +108,21 @@ pub async fn run(
             Ok(()) => {
                 if !registered {
                     tracing::info!(registry = %client.addr(), services = services.len(), "services registered");
+                } else if failing {
+                    tracing::info!(registry = %client.addr(), services = services.len(), "registry answers again; services renewed");
                 }
                 registered = true;
+                failing = false;
                 backoff = Duration::from_millis(100);
                 tick
             }
             Err(error) => {
-                tracing::warn!(registry = %client.addr(), error = %crate::error_chain(&error), "registration failed; retrying");
+                let chain = crate::error_chain(&error);
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(registry = %client.addr(), error = %chain, "registration failed; retrying");
+                } else {
+                    tracing::warn!(registry = %client.addr(), error = %chain, "registration failed; retrying");
+                }
                 // A check the registry no longer knows means the registration is gone.
                 registered = registered
                     && !matches!(&error, ClientError::Refused { status, .. } if status.as_u16() == 404);
@@ -347,6 +357,8 @@ pub async fn run_admin(
     };
     let check = format!("/v1/agent/check/pass/service:{id}");
     let (mut registered, mut backoff) = (false, Duration::from_millis(100));
+    // The registry is failing: warned once when it starts, each retry at debug.
+    let mut failing = false;
     loop {
         let outcome = async {
             if !registered {
@@ -363,11 +375,17 @@ pub async fn run_admin(
                     tracing::info!(registry = %client.addr(), service = ADMIN_SERVICE, %id, "admin listener registered");
                 }
                 registered = true;
+                failing = false;
                 backoff = Duration::from_millis(100);
                 ADMIN_TTL / 3
             }
             Err(error) => {
-                tracing::warn!(registry = %client.addr(), error = %crate::error_chain(&error), "admin registration failed; retrying");
+                let chain = crate::error_chain(&error);
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(registry = %client.addr(), error = %chain, "admin registration failed; retrying");
+                } else {
+                    tracing::warn!(registry = %client.addr(), error = %chain, "admin registration failed; retrying");
+                }
                 registered = false;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 backoff

@@ -480,7 +480,8 @@ async fn the_gateways_http2_connections_have_the_abuse_limits_a_ping_flood_gets_
 /// no-healthy-endpoint` marked unsent (it learns the gateways from the catalog); the gateway
 /// sends a service to its Kubernetes tier (the bridge). Once the registry is up each logs it,
 /// turns ready, and the gateway sends a service on Mesos to Mesos. The gateway warns once that
-/// its KV reads fail, not at every retry, and says when they answer again.
+/// its KV reads and its admin listener's registration fail, not at every retry, and says when
+/// the KV answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_and_a_bridge_started_while_their_registry_is_down_serve_at_once_and_route_by_it_once_it_is_up()
  {
@@ -556,13 +557,23 @@ async fn a_gateway_and_a_bridge_started_while_their_registry_is_down_serve_at_on
             "--hold=200ms",
         ])
         .args(["--log-format", "json"])
-        .env("SKYLINE_LOG", "info,skyline::registry::client=debug");
+        .env(
+            "SKYLINE_LOG",
+            "info,skyline::registry::client=debug,skyline::registration=debug",
+        );
     let mut gateway = Skyline::spawn(command, &[]);
     let kv_failing = "cannot read route policy keys from the KV; keeping the last read";
     let kv_retry_failed = "cannot read route policy keys from the KV";
+    let admin_failed = "admin registration failed; retrying";
+    let count =
+        |seen: &[Logged], message: &str| seen.iter().filter(|s| s.message == message).count();
     let mut gateway_log = gateway
         .log
-        .until_all(&["gateway started", kv_failing, kv_retry_failed])
+        .until(|seen| {
+            count(seen, "gateway started") == 1
+                && count(seen, kv_retry_failed) > 0
+                && count(seen, admin_failed) > 1
+        })
         .await;
     not_ready(&gateway_admin).await;
     let giphy = format!("http://{gateway_addr}/service/giphy/media");
@@ -587,8 +598,12 @@ async fn a_gateway_and_a_bridge_started_while_their_registry_is_down_serve_at_on
     // answer again.
     let kv_again = "the KV answers again: reading route policy keys";
     gateway_log.extend(gateway.log.until_all(&[ANSWERED, kv_again]).await);
-    let warned = gateway_log.iter().filter(|m| *m == kv_failing).count();
-    assert_eq!(warned, 1, "{gateway_log:?}");
+    let warned = |message: &str| {
+        let warning = |s: &&Logged| s.message == message && s.level == "WARN";
+        gateway_log.iter().filter(warning).count()
+    };
+    assert_eq!(warned(kv_failing), 1, "{gateway_log:?}");
+    assert_eq!(warned(admin_failed), 1, "{gateway_log:?}");
     readyz_until(&gateway_admin, |r| r["ready"] == true).await;
     readyz_until(&bridge_admin, |r| r["catalog_error"].is_null()).await;
     let mut reply = client.get(&giphy).await;

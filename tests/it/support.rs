@@ -654,33 +654,48 @@ impl StderrLog {
     }
 }
 
+/// A JSON log line's level (`WARN`, `INFO`, ...) and message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub level: String,
+    pub message: String,
+}
+
 impl StderrLog {
-    /// The messages of the JSON log lines read until each of `messages` has been seen
-    /// (bounded: 20 s), in order, those included.
-    pub async fn until_all(&mut self, messages: &[&str]) -> Vec<String> {
+    /// The JSON log lines read until `done` holds for those read so far (bounded: 20 s), in
+    /// order.
+    pub async fn until(&mut self, done: impl Fn(&[Logged]) -> bool) -> Vec<Logged> {
         let mut seen = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(20), async {
-            while !messages.iter().all(|m| seen.iter().any(|s| s == m)) {
+            while !done(&seen) {
                 let Some(line) = self.0.recv().await else {
                     return;
                 };
                 if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
                     if let Some(message) = json["fields"]["message"].as_str() {
-                        seen.push(message.to_owned());
+                        let level = json["level"].as_str().unwrap_or_default().to_owned();
+                        let message = message.to_owned();
+                        seen.push(Logged { level, message });
                     }
                 }
             }
         });
-        let done = read.await.is_ok();
-        let missing: Vec<_> = messages
-            .iter()
-            .filter(|m| !seen.iter().any(|s| s == *m))
-            .collect();
+        let finished = read.await.is_ok() && done(&seen);
         assert!(
-            done && missing.is_empty(),
-            "no log line {missing:?}; saw {seen:?}"
+            finished,
+            "the log never showed what was awaited; saw {seen:?}"
         );
         seen
+    }
+
+    /// The JSON log lines read until each of `messages` has been seen (bounded: 20 s).
+    pub async fn until_all(&mut self, messages: &[&str]) -> Vec<Logged> {
+        self.until(|seen| {
+            messages
+                .iter()
+                .all(|m| seen.iter().any(|s| s.message == *m))
+        })
+        .await
     }
 }
 
