@@ -38,7 +38,8 @@ impl Agent {
             .args(catalog)
             .arg("--config")
             .arg(&config)
-            .env("SKYLINE_LOG", "info")
+            // With the registration's retries (debug), to tell them from its warnings.
+            .env("SKYLINE_LOG", "info,skyline::registration=debug")
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -617,16 +618,26 @@ async fn an_agent_started_while_its_registry_is_down_serves_at_once_and_routes_o
     let consul = ["--catalog", "consul", "--consul", &registry_addr].map(String::from);
     let bring_up = Skyline::registry_at(&registry_addr, &data);
     // With a catch-all (an application standing for the gateways here), an agent without its
-    // catalog sends every service there; stopped before its catalog ever answered, it exits
-    // cleanly, without waiting for it.
+    // catalog sends every service there; it warns once that it cannot register, not at every
+    // retry; stopped before its catalog ever answered, it exits cleanly, without waiting for it.
     let gateway = TestApp::spawn("gateway", ip("127.0.0.4"));
     let mut with_catch_all = consul.to_vec();
     with_catch_all.extend(["--catch-all".to_owned(), gateway.addr.to_string()]);
     let c_config = write_config(dir.path(), "c.toml", "");
-    let c = Agent::start("c", "127.0.0.4", &with_catch_all, c_config).await;
+    let mut c = Agent::start("c", "127.0.0.4", &with_catch_all, c_config).await;
     let reply = c.get(&Client::new(), "anything").await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.body, "gateway /service/anything/x", "{reply:?}");
+    // Its registration (its admin listener) fails at every attempt: one warning, the retries
+    // at debug.
+    let failed = "registration failed; retrying";
+    let count = |seen: &[Logged]| seen.iter().filter(|s| s.message == failed).count();
+    let seen = c.log.until(|seen| count(seen) > 2).await;
+    let warnings = seen
+        .iter()
+        .filter(|s| s.message == failed && s.level == "WARN")
+        .count();
+    assert_eq!(warnings, 1, "{seen:?}");
     c.stop().await;
     gateway.stop().await;
     let registry = started_while_the_catalog_is_down(&consul, bring_up).await;
