@@ -610,6 +610,13 @@ impl Scrape {
     }
 }
 
+/// A JSON log line's level (`WARN`, `INFO`, ...) and message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub level: String,
+    pub message: String,
+}
+
 /// The stderr lines of a child process, drained as they come so the child never blocks on a
 /// full pipe.
 pub struct StderrLog(tokio::sync::mpsc::UnboundedReceiver<String>);
@@ -652,16 +659,7 @@ impl StderrLog {
             .flatten()
             .unwrap_or_else(|| panic!("no log line {message:?}"))
     }
-}
 
-/// A JSON log line's level (`WARN`, `INFO`, ...) and message.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Logged {
-    pub level: String,
-    pub message: String,
-}
-
-impl StderrLog {
     /// The JSON log lines read until `done` holds for those read so far (bounded: 20 s), in
     /// order.
     pub async fn until(&mut self, done: impl Fn(&[Logged]) -> bool) -> Vec<Logged> {
