@@ -280,14 +280,11 @@ impl Bridge {
             Ok(t) => t,
             Err(e) => return MeshError::bad_request(e).into_response(&name),
         };
-        let Some(gateways) = self.gateways().filter(|r| !r.is_empty()) else {
-            let error = if self.gateways().is_none() {
-                // The gateways come from a catalog that has not answered yet.
-                MeshError::NoCatalog
-            } else {
-                MeshError::NoHealthyEndpoint
-            };
-            return error.into_response(&name);
+        let gateways = match self.gateways() {
+            Some(gateways) if !gateways.is_empty() => gateways,
+            Some(_) => return MeshError::NoHealthyEndpoint.into_response(&name),
+            // The gateways come from a catalog that has not answered yet.
+            None => return MeshError::NoCatalog.into_response(&name),
         };
         req.headers_mut()
             .insert(&X_SKYLINE_ORIGIN, HeaderValue::from_static("bridge"));
