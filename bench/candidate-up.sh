@@ -7,8 +7,9 @@
 # the two nodes' certificates are made in $BENCH_DIR first (docs/security.md).
 # SKYLINE_BENCH_PROTOCOL=h2c registers the backend with meta `protocol = "h2c"` (an HTTP/2-only
 # backend, as a gRPC server: bench/grpc.sh).
-# The agents inherit the environment: SKYLINE_PEER_PROTOCOL=h2 sends the outbound → inbound hop
-# over HTTP/2 whatever wrk speaks (`[mesh] peer_protocol`, bench/peer-protocol.sh).
+# The agents inherit the environment: the outbound → inbound hop is one mesh link by default
+# (`[mesh] peer_protocol = "mux"`); SKYLINE_PEER_PROTOCOL=http1 gives each request in flight a
+# connection of its own, =h2 sends it over HTTP/2 whatever wrk speaks (bench/peer-protocol.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="${SKYLINE_BIN:-$root/target/release/skyline}"

@@ -42,10 +42,12 @@
 //!      registered in the registry, Consul or etcd, with their checks.
 //!    - [`migrate`]: a migration's record and guards, and [`migrate::answers`], what gateways
 //!      publish of each tier's answers while it runs.
-//! 2. **Data path**: [`access`], [`tls`], [`serve`], [`proxy`]
+//! 2. **Data path**: [`access`], [`tls`], [`mux`], [`serve`], [`proxy`]
 //!    - [`access`]: the access log, one line per request on every proxy listener.
 //!    - [`tls`]: mesh TLS (mTLS between proxies, strict or permissive, reloaded on change);
 //!      [`tls::ca`] is the mesh CA.
+//!    - [`mux`]: the multiplexed peer link (`[mesh] peer_protocol = "mux"`): HTTP/1.1
+//!      connections between proxies as streams over one TCP or TLS connection.
 //!    - [`serve`]: bind and accept, socket activation ([`serve::activation`]), graceful drain,
 //!      HTTP/1.1 and h2c with hyper, the HTTP/2 abuse limits ([`serve::flood`]), a handler's own
 //!      lane and the handoff to hyper ([`serve::lane`]).
@@ -90,6 +92,7 @@ pub mod gateway;
 pub mod http1;
 pub mod metrics;
 pub mod migrate;
+pub mod mux;
 pub mod netns;
 pub mod proxy;
 pub mod registration;

@@ -334,6 +334,12 @@ impl Forwarder {
     /// This forwarder, sending requests to other Skyline proxies as `peers` says.
     pub fn with_peer_protocol(mut self, peers: h2::PeerProtocol) -> Self {
         self.peers_h2 = peers.is_h2();
+        if peers == h2::PeerProtocol::Mux {
+            // One link per peer, whichever lane the request took.
+            let links = crate::mux::Links::default();
+            self.raw = self.raw.linked(links.clone());
+            self.pool = self.pool.linked(links);
+        }
         self
     }
 

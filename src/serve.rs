@@ -304,6 +304,9 @@ async fn serve_with<H: Handler>(
     tls: Option<MeshTls>,
     shutdown: CancellationToken,
 ) {
+    // A mesh listener (one with a recorder: an inbound, a gateway, a bridge) serves the mesh
+    // link other proxies dial (see `crate::mux`).
+    let links = recorder.is_some();
     let limits = Limits::default();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -329,6 +332,7 @@ async fn serve_with<H: Handler>(
         http,
         h2,
         lanes: AtomicUsize::new(0),
+        links,
     });
     // Every connection task holds a sender; the drain ends when the last one is dropped.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -427,6 +431,8 @@ struct Shared {
     http: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     lanes: AtomicUsize,
+    /// The listener serves the mesh link ([`crate::mux`]).
+    links: bool,
 }
 
 /// Serves a connection on a mesh listener: TLS when the peer starts a handshake (see
@@ -621,33 +627,77 @@ async fn serve_connection<H: Handler, S: Io>(
     handler: H,
     served: Served,
 ) {
-    let end = if H::EXPRESS && handler.express_lane() {
+    let end = first_lane(&mut stream, &mut conn, &handler, &served).await;
+    after_lane(stream, conn, handler, served, end).await;
+}
+
+/// Serves a stream of a mesh link as a connection: as [`serve_connection`] does, except that a
+/// stream cannot carry a link of its own.
+async fn serve_stream<H: Handler>(
+    mut stream: crate::mux::Stream,
+    mut conn: Conn,
+    handler: H,
+    served: Served,
+) {
+    let end = match first_lane(&mut stream, &mut conn, &handler, &served).await {
+        lane::End::Mux { rest } => lane::End::Handoff { rest },
+        end => end,
+    };
+    serve_rest(stream, conn, handler, served, end).await;
+}
+
+/// A connection's first lane: the express lane when the handler takes it, else a look at its
+/// first bytes for HTTP/2's preface on a listener that speaks HTTP/2.
+async fn first_lane<H: Handler, S: Io>(
+    stream: &mut S,
+    conn: &mut Conn,
+    handler: &H,
+    served: &Served,
+) -> lane::End {
+    if H::EXPRESS && handler.express_lane() {
         let lane = handler.lane(lane::Lane {
             opened: served.opened,
             first: true,
             held: None,
-            stream: &mut stream,
-            conn: &mut conn,
+            stream,
+            conn,
             recorder: served.recorder.as_ref(),
             draining: &served.draining,
             shutdown: &served.cancelled,
         });
         lane.await
     } else if H::HTTP2 {
-        match lane::sniff(&mut stream, &served.cancelled).await {
+        match lane::sniff(stream, &served.cancelled).await {
             lane::Sniffed::Closed => lane::End::Closed,
             lane::Sniffed::Http1 { rest } => lane::End::Handoff { rest },
             lane::Sniffed::Http2 { rest } => lane::End::Http2 { rest },
+            lane::Sniffed::Mux { rest } => lane::End::Mux { rest },
         }
     } else {
         lane::End::Handoff { rest: Vec::new() }
-    };
-    after_lane(stream, conn, handler, served, end).await;
+    }
 }
 
 /// Serves what is left of a connection once its lane ended (`end`): with hyper's HTTP/1.1
 /// server behind the framing guard, or its HTTP/2 server.
 async fn after_lane<H: Handler, S: Io>(
+    stream: S,
+    conn: Conn,
+    handler: H,
+    served: Served,
+    end: lane::End,
+) {
+    match end {
+        lane::End::Mux { rest } if served.shared.links => {
+            Box::pin(serve_link(stream, rest, conn, handler, served)).await;
+        }
+        end => serve_rest(stream, conn, handler, served, end).await,
+    }
+}
+
+/// Serves what is left of a connection once its lane ended (`end`) and it is not a mesh
+/// link: with hyper's HTTP/1.1 server behind the framing guard, or its HTTP/2 server.
+async fn serve_rest<H: Handler, S: Io>(
     stream: S,
     conn: Conn,
     handler: H,
@@ -665,7 +715,8 @@ async fn after_lane<H: Handler, S: Io>(
     let rest = match end {
         // A lane that may not rest does not; a lane that closed is done.
         lane::End::Closed | lane::End::Rest { .. } => return,
-        lane::End::Handoff { rest } => rest,
+        // Not a mesh listener: HTTP/1.1's answer to a request line it cannot read.
+        lane::End::Handoff { rest } | lane::End::Mux { rest } => rest,
         lane::End::Http2 { rest } => {
             let io = lane::Rewind::new(stream, rest);
             // Boxed: every connection task would otherwise carry its size.
@@ -686,6 +737,71 @@ async fn after_lane<H: Handler, S: Io>(
         cancelled,
     )
     .await;
+}
+
+/// Serves a mesh link another proxy dialled (see [`crate::mux`]): each stream it opens as a
+/// connection of its own, from the link's peer and with its mesh identity. Once the drain has
+/// started, the link takes new streams for half of [`DRAIN_IDLE_GRACE`] (each answer says
+/// `Connection: close`, as on a connection of its own, so requests already on their way are
+/// served: the dialler may be this process's own outbound, whose new link would wait for the
+/// next process), then goes away: the dialler opens no more streams on it and reuses none of
+/// its idle ones before the streams' own drain closes them (the frames are in order, so no
+/// request goes out on a stream as it closes), and the link closes once its streams have.
+async fn serve_link<H: Handler, S: Io>(
+    stream: S,
+    rest: Vec<u8>,
+    conn: Conn,
+    handler: H,
+    served: Served,
+) {
+    let Ok(link) = crate::mux::Link::listen(stream, rest).await else {
+        return;
+    };
+    let shutdown = served.cancelled.clone();
+    let mut cancelled = pin!(shutdown.cancelled());
+    // Set when the drain starts: the link goes away half a [`DRAIN_IDLE_GRACE`] later.
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut gone = false;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = cancelled.as_mut(), if grace.is_none() => {
+                grace = Some(Box::pin(tokio::time::sleep(DRAIN_IDLE_GRACE / 2)));
+                continue;
+            }
+            () = async {
+                match grace.as_mut() {
+                    Some(grace) => grace.await,
+                    None => std::future::pending().await,
+                }
+            }, if grace.is_some() && !gone => {
+                link.go_away();
+                gone = true;
+                continue;
+            }
+            accepted = link.accept() => accepted,
+        };
+        let Some(stream) = accepted else { break };
+        let conn = Conn {
+            peer: conn.peer,
+            peer_ip: conn.peer_ip.clone(),
+            index: 0,
+            arrived: Instant::now(),
+            mesh_peer: conn.mesh_peer.clone(),
+            verdicts: Verdicts::default(),
+            drained: conn.drained.clone(),
+        };
+        let served = Served {
+            shared: served.shared.clone(),
+            recorder: served.recorder.clone(),
+            draining: served.draining.clone(),
+            cancelled: served.cancelled.clone(),
+            limits: served.limits,
+            opened: tokio::time::Instant::now(),
+            _open: served._open.clone(),
+        };
+        tokio::spawn(serve_stream(stream, conn, handler.clone(), served));
+    }
 }
 
 /// A connection's byte stream: TCP, or TLS over TCP.

@@ -145,6 +145,8 @@ struct Inner {
     /// The files as last read, loaded or not.
     seen: Mutex<Files>,
     metrics: Arc<Metrics>,
+    /// How many times the certificate in use changed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MeshTls {
@@ -185,6 +187,7 @@ impl MeshTls {
                 current: ArcSwap::from_pointee(configs),
                 seen: Mutex::new(files),
                 metrics,
+                generation: Default::default(),
             }),
         }))
     }
@@ -213,7 +216,18 @@ impl MeshTls {
         let configs = built?;
         tracing::info!(id = %configs.id, serial = %configs.serial, "mesh certificate reloaded");
         self.inner.current.store(Arc::new(configs));
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// How many times the certificate in use changed: a long-lived connection made before
+    /// the last change (a mesh link) is replaced by one that presents the new certificate.
+    pub fn generation(&self) -> u64 {
+        self.inner
+            .generation
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reloads the files every [`RELOAD_INTERVAL`] until `shutdown`.

@@ -1028,10 +1028,11 @@ mod tests {
     }
 
     #[test]
-    fn peers_get_http1_by_default_h2_from_the_file_the_flag_wins_and_a_bad_value_names_its_key() {
+    fn peers_get_the_mesh_link_by_default_h2_from_the_file_the_flag_wins_and_a_bad_value_names_its_key()
+     {
         use crate::proxy::h2::PeerProtocol;
         let resolved = AgentArgs::default().resolve().unwrap();
-        assert_eq!(resolved.peer_protocol, PeerProtocol::Http1);
+        assert_eq!(resolved.peer_protocol, PeerProtocol::Mux);
         let (_dir, mut args) = with_file("[mesh]\npeer_protocol = \"h2\"\n");
         assert_eq!(
             args.clone().resolve().unwrap().peer_protocol,

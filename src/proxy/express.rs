@@ -37,13 +37,12 @@ use std::time::Duration;
 use http::StatusCode;
 use memchr::memmem;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::either::Either;
 
 use super::headers::{self, Hop, Rules};
 pub use super::headers::{ConnectionOptions, Name, connection_options};
-use super::pool::{Idle, Limits, SendError, is_idempotent_name};
+use super::pool::{Dialled, Idle, Limits, SendError, dial, is_idempotent_name};
 use super::resilience::RETRY_BODY_LIMIT;
 use super::{
     AttemptHeaders, Destination, Exchange, Failed, Forwarder, MeshError, within_caller_deadline,
@@ -53,6 +52,7 @@ pub use crate::error::write_error;
 use crate::http1::guard::{ChunkedBody, Limits as GuardLimits, Rejection, parse_content_length};
 use crate::http1::trim_ows;
 use crate::http1::write_header as header;
+use crate::mux;
 use crate::routing::balance::ns_at;
 use crate::serve::Conn;
 use crate::tls::MeshTls;
@@ -70,6 +70,10 @@ const READ_SIZE: usize = 16 * 1024;
 /// The most bytes of a streamed request body read from the client at a time: the size of the
 /// one buffer a body streams through.
 const BODY_READ_SIZE: usize = 32 * 1024;
+/// How many refused streams of a mesh link one attempt takes before it gives up on the peer:
+/// a refusal (the peer was going away; it read nothing) sends the request again on another
+/// stream, which a new link to the peer's next process carries.
+const MAX_REFUSALS: usize = 2;
 /// How long the rest of a request body may take to reach an upstream that already began to
 /// answer (see [`ClientBody::pump`]).
 const EARLY_ANSWER_GRACE: Duration = Duration::from_secs(5);
@@ -285,6 +289,8 @@ impl RawExchange<'_, '_, '_> {
         head.extend_from_slice(b"\r\n");
         head.extend_from_slice(&self.body);
         let mut fresh = false;
+        // Streams of a mesh link refused so far (see `MAX_REFUSALS`).
+        let mut refusals = 0;
         loop {
             let mut conn = match self.pool.take(addr) {
                 Some(conn) => conn,
@@ -297,13 +303,19 @@ impl RawExchange<'_, '_, '_> {
                 None => {
                     fresh = true;
                     let tls = self.pool.tls_for(limits.mesh);
-                    match RawConn::connect(addr, limits.connect, tls).await {
+                    let links = self.pool.links_for(limits.mesh);
+                    match RawConn::connect(addr, limits.connect, tls, links).await {
                         Ok(conn) => conn,
                         Err(error) => return Err(Failed::Unsent(error)),
                     }
                 }
             };
             if let Err(source) = conn.send(&self.head).await {
+                if mux::is_refused(&source) && refusals < MAX_REFUSALS {
+                    refusals += 1;
+                    fresh = false;
+                    continue;
+                }
                 if fresh {
                     return Err(Failed::Broken(SendError::Io { addr, source }));
                 }
@@ -350,6 +362,18 @@ impl RawExchange<'_, '_, '_> {
                         addr,
                         reason: "connection closed before the response",
                     }));
+                }
+                // A stream of a mesh link the peer refused (it drains): the request reached
+                // no application. Another stream, or a new link, may take it.
+                Err(Broken::Io(source)) if mux::is_refused(&source) => {
+                    // A body streamed from the client cannot go again.
+                    let streamed = self.stream.as_ref().is_some_and(|body| body.touched);
+                    if refusals == MAX_REFUSALS || streamed {
+                        return Err(Failed::Unsent(SendError::Connect { addr, source }));
+                    }
+                    refusals += 1;
+                    fresh = false;
+                    continue;
                 }
                 Err(error) => return Err(Failed::Broken(error.at(addr))),
             }
@@ -673,6 +697,11 @@ struct RawInner {
     idle: Idle<RawConn>,
     /// Mesh TLS for endpoints that are mesh proxies ([`Limits::mesh`]).
     tls: Option<MeshTls>,
+    /// The mesh links to mesh proxies, when requests to them go on streams of one link
+    /// (`[mesh] peer_protocol = "mux"`).
+    links: Option<mux::Links>,
+    /// How long an idle connection (and a link with no stream) is kept.
+    idle_timeout: Duration,
 }
 
 impl RawPool {
@@ -686,6 +715,21 @@ impl RawPool {
             inner: Arc::new(RawInner {
                 idle: Idle::new(idle_timeout),
                 tls,
+                links: None,
+                idle_timeout,
+            }),
+        }
+    }
+
+    /// This pool (its connections dropped), sending requests to mesh proxies on streams of
+    /// `links` (see [`crate::mux`]).
+    pub fn linked(&self, links: mux::Links) -> Self {
+        Self {
+            inner: Arc::new(RawInner {
+                idle: Idle::new(self.inner.idle_timeout),
+                tls: self.inner.tls.clone(),
+                links: Some(links),
+                idle_timeout: self.inner.idle_timeout,
             }),
         }
     }
@@ -695,9 +739,23 @@ impl RawPool {
         self.inner.tls.as_ref().filter(|_| mesh)
     }
 
+    /// The mesh links a new connection to an endpoint goes on, if any, and a link's idle
+    /// timeout (`mesh`: the endpoint is a mesh proxy).
+    fn links_for(&self, mesh: bool) -> Option<(&mux::Links, Duration)> {
+        let links = self.inner.links.as_ref().filter(|_| mesh)?;
+        Some((links, self.inner.idle_timeout))
+    }
+
+    /// Mesh links open now (for tests).
+    pub fn link_count(&self) -> usize {
+        self.inner.links.as_ref().map_or(0, mux::Links::count)
+    }
+
     /// The most recently used connection to `addr` that is still open, if any.
     fn take(&self, addr: SocketAddr) -> Option<RawConn> {
-        self.inner.idle.take(addr, RawConn::is_open)
+        // A stream of a link dialled before the certificate changed is not reused.
+        let tag = self.inner.tls.as_ref().map_or(0, MeshTls::generation);
+        self.inner.idle.take(addr, |conn| conn.is_open(tag))
     }
 
     fn put(&self, addr: SocketAddr, conn: RawConn) {
@@ -710,8 +768,9 @@ impl RawPool {
     }
 }
 
-/// A connection to an upstream: plain TCP, or mesh mTLS to another Skyline proxy.
-type Upstream = Either<TcpStream, Box<crate::tls::MeshStream>>;
+/// A connection to an upstream, or a stream of a mesh link to another Skyline proxy
+/// (`[mesh] peer_protocol = "mux"`, see [`crate::mux`]).
+type Upstream = Either<Dialled, mux::Stream>;
 
 /// A raw connection to an upstream and the bytes read from it not yet relayed.
 #[derive(Debug)]
@@ -722,42 +781,60 @@ struct RawConn {
 
 impl RawConn {
     /// Connects to `addr`, and over mesh mTLS when `tls` (the handshake within the same
-    /// `timeout`; a refused handshake is a refused connection: nothing was sent).
+    /// `timeout`). With `links` (a mesh proxy, and the pool speaks the mesh link) the request
+    /// goes on a new stream of the link to `addr`, one dialled first when none can take it; a
+    /// peer that does not speak the link gets a connection of its own.
     async fn connect(
         addr: SocketAddr,
         timeout: Duration,
         tls: Option<&MeshTls>,
+        links: Option<(&mux::Links, Duration)>,
     ) -> Result<RawConn, SendError> {
-        let opened = async {
-            let stream = TcpStream::connect(addr).await?;
-            let _ = stream.set_nodelay(true);
-            Ok::<_, io::Error>(match tls {
-                None => Either::Left(stream),
-                // Boxed: the handshake's state would weigh on every exchange's.
-                Some(tls) => Either::Right(Box::new(Box::pin(tls.connect(addr, stream)).await?)),
-            })
+        let tag = tls.map_or(0, MeshTls::generation);
+        if let Some((links, _)) = links
+            && let Some(stream) = links.stream(addr, tag)
+        {
+            return Ok(RawConn::over(Either::Right(stream)));
+        }
+        let dialled = || async {
+            tokio::time::timeout(timeout, dial(addr, tls))
+                .await
+                .map_err(|_| SendError::ConnectTimeout { addr })?
+                .map_err(|source| SendError::Connect { addr, source })
         };
-        let stream = tokio::time::timeout(timeout, opened)
-            .await
-            .map_err(|_| SendError::ConnectTimeout { addr })?
-            .map_err(|source| SendError::Connect { addr, source })?;
-        Ok(RawConn {
+        let stream = match links.filter(|(links, _)| links.speaks(addr)) {
+            Some((links, idle)) => match links.join(addr, dialled().await?, idle, tag).await {
+                Ok(Some(stream)) => Either::Right(stream),
+                Ok(None) => Either::Left(dialled().await?),
+                // Closed before its preface was answered: nothing was sent.
+                Err(source) => return Err(SendError::Connect { addr, source }),
+            },
+            None => Either::Left(dialled().await?),
+        };
+        Ok(RawConn::over(stream))
+    }
+
+    fn over(stream: Upstream) -> RawConn {
+        RawConn {
             stream,
             buf: Vec::with_capacity(FIRST_READ),
-        })
+        }
     }
 
     /// Whether the idle connection is still open: nothing to read (tokio answers from its
     /// readiness state, without a system call, when no event came), not end-of-stream, and no
     /// stray bytes. Over TLS the socket is peeked (a byte read would be a TLS record's): any
     /// byte waiting on an idle connection is the peer closing it (`close_notify`) or junk.
-    fn is_open(&self) -> bool {
+    /// A stream of a mesh link: the link is up, takes streams, and was dialled with `tag`
+    /// (the certificate in use now).
+    fn is_open(&self, tag: u64) -> bool {
         match &self.stream {
-            Either::Left(stream) => {
+            Either::Left(Either::Left(stream)) => {
                 let mut probe = [0u8; 1];
                 matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
-            Either::Right(stream) => {
+            Either::Right(stream) => stream.is_open() && stream.tag() == tag,
+            Either::Left(Either::Right(stream)) => {
                 let mut probe = [0u8; 1];
                 let mut probe = ReadBuf::new(&mut probe);
                 let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -773,7 +850,7 @@ impl RawConn {
     /// Writes `bytes` whole and pushes them out (TLS may hold a record until flushed).
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes).await?;
-        if let Either::Right(_) = self.stream {
+        if let Either::Left(Either::Right(_)) = self.stream {
             self.stream.flush().await?;
         }
         Ok(())

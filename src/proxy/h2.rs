@@ -61,10 +61,13 @@ const MAX_REMEMBERED: usize = 1024;
 pub enum PeerProtocol {
     /// In the version the caller spoke: HTTP/1.1 callers over pooled HTTP/1.1 connections
     /// (body-less requests on the express lane), HTTP/2 callers over HTTP/2.
-    #[default]
     Http1,
     /// Every request but an upgrade over a few long-lived HTTP/2 connections per peer.
     H2,
+    /// HTTP/1.1 callers' requests on the express lane as streams of one mesh link per peer
+    /// (see [`crate::mux`]); the rest as with `http1`.
+    #[default]
+    Mux,
 }
 
 impl PeerProtocol {
@@ -76,10 +79,10 @@ impl PeerProtocol {
 /// The flag of `[mesh] peer_protocol`, the same in the agent, the gateway and the bridge.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct PeerArgs {
-    /// How requests travel to other Skyline proxies: "http1" (in the caller's HTTP version) or
+    /// How requests travel to other Skyline proxies: "http1" (in the caller's HTTP version),
     /// "h2" (every request but an upgrade over a few multiplexed HTTP/2 connections per peer)
-    /// [default: http1]
-    #[arg(long, env = "SKYLINE_PEER_PROTOCOL", value_name = "http1|h2")]
+    /// or "mux" (HTTP/1.1 requests as streams of one mesh link per peer) [default: mux]
+    #[arg(long, env = "SKYLINE_PEER_PROTOCOL", value_name = "http1|h2|mux")]
     pub peer_protocol: Option<PeerProtocol>,
 }
 
@@ -99,8 +102,8 @@ pub const FILE_SECTION: Section = Section {
     keys: &[key(
         "peer_protocol",
         "peer_protocol",
-        "`\"http1\"` or `\"h2\"`",
-        Value::Default("\"http1\""),
+        "`\"http1\"`, `\"h2\"` or `\"mux\"`",
+        Value::Default("\"mux\""),
     )],
 };
 
@@ -121,7 +124,7 @@ impl PeerArgs {
             src.at(
                 Some(text.span().start),
                 "mesh.peer_protocol",
-                format!("{:?} is neither \"http1\" nor \"h2\"", text.get_ref()),
+                format!("{:?} is not \"http1\", \"h2\" or \"mux\"", text.get_ref()),
             )
         })
     }
@@ -312,7 +315,7 @@ async fn connect(
     mesh: bool,
 ) -> Result<SendRequest<RequestBody>, SendError> {
     match tls {
-        None => handshake(addr, super::pool::dial(addr, timeout).await?, mesh).await,
+        None => handshake(addr, super::pool::dial_tcp(addr, timeout).await?, mesh).await,
         Some(tls) => {
             handshake(
                 addr,

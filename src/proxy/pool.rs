@@ -28,7 +28,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::time::Sleep;
 
-use crate::tls::MeshTls;
+use crate::mux;
+use crate::tls::{MeshStream, MeshTls};
 
 /// The most idle connections kept per endpoint.
 pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
@@ -208,6 +209,10 @@ struct Inner {
     idle: Idle<SendRequest<RequestBody>>,
     /// Mesh TLS, for connections to endpoints that are mesh proxies ([`Limits::mesh`]).
     tls: Option<MeshTls>,
+    /// The mesh links to mesh proxies, when requests to them go on streams of one link
+    /// (`[mesh] peer_protocol = "mux"`).
+    links: Option<mux::Links>,
+    idle_timeout: Duration,
 }
 
 impl Pool {
@@ -222,6 +227,21 @@ impl Pool {
             inner: Arc::new(Inner {
                 idle: Idle::new(idle_timeout),
                 tls,
+                links: None,
+                idle_timeout,
+            }),
+        }
+    }
+
+    /// This pool (its connections dropped), sending requests to mesh proxies on streams of
+    /// `links` (see [`crate::mux`]).
+    pub fn linked(&self, links: mux::Links) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                idle: Idle::new(self.inner.idle_timeout),
+                tls: self.inner.tls.clone(),
+                links: Some(links),
+                idle_timeout: self.inner.idle_timeout,
             }),
         }
     }
@@ -229,6 +249,12 @@ impl Pool {
     /// The mesh TLS a connection to an endpoint with these `limits` speaks.
     fn tls_for(&self, limits: &Limits) -> Option<&MeshTls> {
         self.inner.tls.as_ref().filter(|_| limits.mesh)
+    }
+
+    /// The mesh links a connection to an endpoint with these `limits` goes on, if any.
+    fn links_for(&self, limits: &Limits) -> Option<(&mux::Links, Duration)> {
+        let links = self.inner.links.as_ref().filter(|_| limits.mesh)?;
+        Some((links, self.inner.idle_timeout))
     }
 
     /// Sends `req` (origin-form target, `Host` set) to `addr` and returns the response, whose
@@ -245,12 +271,19 @@ impl Pool {
         replay: Option<&Replay>,
         limits: Limits,
     ) -> Result<Response<PooledBody>, SendFailure> {
+        let mut refusals = 0;
         loop {
             let (mut sender, reused) = match self.take(addr) {
                 Some(sender) => (sender, true),
                 // Boxed: the rare connect path would otherwise size every request's future.
-                None => match Box::pin(connect(addr, limits.connect, false, self.tls_for(&limits)))
-                    .await
+                None => match Box::pin(connect(
+                    addr,
+                    limits.connect,
+                    false,
+                    self.tls_for(&limits),
+                    self.links_for(&limits),
+                ))
+                .await
                 {
                     Ok(sender) => (sender, false),
                     Err(error) => {
@@ -276,6 +309,25 @@ impl Pool {
                     }));
                 }
                 Err(mut e) => match (e.take_message(), replay.filter(|_| reused)) {
+                    // A stream of a mesh link the peer refused (it was going away): it read
+                    // nothing, so the request goes again on a new stream (a new link), once.
+                    (unsent, _) if refusals == 0 && mux::refused_in(e.error()) => {
+                        refusals += 1;
+                        match (unsent, replay) {
+                            (Some(unsent), _) => req = unsent,
+                            (None, Some(replay)) => req = replay.request(),
+                            (None, None) => {
+                                let error = SendError::Refused {
+                                    addr,
+                                    source: e.into_error(),
+                                };
+                                return Err(SendFailure {
+                                    error,
+                                    unsent: None,
+                                });
+                            }
+                        }
+                    }
                     (Some(unsent), _) if reused => req = unsent,
                     (_, Some(replay)) => {
                         tracing::debug!(%addr, "pooled connection closed under the request; replaying");
@@ -313,15 +365,16 @@ impl Pool {
         req: Request<RequestBody>,
         limits: Limits,
     ) -> Result<Response<PooledBody>, SendFailure> {
-        let mut sender = match connect(addr, limits.connect, true, self.tls_for(&limits)).await {
-            Ok(sender) => sender,
-            Err(error) => {
-                return Err(SendFailure {
-                    error,
-                    unsent: Some(req),
-                });
-            }
-        };
+        let mut sender =
+            match connect(addr, limits.connect, true, self.tls_for(&limits), None).await {
+                Ok(sender) => sender,
+                Err(error) => {
+                    return Err(SendFailure {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+            };
         match sender.send_request(req).await {
             Ok(response) => Ok(response.map(|body| PooledBody {
                 body,
@@ -345,7 +398,7 @@ impl Pool {
 
 /// A TCP connection to `addr` within `timeout`, with Nagle off: the start of every upstream
 /// connection, HTTP/1 or HTTP/2.
-pub(crate) async fn dial(
+pub(crate) async fn dial_tcp(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<tokio::net::TcpStream, SendError> {
@@ -357,7 +410,31 @@ pub(crate) async fn dial(
     Ok(stream)
 }
 
-/// [`dial`], then the TLS handshake within the same `timeout` when `tls` (a hop to a mesh
+/// A connection to an upstream: plain TCP, or mesh mTLS to another Skyline proxy.
+pub(crate) type Dialled = tokio_util::either::Either<tokio::net::TcpStream, Box<MeshStream>>;
+
+/// Connects to `addr` (Nagle off), and over mesh mTLS when `tls` (a refused handshake is a
+/// refused connection: nothing was sent); no time limit of its own.
+pub(crate) async fn dial(addr: SocketAddr, tls: Option<&MeshTls>) -> std::io::Result<Dialled> {
+    use tokio_util::either::Either;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    // A peer whose host vanished without a word is noticed on an idle connection within
+    // ~25 s: a mesh link carries every request to its peer, and is never dialled again while
+    // it seems up.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    Ok(match tls {
+        None => Either::Left(stream),
+        // Boxed: the handshake's state would weigh on every exchange's.
+        Some(tls) => Either::Right(Box::new(Box::pin(tls.connect(addr, stream)).await?)),
+    })
+}
+
+/// [`dial_tcp`], then the TLS handshake within the same `timeout` when `tls` (a hop to a mesh
 /// proxy). A refused handshake is a refused connection: nothing was sent.
 pub(crate) async fn dial_mesh(
     addr: SocketAddr,
@@ -365,7 +442,7 @@ pub(crate) async fn dial_mesh(
     tls: &MeshTls,
 ) -> Result<crate::tls::MeshStream, SendError> {
     let started = tokio::time::Instant::now();
-    let stream = dial(addr, timeout).await?;
+    let stream = dial_tcp(addr, timeout).await?;
     tokio::time::timeout_at(started + timeout, tls.connect(addr, stream))
         .await
         .map_err(|_| SendError::ConnectTimeout { addr })?
@@ -373,15 +450,33 @@ pub(crate) async fn dial_mesh(
 }
 
 /// A new connection to `addr`, driven in a task of its own; `upgrades`: it may switch
-/// protocols; `tls`: over mesh TLS.
+/// protocols; `tls`: over mesh TLS; `links`: on a stream of a mesh link (not an upgrade).
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     upgrades: bool,
     tls: Option<&MeshTls>,
+    links: Option<(&mux::Links, Duration)>,
 ) -> Result<SendRequest<RequestBody>, SendError> {
+    if let Some((links, idle)) = links.filter(|(links, _)| !upgrades && links.speaks(addr)) {
+        let tag = tls.map_or(0, MeshTls::generation);
+        if let Some(stream) = links.stream(addr, tag) {
+            return handshake(addr, stream, false).await;
+        }
+        let dialled = tokio::time::timeout(timeout, dial(addr, tls))
+            .await
+            .map_err(|_| SendError::ConnectTimeout { addr })?
+            .map_err(|source| SendError::Connect { addr, source })?;
+        // The listener's preface is waited for as long as the request is (see `mux::Links`).
+        match links.join(addr, dialled, idle, tag).await {
+            Ok(Some(stream)) => return handshake(addr, stream, false).await,
+            Err(source) => return Err(SendError::Connect { addr, source }),
+            // The peer does not speak the link: a connection of its own.
+            Ok(None) => {}
+        }
+    }
     match tls {
-        None => handshake(addr, dial(addr, timeout).await?, upgrades).await,
+        None => handshake(addr, dial_tcp(addr, timeout).await?, upgrades).await,
         Some(tls) => handshake(addr, dial_mesh(addr, timeout, tls).await?, upgrades).await,
     }
 }

@@ -68,33 +68,48 @@ pub enum End {
     /// The connection opened with HTTP/2's client preface (h2c with prior knowledge): hyper's
     /// HTTP/2 server serves it, starting with `rest` (the preface and what followed).
     Http2 { rest: Vec<u8> },
+    /// The connection opened with the preface of Skyline's multiplexed peer link
+    /// ([`crate::mux`]): a mesh listener serves its streams, starting with `rest` (the preface
+    /// and what followed).
+    Mux { rest: Vec<u8> },
 }
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// What the first bytes of a connection say about HTTP/2.
+/// What the first bytes of a connection say about HTTP/2 and the mesh link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preface {
     /// They are HTTP/2's client preface.
     Http2,
-    /// They may still be: more bytes are needed to tell.
+    /// They are the preface of Skyline's multiplexed peer link ([`crate::mux::PREFACE`]).
+    Mux,
+    /// They may still be either: more bytes are needed to tell.
     Unsure,
-    /// They are not (HTTP/1).
+    /// They are neither (HTTP/1).
     No,
 }
 
-/// Tells HTTP/2 from HTTP/1 by the first bytes of a connection: one byte compared for nearly
-/// every HTTP/1 request (only `P`, as in `POST` and `PUT`, looks further).
+/// Tells HTTP/2 and the mesh link from HTTP/1 by the first bytes of a connection: one byte
+/// compared for nearly every HTTP/1 request (only `P`, as in `POST` and `PUT`, looks further).
 pub fn preface(buf: &[u8]) -> Preface {
-    let n = buf.len().min(H2_PREFACE.len());
-    if buf.first() != Some(&b'P') || buf[..n] != H2_PREFACE[..n] {
-        Preface::No
-    } else if n == H2_PREFACE.len() {
-        Preface::Http2
-    } else {
-        Preface::Unsure
+    if buf.first() != Some(&b'P') {
+        return Preface::No;
     }
+    for (known, found) in [
+        (&H2_PREFACE[..], Preface::Http2),
+        (crate::mux::PREFACE, Preface::Mux),
+    ] {
+        let n = buf.len().min(known.len());
+        if buf[..n] == known[..n] {
+            return if n == known.len() {
+                found
+            } else {
+                Preface::Unsure
+            };
+        }
+    }
+    Preface::No
 }
 
 /// What a connection's first bytes said, for a listener without the express lane.
@@ -106,6 +121,8 @@ pub enum Sniffed {
     Http1 { rest: Vec<u8> },
     /// HTTP/2's client preface: hyper's HTTP/2 server takes it, starting with `rest`.
     Http2 { rest: Vec<u8> },
+    /// The mesh link's preface: a mesh listener serves the link, starting with `rest`.
+    Mux { rest: Vec<u8> },
 }
 
 /// Reads a connection's first bytes until they tell HTTP/2's preface from HTTP/1, within
@@ -120,6 +137,7 @@ pub async fn sniff<S: super::Io>(stream: &mut S, shutdown: &CancellationToken) -
         if !buf.is_empty() {
             match preface(&buf) {
                 Preface::Http2 => return Sniffed::Http2 { rest: buf },
+                Preface::Mux => return Sniffed::Mux { rest: buf },
                 Preface::No => return Sniffed::Http1 { rest: buf },
                 Preface::Unsure => {}
             }

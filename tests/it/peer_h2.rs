@@ -1,8 +1,10 @@
 //! `--peer-protocol h2`: every request between Skyline proxies (outbound → inbound,
 //! outbound → gateway → bridge) travels over a few long-lived HTTP/2 connections per peer,
 //! whatever the caller spoke; HTTP/1.1 callers still get HTTP/1.1 answers, upgrades stay on
-//! HTTP/1.1. The proxies run as processes; a counting TCP relay in front of each peer's
-//! listener tells how many connections reached it and which of them spoke HTTP/2.
+//! HTTP/1.1. `--peer-protocol mux` (the default): HTTP/1.1 requests travel as streams of one
+//! mesh link per peer (`skyline::mux`). The proxies run as processes; a counting TCP relay in
+//! front of each peer's listener tells how many connections reached it and which of them
+//! spoke HTTP/2 or the mesh link.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -37,6 +39,7 @@ struct Relay {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     http2: Arc<AtomicUsize>,
+    links: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -44,28 +47,38 @@ impl Relay {
     async fn start(ip: &str, to: SocketAddr) -> Self {
         let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (accepted, http2): (Arc<AtomicUsize>, Arc<AtomicUsize>) = Default::default();
-        let (count, count_h2) = (Arc::clone(&accepted), Arc::clone(&http2));
+        let (accepted, http2, links): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
+            Default::default();
+        let (count, count_h2, count_links) = (
+            Arc::clone(&accepted),
+            Arc::clone(&http2),
+            Arc::clone(&links),
+        );
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((mut client, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::Relaxed);
-                let count_h2 = count_h2.clone();
+                let (count_h2, count_links) = (count_h2.clone(), count_links.clone());
                 conns.spawn(async move {
-                    // The first bytes, up to the preface's length, tell the protocol.
+                    // The first bytes, up to a preface's length, tell the protocol.
                     let mut first = Vec::new();
                     let mut buf = [0u8; 4096];
-                    while first.len() < PREFACE.len() {
+                    let prefaces = [PREFACE, skyline::mux::PREFACE];
+                    while first.is_empty()
+                        || prefaces
+                            .iter()
+                            .any(|p| first.len() < p.len() && p.starts_with(&first))
+                    {
                         match client.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => first.extend_from_slice(&buf[..n]),
                         }
-                        if !PREFACE.starts_with(&first[..first.len().min(PREFACE.len())]) {
-                            break;
-                        }
                     }
                     if first.starts_with(PREFACE) {
                         count_h2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if first.starts_with(skyline::mux::PREFACE) {
+                        count_links.fetch_add(1, Ordering::Relaxed);
                     }
                     let Ok(mut upstream) = TcpStream::connect(to).await else {
                         return;
@@ -81,6 +94,7 @@ impl Relay {
             addr,
             accepted,
             http2,
+            links,
             task,
         }
     }
@@ -91,6 +105,11 @@ impl Relay {
 
     fn http2(&self) -> usize {
         self.http2.load(Ordering::Relaxed)
+    }
+
+    /// Connections that opened with the mesh link's preface.
+    fn links(&self) -> usize {
+        self.links.load(Ordering::Relaxed)
     }
 }
 
@@ -355,6 +374,95 @@ async fn with_peer_protocol_h2_http1_get_post_and_chunked_answers_cross_outbound
     stop.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_mesh_link_http1_get_post_and_chunked_answers_cross_outbound_and_inbound_on_one_connection_byte_exact()
+ {
+    let stop = CancellationToken::new();
+    let (web, _) = echo_app("127.0.0.3", &stop);
+    let nodes = TwoNodes::start("mux", web).await;
+    get_post_and_chunked(|path| nodes.url(path)).await;
+    assert_eq!(
+        (nodes.relay.accepted(), nodes.relay.links()),
+        (1, 1),
+        "one connection to the inbound, and it is a mesh link"
+    );
+    nodes.stop().await;
+    stop.cancel();
+}
+
+/// A frame of the mesh link (`skyline::mux`): kind, payload length (3 bytes), stream id.
+fn link_frame(kind: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut frame = vec![kind, len[1], len[2], len[3]];
+    frame.extend_from_slice(&id.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The bytes of stream `id` read from a raw link until they contain `until` (bounded: 5 s).
+async fn stream_bytes(link: &mut TcpStream, id: u32, until: &str) -> String {
+    let mut got = Vec::new();
+    let read = async {
+        while !String::from_utf8_lossy(&got).contains(until) {
+            let mut header = [0u8; 8];
+            link.read_exact(&mut header).await.unwrap();
+            let len = u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+            let mut payload = vec![0u8; len];
+            link.read_exact(&mut payload).await.unwrap();
+            if header[0] == 0 && u32::from_be_bytes(header[4..8].try_into().unwrap()) == id {
+                got.extend_from_slice(&payload);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .unwrap_or_else(|_| panic!("stream {id} never said {until:?}: {got:?}"));
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbounds_mesh_link_serves_each_stream_as_a_connection_refuses_smuggled_framing_and_ends_at_a_broken_frame()
+ {
+    let stop = CancellationToken::new();
+    let (web, seen) = echo_app("127.0.0.3", &stop);
+    let nodes = TwoNodes::start("mux", web).await;
+    seen.lock().unwrap().clear();
+    // A peer dialling node b's inbound as another Skyline would.
+    let mut link = TcpStream::connect(nodes.b_socket.local_addr().unwrap())
+        .await
+        .unwrap();
+    link.write_all(skyline::mux::PREFACE).await.unwrap();
+    let mut answer = vec![0u8; skyline::mux::PREFACE.len()];
+    link.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer, skyline::mux::PREFACE, "the inbound speaks the link");
+
+    let get = b"GET /service/web/hello HTTP/1.1\r\nhost: b\r\n\r\n";
+    link.write_all(&link_frame(0, 1, get)).await.unwrap();
+    let reply = stream_bytes(&mut link, 1, "ok /hello").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+    // On a stream as on a connection: a head with two framings is refused before it is sent on.
+    let smuggled = b"POST /service/web/echo HTTP/1.1\r\nhost: b\r\ncontent-length: 5\r\n\
+        transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /service/web/smuggled HTTP/1.1\r\nhost: b\r\n\r\n";
+    link.write_all(&link_frame(0, 3, smuggled)).await.unwrap();
+    let reply = stream_bytes(&mut link, 3, "\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("x-skyline-error"), "{reply}");
+
+    // A frame of no kind the link knows ends the link.
+    link.write_all(&link_frame(9, 5, b"")).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), link.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the inbound closed the link");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "only the one well-framed request reached the instance"
+    );
+    nodes.stop().await;
+    stop.cancel();
+}
+
 /// 50 requests at once from 50 client connections; the connections that reached the inbound.
 async fn fifty_at_once(nodes: &TwoNodes) -> usize {
     let before = nodes.relay.accepted();
@@ -373,8 +481,8 @@ async fn fifty_at_once(nodes: &TwoNodes) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_concurrent_http1_requests_reach_the_inbound_over_at_most_the_few_http2_connections()
-{
+async fn fifty_concurrent_http1_requests_reach_the_inbound_over_the_few_http2_connections_or_the_one_mesh_link()
+ {
     let stop = CancellationToken::new();
     let (web, _) = echo_app("127.0.0.3", &stop);
     let h2 = TwoNodes::start("h2", web).await;
@@ -386,6 +494,16 @@ async fn fifty_concurrent_http1_requests_reach_the_inbound_over_at_most_the_few_
     assert_eq!(h2.relay.http2(), h2.relay.accepted());
     h2.stop().await;
 
+    // On the mesh link: the one link the agents opened to route carries them all.
+    let mux = TwoNodes::start("mux", web).await;
+    assert_eq!(
+        fifty_at_once(&mux).await,
+        0,
+        "no new connection for 50 requests"
+    );
+    assert_eq!((mux.relay.accepted(), mux.relay.links()), (1, 1));
+    mux.stop().await;
+
     // The same load over HTTP/1.1 takes a connection per request in flight.
     let http1 = TwoNodes::start("http1", web).await;
     let http1_conns = fifty_at_once(&http1).await;
@@ -396,20 +514,22 @@ async fn fifty_concurrent_http1_requests_reach_the_inbound_over_at_most_the_few_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_peer_protocol_h2_a_websocket_upgrade_still_crosses_both_hops_over_http1() {
-    let echo = WsEcho::spawn("127.0.0.3:0".parse().unwrap()).await;
-    let nodes = TwoNodes::start("h2", echo.addr).await;
-    let ws = ws_connect(nodes.outbound, "ws://mesh/service/web/chat?room=1").await;
-    exercise(ws).await;
-    let handshakes = echo.handshakes();
-    assert_eq!(handshakes.len(), 1, "{handshakes:?}");
-    assert_eq!(handshakes[0].0, "/chat?room=1");
-    assert_eq!(
-        nodes.relay.accepted() - nodes.relay.http2(),
-        1,
-        "the upgrade took an HTTP/1.1 connection of its own"
-    );
-    nodes.stop().await;
+async fn with_h2_or_mux_peers_a_websocket_upgrade_still_crosses_both_hops_over_http1() {
+    for protocol in ["h2", "mux"] {
+        let echo = WsEcho::spawn("127.0.0.3:0".parse().unwrap()).await;
+        let nodes = TwoNodes::start(protocol, echo.addr).await;
+        let ws = ws_connect(nodes.outbound, "ws://mesh/service/web/chat?room=1").await;
+        exercise(ws).await;
+        let handshakes = echo.handshakes();
+        assert_eq!(handshakes.len(), 1, "{handshakes:?}");
+        assert_eq!(handshakes[0].0, "/chat?room=1");
+        assert_eq!(
+            nodes.relay.accepted() - nodes.relay.http2() - nodes.relay.links(),
+            1,
+            "{protocol}: the upgrade took an HTTP/1.1 connection of its own"
+        );
+        nodes.stop().await;
+    }
 }
 
 /// What a caller gets: status, `x-skyline-error`, `x-skyline-unsent` and body.
@@ -478,20 +598,24 @@ async fn errors_and_headers(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_instance_gets_the_same_headers_and_callers_the_same_mesh_errors_with_h2_peers_as_with_http1()
+async fn the_instance_gets_the_same_headers_and_callers_the_same_mesh_errors_with_h2_or_mux_peers_as_with_http1()
  {
     let stop = CancellationToken::new();
     let (web, seen) = echo_app("127.0.0.3", &stop);
     let mut results = Vec::new();
-    for protocol in ["http1", "h2"] {
+    for protocol in ["http1", "h2", "mux"] {
         let nodes = TwoNodes::start(protocol, web).await;
         results.push(errors_and_headers(&nodes, &seen).await);
         assert_eq!(nodes.protocol, protocol);
-        let spoke_h2 = nodes.relay.http2() > 0;
-        assert_eq!(spoke_h2, protocol == "h2", "{protocol}");
+        let spoke = (nodes.relay.http2() > 0, nodes.relay.links() > 0);
+        assert_eq!(spoke, (protocol == "h2", protocol == "mux"), "{protocol}");
         nodes.stop().await;
     }
-    let (http1, h2) = (&results[0], &results[1]);
+    let (http1, h2, mux) = (&results[0], &results[1], &results[2]);
+    assert_eq!(
+        mux, http1,
+        "the same mesh errors and headers on the mesh link"
+    );
     let codes: Vec<_> = http1.0.iter().map(|a| (a.0, a.1.as_deref())).collect();
     assert_eq!(
         codes,
@@ -518,9 +642,20 @@ async fn the_instance_gets_the_same_headers_and_callers_the_same_mesh_errors_wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_peer_protocol_h2_restarting_the_inbound_agent_under_load_fails_no_get_or_put() {
+    restart_under_load("h2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_mesh_link_restarting_the_inbound_agent_under_load_fails_no_get_or_put() {
+    restart_under_load("mux").await;
+}
+
+/// Requests from 4 callers (GETs and PUTs with bodies) while agent b restarts twice with
+/// `--peer-protocol <protocol>`: none fails.
+async fn restart_under_load(protocol: &'static str) {
     let stop = CancellationToken::new();
     let (web, _) = echo_app("127.0.0.3", &stop);
-    let mut nodes = TwoNodes::start("h2", web).await;
+    let mut nodes = TwoNodes::start(protocol, web).await;
     let load_stop = CancellationToken::new();
     let workers: Vec<JoinHandle<(u64, Vec<String>)>> = (0..4)
         .map(|w| {
@@ -555,7 +690,7 @@ async fn with_peer_protocol_h2_restarting_the_inbound_agent_under_load_fails_no_
         nodes.b.sigterm();
         let old = std::mem::replace(
             &mut nodes.b,
-            TwoNodes::start_b(&nodes.dir, "h2", &nodes.b_socket).await,
+            TwoNodes::start_b(&nodes.dir, protocol, &nodes.b_socket).await,
         );
         old.exited_cleanly().await;
     }
@@ -596,6 +731,18 @@ async fn with_peer_protocol_h2_restarting_the_inbound_agent_under_load_fails_no_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_peer_protocol_h2_http1_get_post_and_chunked_answers_cross_outbound_gateway_and_bridge_over_http2()
  {
+    through_gateway_and_bridge("h2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_mesh_link_http1_get_post_and_chunked_answers_cross_outbound_gateway_and_bridge_on_one_connection_a_hop()
+ {
+    through_gateway_and_bridge("mux").await;
+}
+
+/// [`get_post_and_chunked`] through an outbound, a gateway and a bridge, all with
+/// `--peer-protocol <protocol>`: each hop between them on HTTP/2 connections or one mesh link.
+async fn through_gateway_and_bridge(protocol: &'static str) {
     let stop = CancellationToken::new();
     let (web, _) = echo_app("127.0.0.5", &stop);
     let dns = ClusterDns::start(&[("web.default.svc.cluster.local", "127.0.0.5")]).await;
@@ -604,7 +751,7 @@ async fn with_peer_protocol_h2_http1_get_post_and_chunked_answers_cross_outbound
     std::fs::write(
         &bridge_file,
         format!(
-            "[mesh]\npeer_protocol = \"h2\"\n\n[services.web]\nport = {}\n",
+            "[mesh]\npeer_protocol = \"{protocol}\"\n\n[services.web]\nport = {}\n",
             web.port()
         ),
     )
@@ -641,7 +788,7 @@ async fn with_peer_protocol_h2_http1_get_post_and_chunked_answers_cross_outbound
             "--log-format=json",
         ])
         .env("SKYLINE_LOG", "info")
-        .env("SKYLINE_PEER_PROTOCOL", "h2");
+        .env("SKYLINE_PEER_PROTOCOL", protocol);
     let mut gateway = Skyline::spawn(command, &[]);
     let started = gateway.log.wait_for("gateway started").await;
     let gateway_addr = started["gateway"].as_str().unwrap().parse().unwrap();
@@ -664,7 +811,7 @@ async fn with_peer_protocol_h2_http1_get_post_and_chunked_answers_cross_outbound
             "--catalog=file",
             &format!("--catalog-file={}", catalog.display()),
             &format!("--catch-all={}", to_gateway.addr),
-            "--peer-protocol=h2",
+            &format!("--peer-protocol={protocol}"),
         ],
         &[],
     );
@@ -678,6 +825,14 @@ async fn with_peer_protocol_h2_http1_get_post_and_chunked_answers_cross_outbound
         (&to_bridge, "gateway → bridge"),
     ] {
         assert!(relay.accepted() >= 1, "{hop}");
+        if protocol == "mux" {
+            assert_eq!(
+                (relay.accepted(), relay.links()),
+                (1, 1),
+                "{hop}: one mesh link"
+            );
+            continue;
+        }
         assert!(
             relay.accepted() <= PEER_CONNECTIONS,
             "{hop}: {}",

@@ -97,6 +97,7 @@ pub async fn serve<P: Express, S: Io>(handler: &P, lane: Lane<'_, S>) -> End {
                 return End::Rest { since };
             }
             Read::Http2 => return End::Http2 { rest: buf },
+            Read::Mux => return End::Mux { rest: buf },
             Read::Refused => return End::Handoff { rest: buf },
             Read::Closed => return End::Closed,
         };
@@ -244,6 +245,8 @@ enum Read {
     Closed,
     /// `buf` starts with HTTP/2's client preface.
     Http2,
+    /// `buf` starts with the mesh link's preface.
+    Mux,
 }
 
 /// When [`read_head`] stops waiting: the head is due by `deadline`; with nothing read by
@@ -292,6 +295,7 @@ async fn read_head<S: Io>(
         if *sniff && !buf.is_empty() {
             match preface(buf) {
                 Preface::Http2 => return Read::Http2,
+                Preface::Mux => return Read::Mux,
                 Preface::No => *sniff = false,
                 Preface::Unsure => {}
             }
