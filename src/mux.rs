@@ -63,8 +63,10 @@ pub const MAX_STREAMS: usize = 256;
 pub const LINK_WRITES: u64 = 1 << 21;
 /// Bytes waiting to be written past which a stream's writes wait for the link's writer.
 const OUT_LIMIT: usize = 512 * 1024;
-/// What a link reads at a time.
+/// What a link reads at a time at most.
 const READ_SIZE: usize = 64 * 1024;
+/// What a link's read buffer starts with, and goes back to when the link has no stream.
+const FIRST_READ: usize = 4 * 1024;
 /// A stream's receive buffer larger than this is freed once read empty (an idle stream holds
 /// none of a large body's buffer).
 const KEEP_RECV: usize = 8 * 1024;
@@ -441,15 +443,16 @@ impl Link {
     }
 
     /// The listener's end of a link over `io`, whose first bytes `read` start with the
-    /// dialler's [`PREFACE`]: answers it and serves the link.
-    pub async fn listen<S>(mut io: S, mut read: Vec<u8>) -> io::Result<Link>
+    /// dialler's [`PREFACE`]: answers it and serves the link. A link with no stream for `idle`
+    /// goes away and closes (a dialler closes its own idle links sooner).
+    pub async fn listen<S>(mut io: S, mut read: Vec<u8>, idle: Duration) -> io::Result<Link>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         io.write_all(PREFACE).await?;
         io.flush().await?;
         read.drain(..PREFACE.len().min(read.len()));
-        Ok(Link::start(io, read, Side::Listener, Duration::MAX, 0))
+        Ok(Link::start(io, read, Side::Listener, idle, 0))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -529,7 +532,8 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 /// ends or the peer breaks the protocol.
 async fn read_frames<R: AsyncRead>(shared: Arc<Shared>, reader: R, mut buf: Vec<u8>) {
     let mut reader = pin!(reader);
-    buf.reserve(READ_SIZE + HEADER + MAX_FRAME);
+    // Small until reads fill it: an idle link holds a few KiB, not a read's worth.
+    buf.reserve(FIRST_READ);
     let ended = loop {
         // Every whole frame read, under one lock.
         let mut at = 0;
@@ -566,11 +570,21 @@ async fn read_frames<R: AsyncRead>(shared: Arc<Shared>, reader: R, mut buf: Vec<
         // What is left is the start of a frame: moved to the front, so the buffer never
         // grows past one read and one frame.
         buf.drain(..at);
-        if buf.capacity() - buf.len() < READ_SIZE {
-            buf.reserve(READ_SIZE);
+        if buf.is_empty() && buf.capacity() > FIRST_READ && lock(&shared).streams.is_empty() {
+            buf = Vec::with_capacity(FIRST_READ);
         }
+        let room = buf.capacity() - buf.len();
+        if room < FIRST_READ / 2 {
+            // Room for a read, and for the rest of a frame larger than the buffer.
+            buf.reserve(FIRST_READ.max(buf.len()));
+        }
+        let room = buf.capacity() - buf.len();
         match reader.read_buf(&mut buf).await {
             Ok(0) => break io::ErrorKind::UnexpectedEof,
+            // A read that filled the buffer: more room next time, up to a read's worth.
+            Ok(n) if n == room && buf.capacity() < READ_SIZE + HEADER + MAX_FRAME => {
+                buf.reserve(buf.capacity());
+            }
             Ok(_) => {}
             Err(e) => break e.kind(),
         }
@@ -585,7 +599,8 @@ enum Next {
 }
 
 /// The link's writer task: writes the queued frames, each batch in one write, until the link
-/// ends; a dialler's link idle for `idle`, or a listener's drained of its streams, is closed.
+/// ends; a link with no stream for `idle`, or a listener's gone away and drained of its
+/// streams, is closed.
 async fn write_frames<W: AsyncWrite>(shared: Arc<Shared>, writer: W, idle: Duration) {
     let mut writer = pin!(writer);
     let mut batch: Vec<u8> = Vec::new();
@@ -608,18 +623,22 @@ async fn write_frames<W: AsyncWrite>(shared: Arc<Shared>, writer: W, idle: Durat
                 return Poll::Ready(Next::Write);
             }
             if state.streams.is_empty() {
-                match shared.side {
-                    Side::Listener if state.going_away.is_some() => {
-                        return Poll::Ready(Next::Close);
-                    }
-                    Side::Listener => {}
-                    Side::Dialler => {
-                        let at = state.emptied + idle;
-                        if timer.deadline() != at {
-                            timer.as_mut().reset(at);
-                        }
-                        if timer.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Next::Close);
+                if state.going_away.is_some() && shared.side == Side::Listener {
+                    return Poll::Ready(Next::Close);
+                }
+                let at = state.emptied + idle;
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    match shared.side {
+                        Side::Dialler => return Poll::Ready(Next::Close),
+                        // Told first, so that no stream is opened as the link closes; it
+                        // closes once the GOAWAY is written.
+                        Side::Listener => {
+                            state.retire(Side::Listener);
+                            std::mem::swap(&mut state.out, &mut batch);
+                            return Poll::Ready(Next::Write);
                         }
                     }
                 }
@@ -948,16 +967,30 @@ mod tests {
     async fn linked() -> (Link, Link) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (dialled, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (mut served, _) = accepted.unwrap();
-        let dial = Link::dial(dialled.unwrap(), Duration::from_secs(30), 0);
-        let listen = async {
-            let mut first = vec![0u8; PREFACE.len()];
-            served.read_exact(&mut first).await.unwrap();
-            Link::listen(served, first).await.unwrap()
-        };
-        let (dialler, listener) = tokio::join!(dial, listen);
-        (dialler.unwrap().unwrap(), listener)
+        let (dialler, listener) = tokio::join!(
+            dial_to(addr, Duration::from_secs(30)),
+            listen_once(listener)
+        );
+        (dialler.unwrap(), listener)
+    }
+
+    /// The listener's end of the first connection `listener` accepts, once it sent the preface.
+    async fn listen_once(listener: TcpListener) -> Link {
+        listen_idle(listener, Duration::from_secs(30)).await
+    }
+
+    /// [`listen_once`], the link closed once it has had no stream for `idle`.
+    async fn listen_idle(listener: TcpListener, idle: Duration) -> Link {
+        let (mut served, _) = listener.accept().await.unwrap();
+        let mut first = vec![0u8; PREFACE.len()];
+        served.read_exact(&mut first).await.unwrap();
+        Link::listen(served, first, idle).await.unwrap()
+    }
+
+    /// The dialler's end of a link to `addr` (`Err`: `addr` answered something else).
+    async fn dial_to(addr: std::net::SocketAddr, idle: Duration) -> Result<Link, TcpStream> {
+        let io = TcpStream::connect(addr).await.unwrap();
+        Link::dial(io, idle, 0).await.unwrap()
     }
 
     /// A raw connection that has exchanged the prefaces with a listener's end (for frames
@@ -971,7 +1004,9 @@ mod tests {
         raw.write_all(PREFACE).await.unwrap();
         let mut first = vec![0u8; PREFACE.len()];
         served.read_exact(&mut first).await.unwrap();
-        let link = Link::listen(served, first).await.unwrap();
+        let link = Link::listen(served, first, Duration::from_secs(30))
+            .await
+            .unwrap();
         // The link is up before a test sends it anything.
         raw.write_all(&frame(CREDIT, 99, &1u32.to_be_bytes()))
             .await
@@ -1188,14 +1223,7 @@ mod tests {
                 .unwrap();
             conn
         });
-        let other = Link::dial(
-            TcpStream::connect(addr).await.unwrap(),
-            Duration::from_secs(5),
-            0,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let other = dial_to(addr, Duration::from_secs(5)).await.unwrap();
         let mut s = other.open().unwrap();
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let _conn = peer.await.unwrap();
@@ -1249,13 +1277,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let dialled = Link::dial(
-            TcpStream::connect(addr).await.unwrap(),
-            Duration::from_secs(5),
-            0,
-        )
-        .await
-        .unwrap();
+        let dialled = dial_to(addr, Duration::from_secs(5)).await;
         assert!(dialled.is_err(), "not a link");
         peer.await.unwrap();
         let links = Links::default();
@@ -1268,22 +1290,13 @@ mod tests {
     async fn a_dialler_link_with_no_stream_closes_after_its_idle_timeout() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            let (mut served, _) = listener.accept().await.unwrap();
-            let mut first = vec![0u8; PREFACE.len()];
-            served.read_exact(&mut first).await.unwrap();
-            Link::listen(served, first).await.unwrap()
-        });
-        let dialler = Link::dial(
-            TcpStream::connect(addr).await.unwrap(),
-            Duration::from_secs(30),
-            0,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        // The listener's own idle timeout far later: only the dialler's applies.
+        let accept = tokio::spawn(listen_idle(listener, Duration::from_secs(86_400)));
+        let dialler = dial_to(addr, Duration::from_secs(30)).await.unwrap();
         let listener = accept.await.unwrap();
-        let s = dialler.open().unwrap();
+        let mut s = dialler.open().unwrap();
+        s.write_all(b"x").await.unwrap();
+        let served = listener.accept().await.unwrap();
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(dialler.usable(), "a link with a stream stays");
         drop(s);
@@ -1291,9 +1304,30 @@ mod tests {
         assert!(dialler.usable());
         tokio::time::sleep(Duration::from_secs(2)).await;
         until(|| !dialler.usable()).await;
+        drop(served);
         assert!(
             listener.accept().await.is_none(),
             "the listener saw it close"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listener_link_with_no_stream_goes_away_and_closes_after_its_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(listen_idle(listener, Duration::from_secs(10)));
+        let dialler = dial_to(addr, Duration::from_secs(86_400)).await.unwrap();
+        let listener = accept.await.unwrap();
+        let mut s = dialler.open().unwrap();
+        s.write_all(b"x").await.unwrap();
+        let served = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(dialler.usable(), "a link with a stream stays");
+        drop((s, served));
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(dialler.usable());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        until(|| !dialler.usable()).await;
+        assert!(listener.accept().await.is_none(), "the listener closed it");
     }
 }

@@ -754,7 +754,8 @@ async fn serve_link<H: Handler, S: Io>(
     handler: H,
     served: Served,
 ) {
-    let Ok(link) = crate::mux::Link::listen(stream, rest).await else {
+    // A link with no stream for as long as a connection may wait for a request is closed.
+    let Ok(link) = crate::mux::Link::listen(stream, rest, HEADER_READ_TIMEOUT).await else {
         return;
     };
     let shutdown = served.cancelled.clone();
