@@ -79,6 +79,10 @@ const CREDIT: u8 = 3;
 const GOAWAY: u8 = 4;
 const CLOSED: u32 = 0;
 const REFUSED: u32 = 1;
+/// The dialler keys a stream that has sent nothing yet at this value and above; it takes its
+/// id on the wire (below it) with its first frame, so ids go out in order whichever stream
+/// writes first.
+const UNSENT: u32 = 1 << 31;
 
 /// Which end of the link this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +142,8 @@ struct State {
     going_away: Option<u32>,
     /// Dialler: the next stream id. Listener: the highest id opened so far.
     ids: u32,
+    /// Dialler: the next key of a stream that has sent nothing yet (see [`UNSENT`]).
+    unsent: u32,
     /// Listener: streams opened and not yet taken by [`Link::accept`].
     incoming: VecDeque<u32>,
     acceptor: Option<Waker>,
@@ -205,6 +211,7 @@ impl State {
             dead: None,
             going_away: None,
             ids: if side == Side::Dialler { 1 } else { 0 },
+            unsent: UNSENT,
             incoming: VecDeque::new(),
             acceptor: None,
             emptied: tokio::time::Instant::now(),
@@ -284,6 +291,22 @@ impl State {
         }
     }
 
+    /// Gives the dialler's stream keyed `key` its id on the wire, if it has none yet (its first
+    /// frame is about to be queued, under the same lock): returns the id.
+    fn on_wire(&mut self, key: u32) -> u32 {
+        if key < UNSENT {
+            return key;
+        }
+        let Some(mut slot) = self.streams.remove(&key) else {
+            return key;
+        };
+        let id = self.ids;
+        self.ids += 1;
+        slot.on_wire = true;
+        self.streams.insert(id, slot);
+        id
+    }
+
     /// Handles one frame from the peer. `Err`: the peer broke the protocol.
     fn receive(
         &mut self,
@@ -330,6 +353,10 @@ impl State {
                     slot.wake();
                 }
             }
+            return Ok(());
+        }
+        if side == Side::Dialler && id >= UNSENT {
+            // No id the dialler gave out: a stream of its own that has sent nothing.
             return Ok(());
         }
         if !self.streams.contains_key(&id) {
@@ -466,7 +493,7 @@ impl Link {
         state.dead.is_none()
             && state.going_away.is_none()
             && state.streams.len() < MAX_STREAMS
-            && state.ids < u32::MAX
+            && state.ids < UNSENT - MAX_STREAMS as u32
     }
 
     /// A new stream on this (dialler's) link; `None` when it is not [`usable`](Self::usable).
@@ -475,16 +502,20 @@ impl Link {
         if state.dead.is_some()
             || state.going_away.is_some()
             || state.streams.len() >= MAX_STREAMS
-            || state.ids == u32::MAX
+            || state.ids >= UNSENT - MAX_STREAMS as u32
         {
             return None;
         }
-        let id = state.ids;
-        state.ids += 1;
-        state.streams.insert(id, Slot::new(false));
+        // Keyed apart until its first frame gives it an id on the wire.
+        let mut key = state.unsent;
+        while state.streams.contains_key(&key) {
+            key = UNSENT | key.wrapping_add(1);
+        }
+        state.unsent = UNSENT | key.wrapping_add(1);
+        state.streams.insert(key, Slot::new(false));
         Some(Stream {
             shared: self.shared.clone(),
-            id,
+            id: key,
         })
     }
 
@@ -771,12 +802,25 @@ impl AsyncWrite for Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let mut guard = lock(&self.shared);
+        let this = self.get_mut();
+        let mut guard = lock(&this.shared);
         // The state itself, so that a stream's slot and the link's fields borrow apart.
         let state = &mut *guard;
         let dead = state.dead;
         let full = state.out.len() >= OUT_LIMIT;
-        let Some(slot) = state.streams.get_mut(&self.id) else {
+        let Some(slot) = state.streams.get(&this.id) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let ready = dead.is_none()
+            && slot.reset.is_none()
+            && !slot.fin_out
+            && slot.credit > 0
+            && !full
+            && state.link_credit > 0;
+        if ready {
+            this.id = state.on_wire(this.id);
+        }
+        let Some(slot) = state.streams.get_mut(&this.id) else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
         };
         if let Some(kind) = dead {
@@ -800,8 +844,7 @@ impl AsyncWrite for Stream {
         let n = n.min(state.link_credit as usize);
         state.link_credit -= n as u32;
         slot.credit -= n as u32;
-        slot.on_wire = true;
-        state.frame(DATA, n, self.id);
+        state.frame(DATA, n, this.id);
         state.out.extend_from_slice(&buf[..n]);
         Poll::Ready(Ok(n))
     }
@@ -812,14 +855,18 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = lock(&self.shared);
-        if let Some(slot) = state.streams.get_mut(&self.id)
-            && !slot.fin_out
-            && slot.reset.is_none()
-        {
-            slot.fin_out = true;
-            slot.on_wire = true;
-            state.frame(FIN, 0, self.id);
+        let this = self.get_mut();
+        let mut state = lock(&this.shared);
+        let Some(slot) = state.streams.get_mut(&this.id) else {
+            return Poll::Ready(Ok(()));
+        };
+        if slot.fin_out || slot.reset.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        slot.fin_out = true;
+        // A stream that never sent a byte ends without a frame: the listener never knew it.
+        if this.id < UNSENT {
+            state.frame(FIN, 0, this.id);
         }
         Poll::Ready(Ok(()))
     }
@@ -1091,6 +1138,27 @@ mod tests {
         }
         server.await.unwrap();
         assert_eq!(dialler.streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn streams_that_write_in_another_order_than_they_were_opened_are_all_served() {
+        let (dialler, listener) = linked().await;
+        let mut first = dialler.open().unwrap();
+        let mut second = dialler.open().unwrap();
+        second.write_all(b"second").await.unwrap();
+        first.write_all(b"first").await.unwrap();
+        for want in [&b"second"[..], b"first"] {
+            let mut served = listener.accept().await.unwrap();
+            let mut got = vec![0u8; want.len()];
+            served.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, want);
+            served.write_all(b"ok").await.unwrap();
+        }
+        for stream in [&mut first, &mut second] {
+            let mut ok = [0u8; 2];
+            stream.read_exact(&mut ok).await.unwrap();
+            assert_eq!(&ok, b"ok");
+        }
     }
 
     #[tokio::test]
