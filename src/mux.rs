@@ -1354,37 +1354,15 @@ mod tests {
         assert!(!links.speaks(addr), "dialled plainly for a while");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_dialler_link_with_no_stream_closes_after_its_idle_timeout() {
+    /// A link whose one stream closes after a minute stays usable for the shorter of the two
+    /// ends' idle timeouts (in seconds), and is closed just after.
+    async fn closes_when_idle(dialler_idle: u64, listener_idle: u64) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        // The listener's own idle timeout far later: only the dialler's applies.
-        let accept = tokio::spawn(listen_idle(listener, Duration::from_secs(86_400)));
-        let dialler = dial_to(addr, Duration::from_secs(30)).await.unwrap();
-        let listener = accept.await.unwrap();
-        let mut s = dialler.open().unwrap();
-        s.write_all(b"x").await.unwrap();
-        let served = listener.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(dialler.usable(), "a link with a stream stays");
-        drop(s);
-        tokio::time::sleep(Duration::from_secs(29)).await;
-        assert!(dialler.usable());
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        until(|| !dialler.usable()).await;
-        drop(served);
-        assert!(
-            listener.accept().await.is_none(),
-            "the listener saw it close"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_listener_link_with_no_stream_goes_away_and_closes_after_its_idle_timeout() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accept = tokio::spawn(listen_idle(listener, Duration::from_secs(10)));
-        let dialler = dial_to(addr, Duration::from_secs(86_400)).await.unwrap();
+        let accept = tokio::spawn(listen_idle(listener, Duration::from_secs(listener_idle)));
+        let dialler = dial_to(addr, Duration::from_secs(dialler_idle))
+            .await
+            .unwrap();
         let listener = accept.await.unwrap();
         let mut s = dialler.open().unwrap();
         s.write_all(b"x").await.unwrap();
@@ -1392,10 +1370,24 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(dialler.usable(), "a link with a stream stays");
         drop((s, served));
-        tokio::time::sleep(Duration::from_secs(9)).await;
+        let idle = dialler_idle.min(listener_idle);
+        tokio::time::sleep(Duration::from_secs(idle - 1)).await;
         assert!(dialler.usable());
         tokio::time::sleep(Duration::from_secs(2)).await;
         until(|| !dialler.usable()).await;
-        assert!(listener.accept().await.is_none(), "the listener closed it");
+        assert!(
+            listener.accept().await.is_none(),
+            "the listener saw it close"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dialler_link_with_no_stream_closes_after_its_idle_timeout() {
+        closes_when_idle(30, 86_400).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listener_link_with_no_stream_goes_away_and_closes_after_its_idle_timeout() {
+        closes_when_idle(86_400, 10).await;
     }
 }
