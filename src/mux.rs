@@ -548,11 +548,6 @@ impl Link {
     pub fn tag(&self) -> u64 {
         self.shared.tag
     }
-
-    /// Streams open now (for tests and the pool).
-    pub fn streams(&self) -> usize {
-        self.lock().streams.len()
-    }
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, State> {
@@ -993,16 +988,6 @@ impl Links {
             }
         }
     }
-
-    /// Links open now, over every address (for tests).
-    pub fn count(&self) -> usize {
-        let mut inner = self.lock();
-        inner
-            .links
-            .values_mut()
-            .for_each(|l| l.retain(Link::usable));
-        inner.links.values().map(Vec::len).sum()
-    }
 }
 
 #[cfg(test)]
@@ -1137,7 +1122,7 @@ mod tests {
             call.await.unwrap();
         }
         server.await.unwrap();
-        assert_eq!(dialler.streams(), 0);
+        assert!(dialler.lock().streams.is_empty());
     }
 
     #[tokio::test]

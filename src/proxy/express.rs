@@ -746,11 +746,6 @@ impl RawPool {
         Some((links, self.inner.idle_timeout))
     }
 
-    /// Mesh links open now (for tests).
-    pub fn link_count(&self) -> usize {
-        self.inner.links.as_ref().map_or(0, mux::Links::count)
-    }
-
     /// The most recently used connection to `addr` that is still open, if any.
     fn take(&self, addr: SocketAddr) -> Option<RawConn> {
         // A stream of a link dialled before the certificate changed is not reused.
