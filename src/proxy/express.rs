@@ -72,8 +72,9 @@ const READ_SIZE: usize = 16 * 1024;
 const BODY_READ_SIZE: usize = 32 * 1024;
 /// How many refused streams of a mesh link one attempt takes before it gives up on the peer:
 /// a refusal (the peer was going away; it read nothing) sends the request again on another
-/// stream, which a new link to the peer's next process carries.
-const MAX_REFUSALS: usize = 2;
+/// stream, which a new link to the peer's next process carries. Several links to a restarting
+/// peer can each refuse one before their GOAWAYs are all read.
+const MAX_REFUSALS: usize = 8;
 /// How long the rest of a request body may take to reach an upstream that already began to
 /// answer (see [`ClientBody::pump`]).
 const EARLY_ANSWER_GRACE: Duration = Duration::from_secs(5);
