@@ -895,6 +895,10 @@ impl Drop for Stream {
 
 /// A dialler's links, per listener address, and the listeners found not to speak the link.
 /// Cheap to clone: one shared map.
+///
+/// One link is dialled to a listener at a time: requests that find no link with room while
+/// one is being dialled wait for it (see [`reach`](Self::reach)), so a burst of first requests
+/// makes one link, not one each.
 #[derive(Clone, Debug, Default)]
 pub struct Links {
     inner: Arc<Mutex<LinksInner>>,
@@ -906,22 +910,52 @@ struct LinksInner {
     /// Listeners that answered the preface with something else, and until when they are
     /// dialled without it.
     plain: HashMap<std::net::SocketAddr, tokio::time::Instant>,
+    /// The link being dialled to each listener, if any.
+    dialling: HashMap<std::net::SocketAddr, Arc<Dialling>>,
+}
+
+/// A link being dialled, as the requests waiting for it see it.
+#[derive(Debug, Default)]
+struct Dialling {
+    /// Set (under the links' lock) once the dial has ended.
+    done: std::sync::atomic::AtomicBool,
+    /// Whether it ended with a link added.
+    linked: std::sync::atomic::AtomicBool,
+    ended: tokio::sync::Notify,
+}
+
+/// How a request reaches a listener (see [`Links::reach`]).
+#[derive(Debug)]
+pub enum Reach {
+    /// On a new stream of a link already open.
+    Stream(Stream),
+    /// On a link the caller dials: it connects and hands the connection to [`Dial::join`].
+    Dial(Dial),
+    /// The listener does not speak the link: on a connection of its own.
+    Plain,
+}
+
+/// The right (and duty) to dial a link to a listener: while it is held, other requests to the
+/// listener wait for it. Dropped without [`join`](Self::join) (the connection failed), the
+/// waiting requests dial their own.
+#[derive(Debug)]
+pub struct Dial {
+    links: Links,
+    addr: std::net::SocketAddr,
+    tag: u64,
+    /// The entry waiting requests see (`None`: a dial of the caller's own after a failed one).
+    dialling: Option<Arc<Dialling>>,
 }
 
 /// How long a listener that does not speak the link is dialled without it before it is asked
 /// again (it may have been upgraded).
 const PLAIN_FOR: Duration = Duration::from_secs(60);
 
-impl Links {
-    fn lock(&self) -> MutexGuard<'_, LinksInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
+impl LinksInner {
     /// A new stream to `addr` on a link already open to it, if one can take it. Links dialled
     /// with another `tag` (before the certificate changed) are retired.
-    pub fn stream(&self, addr: std::net::SocketAddr, tag: u64) -> Option<Stream> {
-        let mut inner = self.lock();
-        let links = inner.links.get_mut(&addr)?;
+    fn stream(&mut self, addr: std::net::SocketAddr, tag: u64) -> Option<Stream> {
+        let links = self.links.get_mut(&addr)?;
         for link in links.iter().filter(|l| l.tag() != tag) {
             link.lock().retire(Side::Dialler);
         }
@@ -929,17 +963,73 @@ impl Links {
         links.iter().find_map(Link::open)
     }
 
-    /// Whether `addr` should be dialled with the preface (it did not refuse it lately).
-    pub fn speaks(&self, addr: std::net::SocketAddr) -> bool {
-        let mut inner = self.lock();
-        match inner.plain.get(&addr) {
+    fn speaks(&mut self, addr: std::net::SocketAddr) -> bool {
+        match self.plain.get(&addr) {
             Some(&until) if tokio::time::Instant::now() < until => false,
             Some(_) => {
-                inner.plain.remove(&addr);
+                self.plain.remove(&addr);
                 true
             }
             None => true,
         }
+    }
+}
+
+impl Links {
+    fn lock(&self) -> MutexGuard<'_, LinksInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How a request with TLS generation `tag` reaches the listener at `addr`: on a stream of
+    /// a link with room; else, when another request is dialling a link to it, on that link
+    /// once it is up (or on a dial of its own if that one failed); else by dialling one.
+    /// The wait is as long as the caller's: bound it with the request's deadline.
+    pub async fn reach(&self, addr: std::net::SocketAddr, tag: u64) -> Reach {
+        let mut after_failure = false;
+        loop {
+            let dialling = {
+                let mut inner = self.lock();
+                if let Some(stream) = inner.stream(addr, tag) {
+                    return Reach::Stream(stream);
+                }
+                if !inner.speaks(addr) {
+                    return Reach::Plain;
+                }
+                match inner.dialling.get(&addr) {
+                    Some(dialling) if !after_failure => dialling.clone(),
+                    // Another failed dial may be under way; this request does not wait for it.
+                    Some(_) => return Reach::Dial(self.dial(addr, tag, None)),
+                    None => {
+                        let dialling = Arc::new(Dialling::default());
+                        inner.dialling.insert(addr, dialling.clone());
+                        return Reach::Dial(self.dial(addr, tag, Some(dialling)));
+                    }
+                }
+            };
+            let ended = dialling.ended.notified();
+            let mut ended = pin!(ended);
+            ended.as_mut().enable();
+            if !dialling.done.load(std::sync::atomic::Ordering::Acquire) {
+                ended.await;
+            }
+            // A new link (its room may be taken already: then the next dial is waited for
+            // likewise); a failed dial: this request dials its own, with no one waiting on it.
+            after_failure = !dialling.linked.load(std::sync::atomic::Ordering::Acquire);
+        }
+    }
+
+    fn dial(&self, addr: std::net::SocketAddr, tag: u64, dialling: Option<Arc<Dialling>>) -> Dial {
+        Dial {
+            links: self.clone(),
+            addr,
+            tag,
+            dialling,
+        }
+    }
+
+    /// Whether `addr` should be dialled with the preface (it did not refuse it lately).
+    pub fn speaks(&self, addr: std::net::SocketAddr) -> bool {
+        self.lock().speaks(addr)
     }
 
     /// Notes that `addr` answered the preface with something else.
@@ -949,7 +1039,7 @@ impl Links {
     }
 
     /// Keeps `link`, just dialled to `addr`, and opens its first stream.
-    pub fn add(&self, addr: std::net::SocketAddr, link: Link) -> Option<Stream> {
+    fn add(&self, addr: std::net::SocketAddr, link: Link) -> Option<Stream> {
         let stream = link.open();
         let mut inner = self.lock();
         // Endpoints whose links all closed are forgotten as links are added.
@@ -960,33 +1050,59 @@ impl Links {
         inner.links.entry(addr).or_default().push(link);
         stream
     }
+}
 
-    /// The first stream of a new link to `addr` over `io`, a connection just made to it
-    /// (see [`speaks`](Self::speaks)). Waits for the listener's preface as long as the caller
-    /// does: a listener that is restarting on its socket answers once it is up, as it would
-    /// answer a request on a connection of its own. `Ok(None)`: `addr` does not speak the link
-    /// (`io` is dropped); the caller connects as it would without it.
-    pub async fn join<S>(
-        &self,
-        addr: std::net::SocketAddr,
-        io: S,
-        idle: Duration,
-        tag: u64,
-    ) -> io::Result<Option<Stream>>
+impl Dial {
+    /// The first stream of a new link over `io`, a connection just made to the listener.
+    /// Waits for the listener's preface as long as the caller does: a listener that is
+    /// restarting on its socket answers once it is up, as it would answer a request on a
+    /// connection of its own. `Ok(None)`: the listener does not speak the link (`io` is
+    /// dropped); the caller connects as it would without it, and so do those waiting.
+    pub async fn join<S>(self, io: S, idle: Duration) -> io::Result<Option<Stream>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        match Link::dial(io, idle, tag).await? {
-            Ok(link) => self
-                .add(addr, link)
-                .map(Some)
-                .ok_or_else(|| io::Error::other("new mesh link closed")),
+        let addr = self.addr;
+        match Link::dial(io, idle, self.tag).await? {
+            Ok(link) => {
+                let stream = self.links.add(addr, link);
+                if let Some(dialling) = &self.dialling {
+                    dialling
+                        .linked
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
+                stream
+                    .map(Some)
+                    .ok_or_else(|| io::Error::other("new mesh link closed"))
+            }
             Err(_) => {
                 tracing::debug!(%addr, "peer does not speak the mesh link; connecting plainly");
-                self.refused_by(addr);
+                self.links.refused_by(addr);
                 Ok(None)
             }
         }
+    }
+}
+
+impl Drop for Dial {
+    fn drop(&mut self) {
+        let Some(dialling) = self.dialling.take() else {
+            return;
+        };
+        {
+            let mut inner = self.links.lock();
+            if inner
+                .dialling
+                .get(&self.addr)
+                .is_some_and(|d| Arc::ptr_eq(d, &dialling))
+            {
+                inner.dialling.remove(&self.addr);
+            }
+            dialling
+                .done
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        dialling.ended.notify_waiters();
     }
 }
 
@@ -1337,6 +1453,85 @@ mod tests {
         assert!(links.speaks(addr));
         links.refused_by(addr);
         assert!(!links.speaks(addr), "dialled plainly for a while");
+    }
+
+    /// Reaches `addr` through `links` as a request would: dials when told to.
+    async fn reach_by(links: Links, addr: std::net::SocketAddr) -> Stream {
+        match links.reach(addr, 0).await {
+            Reach::Stream(stream) => stream,
+            Reach::Dial(dial) => {
+                let io = TcpStream::connect(addr).await.unwrap();
+                dial.join(io, Duration::from_secs(30))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+            Reach::Plain => panic!("{addr} speaks the link"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_first_requests_dials_one_link_per_stream_limit_and_a_failed_dial_frees_the_waiters()
+     {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            let mut served = Vec::new();
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut first = vec![0u8; PREFACE.len()];
+                conn.read_exact(&mut first).await.unwrap();
+                served.push(
+                    Link::listen(conn, first, Duration::from_secs(30))
+                        .await
+                        .unwrap(),
+                );
+            }
+        });
+        let links = Links::default();
+        // One more request than a link has room for, all at once.
+        let burst = (0..=MAX_STREAMS).map(|_| tokio::spawn(reach_by(links.clone(), addr)));
+        let streams: Vec<Stream> = futures_util::future::join_all(burst)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(streams.len(), MAX_STREAMS + 1);
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "a link, and a second for the one stream the first had no room for"
+        );
+
+        // A dial that fails (dropped before its link is up): the requests waiting on it each
+        // dial at once, none waiting for another's.
+        drop(streams);
+        let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = other.local_addr().unwrap();
+        let Reach::Dial(first) = links.reach(addr, 0).await else {
+            panic!("no link to {addr} yet");
+        };
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let links = links.clone();
+                tokio::spawn(async move { links.reach(addr, 0).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(
+            waiting.iter().all(|w| !w.is_finished()),
+            "they wait for the dial under way"
+        );
+        drop(first);
+        for waiter in waiting {
+            let reach = tokio::time::timeout(Duration::from_secs(10), waiter).await;
+            assert!(
+                matches!(reach, Ok(Ok(Reach::Dial(_)))),
+                "each dials its own: {reach:?}"
+            );
+        }
     }
 
     /// A link whose one stream closes after a minute stays usable for the shorter of the two

@@ -72,8 +72,8 @@ const READ_SIZE: usize = 16 * 1024;
 const BODY_READ_SIZE: usize = 32 * 1024;
 /// How many refused streams of a mesh link one attempt takes before it gives up on the peer:
 /// a refusal (the peer was going away; it read nothing) sends the request again on another
-/// stream, which a new link to the peer's next process carries. Several links to a restarting
-/// peer can each refuse one before their GOAWAYs are all read.
+/// stream, which a new link to the peer's next process carries. A peer has one link at a time
+/// unless one filled up (`mux::MAX_STREAMS`); each of several can refuse one as the peer goes.
 const MAX_REFUSALS: usize = 8;
 /// How long the rest of a request body may take to reach an upstream that already began to
 /// answer (see [`ClientBody::pump`]).
@@ -787,25 +787,25 @@ impl RawConn {
         links: Option<(&mux::Links, Duration)>,
     ) -> Result<RawConn, SendError> {
         let tag = tls.map_or(0, MeshTls::generation);
-        if let Some((links, _)) = links
-            && let Some(stream) = links.stream(addr, tag)
-        {
-            return Ok(RawConn::over(Either::Right(stream)));
-        }
         let dialled = || async {
             tokio::time::timeout(timeout, dial(addr, tls))
                 .await
                 .map_err(|_| SendError::ConnectTimeout { addr })?
                 .map_err(|source| SendError::Connect { addr, source })
         };
-        let stream = match links.filter(|(links, _)| links.speaks(addr)) {
-            Some((links, idle)) => match links.join(addr, dialled().await?, idle, tag).await {
+        let reach = match links {
+            Some((links, idle)) => (links.reach(addr, tag).await, idle),
+            None => (mux::Reach::Plain, Duration::ZERO),
+        };
+        let stream = match reach {
+            (mux::Reach::Stream(stream), _) => Either::Right(stream),
+            (mux::Reach::Dial(link), idle) => match link.join(dialled().await?, idle).await {
                 Ok(Some(stream)) => Either::Right(stream),
                 Ok(None) => Either::Left(dialled().await?),
                 // Closed before its preface was answered: nothing was sent.
                 Err(source) => return Err(SendError::Connect { addr, source }),
             },
-            None => Either::Left(dialled().await?),
+            (mux::Reach::Plain, _) => Either::Left(dialled().await?),
         };
         Ok(RawConn::over(stream))
     }

@@ -458,21 +458,24 @@ async fn connect(
     tls: Option<&MeshTls>,
     links: Option<(&mux::Links, Duration)>,
 ) -> Result<SendRequest<RequestBody>, SendError> {
-    if let Some((links, idle)) = links.filter(|(links, _)| !upgrades && links.speaks(addr)) {
+    if let Some((links, idle)) = links.filter(|_| !upgrades) {
         let tag = tls.map_or(0, MeshTls::generation);
-        if let Some(stream) = links.stream(addr, tag) {
-            return handshake(addr, stream, false).await;
-        }
-        let dialled = tokio::time::timeout(timeout, dial(addr, tls))
-            .await
-            .map_err(|_| SendError::ConnectTimeout { addr })?
-            .map_err(|source| SendError::Connect { addr, source })?;
-        // The listener's preface is waited for as long as the request is (see `mux::Links`).
-        match links.join(addr, dialled, idle, tag).await {
-            Ok(Some(stream)) => return handshake(addr, stream, false).await,
-            Err(source) => return Err(SendError::Connect { addr, source }),
-            // The peer does not speak the link: a connection of its own.
-            Ok(None) => {}
+        match links.reach(addr, tag).await {
+            mux::Reach::Stream(stream) => return handshake(addr, stream, false).await,
+            mux::Reach::Dial(link) => {
+                let dialled = tokio::time::timeout(timeout, dial(addr, tls))
+                    .await
+                    .map_err(|_| SendError::ConnectTimeout { addr })?
+                    .map_err(|source| SendError::Connect { addr, source })?;
+                // The listener's preface is waited for as long as the request is.
+                match link.join(dialled, idle).await {
+                    Ok(Some(stream)) => return handshake(addr, stream, false).await,
+                    Err(source) => return Err(SendError::Connect { addr, source }),
+                    // The peer does not speak the link: a connection of its own.
+                    Ok(None) => {}
+                }
+            }
+            mux::Reach::Plain => {}
         }
     }
     match tls {

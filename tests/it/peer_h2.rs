@@ -481,7 +481,7 @@ async fn fifty_at_once(nodes: &TwoNodes) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_concurrent_http1_requests_reach_the_inbound_over_the_few_http2_connections_or_the_one_mesh_link()
+async fn fifty_concurrent_http1_requests_reach_the_inbound_over_the_few_http2_connections_or_one_mesh_link_dialled_once()
  {
     let stop = CancellationToken::new();
     let (web, _) = echo_app("127.0.0.3", &stop);
@@ -495,13 +495,23 @@ async fn fifty_concurrent_http1_requests_reach_the_inbound_over_the_few_http2_co
     h2.stop().await;
 
     // On the mesh link: the one link the agents opened to route carries them all.
-    let mux = TwoNodes::start("mux", web).await;
+    let mut mux = TwoNodes::start("mux", web).await;
     assert_eq!(
         fifty_at_once(&mux).await,
         0,
         "no new connection for 50 requests"
     );
     assert_eq!((mux.relay.accepted(), mux.relay.links()), (1, 1));
+    // The inbound restarts, and its link with it: fifty first requests to it dial one link
+    // between them, not one each.
+    mux.b.sigterm();
+    let old = std::mem::replace(
+        &mut mux.b,
+        TwoNodes::start_b(&mux.dir, "mux", &mux.b_socket).await,
+    );
+    old.exited_cleanly().await;
+    assert_eq!(fifty_at_once(&mux).await, 1, "one new connection");
+    assert_eq!((mux.relay.accepted(), mux.relay.links()), (2, 2));
     mux.stop().await;
 
     // The same load over HTTP/1.1 takes a connection per request in flight.
