@@ -206,7 +206,7 @@ pub struct Pool {
 
 #[derive(Debug)]
 struct Inner {
-    idle: Idle<SendRequest<RequestBody>>,
+    idle: Idle<Sender>,
     /// Mesh TLS, for connections to endpoints that are mesh proxies ([`Limits::mesh`]).
     tls: Option<MeshTls>,
     /// The mesh links to mesh proxies, when requests to them go on streams of one link
@@ -273,7 +273,7 @@ impl Pool {
     ) -> Result<Response<PooledBody>, SendFailure> {
         let mut refusals = 0;
         loop {
-            let (mut sender, reused) = match self.take(addr) {
+            let (sender, reused) = match self.take(addr) {
                 Some(sender) => (sender, true),
                 // Boxed: the rare connect path would otherwise size every request's future.
                 None => match Box::pin(connect(
@@ -294,6 +294,10 @@ impl Pool {
                     }
                 },
             };
+            let Sender {
+                requests: mut sender,
+                link,
+            } = sender;
             if reused && sender.ready().await.is_err() {
                 continue;
             }
@@ -303,7 +307,14 @@ impl Pool {
                     return Ok(response.map(|body| PooledBody {
                         body,
                         done: false,
-                        home: Some((pool, addr, sender)),
+                        home: Some((
+                            pool,
+                            addr,
+                            Sender {
+                                requests: sender,
+                                link,
+                            },
+                        )),
                         idle: limits.idle,
                         stalled: None,
                     }));
@@ -345,13 +356,17 @@ impl Pool {
         }
     }
 
-    /// The most recently used open connection to `addr`, if any.
-    fn take(&self, addr: SocketAddr) -> Option<SendRequest<RequestBody>> {
-        self.inner.idle.take(addr, |sender| !sender.is_closed())
+    /// The most recently used open connection to `addr`, if any. A stream of a link dialled
+    /// before the certificate changed is not reused (the link takes no new stream either).
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        let tag = self.inner.tls.as_ref().map_or(0, MeshTls::generation);
+        self.inner.idle.take(addr, |sender| {
+            !sender.requests.is_closed() && sender.link.is_none_or(|link| link == tag)
+        })
     }
 
-    fn put(&self, addr: SocketAddr, sender: SendRequest<RequestBody>) {
-        if !sender.is_closed() {
+    fn put(&self, addr: SocketAddr, sender: Sender) {
+        if !sender.requests.is_closed() {
             self.inner.idle.put(addr, sender);
         }
     }
@@ -367,7 +382,7 @@ impl Pool {
     ) -> Result<Response<PooledBody>, SendFailure> {
         let mut sender =
             match connect(addr, limits.connect, true, self.tls_for(&limits), None).await {
-                Ok(sender) => sender,
+                Ok(sender) => sender.requests,
                 Err(error) => {
                     return Err(SendFailure {
                         error,
@@ -457,11 +472,11 @@ async fn connect(
     upgrades: bool,
     tls: Option<&MeshTls>,
     links: Option<(&mux::Links, Duration)>,
-) -> Result<SendRequest<RequestBody>, SendError> {
+) -> Result<Sender, SendError> {
     if let Some((links, idle)) = links.filter(|_| !upgrades) {
         let tag = tls.map_or(0, MeshTls::generation);
         match links.reach(addr, tag).await {
-            mux::Reach::Stream(stream) => return handshake(addr, stream, false).await,
+            mux::Reach::Stream(stream) => return Sender::on_link(addr, stream).await,
             mux::Reach::Dial(link) => {
                 let dialled = tokio::time::timeout(timeout, dial(addr, tls))
                     .await
@@ -469,7 +484,7 @@ async fn connect(
                     .map_err(|source| SendError::Connect { addr, source })?;
                 // The listener's preface is waited for as long as the request is.
                 match link.join(dialled, idle).await {
-                    Ok(Some(stream)) => return handshake(addr, stream, false).await,
+                    Ok(Some(stream)) => return Sender::on_link(addr, stream).await,
                     Err(source) => return Err(SendError::Connect { addr, source }),
                     // The peer does not speak the link: a connection of its own.
                     Ok(None) => {}
@@ -478,9 +493,29 @@ async fn connect(
             mux::Reach::Plain => {}
         }
     }
-    match tls {
-        None => handshake(addr, dial_tcp(addr, timeout).await?, upgrades).await,
-        Some(tls) => handshake(addr, dial_mesh(addr, timeout, tls).await?, upgrades).await,
+    let requests = match tls {
+        None => handshake(addr, dial_tcp(addr, timeout).await?, upgrades).await?,
+        Some(tls) => handshake(addr, dial_mesh(addr, timeout, tls).await?, upgrades).await?,
+    };
+    Ok(Sender {
+        requests,
+        link: None,
+    })
+}
+
+/// A connection's request sender, pooled between requests.
+#[derive(Debug)]
+struct Sender {
+    requests: SendRequest<RequestBody>,
+    /// When the connection is a stream of a mesh link: the link's tag (see `mux::Link::dial`).
+    link: Option<u64>,
+}
+
+impl Sender {
+    async fn on_link(addr: SocketAddr, stream: mux::Stream) -> Result<Sender, SendError> {
+        let link = Some(stream.tag());
+        let requests = handshake(addr, stream, false).await?;
+        Ok(Sender { requests, link })
     }
 }
 
@@ -522,7 +557,7 @@ pub struct Limits {
 pub struct PooledBody {
     body: Incoming,
     done: bool,
-    home: Option<(Pool, SocketAddr, SendRequest<RequestBody>)>,
+    home: Option<(Pool, SocketAddr, Sender)>,
     idle: Duration,
     /// Armed when the body first waits for the upstream, reset by each frame; a body that
     /// arrives whole never allocates one.
@@ -614,5 +649,111 @@ impl Drop for PooledBody {
                 pool.put(addr, sender);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{Accepted, Mode, Settings, ca};
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Mesh TLS for node `name`, its certificate and key (one hour) written to `dir/<name>`.
+    fn node_tls(authority: &ca::Ca, dir: &std::path::Path, name: &str) -> MeshTls {
+        let spec = ca::LeafSpec::for_ttl(ca::Kind::Node, name, Duration::from_secs(3600));
+        ca::write_leaf(&ca::issue(authority, &spec).unwrap(), &dir.join(name)).unwrap();
+        let settings = Settings {
+            mode: Mode::Strict,
+            ca: dir.join("ca").join(ca::CA_CERT),
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        };
+        MeshTls::load(&settings, crate::metrics::Metrics::new())
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A peer proxy's mesh listener as far as the link goes: mTLS, the link's preface, and
+    /// `200 ok` to each request on each stream. Counts the TLS connections it accepts.
+    async fn link_peer(tls: MeshTls) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let Accepted::Tls(mut io, _) = tls.accept(tcp, peer).await else {
+                    continue;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut first = vec![0u8; mux::PREFACE.len()];
+                    io.read_exact(&mut first).await.unwrap();
+                    let link = mux::Link::listen(io, first, Duration::from_secs(30))
+                        .await
+                        .unwrap();
+                    while let Some(mut stream) = link.accept().await {
+                        tokio::spawn(async move {
+                            let mut head = vec![0u8; 4096];
+                            // One small request per read, as the test sends them.
+                            while stream.read(&mut head).await.is_ok_and(|n| n > 0) {
+                                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                                if stream.write_all(ok).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn after_a_certificate_change_a_pooled_stream_of_the_old_link_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = ca::init(&dir.path().join("ca"), "mesh.test").unwrap();
+        let (addr, accepted) = link_peer(node_tls(&authority, dir.path(), "b")).await;
+        let tls = node_tls(&authority, dir.path(), "a");
+        let pool = Pool::with_tls(Duration::from_secs(30), Some(tls.clone()))
+            .linked(mux::Links::default());
+        let limits = Limits {
+            connect: Duration::from_secs(5),
+            idle: Duration::from_secs(5),
+            mesh: true,
+        };
+        let get = || async {
+            let req = Request::get("/")
+                .header("host", "b")
+                .body(Either::Right(Buffered::empty()))
+                .unwrap();
+            let answer = pool.send(addr, req, None, limits).await.unwrap();
+            let body = answer.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        };
+        get().await;
+        get().await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one link, its stream reused"
+        );
+        assert_eq!(pool.idle_count(), 1);
+
+        // Node a's certificate changes: the next request goes on a link with the new one.
+        let spec = ca::LeafSpec::for_ttl(ca::Kind::Node, "a", Duration::from_secs(3600));
+        ca::write_leaf(
+            &ca::issue(&authority, &spec).unwrap(),
+            &dir.path().join("a"),
+        )
+        .unwrap();
+        assert!(tls.reload().unwrap());
+        get().await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new link");
+        get().await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "whose stream is reused");
     }
 }
