@@ -1141,6 +1141,23 @@ mod tests {
         Link::dial(io, idle, 0).await.unwrap()
     }
 
+    /// A listener's address, and its first connection once it has read the dialler's preface
+    /// and answered `answer` (the preface, for frames written by hand, or something else).
+    async fn raw_listener(
+        answer: &'static [u8],
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut p = vec![0u8; PREFACE.len()];
+            conn.read_exact(&mut p).await.unwrap();
+            conn.write_all(answer).await.unwrap();
+            conn
+        });
+        (addr, peer)
+    }
+
     /// A raw connection that has exchanged the prefaces with a listener's end (for frames
     /// written by hand), and that end.
     async fn raw_dialler() -> (TcpStream, Link) {
@@ -1375,27 +1392,19 @@ mod tests {
             "a pooled stream of a going-away link is not reused"
         );
         // A refused stream's error says so.
-        let refuser = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = refuser.local_addr().unwrap();
-        let peer = tokio::spawn(async move {
-            let (mut conn, _) = refuser.accept().await.unwrap();
-            let mut p = vec![0u8; PREFACE.len()];
-            conn.read_exact(&mut p).await.unwrap();
-            conn.write_all(PREFACE).await.unwrap();
-            let (id, _) = next_frame(&mut conn, DATA).await;
-            conn.write_all(&frame(RESET, id, &REFUSED.to_be_bytes()))
-                .await
-                .unwrap();
-            // Later resets for the same stream do not change why it ended.
-            conn.write_all(&frame(RESET, id, &CLOSED.to_be_bytes()))
-                .await
-                .unwrap();
-            conn
-        });
+        let (addr, peer) = raw_listener(PREFACE).await;
         let other = dial_to(addr, Duration::from_secs(5)).await.unwrap();
+        let mut conn = peer.await.unwrap();
         let mut s = other.open().unwrap();
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        let _conn = peer.await.unwrap();
+        let (id, _) = next_frame(&mut conn, DATA).await;
+        conn.write_all(&frame(RESET, id, &REFUSED.to_be_bytes()))
+            .await
+            .unwrap();
+        // Later resets for the same stream do not change why it ended.
+        conn.write_all(&frame(RESET, id, &CLOSED.to_be_bytes()))
+            .await
+            .unwrap();
         let mut buf = [0u8; 16];
         let error = s.read(&mut buf).await.unwrap_err();
         assert!(is_refused(&error), "{error:?}");
@@ -1436,16 +1445,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_listener_that_answers_http_is_told_apart_from_one_that_speaks_the_link() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let peer = tokio::spawn(async move {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut p = vec![0u8; PREFACE.len()];
-            conn.read_exact(&mut p).await.unwrap();
-            conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-                .await
-                .unwrap();
-        });
+        let (addr, peer) =
+            raw_listener(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
         let dialled = dial_to(addr, Duration::from_secs(5)).await;
         assert!(dialled.is_err(), "not a link");
         peer.await.unwrap();
@@ -1453,6 +1454,7 @@ mod tests {
         assert!(links.speaks(addr));
         links.refused_by(addr);
         assert!(!links.speaks(addr), "dialled plainly for a while");
+        assert!(matches!(links.reach(addr, 0).await, Reach::Plain));
     }
 
     /// Reaches `addr` through `links` as a request would: dials when told to.
