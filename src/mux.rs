@@ -23,6 +23,7 @@
 //! | `RESET` 2 | code, 4 bytes | the stream is gone both ways: 0 closed, 1 refused (never served) |
 //! | `CREDIT` 3 | increment, 4 bytes | the receiver read that many more bytes of the stream (of the link, on id 0) |
 //! | `GOAWAY` 4 | last id, 4 bytes | the listener drains: streams past the id were refused |
+//! | `PING` 5 | 4 bytes | on id 0, asks the peer to answer with the same bytes on id 1 |
 //!
 //! A link is replaced after [`LINK_WRITES`] writes by either end (the dialler stops opening
 //! streams on it, the listener sends `GOAWAY`), which keeps a mesh TLS link far from its
@@ -32,7 +33,13 @@
 //! [`LINK_WINDOW`] bytes of all its streams, unread by the other side; the reader grants more
 //! with `CREDIT` as its application reads, so a slow reader holds back its own stream only
 //! (until a link's worth of streams are held) and a link's memory stays bounded. A peer that breaks these rules
-//! (an unknown kind, an oversized frame, more than its credit) loses the link.
+//! (an unknown kind, an oversized frame, more than its credit) loses the link, and so does one
+//! that asks for answers (pings, resets) it does not read.
+//!
+//! Keepalive, as Linkerd's proxies keep HTTP/2 between them: an end with streams open that has
+//! heard nothing from its peer for [`PING_AFTER`] sends a `PING`, and ends the link when
+//! [`PING_TIMEOUT`] more pass in silence. A peer whose host vanished (a TCP connection keeps
+//! retransmitting for many minutes) costs the requests in flight, not every request after.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -70,6 +77,15 @@ const FIRST_READ: usize = 4 * 1024;
 /// A stream's receive buffer larger than this is freed once read empty (an idle stream holds
 /// none of a large body's buffer).
 const KEEP_RECV: usize = 8 * 1024;
+/// How long an end with streams open hears nothing from its peer before it sends a `PING`.
+pub const PING_AFTER: Duration = Duration::from_secs(10);
+/// How long after that ping the link is ended if still nothing is heard.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes waiting to be written past which the peer is taken not to read them: the frames the
+/// peer's own frames call for (credits, resets, ping answers) are a few bytes per read of
+/// its data, far below this while it reads; a flood of pings or of bytes to closed streams
+/// with nothing read ends the link instead of growing the queue.
+const ANSWERS_LIMIT: usize = 2 * OUT_LIMIT;
 
 const HEADER: usize = 8;
 const DATA: u8 = 0;
@@ -77,6 +93,7 @@ const FIN: u8 = 1;
 const RESET: u8 = 2;
 const CREDIT: u8 = 3;
 const GOAWAY: u8 = 4;
+const PING: u8 = 5;
 const CLOSED: u32 = 0;
 const REFUSED: u32 = 1;
 /// The dialler keys a stream that has sent nothing yet at this value and above; it takes its
@@ -157,6 +174,13 @@ struct State {
     unread: usize,
     /// Bytes read (or dropped unread) and not yet granted back to the link.
     link_unacked: u32,
+    /// When the peer was last heard from (a read of any bytes).
+    heard: tokio::time::Instant,
+    /// When a `PING` went out, if one did since then.
+    pinged: Option<tokio::time::Instant>,
+    /// [`PING_AFTER`] and [`PING_TIMEOUT`] (shorter in tests).
+    ping_after: Duration,
+    ping_timeout: Duration,
 }
 
 /// One stream's state at one end.
@@ -219,6 +243,10 @@ impl State {
             link_credit: LINK_WINDOW,
             unread: 0,
             link_unacked: 0,
+            heard: tokio::time::Instant::now(),
+            pinged: None,
+            ping_after: PING_AFTER,
+            ping_timeout: PING_TIMEOUT,
         }
     }
 
@@ -324,8 +352,8 @@ impl State {
             DATA if payload.is_empty() => return Err("empty data"),
             DATA => {}
             FIN if payload.is_empty() => {}
-            RESET | CREDIT | GOAWAY if payload.len() == 4 => {}
-            FIN | RESET | CREDIT | GOAWAY => return Err("bad frame length"),
+            RESET | CREDIT | GOAWAY | PING if payload.len() == 4 => {}
+            FIN | RESET | CREDIT | GOAWAY | PING => return Err("bad frame length"),
             _ => return Err("unknown frame kind"),
         }
         if kind == DATA
@@ -352,6 +380,18 @@ impl State {
                     slot.reset = Some(REFUSED);
                     slot.wake();
                 }
+            }
+            return Ok(());
+        }
+        if kind == PING {
+            match id {
+                0 => {
+                    self.frame(PING, 4, 1);
+                    self.out.extend_from_slice(payload);
+                }
+                // The answer: hearing it was the point.
+                1 => {}
+                _ => return Err("bad ping id"),
             }
             return Ok(());
         }
@@ -565,6 +605,8 @@ async fn read_frames<R: AsyncRead>(shared: Arc<Shared>, reader: R, mut buf: Vec<
         let mut at = 0;
         let broken = {
             let mut state = lock(&shared);
+            state.heard = tokio::time::Instant::now();
+            state.pinged = None;
             let mut broken = None;
             while buf.len() - at >= HEADER {
                 let h = &buf[at..at + HEADER];
@@ -583,6 +625,9 @@ async fn read_frames<R: AsyncRead>(shared: Arc<Shared>, reader: R, mut buf: Vec<
                     break;
                 }
                 at += HEADER + len;
+            }
+            if state.out.len() > ANSWERS_LIMIT {
+                broken = broken.or(Some("the peer reads none of the answers it asks for"));
             }
             broken
         };
@@ -648,7 +693,29 @@ async fn write_frames<W: AsyncWrite>(shared: Arc<Shared>, writer: W, idle: Durat
                 }
                 return Poll::Ready(Next::Write);
             }
-            if state.streams.is_empty() {
+            if !state.streams.is_empty() {
+                // Keepalive: a ping after a quiet spell (or at once, the first stream after
+                // one), the end if the ping is not answered.
+                let at = match state.pinged {
+                    Some(pinged) => pinged + state.ping_timeout,
+                    None => state.heard + state.ping_after,
+                };
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    if state.pinged.is_some() {
+                        tracing::debug!("mesh link peer silent past its ping; closing the link");
+                        state.die(io::ErrorKind::TimedOut);
+                        return Poll::Ready(Next::Close);
+                    }
+                    state.pinged = Some(tokio::time::Instant::now());
+                    state.frame(PING, 4, 0);
+                    state.out.extend_from_slice(&[0; 4]);
+                    std::mem::swap(&mut state.out, &mut batch);
+                    return Poll::Ready(Next::Write);
+                }
+            } else {
                 if state.going_away.is_some() && shared.side == Side::Listener {
                     return Poll::Ready(Next::Close);
                 }
@@ -680,7 +747,7 @@ async fn write_frames<W: AsyncWrite>(shared: Arc<Shared>, writer: W, idle: Durat
                     writer.write_all(&batch).await?;
                     writer.flush().await
                 };
-                if let Err(e) = written.await {
+                if let Err(e) = while_heard(&shared, written).await {
                     lock(&shared).die(e.kind());
                     break;
                 }
@@ -699,6 +766,29 @@ async fn write_frames<W: AsyncWrite>(shared: Arc<Shared>, writer: W, idle: Durat
     }
     lock(&shared).die(io::ErrorKind::ConnectionAborted);
     let _ = writer.shutdown().await;
+}
+
+/// `write`, unless it cannot finish while the peer says nothing for as long as a ping is
+/// given (a peer whose host vanished takes no bytes and sends none).
+async fn while_heard(
+    shared: &Shared,
+    write: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
+    let mut write = pin!(write);
+    let started = tokio::time::Instant::now();
+    let silent_after =
+        |state: &State| state.heard.max(started) + state.ping_after + state.ping_timeout;
+    loop {
+        let silent = silent_after(&lock(shared));
+        match tokio::time::timeout_at(silent, write.as_mut()).await {
+            Ok(written) => return written,
+            Err(_) if silent_after(&lock(shared)) <= silent => {
+                tracing::debug!("mesh link peer silent with a write pending; closing the link");
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 // === Stream ===
@@ -1415,6 +1505,8 @@ mod tests {
         for bad in [
             frame(9, 1, b""),
             frame(CREDIT, 1, b"12"),
+            frame(PING, 0, b"12"),
+            frame(PING, 2, b"ping"),
             // One more byte than the window, in frames of the largest size.
             (0..=WINDOW as usize / MAX_FRAME)
                 .flat_map(|_| frame(DATA, 1, &[1u8; MAX_FRAME]))
@@ -1546,6 +1638,10 @@ mod tests {
             .await
             .unwrap();
         let listener = accept.await.unwrap();
+        // No pings: under paused time, the clock may run past a ping's answer on the wire.
+        for end in [&dialler, &listener] {
+            end.lock().ping_after = Duration::from_secs(86_400);
+        }
         let mut s = dialler.open().unwrap();
         s.write_all(b"x").await.unwrap();
         let served = listener.accept().await.unwrap();
@@ -1561,6 +1657,83 @@ mod tests {
             listener.accept().await.is_none(),
             "the listener saw it close"
         );
+    }
+
+    /// Pings after 300 ms of quiet, the end 700 ms after an unanswered one, for `link`.
+    fn quick_pings(link: &Link) {
+        let mut state = link.lock();
+        state.ping_after = Duration::from_millis(300);
+        state.ping_timeout = Duration::from_millis(700);
+    }
+
+    #[tokio::test]
+    async fn a_link_whose_peer_answers_pings_stays_and_one_whose_peer_falls_silent_ends_within_a_ping()
+     {
+        // A stream open for 3 s with no byte on it: the ends ping and answer.
+        let (dialler, listener) = linked().await;
+        quick_pings(&dialler);
+        quick_pings(&listener);
+        let mut s = dialler.open().unwrap();
+        s.write_all(b"x").await.unwrap();
+        let served = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(dialler.usable() && listener.lock().dead.is_none());
+        drop((s, served));
+
+        // A peer that reads every byte and sends none (as a host that vanished, or a process
+        // stopped, whose socket still takes bytes): a request waiting on it fails within a
+        // ping's wait, and the link takes no more.
+        let (addr, peer) = raw_listener(PREFACE).await;
+        let silent = dial_to(addr, Duration::from_secs(3600)).await.unwrap();
+        quick_pings(&silent);
+        let mut conn = peer.await.unwrap();
+        let pinged = tokio::spawn(async move {
+            let ping = next_frame(&mut conn, PING).await;
+            // Read on, answer nothing.
+            let mut sink = vec![0u8; 4096];
+            while conn.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            ping
+        });
+        let mut s = silent.open().unwrap();
+        let started = tokio::time::Instant::now();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let error = s.read(&mut [0u8; 16]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error:?}");
+        let waited = started.elapsed();
+        // A ping after 300 ms of quiet, the end 700 ms later (with room for a busy machine).
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert!(!silent.usable());
+        let (id, payload) = pinged.await.unwrap();
+        assert_eq!((id, payload.len()), (0, 4), "a ping asks on id 0");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_floods_pings_without_reading_the_answers_loses_the_link() {
+        let (raw, listener) = raw_dialler().await;
+        // Nothing of the answers is read: the socket's buffers fill, then the link's queue.
+        let (_unread, mut raw) = raw.into_split();
+        let pings: Vec<u8> = (0..4096).flat_map(|_| frame(PING, 0, b"ping")).collect();
+        let flood = tokio::spawn(async move {
+            // Bounded: 256 MiB of pings at the most.
+            for _ in 0..5_000 {
+                if raw.write_all(&pings).await.is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), flood)
+                .await
+                .expect("the flood was cut off")
+                .unwrap(),
+            "the listener closed the link"
+        );
+        until(|| listener.lock().dead.is_some()).await;
+        assert_eq!(listener.lock().dead, Some(io::ErrorKind::InvalidData));
     }
 
     #[tokio::test(start_paused = true)]

@@ -399,17 +399,24 @@ fn link_frame(kind: u8, id: u32, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// The next frame of a raw link: its kind, stream id and payload.
+async fn read_frame(link: &mut TcpStream) -> (u8, u32, Vec<u8>) {
+    let mut header = [0u8; 8];
+    link.read_exact(&mut header).await.unwrap();
+    let len = u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+    let mut payload = vec![0u8; len];
+    link.read_exact(&mut payload).await.unwrap();
+    let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    (header[0], id, payload)
+}
+
 /// The bytes of stream `id` read from a raw link until they contain `until` (bounded: 5 s).
 async fn stream_bytes(link: &mut TcpStream, id: u32, until: &str) -> String {
     let mut got = Vec::new();
     let read = async {
         while !String::from_utf8_lossy(&got).contains(until) {
-            let mut header = [0u8; 8];
-            link.read_exact(&mut header).await.unwrap();
-            let len = u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
-            let mut payload = vec![0u8; len];
-            link.read_exact(&mut payload).await.unwrap();
-            if header[0] == 0 && u32::from_be_bytes(header[4..8].try_into().unwrap()) == id {
+            let (kind, of, payload) = read_frame(link).await;
+            if kind == 0 && of == id {
                 got.extend_from_slice(&payload);
             }
         }
@@ -421,7 +428,7 @@ async fn stream_bytes(link: &mut TcpStream, id: u32, until: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_inbounds_mesh_link_serves_each_stream_as_a_connection_refuses_smuggled_framing_and_ends_at_a_broken_frame()
+async fn an_inbounds_mesh_link_serves_each_stream_as_a_connection_refuses_smuggled_framing_answers_pings_and_ends_at_a_broken_frame()
  {
     let stop = CancellationToken::new();
     let (web, seen) = echo_app("127.0.0.3", &stop);
@@ -448,6 +455,20 @@ async fn an_inbounds_mesh_link_serves_each_stream_as_a_connection_refuses_smuggl
     let reply = stream_bytes(&mut link, 3, "\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("x-skyline-error"), "{reply}");
+
+    // A ping (kind 5) on id 0 is answered with its bytes on id 1.
+    link.write_all(&link_frame(5, 0, b"ping")).await.unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match read_frame(&mut link).await {
+                (5, id, payload) => break (id, payload),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the ping was answered");
+    assert_eq!(pong, (1, b"ping".to_vec()));
 
     // A frame of no kind the link knows ends the link.
     link.write_all(&link_frame(9, 5, b"")).await.unwrap();
