@@ -819,6 +819,25 @@ impl Stream {
         self.shared.tag
     }
 
+    /// Resolves once a read would not wait: bytes came, or the stream or the link ended.
+    /// Always `true` (as a socket's readiness is).
+    pub async fn readable(&self) -> bool {
+        poll_fn(|cx| {
+            let mut state = lock(&self.shared);
+            let dead = state.dead.is_some();
+            match state.streams.get_mut(&self.id) {
+                Some(slot)
+                    if slot.unread() == 0 && !slot.fin_in && slot.reset.is_none() && !dead =>
+                {
+                    slot.reader = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(true),
+            }
+        })
+        .await
+    }
+
     fn error(kind: io::ErrorKind, reset: Option<u32>) -> io::Error {
         match reset {
             Some(REFUSED) => io::Error::new(io::ErrorKind::ConnectionRefused, Refused),

@@ -581,22 +581,32 @@ impl<'c> Waits<'c> {
         since: tokio::time::Instant,
         how: Readiness,
     ) -> bool {
+        self.until(since, || async move {
+            match how {
+                Readiness::Peek => stream.peek(&mut [0u8; 1]).await.is_ok(),
+                Readiness::Poll => std::future::poll_fn(|cx| stream.poll_read_ready(cx))
+                    .await
+                    .is_ok(),
+            }
+        })
+        .await
+    }
+
+    /// [`bytes`](Self::bytes) for any stream: `ready()` resolves when it has bytes (whether
+    /// it is readable).
+    async fn until<F: Future<Output = bool>>(
+        self: Pin<&mut Self>,
+        since: tokio::time::Instant,
+        mut ready: impl FnMut() -> F,
+    ) -> bool {
         let mut this = self.project();
         let mut deadline = since + HEADER_READ_TIMEOUT;
         if *this.drain_seen {
             deadline = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
             this.timer.as_mut().reset(deadline);
         }
-        let mut byte = [0u8; 1];
         loop {
-            let ready = async {
-                match how {
-                    Readiness::Peek => stream.peek(&mut byte).await.is_ok(),
-                    Readiness::Poll => std::future::poll_fn(|cx| stream.poll_read_ready(cx))
-                        .await
-                        .is_ok(),
-                }
-            };
+            let ready = ready();
             let drain_seen = *this.drain_seen;
             tokio::select! {
                 biased;
@@ -639,11 +649,45 @@ async fn serve_stream<H: Handler>(
     handler: H,
     served: Served,
 ) {
-    let end = match first_lane(&mut stream, &mut conn, &handler, &served).await {
+    let end = if H::EXPRESS && handler.express_lane() {
+        // On the express lane a stream rests between requests as a plain connection does
+        // (see `serve_plain`): a pooled stream's task holds no lane state, and a burst of
+        // requests on new streams reuses the memory of those before it.
+        let mut waits = pin!(Waits::new(served.opened, &served.cancelled));
+        let mut since = served.opened;
+        let mut first = true;
+        loop {
+            let lane = handler.lane(lane::Lane {
+                opened: since,
+                first,
+                held: Some(&served.shared.lanes),
+                stream: &mut stream,
+                conn: &mut conn,
+                recorder: served.recorder.as_ref(),
+                draining: &served.draining,
+                shutdown: &served.cancelled,
+            });
+            let held = Held::new(&served.shared.lanes);
+            let end = Box::pin(lane).await;
+            drop(held);
+            match end {
+                lane::End::Rest { since: idle } => since = idle,
+                end => break end,
+            }
+            first = false;
+            if !waits.as_mut().until(since, || stream.readable()).await {
+                return;
+            }
+        }
+    } else {
+        Box::pin(first_lane(&mut stream, &mut conn, &handler, &served)).await
+    };
+    let end = match end {
         lane::End::Mux { rest } => lane::End::Handoff { rest },
         end => end,
     };
-    serve_rest(stream, conn, handler, served, end).await;
+    // Boxed, as the lane: a stream's task weighs only what waits between requests.
+    Box::pin(serve_rest(stream, conn, handler, served, end)).await;
 }
 
 /// A connection's first lane: the express lane when the handler takes it, else a look at its
