@@ -453,7 +453,7 @@ fn serve_tls<H: Handler>(
     async move {
         if H::EXPRESS {
             let waits = pin!(Waits::new(served.opened, &served.cancelled));
-            if !waits.bytes(&stream, served.opened, Readiness::Peek).await {
+            if !waits.until(served.opened, || peeked(&stream)).await {
                 return;
             }
         }
@@ -499,7 +499,7 @@ fn serve_plain<H: Handler>(
             // otherwise, and a peek is that read (it leaves the bytes for the lane).
             if !waits
                 .as_mut()
-                .bytes(&stream, served.opened, Readiness::Peek)
+                .until(served.opened, || peeked(&stream))
                 .await
             {
                 return;
@@ -507,30 +507,9 @@ fn serve_plain<H: Handler>(
             if !handler.express_lane() {
                 break 'lane None;
             }
-            let mut since = served.opened;
-            let mut first = true;
-            loop {
-                let lane = handler.lane(lane::Lane {
-                    opened: since,
-                    first,
-                    held: Some(&served.shared.lanes),
-                    stream: &mut stream,
-                    conn: &mut conn,
-                    recorder: served.recorder.as_ref(),
-                    draining: &served.draining,
-                    shutdown: &served.cancelled,
-                });
-                let held = Held::new(&served.shared.lanes);
-                let end = Box::pin(lane).await;
-                drop(held);
-                match end {
-                    lane::End::Rest { since: idle } => since = idle,
-                    end => break Some(end),
-                }
-                first = false;
-                if !waits.as_mut().bytes(&stream, since, Readiness::Poll).await {
-                    return;
-                }
+            match resting_lanes(&mut stream, &mut conn, &handler, &served, waits).await {
+                Some(end) => Some(end),
+                None => return,
             }
         };
         match lane_end {
@@ -540,13 +519,74 @@ fn serve_plain<H: Handler>(
     }
 }
 
-/// How [`Waits::bytes`] learns that a stream has bytes.
-#[derive(Clone, Copy)]
-enum Readiness {
-    /// A peek: for a stream no read was made on yet, which tokio takes as readable.
-    Peek,
+/// Serves a connection (a plain TCP one, or a stream of a mesh link) on the express lane,
+/// resting between requests: the lane's state is boxed while the connection is busy and
+/// dropped once it rests (see [`lane::End::Rest`]), and the connection waits in `waits` for its
+/// next bytes. How the lane ended, or `None`: it closed, or timed out, while resting.
+async fn resting_lanes<H: Handler, S: Io + Resting>(
+    stream: &mut S,
+    conn: &mut Conn,
+    handler: &H,
+    served: &Served,
+    mut waits: Pin<&mut Waits<'_>>,
+) -> Option<lane::End> {
+    let mut since = served.opened;
+    let mut first = true;
+    loop {
+        let lane = handler.lane(lane::Lane {
+            opened: since,
+            first,
+            held: Some(&served.shared.lanes),
+            stream: &mut *stream,
+            conn: &mut *conn,
+            recorder: served.recorder.as_ref(),
+            draining: &served.draining,
+            shutdown: &served.cancelled,
+        });
+        let held = Held::new(&served.shared.lanes);
+        let end = Box::pin(lane).await;
+        drop(held);
+        match end {
+            lane::End::Rest { since: idle } => since = idle,
+            end => return Some(end),
+        }
+        first = false;
+        let resting: &S = stream;
+        if !waits
+            .as_mut()
+            .until(since, move || resting.has_bytes())
+            .await
+        {
+            return None;
+        }
+    }
+}
+
+/// A connection that can wait for its next bytes without reading them.
+trait Resting {
+    /// Resolves when a read would not wait (`false`: the connection failed).
+    fn has_bytes(&self) -> impl Future<Output = bool> + Send + '_;
+}
+
+impl Resting for tokio::net::TcpStream {
     /// The reactor's word, after a read that emptied the socket.
-    Poll,
+    async fn has_bytes(&self) -> bool {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx))
+            .await
+            .is_ok()
+    }
+}
+
+impl Resting for crate::mux::Stream {
+    async fn has_bytes(&self) -> bool {
+        self.readable().await
+    }
+}
+
+/// Whether a stream no read was made on yet has bytes: a peek (tokio takes a new stream as
+/// readable until a read says otherwise, and a peek is that read; it leaves the bytes).
+async fn peeked(stream: &tokio::net::TcpStream) -> bool {
+    stream.peek(&mut [0u8; 1]).await.is_ok()
 }
 
 pin_project_lite::pin_project! {
@@ -572,28 +612,10 @@ impl<'c> Waits<'c> {
         }
     }
 
-    /// Waits until `stream` has bytes to read (or has ended), idle since `since`: whether it
-    /// does within [`HEADER_READ_TIMEOUT`] of `since`, or within [`DRAIN_IDLE_GRACE`] of the
-    /// drain's start, as the express lane allows a connection that has not sent a whole head.
-    async fn bytes(
-        self: Pin<&mut Self>,
-        stream: &tokio::net::TcpStream,
-        since: tokio::time::Instant,
-        how: Readiness,
-    ) -> bool {
-        self.until(since, || async move {
-            match how {
-                Readiness::Peek => stream.peek(&mut [0u8; 1]).await.is_ok(),
-                Readiness::Poll => std::future::poll_fn(|cx| stream.poll_read_ready(cx))
-                    .await
-                    .is_ok(),
-            }
-        })
-        .await
-    }
-
-    /// [`bytes`](Self::bytes) for any stream: `ready()` resolves when it has bytes (whether
-    /// it is readable).
+    /// Waits until a connection idle since `since` has bytes to read (or has ended), as
+    /// `ready()` tells: whether it does within [`HEADER_READ_TIMEOUT`] of `since`, or within
+    /// [`DRAIN_IDLE_GRACE`] of the drain's start, as the express lane allows a connection that
+    /// has not sent a whole head.
     async fn until<F: Future<Output = bool>>(
         self: Pin<&mut Self>,
         since: tokio::time::Instant,
@@ -650,34 +672,13 @@ async fn serve_stream<H: Handler>(
     served: Served,
 ) {
     let end = if H::EXPRESS && handler.express_lane() {
-        // On the express lane a stream rests between requests as a plain connection does
-        // (see `serve_plain`): a pooled stream's task holds no lane state, and a burst of
-        // requests on new streams reuses the memory of those before it.
-        let mut waits = pin!(Waits::new(served.opened, &served.cancelled));
-        let mut since = served.opened;
-        let mut first = true;
-        loop {
-            let lane = handler.lane(lane::Lane {
-                opened: since,
-                first,
-                held: Some(&served.shared.lanes),
-                stream: &mut stream,
-                conn: &mut conn,
-                recorder: served.recorder.as_ref(),
-                draining: &served.draining,
-                shutdown: &served.cancelled,
-            });
-            let held = Held::new(&served.shared.lanes);
-            let end = Box::pin(lane).await;
-            drop(held);
-            match end {
-                lane::End::Rest { since: idle } => since = idle,
-                end => break end,
-            }
-            first = false;
-            if !waits.as_mut().until(since, || stream.readable()).await {
-                return;
-            }
+        // On the express lane a stream rests between requests as a plain connection does:
+        // a pooled stream's task holds no lane state, and a burst of requests on new streams
+        // reuses the memory of those before it.
+        let waits = pin!(Waits::new(served.opened, &served.cancelled));
+        match resting_lanes(&mut stream, &mut conn, &handler, &served, waits).await {
+            Some(end) => end,
+            None => return,
         }
     } else {
         Box::pin(first_lane(&mut stream, &mut conn, &handler, &served)).await
