@@ -7,12 +7,15 @@ in NGINX (outbound, inbound, and an NGINX as the application), each on its own p
 sends one request on 2,000 of them, and reads the RSS (VmRSS of the process and its children)
 after each step. Prints KiB per connection: (RSS with N open − RSS with none) / N.
 
-Usage: bench/idle-memory.py [--skyline PATH] [--no-nginx]
+Usage: bench/idle-memory.py [--skyline PATH] [--no-nginx] [--rounds N]
+With --rounds N (default 3) the whole measurement is made N times, each server started afresh,
+alternating Skyline and NGINX, and the medians of the figure after a request are printed last:
+NGINX's own figure moves by about ±2 KiB from one run to the next.
 Skyline closes a connection that sends no whole request head within 10 s (as hyper's
 header_read_timeout does), so each step is measured within a few seconds of opening. The
 reading after the requests waits until RSS has been still for 1.5 s (at most 4 s).
 """
-import argparse, os, resource, shutil, socket, subprocess, sys, tempfile, time
+import argparse, os, resource, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 STEPS = (1000, 5000, 10000)
 AFTER = 2000
@@ -99,6 +102,7 @@ def measure(name, pid, port, path):
         print(f"  {what:<32} RSS {rss / 1024:7.1f} MiB   {per:5.2f} KiB per connection")
     print(f"  each connection that made a request costs {extra:.1f} KiB more than an idle one "
           f"(with the upstream connections the {AFTER} concurrent requests opened)")
+    return extra
 
 
 def main():
@@ -106,6 +110,7 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--skyline", default=os.path.join(root, "target/release/skyline"))
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # Room for the clients' sockets and, in the proxy, theirs plus the upstream connections.
@@ -113,6 +118,24 @@ def main():
     if want < 2 * max(STEPS):
         sys.exit(f"the open-file limit ({hard}) is too low for {max(STEPS)} connections")
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    figures = {"skyline up": [], "nginx": []}
+    for n in range(args.rounds):
+        print(f"round {n + 1} of {args.rounds}")
+        sky, ng = one_round(args, want, hard)
+        figures["skyline up"].append(sky)
+        if ng is not None:
+            figures["nginx"].append(ng)
+    print("after a request, KiB more than an idle connection, per round and median:")
+    for name, values in figures.items():
+        if values:
+            median = statistics.median(values)
+            rounds = ", ".join(f"{v:.1f}" for v in values)
+            print(f"  {name:<11} {rounds}  median {median:.1f}")
+
+
+def one_round(args, want, hard):
+    """Skyline, then NGINX (unless --no-nginx): each one's KiB after a request, or None."""
+    nginx = None
     work = tempfile.mkdtemp(prefix="skyline-idle-")
     procs = []
     try:
@@ -127,7 +150,7 @@ def main():
         procs.append(sky)
         wait_port(15040)
         time.sleep(1)  # the demo services register
-        measure("skyline up", sky.pid, 15040, "/service/hello/")
+        skyline = measure("skyline up", sky.pid, 15040, "/service/hello/")
         if not args.no_nginx and shutil.which("nginx"):
             # The same two hops in NGINX: outbound :15140 -> inbound :15141 -> an application
             # (a third NGINX answering "hello"), as mesh-bench.sh sets them up; RSS of all three.
@@ -154,7 +177,7 @@ fastcgi_temp_path {work}/ft-{name}; uwsgi_temp_path {work}/ut-{name}; scgi_temp_
                 procs.append(ng)
                 pids.append(ng.pid)
                 wait_port(port)
-            measure("nginx, two hops and the application", pids, 15140, "/service/hello/")
+            nginx = measure("nginx, two hops and the application", pids, 15140, "/service/hello/")
     finally:
         for p in procs:
             p.terminate()
@@ -164,6 +187,7 @@ fastcgi_temp_path {work}/ft-{name}; uwsgi_temp_path {work}/ut-{name}; scgi_temp_
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
+    return skyline, nginx
 
 
 if __name__ == "__main__":
