@@ -820,8 +820,7 @@ impl Stream {
     }
 
     /// Resolves once a read would not wait: bytes came, or the stream or the link ended.
-    /// Always `true` (as a socket's readiness is).
-    pub async fn readable(&self) -> bool {
+    pub async fn readable(&self) {
         poll_fn(|cx| {
             let mut state = lock(&self.shared);
             let dead = state.dead.is_some();
@@ -832,7 +831,7 @@ impl Stream {
                     slot.reader = Some(cx.waker().clone());
                     Poll::Pending
                 }
-                _ => Poll::Ready(true),
+                _ => Poll::Ready(()),
             }
         })
         .await
@@ -1136,13 +1135,8 @@ impl Links {
         }
     }
 
-    /// Whether `addr` should be dialled with the preface (it did not refuse it lately).
-    pub fn speaks(&self, addr: std::net::SocketAddr) -> bool {
-        self.lock().speaks(addr)
-    }
-
     /// Notes that `addr` answered the preface with something else.
-    pub fn refused_by(&self, addr: std::net::SocketAddr) {
+    fn refused_by(&self, addr: std::net::SocketAddr) {
         let until = tokio::time::Instant::now() + PLAIN_FOR;
         self.lock().plain.insert(addr, until);
     }
@@ -1562,10 +1556,12 @@ mod tests {
         assert!(dialled.is_err(), "not a link");
         peer.await.unwrap();
         let links = Links::default();
-        assert!(links.speaks(addr));
+        assert!(matches!(links.reach(addr, 0).await, Reach::Dial(_)));
         links.refused_by(addr);
-        assert!(!links.speaks(addr), "dialled plainly for a while");
-        assert!(matches!(links.reach(addr, 0).await, Reach::Plain));
+        assert!(
+            matches!(links.reach(addr, 0).await, Reach::Plain),
+            "dialled plainly for a while"
+        );
     }
 
     /// Reaches `addr` through `links` as a request would: dials when told to.

@@ -578,8 +578,10 @@ impl Resting for tokio::net::TcpStream {
 }
 
 impl Resting for crate::mux::Stream {
+    /// A stream's end or failure is read as a socket's is: it is ready then too.
     async fn has_bytes(&self) -> bool {
-        self.readable().await
+        self.readable().await;
+        true
     }
 }
 

@@ -42,7 +42,7 @@ use tokio_util::either::Either;
 
 use super::headers::{self, Hop, Rules};
 pub use super::headers::{ConnectionOptions, Name, connection_options};
-use super::pool::{Dialled, Idle, Limits, SendError, dial, is_idempotent_name};
+use super::pool::{Dialled, Idle, Limits, SendError, dial_within, is_idempotent_name, link_stream};
 use super::resilience::RETRY_BODY_LIMIT;
 use super::{
     AttemptHeaders, Destination, Exchange, Failed, Forwarder, MeshError, within_caller_deadline,
@@ -786,26 +786,13 @@ impl RawConn {
         tls: Option<&MeshTls>,
         links: Option<(&mux::Links, Duration)>,
     ) -> Result<RawConn, SendError> {
-        let tag = tls.map_or(0, MeshTls::generation);
-        let dialled = || async {
-            tokio::time::timeout(timeout, dial(addr, tls))
-                .await
-                .map_err(|_| SendError::ConnectTimeout { addr })?
-                .map_err(|source| SendError::Connect { addr, source })
+        let on_link = match links {
+            Some((links, idle)) => link_stream(addr, timeout, tls, links, idle).await?,
+            None => None,
         };
-        let reach = match links {
-            Some((links, idle)) => (links.reach(addr, tag).await, idle),
-            None => (mux::Reach::Plain, Duration::ZERO),
-        };
-        let stream = match reach {
-            (mux::Reach::Stream(stream), _) => Either::Right(stream),
-            (mux::Reach::Dial(link), idle) => match link.join(dialled().await?, idle).await {
-                Ok(Some(stream)) => Either::Right(stream),
-                Ok(None) => Either::Left(dialled().await?),
-                // Closed before its preface was answered: nothing was sent.
-                Err(source) => return Err(SendError::Connect { addr, source }),
-            },
-            (mux::Reach::Plain, _) => Either::Left(dialled().await?),
+        let stream = match on_link {
+            Some(stream) => Either::Right(stream),
+            None => Either::Left(dial_within(addr, timeout, tls).await?),
         };
         Ok(RawConn::over(stream))
     }

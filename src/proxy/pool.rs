@@ -473,25 +473,10 @@ async fn connect(
     tls: Option<&MeshTls>,
     links: Option<(&mux::Links, Duration)>,
 ) -> Result<Sender, SendError> {
-    if let Some((links, idle)) = links.filter(|_| !upgrades) {
-        let tag = tls.map_or(0, MeshTls::generation);
-        match links.reach(addr, tag).await {
-            mux::Reach::Stream(stream) => return Sender::on_link(addr, stream).await,
-            mux::Reach::Dial(link) => {
-                let dialled = tokio::time::timeout(timeout, dial(addr, tls))
-                    .await
-                    .map_err(|_| SendError::ConnectTimeout { addr })?
-                    .map_err(|source| SendError::Connect { addr, source })?;
-                // The listener's preface is waited for as long as the request is.
-                match link.join(dialled, idle).await {
-                    Ok(Some(stream)) => return Sender::on_link(addr, stream).await,
-                    Err(source) => return Err(SendError::Connect { addr, source }),
-                    // The peer does not speak the link: a connection of its own.
-                    Ok(None) => {}
-                }
-            }
-            mux::Reach::Plain => {}
-        }
+    if let Some((links, idle)) = links.filter(|_| !upgrades)
+        && let Some(stream) = link_stream(addr, timeout, tls, links, idle).await?
+    {
+        return Sender::on_link(addr, stream).await;
     }
     let requests = match tls {
         None => handshake(addr, dial_tcp(addr, timeout).await?, upgrades).await?,
@@ -501,6 +486,41 @@ async fn connect(
         requests,
         link: None,
     })
+}
+
+/// A new stream to `addr` on a mesh link of `links` (see [`mux::Links::reach`]): on a link with
+/// room, or on one this request dials (within `timeout`, over mesh TLS when `tls`; the
+/// listener's preface is waited for as long as the request is). `Ok(None)`: the peer does not
+/// speak the link, and the request takes a connection of its own.
+pub(crate) async fn link_stream(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&MeshTls>,
+    links: &mux::Links,
+    idle: Duration,
+) -> Result<Option<mux::Stream>, SendError> {
+    let tag = tls.map_or(0, MeshTls::generation);
+    match links.reach(addr, tag).await {
+        mux::Reach::Stream(stream) => Ok(Some(stream)),
+        mux::Reach::Dial(link) => link
+            .join(dial_within(addr, timeout, tls).await?, idle)
+            .await
+            // Closed before its preface was answered: nothing was sent.
+            .map_err(|source| SendError::Connect { addr, source }),
+        mux::Reach::Plain => Ok(None),
+    }
+}
+
+/// [`dial`] within `timeout`, the TLS handshake included.
+pub(crate) async fn dial_within(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&MeshTls>,
+) -> Result<Dialled, SendError> {
+    tokio::time::timeout(timeout, dial(addr, tls))
+        .await
+        .map_err(|_| SendError::ConnectTimeout { addr })?
+        .map_err(|source| SendError::Connect { addr, source })
 }
 
 /// A connection's request sender, pooled between requests.
